@@ -1,0 +1,153 @@
+"""LoRA (Hu et al.) and rsLoRA: ``y = base(x) + s · B A drop(x)``, ``s = alpha / r`` (rsLoRA: ``alpha / √r``).
+
+Shapes: A ``[r, d_in]``, B ``[d_out, r]`` — PEFT's ``lora_A.weight`` / ``lora_B.weight``. The training
+path for dense Linear bases is :class:`slimtune.kernels.lora.LoraLinearFunction`; the plain composition
+:func:`lora_linear_reference` below is its reference. LoRA on convolutions lives in ``locon.py``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import AdapterConfig
+from ..errors import ConfigError
+from ..kernels.lora import lora_linear
+from ..targeting import is_hf_conv1d
+from .base import AdapterModule
+
+INITS = ("default", "gaussian")
+
+
+# -- the math ---------------------------------------------------------------------------------------
+def lora_scaling(alpha: float, r: int, rslora: bool) -> float:
+    return alpha / math.sqrt(r) if rslora else alpha / r
+
+
+def init_lora_(lora_a: torch.Tensor, lora_b: torch.Tensor, init: str) -> None:
+    """``default``: A kaiming-uniform (a=√5, as nn.Linear), B zero; ``gaussian``: A ~ N(0, 1/r²), B zero."""
+    with torch.no_grad():
+        if init == "default":
+            nn.init.kaiming_uniform_(lora_a, a=math.sqrt(5))
+        elif init == "gaussian":
+            nn.init.normal_(lora_a, std=1.0 / lora_a.shape[0])
+        else:
+            raise ConfigError(f"unknown LoRA init {init!r}; choose from {INITS}")
+        nn.init.zeros_(lora_b)
+
+
+def lora_delta_weight(lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``s · B A``, ``[d_out, d_in]``, in float32 or wider. Used to merge, never to train."""
+    dtype = torch.promote_types(lora_a.dtype, torch.float32)
+    return (lora_b.to(dtype) @ lora_a.to(dtype)) * scaling
+
+
+def lora_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                          lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float,
+                          dropout: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> torch.Tensor:
+    """The plain composition ``x Wᵀ + b + s · (drop(x) Aᵀ) Bᵀ`` through PyTorch's own autograd."""
+    return F.linear(x, weight, bias) + scaling * F.linear(F.linear(dropout(x), lora_a), lora_b)
+
+
+# -- config -----------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class LoraConfig(AdapterConfig):
+    """LoRA settings. ``alpha``/``dropout``/``rslora`` are PEFT's ``lora_alpha``/``lora_dropout``/``use_rslora``.
+
+    ``adapter_dtype``: dtype of the trainable A/B; ``None`` keeps the base weight's dtype (bf16 bases give
+    bf16 adapters and optimizer state, as PEFT with ``autocast_adapter_dtype=False``); ``torch.float32``
+    keeps fp32 master weights, cast to the activation dtype for each GEMM.
+    """
+
+    dropout: float = 0.0
+    rslora: bool = False
+    init: str = "default"
+    adapter_dtype: torch.dtype | None = None
+
+    method: ClassVar[str] = "lora"
+    peft_type: ClassVar[str] = "LORA"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise ConfigError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
+        if self.init not in INITS:
+            raise ConfigError(f"unknown LoRA init {self.init!r}; choose from {INITS}")
+        if isinstance(self.adapter_dtype, str):
+            self.adapter_dtype = getattr(torch, self.adapter_dtype, None)
+        if self.adapter_dtype is not None and not (
+                isinstance(self.adapter_dtype, torch.dtype) and self.adapter_dtype.is_floating_point):
+            raise ConfigError(f"adapter_dtype must be a floating torch dtype or None, got {self.adapter_dtype!r}")
+
+    def create_adapter(self, name: str, base: nn.Module) -> AdapterModule:
+        from .locon import LoraConv  # local: locon imports this file
+
+        r, alpha = self.rank_for(name), self.alpha_for(name)
+        self._check_rank(f"rank for {name}", r)
+        kwargs = dict(r=r, alpha=alpha, dropout=self.dropout, rslora=self.rslora, init=self.init,
+                      adapter_dtype=self.adapter_dtype)
+        if isinstance(base, (nn.Conv1d, nn.Conv2d)):
+            return LoraConv(base, **kwargs)
+        return LoraLinear(base, **kwargs)
+
+
+# -- module -----------------------------------------------------------------------------------------
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+class LoraMixin:
+    """Fields and helpers shared by LoRA on Linear and on convolutions."""
+
+    def _setup(self, r: int, alpha: float, dropout: float, rslora: bool) -> None:
+        self.r, self.alpha, self.rslora = r, alpha, rslora
+        self.dropout_p = float(dropout)
+        self.scaling = lora_scaling(alpha, r, rslora)
+
+    def peft_parameters(self) -> dict[str, nn.Parameter]:
+        return {"lora_A.weight": self.lora_A, "lora_B.weight": self.lora_B}
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:.4g}, dropout={self.dropout_p}"
+
+
+class LoraLinear(LoraMixin, AdapterModule):
+    """LoRA over a frozen ``nn.Linear`` (or transformers ``Conv1D``, weight stored ``[d_in, d_out]``)."""
+
+    def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
+                 init: str = "default", adapter_dtype: torch.dtype | None = None) -> None:
+        super().__init__(base_layer)
+        self._setup(r, alpha, dropout, rslora)
+        self.fan_in_fan_out = is_hf_conv1d(base_layer)
+        weight = base_layer.weight
+        d_out, d_in = (weight.shape[1], weight.shape[0]) if self.fan_in_fan_out else weight.shape
+        kw = dict(device=weight.device, dtype=adapter_dtype or weight.dtype)
+        self.in_features, self.out_features = d_in, d_out
+        self.lora_A = nn.Parameter(torch.empty(r, d_in, **kw))
+        self.lora_B = nn.Parameter(torch.empty(d_out, r, **kw))
+        init_lora_(self.lora_A, self.lora_B, init)
+
+    def delta_weight(self) -> torch.Tensor:
+        delta = lora_delta_weight(self.lora_A, self.lora_B, self.scaling)
+        return delta.t() if self.fan_in_fan_out else delta
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.disabled or self.merged:
+            return self.base_layer(x)
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"LoraLinear expects inputs [..., {self.in_features}], got {tuple(x.shape)}")
+        dtype = _compute_dtype(x)
+        weight = self.base_layer.weight
+        weight = weight.t() if self.fan_in_fan_out else weight
+        bias = self.base_layer.bias
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+        p = self.dropout_p if self.training else 0.0
+        with torch.autocast(x.device.type, enabled=False):
+            return lora_linear(x, weight, bias, self.lora_A, self.lora_B, self.scaling, p)

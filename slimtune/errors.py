@@ -1,0 +1,17 @@
+"""Errors raised by slimtune. Each names the module, file or value at fault."""
+
+
+class SlimtuneError(Exception):
+    """Base class of every error slimtune raises on purpose."""
+
+
+class ConfigError(SlimtuneError, ValueError):
+    """A configuration value is out of range or of the wrong type."""
+
+
+class TargetError(SlimtuneError, ValueError):
+    """Target selection failed: nothing matched, a match is not adaptable, or the model is already adapted."""
+
+
+class CheckpointError(SlimtuneError, ValueError):
+    """An adapter checkpoint is missing, corrupt, or does not fit the model."""
