@@ -32,6 +32,7 @@ class AdapterModule(nn.Module):
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
+        base_layer.requires_grad_(False)
         self.base_layer = base_layer
         self.merged = False
         self.disabled = False
