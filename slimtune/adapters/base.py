@@ -40,8 +40,16 @@ class AdapterModule(nn.Module):
 
     # -- to be provided by each method -------------------------------------------------------------
     def delta_weight(self) -> torch.Tensor:
-        """The dense update in the layout of ``base_layer.weight``, float32 or wider. Merge only."""
+        """The dense additive update in the layout of ``base_layer.weight``, float32 or wider. Merge only."""
         raise NotImplementedError
+
+    def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """The base weight with the adapter folded in (``weight`` in float32 or wider). Additive by default."""
+        return weight + self.delta_weight().to(device=weight.device, dtype=weight.dtype)
+
+    def unmerged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`merged_weight`, up to rounding."""
+        return weight - self.delta_weight().to(device=weight.device, dtype=weight.dtype)
 
     def peft_parameters(self) -> dict[str, nn.Parameter]:
         """PEFT key suffix (e.g. ``"lora_A.weight"``) -> the parameter stored under it."""
@@ -56,17 +64,16 @@ class AdapterModule(nn.Module):
     def merge(self) -> None:
         """Fold the update into the base weight, remembering what an exact restore needs.
 
-        ``unmerge`` subtracts the same update again; the few elements where rounding keeps that from
-        giving back the original bits are recorded here (index + original value), so the restore is
-        bit-exact in every dtype as long as the adapter parameters are unchanged in between.
+        ``unmerge`` applies the inverse again; the few elements where rounding keeps that from giving
+        back the original bits are recorded here (index + original value), so the restore is bit-exact in
+        every dtype as long as the adapter parameters are unchanged in between.
         """
         if self.merged:
             raise SlimtuneError(f"{type(self).__name__} is already merged")
         weight = self.base_weight
         compute = torch.promote_types(weight.dtype, torch.float32)
-        delta = self.delta_weight().to(device=weight.device, dtype=compute)
-        merged = (weight.to(compute) + delta).to(weight.dtype)
-        restored = (merged.to(compute) - delta).to(weight.dtype)
+        merged = self.merged_weight(weight.to(compute)).to(weight.dtype)
+        restored = self.unmerged_weight(merged.to(compute)).to(weight.dtype)
         wrong = (~_same_bits(restored, weight)).flatten().nonzero().squeeze(1)
         self._merge_fix = (wrong, weight.flatten()[wrong].clone())
         weight.copy_(merged)
@@ -78,8 +85,7 @@ class AdapterModule(nn.Module):
             raise SlimtuneError(f"{type(self).__name__} is not merged")
         weight = self.base_weight
         compute = torch.promote_types(weight.dtype, torch.float32)
-        delta = self.delta_weight().to(device=weight.device, dtype=compute)
-        restored = (weight.to(compute) - delta).to(weight.dtype)
+        restored = self.unmerged_weight(weight.to(compute)).to(weight.dtype)
         if self._merge_fix is not None:
             index, values = self._merge_fix
             restored.view(-1)[index] = values

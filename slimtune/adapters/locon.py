@@ -34,6 +34,23 @@ def locon_reference(x: torch.Tensor, base: nn.Module, lora_a: torch.Tensor, lora
     return base(x) + scaling * conv(h, lora_b, None, 1, 0, 1, base.groups)
 
 
+def conv_low_rank_forward(x: torch.Tensor, x_down: torch.Tensor, base: nn.Module, down: torch.Tensor,
+                          up: torch.Tensor) -> torch.Tensor:
+    """``base(x) + up(down(x_down))`` without a dense kernel update.
+
+    ``down`` ``[r, c_in, *k]`` runs with the base's stride, padding and dilation; ``up``
+    ``[c_out, r / groups, 1(, 1)]`` is a 1x1 convolution with the base's groups. Both run in the compute
+    dtype (autocast's, else x's); x_down is x, or x after dropout.
+    """
+    y = base(x)
+    dtype = _compute_dtype(x)
+    conv = _CONV[down.dim() - 2]
+    with torch.autocast(x.device.type, enabled=False):
+        h = conv(x_down.to(dtype), down.to(dtype), None, base.stride, base.padding, base.dilation)
+        delta = conv(h, up.to(dtype), None, 1, 0, 1, base.groups)
+    return y + delta.to(y.dtype)
+
+
 class LoraConv(LoraMixin, AdapterModule):
     """LoRA over a frozen ``nn.Conv1d`` / ``nn.Conv2d``."""
 
@@ -64,13 +81,5 @@ class LoraConv(LoraMixin, AdapterModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.disabled or self.merged:
             return self.base_layer(x)
-        base = self.base_layer
-        dtype = _compute_dtype(x)
-        y = base(x)
         xd = F.dropout(x, self.dropout_p, training=True) if self.training and self.dropout_p > 0 else x
-        xd = xd.to(dtype)
-        with torch.autocast(x.device.type, enabled=False):
-            h = self._conv(xd, self.lora_A.to(dtype), None, base.stride, base.padding, base.dilation)
-            up = (self.lora_B * self.scaling).to(dtype)
-            delta = self._conv(h, up, None, 1, 0, 1, base.groups)
-        return y + delta.to(y.dtype)
+        return conv_low_rank_forward(x, xd, self.base_layer, self.lora_A, self.lora_B * self.scaling)

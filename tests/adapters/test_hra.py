@@ -1,0 +1,142 @@
+"""HRA: low-rank WY application vs the dense reflection product, PEFT agreement, merge, regulariser."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import slimtune
+from slimtune.adapters.hra import (HraConfig, HraLayer, hra_dense_transform, orthogonality_loss,
+                                   orthogonality_penalty, wy_factors)
+from tests.helpers import BF16_TOL, FP32_TOL, rel_err
+
+
+def _reference(layer: nn.Module, u: torch.Tensor, x: torch.Tensor, apply_gs: bool) -> torch.Tensor:
+    w = layer.weight.double()
+    h = hra_dense_transform(u, apply_gs)
+    w_h = (w.reshape(w.shape[0], -1) @ h).view_as(w)
+    bias = layer.bias.double() if layer.bias is not None else None
+    if isinstance(layer, nn.Conv2d):
+        return F.conv2d(x, w_h, bias, layer.stride, layer.padding, layer.dilation)
+    return F.linear(x, w_h, bias)
+
+
+def _layers():
+    return [("linear", lambda: nn.Linear(48, 24), (3, 5, 48)),
+            ("conv", lambda: nn.Conv2d(4, 6, 3, padding=1, stride=2), (2, 4, 9, 9))]
+
+
+@pytest.mark.parametrize("kind,make,shape", _layers())
+@pytest.mark.parametrize("r", [1, 2, 7, 32])
+@pytest.mark.parametrize("apply_gs", [False, True])
+def test_output_and_gradients_match_dense_reference_float64(kind, make, shape, r, apply_gs):
+    torch.manual_seed(r)
+    layer = make().double()
+    hra = HraLayer(layer, r, apply_GS=apply_gs, init_weights=False)
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    y = hra(x)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    x64 = x.detach().clone().requires_grad_()
+    u64 = hra.hra_u.detach().clone().requires_grad_()
+    ref = _reference(layer, u64, x64, apply_gs)
+    ref.backward(dy)
+    assert rel_err(y, ref) < 1e-10
+    assert rel_err(x.grad, x64.grad) < 1e-10
+    assert rel_err(hra.hra_u.grad, u64.grad) < 1e-9
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, FP32_TOL), (torch.bfloat16, BF16_TOL)])
+def test_low_precision_against_float64(dtype, tol):
+    torch.manual_seed(0)
+    layer = nn.Linear(64, 32)
+    hra = HraLayer(layer, 8, init_weights=False).to(dtype)
+    x = torch.randn(4, 64)
+    y = hra(x.to(dtype))
+    ref = _reference(layer.double(), hra.hra_u.detach().double(), x.double(), False)
+    assert y.dtype == dtype and rel_err(y, ref) < tol
+
+
+def test_even_rank_init_is_identity_and_odd_warns():
+    layer = nn.Linear(16, 8)
+    hra = HraLayer(layer, 4)
+    x = torch.randn(3, 16)
+    assert rel_err(hra(x), layer(x)) < 1e-6
+    with pytest.warns(UserWarning, match="even r"):
+        HraLayer(layer, 3)
+
+
+def test_wy_factors_are_exact():
+    u = torch.randn(20, 6, dtype=torch.float64)
+    for gs in (False, True):
+        unit, t = wy_factors(u, gs)
+        h = torch.eye(20, dtype=torch.float64) - unit @ t @ unit.t()
+        assert (h - hra_dense_transform(u, gs)).abs().max() < 1e-12
+        assert (h @ h.t() - torch.eye(20, dtype=torch.float64)).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("kind,make,shape", _layers())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merge_unmerge_round_trip(kind, make, shape, dtype):
+    torch.manual_seed(0)
+    layer = make().to(dtype)
+    hra = HraLayer(layer, 5, init_weights=False)
+    x = torch.randn(shape).to(dtype)
+    w0 = layer.weight.clone()
+    with torch.no_grad():
+        y = hra(x)
+        hra.merge()
+        assert rel_err(hra(x), y) < (FP32_TOL if dtype == torch.float32 else BF16_TOL)
+        hra.unmerge()
+    assert torch.equal(layer.weight, w0)
+
+
+def test_matches_peft_hra_on_the_same_weights():
+    peft = pytest.importorskip("peft")
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(32, 16)
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+        def forward(self, x, img):
+            return self.fc(x), self.conv(img)
+
+    for apply_gs in (False, True):
+        torch.manual_seed(0)
+        base = Net()
+        ours = Net()
+        ours.load_state_dict(base.state_dict())
+        theirs = peft.get_peft_model(base, peft.HRAConfig(r=6, target_modules=["fc", "conv"], apply_GS=apply_gs,
+                                                          init_weights=False))
+        slimtune.adapt(ours, HraConfig(r=6, target_modules=["fc", "conv"], apply_GS=apply_gs))
+        with torch.no_grad():
+            for name in ("fc", "conv"):
+                getattr(ours, name).hra_u.copy_(theirs.base_model.model.get_submodule(name).hra_u["default"])
+        x, img = torch.randn(5, 32), torch.randn(2, 3, 8, 8)
+        for got, want in zip(ours(x, img), theirs(x, img)):
+            assert rel_err(got, want) < FP32_TOL
+
+
+def test_orthogonality_loss():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16))
+    slimtune.adapt(net, HraConfig(r=4, target_modules=["0", "1"], orth_reg_weight=0.5, init_weights=False))
+    loss = orthogonality_loss(net)
+    expected = 0.5 * sum(orthogonality_penalty(m.hra_u) for m in (net[0], net[1]))
+    assert torch.allclose(loss, expected) and loss > 0
+    loss.backward()
+    assert net[0].hra_u.grad is not None
+    q, _ = torch.linalg.qr(torch.randn(16, 4))
+    assert orthogonality_penalty(q) < 1e-10
+
+
+def test_bad_targets_and_values():
+    with pytest.raises(slimtune.TargetError, match="groups"):
+        slimtune.adapt(nn.Sequential(nn.Conv2d(4, 4, 3, groups=2)), HraConfig(target_modules=["0"], r=2))
+    with pytest.raises(slimtune.TargetError, match="Conv1d"):
+        slimtune.adapt(nn.Sequential(nn.Conv1d(4, 4, 3)), HraConfig(target_modules=["0"], r=2))
+    with pytest.raises(slimtune.ConfigError, match="exceeds"):
+        slimtune.adapt(nn.Sequential(nn.Linear(4, 4)), HraConfig(target_modules=["0"], r=6))
+    with pytest.raises(slimtune.ConfigError, match="orth_reg_weight"):
+        HraConfig(target_modules=["0"], orth_reg_weight=-1)
