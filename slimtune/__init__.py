@@ -1,11 +1,14 @@
 """slimtune: parameter-efficient fine-tuning that fits and runs fast on one GPU."""
-from .adapters import LoraConfig
+from .adapters import HraConfig, LoraConfig
+from .adapters.hra import orthogonality_loss
+from .checkpoint import load_adapter, save_adapter
 from .errors import CheckpointError, ConfigError, SlimtuneError, TargetError
 from .inject import adapt, adapter_modules, disable_adapters, merge, summary, trainable_parameters, unmerge
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CheckpointError", "ConfigError", "LoraConfig", "SlimtuneError", "TargetError", "adapt", "adapter_modules",
-    "disable_adapters", "merge", "summary", "trainable_parameters", "unmerge", "__version__",
+    "CheckpointError", "ConfigError", "HraConfig", "LoraConfig", "SlimtuneError", "TargetError", "adapt", "adapter_modules",
+    "disable_adapters", "load_adapter", "merge", "orthogonality_loss", "save_adapter", "summary", "trainable_parameters", "unmerge",
+    "__version__",
 ]

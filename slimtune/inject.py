@@ -30,13 +30,7 @@ def adapt(model: nn.Module, config: AdapterConfig) -> nn.Module:
     if not isinstance(config, AdapterConfig):
         raise SlimtuneError(f"config must be an adapter config (e.g. LoraConfig), got {type(config).__name__}")
     targets = find_targets(model, config)
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    try:
-        adapters = [(name, config.create_adapter(name, module)) for name, module in targets]
-    except Exception:
-        for param, flag in flags:  # adapter construction freezes its base: undo that
-            param.requires_grad_(flag)
-        raise
+    adapters = [(name, config.create_adapter(name, module).train(module.training)) for name, module in targets]
     for param in model.parameters():
         param.requires_grad_(False)
     for name, adapter in adapters:

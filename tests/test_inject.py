@@ -123,3 +123,11 @@ def test_failed_adapt_leaves_model_unchanged():
 def test_merge_on_unadapted_model_is_an_error():
     with pytest.raises(slimtune.SlimtuneError, match="no slimtune adapters"):
         slimtune.merge(Net())
+
+
+def test_adapters_take_the_train_or_eval_mode_of_the_layer_they_replace():
+    m = Net().eval()
+    slimtune.adapt(m, LoraConfig(target_modules=["q_proj"], dropout=0.5))
+    assert not m.layers[0].q_proj.training
+    x = torch.randn(2, 16)
+    assert torch.equal(m(x), m(x))  # no dropout in eval mode

@@ -24,7 +24,7 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 class AdapterModule(nn.Module):
-    """A frozen ``base_layer`` plus trainable adapter parameters.
+    """A ``base_layer`` (frozen by :func:`slimtune.adapt`) plus trainable adapter parameters.
 
     ``merged``: the update is folded into ``base_layer.weight`` and ``forward`` runs the base alone.
     ``disabled``: ``forward`` runs the base alone (see :func:`slimtune.disable_adapters`).
@@ -32,7 +32,6 @@ class AdapterModule(nn.Module):
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
-        base_layer.requires_grad_(False)
         self.base_layer = base_layer
         self.merged = False
         self.disabled = False

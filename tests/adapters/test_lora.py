@@ -32,7 +32,7 @@ def _adapted(dtype=torch.float32, **cfg):
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, FP32_TOL), (torch.bfloat16, BF16_TOL)])
 @pytest.mark.parametrize("rslora", [False, True])
 def test_module_matches_float64_reference(dtype, tol, rslora):
-    layer = nn.Linear(40, 24).to(dtype)
+    layer = nn.Linear(40, 24).to(dtype).requires_grad_(False)
     lora = LoraLinear(layer, r=4, alpha=8, rslora=rslora)
     perturb_adapters(lora)
     x = torch.randn(3, 5, 40).to(dtype).requires_grad_()
