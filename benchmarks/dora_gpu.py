@@ -1,0 +1,403 @@
+"""DoRA on the GPU: correctness, layer timings against PEFT, and the fused compose kernel against eager PyTorch.
+
+Sections (each guarded: a failure is reported and the next section runs):
+
+1. kernels — the Triton compose kernels (``slimtune.kernels.dora_triton``) against their PyTorch references
+   (``compose_*_reference``) in fp32 / fp16 / bf16 at a few shapes: forward (z form, and base + lora + bias
+   form), backward ``dbase`` and ``dm`` sums; relative errors (Frobenius).
+2. parity — slimtune DoRA vs PEFT DoRA on one bias-free Linear 8192×8192, r=384, 4096 tokens, bf16, identical
+   weights (PEFT's A, B, m copied into slimtune; bf16 adapters in both): cosine similarity and relative error
+   of the output and of dx, dA, dB, dm between the two, and of each against a float64 dense reference.
+3. layers — the protocol of ``shared/bench/peft_layer.py``: ``nn.Sequential(nn.Linear(d_in, d_out,
+   bias=False))`` in bf16, alpha = r, x ``[tokens, d_in]`` requiring grad, 3 warm-ups of ``m(x).sum().backward()``,
+   CUDA-event median of 20 forward+backward and of 20 no-grad forwards; transient peak =
+   ``max_memory_allocated - memory_allocated`` before the timed passes. Backends: slimtune LoRA / DoRA (adapters
+   in the base dtype), slimtune DoRA with fp32 adapters, PEFT LoRA / DoRA with its default fp32 adapters and with
+   ``autocast_adapter_dtype=False``. Shapes (d_in, d_out, r, tokens): (8192, 8192, 384, 4096),
+   (3072, 8192, 32, 4096), (4096, 4096, 16, 8192).
+4. compose — microbenchmark of the elementwise tail, fused Triton vs eager PyTorch, bf16, tokens × d_out in
+   256×1024, 2048×4096, 4096×8192, 8192×8192: forward z form (``out = z + (g−1)·z + b``: eager = the fp32
+   reference), forward with separate base and lora (eager = PEFT's ``result + (g−1)·base + g·lora·s``),
+   backward (``g·dy`` and the ``dm`` column sums); plus the row norm at 8192×8192 r=384: factored vs dense.
+
+Output: compact markdown tables on stdout and in ``$OUT/dora_gpu.md``; one JSON line per record in
+``$OUT/dora_gpu.jsonl`` (when ``OUT`` is set). A soft time budget (7 min) skips what would not fit.
+
+    python benchmarks/dora_gpu.py                            # H100: about 2-3 minutes
+    TRITON_INTERPRET=1 python benchmarks/dora_gpu.py --quick  # CPU smoke test, tiny shapes
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import slimtune  # noqa: E402
+from slimtune.kernels import dora as K  # noqa: E402
+
+BUDGET_S = 420.0
+START = time.monotonic()
+RECORDS: list[dict[str, Any]] = []
+
+
+# -- small helpers ------------------------------------------------------------------------------------------
+def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    got, ref = got.detach().double(), ref.detach().double()
+    return float((got - ref).norm() / ref.norm().clamp_min(1e-300))
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double().flatten(), b.detach().double().flatten()
+    return float(a @ b / (a.norm() * b.norm()).clamp_min(1e-300))
+
+
+def table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
+
+
+def record(section: str, **fields: Any) -> dict[str, Any]:
+    rec = {"section": section, **fields}
+    RECORDS.append(rec)
+    return rec
+
+
+def left() -> float:
+    return BUDGET_S - (time.monotonic() - START)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timer(device: torch.device, fn: Callable[[], Any], repeats: int, warmup: int = 3) -> float:
+    """Median milliseconds of ``fn``: CUDA events on the GPU, perf_counter on the CPU."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize(device)
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times)
+
+
+def free(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+
+
+# -- 1. kernels vs references ------------------------------------------------------------------------------------
+def section_kernels(device: torch.device, quick: bool) -> str:
+    if not K.use_triton(torch.empty(0, device=device)):
+        return "kernels: skipped (no CUDA / Triton; on the CPU set TRITON_INTERPRET=1)"
+    from slimtune.kernels import dora_triton as T
+
+    shapes = [(7, 5), (33, 130)] if quick else [(1, 8), (333, 1000), (4096, 4096), (2048, 8192)]
+    dtypes = [torch.float32, torch.float16] if quick else [torch.float32, torch.float16, torch.bfloat16]
+    rows = []
+    gen = torch.Generator(device=device).manual_seed(0)
+    for dtype in dtypes:
+        for n, d in shapes:
+            base = torch.randn(n, d, device=device, generator=gen).to(dtype)
+            lora = torch.randn(n, d, device=device, generator=gen).to(dtype)
+            dy = torch.randn(n, d, device=device, generator=gen).to(dtype)
+            gm1 = torch.randn(d, device=device, generator=gen) * 1e-2
+            bias = torch.randn(d, device=device, generator=gen).to(dtype)
+            errs = {
+                "fwd_z": rel_err(T.compose_forward(base, gm1), K.compose_forward_reference(base, gm1)),
+                "fwd_full": rel_err(T.compose_forward(base, gm1, lora, 0.5, bias),
+                                    K.compose_forward_reference(base, gm1, lora, 0.5, bias)),
+            }
+            db, dm = T.compose_backward(dy, base, gm1 + 1, lora, 0.5)
+            rdb, rdm = K.compose_backward_reference(dy, base, gm1 + 1, lora, 0.5)
+            errs.update(bwd_dbase=rel_err(db, rdb), bwd_dm=rel_err(dm, rdm))
+            ones = torch.ones((), device=device, dtype=dtype).expand(n, d)
+            z = base.clone()
+            db, dm = T.compose_backward(ones, z, gm1 + 1, dbase_out=z)
+            rdb, rdm = K.compose_backward_reference(ones, base, gm1 + 1)
+            errs["bwd_inplace_expanded"] = max(rel_err(db, rdb), rel_err(dm, rdm))
+            record("kernels", dtype=str(dtype).split(".")[-1], n=n, d=d, **errs)
+            rows.append([str(dtype).split(".")[-1], f"{n}×{d}"] + [f"{v:.1e}" for v in errs.values()])
+    return "kernels (rel err, Triton vs PyTorch reference)\n\n" + table(
+        ["dtype", "N×D", "fwd z", "fwd base+lora+b", "bwd dbase", "bwd dm", "bwd in place, stride-0 dy"], rows)
+
+
+# -- 2. slimtune DoRA vs PEFT DoRA, identical weights ----------------------------------------------------------------
+def section_parity(device: torch.device, quick: bool) -> str:
+    import peft
+
+    d_in, d_out, r, tokens = (256, 192, 16, 64) if quick else (8192, 8192, 384, 4096)
+    dtype = torch.bfloat16
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(d_in, d_out, bias=False)).to(device, dtype)
+    ours = slimtune.adapt(copy.deepcopy(base), slimtune.LoraConfig(r=r, alpha=r, target_modules=["0"],
+                                                                   use_dora=True))
+    theirs = peft.get_peft_model(base, peft.LoraConfig(r=r, lora_alpha=r, target_modules=["0"], use_dora=True),
+                                 autocast_adapter_dtype=False)
+    gen = torch.Generator(device=device).manual_seed(1)
+    their = {k: theirs.get_parameter(f"base_model.model.0.{k}.default.weight")
+             for k in ("lora_A", "lora_B", "lora_magnitude_vector")}
+    with torch.no_grad():
+        their["lora_B"].copy_(torch.randn(d_out, r, device=device, generator=gen) * (0.5 / math.sqrt(r)))
+        m = their["lora_magnitude_vector"]
+        m.mul_(1 + 0.05 * torch.randn(m.shape, device=device, generator=gen).to(m.dtype))
+        layer = ours[0]
+        layer.lora_A.copy_(their["lora_A"])
+        layer.lora_B.copy_(their["lora_B"])
+        layer.magnitude.copy_(m)
+    x = torch.randn(tokens, d_in, device=device, generator=gen).to(dtype)
+    dy = torch.randn(tokens, d_out, device=device, generator=gen).to(dtype)
+
+    def run(model, params):
+        xx = x.clone().requires_grad_()
+        for p in params:
+            p.grad = None
+        y = model(xx)
+        y.backward(dy)
+        return [y.detach(), xx.grad] + [p.grad for p in params]
+
+    got_ours = run(ours, [layer.lora_A, layer.lora_B, layer.magnitude])
+    got_theirs = run(theirs, [their["lora_A"], their["lora_B"], their["lora_magnitude_vector"]])
+    # float64 dense reference from the same (bf16) values
+    w = layer.base_layer.weight.double()
+    leaves = [p.detach().double().requires_grad_() for p in (layer.lora_A, layer.lora_B, layer.magnitude)]
+    x64 = x.double().requires_grad_()
+    ref = K.dora_linear_reference(x64, w, None, *leaves, float(layer.scaling))
+    ref.backward(dy.double())
+    want = [ref.detach(), x64.grad] + [p.grad for p in leaves]
+    rows = []
+    for name, a, b, c in zip(("y", "dx", "dA", "dB", "dm"), got_ours, got_theirs, want):
+        rec = record("parity", tensor=name, cos_slimtune_peft=cosine(a, b), rel_err_slimtune_peft=rel_err(a, b),
+                     rel_err_slimtune_f64=rel_err(a, c), rel_err_peft_f64=rel_err(b, c),
+                     shape=[d_in, d_out, r, tokens])
+        rows.append([name, f"{rec['cos_slimtune_peft']:.6f}", f"{rec['rel_err_slimtune_peft']:.2e}",
+                     f"{rec['rel_err_slimtune_f64']:.2e}", f"{rec['rel_err_peft_f64']:.2e}"])
+    del ours, theirs, got_ours, got_theirs, want, ref, x64, leaves, w
+    free(device)
+    return (f"parity: slimtune DoRA vs PEFT DoRA, {d_in}×{d_out} r={r} N={tokens} bf16, identical weights "
+            "(bf16 adapters both); target cos > 0.9999\n\n"
+            + table(["tensor", "cos(slimtune, PEFT)", "rel err slimtune↔PEFT", "slimtune vs f64", "PEFT vs f64"],
+                    rows))
+
+
+# -- 3. layer timings (the peft_layer.py protocol) ---------------------------------------------------------------
+BACKENDS = ("slimtune-lora", "slimtune-dora", "slimtune-dora-fp32", "peft-lora", "peft-dora", "peft-lora-bf16",
+            "peft-dora-bf16")
+
+
+def build_layer(backend: str, d_in: int, d_out: int, r: int, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(d_in, d_out, bias=False)).to(device, dtype)
+    dora = "dora" in backend
+    if backend.startswith("slimtune"):
+        adapter_dtype = torch.float32 if backend.endswith("fp32") else None
+        return slimtune.adapt(base, slimtune.LoraConfig(r=r, alpha=r, target_modules=["0"], use_dora=dora,
+                                                        adapter_dtype=adapter_dtype))
+    import peft
+
+    config = peft.LoraConfig(r=r, lora_alpha=r, target_modules=["0"], use_dora=dora)
+    return peft.get_peft_model(base, config, autocast_adapter_dtype=not backend.endswith("bf16"))
+
+
+def time_layer(model: nn.Module, d_in: int, tokens: int, device: torch.device, dtype: torch.dtype,
+               repeats: int) -> dict[str, Any]:
+    x = torch.randn(tokens, d_in, device=device, dtype=dtype, requires_grad=True)
+    for _ in range(3):
+        model(x).sum().backward()
+    sync(device)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+    fwd_bwd = timer(device, lambda: model(x).sum().backward(), repeats, warmup=0)
+    with torch.no_grad():
+        fwd = timer(device, lambda: model(x), repeats, warmup=0)
+    transient = (torch.cuda.max_memory_allocated(device) - before) / 2**20 if cuda else None
+    return {"fwd_bwd_ms": round(fwd_bwd, 3), "fwd_ms": round(fwd, 3),
+            "transient_peak_mb": None if transient is None else round(transient, 1)}
+
+
+def section_layers(device: torch.device, quick: bool) -> str:
+    shapes = [(96, 64, 8, 128), (64, 96, 4, 256)] if quick else \
+        [(8192, 8192, 384, 4096), (3072, 8192, 32, 4096), (4096, 4096, 16, 8192)]
+    repeats = 5 if quick else 20
+    dtype = torch.bfloat16
+    rows = []
+    for d_in, d_out, r, tokens in shapes:
+        by: dict[str, dict[str, Any]] = {}
+        for backend in BACKENDS:
+            if left() < 30:
+                by[backend] = {"status": "skipped (time budget)"}
+                continue
+            try:
+                model = build_layer(backend, d_in, d_out, r, device, dtype)
+                by[backend] = {"status": "ok", **time_layer(model, d_in, tokens, device, dtype, repeats)}
+            except torch.OutOfMemoryError:
+                by[backend] = {"status": "OOM"}
+            model = None
+            free(device)
+            record("layers", backend=backend, d_in=d_in, d_out=d_out, r=r, tokens=tokens, **by[backend])
+        lora, dora = by["slimtune-lora"], by["slimtune-dora"]
+
+        def ratio(a: dict, b: dict, key: str) -> str:
+            return f"{a[key] / b[key]:.2f}" if a.get(key) and b.get(key) else "—"
+
+        for backend, rec in by.items():
+            rows.append([f"{d_in}×{d_out} r={r} N={tokens}", backend, rec["status"], rec.get("fwd_bwd_ms") or "—",
+                         rec.get("fwd_ms") or "—", rec.get("transient_peak_mb") or "—",
+                         ratio(rec, lora, "fwd_bwd_ms"), ratio(rec, dora, "fwd_bwd_ms"),
+                         ratio(rec, lora, "transient_peak_mb")])
+        print(f"layers: done {d_in}×{d_out} r={r} N={tokens}", flush=True)
+    timing = "CUDA events" if device.type == "cuda" else "perf_counter, CPU (no memory figure)"
+    return (f"layers: one bias-free Linear, bf16, alpha = r, median of {repeats} ({timing}); targets at "
+            "8192² r=384: slimtune DoRA fwd+bwd ≤ 1.2× slimtune LoRA, ≥ 2.5× faster than PEFT DoRA, transient ≤ 1.1× "
+            "slimtune LoRA\n\n"
+            + table(["shape", "backend", "status", "fwd+bwd ms", "fwd ms", "transient MB", "fwd+bwd ÷ slimtune LoRA",
+                     "fwd+bwd ÷ slimtune DoRA", "transient ÷ slimtune LoRA"], rows))
+
+
+# -- 4. compose microbenchmark --------------------------------------------------------------------------------
+def section_compose(device: torch.device, quick: bool) -> str:
+    if not K.use_triton(torch.empty(0, device=device)):
+        return "compose: skipped (no CUDA / Triton)"
+    from slimtune.kernels import dora_triton as T
+
+    shapes = [(64, 256), (128, 512)] if quick else [(256, 1024), (2048, 4096), (4096, 8192), (8192, 8192)]
+    repeats = 5 if quick else 20
+    dtype = torch.bfloat16
+    rows = []
+    gen = torch.Generator(device=device).manual_seed(0)
+    for n, d in shapes:
+        base = torch.randn(n, d, device=device, generator=gen).to(dtype)
+        lora = torch.randn(n, d, device=device, generator=gen).to(dtype)
+        dy = torch.randn(n, d, device=device, generator=gen).to(dtype)
+        gm1 = torch.randn(d, device=device, generator=gen) * 1e-2
+        g = gm1 + 1
+        bias = torch.randn(d, device=device, generator=gen).to(dtype)
+        s = 0.5
+
+        def peft_eager():  # PEFT's composition: result (base + bias) + (g−1)·base + g·lora·s, g fp32 [1, d]
+            result = base + bias
+            scale = g.view(1, -1)
+            return result + (scale - 1) * base + scale * lora * s
+
+        cases = {
+            "fwd z": (lambda: T.compose_forward(base, gm1, bias=bias),
+                      lambda: K.compose_forward_reference(base, gm1, bias=bias), 3),
+            "fwd base+lora": (lambda: T.compose_forward(base, gm1, lora, s, bias), peft_eager, 3),
+            "bwd": (lambda: T.compose_backward(dy, base, g), lambda: K.compose_backward_reference(dy, base, g), 3),
+        }
+        for name, (fused, eager, passes) in cases.items():
+            t_fused, t_eager = timer(device, fused, repeats), timer(device, eager, repeats)
+            gbs = passes * n * d * base.element_size() / (t_fused * 1e-3) / 1e9
+            record("compose", case=name, n=n, d=d, fused_ms=t_fused, eager_ms=t_eager)
+            rows.append([f"{n}×{d}", name, f"{t_fused:.4f}", f"{t_eager:.4f}", f"{t_eager / t_fused:.2f}",
+                         f"{gbs:.0f}"])
+        del base, lora, dy
+        free(device)
+    text = ("compose: elementwise tail, bf16, fused Triton vs eager PyTorch (median ms)\n\n"
+            + table(["N×D", "case", "fused ms", "eager ms", "speedup", "fused GB/s (min traffic)"], rows))
+
+    # the row norm: factored vs dense (PEFT's), time and transient memory
+    d, r = (256, 16) if quick else (8192, 384)
+    w = torch.randn(d, d, device=device).to(dtype)
+    a, b = torch.randn(r, d, device=device).to(dtype), torch.randn(d, r, device=device).to(dtype)
+    sq = K.weight_row_norm_sq(w)
+    norm_rows = []
+    for name, fn in (("factored (‖W‖² cached)", lambda: K.factored_row_norm_sq(w, a, b, 1.0, sq)),
+                     ("dense, as PEFT", lambda: torch.linalg.norm(w + 1.0 * (b @ a), dim=1))):
+        ms = timer(device, fn, repeats)
+        peak = None
+        if device.type == "cuda":
+            sync(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            before = torch.cuda.memory_allocated(device)
+            fn()
+            sync(device)
+            peak = (torch.cuda.max_memory_allocated(device) - before) / 2**20
+        record("norm", method=name, d=d, r=r, ms=ms, transient_mb=peak)
+        norm_rows.append([name, f"{ms:.4f}", "—" if peak is None else f"{peak:.1f}"])
+    return text + f"\n\nrow norm ‖W + s·BA‖, {d}×{d} r={r} bf16\n\n" + table(["method", "ms", "transient MB"],
+                                                                               norm_rows)
+
+
+# -- driver ------------------------------------------------------------------------------------------------
+def environment() -> str:
+    import importlib.metadata as md
+
+    def version(name: str) -> str:
+        try:
+            return md.version(name)
+        except md.PackageNotFoundError:
+            return "not installed"
+
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({platform.machine()})"
+    return (f"python {platform.python_version()} · torch {torch.__version__} · triton {version('triton')} · "
+            f"peft {version('peft')} · transformers {version('transformers')} · {device}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny shapes on the CPU (smoke test)")
+    parser.add_argument("--sections", default="kernels,parity,layers,compose")
+    args = parser.parse_args(argv)
+    device = torch.device("cpu" if args.quick or not torch.cuda.is_available() else "cuda")
+    out = os.environ.get("OUT")
+    env = environment()
+    print(env, flush=True)
+    texts, ok = [env], True
+    sections = {"kernels": section_kernels, "parity": section_parity, "layers": section_layers,
+                "compose": section_compose}
+    for name in args.sections.split(","):
+        if left() < 20:
+            texts.append(f"{name}: skipped (time budget)")
+            continue
+        t0 = time.monotonic()
+        try:
+            text = sections[name](device, args.quick)
+        except Exception as exc:  # report and go on with the next section
+            ok = False
+            text = f"{name}: FAILED {type(exc).__name__}: {exc}"
+            traceback.print_exc()
+        free(device)
+        texts.append(text)
+        print(f"\n{text}\n({name}: {time.monotonic() - t0:.1f} s)\n", flush=True)
+    report = "\n\n".join(texts) + "\n"
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "dora_gpu.md").write_text(report, encoding="utf-8")
+        (Path(out) / "dora_gpu.jsonl").write_text("".join(json.dumps(r) + "\n" for r in RECORDS), encoding="utf-8")
+    print("\n==== summary ====\n" + report, flush=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

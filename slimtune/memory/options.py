@@ -1,0 +1,143 @@
+"""One profile configuration: its options, their defaults and checks, and its command-line arguments."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import math
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError
+from ..models.presets import MissingDependencyError, dtype_name, get_preset, resolve_dtype
+
+METHODS = ("lora", "dora", "hra", "loha", "lokr", "none")
+BACKENDS = ("slimtune", "peft", "peft-bf16")
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _positive_int(field: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"{field} must be a positive integer, got {value!r}")
+    return value
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``torch.device`` for ``device`` (default: cuda when available), checking that it can be used."""
+    if device is None:
+        device = default_device()
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"invalid device {device!r}; use cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"unsupported device {device!r}; use cpu, cuda or cuda:N")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {device!r} requested but CUDA is not available "
+                              f"(torch {torch.__version__}); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {device!r} does not exist: {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
+@dataclasses.dataclass
+class ProfileOptions:
+    """One profiling configuration. ``None`` fields take device-dependent defaults in :meth:`resolved`."""
+
+    preset: str = "tiny-llama"
+    method: str = "lora"
+    rank: int = 16
+    alpha: float | None = None
+    batch: int | None = None
+    seq: int = 128
+    steps: int = 4
+    device: str | None = None
+    dtype: str | None = None
+    backend: str = "slimtune"
+    grad_checkpointing: bool = False
+    seed: int = 0
+
+    def resolved(self) -> "ProfileOptions":
+        """A validated copy with every default filled in; :class:`ConfigError` names a bad value."""
+        get_preset(self.preset)
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"unknown backend {self.backend!r}; choose from {', '.join(BACKENDS)}")
+        _positive_int("rank", self.rank)
+        alpha = self.rank if self.alpha is None else self.alpha
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+            raise ConfigError(f"alpha must be a finite number, got {alpha!r}")
+        device = resolve_device(self.device)
+        batch = self.batch if self.batch is not None else (4 if device.type == "cuda" else 2)
+        _positive_int("batch", batch)
+        _positive_int("seq", self.seq)
+        _positive_int("steps", self.steps)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}")
+        dtype = self.dtype if self.dtype is not None else ("bfloat16" if device.type == "cuda" else "float32")
+        return dataclasses.replace(self, alpha=alpha, batch=batch, device=str(device),
+                                   dtype=dtype_name(resolve_dtype(dtype)))
+
+    def to_argv(self) -> list[str]:
+        """Command-line arguments that reproduce these options for ``python -m slimtune.memory.profile``."""
+        argv = ["--preset", self.preset, "--method", self.method, "--rank", str(self.rank),
+                "--seq", str(self.seq), "--steps", str(self.steps), "--backend", self.backend,
+                "--seed", str(self.seed)]
+        for flag, value in (("--alpha", self.alpha), ("--batch", self.batch), ("--device", self.device),
+                            ("--dtype", self.dtype)):
+            if value is not None:
+                argv += [flag, str(value)]
+        if self.grad_checkpointing:
+            argv.append("--grad-checkpointing")
+        return argv
+
+
+def check_dependencies(backend: str) -> None:
+    """Raise :class:`MissingDependencyError` when a package the backend needs is not installed."""
+    needed = ["transformers"] + (["peft"] if backend.startswith("peft") else [])
+    missing = [name for name in needed if importlib.util.find_spec(name) is None]
+    if missing:
+        raise MissingDependencyError(f"{' and '.join(missing)} not installed; "
+                                     "install them with: pip install 'slimtune[hf]'")
+
+
+# -- command line (one configuration per process) ---------------------------------------------------
+def add_profile_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of one profile configuration (shared by this runner and ``slimtune profile``)."""
+    from ..models.presets import PRESETS
+
+    parser.add_argument("--preset", default="tiny-llama", metavar="NAME",
+                        help=f"model preset: {', '.join(PRESETS)} (default: tiny-llama)")
+    parser.add_argument("--method", default="lora", metavar="{" + ",".join(METHODS) + "}",
+                        help="adapter method, or none = full fine-tune (default: lora)")
+    parser.add_argument("--rank", type=int, default=16, help="adapter rank (default: 16)")
+    parser.add_argument("--alpha", type=float, default=None,
+                        help="adapter alpha where the method has one (default: the rank)")
+    parser.add_argument("--batch", type=int, default=None, help="batch size (default: 4 on cuda, 2 on cpu)")
+    parser.add_argument("--seq", type=int, default=128, help="sequence length (default: 128)")
+    parser.add_argument("--steps", type=int, default=4, help="training steps (default: 4)")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    parser.add_argument("--dtype", default=None,
+                        help="float32, bfloat16 or float16 (default: bfloat16 on cuda, float32 on cpu)")
+    parser.add_argument("--backend", default="slimtune", metavar="{slimtune,peft,peft-bf16}",
+                        help="slimtune; peft = PEFT default (float32 adapters); peft-bf16 = PEFT with "
+                             "autocast_adapter_dtype=False (default: slimtune)")
+    parser.add_argument("--grad-checkpointing", action="store_true",
+                        help="transformers' gradient checkpointing (non-reentrant)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for weights and token ids (default: 0)")
+
+
+def options_from_args(args: argparse.Namespace) -> ProfileOptions:
+    """:class:`ProfileOptions` from parsed :func:`add_profile_arguments` arguments (not yet resolved)."""
+    alpha = args.alpha
+    if alpha is not None and float(alpha).is_integer():
+        alpha = int(alpha)
+    return ProfileOptions(preset=args.preset, method=args.method, rank=args.rank, alpha=alpha, batch=args.batch,
+                          seq=args.seq, steps=args.steps, device=args.device, dtype=args.dtype,
+                          backend=args.backend, grad_checkpointing=args.grad_checkpointing, seed=args.seed)

@@ -1,0 +1,101 @@
+"""What a profile run measured, and the rules that turn raw measurements into it."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import statistics
+from typing import Any, Sequence
+
+import torch
+
+from .options import ProfileOptions
+
+CUDA_MEMORY = "cuda allocator"
+CPU_MEMORY = "cpu accounted"
+WARMUP_STEPS = 3
+
+
+# -- result -----------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class ProfileResult:
+    """What a profile run measured. Memory in bytes, times in seconds; ``None`` where not measured."""
+
+    backend: str
+    method: str
+    preset: str
+    rank: int | None
+    alpha: float | None
+    batch: int
+    seq: int
+    steps: int
+    dtype: str
+    device: str
+    grad_checkpointing: bool
+    status: str = "ok"  # "ok" | "OOM" | "error" | "timeout"
+    error: str | None = None
+    device_name: str = ""
+    memory_kind: str = ""
+    params_total: int | None = None
+    params_trainable: int | None = None
+    mem_created_bytes: int | None = None
+    peak_bytes: int | None = None
+    step_time_s: float | None = None
+    step_times_s: list[float] = dataclasses.field(default_factory=list)
+    final_loss: float | None = None
+    losses: list[float] = dataclasses.field(default_factory=list)
+    cpu_breakdown: dict[str, int] | None = None
+    torch_version: str = torch.__version__
+    transformers_version: str | None = None
+    peft_version: str | None = None
+    slimtune_version: str | None = None
+
+    @classmethod
+    def for_options(cls, options: ProfileOptions, **fields: Any) -> "ProfileResult":
+        """A result carrying ``options``' identifying fields (and ``fields``)."""
+        adapted = options.method != "none"
+        return cls(backend=options.backend, method=options.method, preset=options.preset,
+                   rank=options.rank if adapted else None, alpha=options.alpha if adapted else None,
+                   batch=options.batch or 0, seq=options.seq, steps=options.steps, dtype=options.dtype or "",
+                   device=options.device or "", grad_checkpointing=options.grad_checkpointing, **fields)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ProfileResult":
+        """Inverse of :meth:`to_dict`; unknown keys are ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+def median_step_time(times: Sequence[float], warmup: int = WARMUP_STEPS) -> float | None:
+    """Median of the steps after the first ``warmup`` (of all but the first when there are fewer)."""
+    if not times:
+        return None
+    if len(times) > warmup:
+        return statistics.median(times[warmup:])
+    return statistics.median(times[1:] if len(times) > 1 else times)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is an allocation failure (CUDA's OutOfMemoryError or the CPU allocator's)."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text)
+
+
+def device_name(device: torch.device) -> str:
+    """``"NVIDIA H100 80GB HBM3"`` on CUDA; the CPU model and thread count on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = ""
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            model = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), "")
+    model = model or "CPU"
+    return f"{model} ({torch.get_num_threads()} threads)"

@@ -1,0 +1,156 @@
+"""Named Llama architecture presets: configurations only, built with random weights (nothing is downloaded).
+
+``llama-3.2-3b`` is exactly the model of the PEFT baseline protocol (``shared/bench/peft_baseline.py``):
+the same ``LlamaConfig`` arguments, ``torch.manual_seed(seed)``, built directly on the device with
+``with torch.device(device)`` and then cast to the dtype, so slimtune and PEFT runs see the same weights.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError, SlimtuneError
+
+#: The seven projections of a Llama decoder layer (attention and MLP), the protocol's LoRA targets.
+LLAMA_TARGETS: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+
+
+class PresetError(ConfigError):
+    """An unknown preset name."""
+
+
+class MissingDependencyError(SlimtuneError, ImportError):
+    """An optional dependency (transformers, peft) is needed for what was asked."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelPreset:
+    """The shape of a Llama model; :meth:`config_kwargs` gives the ``LlamaConfig`` arguments."""
+
+    name: str
+    description: str
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    vocab_size: int
+    tie_word_embeddings: bool
+    max_position_embeddings: int = 4096
+    family: str = "llama"  # "llama" (LlamaForCausalLM) or "opt" (OPTForCausalLM)
+    targets: tuple[str, ...] = tuple(LLAMA_TARGETS)
+
+    def config_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for the family's config class (for Llama, exactly the protocol's)."""
+        if self.family == "opt":
+            return dict(hidden_size=self.hidden_size, ffn_dim=self.intermediate_size,
+                        num_hidden_layers=self.num_hidden_layers, num_attention_heads=self.num_attention_heads,
+                        vocab_size=self.vocab_size, max_position_embeddings=self.max_position_embeddings,
+                        word_embed_proj_dim=self.hidden_size, tie_word_embeddings=self.tie_word_embeddings)
+        return dict(hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
+                    num_hidden_layers=self.num_hidden_layers, num_attention_heads=self.num_attention_heads,
+                    num_key_value_heads=self.num_key_value_heads, vocab_size=self.vocab_size,
+                    max_position_embeddings=self.max_position_embeddings,
+                    tie_word_embeddings=self.tie_word_embeddings)
+
+    def num_parameters(self) -> int:
+        """Parameter count of the built model (tied embeddings counted once), without building it."""
+        h, i, v = self.hidden_size, self.intermediate_size, self.vocab_size
+        if self.family == "opt":  # biased q/k/v/out and fc1/fc2, two LayerNorms per layer, learned positions
+            layer = 4 * (h * h + h) + (h * i + i) + (i * h + h) + 4 * h
+            return self.num_hidden_layers * layer + v * h + (self.max_position_embeddings + 2) * h + 2 * h
+        head_dim = h // self.num_attention_heads
+        kv = self.num_key_value_heads * head_dim
+        attention = h * h * 2 + h * kv * 2  # q, o and k, v (no biases)
+        mlp = 3 * h * i
+        layer = attention + mlp + 2 * h  # two RMSNorm weights
+        embeddings = v * h * (1 if self.tie_word_embeddings else 2)
+        return self.num_hidden_layers * layer + embeddings + h  # final norm
+
+
+PRESETS: dict[str, ModelPreset] = {p.name: p for p in (
+    ModelPreset("tiny-llama", "a few-million-parameter Llama for CPU smoke runs",
+                hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
+                num_key_value_heads=4, vocab_size=2048, tie_word_embeddings=False,
+                max_position_embeddings=2048),
+    ModelPreset("llama-3.2-1b", "Llama-3.2-1B shape", hidden_size=2048, intermediate_size=8192,
+                num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                tie_word_embeddings=True),
+    ModelPreset("llama-3.2-3b", "Llama-3.2-3B shape, the PEFT baseline protocol's model", hidden_size=3072,
+                intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24, num_key_value_heads=8,
+                vocab_size=128256, tie_word_embeddings=True),
+    ModelPreset("llama-3.1-8b", "Llama-3.1-8B shape", hidden_size=4096, intermediate_size=14336,
+                num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                tie_word_embeddings=False),
+    ModelPreset("opt-125m", "OPT-125M shape (the HRA seed's small model); adapts q_proj and v_proj",
+                hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                num_key_value_heads=12, vocab_size=50272, tie_word_embeddings=True, max_position_embeddings=2048,
+                family="opt", targets=("q_proj", "v_proj")),
+)}
+
+
+def preset_names() -> list[str]:
+    return list(PRESETS)
+
+
+def get_preset(preset: str | ModelPreset) -> ModelPreset:
+    """The preset called ``preset`` (a :class:`ModelPreset` is returned as is); :class:`PresetError` if unknown."""
+    if isinstance(preset, ModelPreset):
+        return preset
+    try:
+        return PRESETS[preset]
+    except (KeyError, TypeError):
+        raise PresetError(f"unknown preset {preset!r}; available presets: {', '.join(PRESETS)}") from None
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """``torch.bfloat16`` for ``"bfloat16"``/``"bf16"``/``torch.bfloat16`` (likewise float32, float16)."""
+    if isinstance(dtype, torch.dtype):
+        if dtype in _DTYPES.values():
+            return dtype
+    elif isinstance(dtype, str) and dtype.lower().removeprefix("torch.") in _DTYPES:
+        return _DTYPES[dtype.lower().removeprefix("torch.")]
+    raise ConfigError(f"unsupported dtype {dtype!r}; choose from float32, bfloat16, float16")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``"bfloat16"`` for ``torch.bfloat16``."""
+    return str(dtype).removeprefix("torch.")
+
+
+def require_transformers() -> Any:
+    """The ``transformers`` module, or :class:`MissingDependencyError` saying how to install it."""
+    try:
+        import transformers
+    except ImportError as exc:
+        raise MissingDependencyError(
+            f"model presets need transformers ({exc}); install it with: pip install 'slimtune[hf]'") from None
+    return transformers
+
+
+def build_model(preset: str | ModelPreset, device: str | torch.device = "cpu",
+                dtype: str | torch.dtype = torch.float32, seed: int = 0) -> nn.Module:
+    """A randomly initialised ``transformers.LlamaForCausalLM`` of the preset's shape.
+
+    Seeded with ``torch.manual_seed(seed)``, created directly on ``device`` and then cast to ``dtype``,
+    exactly as the PEFT baseline protocol builds its model.
+    """
+    spec = get_preset(preset)
+    torch_dtype = resolve_dtype(dtype)
+    transformers = require_transformers()
+    config_class, model_class = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+                                 "opt": (transformers.OPTConfig, transformers.OPTForCausalLM)}[spec.family]
+    config = config_class(**spec.config_kwargs())
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = model_class(config).to(torch_dtype)
+    return model
