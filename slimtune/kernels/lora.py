@@ -45,13 +45,22 @@ def dropout_keep_mask(like: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     return mask.mul_(1.0 / (1.0 - p))
 
 
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _scaled(t: torch.Tensor, s: float) -> torch.Tensor:
+    """``t * s`` in place, skipped for s = 1 (alpha = r, the common case)."""
+    return t if s == 1.0 else t.mul_(s)
+
+
 class LoraLinearFunction(torch.autograd.Function):
     """``x Wᵀ + b + s·(drop(x) Aᵀ) Bᵀ``; see the module docstring for what is saved."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float, dropout_p: float, seed: int):
         dtype = x.dtype
-        a, b = lora_a.to(dtype), lora_b.to(dtype)
+        a, b = _cast(lora_a, dtype), _cast(lora_b, dtype)
         x2 = x.reshape(-1, x.shape[-1])
         xd = x2 * dropout_keep_mask(x2, dropout_p, seed) if dropout_p > 0 else x2
         xa = xd @ a.t()  # [N, r]
@@ -68,32 +77,32 @@ class LoraLinearFunction(torch.autograd.Function):
         s, p = ctx.scaling, ctx.dropout_p
         need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
         dtype = x.dtype
-        a, b = lora_a.to(dtype), lora_b.to(dtype)
+        a, b = _cast(lora_a, dtype), _cast(lora_b, dtype)
         x2 = x.reshape(-1, x.shape[-1])
-        dy2 = dy.reshape(-1, dy.shape[-1]).to(dtype)
+        dy2 = _cast(dy.reshape(-1, dy.shape[-1]), dtype)
         mask = dropout_keep_mask(x2, p, ctx.seed) if p > 0 and (need_a or need_b or need_x) else None
         xd = x2 * mask if mask is not None else x2
 
         grad_x = grad_w = grad_bias = grad_a = grad_b = None
         dya = None  # s · dy B, [N, r]
         if need_a or need_b or need_x:
-            dya = (dy2 @ b).mul_(s)
+            dya = _scaled(dy2 @ b, s)
         if need_a or need_b:
             tokens, d_in = x2.shape
             if choose_backward(tokens, d_in, dy2.shape[1], a.shape[0]) == "gram":
                 gram = dy2.t() @ xd  # [d_out, d_in]
                 if need_b:
-                    grad_b = (gram @ a.t()).mul_(s)
+                    grad_b = _scaled(gram @ a.t(), s)
                 if need_a:
-                    grad_a = (b.t() @ gram).mul_(s)
+                    grad_a = _scaled(b.t() @ gram, s)
                 del gram
             else:
                 if need_b:
-                    grad_b = (dy2.t() @ (xd @ a.t())).mul_(s)
+                    grad_b = _scaled(dy2.t() @ (xd @ a.t()), s)
                 if need_a:
                     grad_a = dya.t() @ xd
-            grad_a = grad_a.to(lora_a.dtype) if grad_a is not None else None
-            grad_b = grad_b.to(lora_b.dtype) if grad_b is not None else None
+            grad_a = _cast(grad_a, lora_a.dtype) if grad_a is not None else None
+            grad_b = _cast(grad_b, lora_b.dtype) if grad_b is not None else None
         del xd
         if need_x:
             grad_x2 = dy2 @ weight
