@@ -20,6 +20,8 @@ Results: one JSON line per configuration in ``$OUT/model_compare.jsonl`` and the
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import statistics
 import sys
 import time
 from typing import Sequence
@@ -36,7 +38,7 @@ GIB = 2**30
 
 def build_configs(args: argparse.Namespace) -> list[ProfileOptions]:
     common = dict(preset=args.preset, rank=args.rank, batch=args.batch, steps=args.steps, device=args.device,
-                  dtype=args.dtype)
+                  dtype=args.dtype, release_outputs=args.release_outputs)
     configs = []
     for seq in args.seqs:
         peft_here = args.peft_seqs is None or seq in args.peft_seqs
@@ -99,6 +101,23 @@ def summary_table(results: Sequence[ProfileResult], method: str = "lora") -> str
     return markdown_table(header, rows)
 
 
+def merge_rounds(results: Sequence[ProfileResult]) -> list[ProfileResult]:
+    """One result per configuration: the median step time over its rounds, the largest peak."""
+    groups: dict[tuple, list[ProfileResult]] = {}
+    for r in results:
+        groups.setdefault((r.method, r.backend, r.seq, r.grad_checkpointing), []).append(r)
+    merged = []
+    for runs in groups.values():
+        ok = [r for r in runs if r.ok]
+        if len(ok) < len(runs) or len(runs) == 1:
+            merged.append(next((r for r in runs if not r.ok), runs[0]))
+            continue
+        best = dataclasses.replace(ok[0], step_time_s=statistics.median(r.step_time_s for r in ok),
+                                   peak_bytes=max(r.peak_bytes for r in ok))
+        merged.append(best)
+    return merged
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny-llama on the CPU (smoke test)")
@@ -116,6 +135,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None)
+    parser.add_argument("--release-outputs", action="store_true",
+                        help="drop each step's logits before the next step (the protocol keeps them alive)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every configuration this many times, interleaved (the GPU host's CPU speed drifts "
+                        "between processes; CPU-bound steps need it)")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per GPU process (default 300)")
     args = parser.parse_args(argv)
     defaults = (dict(preset="tiny-llama", seqs=[64, 128], batch=2, rank=8, steps=4, device="cpu", dtype="float32")
@@ -135,6 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{len(configs)} configurations, one process each: {args.preset}, r={args.rank}, batch {args.batch}, "
           f"{args.steps} steps, {args.dtype}", flush=True)
     tag = "" if args.method == "lora" and args.preset == "llama-3.2-3b" else f"_{args.method}_{args.preset}"
+    tag += "_released" if args.release_outputs else ""
     sink = JsonlSink(f"model_compare{tag}.jsonl")
     t0 = time.perf_counter()
 
@@ -142,10 +167,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         sink.write(result.to_dict())
         print(f"[{time.perf_counter() - t0:6.1f} s] {compact(result)}", flush=True)
 
-    results = run_children(configs, on_done=done, timeout=args.timeout)
-    table = summary_table(results, args.method)
+    results = run_children(configs * args.rounds, on_done=done, timeout=args.timeout)
+    table = summary_table(merge_rounds(results), args.method)
     header = (f"{args.preset}, {args.method} r={args.rank} alpha={args.rank}, batch {args.batch}, {args.dtype}, "
-              f"{args.steps} steps ({step_rule(args.steps)}); cells: peak GB (GiB, 2^30) / s per step; "
+              f"{args.steps} steps ({step_rule(args.steps)}), {args.rounds} interleaved round(s) of processes "
+              f"(step time: median over rounds, peak: max){'; outputs released each step' if args.release_outputs else ''}; cells: peak GB (GiB, 2^30) / s per step; "
               "ratios: slimtune ÷ PEFT (< 1: slimtune lower)")
     text = f"{environment_line()}\n\n{header}\n\n{table}\n"
     print("\n" + text, flush=True)

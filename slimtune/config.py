@@ -123,3 +123,6 @@ class AdapterConfig:
 
     def create_adapter(self, name: str, base: Any):  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def finalize(self, model: Any, adapters: list) -> None:
+        """Called by :func:`slimtune.adapt` once the adapters are in place (e.g. to share state between them)."""

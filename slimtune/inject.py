@@ -35,6 +35,7 @@ def adapt(model: nn.Module, config: AdapterConfig) -> nn.Module:
         param.requires_grad_(False)
     for name, adapter in adapters:
         _set_submodule(model, name, adapter)
+    config.finalize(model, [adapter for _, adapter in adapters])
     setattr(model, CONFIG_ATTR, config)
     return model
 

@@ -27,11 +27,12 @@ from torch import nn
 
 from ..config import AdapterConfig
 from ..errors import ConfigError, TargetError
+from ..kernels.hra import HraFactorCache, attach_factor_cache
 from ..kernels.lora import lora_linear
 from ..targeting import is_hf_conv1d
 from .base import AdapterModule
 from .locon import conv_low_rank_forward
-from .lora import _compute_dtype
+from .lora import compute_setting
 
 
 # -- the math ---------------------------------------------------------------------------------------
@@ -131,6 +132,10 @@ class HraConfig(AdapterConfig):
         return HraLayer(base, r, apply_GS=self.apply_GS, init_weights=self.init_weights,
                         orth_reg_weight=self.orth_reg_weight, adapter_dtype=self.adapter_dtype)
 
+    def finalize(self, model: nn.Module, adapters: list) -> None:
+        """All HRA layers of the model compute their WY factors together, once per forward pass."""
+        attach_factor_cache(model, adapters)
+
 
 # -- module -----------------------------------------------------------------------------------------
 class HraLayer(AdapterModule):
@@ -147,6 +152,7 @@ class HraLayer(AdapterModule):
             raise ConfigError(f"HRA rank {r} exceeds the reflected dimension {d_in}")
         self.hra_u = nn.Parameter(torch.empty(d_in, r, device=weight.device, dtype=adapter_dtype or weight.dtype))
         init_hra_(self.hra_u, symmetric=init_weights)
+        self.factor_cache: HraFactorCache | None = None  # set by HraConfig.finalize: factors batched over layers
 
     def peft_parameters(self) -> dict[str, nn.Parameter]:
         return {"hra_u": self.hra_u}
@@ -155,7 +161,11 @@ class HraLayer(AdapterModule):
         return f"r={self.r}, apply_GS={self.apply_GS}"
 
     def factors(self, weight2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return hra_low_rank_factors(weight2d, self.hra_u, self.apply_GS)
+        """``(down [r, d_in], up [d_out, r])`` with ``W H = W + up · down``."""
+        if self.factor_cache is None:
+            return hra_low_rank_factors(weight2d, self.hra_u, self.apply_GS)
+        unit, neg_t = self.factor_cache.factors(self)  # in W's dtype
+        return unit.t(), (weight2d @ unit) @ neg_t
 
     def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
         w2 = weight.reshape(weight.shape[0], -1)
@@ -183,9 +193,9 @@ class HraLayer(AdapterModule):
                                          up.reshape(*up.shape, 1, 1))
         if x.shape[-1] != weight.shape[1]:
             raise ValueError(f"HRA layer expects inputs [..., {weight.shape[1]}], got {tuple(x.shape)}")
-        dtype = _compute_dtype(x)
+        dtype, context = compute_setting(x)
         bias = base.bias.to(dtype) if base.bias is not None else None
-        with torch.autocast(x.device.type, enabled=False):
+        with context:
             return lora_linear(x.to(dtype), weight.to(dtype), bias, down, up, 1.0)
 
 

@@ -61,6 +61,7 @@ class ProfileOptions:
     backend: str = "slimtune"
     grad_checkpointing: bool = False
     seed: int = 0
+    release_outputs: bool = False
 
     def resolved(self) -> "ProfileOptions":
         """A validated copy with every default filled in; :class:`ConfigError` names a bad value."""
@@ -95,6 +96,8 @@ class ProfileOptions:
                 argv += [flag, str(value)]
         if self.grad_checkpointing:
             argv.append("--grad-checkpointing")
+        if self.release_outputs:
+            argv.append("--release-outputs")
         return argv
 
 
@@ -131,6 +134,9 @@ def add_profile_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grad-checkpointing", action="store_true",
                         help="transformers' gradient checkpointing (non-reentrant)")
     parser.add_argument("--seed", type=int, default=0, help="seed for weights and token ids (default: 0)")
+    parser.add_argument("--release-outputs", action="store_true",
+                        help="drop each step's outputs (logits) before the next step; by default they live on "
+                             "into the next forward, as in the PEFT baseline protocol")
 
 
 def options_from_args(args: argparse.Namespace) -> ProfileOptions:
@@ -140,4 +146,5 @@ def options_from_args(args: argparse.Namespace) -> ProfileOptions:
         alpha = int(alpha)
     return ProfileOptions(preset=args.preset, method=args.method, rank=args.rank, alpha=alpha, batch=args.batch,
                           seq=args.seq, steps=args.steps, device=args.device, dtype=args.dtype,
-                          backend=args.backend, grad_checkpointing=args.grad_checkpointing, seed=args.seed)
+                          backend=args.backend, grad_checkpointing=args.grad_checkpointing, seed=args.seed,
+                          release_outputs=args.release_outputs)

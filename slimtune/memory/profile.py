@@ -202,6 +202,8 @@ class TrainingSession:
                     torch.cuda.synchronize(self.device)
                 times.append(time.perf_counter() - t0)
                 losses.append(out.loss.detach())
+                if self.options.release_outputs:
+                    del out
                 if meter is not None:
                     total = static + grads + opt_state + meter.bytes
                     if total > accounted_peak:

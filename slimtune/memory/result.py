@@ -31,6 +31,7 @@ class ProfileResult:
     dtype: str
     device: str
     grad_checkpointing: bool
+    release_outputs: bool
     status: str = "ok"  # "ok" | "OOM" | "error" | "timeout"
     error: str | None = None
     device_name: str = ""
@@ -56,7 +57,8 @@ class ProfileResult:
         return cls(backend=options.backend, method=options.method, preset=options.preset,
                    rank=options.rank if adapted else None, alpha=options.alpha if adapted else None,
                    batch=options.batch or 0, seq=options.seq, steps=options.steps, dtype=options.dtype or "",
-                   device=options.device or "", grad_checkpointing=options.grad_checkpointing, **fields)
+                   device=options.device or "", grad_checkpointing=options.grad_checkpointing,
+                   release_outputs=options.release_outputs, **fields)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

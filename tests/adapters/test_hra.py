@@ -140,3 +140,68 @@ def test_bad_targets_and_values():
         slimtune.adapt(nn.Sequential(nn.Linear(4, 4)), HraConfig(target_modules=["0"], r=6))
     with pytest.raises(slimtune.ConfigError, match="orth_reg_weight"):
         HraConfig(target_modules=["0"], orth_reg_weight=-1)
+
+
+# -- factors shared across layers (slimtune.kernels.hra) ----------------------------------------------------
+class Stack(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 8)
+        self.d = nn.Linear(8, 16)
+
+    def forward(self, x):
+        return self.d(self.c(self.b(self.a(x))))
+
+
+def _hra_stack(dtype=torch.float64, apply_gs=False):
+    torch.manual_seed(0)
+    model = Stack().to(dtype)
+    slimtune.adapt(model, HraConfig(r=4, target_modules=["a", "b", "c", "d"], apply_GS=apply_gs, init_weights=False))
+    return model
+
+
+@pytest.mark.parametrize("apply_gs", [False, True])
+def test_batched_factors_equal_per_layer_factors(apply_gs):
+    model = _hra_stack(apply_gs=apply_gs)
+    x = torch.randn(5, 16, dtype=torch.float64)
+    model(x).sum().backward()
+    batched = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    y = model(x).detach()
+    for m in model.modules():
+        if isinstance(m, HraLayer):
+            m.factor_cache, m.hra_u.grad = None, None
+    assert rel_err(model(x), y) < 1e-12
+    model(x).sum().backward()
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert rel_err(p.grad, batched[n]) < 1e-10, n
+
+
+def test_factors_are_computed_once_per_pass_per_group(monkeypatch):
+    from slimtune.kernels import hra as kernels
+
+    calls = []
+    real = kernels.batched_wy_factors
+    monkeypatch.setattr(kernels, "batched_wy_factors", lambda u, gs: calls.append(u.shape) or real(u, gs))
+    model = _hra_stack()
+    model(torch.randn(2, 16, dtype=torch.float64))
+    assert sorted(calls) == [(1, 8, 4), (3, 16, 4)]  # a, b, c share [16, 4]; d has [8, 4]
+    model(torch.randn(2, 16, dtype=torch.float64))
+    assert len(calls) == 4  # a new pass recomputes
+
+
+def test_changed_u_is_never_served_stale_and_accumulation_works():
+    model = _hra_stack()
+    x = torch.randn(3, 16, dtype=torch.float64)
+    model(x).sum().backward()
+    model(x).sum().backward()  # gradient accumulation: a second pass, a second graph
+    opt = torch.optim.SGD(slimtune.trainable_parameters(model), lr=0.5)
+    before = model.a(x).detach()
+    opt.step()  # changes hra_u in place: its version counter moves
+    after = model.a(x)  # called directly: no root pre-hook, the version check must catch it
+    ref = _reference(model.a.base_layer, model.a.hra_u.detach(), x, False)
+    assert rel_err(after, ref) < 1e-12 and rel_err(after, before) > 1e-6
+    with torch.no_grad():
+        model(x)
+    model(x).sum().backward()  # factors cached under no_grad are not reused with grad
+    assert model.a.hra_u.grad is not None

@@ -1,0 +1,79 @@
+"""HRA's WY factors for all layers of a model at once: one batched pass per group of equal shape.
+
+Each HRA layer needs, once per forward pass, ``U`` (normalised ``hra_u``, ``[d, r]``) and ``T`` (``[r, r]``,
+``H = I − U T Uᵀ``). Computed layer by layer that is ~20 tiny kernels each (norms, a Gram matrix, a
+triangular solve) plus their backward, which makes a step CPU-bound; here every layer with the same
+``(d, r, apply_GS, dtype, device)`` shares one stacked computation (``[B, d, r]``), so a whole model costs a
+handful of kernels. Autograd flows back to each ``hra_u`` through the stack.
+
+:class:`HraFactorCache` holds the factors of one forward pass. The root model's forward pre-hook starts a
+new pass; a layer whose ``hra_u`` changed in place (its version counter moved) or whose grad mode differs
+from the cached one recomputes its group, so a stale factor is never used.
+"""
+from __future__ import annotations
+
+import weakref
+from typing import Callable
+
+import torch
+from torch import nn
+
+
+def batched_wy_factors(u: torch.Tensor, apply_gs: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(U [B, d, r], T [B, r, r])`` for stacked ``u [B, d, r]``, in float32 or wider."""
+    u = u.to(torch.promote_types(u.dtype, torch.float32))
+    r = u.shape[-1]
+    eye = torch.eye(r, device=u.device, dtype=u.dtype)
+    if apply_gs:
+        q, _ = torch.linalg.qr(u)
+        return q, (2.0 * eye).expand(u.shape[0], r, r)
+    unit = u / torch.linalg.vector_norm(u, dim=1, keepdim=True)
+    t_inv = torch.triu(unit.transpose(1, 2) @ unit, diagonal=1) + 0.5 * eye
+    return unit, torch.linalg.solve_triangular(t_inv, eye.expand_as(t_inv), upper=True)
+
+
+class HraFactorCache:
+    """Factors ``(U, −T)`` in each layer's weight dtype for the current forward pass, computed per group."""
+
+    def __init__(self, layers: list[nn.Module]) -> None:
+        self._layers = [weakref.ref(layer) for layer in layers]
+        self._entries: dict[int, tuple[tuple, tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    def new_pass(self, *_: object) -> None:
+        """Forget the previous pass's factors (the root model's forward pre-hook)."""
+        self._entries.clear()
+
+    @staticmethod
+    def _group_key(layer: nn.Module) -> tuple:
+        u = layer.hra_u
+        return (tuple(u.shape), layer.apply_GS, u.dtype, u.device, layer.base_layer.weight.dtype)
+
+    @staticmethod
+    def _state(layer: nn.Module) -> tuple:
+        return (torch.is_grad_enabled(), layer.hra_u._version)
+
+    def factors(self, layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        entry = self._entries.get(id(layer))
+        if entry is None or entry[0] != self._state(layer):
+            self._compute_group(layer)
+            entry = self._entries[id(layer)]
+        return entry[1]
+
+    def _compute_group(self, layer: nn.Module) -> None:
+        key = self._group_key(layer)
+        group = [m for m in (ref() for ref in self._layers) if m is not None and self._group_key(m) == key]
+        if not any(m is layer for m in group):  # a layer this cache was not built for
+            group = [layer]
+        unit, t = batched_wy_factors(torch.stack([m.hra_u for m in group]), layer.apply_GS)
+        dtype = key[-1]
+        units, neg_ts = unit.to(dtype).unbind(0), (-t).to(dtype).unbind(0)
+        for m, u_i, t_i in zip(group, units, neg_ts):
+            self._entries[id(m)] = (self._state(m), (u_i, t_i))
+
+
+def attach_factor_cache(model: nn.Module, layers: list[nn.Module]) -> Callable[[], None]:
+    """Give ``layers`` one shared cache, reset by ``model``'s forward pre-hook; returns the hook's remover."""
+    cache = HraFactorCache(layers)
+    for layer in layers:
+        layer.factor_cache = cache
+    return model.register_forward_pre_hook(cache.new_pass).remove
