@@ -301,7 +301,8 @@ BAD = {
     "json_not_object": (lambda p: (p / CONFIG_NAME).write_text("[1, 2]"), "JSON object", "JSON object"),
     "unsupported_type": (lambda p: _rewrite_json(p, peft_type="VBLORA"), "VBLORA.* is not supported; supported: .*LORA",
                          "VBLORA.* is not supported; supported: .*LORA"),
-    "dora": (lambda p: _rewrite_json(p, use_dora=True), "DoRA", "DoRA"),
+    # a LoRA checkpoint that claims DoRA: the magnitude vectors are missing; a LoRA model is not a DoRA one
+    "dora": (lambda p: _rewrite_json(p, use_dora=True), "missing 2 tensor.*lora_magnitude_vector", "use_dora"),
     "pissa": (lambda p: _rewrite_json(p, init_lora_weights="pissa"), "init_lora_weights", "init_lora_weights"),
     "modules_to_save": (lambda p: _rewrite_json(p, modules_to_save=["1"]), "modules_to_save", "modules_to_save"),
     "bad_rank": (lambda p: _rewrite_json(p, r=0), "positive integer", "positive integer"),

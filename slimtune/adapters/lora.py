@@ -6,6 +6,7 @@ path for dense Linear bases is :class:`slimtune.kernels.lora.LoraLinearFunction`
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from typing import Callable, ClassVar
@@ -60,13 +61,18 @@ class LoraConfig(AdapterConfig):
 
     ``adapter_dtype``: dtype of the trainable A/B; ``None`` keeps the base weight's dtype (bf16 bases give
     bf16 adapters and optimizer state, as PEFT with ``autocast_adapter_dtype=False``); ``torch.float32``
-    keeps fp32 master weights, cast to the activation dtype for each GEMM.
+    keeps fp32 master weights, cast to the activation dtype for each GEMM. ``use_dora``: DoRA (PEFT's
+    ``use_dora``; see ``dora.py``), the magnitude vector taking the adapter dtype too. ``dora_recompute``: DoRA
+    layers keep no ``[tokens, d_out]`` product for the magnitude gradient and recompute it in backward (one
+    more base GEMM per layer; activation memory as LoRA's). slimtune-only, not written to PEFT's config.
     """
 
     dropout: float = 0.0
     rslora: bool = False
     init: str = "default"
     adapter_dtype: torch.dtype | None = None
+    use_dora: bool = False
+    dora_recompute: bool = False
 
     method: ClassVar[str] = "lora"
     peft_type: ClassVar[str] = "LORA"
@@ -82,6 +88,9 @@ class LoraConfig(AdapterConfig):
         if self.adapter_dtype is not None and not (
                 isinstance(self.adapter_dtype, torch.dtype) and self.adapter_dtype.is_floating_point):
             raise ConfigError(f"adapter_dtype must be a floating torch dtype or None, got {self.adapter_dtype!r}")
+        for field in ("use_dora", "dora_recompute"):
+            if not isinstance(getattr(self, field), bool):
+                raise ConfigError(f"{field} must be True or False, got {getattr(self, field)!r}")
 
     def create_adapter(self, name: str, base: nn.Module) -> AdapterModule:
         from .locon import LoraConv  # local: locon imports this file
@@ -90,6 +99,12 @@ class LoraConfig(AdapterConfig):
         self._check_rank(f"rank for {name}", r)
         kwargs = dict(r=r, alpha=alpha, dropout=self.dropout, rslora=self.rslora, init=self.init,
                       adapter_dtype=self.adapter_dtype)
+        if self.use_dora:
+            from .dora import DoraConv, DoraLinear  # local: dora imports this file
+
+            layer = (DoraConv if isinstance(base, (nn.Conv1d, nn.Conv2d)) else DoraLinear)(base, **kwargs)
+            layer.recompute = self.dora_recompute
+            return layer
         if isinstance(base, (nn.Conv1d, nn.Conv2d)):
             return LoraConv(base, **kwargs)
         return LoraLinear(base, **kwargs)
@@ -97,9 +112,19 @@ class LoraConfig(AdapterConfig):
 
 # -- module -----------------------------------------------------------------------------------------
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
+    return compute_setting(x)[0]
+
+
+_NO_CONTEXT = contextlib.nullcontext()
+
+
+def compute_setting(x: torch.Tensor) -> tuple[torch.dtype, contextlib.AbstractContextManager]:
+    """The dtype adapter GEMMs run in (autocast's when it is on, else x's), and a context that turns autocast
+    off around our own kernels (a no-op context when autocast is off: the common, cheap path)."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device), torch.autocast(device, enabled=False)
+    return x.dtype, _NO_CONTEXT
 
 
 class LoraMixin:
@@ -142,12 +167,15 @@ class LoraLinear(LoraMixin, AdapterModule):
             return self.base_layer(x)
         if x.shape[-1] != self.in_features:
             raise ValueError(f"LoraLinear expects inputs [..., {self.in_features}], got {tuple(x.shape)}")
-        dtype = _compute_dtype(x)
-        weight = self.base_layer.weight
-        weight = weight.t() if self.fan_in_fan_out else weight
-        bias = self.base_layer.bias
-        x, weight = x.to(dtype), weight.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
+        dtype, context = compute_setting(x)
+        base = self.base_layer
+        weight, bias = (base.weight.t() if self.fan_in_fan_out else base.weight), base.bias
+        if x.dtype != dtype:
+            x = x.to(dtype)
+        if weight.dtype != dtype:
+            weight = weight.to(dtype)
+        if bias is not None and bias.dtype != dtype:
+            bias = bias.to(dtype)
         p = self.dropout_p if self.training else 0.0
-        with torch.autocast(x.device.type, enabled=False):
+        with context:
             return lora_linear(x, weight, bias, self.lora_A, self.lora_B, self.scaling, p)

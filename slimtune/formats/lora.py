@@ -1,4 +1,4 @@
-"""LoRA (and rsLoRA) <-> PEFT ``LoraConfig`` fields."""
+"""LoRA (rsLoRA, DoRA) <-> PEFT ``LoraConfig`` fields (DoRA: ``use_dora``, ``lora_magnitude_vector`` tensors)."""
 from __future__ import annotations
 
 import math
@@ -93,15 +93,13 @@ def lora_to_peft(config: AdapterConfig, adapters: list[tuple[str, AdapterModule]
         "rank_pattern": dict(config.rank_pattern),
         "alpha_pattern": {key: number(value) for key, value in config.alpha_pattern.items()},
         "fan_in_fan_out": fan_in_fan_out,
-        "use_dora": False,
+        "use_dora": bool(config.use_dora),
         "bias": "none",
     }
 
 
 def lora_from_peft(fields: dict[str, Any]) -> LoraConfig:
     """PEFT ``LoraConfig`` fields -> slimtune :class:`LoraConfig` (``CheckpointError`` if not representable)."""
-    if fields.get("use_dora"):
-        raise CheckpointError("use_dora=true: DoRA checkpoints are not supported yet (only plain LoRA / rsLoRA)")
     if fields.get("bias", "none") != "none":
         raise CheckpointError(f"bias={fields['bias']!r}: training base-layer biases is not supported "
                               "(only bias='none')")
@@ -117,7 +115,7 @@ def lora_from_peft(fields: dict[str, Any]) -> LoraConfig:
             "plain LoRA with PEFT's path_initial_model_for_weight_conversion)")
     if fields.get("target_modules") is None:
         raise CheckpointError("target_modules is missing or null: the checkpoint does not say which modules it adapts")
-    for field in ("use_rslora", "fan_in_fan_out"):
+    for field in ("use_rslora", "fan_in_fan_out", "use_dora"):
         if not isinstance(fields.get(field), bool):
             raise CheckpointError(f"{field} must be true or false, got {fields.get(field)!r}")
     return LoraConfig(
@@ -130,6 +128,7 @@ def lora_from_peft(fields: dict[str, Any]) -> LoraConfig:
         dropout=fields["lora_dropout"],
         rslora=fields["use_rslora"],
         init=_LORA_INITS_IN[init],
+        use_dora=fields["use_dora"],
     )
 
 
@@ -143,6 +142,9 @@ def lora_check_adapter(config: AdapterConfig, name: str, adapter: AdapterModule)
         return (f"{name} has r={adapter.r}, alpha={adapter.alpha}, rslora={adapter.rslora} (scaling "
                 f"{adapter.scaling:.6g}), but the checkpoint's config gives r={r}, alpha={alpha}, "
                 f"rslora={config.rslora} (scaling {want:.6g})")
+    dora = getattr(adapter, "use_dora", False)
+    if dora != config.use_dora:
+        return f"{name} has use_dora={dora}, but the checkpoint's config gives use_dora={config.use_dora}"
     return None
 
 

@@ -12,7 +12,7 @@ import torch
 from ..errors import ConfigError
 from ..models.presets import MissingDependencyError, dtype_name, get_preset, resolve_dtype
 
-METHODS = ("lora", "dora", "hra", "loha", "lokr", "none")
+METHODS = ("lora", "dora", "dora-recompute", "hra", "loha", "lokr", "none")
 BACKENDS = ("slimtune", "peft", "peft-bf16")
 
 

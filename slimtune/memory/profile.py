@@ -64,8 +64,8 @@ def slimtune_config(method: str, rank: int, alpha: float, targets: list[str]):
     """slimtune's config for ``method`` with rank ``rank`` (alpha where the method has one)."""
     from .. import adapters
 
-    if method in ("lora", "dora"):
-        extra = {"use_dora": True} if method == "dora" else {}
+    if method in ("lora", "dora", "dora-recompute"):
+        extra = {"use_dora": True, "dora_recompute": method == "dora-recompute"} if method != "lora" else {}
         return adapters.LoraConfig(r=rank, alpha=alpha, target_modules=targets, **extra)
     if method == "hra":
         return adapters.HraConfig(r=rank, target_modules=targets)
@@ -78,9 +78,9 @@ def slimtune_config(method: str, rank: int, alpha: float, targets: list[str]):
 def peft_config(peft: Any, method: str, rank: int, alpha: float, targets: list[str]):
     """PEFT's config for the same adapter (``lora_dropout=0``)."""
     alpha = int(alpha) if float(alpha).is_integer() else alpha
-    if method in ("lora", "dora"):
+    if method in ("lora", "dora", "dora-recompute"):
         return peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0,
-                               use_dora=method == "dora")
+                               use_dora=method != "lora")
     if method == "hra":
         return peft.HRAConfig(r=rank, target_modules=targets)
     if method == "loha":
