@@ -1,5 +1,6 @@
 """slimtune: parameter-efficient fine-tuning that fits and runs fast on one GPU."""
 from .adapters import HraConfig, LoraConfig
+from .adapters import LohaConfig, LokrConfig
 from .adapters.hra import orthogonality_loss
 from .checkpoint import load_adapter, save_adapter
 from .errors import CheckpointError, ConfigError, SlimtuneError, TargetError
@@ -12,3 +13,4 @@ __all__ = [
     "disable_adapters", "load_adapter", "merge", "orthogonality_loss", "save_adapter", "summary", "trainable_parameters", "unmerge",
     "__version__",
 ]
+__all__ += ["LohaConfig", "LokrConfig"]
