@@ -77,10 +77,36 @@ def model_steps(method: str, backend: str, seq: int, batch: int = 4, steps: int 
             f"{statistics.median(dispatch[3:]):.4f} s (median of steps 4-{steps}; dispatch ~ wall means CPU-bound)")
 
 
+def model_profile(method: str, seq: int, batch: int = 4) -> str:
+    """torch.profiler over two training steps of the Llama-3.2-3B shape: the top CPU-time operators."""
+    options = ProfileOptions(preset="llama-3.2-3b", method=method, rank=32, batch=batch, seq=seq, device="cuda",
+                             dtype="bfloat16", backend="slimtune").resolved()
+    model = apply_adapter(build_model("llama-3.2-3b", "cuda", "bfloat16"), options)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    ids = torch.randint(0, 128000, (batch, seq), device="cuda")
+
+    def step():
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(2):
+            step()
+        torch.cuda.synchronize()
+    del model, opt
+    torch.cuda.empty_cache()
+    return f"model {method} seq {seq}, 2 steps\n" + prof.key_averages().table(sort_by="cpu_time_total", row_limit=30)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--methods", nargs="+", default=["lora", "hra"])
     parser.add_argument("--model-seq", type=int, nargs="*", default=[512])
+    parser.add_argument("--profile-model", nargs="*", default=[], help="methods to profile at model level")
     args = parser.parse_args(argv)
     lines, tables = [environment_line()], []
     for method in args.methods:
@@ -97,6 +123,10 @@ def main(argv=None) -> int:
             line = model_steps(method, backend, seq)
             print(line, flush=True)
             lines.append(line)
+    for method in args.profile_model:
+        table = model_profile(method, 512)
+        tables.append(table)
+        print(table[:6000], flush=True)
     write_out_text("diagnose.md", "\n\n".join(lines + tables))
     print("\n".join(lines))
     return 0

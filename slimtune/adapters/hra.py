@@ -164,8 +164,8 @@ class HraLayer(AdapterModule):
         """``(down [r, d_in], up [d_out, r])`` with ``W H = W + up · down``."""
         if self.factor_cache is None:
             return hra_low_rank_factors(weight2d, self.hra_u, self.apply_GS)
-        unit, neg_t = self.factor_cache.factors(self)  # in W's dtype
-        return unit.t(), (weight2d @ unit) @ neg_t
+        unit, neg_ut = self.factor_cache.factors(self)  # in W's dtype
+        return unit.t(), weight2d @ neg_ut
 
     def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
         w2 = weight.reshape(weight.shape[0], -1)

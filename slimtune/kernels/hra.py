@@ -33,7 +33,8 @@ def batched_wy_factors(u: torch.Tensor, apply_gs: bool) -> tuple[torch.Tensor, t
 
 
 class HraFactorCache:
-    """Factors ``(U, −T)`` in each layer's weight dtype for the current forward pass, computed per group."""
+    """Factors ``(U, −U T)`` (``[d, r]`` each, in the layer's weight dtype) for the current forward pass, computed
+    per group; a layer then needs one GEMM of its own, ``up = W (−U T)``."""
 
     def __init__(self, layers: list[nn.Module]) -> None:
         self._layers = [weakref.ref(layer) for layer in layers]
@@ -66,9 +67,9 @@ class HraFactorCache:
             group = [layer]
         unit, t = batched_wy_factors(torch.stack([m.hra_u for m in group]), layer.apply_GS)
         dtype = key[-1]
-        units, neg_ts = unit.to(dtype).unbind(0), (-t).to(dtype).unbind(0)
-        for m, u_i, t_i in zip(group, units, neg_ts):
-            self._entries[id(m)] = (self._state(m), (u_i, t_i))
+        units, neg_uts = unit.to(dtype).unbind(0), torch.bmm(unit, -t).to(dtype).unbind(0)
+        for m, u_i, ut_i in zip(group, units, neg_uts):
+            self._entries[id(m)] = (self._state(m), (u_i, ut_i))
 
 
 def attach_factor_cache(model: nn.Module, layers: list[nn.Module]) -> Callable[[], None]:
