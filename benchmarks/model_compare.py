@@ -136,7 +136,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--release-outputs", action="store_true",
-                        help="drop each step's logits before the next step (the protocol keeps them alive)")
+                        help="drop each step's logits before backward (the protocol keeps them alive)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="run every configuration this many times, interleaved (the GPU host's CPU speed drifts "
                         "between processes; CPU-bound steps need it)")
@@ -171,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     table = summary_table(merge_rounds(results), args.method)
     header = (f"{args.preset}, {args.method} r={args.rank} alpha={args.rank}, batch {args.batch}, {args.dtype}, "
               f"{args.steps} steps ({step_rule(args.steps)}), {args.rounds} interleaved round(s) of processes "
-              f"(step time: median over rounds, peak: max){'; outputs released each step' if args.release_outputs else ''}; cells: peak GB (GiB, 2^30) / s per step; "
+              f"(step time: median over rounds, peak: max){'; logits released before backward' if args.release_outputs else ''}; cells: peak GB (GiB, 2^30) / s per step; "
               "ratios: slimtune ÷ PEFT (< 1: slimtune lower)")
     text = f"{environment_line()}\n\n{header}\n\n{table}\n"
     print("\n" + text, flush=True)

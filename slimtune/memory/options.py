@@ -135,8 +135,8 @@ def add_profile_arguments(parser: argparse.ArgumentParser) -> None:
                         help="transformers' gradient checkpointing (non-reentrant)")
     parser.add_argument("--seed", type=int, default=0, help="seed for weights and token ids (default: 0)")
     parser.add_argument("--release-outputs", action="store_true",
-                        help="drop each step's outputs (logits) before the next step; by default they live on "
-                             "into the next forward, as in the PEFT baseline protocol")
+                        help="drop each step's outputs (logits) once the loss is taken, before backward; by default "
+                             "they live through backward into the next forward, as in the PEFT baseline protocol")
 
 
 def options_from_args(args: argparse.Namespace) -> ProfileOptions:

@@ -190,7 +190,10 @@ class TrainingSession:
                 t0 = time.perf_counter()
                 with meter.record() if meter is not None else contextlib.nullcontext():
                     out = model(input_ids=ids, labels=ids)  # `out` lives on into the next step, as in the protocol
-                out.loss.backward()
+                loss = out.loss
+                if self.options.release_outputs:  # drop the logits before backward, as a lean training loop does
+                    del out
+                loss.backward()
                 grads = 0 if cuda else gradient_bytes(self.trainable)
                 if opt is not None:
                     opt.step()
@@ -201,9 +204,8 @@ class TrainingSession:
                 if cuda:
                     torch.cuda.synchronize(self.device)
                 times.append(time.perf_counter() - t0)
-                losses.append(out.loss.detach())
-                if self.options.release_outputs:
-                    del out
+                losses.append(loss.detach())
+                del loss
                 if meter is not None:
                     total = static + grads + opt_state + meter.bytes
                     if total > accounted_peak:
