@@ -59,6 +59,17 @@ def _check_targets(field: str, value: Any, required: bool) -> str | list[str] | 
     raise ConfigError(f"{field} must be a list of names, a regex string or 'all-linear', got {type(value).__name__}")
 
 
+def resolve_adapter_dtype(value: Any) -> Any:
+    """``adapter_dtype``: ``None`` (the base weight's dtype), a floating ``torch.dtype`` or its name."""
+    import torch
+
+    if isinstance(value, str):
+        value = getattr(torch, value, value)
+    if value is not None and not (isinstance(value, torch.dtype) and value.is_floating_point):
+        raise ConfigError(f"adapter_dtype must be a floating torch dtype or None, got {value!r}")
+    return value
+
+
 def name_matches(spec: str | list[str], name: str) -> bool:
     """Whether qualified module ``name`` is selected by a target spec (list = suffixes, str = full regex)."""
     if isinstance(spec, str):

@@ -25,7 +25,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..config import AdapterConfig
+from ..config import AdapterConfig, resolve_adapter_dtype
 from ..errors import ConfigError, TargetError
 from ..kernels.hra import HraFactorCache, attach_factor_cache
 from ..kernels.lora import lora_linear
@@ -121,6 +121,7 @@ class HraConfig(AdapterConfig):
         if isinstance(self.orth_reg_weight, bool) or not isinstance(self.orth_reg_weight, (int, float)) \
                 or self.orth_reg_weight < 0:
             raise ConfigError(f"orth_reg_weight must be a number >= 0, got {self.orth_reg_weight!r}")
+        self.adapter_dtype = resolve_adapter_dtype(self.adapter_dtype)
 
     def create_adapter(self, name: str, base: nn.Module) -> AdapterModule:
         r = self.rank_for(name)

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import AdapterConfig
+from ..config import AdapterConfig, resolve_adapter_dtype
 from ..errors import ConfigError, TargetError
 from ..kernels import structured as S
 from ..targeting import is_hf_conv1d
@@ -167,11 +167,7 @@ def check_common(config: Any) -> None:
     config.module_dropout = check_probability("module_dropout", config.module_dropout)
     if config.path not in PATH_CHOICES:
         raise ConfigError(f"path must be one of {PATH_CHOICES}, got {config.path!r}")
-    if isinstance(config.adapter_dtype, str):
-        config.adapter_dtype = getattr(torch, config.adapter_dtype, None)
-    if config.adapter_dtype is not None and not (
-            isinstance(config.adapter_dtype, torch.dtype) and config.adapter_dtype.is_floating_point):
-        raise ConfigError(f"adapter_dtype must be a floating torch dtype or None, got {config.adapter_dtype!r}")
+    config.adapter_dtype = resolve_adapter_dtype(config.adapter_dtype)
 
 
 def check_target(method: str, name: str, base: nn.Module) -> None:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import AdapterConfig
+from ..config import AdapterConfig, resolve_adapter_dtype
 from ..errors import ConfigError
 from ..kernels.lora import lora_linear
 from ..targeting import is_hf_conv1d
@@ -83,11 +83,7 @@ class LoraConfig(AdapterConfig):
             raise ConfigError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
         if self.init not in INITS:
             raise ConfigError(f"unknown LoRA init {self.init!r}; choose from {INITS}")
-        if isinstance(self.adapter_dtype, str):
-            self.adapter_dtype = getattr(torch, self.adapter_dtype, None)
-        if self.adapter_dtype is not None and not (
-                isinstance(self.adapter_dtype, torch.dtype) and self.adapter_dtype.is_floating_point):
-            raise ConfigError(f"adapter_dtype must be a floating torch dtype or None, got {self.adapter_dtype!r}")
+        self.adapter_dtype = resolve_adapter_dtype(self.adapter_dtype)
         for field in ("use_dora", "dora_recompute"):
             if not isinstance(getattr(self, field), bool):
                 raise ConfigError(f"{field} must be True or False, got {getattr(self, field)!r}")

@@ -140,6 +140,8 @@ def test_bad_targets_and_values():
         slimtune.adapt(nn.Sequential(nn.Linear(4, 4)), HraConfig(target_modules=["0"], r=6))
     with pytest.raises(slimtune.ConfigError, match="orth_reg_weight"):
         HraConfig(target_modules=["0"], orth_reg_weight=-1)
+    with pytest.raises(slimtune.ConfigError, match="adapter_dtype"):
+        HraConfig(target_modules=["0"], adapter_dtype=torch.int8)
 
 
 # -- factors shared across layers (slimtune.kernels.hra) ----------------------------------------------------
