@@ -14,7 +14,7 @@ from torch import nn
 
 from ..errors import ConfigError, SlimtuneError
 from .base import AdapterModule
-from .lora import LoraMixin, _compute_dtype, init_lora_
+from .lora import LoraMixin, compute_setting, init_lora_
 
 _CONV = {1: F.conv1d, 2: F.conv2d}
 
@@ -43,9 +43,9 @@ def conv_low_rank_forward(x: torch.Tensor, x_down: torch.Tensor, base: nn.Module
     dtype (autocast's, else x's); x_down is x, or x after dropout.
     """
     y = base(x)
-    dtype = _compute_dtype(x)
+    dtype, context = compute_setting(x)
     conv = _CONV[down.dim() - 2]
-    with torch.autocast(x.device.type, enabled=False):
+    with context:
         h = conv(x_down.to(dtype), down.to(dtype), None, base.stride, base.padding, base.dilation)
         delta = conv(h, up.to(dtype), None, 1, 0, 1, base.groups)
     return y + delta.to(y.dtype)

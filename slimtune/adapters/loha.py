@@ -34,7 +34,7 @@ from ..errors import ConfigError, TargetError
 from ..kernels import structured as S
 from ..targeting import is_hf_conv1d
 from .base import AdapterModule
-from .lora import _compute_dtype
+from .lora import compute_setting
 
 PATH_CHOICES = ("auto", "structured", "folded")
 Scale = float | torch.Tensor  # s, or s · rank-dropout mask over output rows ([d_out])
@@ -261,10 +261,11 @@ class StructuredAdapter(AdapterModule):
                 return self.base_layer(x)
             if self.rank_dropout > 0:
                 mask = rank_dropout_mask(self.out_features, self.rank_dropout, self.normalize_rank_dropout, x.device)
-        x = x.to(_compute_dtype(x))
+        dtype, context = compute_setting(x)
+        x = x.to(dtype)
         backward = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
         path = self.last_path = self.choose(x, backward)
-        with torch.autocast(x.device.type, enabled=False):
+        with context:
             return self.run(x, path, mask)
 
 

@@ -107,10 +107,6 @@ class LoraConfig(AdapterConfig):
 
 
 # -- module -----------------------------------------------------------------------------------------
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    return compute_setting(x)[0]
-
-
 _NO_CONTEXT = contextlib.nullcontext()
 
 
