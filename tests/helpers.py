@@ -20,3 +20,45 @@ def perturb_adapters(model: torch.nn.Module, std: float = 0.1, seed: int = 0) ->
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=gen).to(p.dtype) * std)
+
+
+def read_adapter_dir(directory) -> tuple[dict, dict]:
+    """``({key: (shape, dtype)}, config JSON with target/exclude lists sorted)`` of an adapter checkpoint."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from slimtune.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+
+    directory = Path(directory)
+    tensors = {k: (tuple(v.shape), v.dtype) for k, v in load_file(directory / WEIGHTS_NAME).items()}
+    config = json.loads((directory / CONFIG_NAME).read_text())
+    config = {k: sorted(v) if k in ("target_modules", "exclude_modules") and isinstance(v, list) else v
+              for k, v in config.items()}
+    return tensors, config
+
+
+def assert_same_files(ours, theirs, dtypes: bool = True) -> dict:
+    """Our checkpoint directory has PEFT's keys, shapes (and dtypes) and config; returns our config."""
+    (our_t, our_j), (their_t, their_j) = read_adapter_dir(ours), read_adapter_dir(theirs)
+    if not dtypes:
+        our_t, their_t = ({k: v[0] for k, v in t.items()} for t in (our_t, their_t))
+    assert our_t == their_t
+    assert our_j == their_j
+    return our_j
+
+
+def check_merge_round_trip(layer, x: torch.Tensor) -> torch.Tensor:
+    """Merged output = unmerged output (within the dtype's tolerance); unmerge restores the weight bit for bit.
+
+    Returns the unmerged output."""
+    tol = FP32_TOL if x.dtype in (torch.float32, torch.float64) else BF16_TOL
+    w0 = layer.base_layer.weight.detach().clone()
+    with torch.no_grad():
+        y = layer(x)
+        layer.merge()
+        assert layer.merged and rel_err(layer(x), y) < tol
+        layer.unmerge()
+    assert torch.equal(layer.base_layer.weight, w0)
+    return y

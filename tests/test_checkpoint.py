@@ -18,13 +18,10 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402
 
+from tests.helpers import assert_same_files, rel_err  # noqa: E402
 from tests.models import conv1d_net, conv2d_net, llm_input, mlp, run, tiny_gpt2, tiny_llama  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
-
-
-def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((got.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 @torch.no_grad()
@@ -66,11 +63,6 @@ LLAMA_CASES = {
 def peft_model(base: nn.Module, **kwargs) -> nn.Module:
     model = peft.get_peft_model(base, peft.LoraConfig(**kwargs))
     return model.eval()
-
-
-def norm_json(d: dict) -> dict:
-    return {k: sorted(v) if k in ("target_modules", "exclude_modules") and isinstance(v, list) else v
-            for k, v in d.items()}
 
 
 # -- PEFT -> slimtune ---------------------------------------------------------------------------------
@@ -119,15 +111,7 @@ def check_slimtune_to_peft(make, x, peft_kwargs, ours_kwargs, tmp_path):
     # Same files as PEFT writes for the same config.
     theirs = tmp_path / "theirs"
     peft_model(fresh_for_peft, **peft_kwargs).save_pretrained(theirs)
-    our_t, their_t = load_file(ours / WEIGHTS_NAME), load_file(theirs / WEIGHTS_NAME)
-    assert set(our_t) == set(their_t)
-    for key in our_t:
-        assert our_t[key].shape == their_t[key].shape and our_t[key].dtype == their_t[key].dtype, key
-    our_j = json.loads((ours / CONFIG_NAME).read_text())
-    their_j = json.loads((theirs / CONFIG_NAME).read_text())
-    assert set(our_j) == set(their_j)
-    assert norm_json(our_j) == norm_json(their_j)
-    return our_j
+    return assert_same_files(ours, theirs)
 
 
 @pytest.mark.parametrize("case", sorted(LLAMA_CASES))

@@ -1,6 +1,5 @@
 """DoRA checkpoints in PEFT's format, both ways (``lora_magnitude_vector`` keys), and training parity with PEFT."""
 import copy
-import json
 
 import pytest
 import torch
@@ -8,8 +7,8 @@ from torch import nn
 
 import slimtune
 from slimtune import CheckpointError, load_adapter, save_adapter
-from slimtune.checkpoint import CONFIG_NAME, PEFT_PREFIX, WEIGHTS_NAME
-from tests.helpers import rel_err
+from slimtune.checkpoint import PEFT_PREFIX, WEIGHTS_NAME
+from tests.helpers import assert_same_files, rel_err
 from tests.models import conv1d_net, conv2d_net, llm_input, mlp, run, tiny_gpt2, tiny_llama
 
 peft = pytest.importorskip("peft")
@@ -77,13 +76,7 @@ def test_slimtune_to_peft(case, tmp_path):
     assert rel_err(run(theirs, x), run(ours, x)) < 1e-5
     # the same files PEFT writes for the same config
     peft.get_peft_model(make(), peft.LoraConfig(use_dora=True, **peft_kw)).save_pretrained(tmp_path / "peft")
-    mine, want = load_file(tmp_path / "ours" / WEIGHTS_NAME), load_file(tmp_path / "peft" / WEIGHTS_NAME)
-    assert {k: (v.shape, v.dtype) for k, v in mine.items()} == {k: (v.shape, v.dtype) for k, v in want.items()}
-    a, b = (json.loads((tmp_path / d / CONFIG_NAME).read_text()) for d in ("ours", "peft"))
-    for d in (a, b):
-        if isinstance(d["target_modules"], list):
-            d["target_modules"] = sorted(d["target_modules"])
-    assert a == b and a["use_dora"] is True
+    assert assert_same_files(tmp_path / "ours", tmp_path / "peft")["use_dora"] is True
 
 
 def peft_key(name: str, suffix: str) -> str:

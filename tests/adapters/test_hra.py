@@ -7,7 +7,7 @@ from torch import nn
 import slimtune
 from slimtune.adapters.hra import (HraConfig, HraLayer, hra_dense_transform, orthogonality_loss,
                                    orthogonality_penalty, wy_factors)
-from tests.helpers import BF16_TOL, FP32_TOL, rel_err
+from tests.helpers import BF16_TOL, FP32_TOL, check_merge_round_trip, rel_err
 
 
 def _reference(layer: nn.Module, u: torch.Tensor, x: torch.Tensor, apply_gs: bool) -> torch.Tensor:
@@ -79,15 +79,7 @@ def test_wy_factors_are_exact():
 def test_merge_unmerge_round_trip(kind, make, shape, dtype):
     torch.manual_seed(0)
     layer = make().to(dtype)
-    hra = HraLayer(layer, 5, init_weights=False)
-    x = torch.randn(shape).to(dtype)
-    w0 = layer.weight.clone()
-    with torch.no_grad():
-        y = hra(x)
-        hra.merge()
-        assert rel_err(hra(x), y) < (FP32_TOL if dtype == torch.float32 else BF16_TOL)
-        hra.unmerge()
-    assert torch.equal(layer.weight, w0)
+    check_merge_round_trip(HraLayer(layer, 5, init_weights=False), torch.randn(shape).to(dtype))
 
 
 def test_matches_peft_hra_on_the_same_weights():

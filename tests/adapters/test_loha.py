@@ -10,7 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import slimtune
 from slimtune.adapters.loha import LohaConfig, LohaLayer, loha_delta_weight
 from slimtune.kernels import structured as S
-from tests.helpers import BF16_TOL, FP32_TOL, rel_err
+from tests.helpers import BF16_TOL, FP32_TOL, check_merge_round_trip, rel_err
 
 PATHS = ["structured", "folded"]
 # (name, base layer factory, input shape, r, use_effective_conv2d)
@@ -148,14 +148,7 @@ def test_saves_only_x_weight_and_parameters(path, conv):
 def test_merge_unmerge_round_trip(case, dtype):
     _, make, shape, r, eff = case
     layer = _layer(make, r, eff, "auto", dtype=dtype)
-    x = torch.randn(shape).to(dtype)
-    w0 = layer.base_layer.weight.clone()
-    with torch.no_grad():
-        y = layer(x)
-        slimtune.merge(nn.Sequential(layer))
-        assert layer.merged and rel_err(layer(x), y) < (FP32_TOL if dtype == torch.float32 else BF16_TOL)
-        layer.unmerge()
-    assert torch.equal(layer.base_layer.weight, w0)
+    check_merge_round_trip(layer, torch.randn(shape).to(dtype))
 
 
 def test_default_init_is_identity_and_dropout_off_in_eval():

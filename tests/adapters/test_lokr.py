@@ -10,7 +10,7 @@ import slimtune
 from slimtune.adapters.lokr import LokrConfig, LokrLayer, lokr_factors, factorization, lokr_delta_weight
 from slimtune.kernels import structured as S
 from tests.adapters.test_loha import MaxAllocation
-from tests.helpers import BF16_TOL, FP32_TOL, rel_err
+from tests.helpers import BF16_TOL, FP32_TOL, check_merge_round_trip, rel_err
 
 PATHS = ["structured", "folded"]
 # (name, base layer factory, input shape, LokrLayer kwargs)
@@ -140,14 +140,7 @@ def test_saves_only_x_weight_and_parameters(path, conv):
 def test_merge_unmerge_round_trip(case, dtype):
     _, make, shape, kw = case
     layer = _layer(make, kw, "auto", dtype=dtype)
-    x = torch.randn(shape).to(dtype)
-    w0 = layer.base_layer.weight.clone()
-    with torch.no_grad():
-        y = layer(x)
-        layer.merge()
-        assert rel_err(layer(x), y) < (FP32_TOL if dtype == torch.float32 else BF16_TOL)
-        layer.unmerge()
-    assert torch.equal(layer.base_layer.weight, w0)
+    check_merge_round_trip(layer, torch.randn(shape).to(dtype))
 
 
 @pytest.mark.parametrize("init,zero", [(True, "lokr_w1"), ("lycoris", "lokr_w2")])
