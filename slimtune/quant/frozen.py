@@ -1,0 +1,51 @@
+"""The frozen base weight as an adapter's kernels see it: a dense tensor, or a handle to packed 4-bit storage.
+
+Adapter Functions take a :data:`WeightOperand` where they used to take ``base.weight``:
+
+- a dense ``torch.Tensor`` ``[d_out, d_in]`` — saved with ``ctx.save_for_backward`` as before;
+- a :class:`QuantizedWeight` handle (NF4 storage, ours or bitsandbytes') — kept on ``ctx`` as a plain
+  attribute (it only references the module's packed buffers), and turned into a dense tensor with
+  :func:`materialize` right before each GEMM that needs it. The dense copy is a local: it dies with the GEMM,
+  in forward and again in backward, so no dequantised weight outlives its use.
+"""
+from __future__ import annotations
+
+from typing import Protocol, Union, runtime_checkable
+
+import torch
+from torch import nn
+
+
+@runtime_checkable
+class QuantizedWeight(Protocol):
+    """Packed storage of a frozen ``[d_out, d_in]`` weight that can produce a dense copy on demand."""
+
+    @property
+    def shape(self) -> torch.Size: ...
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        """A fresh dense ``[d_out, d_in]`` tensor in ``dtype`` on the storage's device."""
+        ...
+
+
+WeightOperand = Union[torch.Tensor, QuantizedWeight]
+
+
+def is_quantized(weight: WeightOperand) -> bool:
+    return not isinstance(weight, torch.Tensor)
+
+
+def materialize(weight: WeightOperand, dtype: torch.dtype) -> torch.Tensor:
+    """``weight`` as a dense tensor in ``dtype``: the tensor itself when it already is one (cast if needed),
+    else a transient dequantised copy that the caller must drop after its GEMM."""
+    if isinstance(weight, torch.Tensor):
+        return weight if weight.dtype == dtype else weight.to(dtype)
+    return weight.dequantize(dtype)
+
+
+def base_weight_operand(base: nn.Module) -> WeightOperand:
+    """The operand for ``base``'s weight: ``base.weight`` for dense layers, a handle for 4-bit layers."""
+    from .linear import quantized_handle  # local: linear imports this module
+
+    handle = quantized_handle(base)
+    return base.weight if handle is None else handle
