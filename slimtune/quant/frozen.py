@@ -21,7 +21,17 @@ class QuantizedWeight(Protocol):
     """Packed storage of a frozen ``[d_out, d_in]`` weight that can produce a dense copy on demand."""
 
     @property
-    def shape(self) -> torch.Size: ...
+    def shape(self) -> torch.Size:
+        """``[d_out, d_in]``."""
+        ...
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype dense copies default to (e.g. bfloat16)."""
+        ...
+
+    @property
+    def device(self) -> torch.device: ...
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         """A fresh dense ``[d_out, d_in]`` tensor in ``dtype`` on the storage's device."""
@@ -43,9 +53,26 @@ def materialize(weight: WeightOperand, dtype: torch.dtype) -> torch.Tensor:
     return weight.dequantize(dtype)
 
 
-def base_weight_operand(base: nn.Module) -> WeightOperand:
-    """The operand for ``base``'s weight: ``base.weight`` for dense layers, a handle for 4-bit layers."""
+def weight_shape(base: nn.Module) -> torch.Size:
+    """The logical shape of ``base``'s weight (``[d_out, d_in]`` for a 4-bit layer, whose packed storage
+    has another shape; the stored layout otherwise, e.g. ``[d_in, d_out]`` for transformers' Conv1D)."""
+    handle = _handle(base)
+    return base.weight.shape if handle is None else handle.shape
+
+
+def weight_dtype(base: nn.Module) -> torch.dtype:
+    """The dtype ``base`` computes in: its weight's, or the compute dtype of a 4-bit layer (never uint8)."""
+    handle = _handle(base)
+    return base.weight.dtype if handle is None else handle.dtype
+
+
+def _handle(base: nn.Module):
     from .linear import quantized_handle  # local: linear imports this module
 
-    handle = quantized_handle(base)
+    return quantized_handle(base)
+
+
+def base_weight_operand(base: nn.Module) -> WeightOperand:
+    """The operand for ``base``'s weight: ``base.weight`` for dense layers, a handle for 4-bit layers."""
+    handle = _handle(base)
     return base.weight if handle is None else handle
