@@ -4,6 +4,7 @@ from .adapters import LohaConfig, LokrConfig
 from .adapters.hra import orthogonality_loss
 from .checkpoint import load_adapter, save_adapter
 from .errors import CheckpointError, ConfigError, SlimtuneError, TargetError
+from .quant import dequantize, quantize
 from .inject import adapt, adapter_modules, disable_adapters, merge, summary, trainable_parameters, unmerge
 
 __version__ = "0.1.0"
@@ -13,4 +14,4 @@ __all__ = [
     "disable_adapters", "load_adapter", "merge", "orthogonality_loss", "save_adapter", "summary", "trainable_parameters", "unmerge",
     "__version__",
 ]
-__all__ += ["LohaConfig", "LokrConfig"]
+__all__ += ["LohaConfig", "LokrConfig", "dequantize", "quantize"]

@@ -7,6 +7,7 @@ from torch import nn
 
 from .config import ALL_LINEAR, AdapterConfig, name_matches
 from .errors import TargetError
+from .quant.linear import NF4Linear
 
 
 def is_hf_conv1d(module: nn.Module) -> bool:
@@ -21,10 +22,11 @@ def is_hf_conv1d(module: nn.Module) -> bool:
 
 
 def is_linear_like(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or is_hf_conv1d(module)
+    """nn.Linear, transformers' Conv1D, or a 4-bit Linear (slimtune's NF4Linear, bitsandbytes' Linear4bit)."""
+    return isinstance(module, (nn.Linear, NF4Linear)) or is_hf_conv1d(module)
 
 
-ADAPTABLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
+ADAPTABLE = (nn.Linear, NF4Linear, nn.Conv1d, nn.Conv2d)
 
 
 def is_adaptable(module: nn.Module) -> bool:
@@ -71,7 +73,7 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[tuple[str, nn.
         if not is_adaptable(module):
             raise TargetError(
                 f"target module {name!r} is a {type(module).__name__}, which {config.method} cannot adapt; "
-                "supported: nn.Linear, nn.Conv1d, nn.Conv2d, transformers Conv1D"
+                "supported: nn.Linear (also 4-bit NF4), nn.Conv1d, nn.Conv2d, transformers Conv1D"
             )
         found.append((name, module))
     if not found:

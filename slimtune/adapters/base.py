@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, SlimtuneError
+from ..quant.linear import quantized_handle
 
 _INT_VIEW = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16,
              torch.bfloat16: torch.int16}
@@ -69,6 +70,10 @@ class AdapterModule(nn.Module):
         """
         if self.merged:
             raise SlimtuneError(f"{type(self).__name__} is already merged")
+        if quantized_handle(self.base_layer) is not None:
+            raise SlimtuneError(
+                f"{type(self).__name__} sits on a 4-bit base layer, which cannot hold a merged update: call "
+                "slimtune.dequantize(model) first (dense base layers), then merge")
         weight = self.base_weight
         compute = torch.promote_types(weight.dtype, torch.float32)
         merged = self.merged_weight(weight.to(compute)).to(weight.dtype)

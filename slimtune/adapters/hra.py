@@ -29,6 +29,8 @@ from ..config import AdapterConfig, resolve_adapter_dtype
 from ..errors import ConfigError, TargetError
 from ..kernels.hra import HraFactorCache, attach_factor_cache
 from ..kernels.lora import lora_linear
+from ..quant.linear import NF4Linear
+from ..quant.frozen import WeightOperand, base_weight_operand, is_quantized, weight_dtype, weight_matmul, weight_shape
 from ..targeting import is_hf_conv1d
 from .base import AdapterModule
 from .locon import conv_low_rank_forward
@@ -49,11 +51,12 @@ def wy_factors(u: torch.Tensor, apply_gs: bool = False) -> tuple[torch.Tensor, t
     return unit, torch.linalg.solve_triangular(t_inv, eye, upper=True)
 
 
-def hra_low_rank_factors(weight2d: torch.Tensor, u: torch.Tensor, apply_gs: bool = False
+def hra_low_rank_factors(weight2d: WeightOperand, u: torch.Tensor, apply_gs: bool = False
                          ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(down [r, d_in], up [d_out, r])`` with ``W H = W + up · down``. ``W U`` runs in W's dtype."""
+    """``(down [r, d_in], up [d_out, r])`` with ``W H = W + up · down``. ``W U`` runs in W's dtype (a 4-bit W:
+    its compute dtype)."""
     unit, t = wy_factors(u, apply_gs)
-    w_u = (weight2d @ unit.to(weight2d.dtype)).to(t.dtype)
+    w_u = weight_matmul(weight2d, unit.to(weight2d.dtype)).to(t.dtype)
     return unit.t(), -(w_u @ t)
 
 
@@ -126,8 +129,8 @@ class HraConfig(AdapterConfig):
     def create_adapter(self, name: str, base: nn.Module) -> AdapterModule:
         r = self.rank_for(name)
         self._check_rank(f"rank for {name}", r)
-        if is_hf_conv1d(base) or not isinstance(base, (nn.Linear, nn.Conv2d)):
-            raise TargetError(f"HRA adapts nn.Linear and nn.Conv2d; {name!r} is a {type(base).__name__}")
+        if is_hf_conv1d(base) or not isinstance(base, (nn.Linear, NF4Linear, nn.Conv2d)):
+            raise TargetError(f"HRA adapts nn.Linear (also 4-bit) and nn.Conv2d; {name!r} is a {type(base).__name__}")
         if isinstance(base, nn.Conv2d) and base.groups != 1:
             raise TargetError(f"HRA cannot adapt {name!r}: a Conv2d with groups={base.groups} (needs groups=1)")
         return HraLayer(base, r, apply_GS=self.apply_GS, init_weights=self.init_weights,
@@ -145,13 +148,14 @@ class HraLayer(AdapterModule):
     def __init__(self, base_layer: nn.Module, r: int, apply_GS: bool = False, init_weights: bool = True,
                  orth_reg_weight: float = 0.0, adapter_dtype: torch.dtype | None = None) -> None:
         super().__init__(base_layer)
-        weight = base_layer.weight
+        shape = weight_shape(base_layer)
         self.r, self.apply_GS, self.orth_reg_weight = r, apply_GS, float(orth_reg_weight)
         self.is_conv = isinstance(base_layer, nn.Conv2d)
-        d_in = weight[0].numel()
+        d_in = math.prod(shape[1:])
         if r > d_in:
             raise ConfigError(f"HRA rank {r} exceeds the reflected dimension {d_in}")
-        self.hra_u = nn.Parameter(torch.empty(d_in, r, device=weight.device, dtype=adapter_dtype or weight.dtype))
+        self.hra_u = nn.Parameter(torch.empty(d_in, r, device=base_layer.weight.device,
+                                              dtype=adapter_dtype or weight_dtype(base_layer)))
         init_hra_(self.hra_u, symmetric=init_weights)
         self.factor_cache: HraFactorCache | None = None  # set by HraConfig.finalize: factors batched over layers
 
@@ -161,12 +165,12 @@ class HraLayer(AdapterModule):
     def extra_repr(self) -> str:
         return f"r={self.r}, apply_GS={self.apply_GS}"
 
-    def factors(self, weight2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def factors(self, weight2d: WeightOperand) -> tuple[torch.Tensor, torch.Tensor]:
         """``(down [r, d_in], up [d_out, r])`` with ``W H = W + up · down``."""
         if self.factor_cache is None:
             return hra_low_rank_factors(weight2d, self.hra_u, self.apply_GS)
         unit, neg_ut = self.factor_cache.factors(self)  # in W's dtype
-        return unit.t(), weight2d @ neg_ut
+        return unit.t(), weight_matmul(weight2d, neg_ut)
 
     def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
         w2 = weight.reshape(weight.shape[0], -1)
@@ -187,17 +191,21 @@ class HraLayer(AdapterModule):
         if self.disabled or self.merged:
             return self.base_layer(x)
         base = self.base_layer
-        weight = base.weight
-        down, up = self.factors(weight.reshape(weight.shape[0], -1))
         if self.is_conv:
+            weight = base.weight
+            down, up = self.factors(weight.reshape(weight.shape[0], -1))
             return conv_low_rank_forward(x, x, base, down.reshape(self.r, *weight.shape[1:]),
                                          up.reshape(*up.shape, 1, 1))
+        weight = base_weight_operand(base)
         if x.shape[-1] != weight.shape[1]:
             raise ValueError(f"HRA layer expects inputs [..., {weight.shape[1]}], got {tuple(x.shape)}")
+        down, up = self.factors(weight)
         dtype, context = compute_setting(x)
         bias = base.bias.to(dtype) if base.bias is not None else None
+        if not is_quantized(weight):
+            weight = weight.to(dtype)
         with context:
-            return lora_linear(x.to(dtype), weight.to(dtype), bias, down, up, 1.0)
+            return lora_linear(x.to(dtype), weight, bias, down, up, 1.0)
 
 
 def orthogonality_loss(model: nn.Module) -> torch.Tensor:

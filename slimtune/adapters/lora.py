@@ -18,6 +18,7 @@ from torch import nn
 from ..config import AdapterConfig, resolve_adapter_dtype
 from ..errors import ConfigError
 from ..kernels.lora import lora_linear
+from ..quant.frozen import base_weight_operand, is_quantized, weight_dtype, weight_shape
 from ..targeting import is_hf_conv1d
 from .base import AdapterModule
 
@@ -135,16 +136,17 @@ class LoraMixin:
 
 
 class LoraLinear(LoraMixin, AdapterModule):
-    """LoRA over a frozen ``nn.Linear`` (or transformers ``Conv1D``, weight stored ``[d_in, d_out]``)."""
+    """LoRA over a frozen ``nn.Linear`` (or transformers ``Conv1D``, weight stored ``[d_in, d_out]``, or a 4-bit
+    NF4 Linear: slimtune's ``NF4Linear`` or bitsandbytes' ``Linear4bit``)."""
 
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
                  init: str = "default", adapter_dtype: torch.dtype | None = None) -> None:
         super().__init__(base_layer)
         self._setup(r, alpha, dropout, rslora)
         self.fan_in_fan_out = is_hf_conv1d(base_layer)
-        weight = base_layer.weight
-        d_out, d_in = (weight.shape[1], weight.shape[0]) if self.fan_in_fan_out else weight.shape
-        kw = dict(device=weight.device, dtype=adapter_dtype or weight.dtype)
+        shape = weight_shape(base_layer)
+        d_out, d_in = (shape[1], shape[0]) if self.fan_in_fan_out else shape
+        kw = dict(device=base_layer.weight.device, dtype=adapter_dtype or weight_dtype(base_layer))
         self.in_features, self.out_features = d_in, d_out
         self.lora_A = nn.Parameter(torch.empty(r, d_in, **kw))
         self.lora_B = nn.Parameter(torch.empty(d_out, r, **kw))
@@ -161,10 +163,12 @@ class LoraLinear(LoraMixin, AdapterModule):
             raise ValueError(f"LoraLinear expects inputs [..., {self.in_features}], got {tuple(x.shape)}")
         dtype, context = compute_setting(x)
         base = self.base_layer
-        weight, bias = (base.weight.t() if self.fan_in_fan_out else base.weight), base.bias
+        weight, bias = base_weight_operand(base), base.bias
+        if self.fan_in_fan_out:
+            weight = weight.t()
         if x.dtype != dtype:
             x = x.to(dtype)
-        if weight.dtype != dtype:
+        if not is_quantized(weight) and weight.dtype != dtype:
             weight = weight.to(dtype)
         if bias is not None and bias.dtype != dtype:
             bias = bias.to(dtype)

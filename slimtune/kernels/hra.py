@@ -18,6 +18,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..quant.frozen import weight_dtype
+
 
 def batched_wy_factors(u: torch.Tensor, apply_gs: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """``(U [B, d, r], T [B, r, r])`` for stacked ``u [B, d, r]``, in float32 or wider."""
@@ -47,7 +49,7 @@ class HraFactorCache:
     @staticmethod
     def _group_key(layer: nn.Module) -> tuple:
         u = layer.hra_u
-        return (tuple(u.shape), layer.apply_GS, u.dtype, u.device, layer.base_layer.weight.dtype)
+        return (tuple(u.shape), layer.apply_GS, u.dtype, u.device, weight_dtype(layer.base_layer))
 
     @staticmethod
     def _state(layer: nn.Module) -> tuple:

@@ -5,7 +5,9 @@ B ``[d_out, r]``.
 
 What it saves for backward: x itself (the very tensor object, so q/k/v projections that share an input store
 it once), the parameters (no copies), and for dropout an integer seed from which backward redraws the mask —
-never ``x Aᵀ``, never a dropped copy of x, never an fp32 copy. All GEMMs run in x's dtype (bf16 GEMMs
+never ``x Aᵀ``, never a dropped copy of x, never an fp32 copy. A 4-bit base (``weight`` a
+:class:`~slimtune.quant.frozen.QuantizedWeight` handle) is dequantised right before each GEMM that needs it
+(forward, and ``dx`` in backward) and dropped after; only the handle is kept. All GEMMs run in x's dtype (bf16 GEMMs
 accumulate in fp32); fp32 master adapter weights are cast for the GEMM and their gradients returned in fp32.
 
 Backward has two ways to get dA and dB (RunLoRA's choice by FLOP count, :func:`choose_backward`):
@@ -17,6 +19,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from ..quant.frozen import WeightOperand, is_quantized, materialize
 
 Variant = str  # "recompute" | "gram"
 
@@ -64,16 +68,24 @@ class LoraLinearFunction(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         xd = x2 * dropout_keep_mask(x2, dropout_p, seed) if dropout_p > 0 else x2
         xa = xd @ a.t()  # [N, r]
-        y = F.linear(x2, weight, bias)
+        y = F.linear(x2, materialize(weight, dtype), bias)
         y.addmm_(xa, b.t(), alpha=scaling)
-        ctx.save_for_backward(x, weight, lora_a, lora_b)
+        if is_quantized(weight):
+            ctx.save_for_backward(x, lora_a, lora_b)
+            ctx.weight = weight
+        else:
+            ctx.save_for_backward(x, weight, lora_a, lora_b)
+            ctx.weight = None
         ctx.scaling, ctx.dropout_p, ctx.seed = scaling, dropout_p, seed
         ctx.has_bias = bias is not None
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, lora_a, lora_b = ctx.saved_tensors
+        if ctx.weight is None:
+            x, weight, lora_a, lora_b = ctx.saved_tensors
+        else:
+            (x, lora_a, lora_b), weight = ctx.saved_tensors, ctx.weight
         s, p = ctx.scaling, ctx.dropout_p
         need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
         dtype = x.dtype
@@ -105,21 +117,22 @@ class LoraLinearFunction(torch.autograd.Function):
             grad_b = _cast(grad_b, lora_b.dtype) if grad_b is not None else None
         del xd
         if need_x:
-            grad_x2 = dy2 @ weight
+            grad_x2 = dy2 @ materialize(weight, dtype)
             if mask is None:
                 grad_x2.addmm_(dya, a)
             else:
                 grad_x2.add_((dya @ a).mul_(mask))
             grad_x = grad_x2.view(x.shape)
-        if need_w:
+        if need_w and ctx.weight is None:
             grad_w = dy2.t() @ x2
         if need_bias and ctx.has_bias:
             grad_bias = dy2.sum(0)
         return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None, None
 
 
-def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
+def lora_linear(x: torch.Tensor, weight: WeightOperand, bias: torch.Tensor | None, lora_a: torch.Tensor,
                 lora_b: torch.Tensor, scaling: float, dropout_p: float = 0.0) -> torch.Tensor:
-    """Apply :class:`LoraLinearFunction`. ``weight``/``bias`` must already be in x's dtype."""
+    """Apply :class:`LoraLinearFunction`. A dense ``weight`` and ``bias`` must already be in x's dtype; a
+    quantised ``weight`` is dequantised to it."""
     seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout_p > 0 else 0
     return LoraLinearFunction.apply(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed)

@@ -76,3 +76,24 @@ def base_weight_operand(base: nn.Module) -> WeightOperand:
     """The operand for ``base``'s weight: ``base.weight`` for dense layers, a handle for 4-bit layers."""
     handle = _handle(base)
     return base.weight if handle is None else handle
+
+
+class _WeightMatmul(torch.autograd.Function):
+    """``W @ m`` for a frozen quantised ``W``: backward re-dequantises W for ``dm = Wᵀ dout``."""
+
+    @staticmethod
+    def forward(ctx, m, weight):
+        ctx.weight = weight
+        return materialize(weight, m.dtype) @ m
+
+    @staticmethod
+    def backward(ctx, grad):
+        return materialize(ctx.weight, grad.dtype).t() @ grad, None
+
+
+def weight_matmul(weight: WeightOperand, m: torch.Tensor) -> torch.Tensor:
+    """``W @ m`` (``[d_out, d_in] @ [d_in, k]``) differentiable in ``m``, in m's dtype; for a quantised W the
+    dense copy lives only inside forward and inside backward (autograd would otherwise save it)."""
+    if isinstance(weight, torch.Tensor):
+        return materialize(weight, m.dtype) @ m
+    return _WeightMatmul.apply(m, weight)
