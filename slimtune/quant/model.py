@@ -43,7 +43,7 @@ def _bnb_linear(linear: nn.Linear, compute_dtype: torch.dtype, double_quant: boo
     layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
                               compute_dtype=compute_dtype, compress_statistics=double_quant, quant_type="nf4",
                               device="meta")
-    layer.weight = bnb.nn.Params4bit(linear.weight.detach().to("cpu"), requires_grad=False,
+    layer.weight = bnb.nn.Params4bit(linear.weight.detach(), requires_grad=False,
                                      compress_statistics=double_quant, quant_type="nf4", blocksize=blocksize)
     if linear.bias is not None:
         layer.bias = nn.Parameter(linear.bias.detach().to(compute_dtype), requires_grad=False)

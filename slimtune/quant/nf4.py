@@ -36,14 +36,15 @@ NF4_CODE: tuple[float, ...] = (
     0.24611230731010437, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0)
 
 
-@functools.lru_cache(maxsize=None)
-def _nf4_code_cpu() -> torch.Tensor:
-    return torch.tensor(NF4_CODE, dtype=torch.float32)
-
-
 def nf4_code(device: torch.device | str = "cpu") -> torch.Tensor:
-    """:data:`NF4_CODE` as a float32 tensor ``[16]`` on ``device``."""
-    return _nf4_code_cpu().to(device)
+    """:data:`NF4_CODE` as a float32 tensor ``[16]`` on ``device`` (one cached copy per device: no host-to-device
+    copy per dequantisation)."""
+    return _nf4_code(torch.device(device))
+
+
+@functools.lru_cache(maxsize=None)
+def _nf4_code(device: torch.device) -> torch.Tensor:
+    return torch.tensor(NF4_CODE, dtype=torch.float32, device=device)
 
 
 @functools.lru_cache(maxsize=None)
