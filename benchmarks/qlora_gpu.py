@@ -27,7 +27,7 @@ import torch
 from _common import JsonlSink, environment_line, markdown_table, package_version, write_out_text
 
 BACKENDS = ("slimtune", "slimtune-bnb", "peft", "peft-bf16")
-GB = 1e9
+GB = 2**30  # GiB, as the protocol reports
 
 
 def _sync(device: str) -> None:
