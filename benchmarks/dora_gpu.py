@@ -3,27 +3,31 @@
 Sections (each guarded: a failure is reported and the next section runs):
 
 1. kernels — the Triton compose kernels (``slimtune.kernels.dora_triton``) against their PyTorch references
-   (``compose_*_reference``) in fp32 / fp16 / bf16 at a few shapes: forward (z form, and base + lora + bias
-   form), backward ``dbase`` and ``dm`` sums; relative errors (Frobenius).
+   in fp32 / fp16 / bf16 at a few shapes: forward (z form with the ``Σ|v|`` column sums the output path uses,
+   and base + lora + bias form), backward ``dbase``, ``dm`` sums (with the bias shift) and ``Σ dy``.
 2. parity — slimtune DoRA vs PEFT DoRA on one bias-free Linear 8192×8192, r=384, 4096 tokens, bf16, identical
    weights (PEFT's A, B, m copied into slimtune; bf16 adapters in both): cosine similarity and relative error
-   of the output and of dx, dA, dB, dm between the two, and of each against a float64 dense reference.
+   of the output and of dx, dA, dB, dm between the two, and of each against a float64 dense reference; and
+   whether slimtune's backward took the saved output (it should) or fell back to recomputing z.
 3. layers — the protocol of ``shared/bench/peft_layer.py``: ``nn.Sequential(nn.Linear(d_in, d_out,
    bias=False))`` in bf16, alpha = r, x ``[tokens, d_in]`` requiring grad, 3 warm-ups of ``m(x).sum().backward()``,
    CUDA-event median of 20 forward+backward and of 20 no-grad forwards; transient peak =
    ``max_memory_allocated - memory_allocated`` before the timed passes. Backends: slimtune LoRA / DoRA (adapters
-   in the base dtype), slimtune DoRA with fp32 adapters, PEFT LoRA / DoRA with its default fp32 adapters and with
-   ``autocast_adapter_dtype=False``. Shapes (d_in, d_out, r, tokens): (8192, 8192, 384, 4096),
-   (3072, 8192, 32, 4096), (4096, 4096, 16, 8192).
+   in the base dtype), DoRA with ``dora_recompute``, DoRA with fp32 adapters, PEFT LoRA / DoRA with its default
+   fp32 adapters and with ``autocast_adapter_dtype=False``. Shapes (d_in, d_out, r, tokens): (8192, 8192, 384,
+   4096) first, then (3072, 8192, 32, 4096), (4096, 4096, 16, 8192) as time allows.
 4. compose — microbenchmark of the elementwise tail, fused Triton vs eager PyTorch, bf16, tokens × d_out in
-   256×1024, 2048×4096, 4096×8192, 8192×8192: forward z form (``out = z + (g−1)·z + b``: eager = the fp32
-   reference), forward with separate base and lora (eager = PEFT's ``result + (g−1)·base + g·lora·s``),
-   backward (``g·dy`` and the ``dm`` column sums); plus the row norm at 8192×8192 r=384: factored vs dense.
+   256×1024, 2048×4096, 4096×8192, 8192×8192: forward as the layer runs it (in place, with the ``Σ|v|`` sums),
+   forward z form, forward with separate base and lora (eager = PEFT's ``result + (g−1)·base + g·lora·s``),
+   backward from the saved output (``g·dy``, ``Σ dy ⊙ (y − b)``); a sweep of the kernels' block configuration
+   (``dora_triton.CONFIG``) at 4096×8192; and the row norm at 8192×8192 r=384: factored (fp32-output GEMMs),
+   factored without them (bf16 GEMM upcast, fp32 small GEMMs), dense as PEFT.
+5. summary — the targets at 8192² r=384 N=4096 in one short table.
 
 Output: compact markdown tables on stdout and in ``$OUT/dora_gpu.md``; one JSON line per record in
 ``$OUT/dora_gpu.jsonl`` (when ``OUT`` is set). A soft time budget (7 min) skips what would not fit.
 
-    python benchmarks/dora_gpu.py                            # H100: about 2-3 minutes
+    python benchmarks/dora_gpu.py                            # H100: about 3 minutes
     TRITON_INTERPRET=1 python benchmarks/dora_gpu.py --quick  # CPU smoke test, tiny shapes
 """
 from __future__ import annotations
@@ -131,23 +135,25 @@ def section_kernels(device: torch.device, quick: bool) -> str:
             dy = torch.randn(n, d, device=device, generator=gen).to(dtype)
             gm1 = torch.randn(d, device=device, generator=gen) * 1e-2
             bias = torch.randn(d, device=device, generator=gen).to(dtype)
-            errs = {
-                "fwd_z": rel_err(T.compose_forward(base, gm1), K.compose_forward_reference(base, gm1)),
-                "fwd_full": rel_err(T.compose_forward(base, gm1, lora, 0.5, bias),
-                                    K.compose_forward_reference(base, gm1, lora, 0.5, bias)),
-            }
-            db, dm = T.compose_backward(dy, base, gm1 + 1, lora, 0.5)
-            rdb, rdm = K.compose_backward_reference(dy, base, gm1 + 1, lora, 0.5)
-            errs.update(bwd_dbase=rel_err(db, rdb), bwd_dm=rel_err(dm, rdm))
+            out, sums = T.compose_forward(base, gm1, stats=True)
+            errs = {"fwd_z": rel_err(out, K.compose_forward_reference(base, gm1)),
+                    "fwd_sums": rel_err(sums, K.compose_stats_reference(base, gm1)),
+                    "fwd_full": rel_err(T.compose_forward(base, gm1, lora, 0.5, bias)[0],
+                                        K.compose_forward_reference(base, gm1, lora, 0.5, bias))}
+            got = T.compose_backward(dy, base, gm1 + 1, shift=bias, dy_sum=True)
+            want = K.compose_backward_reference(dy, base, gm1 + 1, shift=bias, dy_sum=True)
+            errs.update(bwd_dbase=rel_err(got[0], want[0]), bwd_dm=rel_err(got[1], want[1]),
+                        bwd_dysum=rel_err(got[2], want[2]))
             ones = torch.ones((), device=device, dtype=dtype).expand(n, d)
             z = base.clone()
-            db, dm = T.compose_backward(ones, z, gm1 + 1, dbase_out=z)
-            rdb, rdm = K.compose_backward_reference(ones, base, gm1 + 1)
+            db, dm, _ = T.compose_backward(ones, z, gm1 + 1, dbase_out=z)
+            rdb, rdm, _ = K.compose_backward_reference(ones, base, gm1 + 1)
             errs["bwd_inplace_expanded"] = max(rel_err(db, rdb), rel_err(dm, rdm))
             record("kernels", dtype=str(dtype).split(".")[-1], n=n, d=d, **errs)
             rows.append([str(dtype).split(".")[-1], f"{n}×{d}"] + [f"{v:.1e}" for v in errs.values()])
     return "kernels (rel err, Triton vs PyTorch reference)\n\n" + table(
-        ["dtype", "N×D", "fwd z", "fwd base+lora+b", "bwd dbase", "bwd dm", "bwd in place, stride-0 dy"], rows)
+        ["dtype", "N×D", "fwd z", "fwd Σ|v|", "fwd base+lora+b", "bwd dbase", "bwd dm (y − b)", "bwd Σdy",
+         "bwd in place, stride-0 dy"], rows)
 
 
 # -- 2. slimtune DoRA vs PEFT DoRA, identical weights ----------------------------------------------------------------
@@ -176,15 +182,20 @@ def section_parity(device: torch.device, quick: bool) -> str:
     x = torch.randn(tokens, d_in, device=device, generator=gen).to(dtype)
     dy = torch.randn(tokens, d_out, device=device, generator=gen).to(dtype)
 
+    flags = []
+
     def run(model, params):
         xx = x.clone().requires_grad_()
         for p in params:
             p.grad = None
         y = model(xx)
+        flags.append(getattr(y.grad_fn, "unusable", None))
         y.backward(dy)
         return [y.detach(), xx.grad] + [p.grad for p in params]
 
     got_ours = run(ours, [layer.lora_A, layer.lora_B, layer.magnitude])
+    fallback = None if flags[0] is None else bool(flags[0])
+    record("parity_path", fell_back_to_recompute=fallback)
     got_theirs = run(theirs, [their["lora_A"], their["lora_B"], their["lora_magnitude_vector"]])
     # float64 dense reference from the same (bf16) values
     w = layer.base_layer.weight.double()
@@ -202,15 +213,16 @@ def section_parity(device: torch.device, quick: bool) -> str:
                      f"{rec['rel_err_slimtune_f64']:.2e}", f"{rec['rel_err_peft_f64']:.2e}"])
     del ours, theirs, got_ours, got_theirs, want, ref, x64, leaves, w
     free(device)
+    path = {None: "?", False: "the saved output (as intended)", True: "recomputed z (fallback!)"}[fallback]
     return (f"parity: slimtune DoRA vs PEFT DoRA, {d_in}×{d_out} r={r} N={tokens} bf16, identical weights "
-            "(bf16 adapters both); target cos > 0.9999\n\n"
+            f"(bf16 adapters both); target cos > 0.9999; slimtune's dm came from {path}\n\n"
             + table(["tensor", "cos(slimtune, PEFT)", "rel err slimtune↔PEFT", "slimtune vs f64", "PEFT vs f64"],
                     rows))
 
 
 # -- 3. layer timings (the peft_layer.py protocol) ---------------------------------------------------------------
-BACKENDS = ("slimtune-lora", "slimtune-dora", "slimtune-dora-fp32", "peft-lora", "peft-dora", "peft-lora-bf16",
-            "peft-dora-bf16")
+BACKENDS = ("slimtune-lora", "slimtune-dora", "slimtune-dora-recompute", "slimtune-dora-fp32", "peft-lora",
+            "peft-dora", "peft-lora-bf16", "peft-dora-bf16")
 
 
 def build_layer(backend: str, d_in: int, d_out: int, r: int, device: torch.device, dtype: torch.dtype) -> nn.Module:
@@ -220,7 +232,8 @@ def build_layer(backend: str, d_in: int, d_out: int, r: int, device: torch.devic
     if backend.startswith("slimtune"):
         adapter_dtype = torch.float32 if backend.endswith("fp32") else None
         return slimtune.adapt(base, slimtune.LoraConfig(r=r, alpha=r, target_modules=["0"], use_dora=dora,
-                                                        adapter_dtype=adapter_dtype))
+                                                        adapter_dtype=adapter_dtype,
+                                                        dora_recompute=backend.endswith("recompute")))
     import peft
 
     config = peft.LoraConfig(r=r, lora_alpha=r, target_modules=["0"], use_dora=dora)
@@ -285,6 +298,11 @@ def section_layers(device: torch.device, quick: bool) -> str:
 
 
 # -- 4. compose microbenchmark --------------------------------------------------------------------------------
+SWEEP = [  # dora_triton.CONFIG variants: (block_d, tile, programs_per_sm, num_warps)
+    (128, 4096, 4, 4), (256, 4096, 8, 4), (256, 8192, 8, 8), (512, 8192, 4, 8), (128, 2048, 16, 4), (256, 2048, 16, 4),
+]
+
+
 def section_compose(device: torch.device, quick: bool) -> str:
     if not K.use_triton(torch.empty(0, device=device)):
         return "compose: skipped (no CUDA / Triton)"
@@ -295,8 +313,10 @@ def section_compose(device: torch.device, quick: bool) -> str:
     dtype = torch.bfloat16
     rows = []
     gen = torch.Generator(device=device).manual_seed(0)
-    for n, d in shapes:
+
+    def cases_for(n: int, d: int) -> dict[str, tuple[Callable, Callable | None, int]]:
         base = torch.randn(n, d, device=device, generator=gen).to(dtype)
+        work = base.clone()
         lora = torch.randn(n, d, device=device, generator=gen).to(dtype)
         dy = torch.randn(n, d, device=device, generator=gen).to(dtype)
         gm1 = torch.randn(d, device=device, generator=gen) * 1e-2
@@ -309,30 +329,74 @@ def section_compose(device: torch.device, quick: bool) -> str:
             scale = g.view(1, -1)
             return result + (scale - 1) * base + scale * lora * s
 
-        cases = {
-            "fwd z": (lambda: T.compose_forward(base, gm1, bias=bias),
-                      lambda: K.compose_forward_reference(base, gm1, bias=bias), 3),
-            "fwd base+lora": (lambda: T.compose_forward(base, gm1, lora, s, bias), peft_eager, 3),
-            "bwd": (lambda: T.compose_backward(dy, base, g), lambda: K.compose_backward_reference(dy, base, g), 3),
+        def eager_layer_fwd():  # what the fused pass replaces: the tail and the Σ|g z| sums, unfused
+            v = base.float() * g
+            return (v + bias.float()).to(dtype), v.abs().sum(0)
+
+        # (fused, eager or None, bytes moved / element)
+        return {
+            "fwd as the layer runs it (in place, Σ|v|)": (lambda: T.compose_forward(work, gm1, out=work, stats=True),
+                                                          eager_layer_fwd, 2),
+            "fwd z form": (lambda: T.compose_forward(base, gm1, bias=bias),
+                           lambda: K.compose_forward_reference(base, gm1, bias=bias), 2),
+            "fwd base+lora (PEFT form)": (lambda: T.compose_forward(base, gm1, lora, s, bias), peft_eager, 3),
+            "bwd from y (g·dy, Σ dy⊙(y−b))": (lambda: T.compose_backward(dy, base, g, shift=bias),
+                                              lambda: K.compose_backward_reference(dy, base, g, shift=bias), 3),
         }
-        for name, (fused, eager, passes) in cases.items():
-            t_fused, t_eager = timer(device, fused, repeats), timer(device, eager, repeats)
-            gbs = passes * n * d * base.element_size() / (t_fused * 1e-3) / 1e9
+
+    for n, d in shapes:
+        for name, (fused, eager, passes) in cases_for(n, d).items():
+            t_fused = timer(device, fused, repeats)
+            t_eager = timer(device, eager, repeats) if eager is not None else float("nan")
+            gbs = passes * n * d * 2 / (t_fused * 1e-3) / 1e9
             record("compose", case=name, n=n, d=d, fused_ms=t_fused, eager_ms=t_eager)
             rows.append([f"{n}×{d}", name, f"{t_fused:.4f}", f"{t_eager:.4f}", f"{t_eager / t_fused:.2f}",
                          f"{gbs:.0f}"])
-        del base, lora, dy
         free(device)
-    text = ("compose: elementwise tail, bf16, fused Triton vs eager PyTorch (median ms)\n\n"
+    text = ("compose: elementwise tail, bf16, fused Triton vs eager PyTorch (median ms, CUDA events around each "
+            "call: small shapes measure launch latency)\n\n"
             + table(["N×D", "case", "fused ms", "eager ms", "speedup", "fused GB/s (min traffic)"], rows))
 
-    # the row norm: factored vs dense (PEFT's), time and transient memory
+    # block-configuration sweep at one large shape (the default is dora_triton.CONFIG)
+    n, d = (128, 512) if quick else (4096, 8192)
+    default = dict(T.CONFIG)
+    sweep_rows = []
+    cases = cases_for(n, d)
+    picks = ("fwd as the layer runs it (in place, Σ|v|)", "bwd from y (g·dy, Σ dy⊙(y−b))")
+    try:
+        for block_d, tile, pps, warps in SWEEP:
+            T.CONFIG.update(block_d=block_d, tile=tile, programs_per_sm=pps, num_warps=warps)
+            times = [timer(device, cases[c][0], repeats) for c in picks]
+            record("compose_sweep", block_d=block_d, tile=tile, programs_per_sm=pps, num_warps=warps, n=n, d=d,
+                   fwd_ms=times[0], bwd_ms=times[1])
+            mark = " (default)" if (block_d, tile, pps, warps) == tuple(default[k] for k in
+                                                                        ("block_d", "tile", "programs_per_sm",
+                                                                         "num_warps")) else ""
+            sweep_rows.append([f"{block_d}, {tile}, {pps}, {warps}{mark}", f"{times[0]:.4f}", f"{times[1]:.4f}"])
+    finally:
+        T.CONFIG.update(default)
+    text += (f"\n\ncompose kernels' block configuration at {n}×{d} bf16 (median ms)\n\n"
+             + table(["block_d, tile, programs/SM, warps", "fwd (in place, Σ|v|)", "bwd from y"], sweep_rows))
+
+    # the row norm: factored (fp32-output GEMMs; without them) vs dense (PEFT's), time and transient memory
     d, r = (256, 16) if quick else (8192, 384)
     w = torch.randn(d, d, device=device).to(dtype)
     a, b = torch.randn(r, d, device=device).to(dtype), torch.randn(d, r, device=device).to(dtype)
     sq = K.weight_row_norm_sq(w)
+    fp32_out = K._fp32_out_gemm(w)
+
+    def without_fp32_out():
+        K._MM_OUT_DTYPE[dtype] = False
+        try:
+            return K.factored_row_norm_sq(w, a, b, 1.0, sq)
+        finally:
+            K._MM_OUT_DTYPE[dtype] = fp32_out
+
+    ref = K.dense_row_norm(w.double(), a.double(), b.double(), 1.0)
     norm_rows = []
-    for name, fn in (("factored (‖W‖² cached)", lambda: K.factored_row_norm_sq(w, a, b, 1.0, sq)),
+    for name, fn in ((f"factored, ‖W‖² cached (fp32-output GEMMs: {fp32_out})",
+                      lambda: K.factored_row_norm_sq(w, a, b, 1.0, sq)),
+                     ("factored, bf16 GEMM upcast + fp32 small GEMMs", without_fp32_out),
                      ("dense, as PEFT", lambda: torch.linalg.norm(w + 1.0 * (b @ a), dim=1))):
         ms = timer(device, fn, repeats)
         peak = None
@@ -340,13 +404,51 @@ def section_compose(device: torch.device, quick: bool) -> str:
             sync(device)
             torch.cuda.reset_peak_memory_stats(device)
             before = torch.cuda.memory_allocated(device)
-            fn()
+            out = fn()
             sync(device)
             peak = (torch.cuda.max_memory_allocated(device) - before) / 2**20
-        record("norm", method=name, d=d, r=r, ms=ms, transient_mb=peak)
-        norm_rows.append([name, f"{ms:.4f}", "—" if peak is None else f"{peak:.1f}"])
-    return text + f"\n\nrow norm ‖W + s·BA‖, {d}×{d} r={r} bf16\n\n" + table(["method", "ms", "transient MB"],
-                                                                               norm_rows)
+        else:
+            out = fn()
+        norm = out if "dense" in name else out.sqrt()
+        err = rel_err(norm, ref)
+        record("norm", method=name, d=d, r=r, ms=ms, transient_mb=peak, rel_err_f64=err)
+        norm_rows.append([name, f"{ms:.4f}", "—" if peak is None else f"{peak:.1f}", f"{err:.1e}"])
+    return text + f"\n\nrow norm ‖W + s·BA‖, {d}×{d} r={r} bf16\n\n" + table(
+        ["method", "ms", "transient MB", "rel err vs f64"], norm_rows)
+
+
+# -- 5. summary -------------------------------------------------------------------------------------------------
+def section_summary(device: torch.device, quick: bool) -> str:
+    shape = (96, 64, 8, 128) if quick else (8192, 8192, 384, 4096)
+    layer = {rec["backend"]: rec for rec in RECORDS if rec["section"] == "layers" and rec.get("status") == "ok"
+             and (rec["d_in"], rec["d_out"], rec["r"], rec["tokens"]) == shape}
+    cos = [rec["cos_slimtune_peft"] for rec in RECORDS if rec["section"] == "parity"]
+
+    def ratio(a: str, b: str, key: str) -> float | None:
+        if a in layer and b in layer and layer[a].get(key) and layer[b].get(key):
+            return layer[a][key] / layer[b][key]
+        return None
+
+    def row(name: str, value: float | None, target: str, ok: Callable[[float], bool]) -> list[str]:
+        if value is None:
+            return [name, "—", target, "not measured"]
+        return [name, f"{value:.3f}", target, "" if target == "—" else ("✓" if ok(value) else "✗")]
+
+    rows = [
+        row("DoRA fwd+bwd ÷ LoRA", ratio("slimtune-dora", "slimtune-lora", "fwd_bwd_ms"), "≤ 1.2", lambda v: v <= 1.2),
+        row("DoRA transient ÷ LoRA", ratio("slimtune-dora", "slimtune-lora", "transient_peak_mb"), "≤ 1.1",
+            lambda v: v <= 1.1),
+        row("PEFT DoRA (default) ÷ DoRA fwd+bwd", ratio("peft-dora", "slimtune-dora", "fwd_bwd_ms"), "≥ 2.5",
+            lambda v: v >= 2.5),
+        row("PEFT DoRA (bf16 adapters) ÷ DoRA fwd+bwd", ratio("peft-dora-bf16", "slimtune-dora", "fwd_bwd_ms"),
+            "> 1", lambda v: v > 1),
+        row("dora_recompute fwd+bwd ÷ LoRA", ratio("slimtune-dora-recompute", "slimtune-lora", "fwd_bwd_ms"), "—",
+            lambda v: True),
+        row("min cosine(slimtune, PEFT) over y, dx, dA, dB, dm", min(cos) if cos else None, "> 0.9999",
+            lambda v: v > 0.9999),
+    ]
+    return (f"summary at {shape[0]}×{shape[1]} r={shape[2]} N={shape[3]} bf16\n\n"
+            + table(["quantity", "value", "target", ""], rows))
 
 
 # -- driver ------------------------------------------------------------------------------------------------
@@ -367,7 +469,7 @@ def environment() -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes on the CPU (smoke test)")
-    parser.add_argument("--sections", default="kernels,parity,layers,compose")
+    parser.add_argument("--sections", default="kernels,parity,layers,compose,summary")
     args = parser.parse_args(argv)
     device = torch.device("cpu" if args.quick or not torch.cuda.is_available() else "cuda")
     out = os.environ.get("OUT")
@@ -375,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     print(env, flush=True)
     texts, ok = [env], True
     sections = {"kernels": section_kernels, "parity": section_parity, "layers": section_layers,
-                "compose": section_compose}
+                "compose": section_compose, "summary": section_summary}
     for name in args.sections.split(","):
         if left() < 20:
             texts.append(f"{name}: skipped (time budget)")

@@ -8,19 +8,25 @@ so a fresh DoRA layer computes what its base does.
 
 The norm comes from :func:`slimtune.kernels.dora.factored_row_norm_sq` once per forward — O(d_out·d_in·r) work,
 ``[d_out, r]`` / ``[r, r]`` intermediates, never the dense ``B A`` — with ``‖W‖²_row`` cached (W is frozen; the
-cache is keyed on W's storage and version and dropped on merge, unmerge and load). The Linear training path is
-:func:`slimtune.kernels.dora.dora_linear`; convolutions run LoCon's two convolutions and the same scale Function
-along the channel axis. Grouped convolutions are refused (the update is not a dense ``[c_out, c_in·k]`` matrix).
+cache is keyed on the stored weight's storage and version and dropped on merge, unmerge and load). The Linear
+training path is :func:`slimtune.kernels.dora.dora_linear` (it computes the norm itself, after the base GEMM);
+convolutions run LoCon's two convolutions and :func:`~slimtune.kernels.dora.dora_scale` along the channel axis.
+Grouped convolutions are refused (the update is not a dense ``[c_out, c_in·k]`` matrix).
+
+A 4-bit base (:mod:`slimtune.quant`) reaches the Linear path as a handle (:func:`base_weight_operand`) and is
+dequantised right before each use — the base GEMM and ``W Aᵀ`` in forward, ``dx`` (and a recomputed z) in
+backward, ``‖W‖²`` once for the cache — never kept or saved. Merging onto it is refused: dequantise first.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from torch import nn
 
-from ..errors import ConfigError
-from ..kernels.dora import dora_linear, dora_scale, factored_row_norm_sq, weight_row_norm_sq
+from ..errors import ConfigError, SlimtuneError
+from ..kernels import dora as K
+from ..kernels.dora import dora_linear, dora_scale
+from ..quant.frozen import WeightOperand, base_weight_operand, is_quantized, materialize, weight_dtype
 from .locon import LoraConv
 from .lora import LoraLinear, compute_setting
 
@@ -30,7 +36,7 @@ class DoraMixin:
 
     magnitude: nn.Parameter
     use_dora = True
-    recompute = False  # LoraConfig.dora_recompute: recompute the pre-scale product in backward instead of saving it
+    recompute = False  # LoraConfig.dora_recompute: keep no [tokens, d_out] tensor; recompute z in backward
 
     # -- 2-D views: weight rows are output units -------------------------------------------------------------
     def weight2d(self, weight: torch.Tensor) -> torch.Tensor:
@@ -46,19 +52,29 @@ class DoraMixin:
         """(A ``[r, d_in]``, B ``[d_out, r]``) as matrices (conv kernels flattened)."""
         return self.lora_A.reshape(self.lora_A.shape[0], -1), self.lora_B.reshape(self.lora_B.shape[0], -1)
 
+    def weight_operand(self) -> WeightOperand:
+        """The base weight as ``[d_out, d_in]``: a dense view (no copy) or a quantised handle."""
+        operand = base_weight_operand(self.base_layer)
+        return self.weight2d(operand) if isinstance(operand, torch.Tensor) else operand
+
+    def dense_weight2d(self) -> torch.Tensor:
+        """W ``[d_out, d_in]`` in the base's compute dtype; for a 4-bit base a fresh copy: drop it after use."""
+        return materialize(self.weight_operand(), weight_dtype(self.base_layer)).detach()
+
     def _setup_dora(self, shape: tuple[int, ...]) -> None:
         self._weight_sq_cache: tuple[tuple, torch.Tensor] | None = None
         self._merged_norm: torch.Tensor | None = None
-        norm = self.weight_norm(self.weight2d(self.base_weight.detach()))
+        norm = self.weight_norm(self.dense_weight2d())
         self.magnitude = nn.Parameter(norm.to(self.lora_A.dtype).reshape(shape))
 
     # -- the norm ------------------------------------------------------------------------------------------
     def cached_weight_row_norm_sq(self) -> torch.Tensor:
-        """``‖W‖²_row`` ``[d_out]`` fp32, recomputed only when the base weight's storage or version changes."""
-        w = self.base_weight
+        """``‖W‖²_row`` ``[d_out]`` fp32, recomputed only when the stored weight's storage or version changes
+        (the packed buffer, for a 4-bit base: dequantised once, upcast a few rows at a time)."""
+        w = self.base_layer.weight
         key = (w.data_ptr(), w._version, w.dtype, w.device, tuple(w.shape))
         if self._weight_sq_cache is None or self._weight_sq_cache[0] != key:
-            self._weight_sq_cache = (key, weight_row_norm_sq(self.weight2d(w.detach())))
+            self._weight_sq_cache = (key, K.weight_row_norm_sq(self.dense_weight2d()))
         return self._weight_sq_cache[1]
 
     def invalidate_norm_cache(self) -> None:
@@ -68,7 +84,7 @@ class DoraMixin:
     def weight_norm(self, weight2d: torch.Tensor) -> torch.Tensor:
         """``‖W + s·B A‖_row`` ``[d_out]`` fp32 (no grad), factored; ``weight2d``: W in the compute dtype."""
         a, b = self.factors2d()
-        return factored_row_norm_sq(weight2d, a, b, self.scaling, self.cached_weight_row_norm_sq()).sqrt_()
+        return K.factored_row_norm_sq(weight2d, a, b, self.scaling, self.cached_weight_row_norm_sq()).sqrt_()
 
     # -- merge: W' = g·(W + s·B A); the norm of the unmerged weight is kept for unmerge -------------------------
     def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
@@ -83,6 +99,10 @@ class DoraMixin:
         return self._from2d(w2, weight)
 
     def merge(self) -> None:
+        if is_quantized(base_weight_operand(self.base_layer)):
+            raise SlimtuneError(
+                f"{type(self).__name__} sits on a 4-bit base layer, which cannot hold a merged DoRA update: call "
+                "slimtune.dequantize(model) first (dense base layers), then merge")
         super().merge()
         self.invalidate_norm_cache()
 
@@ -116,17 +136,16 @@ class DoraLinear(DoraMixin, LoraLinear):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"DoraLinear expects inputs [..., {self.in_features}], got {tuple(x.shape)}")
         dtype, context = compute_setting(x)
-        weight, bias = self.weight2d(self.base_layer.weight).to(dtype), self.base_layer.bias
-        x = x.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
+        bias = self.base_layer.bias
+        if x.dtype != dtype:
+            x = x.to(dtype)
+        if bias is not None and bias.dtype != dtype:
+            bias = bias.to(dtype)
         p = self.dropout_p if self.training else 0.0
+        weight_sq = self.cached_weight_row_norm_sq()
         with context:
-            norm = self.weight_norm(weight)
-            args = (x, weight, bias, self.lora_A, self.lora_B, self.magnitude, norm, self.scaling, p)
-            if self.recompute and torch.is_grad_enabled():
-                # keeps only x (the same tensor) across the step; z = x Wᵀ + s·lora is rebuilt in backward
-                return torch.utils.checkpoint.checkpoint(dora_linear, *args, use_reentrant=False)
-            return dora_linear(*args)
+            return dora_linear(x, self.weight_operand(), bias, self.lora_A, self.lora_B, self.magnitude,
+                               self.scaling, p, weight_sq, self.recompute)
 
 
 class DoraConv(DoraMixin, LoraConv):

@@ -1,60 +1,81 @@
 """Fused Triton kernels for DoRA's elementwise tail; references: ``compose_*_reference`` in ``dora.py``.
 
-Forward, one pass over ``[N, D]``::
+Forward, one pass over ``[N, D]`` (channel = column)::
 
-    out = base + (g−1)·base + g·s·lora + b          (lora, b optional; fp32 in registers)
+    v   = base + (g−1)·base + g·s·lora            (lora optional; fp32 in registers)
+    out = v + b                                   (b optional)
+    stats[d] = Σ_n |v[n, d]|                      (optional: how far the stored out can stand in for v)
 
-Backward, one pass: ``dbase = g·dy`` (``dlora = s·dbase``, not written) and the fp32 column sums
-``Σ_n dy ⊙ (base + s·lora)`` (DoRA's ``dm`` times ‖V‖) as per-chunk partials, summed by the caller —
-deterministic, no atomics. base / lora / out / dbase: 2-D with contiguous rows (``out`` and ``dbase`` may be
-``base`` itself: each element is read before it is written, by the same program); dy: any strides (e.g. the
-stride-0 gradient of ``.sum()``). fp32 / fp16 / bf16.
+Backward, one pass: ``dbase = g·dy`` (``dlora = s·dbase``, not written), the fp32 column sums
+``Σ_n dy ⊙ (base + s·lora − shift)`` (DoRA's ``dm`` times ‖V‖, or times m when ``base`` is the saved output
+and ``shift`` its bias) and optionally ``Σ_n dy`` (the bias gradient).
+
+Layout: the grid is (column blocks, row chunks); each program walks its chunk of rows ``BLOCK_N`` at a time
+and writes one fp32 partial per column (summed by the caller: deterministic, no atomics). base / lora / out /
+dbase: 2-D with contiguous rows (``out`` and ``dbase`` may be ``base`` itself: each element is read before it is
+written, by the same program); dy: any strides (e.g. the stride-0 gradient of ``.sum()``). fp32 / fp16 / bf16.
+:data:`CONFIG` holds the block sizes (the GPU benchmark sweeps it).
 
 Importing this module defines the kernels, so ``TRITON_INTERPRET=1`` (CPU tests) must be set before that.
 Only long-standing ``tl`` operations are used (Triton 3.x).
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
-BLOCK_D = 128
-TILE = 4096  # elements per loaded tile
+#: block_d: columns per program; tile: elements per loaded tile (block_n = tile // block_d);
+#: programs_per_sm: grid size target (row chunks are added until there are about this many programs per SM);
+#: num_warps: warps per program.
+CONFIG = {"block_d": 256, "tile": 4096, "programs_per_sm": 8, "num_warps": 4}
+
+_SM_COUNT: dict[int, int] = {}
 
 
 @triton.jit
-def _compose_fwd_kernel(base_ptr, lora_ptr, gm1_ptr, bias_ptr, out_ptr, n_rows, n_cols,
+def _compose_fwd_kernel(base_ptr, lora_ptr, gm1_ptr, bias_ptr, out_ptr, stats_ptr, n_rows, n_cols, rows_per_chunk,
                         stride_base, stride_lora, stride_out, scaling,
-                        HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_STATS: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    chunk = tl.program_id(1)
     col_ok = cols < n_cols
-    mask = (rows < n_rows)[:, None] & col_ok[None, :]
-    rows64 = rows.to(tl.int64)[:, None]
     gm1 = tl.load(gm1_ptr + cols, mask=col_ok, other=0.0)[None, :]
-    base = tl.load(base_ptr + rows64 * stride_base + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    out = base + gm1 * base
-    if HAS_LORA:
-        lora = tl.load(lora_ptr + rows64 * stride_lora + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        out += (1.0 + gm1) * scaling * lora
     if HAS_BIAS:
-        out += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + rows64 * stride_out + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
+        bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for start in range(0, rows_per_chunk, BLOCK_N):
+        rows = chunk * rows_per_chunk + start + tl.arange(0, BLOCK_N)
+        mask = (rows < n_rows)[:, None] & col_ok[None, :]
+        rows64 = rows.to(tl.int64)[:, None]
+        base = tl.load(base_ptr + rows64 * stride_base + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        v = base + gm1 * base
+        if HAS_LORA:
+            lora = tl.load(lora_ptr + rows64 * stride_lora + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            v += (1.0 + gm1) * scaling * lora
+        if HAS_STATS:
+            acc += tl.abs(v)
+        if HAS_BIAS:
+            v += bias
+        tl.store(out_ptr + rows64 * stride_out + cols[None, :], v.to(out_ptr.dtype.element_ty), mask=mask)
+    if HAS_STATS:
+        tl.store(stats_ptr + chunk * n_cols + cols, tl.sum(acc, axis=0), mask=col_ok)
 
 
 @triton.jit
-def _compose_bwd_kernel(dy_ptr, base_ptr, lora_ptr, g_ptr, dbase_ptr, partial_ptr, n_rows, n_cols, rows_per_chunk,
-                        stride_dy_row, stride_dy_col, stride_base, stride_lora, stride_dbase, scaling,
-                        HAS_LORA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _compose_bwd_kernel(dy_ptr, base_ptr, lora_ptr, shift_ptr, g_ptr, dbase_ptr, partial_ptr, dysum_ptr, n_rows,
+                        n_cols, rows_per_chunk, stride_dy_row, stride_dy_col, stride_base, stride_lora, stride_dbase,
+                        scaling, HAS_LORA: tl.constexpr, HAS_SHIFT: tl.constexpr, DY_SUM: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     chunk = tl.program_id(1)
     col_ok = cols < n_cols
     g = tl.load(g_ptr + cols, mask=col_ok, other=0.0)[None, :]
+    if HAS_SHIFT:
+        shift = tl.load(shift_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)  # reduced over rows once, after the loop
+    acc_dy = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for start in range(0, rows_per_chunk, BLOCK_N):
         rows = chunk * rows_per_chunk + start + tl.arange(0, BLOCK_N)
         mask = (rows < n_rows)[:, None] & col_ok[None, :]
@@ -65,10 +86,16 @@ def _compose_bwd_kernel(dy_ptr, base_ptr, lora_ptr, g_ptr, dbase_ptr, partial_pt
         if HAS_LORA:
             pre += scaling * tl.load(lora_ptr + rows64 * stride_lora + cols[None, :], mask=mask,
                                      other=0.0).to(tl.float32)
+        if HAS_SHIFT:
+            pre -= shift  # masked elements: dy = 0 there
         acc += dy * pre
+        if DY_SUM:
+            acc_dy += dy
         tl.store(dbase_ptr + rows64 * stride_dbase + cols[None, :], (dy * g).to(dbase_ptr.dtype.element_ty),
                  mask=mask)
     tl.store(partial_ptr + chunk * n_cols + cols, tl.sum(acc, axis=0), mask=col_ok)
+    if DY_SUM:
+        tl.store(dysum_ptr + chunk * n_cols + cols, tl.sum(acc_dy, axis=0), mask=col_ok)
 
 
 def _as_rows(t: torch.Tensor) -> torch.Tensor:
@@ -77,57 +104,81 @@ def _as_rows(t: torch.Tensor) -> torch.Tensor:
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
-def _blocks(n_cols: int) -> tuple[int, int]:
-    block_d = min(BLOCK_D, triton.next_power_of_2(n_cols))
-    return TILE // block_d, block_d
+def _sm_count(t: torch.Tensor) -> int:
+    if not t.is_cuda:
+        return 2
+    index = t.device.index if t.device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNT[index]
 
 
-def _device_ctx(t: torch.Tensor) -> contextlib.AbstractContextManager:
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+def _grid(t: torch.Tensor, n_rows: int, n_cols: int) -> tuple[int, int, int, int]:
+    """``(block_n, block_d, rows_per_chunk, n_chunks)`` for an ``[n_rows, n_cols]`` pass."""
+    block_d = min(CONFIG["block_d"], triton.next_power_of_2(max(n_cols, 1)))
+    block_n = max(1, CONFIG["tile"] // block_d)
+    n_col_blocks = triton.cdiv(n_cols, block_d)
+    target = CONFIG["programs_per_sm"] * _sm_count(t)
+    n_chunks = max(1, min(triton.cdiv(target, n_col_blocks), triton.cdiv(n_rows, block_n)))
+    rows_per_chunk = triton.cdiv(triton.cdiv(max(n_rows, 1), n_chunks), block_n) * block_n
+    return block_n, block_d, rows_per_chunk, triton.cdiv(max(n_rows, 1), rows_per_chunk)
+
+
+def _launch(kernel, t: torch.Tensor, grid, *args, **kwargs) -> None:
+    """Launch on ``t``'s device (switching the current device only when it differs)."""
+    if t.is_cuda and t.device.index is not None and t.device.index != torch.cuda.current_device():
+        with torch.cuda.device(t.device):
+            kernel[grid](*args, **kwargs)
+    else:
+        kernel[grid](*args, **kwargs)
 
 
 def compose_forward(base: torch.Tensor, gm1: torch.Tensor, lora: torch.Tensor | None = None, scaling: float = 1.0,
-                    bias: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``base + (g−1)·base + g·s·lora + b`` over the last axis; base ``[..., D]``, gm1 / bias ``[D]``."""
+                    bias: torch.Tensor | None = None, out: torch.Tensor | None = None, stats: bool = False
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(out, stats)``: ``out = v + b``, ``v = base + (g−1)·base + g·s·lora`` over the last axis, and with
+    ``stats`` the fp32 column sums ``Σ_rows |v|`` ``[D]`` (else None). base / lora ``[..., D]``, gm1 (fp32) / bias
+    ``[D]``; ``out`` may be ``base``."""
     shape, n_cols = base.shape, base.shape[-1]
     base2 = _as_rows(base)
     lora2 = _as_rows(lora) if lora is not None else base2
     out = torch.empty_like(base, memory_format=torch.contiguous_format) if out is None else out
     out2 = out.view(-1, n_cols)
-    gm1 = gm1.to(torch.float32).contiguous()
+    gm1 = gm1 if gm1.dtype == torch.float32 and gm1.is_contiguous() else gm1.float().contiguous()
     bias_arg = bias.contiguous() if bias is not None else gm1
     n_rows = base2.shape[0]
-    block_n, block_d = _blocks(n_cols)
-    grid = (triton.cdiv(n_rows, block_n), triton.cdiv(n_cols, block_d))
-    with _device_ctx(base):
-        _compose_fwd_kernel[grid](base2, lora2, gm1, bias_arg, out2, n_rows, n_cols, base2.stride(0),
-                                  lora2.stride(0), out2.stride(0), float(scaling), HAS_LORA=lora is not None,
-                                  HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4)
-    return out.view(shape)
+    block_n, block_d, rows_per_chunk, n_chunks = _grid(base, n_rows, n_cols)
+    partial = torch.empty(n_chunks, n_cols, device=base.device, dtype=torch.float32) if stats else gm1
+    _launch(_compose_fwd_kernel, base, (triton.cdiv(n_cols, block_d), n_chunks),
+            base2, lora2, gm1, bias_arg, out2, partial, n_rows, n_cols, rows_per_chunk, base2.stride(0),
+            lora2.stride(0), out2.stride(0), float(scaling), HAS_LORA=lora is not None, HAS_BIAS=bias is not None,
+            HAS_STATS=stats, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=CONFIG["num_warps"])
+    sums = (partial[0] if n_chunks == 1 else partial.sum(0)) if stats else None
+    return (out if out.shape == shape else out.view(shape)), sums
 
 
 def compose_backward(dy: torch.Tensor, base: torch.Tensor, g: torch.Tensor, lora: torch.Tensor | None = None,
-                     scaling: float = 1.0, dbase_out: torch.Tensor | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(g·dy`` in base's dtype, fp32 ``Σ_rows dy ⊙ (base + s·lora)`` ``[D])`` in one pass over dy and base."""
+                     scaling: float = 1.0, dbase_out: torch.Tensor | None = None, shift: torch.Tensor | None = None,
+                     dy_sum: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(g·dy`` in base's dtype, fp32 ``Σ_rows dy ⊙ (base + s·lora − shift)`` ``[D]``, fp32 ``Σ_rows dy`` ``[D]``
+    or None``)`` in one pass over dy and base; ``dbase_out`` may be ``base``."""
     shape, n_cols = base.shape, base.shape[-1]
     base2 = _as_rows(base)
     lora2 = _as_rows(lora) if lora is not None else base2
     dy2 = dy.reshape(-1, n_cols)  # any strides: stride-0 (expanded) gradients are read as they are
     dbase = torch.empty_like(base, memory_format=torch.contiguous_format) if dbase_out is None else dbase_out
     dbase2 = dbase.view(-1, n_cols)
-    g = g.to(torch.float32).contiguous()
+    g = g if g.dtype == torch.float32 and g.is_contiguous() else g.float().contiguous()
+    shift_arg = shift.contiguous() if shift is not None else g
     n_rows = base2.shape[0]
-    block_n, block_d = _blocks(n_cols)
-    n_col_blocks = triton.cdiv(n_cols, block_d)
-    target = 4 * (torch.cuda.get_device_properties(base.device).multi_processor_count if base.is_cuda else 2)
-    n_chunks = max(1, min(triton.cdiv(target, n_col_blocks), triton.cdiv(n_rows, block_n)))
-    rows_per_chunk = triton.cdiv(triton.cdiv(n_rows, n_chunks), block_n) * block_n
-    n_chunks = triton.cdiv(n_rows, rows_per_chunk)
-    partial = torch.empty(n_chunks, n_cols, device=base.device, dtype=torch.float32)
-    with _device_ctx(base):
-        _compose_bwd_kernel[(n_col_blocks, n_chunks)](
-            dy2, base2, lora2, g, dbase2, partial, n_rows, n_cols, rows_per_chunk, dy2.stride(0), dy2.stride(1),
-            base2.stride(0), lora2.stride(0), dbase2.stride(0), float(scaling), HAS_LORA=lora is not None,
-            BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4)
-    return dbase.view(shape), partial.sum(0)
+    block_n, block_d, rows_per_chunk, n_chunks = _grid(base, n_rows, n_cols)
+    partial = torch.empty(n_chunks if not dy_sum else 2 * n_chunks, n_cols, device=base.device,
+                          dtype=torch.float32)
+    dysum = partial[n_chunks:] if dy_sum else partial
+    _launch(_compose_bwd_kernel, base, (triton.cdiv(n_cols, block_d), n_chunks),
+            dy2, base2, lora2, shift_arg, g, dbase2, partial, dysum, n_rows, n_cols, rows_per_chunk, dy2.stride(0),
+            dy2.stride(1), base2.stride(0), lora2.stride(0), dbase2.stride(0), float(scaling),
+            HAS_LORA=lora is not None, HAS_SHIFT=shift is not None, DY_SUM=dy_sum, BLOCK_N=block_n,
+            BLOCK_D=block_d, num_warps=CONFIG["num_warps"])
+    sums = partial.view(-1, n_chunks, n_cols).sum(1) if n_chunks > 1 else partial.view(-1, n_cols)
+    return dbase.view(shape), sums[0], (sums[1] if dy_sum else None)

@@ -5,7 +5,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import slimtune
-import slimtune.adapters.dora as D
 from slimtune.adapters.dora import DoraConv, DoraLinear
 from tests.helpers import BF16_TOL, FP32_TOL, check_merge_round_trip, rel_err
 
@@ -134,36 +133,53 @@ def test_no_grad_forward_equals_training_forward(kind):
         assert torch.equal(layer(x), layer.base_layer(x))
 
 
+def _dropped(x: torch.Tensor, kind: str, p: float) -> torch.Tensor:
+    """The dropped input the layer used after ``torch.manual_seed(5)``: Linear redraws its mask from a seed
+    (:func:`slimtune.kernels.lora.dropout_keep_mask`), convolutions call ``F.dropout``."""
+    torch.manual_seed(5)
+    if kind != "linear":
+        return F.dropout(x, p, training=True)
+    from slimtune.kernels.lora import dropout_keep_mask
+
+    seed = int(torch.randint(0, 2**62, (1,)).item())
+    return x * dropout_keep_mask(x.reshape(-1, x.shape[-1]), p, seed).reshape(x.shape)
+
+
+@pytest.mark.parametrize("recompute", [False, True])
 @pytest.mark.parametrize("kind", ["linear", "conv2d"])
-def test_dropout_is_pefts_formula(kind):
-    """Training with dropout: ``base(x) + (g−1)·base_nobias(drop(x)) + g·s·lora(drop(x))``, as PEFT."""
+def test_dropout_is_pefts_formula(kind, recompute):
+    """Training with dropout: ``base(x) + (g−1)·base_nobias(drop(x)) + g·s·lora(drop(x))``, as PEFT; gradients
+    through that formula in float64."""
     layer, x = make(kind)
-    layer.dropout_p = 0.3
+    layer.dropout_p, layer.recompute = 0.3, recompute
     layer.train()
+    x = x.requires_grad_()
     torch.manual_seed(5)
     y = layer(x)
-    torch.manual_seed(5)
-    xd = F.dropout(x, 0.3, training=True)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(9))
+    y.backward(dy)
     base = layer.base_layer
-    with torch.no_grad():
-        w2 = layer.weight2d(base.weight)
-        a, b = layer.factors2d()
-        norm = (w2 + layer.scaling * b @ a).norm(dim=1)
-        g = layer.magnitude.reshape(-1) / norm
-        view = (1, -1) + (1,) * (x.dim() - 2)
-        if kind == "linear":
-            base_d = F.linear(xd, base.weight)
-            lora_d = F.linear(F.linear(xd, layer.lora_A), layer.lora_B)
-            g = g.view(-1)
-        else:
-            base_d = F.conv2d(xd, base.weight, None, base.stride, base.padding, base.dilation)
-            h = F.conv2d(xd, layer.lora_A, None, base.stride, base.padding, base.dilation)
-            lora_d = F.conv2d(h, layer.lora_B)
-            g = g.view(view)
-        ref = base(x) + (g - 1) * base_d + g * layer.scaling * lora_d
+    x64 = x.detach().double().requires_grad_()
+    leaves = [p.detach().double().requires_grad_() for p in (layer.lora_A, layer.lora_B, layer.magnitude)]
+    a, b, m = leaves
+    w, bias = base.weight.double(), base.bias.double()
+    xd = _dropped(x64, kind, 0.3)
+    w2, a2, b2 = layer.weight2d(w), a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
+    g = m.reshape(-1) / (w2 + layer.scaling * b2 @ a2).norm(dim=1).detach()
+    if kind == "linear":
+        base_x, base_d = F.linear(x64, w, bias), F.linear(xd, w)
+        lora_d = F.linear(F.linear(xd, a), b)
+    else:
+        geometry = (base.stride, base.padding, base.dilation)
+        base_x, base_d = F.conv2d(x64, w, bias, *geometry), F.conv2d(xd, w, None, *geometry)
+        lora_d = F.conv2d(F.conv2d(xd, a, None, *geometry), b)
+        g = g.view(1, -1, 1, 1)
+    ref = base_x + (g - 1) * base_d + g * layer.scaling * lora_d
+    ref.backward(dy.double())
     assert rel_err(y, ref) < FP32_TOL
-    y.sum().backward()
-    assert layer.magnitude.grad is not None
+    assert rel_err(x.grad, x64.grad) < FP32_TOL
+    for p, leaf in zip((layer.lora_A, layer.lora_B, layer.magnitude), leaves):
+        assert rel_err(p.grad, leaf.grad) < FP32_TOL
 
 
 @pytest.mark.parametrize("kind", ["linear", "hf_conv1d", "conv2d", "conv1d"])
@@ -175,9 +191,12 @@ def test_merge_unmerge_round_trip(kind, dtype):
         assert torch.equal(layer(x), y)
 
 
-def test_norm_is_computed_once_per_forward_and_weight_norms_are_cached(monkeypatch):
+@pytest.mark.parametrize("recompute", [False, True])
+def test_norm_is_computed_once_per_forward_and_weight_norms_are_cached(monkeypatch, recompute):
+    from slimtune.kernels import dora as K
+
     calls = {"norm": 0, "weight": 0}
-    real_norm, real_weight = D.factored_row_norm_sq, D.weight_row_norm_sq
+    real_norm, real_weight = K.factored_row_norm_sq, K.weight_row_norm_sq
 
     def count(key, fn):
         def wrapped(*args, **kwargs):
@@ -185,16 +204,17 @@ def test_norm_is_computed_once_per_forward_and_weight_norms_are_cached(monkeypat
             return fn(*args, **kwargs)
         return wrapped
 
-    monkeypatch.setattr(D, "factored_row_norm_sq", count("norm", real_norm))
-    monkeypatch.setattr(D, "weight_row_norm_sq", count("weight", real_weight))
+    monkeypatch.setattr(K, "factored_row_norm_sq", count("norm", real_norm))
+    monkeypatch.setattr(K, "weight_row_norm_sq", count("weight", real_weight))
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 8))
-    slimtune.adapt(model, slimtune.LoraConfig(r=2, target_modules=["0", "2"], use_dora=True))
+    slimtune.adapt(model, slimtune.LoraConfig(r=2, target_modules=["0", "2"], use_dora=True,
+                                              dora_recompute=recompute))
     assert calls == {"norm": 2, "weight": 2}  # the magnitude's init
     x = torch.randn(4, 12)
     for _ in range(3):
         model(x).sum().backward()
-    assert calls == {"norm": 2 + 6, "weight": 2}, "one norm per layer per forward, ‖W‖² from the cache"
+    assert calls == {"norm": 2 + 6, "weight": 2}, "one norm per layer per step (backward too), ‖W‖² from the cache"
     with torch.no_grad():
         model[0].base_layer.weight.mul_(2)  # an in-place change of W is seen
     model(x)
@@ -248,3 +268,131 @@ def test_dora_recompute_gives_the_same_gradients_and_saves_no_product():
         x.grad = None
     for a, b in zip(*grads):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+# -- a 4-bit base, through a stand-in handle ------------------------------------------------------------------
+class FakeQuantizedWeight:
+    """A :class:`slimtune.quant.frozen.QuantizedWeight` stand-in over a dense float tensor: ``dequantize`` returns a
+    fresh copy, counts the calls and keeps a weak reference to each copy (to check that none outlives its use)."""
+
+    def __init__(self, dense: torch.Tensor) -> None:
+        self.dense, self.calls, self.copies = dense, 0, []
+
+    shape = property(lambda self: self.dense.shape)
+    dtype = property(lambda self: self.dense.dtype)
+    device = property(lambda self: self.dense.device)
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        import weakref
+
+        self.calls += 1
+        copy = self.dense.to(dtype, copy=True)
+        self.copies.append(weakref.ref(copy))
+        return copy
+
+    def alive(self) -> int:
+        return sum(ref() is not None for ref in self.copies)
+
+
+def _quantized_pair(monkeypatch, dtype=torch.float32, bias=True, recompute=False):
+    """The same DoRA Linear twice: on a dense base, and on a "4-bit" base whose ``weight`` is a packed uint8
+    buffer ``[n/2, 1]`` (as NF4 stores it) with the dense values reachable only through the handle."""
+    import copy
+
+    import slimtune.quant.linear as quant_linear
+
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Linear(24, 20, bias=bias)).to(dtype)
+    slimtune.adapt(dense, slimtune.LoraConfig(r=4, alpha=6, target_modules=["0"], use_dora=True,
+                                              dora_recompute=recompute))
+    with torch.no_grad():
+        dense[0].lora_B.normal_(0, 0.2)
+        dense[0].magnitude.mul_(1.1)
+    quant = copy.deepcopy(dense)
+    base = quant[0].base_layer
+    handle = FakeQuantizedWeight(base.weight.detach().clone())
+    del base.weight
+    base.register_buffer("weight", torch.zeros(24 * 20 // 2, 1, dtype=torch.uint8))
+    real = quant_linear.quantized_handle
+    monkeypatch.setattr(quant_linear, "quantized_handle", lambda m: handle if m is base else real(m))
+    return dense[0], quant[0], handle
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantized_base_equals_dense_and_keeps_no_dense_copy(monkeypatch, dtype, recompute):
+    from torch.autograd.graph import saved_tensors_hooks
+
+    dense, quant, handle = _quantized_pair(monkeypatch, dtype, recompute=recompute)
+    x = torch.randn(3, 5, 24, generator=torch.Generator().manual_seed(1)).to(dtype)
+    dy = torch.randn(3, 5, 20, generator=torch.Generator().manual_seed(2)).to(dtype)
+    results = []
+    for layer in (dense, quant):
+        xx = x.clone().requires_grad_()
+        for step in range(2):
+            for p in (layer.lora_A, layer.lora_B, layer.magnitude):
+                p.grad = None
+            xx.grad = None
+            calls = handle.calls
+            saved = []
+            with saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+                y = layer(xx)
+            if layer is quant:
+                assert handle.alive() == 0, "no dequantised copy outlives the forward"
+                assert not [t for t in saved if tuple(t.shape) in ((20, 24), (24, 20))], "no dense W saved"
+            y.backward(dy)
+            if layer is quant:
+                assert handle.alive() == 0
+                # forward: one copy for the base GEMM and W Aᵀ (+ one for the cached ‖W‖² on the first step);
+                # backward: one for dx (and one for the recomputed z)
+                assert handle.calls - calls == 2 + (step == 0) + recompute
+        results.append([y, xx.grad, layer.lora_A.grad, layer.lora_B.grad, layer.magnitude.grad])
+    for got, want in zip(*reversed(results)):
+        assert torch.equal(got, want)
+
+
+def test_quantized_base_refuses_merge(monkeypatch):
+    _, quant, _ = _quantized_pair(monkeypatch)
+    with pytest.raises(slimtune.SlimtuneError, match=r"dequantize\(model\)"):
+        quant.merge()
+    assert not quant.merged
+
+
+# -- a transformers Llama: the output saved by DoRA is the tensor the next op saves, and nothing writes it -----
+def test_tiny_llama_trains_with_saved_outputs_and_matches_recompute():
+    """All seven projections: a training step runs (no in-place write to a saved output: autograd's version
+    check would raise), gradients equal those of ``dora_recompute=True`` (which saves no output), and the
+    gate/up outputs that SiLU and the product save are the very tensors DoRA saves (stored once)."""
+    from torch.autograd.graph import saved_tensors_hooks
+
+    from tests.helpers import perturb_adapters
+    from tests.models import llm_input, tiny_llama
+
+    proj = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    grads = []
+    for recompute in (False, True):
+        model = tiny_llama()
+        slimtune.adapt(model, slimtune.LoraConfig(r=4, alpha=8, target_modules=proj, use_dora=True,
+                                                  dora_recompute=recompute))
+        perturb_adapters(model, seed=1)
+        model.train()
+        outputs = {}
+        for name, module in model.named_modules():
+            if isinstance(module, DoraLinear):
+                module.register_forward_hook(lambda m, i, o, name=name: outputs.__setitem__(name, o))
+        saved = []
+        with saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            loss = model(llm_input(), labels=llm_input()).loss
+        savers = {}
+        for t in saved:
+            savers[t.untyped_storage().data_ptr()] = savers.get(t.untyped_storage().data_ptr(), 0) + 1
+        for name, out in outputs.items():
+            count = savers.get(out.untyped_storage().data_ptr(), 0)
+            shared = name.endswith(("gate_proj", "up_proj"))  # SiLU / the product save them too
+            if recompute:
+                assert count == int(shared), name
+            else:
+                assert count == 2 if shared else count >= 1, name  # with DoRA's own save: one storage
+        loss.backward()
+        grads.append(torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.requires_grad]))
+    assert rel_err(grads[0], grads[1]) < FP32_TOL

@@ -57,12 +57,17 @@ def test_compose_reference_is_the_formula():
     gm1, bias = torch.randn(7, generator=g) * 1e-3, torch.randn(7, generator=g)
     out = K.compose_forward_reference(base, gm1, lora, 0.5, bias)
     gg = 1 + gm1.double()
-    want = gg * base.double() + gg * 0.5 * lora.double() + bias.double()
-    assert rel_err(out, want) < 1e-7
+    v = gg * base.double() + gg * 0.5 * lora.double()
+    assert rel_err(out, v + bias.double()) < 1e-7
+    assert rel_err(K.compose_stats_reference(base, gm1, lora, 0.5), v.abs().sum((0, 1))) < 1e-7
     dy = torch.randn(2, 5, 7, generator=g)
-    dbase, dm_sum = K.compose_backward_reference(dy, base, gg.float(), lora, 0.5)
+    dbase, dm_sum, dy_sum = K.compose_backward_reference(dy, base, gg.float(), lora, 0.5)
+    assert dy_sum is None
     assert rel_err(dbase, dy.double() * gg) < 1e-7
     assert rel_err(dm_sum, (dy.double() * (base.double() + 0.5 * lora.double())).sum((0, 1))) < 1e-7
+    _, shifted, dy_sum = K.compose_backward_reference(dy, base, gg.float(), shift=bias, dy_sum=True)
+    assert rel_err(shifted, (dy.double() * (base.double() - bias.double())).sum((0, 1))) < 1e-7
+    assert rel_err(dy_sum, dy.double().sum((0, 1))) < 1e-7
     # g = 1 gives the input back bit for bit
     assert torch.equal(K.compose_forward_reference(base, torch.zeros(7)), base)
 
@@ -72,6 +77,9 @@ def test_compose_along_channel_axis():
     gm1, bias = torch.randn(3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
     out = K.compose_forward_reference(x, gm1, bias=bias, dim=1)
     assert torch.allclose(out, x * (1 + gm1).view(1, 3, 1, 1) + bias.view(1, 3, 1, 1))
+    out2, sums = K.compose_forward(x.clone(), gm1, bias=bias, dim=1, stats=True)
+    assert torch.equal(out2, out)
+    assert torch.allclose(sums, (x * (1 + gm1).view(1, 3, 1, 1)).abs().sum((0, 2, 3)))
 
 
 @pytest.mark.parametrize("dim,shape", [(-1, (2, 4, 6)), (1, (2, 6, 3, 3))])
@@ -85,10 +93,11 @@ def test_scale_function_gradcheck_float64(dim, shape):
 
 
 # -- the Linear path: against the dense definition, what it saves, what it forms ---------------------------------
-def _layer(d_in=24, d_out=20, r=4, dtype=torch.float32, bias=True, seed=0):
+def _layer(d_in=24, d_out=20, r=4, dtype=torch.float32, bias=True, seed=0, recompute=False):
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(d_in, d_out, bias=bias)).to(dtype)
-    slimtune.adapt(model, slimtune.LoraConfig(r=r, alpha=2 * r, target_modules=["0"], use_dora=True))
+    slimtune.adapt(model, slimtune.LoraConfig(r=r, alpha=2 * r, target_modules=["0"], use_dora=True,
+                                              dora_recompute=recompute))
     layer = model[0]
     with torch.no_grad():
         layer.lora_B.copy_(torch.randn(layer.lora_B.shape) * 0.2)
@@ -96,43 +105,148 @@ def _layer(d_in=24, d_out=20, r=4, dtype=torch.float32, bias=True, seed=0):
     return layer
 
 
-def test_dora_linear_function_matches_definition_float64():
-    layer = _layer(dtype=torch.float64)
-    x = torch.randn(3, 5, 24, dtype=torch.float64, requires_grad=True)
-    w, b = layer.base_layer.weight, layer.base_layer.bias
-    leaves = [p.detach().clone().requires_grad_() for p in (layer.lora_A, layer.lora_B, layer.magnitude)]
-    x2 = x.detach().clone().requires_grad_()
-    norm = K.factored_row_norm_sq(w, layer.lora_A, layer.lora_B, layer.scaling).sqrt()
-    y = K.dora_linear(x, w, b, layer.lora_A, layer.lora_B, layer.magnitude, norm, layer.scaling)
-    ref = K.dora_linear_reference(x2, w, b, *leaves, layer.scaling)
-    dy = torch.randn_like(ref)
-    y.backward(dy)
+def _check_linear_function(layer, x, bias, tol, dy_from_z=False):
+    """K.dora_linear on ``layer``'s tensors vs :func:`K.dora_linear_reference` in float64 (output and every
+    gradient); returns the output and dm's error per channel relative to the size of its terms."""
+    w = layer.base_layer.weight
+    x = x.detach().clone().requires_grad_()
+    params = (layer.lora_A, layer.lora_B, layer.magnitude)
+    for p in params:
+        p.grad = None
+    bias_t = bias.detach().clone().requires_grad_() if bias is not None else None
+    y = K.dora_linear(x, w, bias_t, *params, layer.scaling, weight_sq=K.weight_row_norm_sq(w),
+                      recompute=layer.recompute)
+    leaves = [p.detach().double().requires_grad_() for p in params]
+    x64 = x.detach().double().requires_grad_()
+    b64 = bias.detach().double().requires_grad_() if bias is not None else None
+    ref = K.dora_linear_reference(x64, w.double(), b64, *leaves, layer.scaling)
+    with torch.no_grad():
+        v = w.double() + layer.scaling * leaves[1] @ leaves[0]
+        z = torch.nn.functional.linear(x64, v)
+    # dy = z: dm = Σ z² / ‖V‖ has no cancellation, so each channel's dm is checked to the dtype's accuracy
+    dy = z.clone() if dy_from_z else torch.randn(ref.shape, generator=torch.Generator().manual_seed(0),
+                                                 dtype=torch.float64)
+    y.backward(dy.to(y.dtype))
     ref.backward(dy)
-    assert rel_err(y, ref) < 1e-12
-    for got, want in zip((x.grad, layer.lora_A.grad, layer.lora_B.grad, layer.magnitude.grad),
-                         (x2.grad,) + tuple(p.grad for p in leaves)):
-        assert rel_err(got, want) < 1e-12
+    errors = {"y": rel_err(y, ref), "x": rel_err(x.grad, x64.grad)}
+    errors.update({n: rel_err(p.grad, leaf.grad) for n, p, leaf in zip("ABm", params, leaves)})
+    if bias is not None:
+        errors["bias"] = rel_err(bias_t.grad, b64.grad)
+    assert all(e < tol for e in errors.values()), errors
+    # per channel, relative to Σ_tokens |dy ⊙ z| / ‖V‖ (the size of dm's terms: a sum may cancel to ~0)
+    size = (dy * z).abs().reshape(-1, v.shape[0]).sum(0) / v.norm(dim=1)
+    return y, (layer.magnitude.grad.double() - leaves[2].grad).abs() / size
 
 
-def test_saved_tensors_hold_no_dense_weight_and_no_rank_activation():
-    """Saved: x, W itself, A, B, z [N, d_out] in the activation dtype, [d_out] fp32 vectors — nothing else."""
-    n, d_in, d_out, r = 30, 24, 20, 4
-    layer = _layer(d_in, d_out, r, dtype=torch.bfloat16)
-    x = torch.randn(n, d_in, dtype=torch.bfloat16, requires_grad=True)
+@pytest.mark.parametrize("recompute", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_dora_linear_function_matches_definition_float64(recompute, bias):
+    layer = _layer(dtype=torch.float64, recompute=recompute, bias=bias)
+    x = torch.randn(3, 5, 24, dtype=torch.float64)
+    y, _ = _check_linear_function(layer, x, layer.base_layer.bias, 1e-12)
+    assert recompute or not bool(y.grad_fn.unusable), "the output stands in for z here"
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_dora_linear_function_gradcheck_float64(recompute):
+    """Numerical gradients in x, the bias and m (the norm depends on A and B only, so it is a true constant
+    here; dm goes through the saved output, or through the recomputed z)."""
+    layer = _layer(d_in=6, d_out=5, r=2, dtype=torch.float64)
+    w, a, b = layer.base_layer.weight, layer.lora_A.detach(), layer.lora_B.detach()
+    x = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
+    bias = layer.base_layer.bias.detach().clone().requires_grad_()
+    m = layer.magnitude.detach().clone().requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda x, bias, m: K.dora_linear(x, w, bias, a, b, m, layer.scaling, recompute=recompute), (x, bias, m))
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 1e-2)])
+def test_zero_or_tiny_magnitude_falls_back_to_recomputing_z(dtype, tol):
+    """m = 0 on one channel (0/0 from the output) and m tiny on another: the call recomputes z, and every
+    gradient — dm of those channels included — matches the float64 definition."""
+    layer = _layer(dtype=dtype, bias=False)
+    with torch.no_grad():
+        layer.magnitude[3] = 0.0
+        layer.magnitude[7] = 1e-30 if dtype == torch.float32 else 0.0
+    x = torch.randn(3, 5, 24).to(dtype)
+    y, dm_err = _check_linear_function(layer, x, None, tol, dy_from_z=True)
+    assert bool(y.grad_fn.unusable)
+    assert dm_err[[3, 7]].max() < tol
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 1e-2)])
+def test_dominating_bias_falls_back_and_a_moderate_one_does_not(dtype, tol):
+    layer = _layer(dtype=dtype)
+    bias = layer.base_layer.bias.detach()
+    x = torch.randn(6, 24).to(dtype)
+    y, _ = _check_linear_function(layer, x, bias * 0.1, tol)
+    assert not bool(y.grad_fn.unusable)
+    big = bias.clone()
+    big[2] = 1e4  # the output of channel 2 is mostly bias: (y − b) would keep ~nothing of g·z in y's dtype
+    y, dm_err = _check_linear_function(layer, x, big, tol, dy_from_z=True)
+    assert bool(y.grad_fn.unusable)
+    assert dm_err[2] < tol
+
+
+def test_unusable_rule():
+    sums = torch.tensor([4.0, 4.0, 0.0])
+    assert not bool(K.output_unusable(sums[:2], torch.tensor([1.0, -2.0]), 2, torch.bfloat16))
+    assert bool(K.output_unusable(sums[:2], torch.tensor([1.0, -2.5]), 2, torch.bfloat16))
+    assert bool(K.output_unusable(sums, None, 2, torch.float32))  # a channel with g·z ≡ 0 (m = 0)
+    tiny16 = torch.finfo(torch.float16).tiny
+    assert bool(K.output_unusable(torch.tensor([tiny16]), None, 2, torch.float16))  # fp16 subnormals
+    assert not bool(K.output_unusable(torch.tensor([tiny16]), None, 2, torch.bfloat16))
+
+
+def _saved_during(fn):
     saved = []
     with saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        y = layer(x)
-    shapes = [tuple(t.shape) for t in saved]
+        out = fn()
+    return out, saved
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_saved_tensors_hold_no_dense_weight_and_no_activation_but_the_output(bias):
+    """Saved: x, W itself, A, B, [d_out] fp32 vectors (and the bias), and of shape [N, d_out] only the output
+    object itself (stored once with whatever next op saves it) — never z, never x Aᵀ, no fp32 copies."""
+    n, d_in, d_out, r = 30, 24, 20, 4
+    layer = _layer(d_in, d_out, r, dtype=torch.bfloat16, bias=bias)
+    x = torch.randn(2, n // 2, d_in, dtype=torch.bfloat16, requires_grad=True)
+    y, saved = _saved_during(lambda: layer(x))
     weight = layer.base_layer.weight
     dense = [t for t in saved if tuple(t.shape) == (d_out, d_in)]
-    assert all(t.data_ptr() == weight.data_ptr() for t in dense), "only the base weight itself may be saved"
-    assert (n, r) not in shapes and (r, n) not in shapes, shapes
-    big = [t for t in saved if t.numel() >= n * min(d_in, d_out)]
-    assert all(t.dtype == torch.bfloat16 for t in big), "no fp32 activation copy"
-    assert sum(tuple(t.shape) == (n, d_out) for t in saved) == 1, "z, once"
-    assert {tuple(t.shape) for t in saved} <= {(n, d_in), (d_out, d_in), (r, d_in), (d_out, r), (n, d_out), (d_out,)}
+    assert dense and all(t.data_ptr() == weight.data_ptr() for t in dense), "only the base weight itself"
+    activations = [t for t in saved if t.numel() >= n * min(d_in, d_out)]
+    assert all(t.dtype == torch.bfloat16 for t in activations), "no fp32 activation copy"
+    big_out = [t for t in saved if t.numel() == n * d_out and t.shape[-1] == d_out]
+    assert len(big_out) == 1 and big_out[0] is y, "of [N, d_out] tensors only the output object itself"
+    inputs = [t for t in saved if t.numel() == n * d_in]
+    assert inputs and all(t is x for t in inputs), "x itself (the product and the tail's fallback: one storage)"
+    assert all(t.numel() != n * r for t in saved), "no x Aᵀ"
+    assert {tuple(t.shape) for t in saved} <= {tuple(x.shape), tuple(y.shape), (d_out, d_in), (r, d_in),
+                                               (d_out, r), (d_out,)}
     y.float().sum().backward()
     assert layer.magnitude.grad is not None and x.grad is not None
+
+
+@pytest.mark.parametrize("case", ["recompute", "frozen_magnitude"])
+def test_no_activation_of_the_output_size_is_saved_when_dm_needs_none(case):
+    layer = _layer(recompute=case == "recompute")
+    layer.magnitude.requires_grad_(case == "recompute")
+    x = torch.randn(7, 24, requires_grad=True)
+    y, saved = _saved_during(lambda: layer(x))
+    assert not [t for t in saved if tuple(t.shape) == (7, 20)]
+    y.pow(2).sum().backward()
+    assert x.grad is not None and layer.lora_B.grad is not None
+
+
+def test_modifying_the_output_in_place_raises_instead_of_a_wrong_gradient():
+    layer = _layer()
+    y = layer(torch.randn(2, 3, 24))
+    assert not y._is_view()  # in-place use is allowed where nothing saved it (no_grad, frozen magnitude, ...)
+    y.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
 
 
 class _Shapes(TorchDispatchMode):
@@ -169,3 +283,27 @@ def test_retain_graph_backward_twice_gives_the_same_gradients():
     first = torch.autograd.grad(y, [x, layer.lora_A, layer.lora_B, layer.magnitude], retain_graph=True)
     second = torch.autograd.grad(y, [x, layer.lora_A, layer.lora_B, layer.magnitude])
     assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_saved_output_is_released_before_dx_is_allocated(monkeypatch, recompute):
+    """The backward's transient peak stays LoRA's: what the tail saved ([N, d_out]) is freed when the product's
+    backward dequantises / casts W for dx."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    layer = _layer(recompute=recompute)
+    x = torch.randn(5, 24, requires_grad=True)
+    y = layer(x)
+    ref = StorageWeakRef(y.untyped_storage())
+    loss = y.pow(2).sum()
+    del y
+    seen = []
+    real = K.materialize
+
+    def spy(weight, dtype):
+        seen.append(ref.expired())
+        return real(weight, dtype)
+
+    monkeypatch.setattr(K, "materialize", spy)
+    loss.backward()
+    assert seen and seen[-1], "the product's dx GEMM runs after the tail released its saved tensors"
