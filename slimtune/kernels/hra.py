@@ -7,7 +7,7 @@ triangular solve) plus their backward, which makes a step CPU-bound; here every 
 handful of kernels. Autograd flows back to each ``hra_u`` through the stack.
 
 :class:`HraFactorCache` holds the factors of one forward pass. The root model's forward pre-hook starts a
-new pass; a layer whose ``hra_u`` changed in place (its version counter moved) or whose grad mode differs
+new pass and forms every group's factors; a layer whose ``hra_u`` changed in place (its version counter moved) or whose grad mode differs
 from the cached one recomputes its group, so a stale factor is never used.
 """
 from __future__ import annotations
@@ -43,8 +43,13 @@ class HraFactorCache:
         self._entries: dict[int, tuple[tuple, tuple[torch.Tensor, torch.Tensor]]] = {}
 
     def new_pass(self, *_: object) -> None:
-        """Forget the previous pass's factors (the root model's forward pre-hook)."""
+        """The root model's forward pre-hook: forget the previous pass's factors and form this pass's, for
+        every group, here — outside any gradient-checkpointed region, so a layer's recomputation sees the
+        same cached factors (the same saved tensors) as its first run."""
         self._entries.clear()
+        for layer in (ref() for ref in self._layers):
+            if layer is not None and id(layer) not in self._entries:
+                self._compute_group(layer)
 
     @staticmethod
     def _group_key(layer: nn.Module) -> tuple:
@@ -58,6 +63,10 @@ class HraFactorCache:
     def factors(self, layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         entry = self._entries.get(id(layer))
         if entry is None or entry[0] != self._state(layer):
+            if _inside_backward():
+                # reentrant checkpointing: the first run had no grad, the recomputation runs inside backward
+                # and gets a private graph (a shared one would be traversed by every layer's inner backward)
+                return self._factors_of([layer])[0]
             self._compute_group(layer)
             entry = self._entries[id(layer)]
         return entry[1]
@@ -67,11 +76,20 @@ class HraFactorCache:
         group = [m for m in (ref() for ref in self._layers) if m is not None and self._group_key(m) == key]
         if not any(m is layer for m in group):  # a layer this cache was not built for
             group = [layer]
-        unit, t = batched_wy_factors(torch.stack([m.hra_u for m in group]), layer.apply_GS)
-        dtype = key[-1]
-        units, neg_uts = unit.to(dtype).unbind(0), torch.bmm(unit, -t).to(dtype).unbind(0)
-        for m, u_i, ut_i in zip(group, units, neg_uts):
-            self._entries[id(m)] = (self._state(m), (u_i, ut_i))
+        for m, factors in zip(group, self._factors_of(group)):
+            self._entries[id(m)] = (self._state(m), factors)
+
+    def _factors_of(self, group: list[nn.Module]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``(U, −U T)`` for each layer of ``group`` (equal group keys), in the layers' weight dtype."""
+        unit, t = batched_wy_factors(torch.stack([m.hra_u for m in group]), group[0].apply_GS)
+        dtype = self._group_key(group[0])[-1]
+        return list(zip(unit.to(dtype).unbind(0), torch.bmm(unit, -t).to(dtype).unbind(0)))
+
+
+def _inside_backward() -> bool:
+    """Whether autograd's engine is running a backward pass on this thread."""
+    task_id = getattr(torch._C, "_current_graph_task_id", None)
+    return task_id is not None and task_id() != -1
 
 
 def attach_factor_cache(model: nn.Module, layers: list[nn.Module]) -> Callable[[], None]:

@@ -7,7 +7,7 @@ from torch import nn
 import slimtune
 from slimtune.adapters.hra import (HraConfig, HraLayer, hra_dense_transform, orthogonality_loss,
                                    orthogonality_penalty, wy_factors)
-from tests.helpers import BF16_TOL, FP32_TOL, check_merge_round_trip, rel_err
+from tests.helpers import BF16_TOL, FP32_TOL, check_merge_round_trip, perturb_adapters, rel_err
 
 
 def _reference(layer: nn.Module, u: torch.Tensor, x: torch.Tensor, apply_gs: bool) -> torch.Tensor:
@@ -199,3 +199,24 @@ def test_changed_u_is_never_served_stale_and_accumulation_works():
         model(x)
     model(x).sum().backward()  # factors cached under no_grad are not reused with grad
     assert model.a.hra_u.grad is not None
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_gives_the_same_gradients(reentrant):
+    """The per-pass factor cache is formed in the root pre-hook, so a checkpointed layer's recomputation sees
+    the same factors (non-reentrant), or builds a private graph inside backward (reentrant)."""
+    from tests.models import tiny_llama
+
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_llama()
+        slimtune.adapt(model, HraConfig(r=4, target_modules="all-linear"))
+        perturb_adapters(model, seed=1)
+        model.train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+            model.enable_input_require_grads()
+        model(ids, labels=ids).loss.backward()
+        grads.append(torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.requires_grad]))
+    assert rel_err(grads[1], grads[0]) < 1e-6
