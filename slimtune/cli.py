@@ -3,7 +3,8 @@
 ``slimtune profile`` trains a few steps of a preset model (random weights) and reports parameters,
 memory after model creation, peak memory and median step time; ``--compare-peft`` runs the same
 configuration through PEFT too (float32 adapters as PEFT defaults to, and bf16 adapters), each in its
-own process, and adds slimtune/PEFT ratios.
+own process, and adds slimtune/PEFT ratios. ``slimtune sweep`` profiles a grid of presets x methods x
+backends (the seed study's tables: after creation / after 1 step) into OUT/sweep.{jsonl,md,png}.
 
 Exit status: 0 success, 1 a run ran out of memory or failed (or a dependency is missing),
 2 bad arguments.
@@ -52,7 +53,7 @@ def _profile_here(options: Any, quiet: bool) -> Any:
     from .memory.profile import profile_options
 
     with _progress(disable=quiet or not sys.stderr.isatty()) as progress:
-        build = progress.add_task(f"building {options.preset} on {options.device}", total=None)
+        build = progress.add_task(f"building {options.model_name} on {options.device}", total=None)
         steps: list[Any] = []
 
         def prepared(_session: Any) -> None:
@@ -89,19 +90,30 @@ def _profile_compare(options: Any, quiet: bool) -> list[Any]:
 
 def _cmd_profile(args: argparse.Namespace) -> int:
     from .memory.profile import check_dependencies, options_from_args
-    from .memory.report import comparison_ratios, cpu_breakdown_table, describe_run, results_table
+    from .memory.profile import model_dependencies
+    from .memory.report import (activations_table, breakdown_table, comparison_ratios, describe_run, memory_notes,
+                                results_table)
 
     options = options_from_args(args).resolved()
+    if args.plot:
+        from .memory.plot import require_matplotlib
+
+        require_matplotlib()  # fail before the run, not after it
     if args.compare_peft:
-        if options.method != "lora":
-            raise ConfigError("--compare-peft compares LoRA adapters: use it with --method lora")
+        if options.method == "none":
+            raise ConfigError("--compare-peft compares adapters: use it with an adapter method (e.g. --method lora), "
+                              "not --method none")
         if options.backend != "slimtune":
             raise ConfigError("--compare-peft runs slimtune and both PEFT variants itself: drop --backend")
-        check_dependencies("peft")
+        check_dependencies("peft", options.quant, model_dependencies(options))
         results = _profile_compare(options, quiet=args.json)
     else:
-        check_dependencies(options.backend)
+        check_dependencies(options.backend, options.quant, model_dependencies(options))
         results = [_profile_here(options, quiet=args.json)]
+    if args.plot:
+        from .memory.plot import plot_results
+
+        plot_results(results, args.plot, title=describe_run(results[0]))
 
     if args.json:
         if args.compare_peft:
@@ -115,13 +127,13 @@ def _cmd_profile(args: argparse.Namespace) -> int:
         console = Console()
         console.print(describe_run(results[0]), highlight=False)
         console.print(results_table(results))
-        breakdown = cpu_breakdown_table(results[0]) if len(results) == 1 else None
-        if breakdown is not None:
-            console.print(breakdown)
-        if results[0].memory_kind == "cpu accounted":
-            console.print("[dim]cpu accounted: parameters + buffers + gradients + optimizer state + tensors saved "
-                          "for backward (no allocator statistics on the CPU; temporaries not included)[/dim]",
-                          highlight=False)
+        for table in (breakdown_table(results), activations_table(results)):
+            if table is not None:
+                console.print(table)
+        for note in memory_notes(results):
+            console.print(f"[dim]{note}[/dim]", highlight=False)
+        if args.plot:
+            console.print(f"plot: {args.plot}", highlight=False)
     return 0 if all(r.ok for r in results) else 1
 
 
@@ -130,10 +142,14 @@ def _add_profile_parser(subparsers: Any) -> None:
 
     parser = subparsers.add_parser(
         "profile", help="measure memory and step time of a few training steps",
-        description="Train a few steps of a preset Llama (random weights) and report parameters, memory after "
-                    "model creation, peak memory and median step time.")
+        description="Train a few steps of a preset (an LLM, or a diffusion UNet/DiT) or of a local Hugging Face "
+                    "model directory and report parameters, memory after model creation and after the first "
+                    "step, peak memory broken down into base weights, adapter weights, gradients, optimizer "
+                    "state, activations (by module kind) and temporaries, and the median step time.")
     add_profile_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
+    parser.add_argument("--plot", default=None, metavar="PNG",
+                        help="also write a stacked-bar plot of the memory breakdown (needs matplotlib)")
     parser.add_argument("--compare-peft", action="store_true",
                         help="also run PEFT (default fp32 adapters, and bf16 adapters), each configuration in "
                              "its own process, and report slimtune/PEFT ratios")
@@ -141,6 +157,118 @@ def _add_profile_parser(subparsers: Any) -> None:
 
 
 COMMANDS: list[Callable[[Any], None]] = [_add_profile_parser]
+
+
+# -- slimtune sweep ---------------------------------------------------------------------------------
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from .memory.options import check_dependencies
+    from .memory.report import format_bytes
+    from .memory.sweep import SweepSpec, run_sweep, sweep_configs, sweep_method
+
+    plot = not args.no_plot
+    if plot:
+        import importlib.util
+
+        if importlib.util.find_spec("matplotlib") is None:
+            _print_error("matplotlib not installed: no plot (pip install 'slimtune[plot]')")
+            plot = False
+    if args.merge:
+        from .memory.sweep import merge_results, write_reports
+
+        files = write_reports(merge_results(args.merge), args.out, plot=plot)
+        print(files["markdown"].read_text(encoding="utf-8"))
+        for kind, path in files.items():
+            print(f"{kind}: {path}", file=sys.stderr)
+        return 0
+    spec = SweepSpec(presets=args.presets, methods=args.methods, backends=args.backends, batch=args.batch,
+                     seq=args.seq, rank=args.rank, steps=args.steps, device=args.device, dtype=args.dtype,
+                     grad_checkpointing=args.grad_checkpointing, seed=args.seed)
+    configs = sweep_configs(spec)
+    check_dependencies(configs[0].backend)
+    interactive = sys.stderr.isatty()
+    with _progress(disable=not interactive) as progress:
+        task = progress.add_task(f"{len(configs)} configurations", total=len(configs))
+
+        def started(_i: int, options: Any) -> None:
+            progress.update(task, description=f"{options.model_name} {sweep_method(options)} · {options.backend}")
+
+        def done(_i: int, result: Any) -> None:
+            progress.advance(task)
+            if not interactive:
+                peak = format_bytes(result.peak_first_step_bytes)
+                print(f"slimtune sweep: {result.label}: {result.status}, created "
+                      f"{format_bytes(result.mem_created_bytes)}, 1 step {peak}, setup {result.setup_time_s} s, "
+                      f"step {result.step_time_s} s", file=sys.stderr, flush=True)
+
+        results, files = run_sweep(configs, out=args.out, resume=args.resume,
+                                   isolate=None if args.isolate is None else args.isolate == "process",
+                                   timeout=args.timeout, on_start=started, on_done=done, plot=plot)
+    print(files["markdown"].read_text(encoding="utf-8"))
+    for kind, path in files.items():
+        print(f"{kind}: {path}", file=sys.stderr)
+    return 0 if all(r.status in ("ok", "OOM") for r in results) else 1
+
+
+def _add_sweep_parser(subparsers: Any) -> None:
+    from .memory.options import BACKENDS
+    from .memory.sweep import SEED_METHODS, SEED_PRESETS, SWEEP_METHODS, TINY_PRESETS
+
+    parser = subparsers.add_parser(
+        "sweep", help="profile a grid of models x methods x backends (the seed study's tables)",
+        description="Profile every preset x method x backend (each configuration in its own process on CUDA) "
+                    "and write OUT/sweep.jsonl, OUT/sweep.md (after creation / after 1 step per backend, the "
+                    "breakdown, activations by module kind) and OUT/sweep.png. Out-of-memory runs are recorded "
+                    "as OOM. Defaults reproduce the seed study: " + ", ".join(SEED_PRESETS) + " with "
+                    + ", ".join(SEED_METHODS) + ", slimtune and PEFT.")
+    parser.add_argument("--presets", nargs="+", default=None, metavar="NAME",
+                        help=f"presets (default: {' '.join(SEED_PRESETS)} on cuda, {' '.join(TINY_PRESETS)} on cpu)")
+    parser.add_argument("--methods", nargs="+", default=list(SEED_METHODS), metavar="METHOD",
+                        help=f"{', '.join(SWEEP_METHODS)}; qlora = LoRA over NF4, none = full fine-tune "
+                             f"(default: {' '.join(SEED_METHODS)})")
+    parser.add_argument("--backends", nargs="+", default=["slimtune", "peft"], metavar="BACKEND",
+                        help=f"{', '.join(BACKENDS)} (default: slimtune peft)")
+    parser.add_argument("--batch", type=int, default=1, help="batch size (default: 1)")
+    parser.add_argument("--seq", type=int, default=512, help="LLM sequence length (default: 512)")
+    parser.add_argument("--rank", type=int, default=16, help="adapter rank (default: 16)")
+    parser.add_argument("--steps", type=int, default=3, help="training steps per configuration (default: 3)")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    parser.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
+    parser.add_argument("--grad-checkpointing", "--grad-ckpt", dest="grad_checkpointing", action="store_true",
+                        help="gradient checkpointing in every configuration")
+    parser.add_argument("--seed", type=int, default=0, help="seed for weights and inputs (default: 0)")
+    parser.add_argument("--out", default="sweep-results", metavar="DIR",
+                        help="output directory (default: sweep-results)")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the ok/OOM results already in OUT/sweep.jsonl and run only the rest")
+    parser.add_argument("--isolate", choices=("process", "none"), default=None,
+                        help="process: each configuration in its own process (default on cuda); none: all in "
+                             "this process (default on cpu, where memory is accounted)")
+    parser.add_argument("--timeout", type=float, default=600.0,
+                        help="seconds per configuration process (default: 600)")
+    parser.add_argument("--no-plot", action="store_true", help="do not write sweep.png")
+    parser.add_argument("--merge", nargs="+", default=None, metavar="JSONL",
+                        help="run nothing: merge these sweep.jsonl files (pieces of one sweep) into OUT's report")
+    parser.set_defaults(handler=_cmd_sweep)
+
+
+COMMANDS.append(_add_sweep_parser)
+
+
+# -- slimtune plan ----------------------------------------------------------------------------------
+def _add_plan_parser(subparsers: Any) -> None:
+    from .memory.plan import add_plan_arguments, run_plan
+
+    parser = subparsers.add_parser(
+        "plan", help="predict memory: what fits a GPU, or one configuration's breakdown (nothing is allocated)",
+        description="Predict training memory from the model's configuration alone (a simulated step on PyTorch's "
+                    "meta device). With --gpu-mem: every configuration (method, rank, quantisation, batch, sequence "
+                    "length, gradient checkpointing) that fits the card, fastest first. With --method: one "
+                    "configuration's predicted breakdown.")
+    add_plan_arguments(parser)
+    parser.set_defaults(handler=run_plan)
+
+
+COMMANDS.append(_add_plan_parser)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,4 +1,4 @@
-"""The slimtune command line: `slimtune profile`, in-process through slimtune.cli.main."""
+"""The slimtune command line: `slimtune profile` and `slimtune sweep`, in-process through slimtune.cli.main."""
 from __future__ import annotations
 
 import json
@@ -24,8 +24,31 @@ def test_profile_table(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.M
     assert main(["profile", *SMALL]) == 0
     out = capsys.readouterr().out
     for text in ("slimtune", "params total", "params trainable", "memory after creation", "peak memory",
-                 "median step time", "device", "cpu accounted"):
+                 "median step time", "device", "cpu accounted", "memory after 1st step", "base weights",
+                 "adapter weights", "optimizer state", "activations (saved for backward)", "n/a on cpu",
+                 "by module kind", "attention"):
         assert text in out
+
+
+def test_profile_json_has_the_breakdown_and_plot(capsys: pytest.CaptureFixture[str], tmp_path) -> None:
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "profile.png"
+    assert main(["profile", "--json", "--grad-ckpt", "--plot", str(png), *SMALL]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["grad_checkpointing"] and data["quant"] == "none"
+    assert data["breakdown"]["temporary"] is None and data["breakdown"]["activations"] > 0
+    assert data["activations_by_module"]["checkpoint"] > 0
+    assert data["peak_first_step_bytes"] >= data["mem_after_step_bytes"] > 0
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_profile_a_model_directory(capsys: pytest.CaptureFixture[str], tmp_path) -> None:
+    transformers = pytest.importorskip("transformers")
+    transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                             num_key_value_heads=4, vocab_size=100).save_pretrained(tmp_path)
+    assert main(["profile", "--json", "--model-dir", str(tmp_path), *SMALL]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["status"] == "ok" and data["model_dir"] == str(tmp_path) and data["params_trainable"] > 0
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -34,7 +57,12 @@ def test_profile_table(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.M
     (["profile", "--rank", "x"], "invalid int value"),
     (["profile", "--dtype", "int4"], "unsupported dtype"),
     (["profile", "--method", "qlora-xl"], "unknown method"),
-    (["profile", "--device", "cpu", "--method", "none", "--compare-peft"], "--compare-peft compares LoRA"),
+    (["profile", "--device", "cpu", "--method", "none", "--compare-peft"], "--compare-peft compares adapters"),
+    (["profile", "--device", "cpu", "--method", "none", "--quant", "nf4"], "4-bit weights cannot be trained"),
+    (["profile", "--device", "cpu", "--quant", "int2"], "unknown quant 'int2'"),
+    (["profile", "--device", "cpu", "--model-dir", "/nonexistent/model"], "does not exist"),
+    (["sweep", "--device", "cpu", "--methods", "lorax"], "unknown sweep method 'lorax'"),
+    (["sweep", "--device", "cpu", "--presets", "llama-9b"], "unknown preset 'llama-9b'"),
     (["frobnicate"], "invalid choice"),
 ])
 def test_bad_arguments_exit_2_with_one_line(argv: list[str], message: str,

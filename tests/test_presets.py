@@ -10,7 +10,8 @@ from slimtune.models import LLAMA_TARGETS, PRESETS, MissingDependencyError, Pres
 
 
 def test_presets_and_targets() -> None:
-    assert list(PRESETS) == ["tiny-llama", "llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b", "opt-125m"]
+    assert list(PRESETS) == ["tiny-llama", "llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b", "opt-125m", "llama-7b",
+                             "tiny-unet", "tiny-dit", "stable-diffusion-1.5", "sdxl", "flux-dit"]
     assert PRESETS["opt-125m"].targets == ("q_proj", "v_proj")
     assert LLAMA_TARGETS == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -49,3 +50,68 @@ def test_opt_preset_builds_an_opt_model_of_the_counted_size() -> None:
     model = build_model("opt-125m", "cpu", "float32")
     assert type(model).__name__ == "OPTForCausalLM"
     assert sum(p.numel() for p in model.parameters()) == PRESETS["opt-125m"].num_parameters() == 125239296
+
+
+def test_llama_7b_shape() -> None:
+    spec = PRESETS["llama-7b"]
+    assert (spec.hidden_size, spec.intermediate_size, spec.num_hidden_layers, spec.num_attention_heads,
+            spec.num_key_value_heads, spec.vocab_size, spec.tie_word_embeddings) == (4096, 11008, 32, 32, 32, 32000,
+                                                                                       False)
+    assert spec.num_parameters() == 6738415616  # Llama-2-7B's published count
+
+
+def test_diffusion_presets_match_the_published_configs() -> None:
+    sd = PRESETS["stable-diffusion-1.5"]
+    config = sd.config
+    assert config["block_out_channels"] == (320, 640, 1280, 1280) and config["cross_attention_dim"] == 768
+    assert config["down_block_types"][-1] == "DownBlock2D" and config["up_block_types"][0] == "UpBlock2D"
+    assert dict(sd.text_encoders[0][1])["hidden_size"] == 768
+    xl = PRESETS["sdxl"].config
+    assert xl["transformer_layers_per_block"] == (1, 2, 10) and xl["addition_embed_type"] == "text_time"
+    # 2816 = 6 time ids x 256 + the 1280-wide pooled text embedding
+    assert xl["projection_class_embeddings_input_dim"] == 6 * xl["addition_time_embed_dim"] + 1280
+    flux = PRESETS["flux-dit"].config
+    assert (flux["num_layers"], flux["num_single_layers"], flux["num_attention_heads"],
+            flux["attention_head_dim"]) == (19, 38, 24, 128)
+
+
+@pytest.mark.parametrize("name", ["tiny-unet", "tiny-dit"])
+def test_tiny_diffusion_presets_train_one_step(name: str) -> None:
+    pytest.importorskip("diffusers")
+    from slimtune.models import workload
+
+    model = build_model(name, "cpu", "float32", seed=0)
+    inputs = workload.make_inputs(name, model, 1, 0, "cpu", torch.float32, torch.Generator().manual_seed(0))
+    loss = workload.training_loss(name, model, inputs)
+    loss.backward()
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    denoiser = model.denoiser
+    assert all(p.grad is not None for p in denoiser.parameters() if p.requires_grad)
+
+
+def test_sd15_parameter_counts_on_meta() -> None:
+    pytest.importorskip("diffusers")
+    spec = PRESETS["stable-diffusion-1.5"]
+    assert spec.num_parameters(text_encoders=False) == 859520964  # the published UNet
+    assert spec.num_parameters() == 859520964 + 123060480  # + CLIP ViT-L/14's text tower
+
+
+def test_default_targets_per_family_and_method() -> None:
+    from slimtune.models.workload import default_targets
+
+    assert default_targets("llama-7b", "loha") == LLAMA_TARGETS
+    assert default_targets("opt-125m", "lora") == ["q_proj", "v_proj"]
+    lora = default_targets("stable-diffusion-1.5", "lora")
+    assert lora == ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
+    for method in ("locon", "loha", "lokr"):
+        assert set(default_targets("stable-diffusion-1.5", method)) == set(lora) | {
+            "conv1", "conv2", "conv_shortcut", "time_emb_proj", "conv"}
+    assert "add_q_proj" in default_targets("flux-dit", "lora")
+
+
+def test_llm_inputs_follow_the_protocol() -> None:
+    from slimtune.models.workload import make_inputs
+
+    inputs = make_inputs("tiny-llama", None, 2, 5, "cpu", "float32", torch.Generator().manual_seed(0))
+    assert inputs["input_ids"].shape == (2, 5) and inputs["labels"] is inputs["input_ids"]
+    assert int(inputs["input_ids"].max()) < PRESETS["tiny-llama"].vocab_size

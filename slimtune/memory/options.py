@@ -12,8 +12,9 @@ import torch
 from ..errors import ConfigError
 from ..models.presets import MissingDependencyError, dtype_name, get_preset, resolve_dtype
 
-METHODS = ("lora", "dora", "dora-recompute", "hra", "loha", "lokr", "none")
+METHODS = ("lora", "dora", "dora-recompute", "hra", "loha", "lokr", "locon", "none")
 BACKENDS = ("slimtune", "peft", "peft-bf16")
+QUANTS = ("none", "nf4")
 
 
 def default_device() -> str:
@@ -62,14 +63,30 @@ class ProfileOptions:
     grad_checkpointing: bool = False
     seed: int = 0
     release_outputs: bool = False
+    quant: str = "none"  # "none" | "nf4" (4-bit base weights: slimtune.quantize, or bitsandbytes for PEFT)
+    model_dir: str | None = None  # a local Hugging Face model directory; replaces ``preset`` when set
+
+    @property
+    def model_name(self) -> str:
+        """The model directory when one is given, else the preset name."""
+        return self.model_dir if self.model_dir is not None else self.preset
 
     def resolved(self) -> "ProfileOptions":
         """A validated copy with every default filled in; :class:`ConfigError` names a bad value."""
-        get_preset(self.preset)
+        model_dir = self.model_dir
+        if model_dir is None:
+            get_preset(self.preset)
+        else:
+            model_dir = check_model_dir(model_dir)
         if self.method not in METHODS:
             raise ConfigError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
         if self.backend not in BACKENDS:
             raise ConfigError(f"unknown backend {self.backend!r}; choose from {', '.join(BACKENDS)}")
+        if self.quant not in QUANTS:
+            raise ConfigError(f"unknown quant {self.quant!r}; choose from {', '.join(QUANTS)}")
+        if self.quant != "none" and self.method == "none":
+            raise ConfigError("4-bit weights cannot be trained: --quant nf4 needs an adapter method "
+                              "(e.g. --method lora)")
         _positive_int("rank", self.rank)
         alpha = self.rank if self.alpha is None else self.alpha
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
@@ -83,7 +100,7 @@ class ProfileOptions:
             raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}")
         dtype = self.dtype if self.dtype is not None else ("bfloat16" if device.type == "cuda" else "float32")
         return dataclasses.replace(self, alpha=alpha, batch=batch, device=str(device),
-                                   dtype=dtype_name(resolve_dtype(dtype)))
+                                   dtype=dtype_name(resolve_dtype(dtype)), model_dir=model_dir)
 
     def to_argv(self) -> list[str]:
         """Command-line arguments that reproduce these options for ``python -m slimtune.memory.profile``."""
@@ -98,16 +115,38 @@ class ProfileOptions:
             argv.append("--grad-checkpointing")
         if self.release_outputs:
             argv.append("--release-outputs")
+        if self.quant != "none":
+            argv += ["--quant", self.quant]
+        if self.model_dir is not None:
+            argv += ["--model-dir", self.model_dir]
         return argv
 
 
-def check_dependencies(backend: str) -> None:
-    """Raise :class:`MissingDependencyError` when a package the backend needs is not installed."""
-    needed = ["transformers"] + (["peft"] if backend.startswith("peft") else [])
+def check_model_dir(path: str) -> str:
+    """``path`` as an absolute path when it is a directory holding ``config.json``; else :class:`ConfigError`."""
+    import os
+
+    full = os.path.abspath(os.path.expanduser(path))
+    if not os.path.isdir(full):
+        raise ConfigError(f"model directory {path!r} does not exist")
+    if not os.path.isfile(os.path.join(full, "config.json")):
+        raise ConfigError(f"model directory {path!r} has no config.json (a Hugging Face model directory is needed)")
+    return full
+
+
+def check_dependencies(backend: str, quant: str = "none", extra: tuple[str, ...] = ()) -> None:
+    """Raise :class:`MissingDependencyError` when a package the backend (and quant, model) needs is missing.
+
+    ``extra``: further import names the model needs (``diffusers`` for a UNet preset).
+    """
+    peft = backend.startswith("peft")
+    needed = ["transformers"] + (["peft"] if peft else []) + (["bitsandbytes"] if peft and quant != "none" else [])
+    needed += [name for name in extra if name not in needed]
     missing = [name for name in needed if importlib.util.find_spec(name) is None]
     if missing:
-        raise MissingDependencyError(f"{' and '.join(missing)} not installed; "
-                                     "install them with: pip install 'slimtune[hf]'")
+        hint = "pip install " + " ".join(n for n in missing if n not in ("transformers", "peft"))
+        hint = "pip install 'slimtune[hf]'" if set(missing) <= {"transformers", "peft"} else hint
+        raise MissingDependencyError(f"{' and '.join(missing)} not installed; install with: {hint}")
 
 
 # -- command line (one configuration per process) ---------------------------------------------------
@@ -118,7 +157,8 @@ def add_profile_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="tiny-llama", metavar="NAME",
                         help=f"model preset: {', '.join(PRESETS)} (default: tiny-llama)")
     parser.add_argument("--method", default="lora", metavar="{" + ",".join(METHODS) + "}",
-                        help="adapter method, or none = full fine-tune (default: lora)")
+                        help="adapter method, or none = full fine-tune; locon = LoRA on the linear and the "
+                             "convolution layers (default: lora)")
     parser.add_argument("--rank", type=int, default=16, help="adapter rank (default: 16)")
     parser.add_argument("--alpha", type=float, default=None,
                         help="adapter alpha where the method has one (default: the rank)")
@@ -131,8 +171,14 @@ def add_profile_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default="slimtune", metavar="{slimtune,peft,peft-bf16}",
                         help="slimtune; peft = PEFT default (float32 adapters); peft-bf16 = PEFT with "
                              "autocast_adapter_dtype=False (default: slimtune)")
-    parser.add_argument("--grad-checkpointing", action="store_true",
-                        help="transformers' gradient checkpointing (non-reentrant)")
+    parser.add_argument("--model-dir", default=None, metavar="DIR",
+                        help="a local Hugging Face causal-LM directory (config.json; weights loaded when present, "
+                             "random init when absent) instead of --preset")
+    parser.add_argument("--quant", default="none", metavar="{" + ",".join(QUANTS) + "}",
+                        help="base weights: none, or nf4 = 4-bit NormalFloat with double quantisation (QLoRA; "
+                             "bitsandbytes Linear4bit for the PEFT backends) (default: none)")
+    parser.add_argument("--grad-checkpointing", "--grad-ckpt", dest="grad_checkpointing", action="store_true",
+                        help="gradient checkpointing (non-reentrant)")
     parser.add_argument("--seed", type=int, default=0, help="seed for weights and token ids (default: 0)")
     parser.add_argument("--release-outputs", action="store_true",
                         help="drop each step's outputs (logits) once the loss is taken, before backward; by default "
@@ -147,4 +193,4 @@ def options_from_args(args: argparse.Namespace) -> ProfileOptions:
     return ProfileOptions(preset=args.preset, method=args.method, rank=args.rank, alpha=alpha, batch=args.batch,
                           seq=args.seq, steps=args.steps, device=args.device, dtype=args.dtype,
                           backend=args.backend, grad_checkpointing=args.grad_checkpointing, seed=args.seed,
-                          release_outputs=args.release_outputs)
+                          release_outputs=args.release_outputs, quant=args.quant, model_dir=args.model_dir)

@@ -6,11 +6,22 @@ parameters, random token ids as inputs and labels, then per step forward with la
 ``opt.step()``, ``opt.zero_grad(set_to_none=True)`` and a synchronize. The step time is the median of the
 steps after the first three (of all but the first when there are fewer).
 
-Memory on CUDA is the caching allocator's own statistics (``memory_allocated`` after creation,
-``max_memory_allocated`` over the steps after ``reset_peak_memory_stats``). The CPU keeps no such
-statistic, so there the figures are accounted (``memory_kind = "cpu accounted"``): after creation the
-bytes of parameters and buffers; the peak the largest per-step sum of parameters + buffers + gradients +
-optimizer state + tensors saved for backward (see :mod:`slimtune.memory.accounting`).
+Memory on CUDA is the caching allocator's own statistics (``memory_allocated`` after creation and after
+the first step, ``max_memory_allocated`` over the first step and over all steps after
+``reset_peak_memory_stats``). The CPU keeps no such statistic, so there the figures are accounted
+(``memory_kind = "cpu accounted"``): after creation the bytes of parameters and buffers; the peak the
+largest per-step sum of parameters + buffers + gradients + optimizer state + tensors saved for backward
+(see :mod:`slimtune.memory.accounting`).
+
+On both devices the first steps (up to ``WARMUP_STEPS``, so the timed steps run without hooks) are also
+accounted part by part (``ProfileResult.breakdown``): base weights, adapter weights, gradients, optimizer
+state, activations saved for backward (split by module kind in ``activations_by_module``) and, on CUDA
+only, the temporary rest of the allocator's peak.
+
+Models: the Llama/OPT presets and local Hugging Face causal-LM directories (``model_dir``) are built
+here; other preset families (diffusion UNets, DiTs) through :mod:`slimtune.models.workload`.
+``quant="nf4"`` stores the base weights in 4 bits before the adapter is applied: ``slimtune.quantize``
+for the slimtune backend, bitsandbytes ``Linear4bit`` (what PEFT's QLoRA uses) for the PEFT backends.
 
 Run one configuration per process, for clean peaks: ``python -m slimtune.memory.profile --json ...``
 prints exactly one JSON line with the result. Options live in :mod:`.options`, the result in :mod:`.result`.
@@ -19,7 +30,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import glob
 import json
+import os
 import sys
 import time
 from typing import Any, Callable, Sequence
@@ -28,19 +41,22 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, SlimtuneError
-from ..models.presets import MissingDependencyError, build_model, dtype_name, get_preset
-from .options import (BACKENDS, METHODS, ProfileOptions, add_profile_arguments, check_dependencies,
+from ..models.presets import (MissingDependencyError, build_model, dtype_name, get_preset, require_transformers,
+                              resolve_dtype)
+from .options import (BACKENDS, METHODS, QUANTS, ProfileOptions, add_profile_arguments, check_dependencies,
                       options_from_args)
-from .result import (CPU_MEMORY, CUDA_MEMORY, WARMUP_STEPS, ProfileResult, device_name, is_out_of_memory,
-                     median_step_time)
+from .result import (CPU_MEMORY, CUDA_MEMORY, WARMUP_STEPS, ProfileResult, device_memory, device_name,
+                     is_out_of_memory, median_step_time)
 
-__all__ = ["BACKENDS", "CPU_MEMORY", "CUDA_MEMORY", "METHODS", "WARMUP_STEPS", "ProfileOptions", "ProfileResult",
-           "TrainingSession", "add_profile_arguments", "apply_adapter", "check_dependencies", "device_name",
-           "enable_gradient_checkpointing", "is_out_of_memory", "main", "median_step_time", "options_from_args",
-           "profile_options", "profile_training"]
+__all__ = ["BACKENDS", "CPU_MEMORY", "CUDA_MEMORY", "METHODS", "QUANTS", "WARMUP_STEPS", "ProfileOptions",
+           "ProfileResult", "TrainingSession", "add_profile_arguments", "apply_adapter", "bnb_quantize_linears",
+           "build_base_model", "check_dependencies", "device_name", "enable_gradient_checkpointing",
+           "is_out_of_memory", "main", "median_step_time", "options_from_args", "profile_options",
+           "profile_training", "quantize_base"]
 
 TOKEN_HIGH = 128000  # the protocol draws ids from [0, 128000); smaller vocabularies use their own size
 LR = 1e-4
+LLM_FAMILIES = ("llama", "opt")  # language-model preset families (the others are diffusion models)
 
 StepCallback = Callable[[int, float], None]
 
@@ -59,13 +75,150 @@ def _versions(backend: str) -> dict[str, str | None]:
     return versions
 
 
+# -- the model: presets (slimtune.models.workload) and local directories ----------------------------
+def model_family(options: ProfileOptions) -> str:
+    """``"hf-dir"`` for a model directory, else the preset's family (``"llama"``, ``"opt"``, ``"unet"``, ``"dit"``)."""
+    if options.model_dir is not None:
+        return "hf-dir"
+    return getattr(get_preset(options.preset), "family", "llama")
+
+
+def is_language_model(options: ProfileOptions) -> bool:
+    """Whether the model is a causal LM trained on token ids with ``model(input_ids, labels)``."""
+    return model_family(options) in ("hf-dir", *LLM_FAMILIES)
+
+
+def workload_module() -> Any:
+    """:mod:`slimtune.models.workload`: inputs, loss, targets and checkpointing of every preset."""
+    from ..models import workload
+
+    return workload
+
+
+def model_dependencies(options: ProfileOptions) -> tuple[str, ...]:
+    """Import names the model needs beyond transformers (``diffusers`` for the diffusion presets)."""
+    return () if is_language_model(options) else ("diffusers",)
+
+
+def _has_weights(path: str) -> bool:
+    return any(glob.glob(os.path.join(path, pattern))
+               for pattern in ("*.safetensors", "pytorch_model*.bin", "model*.bin"))
+
+
+def build_from_dir(path: str, device: str | torch.device, dtype: str | torch.dtype, seed: int = 0) -> nn.Module:
+    """The causal LM of a local Hugging Face directory on ``device`` in ``dtype``: its weights when the
+    directory has them (``*.safetensors`` / ``pytorch_model*.bin``), else a random init from ``config.json``
+    (seeded with ``torch.manual_seed(seed)``, built on the device, then cast, as the presets are)."""
+    transformers = require_transformers()
+    torch_dtype = resolve_dtype(dtype)
+    torch.manual_seed(seed)
+    if _has_weights(path):
+        model = transformers.AutoModelForCausalLM.from_pretrained(path)
+        return model.to(device=device, dtype=torch_dtype)
+    config = transformers.AutoConfig.from_pretrained(path)
+    with torch.device(device):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    return model.to(torch_dtype)
+
+
+def build_base_model(options: ProfileOptions) -> nn.Module:
+    """The unadapted model of ``options`` (resolved) on its device, in its dtype, seeded."""
+    if options.model_dir is not None:
+        return build_from_dir(options.model_dir, options.device, options.dtype, options.seed)
+    return build_model(options.preset, options.device, options.dtype, seed=options.seed)
+
+
+def adapter_targets(options: ProfileOptions) -> list[str] | str:
+    """What the adapter targets: ``"all-linear"`` for a model directory, else the workload's default for the
+    preset and method (an LLM's projections — ``locon`` the same, LLMs have no convolutions; a UNet's
+    attention Linears, plus its convolutions for LoCon/LoHa/LoKr)."""
+    if options.model_dir is not None:
+        return "all-linear"
+    return workload_module().default_targets(options.preset, options.method)
+
+
+def trained_module(model: nn.Module, options: ProfileOptions) -> nn.Module:
+    """The part of the model that is adapted and quantised: a diffusion model's denoiser, else the model."""
+    if is_language_model(options):
+        return model
+    return getattr(model, "denoiser", model)
+
+
+def _output_embeddings(model: nn.Module) -> nn.Module | None:
+    get = getattr(model, "get_output_embeddings", None)
+    return get() if callable(get) else None
+
+
+def bnb_quantize_linears(model: nn.Module, compute_dtype: torch.dtype, skip: Sequence[nn.Module] = ()) -> int:
+    """Replace every ``nn.Linear`` of ``model`` (but ``skip``) by bitsandbytes' ``Linear4bit``: NF4 with double
+    quantisation (``compress_statistics``), compute in ``compute_dtype`` — the layers transformers'
+    ``BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)``
+    makes, so PEFT's QLoRA sees them. Each layer is quantised on its weight's device as it is replaced
+    (bitsandbytes quantises on ``.to(device)``). Returns the number of layers replaced.
+    """
+    try:
+        import bitsandbytes as bnb
+    except ImportError as exc:
+        raise MissingDependencyError(f"PEFT's QLoRA baseline needs bitsandbytes ({exc}); "
+                                     "install it with: pip install bitsandbytes") from None
+    skipped = {id(m) for m in skip}
+    names = [name for name, m in model.named_modules()
+             if type(m) is nn.Linear and id(m) not in skipped]
+    for name in names:
+        linear = model.get_submodule(name)
+        device = linear.weight.device
+        quant = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                  compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4",
+                                  device="meta")
+        quant.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, compress_statistics=True,
+                                         quant_type="nf4", module=quant)
+        if linear.bias is not None:
+            quant.bias = nn.Parameter(linear.bias.data, requires_grad=False)
+        quant = quant.to(device)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, quant)
+        del linear
+    return len(names)
+
+
+def quantize_base(model: nn.Module, options: ProfileOptions) -> nn.Module:
+    """``options.quant == "nf4"``: the base weights in 4 bits, before the adapter goes in.
+
+    slimtune: ``slimtune.quantize(part, "nf4", compute_dtype=dtype)``; PEFT backends: bitsandbytes
+    ``Linear4bit`` (:func:`bnb_quantize_linears`, output embeddings kept dense as transformers does).
+    ``part`` is :func:`trained_module` (an LLM, or a diffusion model's UNet).
+    """
+    if options.quant == "none":
+        return model
+    dtype = resolve_dtype(options.dtype)
+    part = trained_module(model, options)
+    if options.backend == "slimtune":
+        import slimtune
+
+        quantize = getattr(slimtune, "quantize", None)
+        if quantize is None:
+            raise ConfigError("this slimtune has no slimtune.quantize: --quant nf4 needs it for the slimtune backend")
+        result = quantize(part, "nf4", compute_dtype=dtype)
+        if part is model and isinstance(result, nn.Module):
+            model = result
+    else:
+        out = _output_embeddings(part)
+        bnb_quantize_linears(part, dtype, skip=[out] if out is not None else [])
+    if options.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return model
+
+
 # -- the training session ---------------------------------------------------------------------------
-def slimtune_config(method: str, rank: int, alpha: float, targets: list[str]):
-    """slimtune's config for ``method`` with rank ``rank`` (alpha where the method has one)."""
+def slimtune_config(method: str, rank: int, alpha: float, targets: list[str] | str):
+    """slimtune's config for ``method`` with rank ``rank`` (alpha where the method has one).
+
+    ``locon`` is LoRA whose targets include convolutions (LoCon); the targets decide.
+    """
     from .. import adapters
 
-    if method in ("lora", "dora", "dora-recompute"):
-        extra = {"use_dora": True, "dora_recompute": method == "dora-recompute"} if method != "lora" else {}
+    if method in ("lora", "locon", "dora", "dora-recompute"):
+        extra = {"use_dora": True, "dora_recompute": method == "dora-recompute"} if method.startswith("dora") else {}
         return adapters.LoraConfig(r=rank, alpha=alpha, target_modules=targets, **extra)
     if method == "hra":
         return adapters.HraConfig(r=rank, target_modules=targets)
@@ -75,12 +228,12 @@ def slimtune_config(method: str, rank: int, alpha: float, targets: list[str]):
     raise ConfigError(f"unknown method {method!r}")
 
 
-def peft_config(peft: Any, method: str, rank: int, alpha: float, targets: list[str]):
-    """PEFT's config for the same adapter (``lora_dropout=0``)."""
+def peft_config(peft: Any, method: str, rank: int, alpha: float, targets: list[str] | str):
+    """PEFT's config for the same adapter (``lora_dropout=0``; ``locon``: LoRA, conv targets included)."""
     alpha = int(alpha) if float(alpha).is_integer() else alpha
-    if method in ("lora", "dora", "dora-recompute"):
+    if method in ("lora", "locon", "dora", "dora-recompute"):
         return peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0,
-                               use_dora=method != "lora")
+                               use_dora=method.startswith("dora"))
     if method == "hra":
         return peft.HRAConfig(r=rank, target_modules=targets)
     if method == "loha":
@@ -90,33 +243,45 @@ def peft_config(peft: Any, method: str, rank: int, alpha: float, targets: list[s
     raise ConfigError(f"unknown method {method!r}")
 
 
-def apply_adapter(model: nn.Module, options: ProfileOptions) -> nn.Module:
-    """The model with the configured adapter (``method="none"``: unchanged, every parameter trained)."""
+def apply_adapter(model: nn.Module, options: ProfileOptions, part: nn.Module | None = None) -> nn.Module:
+    """The model with the configured adapter (``method="none"``: unchanged, every parameter trained).
+
+    ``part``: the submodule to adapt (default: the whole model); PEFT injects its layers into it in place,
+    and its wrapper is returned only when ``part`` is the model.
+    """
     if options.method == "none":
         return model
-    targets = list(get_preset(options.preset).targets)
+    part = model if part is None else part
+    targets = adapter_targets(options)
     if options.backend == "slimtune":
         from ..inject import adapt
 
-        return adapt(model, slimtune_config(options.method, options.rank, options.alpha, targets))
+        adapted = adapt(part, slimtune_config(options.method, options.rank, options.alpha, targets))
+        return adapted if part is model else model
     try:
         import peft
     except ImportError as exc:
         raise MissingDependencyError(f"the {options.backend} backend needs peft ({exc}); "
                                      "install it with: pip install 'slimtune[hf]'") from None
     config = peft_config(peft, options.method, options.rank, options.alpha, targets)
-    return peft.get_peft_model(model, config, autocast_adapter_dtype=options.backend == "peft")
+    wrapped = peft.get_peft_model(part, config, autocast_adapter_dtype=options.backend == "peft")
+    return wrapped if part is model else model
 
 
 def enable_gradient_checkpointing(model: nn.Module, adapted: bool) -> None:
-    """transformers' non-reentrant checkpointing, as the protocol's ``GC=1`` (newer name when present)."""
+    """transformers' non-reentrant checkpointing, as the protocol's ``GC=1`` (newer name when present);
+    diffusers' ``enable_gradient_checkpointing`` for its models."""
     kwargs = {"use_reentrant": False}
     enable = getattr(model, "activation_checkpointing_enable", None)
     if enable is not None:
         enable(activation_checkpointing_kwargs=kwargs)
-    else:
+    elif hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    if adapted:
+    elif hasattr(model, "enable_gradient_checkpointing"):  # diffusers (non-reentrant by default)
+        model.enable_gradient_checkpointing()
+    else:
+        raise ConfigError(f"{type(model).__name__} has no gradient checkpointing switch")
+    if adapted and hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
 
 
@@ -128,25 +293,44 @@ class TrainingSession:
     """
 
     def __init__(self, options: ProfileOptions, model: nn.Module, optimizer: torch.optim.Optimizer | None,
-                 trainable: list[nn.Parameter], input_ids: torch.Tensor, mem_created: int) -> None:
+                 trainable: list[nn.Parameter], inputs: dict[str, Any], mem_created: int,
+                 setup_time_s: float | None = None) -> None:
         self.options = options
         self.model = model
         self.optimizer = optimizer
         self.trainable = trainable
-        self.input_ids = input_ids
+        self.inputs = inputs  # an LM's {"input_ids", "labels"} (one tensor); a denoiser's inputs and target
         self.mem_created = mem_created
+        self.setup_time_s = setup_time_s
         self.device = torch.device(options.device)
+
+    @property
+    def input_ids(self) -> torch.Tensor | None:
+        """A language model's token ids (``None`` for a diffusion model)."""
+        return self.inputs.get("input_ids")
 
     @classmethod
     def prepare(cls, options: ProfileOptions) -> "TrainingSession":
-        """Build the model on the device, adapt it, make the optimizer and the token ids."""
+        """Build the model on the device, quantise and adapt it, make the optimizer and the inputs."""
+        t0 = time.perf_counter()
         options = options.resolved()
-        check_dependencies(options.backend)
+        check_dependencies(options.backend, options.quant, model_dependencies(options))
         device = torch.device(options.device)
-        model = build_model(options.preset, device, options.dtype, seed=options.seed)
-        model = apply_adapter(model, options)
+        model = build_base_model(options)
+        part = trained_module(model, options)
+        if part is not model:  # only the trained part learns (a diffusion model's text encoder stays frozen)
+            inside = {id(p) for p in part.parameters()}
+            for param in model.parameters():
+                if id(param) not in inside:
+                    param.requires_grad_(False)
+        model = quantize_base(model, options)
+        part = trained_module(model, options)
+        model = apply_adapter(model, options, part)
         if options.grad_checkpointing:
-            enable_gradient_checkpointing(model, adapted=options.method != "none")
+            if options.model_dir is not None:
+                enable_gradient_checkpointing(model, adapted=options.method != "none")
+            else:
+                workload_module().enable_gradient_checkpointing(options.preset, model, adapted=options.method != "none")
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=LR) if trainable else None
         if device.type == "cuda":
@@ -155,11 +339,17 @@ class TrainingSession:
         else:
             from .accounting import module_state_bytes
             mem_created = module_state_bytes(model)
-        vocab = get_preset(options.preset).vocab_size
         generator = torch.Generator(device=device).manual_seed(options.seed + 1)
-        input_ids = torch.randint(0, min(vocab, TOKEN_HIGH), (options.batch, options.seq), device=device,
-                                  generator=generator)
-        return cls(options, model, optimizer, trainable, input_ids, mem_created)
+        if options.model_dir is not None:
+            vocab = model.get_input_embeddings().num_embeddings
+            ids = torch.randint(0, min(vocab, TOKEN_HIGH), (options.batch, options.seq), device=device,
+                                generator=generator)
+            inputs: dict[str, Any] = {"input_ids": ids, "labels": ids}
+        else:
+            inputs = workload_module().make_inputs(options.preset, model, options.batch, options.seq, device,
+                                                   options.dtype, generator)
+        return cls(options, model, optimizer, trainable, inputs, mem_created,
+                   setup_time_s=round(time.perf_counter() - t0, 3))
 
     def _base_result(self) -> ProfileResult:
         model = self.model
@@ -168,56 +358,80 @@ class TrainingSession:
             memory_kind=CUDA_MEMORY if self.device.type == "cuda" else CPU_MEMORY,
             params_total=sum(p.numel() for p in model.parameters()),
             params_trainable=sum(p.numel() for p in self.trainable), mem_created_bytes=self.mem_created,
+            device_memory_bytes=device_memory(self.device), setup_time_s=self.setup_time_s,
             **_versions(self.options.backend))
 
+    def _forward(self) -> tuple[torch.Tensor, Any]:
+        """The loss of one forward pass, and the outputs the protocol keeps alive until the next step."""
+        if self.options.model_dir is not None:
+            out = self.model(**self.inputs)
+            return out.loss, out
+        return workload_module().forward_loss(self.options.preset, self.model, self.inputs)
+
     def run(self, on_step: StepCallback | None = None) -> ProfileResult:
-        """Run the profiled steps; an out-of-memory error gives ``status="OOM"`` rather than raising."""
-        from .accounting import SavedTensorMeter, gradient_bytes, module_state_bytes, optimizer_state_bytes
+        """Run the profiled steps; an out-of-memory error gives ``status="OOM"`` rather than raising.
+
+        The first ``WARMUP_STEPS`` steps (all when there are no more) are accounted part by part; the
+        later ones, the timed ones, run without the meter's hooks.
+        """
+        from .accounting import (SavedTensorMeter, gradient_bytes, module_state_bytes, optimizer_state_bytes,
+                                 storage_bytes)
 
         result = self._base_result()
-        model, opt, ids, cuda = self.model, self.optimizer, self.input_ids, self.device.type == "cuda"
-        meter = None if cuda else SavedTensorMeter(exclude=[*model.parameters(), *model.buffers()])
-        static = 0 if cuda else module_state_bytes(model)
-        breakdown: dict[str, int] = {}
+        model, opt, cuda = self.model, self.optimizer, self.device.type == "cuda"
+        meter = SavedTensorMeter(exclude=[*model.parameters(), *model.buffers()], model=model)
+        metered = self.options.steps if self.options.steps <= WARMUP_STEPS else WARMUP_STEPS
+        static = module_state_bytes(model)
+        adapter = storage_bytes(self.trainable) if self.options.method != "none" else 0
+        best: dict[str, int] = {}
+        by_kind: dict[str, int] = {}
         accounted_peak = 0
         times: list[float] = []
         losses: list[torch.Tensor] = []
+        out: Any = None
         if cuda:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
         try:
             for step in range(self.options.steps):
                 t0 = time.perf_counter()
-                with meter.record() if meter is not None else contextlib.nullcontext():
-                    out = model(input_ids=ids, labels=ids)  # `out` lives on into the next step, as in the protocol
-                loss = out.loss
+                with meter.record() if step < metered else contextlib.nullcontext():
+                    loss, out = self._forward()  # `out` lives on into the next step, as in the protocol
                 if self.options.release_outputs:  # drop the logits before backward, as a lean training loop does
-                    del out
+                    out = None
                 loss.backward()
-                grads = 0 if cuda else gradient_bytes(self.trainable)
+                grads = gradient_bytes(self.trainable) if step < metered else 0
+                opt_state = 0
                 if opt is not None:
                     opt.step()
-                    opt_state = 0 if cuda else optimizer_state_bytes(opt)
+                    opt_state = optimizer_state_bytes(opt) if step < metered else 0
                     opt.zero_grad(set_to_none=True)
-                else:
-                    opt_state = 0
                 if cuda:
                     torch.cuda.synchronize(self.device)
                 times.append(time.perf_counter() - t0)
                 losses.append(loss.detach())
                 del loss
-                if meter is not None:
+                if step < metered:
                     total = static + grads + opt_state + meter.bytes
+                    if step == 0:
+                        result.peak_first_step_bytes = (torch.cuda.max_memory_allocated(self.device) if cuda
+                                                        else total)
+                        result.mem_after_step_bytes = (torch.cuda.memory_allocated(self.device) if cuda
+                                                       else static + opt_state)
                     if total > accounted_peak:
                         accounted_peak = total
-                        breakdown = dict(params_buffers=static, gradients=grads, optimizer_state=opt_state,
-                                         saved_activations=meter.bytes)
+                        best = dict(params_buffers=static, gradients=grads, optimizer_state=opt_state,
+                                    saved_activations=meter.bytes)
+                        by_kind = dict(meter.by_kind)
                 if on_step is not None:
                     on_step(step + 1, times[-1])
         except Exception as exc:  # noqa: BLE001 - only allocation failures are turned into a status
             if not is_out_of_memory(exc):
                 raise
             result.status, result.error = "OOM", str(exc).splitlines()[0][:300]
+            if cuda and result.peak_first_step_bytes is None:
+                result.peak_first_step_bytes = torch.cuda.max_memory_allocated(self.device)
+        del out
         result.step_times_s = [round(t, 6) for t in times]
         median = median_step_time(times)
         result.step_time_s = round(median, 6) if median is not None and result.ok else None
@@ -225,9 +439,16 @@ class TrainingSession:
         result.final_loss = result.losses[-1] if result.losses else None
         if cuda:
             result.peak_bytes = torch.cuda.max_memory_allocated(self.device)
+            result.reserved_peak_bytes = torch.cuda.max_memory_reserved(self.device)
         else:
             result.peak_bytes = max(accounted_peak, static)
-            result.cpu_breakdown = breakdown or None
+            result.cpu_breakdown = best or None
+        if best:
+            result.breakdown = dict(
+                base_weights=static - adapter, adapter_weights=adapter, gradients=best["gradients"],
+                optimizer_state=best["optimizer_state"], activations=best["saved_activations"],
+                temporary=max(0, result.peak_bytes - accounted_peak) if cuda else None)
+            result.activations_by_module = {k: v for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])}
         return result
 
 
@@ -252,7 +473,7 @@ def profile_options(options: ProfileOptions, on_step: StepCallback | None = None
 def _oom_before_steps(options: ProfileOptions, exc: BaseException) -> ProfileResult:
     device = torch.device(options.device)
     result = ProfileResult.for_options(options, status="OOM", error=str(exc).splitlines()[0][:300],
-                                       device_name=device_name(device),
+                                       device_name=device_name(device), device_memory_bytes=device_memory(device),
                                        memory_kind=CUDA_MEMORY if device.type == "cuda" else CPU_MEMORY)
     if device.type == "cuda":
         result.peak_bytes = torch.cuda.max_memory_allocated(device)
@@ -262,12 +483,14 @@ def _oom_before_steps(options: ProfileOptions, exc: BaseException) -> ProfileRes
 def profile_training(preset: str = "tiny-llama", method: str = "lora", rank: int = 16, alpha: float | None = None,
                      batch: int | None = None, seq: int = 128, steps: int = 4, device: str | None = None,
                      dtype: str | torch.dtype | None = None, backend: str = "slimtune",
-                     grad_checkpointing: bool = False, seed: int = 0,
-                     on_step: StepCallback | None = None) -> ProfileResult:
+                     grad_checkpointing: bool = False, seed: int = 0, quant: str = "none",
+                     model_dir: str | None = None, on_step: StepCallback | None = None) -> ProfileResult:
     """Train ``steps`` steps of a preset model and measure it (see the module docstring).
 
-    ``method``: ``"lora"`` or ``"none"`` (full fine-tune). ``backend``: ``"slimtune"``, ``"peft"`` (PEFT as
-    users get it: adapter weights upcast to float32) or ``"peft-bf16"`` (``autocast_adapter_dtype=False``).
+    ``method``: one of ``METHODS`` (``"none"``: full fine-tune). ``quant``: ``"none"`` or ``"nf4"``
+    (4-bit base weights). ``model_dir``: a local Hugging Face model directory instead of ``preset``.
+    ``backend``: ``"slimtune"``, ``"peft"`` (PEFT as users get it: adapter weights upcast to float32) or
+    ``"peft-bf16"`` (``autocast_adapter_dtype=False``).
     ``alpha`` defaults to ``rank``; ``batch``, ``device`` and ``dtype`` default to 4 / cuda / bfloat16 when
     CUDA is available, else 2 / cpu / float32. ``on_step(step, seconds)`` is called after every step.
     """
@@ -275,7 +498,7 @@ def profile_training(preset: str = "tiny-llama", method: str = "lora", rank: int
         dtype = dtype_name(dtype)
     options = ProfileOptions(preset=preset, method=method, rank=rank, alpha=alpha, batch=batch, seq=seq,
                              steps=steps, device=device, dtype=dtype, backend=backend,
-                             grad_checkpointing=grad_checkpointing, seed=seed)
+                             grad_checkpointing=grad_checkpointing, seed=seed, quant=quant, model_dir=model_dir)
     return profile_options(options, on_step)
 
 
@@ -314,7 +537,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with contextlib.redirect_stdout(sys.stderr):
         try:
             options = options.resolved()
-            check_dependencies(options.backend)
+            check_dependencies(options.backend, options.quant, model_dependencies(options))
         except SlimtuneError as exc:
             if not wait_for_go():
                 return 3

@@ -1,9 +1,21 @@
-"""Presenting profile results: number formatting, slimtune/PEFT ratios, and rich tables."""
+"""Presenting profile results: number formatting, slimtune/PEFT ratios, rich tables, markdown."""
 from __future__ import annotations
 
 from typing import Any, Sequence
 
-from .result import ProfileResult
+from .accounting import ACTIVATION_KINDS
+from .result import BREAKDOWN_KEYS, ProfileResult
+
+#: Row titles of the breakdown parts (``ProfileResult.breakdown`` keys).
+BREAKDOWN_LABELS = {
+    "base_weights": "base weights (+ buffers)",
+    "adapter_weights": "adapter weights",
+    "gradients": "gradients",
+    "optimizer_state": "optimizer state",
+    "activations": "activations (saved for backward)",
+    "temporary": "temporary (peak − the rest)",
+}
+CPU_TEMPORARY_NOTE = "n/a on cpu"
 
 BACKEND_LABELS = {"slimtune": "slimtune", "peft": "PEFT (default)", "peft-bf16": "PEFT (bf16 adapters)"}
 
@@ -94,13 +106,28 @@ def step_rule(steps: int) -> str:
 
 
 def describe_run(result: ProfileResult) -> str:
-    """One line: preset, method, shape, dtype and the step-time rule."""
+    """One line: preset, method, quant, shape, dtype, checkpointing and the step-time rule."""
     method = (f"{result.method} r={result.rank} alpha={result.alpha:g}" if result.method != "none"
               else "full fine-tune")
+    quant = f" · {result.quant} base" if result.quant != "none" else ""
+    gc = " · gradient checkpointing" if result.grad_checkpointing else ""
     n = result.steps
     rule = step_rule(n)
-    return (f"{result.preset} · {method} · batch {result.batch} × seq {result.seq} · {result.dtype} · "
-            f"{n} steps ({rule}) · memory: {result.memory_kind or '—'}")
+    return (f"{result.preset} · {method}{quant} · batch {result.batch} × {_sample_shape(result)} · "
+            f"{result.dtype}{gc} · {n} steps ({rule}) · memory: {result.memory_kind or '—'}")
+
+
+def _sample_shape(result: ProfileResult) -> str:
+    """``"seq 512"`` for a language model; ``"latent 64x64"`` for a diffusion preset (seq does not apply)."""
+    from ..models.presets import PRESETS
+
+    preset = PRESETS.get(result.preset) if result.model_dir is None else None
+    size = getattr(preset, "sample_size", None)
+    if size is not None and getattr(preset, "family", "") == "unet":
+        return f"latent {size}x{size}"
+    if size is not None:
+        return f"latent {size}x{size} ({(size // 2) ** 2} tokens)"
+    return f"seq {result.seq}"
 
 
 def _losses(result: ProfileResult) -> str:
@@ -116,6 +143,8 @@ def _rows(result: ProfileResult) -> list[tuple[str, str]]:
         ("params total", format_count(result.params_total)),
         ("params trainable", trainable_share(result)),
         ("memory after creation", format_bytes(result.mem_created_bytes)),
+        ("memory after 1st step", format_bytes(result.mem_after_step_bytes)),
+        ("peak memory, 1st step", format_bytes(result.peak_first_step_bytes)),
         ("peak memory (steps)", format_bytes(result.peak_bytes)),
         ("median step time", format_seconds(result.step_time_s)),
         ("loss (first → last step)", _losses(result)),
@@ -156,3 +185,95 @@ def cpu_breakdown_table(result: ProfileResult) -> Any | None:
     for key, value in result.cpu_breakdown.items():
         table.add_row(key.replace("_", " "), format_bytes(value))
     return table
+
+
+def short_label(result: ProfileResult) -> str:
+    """Column title naming what differs between configurations: method, quant, GC and the backend."""
+    return result.label
+
+
+def _column_titles(results: Sequence[ProfileResult]) -> list[str]:
+    if len({(r.preset, r.method, r.quant, r.rank, r.grad_checkpointing) for r in results}) == 1:
+        return [backend_label(r) for r in results]
+    return [short_label(r) for r in results]
+
+
+def breakdown_table(results: Sequence[ProfileResult]) -> Any | None:
+    """A rich Table of :data:`BREAKDOWN_KEYS` (one column per result), or ``None`` when nothing was accounted.
+
+    On CUDA the parts sum to the allocator's peak; on the CPU the temporary part cannot be measured.
+    """
+    if not any(r.breakdown for r in results):
+        return None
+    from rich.table import Table
+
+    table = Table(title="memory at the peak step, by part")
+    table.add_column("", style="bold", no_wrap=True)
+    for title in _column_titles(results):
+        table.add_column(title, justify="right")
+    for key in BREAKDOWN_KEYS:
+        cells = []
+        for r in results:
+            value = (r.breakdown or {}).get(key)
+            cells.append(CPU_TEMPORARY_NOTE if value is None and key == "temporary" and r.breakdown
+                         else format_bytes(value))
+        table.add_row(BREAKDOWN_LABELS[key], *cells)
+    table.add_section()
+    table.add_row("peak", *(format_bytes(r.peak_bytes) for r in results))
+    return table
+
+
+def activations_table(results: Sequence[ProfileResult]) -> Any | None:
+    """A rich Table of the activations saved for backward by module kind, or ``None`` when not measured."""
+    if not any(r.activations_by_module for r in results):
+        return None
+    from rich.table import Table
+
+    kinds = [k for k in ACTIVATION_KINDS if any((r.activations_by_module or {}).get(k) for r in results)]
+    table = Table(title="activations saved for backward, by module kind")
+    table.add_column("", style="bold", no_wrap=True)
+    for title in _column_titles(results):
+        table.add_column(title, justify="right")
+    for kind in kinds:
+        table.add_row(kind, *(format_bytes((r.activations_by_module or {}).get(kind, 0)) if r.activations_by_module
+                              else "—" for r in results))
+    return table
+
+
+def memory_notes(results: Sequence[ProfileResult]) -> list[str]:
+    """Footnotes on how the memory was measured (one per memory kind present)."""
+    notes = []
+    if any(r.memory_kind == "cpu accounted" for r in results):
+        notes.append("cpu accounted: parameters + buffers + gradients + optimizer state + tensors saved for "
+                     "backward (no allocator statistics on the CPU, so temporaries — casts, dequantised weights, "
+                     "workspaces — cannot be measured there)")
+    if any(r.memory_kind == "cuda allocator" for r in results):
+        notes.append("cuda allocator: torch.cuda.memory_allocated / max_memory_allocated (the GPU also holds the "
+                     "CUDA context and the allocator's cache: see reserved_peak_bytes in --json)")
+    return notes
+
+
+# -- markdown (sweeps) -------------------------------------------------------------------------------
+GIB = 2**30
+MIB = 2**20
+
+
+def size_unit(largest: int) -> tuple[str, int]:
+    """``("GiB", 2**30)``, or ``("MiB", 2**20)`` when ``largest`` (bytes) is under 1 GiB."""
+    return ("GiB", GIB) if largest >= GIB else ("MiB", MIB)
+
+
+def gib(n: int | None, total: int | None = None, divisor: int = GIB) -> str:
+    """``"10.28"`` (GiB by default; ``divisor`` picks the unit), with the share of ``total`` when given:
+    ``"10.28 (12.9%)"``; ``"—"`` for ``None``."""
+    if n is None:
+        return "—"
+    share = f" ({100 * n / total:.1f}%)" if total else ""
+    return f"{n / divisor:.2f}{share}"
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join("" if c is None else str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)

@@ -109,10 +109,18 @@ def _run_staged(options_list: Sequence[ProfileOptions], on_start: StartCallback 
             err.close()
 
 
+def _small(options: ProfileOptions) -> bool:
+    if options.model_dir is not None:
+        return False
+    if options.preset.startswith("tiny-"):
+        return True
+    return get_preset(options.preset).num_parameters() <= STAGE_MAX_PARAMS
+
+
 def can_stage(options_list: Sequence[ProfileOptions]) -> bool:
-    """Staging suits small CPU models only: the waiting processes keep their models in memory."""
-    return all(options.device == "cpu" and get_preset(options.preset).num_parameters() <= STAGE_MAX_PARAMS
-               for options in options_list)
+    """Staging suits small CPU models only (presets, not directories): the waiting processes keep their
+    models in memory."""
+    return all(options.device == "cpu" and _small(options) for options in options_list)
 
 
 def run_children(options_list: Sequence[ProfileOptions], staged: bool | None = None,

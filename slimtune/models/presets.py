@@ -1,4 +1,9 @@
-"""Named Llama architecture presets: configurations only, built with random weights (nothing is downloaded).
+"""Named model presets: configurations only, built with random weights (nothing is downloaded).
+
+Language models (:class:`ModelPreset`: Llama and OPT shapes, built with transformers) live here; diffusion
+models (:class:`~slimtune.models.diffusion.DiffusionPreset`: UNets and DiTs, built with diffusers) in
+:mod:`.diffusion`. :data:`PRESETS` holds both; :func:`build_model` builds either. What a training step feeds a
+preset and how its loss is taken is in :mod:`.workload`.
 
 ``llama-3.2-3b`` is exactly the model of the PEFT baseline protocol (``shared/bench/peft_baseline.py``):
 the same ``LlamaConfig`` arguments, ``torch.manual_seed(seed)``, built directly on the device with
@@ -13,6 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, SlimtuneError
+from .diffusion import DIFFUSION_PRESETS, DiffusionPreset, build_diffusion_model
 
 #: The seven projections of a Llama decoder layer (attention and MLP), the protocol's LoRA targets.
 LLAMA_TARGETS: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -77,7 +83,7 @@ class ModelPreset:
         return self.num_hidden_layers * layer + embeddings + h  # final norm
 
 
-PRESETS: dict[str, ModelPreset] = {p.name: p for p in (
+LLM_PRESETS: dict[str, ModelPreset] = {p.name: p for p in (
     ModelPreset("tiny-llama", "a few-million-parameter Llama for CPU smoke runs",
                 hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
                 num_key_value_heads=4, vocab_size=2048, tie_word_embeddings=False,
@@ -95,16 +101,25 @@ PRESETS: dict[str, ModelPreset] = {p.name: p for p in (
                 hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                 num_key_value_heads=12, vocab_size=50272, tie_word_embeddings=True, max_position_embeddings=2048,
                 family="opt", targets=("q_proj", "v_proj")),
+    ModelPreset("llama-7b", "Llama-1/2-7B shape (the LoRA/QLoRA seed study's model)", hidden_size=4096,
+                intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                vocab_size=32000, tie_word_embeddings=False),
 )}
+
+#: A language-model or a diffusion preset.
+Preset = ModelPreset | DiffusionPreset
+
+#: Every preset by name: the language models above, then the diffusion models of :mod:`.diffusion`.
+PRESETS: dict[str, Preset] = {**LLM_PRESETS, **DIFFUSION_PRESETS}
 
 
 def preset_names() -> list[str]:
     return list(PRESETS)
 
 
-def get_preset(preset: str | ModelPreset) -> ModelPreset:
-    """The preset called ``preset`` (a :class:`ModelPreset` is returned as is); :class:`PresetError` if unknown."""
-    if isinstance(preset, ModelPreset):
+def get_preset(preset: str | Preset) -> Preset:
+    """The preset called ``preset`` (a preset object is returned as is); :class:`PresetError` if unknown."""
+    if isinstance(preset, (ModelPreset, DiffusionPreset)):
         return preset
     try:
         return PRESETS[preset]
@@ -137,15 +152,24 @@ def require_transformers() -> Any:
     return transformers
 
 
-def build_model(preset: str | ModelPreset, device: str | torch.device = "cpu",
-                dtype: str | torch.dtype = torch.float32, seed: int = 0) -> nn.Module:
-    """A randomly initialised ``transformers.LlamaForCausalLM`` of the preset's shape.
+def is_diffusion(preset: str | Preset) -> bool:
+    """Whether ``preset`` is a diffusion model (UNet or DiT) rather than a language model."""
+    return isinstance(get_preset(preset), DiffusionPreset)
 
-    Seeded with ``torch.manual_seed(seed)``, created directly on ``device`` and then cast to ``dtype``,
-    exactly as the PEFT baseline protocol builds its model.
+
+def build_model(preset: str | Preset, device: str | torch.device = "cpu",
+                dtype: str | torch.dtype = torch.float32, seed: int = 0) -> nn.Module:
+    """A randomly initialised model of the preset's shape.
+
+    Language models: ``transformers.LlamaForCausalLM`` / ``OPTForCausalLM``. Diffusion models: a
+    :class:`~slimtune.models.diffusion.DiffusionModel` (denoiser + frozen text encoders). Seeded with
+    ``torch.manual_seed(seed)``, created directly on ``device`` and then cast to ``dtype``, exactly as the PEFT
+    baseline protocol builds its model.
     """
     spec = get_preset(preset)
     torch_dtype = resolve_dtype(dtype)
+    if isinstance(spec, DiffusionPreset):
+        return build_diffusion_model(spec, device, torch_dtype, seed)
     transformers = require_transformers()
     config_class, model_class = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
                                  "opt": (transformers.OPTConfig, transformers.OPTForCausalLM)}[spec.family]

@@ -88,8 +88,10 @@ def test_unknown_preset_lists_the_presets() -> None:
         ProfileOptions(preset="llama-9").resolved()
 
 
-def test_options_round_trip_through_argv() -> None:
-    options = ProfileOptions(rank=8, alpha=16, grad_checkpointing=True, backend="peft-bf16", **SMALL).resolved()
+@pytest.mark.parametrize("extra", [{}, {"quant": "nf4"}])
+def test_options_round_trip_through_argv(extra: dict) -> None:
+    options = ProfileOptions(rank=8, alpha=16, grad_checkpointing=True, backend="peft-bf16", **SMALL,
+                             **extra).resolved()
     import argparse
 
     from slimtune.memory.profile import add_profile_arguments, options_from_args
@@ -134,3 +136,137 @@ def test_state_byte_counters() -> None:
     assert accounting.gradient_bytes(model.parameters()) == (16 * 8 + 8) * 4
     opt.step()
     assert accounting.optimizer_state_bytes(opt) >= 2 * (16 * 8 + 8) * 4
+
+
+# -- the breakdown (issue 7) --------------------------------------------------------------------------
+def test_breakdown_parts_add_up(lora_result: ProfileResult) -> None:
+    r, parts = lora_result, lora_result.breakdown
+    assert set(parts) == {"base_weights", "adapter_weights", "gradients", "optimizer_state", "activations",
+                          "temporary"}
+    assert parts["temporary"] is None  # no allocator peak on the CPU
+    assert parts["base_weights"] + parts["adapter_weights"] == r.mem_created_bytes
+    assert parts["adapter_weights"] == parts["gradients"] == 4 * r.params_trainable
+    assert parts["activations"] == r.cpu_breakdown["saved_activations"] == sum(r.activations_by_module.values())
+    assert {"linear", "attention", "norm", "activation", "loss"} <= set(r.activations_by_module)
+    assert r.peak_first_step_bytes == r.peak_bytes  # the accounted sum is the same every step
+    assert r.mem_after_step_bytes == r.mem_created_bytes + parts["optimizer_state"]
+    assert r.quant == "none" and r.model_dir is None and r.device_memory_bytes > 0 and r.setup_time_s > 0
+
+
+def test_module_kinds() -> None:
+    from torch import nn
+
+    kinds = {type(m).__name__: accounting.module_kind(m) for m in (
+        nn.Linear(2, 2), nn.Conv2d(2, 2, 1), nn.LayerNorm(2), nn.GroupNorm(1, 2), nn.SiLU(), nn.Embedding(3, 2),
+        nn.Sequential())}
+    assert kinds == {"Linear": "linear", "Conv2d": "conv", "LayerNorm": "norm", "GroupNorm": "norm",
+                     "SiLU": "activation", "Embedding": "embedding", "Sequential": "other"}
+    assert set(kinds.values()) <= set(accounting.ACTIVATION_KINDS)
+
+
+def test_meter_attributes_saves_to_the_innermost_module() -> None:
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.norm = nn.Linear(8, 8), nn.LayerNorm(8)
+
+        def forward(self, x):
+            return torch.sigmoid(self.norm(self.fc(x)))  # the sigmoid is the block's own code: "other"
+
+    model = nn.Sequential(Block(), nn.Linear(8, 8))
+    x = torch.randn(4, 8, requires_grad=True)
+    meter = accounting.SavedTensorMeter(exclude=[*model.parameters()], model=model)
+    with meter.record():
+        y = model(x)
+        loss = (y * y).sum()  # outside every module: "loss"
+    assert set(meter.by_kind) == {"linear", "norm", "other", "loss"}
+    assert sum(meter.by_kind.values()) == meter.bytes
+    loss.backward()
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())  # hooks removed
+
+
+def test_checkpointed_inputs_have_their_own_kind() -> None:
+    r = profile_training(rank=4, grad_checkpointing=True, **SMALL)
+    assert r.ok and r.activations_by_module["checkpoint"] > 0
+    assert r.breakdown["activations"] < profile_training(rank=4, **SMALL).breakdown["activations"]
+
+
+@pytest.mark.skipif(not hasattr(__import__("slimtune"), "quantize"), reason="slimtune.quantize not available yet")
+def test_nf4_base_weights_are_smaller(lora_result: ProfileResult) -> None:
+    r = profile_training(rank=4, quant="nf4", **SMALL)
+    assert r.ok and r.quant == "nf4"
+    assert r.breakdown["adapter_weights"] == lora_result.breakdown["adapter_weights"]
+    assert r.breakdown["base_weights"] < 0.6 * lora_result.breakdown["base_weights"]
+
+
+def test_peft_qlora_uses_bitsandbytes_linear4bit() -> None:
+    pytest.importorskip("peft")
+    bnb = pytest.importorskip("bitsandbytes")
+    from slimtune.memory.profile import bnb_quantize_linears
+    from slimtune.models import build_model
+
+    model = build_model("tiny-llama", "cpu", "bfloat16")
+    dense = accounting.module_state_bytes(model)
+    count = bnb_quantize_linears(model, torch.bfloat16, skip=[model.lm_head])
+    assert count == 4 * 7 and type(model.lm_head) is torch.nn.Linear
+    layer = model.model.layers[0].self_attn.q_proj
+    assert isinstance(layer, bnb.nn.Linear4bit) and layer.weight.bnb_quantized
+    assert layer.weight.quant_type == "nf4" and layer.weight.compress_statistics
+    assert accounting.module_state_bytes(model) < 0.6 * dense  # quant states counted, still far smaller
+    r = profile_training(rank=4, backend="peft", quant="nf4", dtype="bfloat16", **SMALL)
+    assert r.ok and r.quant == "nf4" and r.peft_version and math.isfinite(r.final_loss)
+
+
+def test_nf4_needs_an_adapter() -> None:
+    with pytest.raises(ConfigError, match="4-bit weights cannot be trained"):
+        ProfileOptions(method="none", quant="nf4", **SMALL).resolved()
+    with pytest.raises(ConfigError, match="unknown quant"):
+        ProfileOptions(quant="int3", **SMALL).resolved()
+
+
+def _tiny_llama_dir(tmp_path, weights: bool):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
+    if weights:
+        torch.manual_seed(7)
+        transformers.LlamaForCausalLM(config).save_pretrained(tmp_path)
+    else:
+        config.save_pretrained(tmp_path)
+    return tmp_path
+
+
+def test_model_directory_without_weights(tmp_path) -> None:
+    path = _tiny_llama_dir(tmp_path, weights=False)
+    r = profile_training(model_dir=str(path), method="lora", rank=2, preset="ignored-when-model-dir",
+                         **{k: v for k, v in SMALL.items() if k != "preset"})
+    assert r.ok and r.model_dir == str(path) and r.preset == str(path)
+    assert 0 < r.params_trainable < r.params_total  # all-linear: the seven projections of both layers
+    assert r.breakdown["adapter_weights"] == 4 * r.params_trainable
+
+
+def test_model_directory_weights_are_loaded(tmp_path) -> None:
+    from slimtune.memory.profile import build_from_dir
+
+    path = _tiny_llama_dir(tmp_path, weights=True)
+    saved = __import__("transformers").LlamaForCausalLM.from_pretrained(path).state_dict()
+    model = build_from_dir(str(path), "cpu", "float32", seed=0)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())
+
+
+def test_bad_model_directory(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        ProfileOptions(model_dir=str(tmp_path / "nope"), **SMALL).resolved()
+    with pytest.raises(ConfigError, match="no config.json"):
+        ProfileOptions(model_dir=str(tmp_path), **SMALL).resolved()
+
+
+def test_diffusion_preset_adapts_the_unet() -> None:
+    pytest.importorskip("diffusers")
+    lora = profile_training(preset="tiny-unet", method="lora", rank=4, batch=1, steps=1, device="cpu")
+    locon = profile_training(preset="tiny-unet", method="locon", rank=4, batch=1, steps=1, device="cpu")
+    assert lora.ok and locon.ok and 0 < lora.params_trainable < locon.params_trainable  # LoCon adds the convs
+    assert lora.activations_by_module["conv"] > 0 and lora.activations_by_module["attention"] > 0
+    assert lora.breakdown["base_weights"] + lora.breakdown["adapter_weights"] == lora.mem_created_bytes
