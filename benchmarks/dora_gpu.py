@@ -17,7 +17,8 @@ Sections (each guarded: a failure is reported and the next section runs):
    fp32 adapters and with ``autocast_adapter_dtype=False``. Shapes (d_in, d_out, r, tokens): (8192, 8192, 384,
    4096) first, then (3072, 8192, 32, 4096), (4096, 4096, 16, 8192) as time allows.
 4. compose — microbenchmark of the elementwise tail, fused Triton vs eager PyTorch, bf16, tokens × d_out in
-   256×1024, 2048×4096, 4096×8192, 8192×8192: forward as the layer runs it (in place, with the ``Σ|v|`` sums),
+   256×1024, 2048×4096, 4096×8192, 8192×8192: forward as the layer runs it (in place, g given), backward as
+   it runs it (dm from y, partials summed, scaled and cast),
    forward z form, forward with separate base and lora (eager = PEFT's ``result + (g−1)·base + g·lora·s``),
    backward from the saved output (``g·dy``, ``Σ dy ⊙ (y − b)``); a sweep of the kernels' block configuration
    (``dora_triton.CONFIG``) at 4096×8192; and the row norm at 8192×8192 r=384: factored (fp32-output GEMMs),
@@ -189,13 +190,13 @@ def section_parity(device: torch.device, quick: bool) -> str:
         for p in params:
             p.grad = None
         y = model(xx)
-        flags.append(getattr(y.grad_fn, "unusable", None))
+        flags.append(getattr(y.grad_fn, "route", None))
         y.backward(dy)
         return [y.detach(), xx.grad] + [p.grad for p in params]
 
     got_ours = run(ours, [layer.lora_A, layer.lora_B, layer.magnitude])
-    fallback = None if flags[0] is None else bool(flags[0])
-    record("parity_path", fell_back_to_recompute=fallback)
+    route = flags[0]
+    record("parity_path", route=route)
     got_theirs = run(theirs, [their["lora_A"], their["lora_B"], their["lora_magnitude_vector"]])
     # float64 dense reference from the same (bf16) values
     w = layer.base_layer.weight.double()
@@ -213,7 +214,8 @@ def section_parity(device: torch.device, quick: bool) -> str:
                      f"{rec['rel_err_slimtune_f64']:.2e}", f"{rec['rel_err_peft_f64']:.2e}"])
     del ours, theirs, got_ours, got_theirs, want, ref, x64, leaves, w
     free(device)
-    path = {None: "?", False: "the saved output (as intended)", True: "recomputed z (fallback!)"}[fallback]
+    path = {"output": "the saved output (as intended)", "z": "a saved z (unexpected here)",
+            "recompute": "a recomputed z (unexpected here)"}.get(route, "?")
     return (f"parity: slimtune DoRA vs PEFT DoRA, {d_in}×{d_out} r={r} N={tokens} bf16, identical weights "
             f"(bf16 adapters both); target cos > 0.9999; slimtune's dm came from {path}\n\n"
             + table(["tensor", "cos(slimtune, PEFT)", "rel err slimtune↔PEFT", "slimtune vs f64", "PEFT vs f64"],
@@ -321,6 +323,7 @@ def section_compose(device: torch.device, quick: bool) -> str:
         dy = torch.randn(n, d, device=device, generator=gen).to(dtype)
         gm1 = torch.randn(d, device=device, generator=gen) * 1e-2
         g = gm1 + 1
+        inv = torch.rand(d, device=device, generator=gen) + 0.5  # 1/m'
         bias = torch.randn(d, device=device, generator=gen).to(dtype)
         s = 0.5
 
@@ -329,14 +332,19 @@ def section_compose(device: torch.device, quick: bool) -> str:
             scale = g.view(1, -1)
             return result + (scale - 1) * base + scale * lora * s
 
-        def eager_layer_fwd():  # what the fused pass replaces: the tail and the Σ|g z| sums, unfused
-            v = base.float() * g
-            return (v + bias.float()).to(dtype), v.abs().sum(0)
+        def eager_layer_fwd():  # what the fused pass replaces: the tail, unfused
+            return (base.float() * g).to(dtype)
+
+        def eager_layer_bwd():  # g·dy, dm = Σ dy ⊙ y · (1/m') cast to the magnitude's dtype
+            d32 = dy.float()
+            return (d32 * g).to(dtype), ((d32 * base.float()).sum(0) * inv).to(dtype)
 
         # (fused, eager or None, bytes moved / element)
         return {
-            "fwd as the layer runs it (in place, Σ|v|)": (lambda: T.compose_forward(work, gm1, out=work, stats=True),
-                                                          eager_layer_fwd, 2),
+            "fwd as the layer runs it (in place)": (lambda: T.compose_forward(work, gm1, out=work, g=g),
+                                                    eager_layer_fwd, 2),
+            "bwd as the layer runs it (g·dy, dm from y, finished)": (
+                lambda: T.compose_backward(dy, base, g, scale=inv, sum_dtype=dtype), eager_layer_bwd, 3),
             "fwd z form": (lambda: T.compose_forward(base, gm1, bias=bias),
                            lambda: K.compose_forward_reference(base, gm1, bias=bias), 2),
             "fwd base+lora (PEFT form)": (lambda: T.compose_forward(base, gm1, lora, s, bias), peft_eager, 3),
@@ -362,7 +370,7 @@ def section_compose(device: torch.device, quick: bool) -> str:
     default = dict(T.CONFIG)
     sweep_rows = []
     cases = cases_for(n, d)
-    picks = ("fwd as the layer runs it (in place, Σ|v|)", "bwd from y (g·dy, Σ dy⊙(y−b))")
+    picks = ("fwd as the layer runs it (in place)", "bwd as the layer runs it (g·dy, dm from y, finished)")
     try:
         for block_d, tile, pps, warps in SWEEP:
             T.CONFIG.update(block_d=block_d, tile=tile, programs_per_sm=pps, num_warps=warps)
@@ -376,7 +384,7 @@ def section_compose(device: torch.device, quick: bool) -> str:
     finally:
         T.CONFIG.update(default)
     text += (f"\n\ncompose kernels' block configuration at {n}×{d} bf16 (median ms)\n\n"
-             + table(["block_d, tile, programs/SM, warps", "fwd (in place, Σ|v|)", "bwd from y"], sweep_rows))
+             + table(["block_d, tile, programs/SM, warps", "fwd (in place)", "bwd from y (finished)"], sweep_rows))
 
     # the row norm: factored (fp32-output GEMMs; without them) vs dense (PEFT's), time and transient memory
     d, r = (256, 16) if quick else (8192, 384)
@@ -447,6 +455,19 @@ def section_summary(device: torch.device, quick: bool) -> str:
         row("min cosine(slimtune, PEFT) over y, dx, dA, dB, dm", min(cos) if cos else None, "> 0.9999",
             lambda v: v > 0.9999),
     ]
+    from slimtune.kernels import dora_triton as T_  # noqa: E402 (CUDA machines only reach here with Triton)
+
+    sweep = [rec for rec in RECORDS if rec["section"] == "compose_sweep"]
+    default = tuple(T_.CONFIG[k] for k in ("block_d", "tile", "programs_per_sm", "num_warps"))
+    mine = [rec for rec in sweep if (rec["block_d"], rec["tile"], rec["programs_per_sm"], rec["num_warps"]) == default]
+    best = min(sweep, key=lambda rec: rec["fwd_ms"] + rec["bwd_ms"]) if sweep else None
+    rows.append(["compose defaults (block_d, tile, programs/SM, warps)", ", ".join(map(str, default)), "—",
+                 f"fwd {mine[0]['fwd_ms']:.4f} / bwd {mine[0]['bwd_ms']:.4f} ms" if mine else ""])
+    if best is not None:
+        rows.append(["sweep's best (fwd + bwd)", f"{best['block_d']}, {best['tile']}, {best['programs_per_sm']}, "
+                     f"{best['num_warps']}", "—", f"fwd {best['fwd_ms']:.4f} / bwd {best['bwd_ms']:.4f} ms"])
+    route = [rec.get("route") for rec in RECORDS if rec["section"] == "parity_path"]
+    rows.append(["dm source (parity layer)", route[0] if route else "—", "output", "✓" if route == ["output"] else ""])
     return (f"summary at {shape[0]}×{shape[1]} r={shape[2]} N={shape[3]} bf16\n\n"
             + table(["quantity", "value", "target", ""], rows))
 

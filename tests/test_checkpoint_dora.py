@@ -141,3 +141,14 @@ def test_lora_and_dora_do_not_mix(tmp_path):
     lora = slimtune.adapt(mlp(), slimtune.LoraConfig(r=4, alpha=8, target_modules=["0", "2"]))
     with pytest.raises(CheckpointError, match="use_dora"):
         load_adapter(lora, tmp_path)
+
+
+@pytest.mark.parametrize("spec", [True, ["0"], r".*0"])
+def test_dora_recompute_is_not_written_to_pefts_config(spec, tmp_path):
+    import json
+
+    net = mlp()
+    slimtune.adapt(net, slimtune.LoraConfig(r=2, target_modules=["0", "2"], use_dora=True, dora_recompute=spec))
+    save_adapter(net, tmp_path)
+    fields = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert "dora_recompute" not in fields and fields["use_dora"] is True

@@ -9,13 +9,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import re
 from typing import Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import AdapterConfig, resolve_adapter_dtype
+from ..config import AdapterConfig, name_matches, resolve_adapter_dtype
 from ..errors import ConfigError
 from ..kernels.lora import lora_linear
 from ..quant.frozen import base_weight_operand, is_quantized, weight_dtype, weight_shape
@@ -65,7 +66,14 @@ class LoraConfig(AdapterConfig):
     keeps fp32 master weights, cast to the activation dtype for each GEMM. ``use_dora``: DoRA (PEFT's
     ``use_dora``; see ``dora.py``), the magnitude vector taking the adapter dtype too. ``dora_recompute``: DoRA
     layers keep no ``[tokens, d_out]`` product for the magnitude gradient and recompute it in backward (one
-    more base GEMM per layer; activation memory as LoRA's). slimtune-only, not written to PEFT's config.
+    more base GEMM per layer; activation memory as LoRA's): True / False for every DoRA layer, or — matched as
+    ``target_modules`` is (:func:`slimtune.config.name_matches`) — a list of module-name suffixes or a regex
+    string (full match) selecting the layers that recompute. By default a bias-free bf16/fp32 DoRA Linear saves
+    its own output, which costs nothing where the next op saves that output anyway; on Llama-style blocks
+    q_proj, k_proj, o_proj and down_proj outputs are not kept by the next op (RoPE and the residual add save
+    nothing of them), so ``dora_recompute=["q_proj", "k_proj", "o_proj", "down_proj"]`` gives LoRA's peak
+    while v_proj, gate_proj and up_proj keep the cheaper saved output. slimtune-only, not written to PEFT's
+    config.
     """
 
     dropout: float = 0.0
@@ -73,7 +81,7 @@ class LoraConfig(AdapterConfig):
     init: str = "default"
     adapter_dtype: torch.dtype | None = None
     use_dora: bool = False
-    dora_recompute: bool = False
+    dora_recompute: bool | str | list[str] = False
 
     method: ClassVar[str] = "lora"
     peft_type: ClassVar[str] = "LORA"
@@ -85,9 +93,27 @@ class LoraConfig(AdapterConfig):
         if self.init not in INITS:
             raise ConfigError(f"unknown LoRA init {self.init!r}; choose from {INITS}")
         self.adapter_dtype = resolve_adapter_dtype(self.adapter_dtype)
-        for field in ("use_dora", "dora_recompute"):
-            if not isinstance(getattr(self, field), bool):
-                raise ConfigError(f"{field} must be True or False, got {getattr(self, field)!r}")
+        if not isinstance(self.use_dora, bool):
+            raise ConfigError(f"use_dora must be True or False, got {self.use_dora!r}")
+        spec = self.dora_recompute
+        if isinstance(spec, tuple):
+            spec = self.dora_recompute = list(spec)
+        if isinstance(spec, str):
+            try:
+                re.compile(spec)
+            except re.error as exc:
+                raise ConfigError(f"dora_recompute is not a valid regex ({exc}): {spec!r}") from None
+        elif isinstance(spec, list):
+            if not all(isinstance(entry, str) and entry for entry in spec):
+                raise ConfigError(f"dora_recompute must list module-name suffixes (non-empty strings), got {spec!r}")
+        elif not isinstance(spec, bool):
+            raise ConfigError("dora_recompute must be True, False, a list of module-name suffixes or a regex "
+                              f"string, got {spec!r}")
+
+    def recompute_for(self, name: str) -> bool:
+        """Whether the DoRA layer at qualified module ``name`` recomputes z (``dora_recompute``)."""
+        spec = self.dora_recompute
+        return spec if isinstance(spec, bool) else name_matches(spec, name)
 
     def create_adapter(self, name: str, base: nn.Module) -> AdapterModule:
         from .locon import LoraConv  # local: locon imports this file
@@ -100,7 +126,7 @@ class LoraConfig(AdapterConfig):
             from .dora import DoraConv, DoraLinear  # local: dora imports this file
 
             layer = (DoraConv if isinstance(base, (nn.Conv1d, nn.Conv2d)) else DoraLinear)(base, **kwargs)
-            layer.recompute = self.dora_recompute
+            layer.recompute = self.recompute_for(name)
             return layer
         if isinstance(base, (nn.Conv1d, nn.Conv2d)):
             return LoraConv(base, **kwargs)

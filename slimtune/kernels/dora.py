@@ -12,39 +12,48 @@ The bias is added unscaled, as PEFT does.
   ``[d_out, r]`` / ``[r, r]`` intermediates: no ``[d_out, d_in]`` tensor is formed. On CUDA the bf16/fp16 GEMMs
   return fp32 (fp32 accumulation, no fp32 GEMM); ``A Aᵀ`` is split into two bf16 halves for ``B (A Aᵀ)``.
 * The Linear layer is two autograd Functions. :class:`DoraProductFunction` queues the big GEMMs
-  ``z = x Wᵀ + s·(x Aᵀ) Bᵀ`` first, then computes the norm (its small kernels launch while the GEMMs run), and
-  saves what LoRA saves: x (the very input object), W itself (a 4-bit handle is kept on ctx instead and
-  dequantised again in backward — no dense copy outlives its GEMM), A, B; never ``x Aᵀ``. :class:`DoraTailFunction`
-  writes the fused tail ``y = z + (g − 1)·z + b`` over z. ``g − 1`` is formed as ``(m − ‖V‖) / ‖V‖`` in fp32,
-  never as a rounded ``g`` minus one (no cancellation near g = 1, where DoRA's magnitudes live), and ``g = 1``
-  gives back ``z`` bit for bit. Two Functions, so that what the tail saved is released (its backward returns
-  ``dz``) before the product's backward allocates ``dx``: the backward's transient peak is LoRA's.
+  ``z = x Wᵀ + s·(x Aᵀ) Bᵀ`` first, then the norm's small GEMMs, and one fused kernel (:func:`dora_vectors`)
+  turns them into the ``[4, d_out]`` fp32 vectors ``(g − 1, g, 1/‖V‖, 1/m')`` that everything downstream reads
+  (no other ``[d_out]`` kernels). It saves what LoRA saves: x (the very input object), W itself (a 4-bit handle
+  is kept on ctx instead and dequantised again in backward — no dense copy outlives its GEMM), A, B; never
+  ``x Aᵀ``. :class:`DoraTailFunction` writes the fused tail ``y = z + (g − 1)·z + b`` over z. ``g − 1`` is formed
+  as ``(m − ‖V‖) / ‖V‖`` in fp32, never as a rounded ``g`` minus one (no cancellation near g = 1, where DoRA's
+  magnitudes live), and ``g = 1`` gives back ``z`` bit for bit; where ``|g − 1| > 1/2`` the tail computes ``g·z``
+  instead (a tiny g would vanish in ``1 + (g − 1)``). Two Functions, so that what the tail saved is
+  released (its backward returns ``dz``) before the product's backward allocates ``dx``: the backward's
+  transient peak is LoRA's. Its backward is one fused pass (``dz = g·dy``, ``Σ dy ⊙ z``, ``Σ dy``) and one small
+  pass that adds the row chunks' partials, scales by ``1/‖V‖`` (or ``1/m'``) and casts: ``dm`` and ``db``.
 
-For ``dm = Σ_tokens dy ⊙ z / ‖V‖`` the tail saves its own **output** y (``ctx.save_for_backward(output)``: where
-the next op saves y too — SiLU saves gate, the product saves up, attention saves v when it takes it as is — it
-is stored once), from which ``z / ‖V‖ = (y − b) / m``; besides, ``[d_out]`` fp32 vectors (and the same x, W, A,
-B objects, for the fallback below). Never z. Other modes: ``recompute=True`` (``dora_recompute``) saves no
-``[N, d_out]`` tensor and recomputes z in backward (one more base GEMM); with dropout (training) z is saved
-(``y`` then also holds ``(x − drop(x)) Wᵀ``, so it cannot give z back); a frozen magnitude needs neither.
+For ``dm = Σ_tokens dy ⊙ z / ‖V‖`` the tail saves, where it can, its own **output** y
+(``ctx.save_for_backward(output)``: where the next op saves y too — SiLU saves gate, the product saves up,
+attention saves v when it takes it as is — it is stored once), from which ``z / ‖V‖ = y / m'``. Never z.
 
-**When y cannot stand in for z.** In y's dtype (unit roundoff u, smallest normal ``tiny``) each stored element
-carries an error up to ``u·max(|g z + b|, tiny)``, so the recovered ``(y − b)/m`` is off by up to
-``u·(|g z| + max(|b|, tiny))/|m|`` where storing z would give ``u·|g z|/|m|``: worse by the bias term, and
-unbounded as ``g z`` underflows (m → 0: ``0 / 0``). Rule, per call: the forward tail also sums ``Σ_tokens |g z|``
-per channel (free: it is in registers), and the output is used only if every channel has
-``mean_tokens |g z| ≥ max(|b|, tiny)``. Then the recovered values' error, summed over tokens, is at most twice
-what storing z would give (``u·Σ(|g z| + max(|b|, tiny)) ≤ 2u·Σ|g z|``). Otherwise — some ``|m|`` tiny or zero, a bias
-dominating its channel's output — that call's backward recomputes z from x, W, A, B (saved anyway), exactly as
-``recompute=True``: never a silently wrong gradient. The flag is copied to pinned host memory without a sync
-and read in backward (waiting, at most, for this layer's forward to finish on the GPU).
+**The rule (host-side, no sync): when y stands in for z.** The training step never reads anything back from the
+device; what backward keeps is decided in forward from what the host already knows — the bias's presence, the
+dtype, dropout, ``recompute``:
 
-The elementwise tail (forward ``y`` and the ``Σ|g z|`` sums; backward ``dz = g·dy``, the ``dm`` and bias column
-sums, in one pass) runs as fused Triton kernels on CUDA (:mod:`slimtune.kernels.dora_triton`), else as the
+* **output** — no bias, no dropout, y in bf16 / fp32 / fp64 (fp32's exponent range or more). The magnitude
+  used is ``m' = sign(m)·max(|m|, ε‖V‖)`` with ``ε = 2^⌊e_min/2⌋`` (2⁻⁶³ for bf16/fp32; :func:`magnitude_floor`),
+  computed on the device inside :func:`dora_vectors` (data-parallel; sign(0) = +). So ``|g| ≥ ε`` and
+  ``g·z`` is a normal number whenever ``|z| ≥ tiny/ε = 2⁻⁶³``: each recovered ``y/m'`` is within the dtype's
+  unit roundoff of ``z/‖V‖`` (as a stored z would be) plus at most ``2⁻⁶³/‖V‖`` absolute — for every m,
+  including tiny and zero ones (where ``y / m`` would be 0/0). The price: a channel with ``|m| < ε‖V‖`` outputs
+  ``±ε·z`` instead of ``(m/‖V‖)·z`` (a change below ``2⁻⁶³·|z|``, far under any output's rounding), and its
+  gradient is the true one, ``Σ dy ⊙ z / ‖V‖`` (it does not depend on m).
+* **z** (z saved, as the conv path does) — a bias (``y − b`` would cancel where the bias dominates its channel),
+  fp16 (e_min = −14: ``ε`` would be 2⁻⁷, far from negligible), or dropout (y then also holds
+  ``(x − drop(x)) Wᵀ``).
+* **recompute** (``dora_recompute``) — no ``[N, d_out]`` tensor saved; z rebuilt in backward (one more base
+  GEMM). A frozen magnitude needs neither.
+
+The elementwise tail (forward ``y``; backward ``dz = g·dy``, the ``dm`` and bias column sums, in one pass) and
+the ``[d_out]`` vectors run as fused Triton kernels on CUDA (:mod:`slimtune.kernels.dora_triton`), else as the
 plain-PyTorch references here. Convolutions (``DoraConv``) use :class:`DoraScaleFunction`, which keeps z.
 """
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 
 import torch
@@ -97,30 +106,80 @@ def _mm_acc(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype, small: bool) -> 
 
 
 @torch.no_grad()
+def factored_norm_parts(weight2d: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor
+                        ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``(W Aᵀ, [P, …])`` in fp32 (fp64 for fp64 W), ``[d_out, r]`` each, the P summing to ``B (A Aᵀ)``.
+
+    ``W Aᵀ`` runs in W's dtype, ``A Aᵀ`` and ``B (A Aᵀ)`` in the factors' dtype, all with fp32 accumulation and
+    (on CUDA, bf16/fp16) fp32 outputs; there ``A Aᵀ`` enters as two bf16/fp16 halves (~16 significant bits),
+    giving two P. Elsewhere the small products run in fp32 (one P)."""
+    acc = accumulate_dtype(weight2d.dtype)
+    mixed = _mm_acc(weight2d, lora_a.to(weight2d.dtype).t(), acc, small=False)  # W Aᵀ, [d_out, r]
+    gram = _mm_acc(lora_a, lora_a.t(), acc, small=True)  # A Aᵀ, [r, r]
+    if _fp32_out_gemm(lora_b):
+        hi = gram.to(lora_b.dtype)
+        lo = torch.sub(gram, hi).to(lora_b.dtype)
+        return mixed, [torch.mm(lora_b, hi, out_dtype=acc), torch.mm(lora_b, lo, out_dtype=acc)]
+    return mixed, [lora_b.to(acc) @ gram]
+
+
+def _row_norm_sq_from_parts(weight_sq: torch.Tensor, mixed: torch.Tensor, parts: list[torch.Tensor],
+                            lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``‖W‖² + 2s·rowsum((W Aᵀ + (s/2)·Σ P) ⊙ B)``, clamped at 0 (fp32 or fp64)."""
+    t = torch.add(mixed, parts[0], alpha=scaling / 2)
+    for part in parts[1:]:
+        t.add_(part, alpha=scaling / 2)
+    rowsum = t.mul_(lora_b).sum(1)
+    return torch.add(weight_sq.to(mixed.dtype), rowsum, alpha=2 * scaling).clamp_min_(0)
+
+
+@torch.no_grad()
 def factored_row_norm_sq(weight2d: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float,
                          weight_sq: torch.Tensor | None = None) -> torch.Tensor:
     """``‖W + s·B A‖²_row`` ``[d_out]``, fp32 (fp64 for fp64 W), clamped at 0; no ``[d_out, d_in]`` tensor.
 
     weight2d ``[d_out, d_in]`` (dense), lora_a ``[r, d_in]``, lora_b ``[d_out, r]``; ``weight_sq``: a cached
-    ``‖W‖²_row``. ``W Aᵀ`` runs in W's dtype, ``A Aᵀ`` and ``B (A Aᵀ)`` in the factors' dtype, all with fp32
-    accumulation and (on CUDA, bf16/fp16) fp32 outputs; ``A Aᵀ`` enters ``B (A Aᵀ)`` as the sum of two
-    bf16/fp16 halves (~16 significant bits). Elsewhere the small products run in fp32.
+    ``‖W‖²_row``. The products: :func:`factored_norm_parts`.
     """
-    acc = accumulate_dtype(weight2d.dtype)
     if weight_sq is None:
         weight_sq = weight_row_norm_sq(weight2d)
-    mixed = _mm_acc(weight2d, lora_a.to(weight2d.dtype).t(), acc, small=False)  # W Aᵀ, [d_out, r]
-    gram = _mm_acc(lora_a, lora_a.t(), acc, small=True)  # A Aᵀ, [r, r]
-    half = scaling / 2
-    if _fp32_out_gemm(lora_b):
-        hi = gram.to(lora_b.dtype)
-        lo = (gram - hi).to(lora_b.dtype)
-        mixed.add_(torch.mm(lora_b, hi, out_dtype=acc), alpha=half)
-        mixed.add_(torch.mm(lora_b, lo, out_dtype=acc), alpha=half)
-    else:
-        mixed.add_(lora_b.to(acc) @ gram, alpha=half)  # W Aᵀ + (s/2)·B (A Aᵀ)
-    rowsum = mixed.mul_(lora_b).sum(1)
-    return torch.add(weight_sq.to(acc), rowsum, alpha=2 * scaling).clamp_min_(0)
+    mixed, parts = factored_norm_parts(weight2d, lora_a, lora_b)
+    return _row_norm_sq_from_parts(weight_sq, mixed, parts, lora_b, scaling)
+
+
+def magnitude_floor(dtype: torch.dtype) -> float:
+    """``ε = 2^⌊e_min/2⌋`` for an output dtype whose smallest normal is ``2^e_min`` (bf16 / fp32: 2⁻⁶³)."""
+    e_min = int(math.log2(torch.finfo(dtype).tiny))
+    return 2.0 ** -((-e_min + 1) // 2)
+
+
+def saves_output(bias: torch.Tensor | None, dtype: torch.dtype) -> bool:
+    """The host rule of the module docstring: the output stands in for z iff there is no bias and the output's
+    dtype has fp32's exponent range (bf16, fp32, fp64); decided from what the host knows, no sync."""
+    return bias is None and dtype in (torch.bfloat16, torch.float32, torch.float64)
+
+
+def dora_vectors_reference(mixed: torch.Tensor, parts: list[torch.Tensor], lora_b: torch.Tensor,
+                           weight_sq: torch.Tensor, magnitude: torch.Tensor, scaling: float,
+                           eps: float = 0.0) -> torch.Tensor:
+    """``[4, d_out]`` rows ``(g − 1, g, 1/‖V‖, 1/m')`` in fp32 (fp64 for fp64): ``‖V‖`` from the norm parts
+    (:func:`factored_norm_parts`), ``m' = sign(m)·max(|m|, ε‖V‖)`` (sign(0) = +; ``ε = 0``: ``m' = m``),
+    ``g = m'/‖V‖`` and ``g − 1 = (m' − ‖V‖)/‖V‖`` (no cancellation near g = 1)."""
+    norm = _row_norm_sq_from_parts(weight_sq, mixed, parts, lora_b, scaling).sqrt_()
+    m = magnitude.detach().reshape(-1).to(norm.dtype)
+    mag = torch.maximum(m.abs(), norm * eps)
+    m_eff = torch.where(m < 0, -mag, mag)
+    return torch.stack([(m_eff - norm) / norm, m_eff / norm, 1 / norm, 1 / m_eff])
+
+
+def dora_vectors(mixed: torch.Tensor, parts: list[torch.Tensor], lora_b: torch.Tensor, weight_sq: torch.Tensor,
+                 magnitude: torch.Tensor, scaling: float, eps: float = 0.0) -> torch.Tensor:
+    """:func:`dora_vectors_reference`, one fused kernel on the GPU (fp32)."""
+    if mixed.dtype == torch.float32 and use_triton(mixed):
+        from . import dora_triton
+
+        return dora_triton.dora_vectors(mixed, parts, lora_b, weight_sq, magnitude.detach(), scaling, eps)
+    return dora_vectors_reference(mixed, parts, lora_b, weight_sq, magnitude, scaling, eps)
 
 
 def dense_row_norm(weight2d: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -150,23 +209,30 @@ def _other_dims(t: torch.Tensor, dim: int) -> list[int]:
 
 
 def _scaled_reference(base: torch.Tensor, gm1: torch.Tensor, lora: torch.Tensor | None, scaling: float,
-                      dim: int) -> torch.Tensor:
-    """``v = base + (g−1)·base + g·s·lora`` in fp32 (fp64 for fp64)."""
+                      dim: int, g: torch.Tensor | None = None) -> torch.Tensor:
+    """``v = base + (g−1)·base + g·s·lora`` in fp32 (fp64 for fp64); with ``g`` given, ``g·base`` where
+    ``|g − 1| > 1/2`` (a tiny g is not lost in ``1 + (g − 1)``)."""
     acc = accumulate_dtype(base.dtype)
     gm1 = _channel_view(gm1.to(acc), base, dim)
     b = base.to(acc)
     v = b + gm1 * b
-    return v if lora is None else v + (1 + gm1) * scaling * lora.to(acc)
+    if g is not None:
+        g = _channel_view(g.to(acc), base, dim)
+        v = torch.where(gm1.abs() <= 0.5, v, g * b)
+    else:
+        g = 1 + gm1
+    return v if lora is None else v + g * scaling * lora.to(acc)
 
 
 def compose_forward_reference(base: torch.Tensor, gm1: torch.Tensor, lora: torch.Tensor | None = None,
                               scaling: float = 1.0, bias: torch.Tensor | None = None,
-                              dim: int = -1) -> torch.Tensor:
+                              dim: int = -1, g: torch.Tensor | None = None) -> torch.Tensor:
     """``base + (g−1)·base + g·s·lora + b`` in fp32 (fp64 for fp64), returned in base's dtype.
 
-    base / lora ``[..., C, ...]`` with the channel axis ``dim``; gm1 (``g − 1``), bias ``[C]``.
+    base / lora ``[..., C, ...]`` with the channel axis ``dim``; gm1 (``g − 1``), bias ``[C]``; g: optional, see
+    :func:`_scaled_reference`.
     """
-    v = _scaled_reference(base, gm1, lora, scaling, dim)
+    v = _scaled_reference(base, gm1, lora, scaling, dim, g)
     if bias is not None:
         v = v + _channel_view(bias.to(v.dtype), base, dim)
     return v.to(base.dtype)
@@ -209,28 +275,39 @@ def _fused(t: torch.Tensor, dim: int) -> bool:
 
 def compose_forward(base: torch.Tensor, gm1: torch.Tensor, lora: torch.Tensor | None = None, scaling: float = 1.0,
                     bias: torch.Tensor | None = None, out: torch.Tensor | None = None, dim: int = -1,
-                    stats: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                    stats: bool = False, g: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(out, sums)``: :func:`compose_forward_reference` (``out`` may be ``base`` itself) and, with ``stats``,
     :func:`compose_stats_reference` (else None) — one fused pass on the GPU."""
     if _fused(base, dim):
         from . import dora_triton
 
-        return dora_triton.compose_forward(base, gm1, lora, scaling, bias, out, stats)
+        return dora_triton.compose_forward(base, gm1, lora, scaling, bias, out, stats, g)
     sums = compose_stats_reference(base, gm1, lora, scaling, dim) if stats else None
-    result = compose_forward_reference(base, gm1, lora, scaling, bias, dim)
+    result = compose_forward_reference(base, gm1, lora, scaling, bias, dim, g)
     return (out.copy_(result) if out is not None else result), sums
 
 
 def compose_backward(dy: torch.Tensor, base: torch.Tensor, g: torch.Tensor, lora: torch.Tensor | None = None,
                      scaling: float = 1.0, dbase_out: torch.Tensor | None = None, dim: int = -1,
-                     shift: torch.Tensor | None = None, dy_sum: bool = False
+                     shift: torch.Tensor | None = None, dy_sum: bool = False, scale: torch.Tensor | None = None,
+                     sum_dtype: torch.dtype | None = None, dysum_dtype: torch.dtype | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """:func:`compose_backward_reference` in one fused pass on the GPU; ``dbase_out`` may be ``base`` itself."""
+    """:func:`compose_backward_reference` in one fused pass on the GPU; ``dbase_out`` may be ``base`` itself.
+    ``scale`` ``[C]`` multiplies the first sums (``dm = pre_sum ⊙ scale``); ``sum_dtype`` / ``dysum_dtype``: the
+    dtypes the two sums are returned in (default fp32, fp64 for fp64) — on the GPU in the same small pass that
+    adds up the row chunks' partials."""
     if _fused(base, dim):
         from . import dora_triton
 
-        return dora_triton.compose_backward(dy, base, g, lora, scaling, dbase_out, shift, dy_sum)
+        return dora_triton.compose_backward(dy, base, g, lora, scaling, dbase_out, shift, dy_sum, scale, sum_dtype,
+                                            dysum_dtype)
     dbase, pre_sum, dys = compose_backward_reference(dy, base, g, lora, scaling, dim, shift, dy_sum)
+    if scale is not None:
+        pre_sum = pre_sum * scale.to(pre_sum.dtype)
+    if sum_dtype is not None:
+        pre_sum = pre_sum.to(sum_dtype)
+    if dys is not None and dysum_dtype is not None:
+        dys = dys.to(dysum_dtype)
     return (dbase_out.copy_(dbase) if dbase_out is not None else dbase), pre_sum, dys
 
 
@@ -278,35 +355,6 @@ def dora_scale(z: torch.Tensor, magnitude: torch.Tensor, norm: torch.Tensor, bia
 
 
 # -- the Linear Functions -------------------------------------------------------------------------------------
-class _HostFlag:
-    """A device bool for the host to read later: copied to pinned memory without a sync; reading it waits only
-    for the work queued before the copy (this layer's forward), not for the whole stream."""
-
-    def __init__(self, flag: torch.Tensor) -> None:
-        self.event = None
-        if flag.is_cuda:
-            self.value = torch.empty((), dtype=torch.bool, pin_memory=True)
-            self.value.copy_(flag, non_blocking=True)
-            self.event = torch.cuda.Event()
-            self.event.record()
-        else:
-            self.value = flag
-
-    def __bool__(self) -> bool:
-        if self.event is not None:
-            self.event.synchronize()
-        return bool(self.value)
-
-
-def output_unusable(sums: torch.Tensor, bias: torch.Tensor | None, tokens: int, dtype: torch.dtype) -> torch.Tensor:
-    """The rule of the module docstring, as a device bool: some channel has ``mean |g z| < max(|b|, tiny)``.
-
-    sums: ``Σ_tokens |g z|`` ``[d_out]`` fp32; bias ``[d_out]`` or None; dtype: the output's dtype."""
-    tiny = torch.finfo(dtype).tiny
-    floor = bias.detach().float().abs().clamp_min_(tiny) if bias is not None else tiny
-    return (sums < floor * tokens).any()
-
-
 def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
@@ -322,12 +370,13 @@ def _saved(ctx) -> dict[str, torch.Tensor]:
 
 def _save(ctx, weight: WeightOperand, **tensors: torch.Tensor | None) -> None:
     """Save ``tensors`` (None skipped) and the weight: a dense one with them, a quantised handle on ctx."""
-    if not is_quantized(weight):
+    quantized = weight is not None and is_quantized(weight)
+    if weight is not None and not quantized:
         tensors["w"] = weight
     tensors = {k: v for k, v in tensors.items() if v is not None}
     ctx.names = tuple(tensors)
     ctx.save_for_backward(*tensors.values())
-    ctx.weight = weight if is_quantized(weight) else None
+    ctx.weight = weight if quantized else None
 
 
 def _weight(ctx, t: dict[str, torch.Tensor]) -> WeightOperand:
@@ -343,8 +392,9 @@ def _product(xd: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor
 
 
 class DoraProductFunction(torch.autograd.Function):
-    """``(z, rest, ‖V‖)``: ``z = drop(x) Wᵀ + s·(drop(x) Aᵀ) Bᵀ`` ``[..., d_out]``, ``rest = (x − drop(x)) Wᵀ``
-    (dropout only, else None) and the row norm ``‖W + s·B A‖`` ``[d_out]`` fp32 (no gradient).
+    """``(z, rest, vec)``: ``z = drop(x) Wᵀ + s·(drop(x) Aᵀ) Bᵀ`` ``[..., d_out]``, ``rest = (x − drop(x)) Wᵀ``
+    (dropout only, else None) and ``vec`` = :func:`dora_vectors` ``[4, d_out]`` fp32 — ``(g − 1, g, 1/‖V‖, 1/m')``
+    with ``m'`` the magnitude floored at ``eps·‖V‖`` — no gradient (m gets its gradient through the tail).
 
     x ``[..., d_in]``; weight ``[d_out, d_in]`` dense (any dtype; cast per GEMM) or a quantised handle
     (dequantised once in forward — base GEMM and ``W Aᵀ`` — and once in backward for dx); lora_a / lora_b in
@@ -354,8 +404,8 @@ class DoraProductFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, lora_a, lora_b, scaling: float, dropout_p: float, seed: int, weight_sq,
-                save: bool):
+    def forward(ctx, x, weight, lora_a, lora_b, magnitude, scaling: float, dropout_p: float, seed: int, weight_sq,
+                save: bool, eps: float):
         ctx.set_materialize_grads(False)
         dtype, lead, d_in = x.dtype, tuple(x.shape[:-1]), x.shape[-1]
         x2 = x.reshape(-1, d_in)
@@ -364,14 +414,18 @@ class DoraProductFunction(torch.autograd.Function):
         xd = x2 * mask if mask is not None else x2
         w = materialize(weight, dtype)
         z = _product(xd, w, a, b, scaling, lead)
-        norm = factored_row_norm_sq(w, a, b, scaling, weight_sq).sqrt_()
+        if weight_sq is None:
+            weight_sq = weight_row_norm_sq(w)
+        mixed, parts = factored_norm_parts(w, a, b)
+        vec = dora_vectors(mixed, parts, b, weight_sq, magnitude, scaling, eps)
+        del mixed, parts
         rest = F.linear((x2 - xd).view(*lead, d_in), w) if mask is not None else None
         del w
-        ctx.mark_non_differentiable(norm)
+        ctx.mark_non_differentiable(vec)
         if save:
             _save(ctx, weight, x=x, a=lora_a, b=lora_b)
             ctx.scaling, ctx.dropout_p, ctx.seed = scaling, dropout_p, seed
-        return z, rest, norm
+        return z, rest, vec
 
     @staticmethod
     def backward(ctx, dz, drest, _):
@@ -419,47 +473,46 @@ class DoraProductFunction(torch.autograd.Function):
             if mask is not None and drest2 is not None:
                 grad_w.addmm_(drest2.t(), x2 - xd)
             grad_w = _cast(grad_w, t["w"].dtype)
-        return grad_x, grad_w, grad_a, grad_b, None, None, None, None, None
+        return grad_x, grad_w, grad_a, grad_b, None, None, None, None, None, None, None
 
 
 class DoraTailFunction(torch.autograd.Function):
-    """``y = z + (g − 1)·z + b [+ rest]``, ``g = m / ‖V‖`` (norm constant), written over z where it can be.
+    """``y = z + (g − 1)·z + b [+ rest]`` (``vec`` from :class:`DoraProductFunction`: ``g`` and ``g − 1``; no
+    gradient), written over z where it can be.
 
-    z ``[..., d_out]`` (from :class:`DoraProductFunction`), rest: its dropout term or None, magnitude ``[d_out]``,
-    norm ``[d_out]`` fp32, bias ``[d_out]`` or None. keep — what backward gets ``dm = Σ dy ⊙ z / ‖V‖`` from:
-    ``"output"`` (y itself, saved as the output: ``z / ‖V‖ = (y − b) / m``, guarded by the rule of the module
-    docstring), ``"z"`` (z saved; dropout), ``"recompute"`` (z rebuilt from x, W, A, B), None (no dm: frozen
-    magnitude), ``"none"`` (no backward). x, weight, lora_a, lora_b, scaling, dropout_p, seed: the product's
-    inputs, kept (the same objects the product saves) to rebuild z; they get no gradient here.
-    Backward returns ``dz = g·dy`` (its own ``[N, d_out]`` buffer) and releases what it saved before the
-    product's backward allocates dx, so the backward's transient peak is LoRA's.
+    z ``[..., d_out]``, rest: the product's dropout term or None, magnitude ``[d_out]`` (any shape with d_out
+    elements), bias ``[d_out]`` or None. keep — what backward gets ``dm = Σ dy ⊙ z / ‖V‖`` from, chosen on the
+    host by :func:`dora_linear`: ``"output"`` (y itself, saved as the output: ``z / ‖V‖ = y / m'``; bias-free
+    bf16/fp32/fp64 only, see the module docstring), ``"z"`` (z saved: dropout, a bias, fp16), ``"recompute"``
+    (z rebuilt from x, W, A, B), None (no dm: frozen magnitude), ``"none"`` (no backward). x, weight, lora_a,
+    lora_b, scaling, dropout_p, seed: the product's inputs, kept for ``"recompute"`` only (the same objects the
+    product saves); they get no gradient here. Backward returns ``dz = g·dy`` (its own ``[N, d_out]`` buffer)
+    and releases what it saved before the product's backward allocates dx, so the backward's transient peak is
+    LoRA's. ``dm`` and the bias gradient come out of the backward pass's own small reduction kernel, scaled
+    and cast (no ``[d_out]`` kernels besides).
     """
 
     @staticmethod
-    def forward(ctx, z, rest, magnitude, norm, bias, keep: str | None, x, weight, lora_a, lora_b, scaling: float,
+    def forward(ctx, z, rest, magnitude, vec, bias, keep: str | None, x, weight, lora_a, lora_b, scaling: float,
                 dropout_p: float, seed: int):
-        m = magnitude.detach().reshape(-1).to(norm.dtype)
-        gm1 = (m - norm) / norm
         if keep == "z":
-            y, _ = compose_forward(z, gm1, bias=bias)
+            y, _ = compose_forward(z, vec[0], bias=bias, g=vec[1])
         else:
-            y, sums = compose_forward(z, gm1, bias=bias, out=z, stats=keep == "output")
+            y, _ = compose_forward(z, vec[0], bias=bias, out=z, g=vec[1])
             ctx.mark_dirty(z)
-            if keep == "output":
-                ctx.unusable = _HostFlag(output_unusable(sums, bias, y.numel() // max(1, y.shape[-1]), y.dtype))
         if rest is not None:
             y.add_(rest)
+        ctx.route = keep
         if keep != "none":
-            g = gm1 + 1
             if keep == "output":
-                _save(ctx, weight, y=y, m=m, g=g, norm=norm, bias=bias, x=x, a=lora_a, b=lora_b)
+                _save(ctx, None, y=y, vec=vec)
             elif keep == "z":
-                _save(ctx, weight, z=z, g=g, norm=norm)
+                _save(ctx, None, z=z, vec=vec)
             elif keep == "recompute":
-                _save(ctx, weight, g=g, norm=norm, x=x, a=lora_a, b=lora_b)
+                _save(ctx, weight, vec=vec, x=x, a=lora_a, b=lora_b)
             else:
-                _save(ctx, weight, g=g)
-            ctx.keep, ctx.scaling, ctx.dropout_p, ctx.seed = keep, scaling, dropout_p, seed
+                _save(ctx, None, vec=vec)
+            ctx.scaling, ctx.dropout_p, ctx.seed = scaling, dropout_p, seed
             ctx.magnitude_shape, ctx.magnitude_dtype = magnitude.shape, magnitude.dtype
             ctx.has_rest = rest is not None
         return y
@@ -467,13 +520,11 @@ class DoraTailFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         t = _saved(ctx)
-        keep = ctx.keep
-        if keep == "output" and bool(ctx.unusable):
-            keep = "recompute"
+        keep, vec = ctx.route, t["vec"]
         dy2 = dy.reshape(-1, dy.shape[-1])
-        shift, divisor, inplace = None, t.get("norm"), False
+        inplace, scale = False, vec[2]  # dm = Σ dy ⊙ z · (1/‖V‖)
         if keep == "output":
-            pre, shift, divisor = t["y"].view(dy2.shape), t.get("bias"), t["m"]
+            pre, scale = t["y"].view(dy2.shape), vec[3]  # dm = Σ dy ⊙ y · (1/m')
         elif keep == "z":
             pre = t["z"].reshape(dy2.shape)
         elif keep == "recompute":
@@ -488,10 +539,10 @@ class DoraTailFunction(torch.autograd.Function):
         else:  # frozen magnitude: g·dy (and the bias sum) only
             pre = dy2 if dy2.stride(-1) == 1 else dy2.contiguous()
         need_z, _, need_m, _, need_bias = ctx.needs_input_grad[:5]
-        dz, pre_sum, dy_sum = compose_backward(dy2, pre, t["g"], dbase_out=pre if inplace else None, shift=shift,
-                                               dy_sum=bool(need_bias))
-        grad_m = (pre_sum / divisor).to(ctx.magnitude_dtype).view(ctx.magnitude_shape) if need_m and keep else None
-        grad_bias = dy_sum.to(dy.dtype) if dy_sum is not None else None
+        dz, grad_m, grad_bias = compose_backward(
+            dy2, pre, vec[1], dbase_out=pre if inplace else None, dy_sum=bool(need_bias), scale=scale,
+            sum_dtype=ctx.magnitude_dtype, dysum_dtype=dy.dtype)
+        grad_m = grad_m.view(ctx.magnitude_shape) if need_m and keep else None
         grad_z = dz.view(dy.shape) if need_z else None
         grad_rest = dy if ctx.has_rest else None
         return grad_z, grad_rest, grad_m, None, grad_bias, None, None, None, None, None, None, None, None
@@ -504,18 +555,23 @@ def dora_linear(x: torch.Tensor, weight: WeightOperand, bias: torch.Tensor | Non
 
     ``weight`` ``[d_out, d_in]``: dense (any dtype; cast for each GEMM) or a quantised handle; ``bias`` in x's
     dtype; ``weight_sq``: cached ``‖W‖²_row`` (or None); ``recompute``: keep no ``[N, d_out]`` tensor. With
-    ``dropout_p`` the result is PEFT's ``x Wᵀ + b + (g−1)·drop(x) Wᵀ + g·s·(drop(x) Aᵀ) Bᵀ``.
+    ``dropout_p`` the result is PEFT's ``x Wᵀ + b + (g−1)·drop(x) Wᵀ + g·s·(drop(x) Aᵀ) Bᵀ``. What backward
+    keeps is decided here, on the host (module docstring); nothing is read back from the device.
     """
     seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout_p > 0 else 0
-    inputs = (x, weight, bias, lora_a, lora_b, magnitude)
     keep: str | None
-    if not (torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs)):
+    if not (torch.is_grad_enabled() and (x.requires_grad or lora_a.requires_grad or lora_b.requires_grad
+                                         or magnitude.requires_grad or (bias is not None and bias.requires_grad)
+                                         or (isinstance(weight, torch.Tensor) and weight.requires_grad))):
         keep = "none"
     elif not magnitude.requires_grad:
         keep = None
+    elif recompute:
+        keep = "recompute"
     else:
-        keep = "recompute" if recompute else ("z" if dropout_p > 0 else "output")
-    z, rest, norm = DoraProductFunction.apply(x, weight, lora_a, lora_b, scaling, dropout_p, seed, weight_sq,
-                                              keep != "none")
-    return DoraTailFunction.apply(z, rest, magnitude, norm, bias, keep, x, weight, lora_a, lora_b, scaling,
+        keep = "output" if dropout_p == 0 and saves_output(bias, x.dtype) else "z"
+    eps = magnitude_floor(x.dtype) if keep == "output" else 0.0
+    z, rest, vec = DoraProductFunction.apply(x, weight, lora_a, lora_b, magnitude, scaling, dropout_p, seed,
+                                             weight_sq, keep != "none", eps)
+    return DoraTailFunction.apply(z, rest, magnitude, vec, bias, keep, x, weight, lora_a, lora_b, scaling,
                                   dropout_p, seed)

@@ -134,7 +134,8 @@ def adapter_targets(options: ProfileOptions) -> list[str] | str:
     attention Linears, plus its convolutions for LoCon/LoHa/LoKr)."""
     if options.model_dir is not None:
         return "all-linear"
-    return workload_module().default_targets(options.preset, options.method)
+    method = "dora" if options.method == "dora-recompute-unshared" else options.method  # same targets as dora
+    return workload_module().default_targets(options.preset, method)
 
 
 def trained_module(model: nn.Module, options: ProfileOptions) -> nn.Module:
@@ -217,8 +218,10 @@ def slimtune_config(method: str, rank: int, alpha: float, targets: list[str] | s
     """
     from .. import adapters
 
-    if method in ("lora", "locon", "dora", "dora-recompute"):
-        extra = {"use_dora": True, "dora_recompute": method == "dora-recompute"} if method.startswith("dora") else {}
+    if method in ("lora", "locon", "dora", "dora-recompute", "dora-recompute-unshared"):
+        from .options import DORA_RECOMPUTE
+
+        extra = {"use_dora": True, "dora_recompute": DORA_RECOMPUTE[method]} if method.startswith("dora") else {}
         return adapters.LoraConfig(r=rank, alpha=alpha, target_modules=targets, **extra)
     if method == "hra":
         return adapters.HraConfig(r=rank, target_modules=targets)
@@ -231,7 +234,7 @@ def slimtune_config(method: str, rank: int, alpha: float, targets: list[str] | s
 def peft_config(peft: Any, method: str, rank: int, alpha: float, targets: list[str] | str):
     """PEFT's config for the same adapter (``lora_dropout=0``; ``locon``: LoRA, conv targets included)."""
     alpha = int(alpha) if float(alpha).is_integer() else alpha
-    if method in ("lora", "locon", "dora", "dora-recompute"):
+    if method in ("lora", "locon", "dora", "dora-recompute", "dora-recompute-unshared"):
         return peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0,
                                use_dora=method.startswith("dora"))
     if method == "hra":

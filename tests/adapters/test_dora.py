@@ -196,7 +196,7 @@ def test_norm_is_computed_once_per_forward_and_weight_norms_are_cached(monkeypat
     from slimtune.kernels import dora as K
 
     calls = {"norm": 0, "weight": 0}
-    real_norm, real_weight = K.factored_row_norm_sq, K.weight_row_norm_sq
+    real_norm, real_weight = K.factored_norm_parts, K.weight_row_norm_sq
 
     def count(key, fn):
         def wrapped(*args, **kwargs):
@@ -204,7 +204,7 @@ def test_norm_is_computed_once_per_forward_and_weight_norms_are_cached(monkeypat
             return fn(*args, **kwargs)
         return wrapped
 
-    monkeypatch.setattr(K, "factored_row_norm_sq", count("norm", real_norm))
+    monkeypatch.setattr(K, "factored_norm_parts", count("norm", real_norm))
     monkeypatch.setattr(K, "weight_row_norm_sq", count("weight", real_weight))
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 8))
@@ -396,3 +396,23 @@ def test_tiny_llama_trains_with_saved_outputs_and_matches_recompute():
         loss.backward()
         grads.append(torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.requires_grad]))
     assert rel_err(grads[0], grads[1]) < FP32_TOL
+
+
+def test_dora_recompute_by_name_and_its_validation():
+    from slimtune.errors import ConfigError
+
+    def layers(spec):
+        model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4), nn.Linear(4, 3))
+        slimtune.adapt(model, slimtune.LoraConfig(r=2, target_modules=["0", "2", "3"], use_dora=True,
+                                                  dora_recompute=spec))
+        return [model[i].recompute for i in (0, 2, 3)]
+
+    assert layers(False) == [False] * 3 and layers(True) == [True] * 3
+    assert layers(["2"]) == [False, True, False]  # suffixes, as target_modules
+    assert layers(("0", "3")) == [True, False, True]
+    assert layers(r"[23]") == [False, True, True]  # a regex string: full match of the qualified name
+    for bad in (1, None, [1], [""], "(", {"q_proj": True}):
+        with pytest.raises(ConfigError, match="dora_recompute"):
+            slimtune.LoraConfig(r=2, target_modules=["0"], use_dora=True, dora_recompute=bad)
+    with pytest.raises(ConfigError, match="use_dora"):
+        slimtune.LoraConfig(r=2, target_modules=["0"], use_dora="yes")

@@ -51,12 +51,20 @@ for dtype in (torch.float32, torch.float16):
         assert none is None
         rdb, rdm, _ = K.compose_backward_reference(ones, base, gm1 + 1)
         results[f"{name}/{n}x{d}/inplace_expanded_bwd"] = max(rel_err(db, rdb), rel_err(dm, rdm))
+        # the backward's small finishing pass: partial sums added, scaled by a [D] vector and cast
+        scale = torch.rand(d) + 0.5
+        _, dm, ds = T.compose_backward(dy, base, gm1 + 1, shift=bias, dy_sum=True, scale=scale, sum_dtype=dtype,
+                                       dysum_dtype=torch.float32)
+        _, rdm, rds = K.compose_backward_reference(dy, base, gm1 + 1, shift=bias, dy_sum=True)
+        assert dm.dtype == dtype and ds.dtype == torch.float32
+        results[f"{name}/{n}x{d}/finish"] = max(rel_err(dm, (rdm * scale).to(dtype)), rel_err(ds, rds))
 
     # the whole DoRA Linear through the kernels (use_triton is on for CPU tensors under the interpreter):
-    # output path, a zero magnitude (falls back to recomputing z), recompute mode, with a bias
-    for case in ("output", "zero_m", "recompute"):
+    # output path (no bias), a zero and a tiny magnitude on it (floored: no fallback needed), recompute mode,
+    # with a bias (z saved); fp16 saves z too
+    for case in ("output", "zero_m", "recompute", "bias"):
         torch.manual_seed(1)
-        model = torch.nn.Sequential(torch.nn.Linear(40, 36)).to(dtype)
+        model = torch.nn.Sequential(torch.nn.Linear(40, 36, bias=case in ("recompute", "bias"))).to(dtype)
         slimtune.adapt(model, slimtune.LoraConfig(r=4, alpha=8, target_modules=["0"], use_dora=True,
                                                   dora_recompute=case == "recompute"))
         layer = model[0]
@@ -66,13 +74,15 @@ for dtype in (torch.float32, torch.float16):
             layer.magnitude.mul_(1.1)
             if case == "zero_m":
                 layer.magnitude[5] = 0
+                layer.magnitude[6] = -1e-30 if dtype == torch.float32 else 0
         x = torch.randn(3, 9, 40).to(dtype).requires_grad_()
         y = model(x)
-        if case != "recompute":
-            assert bool(y.grad_fn.unusable) == (case == "zero_m")
+        route = {"recompute": "recompute", "bias": "z"}.get(case, "output" if dtype == torch.float32 else "z")
+        assert y.grad_fn.route == route, (case, y.grad_fn.route)
         dy = torch.randn_like(y)
         y.backward(dy)
-        w, b = layer.base_layer.weight.double(), layer.base_layer.bias.double()
+        w = layer.base_layer.weight.double()
+        b = layer.base_layer.bias.double() if layer.base_layer.bias is not None else None
         leaves = [p.detach().double().requires_grad_() for p in (layer.lora_A, layer.lora_B, layer.magnitude)]
         x64 = x.detach().double().requires_grad_()
         ref = K.dora_linear_reference(x64, w, b, *leaves, layer.scaling)
@@ -80,6 +90,22 @@ for dtype in (torch.float32, torch.float16):
         got = (y, x.grad, layer.lora_A.grad, layer.lora_B.grad, layer.magnitude.grad)
         want = (ref, x64.grad) + tuple(p.grad for p in leaves)
         results[f"{name}/layer/{case}"] = max(rel_err(g, w_) for g, w_ in zip(got, want))
+# the [d_out] vectors (g − 1, g, 1/‖V‖, 1/m') from the norm's parts, one part or two, magnitudes floored
+for d_out, r in ((5, 3), (300, 70)):
+    for n_parts in (1, 2):
+        wa, b = torch.randn(d_out, r), torch.randn(d_out, r) * 0.1
+        parts = [torch.randn(d_out, r) for _ in range(n_parts)]
+        wsq = torch.rand(d_out) * 4 + 1
+        m = torch.rand(d_out) + 0.5
+        m[0], m[-1] = 0.0, -1e-30
+        for eps in (0.0, 2.0 ** -63):
+            got = T.dora_vectors(wa, parts, b, wsq, m, 0.7, eps)
+            want = K.dora_vectors_reference(wa.double(), [p.double() for p in parts], b.double(), wsq.double(),
+                                            m.double(), 0.7, eps)
+            ok = torch.isfinite(want)
+            assert torch.equal(torch.isfinite(got), ok)
+            results[f"vec/{d_out}x{r}/{n_parts}/{eps > 0}"] = rel_err(got[ok], want[ok])
+
 print("RESULTS " + json.dumps(results))
 """
 
@@ -97,12 +123,19 @@ def interpreted():
 @pytest.mark.parametrize("dtype,tol", [("float32", 1e-6), ("float16", 1e-3)])
 def test_compose_kernels_match_reference(interpreted, dtype, tol):
     errors = {k: v for k, v in interpreted.items() if k.startswith(dtype + "/") and "/layer/" not in k}
-    assert len(errors) == 3 * (2 * 5 + 2)
+    assert len(errors) == 3 * (2 * 5 + 3)
     bad = {k: v for k, v in errors.items() if not v < tol}
     assert not bad, bad
 
 
-@pytest.mark.parametrize("case", ["output", "zero_m", "recompute"])
+def test_vectors_kernel_matches_reference(interpreted):
+    errors = {k: v for k, v in interpreted.items() if k.startswith("vec/")}
+    assert len(errors) == 8
+    bad = {k: v for k, v in errors.items() if not v < 1e-6}
+    assert not bad, bad
+
+
+@pytest.mark.parametrize("case", ["output", "zero_m", "recompute", "bias"])
 @pytest.mark.parametrize("dtype,tol", [("float32", 1e-4), ("float16", 5e-3)])
 def test_dora_layer_through_the_kernels(interpreted, dtype, tol, case):
     assert interpreted[f"{dtype}/layer/{case}"] < tol
