@@ -15,6 +15,10 @@ the same factors copied into slimtune's layer (each path) and into PEFT's float3
 input gradient and every factor's gradient against a float64 reference (PEFT's own layer cast to float64,
 on the same rounded values), as Frobenius relative errors.
 
+Dispatch (after the timing, per backend): the median host time to issue one forward+backward (what bounds a
+CPU-dispatch-bound model step, as the Llama-3.2-3B seq-512 step is), and the kernel launches and ATen calls of
+one step from ``torch.profiler``.
+
 Shapes (d_in, d_out, r, tokens): (3072, 8192, 32, 4096), (8192, 8192, 32, 4096). Results: markdown on stdout
 and in ``$OUT/lycoris_gpu.md``, one JSON line per record in ``$OUT/lycoris_gpu.jsonl``. ``--quick``: tiny
 shapes on the CPU (smoke test; no memory figure).
@@ -25,7 +29,9 @@ shapes on the CPU (smoke test; no memory figure).
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
+import time
 from typing import Any, Sequence
 
 from _common import JsonlSink, environment_line, markdown_table, write_out_text
@@ -122,6 +128,37 @@ def check(method: str, shape: Shape, device: torch.device, dtype: torch.dtype) -
     return records
 
 
+LAUNCH_EVENTS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
+
+
+def dispatch_cost(model: nn.Module, shape: Shape, device: torch.device, dtype: torch.dtype,
+                  repeats: int) -> dict[str, Any]:
+    """What a layer costs the host, the bound of a CPU-dispatch-bound training step: ``host_us``, the median host
+    time to issue one ``model(x).sum().backward()`` (the GPU idle at the start, not waited for at the end);
+    ``launches``, the kernel launches of that step and ``aten_ops`` its ATen calls (nested ones included), from
+    ``torch.profiler``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    x = torch.randn(shape.tokens, shape.d_in, device=device, dtype=dtype, requires_grad=True)
+    cuda = device.type == "cuda"
+    times = []
+    for _ in range(repeats):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        model(x).sum().backward()
+        times.append(time.perf_counter() - t0)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        model(x).sum().backward()
+        if cuda:
+            torch.cuda.synchronize()
+    events = prof.events()
+    return {"host_us": round(statistics.median(times) * 1e6, 1),
+            "launches": sum(e.name in LAUNCH_EVENTS for e in events) if cuda else None,
+            "aten_ops": sum(e.name.startswith("aten::") for e in events)}
+
+
 def timing(shape: Shape, device: torch.device, dtype: torch.dtype, repeats: int) -> list[dict[str, Any]]:
     records = []
     for backend in BACKENDS:
@@ -134,13 +171,15 @@ def timing(shape: Shape, device: torch.device, dtype: torch.dtype, repeats: int)
                 meta_x = torch.empty(shape.tokens, shape.d_in, device="meta", dtype=dtype)
                 rec["path_taken"] = adapters[0][1].choose(meta_x, backward=True)
             rec.update(time_protocol(model, shape, device, dtype, repeats))
+            rec.update(dispatch_cost(model, shape, device, dtype, repeats))
         except torch.OutOfMemoryError:
             rec["status"] = "OOM"
         model = None
         free(device)
         records.append(rec)
-        print(f"  {backend:<26} {rec.get('fwd_bwd_ms', '—')} ms fwd+bwd, {rec.get('transient_peak_mb', '—')} MB",
-              flush=True)
+        print(f"  {backend:<26} {rec.get('fwd_bwd_ms', '—')} ms fwd+bwd, {rec.get('transient_peak_mb', '—')} MB, "
+              f"host {rec.get('host_us', '—')} us, {rec.get('launches', '—')} launches, {rec.get('aten_ops', '—')} "
+              "aten ops", flush=True)
     return records
 
 
@@ -155,11 +194,15 @@ def tables(records: Sequence[dict[str, Any]]) -> str:
         ratio_t = r.get("fwd_bwd_ms") / base["fwd_bwd_ms"] if r.get("fwd_bwd_ms") and base.get("fwd_bwd_ms") else None
         ratio_m = (r.get("transient_peak_mb") / base["transient_peak_mb"]
                    if r.get("transient_peak_mb") is not None and base.get("transient_peak_mb") else None)
+        ratio_h = r.get("host_us") / base["host_us"] if r.get("host_us") and base.get("host_us") else None
         rows.append([f"{r['d_in']}→{r['d_out']} r={r['r']} N={r['tokens']}", r["backend"], r.get("path_taken", ""),
                      r["status"], num(r.get("fwd_bwd_ms"), ".3f"), num(r.get("fwd_ms"), ".3f"),
-                     num(r.get("transient_peak_mb"), ".1f"), num(ratio_t, ".2f"), num(ratio_m, ".2f")])
+                     num(r.get("transient_peak_mb"), ".1f"), num(ratio_t, ".2f"), num(ratio_m, ".2f"),
+                     num(r.get("host_us"), ".0f"), num(ratio_h, ".2f"), num(r.get("launches"), "d"),
+                     num(r.get("aten_ops"), "d")])
     timing_table = markdown_table(["shape", "backend", "path", "status", "fwd+bwd ms", "fwd ms", "transient MB",
-                                   "fwd+bwd ÷ slimtune LoRA", "transient ÷ slimtune LoRA"], rows)
+                                   "fwd+bwd ÷ slimtune LoRA", "transient ÷ slimtune LoRA", "host µs",
+                                   "host ÷ slimtune LoRA", "kernel launches", "aten ops"], rows)
     checks = [[f"{r['d_in']}→{r['d_out']}", r["backend"], num(r["rel_err_y"], ".2e"), num(r["rel_err_dx"], ".2e"),
                ", ".join(f"{k[9:]}={v:.1e}" for k, v in r.items() if k.startswith("rel_err_d") and k != "rel_err_dx"),
                num(r["max_rel_err"], ".2e")] for r in records if r["kind"] == "check"]
@@ -187,7 +230,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             sink.write(rec)
             records.append(rec)
     text = (f"{env}\n\nLoHa / LoKr on one bias-free Linear, {dtype}, alpha = r; median of {repeats} after 3 "
-            f"warm-ups; transient = max_memory_allocated - memory_allocated before\n\n{tables(records)}\n")
+            f"warm-ups; transient = max_memory_allocated - memory_allocated before; host = median CPU time to issue "
+            f"one fwd+bwd; launches / aten ops from torch.profiler (one fwd+bwd incl. .sum())\n\n{tables(records)}\n")
     print("\n" + text, flush=True)
     write_out_text("lycoris_gpu.md", text)
     bad = [r for r in records if r["kind"] == "check" and r["backend"].startswith("slimtune")

@@ -11,17 +11,17 @@ PEFT's parameters, so checkpoints move both ways (``s = alpha / r``):
 **Structured path.** With ``⊙̂`` the row-wise Kronecker (face-splitting) product, ``ΔW = U D`` exactly, where
 ``U = s · (w1a ⊙̂ w2a)`` ``[d_out, r²]`` and ``D = (w1bᵀ ⊙̂ w2bᵀ)ᵀ`` ``[r², d_in]`` (row ``(a, b)`` of ``D`` is
 ``w1b[a] * w2b[b]``). So ``x ΔWᵀ = (x Dᵀ) Uᵀ``: LoRA at rank ``r²`` with computed factors
-(:class:`~slimtune.kernels.structured.FactoredLinearFunction`, which rebuilds ``D``/``U`` in backward rather than
-saving them). On a convolution (groups 1) ``D`` is a down convolution with the base's geometry and ``U`` a 1x1
-up; the Tucker form adds a core ``C[(i,i'), (j,j'), ·] = t1[i, j, ·] t2[i', j', ·]`` between a 1x1 down and a
-1x1 up. **Folded path**: ``W + ΔW`` formed transiently (``addcmul``), one GEMM/convolution, rebuilt in backward.
+(:class:`LohaLinearOp` in :class:`~slimtune.kernels.structured.StructuredFunction`, which rebuilds ``D``/``U`` in
+backward rather than saving them, and maps ``dD``/``dU`` to the factors with explicit formulas). On a convolution
+(groups 1) ``D`` is a down convolution with the base's geometry and ``U`` a 1x1 up; the Tucker form adds a core
+``C[(i,i'), (j,j'), ·] = t1[i, j, ·] t2[i', j', ·]`` between a 1x1 down and a 1x1 up. **Folded path**: ``W + ΔW``
+formed transiently (``addcmul``), one GEMM/convolution, rebuilt in backward. No backward runs autograd.
 The structured path costs like LoRA at rank ``r²``; :func:`~slimtune.kernels.structured.choose_path` takes the
 folded one where that is cheaper (large ``r²`` against the layer's width, few tokens).
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Any, ClassVar
 
@@ -32,18 +32,19 @@ from torch import nn
 from ..config import AdapterConfig, resolve_adapter_dtype
 from ..errors import ConfigError, TargetError
 from ..kernels import structured as S
+from ..kernels.lora import choose_backward
+from ..quant.frozen import base_weight_operand, is_quantized, weight_dtype, weight_shape
 from ..targeting import is_hf_conv1d
 from .base import AdapterModule
 from .lora import compute_setting
 
 PATH_CHOICES = ("auto", "structured", "folded")
+_DENSE_BASES = (nn.Linear, nn.Conv1d, nn.Conv2d)  # exact types: never a 4-bit layer
 Scale = float | torch.Tensor  # s, or s · rank-dropout mask over output rows ([d_out])
 
 
 # -- the math ---------------------------------------------------------------------------------------
-def tucker_weight(t: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
-    """``W[p, q, ·] = Σ_ij t[i, j, ·] wa[i, p] wb[j, q]``: t ``[r, r, *k]``, wa ``[r, c_out]``, wb ``[r, c_in]``."""
-    return torch.einsum("ij...,ip,jq->pq...", t, wa, wb)
+tucker_weight = S.tucker_weight  # re-exported: LoKr's Tucker w2 and the tests use it from here
 
 
 def loha_delta_weight(w1a: torch.Tensor, w1b: torch.Tensor, w2a: torch.Tensor, w2b: torch.Tensor,
@@ -59,88 +60,198 @@ def loha_delta_weight(w1a: torch.Tensor, w1b: torch.Tensor, w2a: torch.Tensor, w
     return (w1 * w2 * scaling).reshape(shape)
 
 
-def face_split(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Row-wise Kronecker product: ``[n, r] ⊙̂ [n, r] → [n, r²]``, column ``(i, j)`` = ``a[:, i] * b[:, j]``."""
-    return (a.unsqueeze(2) * b.unsqueeze(1)).flatten(1)
-
-
-def _scale_rows(w: torch.Tensor, scale: Scale, dim: int) -> torch.Tensor:
-    """``w`` with output row ``o`` (along ``dim``) scaled by ``scale[o]`` (or all by the number ``scale``)."""
-    if isinstance(scale, torch.Tensor):
-        return w * (scale.to(w.dtype).unsqueeze(1) if dim == 0 else scale.to(w.dtype).unsqueeze(0))
-    return w * scale
-
-
-def loha_linear_factors(w1a: torch.Tensor, w1b: torch.Tensor, w2a: torch.Tensor, w2b: torch.Tensor, *,
-                        scale: Scale, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(D [r², d_in], U [d_out, r²])`` with ``U D = s · (w1a w1b) ⊙ (w2a w2b)``, in ``dtype``."""
-    w1a, w1b, w2a, w2b = (t.to(dtype) for t in (w1a, w1b, w2a, w2b))
-    down = face_split(w1b.t(), w2b.t()).t()
-    up = face_split(_scale_rows(w1a, scale, 0), w2a)
-    return down, up
-
-
-def loha_tucker_factors(t1: torch.Tensor, w1a: torch.Tensor, w1b: torch.Tensor, t2: torch.Tensor,
-                        w2a: torch.Tensor, w2b: torch.Tensor, *, scale: Scale, dtype: torch.dtype
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(D [r², c_in], C [r², r², *k], U [c_out, r²])`` with ``ΔW[p, q, ·] = Σ U[p, I] C[I, J, ·] D[J, q]``."""
-    t1, w1a, w1b, t2, w2a, w2b = (t.to(dtype) for t in (t1, w1a, w1b, t2, w2a, w2b))
+def core_kr(t1: torch.Tensor, t2: torch.Tensor, kernel: tuple[int, ...]) -> torch.Tensor:
+    """The Tucker core ``C[(i, i'), (j, j'), ·] = t1[i, j, ·] t2[i', j', ·]``: ``[r², r², *kernel]``."""
     r = t1.shape[0]
-    down = face_split(w1b.t(), w2b.t()).t()
-    up = face_split(_scale_rows(w1a, scale, 1).t(), w2a.t())
-    core = torch.einsum("ij...,kl...->ikjl...", t1, t2).reshape(r * r, r * r, *t1.shape[2:])
-    return down, core, up
+    a, b = t1.reshape(r, r, -1), t2.reshape(r, r, -1)
+    return (a[:, None, :, None] * b[None, :, None, :]).reshape(r * r, r * r, *kernel)
 
 
-def pointwise(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """A 1x1 convolution of ``h`` ``[B, c, *sp]`` with ``w`` ``[c_out, c]``."""
-    conv = F.conv1d if h.dim() == 3 else F.conv2d
-    return conv(h, w.reshape(*w.shape, *(1,) * (h.dim() - 2)))
+def core_kr_grad(g: torch.Tensor, t1: torch.Tensor, t2: torch.Tensor, need_1: bool, need_2: bool
+                 ) -> tuple[S.Grad, S.Grad]:
+    """``(dt1, dt2)`` of :func:`core_kr` for ``g`` ``[r², r², *kernel]``."""
+    r = t1.shape[0]
+    a, b = t1.reshape(r, r, -1), t2.reshape(r, r, -1)
+    g5 = g.reshape(r, r, r, r, -1)  # [i, i', j, j', k]
+    d1 = (g5 * b[None, :, None, :]).sum((1, 3)).reshape(t1.shape) if need_1 else None
+    d2 = (g5 * a[:, None, :, None]).sum((0, 2)).reshape(t2.shape) if need_2 else None
+    return d1, d2
 
 
-def loha_conv_delta(x: torch.Tensor, w1a: torch.Tensor, w1b: torch.Tensor, w2a: torch.Tensor,
-                    w2b: torch.Tensor, *, conv: S.ConvSpec, kernel: tuple[int, ...], scale: Scale) -> torch.Tensor:
-    """``conv(x, ΔW)`` as a down convolution to r² channels (base geometry, groups 1) and a 1x1 up."""
-    down, up = loha_linear_factors(w1a, w1b, w2a, w2b, scale=scale, dtype=x.dtype)
-    h = conv.conv(x, down.reshape(down.shape[0], -1, *kernel))
-    return pointwise(h, up)
+class LohaLinearOp(S.StructuredOp):
+    """LoHa on a Linear: LoRA at rank ``R = r²`` with computed factors ``D = w1b ⊙̂ w2b`` ``[R, d_in]`` (rows)
+    and ``U = (s·w1a) ⊙̂ w2a`` ``[d_out, R]`` (columns); ``U D = s · (w1a w1b) ⊙ (w2a w2b)``.
+
+    Forward: ``y += (x Dᵀ) Uᵀ`` (2 GEMMs). Backward: ``g = dy U``, ``dx += g D``, ``dU = dyᵀ (x Dᵀ)``,
+    ``dD = gᵀ x`` (or both from the Gram matrix ``dyᵀx`` when :func:`~slimtune.kernels.lora.choose_backward` says
+    so), then the factor gradients of the two face-splitting products. ``scale``: ``s``, or ``s · mask`` ``[d_out]``.
+    """
+
+    def add_delta(self, y, x, params, scale):
+        w1a, w1b, w2a, w2b = params
+        down, up = S.rows_kr(w1b, w2b), S.cols_kr(S.scale_rows(w1a, scale, 0), w2a)
+        y2 = y if y.dim() == 2 else y.view(-1, y.shape[-1])
+        y2.addmm_(F.linear(x if x.dim() == 2 else x.reshape(-1, x.shape[-1]), down), up.t())
+        return y
+
+    def delta_backward(self, dy, x, params, scale, grad_x, need):
+        w1a, w1b, w2a, w2b = params
+        w1a_s = S.scale_rows(w1a, scale, 0)
+        down, up = S.rows_kr(w1b, w2b), S.cols_kr(w1a_s, w2a)
+        x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+        dy2 = dy if dy.dim() == 2 else dy.reshape(-1, dy.shape[-1])
+        need_up, need_down = need[0] or need[2], need[1] or need[3]
+        g = torch.mm(dy2, up) if grad_x is not None or need_down else None  # [N, R]
+        if grad_x is not None:
+            (grad_x if grad_x.dim() == 2 else grad_x.view(-1, x2.shape[1])).addmm_(g, down)
+        d_up = d_down = None
+        if need_up or need_down:
+            if choose_backward(x2.shape[0], x2.shape[1], dy2.shape[1], down.shape[0]) == "gram":
+                gram = torch.mm(dy2.t(), x2)
+                d_up = F.linear(gram, down) if need_up else None
+                d_down = torch.mm(up.t(), gram) if need_down else None
+                del gram
+            else:
+                d_up = torch.mm(dy2.t(), F.linear(x2, down)) if need_up else None
+                d_down = torch.mm(g.t(), x2) if need_down else None
+        grads: list[S.Grad] = [None] * 4
+        if need_up:
+            da, grads[2] = S.cols_kr_grad(d_up, w1a_s, w2a, need[0], need[2])
+            grads[0] = None if da is None else S.scale_rows(da, scale, 0)
+        if need_down:
+            grads[1], grads[3] = S.rows_kr_grad(d_down, w1b, w2b, need[1], need[3])
+        return grads
 
 
-def loha_tucker_delta(x: torch.Tensor, t1: torch.Tensor, w1a: torch.Tensor, w1b: torch.Tensor, t2: torch.Tensor,
-                      w2a: torch.Tensor, w2b: torch.Tensor, *, conv: S.ConvSpec, kernel: tuple[int, ...],
-                      scale: Scale) -> torch.Tensor:
-    """Tucker ``conv(x, ΔW)``: 1x1 down to r², the ``[r², r², *k]`` core with the base geometry, 1x1 up."""
-    down, core, up = loha_tucker_factors(t1, w1a, w1b, t2, w2a, w2b, scale=scale, dtype=x.dtype)
-    h = conv.conv(pointwise(x, down), core.reshape(*core.shape[:2], *kernel))
-    return pointwise(h, up)
+class LohaConvOp(S.StructuredOp):
+    """LoHa on a convolution (groups 1): ``D`` (the LoRA form's rows, reshaped ``[R, c_in, *k]``) is a down
+    convolution with the base geometry, ``U`` ``[c_out, R]`` a 1x1 up (a batched GEMM added into y)."""
+
+    def __init__(self, conv: S.ConvSpec, kernel: tuple[int, ...]) -> None:
+        self.conv, self.kernel = conv, kernel
+
+    def _factors(self, params: S.Params, scale: Scale) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        w1a, w1b, w2a, w2b = params
+        w1a_s = S.scale_rows(w1a, scale, 0)
+        down = S.rows_kr(w1b, w2b)
+        return w1a_s, down.view(down.shape[0], -1, *self.kernel), S.cols_kr(w1a_s, w2a)
+
+    def add_delta(self, y, x, params, scale):
+        _, down, up = self._factors(params, scale)
+        return S.add_mix_(y, self.conv.conv(x, down, groups=1), up)
+
+    def delta_backward(self, dy, x, params, scale, grad_x, need):
+        _, w1b, w2a, w2b = params
+        w1a_s, down, up = self._factors(params, scale)
+        need_up, need_down, need_dx = need[0] or need[2], need[1] or need[3], grad_x is not None
+        h = self.conv.conv(x, down, groups=1) if need_up else None
+        dh, d_up = S.mix_backward(dy, h, up, need_dx or need_down, need_up)
+        del h
+        grads: list[S.Grad] = [None] * 4
+        if need_dx or need_down:
+            dx, d_down = S.base_backward(dh, x, down, self.conv, need_dx, need_down, groups=1)
+            if dx is not None:
+                grad_x.add_(dx)
+            if need_down:
+                grads[1], grads[3] = S.rows_kr_grad(d_down, w1b, w2b, need[1], need[3])
+        if need_up:
+            da, grads[2] = S.cols_kr_grad(d_up, w1a_s, w2a, need[0], need[2])
+            grads[0] = None if da is None else S.scale_rows(da, scale, 0)
+        return grads
 
 
-def loha_folded_weight(weight: torch.Tensor, w1a: torch.Tensor, w1b: torch.Tensor, w2a: torch.Tensor,
-                       w2b: torch.Tensor, *, scale: Scale, dtype: torch.dtype) -> torch.Tensor:
-    """``W + s · (w1a w1b) ⊙ (w2a w2b)`` in ``dtype`` and W's shape (transient: the folded path)."""
-    w = weight.to(dtype)
-    w1 = _scale_rows(w1a.to(dtype), scale, 0) @ w1b.to(dtype)
-    w2 = w2a.to(dtype) @ w2b.to(dtype)
-    return torch.addcmul(w, w1.view(w.shape), w2.view(w.shape))
+class LohaTuckerOp(S.StructuredOp):
+    """Tucker LoHa on a convolution (groups 1): a 1x1 down to ``R = r²`` channels (``D = w1b ⊙̂ w2b``
+    ``[R, c_in]``), the core ``[R, R, *k]`` (:func:`core_kr`) with the base geometry, a 1x1 up
+    (``Uᵀ = (s·w1a) ⊙̂ w2a`` ``[R, c_out]``, rows)."""
+
+    def __init__(self, conv: S.ConvSpec, kernel: tuple[int, ...]) -> None:
+        self.conv, self.kernel = conv, kernel
+
+    def _factors(self, params: S.Params, scale: Scale) -> tuple[torch.Tensor, ...]:
+        t1, w1a, w1b, t2, w2a, w2b = params
+        w1a_s = S.scale_rows(w1a, scale, 1)
+        return w1a_s, S.rows_kr(w1b, w2b), core_kr(t1, t2, self.kernel), S.rows_kr(w1a_s, w2a).t()
+
+    def add_delta(self, y, x, params, scale):
+        _, down, core, up = self._factors(params, scale)
+        return S.add_mix_(y, self.conv.conv(S.mix(x, down), core, groups=1), up)
+
+    def delta_backward(self, dy, x, params, scale, grad_x, need):
+        t1, _, w1b, t2, w2a, w2b = params
+        w1a_s, down, core, up = self._factors(params, scale)
+        need_dx = grad_x is not None
+        need_up, need_core, need_down = need[1] or need[4], need[0] or need[3], need[2] or need[5]
+        need_dh1 = need_dx or need_down
+        h1 = S.mix(x, down) if need_up or need_core or need_dh1 else None
+        h2 = self.conv.conv(h1, core, groups=1) if need_up else None
+        dh2, d_up = S.mix_backward(dy, h2, up, need_dh1 or need_core, need_up, w_transposed=True)
+        del h2
+        grads: list[S.Grad] = [None] * 6
+        if need_dh1 or need_core:
+            dh1, d_core = S.base_backward(dh2, h1, core, self.conv, need_dh1, need_core, groups=1)
+            del dh2, h1
+            if need_core:
+                grads[0], grads[3] = core_kr_grad(d_core, t1, t2, need[0], need[3])
+            if need_dh1:
+                dx, d_down = S.mix_backward(dh1, x, down, need_dx, need_down)
+                if dx is not None:
+                    grad_x.add_(dx)
+                if need_down:
+                    grads[2], grads[5] = S.rows_kr_grad(d_down, w1b, w2b, need[2], need[5])
+        if need_up:
+            da, grads[4] = S.rows_kr_grad(d_up, w1a_s, w2a, need[1], need[4])
+            grads[1] = None if da is None else S.scale_rows(da, scale, 1)
+        return grads
 
 
-def loha_folded_tucker_weight(weight: torch.Tensor, t1: torch.Tensor, w1a: torch.Tensor, w1b: torch.Tensor,
-                              t2: torch.Tensor, w2a: torch.Tensor, w2b: torch.Tensor, *, scale: Scale,
-                              dtype: torch.dtype) -> torch.Tensor:
-    """Tucker form of :func:`loha_folded_weight`."""
-    w = weight.to(dtype)
-    w1 = tucker_weight(t1.to(dtype), _scale_rows(w1a.to(dtype), scale, 1), w1b.to(dtype))
-    w2 = tucker_weight(t2.to(dtype), w2a.to(dtype), w2b.to(dtype))
-    return torch.addcmul(w, w1.reshape(w.shape), w2.reshape(w.shape))
+class LohaFoldOp(S.FoldOp):
+    """``W + W1 ⊙ W2`` with ``W1 = (s·w1a) w1b``, ``W2 = w2a w2b`` (Tucker: :func:`tucker_weight`); backward:
+    ``dW1 = g ⊙ W2``, ``dW2 = g ⊙ W1`` and the low-rank / Tucker products' gradients."""
+
+    def __init__(self, conv: S.ConvSpec | None, tucker: bool) -> None:
+        self.conv, self.tucker = conv, tucker
+
+    def fold(self, w, params, scale, inplace):
+        if self.tucker:
+            t1, w1a, w1b, t2, w2a, w2b = params
+            w1a_s = S.scale_rows(w1a, scale, 1)
+            w1, w2 = tucker_weight(t1, w1a_s, w1b), tucker_weight(t2, w2a, w2b)
+        else:
+            w1a, w1b, w2a, w2b = params
+            w1a_s = S.scale_rows(w1a, scale, 0)
+            w1, w2 = w1a_s @ w1b, w2a @ w2b
+        w1, w2 = w1.reshape(w.shape), w2.reshape(w.shape)
+        return (w.addcmul_(w1, w2) if inplace else torch.addcmul(w, w1, w2)), (w1a_s, w1, w2)
+
+    def fold_backward(self, g, params, parts, scale, need):
+        w1a_s, w1, w2 = parts
+        if self.tucker:
+            t1, _, w1b, t2, w2a, w2b = params
+            n1, n2 = need[:3], need[3:]
+            grads1 = S.tucker_grad(g * w2, t1, w1a_s, w1b, n1) if any(n1) else (None,) * 3
+            grads2 = S.tucker_grad(g * w1, t2, w2a, w2b, n2) if any(n2) else (None,) * 3
+            dt1, da, dw1b = grads1
+            return [dt1, None if da is None else S.scale_rows(da, scale, 1), dw1b, *grads2]
+        _, w1b, w2a, w2b = params
+        rows = w1a_s.shape[0]
+        da, dw1b = (S.lowrank_grad((g * w2).reshape(rows, -1), w1a_s, w1b, need[0], need[1]) if need[0] or need[1]
+                    else (None, None))
+        dw2a, dw2b = (S.lowrank_grad((g * w1).reshape(rows, -1), w2a, w2b, need[2], need[3]) if need[2] or need[3]
+                      else (None, None))
+        return [None if da is None else S.scale_rows(da, scale, 0), dw1b, dw2a, dw2b]
 
 
-def rank_dropout_mask(d_out: int, p: float, normalize: bool, device: torch.device) -> torch.Tensor:
+def rank_dropout_mask(d_out: int, p: float, normalize: bool, device: torch.device, dtype: torch.dtype,
+                      scale: float = 1.0) -> torch.Tensor:
     """PEFT's "rank" dropout: keep each output row of ΔW with probability ``1 − p`` (drawn like PEFT, from the
-    CPU generator), optionally divided by the kept fraction. ``[d_out]`` float32."""
+    CPU generator), optionally divided by the kept fraction, times ``scale``. ``[d_out]`` in ``dtype``."""
     keep = (torch.rand(d_out) > p).float()
     if normalize:
         keep /= keep.mean().clamp_min(1.0 / d_out)  # all dropped: zeros rather than PEFT's NaN
-    return keep.to(device)
+    if scale != 1.0:
+        keep *= scale
+    return keep.to(device=device, dtype=dtype)
 
 
 def init_loha_(params: dict[str, nn.Parameter], init_weights: bool) -> None:
@@ -171,7 +282,10 @@ def check_common(config: Any) -> None:
 
 
 def check_target(method: str, name: str, base: nn.Module) -> None:
-    """LoHa/LoKr adapt nn.Linear, nn.Conv1d and nn.Conv2d (PEFT's set) with zero padding."""
+    """LoHa/LoKr adapt nn.Linear (also 4-bit: slimtune's NF4Linear, bitsandbytes' Linear4bit), nn.Conv1d and
+    nn.Conv2d (PEFT's set) with zero padding."""
+    if is_quantized(base_weight_operand(base)):
+        return
     if is_hf_conv1d(base) or not isinstance(base, (nn.Linear, nn.Conv1d, nn.Conv2d)):
         raise TargetError(f"{method} adapts nn.Linear, nn.Conv1d and nn.Conv2d; {name!r} is a {type(base).__name__}")
     if isinstance(base, (nn.Conv1d, nn.Conv2d)):
@@ -220,57 +334,88 @@ class LohaConfig(AdapterConfig):
 
 # -- module -----------------------------------------------------------------------------------------
 class StructuredAdapter(AdapterModule):
-    """What LoHa and LoKr layers share: base geometry, dropout draws, path choice, the forward skeleton."""
+    """What LoHa and LoKr layers share: base geometry, dropout draws, path choice, the forward skeleton.
+
+    The base weight reaches the Functions as :func:`~slimtune.quant.frozen.base_weight_operand` (a dense tensor,
+    or a 4-bit handle dequantised right before each use); shapes come from
+    :func:`~slimtune.quant.frozen.weight_shape`. Convolutions are dense only.
+    """
 
     def _setup(self, r: int, alpha: float, rank_dropout: float, module_dropout: float, path: str) -> None:
         base = self.base_layer
         self.r, self.alpha, self.scaling = r, alpha, alpha / r
         self.rank_dropout, self.module_dropout, self.path = float(rank_dropout), float(module_dropout), path
         self.conv = S.ConvSpec.of(base) if isinstance(base, (nn.Conv1d, nn.Conv2d)) else None
-        self.kernel: tuple[int, ...] = tuple(base.weight.shape[2:])
-        self.out_features = base.weight.shape[0]
+        self.weight_shape = tuple(weight_shape(base))
+        self.kernel: tuple[int, ...] = self.weight_shape[2:]
+        self.out_features = self.weight_shape[0]
         self.last_path: str | None = None  # the path the latest forward took (diagnostics, tests)
+        self._choices: dict[tuple, str] = {}  # "auto" path per (input shape, dtype, backward)
+
+    def _adapter_kwargs(self, adapter_dtype: torch.dtype | None) -> dict[str, Any]:
+        """Device and dtype of new adapter parameters (a 4-bit base: its compute dtype, never uint8)."""
+        return dict(device=self.base_layer.weight.device, dtype=adapter_dtype or weight_dtype(self.base_layer))
 
     # provided by each method
     structured_ok: bool = True
     normalize_rank_dropout: bool = True
+    mask_has_scaling: bool = False  # whether the rank-dropout mask handed to run() includes s = alpha / r
+
+    def _params(self) -> tuple[nn.Parameter, ...]:
+        raise NotImplementedError
 
     def costs(self, x: torch.Tensor, backward: bool) -> dict[str, S.Cost]:
         raise NotImplementedError
 
-    def run(self, x: torch.Tensor, path: str, mask: torch.Tensor | None) -> torch.Tensor:
-        """The adapted layer's output on the given path; ``mask``: rank dropout over output rows, or None."""
+    def run(self, x: torch.Tensor, path: str, mask: torch.Tensor | None, params: tuple[nn.Parameter, ...]
+            ) -> torch.Tensor:
+        """The adapted layer's output on the given path; ``mask``: rank dropout over output rows, or None;
+        ``params``: :meth:`_params`."""
         raise NotImplementedError
+
+    def base_operand(self) -> S.WeightOperand:
+        """The base weight for the Functions: ``base.weight`` (dense), or a 4-bit layer's handle."""
+        base = self.base_layer
+        return base.weight if type(base) in _DENSE_BASES else base_weight_operand(base)
 
     def choose(self, x: torch.Tensor, backward: bool) -> str:
         if not self.structured_ok or self.path == "folded":
             return "folded"
         if self.path == "structured":
             return "structured"
-        return S.choose_path(self.costs(x, backward))
+        key = (tuple(x.shape), x.dtype, backward)
+        path = self._choices.get(key)
+        if path is None:
+            path = self._choices[key] = S.choose_path(self.costs(x, backward))
+        return path
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.disabled or self.merged:
             return self.base_layer(x)
         if self.conv is not None and x.dim() == len(self.kernel) + 1:  # unbatched, as nn.Conv accepts it
             return self.forward(x.unsqueeze(0)).squeeze(0)
+        dtype, context = compute_setting(x)
         mask = None
         if self.training:
             # PEFT: the adapter runs when rand > module_dropout; rank dropout masks ΔW's output rows.
             if self.module_dropout > 0 and torch.rand(1).item() <= self.module_dropout:
                 return self.base_layer(x)
             if self.rank_dropout > 0:
-                mask = rank_dropout_mask(self.out_features, self.rank_dropout, self.normalize_rank_dropout, x.device)
-        dtype, context = compute_setting(x)
-        x = x.to(dtype)
-        backward = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+                mask = rank_dropout_mask(self.out_features, self.rank_dropout, self.normalize_rank_dropout, x.device,
+                                         dtype, self.scaling if self.mask_has_scaling else 1.0)
+        if x.dtype != dtype:
+            x = x.to(dtype)
+        params = self._params()
+        backward = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
         path = self.last_path = self.choose(x, backward)
         with context:
-            return self.run(x, path, mask)
+            return self.run(x, path, mask, params)
 
 
 class LohaLayer(StructuredAdapter):
-    """LoHa over a frozen ``nn.Linear``, ``nn.Conv1d`` or ``nn.Conv2d``."""
+    """LoHa over a frozen ``nn.Linear`` (or a 4-bit Linear), ``nn.Conv1d`` or ``nn.Conv2d``."""
+
+    mask_has_scaling = True
 
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, rank_dropout: float = 0.0,
                  module_dropout: float = 0.0, use_effective_conv2d: bool = False, init_weights: bool = True,
@@ -278,22 +423,26 @@ class LohaLayer(StructuredAdapter):
         super().__init__(base_layer)
         check_target("LoHa", type(base_layer).__name__, base_layer)
         self._setup(r, alpha, rank_dropout, module_dropout, path)
-        weight = base_layer.weight
-        kw = dict(device=weight.device, dtype=adapter_dtype or weight.dtype)
-        d_out, c_in = weight.shape[:2]
+        kw = self._adapter_kwargs(adapter_dtype)
+        d_out, c_in = self.weight_shape[:2]
         self.tucker = bool(self.conv is not None and use_effective_conv2d and any(k != 1 for k in self.kernel))
         if self.tucker:
             core = (r, r, *self.kernel) if len(self.kernel) == 2 else (r, r, self.kernel[0], 1)
             shapes = {"hada_t1": core, "hada_w1_a": (r, d_out), "hada_w1_b": (r, c_in),
                       "hada_t2": core, "hada_w2_a": (r, d_out), "hada_w2_b": (r, c_in)}
         else:
-            d_in = weight[0].numel()
+            d_in = math.prod(self.weight_shape[1:])
             shapes = {"hada_w1_a": (d_out, r), "hada_w1_b": (r, d_in), "hada_w2_a": (d_out, r), "hada_w2_b": (r, d_in)}
         for name, shape in shapes.items():
             setattr(self, name, nn.Parameter(torch.empty(shape, **kw)))
         self._names = tuple(shapes)
         init_loha_(self.peft_parameters(), init_weights)
         self.structured_ok = self.conv is None or self.conv.groups == 1
+        self._fold_op = LohaFoldOp(self.conv, self.tucker)
+        self._op: S.StructuredOp | None = None
+        if self.structured_ok:
+            self._op = (LohaLinearOp() if self.conv is None else
+                        LohaTuckerOp(self.conv, self.kernel) if self.tucker else LohaConvOp(self.conv, self.kernel))
 
     def peft_parameters(self) -> dict[str, nn.Parameter]:
         return {name: getattr(self, name) for name in self._names}
@@ -302,34 +451,26 @@ class LohaLayer(StructuredAdapter):
         return (f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:.4g}, tucker={self.tucker}, "
                 f"path={self.path!r}, rank_dropout={self.rank_dropout}, module_dropout={self.module_dropout}")
 
-    def _factors(self) -> tuple[nn.Parameter, ...]:
-        """The parameters in the argument order of the math functions above ((t1,) w1a, w1b, (t2,) w2a, w2b)."""
-        return tuple(getattr(self, name) for name in self._names)
+    def _params(self) -> tuple[nn.Parameter, ...]:
+        """The parameters in the ops' order ((t1,) w1a, w1b, (t2,) w2a, w2b)."""
+        return tuple(map(self._parameters.__getitem__, self._names))
+
 
     def delta_weight(self) -> torch.Tensor:
         t1, t2 = (self.hada_t1, self.hada_t2) if self.tucker else (None, None)
         return loha_delta_weight(self.hada_w1_a, self.hada_w1_b, self.hada_w2_a, self.hada_w2_b, t1, t2,
-                                 self.scaling, self.base_layer.weight.shape)
+                                 self.scaling, self.weight_shape)
 
     def costs(self, x: torch.Tensor, backward: bool) -> dict[str, S.Cost]:
         tokens_in, tokens = S.positions(x, self.conv, self.kernel)
-        weight = self.base_layer.weight
+        d_out, c_in = self.weight_shape[:2]
         if self.tucker:
-            return S.loha_tucker_costs(tokens_in, tokens, weight.shape[1], weight.shape[0], math.prod(self.kernel),
-                                       self.r, x.element_size(), backward)
-        return S.loha_costs(tokens, weight[0].numel(), weight.shape[0], self.r, x.element_size(), backward)
+            return S.loha_tucker_costs(tokens_in, tokens, c_in, d_out, math.prod(self.kernel), self.r,
+                                       x.element_size(), backward)
+        return S.loha_costs(tokens, c_in * math.prod(self.kernel), d_out, self.r, x.element_size(), backward)
 
-    def run(self, x: torch.Tensor, path: str, mask: torch.Tensor | None) -> torch.Tensor:
-        base = self.base_layer
-        scale: Scale = self.scaling if mask is None else mask * self.scaling
-        if path == "folded":
-            build = loha_folded_tucker_weight if self.tucker else loha_folded_weight
-            return S.folded_apply(x, base.weight, base.bias, self.conv, functools.partial(build, scale=scale),
-                                  *self._factors())
-        if self.conv is None:
-            return S.factored_linear(x, base.weight, base.bias, functools.partial(loha_linear_factors, scale=scale),
-                                     *self._factors())
-        delta = loha_tucker_delta if self.tucker else loha_conv_delta
-        return S.delta_apply(x, base.weight, base.bias, self.conv,
-                             functools.partial(delta, conv=self.conv, kernel=self.kernel, scale=scale),
-                             *self._factors())
+    def run(self, x: torch.Tensor, path: str, mask: torch.Tensor | None, params: tuple[nn.Parameter, ...]
+            ) -> torch.Tensor:
+        scale: Scale = self.scaling if mask is None else mask  # the mask already includes s
+        apply, op = (S.folded_apply, self._fold_op) if path == "folded" else (S.structured_apply, self._op)
+        return apply(x, self.base_operand(), self.base_layer.bias, op, scale, *params)

@@ -13,7 +13,9 @@ kernel lives in ``w2``). Each is a full matrix or a rank-r product (:func:`lokr_
 **Structured path**: with x reshaped ``[N, a_in, b_in]``, ``x (w1 ⊗ w2)ᵀ = w1 · X · w2ᵀ`` per token — two small
 contractions, ``2·N·(a_in·b_in·b_out + a_in·a_out·b_out)`` FLOPs (or the other order when cheaper), no
 ``[d_out, d_in]`` tensor. A convolution convolves x viewed ``[B·a_in, b_in, ...]`` with ``w2`` and contracts
-``a_in`` with ``w1``. **Folded path**: ``W + ΔW`` formed transiently, rebuilt in backward.
+``a_in`` with ``w1`` (:class:`LokrLinearOp`, :class:`LokrConvOp`). **Folded path**: ``W + ΔW`` formed
+transiently, rebuilt in backward (:class:`LokrFoldOp`). Every backward has explicit formulas (no autograd inside):
+the contractions' transposes, then the Kronecker / low-rank / Tucker products' gradients (:class:`LokrFactors`).
 
 PEFT quirk kept for compatibility: on a Conv1d with a full ``lokr_w2`` (3-D), PEFT's ``torch.kron`` of a 2-D
 ``w1`` with a 3-D ``w2`` interleaves the channels differently (in effect ``w2 ⊗ w1``); :func:`kron_weight`
@@ -22,9 +24,8 @@ reproduces it, and such layers use the folded path.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
-from typing import ClassVar
+from typing import ClassVar, Sequence
 
 import torch
 from torch import nn
@@ -95,27 +96,6 @@ def lokr_delta_weight(w1: torch.Tensor, w2: torch.Tensor, scaling: float, shape:
     return (kron_weight(w1.to(dtype), w2.to(dtype)) * scaling).reshape(shape)
 
 
-def kron_linear(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    """``x (w1 ⊗ w2)ᵀ``: x ``[..., a_in·b_in]`` → ``[..., a_out·b_out]``; w1 ``[a_out, a_in]``, w2 ``[b_out, b_in]``."""
-    (a_out, a_in), (b_out, b_in) = w1.shape, w2.shape
-    x3 = x.reshape(-1, a_in, b_in)
-    if S.kron_order(a_out, a_in, b_out, b_in)[0] == "w2":
-        y = torch.matmul(w1, x3 @ w2.t())  # [N, a_in, b_out] -> [N, a_out, b_out]
-    else:
-        y = torch.matmul(w1, x3) @ w2.t()  # [N, a_out, b_in] -> [N, a_out, b_out]
-    return y.reshape(*x.shape[:-1], a_out * b_out)
-
-
-def kron_conv(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, conv: S.ConvSpec) -> torch.Tensor:
-    """``conv(x, w1 ⊗ w2)`` (groups 1): x ``[B, a_in·b_in, *sp]`` viewed ``[B·a_in, b_in, *sp]`` is convolved
-    with w2 ``[b_out, b_in, *k]`` (the base geometry), then ``a_in`` is contracted with w1 ``[a_out, a_in]``."""
-    (a_out, a_in), b_in = w1.shape, w2.shape[1]
-    batch = x.shape[0]
-    u = conv.conv(x.reshape(batch * a_in, b_in, *x.shape[2:]), w2, groups=1)  # [B·a_in, b_out, *sp']
-    y = torch.matmul(w1, u.reshape(batch, a_in, -1))  # [B, a_out, b_out·sp']
-    return y.reshape(batch, a_out * w2.shape[0], *u.shape[2:])
-
-
 def init_lokr_(params: dict[str, nn.Parameter], init_weights: bool | str) -> None:
     """PEFT's inits. ``True``: w1 (or w1_a) zero, the rest kaiming-uniform (a=√5); ``False``: all random;
     ``"lycoris"``: w2 (or w2_b) zero, the rest random."""
@@ -131,40 +111,205 @@ def init_lokr_(params: dict[str, nn.Parameter], init_weights: bool | str) -> Non
 def lokr_factors(names: tuple[str, ...], params: tuple[torch.Tensor, ...], dtype: torch.dtype
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """(w1, w2) in ``dtype`` from the layer's parameters (w2 as PEFT forms it: 2-D when low-rank)."""
-    p = {name: t.to(dtype) for name, t in zip(names, params)}
-    w1 = p["lokr_w1"] if "lokr_w1" in p else p["lokr_w1_a"] @ p["lokr_w1_b"]
-    if "lokr_w2" in p:
-        w2 = p["lokr_w2"]
-    elif "lokr_t2" in p:
-        w2 = tucker_weight(p["lokr_t2"], p["lokr_w2_a"], p["lokr_w2_b"])
-    else:
-        w2 = p["lokr_w2_a"] @ p["lokr_w2_b"]
-    return w1, w2
+    return LokrFactors(names).build([t.to(dtype) for t in params], 1.0)
 
 
-def _mask_rows(y: torch.Tensor, mask: torch.Tensor | None, dim: int) -> torch.Tensor:
-    """``y`` with its output rows / channels (along ``dim``) times the rank-dropout ``mask`` ``[d_out]``."""
-    if mask is None:
+class LokrFactors:
+    """``w1`` (times ``s``) and ``w2`` from a layer's parameters, in PEFT's forms (w2 2-D when low-rank, the
+    full / Tucker w2 with its kernel), and the parameters' gradients from ``dw1``, ``dw2`` — explicit formulas."""
+
+    def __init__(self, names: tuple[str, ...]) -> None:
+        self.names = names
+        self.w1_names = tuple(n for n in names if n.startswith("lokr_w1"))
+        self.w2_names = tuple(n for n in names if not n.startswith("lokr_w1"))
+
+    def build(self, params: S.Params, s: float) -> tuple[torch.Tensor, torch.Tensor]:
+        p = dict(zip(self.names, params))
+        w1 = p["lokr_w1"] if "lokr_w1" in p else p["lokr_w1_a"] @ p["lokr_w1_b"]
+        if "lokr_w2" in p:
+            w2 = p["lokr_w2"]
+        elif "lokr_t2" in p:
+            w2 = tucker_weight(p["lokr_t2"], p["lokr_w2_a"], p["lokr_w2_b"])
+        else:
+            w2 = p["lokr_w2_a"] @ p["lokr_w2_b"]
+        return (w1 if s == 1.0 else w1 * s), w2
+
+    def needs(self, need: Sequence[bool]) -> tuple[bool, bool]:
+        """Whether any w1 parameter, any w2 parameter needs a gradient."""
+        by_name = dict(zip(self.names, need))
+        return any(by_name[n] for n in self.w1_names), any(by_name[n] for n in self.w2_names)
+
+    def grads(self, dw1_s: S.Grad, dw2: S.Grad, params: S.Params, s: float, need: Sequence[bool]) -> list[S.Grad]:
+        """The parameters' gradients (in ``names`` order) from those of ``w1 · s`` and ``w2``."""
+        p, n = dict(zip(self.names, params)), dict(zip(self.names, need))
+        out: dict[str, S.Grad] = {}
+        if dw1_s is not None:
+            dw1 = dw1_s if s == 1.0 else dw1_s * s
+            if "lokr_w1" in p:
+                out["lokr_w1"] = dw1
+            else:
+                out["lokr_w1_a"], out["lokr_w1_b"] = S.lowrank_grad(dw1, p["lokr_w1_a"], p["lokr_w1_b"],
+                                                                    n["lokr_w1_a"], n["lokr_w1_b"])
+        if dw2 is not None:
+            if "lokr_w2" in p:
+                out["lokr_w2"] = dw2.reshape(p["lokr_w2"].shape)
+            elif "lokr_t2" in p:
+                out["lokr_t2"], out["lokr_w2_a"], out["lokr_w2_b"] = S.tucker_grad(
+                    dw2, p["lokr_t2"], p["lokr_w2_a"], p["lokr_w2_b"], [n[k] for k in self.w2_names])
+            else:
+                a, b = p["lokr_w2_a"], p["lokr_w2_b"]
+                out["lokr_w2_a"], out["lokr_w2_b"] = S.lowrank_grad(dw2.reshape(a.shape[0], -1), a, b,
+                                                                    n["lokr_w2_a"], n["lokr_w2_b"])
+        return [out.get(name) if n[name] else None for name in self.names]
+
+
+LokrScale = tuple[float, "torch.Tensor | None"]  # (s, rank-dropout mask over the output rows [d_out] or None)
+
+
+class LokrLinearOp(S.StructuredOp):
+    """``x (s·w1 ⊗ w2)ᵀ`` on x ``[N, a_in, b_in]``: per token ``w1 X w2ᵀ``, contracting w2 or w1 first
+    (:func:`~slimtune.kernels.structured.kron_order`), the second contraction accumulating into y. Backward:
+    ``dx`` (two contractions, the second accumulating into dx), ``dw2`` / ``dw1`` from one GEMM and one
+    batched GEMM + sum over tokens (:func:`~slimtune.kernels.structured.sum_bmm`)."""
+
+    def __init__(self, factors: LokrFactors, w1_shape: tuple[int, int], w2_shape: tuple[int, int]) -> None:
+        self.factors = factors
+        (self.a_out, self.a_in), (self.b_out, self.b_in) = w1_shape, w2_shape
+        self.order = S.kron_order(self.a_out, self.a_in, self.b_out, self.b_in)[0]
+
+    def add_delta(self, y, x, params, scale: LokrScale):
+        s, mask = scale
+        w1, w2 = self.factors.build(params, s)
+        a_out, a_in, b_out, b_in = self.a_out, self.a_in, self.b_out, self.b_in
+        n = x.numel() // x.shape[-1]
+        y2 = y.view(n, a_out * b_out)
+        if self.order == "w2":
+            t = (x.reshape(-1, b_in) @ w2.t()).view(n, a_in, b_out)
+            if mask is None:
+                y2.view(n, a_out, b_out).baddbmm_(w1.expand(n, a_out, a_in), t)
+                return y
+            delta = S.bmm_left(w1, t)
+        else:
+            t = S.bmm_left(w1, x.reshape(n, a_in, b_in))  # [N, a_out, b_in]
+            if mask is None:
+                y2.view(-1, b_out).addmm_(t.view(-1, b_in), w2.t())
+                return y
+            delta = t.view(-1, b_in) @ w2.t()
+        y2.addcmul_(delta.view(n, -1), mask)
         return y
-    return y * mask.to(y.dtype).view(-1, *(1,) * (y.dim() - dim - 1))
+
+    def delta_backward(self, dy, x, params, scale: LokrScale, grad_x, need):
+        s, mask = scale
+        w1, w2 = self.factors.build(params, s)
+        a_out, a_in, b_out, b_in = self.a_out, self.a_in, self.b_out, self.b_in
+        n = x.numel() // x.shape[-1]
+        dy3 = dy.reshape(n, a_out, b_out) if mask is None else (dy.reshape(n, -1) * mask).view(n, a_out, b_out)
+        x3 = x.reshape(n, a_in, b_in)
+        need_1, need_2 = self.factors.needs(need)
+        need_dx = grad_x is not None
+        dw1 = dw2 = None
+        if self.order == "w2":
+            if need_dx or need_2:
+                u = S.bmm_left(w1.t(), dy3).view(-1, b_out)  # [N·a_in, b_out]
+                if need_dx:
+                    grad_x.view(-1, b_in).addmm_(u, w2)
+                if need_2:
+                    dw2 = u.t() @ x3.view(-1, b_in)
+                del u
+            if need_1:
+                dw1 = S.sum_bmm(dy3, (x3.view(-1, b_in) @ w2.t()).view(n, a_in, b_out))
+        else:
+            if need_dx or need_1:
+                v = (dy3.view(-1, b_out) @ w2).view(n, a_out, b_in)
+                if need_dx:
+                    grad_x.view(n, a_in, b_in).baddbmm_(w1.t().expand(n, a_in, a_out), v)
+                if need_1:
+                    dw1 = S.sum_bmm(v, x3)
+                del v
+            if need_2:
+                dw2 = dy3.view(-1, b_out).t() @ S.bmm_left(w1, x3).view(-1, b_in)
+        return self.factors.grads(dw1, dw2, params, s, need)
 
 
-def lokr_delta(x: torch.Tensor, *params: torch.Tensor, names: tuple[str, ...], conv: S.ConvSpec | None,
-               kernel: tuple[int, ...], scaling: float, mask: torch.Tensor | None) -> torch.Tensor:
-    """The structured ``x ΔWᵀ`` (Linear) or ``conv(x, ΔW)`` (groups 1), times the rank-dropout mask."""
-    w1, w2 = lokr_factors(names, params, x.dtype)
-    w1 = w1 * scaling
-    if conv is None:
-        return _mask_rows(kron_linear(x, w1, w2), mask, x.dim() - 1)
-    return _mask_rows(kron_conv(x, w1, w2.reshape(w2.shape[0], -1, *kernel), conv), mask, 1)
+class LokrConvOp(S.StructuredOp):
+    """``conv(x, s·w1 ⊗ w2)`` (groups 1): x ``[B, a_in·b_in, *sp]`` viewed ``[B·a_in, b_in, *sp]`` is convolved
+    with w2 ``[b_out, b_in, *k]`` (the base geometry), then ``a_in`` is contracted with w1 (a batched GEMM
+    accumulating into y). Backward: ``du = w1ᵀ dy``, the convolution's backward gives ``dx`` and ``dw2``;
+    ``dw1 = Σ_b dy[b] u[b]ᵀ`` with ``u`` recomputed."""
+
+    def __init__(self, factors: LokrFactors, conv: S.ConvSpec, kernel: tuple[int, ...], w1_shape: tuple[int, int],
+                 w2_shape: tuple[int, int]) -> None:
+        self.factors, self.conv, self.kernel = factors, conv, kernel
+        (self.a_out, self.a_in), (self.b_out, self.b_in) = w1_shape, w2_shape
+
+    def _build(self, params: S.Params, s: float) -> tuple[torch.Tensor, torch.Tensor]:
+        w1, w2 = self.factors.build(params, s)
+        return w1, w2.reshape(self.b_out, self.b_in, *self.kernel).contiguous()
+
+    def add_delta(self, y, x, params, scale: LokrScale):
+        s, mask = scale
+        w1, w2 = self._build(params, s)
+        batch, a_out, a_in = x.shape[0], self.a_out, self.a_in
+        u = self.conv.conv(x.reshape(batch * a_in, self.b_in, *x.shape[2:]), w2, groups=1)  # [B·a_in, b_out, *sp']
+        u3 = u.reshape(batch, a_in, -1)
+        if mask is None and y.is_contiguous():
+            y.view(batch, a_out, -1).baddbmm_(w1.expand(batch, a_out, a_in), u3)
+            return y
+        delta = S.bmm_left(w1, u3).view(y.shape)
+        if mask is not None:
+            delta.mul_(mask.view(-1, *(1,) * (y.dim() - 2)))
+        return y.add_(delta)
+
+    def delta_backward(self, dy, x, params, scale: LokrScale, grad_x, need):
+        s, mask = scale
+        w1, w2 = self._build(params, s)
+        batch, a_out, a_in = x.shape[0], self.a_out, self.a_in
+        if mask is not None:
+            dy = dy * mask.view(-1, *(1,) * (dy.dim() - 2))
+        dy3 = dy.reshape(batch, a_out, -1)
+        xv = x.reshape(batch * a_in, self.b_in, *x.shape[2:])
+        need_1, need_2 = self.factors.needs(need)
+        need_dx = grad_x is not None
+        dw1 = dw2 = None
+        if need_dx or need_2:
+            du = S.bmm_left(w1.t(), dy3).reshape(batch * a_in, self.b_out, *dy.shape[2:])
+            dxv, dw2 = S.base_backward(du, xv, w2, self.conv, need_dx, need_2, groups=1)
+            del du
+            if dxv is not None:
+                grad_x.add_(dxv.reshape(x.shape))
+        if need_1:
+            dw1 = S.sum_bmm(dy3, self.conv.conv(xv, w2, groups=1).reshape(batch, a_in, -1))
+        return self.factors.grads(dw1, dw2, params, s, need)
 
 
-def lokr_folded_weight(weight: torch.Tensor, *params: torch.Tensor, names: tuple[str, ...], scaling: float,
-                       mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """``W + s · w1 ⊗ w2`` (rows times the rank-dropout mask) in ``dtype`` and W's shape (transient)."""
-    w = weight.to(dtype)
-    w1, w2 = lokr_factors(names, params, dtype)
-    return w + _mask_rows(kron_weight(w1 * scaling, w2).reshape(w.shape), mask, 0)
+class LokrFoldOp(S.FoldOp):
+    """``W + s · w1 ⊗ w2`` (rows times the rank-dropout mask), the Kronecker product as PEFT forms it
+    (:func:`kron_weight`); backward: :func:`~slimtune.kernels.structured.kron_grad`."""
+
+    def __init__(self, factors: LokrFactors, conv: S.ConvSpec | None) -> None:
+        self.factors, self.conv = factors, conv
+
+    @staticmethod
+    def _rows(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return mask.view(-1, *(1,) * (like.dim() - 1))
+
+    def fold(self, w, params, scale: LokrScale, inplace):
+        s, mask = scale
+        w1, w2 = self.factors.build(params, s)
+        delta = kron_weight(w1, w2).reshape(w.shape)
+        if mask is not None:
+            delta = delta * self._rows(mask, w)
+        return (w.add_(delta) if inplace else w + delta), (w1, w2)
+
+    def fold_backward(self, g, params, parts, scale: LokrScale, need):
+        s, mask = scale
+        w1, w2 = parts
+        if mask is not None:
+            g = g * self._rows(mask, g)
+        need_1, need_2 = self.factors.needs(need)
+        a = w1[:, :, None, None] if w2.dim() == 4 else w1
+        da, dw2 = S.kron_grad(g, a, w2, need_1, need_2)
+        return self.factors.grads(None if da is None else da.reshape(w1.shape), dw2, params, s, need)
 
 
 # -- config -----------------------------------------------------------------------------------------
@@ -213,7 +358,7 @@ class LokrConfig(AdapterConfig):
 
 # -- module -----------------------------------------------------------------------------------------
 class LokrLayer(StructuredAdapter):
-    """LoKr over a frozen ``nn.Linear``, ``nn.Conv1d`` or ``nn.Conv2d``."""
+    """LoKr over a frozen ``nn.Linear`` (or a 4-bit Linear), ``nn.Conv1d`` or ``nn.Conv2d``."""
 
     normalize_rank_dropout = False
 
@@ -225,10 +370,10 @@ class LokrLayer(StructuredAdapter):
         check_target("LoKr", type(base_layer).__name__, base_layer)
         self._setup(r, alpha, rank_dropout, module_dropout, path)
         self.normalize_rank_dropout = bool(rank_dropout_scale)
-        weight = base_layer.weight
-        kw = dict(device=weight.device, dtype=adapter_dtype or weight.dtype)
+        kw = self._adapter_kwargs(adapter_dtype)
         kernel = self.kernel
-        (a_out, a_in), (b_out, b_in) = self.w1_shape, self.w2_shape = lokr_shapes(*weight.shape[:2], decompose_factor)
+        (a_out, a_in), (b_out, b_in) = self.w1_shape, self.w2_shape = lokr_shapes(*self.weight_shape[:2],
+                                                                                 decompose_factor)
         full_w1, full_w2 = lokr_uses_full(r, self.w1_shape, self.w2_shape, decompose_both)
         tucker = self.conv is not None and use_effective_conv2d and any(k != 1 for k in kernel)
         shapes: dict[str, tuple[int, ...]] = (
@@ -247,6 +392,12 @@ class LokrLayer(StructuredAdapter):
         # PEFT's Conv1d with a full 3-D lokr_w2 lays the channels out as w2 ⊗ w1 (see the module docstring).
         odd_layout = len(kernel) == 1 and full_w2
         self.structured_ok = self.conv is None or (self.conv.groups == 1 and not odd_layout)
+        factors = LokrFactors(self._names)
+        self._fold_op = LokrFoldOp(factors, self.conv)
+        self._op: S.StructuredOp | None = None
+        if self.structured_ok:
+            self._op = (LokrLinearOp(factors, self.w1_shape, self.w2_shape) if self.conv is None else
+                        LokrConvOp(factors, self.conv, kernel, self.w1_shape, self.w2_shape))
 
     def peft_parameters(self) -> dict[str, nn.Parameter]:
         return {name: getattr(self, name) for name in self._names}
@@ -256,12 +407,12 @@ class LokrLayer(StructuredAdapter):
                 f"w2={self.w2_shape}, params={list(self._names)}, path={self.path!r}")
 
     def _params(self) -> tuple[nn.Parameter, ...]:
-        return tuple(getattr(self, name) for name in self._names)
+        return tuple(map(self._parameters.__getitem__, self._names))
 
     def delta_weight(self) -> torch.Tensor:
         dtype = torch.promote_types(self._params()[0].dtype, torch.float32)
         w1, w2 = lokr_factors(self._names, self._params(), dtype)
-        return lokr_delta_weight(w1, w2, self.scaling, self.base_layer.weight.shape)
+        return lokr_delta_weight(w1, w2, self.scaling, self.weight_shape)
 
     def costs(self, x: torch.Tensor, backward: bool) -> dict[str, S.Cost]:
         _, tokens = S.positions(x, self.conv, self.kernel)
@@ -269,12 +420,7 @@ class LokrLayer(StructuredAdapter):
         return S.lokr_costs(tokens, a_out, a_in, b_out, b_in * math.prod(self.kernel), x.element_size(), backward,
                             conv=self.conv is not None)
 
-    def run(self, x: torch.Tensor, path: str, mask: torch.Tensor | None) -> torch.Tensor:
-        base = self.base_layer
-        common = dict(names=self._names, scaling=self.scaling, mask=mask)
-        if path == "folded":
-            return S.folded_apply(x, base.weight, base.bias, self.conv,
-                                  functools.partial(lokr_folded_weight, **common), *self._params())
-        return S.delta_apply(x, base.weight, base.bias, self.conv,
-                             functools.partial(lokr_delta, conv=self.conv, kernel=self.kernel, **common),
-                             *self._params())
+    def run(self, x: torch.Tensor, path: str, mask: torch.Tensor | None, params: tuple[nn.Parameter, ...]
+            ) -> torch.Tensor:
+        apply, op = (S.folded_apply, self._fold_op) if path == "folded" else (S.structured_apply, self._op)
+        return apply(x, self.base_operand(), self.base_layer.bias, op, (self.scaling, mask), *params)

@@ -3,18 +3,22 @@
 A structured update ``ΔW`` (``[d_out, d_in]``, or a convolution kernel) can be applied two ways; neither keeps
 a dense ``ΔW`` alive across layers or from forward to backward:
 
-* **structured** — through its factors, never forming ``ΔW``: LoHa as a rank-``r²`` product
-  (:class:`FactoredLinearFunction`), LoKr as two small contractions on ``x`` reshaped ``[N, a_in, b_in]``
-  (:class:`DeltaFunction`);
+* **structured** — through its factors, never forming ``ΔW`` (:class:`StructuredFunction`): LoHa as a rank-``r²``
+  product, LoKr as two small contractions on ``x`` reshaped ``[N, a_in, b_in]``;
 * **folded** — ``W + ΔW`` formed transiently in the compute dtype, one GEMM / convolution with it, and formed
   again in backward rather than saved (:class:`FoldedFunction`).
 
-Every Function here saves ``x`` itself (the very tensor object, so q/k/v store it once), the frozen base
-weight (not a cast copy) and the adapter's own parameters — nothing of size ``N·R``, no dense ``ΔW``, no fp32
-copy of an activation. What backward needs beyond that (the factor products, ``W + ΔW``, intermediates) is
-rebuilt there; the small factor products are differentiated with PyTorch's autograd, the large contractions
-have explicit formulas. GEMMs run in ``x``'s dtype; fp32 adapter parameters are cast inside the ``build``
-functions, so their gradients come back in fp32.
+The method-specific work is an *op* object (:class:`StructuredOp` / :class:`FoldOp`, in ``adapters/loha.py`` and
+``adapters/lokr.py``) with an explicit forward and an explicit backward: backward never runs autograd (no
+``torch.autograd.grad``, no graph built inside it). The factor products (face-splitting, Kronecker, Tucker,
+low-rank) and their gradients are the small helpers below.
+
+Every Function saves ``x`` itself (the very tensor object, so q/k/v store it once), the frozen base weight
+(not a cast copy; for a 4-bit base only its handle, on ``ctx``) and the adapter's parameters — nothing of size
+``N·R``, no dense ``ΔW``, no fp32 copy of an activation, no dequantised weight. A 4-bit base
+(:class:`~slimtune.quant.frozen.QuantizedWeight`) is dequantised by :func:`~slimtune.quant.frozen.materialize`
+right before each GEMM that needs it and dropped after. GEMMs run in ``x``'s dtype; fp32 adapter parameters
+are cast once per forward / backward and their gradients returned in fp32.
 
 :func:`choose_path` picks the path per layer and per call from FLOP and byte counts (``*_costs`` below), the
 way :func:`slimtune.kernels.lora.choose_backward` picks LoRA's backward.
@@ -23,13 +27,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .lora import choose_backward
+from ..quant.frozen import WeightOperand, is_quantized, materialize
 
 Path = str  # "structured" | "folded"
 PATHS = ("structured", "folded")
@@ -174,8 +178,8 @@ def base_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
 
 def base_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, conv: ConvSpec | None, need_x: bool,
-                  need_w: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """``(dx, dW)`` of ``base_forward`` (each ``None`` unless asked for)."""
+                  need_w: bool, groups: int | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(dx, dW)`` of ``base_forward`` (each ``None`` unless asked for); ``groups`` overrides the conv's."""
     if conv is None:
         dy2 = dy.reshape(-1, dy.shape[-1])
         dx = (dy2 @ weight).view(x.shape) if need_x else None
@@ -186,189 +190,13 @@ def base_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, conv:
     nd = weight.dim() - 2
     dx, dw, _ = torch.ops.aten.convolution_backward(
         dy, x, weight, None, list(conv.stride), list(conv.padding), list(conv.dilation), False, [0] * nd,
-        conv.groups, [need_x, need_w, False])
+        conv.groups if groups is None else groups, [need_x, need_w, False])
     return dx, dw
 
 
 def _bias_grad(dy: torch.Tensor, conv: ConvSpec | None, dtype: torch.dtype) -> torch.Tensor:
     grad = dy.reshape(-1, dy.shape[-1]).sum(0) if conv is None else dy.sum(dim=[0, *range(2, dy.dim())])
     return grad.to(dtype)
-
-
-def _leaves(tensors: Sequence[torch.Tensor], needs: Sequence[bool]) -> list[torch.Tensor]:
-    return [t.detach().requires_grad_(bool(n)) for t, n in zip(tensors, needs)]
-
-
-def _grads_for(outputs: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], leaves: Sequence[torch.Tensor]
-               ) -> list[torch.Tensor | None]:
-    """``d outputs / d leaf`` for each leaf that requires grad (else ``None``), in the leaves' own dtype."""
-    wanted = [leaf for leaf in leaves if leaf.requires_grad]
-    if not wanted:
-        return [None] * len(leaves)
-    pairs = [(o, g) for o, g in zip(outputs, grads) if o.requires_grad]
-    found = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True))
-    out = []
-    for leaf in leaves:
-        grad = next(found) if leaf.requires_grad else None
-        out.append(torch.zeros_like(leaf) if grad is None and leaf.requires_grad else grad)
-    return out
-
-
-# -- structured, rank-R factors: LoHa on a Linear --------------------------------------------------
-FactorBuild = Callable[..., tuple[torch.Tensor, torch.Tensor]]
-
-
-class FactoredLinearFunction(torch.autograd.Function):
-    """``y = x Wᵀ + b + (x Dᵀ) Uᵀ`` with ``(D [R, d_in], U [d_out, R]) = build(*factors, dtype=x.dtype)``.
-
-    The LoRA computation of :mod:`slimtune.kernels.lora` with factors that are computed (LoHa's face-splitting
-    products): ``D`` and ``U`` are rebuilt in backward from the saved parameters, never saved; ``dD`` and
-    ``dU`` come from thin GEMMs (or the ``dyᵀx`` Gram matrix when :func:`choose_backward` says so) and reach
-    the parameters through ``build``'s small autograd graph.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, build: FactorBuild, *factors):
-        dtype = x.dtype
-        down, up = build(*factors, dtype=dtype)
-        x2 = x.reshape(-1, x.shape[-1])
-        y = F.linear(x2, weight.to(dtype), bias.to(dtype) if bias is not None else None)
-        y.addmm_(x2 @ down.t(), up.t())
-        ctx.build, ctx.bias_dtype = build, bias.dtype if bias is not None else None
-        ctx.save_for_backward(x, weight, *factors)
-        return y.view(*x.shape[:-1], y.shape[-1])
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight, *factors = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        need_f = ctx.needs_input_grad[4:]
-        dtype = x.dtype
-        x2 = x.reshape(-1, x.shape[-1])
-        dy2 = dy.reshape(-1, dy.shape[-1]).to(dtype)
-        leaves = _leaves(factors, need_f)
-        with torch.enable_grad():
-            down, up = ctx.build(*leaves, dtype=dtype)
-        d, u = down.detach(), up.detach()
-        dyu = dy2 @ u if (need_x or any(need_f)) else None  # [N, R]
-        grad_f: list[torch.Tensor | None] = [None] * len(factors)
-        if any(need_f):
-            tokens, d_in = x2.shape
-            if choose_backward(tokens, d_in, dy2.shape[1], d.shape[0]) == "gram":
-                gram = dy2.t() @ x2
-                d_up, d_down = gram @ d.t(), u.t() @ gram
-                del gram
-            else:
-                d_up, d_down = dy2.t() @ (x2 @ d.t()), dyu.t() @ x2
-            grad_f = _grads_for((down, up), (d_down, d_up), leaves)
-        grad_x = grad_w = grad_b = None
-        if need_x:
-            grad_x = (dy2 @ weight.to(dtype)).addmm_(dyu, d).view(x.shape)
-        if need_w:
-            grad_w = (dy2.t() @ x2).to(weight.dtype)
-        if need_b:
-            grad_b = dy2.sum(0).to(ctx.bias_dtype)
-        return (grad_x, grad_w, grad_b, None, *grad_f)
-
-
-def factored_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, build: FactorBuild,
-                    *factors: torch.Tensor) -> torch.Tensor:
-    """Apply :class:`FactoredLinearFunction`; ``weight``/``bias`` are cast to x's dtype inside (not saved cast)."""
-    return FactoredLinearFunction.apply(x, weight, bias, build, *factors)
-
-
-# -- structured, any small contraction: LoKr, LoHa on convolutions ------------------------------------
-class DeltaFunction(torch.autograd.Function):
-    """``y = base(x) + delta(x, *factors)``; ``delta``'s intermediates are recomputed in backward.
-
-    ``base`` is the Linear / convolution with the frozen ``weight`` (its input gradient has an explicit
-    formula, never a recomputation); ``delta`` is any differentiable function of x and the adapter parameters
-    that computes in x's dtype. Backward re-runs ``delta`` under autograd and differentiates it — so only x,
-    the weight and the parameters are saved, whatever ``delta`` builds on the way.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, conv: ConvSpec | None, delta: Callable[..., torch.Tensor], *factors):
-        dtype = x.dtype
-        y = base_forward(x, weight.to(dtype), bias.to(dtype) if bias is not None else None, conv)
-        y += delta(x, *factors)
-        ctx.conv, ctx.delta, ctx.bias_dtype = conv, delta, bias.dtype if bias is not None else None
-        ctx.save_for_backward(x, weight, *factors)
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight, *factors = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        need_f = ctx.needs_input_grad[5:]
-        dtype = x.dtype
-        dy = dy.to(dtype)
-        grad_x, grad_w = base_backward(dy, x, weight.to(dtype), ctx.conv, need_x, need_w)
-        grad_f: list[torch.Tensor | None] = [None] * len(factors)
-        if need_x or any(need_f):
-            x_leaf, *leaves = _leaves([x, *factors], [need_x, *need_f])
-            with torch.enable_grad():
-                out = ctx.delta(x_leaf, *leaves)
-            grad_dx, *grad_f = _grads_for([out], [dy], [x_leaf, *leaves])
-            if need_x:
-                grad_x += grad_dx
-        grad_b = _bias_grad(dy, ctx.conv, ctx.bias_dtype) if need_b else None
-        grad_w = grad_w.to(weight.dtype) if grad_w is not None else None
-        return (grad_x, grad_w, grad_b, None, None, *grad_f)
-
-
-def delta_apply(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, conv: ConvSpec | None,
-                delta: Callable[..., torch.Tensor], *factors: torch.Tensor) -> torch.Tensor:
-    """Apply :class:`DeltaFunction`."""
-    return DeltaFunction.apply(x, weight, bias, conv, delta, *factors)
-
-
-# -- folded: W + ΔW, transient -------------------------------------------------------------------------
-WeightBuild = Callable[..., torch.Tensor]
-
-
-class FoldedFunction(torch.autograd.Function):
-    """``y = base(x)`` with weight ``W' = build(W, *factors, dtype=x.dtype)`` (``W + ΔW``), one GEMM / conv.
-
-    ``W'`` exists only inside forward and again inside backward (rebuilt under autograd): ``dx`` uses it,
-    ``dW' = dyᵀx`` (the convolution's weight gradient) reaches the factors through ``build``'s graph. Dense
-    transients live only while this layer's backward runs.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, conv: ConvSpec | None, build: WeightBuild, *factors):
-        dtype = x.dtype
-        w_eff = build(weight, *factors, dtype=dtype)
-        y = base_forward(x, w_eff, bias.to(dtype) if bias is not None else None, conv)
-        del w_eff
-        ctx.conv, ctx.build, ctx.bias_dtype = conv, build, bias.dtype if bias is not None else None
-        ctx.save_for_backward(x, weight, *factors)
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight, *factors = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        need_f = ctx.needs_input_grad[5:]
-        dtype = x.dtype
-        dy = dy.to(dtype)
-        w_leaf, *leaves = _leaves([weight, *factors], [need_w, *need_f])
-        with torch.enable_grad():
-            w_eff = ctx.build(w_leaf, *leaves, dtype=dtype)
-        need_weff = need_w or any(need_f)
-        grad_x, grad_weff = base_backward(dy, x, w_eff.detach(), ctx.conv, need_x, need_weff)
-        grads = [None] * (1 + len(factors))
-        if need_weff:
-            grads = _grads_for([w_eff], [grad_weff], [w_leaf, *leaves])
-            del grad_weff
-        grad_b = _bias_grad(dy, ctx.conv, ctx.bias_dtype) if need_b else None
-        return (grad_x, grads[0], grad_b, None, None, *grads[1:])
-
-
-def folded_apply(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, conv: ConvSpec | None,
-                 build: WeightBuild, *factors: torch.Tensor) -> torch.Tensor:
-    """Apply :class:`FoldedFunction`."""
-    return FoldedFunction.apply(x, weight, bias, conv, build, *factors)
 
 
 def positions(x: torch.Tensor, conv: ConvSpec | None, kernel: Sequence[int]) -> tuple[int, int]:
@@ -378,3 +206,279 @@ def positions(x: torch.Tensor, conv: ConvSpec | None, kernel: Sequence[int]) -> 
         return tokens, tokens
     spatial = x.shape[2:]
     return x.shape[0] * math.prod(spatial), x.shape[0] * math.prod(conv.output_size(spatial, kernel))
+
+
+# -- factor products and their gradients (explicit; no autograd) ------------------------------------
+Grad = torch.Tensor | None
+
+
+def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def scale_rows(w: torch.Tensor, scale: float | torch.Tensor, dim: int) -> torch.Tensor:
+    """``w`` with output row ``o`` (index ``o`` along ``dim`` of a 2-D ``w``) times ``scale[o]``, or all times the
+    number ``scale`` (``w`` itself for 1)."""
+    if isinstance(scale, torch.Tensor):
+        return w * (scale.unsqueeze(1) if dim == 0 else scale.unsqueeze(0))
+    return w if scale == 1.0 else w * scale
+
+
+def rows_kr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise Kronecker product: a ``[r, n]``, b ``[s, n]`` → ``[r·s, n]``, row ``(i, j)`` = ``a[i] * b[j]``."""
+    return (a.unsqueeze(1) * b).reshape(-1, a.shape[1])
+
+
+def rows_kr_grad(g: torch.Tensor, a: torch.Tensor, b: torch.Tensor, need_a: bool, need_b: bool
+                 ) -> tuple[Grad, Grad]:
+    """``(da, db)`` of :func:`rows_kr` for the output gradient ``g`` ``[r·s, n]``."""
+    g3 = g.reshape(a.shape[0], b.shape[0], -1)
+    da = torch.linalg.vecdot(g3, b, dim=1) if need_a else None  # Σ_j g[i, j] * b[j]
+    db = torch.linalg.vecdot(g3, a.unsqueeze(1), dim=0) if need_b else None
+    return da, db
+
+
+def cols_kr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Column-wise (face-splitting) product: a ``[n, r]``, b ``[n, s]`` → ``[n, r·s]``, column ``(i, j)`` =
+    ``a[:, i] * b[:, j]``."""
+    return (a.unsqueeze(2) * b.unsqueeze(1)).reshape(a.shape[0], -1)
+
+
+def cols_kr_grad(g: torch.Tensor, a: torch.Tensor, b: torch.Tensor, need_a: bool, need_b: bool
+                 ) -> tuple[Grad, Grad]:
+    """``(da, db)`` of :func:`cols_kr` for ``g`` ``[n, r·s]``: one batched mat-vec each."""
+    g3 = g.reshape(a.shape[0], a.shape[1], b.shape[1])
+    da = torch.bmm(g3, b.unsqueeze(2)).view(a.shape) if need_a else None
+    db = torch.bmm(a.unsqueeze(1), g3).view(b.shape) if need_b else None
+    return da, db
+
+
+def lowrank_grad(g: torch.Tensor, a: torch.Tensor, b: torch.Tensor, need_a: bool, need_b: bool
+                 ) -> tuple[Grad, Grad]:
+    """``(da, db)`` of ``a @ b`` (a ``[m, r]``, b ``[r, n]``) for ``g`` ``[m, n]``."""
+    return (g @ b.t() if need_a else None), (a.t() @ g if need_b else None)
+
+
+def tucker_weight(t: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
+    """``W[p, q, ·] = Σ_ij t[i, j, ·] wa[i, p] wb[j, q]``: t ``[r, r, *k]``, wa ``[r, c_out]``, wb ``[r, c_in]``."""
+    return torch.einsum("ij...,ip,jq->pq...", t, wa, wb)
+
+
+def tucker_grad(g: torch.Tensor, t: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor, need: Sequence[bool]
+                ) -> tuple[Grad, Grad, Grad]:
+    """``(dt, dwa, dwb)`` of :func:`tucker_weight` for ``g`` ``[c_out, c_in, *k]`` (any shape of that size)."""
+    need_t, need_a, need_b = need
+    gk = g.reshape(wa.shape[1], wb.shape[1], -1)
+    tk = t.reshape(t.shape[0], t.shape[1], -1)
+    dt = da = db = None
+    if need_t or need_a:
+        m = torch.einsum("pqk,jq->pjk", gk, wb)
+        dt = torch.einsum("ip,pjk->ijk", wa, m).reshape(t.shape) if need_t else None
+        da = torch.einsum("ijk,pjk->ip", tk, m) if need_a else None
+    if need_b:
+        db = torch.einsum("iqk,ijk->jq", torch.einsum("pqk,ip->iqk", gk, wa), tk)
+    return dt, da, db
+
+
+def kron_grad(g: torch.Tensor, a: torch.Tensor, b: torch.Tensor, need_a: bool, need_b: bool
+              ) -> tuple[Grad, Grad]:
+    """``(da, db)`` of ``torch.kron(a, b)`` for ``g`` of the kron's size (the smaller-rank operand is padded
+    with leading unit dims, as torch.kron does): g viewed ``[A0, B0, A1, B1, ...]`` times the other operand
+    broadcast into its slots, summed over them."""
+    n = max(a.dim(), b.dim())
+    sa = (1,) * (n - a.dim()) + tuple(a.shape)
+    sb = (1,) * (n - b.dim()) + tuple(b.shape)
+    gi = g.reshape([size for pair in zip(sa, sb) for size in pair])
+    da = db = None
+    if need_a:
+        da = (gi * b.reshape([size for d in sb for size in (1, d)])).sum(tuple(range(1, 2 * n, 2))).reshape(a.shape)
+    if need_b:
+        db = (gi * a.reshape([size for d in sa for size in (d, 1)])).sum(tuple(range(0, 2 * n, 2))).reshape(b.shape)
+    return da, db
+
+
+def sum_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``Σ_n a[n] b[n]ᵀ``: a ``[N, m, k]``, b ``[N, n, k]`` → ``[m, n]``; a batched GEMM and a sum when the
+    ``[N, m, n]`` intermediate is smaller than transposed copies of the operands, else one GEMM on those."""
+    (_, m, k), n = a.shape, b.shape[1]
+    if m * n <= (m + n) * k:
+        return torch.bmm(a, b.transpose(1, 2)).sum(0)
+    return a.transpose(0, 1).reshape(m, -1) @ b.transpose(0, 1).reshape(n, -1).t()
+
+
+def bmm_left(w: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``w @ t[n]`` for every n: w ``[m, k]`` (any strides), t ``[N, k, n]`` → ``[N, m, n]``, one batched GEMM
+    (``torch.matmul`` would copy ``t`` to fold it into a single GEMM)."""
+    return torch.bmm(w.expand(t.shape[0], *w.shape), t)
+
+
+def mix(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """A 1x1 convolution as a batched GEMM: h ``[B, c, *sp]``, w ``[c_out, c]`` (any strides) → ``[B, c_out, *sp]``."""
+    return bmm_left(w, h.reshape(h.shape[0], h.shape[1], -1)).view(h.shape[0], w.shape[0], *h.shape[2:])
+
+
+def add_mix_(y: torch.Tensor, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``y + mix(h, w)``, accumulated into ``y`` by the GEMM itself when ``y`` is contiguous."""
+    if not y.is_contiguous():
+        return y + mix(h, w)
+    batch = y.shape[0]
+    y.view(batch, y.shape[1], -1).baddbmm_(w.expand(batch, *w.shape), h.reshape(batch, h.shape[1], -1))
+    return y
+
+
+def mix_backward(dy: torch.Tensor, h: torch.Tensor | None, w: torch.Tensor, need_h: bool, need_w: bool,
+                 w_transposed: bool = False) -> tuple[Grad, Grad]:
+    """``(dh, dw)`` of ``mix(h, w)``; ``dw`` is ``[c, c_out]`` when ``w_transposed`` (for a ``w`` given as the
+    transpose of a contiguous ``[c, c_out]``). ``h`` is only needed for ``dw``."""
+    dy3 = dy.reshape(dy.shape[0], dy.shape[1], -1)
+    dh = bmm_left(w.t(), dy3).view(dy.shape[0], w.shape[1], *dy.shape[2:]) if need_h else None
+    dw = None
+    if need_w:
+        h3 = h.reshape(h.shape[0], h.shape[1], -1)
+        dw = sum_bmm(h3, dy3) if w_transposed else sum_bmm(dy3, h3)
+    return dh, dw
+
+
+# -- the Functions ------------------------------------------------------------------------------------
+Params = Sequence[torch.Tensor]
+
+
+class StructuredOp:
+    """A structured update ``delta(x)`` with explicit forward and backward (subclassed per method and layer kind).
+
+    ``params`` arrive in the compute dtype (x's). ``scale`` is whatever per-call setting the op needs (its
+    scaling and rank-dropout mask), passed through the Function untouched.
+    """
+
+    conv: ConvSpec | None = None
+
+    def add_delta(self, y: torch.Tensor, x: torch.Tensor, params: Params, scale: Any) -> torch.Tensor:
+        """``y + delta(x)`` (``y`` is the base output, fresh: accumulate into it where possible)."""
+        raise NotImplementedError
+
+    def delta_backward(self, dy: torch.Tensor, x: torch.Tensor, params: Params, scale: Any,
+                       grad_x: torch.Tensor | None, need: Sequence[bool]) -> list[Grad]:
+        """Add ``(d delta / dx)ᵀ dy`` into ``grad_x`` (in place; ``None``: x needs no gradient) and return the
+        gradients of ``params`` (``None`` where ``need`` is false)."""
+        raise NotImplementedError
+
+
+class FoldOp:
+    """A dense update ``ΔW`` formed from the parameters, for the folded path."""
+
+    conv: ConvSpec | None = None
+
+    def fold(self, w: torch.Tensor, params: Params, scale: Any, inplace: bool
+             ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """``(W + ΔW, parts)``: ``inplace`` allows adding into ``w`` (a fresh copy); ``parts`` are the
+        intermediates :meth:`fold_backward` reuses."""
+        raise NotImplementedError
+
+    def fold_backward(self, g: torch.Tensor, params: Params, parts: tuple[torch.Tensor, ...], scale: Any,
+                      need: Sequence[bool]) -> list[Grad]:
+        """The parameters' gradients for ``g = dL/d(W + ΔW)``."""
+        raise NotImplementedError
+
+
+def _save(ctx: Any, x: torch.Tensor, weight: WeightOperand, params: Params) -> None:
+    """Save x, a dense weight and the parameters; a quantised weight's handle goes on ``ctx`` (no dense copy)."""
+    quantized = is_quantized(weight)
+    ctx.handle = weight if quantized else None
+    ctx.save_for_backward(x, None if quantized else weight, *params)
+
+
+def _saved(ctx: Any) -> tuple[torch.Tensor, WeightOperand, list[torch.Tensor]]:
+    x, weight, *params = ctx.saved_tensors
+    return x, (ctx.handle if ctx.handle is not None else weight), params
+
+
+def _bias_in(bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if bias is None else cast(bias, dtype)
+
+
+def _param_grads(grads: Sequence[Grad], params: Params) -> list[Grad]:
+    return [None if g is None else cast(g, p.dtype) for g, p in zip(grads, params)]
+
+
+class StructuredFunction(torch.autograd.Function):
+    """``y = base(x; W, b) + op.delta(x)``: the base GEMM / convolution and the op's structured update."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, op: StructuredOp, scale, *params):
+        dtype = x.dtype
+        cast_params = [cast(p, dtype) for p in params]
+        y = base_forward(x, materialize(weight, dtype), _bias_in(bias, dtype), op.conv)  # dense copy: a temporary
+        y = op.add_delta(y, x, cast_params, scale)
+        ctx.op, ctx.scale, ctx.bias_dtype = op, scale, None if bias is None else bias.dtype
+        _save(ctx, x, weight, params)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, params = _saved(ctx)
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        need_p = ctx.needs_input_grad[5:]
+        dtype, op = x.dtype, ctx.op
+        dy = cast(dy, dtype)
+        grad_x = grad_w = None
+        if need_x or need_w:
+            grad_x, grad_w = base_backward(dy, x, materialize(weight, dtype), op.conv, need_x, need_w)
+        grads: list[Grad] = [None] * len(params)
+        if need_x or any(need_p):
+            grads = op.delta_backward(dy, x, [cast(p, dtype) for p in params], ctx.scale, grad_x, need_p)
+        grad_b = _bias_grad(dy, op.conv, ctx.bias_dtype) if need_b else None
+        grad_w = cast(grad_w, weight.dtype) if grad_w is not None else None
+        return (grad_x, grad_w, grad_b, None, None, *_param_grads(grads, params))
+
+
+def structured_apply(x: torch.Tensor, weight: WeightOperand, bias: torch.Tensor | None, op: StructuredOp,
+                     scale: Any, *params: torch.Tensor) -> torch.Tensor:
+    """Apply :class:`StructuredFunction` (``weight``: the base weight, dense or a 4-bit handle)."""
+    return StructuredFunction.apply(x, weight, bias, op, scale, *params)
+
+
+class FoldedFunction(torch.autograd.Function):
+    """``y = base(x)`` with weight ``W + ΔW`` formed by ``op.fold`` in x's dtype: one GEMM / convolution.
+
+    ``W + ΔW`` exists only inside forward and again inside backward: ``dx`` uses it, ``g = dyᵀx`` (the
+    convolution's weight gradient) goes through ``op.fold_backward`` to the parameters. Dense transients live
+    only while this layer's forward or backward runs.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, op: FoldOp, scale, *params):
+        dtype = x.dtype
+        dense = materialize(weight, dtype)
+        w_eff, _ = op.fold(dense, [cast(p, dtype) for p in params], scale, inplace=dense is not weight)
+        del dense
+        y = base_forward(x, w_eff, _bias_in(bias, dtype), op.conv)
+        del w_eff
+        ctx.op, ctx.scale, ctx.bias_dtype = op, scale, None if bias is None else bias.dtype
+        _save(ctx, x, weight, params)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, params = _saved(ctx)
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        need_p = ctx.needs_input_grad[5:]
+        dtype, op = x.dtype, ctx.op
+        dy = cast(dy, dtype)
+        cast_params = [cast(p, dtype) for p in params]
+        dense = materialize(weight, dtype)
+        w_eff, parts = op.fold(dense, cast_params, ctx.scale, inplace=dense is not weight)
+        del dense
+        grad_x, g = base_backward(dy, x, w_eff, op.conv, need_x, need_w or any(need_p))
+        del w_eff
+        grads: list[Grad] = [None] * len(params)
+        if any(need_p):
+            grads = op.fold_backward(g, cast_params, parts, ctx.scale, need_p)
+        grad_w = cast(g, weight.dtype) if need_w else None
+        grad_b = _bias_grad(dy, op.conv, ctx.bias_dtype) if need_b else None
+        return (grad_x, grad_w, grad_b, None, None, *_param_grads(grads, params))
+
+
+def folded_apply(x: torch.Tensor, weight: WeightOperand, bias: torch.Tensor | None, op: FoldOp, scale: Any,
+                 *params: torch.Tensor) -> torch.Tensor:
+    """Apply :class:`FoldedFunction`."""
+    return FoldedFunction.apply(x, weight, bias, op, scale, *params)

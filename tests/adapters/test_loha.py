@@ -1,5 +1,6 @@
 """LoHa: both paths (structured, folded) vs the dense float64 reference, low precision, saved tensors, merge,
-dropout semantics against PEFT, the path chooser."""
+dropout semantics against PEFT, the path chooser, 4-bit bases (a fake handle: same results, no dense weight
+saved or kept)."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -255,3 +256,106 @@ def test_bad_values_and_targets():
                        LohaConfig(target_modules=["0"]))
     with pytest.raises(slimtune.TargetError, match="Embedding"):
         slimtune.adapt(nn.Sequential(nn.Embedding(4, 4)), LohaConfig(target_modules=["0"]))
+
+
+# -- 4-bit bases: the weight through a handle, dequantised right before each use -------------------------
+class FakeHandle:
+    """A :class:`~slimtune.quant.frozen.QuantizedWeight` over a dense tensor: every dequantize is a fresh copy,
+    tracked by weak references (so a test can see that none outlives its GEMM)."""
+
+    def __init__(self, dense: torch.Tensor) -> None:
+        self._dense = dense
+        self.copies: list = []
+
+    shape = property(lambda self: self._dense.shape)
+    dtype = property(lambda self: self._dense.dtype)
+    device = property(lambda self: self._dense.device)
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        import weakref
+
+        out = self._dense.to(dtype, copy=True)
+        self.copies.append(weakref.ref(out))
+        return out
+
+    def alive(self) -> int:
+        return sum(ref() is not None for ref in self.copies)
+
+
+class FakeQuantLinear(nn.Module):
+    """A Linear stored "packed": ``weight`` is a uint8 ``[n/2, 1]`` buffer (as NF4 storage), the values live
+    behind ``handle``."""
+
+    def __init__(self, dense: nn.Linear) -> None:
+        super().__init__()
+        self.register_buffer("weight", torch.zeros((dense.weight.numel() + 1) // 2, 1, dtype=torch.uint8))
+        self.bias = None if dense.bias is None else nn.Parameter(dense.bias.detach().clone(), requires_grad=False)
+        self.handle = FakeHandle(dense.weight.detach().clone())
+
+    def forward(self, x):
+        return F.linear(x, self.handle.dequantize(x.dtype), self.bias)
+
+
+@pytest.fixture
+def fake_quant(monkeypatch):
+    """Make slimtune see FakeQuantLinear as a 4-bit layer (its handle)."""
+    import slimtune.adapters.base as adapter_base
+    import slimtune.quant.linear as quant_linear
+
+    real = quant_linear.quantized_handle
+
+    def handle(base):
+        return base.handle if isinstance(base, FakeQuantLinear) else real(base)
+
+    monkeypatch.setattr(quant_linear, "quantized_handle", handle)
+    monkeypatch.setattr(adapter_base, "quantized_handle", handle, raising=False)
+    return FakeQuantLinear
+
+
+def quantized_pair(layer_class, make_kwargs: dict, d_in=24, d_out=40, bias=True):
+    """The same adapter (float64, random factors) over a dense Linear and over its fake 4-bit twin."""
+    torch.manual_seed(0)
+    dense = nn.Linear(d_in, d_out, bias=bias).double().requires_grad_(False)
+    layers = []
+    for base in (dense, FakeQuantLinear(dense)):
+        torch.manual_seed(1)
+        layers.append(layer_class(base, **make_kwargs))
+    return layers
+
+
+def check_quantized_matches_dense(dense_layer, quant_layer, path: str, x_shape=(3, 5, 24)) -> None:
+    """Same output and gradients as on the dense base; nothing of the weight's size saved for backward; every
+    dequantised copy freed right after its use (forward, and backward)."""
+    handle = quant_layer.base_layer.handle
+    n_weight = handle.shape.numel()
+    results = []
+    for layer in (dense_layer, quant_layer):
+        layer.path = path
+        x = torch.randn(x_shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2)).requires_grad_()
+        saved = []
+        with saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            y = layer(x)
+        if layer is quant_layer:
+            assert n_weight not in saved and handle.alive() == 0
+        y.backward(torch.ones_like(y))
+        results.append([y, x.grad, *(p.grad for p in layer.peft_parameters().values())])
+    assert handle.alive() == 0 and len(handle.copies) == 2  # one in forward, one in backward
+    assert quant_layer.last_path == path
+    for got, want in zip(results[1], results[0]):
+        assert rel_err(got, want) < 1e-12
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_quantized_base_matches_dense(path, fake_quant):
+    dense, quant = quantized_pair(LohaLayer, dict(r=3, alpha=4.0, init_weights=False))
+    assert {k: p.shape for k, p in quant.peft_parameters().items()} == {
+        k: p.shape for k, p in dense.peft_parameters().items()}
+    assert quant.hada_w1_a.dtype == torch.float64  # the handle's dtype, not the packed uint8
+    check_quantized_matches_dense(dense, quant, path)
+
+
+def test_merge_on_quantized_base_refuses(fake_quant):
+    _, quant = quantized_pair(LohaLayer, dict(r=2, alpha=2.0, init_weights=False))
+    with pytest.raises(slimtune.SlimtuneError, match="dequantize"):
+        quant.merge()
+    assert not quant.merged

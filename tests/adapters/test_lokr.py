@@ -1,5 +1,5 @@
 """LoKr: PEFT's factorisation and parameter layout, both paths vs the dense float64 reference, low precision,
-saved tensors (no [d_out, d_in] tensor on the structured path), merge, the chooser."""
+saved tensors (no [d_out, d_in] tensor on the structured path), merge, the chooser, 4-bit bases."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,7 +9,8 @@ from torch.autograd.graph import saved_tensors_hooks
 import slimtune
 from slimtune.adapters.lokr import LokrConfig, LokrLayer, lokr_factors, factorization, lokr_delta_weight
 from slimtune.kernels import structured as S
-from tests.adapters.test_loha import MaxAllocation
+from tests.adapters.test_loha import MaxAllocation, check_quantized_matches_dense, quantized_pair
+from tests.adapters.test_loha import fake_quant  # noqa: F401  (the fixture)
 from tests.helpers import BF16_TOL, FP32_TOL, check_merge_round_trip, rel_err
 
 PATHS = ["structured", "folded"]
@@ -211,3 +212,20 @@ def test_bad_values():
         LokrConfig(target_modules=["0"], decompose_factor=2.5)
     with pytest.raises(slimtune.ConfigError, match="module_dropout"):
         LokrConfig(target_modules=["0"], module_dropout=-0.1)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("kw", [dict(r=2), dict(r=2, decompose_both=True, decompose_factor=4), dict(r=8)],
+                         ids=["lowrank-w2", "decompose-both", "full-w2"])
+def test_quantized_base_matches_dense(path, kw, fake_quant):
+    dense, quant = quantized_pair(LokrLayer, dict(alpha=3.0, init_weights=False, **kw))
+    assert quant.w1_shape == dense.w1_shape and quant.w2_shape == dense.w2_shape
+    assert {k: p.shape for k, p in quant.peft_parameters().items()} == {
+        k: p.shape for k, p in dense.peft_parameters().items()}
+    check_quantized_matches_dense(dense, quant, path)
+
+
+def test_merge_on_quantized_base_refuses(fake_quant):
+    _, quant = quantized_pair(LokrLayer, dict(r=2, alpha=2.0, init_weights=False))
+    with pytest.raises(slimtune.SlimtuneError, match="dequantize"):
+        quant.merge()
