@@ -419,7 +419,7 @@ class StructuredFunction(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         need_p = ctx.needs_input_grad[5:]
         dtype, op = x.dtype, ctx.op
-        dy = cast(dy, dtype)
+        dy = cast(dy, dtype).contiguous()  # the ops view dy; autograd may hand over a strided one
         grad_x = grad_w = None
         if need_x or need_w:
             grad_x, grad_w = base_backward(dy, x, materialize(weight, dtype), op.conv, need_x, need_w)
@@ -463,7 +463,7 @@ class FoldedFunction(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         need_p = ctx.needs_input_grad[5:]
         dtype, op = x.dtype, ctx.op
-        dy = cast(dy, dtype)
+        dy = cast(dy, dtype).contiguous()  # the ops view dy; autograd may hand over a strided one
         cast_params = [cast(p, dtype) for p in params]
         dense = materialize(weight, dtype)
         w_eff, parts = op.fold(dense, cast_params, ctx.scale, inplace=dense is not weight)

@@ -9,7 +9,7 @@ from torch import nn
 from slimtune.adapters import loha as LH
 from slimtune.adapters import lokr as LK
 from slimtune.kernels import structured as S
-from tests.helpers import rel_err
+from tests.helpers import perturb_adapters, rel_err
 
 TOL = 1e-10
 G = torch.Generator().manual_seed(0)
@@ -258,3 +258,23 @@ def test_backward_runs_no_autograd(name, make, x_shape, path, monkeypatch):
     grads = [p.grad for p in layer._params()]
     assert recorder.modes and not any(recorder.modes)
     assert all(g is not None for g in grads) and x.grad is not None
+
+
+@pytest.mark.parametrize("method", ["lokr", "loha"])
+@pytest.mark.parametrize("d_in,d_out", [(64, 48), (1280, 320)])
+def test_strided_output_gradient(method, d_in, d_out):
+    """A UNet's time-embedding projection hands backward a transposed dy (strides (1, N)): the ops must not
+    assume a contiguous one (SD-1.5 LoKr failed on it)."""
+    import slimtune
+
+    config = (slimtune.LokrConfig if method == "lokr" else slimtune.LohaConfig)(r=4, target_modules=["0"])
+    model = torch.nn.Sequential(torch.nn.Linear(d_in, d_out))
+    slimtune.adapt(model, config)
+    perturb_adapters(model, seed=3)
+    x = torch.randn(5, d_in, requires_grad=True, generator=torch.Generator().manual_seed(0))
+    w = torch.randn(d_out, 5, generator=torch.Generator().manual_seed(1))
+    (model(x).t().contiguous() * w).sum().backward()
+    strided = x.grad.clone()
+    x.grad = None
+    (model(x) * w.t()).sum().backward()
+    assert rel_err(strided, x.grad) < 1e-6
