@@ -184,7 +184,10 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
                      seq=args.seq, rank=args.rank, steps=args.steps, device=args.device, dtype=args.dtype,
                      grad_checkpointing=args.grad_checkpointing, seed=args.seed)
     configs = sweep_configs(spec)
-    check_dependencies(configs[0].backend)
+    from .memory.profile import model_dependencies
+
+    for backend, quant, extra in {(c.backend, c.quant, model_dependencies(c)) for c in configs}:
+        check_dependencies(backend, quant, extra)
     interactive = sys.stderr.isatty()
     with _progress(disable=not interactive) as progress:
         task = progress.add_task(f"{len(configs)} configurations", total=len(configs))

@@ -251,6 +251,8 @@ def rank_dropout_mask(d_out: int, p: float, normalize: bool, device: torch.devic
         keep /= keep.mean().clamp_min(1.0 / d_out)  # all dropped: zeros rather than PEFT's NaN
     if scale != 1.0:
         keep *= scale
+    if torch.device(device).type == "cuda":  # no stall: copy from pinned memory behind the queued work
+        return keep.pin_memory().to(device=device, dtype=dtype, non_blocking=True)
     return keep.to(device=device, dtype=dtype)
 
 

@@ -58,6 +58,8 @@ def parse_size(text: str | int | float) -> int:
     """Bytes for ``"16GB"`` / ``"16GiB"`` / ``"16G"`` / ``"16384MB"`` (binary units: GB = GiB, as GPU memory is
     sold); a bare number is GiB."""
     if isinstance(text, (int, float)) and not isinstance(text, bool):
+        if not text > 0:
+            raise ConfigError(f"memory size must be positive, got {text!r}")
         return int(text * GiB)
     match = _SIZE.match(str(text))
     if not match:

@@ -78,6 +78,12 @@ class NF4Linear(nn.Module):
         tensors = quantize_nf4(weight, blocksize, double_quant, dq_blocksize)
         return cls(tensors, linear.bias, compute_dtype or weight.dtype)
 
+    def _apply(self, fn, recurse: bool = True):
+        """``model.to(dtype)`` / ``.half()`` also move ``compute_dtype`` (the packed state is integer: untouched)."""
+        super()._apply(fn, recurse)
+        self.compute_dtype = fn(torch.empty(0, dtype=self.compute_dtype)).dtype
+        return self
+
     absmax = property(lambda self: _from_bits(self._absmax))
     nested_absmax = property(lambda self: _from_bits(self._nested_absmax))
     nested_code = property(lambda self: _from_bits(self._nested_code))
