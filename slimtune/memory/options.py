@@ -11,12 +11,7 @@ import torch
 
 from ..errors import ConfigError
 from ..models.presets import MissingDependencyError, dtype_name, get_preset, resolve_dtype
-
-METHODS = ("lora", "dora", "dora-recompute", "dora-recompute-unshared", "hra", "loha", "lokr", "locon", "none")
-#: ``dora_recompute`` per DoRA method: "dora-recompute-unshared" recomputes z only in the layers whose output the
-#: next op does not save anyway (Llama-style q/k/o/down projections; see LoraConfig.dora_recompute)
-DORA_RECOMPUTE = {"dora": False, "dora-recompute": True,
-                  "dora-recompute-unshared": ["q_proj", "k_proj", "o_proj", "down_proj"]}
+from ..models.workload import METHODS  # one list for the profiler and the estimator
 BACKENDS = ("slimtune", "peft", "peft-bf16")
 QUANTS = ("none", "nf4")
 

@@ -212,23 +212,11 @@ def quantize_base(model: nn.Module, options: ProfileOptions) -> nn.Module:
 
 # -- the training session ---------------------------------------------------------------------------
 def slimtune_config(method: str, rank: int, alpha: float, targets: list[str] | str):
-    """slimtune's config for ``method`` with rank ``rank`` (alpha where the method has one).
+    """slimtune's config for ``method`` with rank ``rank`` (alpha where the method has one); the estimator's
+    :func:`slimtune.models.workload.make_adapter_config`. ``locon`` is LoRA whose targets include convolutions."""
+    from ..models.workload import make_adapter_config
 
-    ``locon`` is LoRA whose targets include convolutions (LoCon); the targets decide.
-    """
-    from .. import adapters
-
-    if method in ("lora", "locon", "dora", "dora-recompute", "dora-recompute-unshared"):
-        from .options import DORA_RECOMPUTE
-
-        extra = {"use_dora": True, "dora_recompute": DORA_RECOMPUTE[method]} if method.startswith("dora") else {}
-        return adapters.LoraConfig(r=rank, alpha=alpha, target_modules=targets, **extra)
-    if method == "hra":
-        return adapters.HraConfig(r=rank, target_modules=targets)
-    if method in ("loha", "lokr"):
-        config_class = getattr(adapters, "LohaConfig" if method == "loha" else "LokrConfig")
-        return config_class(r=rank, alpha=alpha, target_modules=targets)
-    raise ConfigError(f"unknown method {method!r}")
+    return make_adapter_config(method, rank, alpha, targets)
 
 
 def peft_config(peft: Any, method: str, rank: int, alpha: float, targets: list[str] | str):

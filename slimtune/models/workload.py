@@ -29,14 +29,18 @@ from ..errors import ConfigError
 from .diffusion import UNET_ATTENTION_TARGETS, UNET_CONV_TARGETS, DiffusionPreset, latent_tokens, unet_resolution_ok
 from .presets import ModelPreset, Preset, build_model, get_preset, resolve_dtype
 
-__all__ = ["CONV_METHODS", "METHODS", "TOKEN_HIGH", "build_model", "default_targets", "enable_gradient_checkpointing",
+__all__ = ["CONV_METHODS", "DORA_RECOMPUTE", "METHODS", "TOKEN_HIGH", "build_model", "default_targets", "enable_gradient_checkpointing",
            "forward_loss", "make_adapter_config", "make_inputs", "sample_tokens", "training_loss"]
 
 #: Token ids are drawn from ``[0, min(vocab, TOKEN_HIGH))``, as the PEFT baseline protocol draws them.
 TOKEN_HIGH = 128000
 #: Adapter methods (``"none"``: full fine-tune of the LM / denoiser; text encoders stay frozen).
 #: ``"locon"`` is LoRA with the convolutions added to its targets (LyCORIS' LoCon).
-METHODS = ("lora", "locon", "dora", "dora-recompute", "hra", "loha", "lokr", "none")
+METHODS = ("lora", "locon", "dora", "dora-recompute", "dora-recompute-unshared", "hra", "loha", "lokr", "none")
+#: ``dora_recompute`` per DoRA method: "dora-recompute-unshared" recomputes z only in the layers whose output the
+#: next op does not save anyway (Llama-style q/k/o/down projections; see LoraConfig.dora_recompute)
+DORA_RECOMPUTE = {"dora": False, "dora-recompute": True,
+                  "dora-recompute-unshared": ["q_proj", "k_proj", "o_proj", "down_proj"]}
 #: Methods that also adapt a UNet's convolutions by default (LyCORIS' practice).
 CONV_METHODS = ("locon", "loha", "lokr")
 
@@ -65,27 +69,29 @@ def default_targets(preset: str | Preset, method: str) -> list[str]:
     return list(spec.targets)
 
 
-def make_adapter_config(method: str, rank: int, alpha: float | None, targets: list[str],
+def make_adapter_config(method: str, rank: int, alpha: float | None, targets: list[str] | str,
                         adapter_dtype: torch.dtype | None = None) -> Any:
     """slimtune's adapter config for ``method`` (``alpha`` defaults to ``rank``; HRA has none).
 
     ``lora``/``locon``: :class:`~slimtune.LoraConfig` (convolution targets get LoCon layers);
-    ``dora``/``dora-recompute``: LoraConfig with ``use_dora`` (and ``dora_recompute``); ``hra``, ``loha``,
+    ``dora``/``dora-recompute``/``dora-recompute-unshared``: LoraConfig with ``use_dora`` (and
+    ``dora_recompute``, :data:`DORA_RECOMPUTE`); ``hra``, ``loha``,
     ``lokr``: their configs. ``method="none"`` has no config (:class:`ConfigError`).
     """
     from .. import adapters
 
     alpha = rank if alpha is None else alpha
-    if method in ("lora", "locon", "dora", "dora-recompute"):
-        extra = {"use_dora": True, "dora_recompute": method == "dora-recompute"} if method.startswith("dora") else {}
-        return adapters.LoraConfig(r=rank, alpha=alpha, target_modules=list(targets), adapter_dtype=adapter_dtype,
+    targets = targets if isinstance(targets, str) else list(targets)  # a string: a regex or "all-linear"
+    if method in ("lora", "locon") or method in DORA_RECOMPUTE:
+        extra = {"use_dora": True, "dora_recompute": DORA_RECOMPUTE[method]} if method in DORA_RECOMPUTE else {}
+        return adapters.LoraConfig(r=rank, alpha=alpha, target_modules=targets, adapter_dtype=adapter_dtype,
                                    **extra)
     if method == "hra":
-        return adapters.HraConfig(r=rank, target_modules=list(targets), adapter_dtype=adapter_dtype)
+        return adapters.HraConfig(r=rank, target_modules=targets, adapter_dtype=adapter_dtype)
     if method == "loha":
-        return adapters.LohaConfig(r=rank, alpha=alpha, target_modules=list(targets), adapter_dtype=adapter_dtype)
+        return adapters.LohaConfig(r=rank, alpha=alpha, target_modules=targets, adapter_dtype=adapter_dtype)
     if method == "lokr":
-        return adapters.LokrConfig(r=rank, alpha=alpha, target_modules=list(targets), adapter_dtype=adapter_dtype)
+        return adapters.LokrConfig(r=rank, alpha=alpha, target_modules=targets, adapter_dtype=adapter_dtype)
     raise ConfigError(f"method {method!r} has no adapter config; choose from {', '.join(METHODS[:-1])}")
 
 
