@@ -148,11 +148,21 @@ def top_chain(model: nn.Module) -> set[int]:
         ids.add(id(module))
 
 
+def _storage_identity(tensor: torch.Tensor) -> int | None:
+    """The identity of the tensor's storage object (shared by views; also valid on the meta device, where every
+    data pointer is 0), or ``None`` for tensors without one."""
+    try:
+        return tensor.untyped_storage()._cdata
+    except (RuntimeError, NotImplementedError, TypeError, AttributeError):
+        return None
+
+
 class SavedTensorMeter:
     """Counts the distinct storages autograd saves for backward inside :meth:`record`.
 
-    Storages in ``exclude`` (the model's parameters and buffers) are not counted. The meter holds a
-    reference to each counted storage while recording so that a freed storage's address cannot be
+    Storages in ``exclude`` (the model's parameters and buffers) are not counted. Storages are told apart by
+    identity, so the meter works on the meta device too (the estimator's simulation). It holds a
+    reference to each counted storage while recording so that a freed storage cannot be
     reused and miscounted; :meth:`record` drops them on exit. Tensors saved inside a region that
     installs its own hooks (non-reentrant gradient checkpointing) are not seen, but the inputs such a
     region keeps are.
@@ -163,7 +173,7 @@ class SavedTensorMeter:
     """
 
     def __init__(self, exclude: Iterable[torch.Tensor] = (), model: nn.Module | None = None) -> None:
-        self._exclude = {key[0] for key in map(_storage_key, exclude) if key is not None}
+        self._exclude = {key for key in map(_storage_identity, exclude) if key is not None}
         self._held: dict[int, torch.UntypedStorage] = {}
         self._model = model
         self._stack: list[str] = []
@@ -178,14 +188,13 @@ class SavedTensorMeter:
         self.by_kind[kind] = self.by_kind.get(kind, 0) + nbytes
 
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
-        try:
-            storage = tensor.untyped_storage()
-            ptr = storage.data_ptr()
-        except (RuntimeError, NotImplementedError, TypeError):
+        key = _storage_identity(tensor)
+        if key is None:
             self._add(_tensor_bytes(tensor))
             return tensor
-        if ptr not in self._exclude and ptr not in self._held and storage.nbytes():
-            self._held[ptr] = storage
+        storage = tensor.untyped_storage()
+        if key not in self._exclude and key not in self._held and storage.nbytes():
+            self._held[key] = storage
             self._add(storage.nbytes())
         return tensor
 

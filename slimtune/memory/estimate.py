@@ -54,7 +54,7 @@ from ..errors import ConfigError
 from ..models import workload
 from ..models.diffusion import DiffusionPreset
 from ..models.presets import ModelPreset, Preset, dtype_name, get_preset, resolve_dtype
-from .accounting import module_kind, top_chain
+from .accounting import SavedTensorMeter
 
 __all__ = ["BREAKDOWN_KEYS", "CUDA_ROUNDING", "CUDA_WORKSPACE_BYTES", "MemoryEstimate", "StepSim", "adapter_bytes",
            "build_meta_model", "estimate_from_sim", "estimate_memory", "meta_environment", "parameter_bytes",
@@ -425,67 +425,6 @@ class _Allocator(TorchDispatchMode):
         return out
 
 
-class _SavedCounter:
-    """Distinct storages saved for backward (parameters and buffers excluded), split by module kind."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.exclude = {t.untyped_storage()._cdata for t in [*model.parameters(), *model.buffers()]}
-        self.model = model
-        self.held: dict[int, torch.UntypedStorage] = {}
-        self.bytes = 0
-        self.by_kind: dict[str, int] = {}
-        self.stack: list[str] = []
-
-    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        key = storage._cdata
-        if key not in self.exclude and key not in self.held and storage.nbytes():
-            self.held[key] = storage
-            self.bytes += storage.nbytes()
-            kind = self.stack[-1] if self.stack else "loss"
-            self.by_kind[kind] = self.by_kind.get(kind, 0) + storage.nbytes()
-        return tensor
-
-    @contextlib.contextmanager
-    def record(self) -> Iterator[None]:
-        top = top_chain(self.model)
-        handles = []
-        patched: list[tuple[nn.Module, Any]] = []
-        for module in self.model.modules():
-            kind = "loss" if id(module) in top else module_kind(module)
-            handles.append(module.register_forward_pre_hook(lambda _m, _a, k=kind: self.stack.append(k)))
-            handles.append(module.register_forward_hook(self._pop, always_call=True))
-            func = vars(module).get("_gradient_checkpointing_func")
-            if callable(func):
-                patched.append((module, func))
-                module._gradient_checkpointing_func = self._checkpointed(func)
-        self.bytes, self.by_kind = 0, {}
-        try:
-            with torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t):
-                yield
-        finally:
-            for handle in handles:
-                handle.remove()
-            for module, func in patched:
-                module._gradient_checkpointing_func = func
-            self.stack.clear()
-            self.held.clear()
-
-    def _pop(self, _module: nn.Module, _args: Any, _output: Any) -> None:
-        """Forward hook: leave the module (returns None, so that the output is kept)."""
-        if self.stack:
-            self.stack.pop()
-
-    def _checkpointed(self, func: Callable[..., Any]) -> Callable[..., Any]:
-        def run(*args: Any, **kwargs: Any) -> Any:
-            self.stack.append("checkpoint")
-            try:
-                return func(*args, **kwargs)
-            finally:
-                self.stack.pop()
-        return run
-
-
 @dataclasses.dataclass
 class StepSim:
     static: int  # params + buffers, exact
@@ -524,7 +463,7 @@ def _simulate(model: nn.Module, spec: Preset, method: str, batch: int, seq: int,
     # temporaries, so there the state is counted without running the (slow, per-tensor) step: AdamW keeps
     # exp_avg and exp_avg_sq like each parameter and a float32 ``step`` scalar per parameter.
     optimizer = torch.optim.AdamW(trainable, lr=1e-4, foreach=True) if trainable and device_kind == "cuda" else None
-    counter = _SavedCounter(model)
+    counter = SavedTensorMeter(exclude=[*model.parameters(), *model.buffers()], model=model)
     allocator = _Allocator(rounding, external=set(storages))
     gradients = optimizer_state = state_live = retained = held_after_forward = 0
     first: dict[str, int] = {}
