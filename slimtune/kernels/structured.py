@@ -392,6 +392,14 @@ def _saved(ctx: Any) -> tuple[torch.Tensor, WeightOperand, list[torch.Tensor]]:
     return x, (ctx.handle if ctx.handle is not None else weight), params
 
 
+def _backward_inputs(ctx: Any, dy: torch.Tensor
+                     ) -> tuple[torch.Tensor, WeightOperand, list[torch.Tensor], torch.Tensor]:
+    """``(x, weight, params, dy)`` for a backward: what :func:`_save` kept, and ``dy`` in x's dtype, contiguous
+    (the ops view it; autograd may hand over a strided one)."""
+    x, weight, params = _saved(ctx)
+    return x, weight, params, cast(dy, x.dtype).contiguous()
+
+
 def _bias_in(bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     return None if bias is None else cast(bias, dtype)
 
@@ -415,11 +423,10 @@ class StructuredFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, params = _saved(ctx)
+        x, weight, params, dy = _backward_inputs(ctx, dy)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         need_p = ctx.needs_input_grad[5:]
         dtype, op = x.dtype, ctx.op
-        dy = cast(dy, dtype).contiguous()  # the ops view dy; autograd may hand over a strided one
         grad_x = grad_w = None
         if need_x or need_w:
             grad_x, grad_w = base_backward(dy, x, materialize(weight, dtype), op.conv, need_x, need_w)
@@ -459,11 +466,10 @@ class FoldedFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, params = _saved(ctx)
+        x, weight, params, dy = _backward_inputs(ctx, dy)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         need_p = ctx.needs_input_grad[5:]
         dtype, op = x.dtype, ctx.op
-        dy = cast(dy, dtype).contiguous()  # the ops view dy; autograd may hand over a strided one
         cast_params = [cast(p, dtype) for p in params]
         dense = materialize(weight, dtype)
         w_eff, parts = op.fold(dense, cast_params, ctx.scale, inplace=dense is not weight)
