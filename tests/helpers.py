@@ -62,3 +62,21 @@ def check_merge_round_trip(layer, x: torch.Tensor) -> torch.Tensor:
         layer.unmerge()
     assert torch.equal(layer.base_layer.weight, w0)
     return y
+
+
+def run_interpreted(script: str, timeout: float = 600) -> dict:
+    """Run ``script`` in a fresh Python with ``TRITON_INTERPRET=1`` (Triton picks interpreter or compiler when a
+    kernel is defined, so it needs its own process) and return the JSON it prints after ``RESULTS ``."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(repo) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", script], cwd=repo, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")][-1]
+    return json.loads(line[len("RESULTS "):])

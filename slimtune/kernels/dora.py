@@ -9,20 +9,23 @@ Shapes: x ``[..., d_in]`` (N tokens), W ``[d_out, d_in]`` (frozen; a dense tenso
 The bias is added unscaled, as PEFT does.
 
 * :func:`factored_row_norm_sq` gets ``‖V‖²_row = ‖W‖²_row + 2s·rowsum((W Aᵀ + (s/2)·B (A Aᵀ)) ⊙ B)`` from
-  ``[d_out, r]`` / ``[r, r]`` intermediates: no ``[d_out, d_in]`` tensor is formed. On CUDA the bf16/fp16 GEMMs
-  return fp32 (fp32 accumulation, no fp32 GEMM); ``A Aᵀ`` is split into two bf16 halves for ``B (A Aᵀ)``.
+  ``[d_out, r]`` / ``[r, r]`` intermediates: no ``[d_out, d_in]`` tensor is formed. The layer's path is two GEMMs,
+  ``W Aᵀ`` and ``A Aᵀ`` (:func:`factored_norm_parts`; on CUDA bf16/fp16 GEMMs with fp32 outputs), and one kernel
+  (:func:`dora_vectors`) that forms ``B (A Aᵀ)`` in fp32 (three-pass tf32 products) and the rest.
 * The Linear layer is two autograd Functions. :class:`DoraProductFunction` queues the big GEMMs
-  ``z = x Wᵀ + s·(x Aᵀ) Bᵀ`` first, then the norm's small GEMMs, and one fused kernel (:func:`dora_vectors`)
-  turns them into the ``[4, d_out]`` fp32 vectors ``(g − 1, g, 1/‖V‖, 1/m')`` that everything downstream reads
-  (no other ``[d_out]`` kernels). It saves what LoRA saves: x (the very input object), W itself (a 4-bit handle
+  ``z = x Wᵀ + s·(x Aᵀ) Bᵀ`` first, then the norm's, whose kernel turns them into the ``[4, d_out]`` fp32 vectors
+  ``(g − 1, g, 1/‖V‖, 1/m')`` that everything downstream reads (no other ``[d_out]`` kernels). It saves what LoRA saves: x (the very input object), W itself (a 4-bit handle
   is kept on ctx instead and dequantised again in backward — no dense copy outlives its GEMM), A, B; never
   ``x Aᵀ``. :class:`DoraTailFunction` writes the fused tail ``y = z + (g − 1)·z + b`` over z. ``g − 1`` is formed
   as ``(m − ‖V‖) / ‖V‖`` in fp32, never as a rounded ``g`` minus one (no cancellation near g = 1, where DoRA's
   magnitudes live), and ``g = 1`` gives back ``z`` bit for bit; where ``|g − 1| > 1/2`` the tail computes ``g·z``
   instead (a tiny g would vanish in ``1 + (g − 1)``). Two Functions, so that what the tail saved is
   released (its backward returns ``dz``) before the product's backward allocates ``dx``: the backward's
-  transient peak is LoRA's. Its backward is one fused pass (``dz = g·dy``, ``Σ dy ⊙ z``, ``Σ dy``) and one small
-  pass that adds the row chunks' partials, scales by ``1/‖V‖`` (or ``1/m'``) and casts: ``dm`` and ``db``.
+  transient peak is LoRA's. Its backward is one fused pass (``dz = g·dy``, ``Σ dy ⊙ z`` scaled by ``1/‖V‖`` (or
+  ``1/m'``) per row chunk, ``Σ dy``) and one reduction of the chunks' partials: ``dm`` and ``db`` in fp32, which
+  autograd casts to the parameters' dtypes. The product's backward queues the big ``dx`` GEMM first, so the
+  device computes while the host issues the small ones (at a few thousand tokens the host is the bottleneck on
+  the lent machines: every launch counts, ``benchmarks/host_cost.py``).
 
 For ``dm = Σ_tokens dy ⊙ z / ‖V‖`` the tail saves, where it can, its own **output** y
 (``ctx.save_for_backward(output)``: where the next op saves y too — SiLU saves gate, the product saves up,
@@ -44,7 +47,9 @@ dtype, dropout, ``recompute``:
   fp16 (e_min = −14: ``ε`` would be 2⁻⁷, far from negligible), or dropout (y then also holds
   ``(x − drop(x)) Wᵀ``).
 * **recompute** (``dora_recompute``) — no ``[N, d_out]`` tensor saved; z rebuilt in backward (one more base
-  GEMM). A frozen magnitude needs neither.
+  GEMM). A frozen magnitude needs neither. With the default ``dora_recompute="auto"`` each layer of the output
+  kind is measured once (:class:`slimtune.adapters.dora.OutputProbe`): it keeps its output where the output
+  outlives the forward pass anyway, and recomputes elsewhere — activation memory as LoRA's.
 
 The elementwise tail (forward ``y``; backward ``dz = g·dy``, the ``dm`` and bias column sums, in one pass) and
 the ``[d_out]`` vectors run as fused Triton kernels on CUDA (:mod:`slimtune.kernels.dora_triton`), else as the
@@ -52,20 +57,18 @@ plain-PyTorch references here. Convolutions (``DoraConv``) use :class:`DoraScale
 """
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
 
 import torch
 import torch.nn.functional as F
 
 from ..quant.frozen import WeightOperand, is_quantized, materialize
+from .dispatch import use_triton
 from .lora import choose_backward, dropout_keep_mask
 
-_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_HAS_TRITON = importlib.util.find_spec("triton") is not None
 _NORM_CHUNK = 1 << 22  # elements of W upcast at a time for ‖W‖²_row
 _MM_OUT_DTYPE: dict[torch.dtype, bool] = {}  # whether torch.mm(..., out_dtype=fp32) runs, per input dtype (CUDA)
+_FLOORS: dict[torch.dtype, float] = {}  # magnitude_floor per dtype
 
 
 # -- the factored norm ----------------------------------------------------------------------------------
@@ -106,30 +109,23 @@ def _mm_acc(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype, small: bool) -> 
 
 
 @torch.no_grad()
-def factored_norm_parts(weight2d: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor
-                        ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """``(W Aᵀ, [P, …])`` in fp32 (fp64 for fp64 W), ``[d_out, r]`` each, the P summing to ``B (A Aᵀ)``.
+def factored_norm_parts(weight2d: torch.Tensor, lora_a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(W Aᵀ [d_out, r], A Aᵀ [r, r])`` in fp32 (fp64 for fp64 W): the norm's two GEMMs.
 
-    ``W Aᵀ`` runs in W's dtype, ``A Aᵀ`` and ``B (A Aᵀ)`` in the factors' dtype, all with fp32 accumulation and
-    (on CUDA, bf16/fp16) fp32 outputs; there ``A Aᵀ`` enters as two bf16/fp16 halves (~16 significant bits),
-    giving two P. Elsewhere the small products run in fp32 (one P)."""
+    ``W Aᵀ`` runs in W's dtype, ``A Aᵀ`` in A's, both accumulating in fp32 and (on CUDA, bf16/fp16) with fp32
+    outputs; elsewhere the small one runs in fp32. ``B (A Aᵀ)`` is formed by the consumer
+    (:func:`dora_vectors`: inside its kernel on the GPU, in fp32), so no ``[d_out, d_in]`` tensor exists."""
     acc = accumulate_dtype(weight2d.dtype)
     mixed = _mm_acc(weight2d, lora_a.to(weight2d.dtype).t(), acc, small=False)  # W Aᵀ, [d_out, r]
     gram = _mm_acc(lora_a, lora_a.t(), acc, small=True)  # A Aᵀ, [r, r]
-    if _fp32_out_gemm(lora_b):
-        hi = gram.to(lora_b.dtype)
-        lo = torch.sub(gram, hi).to(lora_b.dtype)
-        return mixed, [torch.mm(lora_b, hi, out_dtype=acc), torch.mm(lora_b, lo, out_dtype=acc)]
-    return mixed, [lora_b.to(acc) @ gram]
+    return mixed, gram
 
 
-def _row_norm_sq_from_parts(weight_sq: torch.Tensor, mixed: torch.Tensor, parts: list[torch.Tensor],
+def _row_norm_sq_from_parts(weight_sq: torch.Tensor, mixed: torch.Tensor, gram: torch.Tensor,
                             lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
-    """``‖W‖² + 2s·rowsum((W Aᵀ + (s/2)·Σ P) ⊙ B)``, clamped at 0 (fp32 or fp64)."""
-    t = torch.add(mixed, parts[0], alpha=scaling / 2)
-    for part in parts[1:]:
-        t.add_(part, alpha=scaling / 2)
-    rowsum = t.mul_(lora_b).sum(1)
+    """``‖W‖² + 2s·rowsum((W Aᵀ + (s/2)·B (A Aᵀ)) ⊙ B)``, clamped at 0 (fp32 or fp64)."""
+    b = lora_b.to(mixed.dtype)
+    rowsum = torch.addmm(mixed, b, gram.to(mixed.dtype), alpha=scaling / 2).mul_(b).sum(1)
     return torch.add(weight_sq.to(mixed.dtype), rowsum, alpha=2 * scaling).clamp_min_(0)
 
 
@@ -143,14 +139,17 @@ def factored_row_norm_sq(weight2d: torch.Tensor, lora_a: torch.Tensor, lora_b: t
     """
     if weight_sq is None:
         weight_sq = weight_row_norm_sq(weight2d)
-    mixed, parts = factored_norm_parts(weight2d, lora_a, lora_b)
-    return _row_norm_sq_from_parts(weight_sq, mixed, parts, lora_b, scaling)
+    mixed, gram = factored_norm_parts(weight2d, lora_a)
+    return _row_norm_sq_from_parts(weight_sq, mixed, gram, lora_b, scaling)
 
 
 def magnitude_floor(dtype: torch.dtype) -> float:
     """``ε = 2^⌊e_min/2⌋`` for an output dtype whose smallest normal is ``2^e_min`` (bf16 / fp32: 2⁻⁶³)."""
-    e_min = int(math.log2(torch.finfo(dtype).tiny))
-    return 2.0 ** -((-e_min + 1) // 2)
+    eps = _FLOORS.get(dtype)
+    if eps is None:
+        e_min = int(math.log2(torch.finfo(dtype).tiny))
+        eps = _FLOORS[dtype] = 2.0 ** -((-e_min + 1) // 2)
+    return eps
 
 
 def saves_output(bias: torch.Tensor | None, dtype: torch.dtype) -> bool:
@@ -159,27 +158,27 @@ def saves_output(bias: torch.Tensor | None, dtype: torch.dtype) -> bool:
     return bias is None and dtype in (torch.bfloat16, torch.float32, torch.float64)
 
 
-def dora_vectors_reference(mixed: torch.Tensor, parts: list[torch.Tensor], lora_b: torch.Tensor,
+def dora_vectors_reference(mixed: torch.Tensor, gram: torch.Tensor, lora_b: torch.Tensor,
                            weight_sq: torch.Tensor, magnitude: torch.Tensor, scaling: float,
                            eps: float = 0.0) -> torch.Tensor:
     """``[4, d_out]`` rows ``(g − 1, g, 1/‖V‖, 1/m')`` in fp32 (fp64 for fp64): ``‖V‖`` from the norm parts
     (:func:`factored_norm_parts`), ``m' = sign(m)·max(|m|, ε‖V‖)`` (sign(0) = +; ``ε = 0``: ``m' = m``),
     ``g = m'/‖V‖`` and ``g − 1 = (m' − ‖V‖)/‖V‖`` (no cancellation near g = 1)."""
-    norm = _row_norm_sq_from_parts(weight_sq, mixed, parts, lora_b, scaling).sqrt_()
+    norm = _row_norm_sq_from_parts(weight_sq, mixed, gram, lora_b, scaling).sqrt_()
     m = magnitude.detach().reshape(-1).to(norm.dtype)
     mag = torch.maximum(m.abs(), norm * eps)
     m_eff = torch.where(m < 0, -mag, mag)
     return torch.stack([(m_eff - norm) / norm, m_eff / norm, 1 / norm, 1 / m_eff])
 
 
-def dora_vectors(mixed: torch.Tensor, parts: list[torch.Tensor], lora_b: torch.Tensor, weight_sq: torch.Tensor,
+def dora_vectors(mixed: torch.Tensor, gram: torch.Tensor, lora_b: torch.Tensor, weight_sq: torch.Tensor,
                  magnitude: torch.Tensor, scaling: float, eps: float = 0.0) -> torch.Tensor:
-    """:func:`dora_vectors_reference`, one fused kernel on the GPU (fp32)."""
+    """:func:`dora_vectors_reference`, one fused kernel on the GPU (fp32; ``B (A Aᵀ)`` formed inside)."""
     if mixed.dtype == torch.float32 and use_triton(mixed):
         from . import dora_triton
 
-        return dora_triton.dora_vectors(mixed, parts, lora_b, weight_sq, magnitude.detach(), scaling, eps)
-    return dora_vectors_reference(mixed, parts, lora_b, weight_sq, magnitude, scaling, eps)
+        return dora_triton.dora_vectors(mixed, gram, lora_b, weight_sq, magnitude.detach(), scaling, eps)
+    return dora_vectors_reference(mixed, gram, lora_b, weight_sq, magnitude, scaling, eps)
 
 
 def dense_row_norm(weight2d: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -262,13 +261,6 @@ def compose_backward_reference(dy: torch.Tensor, base: torch.Tensor, g: torch.Te
 
 
 # -- dispatch ---------------------------------------------------------------------------------------------
-def use_triton(t: torch.Tensor) -> bool:
-    """Triton for CUDA tensors in fp32/fp16/bf16; on the CPU only under ``TRITON_INTERPRET=1`` (tests)."""
-    if not _HAS_TRITON or t.dtype not in _TRITON_DTYPES:
-        return False
-    return t.is_cuda or (t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
-
-
 def _fused(t: torch.Tensor, dim: int) -> bool:
     return dim % t.dim() == t.dim() - 1 and t.is_contiguous() and use_triton(t)
 
@@ -289,25 +281,18 @@ def compose_forward(base: torch.Tensor, gm1: torch.Tensor, lora: torch.Tensor | 
 
 def compose_backward(dy: torch.Tensor, base: torch.Tensor, g: torch.Tensor, lora: torch.Tensor | None = None,
                      scaling: float = 1.0, dbase_out: torch.Tensor | None = None, dim: int = -1,
-                     shift: torch.Tensor | None = None, dy_sum: bool = False, scale: torch.Tensor | None = None,
-                     sum_dtype: torch.dtype | None = None, dysum_dtype: torch.dtype | None = None
+                     shift: torch.Tensor | None = None, dy_sum: bool = False, scale: torch.Tensor | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """:func:`compose_backward_reference` in one fused pass on the GPU; ``dbase_out`` may be ``base`` itself.
-    ``scale`` ``[C]`` multiplies the first sums (``dm = pre_sum ⊙ scale``); ``sum_dtype`` / ``dysum_dtype``: the
-    dtypes the two sums are returned in (default fp32, fp64 for fp64) — on the GPU in the same small pass that
-    adds up the row chunks' partials."""
+    ``scale`` ``[C]`` multiplies the first sums (``dm = pre_sum ⊙ scale``, applied per row chunk on the GPU). The
+    sums are fp32 (fp64 for fp64): autograd casts a gradient to its input's dtype itself."""
     if _fused(base, dim):
         from . import dora_triton
 
-        return dora_triton.compose_backward(dy, base, g, lora, scaling, dbase_out, shift, dy_sum, scale, sum_dtype,
-                                            dysum_dtype)
+        return dora_triton.compose_backward(dy, base, g, lora, scaling, dbase_out, shift, dy_sum, scale)
     dbase, pre_sum, dys = compose_backward_reference(dy, base, g, lora, scaling, dim, shift, dy_sum)
     if scale is not None:
         pre_sum = pre_sum * scale.to(pre_sum.dtype)
-    if sum_dtype is not None:
-        pre_sum = pre_sum.to(sum_dtype)
-    if dys is not None and dysum_dtype is not None:
-        dys = dys.to(dysum_dtype)
     return (dbase_out.copy_(dbase) if dbase_out is not None else dbase), pre_sum, dys
 
 
@@ -364,23 +349,20 @@ def _scaled(t: torch.Tensor, s: float) -> torch.Tensor:
     return t if s == 1.0 else t.mul_(s)
 
 
-def _saved(ctx) -> dict[str, torch.Tensor]:
-    return dict(zip(ctx.names, ctx.saved_tensors))
+def _save_with_weight(ctx, weight: WeightOperand, *tensors: torch.Tensor) -> None:
+    """Save ``tensors`` and the weight after them: a dense one with them, a quantised handle on ctx."""
+    if is_quantized(weight):
+        ctx.save_for_backward(*tensors)
+        ctx.weight = weight
+    else:
+        ctx.save_for_backward(*tensors, weight)
+        ctx.weight = None
 
 
-def _save(ctx, weight: WeightOperand, **tensors: torch.Tensor | None) -> None:
-    """Save ``tensors`` (None skipped) and the weight: a dense one with them, a quantised handle on ctx."""
-    quantized = weight is not None and is_quantized(weight)
-    if weight is not None and not quantized:
-        tensors["w"] = weight
-    tensors = {k: v for k, v in tensors.items() if v is not None}
-    ctx.names = tuple(tensors)
-    ctx.save_for_backward(*tensors.values())
-    ctx.weight = weight if quantized else None
-
-
-def _weight(ctx, t: dict[str, torch.Tensor]) -> WeightOperand:
-    return ctx.weight if ctx.weight is not None else t["w"]
+def _saved_with_weight(ctx) -> tuple[tuple[torch.Tensor, ...], WeightOperand]:
+    """What :func:`_save_with_weight` kept: ``(tensors, weight)``."""
+    saved = ctx.saved_tensors
+    return (saved, ctx.weight) if ctx.weight is not None else (saved[:-1], saved[-1])
 
 
 def _product(xd: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float,
@@ -399,8 +381,9 @@ class DoraProductFunction(torch.autograd.Function):
     x ``[..., d_in]``; weight ``[d_out, d_in]`` dense (any dtype; cast per GEMM) or a quantised handle
     (dequantised once in forward — base GEMM and ``W Aᵀ`` — and once in backward for dx); lora_a / lora_b in
     any float dtype (cast to x's for the GEMMs, gradients in theirs); weight_sq: cached ``‖W‖²_row`` or None.
-    The norm is computed after the base GEMM is queued (its small kernels launch while the GEMM runs). Saves x,
-    W (or keeps the handle), A, B; the dropout mask is redrawn in backward from ``seed``.
+    The norm (two GEMMs and one kernel) is queued after the base GEMM (its launches overlap that GEMM). Saves x,
+    A, B, W (or keeps the handle); the dropout mask is redrawn in backward from ``seed``. Backward queues the big
+    ``dx`` GEMM first, so the device works while the host issues the small ones.
     """
 
     @staticmethod
@@ -416,35 +399,38 @@ class DoraProductFunction(torch.autograd.Function):
         z = _product(xd, w, a, b, scaling, lead)
         if weight_sq is None:
             weight_sq = weight_row_norm_sq(w)
-        mixed, parts = factored_norm_parts(w, a, b)
-        vec = dora_vectors(mixed, parts, b, weight_sq, magnitude, scaling, eps)
-        del mixed, parts
+        mixed, gram = factored_norm_parts(w, a)
+        vec = dora_vectors(mixed, gram, b, weight_sq, magnitude, scaling, eps)
+        del mixed, gram
         rest = F.linear((x2 - xd).view(*lead, d_in), w) if mask is not None else None
         del w
         ctx.mark_non_differentiable(vec)
         if save:
-            _save(ctx, weight, x=x, a=lora_a, b=lora_b)
+            _save_with_weight(ctx, weight, x, lora_a, lora_b)
             ctx.scaling, ctx.dropout_p, ctx.seed = scaling, dropout_p, seed
         return z, rest, vec
 
     @staticmethod
     def backward(ctx, dz, drest, _):
-        t = _saved(ctx)
-        x, lora_a, lora_b = t["x"], t["a"], t["b"]
-        weight = _weight(ctx, t)
+        (x, lora_a, lora_b), weight = _saved_with_weight(ctx)
         need_x, need_w, need_a, need_b = ctx.needs_input_grad[:4]
-        s, dtype = ctx.scaling, x.dtype
+        s, dtype, p = ctx.scaling, x.dtype, ctx.dropout_p
         a, b = _cast(lora_a, dtype), _cast(lora_b, dtype)
         x2 = x.reshape(-1, x.shape[-1])
-        mask = dropout_keep_mask(x2, ctx.dropout_p, ctx.seed) if ctx.dropout_p > 0 else None
-        xd = x2 * mask if mask is not None else x2
-        grad_x = grad_w = grad_a = grad_b = None
         if dz is None:  # only rest got a gradient
             dz2 = torch.zeros(x2.shape[0], b.shape[0], dtype=dtype, device=x.device)
         else:
             dz2 = _cast(dz.reshape(-1, dz.shape[-1]), dtype)
         drest2 = _cast(drest.reshape(-1, drest.shape[-1]), dtype) if drest is not None else None
+        grad_x = grad_w = grad_a = grad_b = grad_x2 = rest = None
         dya = _scaled(dz2 @ b, s) if (need_a or need_x) else None  # s·dz B, [N, r]
+        if need_x:  # the big GEMMs first (a dequantised weight is dropped right after them)
+            w = materialize(weight, dtype)
+            grad_x2 = dz2 @ w
+            rest = drest2 @ w if p > 0 and drest2 is not None else None
+            del w
+        mask = dropout_keep_mask(x2, p, ctx.seed) if p > 0 else None
+        xd = x2 * mask if mask is not None else x2
         if need_a or need_b:
             tokens, d_in = x2.shape
             if choose_backward(tokens, d_in, dz2.shape[1], a.shape[0]) == "gram":
@@ -458,21 +444,18 @@ class DoraProductFunction(torch.autograd.Function):
             grad_a = _cast(grad_a, lora_a.dtype) if grad_a is not None else None
             grad_b = _cast(grad_b, lora_b.dtype) if grad_b is not None else None
         if need_x:
-            w = materialize(weight, dtype)
-            grad_x2 = (dz2 @ w).addmm_(dya, a)
+            grad_x2.addmm_(dya, a)
             if mask is not None:  # mask ⊙ (dz W + dya A) + (1 − mask) ⊙ drest W
-                if drest2 is not None:
-                    rest = drest2 @ w
+                if rest is not None:
                     grad_x2.sub_(rest).mul_(mask).add_(rest)
                 else:
                     grad_x2.mul_(mask)
-            del w
             grad_x = grad_x2.view(x.shape)
         if need_w and ctx.weight is None:
             grad_w = dz2.t() @ xd
             if mask is not None and drest2 is not None:
                 grad_w.addmm_(drest2.t(), x2 - xd)
-            grad_w = _cast(grad_w, t["w"].dtype)
+            grad_w = _cast(grad_w, weight.dtype)
         return grad_x, grad_w, grad_a, grad_b, None, None, None, None, None, None, None
 
 
@@ -488,8 +471,8 @@ class DoraTailFunction(torch.autograd.Function):
     lora_b, scaling, dropout_p, seed: the product's inputs, kept for ``"recompute"`` only (the same objects the
     product saves); they get no gradient here. Backward returns ``dz = g·dy`` (its own ``[N, d_out]`` buffer)
     and releases what it saved before the product's backward allocates dx, so the backward's transient peak is
-    LoRA's. ``dm`` and the bias gradient come out of the backward pass's own small reduction kernel, scaled
-    and cast (no ``[d_out]`` kernels besides).
+    LoRA's. ``dm`` and the bias gradient come out of the backward pass's own reduction in fp32 (autograd casts
+    them to the parameters' dtypes).
     """
 
     @staticmethod
@@ -505,47 +488,47 @@ class DoraTailFunction(torch.autograd.Function):
         ctx.route = keep
         if keep != "none":
             if keep == "output":
-                _save(ctx, None, y=y, vec=vec)
+                ctx.save_for_backward(vec, y)
             elif keep == "z":
-                _save(ctx, None, z=z, vec=vec)
+                ctx.save_for_backward(vec, z)
             elif keep == "recompute":
-                _save(ctx, weight, vec=vec, x=x, a=lora_a, b=lora_b)
+                _save_with_weight(ctx, weight, vec, x, lora_a, lora_b)
+                ctx.scaling, ctx.dropout_p, ctx.seed = scaling, dropout_p, seed
             else:
-                _save(ctx, None, vec=vec)
-            ctx.scaling, ctx.dropout_p, ctx.seed = scaling, dropout_p, seed
-            ctx.magnitude_shape, ctx.magnitude_dtype = magnitude.shape, magnitude.dtype
+                ctx.save_for_backward(vec)
+            ctx.magnitude_shape = magnitude.shape
             ctx.has_rest = rest is not None
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        t = _saved(ctx)
-        keep, vec = ctx.route, t["vec"]
+        keep = ctx.route
         dy2 = dy.reshape(-1, dy.shape[-1])
-        inplace, scale = False, vec[2]  # dm = Σ dy ⊙ z · (1/‖V‖)
-        if keep == "output":
-            pre, scale = t["y"].view(dy2.shape), vec[3]  # dm = Σ dy ⊙ y · (1/m')
-        elif keep == "z":
-            pre = t["z"].reshape(dy2.shape)
-        elif keep == "recompute":
-            x = t["x"]
+        inplace = False
+        if keep == "recompute":
+            (vec, x, lora_a, lora_b), weight = _saved_with_weight(ctx)
             dtype = x.dtype
             x2 = x.reshape(-1, x.shape[-1])
             xd = x2 * dropout_keep_mask(x2, ctx.dropout_p, ctx.seed) if ctx.dropout_p > 0 else x2
-            w = materialize(_weight(ctx, t), dtype)
-            pre = _product(xd, w, _cast(t["a"], dtype), _cast(t["b"], dtype), ctx.scaling, (x2.shape[0],))
+            w = materialize(weight, dtype)
+            pre = _product(xd, w, _cast(lora_a, dtype), _cast(lora_b, dtype), ctx.scaling, (x2.shape[0],))
             del w, xd
-            inplace = True  # z again, overwritten by dz
-        else:  # frozen magnitude: g·dy (and the bias sum) only
-            pre = dy2 if dy2.stride(-1) == 1 else dy2.contiguous()
-        need_z, _, need_m, _, need_bias = ctx.needs_input_grad[:5]
-        dz, grad_m, grad_bias = compose_backward(
-            dy2, pre, vec[1], dbase_out=pre if inplace else None, dy_sum=bool(need_bias), scale=scale,
-            sum_dtype=ctx.magnitude_dtype, dysum_dtype=dy.dtype)
-        grad_m = grad_m.view(ctx.magnitude_shape) if need_m and keep else None
-        grad_z = dz.view(dy.shape) if need_z else None
-        grad_rest = dy if ctx.has_rest else None
-        return grad_z, grad_rest, grad_m, None, grad_bias, None, None, None, None, None, None, None, None
+            inplace, scale = True, vec[2]  # z again, overwritten by dz; dm = Σ dy ⊙ z · (1/‖V‖)
+        elif keep is None:  # frozen magnitude: g·dy (and the bias sum) only
+            (vec,) = ctx.saved_tensors
+            pre, scale = (dy2 if dy2.stride(-1) == 1 else dy2.contiguous()), None
+        else:
+            vec, kept = ctx.saved_tensors
+            pre = kept.view(dy2.shape) if keep == "output" else kept.reshape(dy2.shape)
+            scale = vec[3] if keep == "output" else vec[2]  # dm = Σ dy ⊙ y · (1/m')  or  Σ dy ⊙ z · (1/‖V‖)
+            del kept
+        need_bias = ctx.needs_input_grad[4]
+        dz, grad_m, grad_bias = compose_backward(dy2, pre, vec[1], dbase_out=pre if inplace else None,
+                                                 dy_sum=need_bias, scale=scale)
+        grad_m = grad_m.view(ctx.magnitude_shape) if keep and ctx.needs_input_grad[2] else None
+        grad_z = dz.view(dy.shape) if ctx.needs_input_grad[0] else None
+        return (grad_z, dy if ctx.has_rest else None, grad_m, None, grad_bias, None, None, None, None, None, None,
+                None, None)
 
 
 def dora_linear(x: torch.Tensor, weight: WeightOperand, bias: torch.Tensor | None, lora_a: torch.Tensor,
@@ -559,19 +542,23 @@ def dora_linear(x: torch.Tensor, weight: WeightOperand, bias: torch.Tensor | Non
     keeps is decided here, on the host (module docstring); nothing is read back from the device.
     """
     seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout_p > 0 else 0
-    keep: str | None
-    if not (torch.is_grad_enabled() and (x.requires_grad or lora_a.requires_grad or lora_b.requires_grad
-                                         or magnitude.requires_grad or (bias is not None and bias.requires_grad)
-                                         or (isinstance(weight, torch.Tensor) and weight.requires_grad))):
-        keep = "none"
-    elif not magnitude.requires_grad:
-        keep = None
-    elif recompute:
-        keep = "recompute"
-    else:
-        keep = "output" if dropout_p == 0 and saves_output(bias, x.dtype) else "z"
+    keep = backward_route(x, weight, bias, lora_a, lora_b, magnitude, dropout_p, recompute)
     eps = magnitude_floor(x.dtype) if keep == "output" else 0.0
     z, rest, vec = DoraProductFunction.apply(x, weight, lora_a, lora_b, magnitude, scaling, dropout_p, seed,
                                              weight_sq, keep != "none", eps)
     return DoraTailFunction.apply(z, rest, magnitude, vec, bias, keep, x, weight, lora_a, lora_b, scaling,
                                   dropout_p, seed)
+
+
+def backward_route(x: torch.Tensor, weight: WeightOperand, bias: torch.Tensor | None, lora_a: torch.Tensor,
+                   lora_b: torch.Tensor, magnitude: torch.Tensor, dropout_p: float, recompute: bool) -> str | None:
+    """What :class:`DoraTailFunction` keeps for backward (its ``keep``), from what the host knows (no sync)."""
+    if not torch.is_grad_enabled() or not (
+            x.requires_grad or lora_a.requires_grad or lora_b.requires_grad or magnitude.requires_grad
+            or (bias is not None and bias.requires_grad) or (isinstance(weight, torch.Tensor) and weight.requires_grad)):
+        return "none"
+    if not magnitude.requires_grad:
+        return None
+    if recompute:
+        return "recompute"
+    return "output" if dropout_p == 0 and saves_output(bias, x.dtype) else "z"

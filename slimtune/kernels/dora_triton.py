@@ -11,12 +11,17 @@ Backward, one pass: ``dbase = g·dy`` (``dlora = s·dbase``, not written), the f
 and ``shift`` its bias) and optionally ``Σ_n dy`` (the bias gradient).
 
 With ``g`` given as well, columns with ``|g − 1| > 1/2`` use ``v = g·base`` (a tiny g is not lost in 1 + (g − 1)).
-Two small kernels besides: ``_vectors_kernel`` (the ``[4, d_out]`` fp32 vectors ``(g − 1, g, 1/‖V‖, 1/m')`` from
-the norm's ``[d_out, r]`` parts, the magnitude floored at ``eps·‖V‖``) and ``_finish_kernel`` (adds the backward's
-row-chunk partials, scales ``dm`` by a ``[D]`` vector and casts both sums), so no other ``[d_out]`` op runs.
+The backward multiplies each column's first partial sum by an optional ``[D]`` factor (dm's ``1/‖V‖`` or ``1/m'``).
+One small kernel besides: ``_vectors_kernel``, the ``[4, d_out]`` fp32 vectors ``(g − 1, g, 1/‖V‖, 1/m')`` from
+``W Aᵀ``, the Gram matrix ``A Aᵀ`` (the product ``B (A Aᵀ)`` is formed inside, in fp32) and B, the magnitude
+floored at ``eps·‖V‖`` — so the norm costs two GEMMs and this one launch.
+
+Every launch costs the host tens of microseconds (more than a PyTorch op: a step at 2048 tokens is host-bound on
+the lent machines, ``benchmarks/host_cost.py``), so the kernels do as much per launch as they can and the
+grid arithmetic is cached.
 
 Layout: the grid is (column blocks, row chunks); each program walks its chunk of rows ``BLOCK_N`` at a time
-and writes one fp32 partial per column (summed by the caller: deterministic, no atomics). base / lora / out /
+and writes one fp32 partial per column (added by one reduction afterwards: deterministic, no atomics). base / lora / out /
 dbase: 2-D with contiguous rows (``out`` and ``dbase`` may be ``base`` itself: each element is read before it is
 written, by the same program); dy: any strides (e.g. the stride-0 gradient of ``.sum()``). fp32 / fp16 / bf16.
 :data:`CONFIG` holds the block sizes (the GPU benchmark sweeps it).
@@ -30,16 +35,17 @@ import torch
 import triton
 import triton.language as tl
 
+from .dispatch import launch
+
 #: block_d: columns per program; tile: elements per loaded tile (block_n = tile // block_d);
 #: programs_per_sm: grid size target (row chunks are added until there are about this many programs per SM);
 #: num_warps: warps per program.
 #: The default is the best of the H100 sweep at 4096×8192 bf16 (benchmarks/results/run10_dora_gpu.md: fwd 0.122
 #: vs 0.144 ms, bwd 0.142 vs 0.185 ms for the previous 256/4096/8/4).
 CONFIG = {"block_d": 128, "tile": 2048, "programs_per_sm": 16, "num_warps": 4}
-#: block sizes of the small ``[d_out]`` kernels (:func:`dora_vectors`, :func:`_finish_sums`)
-SMALL_BLOCK = 128
 
 _SM_COUNT: dict[int, int] = {}
+_GRIDS: dict[tuple, tuple[int, int, int, int]] = {}
 
 
 @triton.jit
@@ -83,10 +89,11 @@ def _compose_fwd_kernel(base_ptr, lora_ptr, gm1_ptr, g_ptr, bias_ptr, out_ptr, s
 
 
 @triton.jit
-def _compose_bwd_kernel(dy_ptr, base_ptr, lora_ptr, shift_ptr, g_ptr, dbase_ptr, partial_ptr, dysum_ptr, n_rows,
-                        n_cols, rows_per_chunk, stride_dy_row, stride_dy_col, stride_base, stride_lora, stride_dbase,
-                        scaling, HAS_LORA: tl.constexpr, HAS_SHIFT: tl.constexpr, DY_SUM: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _compose_bwd_kernel(dy_ptr, base_ptr, lora_ptr, shift_ptr, g_ptr, scale_ptr, dbase_ptr, partial_ptr, dysum_ptr,
+                        n_rows, n_cols, rows_per_chunk, stride_dy_row, stride_dy_col, stride_base, stride_lora,
+                        stride_dbase, scaling, HAS_LORA: tl.constexpr, HAS_SHIFT: tl.constexpr,
+                        HAS_SCALE: tl.constexpr, DY_SUM: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_D: tl.constexpr):
     cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     chunk = tl.program_id(1)
     col_ok = cols < n_cols
@@ -112,26 +119,35 @@ def _compose_bwd_kernel(dy_ptr, base_ptr, lora_ptr, shift_ptr, g_ptr, dbase_ptr,
             acc_dy += dy
         tl.store(dbase_ptr + rows64 * stride_dbase + cols[None, :], (dy * g).to(dbase_ptr.dtype.element_ty),
                  mask=mask)
-    tl.store(partial_ptr + chunk * n_cols + cols, tl.sum(acc, axis=0), mask=col_ok)
+    col_sum = tl.sum(acc, axis=0)
+    if HAS_SCALE:  # the per-column factor of the first sums (dm's 1/‖V‖ or 1/m'), applied to each partial
+        col_sum *= tl.load(scale_ptr + cols, mask=col_ok, other=0.0)
+    tl.store(partial_ptr + chunk * n_cols + cols, col_sum, mask=col_ok)
     if DY_SUM:
         tl.store(dysum_ptr + chunk * n_cols + cols, tl.sum(acc_dy, axis=0), mask=col_ok)
 
 
 @triton.jit
-def _vectors_kernel(wa_ptr, p1_ptr, p2_ptr, b_ptr, wsq_ptr, m_ptr, out_ptr, n_rows, rank, stride_wa, stride_p1,
-                    stride_p2, stride_b, scaling, half, eps, HAS_P2: tl.constexpr, BLOCK_R: tl.constexpr,
-                    BLOCK_K: tl.constexpr):
+def _vectors_kernel(wa_ptr, gram_ptr, b_ptr, wsq_ptr, m_ptr, out_ptr, n_rows, rank, stride_wa, stride_b, scaling,
+                    half, eps, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < n_rows
     rows64 = rows.to(tl.int64)[:, None]
     acc = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
-    for start in range(0, rank, BLOCK_K):
-        ks = start + tl.arange(0, BLOCK_K)
-        mask = row_ok[:, None] & (ks < rank)[None, :]
-        t = tl.load(wa_ptr + rows64 * stride_wa + ks[None, :], mask=mask, other=0.0).to(tl.float32)
-        bg = tl.load(p1_ptr + rows64 * stride_p1 + ks[None, :], mask=mask, other=0.0).to(tl.float32)
-        if HAS_P2:
-            bg += tl.load(p2_ptr + rows64 * stride_p2 + ks[None, :], mask=mask, other=0.0).to(tl.float32)
+    for k0 in range(0, rank, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < rank
+        bg = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)  # (B (A Aᵀ))[rows, ks], fp32
+        for l0 in range(0, rank, BLOCK_K):
+            ls = l0 + tl.arange(0, BLOCK_K)
+            l_ok = ls < rank
+            b_l = tl.load(b_ptr + rows64 * stride_b + ls[None, :], mask=row_ok[:, None] & l_ok[None, :],
+                          other=0.0).to(tl.float32)
+            g_lk = tl.load(gram_ptr + ls[:, None] * rank + ks[None, :], mask=l_ok[:, None] & k_ok[None, :],
+                           other=0.0)
+            bg += tl.dot(b_l, g_lk, input_precision=PRECISION)
+        mask = row_ok[:, None] & k_ok[None, :]
+        t = tl.load(wa_ptr + rows64 * stride_wa + ks[None, :], mask=mask, other=0.0)
         bv = tl.load(b_ptr + rows64 * stride_b + ks[None, :], mask=mask, other=0.0).to(tl.float32)
         acc += (t + half * bg) * bv
     wsq = tl.load(wsq_ptr + rows, mask=row_ok, other=1.0).to(tl.float32)
@@ -143,24 +159,6 @@ def _vectors_kernel(wa_ptr, p1_ptr, p2_ptr, b_ptr, wsq_ptr, m_ptr, out_ptr, n_ro
     tl.store(out_ptr + n_rows + rows, m_eff / norm, mask=row_ok)
     tl.store(out_ptr + 2 * n_rows + rows, 1.0 / norm, mask=row_ok)
     tl.store(out_ptr + 3 * n_rows + rows, 1.0 / m_eff, mask=row_ok)
-
-
-@triton.jit
-def _finish_kernel(partial_ptr, scale_ptr, out0_ptr, out1_ptr, n_chunks, n_cols, HAS_SCALE: tl.constexpr,
-                   BLOCK: tl.constexpr):
-    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    which = tl.program_id(1)
-    ok = cols < n_cols
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    base = partial_ptr + which.to(tl.int64) * n_chunks * n_cols
-    for k in range(0, n_chunks):
-        acc += tl.load(base + k * n_cols + cols, mask=ok, other=0.0)
-    if which == 0:
-        if HAS_SCALE:
-            acc *= tl.load(scale_ptr + cols, mask=ok, other=0.0)
-        tl.store(out0_ptr + cols, acc.to(out0_ptr.dtype.element_ty), mask=ok)
-    else:
-        tl.store(out1_ptr + cols, acc.to(out1_ptr.dtype.element_ty), mask=ok)
 
 
 def _as_rows(t: torch.Tensor) -> torch.Tensor:
@@ -179,23 +177,23 @@ def _sm_count(t: torch.Tensor) -> int:
 
 
 def _grid(t: torch.Tensor, n_rows: int, n_cols: int) -> tuple[int, int, int, int]:
-    """``(block_n, block_d, rows_per_chunk, n_chunks)`` for an ``[n_rows, n_cols]`` pass."""
-    block_d = min(CONFIG["block_d"], triton.next_power_of_2(max(n_cols, 1)))
-    block_n = max(1, CONFIG["tile"] // block_d)
-    n_col_blocks = triton.cdiv(n_cols, block_d)
-    target = CONFIG["programs_per_sm"] * _sm_count(t)
-    n_chunks = max(1, min(triton.cdiv(target, n_col_blocks), triton.cdiv(n_rows, block_n)))
-    rows_per_chunk = triton.cdiv(triton.cdiv(max(n_rows, 1), n_chunks), block_n) * block_n
-    return block_n, block_d, rows_per_chunk, triton.cdiv(max(n_rows, 1), rows_per_chunk)
+    """``(block_n, block_d, rows_per_chunk, n_chunks)`` for an ``[n_rows, n_cols]`` pass (cached per shape,
+    device and :data:`CONFIG`: host time matters, launches are many)."""
+    key = (n_rows, n_cols, t.device, CONFIG["block_d"], CONFIG["tile"], CONFIG["programs_per_sm"])
+    grid = _GRIDS.get(key)
+    if grid is None:
+        block_d = min(CONFIG["block_d"], triton.next_power_of_2(max(n_cols, 1)))
+        block_n = max(1, CONFIG["tile"] // block_d)
+        n_col_blocks = triton.cdiv(n_cols, block_d)
+        target = CONFIG["programs_per_sm"] * _sm_count(t)
+        n_chunks = max(1, min(triton.cdiv(target, n_col_blocks), triton.cdiv(n_rows, block_n)))
+        rows_per_chunk = triton.cdiv(triton.cdiv(max(n_rows, 1), n_chunks), block_n) * block_n
+        grid = _GRIDS[key] = (block_n, block_d, rows_per_chunk, triton.cdiv(max(n_rows, 1), rows_per_chunk))
+    return grid
 
 
-def _launch(kernel, t: torch.Tensor, grid, *args, **kwargs) -> None:
-    """Launch on ``t``'s device (switching the current device only when it differs)."""
-    if t.is_cuda and t.device.index is not None and t.device.index != torch.cuda.current_device():
-        with torch.cuda.device(t.device):
-            kernel[grid](*args, **kwargs)
-    else:
-        kernel[grid](*args, **kwargs)
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.float32 and t.is_contiguous() else t.float().contiguous()
 
 
 def compose_forward(base: torch.Tensor, gm1: torch.Tensor, lora: torch.Tensor | None = None, scaling: float = 1.0,
@@ -210,17 +208,16 @@ def compose_forward(base: torch.Tensor, gm1: torch.Tensor, lora: torch.Tensor | 
     lora2 = _as_rows(lora) if lora is not None else base2
     out = torch.empty_like(base, memory_format=torch.contiguous_format) if out is None else out
     out2 = out.view(-1, n_cols)
-    gm1 = gm1 if gm1.dtype == torch.float32 and gm1.is_contiguous() else gm1.float().contiguous()
-    if g is not None:
-        g = g if g.dtype == torch.float32 and g.is_contiguous() else g.float().contiguous()
+    gm1 = _f32(gm1)
+    g = _f32(g) if g is not None else gm1
     bias_arg = bias.contiguous() if bias is not None else gm1
     n_rows = base2.shape[0]
     block_n, block_d, rows_per_chunk, n_chunks = _grid(base, n_rows, n_cols)
     partial = torch.empty(n_chunks, n_cols, device=base.device, dtype=torch.float32) if stats else gm1
-    _launch(_compose_fwd_kernel, base, (triton.cdiv(n_cols, block_d), n_chunks),
-            base2, lora2, gm1, g if g is not None else gm1, bias_arg, out2, partial, n_rows, n_cols, rows_per_chunk,
+    launch(_compose_fwd_kernel, base, (triton.cdiv(n_cols, block_d), n_chunks),
+            base2, lora2, gm1, g, bias_arg, out2, partial, n_rows, n_cols, rows_per_chunk,
             base2.stride(0), lora2.stride(0), out2.stride(0), float(scaling), HAS_LORA=lora is not None,
-            HAS_G=g is not None, HAS_BIAS=bias is not None, HAS_STATS=stats, BLOCK_N=block_n, BLOCK_D=block_d,
+            HAS_G=g is not gm1, HAS_BIAS=bias is not None, HAS_STATS=stats, BLOCK_N=block_n, BLOCK_D=block_d,
             num_warps=CONFIG["num_warps"])
     sums = (partial[0] if n_chunks == 1 else partial.sum(0)) if stats else None
     return (out if out.shape == shape else out.view(shape)), sums
@@ -228,62 +225,52 @@ def compose_forward(base: torch.Tensor, gm1: torch.Tensor, lora: torch.Tensor | 
 
 def compose_backward(dy: torch.Tensor, base: torch.Tensor, g: torch.Tensor, lora: torch.Tensor | None = None,
                      scaling: float = 1.0, dbase_out: torch.Tensor | None = None, shift: torch.Tensor | None = None,
-                     dy_sum: bool = False, scale: torch.Tensor | None = None, sum_dtype: torch.dtype | None = None,
-                     dysum_dtype: torch.dtype | None = None
+                     dy_sum: bool = False, scale: torch.Tensor | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """``(g·dy`` in base's dtype, ``scale ⊙ Σ_rows dy ⊙ (base + s·lora − shift)`` ``[D]``, ``Σ_rows dy`` ``[D]``
-    or None``)`` in one pass over dy and base (and one small pass that sums the row chunks' partials, multiplies
-    by ``scale`` and casts to ``sum_dtype`` / ``dysum_dtype``, default fp32); ``dbase_out`` may be ``base``."""
+    """``(g·dy`` in base's dtype, ``scale ⊙ Σ_rows dy ⊙ (base + s·lora − shift)`` ``[D]`` fp32, ``Σ_rows dy``
+    ``[D]`` fp32 or None``)`` in one pass over dy and base; the row chunks' partials (already scaled) are added
+    by one reduction (none when there is a single chunk). ``dbase_out`` may be ``base``."""
     shape, n_cols = base.shape, base.shape[-1]
     base2 = _as_rows(base)
     lora2 = _as_rows(lora) if lora is not None else base2
     dy2 = dy.reshape(-1, n_cols)  # any strides: stride-0 (expanded) gradients are read as they are
     dbase = torch.empty_like(base, memory_format=torch.contiguous_format) if dbase_out is None else dbase_out
     dbase2 = dbase.view(-1, n_cols)
-    g = g if g.dtype == torch.float32 and g.is_contiguous() else g.float().contiguous()
+    g = _f32(g)
+    scale_arg = _f32(scale) if scale is not None else g
     shift_arg = shift.contiguous() if shift is not None else g
     n_rows = base2.shape[0]
     block_n, block_d, rows_per_chunk, n_chunks = _grid(base, n_rows, n_cols)
-    partial = torch.empty(n_chunks if not dy_sum else 2 * n_chunks, n_cols, device=base.device,
-                          dtype=torch.float32)
+    partial = torch.empty(2 * n_chunks if dy_sum else n_chunks, n_cols, device=base.device, dtype=torch.float32)
     dysum = partial[n_chunks:] if dy_sum else partial
-    _launch(_compose_bwd_kernel, base, (triton.cdiv(n_cols, block_d), n_chunks),
-            dy2, base2, lora2, shift_arg, g, dbase2, partial, dysum, n_rows, n_cols, rows_per_chunk, dy2.stride(0),
-            dy2.stride(1), base2.stride(0), lora2.stride(0), dbase2.stride(0), float(scaling),
-            HAS_LORA=lora is not None, HAS_SHIFT=shift is not None, DY_SUM=dy_sum, BLOCK_N=block_n,
-            BLOCK_D=block_d, num_warps=CONFIG["num_warps"])
-    plain = scale is None and sum_dtype in (None, torch.float32) and dysum_dtype in (None, torch.float32)
-    if plain and n_chunks == 1:
-        return dbase.view(shape), partial[0], (partial[1] if dy_sum else None)
-    out0 = torch.empty(n_cols, device=base.device, dtype=sum_dtype or torch.float32)
-    out1 = torch.empty(n_cols, device=base.device, dtype=dysum_dtype or torch.float32) if dy_sum else out0
-    if scale is not None:
-        scale = scale if scale.dtype == torch.float32 and scale.is_contiguous() else scale.float().contiguous()
-    _launch(_finish_kernel, base, (triton.cdiv(n_cols, SMALL_BLOCK), 2 if dy_sum else 1), partial,
-            scale if scale is not None else g, out0, out1, n_chunks, n_cols, HAS_SCALE=scale is not None,
-            BLOCK=SMALL_BLOCK, num_warps=4)
-    return dbase.view(shape), out0, (out1 if dy_sum else None)
+    launch(_compose_bwd_kernel, base, (triton.cdiv(n_cols, block_d), n_chunks),
+            dy2, base2, lora2, shift_arg, g, scale_arg, dbase2, partial, dysum, n_rows, n_cols, rows_per_chunk,
+            dy2.stride(0), dy2.stride(1), base2.stride(0), lora2.stride(0), dbase2.stride(0), float(scaling),
+            HAS_LORA=lora is not None, HAS_SHIFT=shift is not None, HAS_SCALE=scale is not None, DY_SUM=dy_sum,
+            BLOCK_N=block_n, BLOCK_D=block_d, num_warps=CONFIG["num_warps"])
+    if n_chunks > 1:
+        partial = partial.view(2 if dy_sum else 1, n_chunks, n_cols).sum(1)
+    return dbase.view(shape), partial[0], (partial[1] if dy_sum else None)
 
 
-def dora_vectors(wa: torch.Tensor, parts: list[torch.Tensor], lora_b: torch.Tensor, weight_sq: torch.Tensor,
+def dora_vectors(wa: torch.Tensor, gram: torch.Tensor, lora_b: torch.Tensor, weight_sq: torch.Tensor,
                  magnitude: torch.Tensor, scaling: float, eps: float) -> torch.Tensor:
     """``[4, d_out]`` fp32 rows ``(g − 1, g, 1/‖V‖, 1/m')`` in one pass; see ``dora.dora_vectors_reference``.
 
-    wa: ``W Aᵀ`` ``[d_out, r]`` fp32; parts: one or two ``[d_out, r]`` fp32 terms summing to ``B (A Aᵀ)``; lora_b
-    ``[d_out, r]`` (any float dtype); weight_sq ``‖W‖²_row`` and magnitude ``[d_out]``."""
+    wa: ``W Aᵀ`` ``[d_out, r]`` fp32; gram: ``A Aᵀ`` ``[r, r]`` fp32 (``B (A Aᵀ)`` is formed inside, with fp32
+    accuracy: three-pass tf32 products on the GPU); lora_b ``[d_out, r]`` (any float dtype); weight_sq
+    ``‖W‖²_row`` and magnitude ``[d_out]``."""
     n_rows, rank = wa.shape
-    wa, b = _unit_col(wa), _unit_col(lora_b)
-    p1 = _unit_col(parts[0])
-    p2 = _unit_col(parts[1]) if len(parts) > 1 else p1
+    wa, b, gram = _unit_col(wa), _unit_col(lora_b), gram.contiguous()
     m = magnitude.reshape(-1)
     m = m if m.is_contiguous() else m.contiguous()
     wsq = weight_sq if weight_sq.is_contiguous() else weight_sq.contiguous()
     out = torch.empty(4, n_rows, device=wa.device, dtype=torch.float32)
-    block_k = min(64, triton.next_power_of_2(max(rank, 1)))
-    block_r = max(1, min(SMALL_BLOCK, 4096 // block_k))
-    _launch(_vectors_kernel, wa, (triton.cdiv(n_rows, block_r),), wa, p1, p2, b, wsq, m, out, n_rows, rank,
-            wa.stride(0), p1.stride(0), p2.stride(0), b.stride(0), float(scaling), float(scaling) / 2, float(eps),
-            HAS_P2=len(parts) > 1, BLOCK_R=block_r, BLOCK_K=block_k, num_warps=4)
+    block_k = max(16, min(64, triton.next_power_of_2(max(rank, 1))))
+    block_r = 64
+    launch(_vectors_kernel, wa, (triton.cdiv(n_rows, block_r),), wa, gram, b, wsq, m, out, n_rows, rank,
+            wa.stride(0), b.stride(0), float(scaling), float(scaling) / 2, float(eps),
+            PRECISION="tf32x3" if wa.is_cuda else "ieee", BLOCK_R=block_r, BLOCK_K=block_k, num_warps=4)
     return out
 
 

@@ -99,7 +99,8 @@ class LoraLinearFunction(torch.autograd.Function):
         dya = None  # s · dy B, [N, r]
         if need_a or need_b or need_x:
             dya = _scaled(dy2 @ b, s)
-        if need_a or need_b:
+        grad_x2 = dy2 @ materialize(weight, dtype) if need_x else None  # the big GEMM first: the device works
+        if need_a or need_b:                                              # while the host queues the small ones
             tokens, d_in = x2.shape
             if choose_backward(tokens, d_in, dy2.shape[1], a.shape[0]) == "gram":
                 gram = dy2.t() @ xd  # [d_out, d_in]
@@ -117,7 +118,6 @@ class LoraLinearFunction(torch.autograd.Function):
             grad_b = _cast(grad_b, lora_b.dtype) if grad_b is not None else None
         del xd
         if need_x:
-            grad_x2 = dy2 @ materialize(weight, dtype)
             if mask is None:
                 grad_x2.addmm_(dya, a)
             else:

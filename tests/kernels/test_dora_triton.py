@@ -4,17 +4,11 @@ Triton picks interpreter or compiler when a kernel is defined (at import of ``sl
 so the checks run in a fresh subprocess with the variable set; it prints one JSON line of relative errors.
 Small shapes, float32 and float16 (the CPU interpreter mishandles bfloat16).
 """
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-pytest.importorskip("triton")
+from tests.helpers import run_interpreted
 
-REPO = Path(__file__).resolve().parents[2]
+pytest.importorskip("triton")
 
 SCRIPT = r"""
 import json, torch
@@ -51,13 +45,12 @@ for dtype in (torch.float32, torch.float16):
         assert none is None
         rdb, rdm, _ = K.compose_backward_reference(ones, base, gm1 + 1)
         results[f"{name}/{n}x{d}/inplace_expanded_bwd"] = max(rel_err(db, rdb), rel_err(dm, rdm))
-        # the backward's small finishing pass: partial sums added, scaled by a [D] vector and cast
+        # the first sums scaled by a [D] vector inside the kernel (per row chunk), both sums fp32
         scale = torch.rand(d) + 0.5
-        _, dm, ds = T.compose_backward(dy, base, gm1 + 1, shift=bias, dy_sum=True, scale=scale, sum_dtype=dtype,
-                                       dysum_dtype=torch.float32)
+        _, dm, ds = T.compose_backward(dy, base, gm1 + 1, shift=bias, dy_sum=True, scale=scale)
         _, rdm, rds = K.compose_backward_reference(dy, base, gm1 + 1, shift=bias, dy_sum=True)
-        assert dm.dtype == dtype and ds.dtype == torch.float32
-        results[f"{name}/{n}x{d}/finish"] = max(rel_err(dm, (rdm * scale).to(dtype)), rel_err(ds, rds))
+        assert dm.dtype == ds.dtype == torch.float32
+        results[f"{name}/{n}x{d}/finish"] = max(rel_err(dm, rdm * scale), rel_err(ds, rds))
 
     # the whole DoRA Linear through the kernels (use_triton is on for CPU tensors under the interpreter):
     # output path (no bias), a zero and a tiny magnitude on it (floored: no fallback needed), recompute mode,
@@ -90,21 +83,23 @@ for dtype in (torch.float32, torch.float16):
         got = (y, x.grad, layer.lora_A.grad, layer.lora_B.grad, layer.magnitude.grad)
         want = (ref, x64.grad) + tuple(p.grad for p in leaves)
         results[f"{name}/layer/{case}"] = max(rel_err(g, w_) for g, w_ in zip(got, want))
-# the [d_out] vectors (g − 1, g, 1/‖V‖, 1/m') from the norm's parts, one part or two, magnitudes floored
-for d_out, r in ((5, 3), (300, 70)):
-    for n_parts in (1, 2):
-        wa, b = torch.randn(d_out, r), torch.randn(d_out, r) * 0.1
-        parts = [torch.randn(d_out, r) for _ in range(n_parts)]
-        wsq = torch.rand(d_out) * 4 + 1
+# the [d_out] vectors (g − 1, g, 1/‖V‖, 1/m') from W Aᵀ, the Gram matrix and B (B (A Aᵀ) formed in the kernel,
+# over one or several rank blocks), magnitudes floored; B in fp32 and fp16
+for d_out, r in ((5, 3), (300, 70), (70, 130)):
+    for b_dtype in (torch.float32, torch.float16):
+        a = torch.randn(r, 50)
+        wa, b = torch.randn(d_out, r), (torch.randn(d_out, r) * 0.1).to(b_dtype)
+        gram = a @ a.t()
+        wsq = torch.rand(d_out) * 4 + 1 + (b.float() @ gram * b.float()).sum(1)
         m = torch.rand(d_out) + 0.5
         m[0], m[-1] = 0.0, -1e-30
         for eps in (0.0, 2.0 ** -63):
-            got = T.dora_vectors(wa, parts, b, wsq, m, 0.7, eps)
-            want = K.dora_vectors_reference(wa.double(), [p.double() for p in parts], b.double(), wsq.double(),
-                                            m.double(), 0.7, eps)
+            got = T.dora_vectors(wa, gram, b, wsq, m, 0.7, eps)
+            want = K.dora_vectors_reference(wa.double(), gram.double(), b.double(), wsq.double(), m.double(), 0.7,
+                                            eps)
             ok = torch.isfinite(want)
             assert torch.equal(torch.isfinite(got), ok)
-            results[f"vec/{d_out}x{r}/{n_parts}/{eps > 0}"] = rel_err(got[ok], want[ok])
+            results[f"vec/{d_out}x{r}/{str(b_dtype)[-7:]}/{eps > 0}"] = rel_err(got[ok], want[ok])
 
 print("RESULTS " + json.dumps(results))
 """
@@ -112,12 +107,7 @@ print("RESULTS " + json.dumps(results))
 
 @pytest.fixture(scope="module")
 def interpreted():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")][-1]
-    return json.loads(line[len("RESULTS "):])
+    return run_interpreted(SCRIPT, timeout=300)
 
 
 @pytest.mark.parametrize("dtype,tol", [("float32", 1e-6), ("float16", 1e-3)])
@@ -130,7 +120,7 @@ def test_compose_kernels_match_reference(interpreted, dtype, tol):
 
 def test_vectors_kernel_matches_reference(interpreted):
     errors = {k: v for k, v in interpreted.items() if k.startswith("vec/")}
-    assert len(errors) == 8
+    assert len(errors) == 12
     bad = {k: v for k, v in errors.items() if not v < 1e-6}
     assert not bad, bad
 
