@@ -19,6 +19,9 @@ backward, ``‖W‖²`` once for the cache — never kept or saved. Merging onto
 """
 from __future__ import annotations
 
+import weakref
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -26,6 +29,7 @@ from torch import nn
 from ..errors import ConfigError, SlimtuneError
 from ..kernels import dora as K
 from ..kernels.dora import dora_linear, dora_scale
+from ..kernels.hra import _inside_backward
 from ..quant.frozen import WeightOperand, base_weight_operand, is_quantized, materialize, weight_dtype
 from .locon import LoraConv
 from .lora import LoraLinear, compute_setting
@@ -36,7 +40,10 @@ class DoraMixin:
 
     magnitude: nn.Parameter
     use_dora = True
-    recompute = False  # LoraConfig.dora_recompute: keep no [tokens, d_out] tensor; recompute z in backward
+    #: LoraConfig.dora_recompute for this layer: True keeps no [tokens, d_out] tensor (z is recomputed in
+    #: backward), False keeps the output (or z); None: not decided yet ("auto", see OutputProbe)
+    recompute: bool | None = False
+    output_probe: "OutputProbe | None" = None
 
     # -- 2-D views: weight rows are output units -------------------------------------------------------------
     def weight2d(self, weight: torch.Tensor) -> torch.Tensor:
@@ -142,10 +149,80 @@ class DoraLinear(DoraMixin, LoraLinear):
         if bias is not None and bias.dtype != dtype:
             bias = bias.to(dtype)
         p = self.dropout_p if self.training else 0.0
-        weight_sq = self.cached_weight_row_norm_sq()
+        recompute = self.recompute
+        watch = False
+        if recompute is None:
+            recompute, watch = self._undecided(x, bias, p)
         with context:
-            return dora_linear(x, self.weight_operand(), bias, self.lora_A, self.lora_B, self.magnitude,
-                               self.scaling, p, weight_sq, self.recompute)
+            y = dora_linear(x, self.weight_operand(), bias, self.lora_A, self.lora_B, self.magnitude, self.scaling,
+                            p, self.cached_weight_row_norm_sq(), recompute)
+        if watch:
+            self.output_probe.watch(self, y)
+        return y
+
+    def _undecided(self, x: torch.Tensor, bias: torch.Tensor | None, p: float) -> tuple[bool, bool]:
+        """``(recompute now, watch the output)`` for a layer whose ``dora_recompute="auto"`` is not decided yet.
+
+        Only a training forward of a layer that would keep its output is measured (with dropout, a bias or fp16
+        the layer keeps z, the rule of :func:`slimtune.kernels.dora.saves_output`); it recomputes this once. Under
+        saved-tensor hooks (gradient checkpointing, offloading) or inside a backward pass (reentrant
+        checkpointing's recomputation) the output is kept without deciding: those hooks own what is saved."""
+        if (p > 0 or not torch.is_grad_enabled() or not self.magnitude.requires_grad
+                or not K.saves_output(bias, x.dtype) or self.output_probe is None):
+            return False, False
+        if _saved_tensor_hooks_active() or _inside_backward():
+            return False, False
+        return True, True
+
+
+class OutputProbe:
+    """``dora_recompute="auto"``: which DoRA Linear layers' outputs outlive the forward pass anyway.
+
+    An undecided layer's first training forward recomputes (keeps nothing of size ``[tokens, d_out]``) and leaves a
+    weak reference to its output here. When the root model's forward returns (:meth:`resolve`, a forward hook),
+    an output that is still alive is held by something else — the next op saved it, or the caller holds it — so
+    keeping it costs no memory: that layer keeps its output from then on (no recomputation). A layer whose output
+    is gone recomputes. Each layer is decided once; one pending entry per layer, so nothing grows when the root
+    forward never runs (those layers keep recomputing: the memory-lean choice).
+    """
+
+    def __init__(self) -> None:
+        self._pending: dict[int, tuple[weakref.ref, weakref.ref]] = {}
+
+    def watch(self, layer: nn.Module, output: torch.Tensor) -> None:
+        self._pending[id(layer)] = (weakref.ref(layer), weakref.ref(output))
+
+    def start(self, *_: object) -> None:
+        """The root's forward pre-hook: forget outputs watched outside a root forward (a layer called alone)."""
+        self._pending.clear()
+
+    def resolve(self, *_: object) -> None:
+        for layer_ref, output_ref in self._pending.values():
+            layer = layer_ref()
+            if layer is not None and layer.recompute is None:
+                layer.recompute = output_ref() is None
+        self._pending.clear()
+
+
+def attach_output_probe(model: nn.Module, adapters: list) -> Callable[[], None] | None:
+    """One :class:`OutputProbe` for the undecided DoRA Linear layers among ``adapters``, resolved by ``model``'s
+    forward hooks (pre: start, post: resolve); returns their remover (None when no layer is undecided)."""
+    layers = [a for a in adapters if isinstance(a, DoraLinear) and a.recompute is None]
+    if not layers:
+        return None
+    probe = OutputProbe()
+    for layer in layers:
+        layer.output_probe = probe
+    handles = [model.register_forward_pre_hook(probe.start), model.register_forward_hook(probe.resolve)]
+    return lambda: [handle.remove() for handle in handles] and None
+
+
+def _saved_tensor_hooks_active() -> bool:
+    """Whether saved-tensor hooks that own what is saved (checkpointing, offloading) are active; hooks that only
+    look (marked ``slimtune_transparent``, as the memory profiler's meter) do not count."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    hooks = top(False) if top is not None else None
+    return hooks is not None and not getattr(hooks[0], "slimtune_transparent", False)
 
 
 class DoraConv(DoraMixin, LoraConv):

@@ -64,16 +64,18 @@ class LoraConfig(AdapterConfig):
     ``adapter_dtype``: dtype of the trainable A/B; ``None`` keeps the base weight's dtype (bf16 bases give
     bf16 adapters and optimizer state, as PEFT with ``autocast_adapter_dtype=False``); ``torch.float32``
     keeps fp32 master weights, cast to the activation dtype for each GEMM. ``use_dora``: DoRA (PEFT's
-    ``use_dora``; see ``dora.py``), the magnitude vector taking the adapter dtype too. ``dora_recompute``: DoRA
-    layers keep no ``[tokens, d_out]`` product for the magnitude gradient and recompute it in backward (one
-    more base GEMM per layer; activation memory as LoRA's): True / False for every DoRA layer, or — matched as
+    ``use_dora``; see ``dora.py``), the magnitude vector taking the adapter dtype too.
+
+    ``dora_recompute`` — what a DoRA Linear keeps for its magnitude gradient (``Σ dy ⊙ z``, z ``[tokens, d_out]``):
+    ``"auto"`` (default): a bias-free bf16/fp32 layer keeps its own output where that output outlives the forward
+    pass anyway (the next op saves it: SiLU its gate, the product its up, attention its v — then it costs
+    nothing), and otherwise keeps nothing and recomputes z in backward (one more base GEMM). Which case applies
+    is measured once, on the first training forward (it recomputes everywhere; see
+    :class:`slimtune.adapters.dora.OutputProbe`), so activation memory stays LoRA's. True / False: recompute in
+    every DoRA layer / never (False keeps the output, or z, everywhere: fastest, more memory); or — matched as
     ``target_modules`` is (:func:`slimtune.config.name_matches`) — a list of module-name suffixes or a regex
-    string (full match) selecting the layers that recompute. By default a bias-free bf16/fp32 DoRA Linear saves
-    its own output, which costs nothing where the next op saves that output anyway; on Llama-style blocks
-    q_proj, k_proj, o_proj and down_proj outputs are not kept by the next op (RoPE and the residual add save
-    nothing of them), so ``dora_recompute=["q_proj", "k_proj", "o_proj", "down_proj"]`` gives LoRA's peak
-    while v_proj, gate_proj and up_proj keep the cheaper saved output. slimtune-only, not written to PEFT's
-    config.
+    string (full match; ``"auto"`` is reserved) selecting the layers that recompute. Layers with a bias, fp16
+    outputs or dropout keep z unless told to recompute. slimtune-only, not written to PEFT's config.
     """
 
     dropout: float = 0.0
@@ -81,7 +83,7 @@ class LoraConfig(AdapterConfig):
     init: str = "default"
     adapter_dtype: torch.dtype | None = None
     use_dora: bool = False
-    dora_recompute: bool | str | list[str] = False
+    dora_recompute: bool | str | list[str] = "auto"
 
     method: ClassVar[str] = "lora"
     peft_type: ClassVar[str] = "LORA"
@@ -98,7 +100,9 @@ class LoraConfig(AdapterConfig):
         spec = self.dora_recompute
         if isinstance(spec, tuple):
             spec = self.dora_recompute = list(spec)
-        if isinstance(spec, str):
+        if spec == "auto":
+            pass
+        elif isinstance(spec, str):
             try:
                 re.compile(spec)
             except re.error as exc:
@@ -107,13 +111,24 @@ class LoraConfig(AdapterConfig):
             if not all(isinstance(entry, str) and entry for entry in spec):
                 raise ConfigError(f"dora_recompute must list module-name suffixes (non-empty strings), got {spec!r}")
         elif not isinstance(spec, bool):
-            raise ConfigError("dora_recompute must be True, False, a list of module-name suffixes or a regex "
-                              f"string, got {spec!r}")
+            raise ConfigError("dora_recompute must be 'auto', True, False, a list of module-name suffixes or a "
+                              f"regex string, got {spec!r}")
 
-    def recompute_for(self, name: str) -> bool:
-        """Whether the DoRA layer at qualified module ``name`` recomputes z (``dora_recompute``)."""
+    def recompute_for(self, name: str) -> bool | None:
+        """Whether the DoRA layer at qualified module ``name`` recomputes z (``dora_recompute``); None: decided
+        by measurement (``"auto"``)."""
         spec = self.dora_recompute
+        if spec == "auto":
+            return None
         return spec if isinstance(spec, bool) else name_matches(spec, name)
+
+    def finalize(self, model: nn.Module, adapters: list) -> None:
+        """``dora_recompute="auto"``: one :class:`~slimtune.adapters.dora.OutputProbe` for the model's DoRA layers,
+        resolved when the model's forward returns."""
+        if self.use_dora and self.dora_recompute == "auto":
+            from .dora import attach_output_probe  # local: dora imports this file
+
+            attach_output_probe(model, adapters)
 
     def create_adapter(self, name: str, base: nn.Module) -> AdapterModule:
         from .locon import LoraConv  # local: locon imports this file

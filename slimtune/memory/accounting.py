@@ -198,6 +198,8 @@ class SavedTensorMeter:
             self._add(storage.nbytes())
         return tensor
 
+    _pack.slimtune_transparent = True  # it only looks: DoRA's dora_recompute="auto" measures through it
+
     @staticmethod
     def _unpack(tensor: torch.Tensor) -> torch.Tensor:
         return tensor

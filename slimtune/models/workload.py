@@ -39,7 +39,7 @@ TOKEN_HIGH = 128000
 METHODS = ("lora", "locon", "dora", "dora-recompute", "dora-recompute-unshared", "hra", "loha", "lokr", "none")
 #: ``dora_recompute`` per DoRA method: "dora-recompute-unshared" recomputes z only in the layers whose output the
 #: next op does not save anyway (Llama-style q/k/o/down projections; see LoraConfig.dora_recompute)
-DORA_RECOMPUTE = {"dora": False, "dora-recompute": True,
+DORA_RECOMPUTE = {"dora": "auto", "dora-recompute": True,
                   "dora-recompute-unshared": ["q_proj", "k_proj", "o_proj", "down_proj"]}
 #: Methods that also adapt a UNet's convolutions by default (LyCORIS' practice).
 CONV_METHODS = ("locon", "loha", "lokr")

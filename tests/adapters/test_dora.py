@@ -416,3 +416,89 @@ def test_dora_recompute_by_name_and_its_validation():
             slimtune.LoraConfig(r=2, target_modules=["0"], use_dora=True, dora_recompute=bad)
     with pytest.raises(ConfigError, match="use_dora"):
         slimtune.LoraConfig(r=2, target_modules=["0"], use_dora="yes")
+
+
+# -- dora_recompute="auto": each layer measured once; keeps its output only where the output outlives forward --
+def test_auto_recompute_on_tiny_llama_decides_per_layer_and_keeps_lora_memory():
+    """First training step: every DoRA Linear recomputes (nothing of size [tokens, d_out] of its own is saved);
+    from the second on, layers whose output the next op saves anyway (gate by SiLU, up by the product) keep it,
+    the others (q, k, o, down: RoPE and the residual add save nothing of them) recompute.
+    Gradients equal those of dora_recompute=True in every step, and no step saves more than recompute does."""
+    from slimtune.memory.accounting import SavedTensorMeter
+    from tests.helpers import perturb_adapters
+    from tests.models import llm_input, tiny_llama
+
+    proj = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    runs = {}
+    for spec in ("auto", True):
+        model = tiny_llama()
+        config = slimtune.LoraConfig(r=4, alpha=8, target_modules=proj, use_dora=True)
+        if spec is True:
+            config = slimtune.LoraConfig(r=4, alpha=8, target_modules=proj, use_dora=True, dora_recompute=True)
+        assert config.dora_recompute == spec
+        slimtune.adapt(model, config)
+        perturb_adapters(model, seed=1)
+        model.train()
+        layers = {name: m for name, m in model.named_modules() if isinstance(m, DoraLinear)}
+        if spec == "auto":
+            assert all(m.recompute is None for m in layers.values())
+        saved, grads = [], []
+        for _ in range(2):
+            meter = SavedTensorMeter(exclude=[*model.parameters(), *model.buffers()])
+            with meter.record():  # the profiler's meter only looks: it does not stop the measurement
+                loss = model(llm_input(), labels=llm_input()).loss
+            saved.append(meter.bytes)
+            loss.backward()
+            grads.append(torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.requires_grad]))
+            model.zero_grad(set_to_none=True)
+        runs[spec] = (layers, saved, grads)
+    layers, saved, grads = runs["auto"]
+    keeps = {name.rsplit(".", 1)[-1] for name, m in layers.items() if m.recompute is False}
+    recomputes = {name.rsplit(".", 1)[-1] for name, m in layers.items() if m.recompute is True}
+    # gate / up: SiLU and the product save them. v is copied by repeat_kv (grouped-query attention) before the CPU
+    # attention saves it, so here it recomputes too — the measurement, not a rule of thumb, decides
+    assert keeps == {"gate_proj", "up_proj"}
+    assert recomputes == {"q_proj", "k_proj", "v_proj", "o_proj", "down_proj"}
+    assert saved == runs[True][1]  # both steps: exactly recompute's saved bytes
+    for got, want in zip(grads, runs[True][2]):
+        assert rel_err(got, want) < FP32_TOL
+
+
+def test_auto_recompute_keeps_a_returned_output_and_respects_hooks():
+    from torch.utils.checkpoint import checkpoint
+
+    def net():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(12, 10, bias=False))
+        slimtune.adapt(model, slimtune.LoraConfig(r=2, target_modules=["0"], use_dora=True))
+        return model
+
+    x = torch.randn(5, 12, requires_grad=True)
+    model = net()
+    y = model(x)  # the caller holds the output: keeping it costs nothing
+    assert y.grad_fn.route == "recompute" and model[0].recompute is False
+    y.sum().backward()
+    assert model(x).grad_fn.route == "output"
+
+    model = net()  # under saved-tensor hooks that own what is saved (checkpointing): keep, do not decide
+    out = checkpoint(model, x, use_reentrant=False)
+    out.sum().backward()
+    assert model[0].recompute is None
+
+    model = net()  # called below its root (the root's forward never ends here): recomputes, one pending entry
+    for _ in range(3):
+        assert model[0](x).grad_fn.route == "recompute"
+    assert model[0].recompute is None and len(model[0].output_probe._pending) == 1
+    with torch.no_grad():  # inference decides nothing, and the outputs watched outside the root are dropped
+        model(x)
+    assert model[0].recompute is None and not model[0].output_probe._pending
+    model(x)  # a training forward of the root decides
+    assert model[0].recompute is False
+
+
+def test_auto_is_not_a_regex_and_biased_or_fp16_layers_keep_z():
+    cfg = slimtune.LoraConfig(r=2, target_modules=["0"], use_dora=True)
+    assert cfg.dora_recompute == "auto" and cfg.recompute_for("0") is None
+    model = nn.Sequential(nn.Linear(6, 5))  # a bias: z is kept, auto does not apply
+    slimtune.adapt(model, slimtune.LoraConfig(r=2, target_modules=["0"], use_dora=True))
+    assert model(torch.randn(3, 6)).grad_fn.route == "z"
