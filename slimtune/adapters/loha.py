@@ -32,6 +32,7 @@ from torch import nn
 from ..config import AdapterConfig, resolve_adapter_dtype
 from ..errors import ConfigError, TargetError
 from ..kernels import structured as S
+from ..kernels.dispatch import use_triton
 from ..kernels.lora import choose_backward
 from ..quant.frozen import base_weight_operand, is_quantized, weight_dtype, weight_shape
 from ..targeting import is_hf_conv1d
@@ -39,6 +40,7 @@ from .base import AdapterModule
 from .lora import compute_setting
 
 PATH_CHOICES = ("auto", "structured", "folded")
+LOHA_MAX_RANK = 128  # the fused fold kernels' largest rank (slimtune.kernels.loha_triton.MAX_RANK)
 _DENSE_BASES = (nn.Linear, nn.Conv1d, nn.Conv2d)  # exact types: never a 4-bit layer
 Scale = float | torch.Tensor  # s, or s · rank-dropout mask over output rows ([d_out])
 
@@ -207,12 +209,26 @@ class LohaTuckerOp(S.StructuredOp):
 
 class LohaFoldOp(S.FoldOp):
     """``W + W1 ⊙ W2`` with ``W1 = (s·w1a) w1b``, ``W2 = w2a w2b`` (Tucker: :func:`tucker_weight`); backward:
-    ``dW1 = g ⊙ W2``, ``dW2 = g ⊙ W1`` and the low-rank / Tucker products' gradients."""
+    ``dW1 = g ⊙ W2``, ``dW2 = g ⊙ W1`` and the low-rank / Tucker products' gradients.
+
+    On the GPU (non-Tucker, rank ≤ :data:`~slimtune.kernels.loha_triton.MAX_RANK`) both run as one fused Triton
+    kernel each (:mod:`slimtune.kernels.loha_triton`: no dense ``W1`` / ``W2`` / ``g ⊙ W2``); the PyTorch code
+    below is their reference and the path everywhere else."""
 
     def __init__(self, conv: S.ConvSpec | None, tucker: bool) -> None:
         self.conv, self.tucker = conv, tucker
 
+    def fused(self, w: torch.Tensor, rank: int) -> bool:
+        """Whether :meth:`fold` / :meth:`fold_backward` take the Triton kernels for a weight like ``w``."""
+        return not self.tucker and rank <= LOHA_MAX_RANK and use_triton(w)
+
     def fold(self, w, params, scale, inplace):
+        if self.fused(w, params[0].shape[1]):
+            from ..kernels import loha_triton
+
+            w2d = w.view(w.shape[0], -1)
+            out = loha_triton.fold(w2d, *params, scale, out=w2d if inplace else None)
+            return out.view(w.shape), ()
         if self.tucker:
             t1, w1a, w1b, t2, w2a, w2b = params
             w1a_s = S.scale_rows(w1a, scale, 1)
@@ -224,7 +240,27 @@ class LohaFoldOp(S.FoldOp):
         w1, w2 = w1.reshape(w.shape), w2.reshape(w.shape)
         return (w.addcmul_(w1, w2) if inplace else torch.addcmul(w, w1, w2)), (w1a_s, w1, w2)
 
+    def fused_backward(self, w, params, scale, dy, x, need_x, need, inplace):
+        """On the GPU: ``G = dyᵀx`` (the base's weight gradient), then one kernel for ``W'`` and the four factor
+        gradients, then ``dx = dy W'``: three launches."""
+        if not self.fused(w, params[0].shape[1]):
+            return None
+        from ..kernels import loha_triton
+
+        _, g = S.base_backward(dy, x, w, self.conv, False, True)
+        w2d = w.view(w.shape[0], -1)
+        *grads, w_eff = loha_triton.fold_grads(g.view(g.shape[0], -1), *params, scale, w=w2d if need_x else None,
+                                               out=w2d if inplace and need_x else None)
+        del g
+        grad_x = S.base_backward(dy, x, w_eff.view(w.shape), self.conv, True, False)[0] if need_x else None
+        return grad_x, [grad if wanted else None for grad, wanted in zip(grads, need)]
+
     def fold_backward(self, g, params, parts, scale, need):
+        if not parts:  # the fused fold
+            from ..kernels import loha_triton
+
+            grads = loha_triton.fold_grads(g.reshape(g.shape[0], -1), *params, scale)[:4]
+            return [grad if wanted else None for grad, wanted in zip(grads, need)]
         w1a_s, w1, w2 = parts
         if self.tucker:
             t1, _, w1b, t2, w2a, w2b = params
@@ -469,7 +505,8 @@ class LohaLayer(StructuredAdapter):
         if self.tucker:
             return S.loha_tucker_costs(tokens_in, tokens, c_in, d_out, math.prod(self.kernel), self.r,
                                        x.element_size(), backward)
-        return S.loha_costs(tokens, c_in * math.prod(self.kernel), d_out, self.r, x.element_size(), backward)
+        return S.loha_costs(tokens, c_in * math.prod(self.kernel), d_out, self.r, x.element_size(), backward,
+                            fused_fold=self._fold_op.fused(x, self.r))
 
     def run(self, x: torch.Tensor, path: str, mask: torch.Tensor | None, params: tuple[nn.Parameter, ...]
             ) -> torch.Tensor:

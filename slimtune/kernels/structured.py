@@ -42,6 +42,9 @@ PATHS = ("structured", "folded")
 #: ~3.35 TB/s ≈ 300 at peak; lower for what GEMMs and elementwise kernels actually reach). Module-level so a
 #: benchmark can tune it.
 FLOPS_PER_BYTE = 200.0
+#: A kernel launch costs the host ~10-70 µs on the lent machines (``benchmarks/host_cost.py``), and a training step
+#: at a few thousand tokens is host-bound there; counted as this many FLOPs (~5 µs of an H100's matrix units).
+FLOPS_PER_LAUNCH = 4e9
 
 
 # -- the chooser ------------------------------------------------------------------------------------
@@ -51,9 +54,10 @@ class Cost:
 
     flops: float
     bytes: float
+    launches: int = 0
 
     def score(self) -> float:
-        return self.flops + FLOPS_PER_BYTE * self.bytes
+        return self.flops + FLOPS_PER_BYTE * self.bytes + FLOPS_PER_LAUNCH * self.launches
 
 
 def choose_path(costs: dict[Path, Cost]) -> Path:
@@ -62,32 +66,40 @@ def choose_path(costs: dict[Path, Cost]) -> Path:
 
 
 def folded_cost(tokens: int, d_in: int, d_out: int, build_flops: float, build_passes: int, grad_passes: int,
-                itemsize: int, backward: bool) -> Cost:
+                itemsize: int, backward: bool, launches: tuple[int, int] = (0, 0)) -> Cost:
     """Folded path: build ``W + ΔW`` (``build_passes`` passes over a dense ``[d_out, d_in]``); the GEMM with it
     replaces the base's. Backward builds it again, adds ``dW = dyᵀx`` (``2·N·d_in·d_out``) and maps ``dW`` to
-    the factors (about twice the build's FLOPs, ``grad_passes`` dense passes)."""
+    the factors (about twice the build's FLOPs, ``grad_passes`` dense passes). ``launches``: kernels beyond the
+    base layer's own, (forward, backward)."""
     dense = d_in * d_out
-    flops, passes = build_flops, build_passes
+    flops, passes, count = build_flops, build_passes, launches[0]
     if backward:
         flops += 3 * build_flops + 2 * tokens * dense
         passes += build_passes + 1 + grad_passes
-    return Cost(flops, passes * dense * itemsize)
+        count += launches[1]
+    return Cost(flops, passes * dense * itemsize, count)
 
 
-def loha_costs(tokens: int, d_in: int, d_out: int, r: int, itemsize: int, backward: bool) -> dict[Path, Cost]:
+def loha_costs(tokens: int, d_in: int, d_out: int, r: int, itemsize: int, backward: bool,
+               fused_fold: bool = False) -> dict[Path, Cost]:
     """LoHa on a Linear (a convolution: ``d_in = c_in·kernel``, tokens = output positions).
 
     Structured is LoRA at rank ``R = r²``: forward ``2·N·R·(d_in + d_out)``; backward (``x·downᵀ``
-    recomputed) ``2·N·R·(3·d_in + 2·d_out)``. Folded: two rank-r GEMMs build ``W1``, ``W2``
-    (``4·r·d_out·d_in``) and ``addcmul`` forms ``W + W1 ⊙ W2`` (6 dense passes)."""
+    recomputed) ``2·N·R·(3·d_in + 2·d_out)``; 4 + 12 launches. Folded: two rank-r GEMMs build ``W1``, ``W2``
+    (``4·r·d_out·d_in``) and ``addcmul`` forms ``W + W1 ⊙ W2`` (6 dense passes, 3 + 10 launches), or with
+    ``fused_fold`` (:mod:`slimtune.kernels.loha_triton`) one kernel reads W and writes ``W + ΔW`` (2 passes) and
+    one more maps ``dW`` to the factors (2 passes over it): 1 + 3 launches."""
     rr = r * r
     flops = 2 * tokens * rr * (d_in + d_out)
     moved = rr * (d_in + d_out) + 2 * tokens * rr
     if backward:
         flops += 2 * tokens * rr * (3 * d_in + 2 * d_out)
         moved += 3 * rr * (d_in + d_out) + 6 * tokens * rr
-    structured = Cost(flops, moved * itemsize)
-    folded = folded_cost(tokens, d_in, d_out, 4 * r * d_in * d_out, 6, 10, itemsize, backward)
+    structured = Cost(flops, moved * itemsize, 4 + (12 if backward else 0))
+    if fused_fold:
+        folded = folded_cost(tokens, d_in, d_out, 4 * r * d_in * d_out, 2, 2, itemsize, backward, (1, 3))
+    else:
+        folded = folded_cost(tokens, d_in, d_out, 4 * r * d_in * d_out, 6, 10, itemsize, backward, (3, 10))
     return {"structured": structured, "folded": folded}
 
 
@@ -379,6 +391,14 @@ class FoldOp:
         """The parameters' gradients for ``g = dL/d(W + ΔW)``."""
         raise NotImplementedError
 
+    def fused_backward(self, w: torch.Tensor, params: Params, scale: Any, dy: torch.Tensor, x: torch.Tensor,
+                       need_x: bool, need: Sequence[bool], inplace: bool
+                       ) -> tuple[torch.Tensor | None, list[Grad]] | None:
+        """Optional: the whole backward in fewer launches, ``(dx, parameter gradients)`` (w: the dense base weight
+        in the compute dtype, ``inplace`` as in :meth:`fold`); None: take the generic fold / base backward /
+        :meth:`fold_backward` sequence."""
+        return None
+
 
 def _save(ctx: Any, x: torch.Tensor, weight: WeightOperand, params: Params) -> None:
     """Save x, a dense weight and the parameters; a quantised weight's handle goes on ``ctx`` (no dense copy)."""
@@ -472,6 +492,12 @@ class FoldedFunction(torch.autograd.Function):
         dtype, op = x.dtype, ctx.op
         cast_params = [cast(p, dtype) for p in params]
         dense = materialize(weight, dtype)
+        grad_b = _bias_grad(dy, op.conv, ctx.bias_dtype) if need_b else None
+        if not need_w and any(need_p):
+            fused = op.fused_backward(dense, cast_params, ctx.scale, dy, x, need_x, need_p, dense is not weight)
+            if fused is not None:
+                grad_x, grads = fused
+                return (grad_x, None, grad_b, None, None, *_param_grads(grads, params))
         w_eff, parts = op.fold(dense, cast_params, ctx.scale, inplace=dense is not weight)
         del dense
         grad_x, g = base_backward(dy, x, w_eff, op.conv, need_x, need_w or any(need_p))
@@ -480,7 +506,6 @@ class FoldedFunction(torch.autograd.Function):
         if any(need_p):
             grads = op.fold_backward(g, cast_params, parts, ctx.scale, need_p)
         grad_w = cast(g, weight.dtype) if need_w else None
-        grad_b = _bias_grad(dy, op.conv, ctx.bias_dtype) if need_b else None
         return (grad_x, grad_w, grad_b, None, None, *_param_grads(grads, params))
 
 

@@ -231,13 +231,17 @@ def test_model_saves_what_lora_saves(method):
 
 
 def test_path_chooser():
-    # Llama-3.2-3B projections, 2048 tokens, r=32, bf16: the structured (rank r²) path
-    for d_in, d_out in [(3072, 3072), (3072, 8192), (8192, 3072)]:
-        assert S.choose_path(S.loha_costs(2048, d_in, d_out, 32, 2, True)) == "structured"
+    # Llama-3.2-3B projections, 2048 tokens, r=32, bf16: with the fused fold kernels (GPU) every projection folds
+    # (one dense pass each way against rank-r² products and 4x the launches); with PyTorch's ops the wide ones
+    # stay structured
+    shapes = [(3072, 3072), (3072, 8192), (8192, 3072)]
+    assert all(S.choose_path(S.loha_costs(2048, *shape, 32, 2, True, fused_fold=True)) == "folded" for shape in shapes)
+    assert all(S.choose_path(S.loha_costs(2048, *shape, 32, 2, True)) == "structured" for shape in shapes)
     # r² far above a small layer's width: fold
     assert S.choose_path(S.loha_costs(4096, 64, 64, 32, 2, True)) == "folded"
-    # small rank: structured
-    assert S.choose_path(S.loha_costs(4096, 256, 256, 4, 4, True)) == "structured"
+    # small rank on a wide layer: structured
+    assert S.choose_path(S.loha_costs(4096, 1024, 1024, 4, 4, True)) == "structured"
+    assert S.choose_path(S.loha_costs(2048, 8192, 8192, 2, 2, True, fused_fold=True)) == "structured"
     layer = LohaLayer(nn.Linear(8, 8), 16, 16.0)  # r² = 256 >> 8
     layer(torch.randn(64, 8))
     assert layer.last_path == "folded"

@@ -1,0 +1,105 @@
+"""LoHa's fused fold kernels against their references, under ``TRITON_INTERPRET=1`` on the CPU.
+
+The kernels (``slimtune.kernels.loha_triton``) against the float64 dense formulas, and whole LoHa layers on the
+folded path (Linear, Conv1d/Conv2d with stride, groups, rank dropout) through them against the float64 dense
+reference; fp32 and fp16 (the interpreter mishandles bf16). One subprocess (the interpreter is chosen at import).
+"""
+import pytest
+
+from tests.helpers import run_interpreted
+
+pytest.importorskip("triton")
+
+SCRIPT = r"""
+import json, torch
+from torch import nn
+from slimtune.adapters.loha import LohaLayer
+from slimtune.kernels import loha_triton as L
+from tests.adapters.test_loha import dense_reference, _params64
+from tests.helpers import rel_err
+
+torch.manual_seed(0)
+results = {}
+for dtype in (torch.float32, torch.float16):
+    name = str(dtype).split(".")[-1]
+    for M, K, r in ((5, 7, 3), (70, 130, 20), (130, 200, 128), (33, 65, 1)):
+        w = torch.randn(M, K).to(dtype)
+        w1a, w2a = torch.randn(M, r).to(dtype), torch.randn(M, r).to(dtype)
+        w1b, w2b = torch.randn(r, K).to(dtype), torch.randn(r, K).to(dtype)
+        for tag, scale in (("s", 0.5), ("rows", torch.rand(M).to(dtype))):
+            s = scale if isinstance(scale, float) else scale.double()[:, None]
+            leaves = [p.double().requires_grad_() for p in (w1a, w1b, w2a, w2b)]
+            delta = (s * (leaves[0] @ leaves[1])) * (leaves[2] @ leaves[3])
+            key = f"{name}/{M}x{K}r{r}/{tag}"
+            results[key + "/fold"] = rel_err(L.fold(w, w1a, w1b, w2a, w2b, scale), w.double() + delta)
+            inplace = w.clone()
+            assert L.fold(inplace, w1a, w1b, w2a, w2b, scale, out=inplace) is inplace
+            results[key + "/fold_inplace"] = rel_err(inplace, w.double() + delta)
+            g = torch.randn(M, K).to(dtype)
+            delta.backward(g.double())
+            grads = L.fold_grads(g, w1a, w1b, w2a, w2b, scale)
+            assert grads[4] is None
+            results[key + "/grads"] = max(rel_err(a, b.grad) for a, b in zip(grads[:4], leaves))
+            both = L.fold_grads(g, w1a, w1b, w2a, w2b, scale, w=w)  # W' written by the same launch
+            results[key + "/grads+fold"] = max([rel_err(both[4], w.double() + delta.detach())]
+                                               + [rel_err(a, b) for a, b in zip(both[:4], grads[:4])])
+
+layers = {
+    "linear": (lambda: nn.Linear(40, 36), (3, 5, 40), 4),
+    "linear-nobias": (lambda: nn.Linear(24, 20, bias=False), (7, 24), 6),
+    "conv2d-k3-s2": (lambda: nn.Conv2d(6, 8, 3, stride=2, padding=1), (2, 6, 9, 9), 3),
+    "conv1d-k3": (lambda: nn.Conv1d(6, 8, 3, padding=1), (2, 6, 11), 3),
+    "conv2d-groups2": (lambda: nn.Conv2d(6, 8, 3, groups=2), (2, 6, 7, 7), 2),
+}
+for dtype in (torch.float32, torch.float16):
+    name = str(dtype).split(".")[-1]
+    for case, (make, shape, r) in layers.items():
+        for dropout in (0.0, 0.5):
+            torch.manual_seed(1)
+            layer = LohaLayer(make().to(dtype), r, alpha=2 * r, init_weights=False, path="folded",
+                              rank_dropout=dropout)
+            assert layer._fold_op.fused(layer.base_layer.weight, r)
+            x = torch.randn(shape).to(dtype).requires_grad_()
+            torch.manual_seed(5)  # the rank-dropout draw, replayed below
+            y = layer(x)
+            dy = torch.randn_like(y)
+            y.backward(dy)
+            params = _params64(layer)
+            x64 = x.detach().double().requires_grad_()
+            if dropout:
+                torch.manual_seed(5)
+                mask = (torch.rand(layer.out_features) > dropout).double()
+                mask /= mask.mean().clamp_min(1 / layer.out_features)
+                params_masked = dict(params)
+                view = (-1,) + (1,) * (params["hada_w1_a"].dim() - 1)
+                params_masked["hada_w1_a"] = params["hada_w1_a"] * mask.view(view)
+                ref = dense_reference(layer, x64, params_masked)
+            else:
+                ref = dense_reference(layer, x64, params)
+            ref.backward(dy.double())
+            got = [y, x.grad] + [p.grad for p in layer.peft_parameters().values()]
+            want = [ref, x64.grad] + [p.grad for p in params.values()]
+            results[f"{name}/layer/{case}/{dropout}"] = max(rel_err(g, w) for g, w in zip(got, want))
+print("RESULTS " + json.dumps(results))
+"""
+
+
+@pytest.fixture(scope="module")
+def interpreted():
+    return run_interpreted(SCRIPT, timeout=600)
+
+
+@pytest.mark.parametrize("dtype,tol", [("float32", 1e-6), ("float16", 2e-3)])
+def test_fold_kernels_match_float64(interpreted, dtype, tol):
+    errors = {k: v for k, v in interpreted.items() if k.startswith(dtype + "/") and "/layer/" not in k}
+    assert len(errors) == 4 * 2 * 4
+    bad = {k: v for k, v in errors.items() if not v < tol}
+    assert not bad, bad
+
+
+@pytest.mark.parametrize("dtype,tol", [("float32", 1e-4), ("float16", 5e-3)])
+def test_folded_layers_through_the_kernels_match_dense_reference(interpreted, dtype, tol):
+    errors = {k: v for k, v in interpreted.items() if k.startswith(dtype + "/layer/")}
+    assert len(errors) == 5 * 2
+    bad = {k: v for k, v in errors.items() if not v < tol}
+    assert not bad, bad
