@@ -56,6 +56,7 @@ def test_sweep_end_to_end(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("peft")
     pytest.importorskip("diffusers")
     pytest.importorskip("matplotlib")
+    pytest.importorskip("bitsandbytes")  # the PEFT backend's QLoRA
     out = tmp_path / "sweep"
     argv = ["sweep", "--device", "cpu", "--presets", "tiny-llama", "tiny-unet", "--methods", "none", QLORA,
             "--backends", "slimtune", "peft", "--seq", "16", "--rank", "4", "--steps", "1", "--out", str(out),
