@@ -150,11 +150,25 @@ def section_kernels(device: torch.device, quick: bool) -> str:
             db, dm, _ = T.compose_backward(ones, z, gm1 + 1, dbase_out=z)
             rdb, rdm, _ = K.compose_backward_reference(ones, base, gm1 + 1)
             errs["bwd_inplace_expanded"] = max(rel_err(db, rdb), rel_err(dm, rdm))
+            scale = torch.rand(d, device=device, generator=gen) + 0.5
+            got = T.compose_backward(dy, base, gm1 + 1, shift=bias, dy_sum=True, scale=scale)
+            errs["bwd_scaled"] = max(rel_err(got[1], want[1] * scale), rel_err(got[2], want[2]))
+            # the [4, D] vectors: W Aᵀ, A Aᵀ and B (B (A Aᵀ) formed in the kernel), B in this dtype
+            r = 384 if d >= 4096 else 7
+            a = torch.randn(r, 64, device=device, generator=gen)
+            wa = torch.randn(d, r, device=device, generator=gen)
+            bm = (torch.randn(d, r, device=device, generator=gen) * 0.05).to(dtype)
+            gram = a @ a.t()
+            wsq = torch.rand(d, device=device, generator=gen) * 4 + 1 + (bm.float() @ gram * bm.float()).sum(1)
+            mag = torch.rand(d, device=device, generator=gen) + 0.5
+            errs["vectors"] = rel_err(T.dora_vectors(wa, gram, bm, wsq, mag, 0.7, 2.0 ** -63),
+                                      K.dora_vectors_reference(wa.double(), gram.double(), bm.double(), wsq.double(),
+                                                               mag.double(), 0.7, 2.0 ** -63))
             record("kernels", dtype=str(dtype).split(".")[-1], n=n, d=d, **errs)
             rows.append([str(dtype).split(".")[-1], f"{n}×{d}"] + [f"{v:.1e}" for v in errs.values()])
     return "kernels (rel err, Triton vs PyTorch reference)\n\n" + table(
         ["dtype", "N×D", "fwd z", "fwd Σ|v|", "fwd base+lora+b", "bwd dbase", "bwd dm (y − b)", "bwd Σdy",
-         "bwd in place, stride-0 dy"], rows)
+         "bwd in place, stride-0 dy", "bwd dm scaled", "vectors (vs f64)"], rows)
 
 
 # -- 2. slimtune DoRA vs PEFT DoRA, identical weights ----------------------------------------------------------------
@@ -194,8 +208,9 @@ def section_parity(device: torch.device, quick: bool) -> str:
         y.backward(dy)
         return [y.detach(), xx.grad] + [p.grad for p in params]
 
+    run(ours, [layer.lora_A, layer.lora_B, layer.magnitude])  # dora_recompute="auto" decides on the first pass
     got_ours = run(ours, [layer.lora_A, layer.lora_B, layer.magnitude])
-    route = flags[0]
+    route = flags[-1]
     record("parity_path", route=route)
     got_theirs = run(theirs, [their["lora_A"], their["lora_B"], their["lora_magnitude_vector"]])
     # float64 dense reference from the same (bf16) values
@@ -344,7 +359,7 @@ def section_compose(device: torch.device, quick: bool) -> str:
             "fwd as the layer runs it (in place)": (lambda: T.compose_forward(work, gm1, out=work, g=g),
                                                     eager_layer_fwd, 2),
             "bwd as the layer runs it (g·dy, dm from y, finished)": (
-                lambda: T.compose_backward(dy, base, g, scale=inv, sum_dtype=dtype), eager_layer_bwd, 3),
+                lambda: T.compose_backward(dy, base, g, scale=inv), eager_layer_bwd, 3),
             "fwd z form": (lambda: T.compose_forward(base, gm1, bias=bias),
                            lambda: K.compose_forward_reference(base, gm1, bias=bias), 2),
             "fwd base+lora (PEFT form)": (lambda: T.compose_forward(base, gm1, lora, s, bias), peft_eager, 3),
@@ -401,8 +416,15 @@ def section_compose(device: torch.device, quick: bool) -> str:
             K._MM_OUT_DTYPE[dtype] = fp32_out
 
     ref = K.dense_row_norm(w.double(), a.double(), b.double(), 1.0)
+    mag = torch.ones(d, device=device)
+
+    def as_the_layer_runs_it():  # two GEMMs and the vectors kernel; returns ‖V‖² from 1/‖V‖
+        mixed, gram = K.factored_norm_parts(w, a)
+        return K.dora_vectors(mixed, gram, b, sq, mag, 1.0)[2].reciprocal().square()
+
     norm_rows = []
-    for name, fn in ((f"factored, ‖W‖² cached (fp32-output GEMMs: {fp32_out})",
+    for name, fn in (("factored, as the layer runs it (2 GEMMs + vectors kernel)", as_the_layer_runs_it),
+                     (f"factored reference, ‖W‖² cached (fp32-output GEMMs: {fp32_out})",
                       lambda: K.factored_row_norm_sq(w, a, b, 1.0, sq)),
                      ("factored, bf16 GEMM upcast + fp32 small GEMMs", without_fp32_out),
                      ("dense, as PEFT", lambda: torch.linalg.norm(w + 1.0 * (b @ a), dim=1))):

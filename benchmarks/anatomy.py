@@ -1,0 +1,342 @@
+"""Where a training step's time goes on the GPU: host dispatch vs device busy time, per method.
+
+Diagnostic only (the claimed numbers come from the comparison scripts). For each configuration:
+
+* ``wall``: the step with a synchronize (as the protocol times it), median of steps 4..N;
+* ``host``: the time until the host has queued the whole step (no synchronize): when ``host`` ≈ ``wall`` and
+  ``gpu`` is well below it, the step is host-bound and fewer / cheaper launches are what helps;
+* ``gpu``: the sum of kernel times of one step (torch.profiler), and the number of kernels;
+* ``syncs``: host-device synchronisations inside one step (``torch.cuda.set_sync_debug_mode``).
+
+Sections: ``layer`` — one bias-free Linear 8192x8192, r=384, 4096 tokens, bf16 (LoRA, DoRA and variants);
+``model`` — the Llama-3.2-3B shape, r=32, batch 4, seq 512 (methods and their path / recompute variants).
+
+    python benchmarks/anatomy.py [--sections layer model] [--methods lora dora loha lokr]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+import warnings
+from typing import Any, Callable
+
+from _common import JsonlSink, environment_line, markdown_table, write_out_text
+
+import torch
+from torch import nn
+from torch.profiler import ProfilerActivity, profile
+
+import slimtune
+from slimtune.models.presets import build_model
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def config_for(method: str, r: int, targets: list[str], **extra: Any) -> Any:
+    if method == "lora":
+        return slimtune.LoraConfig(r=r, alpha=r, target_modules=targets, **extra)
+    if method == "dora":
+        return slimtune.LoraConfig(r=r, alpha=r, target_modules=targets, use_dora=True, **extra)
+    if method == "loha":
+        return slimtune.LohaConfig(r=r, alpha=r, target_modules=targets, **extra)
+    if method == "lokr":
+        return slimtune.LokrConfig(r=r, alpha=r, target_modules=targets, **extra)
+    if method == "hra":
+        return slimtune.HraConfig(r=r, target_modules=targets, **extra)
+    raise ValueError(method)
+
+
+def training_step(method: str, extra: dict, seq: int = 512, batch: int = 4, r: int = 32) -> Callable[[], None]:
+    """One protocol step of the adapted Llama-3.2-3B shape (logits released before backward), as a closure."""
+    model = build_model("llama-3.2-3b", "cuda", "bfloat16")
+    if method != "none":
+        slimtune.adapt(model, config_for(method, r, TARGETS, **extra))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    ids = torch.randint(0, 128000, (batch, seq), device="cuda")
+
+    def step() -> None:
+        out = model(input_ids=ids, labels=ids)
+        loss = out.loss
+        del out
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def measure(step: Callable[[], None], steps: int = 10, prof_top: int = 0) -> dict[str, Any]:
+    """wall / host / gpu / kernels / syncs of ``step`` (see the module docstring)."""
+    wall, host = [], []
+    for _ in range(steps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        host.append(t1 - t0)
+        wall.append(time.perf_counter() - t0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = sum("synchroniz" in str(w.message) for w in caught)
+    sync_where = sorted({str(w.message)[:80] for w in caught})[:3]
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    dev = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
+    kernels = [e for e in events if getattr(e, "device_type", None) is not None
+               and str(e.device_type).endswith("CUDA") and getattr(e, dev) > 0]
+    gpu_ms = sum(getattr(e, dev) for e in kernels) / 1000
+    launches = sum(e.count for e in kernels)
+    top = ""
+    if prof_top:
+        top = events.table(sort_by=dev, row_limit=prof_top)
+    skip = min(3, steps - 1)
+    return {"wall_ms": 1000 * statistics.median(wall[skip:]), "host_ms": 1000 * statistics.median(host[skip:]),
+            "wall_all_ms": [round(1000 * w, 2) for w in wall], "gpu_ms": gpu_ms, "kernels": launches,
+            "syncs": syncs, "sync_where": sync_where, "top": top}
+
+
+def layer_section(sink: JsonlSink, variants: list[tuple[str, str, dict]], d: int = 8192, r: int = 384,
+                  tokens: int = 4096) -> str:
+    rows, tops = [], []
+    for label, method, extra in variants:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(d, d, bias=False)).cuda().bfloat16()
+        slimtune.adapt(model, config_for(method, r, ["0"], **extra))
+        with torch.no_grad():
+            for p in slimtune.trainable_parameters(model):
+                if p.dim() == 2 and p.abs().max() == 0:
+                    p.normal_(0, 1e-3)
+        x = torch.randn(tokens, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+
+        def step() -> None:
+            model(x).sum().backward()
+
+        for _ in range(3):
+            step()
+        res = measure(step, steps=23, prof_top=14)
+        # the protocol's number: CUDA events around each fwd+bwd, median of 20, three blocks
+        blocks = []
+        for _ in range(3):
+            times = []
+            for _ in range(20):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                step()
+                end.record()
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(end))
+            blocks.append(statistics.median(times))
+        res["event_ms_blocks"] = blocks
+        sink.write({"section": "layer", "label": label, **{k: v for k, v in res.items() if k != "top"}})
+        rows.append([label, " / ".join(f"{b:.3f}" for b in blocks), f"{res['host_ms']:.3f}", f"{res['gpu_ms']:.3f}",
+                     res["kernels"], res["syncs"]])
+        tops.append(f"### {label}\n{res['top']}")
+        print(rows[-1], flush=True)
+        del model, x
+        torch.cuda.empty_cache()
+    table = markdown_table(["layer 8192² r=384 N=4096", "event ms (3 blocks)", "host ms", "gpu ms", "kernels",
+                            "syncs"], rows)
+    return table + "\n\n" + "\n\n".join(tops)
+
+
+def model_section(sink: JsonlSink, variants: list[tuple[str, str, dict]], seq: int = 512, batch: int = 4,
+                  r: int = 32) -> str:
+    rows = []
+    for label, method, extra in variants:
+        step = None
+        try:
+            step = training_step(method, extra, seq, batch, r)
+            torch.cuda.reset_peak_memory_stats()
+            res = measure(step, steps=8)
+            res["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            sink.write({"section": "model", "label": label, "seq": seq,
+                        **{k: v for k, v in res.items() if k != "top"}})
+            rows.append([label, f"{res['wall_ms']:.1f}", f"{res['host_ms']:.1f}", f"{res['gpu_ms']:.1f}",
+                         res["kernels"], res["syncs"], f"{res['peak_gib']:.2f}",
+                         " ".join(f"{w:.0f}" for w in res["wall_all_ms"])])
+            print(rows[-1], res["sync_where"], flush=True)
+        except Exception as exc:  # keep going: a diagnostic
+            rows.append([label, f"failed: {type(exc).__name__}: {str(exc)[:120]}", "", "", "", "", "", ""])
+            print(rows[-1], flush=True)
+        finally:
+            step = None
+            torch.cuda.empty_cache()
+    return markdown_table([f"3B seq {seq} b{batch} r{r}", "wall ms", "host ms", "gpu ms", "kernels", "syncs",
+                           "peak GiB", "all steps ms"], rows)
+
+
+LAYER_VARIANTS = {
+    "lora": [("lora", "lora", {})],
+    "dora": [("dora", "dora", {}), ("dora recompute", "dora", {"dora_recompute": True})],
+}
+MODEL_VARIANTS = {
+    "lora": [("lora", "lora", {})],
+    "dora": [("dora", "dora", {})],
+    "loha": [("loha auto", "loha", {})],
+    "loha-paths": [("loha structured", "loha", {"path": "structured"}), ("loha folded", "loha", {"path": "folded"})],
+    "lokr": [("lokr auto", "lokr", {})],
+    "hra": [("hra", "hra", {})],
+    "none": [("full fine-tune", "none", {})],
+}
+
+
+def cprofile_section(variants: list[tuple[str, str, dict]], steps: int = 3, top: int = 22) -> str:
+    """Host time by Python function (cProfile, ``tottime``) over ``steps`` model steps, per variant."""
+    import cProfile
+    import io
+    import pstats
+
+    parts = []
+    for label, method, extra in variants:
+        step = training_step(method, extra)
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+        prof.disable()
+        buf = io.StringIO()
+        pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(top)
+        text = "\n".join(line[:150] for line in buf.getvalue().splitlines() if line.strip())
+        parts.append(f"### cProfile {label} ({steps} steps)\n{text}")
+        print(parts[-1], flush=True)
+        step = None
+        torch.cuda.empty_cache()
+    return "\n\n".join(parts)
+
+
+def check_section() -> str:
+    """bf16 on the GPU (the CPU interpreter cannot check it): the fused kernels and whole layers against float64."""
+    from slimtune.adapters.loha import LohaLayer, loha_delta_weight
+    from slimtune.kernels import dora as K
+    from slimtune.kernels import loha_triton as L
+
+    def rel(a, b):
+        a, b = a.detach().double(), b.detach().double()
+        return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+    rows = []
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    M, Kd, r = 3072, 8192, 32
+    w = torch.randn(M, Kd, device="cuda", generator=gen).bfloat16()
+    f = [(torch.randn(*shape, device="cuda", generator=gen) * 0.05).bfloat16()
+         for shape in ((M, r), (r, Kd), (M, r), (r, Kd))]
+    leaves = [t.double().requires_grad_() for t in f]
+    delta = 0.7 * (leaves[0] @ leaves[1]) * (leaves[2] @ leaves[3])
+    g = torch.randn(M, Kd, device="cuda", generator=gen).bfloat16()
+    delta.backward(g.double())
+    rows.append(["loha fold 3072x8192 r32 bf16", f"{rel(L.fold(w, *f, 0.7), w.double() + delta):.2e}"])
+    grads = L.fold_grads(g, *f, 0.7)
+    rows.append(["loha fold grads", f"{max(rel(a, b.grad) for a, b in zip(grads, leaves)):.2e}"])
+    for name, layer_cls in (("loha folded layer", "loha"), ("dora layer", "dora")):
+        torch.manual_seed(0)
+        base = nn.Linear(3072, 3072, bias=False).cuda().bfloat16()
+        if layer_cls == "loha":
+            layer = LohaLayer(base, 32, 32.0, init_weights=False, path="folded")
+            with torch.no_grad():
+                for p in layer.peft_parameters().values():
+                    p.mul_(0.1)
+        else:
+            model = slimtune.adapt(nn.Sequential(base), slimtune.LoraConfig(r=32, alpha=32, target_modules=["0"],
+                                                                            use_dora=True))
+            layer = model[0]
+            with torch.no_grad():
+                layer.lora_B.normal_(0, 0.02)
+                layer.magnitude.mul_(1.05)
+        x = torch.randn(4, 512, 3072, device="cuda").bfloat16().requires_grad_()
+        for _ in range(2):  # dora_recompute="auto" decides on the first pass
+            x.grad = None
+            for p in layer.peft_parameters().values():
+                p.grad = None
+            y = (model if layer_cls == "dora" else layer)(x)
+            dy = torch.randn_like(y)
+            y.backward(dy)
+        params = {k: p.detach().double().requires_grad_() for k, p in layer.peft_parameters().items()}
+        x64 = x.detach().double().requires_grad_()
+        w64 = base.weight.double()
+        if layer_cls == "loha":
+            ref = torch.nn.functional.linear(x64, w64 + loha_delta_weight(
+                params["hada_w1_a"], params["hada_w1_b"], params["hada_w2_a"], params["hada_w2_b"], None, None,
+                layer.scaling, w64.shape))
+        else:
+            ref = K.dora_linear_reference(x64, w64, None, params["lora_A.weight"], params["lora_B.weight"],
+                                          params["lora_magnitude_vector"], layer.scaling)
+        ref.backward(dy.double())
+        errs = [rel(y, ref), rel(x.grad, x64.grad)] + [rel(p.grad, q.grad) for p, q in
+                                                       zip(layer.peft_parameters().values(), params.values())]
+        rows.append([f"{name} 3072² 2048 tok bf16 (y, dx, params)", " ".join(f"{e:.1e}" for e in errs)])
+    return markdown_table(["check vs float64", "rel err"], rows)
+
+
+def launch_section() -> str:
+    """Host cost of one launch: a tiny Triton kernel, a tiny torch op, a tiny GEMM (median of 2000)."""
+    from slimtune.kernels import dora_triton as T
+
+    x = torch.randn(64, 64, device="cuda")
+    g = torch.randn(64, device="cuda")
+    cases = {"triton compose_forward 64x64": lambda: T.compose_forward(x, g, out=x),
+             "torch.add 64x64": lambda: torch.add(x, x),
+             "torch.mm 64x64": lambda: torch.mm(x, x),
+             "torch.empty 64": lambda: torch.empty(64, device="cuda")}
+    rows = []
+    for name, fn in cases.items():
+        for _ in range(50):
+            fn()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(2000):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        torch.cuda.synchronize()
+        rows.append([name, f"{1e6 * statistics.median(times):.1f}"])
+    return markdown_table(["launch", "host us (median)"], rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sections", nargs="+", default=["layer", "model"])
+    parser.add_argument("--layer-methods", nargs="+", default=["lora", "dora"])
+    parser.add_argument("--methods", nargs="+", default=["lora", "dora", "loha", "lokr"])
+    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--cprofile-max", type=int, default=8)
+    args = parser.parse_args(argv)
+    sink = JsonlSink("anatomy.jsonl")
+    parts = [environment_line()]
+    print(parts[0], flush=True)
+    if "layer" in args.sections:
+        parts.append(layer_section(sink, [v for m in args.layer_methods for v in LAYER_VARIANTS[m]]))
+    if "model" in args.sections:
+        parts.append(model_section(sink, [v for m in args.methods for v in MODEL_VARIANTS[m]], seq=args.seq))
+    if "check" in args.sections:
+        try:
+            parts.append(check_section())
+        except Exception as exc:  # a diagnostic: report and go on
+            parts.append(f"check failed: {type(exc).__name__}: {str(exc)[-600:]}")
+        print(parts[-1], flush=True)
+    if "launch" in args.sections:
+        parts.append(launch_section())
+        print(parts[-1], flush=True)
+    if "cprofile" in args.sections:
+        parts.append(cprofile_section([v for m in args.methods for v in MODEL_VARIANTS[m]][:args.cprofile_max]))
+    write_out_text("anatomy.md", "\n\n".join(parts))
+    print("\n\n".join(p.split("\n\n### ")[0] for p in parts))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

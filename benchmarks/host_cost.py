@@ -1,0 +1,224 @@
+"""Host (CPU) time per adapted layer: what a host-bound training step pays for each method.
+
+At seq 512 the Llama-3.2-3B step is host-bound on the lent GPU machines (``benchmarks/anatomy.py``: the GPU is
+busy ~2/3 of the step), so the Python, dispatcher and launch work per layer is what separates the methods. Each
+case runs a 3072x3072 bf16 layer with only 16 tokens (the GPU is never the bottleneck) 300 times between two
+synchronizes; the per-call time is the host's cost of one forward(+backward). Components of DoRA are timed on
+their own as well. Diagnostic only.
+
+    python benchmarks/host_cost.py            # CUDA if available, else the CPU (reference paths)
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Callable
+
+from _common import environment_line, markdown_table, write_out_text
+
+import torch
+from torch import nn
+
+import slimtune
+from slimtune.kernels import dora as K
+
+
+def per_call_us(fn: Callable[[], object], device: torch.device, reps: int = 300) -> float:
+    for _ in range(20):
+        fn()
+    best = float("inf")
+    for _ in range(3):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, (time.perf_counter() - t0) / reps * 1e6)
+    return best
+
+
+def layer(config, device, dtype, d: int = 3072, tokens: int = 16) -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(d, d, bias=False)).to(device, dtype)
+    if config is not None:
+        slimtune.adapt(model, config)
+        with torch.no_grad():
+            for p in slimtune.trainable_parameters(model):
+                p.add_(torch.randn_like(p) * 1e-3)
+    else:
+        model.requires_grad_(False)
+    x = torch.randn(tokens, d, device=device, dtype=dtype, requires_grad=True)
+    return model, x
+
+
+def cases(device: torch.device, dtype: torch.dtype) -> dict[str, Callable[[], object]]:
+    t = ["0"]
+    configs = {
+        "frozen Linear (no adapter)": None,
+        "lora": slimtune.LoraConfig(r=32, alpha=32, target_modules=t),
+        "dora": slimtune.LoraConfig(r=32, alpha=32, target_modules=t, use_dora=True),
+        "dora recompute": slimtune.LoraConfig(r=32, alpha=32, target_modules=t, use_dora=True, dora_recompute=True),
+        "loha structured": slimtune.LohaConfig(r=32, alpha=32, target_modules=t, path="structured"),
+        "loha folded": slimtune.LohaConfig(r=32, alpha=32, target_modules=t, path="folded"),
+        "lokr": slimtune.LokrConfig(r=32, alpha=32, target_modules=t),
+        "hra": slimtune.HraConfig(r=32, target_modules=t),
+    }
+    out: dict[str, Callable[[], object]] = {}
+    for name, config in configs.items():
+        model, x = layer(config, device, dtype)
+        out[f"{name}: fwd+bwd"] = lambda m=model, x=x: m(x).sum().backward()
+        out[f"{name}: fwd (grad)"] = lambda m=model, x=x: m(x)
+    model, x = layer(configs["dora"], device, dtype)
+    dora = model[0]
+    w = dora.weight_operand()
+    a, b = dora.lora_A, dora.lora_B
+    out["dora part: cached ‖W‖²"] = dora.cached_weight_row_norm_sq
+    out["dora part: norm GEMMs"] = lambda: K.factored_norm_parts(w, a.detach())
+    mixed, parts = K.factored_norm_parts(w, a.detach())
+    wsq = dora.cached_weight_row_norm_sq()
+    out["dora part: vectors"] = lambda: K.dora_vectors(mixed, parts, b.detach(), wsq, dora.magnitude.detach(),
+                                                       dora.scaling, 2.0 ** -63)
+    z = torch.randn(16, 3072, device=device, dtype=dtype)
+    vec = K.dora_vectors(mixed, parts, b.detach(), wsq, dora.magnitude.detach(), dora.scaling, 2.0 ** -63)
+    out["dora part: compose fwd"] = lambda: K.compose_forward(z, vec[0], out=z, g=vec[1])
+    dy = torch.randn_like(z)
+    out["dora part: compose bwd"] = lambda: K.compose_backward(dy, z, vec[1], scale=vec[3])
+
+    def identity_function(on_backward: Callable[[], object]) -> type[torch.autograd.Function]:
+        class Identity(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, x):
+                return x.view_as(x)
+
+            @staticmethod
+            def backward(ctx, g):
+                on_backward()
+                return g
+
+        return Identity
+
+    xi = torch.randn(16, 8, device=device, requires_grad=True)
+    plain = identity_function(lambda: None)
+    out["autograd Function fwd+bwd (identity)"] = lambda: plain.apply(xi).sum().backward()
+    with_compose = identity_function(lambda: K.compose_backward(dy, z, vec[1], scale=vec[3]))
+    zl = z.clone().requires_grad_(True)
+    out["identity Function + compose bwd in its backward"] = lambda: with_compose.apply(zl).sum().backward()
+    mag = dora.magnitude
+    out["dora tail only (output mode): fwd+bwd"] = lambda: K.DoraTailFunction.apply(
+        zl.clone(), None, mag, vec, None, "output", None, None, None, None, 1.0, 0.0, 0).sum().backward()
+    xp = torch.randn(16, 3072, device=device, dtype=dtype, requires_grad=True)
+    out["dora product only: fwd+bwd"] = lambda: K.DoraProductFunction.apply(
+        xp, w, a, b, mag, 1.0, 0.0, 0, wsq, True, 0.0)[0].sum().backward()
+    return out
+
+
+def breakdown(device: torch.device, dtype: torch.dtype, reps: int = 200) -> str:
+    """Inclusive host time per fwd+bwd of the functions on each method's path (timing wrappers, ~1 us each)."""
+    import functools
+
+    from slimtune.adapters import loha as LH
+    from slimtune.adapters import lokr as LK
+    from slimtune.kernels import dora_triton as T
+    from slimtune.kernels import structured as S
+
+    totals: dict[str, float] = {}
+
+    def timed(owner, name: str, label: str, static: bool = False) -> None:
+        fn = getattr(owner, name)
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                totals[label] = totals.get(label, 0.0) + time.perf_counter() - t0
+
+        setattr(owner, name, staticmethod(wrapper) if static else wrapper)
+
+    def label(owner, name):
+        return f"{getattr(owner, '__name__', str(owner)).rsplit('.', 1)[-1]}.{name}"
+
+    for owner, names in ((T, ["_launch", "_grid", "compose_backward", "compose_forward", "dora_vectors"]),
+                         (K, ["factored_norm_parts", "_saved_with_weight", "_save_with_weight", "_product", "materialize"]),
+                         (S, ["base_backward", "rows_kr", "cols_kr", "rows_kr_grad", "cols_kr_grad", "lowrank_grad",
+                              "_backward_inputs", "_save", "sum_bmm", "bmm_left"]),
+                         (LH.LohaFoldOp, ["fold", "fold_backward"]), (LH.LohaLinearOp, ["add_delta", "delta_backward"]),
+                         (LK.LokrLinearOp, ["add_delta", "delta_backward"]), (LK.LokrFactors, ["build", "grads"]),
+                         (LH.StructuredAdapter, ["forward", "choose"])):
+        for name in names:
+            timed(owner, name, label(owner, name))
+    for cls in (K.DoraTailFunction, K.DoraProductFunction, S.StructuredFunction, S.FoldedFunction):
+        for name in ("forward", "backward"):
+            timed(cls, name, label(cls, name), static=True)
+    from slimtune.adapters.dora import DoraLinear
+    timed(DoraLinear, "forward", "DoraLinear.forward")
+    configs = {"dora": slimtune.LoraConfig(r=32, alpha=32, target_modules=["0"], use_dora=True),
+               "loha folded": slimtune.LohaConfig(r=32, alpha=32, target_modules=["0"], path="folded"),
+               "loha structured": slimtune.LohaConfig(r=32, alpha=32, target_modules=["0"], path="structured"),
+               "lokr": slimtune.LokrConfig(r=32, alpha=32, target_modules=["0"])}
+    tables = []
+    for name, config in configs.items():
+        model, x = layer(config, device, dtype)
+
+        def step():
+            t0 = time.perf_counter()
+            y = model(x)
+            t1 = time.perf_counter()
+            y.sum().backward()
+            totals["(fwd total)"] = totals.get("(fwd total)", 0.0) + t1 - t0
+            totals["(bwd total incl. sum)"] = totals.get("(bwd total incl. sum)", 0.0) + time.perf_counter() - t1
+
+        for _ in range(20):
+            step()
+        torch.cuda.synchronize() if device.type == "cuda" else None
+        totals.clear()
+        for _ in range(reps):
+            step()
+        rows = [[k, f"{1e6 * v / reps:.1f}"] for k, v in sorted(totals.items(), key=lambda kv: -kv[1])]
+        tables.append(markdown_table([f"{name} fwd+bwd, inclusive", "host us per step"], rows))
+        print(tables[-1], flush=True)
+    return "\n\n".join(tables)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--only", nargs="*", default=None, help="substrings of the case names to run")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    rows = []
+    for name, fn in cases(device, dtype).items():
+        if args.only and not any(s in name for s in args.only):
+            continue
+        rows.append([name, f"{per_call_us(fn, device):.1f}"])
+        print(rows[-1], flush=True)
+    if args.only and "breakdown" in args.only:
+        text = breakdown(device, dtype)
+        print(text)
+        write_out_text("host_cost_breakdown.md", text)
+    if device.type == "cuda" and (not args.only or "profile" in args.only):
+        from torch.profiler import ProfilerActivity, profile
+
+        model, x = layer(slimtune.LoraConfig(r=32, alpha=32, target_modules=["0"], use_dora=True), device, dtype)
+        for _ in range(5):
+            model(x).sum().backward()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(20):
+                model(x).sum().backward()
+            torch.cuda.synchronize()
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
+        print(table)
+        write_out_text("host_cost_profile.txt", table)
+    text = environment_line() + "\n\n" + markdown_table(["case (3072x3072, 16 tokens)", "host us per call"], rows)
+    write_out_text("host_cost.md", text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
