@@ -15,7 +15,10 @@ PEFT's parameters, so checkpoints move both ways (``s = alpha / r``):
 backward rather than saving them, and maps ``dD``/``dU`` to the factors with explicit formulas). On a convolution
 (groups 1) ``D`` is a down convolution with the base's geometry and ``U`` a 1x1 up; the Tucker form adds a core
 ``C[(i,i'), (j,j'), ·] = t1[i, j, ·] t2[i', j', ·]`` between a 1x1 down and a 1x1 up. **Folded path**: ``W + ΔW``
-formed transiently (``addcmul``), one GEMM/convolution, rebuilt in backward. No backward runs autograd.
+formed transiently, one GEMM/convolution, rebuilt in backward — on the GPU by fused Triton kernels
+(:mod:`slimtune.kernels.loha_triton`: one pass forward; in backward one kernel writes ``W + ΔW`` and the four
+factor gradients from ``dyᵀx``), elsewhere with PyTorch ops (``addcmul``; also the kernels' reference). No
+backward runs autograd.
 The structured path costs like LoRA at rank ``r²``; :func:`~slimtune.kernels.structured.choose_path` takes the
 folded one where that is cheaper (large ``r²`` against the layer's width, few tokens).
 """
