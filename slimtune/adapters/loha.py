@@ -229,7 +229,8 @@ class LohaFoldOp(S.FoldOp):
         if self.fused(w, params[0].shape[1]):
             from ..kernels import loha_triton
 
-            w2d = w.view(w.shape[0], -1)
+            w2d = w.reshape(w.shape[0], -1)
+            inplace = inplace and w2d.is_contiguous() and w2d.data_ptr() == w.data_ptr()
             out = loha_triton.fold(w2d, *params, scale, out=w2d if inplace else None)
             return out.view(w.shape), ()
         if self.tucker:
@@ -251,9 +252,10 @@ class LohaFoldOp(S.FoldOp):
         from ..kernels import loha_triton
 
         _, g = S.base_backward(dy, x, w, self.conv, False, True)
-        w2d = w.view(w.shape[0], -1)
-        *grads, w_eff = loha_triton.fold_grads(g.view(g.shape[0], -1), *params, scale, w=w2d if need_x else None,
-                                               out=w2d if inplace and need_x else None)
+        w2d = w.reshape(w.shape[0], -1)
+        inplace = inplace and need_x and w2d.is_contiguous() and w2d.data_ptr() == w.data_ptr()
+        *grads, w_eff = loha_triton.fold_grads(g.reshape(g.shape[0], -1), *params, scale,
+                                               w=w2d if need_x else None, out=w2d if inplace else None)
         del g
         grad_x = S.base_backward(dy, x, w_eff.view(w.shape), self.conv, True, False)[0] if need_x else None
         return grad_x, [grad if wanted else None for grad, wanted in zip(grads, need)]

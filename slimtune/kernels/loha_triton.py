@@ -132,6 +132,11 @@ def _precision(t: torch.Tensor) -> str | None:
     return "ieee" if t.dtype == torch.float32 else None
 
 
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with unit column stride (the kernels index ``row * stride + column``); a copy only if needed."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 def _block_r(rank: int) -> int:
     return max(16, triton.next_power_of_2(rank))
 
@@ -150,6 +155,9 @@ def fold(w: torch.Tensor, w1a: torch.Tensor, w1b: torch.Tensor, w2a: torch.Tenso
     one dtype; scale: a number or ``[M]``."""
     M, K = w.shape
     rank = w1a.shape[1]
+    w, w1a, w1b, w2a, w2b = _rows(w), w1a.contiguous(), w1b.contiguous(), w2a.contiguous(), w2b.contiguous()
+    if out is not None and out.stride(-1) != 1:
+        raise ValueError("fold: out needs unit column stride")
     out = torch.empty(M, K, device=w.device, dtype=w1a.dtype) if out is None else out
     scale_t, scale_f, row_scale = _scale_args(scale, w1a)
     grid = (triton.cdiv(M, BLOCK), triton.cdiv(K, BLOCK))
@@ -168,6 +176,10 @@ def fold_grads(g: torch.Tensor, w1a: torch.Tensor, w1b: torch.Tensor, w2a: torch
     tensor; ``out`` may be ``w``) — a backward that needs both pays one launch; else ``W'`` is None."""
     M, K = g.shape
     rank = w1a.shape[1]
+    g, w1a, w1b, w2a, w2b = _rows(g), w1a.contiguous(), w1b.contiguous(), w2a.contiguous(), w2b.contiguous()
+    w = _rows(w) if w is not None else None
+    if out is not None and out.stride(-1) != 1:
+        raise ValueError("fold_grads: out needs unit column stride")
     d1a, d2a = torch.empty_like(w1a), torch.empty_like(w2a)
     d1b, d2b = torch.empty_like(w1b), torch.empty_like(w2b)
     if w is not None and out is None:

@@ -468,8 +468,9 @@ class FoldedFunction(torch.autograd.Function):
     """``y = base(x)`` with weight ``W + ΔW`` formed by ``op.fold`` in x's dtype: one GEMM / convolution.
 
     ``W + ΔW`` exists only inside forward and again inside backward: ``dx`` uses it, ``g = dyᵀx`` (the
-    convolution's weight gradient) goes through ``op.fold_backward`` to the parameters. Dense transients live
-    only while this layer's forward or backward runs.
+    convolution's weight gradient) goes through ``op.fold_backward`` to the parameters — or the op's
+    ``fused_backward`` does all of it in fewer launches (LoHa on the GPU). Dense transients live only while this
+    layer's forward or backward runs.
     """
 
     @staticmethod
