@@ -29,7 +29,7 @@ from torch import nn
 from ..errors import ConfigError, SlimtuneError
 from ..kernels import dora as K
 from ..kernels.dora import dora_linear, dora_scale
-from ..kernels.hra import _inside_backward
+from ..autograd_state import inside_backward, saved_tensor_hooks_active
 from ..quant.frozen import WeightOperand, base_weight_operand, is_quantized, materialize, weight_dtype
 from .locon import LoraConv
 from .lora import LoraLinear, compute_setting
@@ -170,7 +170,7 @@ class DoraLinear(DoraMixin, LoraLinear):
         if (p > 0 or not torch.is_grad_enabled() or not self.magnitude.requires_grad
                 or not K.saves_output(bias, x.dtype) or self.output_probe is None):
             return False, False
-        if _saved_tensor_hooks_active() or _inside_backward():
+        if saved_tensor_hooks_active() or inside_backward():
             return False, False
         return True, True
 
@@ -214,15 +214,13 @@ def attach_output_probe(model: nn.Module, adapters: list) -> Callable[[], None] 
     for layer in layers:
         layer.output_probe = probe
     handles = [model.register_forward_pre_hook(probe.start), model.register_forward_hook(probe.resolve)]
-    return lambda: [handle.remove() for handle in handles] and None
 
+    def remove() -> None:
+        for handle in handles:
+            handle.remove()
 
-def _saved_tensor_hooks_active() -> bool:
-    """Whether saved-tensor hooks that own what is saved (checkpointing, offloading) are active; hooks that only
-    look (marked ``slimtune_transparent``, as the memory profiler's meter) do not count."""
-    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
-    hooks = top(False) if top is not None else None
-    return hooks is not None and not getattr(hooks[0], "slimtune_transparent", False)
+    return remove
+
 
 
 class DoraConv(DoraMixin, LoraConv):

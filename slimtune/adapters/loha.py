@@ -43,7 +43,6 @@ from .base import AdapterModule
 from .lora import compute_setting
 
 PATH_CHOICES = ("auto", "structured", "folded")
-LOHA_MAX_RANK = 128  # the fused fold kernels' largest rank (slimtune.kernels.loha_triton.MAX_RANK)
 _DENSE_BASES = (nn.Linear, nn.Conv1d, nn.Conv2d)  # exact types: never a 4-bit layer
 Scale = float | torch.Tensor  # s, or s · rank-dropout mask over output rows ([d_out])
 
@@ -214,7 +213,7 @@ class LohaFoldOp(S.FoldOp):
     """``W + W1 ⊙ W2`` with ``W1 = (s·w1a) w1b``, ``W2 = w2a w2b`` (Tucker: :func:`tucker_weight`); backward:
     ``dW1 = g ⊙ W2``, ``dW2 = g ⊙ W1`` and the low-rank / Tucker products' gradients.
 
-    On the GPU (non-Tucker, rank ≤ :data:`~slimtune.kernels.loha_triton.MAX_RANK`) both run as one fused Triton
+    On the GPU (non-Tucker, rank ≤ :data:`slimtune.kernels.loha_triton.MAX_RANK`) both run as one fused Triton
     kernel each (:mod:`slimtune.kernels.loha_triton`: no dense ``W1`` / ``W2`` / ``g ⊙ W2``); the PyTorch code
     below is their reference and the path everywhere else."""
 
@@ -223,16 +222,24 @@ class LohaFoldOp(S.FoldOp):
 
     def fused(self, w: torch.Tensor, rank: int) -> bool:
         """Whether :meth:`fold` / :meth:`fold_backward` take the Triton kernels for a weight like ``w``."""
-        return not self.tucker and rank <= LOHA_MAX_RANK and use_triton(w)
+        if self.tucker or not use_triton(w):
+            return False
+        from ..kernels import loha_triton  # importable: use_triton found triton
+
+        return rank <= loha_triton.MAX_RANK
+
+    @staticmethod
+    def _rows(w: torch.Tensor, inplace: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(W as [c_out, rest], the buffer W + ΔW may be written into or None)``: in place only into W itself."""
+        w2d = w.reshape(w.shape[0], -1)
+        return w2d, (w2d if inplace and w2d.is_contiguous() and w2d.data_ptr() == w.data_ptr() else None)
 
     def fold(self, w, params, scale, inplace):
         if self.fused(w, params[0].shape[1]):
             from ..kernels import loha_triton
 
-            w2d = w.reshape(w.shape[0], -1)
-            inplace = inplace and w2d.is_contiguous() and w2d.data_ptr() == w.data_ptr()
-            out = loha_triton.fold(w2d, *params, scale, out=w2d if inplace else None)
-            return out.view(w.shape), ()
+            w2d, out = self._rows(w, inplace)
+            return loha_triton.fold(w2d, *params, scale, out=out).view(w.shape), ()
         if self.tucker:
             t1, w1a, w1b, t2, w2a, w2b = params
             w1a_s = S.scale_rows(w1a, scale, 1)
@@ -252,10 +259,9 @@ class LohaFoldOp(S.FoldOp):
         from ..kernels import loha_triton
 
         _, g = S.base_backward(dy, x, w, self.conv, False, True)
-        w2d = w.reshape(w.shape[0], -1)
-        inplace = inplace and need_x and w2d.is_contiguous() and w2d.data_ptr() == w.data_ptr()
+        w2d, out = self._rows(w, inplace and need_x)
         *grads, w_eff = loha_triton.fold_grads(g.reshape(g.shape[0], -1), *params, scale,
-                                               w=w2d if need_x else None, out=w2d if inplace else None)
+                                               w=w2d if need_x else None, out=out)
         del g
         grad_x = S.base_backward(dy, x, w_eff.view(w.shape), self.conv, True, False)[0] if need_x else None
         return grad_x, [grad if wanted else None for grad, wanted in zip(grads, need)]

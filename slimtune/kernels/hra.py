@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..autograd_state import inside_backward
 from ..quant.frozen import weight_dtype
 
 
@@ -63,7 +64,7 @@ class HraFactorCache:
     def factors(self, layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         entry = self._entries.get(id(layer))
         if entry is None or entry[0] != self._state(layer):
-            if _inside_backward():
+            if inside_backward():
                 # reentrant checkpointing: the first run had no grad, the recomputation runs inside backward
                 # and gets a private graph (a shared one would be traversed by every layer's inner backward)
                 return self._factors_of([layer])[0]
@@ -84,12 +85,6 @@ class HraFactorCache:
         unit, t = batched_wy_factors(torch.stack([m.hra_u for m in group]), group[0].apply_GS)
         dtype = self._group_key(group[0])[-1]
         return list(zip(unit.to(dtype).unbind(0), torch.bmm(unit, -t).to(dtype).unbind(0)))
-
-
-def _inside_backward() -> bool:
-    """Whether autograd's engine is running a backward pass on this thread."""
-    task_id = getattr(torch._C, "_current_graph_task_id", None)
-    return task_id is not None and task_id() != -1
 
 
 def attach_factor_cache(model: nn.Module, layers: list[nn.Module]) -> Callable[[], None]:

@@ -20,6 +20,8 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from torch import nn
 
+from ..autograd_state import mark_transparent
+
 
 def _storage_key(tensor: torch.Tensor) -> tuple[int, int] | None:
     """``(data pointer, bytes)`` of the tensor's storage, or ``None`` for tensors without one."""
@@ -187,6 +189,7 @@ class SavedTensorMeter:
         kind = self._stack[-1] if self._stack else "loss"
         self.by_kind[kind] = self.by_kind.get(kind, 0) + nbytes
 
+    @mark_transparent  # it only looks: DoRA's dora_recompute="auto" measures through it
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
         key = _storage_identity(tensor)
         if key is None:
@@ -197,8 +200,6 @@ class SavedTensorMeter:
             self._held[key] = storage
             self._add(storage.nbytes())
         return tensor
-
-    _pack.slimtune_transparent = True  # it only looks: DoRA's dora_recompute="auto" measures through it
 
     @staticmethod
     def _unpack(tensor: torch.Tensor) -> torch.Tensor:
