@@ -153,8 +153,12 @@ def layer_section(sink: JsonlSink, variants: list[tuple[str, str, dict]], d: int
 def model_section(sink: JsonlSink, variants: list[tuple[str, str, dict]], seq: int = 512, batch: int = 4,
                   r: int = 32) -> str:
     rows = []
+    from slimtune.kernels import dispatch
+
     for label, method, extra in variants:
         step = None
+        extra = dict(extra)
+        dispatch.FAST_LAUNCH = extra.pop("_fast_launch", True)  # a benchmark switch, not a config field
         try:
             step = training_step(method, extra, seq, batch, r)
             torch.cuda.reset_peak_memory_stats()
@@ -171,6 +175,7 @@ def model_section(sink: JsonlSink, variants: list[tuple[str, str, dict]], seq: i
             print(rows[-1], flush=True)
         finally:
             step = None
+            dispatch.FAST_LAUNCH = True
             torch.cuda.empty_cache()
     return markdown_table([f"3B seq {seq} b{batch} r{r}", "wall ms", "host ms", "gpu ms", "kernels", "syncs",
                            "peak GiB", "all steps ms"], rows)
@@ -186,6 +191,7 @@ MODEL_VARIANTS = {
     "loha": [("loha auto", "loha", {})],
     "loha-paths": [("loha structured", "loha", {"path": "structured"}), ("loha folded", "loha", {"path": "folded"})],
     "lokr": [("lokr auto", "lokr", {})],
+    "loha-triton-path": [("loha auto, Triton's launch path", "loha", {"_fast_launch": False})],
     "hra": [("hra", "hra", {})],
     "none": [("full fine-tune", "none", {})],
 }
@@ -199,7 +205,7 @@ def cprofile_section(variants: list[tuple[str, str, dict]], steps: int = 3, top:
 
     parts = []
     for label, method, extra in variants:
-        step = training_step(method, extra)
+        step = training_step(method, {k: v for k, v in extra.items() if not k.startswith("_")})
         for _ in range(3):
             step()
         torch.cuda.synchronize()
@@ -282,18 +288,68 @@ def check_section() -> str:
     return markdown_table(["check vs float64", "rel err"], rows)
 
 
+def kernels_section(tokens: int = 2048, r: int = 32) -> str:
+    """Device time of LoHa's fused kernels at the Llama-3.2-3B projection shapes (CUDA events, median of 20)
+    beside the layer's own GEMMs, and the bytes they move per microsecond."""
+    from slimtune.kernels import loha_triton as L
+
+    def ms(fn: Callable[[], object], reps: int = 10) -> float:
+        """Device ms per call: ``reps`` calls between two events (one call alone would time the host's launch)."""
+        for _ in range(3):
+            fn()
+        times = []
+        for _ in range(10):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(reps):
+                fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / reps)
+        return statistics.median(times)
+
+    rows = []
+    bf16 = dict(device="cuda", dtype=torch.bfloat16)
+    for d_out, d_in in ((3072, 3072), (1024, 3072), (8192, 3072), (3072, 8192)):
+        w = torch.randn(d_out, d_in, **bf16)
+        f = [torch.randn(s, **bf16) * 0.1 for s in ((d_out, r), (r, d_in), (d_out, r), (r, d_in))]
+        g = torch.randn(d_out, d_in, **bf16)
+        x, dy = torch.randn(tokens, d_in, **bf16), torch.randn(tokens, d_out, **bf16)
+        dense_mb = d_out * d_in * 2 / 1e6
+        t_fold = ms(lambda: L.fold(w, *f, 0.5))
+        t_grads = ms(lambda: L.fold_grads(g, *f, 0.5, w=w))
+        t_gemm = ms(lambda: dy.t() @ x)
+        rows.append([f"{d_out}x{d_in}", f"{t_fold:.3f}", f"{2 * dense_mb / t_fold:.0f}", f"{t_grads:.3f}",
+                     f"{4 * dense_mb / t_grads:.0f}", f"{t_gemm:.3f}"])
+        print(rows[-1], flush=True)
+    return markdown_table(["W (d_out x d_in), bf16, r=32", "fold ms", "fold GB/s", "fold_grads+W' ms",
+                           "fold_grads GB/s (G twice, W, W')", f"GEMM dyᵀx ({tokens} tokens) ms"], rows)
+
+
 def launch_section() -> str:
-    """Host cost of one launch: a tiny Triton kernel, a tiny torch op, a tiny GEMM (median of 2000)."""
+    """Host cost of one launch (median of 2000): small Triton kernels through slimtune's launch shortcut and
+    through Triton's own path (``dispatch.FAST_LAUNCH`` off), a tiny torch op, a tiny GEMM; and whether the two
+    launch paths give bit-identical results."""
+    from slimtune.kernels import dispatch
     from slimtune.kernels import dora_triton as T
+    from slimtune.kernels import loha_triton as L
 
     x = torch.randn(64, 64, device="cuda")
     g = torch.randn(64, device="cuda")
-    cases = {"triton compose_forward 64x64": lambda: T.compose_forward(x, g, out=x),
+    w = torch.randn(256, 256, device="cuda", dtype=torch.bfloat16)
+    f = [torch.randn(s, device="cuda", dtype=torch.bfloat16) * 0.1 for s in ((256, 32), (32, 256), (256, 32), (32, 256))]
+    grad = torch.randn(256, 256, device="cuda", dtype=torch.bfloat16)
+    triton_cases = {"triton compose_forward 64x64": lambda: T.compose_forward(x, g, out=x),
+                    "triton loha fold 256x256 r32": lambda: L.fold(w, *f, 0.5),
+                    "triton loha fold_grads 256x256 r32": lambda: L.fold_grads(grad, *f, 0.5, w=w)}
+    cases = {**{f"{k} (shortcut)": v for k, v in triton_cases.items()},
+             **{f"{k} (triton's path)": v for k, v in triton_cases.items()},
              "torch.add 64x64": lambda: torch.add(x, x),
              "torch.mm 64x64": lambda: torch.mm(x, x),
              "torch.empty 64": lambda: torch.empty(64, device="cuda")}
     rows = []
     for name, fn in cases.items():
+        dispatch.FAST_LAUNCH = "triton's path" not in name
         for _ in range(50):
             fn()
         torch.cuda.synchronize()
@@ -304,6 +360,14 @@ def launch_section() -> str:
             times.append(time.perf_counter() - t0)
         torch.cuda.synchronize()
         rows.append([name, f"{1e6 * statistics.median(times):.1f}"])
+    same = []
+    for fast in (True, False):
+        dispatch.FAST_LAUNCH = fast
+        outs = [L.fold(w, *f, 0.5), *L.fold_grads(grad, *f, 0.5, w=w), T.compose_forward(x.clone(), g)]
+        same.append([t for o in outs for t in (o if isinstance(o, tuple) else (o,)) if isinstance(t, torch.Tensor)])
+    dispatch.FAST_LAUNCH = True
+    identical = len(same[0]) == len(same[1]) and all(torch.equal(a, b) for a, b in zip(*same))
+    rows.append(["shortcut and Triton's path bit-identical (fold, fold_grads, compose)", str(identical)])
     return markdown_table(["launch", "host us (median)"], rows)
 
 
@@ -327,6 +391,9 @@ def main(argv: list[str] | None = None) -> int:
             parts.append(check_section())
         except Exception as exc:  # a diagnostic: report and go on
             parts.append(f"check failed: {type(exc).__name__}: {str(exc)[-600:]}")
+        print(parts[-1], flush=True)
+    if "kernels" in args.sections:
+        parts.append(kernels_section())
         print(parts[-1], flush=True)
     if "launch" in args.sections:
         parts.append(launch_section())

@@ -147,7 +147,7 @@ def breakdown(device: torch.device, dtype: torch.dtype, reps: int = 200) -> str:
                          (S, ["base_backward", "rows_kr", "cols_kr", "rows_kr_grad", "cols_kr_grad", "lowrank_grad",
                               "_backward_inputs", "_save", "sum_bmm", "bmm_left"]),
                          (LH.LohaFoldOp, ["fold", "fold_backward"]), (LH.LohaLinearOp, ["add_delta", "delta_backward"]),
-                         (LK.LokrLinearOp, ["add_delta", "delta_backward"]), (LK.LokrFactors, ["build", "grads"]),
+                         (LK.LokrFactors, ["build", "grads"]),
                          (LH.StructuredAdapter, ["forward", "choose"])):
         for name in names:
             timed(owner, name, label(owner, name))

@@ -42,16 +42,18 @@ def build_configs(args: argparse.Namespace) -> list[ProfileOptions]:
     configs = []
     for seq in args.seqs:
         peft_here = args.peft_seqs is None or seq in args.peft_seqs
-        if args.method != "lora":  # slimtune LoRA at the same seq: the yardstick the other methods are held to
+        yardstick = args.methods != ["lora"]  # slimtune LoRA at the same seq, the other methods are held to it
+        if yardstick:
             configs.append(ProfileOptions(method="lora", backend="slimtune", seq=seq, **common))
-        configs += [ProfileOptions(method=args.method, backend=b, seq=seq, **common) for b in args.backends
-                    if b == "slimtune" or peft_here]
+        configs += [ProfileOptions(method=method, backend=b, seq=seq, **common) for method in args.methods
+                    for b in args.backends if (b == "slimtune" or peft_here)
+                    and not (yardstick and method == "lora" and b == "slimtune")]
         if args.full:
             configs.append(ProfileOptions(method="none", backend="slimtune", seq=seq, **common))
     if args.gc:
         seq = max(args.seqs)
-        configs += [ProfileOptions(method=args.method, backend=b, seq=seq, grad_checkpointing=True, **common)
-                    for b in args.backends]
+        configs += [ProfileOptions(method=method, backend=b, seq=seq, grad_checkpointing=True, **common)
+                    for method in args.methods for b in args.backends]
     return configs
 
 
@@ -121,8 +123,9 @@ def merge_rounds(results: Sequence[ProfileResult]) -> list[ProfileResult]:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny-llama on the CPU (smoke test)")
-    parser.add_argument("--method", default="lora", help="adapter method (default lora); others are also "
-                        "compared with slimtune LoRA at the same seq")
+    parser.add_argument("--method", dest="methods", nargs="+", default=["lora"],
+                        help="adapter method(s) (default lora); other methods are also compared with slimtune LoRA "
+                        "at the same seq, measured once for all of them")
     parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
     parser.add_argument("--peft-seqs", type=int, nargs="+", default=None,
                         help="run the PEFT backends only at these seqs (default: all)")
@@ -158,7 +161,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(environment_line(), flush=True)
     print(f"{len(configs)} configurations, one process each: {args.preset}, r={args.rank}, batch {args.batch}, "
           f"{args.steps} steps, {args.dtype}", flush=True)
-    tag = "" if args.method == "lora" and args.preset == "llama-3.2-3b" else f"_{args.method}_{args.preset}"
+    methods = "-".join(args.methods)
+    tag = "" if methods == "lora" and args.preset == "llama-3.2-3b" else f"_{methods}_{args.preset}"
     tag += "_released" if args.release_outputs else ""
     sink = JsonlSink(f"model_compare{tag}.jsonl")
     t0 = time.perf_counter()
@@ -168,8 +172,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"[{time.perf_counter() - t0:6.1f} s] {compact(result)}", flush=True)
 
     results = run_children(configs * args.rounds, on_done=done, timeout=args.timeout)
-    table = summary_table(merge_rounds(results), args.method)
-    header = (f"{args.preset}, {args.method} r={args.rank} alpha={args.rank}, batch {args.batch}, {args.dtype}, "
+    merged = merge_rounds(results)
+    table = "\n\n".join(summary_table([r for r in merged if r.method in (method, "lora")], method)
+                         for method in args.methods)
+    header = (f"{args.preset}, {methods} r={args.rank} alpha={args.rank}, batch {args.batch}, {args.dtype}, "
               f"{args.steps} steps ({step_rule(args.steps)}), {args.rounds} interleaved round(s) of processes "
               f"(step time: median over rounds, peak: max){'; logits released before backward' if args.release_outputs else ''}; cells: peak GB (GiB, 2^30) / s per step; "
               "ratios: slimtune ÷ PEFT (< 1: slimtune lower)")

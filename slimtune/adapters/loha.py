@@ -217,16 +217,19 @@ class LohaFoldOp(S.FoldOp):
     kernel each (:mod:`slimtune.kernels.loha_triton`: no dense ``W1`` / ``W2`` / ``g ⊙ W2``); the PyTorch code
     below is their reference and the path everywhere else."""
 
-    def __init__(self, conv: S.ConvSpec | None, tucker: bool) -> None:
-        self.conv, self.tucker = conv, tucker
+    def __init__(self, conv: S.ConvSpec | None, tucker: bool, rank: int) -> None:
+        self.conv, self.tucker, self.rank = conv, tucker, rank
+        self._kernel_ok: bool | None = None  # Tucker off and the rank within the kernels' limit; set on first use
 
-    def fused(self, w: torch.Tensor, rank: int) -> bool:
+    def fused(self, w: torch.Tensor) -> bool:
         """Whether :meth:`fold` / :meth:`fold_backward` take the Triton kernels for a weight like ``w``."""
-        if self.tucker or not use_triton(w):
+        if not use_triton(w):
             return False
-        from ..kernels import loha_triton  # importable: use_triton found triton
+        if self._kernel_ok is None:
+            from ..kernels import loha_triton  # importable: use_triton found triton
 
-        return rank <= loha_triton.MAX_RANK
+            self._kernel_ok = not self.tucker and self.rank <= loha_triton.MAX_RANK
+        return self._kernel_ok
 
     @staticmethod
     def _rows(w: torch.Tensor, inplace: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -235,7 +238,7 @@ class LohaFoldOp(S.FoldOp):
         return w2d, (w2d if inplace and w2d.is_contiguous() and w2d.data_ptr() == w.data_ptr() else None)
 
     def fold(self, w, params, scale, inplace):
-        if self.fused(w, params[0].shape[1]):
+        if self.fused(w):
             from ..kernels import loha_triton
 
             w2d, out = self._rows(w, inplace)
@@ -254,7 +257,7 @@ class LohaFoldOp(S.FoldOp):
     def fused_backward(self, w, params, scale, dy, x, need_x, need, inplace):
         """On the GPU: ``G = dyᵀx`` (the base's weight gradient), then one kernel for ``W'`` and the four factor
         gradients, then ``dx = dy W'``: three launches."""
-        if not self.fused(w, params[0].shape[1]):
+        if not self.fused(w):
             return None
         from ..kernels import loha_triton
 
@@ -398,8 +401,13 @@ class StructuredAdapter(AdapterModule):
         self.weight_shape = tuple(weight_shape(base))
         self.kernel: tuple[int, ...] = self.weight_shape[2:]
         self.out_features = self.weight_shape[0]
-        self.last_path: str | None = None  # the path the latest forward took (diagnostics, tests)
+        self._last_path: list[str | None] = [None]  # a list: set per forward without nn.Module.__setattr__
         self._choices: dict[tuple, str] = {}  # "auto" path per (input shape, dtype, backward)
+
+    @property
+    def last_path(self) -> str | None:
+        """The path the latest forward took (``"structured"`` / ``"folded"``; diagnostics and tests)."""
+        return self._last_path[0]
 
     def _adapter_kwargs(self, adapter_dtype: torch.dtype | None) -> dict[str, Any]:
         """Device and dtype of new adapter parameters (a 4-bit base: its compute dtype, never uint8)."""
@@ -422,9 +430,10 @@ class StructuredAdapter(AdapterModule):
         ``params``: :meth:`_params`."""
         raise NotImplementedError
 
-    def base_operand(self) -> S.WeightOperand:
-        """The base weight for the Functions: ``base.weight`` (dense), or a 4-bit layer's handle."""
-        base = self.base_layer
+    def base_operand(self, base: nn.Module | None = None) -> S.WeightOperand:
+        """The base weight for the Functions: ``base.weight`` (dense), or a 4-bit layer's handle (``base``: the
+        base layer, when the caller has it at hand)."""
+        base = self.base_layer if base is None else base
         return base.weight if type(base) in _DENSE_BASES else base_weight_operand(base)
 
     def choose(self, x: torch.Tensor, backward: bool) -> str:
@@ -455,8 +464,9 @@ class StructuredAdapter(AdapterModule):
         if x.dtype != dtype:
             x = x.to(dtype)
         params = self._params()
-        backward = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
-        path = self.last_path = self.choose(x, backward)
+        backward = torch.is_grad_enabled() and (x.requires_grad or params[0].requires_grad
+                                                or any(p.requires_grad for p in params))
+        path = self._last_path[0] = self.choose(x, backward)
         with context:
             return self.run(x, path, mask, params)
 
@@ -487,7 +497,7 @@ class LohaLayer(StructuredAdapter):
         self._names = tuple(shapes)
         init_loha_(self.peft_parameters(), init_weights)
         self.structured_ok = self.conv is None or self.conv.groups == 1
-        self._fold_op = LohaFoldOp(self.conv, self.tucker)
+        self._fold_op = LohaFoldOp(self.conv, self.tucker, r)
         self._op: S.StructuredOp | None = None
         if self.structured_ok:
             self._op = (LohaLinearOp() if self.conv is None else
@@ -517,10 +527,36 @@ class LohaLayer(StructuredAdapter):
             return S.loha_tucker_costs(tokens_in, tokens, c_in, d_out, math.prod(self.kernel), self.r,
                                        x.element_size(), backward)
         return S.loha_costs(tokens, c_in * math.prod(self.kernel), d_out, self.r, x.element_size(), backward,
-                            fused_fold=self._fold_op.fused(x, self.r))
+                            fused_fold=self._fold_op.fused(x))
+
+    def _fused_linear(self, x: torch.Tensor, base: nn.Module) -> bool:
+        """Whether the folded path can take :class:`~slimtune.kernels.loha_triton.FusedLohaLinear`: a dense, frozen
+        ``nn.Linear`` weight (and bias) in x's dtype, and the kernels take it."""
+        if self.conv is not None or type(base) is not nn.Linear:
+            return False
+        weight, bias = base.weight, base.bias
+        return (weight.dtype == x.dtype and not weight.requires_grad and (bias is None or bias.dtype == x.dtype)
+                and self._fold_op.fused(x))
 
     def run(self, x: torch.Tensor, path: str, mask: torch.Tensor | None, params: tuple[nn.Parameter, ...]
             ) -> torch.Tensor:
         scale: Scale = self.scaling if mask is None else mask  # the mask already includes s
-        apply, op = (S.folded_apply, self._fold_op) if path == "folded" else (S.structured_apply, self._op)
-        return apply(x, self.base_operand(), self.base_layer.bias, op, scale, *params)
+        base = self.base_layer
+        if path == "folded":
+            if self._fused_linear(x, base):
+                return _fused_loha_linear().apply(x, base.weight, base.bias, scale, *params)
+            return S.folded_apply(x, self.base_operand(base), base.bias, self._fold_op, scale, *params)
+        return S.structured_apply(x, self.base_operand(base), base.bias, self._op, scale, *params)
+
+
+_FUSED_LINEAR: type[torch.autograd.Function] | None = None
+
+
+def _fused_loha_linear() -> type[torch.autograd.Function]:
+    """:class:`~slimtune.kernels.loha_triton.FusedLohaLinear`, imported once (the module needs triton)."""
+    global _FUSED_LINEAR
+    if _FUSED_LINEAR is None:
+        from ..kernels.loha_triton import FusedLohaLinear
+
+        _FUSED_LINEAR = FusedLohaLinear
+    return _FUSED_LINEAR

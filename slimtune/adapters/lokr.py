@@ -13,7 +13,7 @@ kernel lives in ``w2``). Each is a full matrix or a rank-r product (:func:`lokr_
 **Structured path**: with x reshaped ``[N, a_in, b_in]``, ``x (w1 ⊗ w2)ᵀ = w1 · X · w2ᵀ`` per token — two small
 contractions, ``2·N·(a_in·b_in·b_out + a_in·a_out·b_out)`` FLOPs (or the other order when cheaper), no
 ``[d_out, d_in]`` tensor. A convolution convolves x viewed ``[B·a_in, b_in, ...]`` with ``w2`` and contracts
-``a_in`` with ``w1`` (:class:`LokrLinearOp`, :class:`LokrConvOp`). **Folded path**: ``W + ΔW`` formed
+``a_in`` with ``w1`` (:class:`~slimtune.kernels.lokr.KronLinearFunction`, :class:`LokrConvOp`). **Folded path**: ``W + ΔW`` formed
 transiently, rebuilt in backward (:class:`LokrFoldOp`). Every backward has explicit formulas (no autograd inside):
 the contractions' transposes, then the Kronecker / low-rank / Tucker products' gradients (:class:`LokrFactors`).
 
@@ -33,6 +33,7 @@ from torch import nn
 from ..config import AdapterConfig
 from ..errors import ConfigError
 from ..kernels import structured as S
+from ..kernels.lokr import KronGeometry, KronLinearFunction
 from .base import AdapterModule
 from .loha import StructuredAdapter, check_common, check_target, tucker_weight
 
@@ -116,119 +117,57 @@ def lokr_factors(names: tuple[str, ...], params: tuple[torch.Tensor, ...], dtype
 
 class LokrFactors:
     """``w1`` (times ``s``) and ``w2`` from a layer's parameters, in PEFT's forms (w2 2-D when low-rank, the
-    full / Tucker w2 with its kernel), and the parameters' gradients from ``dw1``, ``dw2`` — explicit formulas."""
+    full / Tucker w2 with its kernel), and the parameters' gradients from ``dw1``, ``dw2`` — explicit formulas.
+
+    ``names`` come in the layer's order: w1's parameters (``lokr_w1``, or ``lokr_w1_a``, ``lokr_w1_b``), then w2's
+    (``lokr_w2``; ``lokr_t2``, ``lokr_w2_a``, ``lokr_w2_b``; or ``lokr_w2_a``, ``lokr_w2_b``). The layout is read
+    once here, so the per-call methods index the parameter list directly."""
 
     def __init__(self, names: tuple[str, ...]) -> None:
         self.names = names
-        self.w1_names = tuple(n for n in names if n.startswith("lokr_w1"))
-        self.w2_names = tuple(n for n in names if not n.startswith("lokr_w1"))
+        self.n_w1 = 2 if "lokr_w1_a" in names else 1  # params[:n_w1] make w1, the rest w2
+        self.w2_form = "full" if "lokr_w2" in names else "tucker" if "lokr_t2" in names else "lowrank"
+        self.w1_names, self.w2_names = names[:self.n_w1], names[self.n_w1:]
 
     def build(self, params: S.Params, s: float) -> tuple[torch.Tensor, torch.Tensor]:
-        p = dict(zip(self.names, params))
-        w1 = p["lokr_w1"] if "lokr_w1" in p else p["lokr_w1_a"] @ p["lokr_w1_b"]
-        if "lokr_w2" in p:
-            w2 = p["lokr_w2"]
-        elif "lokr_t2" in p:
-            w2 = tucker_weight(p["lokr_t2"], p["lokr_w2_a"], p["lokr_w2_b"])
+        w1 = params[0] if self.n_w1 == 1 else params[0] @ params[1]
+        p2 = params[self.n_w1:]
+        if self.w2_form == "full":
+            w2 = p2[0]
+        elif self.w2_form == "tucker":
+            w2 = tucker_weight(*p2)
         else:
-            w2 = p["lokr_w2_a"] @ p["lokr_w2_b"]
+            w2 = p2[0] @ p2[1]
         return (w1 if s == 1.0 else w1 * s), w2
 
     def needs(self, need: Sequence[bool]) -> tuple[bool, bool]:
         """Whether any w1 parameter, any w2 parameter needs a gradient."""
-        by_name = dict(zip(self.names, need))
-        return any(by_name[n] for n in self.w1_names), any(by_name[n] for n in self.w2_names)
+        return any(need[:self.n_w1]), any(need[self.n_w1:])
 
     def grads(self, dw1_s: S.Grad, dw2: S.Grad, params: S.Params, s: float, need: Sequence[bool]) -> list[S.Grad]:
         """The parameters' gradients (in ``names`` order) from those of ``w1 · s`` and ``w2``."""
-        p, n = dict(zip(self.names, params)), dict(zip(self.names, need))
-        out: dict[str, S.Grad] = {}
+        n1 = self.n_w1
+        out: list[S.Grad] = [None] * len(params)
         if dw1_s is not None:
             dw1 = dw1_s if s == 1.0 else dw1_s * s
-            if "lokr_w1" in p:
-                out["lokr_w1"] = dw1
+            if n1 == 1:
+                out[0] = dw1
             else:
-                out["lokr_w1_a"], out["lokr_w1_b"] = S.lowrank_grad(dw1, p["lokr_w1_a"], p["lokr_w1_b"],
-                                                                    n["lokr_w1_a"], n["lokr_w1_b"])
+                out[0], out[1] = S.lowrank_grad(dw1, params[0], params[1], need[0], need[1])
         if dw2 is not None:
-            if "lokr_w2" in p:
-                out["lokr_w2"] = dw2.reshape(p["lokr_w2"].shape)
-            elif "lokr_t2" in p:
-                out["lokr_t2"], out["lokr_w2_a"], out["lokr_w2_b"] = S.tucker_grad(
-                    dw2, p["lokr_t2"], p["lokr_w2_a"], p["lokr_w2_b"], [n[k] for k in self.w2_names])
+            p2, n2 = params[n1:], need[n1:]
+            if self.w2_form == "full":
+                grads2 = (dw2.reshape(p2[0].shape),)
+            elif self.w2_form == "tucker":
+                grads2 = S.tucker_grad(dw2, *p2, n2)
             else:
-                a, b = p["lokr_w2_a"], p["lokr_w2_b"]
-                out["lokr_w2_a"], out["lokr_w2_b"] = S.lowrank_grad(dw2.reshape(a.shape[0], -1), a, b,
-                                                                    n["lokr_w2_a"], n["lokr_w2_b"])
-        return [out.get(name) if n[name] else None for name in self.names]
+                a, b = p2
+                grads2 = S.lowrank_grad(dw2.reshape(a.shape[0], -1), a, b, n2[0], n2[1])
+            out[n1:] = grads2
+        return [g if wanted else None for g, wanted in zip(out, need)]
 
 
 LokrScale = tuple[float, "torch.Tensor | None"]  # (s, rank-dropout mask over the output rows [d_out] or None)
-
-
-class LokrLinearOp(S.StructuredOp):
-    """``x (s·w1 ⊗ w2)ᵀ`` on x ``[N, a_in, b_in]``: per token ``w1 X w2ᵀ``, contracting w2 or w1 first
-    (:func:`~slimtune.kernels.structured.kron_order`), the second contraction accumulating into y. Backward:
-    ``dx`` (two contractions, the second accumulating into dx), ``dw2`` / ``dw1`` from one GEMM and one
-    batched GEMM + sum over tokens (:func:`~slimtune.kernels.structured.sum_bmm`)."""
-
-    def __init__(self, factors: LokrFactors, w1_shape: tuple[int, int], w2_shape: tuple[int, int]) -> None:
-        self.factors = factors
-        (self.a_out, self.a_in), (self.b_out, self.b_in) = w1_shape, w2_shape
-        self.order = S.kron_order(self.a_out, self.a_in, self.b_out, self.b_in)[0]
-
-    def add_delta(self, y, x, params, scale: LokrScale):
-        s, mask = scale
-        w1, w2 = self.factors.build(params, s)
-        a_out, a_in, b_out, b_in = self.a_out, self.a_in, self.b_out, self.b_in
-        n = x.numel() // x.shape[-1]
-        y2 = y.view(n, a_out * b_out)
-        if self.order == "w2":
-            t = (x.reshape(-1, b_in) @ w2.t()).view(n, a_in, b_out)
-            if mask is None:
-                y2.view(n, a_out, b_out).baddbmm_(w1.expand(n, a_out, a_in), t)
-                return y
-            delta = S.bmm_left(w1, t)
-        else:
-            t = S.bmm_left(w1, x.reshape(n, a_in, b_in))  # [N, a_out, b_in]
-            if mask is None:
-                y2.view(-1, b_out).addmm_(t.view(-1, b_in), w2.t())
-                return y
-            delta = t.view(-1, b_in) @ w2.t()
-        y2.addcmul_(delta.view(n, -1), mask)
-        return y
-
-    def delta_backward(self, dy, x, params, scale: LokrScale, grad_x, need):
-        s, mask = scale
-        w1, w2 = self.factors.build(params, s)
-        a_out, a_in, b_out, b_in = self.a_out, self.a_in, self.b_out, self.b_in
-        n = x.numel() // x.shape[-1]
-        dy3 = dy.reshape(n, a_out, b_out) if mask is None else (dy.reshape(n, -1) * mask).view(n, a_out, b_out)
-        x3 = x.reshape(n, a_in, b_in)
-        need_1, need_2 = self.factors.needs(need)
-        need_dx = grad_x is not None
-        dw1 = dw2 = None
-        if self.order == "w2":
-            if need_dx or need_2:
-                u = S.bmm_left(w1.t(), dy3).view(-1, b_out)  # [N·a_in, b_out]
-                if need_dx:
-                    grad_x.view(-1, b_in).addmm_(u, w2)
-                if need_2:
-                    dw2 = u.t() @ x3.view(-1, b_in)
-                del u
-            if need_1:
-                dw1 = S.sum_bmm(dy3, (x3.view(-1, b_in) @ w2.t()).view(n, a_in, b_out))
-        else:
-            if need_dx or need_1:
-                v = (dy3.view(-1, b_out) @ w2).view(n, a_out, b_in)
-                if need_dx:
-                    grad_x.view(n, a_in, b_in).baddbmm_(w1.t().expand(n, a_in, a_out), v)
-                if need_1:
-                    dw1 = S.sum_bmm(v, x3)
-                del v
-            if need_2:
-                dw2 = dy3.view(-1, b_out).t() @ S.bmm_left(w1, x3).view(-1, b_in)
-        return self.factors.grads(dw1, dw2, params, s, need)
 
 
 class LokrConvOp(S.StructuredOp):
@@ -392,12 +331,12 @@ class LokrLayer(StructuredAdapter):
         # PEFT's Conv1d with a full 3-D lokr_w2 lays the channels out as w2 ⊗ w1 (see the module docstring).
         odd_layout = len(kernel) == 1 and full_w2
         self.structured_ok = self.conv is None or (self.conv.groups == 1 and not odd_layout)
-        factors = LokrFactors(self._names)
-        self._fold_op = LokrFoldOp(factors, self.conv)
-        self._op: S.StructuredOp | None = None
-        if self.structured_ok:
-            self._op = (LokrLinearOp(factors, self.w1_shape, self.w2_shape) if self.conv is None else
-                        LokrConvOp(factors, self.conv, kernel, self.w1_shape, self.w2_shape))
+        self._factors = LokrFactors(self._names)
+        self._fold_op = LokrFoldOp(self._factors, self.conv)
+        self._geometry: KronGeometry = (a_out, a_in, b_out, b_in, S.kron_order(a_out, a_in, b_out, b_in)[0])
+        self._op: S.StructuredOp | None = None  # a convolution's structured op (a Linear's: KronLinearFunction)
+        if self.structured_ok and self.conv is not None:
+            self._op = LokrConvOp(self._factors, self.conv, kernel, self.w1_shape, self.w2_shape)
 
     def peft_parameters(self) -> dict[str, nn.Parameter]:
         return {name: getattr(self, name) for name in self._names}
@@ -422,5 +361,10 @@ class LokrLayer(StructuredAdapter):
 
     def run(self, x: torch.Tensor, path: str, mask: torch.Tensor | None, params: tuple[nn.Parameter, ...]
             ) -> torch.Tensor:
-        apply, op = (S.folded_apply, self._fold_op) if path == "folded" else (S.structured_apply, self._op)
-        return apply(x, self.base_operand(), self.base_layer.bias, op, (self.scaling, mask), *params)
+        base = self.base_layer
+        weight, bias = self.base_operand(base), base.bias
+        if path == "folded":
+            return S.folded_apply(x, weight, bias, self._fold_op, (self.scaling, mask), *params)
+        if self.conv is None:
+            return KronLinearFunction.apply(x, weight, bias, self._geometry, self._factors, self.scaling, mask, *params)
+        return S.structured_apply(x, weight, bias, self._op, (self.scaling, mask), *params)

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .dispatch import launch
+from .dispatch import cdiv, launch, next_power_of_2
 
 #: block_d: columns per program; tile: elements per loaded tile (block_n = tile // block_d);
 #: programs_per_sm: grid size target (row chunks are added until there are about this many programs per SM);
@@ -182,13 +182,13 @@ def _grid(t: torch.Tensor, n_rows: int, n_cols: int) -> tuple[int, int, int, int
     key = (n_rows, n_cols, t.device, CONFIG["block_d"], CONFIG["tile"], CONFIG["programs_per_sm"])
     grid = _GRIDS.get(key)
     if grid is None:
-        block_d = min(CONFIG["block_d"], triton.next_power_of_2(max(n_cols, 1)))
+        block_d = min(CONFIG["block_d"], next_power_of_2(max(n_cols, 1)))
         block_n = max(1, CONFIG["tile"] // block_d)
-        n_col_blocks = triton.cdiv(n_cols, block_d)
+        n_col_blocks = cdiv(n_cols, block_d)
         target = CONFIG["programs_per_sm"] * _sm_count(t)
-        n_chunks = max(1, min(triton.cdiv(target, n_col_blocks), triton.cdiv(n_rows, block_n)))
-        rows_per_chunk = triton.cdiv(triton.cdiv(max(n_rows, 1), n_chunks), block_n) * block_n
-        grid = _GRIDS[key] = (block_n, block_d, rows_per_chunk, triton.cdiv(max(n_rows, 1), rows_per_chunk))
+        n_chunks = max(1, min(cdiv(target, n_col_blocks), cdiv(n_rows, block_n)))
+        rows_per_chunk = cdiv(cdiv(max(n_rows, 1), n_chunks), block_n) * block_n
+        grid = _GRIDS[key] = (block_n, block_d, rows_per_chunk, cdiv(max(n_rows, 1), rows_per_chunk))
     return grid
 
 
@@ -214,7 +214,7 @@ def compose_forward(base: torch.Tensor, gm1: torch.Tensor, lora: torch.Tensor | 
     n_rows = base2.shape[0]
     block_n, block_d, rows_per_chunk, n_chunks = _grid(base, n_rows, n_cols)
     partial = torch.empty(n_chunks, n_cols, device=base.device, dtype=torch.float32) if stats else gm1
-    launch(_compose_fwd_kernel, base, (triton.cdiv(n_cols, block_d), n_chunks),
+    launch(_compose_fwd_kernel, base, (cdiv(n_cols, block_d), n_chunks),
             base2, lora2, gm1, g, bias_arg, out2, partial, n_rows, n_cols, rows_per_chunk,
             base2.stride(0), lora2.stride(0), out2.stride(0), float(scaling), HAS_LORA=lora is not None,
             HAS_G=g is not gm1, HAS_BIAS=bias is not None, HAS_STATS=stats, BLOCK_N=block_n, BLOCK_D=block_d,
@@ -243,7 +243,7 @@ def compose_backward(dy: torch.Tensor, base: torch.Tensor, g: torch.Tensor, lora
     block_n, block_d, rows_per_chunk, n_chunks = _grid(base, n_rows, n_cols)
     partial = torch.empty(2 * n_chunks if dy_sum else n_chunks, n_cols, device=base.device, dtype=torch.float32)
     dysum = partial[n_chunks:] if dy_sum else partial
-    launch(_compose_bwd_kernel, base, (triton.cdiv(n_cols, block_d), n_chunks),
+    launch(_compose_bwd_kernel, base, (cdiv(n_cols, block_d), n_chunks),
             dy2, base2, lora2, shift_arg, g, scale_arg, dbase2, partial, dysum, n_rows, n_cols, rows_per_chunk,
             dy2.stride(0), dy2.stride(1), base2.stride(0), lora2.stride(0), dbase2.stride(0), float(scaling),
             HAS_LORA=lora is not None, HAS_SHIFT=shift is not None, HAS_SCALE=scale is not None, DY_SUM=dy_sum,
@@ -266,9 +266,9 @@ def dora_vectors(wa: torch.Tensor, gram: torch.Tensor, lora_b: torch.Tensor, wei
     m = m if m.is_contiguous() else m.contiguous()
     wsq = weight_sq if weight_sq.is_contiguous() else weight_sq.contiguous()
     out = torch.empty(4, n_rows, device=wa.device, dtype=torch.float32)
-    block_k = max(16, min(64, triton.next_power_of_2(max(rank, 1))))
+    block_k = max(16, min(64, next_power_of_2(max(rank, 1))))
     block_r = 64
-    launch(_vectors_kernel, wa, (triton.cdiv(n_rows, block_r),), wa, gram, b, wsq, m, out, n_rows, rank,
+    launch(_vectors_kernel, wa, (cdiv(n_rows, block_r),), wa, gram, b, wsq, m, out, n_rows, rank,
             wa.stride(0), b.stride(0), float(scaling), float(scaling) / 2, float(eps),
             PRECISION="tf32x3" if wa.is_cuda else "ieee", BLOCK_R=block_r, BLOCK_K=block_k, num_warps=4)
     return out

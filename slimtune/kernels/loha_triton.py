@@ -22,10 +22,11 @@ the kernels, so ``TRITON_INTERPRET=1`` (CPU tests) must be set before that.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .dispatch import launch
+from .dispatch import cdiv, launch, next_power_of_2
 
 #: largest LoHa rank the kernels take (the factor blocks live in registers); larger ranks use PyTorch
 MAX_RANK = 128
@@ -138,7 +139,7 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 
 def _block_r(rank: int) -> int:
-    return max(16, triton.next_power_of_2(rank))
+    return max(16, next_power_of_2(rank))
 
 
 def _scale_args(scale: float | torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, float, bool]:
@@ -160,7 +161,7 @@ def fold(w: torch.Tensor, w1a: torch.Tensor, w1b: torch.Tensor, w2a: torch.Tenso
         raise ValueError("fold: out needs unit column stride")
     out = torch.empty(M, K, device=w.device, dtype=w1a.dtype) if out is None else out
     scale_t, scale_f, row_scale = _scale_args(scale, w1a)
-    grid = (triton.cdiv(M, BLOCK), triton.cdiv(K, BLOCK))
+    grid = (cdiv(M, BLOCK), cdiv(K, BLOCK))
     launch(_fold_kernel, w, grid, w, out, w1a, w1b, w2a, w2b, scale_t, scale_f, M, K, rank, w.stride(0),
             out.stride(0), HAS_ROW_SCALE=row_scale, PRECISION=_precision(w1a), BM=BLOCK, BN=BLOCK,
             BR=_block_r(rank), num_warps=4)
@@ -185,10 +186,49 @@ def fold_grads(g: torch.Tensor, w1a: torch.Tensor, w1b: torch.Tensor, w2a: torch
     if w is not None and out is None:
         out = torch.empty(M, K, device=g.device, dtype=w1a.dtype)
     scale_t, scale_f, row_scale = _scale_args(scale, w1a)
-    n_row_blocks = triton.cdiv(M, BLOCK)
-    grid = (n_row_blocks + triton.cdiv(K, BLOCK),)
+    n_row_blocks = cdiv(M, BLOCK)
+    grid = (n_row_blocks + cdiv(K, BLOCK),)
     w_arg, out_arg = (w, out) if w is not None else (g, g)
     launch(_grads_kernel, g, grid, g, w1a, w1b, w2a, w2b, scale_t, scale_f, d1a, d1b, d2a, d2b, w_arg, out_arg,
            M, K, rank, g.stride(0), w_arg.stride(0), out_arg.stride(0), n_row_blocks, HAS_ROW_SCALE=row_scale,
            FOLD=w is not None, PRECISION=_precision(w1a), BM=BLOCK, BN=BLOCK, BR=_block_r(rank), num_warps=4)
     return d1a, d1b, d2a, d2b, (out if w is not None else None)
+
+
+class FusedLohaLinear(torch.autograd.Function):
+    """LoHa's folded path on a dense Linear, as one autograd Function over the two kernels — the GPU hot path.
+
+    ``y = x (W + ΔW)ᵀ + b``: forward :func:`fold` then one GEMM; backward ``G = dyᵀx``, :func:`fold_grads` (the
+    four factor gradients and ``W'`` in one launch), ``dx = dy W'``. Saves x, W and the factors only (what
+    :class:`~slimtune.kernels.structured.FoldedFunction` saves); ``W'`` lives only inside forward and backward.
+    The generic path (``FoldedFunction`` with ``LohaFoldOp``) computes the same; this one skips its layers of
+    Python, which a host-bound step pays per layer. W (``[d_out, d_in]``, x's dtype, frozen) and b must already be
+    in x's dtype; fp32 factors are cast for the kernels and their gradients returned in fp32. ``scale``: the
+    number ``s`` or ``s · mask`` ``[d_out]``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, scale, w1a, w1b, w2a, w2b):
+        dtype = x.dtype
+        factors = [f if f.dtype == dtype else f.to(dtype) for f in (w1a, w1b, w2a, w2b)]
+        y = F.linear(x, fold(weight, *factors, scale), bias)
+        ctx.save_for_backward(x, weight, w1a, w1b, w2a, w2b)
+        ctx.scale, ctx.has_bias = scale, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, *params = ctx.saved_tensors
+        dtype = x.dtype
+        need_x = ctx.needs_input_grad[0]
+        factors = [p if p.dtype == dtype else p.to(dtype) for p in params]
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        if dy2.dtype != dtype:
+            dy2 = dy2.to(dtype)
+        x2 = x.reshape(-1, x.shape[-1])
+        *grads, w_eff = fold_grads(dy2.t() @ x2, *factors, ctx.scale, w=weight if need_x else None)
+        grad_x = (dy2 @ w_eff).view(x.shape) if need_x else None
+        grad_b = dy2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        grads = [g if p.dtype == dtype and wanted else (g.to(p.dtype) if wanted else None)
+                 for g, p, wanted in zip(grads, params, ctx.needs_input_grad[4:])]
+        return grad_x, None, grad_b, None, *grads

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels.dispatch import cdiv, launch
 from .nf4 import NF4Tensors, nf4_code
 
 try:
@@ -61,8 +62,6 @@ def dequantize_nf4_triton(t: NF4Tensors, dtype: torch.dtype, code: torch.Tensor 
         nested, nested_code, offset = t.nested_absmax, t.nested_code, t.offset.reshape(1).float()
     else:
         nested = nested_code = offset = t.absmax  # unused
-    grid = (triton.cdiv(numel, BLOCK),)
-    _dequant_nf4_kernel[grid](t.packed, t.absmax, nested, nested_code, offset, code, out, numel,
-                              BLOCKSIZE=t.blocksize, DQ_BLOCKSIZE=t.dq_blocksize,
-                              DOUBLE_QUANT=t.double_quant, BLOCK=BLOCK)
+    launch(_dequant_nf4_kernel, out, (cdiv(numel, BLOCK),), t.packed, t.absmax, nested, nested_code, offset, code,
+           out, numel, BLOCKSIZE=t.blocksize, DQ_BLOCKSIZE=t.dq_blocksize, DOUBLE_QUANT=t.double_quant, BLOCK=BLOCK)
     return out

@@ -58,7 +58,7 @@ for dtype in (torch.float32, torch.float16):
             torch.manual_seed(1)
             layer = LohaLayer(make().to(dtype), r, alpha=2 * r, init_weights=False, path="folded",
                               rank_dropout=dropout)
-            assert layer._fold_op.fused(layer.base_layer.weight, r)
+            assert layer._fold_op.fused(layer.base_layer.weight)
             x = torch.randn(shape).to(dtype).requires_grad_()
             torch.manual_seed(5)  # the rank-dropout draw, replayed below
             y = layer(x)

@@ -9,6 +9,7 @@ from torch import nn
 from slimtune.adapters import loha as LH
 from slimtune.adapters import lokr as LK
 from slimtune.kernels import structured as S
+from slimtune.kernels.lokr import KronLinearFunction
 from tests.helpers import perturb_adapters, rel_err
 
 TOL = 1e-10
@@ -135,8 +136,12 @@ def check_op(layer: nn.Module, x_shape: tuple[int, ...], path: str, scale: float
         op_scale = scale if mask is None else mask * scale
     else:
         op_scale = (scale, mask)
-    apply, op = (S.folded_apply, layer._fold_op) if path == "folded" else (S.structured_apply, layer._op)
-    y = apply(xs, ws, bs, op, op_scale, *ours)
+    if path == "folded":
+        y = S.folded_apply(xs, ws, bs, layer._fold_op, op_scale, *ours)
+    elif isinstance(layer, LK.LokrLayer) and layer.conv is None:  # a LoKr Linear's structured path: one Function
+        y = KronLinearFunction.apply(xs, ws, bs, layer._geometry, layer._factors, *op_scale, *ours)
+    else:
+        y = S.structured_apply(xs, ws, bs, layer._op, op_scale, *ours)
     ref = base_op(layer, xr, wr + dense_delta(layer, theirs, scale, mask), br)
     assert rel_err(y, ref) < TOL
     dy = randn(*y.shape)
@@ -192,7 +197,7 @@ CASES = [(f"loha-{k}", *v) for k, v in LOHA.items()] + [(f"lokr-{k}", *v) for k,
 
 
 def test_lokr_cases_cover_both_contraction_orders():
-    orders = {LOKR[k][0]()._op.order for k in ("linear-auto", "linear-factor3-w1first")}
+    orders = {LOKR[k][0]()._geometry[4] for k in ("linear-auto", "linear-factor3-w1first")}
     assert orders == {"w1", "w2"}
 
 
