@@ -285,6 +285,29 @@ def check_section() -> str:
         errs = [rel(y, ref), rel(x.grad, x64.grad)] + [rel(p.grad, q.grad) for p, q in
                                                        zip(layer.peft_parameters().values(), params.values())]
         rows.append([f"{name} 3072² 2048 tok bf16 (y, dx, params)", " ".join(f"{e:.1e}" for e in errs)])
+    from slimtune.adapters.lokr import LokrLayer, lokr_delta_weight, lokr_factors
+
+    for d_out, d_in in ((3072, 3072), (8192, 3072)):
+        torch.manual_seed(0)
+        base = nn.Linear(d_in, d_out, bias=False).cuda().bfloat16()
+        layer = LokrLayer(base, 32, 32.0, init_weights=False)
+        with torch.no_grad():
+            for p in layer.peft_parameters().values():
+                p.mul_(0.3)
+        x = torch.randn(4, 512, d_in, device="cuda").bfloat16().requires_grad_()
+        y = layer(x)
+        dy = torch.randn_like(y)
+        y.backward(dy)
+        params = {k: p.detach().double().requires_grad_() for k, p in layer.peft_parameters().items()}
+        x64 = x.detach().double().requires_grad_()
+        w1, w2 = lokr_factors(tuple(params), tuple(params.values()), torch.float64)
+        ref = torch.nn.functional.linear(x64, base.weight.double() + lokr_delta_weight(w1, w2, layer.scaling,
+                                                                                        base.weight.shape))
+        ref.backward(dy.double())
+        errs = [rel(y, ref), rel(x.grad, x64.grad)] + [rel(p.grad, q.grad) for p, q in
+                                                       zip(layer.peft_parameters().values(), params.values())]
+        rows.append([f"lokr {layer.last_path} layer {d_out}x{d_in} 2048 tok bf16 (y, dx, params)",
+                     " ".join(f"{e:.1e}" for e in errs)])
     return markdown_table(["check vs float64", "rel err"], rows)
 
 
@@ -360,14 +383,33 @@ def launch_section() -> str:
             times.append(time.perf_counter() - t0)
         torch.cuda.synchronize()
         rows.append([name, f"{1e6 * statistics.median(times):.1f}"])
-    same = []
-    for fast in (True, False):
-        dispatch.FAST_LAUNCH = fast
-        outs = [L.fold(w, *f, 0.5), *L.fold_grads(grad, *f, 0.5, w=w), T.compose_forward(x.clone(), g)]
-        same.append([t for o in outs for t in (o if isinstance(o, tuple) else (o,)) if isinstance(t, torch.Tensor)])
+    ops = {"fold": lambda: (L.fold(w, *f, 0.5),),
+           "fold_grads": lambda: L.fold_grads(grad, *f, 0.5, w=w),
+           "compose_forward": lambda: T.compose_forward(x.clone(), g)}
+    for name, op in ops.items():
+        outs = {}
+        for mode in ("triton", "triton again", "shortcut", "shortcut again"):
+            dispatch.FAST_LAUNCH = mode.startswith("shortcut")
+            outs[mode] = [t.clone() for t in op() if isinstance(t, torch.Tensor)]
+            outs[mode + " on"] = dispatch.FAST_LAUNCH
+        diffs = [max(float((a.float() - b.float()).abs().max()) for a, b in zip(outs["triton"], outs[m]))
+                 for m in ("triton again", "shortcut", "shortcut again")]
+        rows.append([f"{name}: max |diff| vs Triton's path (Triton again / shortcut / shortcut again)",
+                     " / ".join(f"{d:.3g}" for d in diffs) + f"; shortcut still on: {outs['shortcut again on']}"])
+    cached = {getattr(k.kernel, "__name__", "?"): len(k.compiled) for k in dispatch._LAUNCHERS.values()}
+    rows.append(["compiled variants cached per kernel", str(cached)])
     dispatch.FAST_LAUNCH = True
-    identical = len(same[0]) == len(same[1]) and all(torch.equal(a, b) for a, b in zip(*same))
-    rows.append(["shortcut and Triton's path bit-identical (fold, fold_grads, compose)", str(identical)])
+    import inspect
+
+    import triton
+    from triton.compiler import compiler as C
+    from triton.runtime import jit as J
+
+    run_src = inspect.getsource(J.JITFunction.run)
+    launch_lines = [ln.strip() for ln in run_src.splitlines() if "kernel.run(" in ln or "bound_args" in ln
+                    or "non_constexpr" in ln][:6]
+    print(f"triton {triton.__version__}; JITFunction.run launch lines:", *launch_lines, sep="\n  ")
+    print(inspect.getsource(C.CompiledKernel.__getitem__))
     return markdown_table(["launch", "host us (median)"], rows)
 
 
