@@ -360,7 +360,8 @@ def launch_section() -> str:
     x = torch.randn(64, 64, device="cuda")
     g = torch.randn(64, device="cuda")
     w = torch.randn(256, 256, device="cuda", dtype=torch.bfloat16)
-    f = [torch.randn(s, device="cuda", dtype=torch.bfloat16) * 0.1 for s in ((256, 32), (32, 256), (256, 32), (32, 256))]
+    f = [torch.randn(s, device="cuda", dtype=torch.bfloat16) * 0.1
+         for s in ((256, 32), (32, 256), (256, 32), (32, 256))]
     grad = torch.randn(256, 256, device="cuda", dtype=torch.bfloat16)
     triton_cases = {"triton compose_forward 64x64": lambda: T.compose_forward(x, g, out=x),
                     "triton loha fold 256x256 r32": lambda: L.fold(w, *f, 0.5),

@@ -17,8 +17,9 @@ backward rather than saving them, and maps ``dD``/``dU`` to the factors with exp
 ``C[(i,i'), (j,j'), ·] = t1[i, j, ·] t2[i', j', ·]`` between a 1x1 down and a 1x1 up. **Folded path**: ``W + ΔW``
 formed transiently, one GEMM/convolution, rebuilt in backward — on the GPU by fused Triton kernels
 (:mod:`slimtune.kernels.loha_triton`: one pass forward; in backward one kernel writes ``W + ΔW`` and the four
-factor gradients from ``dyᵀx``), elsewhere with PyTorch ops (``addcmul``; also the kernels' reference). No
-backward runs autograd.
+factor gradients from ``dyᵀx``; on a dense frozen Linear the whole layer is one Function over them,
+:class:`~slimtune.kernels.loha_triton.FusedLohaLinear`), elsewhere with PyTorch ops (``addcmul``; also the kernels'
+reference). No backward runs autograd.
 The structured path costs like LoRA at rank ``r²``; :func:`~slimtune.kernels.structured.choose_path` takes the
 folded one where that is cheaper (large ``r²`` against the layer's width, few tokens).
 """

@@ -12,10 +12,11 @@ kernel lives in ``w2``). Each is a full matrix or a rank-r product (:func:`lokr_
 
 **Structured path**: with x reshaped ``[N, a_in, b_in]``, ``x (w1 ⊗ w2)ᵀ = w1 · X · w2ᵀ`` per token — two small
 contractions, ``2·N·(a_in·b_in·b_out + a_in·a_out·b_out)`` FLOPs (or the other order when cheaper), no
-``[d_out, d_in]`` tensor. A convolution convolves x viewed ``[B·a_in, b_in, ...]`` with ``w2`` and contracts
-``a_in`` with ``w1`` (:class:`~slimtune.kernels.lokr.KronLinearFunction`, :class:`LokrConvOp`). **Folded path**: ``W + ΔW`` formed
-transiently, rebuilt in backward (:class:`LokrFoldOp`). Every backward has explicit formulas (no autograd inside):
-the contractions' transposes, then the Kronecker / low-rank / Tucker products' gradients (:class:`LokrFactors`).
+``[d_out, d_in]`` tensor (on a Linear: :class:`~slimtune.kernels.lokr.KronLinearFunction`). A convolution convolves
+x viewed ``[B·a_in, b_in, ...]`` with ``w2`` and contracts ``a_in`` with ``w1`` (:class:`LokrConvOp`). **Folded path**:
+``W + ΔW`` formed transiently, rebuilt in backward (:class:`LokrFoldOp`). Every backward has explicit formulas (no
+autograd inside): the contractions' transposes, then the Kronecker / low-rank / Tucker products' gradients
+(:class:`LokrFactors`).
 
 PEFT quirk kept for compatibility: on a Conv1d with a full ``lokr_w2`` (3-D), PEFT's ``torch.kron`` of a 2-D
 ``w1`` with a 3-D ``w2`` interleaves the channels differently (in effect ``w2 ⊗ w1``); :func:`kron_weight`

@@ -56,8 +56,8 @@ for dtype in (torch.float32, torch.float16):
     for case, (make, shape, r) in layers.items():
         for dropout in (0.0, 0.5):
             torch.manual_seed(1)
-            layer = LohaLayer(make().to(dtype), r, alpha=2 * r, init_weights=False, path="folded",
-                              rank_dropout=dropout)
+            base = make().to(dtype).requires_grad_(False)  # frozen, as slimtune.adapt leaves it
+            layer = LohaLayer(base, r, alpha=2 * r, init_weights=False, path="folded", rank_dropout=dropout)
             assert layer._fold_op.fused(layer.base_layer.weight)
             x = torch.randn(shape).to(dtype).requires_grad_()
             torch.manual_seed(5)  # the rank-dropout draw, replayed below
@@ -80,6 +80,23 @@ for dtype in (torch.float32, torch.float16):
             got = [y, x.grad] + [p.grad for p in layer.peft_parameters().values()]
             want = [ref, x64.grad] + [p.grad for p in params.values()]
             results[f"{name}/layer/{case}/{dropout}"] = max(rel_err(g, w) for g, w in zip(got, want))
+            results[f"function/{name}/{case}/{dropout}"] = type(y.grad_fn).__name__
+
+# FusedLohaLinear with fp32 factors over an fp16 base (cast in, fp32 gradients out) and an input without grad
+torch.manual_seed(2)
+layer = LohaLayer(nn.Linear(40, 36).half().requires_grad_(False), 4, alpha=8, init_weights=False, path="folded",
+                  adapter_dtype=torch.float32)
+x = torch.randn(6, 40).half()
+y = layer(x)
+dy = torch.randn_like(y)
+y.backward(dy)
+params = _params64(layer)
+ref = dense_reference(layer, x.double(), params)
+ref.backward(dy.double())
+results["fp32-factors/function"] = type(y.grad_fn).__name__
+results["fp32-factors/grad dtypes"] = sorted({str(p.grad.dtype) for p in layer.peft_parameters().values()})
+results["fp32-factors/err"] = max([rel_err(y, ref)] + [rel_err(p.grad, q.grad) for p, q in
+                                                        zip(layer.peft_parameters().values(), params.values())])
 print("RESULTS " + json.dumps(results))
 """
 
@@ -103,3 +120,17 @@ def test_folded_layers_through_the_kernels_match_dense_reference(interpreted, dt
     assert len(errors) == 5 * 2
     bad = {k: v for k, v in errors.items() if not v < tol}
     assert not bad, bad
+
+
+def test_dense_linear_layers_take_the_one_function_path(interpreted):
+    """A folded LoHa on a dense Linear runs as FusedLohaLinear; convolutions through the generic FoldedFunction."""
+    functions = {k: v for k, v in interpreted.items() if k.startswith("function/")}
+    assert len(functions) == 2 * 5 * 2
+    for key, name in functions.items():
+        assert name == ("FusedLohaLinearBackward" if "/linear" in key else "FoldedFunctionBackward"), key
+
+
+def test_fp32_factors_over_a_half_base(interpreted):
+    assert interpreted["fp32-factors/function"] == "FusedLohaLinearBackward"
+    assert interpreted["fp32-factors/grad dtypes"] == ["torch.float32"]
+    assert interpreted["fp32-factors/err"] < 5e-3
