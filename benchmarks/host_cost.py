@@ -143,9 +143,9 @@ def breakdown(device: torch.device, dtype: torch.dtype, reps: int = 200) -> str:
         return f"{getattr(owner, '__name__', str(owner)).rsplit('.', 1)[-1]}.{name}"
 
     for owner, names in ((T, ["_launch", "_grid", "compose_backward", "compose_forward", "dora_vectors"]),
-                         (K, ["factored_norm_parts", "_saved_with_weight", "_save_with_weight", "_product", "materialize"]),
+                         (K, ["factored_norm_parts", "saved_with_weight", "save_with_weight", "_product", "materialize"]),
                          (S, ["base_backward", "rows_kr", "cols_kr", "rows_kr_grad", "cols_kr_grad", "lowrank_grad",
-                              "_backward_inputs", "_save", "sum_bmm", "bmm_left"]),
+                              "_backward_inputs", "save_with_weight", "sum_bmm", "bmm_left"]),
                          (LH.LohaFoldOp, ["fold", "fold_backward"]), (LH.LohaLinearOp, ["add_delta", "delta_backward"]),
                          (LK.LokrFactors, ["build", "grads"]),
                          (LH.StructuredAdapter, ["forward", "choose"])):

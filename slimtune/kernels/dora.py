@@ -62,7 +62,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..quant.frozen import WeightOperand, is_quantized, materialize
+from ..quant.frozen import WeightOperand, is_quantized, materialize, save_with_weight, saved_with_weight
 from .dispatch import use_triton
 from .lora import choose_backward, dropout_keep_mask
 
@@ -349,22 +349,6 @@ def _scaled(t: torch.Tensor, s: float) -> torch.Tensor:
     return t if s == 1.0 else t.mul_(s)
 
 
-def _save_with_weight(ctx, weight: WeightOperand, *tensors: torch.Tensor) -> None:
-    """Save ``tensors`` and the weight after them: a dense one with them, a quantised handle on ctx."""
-    if is_quantized(weight):
-        ctx.save_for_backward(*tensors)
-        ctx.weight = weight
-    else:
-        ctx.save_for_backward(*tensors, weight)
-        ctx.weight = None
-
-
-def _saved_with_weight(ctx) -> tuple[tuple[torch.Tensor, ...], WeightOperand]:
-    """What :func:`_save_with_weight` kept: ``(tensors, weight)``."""
-    saved = ctx.saved_tensors
-    return (saved, ctx.weight) if ctx.weight is not None else (saved[:-1], saved[-1])
-
-
 def _product(xd: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float,
              lead: tuple[int, ...]) -> torch.Tensor:
     """``z = xd Wᵀ + s·(xd Aᵀ) Bᵀ`` ``[*lead, d_out]`` (not a view) from the 2-D ``xd``; all in xd's dtype."""
@@ -406,13 +390,13 @@ class DoraProductFunction(torch.autograd.Function):
         del w
         ctx.mark_non_differentiable(vec)
         if save:
-            _save_with_weight(ctx, weight, x, lora_a, lora_b)
+            save_with_weight(ctx, weight, x, lora_a, lora_b)
             ctx.scaling, ctx.dropout_p, ctx.seed = scaling, dropout_p, seed
         return z, rest, vec
 
     @staticmethod
     def backward(ctx, dz, drest, _):
-        (x, lora_a, lora_b), weight = _saved_with_weight(ctx)
+        weight, (x, lora_a, lora_b) = saved_with_weight(ctx)
         need_x, need_w, need_a, need_b = ctx.needs_input_grad[:4]
         s, dtype, p = ctx.scaling, x.dtype, ctx.dropout_p
         a, b = _cast(lora_a, dtype), _cast(lora_b, dtype)
@@ -451,7 +435,7 @@ class DoraProductFunction(torch.autograd.Function):
                 else:
                     grad_x2.mul_(mask)
             grad_x = grad_x2.view(x.shape)
-        if need_w and ctx.weight is None:
+        if need_w and not is_quantized(weight):
             grad_w = dz2.t() @ xd
             if mask is not None and drest2 is not None:
                 grad_w.addmm_(drest2.t(), x2 - xd)
@@ -492,7 +476,7 @@ class DoraTailFunction(torch.autograd.Function):
             elif keep == "z":
                 ctx.save_for_backward(vec, z)
             elif keep == "recompute":
-                _save_with_weight(ctx, weight, vec, x, lora_a, lora_b)
+                save_with_weight(ctx, weight, vec, x, lora_a, lora_b)
                 ctx.scaling, ctx.dropout_p, ctx.seed = scaling, dropout_p, seed
             else:
                 ctx.save_for_backward(vec)
@@ -506,7 +490,7 @@ class DoraTailFunction(torch.autograd.Function):
         dy2 = dy.reshape(-1, dy.shape[-1])
         inplace = False
         if keep == "recompute":
-            (vec, x, lora_a, lora_b), weight = _saved_with_weight(ctx)
+            weight, (vec, x, lora_a, lora_b) = saved_with_weight(ctx)
             dtype = x.dtype
             x2 = x.reshape(-1, x.shape[-1])
             xd = x2 * dropout_keep_mask(x2, ctx.dropout_p, ctx.seed) if ctx.dropout_p > 0 else x2

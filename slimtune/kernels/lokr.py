@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..quant.frozen import is_quantized, materialize
+from ..quant.frozen import is_quantized, materialize, save_with_weight, saved_with_weight
 from .structured import sum_bmm
 
 #: ``(a_out, a_in, b_out, b_in, order)``: the factor shapes and which one contracts first
@@ -55,9 +55,7 @@ class KronLinearFunction(torch.autograd.Function):
                 y.view(n * a_out, b_out).addmm_(t.view(n * a_out, b_in), w2.t())
             else:
                 y.addcmul_(torch.mm(t.view(n * a_out, b_in), w2.t()).view(n, -1), mask)
-        quantized = is_quantized(weight)
-        ctx.handle = weight if quantized else None
-        ctx.save_for_backward(x, None if quantized else weight, *params)
+        save_with_weight(ctx, weight, x, *params)
         ctx.geometry, ctx.factors, ctx.s, ctx.mask = geometry, factors, s, mask  # mask: [d_out], no grad
         ctx.w12 = w1, w2  # factor-sized (a_out·a_in + b_out·b_in): kept rather than rebuilt in backward
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -65,10 +63,8 @@ class KronLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, *params = ctx.saved_tensors
+        weight, (x, *params) = saved_with_weight(ctx)
         mask = ctx.mask
-        if ctx.handle is not None:
-            weight = ctx.handle
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         need = ctx.needs_input_grad[7:]
         dtype, factors, s = x.dtype, ctx.factors, ctx.s
@@ -108,6 +104,6 @@ class KronLinearFunction(torch.autograd.Function):
         grads = factors.grads(dw1, dw2, cast, s, need)
         grads = [g if g is None or g.dtype == p.dtype else g.to(p.dtype) for g, p in zip(grads, params)]
         grad_x = grad_x2.view(x.shape) if need_x else None
-        grad_w = (dy2.t() @ x2).to(weight.dtype) if need_w and ctx.handle is None else None
+        grad_w = (dy2.t() @ x2).to(weight.dtype) if need_w and not is_quantized(weight) else None
         grad_b = dy2.sum(0).to(ctx.bias_dtype) if need_b and ctx.bias_dtype is not None else None
         return grad_x, grad_w, grad_b, None, None, None, None, *grads

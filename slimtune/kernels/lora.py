@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..quant.frozen import WeightOperand, is_quantized, materialize
+from ..quant.frozen import WeightOperand, is_quantized, materialize, save_with_weight, saved_with_weight
 
 Variant = str  # "recompute" | "gram"
 
@@ -70,22 +70,14 @@ class LoraLinearFunction(torch.autograd.Function):
         xa = xd @ a.t()  # [N, r]
         y = F.linear(x2, materialize(weight, dtype), bias)
         y.addmm_(xa, b.t(), alpha=scaling)
-        if is_quantized(weight):
-            ctx.save_for_backward(x, lora_a, lora_b)
-            ctx.weight = weight
-        else:
-            ctx.save_for_backward(x, weight, lora_a, lora_b)
-            ctx.weight = None
+        save_with_weight(ctx, weight, x, lora_a, lora_b)
         ctx.scaling, ctx.dropout_p, ctx.seed = scaling, dropout_p, seed
         ctx.has_bias = bias is not None
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
-        if ctx.weight is None:
-            x, weight, lora_a, lora_b = ctx.saved_tensors
-        else:
-            (x, lora_a, lora_b), weight = ctx.saved_tensors, ctx.weight
+        weight, (x, lora_a, lora_b) = saved_with_weight(ctx)
         s, p = ctx.scaling, ctx.dropout_p
         need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
         dtype = x.dtype
@@ -123,7 +115,7 @@ class LoraLinearFunction(torch.autograd.Function):
             else:
                 grad_x2.add_((dya @ a).mul_(mask))
             grad_x = grad_x2.view(x.shape)
-        if need_w and ctx.weight is None:
+        if need_w and not is_quantized(weight):
             grad_w = dy2.t() @ x2
         if need_bias and ctx.has_bias:
             grad_bias = dy2.sum(0)

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..quant.frozen import WeightOperand, is_quantized, materialize
+from ..quant.frozen import WeightOperand, materialize, save_with_weight, saved_with_weight
 
 Path = str  # "structured" | "folded"
 PATHS = ("structured", "folded")
@@ -400,23 +400,11 @@ class FoldOp:
         return None
 
 
-def _save(ctx: Any, x: torch.Tensor, weight: WeightOperand, params: Params) -> None:
-    """Save x, a dense weight and the parameters; a quantised weight's handle goes on ``ctx`` (no dense copy)."""
-    quantized = is_quantized(weight)
-    ctx.handle = weight if quantized else None
-    ctx.save_for_backward(x, None if quantized else weight, *params)
-
-
-def _saved(ctx: Any) -> tuple[torch.Tensor, WeightOperand, list[torch.Tensor]]:
-    x, weight, *params = ctx.saved_tensors
-    return x, (ctx.handle if ctx.handle is not None else weight), params
-
-
 def _backward_inputs(ctx: Any, dy: torch.Tensor
                      ) -> tuple[torch.Tensor, WeightOperand, list[torch.Tensor], torch.Tensor]:
-    """``(x, weight, params, dy)`` for a backward: what :func:`_save` kept, and ``dy`` in x's dtype, contiguous
+    """``(x, weight, params, dy)`` for a backward: what :func:`~slimtune.quant.frozen.save_with_weight` kept, and ``dy`` in x's dtype, contiguous
     (the ops view it; autograd may hand over a strided one)."""
-    x, weight, params = _saved(ctx)
+    weight, (x, *params) = saved_with_weight(ctx)
     return x, weight, params, cast(dy, x.dtype).contiguous()
 
 
@@ -438,7 +426,7 @@ class StructuredFunction(torch.autograd.Function):
         y = base_forward(x, materialize(weight, dtype), _bias_in(bias, dtype), op.conv)  # dense copy: a temporary
         y = op.add_delta(y, x, cast_params, scale)
         ctx.op, ctx.scale, ctx.bias_dtype = op, scale, None if bias is None else bias.dtype
-        _save(ctx, x, weight, params)
+        save_with_weight(ctx, weight, x, *params)
         return y
 
     @staticmethod
@@ -482,7 +470,7 @@ class FoldedFunction(torch.autograd.Function):
         y = base_forward(x, w_eff, _bias_in(bias, dtype), op.conv)
         del w_eff
         ctx.op, ctx.scale, ctx.bias_dtype = op, scale, None if bias is None else bias.dtype
-        _save(ctx, x, weight, params)
+        save_with_weight(ctx, weight, x, *params)
         return y
 
     @staticmethod

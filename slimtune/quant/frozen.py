@@ -2,9 +2,10 @@
 
 Adapter Functions take a :data:`WeightOperand` where they used to take ``base.weight``:
 
-- a dense ``torch.Tensor`` ``[d_out, d_in]`` — saved with ``ctx.save_for_backward`` as before;
+- a dense ``torch.Tensor`` ``[d_out, d_in]`` — saved with ``ctx.save_for_backward``;
 - a :class:`QuantizedWeight` handle (NF4 storage, ours or bitsandbytes') — kept on ``ctx`` as a plain
-  attribute (it only references the module's packed buffers), and turned into a dense tensor with
+  attribute (it only references the module's packed buffers; :func:`save_with_weight` does either), and turned
+  into a dense tensor with
   :func:`materialize` right before each GEMM that needs it. The dense copy is a local: it dies with the GEMM,
   in forward and again in backward, so no dequantised weight outlives its use.
 """
@@ -43,6 +44,20 @@ WeightOperand = Union[torch.Tensor, QuantizedWeight]
 
 def is_quantized(weight: WeightOperand) -> bool:
     return not isinstance(weight, torch.Tensor)
+
+
+def save_with_weight(ctx, weight: WeightOperand, *tensors: torch.Tensor | None) -> None:
+    """``ctx.save_for_backward(weight, *tensors)`` for a dense weight; a quantised handle goes on ``ctx`` instead (its
+    slot saves None), so no dense copy is ever kept. :func:`saved_with_weight` gives both back."""
+    quantized = is_quantized(weight)
+    ctx.weight_handle = weight if quantized else None
+    ctx.save_for_backward(None if quantized else weight, *tensors)
+
+
+def saved_with_weight(ctx) -> tuple[WeightOperand, list[torch.Tensor]]:
+    """``(weight, tensors)`` as :func:`save_with_weight` kept them (``weight``: the dense tensor or the handle)."""
+    weight, *tensors = ctx.saved_tensors
+    return (weight if ctx.weight_handle is None else ctx.weight_handle), tensors
 
 
 def materialize(weight: WeightOperand, dtype: torch.dtype) -> torch.Tensor:
