@@ -12,7 +12,8 @@ and 16-byte alignment, each integer's ``== 1`` / ``% 16 == 0`` / 32-bit range, t
 and launches a cached one directly through the compiled kernel's own runner (``compiled[grid](*args)``). A key
 seen for the first time goes through ``kernel[grid](...)``, which compiles or finds the kernel and returns it. Any
 surprise (an argument type the key does not know, a Triton without that API) turns the shortcut off for good and
-every launch takes Triton's own path. ``SLIMTUNE_TRITON_FAST_LAUNCH=0`` turns it off from the start.
+every launch takes Triton's own path; so does every launch while ``torch.compile`` traces (it understands
+``kernel[grid](...)``, not the shortcut). ``SLIMTUNE_TRITON_FAST_LAUNCH=0`` turns it off from the start.
 """
 from __future__ import annotations
 
@@ -102,7 +103,7 @@ def _fast_launch(kernel: Any, t: torch.Tensor, grid: tuple[int, ...], args: tupl
     """Launch through the cache; False: not launched (the shortcut is off, or cannot take this call), so the
     caller takes Triton's path."""
     global FAST_LAUNCH
-    if not FAST_LAUNCH or not t.is_cuda:
+    if not FAST_LAUNCH or not t.is_cuda or torch.compiler.is_compiling():  # torch.compile traces kernel[grid] itself
         return False
     try:
         launcher = _LAUNCHERS.get(id(kernel))

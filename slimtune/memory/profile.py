@@ -359,6 +359,18 @@ class TrainingSession:
             return out.loss, out
         return workload_module().forward_loss(self.options.preset, self.model, self.inputs)
 
+    def train_step(self) -> torch.Tensor:
+        """One unmetered training step (forward, backward, optimizer step, ``zero_grad(set_to_none=True)``), the
+        outputs dropped before backward; the detached loss. For timing several sessions against each other in one
+        process (``benchmarks/paired_steps.py``); :meth:`run` is the protocol."""
+        loss, out = self._forward()
+        del out
+        loss.backward()
+        if self.optimizer is not None:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
     def run(self, on_step: StepCallback | None = None) -> ProfileResult:
         """Run the profiled steps; an out-of-memory error gives ``status="OOM"`` rather than raising.
 

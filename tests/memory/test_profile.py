@@ -66,6 +66,15 @@ def test_out_of_memory_becomes_a_status(monkeypatch: pytest.MonkeyPatch) -> None
     assert r.step_time_s is None and r.step_times_s == []
 
 
+def test_train_step_trains_the_adapter_and_clears_gradients() -> None:
+    session = TrainingSession.prepare(ProfileOptions(rank=4, **SMALL))
+    before = [p.detach().clone() for p in session.trainable]
+    loss = session.train_step()
+    assert torch.isfinite(loss) and not loss.requires_grad
+    assert any(not torch.equal(b, p) for b, p in zip(before, session.trainable))  # B starts at zero, A moves
+    assert all(p.grad is None for p in session.trainable)
+
+
 def test_median_step_time_skips_warmup() -> None:
     assert median_step_time([9.0, 9.0, 9.0, 1.0, 2.0, 3.0, 4.0, 5.0]) == 3.0  # steps 4-8
     assert median_step_time([9.0, 1.0, 2.0]) == 1.5  # fewer than 4 steps: all but the first

@@ -1,0 +1,94 @@
+"""Step-time ratios from paired steps in one process: every configuration's model lives in the same process and
+they take turns, one training step each, round after round.
+
+Why: at seq 512 the 3B step is host-bound, and the lent machines' host speed drifts between processes and between
+machines by more than the differences being measured (``RESULTS.md``, runs 23-26: LoHa ÷ LoRA 0.84 on one machine
+and 1.22 on another, same code). The protocol's one-process-per-configuration timing (``model_compare.py``) stays
+the reference for peak memory; for step-time *ratios*, paired steps put every configuration under the same host
+conditions: each round times one step of each, and the ratio to the first configuration (the yardstick) is taken
+within the round, then the median over rounds.
+
+Each step is the protocol's (forward, ``loss.backward()``, AdamW step, ``zero_grad(set_to_none=True)``,
+synchronize), with the logits released before backward (the lean loop: the step time is the same, and the models
+do not hold each other's outputs). Models are built with :class:`slimtune.memory.profile.TrainingSession` exactly
+as the profiler builds them.
+
+    python benchmarks/paired_steps.py --configs lora loha lokr peft-bf16:loha peft-bf16:lokr --rounds 30
+    python benchmarks/paired_steps.py --quick     # tiny-llama on the CPU (smoke test)
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from typing import Sequence
+
+from _common import JsonlSink, environment_line, markdown_table, write_out_text
+
+import torch
+
+from slimtune.memory.options import ProfileOptions
+from slimtune.memory.profile import TrainingSession
+
+
+def parse_config(text: str) -> tuple[str, str]:
+    """``"loha"`` → slimtune LoHa; ``"peft-bf16:loha"`` → (backend, method)."""
+    backend, _, method = text.rpartition(":")
+    return (backend or "slimtune"), method
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--configs", nargs="+", default=["lora", "loha", "lokr", "peft-bf16:loha", "peft-bf16:lokr"],
+                        help="[backend:]method, the first is the yardstick (default: slimtune LoRA first)")
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=3, help="rounds not timed")
+    parser.add_argument("--quick", action="store_true", help="tiny-llama on the CPU (smoke test)")
+    parser.add_argument("--seq", type=int, default=None)
+    args = parser.parse_args(argv)
+    common = (dict(preset="tiny-llama", rank=8, batch=2, seq=args.seq or 64, device="cpu", dtype="float32")
+              if args.quick else
+              dict(preset="llama-3.2-3b", rank=32, batch=4, seq=args.seq or 512, device="cuda", dtype="bfloat16"))
+    print(environment_line(), flush=True)
+    sessions = []
+    for text in args.configs:
+        backend, method = parse_config(text)
+        options = ProfileOptions(method=method, backend=backend, release_outputs=True, **common)
+        sessions.append((text, TrainingSession.prepare(options)))
+        print(f"built {text}", flush=True)
+    cuda = common["device"] == "cuda"
+    times: dict[str, list[float]] = {name: [] for name, _ in sessions}
+    for round_index in range(args.warmup + args.rounds):
+        for name, session in sessions:
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            session.train_step()
+            if cuda:
+                torch.cuda.synchronize()
+            if round_index >= args.warmup:
+                times[name].append(time.perf_counter() - t0)
+    yardstick = sessions[0][0]
+    sink = JsonlSink("paired_steps.jsonl")
+    rows = []
+    for name, _ in sessions:
+        ratios = [t / y for t, y in zip(times[name], times[yardstick])]
+        q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+        sink.write({"config": name, "yardstick": yardstick, "step_times_s": [round(t, 6) for t in times[name]],
+                    "median_s": statistics.median(times[name]), "ratio_median": statistics.median(ratios),
+                    "ratio_quartiles": [q[0], q[2]], **common})
+        rows.append([name, f"{statistics.median(times[name]):.4f}", f"{min(times[name]):.4f}",
+                     f"{statistics.median(ratios):.3f}", f"{q[0]:.3f}-{q[2]:.3f}"])
+    table = markdown_table(["config", "median s", "fastest s", f"÷ {yardstick} (median of paired rounds)",
+                            "interquartile"], rows)
+    text = (f"{environment_line()}\n\n{common['preset']}, r={common['rank']}, batch {common['batch']}, seq "
+            f"{common['seq']}, {common['dtype']}; {args.rounds} paired rounds after {args.warmup} warm-up rounds, "
+            f"one step of each configuration per round, logits released before backward\n\n{table}\n")
+    print("\n" + text, flush=True)
+    write_out_text("paired_steps.md", text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
