@@ -341,6 +341,16 @@ def kernels_section(tokens: int = 2048, r: int = 32) -> str:
         dense_mb = d_out * d_in * 2 / 1e6
         t_fold = ms(lambda: L.fold(w, *f, 0.5))
         t_grads = ms(lambda: L.fold_grads(g, *f, 0.5, w=w))
+        for block in (32, 128):  # the tile side: more, smaller programs (fold_grads walks whole rows/columns)
+            default, L.BLOCK = L.BLOCK, block
+            try:
+                print(f"{d_out}x{d_in} BLOCK={block}: fold {ms(lambda: L.fold(w, *f, 0.5)):.3f} ms, fold_grads "
+                      f"{ms(lambda: L.fold_grads(g, *f, 0.5, w=w)):.3f} ms (BLOCK={default}: {t_fold:.3f} / "
+                      f"{t_grads:.3f})", flush=True)
+            except Exception as exc:  # a diagnostic (128 may not fit)
+                print(f"BLOCK={block}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+            finally:
+                L.BLOCK = default
         t_gemm = ms(lambda: dy.t() @ x)
         rows.append([f"{d_out}x{d_in}", f"{t_fold:.3f}", f"{2 * dense_mb / t_fold:.0f}", f"{t_grads:.3f}",
                      f"{4 * dense_mb / t_grads:.0f}", f"{t_gemm:.3f}"])

@@ -402,8 +402,8 @@ class FoldOp:
 
 def _backward_inputs(ctx: Any, dy: torch.Tensor
                      ) -> tuple[torch.Tensor, WeightOperand, list[torch.Tensor], torch.Tensor]:
-    """``(x, weight, params, dy)`` for a backward: what :func:`~slimtune.quant.frozen.save_with_weight` kept, and ``dy`` in x's dtype, contiguous
-    (the ops view it; autograd may hand over a strided one)."""
+    """``(x, weight, params, dy)`` for a backward: what :func:`~slimtune.quant.frozen.save_with_weight` kept, and
+    ``dy`` in x's dtype, contiguous (the ops view it; autograd may hand over a strided one)."""
     weight, (x, *params) = saved_with_weight(ctx)
     return x, weight, params, cast(dy, x.dtype).contiguous()
 

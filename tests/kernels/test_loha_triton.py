@@ -44,6 +44,19 @@ for dtype in (torch.float32, torch.float16):
             results[key + "/grads+fold"] = max([rel_err(both[4], w.double() + delta.detach())]
                                                + [rel_err(a, b) for a, b in zip(both[:4], grads[:4])])
 
+# the tile side is a module setting (benchmarks sweep it): 32 gives the same results
+L.BLOCK = 32
+w, g = torch.randn(70, 130), torch.randn(70, 130)
+f = [torch.randn(70, 20), torch.randn(20, 130), torch.randn(70, 20), torch.randn(20, 130)]
+leaves = [p.double().requires_grad_() for p in f]
+delta = 0.5 * (leaves[0] @ leaves[1]) * (leaves[2] @ leaves[3])
+delta.backward(g.double())
+got = L.fold_grads(g, *f, 0.5, w=w)
+dense = w.double() + delta.detach()
+results["block32"] = max([rel_err(got[4], dense), rel_err(L.fold(w, *f, 0.5), dense)]
+                         + [rel_err(a, b.grad) for a, b in zip(got[:4], leaves)])
+L.BLOCK = 64
+
 layers = {
     "linear": (lambda: nn.Linear(40, 36), (3, 5, 40), 4),
     "linear-nobias": (lambda: nn.Linear(24, 20, bias=False), (7, 24), 6),
@@ -110,6 +123,7 @@ def interpreted():
 def test_fold_kernels_match_float64(interpreted, dtype, tol):
     errors = {k: v for k, v in interpreted.items() if k.startswith(dtype + "/") and "/layer/" not in k}
     assert len(errors) == 4 * 2 * 4
+    assert interpreted["block32"] < 1e-6
     bad = {k: v for k, v in errors.items() if not v < tol}
     assert not bad, bad
 
