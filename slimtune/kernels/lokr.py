@@ -69,7 +69,8 @@ class KronLinearFunction(torch.autograd.Function):
         need = ctx.needs_input_grad[7:]
         dtype, factors, s = x.dtype, ctx.factors, ctx.s
         a_out, a_in, b_out, b_in, order = ctx.geometry
-        cast = [p if p.dtype == dtype else p.to(dtype) for p in params]
+        same_dtype = all(p.dtype == dtype for p in params)
+        cast = params if same_dtype else [p.to(dtype) for p in params]
         w1, w2 = ctx.w12
         x2 = x.reshape(-1, x.shape[-1])
         n = x2.shape[0]
@@ -102,7 +103,8 @@ class KronLinearFunction(torch.autograd.Function):
             if need_2:
                 dw2 = dy3.view(n * a_out, b_out).t() @ torch.bmm(w1.expand(n, a_out, a_in), x3).view(n * a_out, b_in)
         grads = factors.grads(dw1, dw2, cast, s, need)
-        grads = [g if g is None or g.dtype == p.dtype else g.to(p.dtype) for g, p in zip(grads, params)]
+        if not same_dtype:  # fp32 master factors: their gradients in fp32
+            grads = [g if g is None else g.to(p.dtype) for g, p in zip(grads, params)]
         grad_x = grad_x2.view(x.shape) if need_x else None
         grad_w = (dy2.t() @ x2).to(weight.dtype) if need_w and not is_quantized(weight) else None
         grad_b = dy2.sum(0).to(ctx.bias_dtype) if need_b and ctx.bias_dtype is not None else None

@@ -118,6 +118,23 @@ def test_low_precision_against_float64(case, dtype, tol, path):
 
 
 @pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("kw", [{}, {"decompose_both": True}], ids=["full-w1", "low-rank-w1"])
+def test_fp32_master_weights_with_bf16_activations(path, kw):
+    torch.manual_seed(0)
+    base = nn.Linear(96, 64).bfloat16().requires_grad_(False)
+    layer = LokrLayer(base, 2, 2.0, init_weights=False, path=path, adapter_dtype=torch.float32, **kw)
+    x = torch.randn(10, 96).bfloat16()
+    y = layer(x)
+    assert y.dtype == torch.bfloat16
+    dy = torch.randn(y.shape, dtype=torch.float64)  # not a sum: its all-ones gradient cancels badly in bf16
+    y.backward(dy.bfloat16())
+    params = _params64(layer)
+    dense_reference(layer, x.double(), params).backward(dy)
+    for key, p in layer.peft_parameters().items():
+        assert p.grad.dtype == torch.float32 and rel_err(p.grad, params[key].grad) < BF16_TOL, key
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("conv", [False, True])
 def test_saves_only_x_weight_and_parameters(path, conv):
     torch.manual_seed(0)
