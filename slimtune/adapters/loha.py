@@ -465,8 +465,7 @@ class StructuredAdapter(AdapterModule):
         if x.dtype != dtype:
             x = x.to(dtype)
         params = self._params()
-        backward = torch.is_grad_enabled() and (x.requires_grad or params[0].requires_grad
-                                                or any(p.requires_grad for p in params))
+        backward = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
         path = self._last_path[0] = self.choose(x, backward)
         with context:
             return self.run(x, path, mask, params)

@@ -15,7 +15,8 @@ matrix or a low-rank product, built by the layer's ``LokrFactors``), x viewed ``
 weight (a 4-bit base: only its handle, dequantised right before each GEMM that needs it) and the parameters —
 nothing of size ``N·d`` — and the built ``s·w1``, ``w2`` (factor-sized) are kept for backward. This is the hot path
 of a host-bound step, so it is one Function with direct tensor calls; the general structured machinery
-(:class:`~slimtune.kernels.structured.StructuredFunction`) serves LoKr's convolutions. Reference: the dense ``x (W + s·kron(w1, w2))ᵀ`` (the tests, in float64).
+(:class:`~slimtune.kernels.structured.StructuredFunction`) serves LoKr's convolutions. Reference: the dense
+``x (W + s·kron(w1, w2))ᵀ`` (the tests, in float64).
 """
 from __future__ import annotations
 
