@@ -402,6 +402,8 @@ class StructuredAdapter(AdapterModule):
         self.weight_shape = tuple(weight_shape(base))
         self.kernel: tuple[int, ...] = self.weight_shape[2:]
         self.out_features = self.weight_shape[0]
+        # input features (a Linear) / input channels (a convolution: c_in/groups per group, times the groups)
+        self.in_features = self.weight_shape[1] * (1 if self.conv is None else self.conv.groups)
         self._last_path: list[str | None] = [None]  # a list: set per forward without nn.Module.__setattr__
         self._choices: dict[tuple, str] = {}  # "auto" path per (input shape, dtype, backward)
 
@@ -437,6 +439,19 @@ class StructuredAdapter(AdapterModule):
         base = self.base_layer if base is None else base
         return base.weight if type(base) in _DENSE_BASES else base_weight_operand(base)
 
+    def _check_input(self, x: torch.Tensor) -> None:
+        """A clear error for an input the base layer cannot take (naming the layer and the expected shape)."""
+        name = type(self).__name__
+        if self.conv is None:
+            if x.dim() == 0 or x.shape[-1] != self.in_features:
+                raise ValueError(f"{name} expects inputs [..., {self.in_features}], got {tuple(x.shape)}")
+        else:
+            spatial = len(self.kernel)
+            batched = x.dim() == spatial + 2
+            if not (batched or x.dim() == spatial + 1) or x.shape[1 if batched else 0] != self.in_features:
+                raise ValueError(f"{name} over a Conv{spatial}d expects inputs [batch, {self.in_features}, <{spatial} "
+                                 f"spatial sizes>] (or without the batch), got {tuple(x.shape)}")
+
     def choose(self, x: torch.Tensor, backward: bool) -> str:
         if not self.structured_ok or self.path == "folded":
             return "folded"
@@ -451,6 +466,7 @@ class StructuredAdapter(AdapterModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.disabled or self.merged:
             return self.base_layer(x)
+        self._check_input(x)
         if self.conv is not None and x.dim() == len(self.kernel) + 1:  # unbatched, as nn.Conv accepts it
             return self.forward(x.unsqueeze(0)).squeeze(0)
         dtype, context = compute_setting(x)

@@ -1,5 +1,7 @@
 """LoKr: PEFT's factorisation and parameter layout, both paths vs the dense float64 reference, low precision,
 saved tensors (no [d_out, d_in] tensor on the structured path), merge, the chooser, 4-bit bases."""
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -246,3 +248,17 @@ def test_merge_on_quantized_base_refuses(fake_quant):
     _, quant = quantized_pair(LokrLayer, dict(r=2, alpha=2.0, init_weights=False))
     with pytest.raises(slimtune.SlimtuneError, match="dequantize"):
         quant.merge()
+
+
+@pytest.mark.parametrize("make,bad", [(lambda: nn.Linear(96, 64), (3, 95)), (lambda: nn.Linear(96, 64), ()),
+                                      (lambda: nn.Conv2d(8, 16, 3, groups=2), (2, 7, 9, 9)),
+                                      (lambda: nn.Conv2d(8, 16, 3), (2, 8, 9)),
+                                      (lambda: nn.Conv1d(4, 8, 3), (2, 4, 9, 9))],
+                         ids=["linear-width", "scalar", "conv-channels", "conv-unbatched-channels", "conv-rank"])
+@pytest.mark.parametrize("cls", ["loha", "lokr"])
+def test_wrong_input_shapes_name_the_layer(make, bad, cls):
+    from slimtune.adapters.loha import LohaLayer
+
+    layer = (LohaLayer if cls == "loha" else LokrLayer)(make().requires_grad_(False), 2, 2.0)
+    with pytest.raises(ValueError, match=rf"{type(layer).__name__} .*expects inputs .*got {re.escape(str(bad))}"):
+        layer(torch.randn(bad))
