@@ -128,7 +128,6 @@ class LokrFactors:
         self.names = names
         self.n_w1 = 2 if "lokr_w1_a" in names else 1  # params[:n_w1] make w1, the rest w2
         self.w2_form = "full" if "lokr_w2" in names else "tucker" if "lokr_t2" in names else "lowrank"
-        self.w1_names, self.w2_names = names[:self.n_w1], names[self.n_w1:]
 
     def build(self, params: S.Params, s: float) -> tuple[torch.Tensor, torch.Tensor]:
         w1 = params[0] if self.n_w1 == 1 else params[0] @ params[1]

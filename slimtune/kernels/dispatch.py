@@ -17,6 +17,7 @@ every launch takes Triton's own path; so does every launch while ``torch.compile
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 from typing import Any, Callable
@@ -120,9 +121,7 @@ def launch(kernel: Callable, t: torch.Tensor, grid: tuple[int, ...], *args: Any,
     """``kernel[grid](*args, **kwargs)`` on ``t``'s device (switching the current device only when it differs);
     the constexprs and launch options go by keyword. Cached compiled kernels launch directly (module docstring)."""
     index = t.device.index
-    if index is not None and t.is_cuda and index != torch.cuda.current_device():
-        with torch.cuda.device(t.device):
-            if not _fast_launch(kernel, t, grid, args, kwargs):
-                kernel[grid](*args, **kwargs)
-    elif not _fast_launch(kernel, t, grid, args, kwargs):
-        kernel[grid](*args, **kwargs)
+    other_device = index is not None and t.is_cuda and index != torch.cuda.current_device()
+    with torch.cuda.device(t.device) if other_device else contextlib.nullcontext():
+        if not _fast_launch(kernel, t, grid, args, kwargs):
+            kernel[grid](*args, **kwargs)
