@@ -9,9 +9,12 @@ Diagnostic only (the claimed numbers come from the comparison scripts). For each
 * ``syncs``: host-device synchronisations inside one step (``torch.cuda.set_sync_debug_mode``).
 
 Sections: ``layer`` — one bias-free Linear 8192x8192, r=384, 4096 tokens, bf16 (LoRA, DoRA and variants);
-``model`` — the Llama-3.2-3B shape, r=32, batch 4, seq 512 (methods and their path / recompute variants).
+``model`` — the Llama-3.2-3B shape, r=32, batch 4, seq 512 (methods and their path / recompute variants);
+``check`` — bf16 kernels and layers against float64; ``kernels`` — LoHa's fused kernels' device time (tile sides,
+fold_grads split or not); ``launch`` — host cost of a launch, shortcut vs Triton's path, and their parity; ``gc`` —
+Python's collector inside the step; ``cprofile`` — host time by Python function.
 
-    python benchmarks/anatomy.py [--sections layer model] [--methods lora dora loha lokr]
+    python benchmarks/anatomy.py [--sections layer model check kernels launch gc cprofile] [--methods lora loha]
 """
 from __future__ import annotations
 
@@ -197,6 +200,15 @@ MODEL_VARIANTS = {
 }
 
 
+def warm_step(method: str, extra: dict) -> Callable[[], None]:
+    """:func:`training_step` (benchmark switches, keys starting with ``_``, dropped) after 3 steps, synchronised."""
+    step = training_step(method, {k: v for k, v in extra.items() if not k.startswith("_")})
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    return step
+
+
 def cprofile_section(variants: list[tuple[str, str, dict]], steps: int = 3, top: int = 22) -> str:
     """Host time by Python function (cProfile, ``tottime``) over ``steps`` model steps, per variant."""
     import cProfile
@@ -205,10 +217,7 @@ def cprofile_section(variants: list[tuple[str, str, dict]], steps: int = 3, top:
 
     parts = []
     for label, method, extra in variants:
-        step = training_step(method, {k: v for k, v in extra.items() if not k.startswith("_")})
-        for _ in range(3):
-            step()
-        torch.cuda.synchronize()
+        step = warm_step(method, extra)
         prof = cProfile.Profile()
         prof.enable()
         for _ in range(steps):
@@ -223,6 +232,67 @@ def cprofile_section(variants: list[tuple[str, str, dict]], steps: int = 3, top:
         step = None
         torch.cuda.empty_cache()
     return "\n\n".join(parts)
+
+
+def gc_section(variants: list[tuple[str, str, dict]], steps: int = 8) -> str:
+    """Python's garbage collector inside the step: collections and their time per step (``gc.callbacks``), the
+    runtime-API calls the host makes (torch.profiler), and the step with the model's objects frozen out of the
+    collector (``gc.freeze()``) and with collection off."""
+    import gc
+
+    rows = []
+    for label, method, extra in variants:
+        step = warm_step(method, extra)
+        spans: list[tuple[int, float]] = []
+        started: list[float] = []
+
+        def on_gc(phase: str, info: dict) -> None:
+            if phase == "start":
+                started.append(time.perf_counter())
+            elif started:
+                spans.append((info["generation"], time.perf_counter() - started.pop()))
+
+        gc.callbacks.append(on_gc)
+        try:
+            plain = _wall_steps(step, steps)
+        finally:
+            gc.callbacks.remove(on_gc)
+        per_gen = {g: (sum(1 for gg, _ in spans if gg == g), 1000 * sum(d for gg, d in spans if gg == g))
+                   for g in (0, 1, 2)}
+        gc.collect()
+        gc.freeze()
+        frozen = _wall_steps(step, steps)
+        gc.unfreeze()
+        gc.disable()
+        try:
+            off = _wall_steps(step, steps)
+        finally:
+            gc.enable()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            step()
+            torch.cuda.synchronize()
+        api = sorted((e for e in prof.key_averages() if e.key.startswith("cu")), key=lambda e: -e.cpu_time_total)
+        api_text = ", ".join(f"{e.key} {e.count}x {e.cpu_time_total / 1000:.1f} ms" for e in api[:6])
+        rows.append([label, f"{plain:.1f}", " ".join(f"g{g}: {n}x {ms:.1f} ms" for g, (n, ms) in per_gen.items()),
+                     f"{frozen:.1f}", f"{off:.1f}", api_text])
+        print(rows[-1], flush=True)
+        step = None
+        gc.collect()
+        torch.cuda.empty_cache()
+    return markdown_table(["3B step", "wall ms", f"collections in {steps} steps (count, ms)", "frozen ms", "gc off ms",
+                           "runtime API, one step (count, host ms)"], rows)
+
+
+def _wall_steps(step: Callable[[], None], steps: int) -> float:
+    """Median wall ms of ``steps`` synchronised steps."""
+    times = []
+    for _ in range(steps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        times.append(1000 * (time.perf_counter() - t0))
+    return statistics.median(times)
 
 
 def check_section() -> str:
@@ -246,8 +316,19 @@ def check_section() -> str:
     g = torch.randn(M, Kd, device="cuda", generator=gen).bfloat16()
     delta.backward(g.double())
     rows.append(["loha fold 3072x8192 r32 bf16", f"{rel(L.fold(w, *f, 0.7), w.double() + delta):.2e}"])
-    grads = L.fold_grads(g, *f, 0.7)
-    rows.append(["loha fold grads", f"{max(rel(a, b.grad) for a, b in zip(grads, leaves)):.2e}"])
+    for parts in (1, None):  # unsplit, and the split the rule picks (block counters, last program reduces)
+        L.GRAD_PARTS = parts
+        try:
+            grads = L.fold_grads(g, *f, 0.7, w=w)
+            again = [L.fold_grads(g, *f, 0.7, w=w) for _ in range(20)]
+            same = all(torch.equal(a, b) for run in again for a, b in zip(run, grads))
+            counters = all(int(c.abs().sum()) == 0 for c in L._COUNTERS.values())
+            rows.append([f"loha fold grads, {L.grad_parts(M, Kd, g.device)} part(s): rel err (4 grads, W'); "
+                         "bitwise same over 20 repeats; counters zero",
+                         " ".join(f"{rel(a, b.grad):.2e}" for a, b in zip(grads, leaves))
+                         + f" {rel(grads[4], w.double() + delta):.2e}; {same}; {counters}"])
+        finally:
+            L.GRAD_PARTS = None
     for name, layer_cls in (("loha folded layer", "loha"), ("dora layer", "dora")):
         torch.manual_seed(0)
         base = nn.Linear(3072, 3072, bias=False).cuda().bfloat16()
@@ -312,24 +393,24 @@ def check_section() -> str:
 
 
 def kernels_section(tokens: int = 2048, r: int = 32) -> str:
-    """Device time of LoHa's fused kernels at the Llama-3.2-3B projection shapes (CUDA events, median of 20)
-    beside the layer's own GEMMs, and the bytes they move per microsecond."""
+    """Device time of LoHa's fused kernels at the Llama-3.2-3B projection shapes (kernel time, mean of 10) beside
+    the layer's own GEMM, the bytes they move per microsecond; tile sides 64 / 32 / 128, fold_grads unsplit and
+    split."""
     from slimtune.kernels import loha_triton as L
 
     def ms(fn: Callable[[], object], reps: int = 10) -> float:
-        """Device ms per call: ``reps`` calls between two events (one call alone would time the host's launch)."""
+        """Device ms per call of the kernels ``fn`` launches (torch.profiler's kernel times: a kernel shorter than
+        its host launch would otherwise time the host)."""
         for _ in range(3):
             fn()
-        times = []
-        for _ in range(10):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(reps):
                 fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / reps)
-        return statistics.median(times)
+            torch.cuda.synchronize()
+        events = prof.key_averages()
+        dev = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
+        return sum(getattr(e, dev) for e in events) / 1000 / reps
 
     rows = []
     bf16 = dict(device="cuda", dtype=torch.bfloat16)
@@ -339,24 +420,25 @@ def kernels_section(tokens: int = 2048, r: int = 32) -> str:
         g = torch.randn(d_out, d_in, **bf16)
         x, dy = torch.randn(tokens, d_in, **bf16), torch.randn(tokens, d_out, **bf16)
         dense_mb = d_out * d_in * 2 / 1e6
-        t_fold = ms(lambda: L.fold(w, *f, 0.5))
-        t_grads = ms(lambda: L.fold_grads(g, *f, 0.5, w=w))
-        for block in (32, 128):  # the tile side: more, smaller programs (fold_grads walks whole rows/columns)
-            default, L.BLOCK = L.BLOCK, block
-            try:
-                print(f"{d_out}x{d_in} BLOCK={block}: fold {ms(lambda: L.fold(w, *f, 0.5)):.3f} ms, fold_grads "
-                      f"{ms(lambda: L.fold_grads(g, *f, 0.5, w=w)):.3f} ms (BLOCK={default}: {t_fold:.3f} / "
-                      f"{t_grads:.3f})", flush=True)
-            except Exception as exc:  # a diagnostic (128 may not fit)
-                print(f"BLOCK={block}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
-            finally:
-                L.BLOCK = default
         t_gemm = ms(lambda: dy.t() @ x)
-        rows.append([f"{d_out}x{d_in}", f"{t_fold:.3f}", f"{2 * dense_mb / t_fold:.0f}", f"{t_grads:.3f}",
-                     f"{4 * dense_mb / t_grads:.0f}", f"{t_gemm:.3f}"])
-        print(rows[-1], flush=True)
-    return markdown_table(["W (d_out x d_in), bf16, r=32", "fold ms", "fold GB/s", "fold_grads+W' ms",
-                           "fold_grads GB/s (G twice, W, W')", f"GEMM dyᵀx ({tokens} tokens) ms"], rows)
+        for block in (64, 32, 128):  # the tile side
+            for parts in (1, None):  # fold_grads unsplit, and split by the rule
+                L.BLOCK, L.GRAD_PARTS = block, parts
+                try:
+                    t_fold = ms(lambda: L.fold(w, *f, 0.5))
+                    t_grads = ms(lambda: L.fold_grads(g, *f, 0.5, w=w))
+                    n = L.grad_parts(d_out, d_in, g.device)
+                    rows.append([f"{d_out}x{d_in}", block, n, f"{t_fold:.3f}", f"{2 * dense_mb / t_fold:.0f}",
+                                 f"{t_grads:.3f}", f"{3 * dense_mb / t_grads:.0f}", f"{t_gemm:.3f}"])
+                except Exception as exc:  # a diagnostic (a tile may not fit)
+                    rows.append([f"{d_out}x{d_in}", block, parts, f"{type(exc).__name__}: {str(exc)[:100]}", "", "",
+                                 "", ""])
+                finally:
+                    L.BLOCK, L.GRAD_PARTS = 64, None
+                print(rows[-1], flush=True)
+    return markdown_table(["W (d_out x d_in), bf16, r=32", "BLOCK", "fold_grads parts", "fold ms", "fold GB/s",
+                           "fold_grads+W' ms", "fold_grads GB/s (G, W, W' once)", f"GEMM dyᵀx ({tokens} tokens) ms"],
+                          rows)
 
 
 def launch_section() -> str:
@@ -409,6 +491,10 @@ def launch_section() -> str:
                      " / ".join(f"{d:.3g}" for d in diffs) + f"; shortcut still on: {outs['shortcut again on']}"])
     cached = {getattr(k.kernel, "__name__", "?"): len(k.compiled) for k in dispatch._LAUNCHERS.values()}
     rows.append(["compiled variants cached per kernel", str(cached)])
+    direct = {getattr(k.kernel, "__name__", "?"): sum(e[2] is not None for e in k.compiled.values())
+              for k in dispatch._LAUNCHERS.values()}
+    rows.append(["launched directly (addresses, no runner): API found; variants per kernel",
+                 f"{dispatch._direct_launch_api() is not None}; {direct}"])
     dispatch.FAST_LAUNCH = True
     import inspect
 
@@ -451,6 +537,8 @@ def main(argv: list[str] | None = None) -> int:
     if "launch" in args.sections:
         parts.append(launch_section())
         print(parts[-1], flush=True)
+    if "gc" in args.sections:
+        parts.append(gc_section([v for m in args.methods for v in MODEL_VARIANTS[m]]))
     if "cprofile" in args.sections:
         parts.append(cprofile_section([v for m in args.methods for v in MODEL_VARIANTS[m]][:args.cprofile_max]))
     write_out_text("anatomy.md", "\n\n".join(parts))

@@ -19,6 +19,7 @@ as the profiler builds them.
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import sys
 import time
@@ -46,6 +47,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3, help="rounds not timed")
     parser.add_argument("--quick", action="store_true", help="tiny-llama on the CPU (smoke test)")
     parser.add_argument("--seq", type=int, default=None)
+    parser.add_argument("--gc-freeze", action="store_true",
+                        help="gc.freeze() once the models are built (their objects out of the collector's scans)")
     args = parser.parse_args(argv)
     common = (dict(preset="tiny-llama", rank=8, batch=2, seq=args.seq or 64, device="cpu", dtype="float32")
               if args.quick else
@@ -57,6 +60,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         options = ProfileOptions(method=method, backend=backend, release_outputs=True, **common)
         sessions.append((text, TrainingSession.prepare(options)))
         print(f"built {text}", flush=True)
+    if args.gc_freeze:
+        gc.collect()
+        gc.freeze()
     cuda = common["device"] == "cuda"
     times: dict[str, list[float]] = {name: [] for name, _ in sessions}
     for round_index in range(args.warmup + args.rounds):
@@ -70,23 +76,29 @@ def main(argv: Sequence[str] | None = None) -> int:
             if round_index >= args.warmup:
                 times[name].append(time.perf_counter() - t0)
     yardstick = sessions[0][0]
-    sink = JsonlSink("paired_steps.jsonl")
+    out_name = "paired_steps_gc-freeze" if args.gc_freeze else "paired_steps"
+    sink = JsonlSink(f"{out_name}.jsonl")
     rows = []
     for name, _ in sessions:
         ratios = [t / y for t, y in zip(times[name], times[yardstick])]
         q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+        peft = f"peft-bf16:{parse_config(name)[1]}"  # the same method in PEFT with bf16 adapters, when run
+        vs_peft = (statistics.median(t / p for t, p in zip(times[name], times[peft]))
+                   if peft in times and peft != name else None)
         sink.write({"config": name, "yardstick": yardstick, "step_times_s": [round(t, 6) for t in times[name]],
                     "median_s": statistics.median(times[name]), "ratio_median": statistics.median(ratios),
-                    "ratio_quartiles": [q[0], q[2]], **common})
+                    "ratio_quartiles": [q[0], q[2]], "ratio_to_peft_bf16_median": vs_peft, **common})
         rows.append([name, f"{statistics.median(times[name]):.4f}", f"{min(times[name]):.4f}",
-                     f"{statistics.median(ratios):.3f}", f"{q[0]:.3f}-{q[2]:.3f}"])
+                     f"{statistics.median(ratios):.3f}", f"{q[0]:.3f}-{q[2]:.3f}",
+                     "" if vs_peft is None else f"{vs_peft:.3f}"])
     table = markdown_table(["config", "median s", "fastest s", f"÷ {yardstick} (median of paired rounds)",
-                            "interquartile"], rows)
+                            "interquartile", "÷ peft-bf16, same method (median of paired rounds)"], rows)
     text = (f"{environment_line()}\n\n{common['preset']}, r={common['rank']}, batch {common['batch']}, seq "
             f"{common['seq']}, {common['dtype']}; {args.rounds} paired rounds after {args.warmup} warm-up rounds, "
-            f"one step of each configuration per round, logits released before backward\n\n{table}\n")
+            f"one step of each configuration per round, logits released before backward"
+            f"{'; gc.freeze() after building' if args.gc_freeze else ''}\n\n{table}\n")
     print("\n" + text, flush=True)
-    write_out_text("paired_steps.md", text)
+    write_out_text(f"{out_name}.md", text)
     return 0
 
 

@@ -9,7 +9,10 @@ launch path (``kernel[grid](...)``: binding the arguments, reading its settings,
 the host several times a PyTorch op (``benchmarks/host_cost.py``). :func:`launch` therefore keeps, per kernel, the
 compiled kernel for each *specialisation key* — what Triton specialises a compiled kernel on: each tensor's dtype
 and 16-byte alignment, each integer's ``== 1`` / ``% 16 == 0`` / 32-bit range, the constexpr and launch options —
-and launches a cached one directly through the compiled kernel's own runner (``compiled[grid](*args)``). A key
+and launches a cached one directly: through the launcher Triton's runner calls (where this Triton's runner is the
+known one: no per-launch device, stream and metadata lookups), else through the runner (``compiled[grid](*args)``).
+Keys are tuples of small ints, so forming one allocates a single object (the step's garbage is the collector's
+work). A key
 seen for the first time goes through ``kernel[grid](...)``, which compiles or finds the kernel and returns it. Any
 surprise (an argument type the key does not know, a Triton without that API) turns the shortcut off for good and
 every launch takes Triton's own path; so does every launch while ``torch.compile`` traces (it understands
@@ -36,6 +39,15 @@ def use_triton(t: torch.Tensor) -> bool:
     return t.is_cuda or (t.device.type == "cpu" and os.environ.get(_INTERPRET) == "1")
 
 
+def current_stream_id(device: torch.device) -> int:
+    """The raw handle of ``device``'s current CUDA stream (0 for other devices)."""
+    if device.type != "cuda":
+        return 0
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return raw(index) if raw is not None else torch.cuda.current_stream(index).cuda_stream
+
+
 def cdiv(a: int, b: int) -> int:
     """``ceil(a / b)`` for positive ints (plain Python: ``triton.cdiv`` is a constexpr function, slower to call)."""
     return -(-a // b)
@@ -54,24 +66,99 @@ class _Unkeyable(Exception):
     """An argument the specialisation key does not cover."""
 
 
-def _arg_key(arg: Any) -> Any:
-    """What Triton specialises a compiled kernel on for one runtime argument."""
+# Each argument's part of the key is a small int (CPython caches those: a key is one tuple of them):
+# a tensor 2·dtype + aligned (< 64); an int 64 + (== 1) + 2·(% 16 == 0) + 4·width; a bool 80 / 81; a float 90;
+# None 91.
+_DTYPE_CODES = {dtype: i for i, dtype in enumerate((torch.float32, torch.float16, torch.bfloat16, torch.float64,
+                                                    torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64,
+                                                    torch.bool, torch.float8_e4m3fn, torch.float8_e5m2))}
+
+
+def _tensor_code(t: torch.Tensor) -> int:
+    """``2·dtype`` of a GPU tensor (its alignment is added by the caller, who has its address)."""
+    code = _DTYPE_CODES.get(t.dtype)
+    if code is None or not t.is_cuda:  # a CPU tensor: Triton's own path reports it (never passed on as an address)
+        raise _Unkeyable(str(t.dtype) if code is None else "a tensor not on the GPU")
+    return 2 * code
+
+
+def _int_code(n: int) -> int:
+    width = 0 if -2147483648 <= n < 2147483648 else 1 if n < 9223372036854775808 else 2  # i32 / i64 / u64
+    return 64 + (n == 1) + 2 * (n & 15 == 0) + 4 * width
+
+
+def _arg_key(arg: Any) -> int:
+    """What Triton specialises a compiled kernel on for one runtime argument, as a small int."""
     if isinstance(arg, torch.Tensor):
-        return arg.dtype, arg.data_ptr() % 16 == 0
+        return _tensor_code(arg) + (arg.data_ptr() & 15 == 0)
     if isinstance(arg, bool):
-        return "b", arg
+        return 80 + arg
     if isinstance(arg, int):
-        width = 0 if -(2 ** 31) <= arg < 2 ** 31 else 1 if arg < 2 ** 63 else 2  # i32 / i64 / u64
-        return "i", arg == 1, arg % 16 == 0, width
+        return _int_code(arg)
     if isinstance(arg, float):
-        return "f"
+        return 90
     if arg is None:
-        return None
+        return 91
     raise _Unkeyable(type(arg).__name__)
+
+
+_TENSOR, _PARAMETER = torch.Tensor, torch.nn.Parameter
+
+
+def _key_and_addresses(args: tuple) -> tuple[list[int], list[Any]]:
+    """Each argument's key code (:func:`_arg_key`) and the argument as the launcher may take it (a tensor as its
+    address), in one pass: the common types by exact type (``isinstance(x, torch.Tensor)`` is slow)."""
+    codes: list[int] = []
+    addresses: list[Any] = []
+    for arg in args:
+        kind = type(arg)
+        if kind is _TENSOR or kind is _PARAMETER:
+            address = arg.data_ptr()
+            codes.append(_tensor_code(arg) + (address & 15 == 0))
+            addresses.append(address)
+        elif kind is int:
+            codes.append(_int_code(arg))
+            addresses.append(arg)
+        else:
+            codes.append(_arg_key(arg))
+            addresses.append(arg.data_ptr() if isinstance(arg, torch.Tensor) else arg)
+    return codes, addresses
 
 
 def _grid3(grid: tuple[int, ...]) -> tuple[int, int, int]:
     return (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
+
+
+# Triton's own runner (``CompiledKernel.__getitem__``) calls the launcher as below; where this Triton's source says
+# so, a cached kernel is launched the same way without the runner's per-launch lookups (its device, its stream,
+# its launch metadata: None while no launch hook is set), and with each tensor passed as its address: the
+# launcher takes an int as a pointer as it is, where for a tensor it calls ``data_ptr()`` and asks the driver
+# whether the address is a device one (a driver call per pointer, the bulk of a launch's host time). The key
+# already checked that every tensor is on the GPU. Otherwise the runner is used.
+_RUNNER_CALL = ("self.run(grid[0],grid[1],grid[2],stream,self.function,self.packed_metadata,launch_metadata,"
+                "knobs.runtime.launch_enter_hook,knobs.runtime.launch_exit_hook,*args)")
+_DIRECT: tuple[Any, Any] | None | bool = False  # (knobs.runtime, stream getter) once checked; None: not usable
+
+
+def _direct_launch_api() -> tuple[Any, Any] | None:
+    """``(triton.knobs.runtime, current-stream getter)`` where launching a compiled kernel directly matches
+    Triton's runner, else None (checked once)."""
+    global _DIRECT
+    if _DIRECT is False:
+        _DIRECT = None
+        try:
+            import inspect
+
+            from triton import knobs
+            from triton.compiler.compiler import CompiledKernel
+
+            source = "".join(inspect.getsource(CompiledKernel.__getitem__).split())
+            stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+            if _RUNNER_CALL in source and stream is not None:
+                _DIRECT = (knobs.runtime, stream)
+        except Exception:  # another Triton: keep its runner
+            _DIRECT = None
+    return _DIRECT
 
 
 class _KernelLauncher:
@@ -80,21 +167,33 @@ class _KernelLauncher:
     def __init__(self, kernel: Any) -> None:
         self.kernel = kernel
         self.names = [p.name for p in kernel.params]  # every parameter, in signature order (constexprs too)
-        self.compiled: dict[tuple, Any] = {}
+        # key -> (compiled kernel, constexpr values in signature order, (launcher, function, metadata) or None)
+        self.compiled: dict[tuple, tuple[Any, tuple, tuple | None]] = {}
 
     def launch(self, grid: tuple[int, ...], device: int, args: tuple, kwargs: dict[str, Any]) -> None:
         """Launch; raises :class:`_Unkeyable` / ``KeyError`` (before launching) where the key cannot be formed."""
-        rest = self.names[len(args):]
-        tail = tuple(kwargs[name] for name in rest)  # the constexprs, given by keyword
-        options = tuple(sorted((k, v) for k, v in kwargs.items() if k not in rest))
-        key = (device, tuple(map(_arg_key, args)), tail, options)
-        compiled = self.compiled.get(key)
-        if compiled is not None:
-            compiled[_grid3(grid)](*args, *tail)
+        codes, addresses = _key_and_addresses(args)
+        key = (device, *codes, *kwargs.items())
+        entry = self.compiled.get(key)
+        if entry is not None:
+            compiled, tail, direct = entry
+            api = _DIRECT
+            if direct is not None and api and api[0].launch_enter_hook is None:
+                run, function, metadata = direct
+                g = _grid3(grid)
+                run(g[0], g[1], g[2], api[1](device), function, metadata, None, None, api[0].launch_exit_hook,
+                    *addresses, *tail)
+            else:
+                compiled[_grid3(grid)](*args, *tail)
             return
+        tail = tuple(kwargs[name] for name in self.names[len(args):])  # the constexprs, given by keyword
         compiled = self.kernel[grid](*args, **kwargs)  # compiles or finds it; returns the compiled kernel
         if compiled is not None and hasattr(compiled, "__getitem__"):
-            self.compiled[key] = compiled
+            direct = None
+            if _direct_launch_api() is not None and all(hasattr(compiled, a) for a in ("run", "function",
+                                                                                      "packed_metadata")):
+                direct = (compiled.run, compiled.function, compiled.packed_metadata)
+            self.compiled[key] = (compiled, tail, direct)
 
 
 _LAUNCHERS: dict[int, _KernelLauncher] = {}

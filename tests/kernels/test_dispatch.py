@@ -12,6 +12,21 @@ import torch
 
 from slimtune.kernels import dispatch as D
 
+_real_tensor_code = D._tensor_code
+
+
+class _AsCuda:
+    """A CPU tensor's dtype, reporting itself on the GPU (these tests launch stand-in kernels on CPU tensors)."""
+
+    def __init__(self, t):
+        self.dtype, self.is_cuda = t.dtype, True
+
+
+@pytest.fixture(autouse=True)
+def _keys_for_cpu_tensors(monkeypatch, request):
+    if "not_keyed" not in request.node.name:
+        monkeypatch.setattr(D, "_tensor_code", lambda t: _real_tensor_code(_AsCuda(t)))
+
 
 class FakeCompiled:
     def __init__(self, log):
@@ -87,3 +102,56 @@ def test_cpu_tensors_never_take_the_shortcut(monkeypatch):
 def test_grid_and_block_helpers():
     assert [D.cdiv(a, 4) for a in (1, 4, 5, 8)] == [1, 1, 2, 2]
     assert [D.next_power_of_2(n) for n in (0, 1, 2, 3, 16, 17)] == [1, 1, 2, 4, 16, 32]
+
+
+class FakeDirectCompiled(FakeCompiled):
+    """A compiled kernel with the launcher, function handle and packed metadata Triton's runner passes on."""
+
+    function, packed_metadata = "function", "metadata"
+
+    def run(self, *args):
+        self.log.append(("direct", args))
+
+
+class FakeDirectKernel(FakeKernel):
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            self.log.append(("triton", grid, args, kwargs))
+            return FakeDirectCompiled(self.log)
+
+        return run
+
+
+def test_cached_kernels_launch_directly_like_tritons_runner(monkeypatch):
+    """Where Triton's runner is the known one, a repeat launch calls the launcher itself with the runner's
+    arguments (grid, the device's current stream, function, metadata, no launch metadata, the hooks); while a
+    launch hook is set, it goes through the runner."""
+    knobs = types.SimpleNamespace(launch_enter_hook=None, launch_exit_hook=None)
+    monkeypatch.setattr(D, "_DIRECT", (knobs, lambda device: 1000 + device))
+    kernel, x = FakeDirectKernel(), torch.randn(32)
+    launcher = D._KernelLauncher(kernel)
+    launcher.launch((4,), 3, (x, 100, 0.5), {"BLOCK": 64, "num_warps": 4})
+    launcher.launch((8, 2), 3, (x, 100, 0.25), {"BLOCK": 64, "num_warps": 4})
+    # tensors go as their addresses (the launcher then skips its per-pointer driver query)
+    assert kernel.log[1] == ("direct", (8, 2, 1, 1003, "function", "metadata", None, None, None, x.data_ptr(), 100,
+                                        0.25, 64))
+    knobs.launch_enter_hook = print
+    launcher.launch((2,), 3, (x, 100, 0.25), {"BLOCK": 64, "num_warps": 4})
+    assert kernel.log[2] == ("cached", (2, 1, 1), (x, 100, 0.25, 64))
+
+
+def test_unknown_dtypes_and_cpu_tensors_are_not_keyed():
+    with pytest.raises(D._Unkeyable, match="complex"):
+        D._arg_key(torch.zeros(2, dtype=torch.complex64))
+    with pytest.raises(D._Unkeyable, match="not on the GPU"):  # never passed on as a raw address
+        D._arg_key(torch.zeros(2))
+
+
+def test_one_pass_key_matches_the_per_argument_key():
+    base = torch.zeros(64)
+    args = (base[:32], torch.nn.Parameter(torch.zeros(8, dtype=torch.bfloat16)), base[1:9], 1, 96, 100, -3, 2 ** 33,
+            2 ** 63 + 1, 0.5, True, None)
+    codes, addresses = D._key_and_addresses(args)
+    assert codes == [D._arg_key(a) for a in args]
+    assert addresses[:3] == [t.data_ptr() for t in args[:3]] and addresses[3:] == list(args[3:])
+    assert codes[0] != codes[2]  # aligned and not

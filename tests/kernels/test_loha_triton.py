@@ -5,13 +5,14 @@ folded path (Linear, Conv1d/Conv2d with stride, groups, rank dropout) through th
 reference; fp32 and fp16 (the interpreter mishandles bf16). One subprocess (the interpreter is chosen at import).
 """
 import pytest
+import torch
 
 from tests.helpers import run_interpreted
 
 pytest.importorskip("triton")
 
 SCRIPT = r"""
-import json, torch
+import itertools, json, torch
 from torch import nn
 from slimtune.adapters.loha import LohaLayer
 from slimtune.kernels import loha_triton as L
@@ -56,6 +57,26 @@ dense = w.double() + delta.detach()
 results["block32"] = max([rel_err(got[4], dense), rel_err(L.fold(w, *f, 0.5), dense)]
                          + [rel_err(a, b.grad) for a, b in zip(got[:4], leaves)])
 L.BLOCK = 64
+
+# fold_grads split into parts (fp32 partial sums, one reduction): the same results, including empty parts
+for parts, dtype, (M, K, r) in itertools.product((2, 3, 5), (torch.float32, torch.float16),
+                                                 ((70, 130, 20), (5, 7, 3))):
+    L.GRAD_PARTS = parts
+    scale = torch.rand(M).to(dtype)
+    w, g = torch.randn(M, K).to(dtype), torch.randn(M, K).to(dtype)
+    f = [torch.randn(M, r).to(dtype), torch.randn(r, K).to(dtype), torch.randn(M, r).to(dtype),
+         torch.randn(r, K).to(dtype)]
+    leaves = [p.double().requires_grad_() for p in f]
+    delta = (scale.double()[:, None] * (leaves[0] @ leaves[1])) * (leaves[2] @ leaves[3])
+    delta.backward(g.double())
+    got = L.fold_grads(g, *f, scale, w=w)
+    key = f"parts{parts}/{str(dtype)[6:]}/{M}x{K}"
+    results[key] = max([rel_err(got[4], w.double() + delta.detach())]
+                       + [rel_err(a, b.grad) for a, b in zip(got[:4], leaves)])
+    results[key + "/dtypes"] = sorted({str(t.dtype)[6:] for t in got})
+L.GRAD_PARTS = None
+results["counters left zero"] = all(int(c.abs().sum()) == 0 for c in L._COUNTERS.values())
+results["auto-parts"] = [L.grad_parts(70, 130, torch.device("cpu")), L.grad_parts(4096, 4096, torch.device("cpu"))]
 
 layers = {
     "linear": (lambda: nn.Linear(40, 36), (3, 5, 40), 4),
@@ -126,6 +147,27 @@ def test_fold_kernels_match_float64(interpreted, dtype, tol):
     assert interpreted["block32"] < 1e-6
     bad = {k: v for k, v in errors.items() if not v < tol}
     assert not bad, bad
+    # split into parts
+    parts = {k: v for k, v in interpreted.items() if k.startswith("parts") and f"/{dtype}/" in k
+             and not k.endswith("dtypes")}
+    assert len(parts) == 6, parts
+    bad = {k: v for k, v in parts.items() if not v < tol}
+    assert not bad, bad
+    assert all(interpreted[k + "/dtypes"] == [dtype] for k in parts)  # the partial sums cast back
+    assert interpreted["counters left zero"]  # each launch resets its block counters for the next
+
+
+def test_fold_grads_splits_only_thin_grids(interpreted, monkeypatch):
+    """Few blocks stay one part; on a 132-SM GPU the 3B shapes split until ~4 programs per SM."""
+    assert interpreted["auto-parts"] == [1, 1]
+    from slimtune.kernels import loha_triton as L
+
+    monkeypatch.setattr(L, "_sm_count", lambda device: 132)
+    cuda = torch.device("cuda", 0)
+    parts = {shape: L.grad_parts(*shape, cuda) for shape in ((3072, 3072), (1024, 3072), (8192, 3072), (70, 130))}
+    assert parts == {(3072, 3072): 6, (1024, 3072): 4, (8192, 3072): 3, (70, 130): 1}
+    monkeypatch.setattr(L, "GRAD_PARTS", 2)
+    assert L.grad_parts(70, 130, cuda) == 2
 
 
 @pytest.mark.parametrize("dtype,tol", [("float32", 1e-4), ("float16", 5e-3)])

@@ -45,9 +45,9 @@ def _loha():
     return [
         (L._fold_kernel, dict(factors, w_ptr="*bf16", out_ptr="*bf16", stride_w="i32", stride_out="i32",
                               HAS_ROW_SCALE=False)),
-        (L._grads_kernel, dict(factors, g_ptr="*bf16", d1a_ptr="*bf16", d1b_ptr="*bf16", d2a_ptr="*bf16",
-                               d2b_ptr="*bf16", w_ptr="*bf16", out_ptr="*bf16", stride_g="i32", stride_w="i32",
-                               stride_out="i32", n_row_blocks="i32", HAS_ROW_SCALE=True, FOLD=True)),
+        (L._grads_kernel, dict(factors, g_ptr="*bf16", grads_ptr="*bf16", w_ptr="*bf16", out_ptr="*bf16",
+                               stride_g="i32", stride_w="i32", stride_out="i32", partial_ptr="*fp32",
+                               counter_ptr="*i32", n_parts="i32", HAS_ROW_SCALE=True, FOLD=True)),
     ]
 
 
