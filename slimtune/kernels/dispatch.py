@@ -12,9 +12,8 @@ and 16-byte alignment, each integer's ``== 1`` / ``% 16 == 0`` / 32-bit range, t
 and launches a cached one directly: through the launcher Triton's runner calls (where this Triton's runner is the
 known one: no per-launch device, stream and metadata lookups), else through the runner (``compiled[grid](*args)``).
 Keys are tuples of small ints, so forming one allocates a single object (the step's garbage is the collector's
-work). A key
-seen for the first time goes through ``kernel[grid](...)``, which compiles or finds the kernel and returns it. Any
-surprise (an argument type the key does not know, a Triton without that API) turns the shortcut off for good and
+work). A key seen for the first time goes through ``kernel[grid](...)``, which compiles or finds the kernel and
+returns it. Any surprise (an argument type the key does not know, a Triton without that API) turns the shortcut off for good and
 every launch takes Triton's own path; so does every launch while ``torch.compile`` traces (it understands
 ``kernel[grid](...)``, not the shortcut). ``SLIMTUNE_TRITON_FAST_LAUNCH=0`` turns it off from the start.
 """
@@ -46,6 +45,21 @@ def current_stream_id(device: torch.device) -> int:
     raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
     index = device.index if device.index is not None else torch.cuda.current_device()
     return raw(index) if raw is not None else torch.cuda.current_stream(index).cuda_stream
+
+
+_SM_COUNTS: dict[int, int] = {}
+
+
+def sm_count(device: torch.device, elsewhere: int) -> int:
+    """Streaming multiprocessors of a CUDA ``device`` (cached per device); ``elsewhere`` for other devices (the
+    interpreter: a stand-in the kernel modules pick for their grid rules)."""
+    if device.type != "cuda":
+        return elsewhere
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    count = _SM_COUNTS.get(index)
+    if count is None:
+        count = _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return count
 
 
 def cdiv(a: int, b: int) -> int:

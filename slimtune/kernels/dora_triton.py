@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .dispatch import cdiv, launch, next_power_of_2
+from .dispatch import cdiv, launch, next_power_of_2, sm_count
 
 #: block_d: columns per program; tile: elements per loaded tile (block_n = tile // block_d);
 #: programs_per_sm: grid size target (row chunks are added until there are about this many programs per SM);
@@ -44,7 +44,6 @@ from .dispatch import cdiv, launch, next_power_of_2
 #: vs 0.144 ms, bwd 0.142 vs 0.185 ms for the previous 256/4096/8/4).
 CONFIG = {"block_d": 128, "tile": 2048, "programs_per_sm": 16, "num_warps": 4}
 
-_SM_COUNT: dict[int, int] = {}
 _GRIDS: dict[tuple, tuple[int, int, int, int]] = {}
 
 
@@ -167,15 +166,6 @@ def _as_rows(t: torch.Tensor) -> torch.Tensor:
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
-def _sm_count(t: torch.Tensor) -> int:
-    if not t.is_cuda:
-        return 2
-    index = t.device.index if t.device.index is not None else torch.cuda.current_device()
-    if index not in _SM_COUNT:
-        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _SM_COUNT[index]
-
-
 def _grid(t: torch.Tensor, n_rows: int, n_cols: int) -> tuple[int, int, int, int]:
     """``(block_n, block_d, rows_per_chunk, n_chunks)`` for an ``[n_rows, n_cols]`` pass (cached per shape,
     device and :data:`CONFIG`: host time matters, launches are many)."""
@@ -185,7 +175,7 @@ def _grid(t: torch.Tensor, n_rows: int, n_cols: int) -> tuple[int, int, int, int
         block_d = min(CONFIG["block_d"], next_power_of_2(max(n_cols, 1)))
         block_n = max(1, CONFIG["tile"] // block_d)
         n_col_blocks = cdiv(n_cols, block_d)
-        target = CONFIG["programs_per_sm"] * _sm_count(t)
+        target = CONFIG["programs_per_sm"] * sm_count(t.device, 2)
         n_chunks = max(1, min(cdiv(target, n_col_blocks), cdiv(n_rows, block_n)))
         rows_per_chunk = cdiv(cdiv(max(n_rows, 1), n_chunks), block_n) * block_n
         grid = _GRIDS[key] = (block_n, block_d, rows_per_chunk, cdiv(max(n_rows, 1), rows_per_chunk))

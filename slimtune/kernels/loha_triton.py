@@ -29,7 +29,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .dispatch import cdiv, current_stream_id, launch, next_power_of_2
+from .dispatch import cdiv, current_stream_id, launch, next_power_of_2, sm_count
 
 #: largest LoHa rank the kernels take (the factor blocks live in registers); larger ranks use PyTorch
 MAX_RANK = 128
@@ -39,7 +39,6 @@ GRAD_PARTS: int | None = None
 GRAD_PROGRAMS_PER_SM = 4
 GRAD_MIN_TILES = 4
 INTERPRETER_SMS = 4
-_SMS: dict[int, int] = {}
 _COUNTERS: dict[tuple, torch.Tensor] = {}
 _PLANS: dict[tuple, tuple] = {}  # fold_grads' split and grid per shape, device and settings
 
@@ -234,14 +233,8 @@ def fold(w: torch.Tensor, w1a: torch.Tensor, w1b: torch.Tensor, w2a: torch.Tenso
 
 
 def _sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of ``device`` (CUDA), cached; the interpreter counts as :data:`INTERPRETER_SMS`."""
-    if device.type != "cuda":
-        return INTERPRETER_SMS
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    count = _SMS.get(index)
-    if count is None:
-        count = _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return count
+    """Streaming multiprocessors of ``device``; the interpreter counts as :data:`INTERPRETER_SMS`."""
+    return sm_count(device, INTERPRETER_SMS)
 
 
 def _counters(device: torch.device, n: int) -> torch.Tensor:
