@@ -15,3 +15,7 @@ class TargetError(SlimtuneError, ValueError):
 
 class CheckpointError(SlimtuneError, ValueError):
     """An adapter checkpoint is missing, corrupt, or does not fit the model."""
+
+
+class MissingDependencyError(SlimtuneError, ImportError):
+    """An optional dependency (transformers, peft, diffusers, bitsandbytes, matplotlib) is needed for what was asked."""

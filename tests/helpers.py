@@ -29,7 +29,7 @@ def read_adapter_dir(directory) -> tuple[dict, dict]:
 
     from safetensors.torch import load_file
 
-    from slimtune.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+    from slimtune.core.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 
     directory = Path(directory)
     tensors = {k: (tuple(v.shape), v.dtype) for k, v in load_file(directory / WEIGHTS_NAME).items()}

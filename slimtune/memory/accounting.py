@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from torch import nn
 
-from ..autograd_state import mark_transparent
+from ..core.autograd_state import mark_transparent
 
 
 def _storage_key(tensor: torch.Tensor) -> tuple[int, int] | None:

@@ -46,12 +46,19 @@ import weakref
 from typing import Any, Callable, Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from ..core import registry, simulation
+from ..core.inject import adapt
+from ..core.targeting import find_targets, output_head
 from ..errors import ConfigError
 from ..models import workload
+from ..quant.linear import NF4Linear
+from ..quant.nf4 import BLOCKSIZE, DQ_BLOCKSIZE, NF4Tensors
 from ..models.diffusion import DiffusionPreset
 from ..models.presets import ModelPreset, Preset, dtype_name, get_preset, resolve_dtype
 from .accounting import SavedTensorMeter
@@ -135,23 +142,6 @@ class MemoryEstimate:
 
 
 # -- the meta environment ---------------------------------------------------------------------------
-@dataclasses.dataclass
-class _Work:
-    """What a simulated step computes beyond the GEMMs/convolutions the dispatch mode counts itself."""
-
-    attention_flops: float = 0.0  # flash attention, forward and backward
-    dequant_bytes: float = 0.0  # NF4 dequantisation traffic (0.5 byte read + the dense write per element)
-
-
-_WORK: list[_Work] = []  # the running simulation's counters (a stack; empty outside simulations)
-
-
-def _count(**amounts: float) -> None:
-    if _WORK:
-        for name, value in amounts.items():
-            setattr(_WORK[-1], name, getattr(_WORK[-1], name) + value)
-
-
 class _FlashAttention(torch.autograd.Function):
     """What the flash kernel keeps and allocates, on meta tensors. q ``[B, H, S, d]``, k/v ``[B, Hkv, T, d]``."""
 
@@ -160,7 +150,7 @@ class _FlashAttention(torch.autograd.Function):
         # QKᵀ and PV: 4·B·H·S·T·d FLOPs (half of it under a causal mask); backward ≈ 2.5x (FlashAttention-2)
         flops = 4 * math.prod(q.shape[:-1]) * k.shape[-2] * q.shape[-1] * (0.5 if causal else 1.0)
         ctx.flops = flops
-        _count(attention_flops=flops)
+        simulation.count(attention_flops=flops)
         # the kernel writes [B, S, H, d] and returns it transposed, so the caller's transpose back is free
         out = q.new_empty((*q.shape[:-3], q.shape[-2], q.shape[-3], v.shape[-1])).transpose(-2, -3)
         lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
@@ -170,7 +160,7 @@ class _FlashAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
         q, k, v, _out, _lse = ctx.saved_tensors
-        _count(attention_flops=2.5 * ctx.flops)
+        simulation.count(attention_flops=2.5 * ctx.flops)
         accumulator = torch.empty(q.shape, dtype=torch.float32, device=q.device)  # float32 dq accumulation
         dq = torch.empty_like(q)
         del accumulator
@@ -185,58 +175,33 @@ class _FlashAttention(torch.autograd.Function):
         return dq, dk, dv, None
 
 
-def _sdpa_model(original: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-    def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None,
-             dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
-             enable_gqa: bool = False, **kwargs: Any) -> torch.Tensor:
-        if attn_mask is not None or query.device.type != "meta":
-            return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
-                            scale=scale, enable_gqa=enable_gqa, **kwargs)
-        return _FlashAttention.apply(query, key, value, bool(is_causal))
-    return sdpa
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
 
 
-def _dense_dequantize(t: Any, dtype: torch.dtype, code: torch.Tensor | None = None) -> torch.Tensor:
-    """The fused dequantisation kernel's only allocation: the dense weight."""
-    numel = math.prod(t.shape)
-    _count(dequant_bytes=numel * (0.5 + torch.empty((), dtype=dtype).element_size()))
-    return torch.empty(tuple(t.shape), dtype=dtype, device=t.packed.device)
+class _MetaAttention(TorchFunctionMode):
+    """Inside the block, an unmasked ``F.scaled_dot_product_attention`` on meta tensors allocates and saves what the
+    flash kernel does on the GPU (:class:`_FlashAttention`); any other call runs as it is. A torch function mode:
+    scoped to the ``with`` block and the thread, nothing of torch is replaced."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            bound = dict(zip(_SDPA_ARGS, args), **kwargs)
+            query = bound["query"]
+            if bound.get("attn_mask") is None and query.device.type == "meta":
+                return _FlashAttention.apply(query, bound["key"], bound["value"], bool(bound.get("is_causal", False)))
+        return func(*args, **kwargs)
 
 
 @contextlib.contextmanager
-def meta_environment() -> Iterator[None]:
-    """Patches under which slimtune's adapters, transformers and diffusers run a training step on meta tensors.
-
-    ``torch.is_autocast_enabled("meta")`` (which PyTorch rejects) answers False; unmasked attention follows the
-    flash kernel's memory (:class:`_FlashAttention`); NF4 dequantisation allocates only its output.
-    """
-    import torch.nn.functional as F
-
-    patches: list[tuple[Any, str, Any]] = []
-
-    def patch(owner: Any, name: str, value: Any) -> None:
-        patches.append((owner, name, getattr(owner, name)))
-        setattr(owner, name, value)
-
-    autocast = torch.is_autocast_enabled
-
-    def is_autocast_enabled(*args: Any) -> bool:
-        if args and (args[0] == "meta" or getattr(args[0], "type", None) == "meta"):
-            return False
-        return autocast(*args)
-
-    patch(torch, "is_autocast_enabled", is_autocast_enabled)
-    patch(F, "scaled_dot_product_attention", _sdpa_model(F.scaled_dot_product_attention))
-    with contextlib.suppress(ImportError, AttributeError):
-        from ..quant import linear as quant_linear
-
-        if hasattr(quant_linear, "dequantize_nf4"):
-            patch(quant_linear, "dequantize_nf4", _dense_dequantize)
-    try:
-        yield
-    finally:
-        for owner, name, value in reversed(patches):
-            setattr(owner, name, value)
+def meta_environment() -> Iterator[simulation.Work]:
+    """The block in which a training step is simulated on meta tensors: unmasked attention follows the flash
+    kernel's memory (:class:`_MetaAttention`), and the work the meta device cannot show is counted
+    (:mod:`slimtune.core.simulation`: attention FLOPs, NF4 dequantisation traffic — :func:`slimtune.quant.nf4.
+    dequantize_nf4` allocates only its output on meta). Nothing is patched: outside the block, and in other
+    threads, everything runs as before."""
+    with simulation.counting() as work, _MetaAttention():
+        yield work
 
 
 # -- building on meta -------------------------------------------------------------------------------
@@ -248,9 +213,6 @@ def _trained_part(model: nn.Module) -> nn.Module:
 def _meta_nf4_linear(linear: nn.Linear, compute_dtype: torch.dtype, code: torch.Tensor | None = None) -> nn.Module:
     """An :class:`~slimtune.quant.NF4Linear` with meta tensors in the layout ``quantize_nf4`` produces
     (``code``: a shared float32 ``[256]`` double-quantisation table, else one of its own)."""
-    from ..quant.linear import NF4Linear
-    from ..quant.nf4 import BLOCKSIZE, DQ_BLOCKSIZE, NF4Tensors
-
     n = linear.weight.numel()
     blocks = math.ceil(n / BLOCKSIZE)
     meta = dict(device="meta")
@@ -267,8 +229,6 @@ def _quantize_meta(part: nn.Module, compute_dtype: torch.dtype, device: str) -> 
 
     On the CPU every layer's double-quantisation table is the same tensor (``dynamic_map``'s cached CPU copy);
     on CUDA each layer holds its own copy."""
-    from ..targeting import output_head
-
     code = torch.empty(256, device="meta") if device == "cpu" else None
     head = output_head(part)
     names = [name for name, m in part.named_modules() if type(m) is nn.Linear and m is not head]
@@ -296,8 +256,6 @@ def build_meta_model(preset: str | Preset, method: str = "lora", rank: int = 16,
     """The configured model on the meta device: built, frozen text encoders, quantised (``nf4``) and adapted
     as :class:`slimtune.memory.profile.TrainingSession` does it; returns ``(model, preset)``. ``device``: the
     device whose storage layout to mirror (``"cuda"`` or ``"cpu"``)."""
-    from ..inject import adapt
-
     spec = get_preset(preset)
     torch_dtype = resolve_dtype(dtype)
     if quant not in QUANTS:
@@ -467,9 +425,7 @@ def _simulate(model: nn.Module, spec: Preset, method: str, batch: int, seq: int,
     allocator = _Allocator(rounding, external=set(storages))
     gradients = optimizer_state = state_live = retained = held_after_forward = 0
     first: dict[str, int] = {}
-    work = _Work()
-    _WORK.append(work)
-    with meta_environment(), allocator:
+    with meta_environment() as work, allocator:
         inputs = workload.make_inputs(spec, model, batch, seq, "meta", dtype, None, resolution=resolution)
         out: Any = None
         for step in range(steps):
@@ -506,7 +462,6 @@ def _simulate(model: nn.Module, spec: Preset, method: str, batch: int, seq: int,
             out = None
             retained = live - allocator.live
         del out, inputs
-    _WORK.remove(work)
     phases = dict(allocator.phase_peaks)
     peak = allocator.peak
     if steps == 1:
@@ -647,8 +602,6 @@ def adapter_bytes(base: nn.Module, preset: str | Preset, method: str, rank: int,
                   adapter_dtype: torch.dtype | None = None) -> tuple[int, int]:
     """``(bytes, parameters)`` of the adapter ``method`` at ``rank`` would add to the unadapted (meta) ``base``
     (its trained part), counted by creating each adapter layer on meta without changing ``base``."""
-    from ..targeting import find_targets
-
     if method == "none":
         return 0, 0
     part = _trained_part(base)
@@ -657,7 +610,7 @@ def adapter_bytes(base: nn.Module, preset: str | Preset, method: str, rank: int,
     total_bytes = total = 0
     with meta_environment():
         for name, module in find_targets(part, config):
-            layer = config.create_adapter(name, module)
+            layer = registry.build_adapter(config, name, module)
             for param in layer.parameters():
                 if param is not getattr(module, "weight", None) and param is not getattr(module, "bias", None):
                     total_bytes += param.numel() * param.element_size()

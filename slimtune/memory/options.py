@@ -1,7 +1,6 @@
 """One profile configuration: its options, their defaults and checks, and its command-line arguments."""
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import importlib.util
 import math
@@ -10,7 +9,8 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
-from ..models.presets import MissingDependencyError, dtype_name, get_preset, resolve_dtype
+from ..errors import MissingDependencyError
+from ..models.presets import dtype_name, get_preset, resolve_dtype
 from ..models.workload import METHODS  # one list for the profiler and the estimator
 BACKENDS = ("slimtune", "peft", "peft-bf16")
 QUANTS = ("none", "nf4")
@@ -102,7 +102,7 @@ class ProfileOptions:
                                    dtype=dtype_name(resolve_dtype(dtype)), model_dir=model_dir)
 
     def to_argv(self) -> list[str]:
-        """Command-line arguments that reproduce these options for ``python -m slimtune.memory.profile``."""
+        """``slimtune profile`` arguments that reproduce these options (the child processes get them)."""
         argv = ["--preset", self.preset, "--method", self.method, "--rank", str(self.rank),
                 "--seq", str(self.seq), "--steps", str(self.steps), "--backend", self.backend,
                 "--seed", str(self.seed)]
@@ -146,50 +146,3 @@ def check_dependencies(backend: str, quant: str = "none", extra: tuple[str, ...]
         hint = "pip install " + " ".join(n for n in missing if n not in ("transformers", "peft"))
         hint = "pip install 'slimtune[hf]'" if set(missing) <= {"transformers", "peft"} else hint
         raise MissingDependencyError(f"{' and '.join(missing)} not installed; install with: {hint}")
-
-
-# -- command line (one configuration per process) ---------------------------------------------------
-def add_profile_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of one profile configuration (shared by this runner and ``slimtune profile``)."""
-    from ..models.presets import PRESETS
-
-    parser.add_argument("--preset", default="tiny-llama", metavar="NAME",
-                        help=f"model preset: {', '.join(PRESETS)} (default: tiny-llama)")
-    parser.add_argument("--method", default="lora", metavar="{" + ",".join(METHODS) + "}",
-                        help="adapter method, or none = full fine-tune; locon = LoRA on the linear and the "
-                             "convolution layers (default: lora)")
-    parser.add_argument("--rank", type=int, default=16, help="adapter rank (default: 16)")
-    parser.add_argument("--alpha", type=float, default=None,
-                        help="adapter alpha where the method has one (default: the rank)")
-    parser.add_argument("--batch", type=int, default=None, help="batch size (default: 4 on cuda, 2 on cpu)")
-    parser.add_argument("--seq", type=int, default=128, help="sequence length (default: 128)")
-    parser.add_argument("--steps", type=int, default=4, help="training steps (default: 4)")
-    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
-    parser.add_argument("--dtype", default=None,
-                        help="float32, bfloat16 or float16 (default: bfloat16 on cuda, float32 on cpu)")
-    parser.add_argument("--backend", default="slimtune", metavar="{slimtune,peft,peft-bf16}",
-                        help="slimtune; peft = PEFT default (float32 adapters); peft-bf16 = PEFT with "
-                             "autocast_adapter_dtype=False (default: slimtune)")
-    parser.add_argument("--model-dir", default=None, metavar="DIR",
-                        help="a local Hugging Face causal-LM directory (config.json; weights loaded when present, "
-                             "random init when absent) instead of --preset")
-    parser.add_argument("--quant", default="none", metavar="{" + ",".join(QUANTS) + "}",
-                        help="base weights: none, or nf4 = 4-bit NormalFloat with double quantisation (QLoRA; "
-                             "bitsandbytes Linear4bit for the PEFT backends) (default: none)")
-    parser.add_argument("--grad-checkpointing", "--grad-ckpt", dest="grad_checkpointing", action="store_true",
-                        help="gradient checkpointing (non-reentrant)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for weights and token ids (default: 0)")
-    parser.add_argument("--release-outputs", action="store_true",
-                        help="drop each step's outputs (logits) once the loss is taken, before backward; by default "
-                             "they live through backward into the next forward, as in the PEFT baseline protocol")
-
-
-def options_from_args(args: argparse.Namespace) -> ProfileOptions:
-    """:class:`ProfileOptions` from parsed :func:`add_profile_arguments` arguments (not yet resolved)."""
-    alpha = args.alpha
-    if alpha is not None and float(alpha).is_integer():
-        alpha = int(alpha)
-    return ProfileOptions(preset=args.preset, method=args.method, rank=args.rank, alpha=alpha, batch=args.batch,
-                          seq=args.seq, steps=args.steps, device=args.device, dtype=args.dtype,
-                          backend=args.backend, grad_checkpointing=args.grad_checkpointing, seed=args.seed,
-                          release_outputs=args.release_outputs, quant=args.quant, model_dir=args.model_dir)

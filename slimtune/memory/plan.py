@@ -26,18 +26,17 @@ the one configuration exactly.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import re
 from typing import Any, Callable, Sequence
 
 from ..errors import ConfigError
 from ..models import workload
 from ..models.diffusion import DiffusionPreset
-from ..models.presets import PRESETS, ModelPreset, Preset, get_preset, resolve_dtype
+from ..models.presets import ModelPreset, Preset, get_preset, resolve_dtype
 from .estimate import (BREAKDOWN_KEYS, MemoryEstimate, StepSim, adapter_bytes, build_meta_model, estimate_from_sim,
-                       estimate_memory, simulate_points)
+                       simulate_points)
+from .report import format_bytes, format_count
 
 GiB = 2**30
 #: Memory the allocator never sees: CUDA context, cuBLAS/cuDNN handles, driver reservations.
@@ -308,7 +307,6 @@ def breakdown_table(est: MemoryEstimate, gpu_mem: int | None = None) -> Any:
     """A rich Table of one estimate: the parts of the peak, then the activations by module kind."""
     from rich.table import Table
 
-    from .report import format_bytes, format_count
 
     table = Table(title=f"{est.label} · batch {est.batch} × "
                         + (f"{est.resolution}² latents" if est.resolution else f"seq {est.seq}") + f" · {est.dtype}")
@@ -342,100 +340,3 @@ def breakdown_table(est: MemoryEstimate, gpu_mem: int | None = None) -> Any:
 FOOTNOTE = ("Budget: predicted peak ≤ (card − {ctx:.2f} GiB for the CUDA context and library handles) × "
             "{keep:.0%} (allocator fragmentation and estimation error). Speed: modelled tokens/s relative to the "
             "fastest fitting configuration (step FLOPs incl. recomputation, plus NF4 dequantisation traffic).")
-
-
-# -- command line -----------------------------------------------------------------------------------
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in str(text).split(",") if v.strip()]
-    except ValueError:
-        raise ConfigError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or any(v <= 0 for v in values):
-        raise ConfigError(f"expected positive integers, got {text!r}")
-    return values
-
-
-def _str_list(text: str) -> list[str]:
-    return [v.strip() for v in str(text).split(",") if v.strip()]
-
-
-def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
-    """``slimtune plan``'s arguments."""
-    parser.add_argument("--model", "--preset", dest="model", default="llama-7b", metavar="NAME",
-                        help=f"model preset: {', '.join(PRESETS)} (default: llama-7b)")
-    parser.add_argument("--gpu-mem", default=None, metavar="SIZE",
-                        help="GPU memory to fit, e.g. 16GB, 24GB, 80GB (GB = GiB). Required for the search")
-    parser.add_argument("--method", default=None,
-                        help=f"one method ({', '.join(workload.METHODS)}): print its predicted breakdown")
-    parser.add_argument("--methods", default=None,
-                        help="methods to search (comma-separated; default: all for the model)")
-    parser.add_argument("--rank", "--ranks", dest="ranks", default="16", help="rank(s) (default: 16)")
-    parser.add_argument("--quant", default=None, help="none, nf4 or none,nf4 (default: none,nf4 when searching)")
-    parser.add_argument("--batch", default=None, help="batch size(s) (default: 1,2,4,8; one value: 4)")
-    parser.add_argument("--seq", default=None, help="sequence length(s) for language models (default: 512,1024,2048)")
-    parser.add_argument("--resolution", default=None,
-                        help="latent side(s) for diffusion models (default: the model's sample size)")
-    parser.add_argument("--grad-ckpt", choices=("off", "on", "both"), default=None,
-                        help="gradient checkpointing (default: both when searching, off for one method)")
-    parser.add_argument("--dtype", default="bfloat16", help="compute dtype of weights and activations (default bf16)")
-    parser.add_argument("--release-outputs", action="store_true",
-                        help="the training loop drops each step's outputs (logits) before backward")
-    parser.add_argument("--top", type=int, default=15, help="rows to list (default: 15)")
-    parser.add_argument("--tflops", type=float, default=DEFAULT_TFLOPS,
-                        help=f"effective TFLOP/s of the throughput model (default {DEFAULT_TFLOPS:g})")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
-
-
-def run_plan(args: argparse.Namespace) -> int:
-    """``slimtune plan``: the search (``--gpu-mem``) or one configuration's breakdown (``--method``)."""
-    from rich.console import Console
-
-    spec = get_preset(args.model)
-    diffusion = isinstance(spec, DiffusionPreset)
-    gpu_mem = parse_size(args.gpu_mem) if args.gpu_mem is not None else None
-    gc_choice = args.grad_ckpt
-    console = Console(stderr=args.json)
-    if args.method is not None:
-        ranks, batches = _int_list(args.ranks), _int_list(args.batch or "4")
-        seqs = _int_list(args.seq or "512")
-        res = _int_list(args.resolution)[0] if args.resolution else None
-        if len(ranks) > 1 or len(batches) > 1 or len(seqs) > 1:
-            raise ConfigError("--method predicts one configuration: give one --rank, --batch and --seq "
-                              "(or use --methods with --gpu-mem to search)")
-        quant = args.quant or "none"
-        est = estimate_memory(spec, args.method, ranks[0], batch=batches[0], seq=seqs[0], resolution=res, quant=quant,
-                              dtype=args.dtype, grad_checkpointing=gc_choice == "on",
-                              release_outputs=args.release_outputs, reduced_depth=True)
-        if args.json:
-            payload = est.to_dict()
-            if gpu_mem is not None:
-                payload["fits"] = est.peak_bytes <= usable_bytes(gpu_mem)
-            print(json.dumps(payload))
-        else:
-            console.print(breakdown_table(est, gpu_mem))
-        return 0
-    if gpu_mem is None:
-        raise ConfigError("give --gpu-mem SIZE to search what fits, or --method (and --rank, --batch, --seq) "
-                          "for one configuration's breakdown")
-    checkpointing = {"off": (False,), "on": (True,)}.get(gc_choice or "both", (False, True))
-    with console.status(f"simulating {spec.name} on the meta device…") as status:
-        rows = search(spec, gpu_mem, methods=_str_list(args.methods) if args.methods else None,
-                      ranks=_int_list(args.ranks), quants=_str_list(args.quant or "none,nf4"),
-                      batches=_int_list(args.batch or "1,2,4,8"), seqs=_int_list(args.seq or "512,1024,2048"),
-                      resolutions=_int_list(args.resolution) if args.resolution else None,
-                      grad_checkpointing=checkpointing, dtype=args.dtype, release_outputs=args.release_outputs,
-                      tflops=args.tflops, on_group=lambda text: status.update(f"simulating {spec.name}: {text}…"))
-    if args.json:
-        print(json.dumps({"model": spec.name, "gpu_mem_bytes": gpu_mem, "budget_bytes": usable_bytes(gpu_mem),
-                          "rows": [r.to_dict() for r in rows], "skipped": rows.skipped}))
-        return 0
-    console.print(f"[bold]{spec.name}[/bold] — {spec.description}", highlight=False)
-    console.print(summary_table(rows, gpu_mem, diffusion))
-    console.print(search_table(rows, gpu_mem, args.top, diffusion))
-    for line in rows.skipped:
-        console.print(f"[yellow]not simulated[/yellow] {line}", highlight=False)
-    console.print(f"[dim]{FOOTNOTE.format(ctx=CONTEXT_BYTES / GiB, keep=1 - FRAGMENTATION)}[/dim]", highlight=False)
-    if str(args.dtype).lower() in ("bfloat16", "bf16"):
-        console.print("[dim]bf16 needs an Ampere or newer GPU; on a V100/T4 train in fp16 (--dtype float16): "
-                      "the same memory.[/dim]", highlight=False)
-    return 0 if any(r.fits for r in rows) else 1

@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..models.presets import MissingDependencyError
+from ..errors import MissingDependencyError
 from .accounting import ACTIVATION_KINDS
 from .report import BREAKDOWN_LABELS, size_unit
 from .result import BREAKDOWN_KEYS, ProfileResult

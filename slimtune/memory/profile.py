@@ -23,36 +23,37 @@ here; other preset families (diffusion UNets, DiTs) through :mod:`slimtune.model
 ``quant="nf4"`` stores the base weights in 4 bits before the adapter is applied: ``slimtune.quantize``
 for the slimtune backend, bitsandbytes ``Linear4bit`` (what PEFT's QLoRA uses) for the PEFT backends.
 
-Run one configuration per process, for clean peaks: ``python -m slimtune.memory.profile --json ...``
-prints exactly one JSON line with the result. Options live in :mod:`.options`, the result in :mod:`.result`.
+Run one configuration per process, for clean peaks: :mod:`.subproc` starts ``python -m slimtune profile-child``
+processes, each printing exactly one JSON line with the result. Options live in :mod:`.options`, the result in
+:mod:`.result`.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import glob
-import json
 import os
-import sys
 import time
+from types import ModuleType
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
-from ..errors import ConfigError, SlimtuneError
-from ..models.presets import (MissingDependencyError, build_model, dtype_name, get_preset, require_transformers,
-                              resolve_dtype)
-from .options import (BACKENDS, METHODS, QUANTS, ProfileOptions, add_profile_arguments, check_dependencies,
-                      options_from_args)
+from ..version import __version__
+from ..core.inject import adapt
+from ..errors import ConfigError, MissingDependencyError
+from ..models import workload
+from ..models.deps import require_transformers
+from ..models.presets import build_model, dtype_name, get_preset, resolve_dtype
+from .accounting import SavedTensorMeter, gradient_bytes, module_state_bytes, optimizer_state_bytes, storage_bytes
+from .options import BACKENDS, METHODS, QUANTS, ProfileOptions, check_dependencies
 from .result import (CPU_MEMORY, CUDA_MEMORY, WARMUP_STEPS, ProfileResult, device_memory, device_name,
                      is_out_of_memory, median_step_time)
 
 __all__ = ["BACKENDS", "CPU_MEMORY", "CUDA_MEMORY", "METHODS", "QUANTS", "WARMUP_STEPS", "ProfileOptions",
-           "ProfileResult", "TrainingSession", "add_profile_arguments", "apply_adapter", "bnb_quantize_linears",
-           "build_base_model", "check_dependencies", "device_name", "enable_gradient_checkpointing",
-           "is_out_of_memory", "main", "median_step_time", "options_from_args", "profile_options",
-           "profile_training", "quantize_base"]
+           "ProfileResult", "TrainingSession", "apply_adapter", "bnb_quantize_linears", "build_base_model",
+           "check_dependencies", "device_name", "enable_gradient_checkpointing", "is_out_of_memory",
+           "median_step_time", "profile_options", "profile_training", "quantize_base"]
 
 TOKEN_HIGH = 128000  # the protocol draws ids from [0, 128000); smaller vocabularies use their own size
 LR = 1e-4
@@ -62,7 +63,6 @@ StepCallback = Callable[[int, float], None]
 
 
 def _versions(backend: str) -> dict[str, str | None]:
-    from .. import __version__
 
     versions: dict[str, str | None] = {"slimtune_version": __version__, "peft_version": None,
                                        "transformers_version": None}
@@ -88,10 +88,8 @@ def is_language_model(options: ProfileOptions) -> bool:
     return model_family(options) in ("hf-dir", *LLM_FAMILIES)
 
 
-def workload_module() -> Any:
+def workload_module() -> ModuleType:
     """:mod:`slimtune.models.workload`: inputs, loss, targets and checkpointing of every preset."""
-    from ..models import workload
-
     return workload
 
 
@@ -214,9 +212,7 @@ def quantize_base(model: nn.Module, options: ProfileOptions) -> nn.Module:
 def slimtune_config(method: str, rank: int, alpha: float, targets: list[str] | str):
     """slimtune's config for ``method`` with rank ``rank`` (alpha where the method has one); the estimator's
     :func:`slimtune.models.workload.make_adapter_config`. ``locon`` is LoRA whose targets include convolutions."""
-    from ..models.workload import make_adapter_config
-
-    return make_adapter_config(method, rank, alpha, targets)
+    return workload.make_adapter_config(method, rank, alpha, targets)
 
 
 def peft_config(peft: Any, method: str, rank: int, alpha: float, targets: list[str] | str):
@@ -245,8 +241,6 @@ def apply_adapter(model: nn.Module, options: ProfileOptions, part: nn.Module | N
     part = model if part is None else part
     targets = adapter_targets(options)
     if options.backend == "slimtune":
-        from ..inject import adapt
-
         adapted = adapt(part, slimtune_config(options.method, options.rank, options.alpha, targets))
         return adapted if part is model else model
     try:
@@ -377,9 +371,6 @@ class TrainingSession:
         The first ``WARMUP_STEPS`` steps (all when there are no more) are accounted part by part; the
         later ones, the timed ones, run without the meter's hooks.
         """
-        from .accounting import (SavedTensorMeter, gradient_bytes, module_state_bytes, optimizer_state_bytes,
-                                 storage_bytes)
-
         result = self._base_result()
         model, opt, cuda = self.model, self.optimizer, self.device.type == "cuda"
         meter = SavedTensorMeter(exclude=[*model.parameters(), *model.buffers()], model=model)
@@ -467,13 +458,13 @@ def profile_options(options: ProfileOptions, on_step: StepCallback | None = None
     except Exception as exc:  # noqa: BLE001
         if not is_out_of_memory(exc):
             raise
-        return _oom_before_steps(options, exc)
+        return oom_before_steps(options, exc)
     if on_prepared is not None:
         on_prepared(session)
     return session.run(on_step)
 
 
-def _oom_before_steps(options: ProfileOptions, exc: BaseException) -> ProfileResult:
+def oom_before_steps(options: ProfileOptions, exc: BaseException) -> ProfileResult:
     device = torch.device(options.device)
     result = ProfileResult.for_options(options, status="OOM", error=str(exc).splitlines()[0][:300],
                                        device_name=device_name(device), device_memory_bytes=device_memory(device),
@@ -503,63 +494,3 @@ def profile_training(preset: str = "tiny-llama", method: str = "lora", rank: int
                              steps=steps, device=device, dtype=dtype, backend=backend,
                              grad_checkpointing=grad_checkpointing, seed=seed, quant=quant, model_dir=model_dir)
     return profile_options(options, on_step)
-
-
-def format_plain(result: ProfileResult) -> str:
-    """``key: value`` lines (the runner's output without ``--json``)."""
-    return "\n".join(f"{key}: {value}" for key, value in result.to_dict().items())
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m slimtune.memory.profile [--json] OPTIONS``: profile one configuration in this process.
-
-    With ``--json`` stdout holds exactly one JSON line (everything else the run prints goes to stderr).
-    Exit status: 0 ok, 1 OOM or failure, 2 bad options. ``--wait`` (used by
-    :mod:`slimtune.memory.subproc`) prints ``ready`` after the setup and runs the steps only once a
-    ``go`` line arrives on stdin.
-    """
-    parser = argparse.ArgumentParser(prog="python -m slimtune.memory.profile",
-                                     description="Profile training steps of one configuration.")
-    add_profile_arguments(parser)
-    parser.add_argument("--json", action="store_true", help="print the result as one JSON line")
-    parser.add_argument("--wait", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    out = sys.stdout
-    options = options_from_args(args)
-
-    def emit(result: ProfileResult) -> None:
-        text = json.dumps(result.to_dict()) if args.json else format_plain(result)
-        print(text, file=out, flush=True)
-
-    def wait_for_go() -> bool:
-        if not args.wait:
-            return True
-        print("ready", file=out, flush=True)
-        return sys.stdin.readline().strip() == "go"
-
-    with contextlib.redirect_stdout(sys.stderr):
-        try:
-            options = options.resolved()
-            check_dependencies(options.backend, options.quant, model_dependencies(options))
-        except SlimtuneError as exc:
-            if not wait_for_go():
-                return 3
-            emit(ProfileResult.for_options(options, status="error", error=str(exc)))
-            return 2
-        try:
-            session: TrainingSession | None = TrainingSession.prepare(options)
-            result = None
-        except Exception as exc:  # noqa: BLE001
-            if not is_out_of_memory(exc):
-                raise
-            session, result = None, _oom_before_steps(options, exc)
-        if not wait_for_go():
-            return 3
-        if session is not None:
-            result = session.run()
-    emit(result)
-    return 0 if result.ok else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+from ..models.presets import PRESETS
 from .accounting import ACTIVATION_KINDS
 from .result import BREAKDOWN_KEYS, ProfileResult
 
@@ -119,7 +120,6 @@ def describe_run(result: ProfileResult) -> str:
 
 def _sample_shape(result: ProfileResult) -> str:
     """``"seq 512"`` for a language model; ``"latent 64x64"`` for a diffusion preset (seq does not apply)."""
-    from ..models.presets import PRESETS
 
     preset = PRESETS.get(result.preset) if result.model_dir is None else None
     size = getattr(preset, "sample_size", None)

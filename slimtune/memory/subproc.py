@@ -1,4 +1,4 @@
-"""Run profile configurations each in its own Python process (``python -m slimtune.memory.profile --json``).
+"""Run profile configurations each in its own Python process (``python -m slimtune profile-child ...``).
 
 One process per configuration keeps peaks clean: nothing another configuration allocated or cached is
 left in the allocator. On CUDA the processes run strictly one after another. For small models on the CPU
@@ -7,6 +7,7 @@ a barrier; their measured step loops then still run one at a time, with the othe
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -15,9 +16,11 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Sequence
 
+from ..errors import SlimtuneError
 from ..models.presets import get_preset
-from .options import ProfileOptions
-from .result import ProfileResult
+from .options import ProfileOptions, check_dependencies
+from .profile import TrainingSession, model_dependencies, oom_before_steps
+from .result import ProfileResult, is_out_of_memory
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the directory holding the slimtune package
 ERROR_TAIL = 1500
@@ -30,8 +33,7 @@ DoneCallback = Callable[[int, ProfileResult], None]
 
 def child_command(options: ProfileOptions, wait: bool = False) -> list[str]:
     """The command line that profiles ``options`` in a new process and prints one JSON line."""
-    return [sys.executable, "-m", "slimtune.memory.profile", "--json", *options.to_argv(),
-            *(["--wait"] if wait else [])]
+    return [sys.executable, "-m", "slimtune", "profile-child", *options.to_argv(), *(["--wait"] if wait else [])]
 
 
 def child_env() -> dict[str, str]:
@@ -151,3 +153,45 @@ def run_children(options_list: Sequence[ProfileOptions], staged: bool | None = N
         if on_done is not None:
             on_done(i, result)
     return results
+
+
+def serve_child(options: ProfileOptions, wait: bool = False) -> int:
+    """The child's side (``slimtune profile-child``): profile ``options`` in this process and print exactly one JSON
+    line with the result on stdout (everything else the run prints goes to stderr).
+
+    Exit status: 0 ok, 1 OOM or failure, 2 bad options, 3 no ``go``. With ``wait`` (staged runs) it prints ``ready``
+    after the setup and runs the steps only once a ``go`` line arrives on stdin.
+    """
+    out = sys.stdout
+
+    def emit(result: ProfileResult) -> None:
+        print(json.dumps(result.to_dict()), file=out, flush=True)
+
+    def wait_for_go() -> bool:
+        if not wait:
+            return True
+        print("ready", file=out, flush=True)
+        return sys.stdin.readline().strip() == "go"
+
+    with contextlib.redirect_stdout(sys.stderr):
+        try:
+            options = options.resolved()
+            check_dependencies(options.backend, options.quant, model_dependencies(options))
+        except SlimtuneError as exc:
+            if not wait_for_go():
+                return 3
+            emit(ProfileResult.for_options(options, status="error", error=str(exc)))
+            return 2
+        try:
+            session: TrainingSession | None = TrainingSession.prepare(options)
+            result = None
+        except Exception as exc:  # noqa: BLE001
+            if not is_out_of_memory(exc):
+                raise
+            session, result = None, oom_before_steps(options, exc)
+        if not wait_for_go():
+            return 3
+        if session is not None:
+            result = session.run()
+    emit(result)
+    return 0 if result.ok else 1

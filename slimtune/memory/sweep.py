@@ -31,9 +31,14 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ..errors import ConfigError
+from ..models.presets import is_diffusion
+from .accounting import ACTIVATION_KINDS
 from .options import BACKENDS, ProfileOptions, default_device
-from .report import gib, markdown_table, size_unit
+from .plot import plot_results
+from .profile import profile_options
+from .report import backend_label, gib, markdown_table, size_unit
 from .result import BREAKDOWN_KEYS, ProfileResult
+from .subproc import run_children
 
 __all__ = ["SEED_METHODS", "SEED_PRESETS", "SWEEP_METHODS", "TINY_PRESETS", "SweepSpec", "config_key",
            "load_results", "merge_results", "render_markdown", "run_sweep", "sweep_configs", "sweep_method",
@@ -85,7 +90,6 @@ def sweep_configs(spec: SweepSpec) -> list[ProfileOptions]:
     A full fine-tune (``none``) runs once, with the first backend (every backend trains it the same way).
     LoCon on a language model is skipped: with no convolution to adapt it is LoRA (the seed ran it on SD only).
     """
-    from ..models.presets import is_diffusion
 
     unknown = [m for m in spec.methods if m not in SWEEP_METHODS]
     if unknown:
@@ -141,7 +145,6 @@ def load_results(path: Path) -> list[ProfileResult]:
 
 def _run_in_process(options: ProfileOptions) -> ProfileResult:
     """Profile in this process; any failure becomes an ``error`` result (a sweep never stops on one run)."""
-    from .profile import profile_options
 
     try:
         return profile_options(options)
@@ -184,7 +187,6 @@ def run_sweep(configs: Sequence[ProfileOptions], out: str | Path | None = None, 
             on_done(i, result)
 
     if isolate:
-        from .subproc import run_children
 
         run_children(pending, staged=False, on_start=on_start, on_done=finished, timeout=timeout)
     else:
@@ -208,7 +210,6 @@ def write_reports(results: Sequence[ProfileResult], out: str | Path, plot: bool 
     files = {"markdown": out_dir / MARKDOWN}
     files["markdown"].write_text(render_markdown(results, title=title), encoding="utf-8")
     if plot and results:
-        from .plot import plot_results
 
         files["png"] = plot_results(results, out_dir / PNG, title=title or "slimtune sweep")
     return files
@@ -266,8 +267,6 @@ def render_markdown(results: Sequence[ProfileResult], title: str | None = None) 
     """The sweep's report: setup, the seed-style table per backend, the breakdown, activations by kind."""
     if not results:
         return "(no results)\n"
-    from .accounting import ACTIVATION_KINDS
-    from .report import backend_label
 
     backends = list(dict.fromkeys(r.backend for r in results if r.method != "none"))
     backends = backends or list(dict.fromkeys(r.backend for r in results))

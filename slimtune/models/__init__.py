@@ -4,8 +4,9 @@
 :mod:`.workload` what one training step feeds any preset (inputs, loss, adapter targets).
 """
 from .diffusion import DIFFUSION_PRESETS, DiffusionModel, DiffusionPreset
-from .presets import (LLAMA_TARGETS, LLM_PRESETS, PRESETS, MissingDependencyError, ModelPreset, Preset, PresetError,
-                      build_model, dtype_name, get_preset, is_diffusion, preset_names, resolve_dtype)
+from ..errors import MissingDependencyError
+from .presets import (LLAMA_TARGETS, LLM_PRESETS, PRESETS, ModelPreset, Preset, PresetError, build_model,
+                      dtype_name, get_preset, is_diffusion, preset_names, resolve_dtype)
 
 __all__ = ["DIFFUSION_PRESETS", "DiffusionModel", "DiffusionPreset", "LLAMA_TARGETS", "LLM_PRESETS",
            "MissingDependencyError", "ModelPreset", "PRESETS", "Preset", "PresetError", "build_model", "dtype_name",

@@ -28,6 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .deps import require_diffusers, require_transformers
+
 #: LoRA targets of a diffusers UNet or DiT: the attention projections (self- and cross-attention), the
 #: Transformer2DModel's proj_in/proj_out and the feed-forward GEGLU/out Linears (diffusers' and LyCORIS'
 #: "attention" set).
@@ -43,18 +45,6 @@ UNET_CONV_TARGETS: tuple[str, ...] = ("conv1", "conv2", "conv_shortcut", "time_e
 FLUX_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
                                  "to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
                                  "ff_context.net.2", "proj_mlp", "proj_out")
-
-
-def require_diffusers() -> Any:
-    """The ``diffusers`` module, or :class:`~slimtune.models.MissingDependencyError` saying how to install it."""
-    try:
-        import diffusers
-    except ImportError as exc:
-        from .presets import MissingDependencyError
-
-        raise MissingDependencyError(f"diffusion presets need diffusers ({exc}); install it with: "
-                                    "pip install 'slimtune[diffusion]'") from None
-    return diffusers
 
 
 def _freeze(d: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
@@ -203,8 +193,6 @@ def build_parts(spec: DiffusionPreset, text_encoders: bool = True) -> DiffusionM
         denoiser = diffusers.UNet2DConditionModel(**spec.config)
     encoders: list[nn.Module] = []
     if text_encoders and spec.text_encoders:
-        from .presets import require_transformers
-
         transformers = require_transformers()
         for class_name, kwargs in spec.text_encoders:
             encoders.append(getattr(transformers, class_name)(transformers.CLIPTextConfig(**dict(kwargs))))

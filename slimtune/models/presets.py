@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ConfigError, SlimtuneError
+from ..errors import ConfigError
+from .deps import require_transformers
 from .diffusion import DIFFUSION_PRESETS, DiffusionPreset, build_diffusion_model
 
 #: The seven projections of a Llama decoder layer (attention and MLP), the protocol's LoRA targets.
@@ -32,10 +33,6 @@ _DTYPES: dict[str, torch.dtype] = {
 
 class PresetError(ConfigError):
     """An unknown preset name."""
-
-
-class MissingDependencyError(SlimtuneError, ImportError):
-    """An optional dependency (transformers, peft) is needed for what was asked."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,16 +137,6 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
 def dtype_name(dtype: torch.dtype) -> str:
     """``"bfloat16"`` for ``torch.bfloat16``."""
     return str(dtype).removeprefix("torch.")
-
-
-def require_transformers() -> Any:
-    """The ``transformers`` module, or :class:`MissingDependencyError` saying how to install it."""
-    try:
-        import transformers
-    except ImportError as exc:
-        raise MissingDependencyError(
-            f"model presets need transformers ({exc}); install it with: pip install 'slimtune[hf]'") from None
-    return transformers
 
 
 def is_diffusion(preset: str | Preset) -> bool:

@@ -26,6 +26,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
+from ..methods.hra import HraConfig
+from ..methods.loha import LohaConfig
+from ..methods.lokr import LokrConfig
+from ..methods.lora import LoraConfig
 from .diffusion import UNET_ATTENTION_TARGETS, UNET_CONV_TARGETS, DiffusionPreset, latent_tokens, unet_resolution_ok
 from .presets import ModelPreset, Preset, build_model, get_preset, resolve_dtype
 
@@ -78,20 +82,18 @@ def make_adapter_config(method: str, rank: int, alpha: float | None, targets: li
     ``dora_recompute``, :data:`DORA_RECOMPUTE`); ``hra``, ``loha``,
     ``lokr``: their configs. ``method="none"`` has no config (:class:`ConfigError`).
     """
-    from .. import adapters
-
     alpha = rank if alpha is None else alpha
     targets = targets if isinstance(targets, str) else list(targets)  # a string: a regex or "all-linear"
     if method in ("lora", "locon") or method in DORA_RECOMPUTE:
         extra = {"use_dora": True, "dora_recompute": DORA_RECOMPUTE[method]} if method in DORA_RECOMPUTE else {}
-        return adapters.LoraConfig(r=rank, alpha=alpha, target_modules=targets, adapter_dtype=adapter_dtype,
+        return LoraConfig(r=rank, alpha=alpha, target_modules=targets, adapter_dtype=adapter_dtype,
                                    **extra)
     if method == "hra":
-        return adapters.HraConfig(r=rank, target_modules=targets, adapter_dtype=adapter_dtype)
+        return HraConfig(r=rank, target_modules=targets, adapter_dtype=adapter_dtype)
     if method == "loha":
-        return adapters.LohaConfig(r=rank, alpha=alpha, target_modules=targets, adapter_dtype=adapter_dtype)
+        return LohaConfig(r=rank, alpha=alpha, target_modules=targets, adapter_dtype=adapter_dtype)
     if method == "lokr":
-        return adapters.LokrConfig(r=rank, alpha=alpha, target_modules=targets, adapter_dtype=adapter_dtype)
+        return LokrConfig(r=rank, alpha=alpha, target_modules=targets, adapter_dtype=adapter_dtype)
     raise ConfigError(f"method {method!r} has no adapter config; choose from {', '.join(METHODS[:-1])}")
 
 

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.compute import compute_setting
+from ..core.frozen import QuantizedWeight, register_quantized_layer
 from ..errors import SlimtuneError
 from .nf4 import BLOCKSIZE, DQ_BLOCKSIZE, NF4Tensors, dequantize_nf4, quantize_nf4
 
@@ -39,11 +41,6 @@ def _as_bits(t: torch.Tensor | None) -> torch.Tensor | None:
 
 def _from_bits(t: torch.Tensor | None) -> torch.Tensor | None:
     return t.view(torch.float32) if t is not None and t.dtype == torch.int32 else t
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    device = x.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
 class NF4Linear(nn.Module):
@@ -102,7 +99,7 @@ class NF4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"NF4Linear expects inputs [..., {self.in_features}], got {tuple(x.shape)}")
-        dtype = _compute_dtype(x)
+        dtype = compute_setting(x)[0]
         bias = None if self.bias is None else self.bias.to(dtype)
         return FrozenLinearFunction.apply(x.to(dtype), self.handle, bias)
 
@@ -113,7 +110,7 @@ class NF4Linear(nn.Module):
 
 
 class NF4Handle:
-    """:class:`~slimtune.quant.frozen.QuantizedWeight` over an :class:`NF4Linear`'s buffers."""
+    """:class:`~slimtune.core.frozen.QuantizedWeight` over an :class:`NF4Linear`'s buffers."""
 
     def __init__(self, module: NF4Linear) -> None:
         self._module = module  # a plain attribute: the module owns the handle, not the reverse in state
@@ -140,7 +137,7 @@ def is_bnb_linear4bit(module: nn.Module) -> bool:
 
 
 class BnbHandle:
-    """:class:`~slimtune.quant.frozen.QuantizedWeight` over a bitsandbytes ``Linear4bit``: NF4 weights are read
+    """:class:`~slimtune.core.frozen.QuantizedWeight` over a bitsandbytes ``Linear4bit``: NF4 weights are read
     in place by slimtune's dequantisation (same layout); FP4 goes through bitsandbytes itself."""
 
     def __init__(self, module: nn.Module) -> None:
@@ -187,8 +184,10 @@ class BnbHandle:
         return bnbf.dequantize_4bit(self._module.weight.data, self._state()).to(dtype)
 
 
-def quantized_handle(base: nn.Module):
-    """A :class:`~slimtune.quant.frozen.QuantizedWeight` for a 4-bit layer, or ``None`` for a dense one."""
+def quantized_handle(base: nn.Module) -> QuantizedWeight | None:
+    """A :class:`~slimtune.core.frozen.QuantizedWeight` for a 4-bit layer (slimtune's or bitsandbytes'), or ``None``
+    for any other module. Registered with :func:`slimtune.core.frozen.register_quantized_layer`, so the adapters
+    read these layers' weights through it."""
     if isinstance(base, NF4Linear):
         return base.handle
     if is_bnb_linear4bit(base):
@@ -197,3 +196,6 @@ def quantized_handle(base: nn.Module):
             handle = base.__dict__["_slimtune_handle"] = BnbHandle(base)
         return handle
     return None
+
+
+register_quantized_layer(quantized_handle)

@@ -6,10 +6,12 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from ..config import name_matches
-from ..errors import ConfigError, SlimtuneError
-from ..models.presets import MissingDependencyError
-from .linear import NF4Linear, is_bnb_linear4bit, quantized_handle
+from ..core.config import name_matches
+from ..core.frozen import quantized_handle
+from ..core.module import AdapterModule
+from ..core.targeting import output_head
+from ..errors import ConfigError, MissingDependencyError, SlimtuneError
+from .linear import NF4Linear
 from .nf4 import BLOCKSIZE, DQ_BLOCKSIZE
 
 METHODS = ("nf4",)
@@ -22,8 +24,6 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def _linears(model: nn.Module, include_head: bool, exclude: list[str] | str | None) -> Iterator[tuple[str, nn.Linear]]:
-    from ..targeting import output_head  # local: targeting imports this package
-
     head = None if include_head else output_head(model)
     for name, module in list(model.named_modules()):
         if type(module) is not nn.Linear or module is head:
@@ -64,8 +64,6 @@ def quantize(model: nn.Module, method: str = "nf4", *, double_quant: bool = True
     ``"bitsandbytes"`` (``bnb.nn.Linear4bit``, as transformers' ``BitsAndBytesConfig`` builds it); both store
     the same bits and every slimtune adapter runs on both.
     """
-    from ..adapters.base import AdapterModule  # local: adapters import quant
-
     if method not in METHODS:
         raise ConfigError(f"unknown quantisation {method!r}; choose from {METHODS}")
     if backend not in BACKENDS:
@@ -87,10 +85,6 @@ def quantize(model: nn.Module, method: str = "nf4", *, double_quant: bool = True
         raise SlimtuneError(f"{type(model).__name__} has no nn.Linear layer to quantise"
                             + ("" if exclude is None else f" outside exclude={exclude!r}"))
     return model
-
-
-def is_quantized_layer(module: nn.Module) -> bool:
-    return isinstance(module, NF4Linear) or is_bnb_linear4bit(module)
 
 
 @torch.no_grad()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels.dispatch import cdiv, launch
+from ..core.triton import cdiv, launch
 from .nf4 import NF4Tensors, nf4_code
 
 try:

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from slimtune.errors import ConfigError
-from slimtune.inject import adapt
+from slimtune.core.inject import adapt
 from slimtune.memory import estimate as E
 from slimtune.memory.accounting import SavedTensorMeter, gradient_bytes, module_state_bytes, optimizer_state_bytes
 from slimtune.models import ModelPreset, workload

@@ -9,7 +9,8 @@ import torch
 
 from slimtune.errors import ConfigError
 from slimtune.memory import accounting
-from slimtune.memory.profile import (CPU_MEMORY, ProfileOptions, ProfileResult, TrainingSession, main,
+from slimtune.cli import main
+from slimtune.memory.profile import (CPU_MEMORY, ProfileOptions, ProfileResult, TrainingSession,
                                      median_step_time, profile_training)
 from slimtune.models import PRESETS, PresetError
 
@@ -103,7 +104,7 @@ def test_options_round_trip_through_argv(extra: dict) -> None:
                              **extra).resolved()
     import argparse
 
-    from slimtune.memory.profile import add_profile_arguments, options_from_args
+    from slimtune.cli import add_profile_arguments, options_from_args
 
     parser = argparse.ArgumentParser()
     add_profile_arguments(parser)
@@ -111,7 +112,7 @@ def test_options_round_trip_through_argv(extra: dict) -> None:
 
 
 def test_runner_prints_exactly_one_json_line(capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(["--json", "--rank", "2", "--batch", "1", "--seq", "8", "--steps", "1", "--device", "cpu"])
+    code = main(["profile-child", "--rank", "2", "--batch", "1", "--seq", "8", "--steps", "1", "--device", "cpu"])
     out = capsys.readouterr().out
     assert code == 0
     lines = out.strip().splitlines()
@@ -121,7 +122,7 @@ def test_runner_prints_exactly_one_json_line(capsys: pytest.CaptureFixture[str])
 
 
 def test_runner_reports_bad_options_as_json(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["--json", "--preset", "nope", "--device", "cpu"]) == 2
+    assert main(["profile-child", "--preset", "nope", "--device", "cpu"]) == 2
     data = json.loads(capsys.readouterr().out)
     assert data["status"] == "error" and "unknown preset" in data["error"]
 

@@ -12,7 +12,7 @@ from slimtune import HraConfig, LohaConfig, LokrConfig, LoraConfig
 from slimtune.errors import ConfigError, SlimtuneError
 from slimtune.quant import NF4Linear, dequantize, is_quantized_layer, nf4_storage_bytes, quantize
 from tests.helpers import FP32_TOL, perturb_adapters, rel_err
-from tests.models import tiny_llama
+from tests.toy_models import tiny_llama
 
 CONFIGS = {
     "lora": lambda: LoraConfig(r=4, target_modules="all-linear"),

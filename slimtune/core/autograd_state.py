@@ -1,0 +1,42 @@
+"""What state PyTorch's autograd is in, for layers whose forward adapts to it (HRA's factor cache, DoRA's
+``dora_recompute="auto"``, the DoRA norm cache): inside a backward pass, under saved-tensor hooks, a tensor's
+in-place version.
+
+These are the only private PyTorch queries slimtune makes, kept together here. Each is guarded so that a PyTorch
+without it answers the cautious way ("no" / "changed"), and ``tests/core/test_autograd_state.py`` fails loudly
+when one of them disappears or changes meaning, so a PyTorch upgrade cannot silently turn the behaviour off.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+_TRANSPARENT = "slimtune_transparent"
+
+
+def inside_backward() -> bool:
+    """Whether autograd's engine is running a backward pass on this thread (e.g. reentrant checkpointing's
+    recomputation)."""
+    task_id = getattr(torch._C, "_current_graph_task_id", None)
+    return task_id is not None and task_id() != -1
+
+
+def saved_tensor_hooks_active() -> bool:
+    """Whether saved-tensor hooks that own what is saved (checkpointing, offloading) are active; hooks marked by
+    :func:`mark_transparent` (they only look, as the memory profiler's meter) do not count."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    hooks = top(False) if top is not None else None
+    return hooks is not None and not getattr(hooks[0], _TRANSPARENT, False)
+
+
+def mark_transparent(pack: Callable) -> Callable:
+    """Mark a saved-tensor pack hook as one that returns what it is given and keeps nothing alive on its own."""
+    setattr(pack, _TRANSPARENT, True)
+    return pack
+
+
+def tensor_version(t: torch.Tensor) -> int | None:
+    """The in-place version counter autograd keeps for ``t`` (bumped by every in-place change), or None where
+    this PyTorch has none (a cache keyed on it then never hits)."""
+    return getattr(t, "_version", None)

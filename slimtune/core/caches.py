@@ -1,0 +1,60 @@
+"""Caches keyed safely: a bounded cache for per-shape decisions (paths, plans: the oldest entry goes when it is
+full), and :class:`TensorStamp`, which tells whether a tensor still holds what a cached value was derived from —
+never by ``id()`` or a storage address, which a new object can reuse."""
+from __future__ import annotations
+
+import collections
+import weakref
+from typing import Callable, Generic, Hashable, TypeVar
+
+import torch
+
+from .autograd_state import tensor_version
+
+V = TypeVar("V")
+
+
+class BoundedCache(Generic[V]):
+    """``key -> value`` with at most ``size`` entries; keys must be plain values (shapes, dtypes, devices), never
+    ``id()`` or storage addresses, which a new object can reuse."""
+
+    def __init__(self, size: int = 64) -> None:
+        self.size = size
+        self._entries: collections.OrderedDict[Hashable, V] = collections.OrderedDict()
+
+    def get(self, key: Hashable, make: Callable[[], V]) -> V:
+        """The cached value for ``key``, made (and cached) on a miss."""
+        entries = self._entries
+        value = entries.get(key)
+        if value is None:
+            value = entries[key] = make()
+            if len(entries) > self.size:
+                entries.popitem(last=False)
+        return value
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+class TensorStamp:
+    """What a tensor held when a value was derived from it, to tell later whether it still holds that: its storage
+    object (weakly referenced: a new tensor, even at a reused address, never matches), its in-place version
+    counter, dtype, device and layout. ``param.data = other`` swaps the storage and so never matches either."""
+
+    __slots__ = ("_storage", "_meta")
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self._storage = weakref.ref(t.untyped_storage())
+        self._meta = self._describe(t)
+
+    @staticmethod
+    def _describe(t: torch.Tensor) -> tuple:
+        return (tensor_version(t), t.dtype, t.device, tuple(t.shape), t.stride(), t.storage_offset())
+
+    def matches(self, t: torch.Tensor) -> bool:
+        """Whether ``t`` is still the tensor (storage and contents' version) this stamp was taken of."""
+        meta = self._meta
+        return meta[0] is not None and self._storage() is t.untyped_storage() and meta == self._describe(t)

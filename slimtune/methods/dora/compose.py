@@ -1,0 +1,156 @@
+"""DoRA's composition tail ``out = z + (g − 1)·z + g·s·lora + b`` along a channel axis, and its backward
+(``dz = g·dy`` and the channel sums ``dm``, ``db`` need), as plain-PyTorch references and their dispatch to the fused
+Triton kernels (:mod:`.triton_kernels`, CUDA or the interpreter); and the scale Function convolutions use.
+
+``g − 1`` is formed as ``(m − ‖V‖) / ‖V‖`` in fp32 by the caller, never as a rounded ``g`` minus one (no
+cancellation near g = 1, where DoRA's magnitudes live), and ``g = 1`` gives back ``z`` bit for bit; where
+``|g − 1| > 1/2`` the tail computes ``g·z`` instead (a tiny g would vanish in ``1 + (g − 1)``).
+"""
+from __future__ import annotations
+
+import torch
+
+from ...core.triton import use_triton
+from .norm import accumulate_dtype
+
+def _channel_view(vec: torch.Tensor, like: torch.Tensor, dim: int) -> torch.Tensor:
+    """``[C]`` -> broadcastable against ``like`` along ``dim``."""
+    shape = [1] * like.dim()
+    shape[dim] = -1
+    return vec.view(shape)
+
+
+def _other_dims(t: torch.Tensor, dim: int) -> list[int]:
+    return [d for d in range(t.dim()) if d != dim % t.dim()]
+
+
+def _scaled_reference(base: torch.Tensor, gm1: torch.Tensor, lora: torch.Tensor | None, scaling: float,
+                      dim: int, g: torch.Tensor | None = None) -> torch.Tensor:
+    """``v = base + (g−1)·base + g·s·lora`` in fp32 (fp64 for fp64); with ``g`` given, ``g·base`` where
+    ``|g − 1| > 1/2`` (a tiny g is not lost in ``1 + (g − 1)``)."""
+    acc = accumulate_dtype(base.dtype)
+    gm1 = _channel_view(gm1.to(acc), base, dim)
+    b = base.to(acc)
+    v = b + gm1 * b
+    if g is not None:
+        g = _channel_view(g.to(acc), base, dim)
+        v = torch.where(gm1.abs() <= 0.5, v, g * b)
+    else:
+        g = 1 + gm1
+    return v if lora is None else v + g * scaling * lora.to(acc)
+
+
+def compose_forward_reference(base: torch.Tensor, gm1: torch.Tensor, lora: torch.Tensor | None = None,
+                              scaling: float = 1.0, bias: torch.Tensor | None = None,
+                              dim: int = -1, g: torch.Tensor | None = None) -> torch.Tensor:
+    """``base + (g−1)·base + g·s·lora + b`` in fp32 (fp64 for fp64), returned in base's dtype.
+
+    base / lora ``[..., C, ...]`` with the channel axis ``dim``; gm1 (``g − 1``), bias ``[C]``; g: optional, see
+    :func:`_scaled_reference`.
+    """
+    v = _scaled_reference(base, gm1, lora, scaling, dim, g)
+    if bias is not None:
+        v = v + _channel_view(bias.to(v.dtype), base, dim)
+    return v.to(base.dtype)
+
+
+def compose_stats_reference(base: torch.Tensor, gm1: torch.Tensor, lora: torch.Tensor | None = None,
+                            scaling: float = 1.0, dim: int = -1) -> torch.Tensor:
+    """``Σ |base + (g−1)·base + g·s·lora|`` over all but the channel axis, ``[C]`` fp32 (fp64 for fp64)."""
+    return _scaled_reference(base, gm1, lora, scaling, dim).abs().sum(_other_dims(base, dim))
+
+
+def compose_backward_reference(dy: torch.Tensor, base: torch.Tensor, g: torch.Tensor,
+                               lora: torch.Tensor | None = None, scaling: float = 1.0, dim: int = -1,
+                               shift: torch.Tensor | None = None, dy_sum: bool = False
+                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(dbase, pre_sum, dy_sum)``: ``dbase = g·dy`` in base's dtype (``dlora = s·dbase``), the fp32 channel
+    sums ``Σ dy ⊙ (base + s·lora − shift)`` ``[C]`` (``dm = pre_sum / ‖V‖``; with base = the output y and
+    shift = b, ``dm = pre_sum / m``) and, with ``dy_sum``, ``Σ dy`` ``[C]`` (the bias gradient), else None."""
+    acc = accumulate_dtype(base.dtype)
+    dy = dy.to(acc)
+    pre = base.to(acc) if lora is None else base.to(acc) + scaling * lora.to(acc)
+    if shift is not None:
+        pre = pre - _channel_view(shift.to(acc), base, dim)
+    dims = _other_dims(base, dim)
+    dbase = (dy * _channel_view(g.to(acc), base, dim)).to(base.dtype)
+    return dbase, (dy * pre).sum(dims), (dy.sum(dims) if dy_sum else None)
+
+
+# -- dispatch ---------------------------------------------------------------------------------------------
+def _fused(t: torch.Tensor, dim: int) -> bool:
+    return dim % t.dim() == t.dim() - 1 and t.is_contiguous() and use_triton(t)
+
+
+def compose_forward(base: torch.Tensor, gm1: torch.Tensor, lora: torch.Tensor | None = None, scaling: float = 1.0,
+                    bias: torch.Tensor | None = None, out: torch.Tensor | None = None, dim: int = -1,
+                    stats: bool = False, g: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(out, sums)``: :func:`compose_forward_reference` (``out`` may be ``base`` itself) and, with ``stats``,
+    :func:`compose_stats_reference` (else None) — one fused pass on the GPU."""
+    if _fused(base, dim):
+        from . import triton_kernels  # imports triton (optional): only behind use_triton
+
+        return triton_kernels.compose_forward(base, gm1, lora, scaling, bias, out, stats, g)
+    sums = compose_stats_reference(base, gm1, lora, scaling, dim) if stats else None
+    result = compose_forward_reference(base, gm1, lora, scaling, bias, dim, g)
+    return (out.copy_(result) if out is not None else result), sums
+
+
+def compose_backward(dy: torch.Tensor, base: torch.Tensor, g: torch.Tensor, lora: torch.Tensor | None = None,
+                     scaling: float = 1.0, dbase_out: torch.Tensor | None = None, dim: int = -1,
+                     shift: torch.Tensor | None = None, dy_sum: bool = False, scale: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """:func:`compose_backward_reference` in one fused pass on the GPU; ``dbase_out`` may be ``base`` itself.
+    ``scale`` ``[C]`` multiplies the first sums (``dm = pre_sum ⊙ scale``, applied per row chunk on the GPU). The
+    sums are fp32 (fp64 for fp64): autograd casts a gradient to its input's dtype itself."""
+    if _fused(base, dim):
+        from . import triton_kernels  # imports triton (optional): only behind use_triton
+
+        return triton_kernels.compose_backward(dy, base, g, lora, scaling, dbase_out, shift, dy_sum, scale)
+    dbase, pre_sum, dys = compose_backward_reference(dy, base, g, lora, scaling, dim, shift, dy_sum)
+    if scale is not None:
+        pre_sum = pre_sum * scale.to(pre_sum.dtype)
+    return (dbase_out.copy_(dbase) if dbase_out is not None else dbase), pre_sum, dys
+
+
+# -- the scale Function (convolutions) ----------------------------------------------------------------------
+class DoraScaleFunction(torch.autograd.Function):
+    """``out = z + (g − 1)·z + b`` along channel axis ``dim``, ``g = m / norm``, norm constant.
+
+    z ``[..., C, ...]``; magnitude: C elements (any shape, e.g. PEFT's ``[1, C, 1, 1]`` for convolutions);
+    norm ``[C]`` fp32, no grad; bias ``[C]`` or None. Saves z and the ``[C]`` fp32 vectors norm and g − 1;
+    backward: ``dz = g·dy``, ``dm = Σ dy ⊙ z / norm`` (one fused pass), ``db = Σ dy``.
+    """
+
+    @staticmethod
+    def forward(ctx, z, magnitude, norm, bias, dim: int):
+        m = magnitude.detach().reshape(-1).to(norm.dtype)
+        gm1 = (m - norm) / norm
+        out, _ = compose_forward(z, gm1, bias=bias, dim=dim)
+        ctx.save_for_backward(z, norm, gm1)
+        ctx.dim, ctx.has_bias = dim, bias is not None
+        ctx.magnitude_shape, ctx.magnitude_dtype = magnitude.shape, magnitude.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, dy):
+        z, norm, gm1 = ctx.saved_tensors
+        need_z, need_m, _, need_bias = ctx.needs_input_grad[:4]
+        grad_z = grad_m = grad_bias = None
+        if need_z or need_m:
+            dz, dm_sum, _ = compose_backward(dy, z, gm1 + 1, dim=ctx.dim)
+            grad_z = dz if need_z else None
+            if need_m:
+                grad_m = (dm_sum / norm).to(ctx.magnitude_dtype).view(ctx.magnitude_shape)
+        if need_bias and ctx.has_bias:
+            grad_bias = dy.sum(_other_dims(dy, ctx.dim))
+        return grad_z, grad_m, None, grad_bias, None
+
+
+def dora_scale(z: torch.Tensor, magnitude: torch.Tensor, norm: torch.Tensor, bias: torch.Tensor | None,
+               dim: int = -1) -> torch.Tensor:
+    """Apply :class:`DoraScaleFunction`; without autograd the tail runs in place in z (a fresh tensor)."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (z, magnitude, bias)):
+        return DoraScaleFunction.apply(z, magnitude, norm, bias, dim)
+    gm1 = (magnitude.detach().reshape(-1).to(norm.dtype) - norm) / norm
+    return compose_forward(z, gm1, bias=bias, out=z, dim=dim)[0]

@@ -1,0 +1,223 @@
+"""DoRA (Liu et al., weight-decomposed LoRA): ``LoraConfig(use_dora=True)``, PEFT-compatible.
+
+Each output row (output channel, for convolutions) of the LoRA-updated weight is rescaled to a learned
+magnitude: ``W' = g ⊙ (W + s·B A)``, ``g = m / ‖W + s·B A‖_row``, the norm treated as a constant in backward
+(DoRA's paper, §4.3; PEFT). The bias is added unscaled. m is PEFT's ``lora_magnitude_vector``: ``[d_out]`` on a
+Linear / transformers ``Conv1D``, ``[1, c_out, 1(, 1)]`` on a Conv1d / Conv2d; it starts at the row norms of W,
+so a fresh DoRA layer computes what its base does.
+
+The norm comes from :func:`~.norm.factored_row_norm_sq` once per forward — O(d_out·d_in·r) work,
+``[d_out, r]`` / ``[r, r]`` intermediates, never the dense ``B A`` — with ``‖W‖²_row`` cached (W is frozen; the
+cache is keyed on the stored weight's storage and version and dropped on merge, unmerge and load). The Linear
+training path is :func:`~.function.dora_linear` (it computes the norm itself, after the base GEMM); convolutions
+run LoCon's two convolutions and :func:`~.compose.dora_scale` along the channel axis.
+Grouped convolutions are refused (the update is not a dense ``[c_out, c_in·k]`` matrix).
+
+A 4-bit base (:mod:`slimtune.quant`) reaches the Linear path as a handle (:func:`base_weight_operand`) and is
+dequantised right before each use — the base GEMM and ``W Aᵀ`` in forward, ``dx`` (and a recomputed z) in
+backward, ``‖W‖²`` once for the cache — never kept or saved. Merging onto it is refused: dequantise first.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...core.autograd_state import inside_backward, saved_tensor_hooks_active
+from ...core.caches import TensorStamp
+from ...core.compute import compute_setting
+from ...core.frozen import WeightOperand, base_weight_operand, is_quantized, materialize, weight_dtype
+from ...errors import ConfigError, SlimtuneError
+from ..lora.config import LoraConfig
+from ..lora.conv import LoraConv
+from ..lora.linear import LoraLinear
+from .compose import dora_scale
+from .function import dora_linear
+from .norm import factored_row_norm_sq, saves_output, weight_row_norm_sq
+from .probe import OutputProbe, attach_output_probe
+
+
+class DoraMixin:
+    """The magnitude vector, the norm (and its cache), DoRA's merge and the PEFT key, for Linear and conv."""
+
+    magnitude: nn.Parameter
+    use_dora = True
+    #: LoraConfig.dora_recompute for this layer: True keeps no [tokens, d_out] tensor (z is recomputed in
+    #: backward), False keeps the output (or z); None: not decided yet ("auto", see OutputProbe)
+    recompute: bool | None = False
+    output_probe: OutputProbe | None = None
+
+    # -- 2-D views: weight rows are output units -------------------------------------------------------------
+    def weight2d(self, weight: torch.Tensor) -> torch.Tensor:
+        """A weight in the base's layout -> ``[d_out, d_in]`` (a view)."""
+        if getattr(self, "fan_in_fan_out", False):
+            return weight.t()
+        return weight.reshape(weight.shape[0], -1)
+
+    def _from2d(self, weight2d: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return weight2d.t() if getattr(self, "fan_in_fan_out", False) else weight2d.reshape(like.shape)
+
+    def factors2d(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A ``[r, d_in]``, B ``[d_out, r]``) as matrices (conv kernels flattened)."""
+        return self.lora_A.reshape(self.lora_A.shape[0], -1), self.lora_B.reshape(self.lora_B.shape[0], -1)
+
+    def weight_operand(self) -> WeightOperand:
+        """The base weight as ``[d_out, d_in]``: a dense view (no copy) or a quantised handle."""
+        operand = base_weight_operand(self.base_layer)
+        return self.weight2d(operand) if isinstance(operand, torch.Tensor) else operand
+
+    def dense_weight2d(self) -> torch.Tensor:
+        """W ``[d_out, d_in]`` in the base's compute dtype; for a 4-bit base a fresh copy: drop it after use."""
+        return materialize(self.weight_operand(), weight_dtype(self.base_layer)).detach()
+
+    def _setup_dora(self, shape: tuple[int, ...]) -> None:
+        self._weight_sq_cache: tuple[TensorStamp, torch.Tensor] | None = None
+        self._merged_norm: torch.Tensor | None = None
+        norm = self.weight_norm(self.dense_weight2d())
+        self.magnitude = nn.Parameter(norm.to(self.lora_A.dtype).reshape(shape))
+
+    # -- the norm ------------------------------------------------------------------------------------------
+    def cached_weight_row_norm_sq(self) -> torch.Tensor:
+        """``‖W‖²_row`` ``[d_out]`` fp32, recomputed only when the stored weight (the packed buffer, for a 4-bit
+        base: dequantised once, upcast a few rows at a time) is another tensor or changed in place
+        (:class:`~slimtune.core.caches.TensorStamp`)."""
+        w = self.base_layer.weight
+        cache = self._weight_sq_cache
+        if cache is None or not cache[0].matches(w):
+            cache = self._weight_sq_cache = (TensorStamp(w), weight_row_norm_sq(self.dense_weight2d()))
+        return cache[1]
+
+    def invalidate_norm_cache(self) -> None:
+        self._weight_sq_cache = None
+
+    @torch.no_grad()
+    def weight_norm(self, weight2d: torch.Tensor) -> torch.Tensor:
+        """``‖W + s·B A‖_row`` ``[d_out]`` fp32 (no grad), factored; ``weight2d``: W in the compute dtype."""
+        a, b = self.factors2d()
+        return factored_row_norm_sq(weight2d, a, b, self.scaling, self.cached_weight_row_norm_sq()).sqrt_()
+
+    # -- merge: W' = g·(W + s·B A); the norm of the unmerged weight is kept for unmerge -------------------------
+    def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        v = self.weight2d(weight) + self.weight2d(self.delta_weight().to(weight.dtype))  # dense: merging only
+        self._merged_norm = v.norm(dim=1)
+        g = self.magnitude.detach().reshape(-1).to(weight.dtype) / self._merged_norm
+        return self._from2d(g[:, None] * v, weight)
+
+    def unmerged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        g = self.magnitude.detach().reshape(-1).to(weight.dtype) / self._merged_norm.to(weight.dtype)
+        w2 = self.weight2d(weight) / g[:, None] - self.weight2d(self.delta_weight().to(weight.dtype))
+        return self._from2d(w2, weight)
+
+    def merge(self) -> None:
+        if is_quantized(base_weight_operand(self.base_layer)):
+            raise SlimtuneError(
+                f"{type(self).__name__} sits on a 4-bit base layer, which cannot hold a merged DoRA update: call "
+                "slimtune.dequantize(model) first (dense base layers), then merge")
+        super().merge()
+        self.invalidate_norm_cache()
+
+    def unmerge(self) -> None:
+        super().unmerge()
+        self._merged_norm = None
+        self.invalidate_norm_cache()
+
+    def load_peft_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        super().load_peft_tensors(name, tensors)
+        self.invalidate_norm_cache()
+
+    def peft_parameters(self) -> dict[str, nn.Parameter]:
+        return {**super().peft_parameters(), "lora_magnitude_vector": self.magnitude}
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", dora=True"
+
+
+class DoraLinear(DoraMixin, LoraLinear):
+    """DoRA over a frozen ``nn.Linear`` (or transformers ``Conv1D``)."""
+
+    def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
+                 init: str = "default", adapter_dtype: torch.dtype | None = None) -> None:
+        super().__init__(base_layer, r, alpha, dropout, rslora, init, adapter_dtype)
+        self._setup_dora((self.out_features,))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.disabled or self.merged:
+            return self.base_layer(x)
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"DoraLinear expects inputs [..., {self.in_features}], got {tuple(x.shape)}")
+        dtype, context = compute_setting(x)
+        bias = self.base_layer.bias
+        if x.dtype != dtype:
+            x = x.to(dtype)
+        if bias is not None and bias.dtype != dtype:
+            bias = bias.to(dtype)
+        p = self.dropout_p if self.training else 0.0
+        recompute = self.recompute
+        watch = False
+        if recompute is None:
+            recompute, watch = self._undecided(x, bias, p)
+        with context:
+            y = dora_linear(x, self.weight_operand(), bias, self.lora_A, self.lora_B, self.magnitude, self.scaling,
+                            p, self.cached_weight_row_norm_sq(), recompute)
+        if watch:
+            self.output_probe.watch(self, y)
+        return y
+
+    def _undecided(self, x: torch.Tensor, bias: torch.Tensor | None, p: float) -> tuple[bool, bool]:
+        """``(recompute now, watch the output)`` for a layer whose ``dora_recompute="auto"`` is not decided yet.
+
+        Only a training forward of a layer that would keep its output is measured (with dropout, a bias or fp16
+        the layer keeps z, the rule of :func:`~.norm.saves_output`); it recomputes this once. Under
+        saved-tensor hooks (gradient checkpointing, offloading) or inside a backward pass (reentrant
+        checkpointing's recomputation) the output is kept without deciding: those hooks own what is saved."""
+        if (p > 0 or not torch.is_grad_enabled() or not self.magnitude.requires_grad
+                or not saves_output(bias, x.dtype) or self.output_probe is None):
+            return False, False
+        if saved_tensor_hooks_active() or inside_backward():
+            return False, False
+        return True, True
+
+
+class DoraConv(DoraMixin, LoraConv):
+    """DoRA over a frozen ``nn.Conv1d`` / ``nn.Conv2d`` (groups 1): LoCon's factors, norm per output channel."""
+
+    def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
+                 init: str = "default", adapter_dtype: torch.dtype | None = None) -> None:
+        if getattr(base_layer, "groups", 1) != 1:
+            raise ConfigError(f"DoRA on a grouped convolution (groups={base_layer.groups}) is not supported")
+        super().__init__(base_layer, r, alpha, dropout, rslora, init, adapter_dtype)
+        self._setup_dora((1, self.out_channels, *(1,) * (base_layer.weight.dim() - 2)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.disabled or self.merged:
+            return self.base_layer(x)
+        base = self.base_layer
+        dtype, context = compute_setting(x)
+        p = self.dropout_p if self.training else 0.0
+        with context:
+            x, weight = x.to(dtype), base.weight.to(dtype)
+            bias = base.bias.to(dtype) if base.bias is not None else None
+            xd = F.dropout(x, p, training=True) if p > 0 else x
+            geometry = (base.stride, base.padding, base.dilation)
+            h = self._conv(xd, self.lora_A.to(dtype), None, *geometry)
+            z = base._conv_forward(xd, weight, None) + self._conv(h, (self.lora_B * self.scaling).to(dtype))
+            norm = self.weight_norm(self.weight2d(weight))
+            out = dora_scale(z, self.magnitude, norm, bias, dim=1)
+            if p > 0:  # PEFT's x Wᵀ + (g−1)·drop(x) Wᵀ: the rest of the base term on the dropped part
+                out = out + base._conv_forward(x - xd, weight, None)
+            return out
+
+
+def build_dora(config: LoraConfig, name: str, base: nn.Module) -> DoraMixin:
+    """The DoRA adapter (``LoraConfig(use_dora=True)``) for ``base``: DoraConv on a Conv1d / Conv2d, else DoraLinear;
+    its ``recompute`` from ``dora_recompute`` (None under ``"auto"``: decided by :func:`finalize_dora`'s probe)."""
+    layer = (DoraConv if isinstance(base, (nn.Conv1d, nn.Conv2d)) else DoraLinear)(base, **config.layer_kwargs(name))
+    layer.recompute = config.recompute_for(name)
+    return layer
+
+
+def finalize_dora(config: LoraConfig, model: nn.Module, adapters: list) -> None:
+    """``dora_recompute="auto"``: one :class:`~.probe.OutputProbe` for the model's DoRA Linear layers, resolved when
+    the model's forward returns."""
+    if config.dora_recompute == "auto":
+        attach_output_probe(model, [a for a in adapters if isinstance(a, DoraLinear)])

@@ -1,0 +1,144 @@
+"""DoRA's row norm without the dense product, and the per-row vectors everything downstream reads.
+
+``‖V‖²_row = ‖W + s·B A‖²_row = ‖W‖²_row + 2s·rowsum((W Aᵀ + (s/2)·B (A Aᵀ)) ⊙ B)`` from ``[d_out, r]`` / ``[r, r]``
+intermediates — no ``[d_out, d_in]`` tensor is formed. The layer's path is two GEMMs, ``W Aᵀ`` and ``A Aᵀ``
+(:func:`factored_norm_parts`; on CUDA bf16/fp16 GEMMs with fp32 outputs), and one kernel (:func:`dora_vectors`) that
+forms ``B (A Aᵀ)`` in fp32 (three-pass tf32 products) and the ``[4, d_out]`` fp32 vectors ``(g − 1, g, 1/‖V‖, 1/m')``;
+:func:`dora_vectors_reference` is that kernel's PyTorch reference. Shapes: W ``[d_out, d_in]``, A ``[r, d_in]``,
+B ``[d_out, r]``, m ``[d_out]``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ...core.triton import use_triton
+
+_NORM_CHUNK = 1 << 22  # elements of W upcast at a time for ‖W‖²_row
+_MM_OUT_DTYPE: dict[torch.dtype, bool] = {}  # whether torch.mm(..., out_dtype=fp32) runs, per input dtype (CUDA)
+_FLOORS: dict[torch.dtype, float] = {}  # magnitude_floor per dtype
+
+
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32, or fp64 for fp64 inputs."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+@torch.no_grad()
+def weight_row_norm_sq(weight2d: torch.Tensor) -> torch.Tensor:
+    """``‖W‖²_row`` ``[d_out]`` in fp32 (fp64 for fp64 W), upcasting a few rows at a time (no fp32 copy of W)."""
+    acc = accumulate_dtype(weight2d.dtype)
+    rows = max(1, _NORM_CHUNK // max(1, weight2d.shape[1]))
+    return torch.cat([chunk.to(acc).pow(2).sum(1) for chunk in weight2d.split(rows)])
+
+
+def _fp32_out_gemm(t: torch.Tensor) -> bool:
+    """Whether ``torch.mm(t, ·, out_dtype=torch.float32)`` is available: bf16/fp16 on CUDA (probed once)."""
+    if not t.is_cuda or t.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if t.dtype not in _MM_OUT_DTYPE:
+        try:
+            probe = torch.ones(1, 1, device=t.device, dtype=t.dtype)
+            _MM_OUT_DTYPE[t.dtype] = torch.mm(probe, probe, out_dtype=torch.float32).dtype == torch.float32
+        except (RuntimeError, TypeError, NotImplementedError):
+            _MM_OUT_DTYPE[t.dtype] = False
+    return _MM_OUT_DTYPE[t.dtype]
+
+
+def _mm_acc(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype, small: bool) -> torch.Tensor:
+    """``a @ b`` in ``acc``: a bf16/fp16 GEMM with fp32 output on CUDA; otherwise with the inputs upcast
+    (``small`` operands) or in a's dtype, then upcast (large ones: no upcast copy of W)."""
+    if a.dtype == acc:
+        return a @ b.to(acc)
+    if _fp32_out_gemm(a) and b.dtype == a.dtype:
+        return torch.mm(a, b, out_dtype=acc)
+    return a.to(acc) @ b.to(acc) if small else (a @ b.to(a.dtype)).to(acc)
+
+
+@torch.no_grad()
+def factored_norm_parts(weight2d: torch.Tensor, lora_a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(W Aᵀ [d_out, r], A Aᵀ [r, r])`` in fp32 (fp64 for fp64 W): the norm's two GEMMs.
+
+    ``W Aᵀ`` runs in W's dtype, ``A Aᵀ`` in A's, both accumulating in fp32 and (on CUDA, bf16/fp16) with fp32
+    outputs; elsewhere the small one runs in fp32. ``B (A Aᵀ)`` is formed by the consumer
+    (:func:`dora_vectors`: inside its kernel on the GPU, in fp32), so no ``[d_out, d_in]`` tensor exists."""
+    acc = accumulate_dtype(weight2d.dtype)
+    mixed = _mm_acc(weight2d, lora_a.to(weight2d.dtype).t(), acc, small=False)  # W Aᵀ, [d_out, r]
+    gram = _mm_acc(lora_a, lora_a.t(), acc, small=True)  # A Aᵀ, [r, r]
+    return mixed, gram
+
+
+def _row_norm_sq_from_parts(weight_sq: torch.Tensor, mixed: torch.Tensor, gram: torch.Tensor,
+                            lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``‖W‖² + 2s·rowsum((W Aᵀ + (s/2)·B (A Aᵀ)) ⊙ B)``, clamped at 0 (fp32 or fp64)."""
+    b = lora_b.to(mixed.dtype)
+    rowsum = torch.addmm(mixed, b, gram.to(mixed.dtype), alpha=scaling / 2).mul_(b).sum(1)
+    return torch.add(weight_sq.to(mixed.dtype), rowsum, alpha=2 * scaling).clamp_min_(0)
+
+
+@torch.no_grad()
+def factored_row_norm_sq(weight2d: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float,
+                         weight_sq: torch.Tensor | None = None) -> torch.Tensor:
+    """``‖W + s·B A‖²_row`` ``[d_out]``, fp32 (fp64 for fp64 W), clamped at 0; no ``[d_out, d_in]`` tensor.
+
+    weight2d ``[d_out, d_in]`` (dense), lora_a ``[r, d_in]``, lora_b ``[d_out, r]``; ``weight_sq``: a cached
+    ``‖W‖²_row``. The products: :func:`factored_norm_parts`.
+    """
+    if weight_sq is None:
+        weight_sq = weight_row_norm_sq(weight2d)
+    mixed, gram = factored_norm_parts(weight2d, lora_a)
+    return _row_norm_sq_from_parts(weight_sq, mixed, gram, lora_b, scaling)
+
+
+def magnitude_floor(dtype: torch.dtype) -> float:
+    """``ε = 2^⌊e_min/2⌋`` for an output dtype whose smallest normal is ``2^e_min`` (bf16 / fp32: 2⁻⁶³)."""
+    eps = _FLOORS.get(dtype)
+    if eps is None:
+        e_min = int(math.log2(torch.finfo(dtype).tiny))
+        eps = _FLOORS[dtype] = 2.0 ** -((-e_min + 1) // 2)
+    return eps
+
+
+def saves_output(bias: torch.Tensor | None, dtype: torch.dtype) -> bool:
+    """The host rule of the module docstring: the output stands in for z iff there is no bias and the output's
+    dtype has fp32's exponent range (bf16, fp32, fp64); decided from what the host knows, no sync."""
+    return bias is None and dtype in (torch.bfloat16, torch.float32, torch.float64)
+
+
+def dora_vectors_reference(mixed: torch.Tensor, gram: torch.Tensor, lora_b: torch.Tensor,
+                           weight_sq: torch.Tensor, magnitude: torch.Tensor, scaling: float,
+                           eps: float = 0.0) -> torch.Tensor:
+    """``[4, d_out]`` rows ``(g − 1, g, 1/‖V‖, 1/m')`` in fp32 (fp64 for fp64): ``‖V‖`` from the norm parts
+    (:func:`factored_norm_parts`), ``m' = sign(m)·max(|m|, ε‖V‖)`` (sign(0) = +; ``ε = 0``: ``m' = m``),
+    ``g = m'/‖V‖`` and ``g − 1 = (m' − ‖V‖)/‖V‖`` (no cancellation near g = 1)."""
+    norm = _row_norm_sq_from_parts(weight_sq, mixed, gram, lora_b, scaling).sqrt_()
+    m = magnitude.detach().reshape(-1).to(norm.dtype)
+    mag = torch.maximum(m.abs(), norm * eps)
+    m_eff = torch.where(m < 0, -mag, mag)
+    return torch.stack([(m_eff - norm) / norm, m_eff / norm, 1 / norm, 1 / m_eff])
+
+
+def dora_vectors(mixed: torch.Tensor, gram: torch.Tensor, lora_b: torch.Tensor, weight_sq: torch.Tensor,
+                 magnitude: torch.Tensor, scaling: float, eps: float = 0.0) -> torch.Tensor:
+    """:func:`dora_vectors_reference`, one fused kernel on the GPU (fp32; ``B (A Aᵀ)`` formed inside)."""
+    if mixed.dtype == torch.float32 and use_triton(mixed):
+        from . import triton_kernels  # imports triton (optional): only behind use_triton
+
+        return triton_kernels.dora_vectors(mixed, gram, lora_b, weight_sq, magnitude.detach(), scaling, eps)
+    return dora_vectors_reference(mixed, gram, lora_b, weight_sq, magnitude, scaling, eps)
+
+
+def dense_row_norm(weight2d: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``‖W + s·B A‖_row`` through the dense ``[d_out, d_in]`` sum: the reference for tests and benchmarks."""
+    acc = accumulate_dtype(weight2d.dtype)
+    return (weight2d.to(acc) + scaling * (lora_b.to(acc) @ lora_a.to(acc))).norm(dim=1)
+
+
+def dora_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
+                          lora_b: torch.Tensor, magnitude: torch.Tensor, scaling: float) -> torch.Tensor:
+    """DoRA by its definition, through PyTorch's autograd: ``x (g·V)ᵀ + b`` with the dense V, norm detached."""
+    v = weight + scaling * (lora_b @ lora_a)
+    g = magnitude / v.norm(dim=1).detach()
+    return F.linear(x, g[:, None] * v, bias)

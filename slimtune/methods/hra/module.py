@@ -1,0 +1,103 @@
+"""HRA (Householder Reflection Adaptation), applied to activations — never a dense transform.
+
+PEFT's convention: ``hra_u`` is ``[d_in, r]`` (Conv2d: ``[c_in·kh·kw, r]``); with normalised columns
+``u_i``, ``H = H_0 H_1 ⋯ H_{r−1}``, ``H_i = I − 2 u_i u_iᵀ``, and the layer computes ``base`` with weight
+``W H``, i.e. ``y = base(x Hᵀ)``. With ``apply_GS`` the columns are orthonormalised (Gram–Schmidt; here a
+QR factorisation, whose column signs do not change ``H``) and ``H = I − 2 Q Qᵀ``.
+
+The compact WY form ``H = I − U T Uᵀ`` (``T`` upper triangular, ``T⁻¹ = striu(UᵀU) + I/2``; for GS
+``T = 2I``) turns the adapted weight into a low-rank update of the frozen one::
+
+    W H = W + up · down,   down = Uᵀ  [r, d_in],   up = −(W U) T  [d_out, r]
+
+so the layer is LoRA with computed factors: the training path is the same autograd Function
+(:mod:`slimtune.core.lowrank`), which saves x alone; ``U``, ``T``, ``W U`` are ``[d, r]`` / ``[r, r]``
+tensors built by autograd in O(d_out·d_in·r) — no ``[d, d]`` tensor, no copy or cast of W. Conv2d takes the
+same factors as a down convolution (kernel ``Uᵀ`` reshaped ``[r, c_in, kh, kw]``) and a 1x1 up convolution.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ...core.compute import compute_setting
+from ...core.frozen import WeightOperand, base_weight_operand, is_quantized, weight_dtype, weight_matmul, weight_shape
+from ...core.lowrank import conv_low_rank_forward, lowrank_linear
+from ...core.module import AdapterModule
+from ...errors import ConfigError
+from .factors import HraFactorCache
+from .math import hra_low_rank_factors, init_hra_, orthogonality_penalty, wy_factors
+
+
+class HraLayer(AdapterModule):
+    """HRA over a frozen ``nn.Linear`` or ``nn.Conv2d`` (groups 1)."""
+
+    def __init__(self, base_layer: nn.Module, r: int, apply_GS: bool = False, init_weights: bool = True,
+                 orth_reg_weight: float = 0.0, adapter_dtype: torch.dtype | None = None) -> None:
+        super().__init__(base_layer)
+        shape = weight_shape(base_layer)
+        self.r, self.apply_GS, self.orth_reg_weight = r, apply_GS, float(orth_reg_weight)
+        self.is_conv = isinstance(base_layer, nn.Conv2d)
+        d_in = math.prod(shape[1:])
+        if r > d_in:
+            raise ConfigError(f"HRA rank {r} exceeds the reflected dimension {d_in}")
+        self.hra_u = nn.Parameter(torch.empty(d_in, r, device=base_layer.weight.device,
+                                              dtype=adapter_dtype or weight_dtype(base_layer)))
+        init_hra_(self.hra_u, symmetric=init_weights)
+        self.factor_cache: HraFactorCache | None = None  # set by HraConfig.finalize: factors batched over layers
+
+    def peft_parameters(self) -> dict[str, nn.Parameter]:
+        return {"hra_u": self.hra_u}
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, apply_GS={self.apply_GS}"
+
+    def factors(self, weight2d: WeightOperand) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(down [r, d_in], up [d_out, r])`` with ``W H = W + up · down``."""
+        if self.factor_cache is None:
+            return hra_low_rank_factors(weight2d, self.hra_u, self.apply_GS)
+        unit, neg_ut = self.factor_cache.factors(self)  # in W's dtype
+        return unit.t(), weight_matmul(weight2d, neg_ut)
+
+    def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        w2 = weight.reshape(weight.shape[0], -1)
+        down, up = hra_low_rank_factors(w2, self.hra_u.to(weight.dtype), self.apply_GS)
+        return (w2 + up.to(weight.dtype) @ down.to(weight.dtype)).view_as(weight)
+
+    def unmerged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        # (W H) Hᵀ = W: Hᵀ = I − U Tᵀ Uᵀ
+        w2 = weight.reshape(weight.shape[0], -1)
+        unit, t = wy_factors(self.hra_u.to(weight.dtype), self.apply_GS)
+        unit, t = unit.to(weight.dtype), t.to(weight.dtype)
+        return (w2 - ((w2 @ unit) @ t.t()) @ unit.t()).view_as(weight)
+
+    def orthogonality_loss(self) -> torch.Tensor:
+        return self.orth_reg_weight * orthogonality_penalty(self.hra_u)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.disabled or self.merged:
+            return self.base_layer(x)
+        base = self.base_layer
+        if self.is_conv:
+            weight = base.weight
+            down, up = self.factors(weight.reshape(weight.shape[0], -1))
+            return conv_low_rank_forward(x, x, base, down.reshape(self.r, *weight.shape[1:]),
+                                         up.reshape(*up.shape, 1, 1))
+        weight = base_weight_operand(base)
+        if x.shape[-1] != weight.shape[1]:
+            raise ValueError(f"HRA layer expects inputs [..., {weight.shape[1]}], got {tuple(x.shape)}")
+        down, up = self.factors(weight)
+        dtype, context = compute_setting(x)
+        bias = base.bias.to(dtype) if base.bias is not None else None
+        if not is_quantized(weight):
+            weight = weight.to(dtype)
+        with context:
+            return lowrank_linear(x.to(dtype), weight, bias, down, up, 1.0)
+
+
+def orthogonality_loss(model: nn.Module) -> torch.Tensor:
+    """Sum of ``orth_reg_weight · ‖ÛᵀÛ − I‖²`` over the model's HRA layers; add it to the training loss."""
+    terms = [m.orthogonality_loss() for m in model.modules() if isinstance(m, HraLayer) and m.orth_reg_weight]
+    return torch.stack(terms).sum() if terms else torch.zeros(())

@@ -1,0 +1,216 @@
+"""LoHa's explicit forward/backward ops for the shared structured and folded Functions
+(:mod:`slimtune.core.structured`): on a Linear (LoRA at rank r² with computed factors), a convolution, the Tucker
+form, and the fold ``W + ΔW`` (fused Triton kernels on the GPU, these PyTorch ops elsewhere and as their reference).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ...core.lowrank import factor_grads
+from ...core.products import (Grad, add_mix_, cols_kr, cols_kr_grad, lowrank_grad, mix, mix_backward, rows_kr,
+                              rows_kr_grad, scale_rows, tucker_grad, tucker_weight)
+from ...core.structured import ConvSpec, FoldOp, Params, StructuredOp, base_backward
+from ...core.structured_adapter import Scale
+from ...core.triton import use_triton
+from .math import core_kr, core_kr_grad
+
+
+def kernels():
+    """:mod:`.triton_kernels`, imported on first use: it imports triton, an optional dependency (a CPU install has
+    none), so only code behind :func:`~slimtune.core.triton.use_triton` reaches it."""
+    from . import triton_kernels
+
+    return triton_kernels
+
+
+class LohaLinearOp(StructuredOp):
+    """LoHa on a Linear: LoRA at rank ``R = r²`` with computed factors ``D = w1b ⊙̂ w2b`` ``[R, d_in]`` (rows)
+    and ``U = (s·w1a) ⊙̂ w2a`` ``[d_out, R]`` (columns); ``U D = s · (w1a w1b) ⊙ (w2a w2b)``.
+
+    Forward: ``y += (x Dᵀ) Uᵀ`` (2 GEMMs). Backward: ``g = dy U``, ``dx += g D``, ``dU = dyᵀ (x Dᵀ)``,
+    ``dD = gᵀ x`` (both by :func:`~slimtune.core.lowrank.factor_grads`, which may go through the Gram matrix ``dyᵀx``), then the factor gradients of the two face-splitting products. ``scale``: ``s``, or ``s · mask`` ``[d_out]``.
+    """
+
+    def add_delta(self, y, x, params, scale):
+        w1a, w1b, w2a, w2b = params
+        down, up = rows_kr(w1b, w2b), cols_kr(scale_rows(w1a, scale, 0), w2a)
+        y2 = y if y.dim() == 2 else y.view(-1, y.shape[-1])
+        y2.addmm_(F.linear(x if x.dim() == 2 else x.reshape(-1, x.shape[-1]), down), up.t())
+        return y
+
+    def delta_backward(self, dy, x, params, scale, grad_x, need):
+        w1a, w1b, w2a, w2b = params
+        w1a_s = scale_rows(w1a, scale, 0)
+        down, up = rows_kr(w1b, w2b), cols_kr(w1a_s, w2a)
+        x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+        dy2 = dy if dy.dim() == 2 else dy.reshape(-1, dy.shape[-1])
+        need_up, need_down = need[0] or need[2], need[1] or need[3]
+        g = torch.mm(dy2, up) if grad_x is not None or need_down else None  # [N, R]
+        if grad_x is not None:
+            (grad_x if grad_x.dim() == 2 else grad_x.view(-1, x2.shape[1])).addmm_(g, down)
+        d_down, d_up = factor_grads(dy2, x2, down, up, 1.0, need_down, need_up, dy_up=g)
+        grads: list[Grad] = [None] * 4
+        if need_up:
+            da, grads[2] = cols_kr_grad(d_up, w1a_s, w2a, need[0], need[2])
+            grads[0] = None if da is None else scale_rows(da, scale, 0)
+        if need_down:
+            grads[1], grads[3] = rows_kr_grad(d_down, w1b, w2b, need[1], need[3])
+        return grads
+
+
+class LohaConvOp(StructuredOp):
+    """LoHa on a convolution (groups 1): ``D`` (the LoRA form's rows, reshaped ``[R, c_in, *k]``) is a down
+    convolution with the base geometry, ``U`` ``[c_out, R]`` a 1x1 up (a batched GEMM added into y)."""
+
+    def __init__(self, conv: ConvSpec, kernel: tuple[int, ...]) -> None:
+        self.conv, self.kernel = conv, kernel
+
+    def _factors(self, params: Params, scale: Scale) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        w1a, w1b, w2a, w2b = params
+        w1a_s = scale_rows(w1a, scale, 0)
+        down = rows_kr(w1b, w2b)
+        return w1a_s, down.view(down.shape[0], -1, *self.kernel), cols_kr(w1a_s, w2a)
+
+    def add_delta(self, y, x, params, scale):
+        _, down, up = self._factors(params, scale)
+        return add_mix_(y, self.conv.conv(x, down, groups=1), up)
+
+    def delta_backward(self, dy, x, params, scale, grad_x, need):
+        _, w1b, w2a, w2b = params
+        w1a_s, down, up = self._factors(params, scale)
+        need_up, need_down, need_dx = need[0] or need[2], need[1] or need[3], grad_x is not None
+        h = self.conv.conv(x, down, groups=1) if need_up else None
+        dh, d_up = mix_backward(dy, h, up, need_dx or need_down, need_up)
+        del h
+        grads: list[Grad] = [None] * 4
+        if need_dx or need_down:
+            dx, d_down = base_backward(dh, x, down, self.conv, need_dx, need_down, groups=1)
+            if dx is not None:
+                grad_x.add_(dx)
+            if need_down:
+                grads[1], grads[3] = rows_kr_grad(d_down, w1b, w2b, need[1], need[3])
+        if need_up:
+            da, grads[2] = cols_kr_grad(d_up, w1a_s, w2a, need[0], need[2])
+            grads[0] = None if da is None else scale_rows(da, scale, 0)
+        return grads
+
+
+class LohaTuckerOp(StructuredOp):
+    """Tucker LoHa on a convolution (groups 1): a 1x1 down to ``R = r²`` channels (``D = w1b ⊙̂ w2b``
+    ``[R, c_in]``), the core ``[R, R, *k]`` (:func:`core_kr`) with the base geometry, a 1x1 up
+    (``Uᵀ = (s·w1a) ⊙̂ w2a`` ``[R, c_out]``, rows)."""
+
+    def __init__(self, conv: ConvSpec, kernel: tuple[int, ...]) -> None:
+        self.conv, self.kernel = conv, kernel
+
+    def _factors(self, params: Params, scale: Scale) -> tuple[torch.Tensor, ...]:
+        t1, w1a, w1b, t2, w2a, w2b = params
+        w1a_s = scale_rows(w1a, scale, 1)
+        return w1a_s, rows_kr(w1b, w2b), core_kr(t1, t2, self.kernel), rows_kr(w1a_s, w2a).t()
+
+    def add_delta(self, y, x, params, scale):
+        _, down, core, up = self._factors(params, scale)
+        return add_mix_(y, self.conv.conv(mix(x, down), core, groups=1), up)
+
+    def delta_backward(self, dy, x, params, scale, grad_x, need):
+        t1, _, w1b, t2, w2a, w2b = params
+        w1a_s, down, core, up = self._factors(params, scale)
+        need_dx = grad_x is not None
+        need_up, need_core, need_down = need[1] or need[4], need[0] or need[3], need[2] or need[5]
+        need_dh1 = need_dx or need_down
+        h1 = mix(x, down) if need_up or need_core or need_dh1 else None
+        h2 = self.conv.conv(h1, core, groups=1) if need_up else None
+        dh2, d_up = mix_backward(dy, h2, up, need_dh1 or need_core, need_up, w_transposed=True)
+        del h2
+        grads: list[Grad] = [None] * 6
+        if need_dh1 or need_core:
+            dh1, d_core = base_backward(dh2, h1, core, self.conv, need_dh1, need_core, groups=1)
+            del dh2, h1
+            if need_core:
+                grads[0], grads[3] = core_kr_grad(d_core, t1, t2, need[0], need[3])
+            if need_dh1:
+                dx, d_down = mix_backward(dh1, x, down, need_dx, need_down)
+                if dx is not None:
+                    grad_x.add_(dx)
+                if need_down:
+                    grads[2], grads[5] = rows_kr_grad(d_down, w1b, w2b, need[2], need[5])
+        if need_up:
+            da, grads[4] = rows_kr_grad(d_up, w1a_s, w2a, need[1], need[4])
+            grads[1] = None if da is None else scale_rows(da, scale, 1)
+        return grads
+
+
+class LohaFoldOp(FoldOp):
+    """``W + W1 ⊙ W2`` with ``W1 = (s·w1a) w1b``, ``W2 = w2a w2b`` (Tucker: :func:`tucker_weight`); backward:
+    ``dW1 = g ⊙ W2``, ``dW2 = g ⊙ W1`` and the low-rank / Tucker products' gradients.
+
+    On the GPU (non-Tucker, rank ≤ :data:`slimtune.methods.loha.triton_kernels.MAX_RANK`) both run as one fused
+    Triton kernel each (:mod:`.triton_kernels`: no dense ``W1`` / ``W2`` / ``g ⊙ W2``); the PyTorch code below is
+    their reference and the path everywhere else."""
+
+    def __init__(self, conv: ConvSpec | None, tucker: bool, rank: int) -> None:
+        self.conv, self.tucker, self.rank = conv, tucker, rank
+        self._kernel_ok: bool | None = None  # Tucker off and the rank within the kernels' limit; set on first use
+
+    def fused(self, w: torch.Tensor) -> bool:
+        """Whether :meth:`fold` / :meth:`fold_backward` take the Triton kernels for a weight like ``w``."""
+        if not use_triton(w):
+            return False
+        if self._kernel_ok is None:
+            self._kernel_ok = not self.tucker and self.rank <= kernels().MAX_RANK
+        return self._kernel_ok
+
+    @staticmethod
+    def _rows(w: torch.Tensor, inplace: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(W as [c_out, rest], the buffer W + ΔW may be written into or None)``: in place only into W itself."""
+        w2d = w.reshape(w.shape[0], -1)
+        return w2d, (w2d if inplace and w2d.is_contiguous() and w2d.data_ptr() == w.data_ptr() else None)
+
+    def fold(self, w, params, scale, inplace):
+        if self.fused(w):
+            w2d, out = self._rows(w, inplace)
+            return kernels().fold(w2d, *params, scale, out=out).view(w.shape), ()
+        if self.tucker:
+            t1, w1a, w1b, t2, w2a, w2b = params
+            w1a_s = scale_rows(w1a, scale, 1)
+            w1, w2 = tucker_weight(t1, w1a_s, w1b), tucker_weight(t2, w2a, w2b)
+        else:
+            w1a, w1b, w2a, w2b = params
+            w1a_s = scale_rows(w1a, scale, 0)
+            w1, w2 = w1a_s @ w1b, w2a @ w2b
+        w1, w2 = w1.reshape(w.shape), w2.reshape(w.shape)
+        return (w.addcmul_(w1, w2) if inplace else torch.addcmul(w, w1, w2)), (w1a_s, w1, w2)
+
+    def fused_backward(self, w, params, scale, dy, x, need_x, need, inplace):
+        """On the GPU: ``G = dyᵀx`` (the base's weight gradient), then one kernel for ``W'`` and the four factor
+        gradients, then ``dx = dy W'``: three launches."""
+        if not self.fused(w):
+            return None
+        _, g = base_backward(dy, x, w, self.conv, False, True)
+        w2d, out = self._rows(w, inplace and need_x)
+        *grads, w_eff = kernels().fold_grads(g.reshape(g.shape[0], -1), *params, scale,
+                                             w=w2d if need_x else None, out=out)
+        del g
+        grad_x = base_backward(dy, x, w_eff.view(w.shape), self.conv, True, False)[0] if need_x else None
+        return grad_x, [grad if wanted else None for grad, wanted in zip(grads, need)]
+
+    def fold_backward(self, g, params, parts, scale, need):
+        if not parts:  # the fused fold
+            grads = kernels().fold_grads(g.reshape(g.shape[0], -1), *params, scale)[:4]
+            return [grad if wanted else None for grad, wanted in zip(grads, need)]
+        w1a_s, w1, w2 = parts
+        if self.tucker:
+            t1, _, w1b, t2, w2a, w2b = params
+            n1, n2 = need[:3], need[3:]
+            grads1 = tucker_grad(g * w2, t1, w1a_s, w1b, n1) if any(n1) else (None,) * 3
+            grads2 = tucker_grad(g * w1, t2, w2a, w2b, n2) if any(n2) else (None,) * 3
+            dt1, da, dw1b = grads1
+            return [dt1, None if da is None else scale_rows(da, scale, 1), dw1b, *grads2]
+        _, w1b, w2a, w2b = params
+        rows = w1a_s.shape[0]
+        da, dw1b = (lowrank_grad((g * w2).reshape(rows, -1), w1a_s, w1b, need[0], need[1]) if need[0] or need[1]
+                    else (None, None))
+        dw2a, dw2b = (lowrank_grad((g * w1).reshape(rows, -1), w2a, w2b, need[2], need[3]) if need[2] or need[3]
+                      else (None, None))
+        return [None if da is None else scale_rows(da, scale, 0), dw1b, dw2a, dw2b]

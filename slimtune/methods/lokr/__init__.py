@@ -1,0 +1,12 @@
+"""LoKr (Kronecker product, as LyCORIS / PEFT): structured or folded per layer; PEFT's ``LOKR`` format."""
+from ...core.registry import Method, register_method
+from .config import LokrConfig, build_lokr
+from .factors import lokr_factors
+from .format import LOKR_FORMAT
+from .math import factorization, lokr_delta_weight
+from .module import LokrLayer
+
+register_method(Method("lokr", LokrConfig, build_lokr, LOKR_FORMAT))
+
+__all__ = ["LOKR_FORMAT", "LokrConfig", "LokrLayer", "build_lokr", "factorization", "lokr_delta_weight",
+           "lokr_factors"]

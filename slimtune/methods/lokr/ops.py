@@ -1,0 +1,95 @@
+"""LoKr's explicit forward/backward ops for the shared Functions (:mod:`slimtune.core.structured`): the structured
+path on a convolution (:class:`LokrConvOp`; a Linear's is :class:`~.function.KronLinearFunction`) and the fold
+``W + s·w1 ⊗ w2`` (:class:`LokrFoldOp`)."""
+from __future__ import annotations
+
+import torch
+
+from ...core.products import bmm_left, kron_grad, sum_bmm
+from ...core.structured import ConvSpec, FoldOp, Params, StructuredOp, base_backward
+from .factors import LokrFactors
+from .math import kron_weight
+
+
+LokrScale = tuple[float, "torch.Tensor | None"]  # (s, rank-dropout mask over the output rows [d_out] or None)
+
+
+class LokrConvOp(StructuredOp):
+    """``conv(x, s·w1 ⊗ w2)`` (groups 1): x ``[B, a_in·b_in, *sp]`` viewed ``[B·a_in, b_in, *sp]`` is convolved
+    with w2 ``[b_out, b_in, *k]`` (the base geometry), then ``a_in`` is contracted with w1 (a batched GEMM
+    accumulating into y). Backward: ``du = w1ᵀ dy``, the convolution's backward gives ``dx`` and ``dw2``;
+    ``dw1 = Σ_b dy[b] u[b]ᵀ`` with ``u`` recomputed."""
+
+    def __init__(self, factors: LokrFactors, conv: ConvSpec, kernel: tuple[int, ...], w1_shape: tuple[int, int],
+                 w2_shape: tuple[int, int]) -> None:
+        self.factors, self.conv, self.kernel = factors, conv, kernel
+        (self.a_out, self.a_in), (self.b_out, self.b_in) = w1_shape, w2_shape
+
+    def _build(self, params: Params, s: float) -> tuple[torch.Tensor, torch.Tensor]:
+        w1, w2 = self.factors.build(params, s)
+        return w1, w2.reshape(self.b_out, self.b_in, *self.kernel).contiguous()
+
+    def add_delta(self, y, x, params, scale: LokrScale):
+        s, mask = scale
+        w1, w2 = self._build(params, s)
+        batch, a_out, a_in = x.shape[0], self.a_out, self.a_in
+        u = self.conv.conv(x.reshape(batch * a_in, self.b_in, *x.shape[2:]), w2, groups=1)  # [B·a_in, b_out, *sp']
+        u3 = u.reshape(batch, a_in, -1)
+        if mask is None and y.is_contiguous():
+            y.view(batch, a_out, -1).baddbmm_(w1.expand(batch, a_out, a_in), u3)
+            return y
+        delta = bmm_left(w1, u3).view(y.shape)
+        if mask is not None:
+            delta.mul_(mask.view(-1, *(1,) * (y.dim() - 2)))
+        return y.add_(delta)
+
+    def delta_backward(self, dy, x, params, scale: LokrScale, grad_x, need):
+        s, mask = scale
+        w1, w2 = self._build(params, s)
+        batch, a_out, a_in = x.shape[0], self.a_out, self.a_in
+        if mask is not None:
+            dy = dy * mask.view(-1, *(1,) * (dy.dim() - 2))
+        dy3 = dy.reshape(batch, a_out, -1)
+        xv = x.reshape(batch * a_in, self.b_in, *x.shape[2:])
+        need_1, need_2 = self.factors.needs(need)
+        need_dx = grad_x is not None
+        dw1 = dw2 = None
+        if need_dx or need_2:
+            du = bmm_left(w1.t(), dy3).reshape(batch * a_in, self.b_out, *dy.shape[2:])
+            dxv, dw2 = base_backward(du, xv, w2, self.conv, need_dx, need_2, groups=1)
+            del du
+            if dxv is not None:
+                grad_x.add_(dxv.reshape(x.shape))
+        if need_1:
+            dw1 = sum_bmm(dy3, self.conv.conv(xv, w2, groups=1).reshape(batch, a_in, -1))
+        return self.factors.grads(dw1, dw2, params, s, need)
+
+
+class LokrFoldOp(FoldOp):
+    """``W + s · w1 ⊗ w2`` (rows times the rank-dropout mask), the Kronecker product as PEFT forms it
+    (:func:`kron_weight`); backward: :func:`~slimtune.kernels.structured.kron_grad`."""
+
+    def __init__(self, factors: LokrFactors, conv: ConvSpec | None) -> None:
+        self.factors, self.conv = factors, conv
+
+    @staticmethod
+    def _rows(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return mask.view(-1, *(1,) * (like.dim() - 1))
+
+    def fold(self, w, params, scale: LokrScale, inplace):
+        s, mask = scale
+        w1, w2 = self.factors.build(params, s)
+        delta = kron_weight(w1, w2).reshape(w.shape)
+        if mask is not None:
+            delta = delta * self._rows(mask, w)
+        return (w.add_(delta) if inplace else w + delta), (w1, w2)
+
+    def fold_backward(self, g, params, parts, scale: LokrScale, need):
+        s, mask = scale
+        w1, w2 = parts
+        if mask is not None:
+            g = g * self._rows(mask, g)
+        need_1, need_2 = self.factors.needs(need)
+        a = w1[:, :, None, None] if w2.dim() == 4 else w1
+        da, dw2 = kron_grad(g, a, w2, need_1, need_2)
+        return self.factors.grads(None if da is None else da.reshape(w1.shape), dw2, params, s, need)

@@ -1,0 +1,74 @@
+"""LoRA (Hu et al.) and rsLoRA: ``y = base(x) + s · B A drop(x)``, ``s = alpha / r`` (rsLoRA: ``alpha / √r``).
+
+Shapes: A ``[r, d_in]``, B ``[d_out, r]`` — PEFT's ``lora_A.weight`` / ``lora_B.weight``. The training
+path is :class:`slimtune.core.lowrank.LowRankLinearFunction` (the low-rank product LoRA shares with HRA, DoRA and
+LoHa); :func:`~.math.lora_linear_reference` is its reference. LoRA on convolutions (LoCon) is in ``conv.py``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ...core.compute import compute_setting
+from ...core.frozen import base_weight_operand, is_quantized, weight_dtype, weight_shape
+from ...core.lowrank import lowrank_linear
+from ...core.module import AdapterModule
+from ...core.targeting import is_hf_conv1d
+from .math import init_lora_, lora_delta_weight, lora_scaling
+
+
+class LoraMixin:
+    """Fields and helpers shared by LoRA on Linear and on convolutions."""
+
+    def _setup(self, r: int, alpha: float, dropout: float, rslora: bool) -> None:
+        self.r, self.alpha, self.rslora = r, alpha, rslora
+        self.dropout_p = float(dropout)
+        self.scaling = lora_scaling(alpha, r, rslora)
+
+    def peft_parameters(self) -> dict[str, nn.Parameter]:
+        return {"lora_A.weight": self.lora_A, "lora_B.weight": self.lora_B}
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:.4g}, dropout={self.dropout_p}"
+
+
+class LoraLinear(LoraMixin, AdapterModule):
+    """LoRA over a frozen ``nn.Linear`` (or transformers ``Conv1D``, weight stored ``[d_in, d_out]``, or a 4-bit
+    NF4 Linear: slimtune's ``NF4Linear`` or bitsandbytes' ``Linear4bit``)."""
+
+    def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
+                 init: str = "default", adapter_dtype: torch.dtype | None = None) -> None:
+        super().__init__(base_layer)
+        self._setup(r, alpha, dropout, rslora)
+        self.fan_in_fan_out = is_hf_conv1d(base_layer)
+        shape = weight_shape(base_layer)
+        d_out, d_in = (shape[1], shape[0]) if self.fan_in_fan_out else shape
+        kw = dict(device=base_layer.weight.device, dtype=adapter_dtype or weight_dtype(base_layer))
+        self.in_features, self.out_features = d_in, d_out
+        self.lora_A = nn.Parameter(torch.empty(r, d_in, **kw))
+        self.lora_B = nn.Parameter(torch.empty(d_out, r, **kw))
+        init_lora_(self.lora_A, self.lora_B, init)
+
+    def delta_weight(self) -> torch.Tensor:
+        delta = lora_delta_weight(self.lora_A, self.lora_B, self.scaling)
+        return delta.t() if self.fan_in_fan_out else delta
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.disabled or self.merged:
+            return self.base_layer(x)
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"LoraLinear expects inputs [..., {self.in_features}], got {tuple(x.shape)}")
+        dtype, context = compute_setting(x)
+        base = self.base_layer
+        weight, bias = base_weight_operand(base), base.bias
+        if self.fan_in_fan_out:
+            weight = weight.t()
+        if x.dtype != dtype:
+            x = x.to(dtype)
+        if not is_quantized(weight) and weight.dtype != dtype:
+            weight = weight.to(dtype)
+        if bias is not None and bias.dtype != dtype:
+            bias = bias.to(dtype)
+        p = self.dropout_p if self.training else 0.0
+        with context:
+            return lowrank_linear(x, weight, bias, self.lora_A, self.lora_B, self.scaling, p)
