@@ -23,16 +23,17 @@ from rich.console import Console
 
 from .errors import ConfigError, MissingDependencyError, SlimtuneError
 from .memory.estimate import estimate_memory
-from .memory.options import METHODS, QUANTS, BACKENDS, ProfileOptions, check_dependencies
+from .memory.options import BACKENDS, METHODS, QUANTS, ProfileOptions, check_dependencies
 from .memory.plan import (CONTEXT_BYTES, DEFAULT_TFLOPS, FOOTNOTE, FRAGMENTATION, GiB, breakdown_table, parse_size,
                           search, search_table, summary_table, usable_bytes)
 from .memory.plot import plot_results, require_matplotlib
 from .memory.profile import model_dependencies, profile_options
-from .memory.report import (BACKEND_LABELS, activations_table, breakdown_table as profile_breakdown_table,
-                            comparison_ratios, describe_run, format_bytes, memory_notes, results_table)
+from .memory.report import (BACKEND_LABELS, activations_table, comparison_ratios, describe_run, format_bytes,
+                            memory_notes, results_table)
+from .memory.report import breakdown_table as profile_breakdown_table
 from .memory.subproc import can_stage, run_children, serve_child
-from .memory.sweep import (SEED_METHODS, SEED_PRESETS, SWEEP_METHODS, TINY_PRESETS, SweepSpec, merge_results,
-                           run_sweep, sweep_configs, sweep_method, write_reports)
+from .memory.sweep import (SEED_METHODS, SEED_PRESETS, SWEEP_METHODS, TINY_PRESETS, SweepSpec, merge_results, run_sweep,
+                           sweep_configs, sweep_method, write_reports)
 from .models.diffusion import DiffusionPreset
 from .models.presets import PRESETS, get_preset
 from .models.workload import METHODS as WORKLOAD_METHODS

@@ -32,7 +32,8 @@ class PeftFormat:
     ``fields``: every method-specific field PEFT writes, with PEFT's defaults. ``to_peft(config, adapters)``
     returns the fields that the slimtune config (and the adapted layers) determine; ``from_peft(fields)``
     builds the slimtune config from a complete field dict (the file's values over ``fields``), raising
-    :class:`CheckpointError` for anything slimtune cannot represent. ``check_adapter(config, name, adapter)`` returns a message when an adapter
+    :class:`CheckpointError` for anything slimtune cannot represent. ``check_adapter(config, name, adapter)``
+    returns a message when an adapter
     already in the model does not compute what the checkpoint's config says (else ``None``).
     """
 
@@ -63,6 +64,24 @@ def targets_to_peft(value: str | list[str] | None) -> str | list[str] | None:
 def is_set(value: Any) -> bool:
     """Whether a PEFT field holds something other than its 'off' values (None, False, {}, [])."""
     return value is not None and value is not False and value != {} and value != []
+
+
+def refuse_unsupported(fields: dict[str, Any], unsupported: Mapping[str, str]) -> None:
+    """A :class:`CheckpointError` naming the first field of ``unsupported`` (field -> what it is) that is set."""
+    for field, what in unsupported.items():
+        if is_set(fields.get(field)):
+            raise CheckpointError(f"{field}={fields[field]!r}: {what} is not supported by slimtune")
+
+
+def require_targets(fields: dict[str, Any]) -> None:
+    if fields.get("target_modules") is None:
+        raise CheckpointError("target_modules is missing or null: the checkpoint does not say which modules it adapts")
+
+
+def require_bools(fields: dict[str, Any], *names: str) -> None:
+    for name in names:
+        if not isinstance(fields.get(name), bool):
+            raise CheckpointError(f"{name} must be true or false, got {fields.get(name)!r}")
 
 
 # -- the LyCORIS family (LoHa, LoKr): the fields they share ---------------------------------------------------
@@ -108,23 +127,26 @@ def lycoris_common_to_peft(config: Any) -> dict[str, Any]:
 
 def lycoris_common_from_peft(fields: dict[str, Any]) -> dict[str, Any]:
     """Keyword arguments for LohaConfig / LokrConfig from PEFT's shared fields (refusing what cannot load)."""
-    for field, what in LYCORIS_UNSUPPORTED.items():
-        if is_set(fields.get(field)):
-            raise CheckpointError(f"{field}={fields[field]!r}: {what} is not supported by slimtune")
-    if fields.get("target_modules") is None:
-        raise CheckpointError("target_modules is missing or null: the checkpoint does not say which modules it adapts")
-    if not isinstance(fields.get("use_effective_conv2d"), bool):
-        raise CheckpointError(f"use_effective_conv2d must be true or false, got {fields.get('use_effective_conv2d')!r}")
+    refuse_unsupported(fields, LYCORIS_UNSUPPORTED)
+    require_targets(fields)
+    require_bools(fields, "use_effective_conv2d")
     return dict(target_modules=fields["target_modules"], exclude_modules=fields.get("exclude_modules"),
                 r=fields["r"], alpha=fields["alpha"], rank_pattern=fields.get("rank_pattern") or {},
                 alpha_pattern=fields.get("alpha_pattern") or {}, rank_dropout=fields["rank_dropout"],
                 module_dropout=fields["module_dropout"], use_effective_conv2d=fields["use_effective_conv2d"])
 
 
-def lycoris_mismatch(config: Any, name: str, adapter: Any) -> str | None:
-    """A message when an adapter's rank or scaling differs from what the checkpoint's config gives it."""
-    r, alpha = config.rank_for(name), config.alpha_for(name)
-    if adapter.r != r or not math.isclose(adapter.scaling, alpha / r, rel_tol=1e-9, abs_tol=0.0):
-        return (f"{name} has r={adapter.r}, alpha={adapter.alpha}, but the checkpoint's config gives "
-                f"r={r}, alpha={alpha}")
-    return None
+def lycoris_checker(layer_class: type, label: str) -> Callable[[AdapterConfig, str, AdapterModule], str | None]:
+    """A :attr:`PeftFormat.check_adapter` for LoHa / LoKr: a message when the adapter already in the model is not a
+    ``layer_class``, or its rank or scaling differs from what the checkpoint's config gives it."""
+
+    def check(config: AdapterConfig, name: str, adapter: AdapterModule) -> str | None:
+        if not isinstance(adapter, layer_class):
+            return f"{name} holds a {type(adapter).__name__}, not a {label} adapter"
+        r, alpha = config.rank_for(name), config.alpha_for(name)
+        if adapter.r != r or not math.isclose(adapter.scaling, alpha / r, rel_tol=1e-9, abs_tol=0.0):
+            return (f"{name} has r={adapter.r}, alpha={adapter.alpha}, but the checkpoint's config gives "
+                    f"r={r}, alpha={alpha}")
+        return None
+
+    return check

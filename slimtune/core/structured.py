@@ -36,6 +36,7 @@ from .compute import cast
 from .frozen import WeightOperand, materialize, save_with_weight, saved_with_weight
 from .products import Grad
 
+
 # -- the base operation: a Linear or a convolution -------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class ConvSpec:
@@ -156,24 +157,51 @@ class FoldOp:
         return None
 
 
-def _backward_inputs(ctx: Any, dy: torch.Tensor
-                     ) -> tuple[torch.Tensor, WeightOperand, list[torch.Tensor], torch.Tensor]:
-    """``(x, weight, params, dy)`` for a backward: what :func:`~slimtune.quant.frozen.save_with_weight` kept, and
-    ``dy`` in x's dtype, contiguous (the ops view it; autograd may hand over a strided one)."""
-    weight, (x, *params) = saved_with_weight(ctx)
-    return x, weight, params, cast(dy, x.dtype).contiguous()
+def _save(ctx: Any, op: StructuredOp | FoldOp, scale: Any, bias: torch.Tensor | None, weight: WeightOperand,
+          x: torch.Tensor, params: Sequence[torch.Tensor]) -> None:
+    """What both Functions keep: the op and its scale, the bias's dtype, and x, W (or its 4-bit handle), the
+    parameters — the tensors themselves, no copies."""
+    ctx.op, ctx.scale, ctx.bias_dtype = op, scale, None if bias is None else bias.dtype
+    save_with_weight(ctx, weight, x, *params)
+
+
+class _Backward:
+    """A backward's inputs, as both Functions need them: x, the weight operand, the parameters (as saved and cast
+    to x's dtype), dy in x's dtype and contiguous (the ops view it; autograd may hand over a strided one), and
+    which inputs want a gradient."""
+
+    def __init__(self, ctx: Any, dy: torch.Tensor) -> None:
+        self.weight, (self.x, *self.params) = saved_with_weight(ctx)
+        dtype = self.x.dtype
+        self.dy = cast(dy, dtype).contiguous()
+        self.need_x, self.need_w, self.need_b = ctx.needs_input_grad[:3]
+        self.need_p = ctx.needs_input_grad[5:]
+        self.op, self.scale, self.dtype = ctx.op, ctx.scale, dtype
+        self.cast_params = [cast(p, dtype) for p in self.params]
+        self.grad_b = _bias_grad(self.dy, ctx.op.conv, ctx.bias_dtype) if self.need_b else None
+
+    def result(self, grad_x: Grad, grad_w: Grad, grads: Sequence[Grad]) -> tuple:
+        """The Function's gradients, in the order of its inputs; each in its input's dtype."""
+        grad_w = cast(grad_w, self.weight.dtype) if grad_w is not None else None
+        param_grads = [None if g is None else cast(g, p.dtype) for g, p in zip(grads, self.params)]
+        return (grad_x, grad_w, self.grad_b, None, None, *param_grads)
 
 
 def _bias_in(bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     return None if bias is None else cast(bias, dtype)
 
 
-def _param_grads(grads: Sequence[Grad], params: Params) -> list[Grad]:
-    return [None if g is None else cast(g, p.dtype) for g, p in zip(grads, params)]
-
-
 class StructuredFunction(torch.autograd.Function):
-    """``y = base(x; W, b) + op.delta(x)``: the base GEMM / convolution and the op's structured update."""
+    """``y = base(x; W, b) + op.delta(x)``: the base GEMM / convolution and the op's structured update.
+
+    Backward, as the code does it (``dy`` in x's dtype; ``W`` dequantised again for a 4-bit base):
+
+    * ``dx = dy W`` (a convolution: its input gradient) and, only if W asks for one, ``dW = dyᵀ x`` —
+      :func:`base_backward`, the base layer's own gradients (``y = base(x) + delta(x)`` is a sum);
+    * ``dx += (∂delta/∂x)ᵀ dy`` and the parameters' gradients: ``op.delta_backward`` (the op's explicit chain rule
+      through its factors, documented on each op);
+    * ``db = Σ dy`` over every axis but the output channel.
+    """
 
     @staticmethod
     def forward(ctx, x, weight, bias, op: StructuredOp, scale, *params):
@@ -181,25 +209,19 @@ class StructuredFunction(torch.autograd.Function):
         cast_params = [cast(p, dtype) for p in params]
         y = base_forward(x, materialize(weight, dtype), _bias_in(bias, dtype), op.conv)  # dense copy: a temporary
         y = op.add_delta(y, x, cast_params, scale)
-        ctx.op, ctx.scale, ctx.bias_dtype = op, scale, None if bias is None else bias.dtype
-        save_with_weight(ctx, weight, x, *params)
+        _save(ctx, op, scale, bias, weight, x, params)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, params, dy = _backward_inputs(ctx, dy)
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        need_p = ctx.needs_input_grad[5:]
-        dtype, op = x.dtype, ctx.op
+        b = _Backward(ctx, dy)
         grad_x = grad_w = None
-        if need_x or need_w:
-            grad_x, grad_w = base_backward(dy, x, materialize(weight, dtype), op.conv, need_x, need_w)
-        grads: list[Grad] = [None] * len(params)
-        if need_x or any(need_p):
-            grads = op.delta_backward(dy, x, [cast(p, dtype) for p in params], ctx.scale, grad_x, need_p)
-        grad_b = _bias_grad(dy, op.conv, ctx.bias_dtype) if need_b else None
-        grad_w = cast(grad_w, weight.dtype) if grad_w is not None else None
-        return (grad_x, grad_w, grad_b, None, None, *_param_grads(grads, params))
+        if b.need_x or b.need_w:
+            grad_x, grad_w = base_backward(b.dy, b.x, materialize(b.weight, b.dtype), b.op.conv, b.need_x, b.need_w)
+        grads: list[Grad] = [None] * len(b.params)
+        if b.need_x or any(b.need_p):
+            grads = b.op.delta_backward(b.dy, b.x, b.cast_params, b.scale, grad_x, b.need_p)
+        return b.result(grad_x, grad_w, grads)
 
 
 def structured_apply(x: torch.Tensor, weight: WeightOperand, bias: torch.Tensor | None, op: StructuredOp,
@@ -209,12 +231,19 @@ def structured_apply(x: torch.Tensor, weight: WeightOperand, bias: torch.Tensor 
 
 
 class FoldedFunction(torch.autograd.Function):
-    """``y = base(x)`` with weight ``W + ΔW`` formed by ``op.fold`` in x's dtype: one GEMM / convolution.
+    """``y = base(x)`` with weight ``W' = W + ΔW`` formed by ``op.fold`` in x's dtype: one GEMM / convolution.
 
-    ``W + ΔW`` exists only inside forward and again inside backward: ``dx`` uses it, ``g = dyᵀx`` (the
-    convolution's weight gradient) goes through ``op.fold_backward`` to the parameters — or the op's
-    ``fused_backward`` does all of it in fewer launches (LoHa on the GPU). Dense transients live only while this
-    layer's forward or backward runs.
+    ``W'`` exists only inside forward and again inside backward. Backward, as the code does it:
+
+    * ``W' = W + ΔW`` again (``op.fold``), then :func:`base_backward` with it: ``dx = dy W'`` and
+      ``G = dyᵀ x`` — the gradient with respect to ``W'``, which is also W's own (``∂W'/∂W = I``);
+    * the parameters' gradients from G: ``op.fold_backward`` (``∂ΔW/∂θ`` applied to G: the Hadamard / Kronecker /
+      low-rank / Tucker products' gradients); ``dW = G`` only if W asks for one;
+    * or, where the op offers it and W needs no gradient, ``op.fused_backward`` does all of it in fewer launches
+      (LoHa on the GPU: G, one kernel for W' and the factor gradients, then dx);
+    * ``db = Σ dy`` over every axis but the output channel.
+
+    Dense transients live only while this layer's forward or backward runs.
     """
 
     @staticmethod
@@ -225,33 +254,26 @@ class FoldedFunction(torch.autograd.Function):
         del dense
         y = base_forward(x, w_eff, _bias_in(bias, dtype), op.conv)
         del w_eff
-        ctx.op, ctx.scale, ctx.bias_dtype = op, scale, None if bias is None else bias.dtype
-        save_with_weight(ctx, weight, x, *params)
+        _save(ctx, op, scale, bias, weight, x, params)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, params, dy = _backward_inputs(ctx, dy)
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        need_p = ctx.needs_input_grad[5:]
-        dtype, op = x.dtype, ctx.op
-        cast_params = [cast(p, dtype) for p in params]
-        dense = materialize(weight, dtype)
-        grad_b = _bias_grad(dy, op.conv, ctx.bias_dtype) if need_b else None
-        if not need_w and any(need_p):
-            fused = op.fused_backward(dense, cast_params, ctx.scale, dy, x, need_x, need_p, dense is not weight)
+        b = _Backward(ctx, dy)
+        dense = materialize(b.weight, b.dtype)
+        inplace = dense is not b.weight  # a fresh copy (cast or dequantised) may take W' in place
+        if not b.need_w and any(b.need_p):
+            fused = b.op.fused_backward(dense, b.cast_params, b.scale, b.dy, b.x, b.need_x, b.need_p, inplace)
             if fused is not None:
-                grad_x, grads = fused
-                return (grad_x, None, grad_b, None, None, *_param_grads(grads, params))
-        w_eff, parts = op.fold(dense, cast_params, ctx.scale, inplace=dense is not weight)
+                return b.result(*fused[:1], None, fused[1])
+        w_eff, parts = b.op.fold(dense, b.cast_params, b.scale, inplace=inplace)
         del dense
-        grad_x, g = base_backward(dy, x, w_eff, op.conv, need_x, need_w or any(need_p))
+        grad_x, g = base_backward(b.dy, b.x, w_eff, b.op.conv, b.need_x, b.need_w or any(b.need_p))
         del w_eff
-        grads: list[Grad] = [None] * len(params)
-        if any(need_p):
-            grads = op.fold_backward(g, cast_params, parts, ctx.scale, need_p)
-        grad_w = cast(g, weight.dtype) if need_w else None
-        return (grad_x, grad_w, grad_b, None, None, *_param_grads(grads, params))
+        grads: list[Grad] = [None] * len(b.params)
+        if any(b.need_p):
+            grads = b.op.fold_backward(g, b.cast_params, parts, b.scale, b.need_p)
+        return b.result(grad_x, g if b.need_w else None, grads)
 
 
 def folded_apply(x: torch.Tensor, weight: WeightOperand, bias: torch.Tensor | None, op: FoldOp, scale: Any,

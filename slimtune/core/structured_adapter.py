@@ -51,11 +51,13 @@ class StructuredConfig(AdapterConfig):
             raise ConfigError(f"path must be one of {PATH_CHOICES}, got {self.path!r}")
         self.adapter_dtype = resolve_adapter_dtype(self.adapter_dtype)
 
-    def layer_rank_alpha(self, name: str) -> tuple[int, float]:
-        """The rank and alpha of the layer at qualified name ``name`` (patterns applied, rank checked)."""
+    def layer_kwargs(self, name: str) -> dict[str, Any]:
+        """The keyword arguments every structured layer takes, for the layer at qualified name ``name`` (rank and
+        alpha patterns applied, the rank checked)."""
         r = self.rank_for(name)
         self.check_rank(f"rank for {name}", r)
-        return r, self.alpha_for(name)
+        return dict(r=r, alpha=self.alpha_for(name), rank_dropout=self.rank_dropout, module_dropout=self.module_dropout,
+                    use_effective_conv2d=self.use_effective_conv2d, path=self.path, adapter_dtype=self.adapter_dtype)
 
 
 def check_structured_target(method: str, name: str, base: nn.Module) -> None:

@@ -57,10 +57,10 @@ from ..core.inject import adapt
 from ..core.targeting import find_targets, output_head
 from ..errors import ConfigError
 from ..models import workload
-from ..quant.linear import NF4Linear
-from ..quant.nf4 import BLOCKSIZE, DQ_BLOCKSIZE, NF4Tensors
 from ..models.diffusion import DiffusionPreset
 from ..models.presets import ModelPreset, Preset, dtype_name, get_preset, resolve_dtype
+from ..quant.linear import NF4Linear
+from ..quant.nf4 import BLOCKSIZE, DQ_BLOCKSIZE, NF4Tensors
 from .accounting import SavedTensorMeter
 
 __all__ = ["BREAKDOWN_KEYS", "CUDA_ROUNDING", "CUDA_WORKSPACE_BYTES", "MemoryEstimate", "StepSim", "adapter_bytes",

@@ -8,10 +8,10 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigError
-from ..errors import MissingDependencyError
+from ..errors import ConfigError, MissingDependencyError
 from ..models.presets import dtype_name, get_preset, resolve_dtype
 from ..models.workload import METHODS  # one list for the profiler and the estimator
+
 BACKENDS = ("slimtune", "peft", "peft-bf16")
 QUANTS = ("none", "nf4")
 

@@ -39,16 +39,17 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from ..version import __version__
 from ..core.inject import adapt
 from ..errors import ConfigError, MissingDependencyError
 from ..models import workload
 from ..models.deps import require_transformers
 from ..models.presets import build_model, dtype_name, get_preset, resolve_dtype
+from ..quant import quantize
+from ..version import __version__
 from .accounting import SavedTensorMeter, gradient_bytes, module_state_bytes, optimizer_state_bytes, storage_bytes
 from .options import BACKENDS, METHODS, QUANTS, ProfileOptions, check_dependencies
-from .result import (CPU_MEMORY, CUDA_MEMORY, WARMUP_STEPS, ProfileResult, device_memory, device_name,
-                     is_out_of_memory, median_step_time)
+from .result import (CPU_MEMORY, CUDA_MEMORY, WARMUP_STEPS, ProfileResult, device_memory, device_name, is_out_of_memory,
+                     median_step_time)
 
 __all__ = ["BACKENDS", "CPU_MEMORY", "CUDA_MEMORY", "METHODS", "QUANTS", "WARMUP_STEPS", "ProfileOptions",
            "ProfileResult", "TrainingSession", "apply_adapter", "bnb_quantize_linears", "build_base_model",
@@ -192,14 +193,7 @@ def quantize_base(model: nn.Module, options: ProfileOptions) -> nn.Module:
     dtype = resolve_dtype(options.dtype)
     part = trained_module(model, options)
     if options.backend == "slimtune":
-        import slimtune
-
-        quantize = getattr(slimtune, "quantize", None)
-        if quantize is None:
-            raise ConfigError("this slimtune has no slimtune.quantize: --quant nf4 needs it for the slimtune backend")
-        result = quantize(part, "nf4", compute_dtype=dtype)
-        if part is model and isinstance(result, nn.Module):
-            model = result
+        quantize(part, "nf4", compute_dtype=dtype)
     else:
         out = _output_embeddings(part)
         bnb_quantize_linears(part, dtype, skip=[out] if out is not None else [])
@@ -322,7 +316,6 @@ class TrainingSession:
             torch.cuda.synchronize(device)
             mem_created = torch.cuda.memory_allocated(device)
         else:
-            from .accounting import module_state_bytes
             mem_created = module_state_bytes(model)
         generator = torch.Generator(device=device).manual_seed(options.seed + 1)
         if options.model_dir is not None:

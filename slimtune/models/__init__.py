@@ -3,10 +3,10 @@
 :mod:`.presets` has the language models and :func:`build_model`; :mod:`.diffusion` the UNet / DiT presets;
 :mod:`.workload` what one training step feeds any preset (inputs, loss, adapter targets).
 """
-from .diffusion import DIFFUSION_PRESETS, DiffusionModel, DiffusionPreset
 from ..errors import MissingDependencyError
-from .presets import (LLAMA_TARGETS, LLM_PRESETS, PRESETS, ModelPreset, Preset, PresetError, build_model,
-                      dtype_name, get_preset, is_diffusion, preset_names, resolve_dtype)
+from .diffusion import DIFFUSION_PRESETS, DiffusionModel, DiffusionPreset
+from .presets import (LLAMA_TARGETS, LLM_PRESETS, PRESETS, ModelPreset, Preset, PresetError, build_model, dtype_name,
+                      get_preset, is_diffusion, preset_names, resolve_dtype)
 
 __all__ = ["DIFFUSION_PRESETS", "DiffusionModel", "DiffusionPreset", "LLAMA_TARGETS", "LLM_PRESETS",
            "MissingDependencyError", "ModelPreset", "PRESETS", "Preset", "PresetError", "build_model", "dtype_name",

@@ -33,7 +33,8 @@ from ..methods.lora import LoraConfig
 from .diffusion import UNET_ATTENTION_TARGETS, UNET_CONV_TARGETS, DiffusionPreset, latent_tokens, unet_resolution_ok
 from .presets import ModelPreset, Preset, build_model, get_preset, resolve_dtype
 
-__all__ = ["CONV_METHODS", "DORA_RECOMPUTE", "METHODS", "TOKEN_HIGH", "build_model", "default_targets", "enable_gradient_checkpointing",
+__all__ = ["CONV_METHODS", "DORA_RECOMPUTE", "METHODS", "TOKEN_HIGH", "build_model", "default_targets",
+           "enable_gradient_checkpointing",
            "forward_loss", "make_adapter_config", "make_inputs", "sample_tokens", "training_loss"]
 
 #: Token ids are drawn from ``[0, min(vocab, TOKEN_HIGH))``, as the PEFT baseline protocol draws them.

@@ -11,8 +11,8 @@ from torch import nn
 
 import slimtune
 from slimtune import CheckpointError, load_adapter, save_adapter
-from slimtune.core.module import AdapterModule
 from slimtune.core.checkpoint import CONFIG_NAME, PEFT_PREFIX, WEIGHTS_NAME
+from slimtune.core.module import AdapterModule
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")

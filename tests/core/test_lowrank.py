@@ -3,8 +3,9 @@ import pytest
 import torch
 from torch.autograd.graph import saved_tensors_hooks
 
+from slimtune.core.lowrank import (LowRankLinearFunction, backward_flops, choose_backward, dropout_keep_mask,
+                                   lowrank_linear)
 from slimtune.methods.lora import lora_linear_reference
-from slimtune.core.lowrank import LowRankLinearFunction, backward_flops, choose_backward, dropout_keep_mask, lowrank_linear
 from tests.helpers import BF16_TOL, FP32_TOL, rel_err
 
 

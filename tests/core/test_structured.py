@@ -6,11 +6,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slimtune.core.products import (add_mix_, cols_kr, cols_kr_grad, kron_grad, lowrank_grad, mix, mix_backward,
+                                    rows_kr, rows_kr_grad, sum_bmm, tucker_grad, tucker_weight)
+from slimtune.core.structured import folded_apply, structured_apply
 from slimtune.methods.loha import LohaLayer, loha_delta_weight
 from slimtune.methods.loha.math import core_kr, core_kr_grad
 from slimtune.methods.lokr import LokrLayer, lokr_delta_weight, lokr_factors
-from slimtune.core.products import add_mix_, cols_kr, cols_kr_grad, kron_grad, lowrank_grad, mix, mix_backward, rows_kr, rows_kr_grad, sum_bmm, tucker_grad, tucker_weight
-from slimtune.core.structured import folded_apply, structured_apply
 from slimtune.methods.lokr.function import KronLinearFunction
 from tests.helpers import perturb_adapters, rel_err
 

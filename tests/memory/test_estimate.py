@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from slimtune.errors import ConfigError
 from slimtune.core.inject import adapt
+from slimtune.errors import ConfigError
 from slimtune.memory import estimate as E
 from slimtune.memory.accounting import SavedTensorMeter, gradient_bytes, module_state_bytes, optimizer_state_bytes
 from slimtune.models import ModelPreset, workload

@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 
+from slimtune.cli import main
 from slimtune.errors import ConfigError
 from slimtune.memory import accounting
-from slimtune.cli import main
-from slimtune.memory.profile import (CPU_MEMORY, ProfileOptions, ProfileResult, TrainingSession,
-                                     median_step_time, profile_training)
+from slimtune.memory.profile import (CPU_MEMORY, ProfileOptions, ProfileResult, TrainingSession, median_step_time,
+                                     profile_training)
 from slimtune.models import PRESETS, PresetError
 
 SMALL = dict(preset="tiny-llama", batch=1, seq=16, steps=2, device="cpu")

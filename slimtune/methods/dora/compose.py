@@ -13,6 +13,7 @@ import torch
 from ...core.triton import use_triton
 from .norm import accumulate_dtype
 
+
 def _channel_view(vec: torch.Tensor, like: torch.Tensor, dim: int) -> torch.Tensor:
     """``[C]`` -> broadcastable against ``like`` along ``dim``."""
     shape = [1] * like.dim()

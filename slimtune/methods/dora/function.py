@@ -14,7 +14,8 @@ The bias is added unscaled, as PEFT does.
   (:func:`dora_vectors`) that forms ``B (A Aᵀ)`` in fp32 (three-pass tf32 products) and the rest.
 * The Linear layer is two autograd Functions. :class:`DoraProductFunction` queues the big GEMMs
   ``z = x Wᵀ + s·(x Aᵀ) Bᵀ`` first, then the norm's, whose kernel turns them into the ``[4, d_out]`` fp32 vectors
-  ``(g − 1, g, 1/‖V‖, 1/m')`` that everything downstream reads (no other ``[d_out]`` kernels). It saves what LoRA saves: x (the very input object), W itself (a 4-bit handle
+  ``(g − 1, g, 1/‖V‖, 1/m')`` that everything downstream reads (no other ``[d_out]`` kernels). It saves what LoRA
+  saves: x (the very input object), W itself (a 4-bit handle
   is kept on ctx instead and dequantised again in backward — no dense copy outlives its GEMM), A, B; never
   ``x Aᵀ``. :class:`DoraTailFunction` writes the fused tail ``y = z + (g − 1)·z + b`` over z. ``g − 1`` is formed
   as ``(m − ‖V‖) / ‖V‖`` in fp32, never as a rounded ``g`` minus one (no cancellation near g = 1, where DoRA's
@@ -248,7 +249,8 @@ def backward_route(x: torch.Tensor, weight: WeightOperand, bias: torch.Tensor | 
     """What :class:`DoraTailFunction` keeps for backward (its ``keep``), from what the host knows (no sync)."""
     if not torch.is_grad_enabled() or not (
             x.requires_grad or lora_a.requires_grad or lora_b.requires_grad or magnitude.requires_grad
-            or (bias is not None and bias.requires_grad) or (isinstance(weight, torch.Tensor) and weight.requires_grad)):
+            or (bias is not None and bias.requires_grad)
+            or (isinstance(weight, torch.Tensor) and weight.requires_grad)):
         return "none"
     if not magnitude.requires_grad:
         return None

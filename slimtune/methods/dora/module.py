@@ -143,15 +143,7 @@ class DoraLinear(DoraMixin, LoraLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.disabled or self.merged:
             return self.base_layer(x)
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"DoraLinear expects inputs [..., {self.in_features}], got {tuple(x.shape)}")
-        dtype, context = compute_setting(x)
-        bias = self.base_layer.bias
-        if x.dtype != dtype:
-            x = x.to(dtype)
-        if bias is not None and bias.dtype != dtype:
-            bias = bias.to(dtype)
-        p = self.dropout_p if self.training else 0.0
+        x, bias, p, context = self._inputs(x)
         recompute = self.recompute
         watch = False
         if recompute is None:

@@ -7,7 +7,8 @@ triangular solve) plus their backward, which makes a step CPU-bound; here every 
 handful of kernels. Autograd flows back to each ``hra_u`` through the stack.
 
 :class:`HraFactorCache` holds the factors of one forward pass. The root model's forward pre-hook starts a
-new pass and forms every group's factors; a layer whose ``hra_u`` changed in place (its version counter moved) or whose grad mode differs
+new pass and forms every group's factors; a layer whose ``hra_u`` changed in place (its version counter moved) or
+whose grad mode differs
 from the cached one recomputes its group, so a stale factor is never used.
 """
 from __future__ import annotations

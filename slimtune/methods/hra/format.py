@@ -5,7 +5,7 @@ from typing import Any
 
 from ...core.config import AdapterConfig
 from ...core.module import AdapterModule
-from ...core.peft_format import PeftFormat, is_set, targets_to_peft
+from ...core.peft_format import PeftFormat, refuse_unsupported, require_bools, require_targets, targets_to_peft
 from ...errors import CheckpointError
 from .config import HraConfig
 from .module import HraLayer
@@ -42,13 +42,9 @@ def hra_to_peft(config: AdapterConfig, adapters: list[tuple[str, AdapterModule]]
 def hra_from_peft(fields: dict[str, Any]) -> HraConfig:
     if fields.get("bias", "none") != "none":
         raise CheckpointError(f"bias={fields['bias']!r}: training base-layer biases is not supported")
-    for field, what in _HRA_UNSUPPORTED.items():
-        if is_set(fields.get(field)):
-            raise CheckpointError(f"{field}={fields[field]!r}: {what} is not supported by slimtune")
-    if fields.get("target_modules") is None:
-        raise CheckpointError("target_modules is missing or null: the checkpoint does not say which modules it adapts")
-    if not isinstance(fields.get("apply_GS"), bool):
-        raise CheckpointError(f"apply_GS must be true or false, got {fields.get('apply_GS')!r}")
+    refuse_unsupported(fields, _HRA_UNSUPPORTED)
+    require_targets(fields)
+    require_bools(fields, "apply_GS")
     return HraConfig(target_modules=fields["target_modules"], exclude_modules=fields.get("exclude_modules"),
                      r=fields["r"], apply_GS=fields["apply_GS"], init_weights=bool(fields.get("init_weights", True)))
 

@@ -30,7 +30,4 @@ class LohaConfig(StructuredConfig):
 def build_loha(config: LohaConfig, name: str, base: nn.Module) -> LohaLayer:
     """The LoHa adapter for the layer ``base`` at qualified name ``name``."""
     check_structured_target("LoHa", name, base)
-    r, alpha = config.layer_rank_alpha(name)
-    return LohaLayer(base, r, alpha, rank_dropout=config.rank_dropout, module_dropout=config.module_dropout,
-                     use_effective_conv2d=config.use_effective_conv2d, init_weights=config.init_weights,
-                     path=config.path, adapter_dtype=config.adapter_dtype)
+    return LohaLayer(base, **config.layer_kwargs(name), init_weights=config.init_weights)

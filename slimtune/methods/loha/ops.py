@@ -24,12 +24,39 @@ def kernels():
     return triton_kernels
 
 
+def _add_into(grad_x: torch.Tensor | None, dx: torch.Tensor | None) -> None:
+    if dx is not None:
+        grad_x.add_(dx)
+
+
+def _down_grads(grads: list[Grad], d_down: Grad, w1b: torch.Tensor, w2b: torch.Tensor, need, at: tuple[int, int]
+                ) -> None:
+    """``dw1b``, ``dw2b`` into ``grads[at]`` from the gradient of ``D = w1b ⊙̂ w2b`` (rows); nothing if not needed."""
+    i, j = at
+    if d_down is not None and (need[i] or need[j]):
+        grads[i], grads[j] = rows_kr_grad(d_down, w1b, w2b, need[i], need[j])
+
+
+def _up_grads(grads: list[Grad], d_up: Grad, w1a_s: torch.Tensor, w2a: torch.Tensor, scale, need,
+              at: tuple[int, int], columns: bool) -> None:
+    """``dw1a``, ``dw2a`` into ``grads[at]`` from the gradient of ``U = (S·w1a) ⊙̂ w2a`` — its columns on a Linear
+    / convolution, its rows in the Tucker form (``Uᵀ``) — where ``S`` (the scale, or ``s·mask`` per output row)
+    multiplies w1a: ``dw1a = S ⊙ d(S·w1a)``."""
+    i, j = at
+    if d_up is None or not (need[i] or need[j]):
+        return
+    da, grads[j] = (cols_kr_grad if columns else rows_kr_grad)(d_up, w1a_s, w2a, need[i], need[j])
+    grads[i] = None if da is None else scale_rows(da, scale, 0 if columns else 1)
+
+
 class LohaLinearOp(StructuredOp):
     """LoHa on a Linear: LoRA at rank ``R = r²`` with computed factors ``D = w1b ⊙̂ w2b`` ``[R, d_in]`` (rows)
     and ``U = (s·w1a) ⊙̂ w2a`` ``[d_out, R]`` (columns); ``U D = s · (w1a w1b) ⊙ (w2a w2b)``.
 
     Forward: ``y += (x Dᵀ) Uᵀ`` (2 GEMMs). Backward: ``g = dy U``, ``dx += g D``, ``dU = dyᵀ (x Dᵀ)``,
-    ``dD = gᵀ x`` (both by :func:`~slimtune.core.lowrank.factor_grads`, which may go through the Gram matrix ``dyᵀx``), then the factor gradients of the two face-splitting products. ``scale``: ``s``, or ``s · mask`` ``[d_out]``.
+    ``dD = gᵀ x`` (both by :func:`~slimtune.core.lowrank.factor_grads`, which may go through the Gram matrix
+    ``dyᵀx``), then the factor gradients of the two face-splitting products. ``scale``: ``s``, or ``s · mask``
+    ``[d_out]``.
     """
 
     def add_delta(self, y, x, params, scale):
@@ -51,11 +78,8 @@ class LohaLinearOp(StructuredOp):
             (grad_x if grad_x.dim() == 2 else grad_x.view(-1, x2.shape[1])).addmm_(g, down)
         d_down, d_up = factor_grads(dy2, x2, down, up, 1.0, need_down, need_up, dy_up=g)
         grads: list[Grad] = [None] * 4
-        if need_up:
-            da, grads[2] = cols_kr_grad(d_up, w1a_s, w2a, need[0], need[2])
-            grads[0] = None if da is None else scale_rows(da, scale, 0)
-        if need_down:
-            grads[1], grads[3] = rows_kr_grad(d_down, w1b, w2b, need[1], need[3])
+        _up_grads(grads, d_up, w1a_s, w2a, scale, need, (0, 2), columns=True)
+        _down_grads(grads, d_down, w1b, w2b, need, (1, 3))
         return grads
 
 
@@ -86,13 +110,9 @@ class LohaConvOp(StructuredOp):
         grads: list[Grad] = [None] * 4
         if need_dx or need_down:
             dx, d_down = base_backward(dh, x, down, self.conv, need_dx, need_down, groups=1)
-            if dx is not None:
-                grad_x.add_(dx)
-            if need_down:
-                grads[1], grads[3] = rows_kr_grad(d_down, w1b, w2b, need[1], need[3])
-        if need_up:
-            da, grads[2] = cols_kr_grad(d_up, w1a_s, w2a, need[0], need[2])
-            grads[0] = None if da is None else scale_rows(da, scale, 0)
+            _add_into(grad_x, dx)
+            _down_grads(grads, d_down, w1b, w2b, need, (1, 3))
+        _up_grads(grads, d_up, w1a_s, w2a, scale, need, (0, 2), columns=True)
         return grads
 
 
@@ -131,13 +151,9 @@ class LohaTuckerOp(StructuredOp):
                 grads[0], grads[3] = core_kr_grad(d_core, t1, t2, need[0], need[3])
             if need_dh1:
                 dx, d_down = mix_backward(dh1, x, down, need_dx, need_down)
-                if dx is not None:
-                    grad_x.add_(dx)
-                if need_down:
-                    grads[2], grads[5] = rows_kr_grad(d_down, w1b, w2b, need[2], need[5])
-        if need_up:
-            da, grads[4] = rows_kr_grad(d_up, w1a_s, w2a, need[1], need[4])
-            grads[1] = None if da is None else scale_rows(da, scale, 1)
+                _add_into(grad_x, dx)
+                _down_grads(grads, d_down, w1b, w2b, need, (2, 5))
+        _up_grads(grads, d_up, w1a_s, w2a, scale, need, (1, 4), columns=False)
         return grads
 
 

@@ -306,7 +306,8 @@ def fold_grads(g: torch.Tensor, w1a: torch.Tensor, w1b: torch.Tensor, w2a: torch
     scale_t, scale_f, row_scale = _scale_args(scale, w1a)
     w_arg, out_arg = (w, out) if w is not None else (g, g)
     launch(_grads_kernel, g, grid, g, w1a, w1b, w2a, w2b, scale_t, scale_f, flat, w_arg, out_arg, partial, counters,
-           M, K, rank, g.stride(0), w_arg.stride(0), out_arg.stride(0), parts, HAS_ROW_SCALE=row_scale, FOLD=w is not None, PRECISION=_precision(w1a), BM=BLOCK, BN=BLOCK,
+           M, K, rank, g.stride(0), w_arg.stride(0), out_arg.stride(0), parts, HAS_ROW_SCALE=row_scale,
+           FOLD=w is not None, PRECISION=_precision(w1a), BM=BLOCK, BN=BLOCK,
            BR=_block_r(rank), num_warps=4)
     return (d1a.view(M, rank), d1b.view(rank, K), d2a.view(M, rank), d2b.view(rank, K),
             (out if w is not None else None))

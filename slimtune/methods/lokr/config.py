@@ -40,8 +40,6 @@ class LokrConfig(StructuredConfig):
 def build_lokr(config: LokrConfig, name: str, base: nn.Module) -> LokrLayer:
     """The LoKr adapter for the layer ``base`` at qualified name ``name``."""
     check_structured_target("LoKr", name, base)
-    r, alpha = config.layer_rank_alpha(name)
-    return LokrLayer(base, r, alpha, rank_dropout=config.rank_dropout, module_dropout=config.module_dropout,
-                     use_effective_conv2d=config.use_effective_conv2d, decompose_both=config.decompose_both,
+    return LokrLayer(base, **config.layer_kwargs(name), decompose_both=config.decompose_both,
                      decompose_factor=config.decompose_factor, rank_dropout_scale=config.rank_dropout_scale,
-                     init_weights=config.init_weights, path=config.path, adapter_dtype=config.adapter_dtype)
+                     init_weights=config.init_weights)

@@ -5,8 +5,8 @@ from typing import Any
 
 from ...core.config import AdapterConfig
 from ...core.module import AdapterModule
-from ...core.peft_format import (LYCORIS_FIELDS, PeftFormat, lycoris_common_from_peft, lycoris_common_to_peft,
-                                 lycoris_mismatch)
+from ...core.peft_format import (LYCORIS_FIELDS, PeftFormat, lycoris_checker, lycoris_common_from_peft,
+                                 lycoris_common_to_peft, require_bools)
 from ...errors import CheckpointError
 from .config import LokrConfig
 from .math import is_lokr_init
@@ -31,9 +31,7 @@ def lokr_from_peft(fields: dict[str, Any]) -> LokrConfig:
     init = fields.get("init_weights")
     if not is_lokr_init(init):
         raise CheckpointError(f"init_weights must be true, false or 'lycoris', got {init!r}")
-    for field in ("decompose_both", "rank_dropout_scale"):
-        if not isinstance(fields.get(field), bool):
-            raise CheckpointError(f"{field} must be true or false, got {fields.get(field)!r}")
+    require_bools(fields, "decompose_both", "rank_dropout_scale")
     factor = fields.get("decompose_factor")
     if isinstance(factor, bool) or not isinstance(factor, int):
         raise CheckpointError(f"decompose_factor must be an integer, got {factor!r}")
@@ -42,11 +40,4 @@ def lokr_from_peft(fields: dict[str, Any]) -> LokrConfig:
                       rank_dropout_scale=fields["rank_dropout_scale"])
 
 
-def lokr_check_adapter(config: AdapterConfig, name: str, adapter: AdapterModule) -> str | None:
-    if not isinstance(adapter, LokrLayer):
-        return f"{name} holds a {type(adapter).__name__}, not a LoKr adapter"
-    assert isinstance(config, LokrConfig)
-    return lycoris_mismatch(config, name, adapter)
-
-
-LOKR_FORMAT = PeftFormat(LokrConfig, _LOKR_FIELDS, lokr_to_peft, lokr_from_peft, lokr_check_adapter)
+LOKR_FORMAT = PeftFormat(LokrConfig, _LOKR_FIELDS, lokr_to_peft, lokr_from_peft, lycoris_checker(LokrLayer, "LoKr"))

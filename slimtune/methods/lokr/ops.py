@@ -10,7 +10,6 @@ from ...core.structured import ConvSpec, FoldOp, Params, StructuredOp, base_back
 from .factors import LokrFactors
 from .math import kron_weight
 
-
 LokrScale = tuple[float, "torch.Tensor | None"]  # (s, rank-dropout mask over the output rows [d_out] or None)
 
 

@@ -4,7 +4,8 @@ from .config import LoraConfig, build_lora
 from .conv import LoraConv
 from .format import LORA_FORMAT
 from .linear import LoraLinear, LoraMixin
-from .math import init_lora_, locon_delta_weight, locon_reference, lora_delta_weight, lora_linear_reference, lora_scaling
+from .math import (init_lora_, locon_delta_weight, locon_reference, lora_delta_weight, lora_linear_reference,
+                   lora_scaling)
 
 register_method(Method("lora", LoraConfig, build_lora, LORA_FORMAT))
 

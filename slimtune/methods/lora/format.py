@@ -6,7 +6,7 @@ from typing import Any
 
 from ...core.config import AdapterConfig
 from ...core.module import AdapterModule
-from ...core.peft_format import PeftFormat, is_set, number, targets_to_peft
+from ...core.peft_format import PeftFormat, number, refuse_unsupported, require_bools, require_targets, targets_to_peft
 from ...errors import CheckpointError
 from .config import LoraConfig
 from .linear import LoraMixin
@@ -105,21 +105,15 @@ def lora_from_peft(fields: dict[str, Any]) -> LoraConfig:
     if fields.get("bias", "none") != "none":
         raise CheckpointError(f"bias={fields['bias']!r}: training base-layer biases is not supported "
                               "(only bias='none')")
-    for field, what in _LORA_UNSUPPORTED.items():
-        value = fields.get(field)
-        if is_set(value):
-            raise CheckpointError(f"{field}={value!r}: {what} is not supported by slimtune")
+    refuse_unsupported(fields, _LORA_UNSUPPORTED)
     init = fields.get("init_lora_weights", True)
     if not isinstance(init, (bool, str)) or init not in _LORA_INITS_IN:
         raise CheckpointError(
             f"init_lora_weights={init!r} is not supported: it changes the base weights or the forward; "
             f"supported: {', '.join(repr(k) for k in _LORA_INITS_IN)} (convert PiSSA/OLoRA/CorDA adapters to "
             "plain LoRA with PEFT's path_initial_model_for_weight_conversion)")
-    if fields.get("target_modules") is None:
-        raise CheckpointError("target_modules is missing or null: the checkpoint does not say which modules it adapts")
-    for field in ("use_rslora", "fan_in_fan_out", "use_dora"):
-        if not isinstance(fields.get(field), bool):
-            raise CheckpointError(f"{field} must be true or false, got {fields.get(field)!r}")
+    require_targets(fields)
+    require_bools(fields, "use_rslora", "fan_in_fan_out", "use_dora")
     return LoraConfig(
         target_modules=fields["target_modules"],
         exclude_modules=fields.get("exclude_modules"),

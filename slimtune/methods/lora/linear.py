@@ -6,10 +6,12 @@ LoHa); :func:`~.math.lora_linear_reference` is its reference. LoRA on convolutio
 """
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
+
 import torch
 from torch import nn
 
-from ...core.compute import compute_setting
+from ...core.compute import cast, cast_optional, compute_setting
 from ...core.frozen import base_weight_operand, is_quantized, weight_dtype, weight_shape
 from ...core.lowrank import lowrank_linear
 from ...core.module import AdapterModule
@@ -53,22 +55,23 @@ class LoraLinear(LoraMixin, AdapterModule):
         delta = lora_delta_weight(self.lora_A, self.lora_B, self.scaling)
         return delta.t() if self.fan_in_fan_out else delta
 
+    def _inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, float, AbstractContextManager]:
+        """``(x, bias, p, context)``: x and the base's bias in the compute dtype, this call's dropout probability, and
+        the context that turns autocast off around the Function; a clear error for an input of the wrong width."""
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"{type(self).__name__} expects inputs [..., {self.in_features}], got {tuple(x.shape)}")
+        dtype, context = compute_setting(x)
+        bias = cast_optional(self.base_layer.bias, dtype)
+        return cast(x, dtype), bias, (self.dropout_p if self.training else 0.0), context
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.disabled or self.merged:
             return self.base_layer(x)
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"LoraLinear expects inputs [..., {self.in_features}], got {tuple(x.shape)}")
-        dtype, context = compute_setting(x)
-        base = self.base_layer
-        weight, bias = base_weight_operand(base), base.bias
+        x, bias, p, context = self._inputs(x)
+        weight = base_weight_operand(self.base_layer)
         if self.fan_in_fan_out:
             weight = weight.t()
-        if x.dtype != dtype:
-            x = x.to(dtype)
-        if not is_quantized(weight) and weight.dtype != dtype:
-            weight = weight.to(dtype)
-        if bias is not None and bias.dtype != dtype:
-            bias = bias.to(dtype)
-        p = self.dropout_p if self.training else 0.0
+        if not is_quantized(weight):
+            weight = cast(weight, x.dtype)
         with context:
             return lowrank_linear(x, weight, bias, self.lora_A, self.lora_B, self.scaling, p)

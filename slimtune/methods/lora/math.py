@@ -14,8 +14,8 @@ from ...errors import ConfigError
 INITS = ("default", "gaussian")
 _CONV = {1: F.conv1d, 2: F.conv2d}
 
-#: ``x Wᵀ + b + s · (drop(x) Aᵀ) Bᵀ`` through PyTorch's autograd: :class:`~slimtune.core.lowrank.LowRankLinearFunction`'s
-#: reference, under LoRA's name.
+#: ``x Wᵀ + b + s · (drop(x) Aᵀ) Bᵀ`` through PyTorch's autograd, under LoRA's name: the reference of
+#: :class:`~slimtune.core.lowrank.LowRankLinearFunction`, LoRA's training path.
 lora_linear_reference = lowrank_linear_reference
 
 

@@ -6,9 +6,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import slimtune
 from slimtune.core.frozen import materialize
-from slimtune.methods.dora.compose import DoraScaleFunction, compose_backward_reference, compose_forward, compose_forward_reference, compose_stats_reference
+from slimtune.methods.dora.compose import (DoraScaleFunction, compose_backward_reference, compose_forward,
+                                           compose_forward_reference, compose_stats_reference)
 from slimtune.methods.dora.function import dora_linear
-from slimtune.methods.dora.norm import dense_row_norm, dora_linear_reference, factored_row_norm_sq, magnitude_floor, saves_output, weight_row_norm_sq
+from slimtune.methods.dora.norm import (dense_row_norm, dora_linear_reference, factored_row_norm_sq, magnitude_floor,
+                                        saves_output, weight_row_norm_sq)
 from tests.helpers import rel_err
 
 

@@ -9,8 +9,8 @@ from torch.autograd.graph import saved_tensors_hooks
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import slimtune
-from slimtune.methods.loha import LohaConfig, LohaLayer, loha_delta_weight
 from slimtune.core.costs import choose_path
+from slimtune.methods.loha import LohaConfig, LohaLayer, loha_delta_weight
 from slimtune.methods.loha.costs import loha_costs
 from tests.helpers import BF16_TOL, FP32_TOL, check_merge_round_trip, rel_err
 

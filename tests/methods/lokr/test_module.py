@@ -9,12 +9,12 @@ from torch import nn
 from torch.autograd.graph import saved_tensors_hooks
 
 import slimtune
-from slimtune.methods.lokr import LokrConfig, LokrLayer, factorization, lokr_delta_weight, lokr_factors
 from slimtune.core.costs import choose_path
+from slimtune.methods.lokr import LokrConfig, LokrLayer, factorization, lokr_delta_weight, lokr_factors
 from slimtune.methods.lokr.math import lokr_costs
-from tests.methods.loha.test_module import MaxAllocation, check_quantized_matches_dense, quantized_pair
-from tests.methods.loha.test_module import fake_quant  # noqa: F401  (the fixture)
 from tests.helpers import BF16_TOL, FP32_TOL, check_merge_round_trip, rel_err
+from tests.methods.loha.test_module import MaxAllocation, check_quantized_matches_dense, quantized_pair
+from tests.methods.loha.test_module import fake_quant  # noqa: F401, F811  (the fixture)
 
 PATHS = ["structured", "folded"]
 # (name, base layer factory, input shape, LokrLayer kwargs)
