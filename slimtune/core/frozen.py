@@ -124,7 +124,10 @@ def base_weight_operand(base: nn.Module) -> WeightOperand:
 
 
 class _WeightMatmul(torch.autograd.Function):
-    """``W @ m`` for a frozen quantised ``W``: backward re-dequantises W for ``dm = Wᵀ dout``."""
+    """``W @ m`` for a frozen quantised ``W`` (HRA's ``W U``).
+
+    Backward: ``dm = Wᵀ dout`` with W dequantised again (autograd would otherwise have saved the dense copy);
+    W is frozen and gets no gradient."""
 
     @staticmethod
     def forward(ctx, m, weight):

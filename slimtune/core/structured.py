@@ -16,7 +16,7 @@ low-rank) and their gradients are in :mod:`slimtune.core.products`.
 Every Function saves ``x`` itself (the very tensor object, so q/k/v store it once), the frozen base weight
 (not a cast copy; for a 4-bit base only its handle, on ``ctx``) and the adapter's parameters — nothing of size
 ``N·R``, no dense ``ΔW``, no fp32 copy of an activation, no dequantised weight. A 4-bit base
-(:class:`~slimtune.quant.frozen.QuantizedWeight`) is dequantised by :func:`~slimtune.quant.frozen.materialize`
+(:class:`~slimtune.core.frozen.QuantizedWeight`) is dequantised by :func:`~slimtune.core.frozen.materialize`
 right before each GEMM that needs it and dropped after. GEMMs run in ``x``'s dtype; fp32 adapter parameters
 are cast once per forward / backward and their gradients returned in fp32.
 

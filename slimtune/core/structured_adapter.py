@@ -94,9 +94,9 @@ def rank_dropout_mask(d_out: int, p: float, normalize: bool, device: torch.devic
 class StructuredAdapter(AdapterModule):
     """What LoHa and LoKr layers share: base geometry, dropout draws, path choice, the forward skeleton.
 
-    The base weight reaches the Functions as :func:`~slimtune.quant.frozen.base_weight_operand` (a dense tensor,
+    The base weight reaches the Functions as :func:`~slimtune.core.frozen.base_weight_operand` (a dense tensor,
     or a 4-bit handle dequantised right before each use); shapes come from
-    :func:`~slimtune.quant.frozen.weight_shape`. Convolutions are dense only.
+    :func:`~slimtune.core.frozen.weight_shape`. Convolutions are dense only.
     """
 
     def _setup(self, r: int, alpha: float, rank_dropout: float, module_dropout: float, path: str) -> None:

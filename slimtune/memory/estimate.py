@@ -14,14 +14,17 @@ simulation gives the same figures, see the tests). The simulation runs with
   model of the CUDA caching allocator's ``memory_allocated`` (sizes rounded up to 512 bytes on CUDA), whose
   maximum is the predicted ``max_memory_allocated``.
 
-What the meta device cannot know is modelled where it differs from the GPU:
+What the meta device cannot know is modelled where it differs from the GPU — inside the simulation's own
+``with`` block (:func:`meta_environment`: a torch function mode and a context variable), never by replacing a
+function of torch or of slimtune, so nothing leaks into the process or into other threads:
 
 * attention: ``scaled_dot_product_attention`` without a mask runs the flash kernel on the GPU (and on the CPU),
   which keeps ``q, k, v, out`` and a float32 log-sum-exp ``[B, H, S]`` for backward (never the ``[S, S]``
   scores); its backward allocates ``dq, dk, dv`` (k/v expanded to every query head under GQA, then reduced)
-  and a float32 ``dq`` accumulator. A masked call keeps PyTorch's math path;
+  and a float32 ``dq`` accumulator (:class:`_MetaAttention`). A masked call keeps PyTorch's math path;
 * NF4 weights: built directly in NF4's stored layout (no quantisation runs on meta), and a dequantisation
-  allocates just its dense output, as the fused Triton kernel does on CUDA;
+  allocates just its dense output, as the fused Triton kernel does on CUDA (:func:`slimtune.quant.nf4.dequantize_nf4`
+  does so itself for meta tensors and reports its traffic to :mod:`slimtune.core.simulation`);
 * AdamW runs with ``foreach=True`` for CUDA (PyTorch's default there), for its temporaries; its ``step`` counters
   live on the CPU. For the CPU's accounting (no temporaries) the state is counted without running the step:
   two moments like each parameter plus a 4-byte ``step`` per parameter, as the CPU profile counts them;
@@ -143,7 +146,11 @@ class MemoryEstimate:
 
 # -- the meta environment ---------------------------------------------------------------------------
 class _FlashAttention(torch.autograd.Function):
-    """What the flash kernel keeps and allocates, on meta tensors. q ``[B, H, S, d]``, k/v ``[B, Hkv, T, d]``."""
+    """What the flash kernel keeps and allocates, on meta tensors. q ``[B, H, S, d]``, k/v ``[B, Hkv, T, d]``.
+
+    A memory model, not arithmetic: forward allocates the output and the fp32 log-sum-exp and saves q, k, v, out,
+    lse as the kernel does; backward allocates what the kernel's backward allocates (an fp32 dq accumulator, dq,
+    and under GQA dk/dv per query head before the group sum) and returns tensors of the right shapes."""
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:

@@ -18,7 +18,10 @@ from .nf4 import BLOCKSIZE, DQ_BLOCKSIZE, NF4Tensors, dequantize_nf4, quantize_n
 
 
 class FrozenLinearFunction(torch.autograd.Function):
-    """``x Wᵀ + b`` for a frozen quantised ``W``; saves nothing but the handle (dx re-dequantises W)."""
+    """``x Wᵀ + b`` for a frozen quantised ``W``; saves nothing but the handle.
+
+    Backward: ``dx = dy W`` with W dequantised again (the dense copy dies with the GEMM); ``db = Σ dy``; W is
+    frozen 4-bit storage and gets no gradient."""
 
     @staticmethod
     def forward(ctx, x, handle, bias):

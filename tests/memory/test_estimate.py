@@ -119,3 +119,29 @@ def test_adapter_bytes_counts_without_adapting() -> None:
 def test_bad_arguments_are_named(kwargs: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         E.estimate_memory(MICRO, **{"seq": 8, **kwargs})
+
+
+def test_the_simulation_patches_nothing_in_torch():
+    """The simulated step runs under a torch function mode and context variables scoped to the estimator's call:
+    torch's own functions are the same objects during and after it, and attention outside the block runs torch's
+    own kernel."""
+    import torch.nn.functional as F
+    from torch.nn.modules.module import register_module_forward_pre_hook
+
+    originals = (F.scaled_dot_product_attention, torch.is_autocast_enabled, torch.nn.functional.linear)
+    during = []
+    handle = register_module_forward_pre_hook(
+        lambda module, args: during.append((F.scaled_dot_product_attention, torch.is_autocast_enabled,
+                                            torch.nn.functional.linear)))
+    try:
+        E.estimate_memory(MICRO, "lora", 4, batch=BATCH, seq=SEQ, dtype="float32", device="cpu")
+    finally:
+        handle.remove()
+    assert during and all(seen == originals for seen in during)
+    assert (F.scaled_dot_product_attention, torch.is_autocast_enabled, torch.nn.functional.linear) == originals
+    q = torch.randn(1, 2, 4, 8)
+    out = F.scaled_dot_product_attention(q, q, q)  # a real computation, not the simulation's stand-in
+    assert out.device.type == "cpu" and torch.isfinite(out).all()
+    from slimtune.core import simulation
+
+    simulation.count(dequant_bytes=1.0)  # outside a simulation: counted nowhere, no error

@@ -119,8 +119,10 @@ class DoraScaleFunction(torch.autograd.Function):
     """``out = z + (g − 1)·z + b`` along channel axis ``dim``, ``g = m / norm``, norm constant.
 
     z ``[..., C, ...]``; magnitude: C elements (any shape, e.g. PEFT's ``[1, C, 1, 1]`` for convolutions);
-    norm ``[C]`` fp32, no grad; bias ``[C]`` or None. Saves z and the ``[C]`` fp32 vectors norm and g − 1;
-    backward: ``dz = g·dy``, ``dm = Σ dy ⊙ z / norm`` (one fused pass), ``db = Σ dy``.
+    norm ``[C]`` fp32, no grad; bias ``[C]`` or None. Saves z and the ``[C]`` fp32 vectors norm and g − 1.
+
+    Backward (the norm a constant): ``dz = g ⊙ dy`` (``∂out/∂z = g``); ``dm = Σ dy ⊙ z / norm`` over every axis but
+    the channel (``∂out/∂m = z / norm``) — both in one fused pass, :func:`compose_backward`; ``db = Σ dy``.
     """
 
     @staticmethod

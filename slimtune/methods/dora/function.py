@@ -1,17 +1,18 @@
-"""The DoRA training path without the dense product: factored row norm, the Linear Function, composition tail.
+"""DoRA's Linear training path without the dense product: the product and tail Functions (the factored row norm
+they read is in :mod:`.norm`, the composition tail's references and kernels in :mod:`.compose`).
 
 DoRA (Liu et al.) rescales each output row of the LoRA-updated weight ``V = W + s·B A``::
 
     y = g ⊙ z + b,   z = x Wᵀ + s·(x Aᵀ) Bᵀ,   g = m / ‖V‖_row   (‖V‖_row treated as a constant: no gradient)
 
 Shapes: x ``[..., d_in]`` (N tokens), W ``[d_out, d_in]`` (frozen; a dense tensor or a 4-bit
-:class:`~slimtune.quant.frozen.QuantizedWeight` handle), A ``[r, d_in]``, B ``[d_out, r]``, m / g / b ``[d_out]``.
+:class:`~slimtune.core.frozen.QuantizedWeight` handle), A ``[r, d_in]``, B ``[d_out, r]``, m / g / b ``[d_out]``.
 The bias is added unscaled, as PEFT does.
 
-* :func:`factored_row_norm_sq` gets ``‖V‖²_row = ‖W‖²_row + 2s·rowsum((W Aᵀ + (s/2)·B (A Aᵀ)) ⊙ B)`` from
+* :func:`~.norm.factored_row_norm_sq` gets ``‖V‖²_row = ‖W‖²_row + 2s·rowsum((W Aᵀ + (s/2)·B (A Aᵀ)) ⊙ B)`` from
   ``[d_out, r]`` / ``[r, r]`` intermediates: no ``[d_out, d_in]`` tensor is formed. The layer's path is two GEMMs,
   ``W Aᵀ`` and ``A Aᵀ`` (:func:`factored_norm_parts`; on CUDA bf16/fp16 GEMMs with fp32 outputs), and one kernel
-  (:func:`dora_vectors`) that forms ``B (A Aᵀ)`` in fp32 (three-pass tf32 products) and the rest.
+  (:func:`~.norm.dora_vectors`) that forms ``B (A Aᵀ)`` in fp32 (three-pass tf32 products) and the rest.
 * The Linear layer is two autograd Functions. :class:`DoraProductFunction` queues the big GEMMs
   ``z = x Wᵀ + s·(x Aᵀ) Bᵀ`` first, then the norm's, whose kernel turns them into the ``[4, d_out]`` fp32 vectors
   ``(g − 1, g, 1/‖V‖, 1/m')`` that everything downstream reads (no other ``[d_out]`` kernels). It saves what LoRA
@@ -49,12 +50,12 @@ dtype, dropout, ``recompute``:
   ``(x − drop(x)) Wᵀ``).
 * **recompute** (``dora_recompute``) — no ``[N, d_out]`` tensor saved; z rebuilt in backward (one more base
   GEMM). A frozen magnitude needs neither. With the default ``dora_recompute="auto"`` each layer of the output
-  kind is measured once (:class:`slimtune.adapters.dora.OutputProbe`): it keeps its output where the output
+  kind is measured once (:class:`~.probe.OutputProbe`): it keeps its output where the output
   outlives the forward pass anyway, and recomputes elsewhere — activation memory as LoRA's.
 
 The elementwise tail (forward ``y``; backward ``dz = g·dy``, the ``dm`` and bias column sums, in one pass) and
-the ``[d_out]`` vectors run as fused Triton kernels on CUDA (:mod:`slimtune.kernels.dora_triton`), else as the
-plain-PyTorch references here. Convolutions (``DoraConv``) use :class:`DoraScaleFunction`, which keeps z.
+the ``[d_out]`` vectors run as fused Triton kernels on CUDA (:mod:`.triton_kernels`), else as the
+plain-PyTorch references here. Convolutions (``DoraConv``) use :class:`~.compose.DoraScaleFunction`, which keeps z.
 """
 from __future__ import annotations
 
@@ -85,8 +86,19 @@ class DoraProductFunction(torch.autograd.Function):
     (dequantised once in forward — base GEMM and ``W Aᵀ`` — and once in backward for dx); lora_a / lora_b in
     any float dtype (cast to x's for the GEMMs, gradients in theirs); weight_sq: cached ``‖W‖²_row`` or None.
     The norm (two GEMMs and one kernel) is queued after the base GEMM (its launches overlap that GEMM). Saves x,
-    A, B, W (or keeps the handle); the dropout mask is redrawn in backward from ``seed``. Backward queues the big
-    ``dx`` GEMM first, so the device works while the host issues the small ones.
+    A, B, W (or keeps the handle); the dropout mask is redrawn in backward from ``seed``.
+
+    Backward, given ``dz`` (from the tail: ``g·dy``) and ``drest`` (dropout only), with ``m`` the keep mask and
+    ``xd = m ⊙ x`` — line by line as the code does it:
+
+    * ``g_r = s·dz B`` ``[N, r]`` (the adapter's output gradient pulled back through B);
+    * ``dx = dz W`` first (the big GEMM, queued before the small ones), and with dropout ``rest_x = drest W``;
+    * ``(dA, dB)`` = :func:`~slimtune.core.lowrank.factor_grads` — ``dB = s·dzᵀ (xd Aᵀ)``, ``dA = g_rᵀ xd`` (or
+      through ``G = dzᵀ xd``): z is LoRA's product of ``xd``, so its factor gradients are LoRA's;
+    * ``dx += g_r A``; with dropout ``dx = m ⊙ (dz W + g_r A) + (1 − m) ⊙ drest W`` (z saw ``xd``, rest saw
+      ``x − xd``);
+    * ``dW = dzᵀ xd (+ drestᵀ (x − xd))`` only if W asks for a gradient. ``vec`` has none (the norm is a
+      constant, DoRA §4.3), so the magnitude's gradient comes from the tail alone.
     """
 
     @staticmethod
@@ -167,6 +179,16 @@ class DoraTailFunction(torch.autograd.Function):
     and releases what it saved before the product's backward allocates dx, so the backward's transient peak is
     LoRA's. ``dm`` and the bias gradient come out of the backward pass's own reduction in fp32 (autograd casts
     them to the parameters' dtypes).
+
+    Backward, with ``y = g ⊙ z + b (+ rest)``, ``g = m/‖V‖`` per output row and ‖V‖ a constant — as the code does it:
+
+    * ``dz = g ⊙ dy`` (``∂y/∂z = g``);
+    * ``dm = Σ_tokens dy ⊙ z / ‖V‖`` (``∂y/∂m = z/‖V‖``), where z is: the saved output over the floored magnitude
+      (``"output"``: ``z/‖V‖ = y/m'``, so the sum is taken over y and scaled by ``1/m'``), the saved z
+      (``"z"``: scaled by ``1/‖V‖``), or z rebuilt as ``xd Wᵀ + s·(xd Aᵀ) Bᵀ`` (``"recompute"``, its buffer then
+      overwritten by dz);
+    * ``db = Σ_tokens dy``, ``drest = dy`` (the dropout term is added unscaled);
+    * all three sums and dz in one fused pass (:func:`~.compose.compose_backward`).
     """
 
     @staticmethod

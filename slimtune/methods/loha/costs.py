@@ -11,7 +11,7 @@ def loha_costs(tokens: int, d_in: int, d_out: int, r: int, itemsize: int, backwa
     Structured is LoRA at rank ``R = r²``: forward ``2·N·R·(d_in + d_out)``; backward (``x·downᵀ``
     recomputed) ``2·N·R·(3·d_in + 2·d_out)``; 4 + 12 launches. Folded: two rank-r GEMMs build ``W1``, ``W2``
     (``4·r·d_out·d_in``) and ``addcmul`` forms ``W + W1 ⊙ W2`` (6 dense passes, 3 + 10 launches), or with
-    ``fused_fold`` (:mod:`slimtune.kernels.loha_triton`) one kernel reads W and writes ``W + ΔW`` (2 passes) and
+    ``fused_fold`` (:mod:`.triton_kernels`) one kernel reads W and writes ``W + ΔW`` (2 passes) and
     one more maps ``dW`` to the factors (2 passes over it): 1 + 3 launches."""
     rr = r * r
     flops = 2 * tokens * rr * (d_in + d_out)

@@ -19,7 +19,15 @@ class FusedLohaLinear(torch.autograd.Function):
     The generic path (``FoldedFunction`` with ``LohaFoldOp``) computes the same; this one skips its layers of
     Python, which a host-bound step pays per layer. W (``[d_out, d_in]``, x's dtype, frozen) and b must already be
     in x's dtype; fp32 factors are cast for the kernels and their gradients returned in fp32. ``scale``: the
-    number ``s`` or ``s · mask`` ``[d_out]``.
+    number ``s`` or ``s · mask`` ``[d_out]`` (S below).
+
+    Backward, with ``W' = W + (S·w1a w1b) ⊙ (w2a w2b) = W + W1 ⊙ W2`` — as the code does it:
+
+    * ``G = dyᵀ x`` ``[d_out, d_in]``: the gradient with respect to W' (``y = x W'ᵀ``);
+    * one kernel (:func:`fold_grads`): ``dW1 = G ⊙ W2``, ``dW2 = G ⊙ W1`` tile by tile, then the low-rank products'
+      gradients ``dw1a = S·(G ⊙ W2) w1bᵀ``, ``dw1b = (S·w1a)ᵀ (G ⊙ W2)``, ``dw2a = (G ⊙ W1) w2bᵀ``,
+      ``dw2b = w2aᵀ (G ⊙ W1)`` — and, when x needs a gradient, W' written on the way;
+    * ``dx = dy W'``; ``db = Σ dy``. W is frozen: no ``dW``.
     """
 
     @staticmethod

@@ -85,7 +85,11 @@ class LohaLinearOp(StructuredOp):
 
 class LohaConvOp(StructuredOp):
     """LoHa on a convolution (groups 1): ``D`` (the LoRA form's rows, reshaped ``[R, c_in, *k]``) is a down
-    convolution with the base geometry, ``U`` ``[c_out, R]`` a 1x1 up (a batched GEMM added into y)."""
+    convolution with the base geometry, ``U`` ``[c_out, R]`` a 1x1 up (a batched GEMM added into y).
+
+    Backward (``h = conv(x, D)`` recomputed when U needs a gradient): ``dh = Uᵀ dy`` and ``dU = Σ dy hᵀ``
+    (:func:`mix_backward`); the down convolution's backward gives ``dx += convᵀ(dh, D)`` and ``dD``; then the
+    face-splitting products' gradients (:func:`_down_grads`, :func:`_up_grads`)."""
 
     def __init__(self, conv: ConvSpec, kernel: tuple[int, ...]) -> None:
         self.conv, self.kernel = conv, kernel
@@ -119,7 +123,12 @@ class LohaConvOp(StructuredOp):
 class LohaTuckerOp(StructuredOp):
     """Tucker LoHa on a convolution (groups 1): a 1x1 down to ``R = r²`` channels (``D = w1b ⊙̂ w2b``
     ``[R, c_in]``), the core ``[R, R, *k]`` (:func:`core_kr`) with the base geometry, a 1x1 up
-    (``Uᵀ = (s·w1a) ⊙̂ w2a`` ``[R, c_out]``, rows)."""
+    (``Uᵀ = (s·w1a) ⊙̂ w2a`` ``[R, c_out]``, rows).
+
+    Backward, the chain ``h1 = D x``, ``h2 = conv(h1, C)``, ``Δy = U h2`` taken back link by link (h1, h2
+    recomputed): ``dh2 = Uᵀ dy``, ``dU = Σ dy h2ᵀ``; the core convolution's backward gives ``dh1`` and ``dC``, and
+    ``dC`` goes to ``(dt1, dt2)`` (:func:`core_kr_grad`); ``dx += Dᵀ dh1``, ``dD = Σ dh1 xᵀ``; then the row-wise
+    products' gradients."""
 
     def __init__(self, conv: ConvSpec, kernel: tuple[int, ...]) -> None:
         self.conv, self.kernel = conv, kernel
@@ -158,8 +167,10 @@ class LohaTuckerOp(StructuredOp):
 
 
 class LohaFoldOp(FoldOp):
-    """``W + W1 ⊙ W2`` with ``W1 = (s·w1a) w1b``, ``W2 = w2a w2b`` (Tucker: :func:`tucker_weight`); backward:
-    ``dW1 = g ⊙ W2``, ``dW2 = g ⊙ W1`` and the low-rank / Tucker products' gradients.
+    """``W + W1 ⊙ W2`` with ``W1 = (s·w1a) w1b``, ``W2 = w2a w2b`` (Tucker: :func:`tucker_weight`); backward, for
+    ``g = dL/dW'``: ``dW1 = g ⊙ W2``, ``dW2 = g ⊙ W1`` (the Hadamard product's gradients), then the low-rank products'
+    (``d(s·w1a) = dW1 w1bᵀ``, ``dw1b = (s·w1a)ᵀ dW1``, likewise for W2) or the Tucker products' gradients, and
+    ``dw1a = s ⊙ d(s·w1a)``.
 
     On the GPU (non-Tucker, rank ≤ :data:`slimtune.methods.loha.triton_kernels.MAX_RANK`) both run as one fused
     Triton kernel each (:mod:`.triton_kernels`: no dense ``W1`` / ``W2`` / ``g ⊙ W2``); the PyTorch code below is

@@ -33,8 +33,22 @@ KronGeometry = tuple[int, int, int, int, str]
 
 
 class KronLinearFunction(torch.autograd.Function):
-    """See the module docstring. ``factors``: the layer's ``LokrFactors`` (``build`` / ``needs`` / ``grads``);
-    ``s``: the scaling (a number); ``mask``: ``[d_out]`` in x's dtype, or None."""
+    """``y = x Wᵀ + b + (x (s·w1 ⊗ w2)ᵀ) ⊙ mask``; see the module docstring. ``factors``: the layer's
+    ``LokrFactors`` (``build`` / ``needs`` / ``grads``); ``s``: the scaling (a number); ``mask``: ``[d_out]`` in x's
+    dtype, or None.
+
+    Backward, with X = x viewed ``[N, a_in, b_in]``, ``dY = (dy ⊙ mask)`` viewed ``[N, a_out, b_out]`` and the update
+    ``Y = w1 X w2ᵀ`` per token (w1 already times s) — line by line as the code does it:
+
+    * ``dx = dy W`` first (the base's input gradient, the big GEMM);
+    * order ``"w2"`` (forward made ``t = X w2ᵀ``): ``u = w1ᵀ dY`` ``[N, a_in, b_out]``; ``dx += u w2``;
+      ``dw2 = Σ_n u[n]ᵀ X[n] = uᵀ X`` (one GEMM over ``[N·a_in, ·]``); ``dw1 = Σ_n dY[n] t[n]ᵀ`` with t recomputed;
+    * order ``"w1"`` (forward made ``t = w1 X``): ``v = dY w2`` ``[N, a_out, b_in]``; ``dx += w1ᵀ v``;
+      ``dw1 = Σ_n v[n] X[n]ᵀ``; ``dw2 = Σ_n dY[n]ᵀ (w1 X[n])`` with ``w1 X`` recomputed;
+    * the parameters' gradients from ``(dw1, dw2)``: ``LokrFactors.grads`` (``d(s·w1)`` times s, then the low-rank
+      or Tucker products' gradients);
+    * ``dW = dyᵀ x`` only if W asks for one; ``db = Σ dy``.
+    """
 
     @staticmethod
     def forward(ctx, x, weight, bias, geometry: KronGeometry, factors: Any, s: float, mask, *params):

@@ -66,7 +66,9 @@ class LokrConvOp(StructuredOp):
 
 class LokrFoldOp(FoldOp):
     """``W + s · w1 ⊗ w2`` (rows times the rank-dropout mask), the Kronecker product as PEFT forms it
-    (:func:`kron_weight`); backward: :func:`~slimtune.kernels.structured.kron_grad`."""
+    (:func:`kron_weight`). Backward, for ``g = dL/dW'``: ``g ⊙ mask`` (rows), then the Kronecker product's gradients
+    (:func:`~slimtune.core.products.kron_grad`: ``d(s·w1)[i, j] = Σ g[i·, j·] ⊙ w2``, ``dw2 = Σ_ij (s·w1)[i, j]·g[i·,
+    j·]`` over the blocks), then :meth:`LokrFactors.grads` to the parameters."""
 
     def __init__(self, factors: LokrFactors, conv: ConvSpec | None) -> None:
         self.factors, self.conv = factors, conv
