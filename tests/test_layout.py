@@ -8,7 +8,10 @@ Read from the source with ``ast`` (nothing is imported). The allowed directions,
 * ``quant`` — core (4-bit storage registers its layers with ``core.frozen``);
 * ``methods/<name>`` — core, and its own package; nothing of another method, except DoRA from LoRA;
 * ``methods`` (the package) — the method packages (registration);
-* ``models`` — core, methods; ``memory`` — core, quant, methods, models; ``cli`` and the package root — anything.
+* ``models`` — core, methods; ``memory`` — core, quant, methods, models;
+* ``compat`` (PEFT's API), ``interop`` (other checkpoint formats), ``ranks`` (rank allocation), ``train`` (the
+  training loop) — the layers users call, on top of those (see ``ALLOWED``);
+* ``cli`` and the package root — anything.
 """
 from __future__ import annotations
 
@@ -110,6 +113,11 @@ ALLOWED = {
     "models": {"models", "core", "methods", "errors"},
     "memory": {"memory", "core", "quant", "methods", "models", "errors", "version"},
     "methods": {"methods"},
+    # the user-facing layers built on the library (each may grow its own package):
+    "compat": {"compat", "core", "methods", "quant", "errors", "version"},  # PEFT's API spelled by slimtune
+    "interop": {"interop", "core", "methods", "errors"},  # other ecosystems' checkpoint formats (kohya / LyCORIS)
+    "ranks": {"ranks", "core", "methods", "models", "errors"},  # rank allocation under a budget
+    "train": {"train", "core", "quant", "methods", "models", "memory", "ranks", "compat", "errors", "version"},
     "cli": None, "root": None, "__main__": None,
 }
 
@@ -132,7 +140,8 @@ def may_import(source: str, target: str) -> bool:
     if allowed is None or target == source:
         return True
     if target.startswith("methods"):  # a method package, or the package that registers them all
-        return source in ("methods", "models", "memory") or (source, target) == ("methods.dora", "methods.lora")
+        return (source in ("methods", "models", "memory", "compat", "interop", "ranks", "train")
+                or (source, target) == ("methods.dora", "methods.lora"))
     return target in allowed
 
 
