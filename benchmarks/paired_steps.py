@@ -15,15 +15,21 @@ as the profiler builds them.
 
     python benchmarks/paired_steps.py --configs lora loha lokr peft-bf16:loha peft-bf16:lokr --rounds 30
     python benchmarks/paired_steps.py --quick     # tiny-llama on the CPU (smoke test)
+
+``--before DIR``: DIR holds an earlier copy of the package as ``slimtune_before`` (``git archive REF slimtune``,
+renamed); configurations ``before:METHOD`` are built by that copy, in this same process — so a change's cost is
+measured step against step under the same host conditions. Each configuration's transient peak (the step's
+``max_memory_allocated`` above what was allocated before it) is reported beside its time.
 """
 from __future__ import annotations
 
 import argparse
 import gc
+import importlib
 import statistics
 import sys
 import time
-from typing import Sequence
+from typing import Any, Sequence
 
 from _common import JsonlSink, environment_line, markdown_table, write_out_text
 
@@ -34,9 +40,19 @@ from slimtune.memory.profile import TrainingSession
 
 
 def parse_config(text: str) -> tuple[str, str]:
-    """``"loha"`` → slimtune LoHa; ``"peft-bf16:loha"`` → (backend, method)."""
+    """``"loha"`` → slimtune LoHa; ``"peft-bf16:loha"`` → (backend, method); ``"before:loha"`` → the earlier copy's
+    slimtune LoHa (backend ``before``)."""
     backend, _, method = text.rpartition(":")
     return (backend or "slimtune"), method
+
+
+def session_for(backend: str, method: str, common: dict[str, Any]) -> Any:
+    """A prepared training session: this checkout's, or (``before``) the earlier copy's."""
+    if backend == "before":
+        options_cls = importlib.import_module("slimtune_before.memory.options").ProfileOptions
+        session_cls = importlib.import_module("slimtune_before.memory.profile").TrainingSession
+        return session_cls.prepare(options_cls(method=method, backend="slimtune", release_outputs=True, **common))
+    return TrainingSession.prepare(ProfileOptions(method=method, backend=backend, release_outputs=True, **common))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -49,7 +65,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seq", type=int, default=None)
     parser.add_argument("--gc-freeze", action="store_true",
                         help="gc.freeze() once the models are built (their objects out of the collector's scans)")
+    parser.add_argument("--before", default=None, metavar="DIR",
+                        help="a directory holding an earlier copy of the package as slimtune_before (before:METHOD)")
+    parser.add_argument("--out-name", default=None, help="$OUT file stem (default: paired_steps)")
     args = parser.parse_args(argv)
+    if args.before:
+        sys.path.insert(0, args.before)
     common = (dict(preset="tiny-llama", rank=8, batch=2, seq=args.seq or 64, device="cpu", dtype="float32")
               if args.quick else
               dict(preset="llama-3.2-3b", rank=32, batch=4, seq=args.seq or 512, device="cuda", dtype="bfloat16"))
@@ -57,26 +78,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     sessions = []
     for text in args.configs:
         backend, method = parse_config(text)
-        options = ProfileOptions(method=method, backend=backend, release_outputs=True, **common)
-        sessions.append((text, TrainingSession.prepare(options)))
+        sessions.append((text, session_for(backend, method, common)))
         print(f"built {text}", flush=True)
     if args.gc_freeze:
         gc.collect()
         gc.freeze()
     cuda = common["device"] == "cuda"
     times: dict[str, list[float]] = {name: [] for name, _ in sessions}
+    peaks: dict[str, list[int]] = {name: [] for name, _ in sessions}
+    losses: dict[str, list[float]] = {name: [] for name, _ in sessions}
     for round_index in range(args.warmup + args.rounds):
         for name, session in sessions:
             if cuda:
                 torch.cuda.synchronize()
+                before = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()
-            session.train_step()
+            loss = session.train_step()
             if cuda:
                 torch.cuda.synchronize()
+            losses[name].append(float(loss))  # after the timing: reading it back waits for nothing more
             if round_index >= args.warmup:
                 times[name].append(time.perf_counter() - t0)
+                if cuda:
+                    peaks[name].append(torch.cuda.max_memory_allocated() - before)
     yardstick = sessions[0][0]
-    out_name = "paired_steps_gc-freeze" if args.gc_freeze else "paired_steps"
+    out_name = args.out_name or ("paired_steps_gc-freeze" if args.gc_freeze else "paired_steps")
     sink = JsonlSink(f"{out_name}.jsonl")
     rows = []
     for name, _ in sessions:
@@ -85,14 +112,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         peft = f"peft-bf16:{parse_config(name)[1]}"  # the same method in PEFT with bf16 adapters, when run
         vs_peft = (statistics.median(t / p for t, p in zip(times[name], times[peft]))
                    if peft in times and peft != name else None)
+        before_name = f"before:{parse_config(name)[1]}"  # the earlier copy's same method, when run
+        vs_before = (statistics.median(t / b for t, b in zip(times[name], times[before_name]))
+                     if before_name in times and before_name != name else None)
+        peak = max(peaks[name]) if peaks[name] else None
+        peak_before = max(peaks[before_name]) if vs_before is not None and peaks[before_name] else None
+        loss_diff = (max(abs(a - b) for a, b in zip(losses[name], losses[before_name]))
+                     if vs_before is not None else None)
         sink.write({"config": name, "yardstick": yardstick, "step_times_s": [round(t, 6) for t in times[name]],
                     "median_s": statistics.median(times[name]), "ratio_median": statistics.median(ratios),
-                    "ratio_quartiles": [q[0], q[2]], "ratio_to_peft_bf16_median": vs_peft, **common})
+                    "ratio_quartiles": [q[0], q[2]], "ratio_to_peft_bf16_median": vs_peft,
+                    "ratio_to_before_median": vs_before, "transient_peak_bytes": peak, "losses": losses[name],
+                    "max_abs_loss_diff_to_before": loss_diff, **common})
         rows.append([name, f"{statistics.median(times[name]):.4f}", f"{min(times[name]):.4f}",
                      f"{statistics.median(ratios):.3f}", f"{q[0]:.3f}-{q[2]:.3f}",
-                     "" if vs_peft is None else f"{vs_peft:.3f}"])
+                     "" if vs_peft is None else f"{vs_peft:.3f}", "" if vs_before is None else f"{vs_before:.3f}",
+                     "" if peak is None else f"{peak / 2**30:.3f}",
+                     "" if peak_before is None else f"{peak / peak_before:.4f}",
+                     "" if loss_diff is None else f"{loss_diff:.2e}"])
     table = markdown_table(["config", "median s", "fastest s", f"÷ {yardstick} (median of paired rounds)",
-                            "interquartile", "÷ peft-bf16, same method (median of paired rounds)"], rows)
+                            "interquartile", "÷ peft-bf16, same method (median of paired rounds)",
+                            "÷ before, same method (median of paired rounds)", "step transient peak GiB",
+                            "peak ÷ before", "max |loss − before's| over all steps"], rows)
     text = (f"{environment_line()}\n\n{common['preset']}, r={common['rank']}, batch {common['batch']}, seq "
             f"{common['seq']}, {common['dtype']}; {args.rounds} paired rounds after {args.warmup} warm-up rounds, "
             f"one step of each configuration per round, logits released before backward"
