@@ -6,7 +6,9 @@ machines by more than the differences being measured (``RESULTS.md``, runs 23-26
 and 1.22 on another, same code). The protocol's one-process-per-configuration timing (``model_compare.py``) stays
 the reference for peak memory; for step-time *ratios*, paired steps put every configuration under the same host
 conditions: each round times one step of each, and the ratio to the first configuration (the yardstick) is taken
-within the round, then the median over rounds.
+within the round, then the median over rounds. The order rotates from round to round, so that no configuration
+always runs right after the same other one (with a fixed order, runs 33-34 showed position effects of several
+percent; ``launch_probe.py`` confirmed them on single layers).
 
 Each step is the protocol's (forward, ``loss.backward()``, AdamW step, ``zero_grad(set_to_none=True)``,
 synchronize), with the logits released before backward (the lean loop: the step time is the same, and the models
@@ -88,7 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     peaks: dict[str, list[int]] = {name: [] for name, _ in sessions}
     losses: dict[str, list[float]] = {name: [] for name, _ in sessions}
     for round_index in range(args.warmup + args.rounds):
-        for name, session in sessions:
+        shift = round_index % len(sessions)  # each configuration takes each position in turn (no position bias)
+        for name, session in sessions[shift:] + sessions[:shift]:
             if cuda:
                 torch.cuda.synchronize()
                 before = torch.cuda.memory_allocated()

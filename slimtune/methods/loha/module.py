@@ -24,6 +24,7 @@ takes the folded one where that is cheaper (large ``r²`` against the layer's wi
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -107,6 +108,7 @@ class LohaLayer(StructuredAdapter):
         return structured_apply(x, self.base_operand(base), base.bias, self._op, scale, *params)
 
 
+@functools.cache
 def _fused_linear_function() -> type[torch.autograd.Function]:
     """:class:`~.fused.FusedLohaLinear`, imported on first use (it imports triton, an optional dependency; reached
     only where :meth:`LohaFoldOp.fused` found the kernels usable)."""

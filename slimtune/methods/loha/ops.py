@@ -4,6 +4,9 @@ form, and the fold ``W + ΔW`` (fused Triton kernels on the GPU, these PyTorch o
 """
 from __future__ import annotations
 
+import functools
+from types import ModuleType
+
 import torch
 import torch.nn.functional as F
 
@@ -16,7 +19,8 @@ from ...core.triton import use_triton
 from .math import core_kr, core_kr_grad
 
 
-def kernels():
+@functools.cache
+def kernels() -> ModuleType:
     """:mod:`.triton_kernels`, imported on first use: it imports triton, an optional dependency (a CPU install has
     none), so only code behind :func:`~slimtune.core.triton.use_triton` reaches it."""
     from . import triton_kernels
