@@ -19,6 +19,8 @@ backward, ``‖W‖²`` once for the cache — never kept or saved. Merging onto
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -33,7 +35,7 @@ from ..lora.conv import LoraConv
 from ..lora.linear import LoraLinear
 from .compose import dora_scale
 from .function import dora_linear
-from .norm import factored_row_norm_sq, saves_output, weight_row_norm_sq
+from .norm import factored_row_norm_sq, in_magnitude_precision, saves_output, weight_row_norm_sq
 from .probe import OutputProbe, attach_output_probe
 
 
@@ -94,12 +96,13 @@ class DoraMixin:
     def weight_norm(self, weight2d: torch.Tensor) -> torch.Tensor:
         """``‖W + s·B A‖_row`` ``[d_out]`` fp32 (no grad), factored; ``weight2d``: W in the compute dtype."""
         a, b = self.factors2d()
-        return factored_row_norm_sq(weight2d, a, b, self.scaling, self.cached_weight_row_norm_sq()).sqrt_()
+        norm = factored_row_norm_sq(weight2d, a, b, self.scaling, self.cached_weight_row_norm_sq()).sqrt_()
+        return in_magnitude_precision(norm, self.lora_A.dtype)  # the magnitude takes the adapters' dtype
 
     # -- merge: W' = g·(W + s·B A); the norm of the unmerged weight is kept for unmerge -------------------------
     def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
         v = self.weight2d(weight) + self.weight2d(self.delta_weight().to(weight.dtype))  # dense: merging only
-        self._merged_norm = v.norm(dim=1)
+        self._merged_norm = in_magnitude_precision(v.norm(dim=1), self.magnitude.dtype)
         g = self.magnitude.detach().reshape(-1).to(weight.dtype) / self._merged_norm
         return self._from2d(g[:, None] * v, weight)
 
@@ -208,8 +211,9 @@ def build_dora(config: LoraConfig, name: str, base: nn.Module) -> DoraMixin:
     return layer
 
 
-def finalize_dora(config: LoraConfig, model: nn.Module, adapters: list) -> None:
+def finalize_dora(config: LoraConfig, model: nn.Module, adapters: list) -> Callable[[], None] | None:
     """``dora_recompute="auto"``: one :class:`~.probe.OutputProbe` for the model's DoRA Linear layers, resolved when
-    the model's forward returns."""
+    the model's forward returns; returns the remover of the model's hooks (None: none attached)."""
     if config.dora_recompute == "auto":
-        attach_output_probe(model, [a for a in adapters if isinstance(a, DoraLinear)])
+        return attach_output_probe(model, [a for a in adapters if isinstance(a, DoraLinear)])
+    return None

@@ -107,13 +107,25 @@ def saves_output(bias: torch.Tensor | None, dtype: torch.dtype) -> bool:
     return bias is None and dtype in (torch.bfloat16, torch.float32, torch.float64)
 
 
+def in_magnitude_precision(norm: torch.Tensor, magnitude_dtype: torch.dtype) -> torch.Tensor:
+    """``‖V‖`` (fp32 or wider) rounded to the magnitude's dtype and back: ``g = m / ‖V‖`` compares the two at the
+    precision m is stored in. A fresh layer's m is ‖W‖ rounded to that dtype, and its V is still W, so it starts
+    with ``g = 1`` — ``g − 1 = 0`` — exactly, and computes what its base computes, bit for bit (bias-free; with a
+    bias, within the bias add's own rounding). A no-op for fp32 / fp64 magnitudes; bf16 / fp16 ones see ‖V‖ to
+    their own relative precision (2⁻⁹ / 2⁻¹²), as PEFT, which computes the norm in the weight's dtype, does too."""
+    if magnitude_dtype in (torch.float16, torch.bfloat16) and norm.dtype != magnitude_dtype:
+        return norm.to(magnitude_dtype).to(norm.dtype)
+    return norm
+
+
 def dora_vectors_reference(mixed: torch.Tensor, gram: torch.Tensor, lora_b: torch.Tensor,
                            weight_sq: torch.Tensor, magnitude: torch.Tensor, scaling: float,
                            eps: float = 0.0) -> torch.Tensor:
     """``[4, d_out]`` rows ``(g − 1, g, 1/‖V‖, 1/m')`` in fp32 (fp64 for fp64): ``‖V‖`` from the norm parts
     (:func:`factored_norm_parts`), ``m' = sign(m)·max(|m|, ε‖V‖)`` (sign(0) = +; ``ε = 0``: ``m' = m``),
     ``g = m'/‖V‖`` and ``g − 1 = (m' − ‖V‖)/‖V‖`` (no cancellation near g = 1)."""
-    norm = _row_norm_sq_from_parts(weight_sq, mixed, gram, lora_b, scaling).sqrt_()
+    norm = in_magnitude_precision(_row_norm_sq_from_parts(weight_sq, mixed, gram, lora_b, scaling).sqrt_(),
+                                  magnitude.dtype)
     m = magnitude.detach().reshape(-1).to(norm.dtype)
     mag = torch.maximum(m.abs(), norm * eps)
     m_eff = torch.where(m < 0, -mag, mag)

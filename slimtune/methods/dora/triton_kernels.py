@@ -152,7 +152,8 @@ def _vectors_kernel(wa_ptr, gram_ptr, b_ptr, wsq_ptr, m_ptr, out_ptr, n_rows, ra
         bv = tl.load(b_ptr + rows64 * stride_b + ks[None, :], mask=mask, other=0.0).to(tl.float32)
         acc += (t + half * bg) * bv
     wsq = tl.load(wsq_ptr + rows, mask=row_ok, other=1.0).to(tl.float32)
-    norm = tl.sqrt(tl.maximum(wsq + 2.0 * scaling * tl.sum(acc, axis=1), 0.0))
+    norm = tl.sqrt_rn(tl.maximum(wsq + 2.0 * scaling * tl.sum(acc, axis=1), 0.0))  # correctly rounded, as torch's
+    norm = norm.to(m_ptr.dtype.element_ty).to(tl.float32)  # in the magnitude's precision (norm.in_magnitude_precision)
     m = tl.load(m_ptr + rows, mask=row_ok, other=1.0).to(tl.float32)
     mag = tl.maximum(tl.abs(m), eps * norm)
     m_eff = tl.where(m < 0, -mag, mag)

@@ -2,15 +2,15 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import torch
 from torch import nn
 
-from ...core.config import AdapterConfig, resolve_adapter_dtype
+from ...core.config import AdapterConfig, check_bool, check_number, resolve_adapter_dtype
 from ...core.frozen import is_quantized_layer
 from ...core.targeting import is_hf_conv1d
-from ...errors import ConfigError, TargetError
+from ...errors import TargetError
 from .factors import attach_factor_cache
 from .module import HraLayer
 
@@ -33,9 +33,9 @@ class HraConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.orth_reg_weight, bool) or not isinstance(self.orth_reg_weight, (int, float)) \
-                or self.orth_reg_weight < 0:
-            raise ConfigError(f"orth_reg_weight must be a number >= 0, got {self.orth_reg_weight!r}")
+        self.orth_reg_weight = check_number("orth_reg_weight", self.orth_reg_weight, 0.0)
+        check_bool("apply_GS", self.apply_GS)
+        check_bool("init_weights", self.init_weights)
         self.adapter_dtype = resolve_adapter_dtype(self.adapter_dtype)
 
 
@@ -52,6 +52,7 @@ def build_hra(config: HraConfig, name: str, base: nn.Module) -> HraLayer:
                     orth_reg_weight=config.orth_reg_weight, adapter_dtype=config.adapter_dtype)
 
 
-def finalize_hra(config: HraConfig, model: nn.Module, adapters: list) -> None:
-    """All HRA layers of the model compute their WY factors together, once per forward pass."""
-    attach_factor_cache(model, adapters)
+def finalize_hra(config: HraConfig, model: nn.Module, adapters: list) -> Callable[[], None]:
+    """All HRA layers of the model compute their WY factors together, once per forward pass; returns the remover of
+    the model's hook."""
+    return attach_factor_cache(model, adapters)

@@ -5,7 +5,7 @@ from typing import Any
 
 from ...core.config import AdapterConfig
 from ...core.module import AdapterModule
-from ...core.peft_format import PeftFormat, refuse_unsupported, require_bools, require_targets, targets_to_peft
+from ...core.peft_format import PeftFormat, require_bools, require_targets, targets_to_peft
 from ...errors import CheckpointError
 from .config import HraConfig
 from .module import HraLayer
@@ -22,13 +22,6 @@ _HRA_FIELDS: dict[str, Any] = {
     "target_modules": None,
 }
 
-_HRA_UNSUPPORTED = {
-    "layers_pattern": "layers_pattern (layer-index targeting)",
-    "layers_to_transform": "layers_to_transform (layer-index targeting)",
-    "modules_to_save": "extra fully trained modules (modules_to_save)",
-}
-
-
 def hra_to_peft(config: AdapterConfig, adapters: list[tuple[str, AdapterModule]]) -> dict[str, Any]:
     assert isinstance(config, HraConfig)
     if config.rank_pattern:
@@ -42,7 +35,6 @@ def hra_to_peft(config: AdapterConfig, adapters: list[tuple[str, AdapterModule]]
 def hra_from_peft(fields: dict[str, Any]) -> HraConfig:
     if fields.get("bias", "none") != "none":
         raise CheckpointError(f"bias={fields['bias']!r}: training base-layer biases is not supported")
-    refuse_unsupported(fields, _HRA_UNSUPPORTED)
     require_targets(fields)
     require_bools(fields, "apply_GS")
     return HraConfig(target_modules=fields["target_modules"], exclude_modules=fields.get("exclude_modules"),

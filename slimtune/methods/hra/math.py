@@ -33,6 +33,14 @@ def hra_low_rank_factors(weight2d: WeightOperand, u: torch.Tensor, apply_gs: boo
     return unit.t(), -(w_u @ t)
 
 
+def reflections_cancel(u: torch.Tensor) -> torch.Tensor:
+    """Whether u's columns come in identical adjacent pairs (PEFT's symmetric init), so that the product of the
+    reflections is the identity exactly: a 0-d bool tensor, computed on u's device (no sync). False for odd r."""
+    if u.shape[-1] % 2:
+        return torch.zeros((), dtype=torch.bool, device=u.device)
+    return (u[..., 0::2] == u[..., 1::2]).all()
+
+
 def hra_dense_transform(u: torch.Tensor, apply_gs: bool = False) -> torch.Tensor:
     """The dense ``H`` ``[d, d]`` by PEFT's recipe (reflection by reflection / ``I − 2QQᵀ``): the reference."""
     d, r = u.shape

@@ -22,13 +22,14 @@ import math
 import torch
 from torch import nn
 
+from ...core.autograd_state import tensor_version
 from ...core.compute import compute_setting
 from ...core.frozen import WeightOperand, base_weight_operand, is_quantized, weight_dtype, weight_matmul, weight_shape
 from ...core.lowrank import conv_low_rank_forward, lowrank_linear
 from ...core.module import AdapterModule
 from ...errors import ConfigError
 from .factors import HraFactorCache
-from .math import hra_low_rank_factors, init_hra_, orthogonality_penalty, wy_factors
+from .math import hra_low_rank_factors, init_hra_, orthogonality_penalty, reflections_cancel, wy_factors
 
 
 class HraLayer(AdapterModule):
@@ -47,6 +48,8 @@ class HraLayer(AdapterModule):
                                               dtype=adapter_dtype or weight_dtype(base_layer)))
         init_hra_(self.hra_u, symmetric=init_weights)
         self.factor_cache: HraFactorCache | None = None  # set by HraConfig.finalize: factors batched over layers
+        # hra_u's version right after a symmetric init (None: the reflections do not start cancelled); see _start
+        self._identity_version = tensor_version(self.hra_u) if init_weights and r % 2 == 0 and not apply_GS else None
 
     def peft_parameters(self) -> dict[str, nn.Parameter]:
         return {"hra_u": self.hra_u}
@@ -79,6 +82,9 @@ class HraLayer(AdapterModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.disabled or self.merged:
             return self.base_layer(x)
+        return self._start(x, self._forward(x))
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
         if self.is_conv:
             weight = base.weight
@@ -95,6 +101,19 @@ class HraLayer(AdapterModule):
             weight = weight.to(dtype)
         with context:
             return lowrank_linear(x.to(dtype), weight, bias, down, up, 1.0)
+
+    def _start(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The exact identity of a fresh layer. With PEFT's symmetric init the reflections cancel in pairs, so the
+        layer is its base — but in floating point the compact WY form leaves a residue of the order of the unit
+        roundoff (``‖û‖²`` is not exactly 1), enough to move a bf16 output off the base model's. While hra_u is as
+        the init left it (its version, checked on the host) and its pairs still cancel (checked on the device, no
+        sync), the output is the base's own, ``base(x) + (y − y.detach())``: the base's value to the bit, y's
+        gradient (the exact product's). Costs one more base GEMM until the first optimizer step, nothing after."""
+        if self._identity_version is None or tensor_version(self.hra_u) != self._identity_version:
+            return y
+        with torch.no_grad():
+            base = self.base_layer(x)
+        return torch.where(reflections_cancel(self.hra_u), base + (y - y.detach()), y)
 
 
 def orthogonality_loss(model: nn.Module) -> torch.Tensor:

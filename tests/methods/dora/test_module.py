@@ -514,3 +514,23 @@ def test_auto_is_not_a_regex_and_biased_or_fp16_layers_keep_z():
     model = nn.Sequential(nn.Linear(6, 5))  # a bias: z is kept, auto does not apply
     slimtune.adapt(model, slimtune.LoraConfig(r=2, target_modules=["0"], use_dora=True))
     assert model(torch.randn(3, 6)).grad_fn.route == "z"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+def test_fresh_layer_computes_its_base_bit_for_bit(dtype, kind):
+    """The norm is compared with m at m's precision, so a fresh layer (V = W, m = ‖W‖ stored in the adapter dtype)
+    has g = 1 exactly: bias-free, its output is the base's bit for bit, also with bf16 adapters."""
+    torch.manual_seed(0)
+    if kind == "linear":
+        model, x = nn.Sequential(nn.Linear(48, 40, bias=False)), torch.randn(6, 48)
+    else:
+        model, x = nn.Sequential(nn.Conv2d(6, 8, 3, padding=1, bias=False)), torch.randn(2, 6, 5, 5)
+    model, x = model.to(dtype), x.to(dtype)
+    with torch.no_grad():
+        base = model(x)
+    slimtune.adapt(model, slimtune.LoraConfig(r=4, alpha=8, target_modules=["0"], use_dora=True))
+    y = model(x)
+    assert torch.equal(y, base)
+    y.float().pow(2).sum().backward()
+    assert model[0].lora_B.grad.abs().sum() > 0 and model[0].magnitude.grad is not None

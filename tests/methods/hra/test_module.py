@@ -220,3 +220,31 @@ def test_gradient_checkpointing_gives_the_same_gradients(reentrant):
         model(ids, labels=ids).loss.backward()
         grads.append(torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.requires_grad]))
     assert rel_err(grads[1], grads[0]) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cached", [True, False])
+def test_fresh_layer_computes_its_base_bit_for_bit_and_still_learns(dtype, cached):
+    """PEFT's symmetric init cancels the reflections in pairs: the output is the base model's exactly (the WY
+    form's roundoff residue is removed), while the gradient is the exact product's, so training leaves the identity."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 24, bias=False)).to(dtype)
+    x = torch.randn(5, 32, dtype=dtype)
+    with torch.no_grad():
+        base = model(x)
+    slimtune.adapt(model, HraConfig(r=4, target_modules=["0"]))
+    if not cached:
+        model[0].factor_cache = None
+    y = model(x)
+    assert torch.equal(y, base)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    u = model[0].hra_u.detach().double().requires_grad_(True)
+    w = model[0].base_layer.weight.detach().double()
+    ref = x.double() @ (w @ hra_dense_transform(u)).t()
+    ref.backward(dy.double())
+    assert rel_err(model[0].hra_u.grad, u.grad) < (FP32_TOL if dtype == torch.float32 else BF16_TOL)
+    assert model[0].hra_u.grad.abs().sum() > 0
+    with torch.no_grad():
+        model[0].hra_u[:, 0].mul_(1.5)  # the pairs no longer cancel: the full product runs
+    assert not torch.equal(model(x), base)
