@@ -11,8 +11,10 @@ Diagnostic only (the claimed numbers come from the comparison scripts). For each
 Sections: ``layer`` — one bias-free Linear 8192x8192, r=384, 4096 tokens, bf16 (LoRA, DoRA and variants);
 ``model`` — the Llama-3.2-3B shape, r=32, batch 4, seq 512 (methods and their path / recompute variants);
 ``check`` — bf16 kernels and layers against float64; ``kernels`` — LoHa's fused kernels' device time (tile sides,
-fold_grads split or not); ``launch`` — host cost of a launch, shortcut vs Triton's path, and their parity; ``gc`` —
-Python's collector inside the step; ``cprofile`` — host time by Python function.
+fold_grads split or not); ``launch`` — host cost of a launch (slimtune's kernels launch through Triton's own path,
+``kernel[grid](...)``; the hand-made launch shortcut this section once compared it with was removed, so only that
+path is timed, beside a few small torch ops); ``gc`` — Python's collector inside the step; ``cprofile`` — host time
+by Python function.
 
     python benchmarks/anatomy.py [--sections layer model check kernels launch gc cprofile] [--methods lora loha]
 """
@@ -156,12 +158,8 @@ def layer_section(sink: JsonlSink, variants: list[tuple[str, str, dict]], d: int
 def model_section(sink: JsonlSink, variants: list[tuple[str, str, dict]], seq: int = 512, batch: int = 4,
                   r: int = 32) -> str:
     rows = []
-    from slimtune.kernels import dispatch
-
     for label, method, extra in variants:
         step = None
-        extra = dict(extra)
-        dispatch.FAST_LAUNCH = extra.pop("_fast_launch", True)  # a benchmark switch, not a config field
         try:
             step = training_step(method, extra, seq, batch, r)
             torch.cuda.reset_peak_memory_stats()
@@ -178,7 +176,6 @@ def model_section(sink: JsonlSink, variants: list[tuple[str, str, dict]], seq: i
             print(rows[-1], flush=True)
         finally:
             step = None
-            dispatch.FAST_LAUNCH = True
             torch.cuda.empty_cache()
     return markdown_table([f"3B seq {seq} b{batch} r{r}", "wall ms", "host ms", "gpu ms", "kernels", "syncs",
                            "peak GiB", "all steps ms"], rows)
@@ -194,15 +191,14 @@ MODEL_VARIANTS = {
     "loha": [("loha auto", "loha", {})],
     "loha-paths": [("loha structured", "loha", {"path": "structured"}), ("loha folded", "loha", {"path": "folded"})],
     "lokr": [("lokr auto", "lokr", {})],
-    "loha-triton-path": [("loha auto, Triton's launch path", "loha", {"_fast_launch": False})],
     "hra": [("hra", "hra", {})],
     "none": [("full fine-tune", "none", {})],
 }
 
 
 def warm_step(method: str, extra: dict) -> Callable[[], None]:
-    """:func:`training_step` (benchmark switches, keys starting with ``_``, dropped) after 3 steps, synchronised."""
-    step = training_step(method, {k: v for k, v in extra.items() if not k.startswith("_")})
+    """:func:`training_step` after 3 steps, synchronised."""
+    step = training_step(method, extra)
     for _ in range(3):
         step()
     torch.cuda.synchronize()
@@ -297,9 +293,9 @@ def _wall_steps(step: Callable[[], None], steps: int) -> float:
 
 def check_section() -> str:
     """bf16 on the GPU (the CPU interpreter cannot check it): the fused kernels and whole layers against float64."""
-    from slimtune.adapters.loha import LohaLayer, loha_delta_weight
-    from slimtune.kernels import dora as K
-    from slimtune.kernels import loha_triton as L
+    from slimtune.methods.dora.norm import dora_linear_reference
+    from slimtune.methods.loha import LohaLayer, loha_delta_weight
+    from slimtune.methods.loha import triton_kernels as L
 
     def rel(a, b):
         a, b = a.detach().double(), b.detach().double()
@@ -360,13 +356,13 @@ def check_section() -> str:
                 params["hada_w1_a"], params["hada_w1_b"], params["hada_w2_a"], params["hada_w2_b"], None, None,
                 layer.scaling, w64.shape))
         else:
-            ref = K.dora_linear_reference(x64, w64, None, params["lora_A.weight"], params["lora_B.weight"],
-                                          params["lora_magnitude_vector"], layer.scaling)
+            ref = dora_linear_reference(x64, w64, None, params["lora_A.weight"], params["lora_B.weight"],
+                                        params["lora_magnitude_vector"], layer.scaling)
         ref.backward(dy.double())
         errs = [rel(y, ref), rel(x.grad, x64.grad)] + [rel(p.grad, q.grad) for p, q in
                                                        zip(layer.peft_parameters().values(), params.values())]
         rows.append([f"{name} 3072² 2048 tok bf16 (y, dx, params)", " ".join(f"{e:.1e}" for e in errs)])
-    from slimtune.adapters.lokr import LokrLayer, lokr_delta_weight, lokr_factors
+    from slimtune.methods.lokr import LokrLayer, lokr_delta_weight, lokr_factors
 
     for d_out, d_in in ((3072, 3072), (8192, 3072)):
         torch.manual_seed(0)
@@ -396,7 +392,7 @@ def kernels_section(tokens: int = 2048, r: int = 32) -> str:
     """Device time of LoHa's fused kernels at the Llama-3.2-3B projection shapes (kernel time, mean of 10) beside
     the layer's own GEMM, the bytes they move per microsecond; tile sides 64 / 32 / 128, fold_grads unsplit and
     split."""
-    from slimtune.kernels import loha_triton as L
+    from slimtune.methods.loha import triton_kernels as L
 
     def ms(fn: Callable[[], object], reps: int = 10) -> float:
         """Device ms per call of the kernels ``fn`` launches (torch.profiler's kernel times: a kernel shorter than
@@ -442,12 +438,10 @@ def kernels_section(tokens: int = 2048, r: int = 32) -> str:
 
 
 def launch_section() -> str:
-    """Host cost of one launch (median of 2000): small Triton kernels through slimtune's launch shortcut and
-    through Triton's own path (``dispatch.FAST_LAUNCH`` off), a tiny torch op, a tiny GEMM; and whether the two
-    launch paths give bit-identical results."""
-    from slimtune.kernels import dispatch
-    from slimtune.kernels import dora_triton as T
-    from slimtune.kernels import loha_triton as L
+    """Host cost of one launch (median of 2000): small Triton kernels (launched through Triton's own path,
+    ``kernel[grid](...)``, as :func:`slimtune.core.triton.launch` does), a tiny torch op, a tiny GEMM."""
+    from slimtune.methods.dora import triton_kernels as T
+    from slimtune.methods.loha import triton_kernels as L
 
     x = torch.randn(64, 64, device="cuda")
     g = torch.randn(64, device="cuda")
@@ -455,17 +449,14 @@ def launch_section() -> str:
     f = [torch.randn(s, device="cuda", dtype=torch.bfloat16) * 0.1
          for s in ((256, 32), (32, 256), (256, 32), (32, 256))]
     grad = torch.randn(256, 256, device="cuda", dtype=torch.bfloat16)
-    triton_cases = {"triton compose_forward 64x64": lambda: T.compose_forward(x, g, out=x),
-                    "triton loha fold 256x256 r32": lambda: L.fold(w, *f, 0.5),
-                    "triton loha fold_grads 256x256 r32": lambda: L.fold_grads(grad, *f, 0.5, w=w)}
-    cases = {**{f"{k} (shortcut)": v for k, v in triton_cases.items()},
-             **{f"{k} (triton's path)": v for k, v in triton_cases.items()},
+    cases = {"triton compose_forward 64x64": lambda: T.compose_forward(x, g, out=x),
+             "triton loha fold 256x256 r32": lambda: L.fold(w, *f, 0.5),
+             "triton loha fold_grads 256x256 r32": lambda: L.fold_grads(grad, *f, 0.5, w=w),
              "torch.add 64x64": lambda: torch.add(x, x),
              "torch.mm 64x64": lambda: torch.mm(x, x),
              "torch.empty 64": lambda: torch.empty(64, device="cuda")}
     rows = []
     for name, fn in cases.items():
-        dispatch.FAST_LAUNCH = "triton's path" not in name
         for _ in range(50):
             fn()
         torch.cuda.synchronize()
@@ -476,37 +467,6 @@ def launch_section() -> str:
             times.append(time.perf_counter() - t0)
         torch.cuda.synchronize()
         rows.append([name, f"{1e6 * statistics.median(times):.1f}"])
-    ops = {"fold": lambda: (L.fold(w, *f, 0.5),),
-           "fold_grads": lambda: L.fold_grads(grad, *f, 0.5, w=w),
-           "compose_forward": lambda: T.compose_forward(x.clone(), g)}
-    for name, op in ops.items():
-        outs = {}
-        for mode in ("triton", "triton again", "shortcut", "shortcut again"):
-            dispatch.FAST_LAUNCH = mode.startswith("shortcut")
-            outs[mode] = [t.clone() for t in op() if isinstance(t, torch.Tensor)]
-            outs[mode + " on"] = dispatch.FAST_LAUNCH
-        diffs = [max(float((a.float() - b.float()).abs().max()) for a, b in zip(outs["triton"], outs[m]))
-                 for m in ("triton again", "shortcut", "shortcut again")]
-        rows.append([f"{name}: max |diff| vs Triton's path (Triton again / shortcut / shortcut again)",
-                     " / ".join(f"{d:.3g}" for d in diffs) + f"; shortcut still on: {outs['shortcut again on']}"])
-    cached = {getattr(k.kernel, "__name__", "?"): len(k.compiled) for k in dispatch._LAUNCHERS.values()}
-    rows.append(["compiled variants cached per kernel", str(cached)])
-    direct = {getattr(k.kernel, "__name__", "?"): sum(e[2] is not None for e in k.compiled.values())
-              for k in dispatch._LAUNCHERS.values()}
-    rows.append(["launched directly (addresses, no runner): API found; variants per kernel",
-                 f"{dispatch._direct_launch_api() is not None}; {direct}"])
-    dispatch.FAST_LAUNCH = True
-    import inspect
-
-    import triton
-    from triton.compiler import compiler as C
-    from triton.runtime import jit as J
-
-    run_src = inspect.getsource(J.JITFunction.run)
-    launch_lines = [ln.strip() for ln in run_src.splitlines() if "kernel.run(" in ln or "bound_args" in ln
-                    or "non_constexpr" in ln][:6]
-    print(f"triton {triton.__version__}; JITFunction.run launch lines:", *launch_lines, sep="\n  ")
-    print(inspect.getsource(C.CompiledKernel.__getitem__))
     return markdown_table(["launch", "host us (median)"], rows)
 
 

@@ -2,7 +2,7 @@
 
 Sections (each guarded: a failure is reported and the next section runs):
 
-1. kernels — the Triton compose kernels (``slimtune.kernels.dora_triton``) against their PyTorch references
+1. kernels — the Triton compose kernels (``slimtune.methods.dora.triton_kernels``) against their PyTorch references
    in fp32 / fp16 / bf16 at a few shapes: forward (z form with the ``Σ|v|`` column sums the output path uses,
    and base + lora + bias form), backward ``dbase``, ``dm`` sums (with the bias shift) and ``Σ dy``.
 2. parity — slimtune DoRA vs PEFT DoRA on one bias-free Linear 8192×8192, r=384, 4096 tokens, bf16, identical
@@ -21,7 +21,7 @@ Sections (each guarded: a failure is reported and the next section runs):
    it runs it (dm from y, partials summed, scaled and cast),
    forward z form, forward with separate base and lora (eager = PEFT's ``result + (g−1)·base + g·lora·s``),
    backward from the saved output (``g·dy``, ``Σ dy ⊙ (y − b)``); a sweep of the kernels' block configuration
-   (``dora_triton.CONFIG``) at 4096×8192; and the row norm at 8192×8192 r=384: factored (fp32-output GEMMs),
+   (``triton_kernels.CONFIG``) at 4096×8192; and the row norm at 8192×8192 r=384: factored (fp32-output GEMMs),
    factored without them (bf16 GEMM upcast, fp32 small GEMMs), dense as PEFT.
 5. summary — the targets at 8192² r=384 N=4096 in one short table.
 
@@ -54,7 +54,9 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import slimtune  # noqa: E402
-from slimtune.kernels import dora as K  # noqa: E402
+from slimtune.core.triton import use_triton  # noqa: E402
+from slimtune.methods.dora import compose as C  # noqa: E402
+from slimtune.methods.dora import norm as N  # noqa: E402
 
 BUDGET_S = 420.0
 START = time.monotonic()
@@ -121,9 +123,9 @@ def free(device: torch.device) -> None:
 
 # -- 1. kernels vs references ------------------------------------------------------------------------------------
 def section_kernels(device: torch.device, quick: bool) -> str:
-    if not K.use_triton(torch.empty(0, device=device)):
+    if not use_triton(torch.empty(0, device=device)):
         return "kernels: skipped (no CUDA / Triton; on the CPU set TRITON_INTERPRET=1)"
-    from slimtune.kernels import dora_triton as T
+    from slimtune.methods.dora import triton_kernels as T
 
     shapes = [(7, 5), (33, 130)] if quick else [(1, 8), (333, 1000), (4096, 4096), (2048, 8192)]
     dtypes = [torch.float32, torch.float16] if quick else [torch.float32, torch.float16, torch.bfloat16]
@@ -137,18 +139,18 @@ def section_kernels(device: torch.device, quick: bool) -> str:
             gm1 = torch.randn(d, device=device, generator=gen) * 1e-2
             bias = torch.randn(d, device=device, generator=gen).to(dtype)
             out, sums = T.compose_forward(base, gm1, stats=True)
-            errs = {"fwd_z": rel_err(out, K.compose_forward_reference(base, gm1)),
-                    "fwd_sums": rel_err(sums, K.compose_stats_reference(base, gm1)),
+            errs = {"fwd_z": rel_err(out, C.compose_forward_reference(base, gm1)),
+                    "fwd_sums": rel_err(sums, C.compose_stats_reference(base, gm1)),
                     "fwd_full": rel_err(T.compose_forward(base, gm1, lora, 0.5, bias)[0],
-                                        K.compose_forward_reference(base, gm1, lora, 0.5, bias))}
+                                        C.compose_forward_reference(base, gm1, lora, 0.5, bias))}
             got = T.compose_backward(dy, base, gm1 + 1, shift=bias, dy_sum=True)
-            want = K.compose_backward_reference(dy, base, gm1 + 1, shift=bias, dy_sum=True)
+            want = C.compose_backward_reference(dy, base, gm1 + 1, shift=bias, dy_sum=True)
             errs.update(bwd_dbase=rel_err(got[0], want[0]), bwd_dm=rel_err(got[1], want[1]),
                         bwd_dysum=rel_err(got[2], want[2]))
             ones = torch.ones((), device=device, dtype=dtype).expand(n, d)
             z = base.clone()
             db, dm, _ = T.compose_backward(ones, z, gm1 + 1, dbase_out=z)
-            rdb, rdm, _ = K.compose_backward_reference(ones, base, gm1 + 1)
+            rdb, rdm, _ = C.compose_backward_reference(ones, base, gm1 + 1)
             errs["bwd_inplace_expanded"] = max(rel_err(db, rdb), rel_err(dm, rdm))
             scale = torch.rand(d, device=device, generator=gen) + 0.5
             got = T.compose_backward(dy, base, gm1 + 1, shift=bias, dy_sum=True, scale=scale)
@@ -162,7 +164,7 @@ def section_kernels(device: torch.device, quick: bool) -> str:
             wsq = torch.rand(d, device=device, generator=gen) * 4 + 1 + (bm.float() @ gram * bm.float()).sum(1)
             mag = torch.rand(d, device=device, generator=gen) + 0.5
             errs["vectors"] = rel_err(T.dora_vectors(wa, gram, bm, wsq, mag, 0.7, 2.0 ** -63),
-                                      K.dora_vectors_reference(wa.double(), gram.double(), bm.double(), wsq.double(),
+                                      N.dora_vectors_reference(wa.double(), gram.double(), bm.double(), wsq.double(),
                                                                mag.double(), 0.7, 2.0 ** -63))
             record("kernels", dtype=str(dtype).split(".")[-1], n=n, d=d, **errs)
             rows.append([str(dtype).split(".")[-1], f"{n}×{d}"] + [f"{v:.1e}" for v in errs.values()])
@@ -217,7 +219,7 @@ def section_parity(device: torch.device, quick: bool) -> str:
     w = layer.base_layer.weight.double()
     leaves = [p.detach().double().requires_grad_() for p in (layer.lora_A, layer.lora_B, layer.magnitude)]
     x64 = x.double().requires_grad_()
-    ref = K.dora_linear_reference(x64, w, None, *leaves, float(layer.scaling))
+    ref = N.dora_linear_reference(x64, w, None, *leaves, float(layer.scaling))
     ref.backward(dy.double())
     want = [ref.detach(), x64.grad] + [p.grad for p in leaves]
     rows = []
@@ -315,15 +317,15 @@ def section_layers(device: torch.device, quick: bool) -> str:
 
 
 # -- 4. compose microbenchmark --------------------------------------------------------------------------------
-SWEEP = [  # dora_triton.CONFIG variants: (block_d, tile, programs_per_sm, num_warps)
+SWEEP = [  # triton_kernels.CONFIG variants: (block_d, tile, programs_per_sm, num_warps)
     (128, 4096, 4, 4), (256, 4096, 8, 4), (256, 8192, 8, 8), (512, 8192, 4, 8), (128, 2048, 16, 4), (256, 2048, 16, 4),
 ]
 
 
 def section_compose(device: torch.device, quick: bool) -> str:
-    if not K.use_triton(torch.empty(0, device=device)):
+    if not use_triton(torch.empty(0, device=device)):
         return "compose: skipped (no CUDA / Triton)"
-    from slimtune.kernels import dora_triton as T
+    from slimtune.methods.dora import triton_kernels as T
 
     shapes = [(64, 256), (128, 512)] if quick else [(256, 1024), (2048, 4096), (4096, 8192), (8192, 8192)]
     repeats = 5 if quick else 20
@@ -361,10 +363,10 @@ def section_compose(device: torch.device, quick: bool) -> str:
             "bwd as the layer runs it (g·dy, dm from y, finished)": (
                 lambda: T.compose_backward(dy, base, g, scale=inv), eager_layer_bwd, 3),
             "fwd z form": (lambda: T.compose_forward(base, gm1, bias=bias),
-                           lambda: K.compose_forward_reference(base, gm1, bias=bias), 2),
+                           lambda: C.compose_forward_reference(base, gm1, bias=bias), 2),
             "fwd base+lora (PEFT form)": (lambda: T.compose_forward(base, gm1, lora, s, bias), peft_eager, 3),
             "bwd from y (g·dy, Σ dy⊙(y−b))": (lambda: T.compose_backward(dy, base, g, shift=bias),
-                                              lambda: K.compose_backward_reference(dy, base, g, shift=bias), 3),
+                                              lambda: C.compose_backward_reference(dy, base, g, shift=bias), 3),
         }
 
     for n, d in shapes:
@@ -380,7 +382,7 @@ def section_compose(device: torch.device, quick: bool) -> str:
             "call: small shapes measure launch latency)\n\n"
             + table(["N×D", "case", "fused ms", "eager ms", "speedup", "fused GB/s (min traffic)"], rows))
 
-    # block-configuration sweep at one large shape (the default is dora_triton.CONFIG)
+    # block-configuration sweep at one large shape (the default is triton_kernels.CONFIG)
     n, d = (128, 512) if quick else (4096, 8192)
     default = dict(T.CONFIG)
     sweep_rows = []
@@ -405,27 +407,27 @@ def section_compose(device: torch.device, quick: bool) -> str:
     d, r = (256, 16) if quick else (8192, 384)
     w = torch.randn(d, d, device=device).to(dtype)
     a, b = torch.randn(r, d, device=device).to(dtype), torch.randn(d, r, device=device).to(dtype)
-    sq = K.weight_row_norm_sq(w)
-    fp32_out = K._fp32_out_gemm(w)
+    sq = N.weight_row_norm_sq(w)
+    fp32_out = N._fp32_out_gemm(w)
 
     def without_fp32_out():
-        K._MM_OUT_DTYPE[dtype] = False
+        N._MM_OUT_DTYPE[dtype] = False
         try:
-            return K.factored_row_norm_sq(w, a, b, 1.0, sq)
+            return N.factored_row_norm_sq(w, a, b, 1.0, sq)
         finally:
-            K._MM_OUT_DTYPE[dtype] = fp32_out
+            N._MM_OUT_DTYPE[dtype] = fp32_out
 
-    ref = K.dense_row_norm(w.double(), a.double(), b.double(), 1.0)
+    ref = N.dense_row_norm(w.double(), a.double(), b.double(), 1.0)
     mag = torch.ones(d, device=device)
 
     def as_the_layer_runs_it():  # two GEMMs and the vectors kernel; returns ‖V‖² from 1/‖V‖
-        mixed, gram = K.factored_norm_parts(w, a)
-        return K.dora_vectors(mixed, gram, b, sq, mag, 1.0)[2].reciprocal().square()
+        mixed, gram = N.factored_norm_parts(w, a)
+        return N.dora_vectors(mixed, gram, b, sq, mag, 1.0)[2].reciprocal().square()
 
     norm_rows = []
     for name, fn in (("factored, as the layer runs it (2 GEMMs + vectors kernel)", as_the_layer_runs_it),
                      (f"factored reference, ‖W‖² cached (fp32-output GEMMs: {fp32_out})",
-                      lambda: K.factored_row_norm_sq(w, a, b, 1.0, sq)),
+                      lambda: N.factored_row_norm_sq(w, a, b, 1.0, sq)),
                      ("factored, bf16 GEMM upcast + fp32 small GEMMs", without_fp32_out),
                      ("dense, as PEFT", lambda: torch.linalg.norm(w + 1.0 * (b @ a), dim=1))):
         ms = timer(device, fn, repeats)
@@ -477,7 +479,7 @@ def section_summary(device: torch.device, quick: bool) -> str:
         row("min cosine(slimtune, PEFT) over y, dx, dA, dB, dm", min(cos) if cos else None, "> 0.9999",
             lambda v: v > 0.9999),
     ]
-    from slimtune.kernels import dora_triton as T_  # noqa: E402 (CUDA machines only reach here with Triton)
+    from slimtune.methods.dora import triton_kernels as T_  # noqa: E402 (CUDA machines only reach here with Triton)
 
     sweep = [rec for rec in RECORDS if rec["section"] == "compose_sweep"]
     default = tuple(T_.CONFIG[k] for k in ("block_d", "tile", "programs_per_sm", "num_warps"))

@@ -21,7 +21,9 @@ import torch
 from torch import nn
 
 import slimtune
-from slimtune.kernels import dora as K
+from slimtune.methods.dora import compose as DC
+from slimtune.methods.dora import function as DF
+from slimtune.methods.dora import norm as DN
 
 
 def per_call_us(fn: Callable[[], object], device: torch.device, reps: int = 300) -> float:
@@ -76,16 +78,16 @@ def cases(device: torch.device, dtype: torch.dtype) -> dict[str, Callable[[], ob
     w = dora.weight_operand()
     a, b = dora.lora_A, dora.lora_B
     out["dora part: cached ‖W‖²"] = dora.cached_weight_row_norm_sq
-    out["dora part: norm GEMMs"] = lambda: K.factored_norm_parts(w, a.detach())
-    mixed, parts = K.factored_norm_parts(w, a.detach())
+    out["dora part: norm GEMMs"] = lambda: DN.factored_norm_parts(w, a.detach())
+    mixed, parts = DN.factored_norm_parts(w, a.detach())
     wsq = dora.cached_weight_row_norm_sq()
-    out["dora part: vectors"] = lambda: K.dora_vectors(mixed, parts, b.detach(), wsq, dora.magnitude.detach(),
-                                                       dora.scaling, 2.0 ** -63)
+    out["dora part: vectors"] = lambda: DN.dora_vectors(mixed, parts, b.detach(), wsq, dora.magnitude.detach(),
+                                                        dora.scaling, 2.0 ** -63)
     z = torch.randn(16, 3072, device=device, dtype=dtype)
-    vec = K.dora_vectors(mixed, parts, b.detach(), wsq, dora.magnitude.detach(), dora.scaling, 2.0 ** -63)
-    out["dora part: compose fwd"] = lambda: K.compose_forward(z, vec[0], out=z, g=vec[1])
+    vec = DN.dora_vectors(mixed, parts, b.detach(), wsq, dora.magnitude.detach(), dora.scaling, 2.0 ** -63)
+    out["dora part: compose fwd"] = lambda: DC.compose_forward(z, vec[0], out=z, g=vec[1])
     dy = torch.randn_like(z)
-    out["dora part: compose bwd"] = lambda: K.compose_backward(dy, z, vec[1], scale=vec[3])
+    out["dora part: compose bwd"] = lambda: DC.compose_backward(dy, z, vec[1], scale=vec[3])
 
     def identity_function(on_backward: Callable[[], object]) -> type[torch.autograd.Function]:
         class Identity(torch.autograd.Function):
@@ -103,31 +105,43 @@ def cases(device: torch.device, dtype: torch.dtype) -> dict[str, Callable[[], ob
     xi = torch.randn(16, 8, device=device, requires_grad=True)
     plain = identity_function(lambda: None)
     out["autograd Function fwd+bwd (identity)"] = lambda: plain.apply(xi).sum().backward()
-    with_compose = identity_function(lambda: K.compose_backward(dy, z, vec[1], scale=vec[3]))
+    with_compose = identity_function(lambda: DC.compose_backward(dy, z, vec[1], scale=vec[3]))
     zl = z.clone().requires_grad_(True)
     out["identity Function + compose bwd in its backward"] = lambda: with_compose.apply(zl).sum().backward()
     mag = dora.magnitude
-    out["dora tail only (output mode): fwd+bwd"] = lambda: K.DoraTailFunction.apply(
+    out["dora tail only (output mode): fwd+bwd"] = lambda: DF.DoraTailFunction.apply(
         zl.clone(), None, mag, vec, None, "output", None, None, None, None, 1.0, 0.0, 0).sum().backward()
     xp = torch.randn(16, 3072, device=device, dtype=dtype, requires_grad=True)
-    out["dora product only: fwd+bwd"] = lambda: K.DoraProductFunction.apply(
+    out["dora product only: fwd+bwd"] = lambda: DF.DoraProductFunction.apply(
         xp, w, a, b, mag, 1.0, 0.0, 0, wsq, True, 0.0)[0].sum().backward()
     return out
 
 
 def breakdown(device: torch.device, dtype: torch.dtype, reps: int = 200) -> str:
-    """Inclusive host time per fwd+bwd of the functions on each method's path (timing wrappers, ~1 us each)."""
-    import functools
+    """Inclusive host time per fwd+bwd of the functions on each method's path (timing wrappers, ~1 us each).
 
-    from slimtune.adapters import loha as LH
-    from slimtune.adapters import lokr as LK
-    from slimtune.kernels import dora_triton as T
-    from slimtune.kernels import structured as S
+    A module-level function is imported by name into the modules that call it, so its wrapper replaces it in every
+    loaded ``slimtune`` module bound to it (its label names the module that defines it)."""
+    import functools
+    import types
+
+    from slimtune.core import frozen, products, structured
+    from slimtune.core.structured_adapter import StructuredAdapter
+    from slimtune.core.triton import HAS_TRITON
+    from slimtune.methods.dora import DoraLinear
+    from slimtune.methods.loha.ops import LohaFoldOp, LohaLinearOp
+    from slimtune.methods.lokr.factors import LokrFactors
 
     totals: dict[str, float] = {}
 
-    def timed(owner, name: str, label: str, static: bool = False) -> None:
+    def timed(owner, name: str, static: bool = False) -> None:
         fn = getattr(owner, name)
+        if getattr(fn, "_timed", False):  # already wrapped (listed under two owners)
+            return
+        if isinstance(owner, types.ModuleType):
+            label = f"{fn.__module__.removeprefix('slimtune.')}.{name}"
+        else:
+            label = f"{owner.__qualname__}.{name}"
 
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
@@ -137,25 +151,36 @@ def breakdown(device: torch.device, dtype: torch.dtype, reps: int = 200) -> str:
             finally:
                 totals[label] = totals.get(label, 0.0) + time.perf_counter() - t0
 
-        setattr(owner, name, staticmethod(wrapper) if static else wrapper)
+        wrapper._timed = True
+        if isinstance(owner, types.ModuleType):
+            for module in list(sys.modules.values()):
+                if getattr(module, "__name__", "").startswith("slimtune") and vars(module).get(name) is fn:
+                    setattr(module, name, wrapper)
+        else:
+            setattr(owner, name, staticmethod(wrapper) if static else wrapper)
 
-    def label(owner, name):
-        return f"{getattr(owner, '__name__', str(owner)).rsplit('.', 1)[-1]}.{name}"
+    owners: list[tuple[object, list[str]]] = []
+    if HAS_TRITON:  # the kernels' host side (imported here, before patching: their callers import them lazily)
+        from slimtune.core import triton as core_triton
+        from slimtune.methods.dora import triton_kernels as T
+        from slimtune.methods.loha import triton_kernels  # noqa: F401 (binds core.triton.launch too)
 
-    for owner, names in ((T, ["_launch", "_grid", "compose_backward", "compose_forward", "dora_vectors"]),
-                         (K, ["factored_norm_parts", "saved_with_weight", "save_with_weight", "_product", "materialize"]),
-                         (S, ["base_backward", "rows_kr", "cols_kr", "rows_kr_grad", "cols_kr_grad", "lowrank_grad",
-                              "_backward_inputs", "save_with_weight", "sum_bmm", "bmm_left"]),
-                         (LH.LohaFoldOp, ["fold", "fold_backward"]), (LH.LohaLinearOp, ["add_delta", "delta_backward"]),
-                         (LK.LokrFactors, ["build", "grads"]),
-                         (LH.StructuredAdapter, ["forward", "choose"])):
+        owners += [(core_triton, ["launch"]), (T, ["_grid", "compose_backward", "compose_forward", "dora_vectors"])]
+    owners += [(DN, ["factored_norm_parts"]), (DF, ["_product"]),
+               (frozen, ["saved_with_weight", "save_with_weight", "materialize"]),
+               (structured, ["base_backward"]), (structured._Backward, ["__init__"]),
+               (products, ["rows_kr", "cols_kr", "rows_kr_grad", "cols_kr_grad", "lowrank_grad", "sum_bmm",
+                           "bmm_left"]),
+               (LohaFoldOp, ["fold", "fold_backward"]), (LohaLinearOp, ["add_delta", "delta_backward"]),
+               (LokrFactors, ["build", "grads"]), (StructuredAdapter, ["forward", "choose"])]
+    for owner, names in owners:
         for name in names:
-            timed(owner, name, label(owner, name))
-    for cls in (K.DoraTailFunction, K.DoraProductFunction, S.StructuredFunction, S.FoldedFunction):
+            timed(owner, name)
+    for cls in (DF.DoraTailFunction, DF.DoraProductFunction, structured.StructuredFunction,
+                structured.FoldedFunction):
         for name in ("forward", "backward"):
-            timed(cls, name, label(cls, name), static=True)
-    from slimtune.adapters.dora import DoraLinear
-    timed(DoraLinear, "forward", "DoraLinear.forward")
+            timed(cls, name, static=True)
+    timed(DoraLinear, "forward")
     configs = {"dora": slimtune.LoraConfig(r=32, alpha=32, target_modules=["0"], use_dora=True),
                "loha folded": slimtune.LohaConfig(r=32, alpha=32, target_modules=["0"], path="folded"),
                "loha structured": slimtune.LohaConfig(r=32, alpha=32, target_modules=["0"], path="structured"),

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import slimtune
-from slimtune.adapters.hra import hra_dense_transform
+from slimtune.methods.hra.math import hra_dense_transform
 
 SHAPES = [(3072, 8192, 32, 4096), (8192, 8192, 384, 4096)]
 QUICK = [(64, 96, 8, 128)]

@@ -3,7 +3,8 @@
 Protocol (``shared/bench/peft_baseline.py``): Llama-3.2-3B shape with random weights in bf16, LoRA r=32
 alpha=32 on all seven projections, batch 4, AdamW(lr=1e-4), random tokens as inputs and labels, 8 steps,
 median step time of steps 4-8, peak ``torch.cuda.max_memory_allocated()``. One process per configuration
-(``python -m slimtune.memory.profile --json``), run one after another:
+(``python -m slimtune profile-child``, started by :func:`slimtune.memory.subproc.run_children`), run one after
+another:
 
 * seq 512 and 2048: slimtune, PEFT default (float32 adapters), PEFT bf16 adapters
   (``autocast_adapter_dtype=False``);
@@ -28,8 +29,9 @@ from typing import Sequence
 
 from _common import JsonlSink, environment_line, fmt_ratio, markdown_table, write_out_text
 
-from slimtune.memory.profile import ProfileOptions, ProfileResult
+from slimtune.memory.options import ProfileOptions
 from slimtune.memory.report import ratio, step_rule
+from slimtune.memory.result import ProfileResult
 from slimtune.memory.subproc import run_children
 
 BACKENDS = ("slimtune", "peft", "peft-bf16")

@@ -1,7 +1,7 @@
 """How well ``slimtune plan`` predicts: the estimator's peak against the measured profile's, per configuration.
 
-For each configuration the measured side runs in its own process (``python -m slimtune.memory.profile --json``,
-via :func:`slimtune.memory.subproc.run_child`: 4 steps, peak ``torch.cuda.max_memory_allocated()`` after model
+For each configuration the measured side runs in its own process (``python -m slimtune profile-child``, via
+:func:`slimtune.memory.subproc.run_child`: 4 steps, peak ``torch.cuda.max_memory_allocated()`` after model
 creation) and the estimate comes from :func:`slimtune.memory.estimate.estimate_memory` (meta device, nothing
 allocated). The issue's target: estimate / measured peak within 10% (0.90-1.10) on every GPU configuration.
 
