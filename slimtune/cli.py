@@ -16,17 +16,22 @@ import argparse
 import dataclasses
 import importlib.util
 import json
+import os
 import sys
 from typing import Any, Callable, Sequence
 
+import torch
 from rich.console import Console
 
 from .errors import ConfigError, MissingDependencyError, SlimtuneError
+from .interop import FORMATS as CONVERT_FORMATS
+from .interop import convert as convert_adapter
+from .interop import read_peft
 from .memory.estimate import estimate_memory
 from .memory.options import BACKENDS, METHODS, QUANTS, ProfileOptions, check_dependencies
 from .memory.plan import (CONTEXT_BYTES, DEFAULT_TFLOPS, FOOTNOTE, FRAGMENTATION, GiB, breakdown_table, parse_size,
                           search, search_table, summary_table, usable_bytes)
-from .memory.plot import plot_results, require_matplotlib
+from .memory.plot import plot_results
 from .memory.profile import model_dependencies, profile_options
 from .memory.report import (BACKEND_LABELS, activations_table, comparison_ratios, describe_run, format_bytes,
                             memory_notes, results_table)
@@ -34,9 +39,18 @@ from .memory.report import breakdown_table as profile_breakdown_table
 from .memory.subproc import can_stage, run_children, serve_child
 from .memory.sweep import (SEED_METHODS, SEED_PRESETS, SWEEP_METHODS, TINY_PRESETS, SweepSpec, merge_results, run_sweep,
                            sweep_configs, sweep_method, write_reports)
-from .models.diffusion import DiffusionPreset
+from .models.deps import require_pyplot
+from .models.diffusion import DiffusionPreset, build_parts
 from .models.presets import PRESETS, get_preset
 from .models.workload import METHODS as WORKLOAD_METHODS
+from .models.workload import make_adapter_config
+from .ranks import ALLOCATORS as RANK_ALLOCATORS
+from .ranks import METHODS as SENSITIVITY_METHODS
+from .ranks import plan_ranks
+from .ranks.data import from_model_dir, from_preset, read_jsonl
+from .ranks.report import allocation_table, plot_allocation
+from .train import TASKS as TRAIN_TASKS
+from .train import TrainConfig, make_reporter, train
 from .version import __version__
 
 
@@ -144,10 +158,24 @@ def _profile_compare(options: Any, quiet: bool) -> list[Any]:
         return run_children(configs, staged=staged, on_start=started, on_done=done)
 
 
+def _check_writable(path: str, option: str) -> None:
+    """A one-line ConfigError now, before any work, unless a file can be written at ``path`` (tried: created and
+    removed again if it did not exist)."""
+    existed = os.path.exists(path)
+    try:
+        with open(path, "ab"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{option} {path}: cannot write there ({exc.strerror or exc})") from None
+    if not existed:
+        os.remove(path)
+
+
 def _cmd_profile(args: argparse.Namespace) -> int:
     options = options_from_args(args).resolved()
     if args.plot:
-        require_matplotlib()  # fail before the run, not after it
+        require_pyplot()  # fail before the run, not after it
+        _check_writable(args.plot, "--plot")
     if args.compare_peft:
         if options.method == "none":
             raise ConfigError("--compare-peft compares adapters: use it with an adapter method (e.g. --method lora), "
@@ -406,6 +434,228 @@ def _add_plan_parser(subparsers: Any) -> None:
 COMMANDS.append(_add_plan_parser)
 
 
+# -- slimtune train ---------------------------------------------------------------------------------
+def _add_train_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "train", help="fine-tune an adapter on a JSONL file into a PEFT-format checkpoint (one GPU or torchrun)",
+        description="Train an adapter on --data (JSONL: {\"text\"}, {\"prompt\", \"completion\"} with the loss on "
+                    "the completion, or {\"text\", \"label\"} for classification) and write it to --out in PEFT's "
+                    "format, with checkpoints every --save-every steps that --resume continues bit for bit. "
+                    "Several processes: torchrun --nproc_per_node N -m slimtune train ... --distributed ddp|fsdp.")
+    model = parser.add_argument_group("model and adapter")
+    model.add_argument("--model", dest="model_dir", default=None, metavar="DIR",
+                       help="a local Hugging Face model directory (its weights and tokenizer; a diffusers UNet / "
+                            "Flux transformer directory for --task diffusion)")
+    model.add_argument("--preset", default=None, metavar="NAME",
+                       help=f"or a preset with random weights and a byte-level tokenizer: {', '.join(PRESETS)}")
+    model.add_argument("--task", default="causal-lm", metavar="{" + ",".join(TRAIN_TASKS) + "}",
+                       help="causal-lm (default), classification (a sequence classifier; its head trained whole), "
+                            "diffusion (noise-prediction MSE on random latents and text embeddings)")
+    model.add_argument("--method", default="lora", metavar="METHOD",
+                       help="lora (default), dora, hra, loha, lokr, locon, dora-recompute, dora-recompute-unshared")
+    model.add_argument("--rank", type=int, default=16, help="adapter rank (default: 16)")
+    model.add_argument("--alpha", type=float, default=None, help="adapter alpha (default: the rank)")
+    model.add_argument("--targets", type=_str_list, default=None, metavar="A,B",
+                       help="module-name suffixes to adapt (default: the preset's; all-linear for a directory)")
+    model.add_argument("--ranks", default=None, metavar="FILE|auto",
+                       help="a JSON rank_pattern file ({pattern: rank}), or auto: allocate ranks per layer on a few "
+                            "training batches (slimtune.allocate_ranks; written to OUT/ranks.json)")
+    model.add_argument("--rank-budget", default=None, metavar="BUDGET",
+                       help="with --ranks auto: adapter parameters (12M) or bytes (48MB) (default: what --rank costs)")
+    model.add_argument("--quant", default="none", choices=("none", "nf4"), help="4-bit NF4 base weights (QLoRA)")
+    model.add_argument("--adapter-dtype", default=None, metavar="DTYPE",
+                       help="adapter weights' dtype (default: the base's; float32 = fp32 master weights)")
+    data = parser.add_argument_group("data")
+    data.add_argument("--data", default=None, metavar="FILE.jsonl", help="training data (one JSON object a line)")
+    data.add_argument("--eval-data", default=None, metavar="FILE.jsonl", help="held-out data for evaluation")
+    data.add_argument("--eval-fraction", type=float, default=0.0,
+                      help="or hold out this fraction of --data (seeded; default: 0, no evaluation)")
+    data.add_argument("--seq", type=int, default=None,
+                      help="tokens per row: longer samples are refused (see --truncate); short causal-lm samples are "
+                           "packed into rows this long (default: min(model context, 1024))")
+    data.add_argument("--truncate", action="store_true", help="cut samples longer than --seq instead of refusing")
+    data.add_argument("--pack", action=argparse.BooleanOptionalAction, default=None,
+                      help="pack short causal-lm samples into --seq rows (default: on for causal-lm)")
+    loop = parser.add_argument_group("training")
+    loop.add_argument("--out", required=True, metavar="DIR", help="output directory (checkpoints, log, adapter)")
+    loop.add_argument("--batch", type=int, default=8, help="global batch per optimizer step, in rows (default: 8)")
+    loop.add_argument("--micro-batch", type=int, default=None,
+                      help="rows per forward pass per process; gradient accumulation = batch / (micro-batch x "
+                           "processes) (default: batch / processes)")
+    loop.add_argument("--lr", type=float, default=2e-4, help="peak learning rate of AdamW (default: 2e-4)")
+    loop.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: 0)")
+    loop.add_argument("--warmup-steps", type=int, default=0,
+                      help="linear warm-up steps, then cosine decay to 0 (default: 0)")
+    loop.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping, 0 = off (default: 1)")
+    loop.add_argument("--epochs", type=float, default=1.0, help="passes over the data (default: 1)")
+    loop.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
+    loop.add_argument("--grad-ckpt", dest="grad_checkpointing", action="store_true", help="gradient checkpointing")
+    loop.add_argument("--dtype", default=None, help="model dtype (default: bfloat16 on cuda, float32 on cpu)")
+    loop.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    loop.add_argument("--seed", type=int, default=0, help="seed of weights, adapter init, data order (default: 0)")
+    loop.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (and at the end)")
+    loop.add_argument("--save-every", type=int, default=100,
+                      help="checkpoint every N steps (and at the end; 0 = at the end only) (default: 100)")
+    loop.add_argument("--keep", type=int, default=2, help="checkpoints kept (default: 2)")
+    loop.add_argument("--log-every", type=int, default=1, help="log the loss every N steps (default: 1)")
+    loop.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    loop.add_argument("--distributed", default="auto", choices=("auto", "none", "ddp", "fsdp"),
+                      help="under torchrun: ddp or fsdp (FSDP2, sharded per decoder layer) (default: auto = ddp "
+                           "with several processes)")
+    loop.add_argument("--json", action="store_true", help="JSON lines on stdout instead of the progress bar")
+    parser.set_defaults(handler=_cmd_train)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    config = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    train(config, make_reporter(args.json))
+    return 0
+
+
+COMMANDS.append(_add_train_parser)
+
+
+# -- slimtune convert -------------------------------------------------------------------------------
+
+
+
+def _base_module_paths(name: str) -> list[str]:
+    """The module paths of a diffusion preset's denoiser (built on the meta device: nothing allocated)."""
+    spec = get_preset(name)
+    if not isinstance(spec, DiffusionPreset):
+        raise ConfigError(f"--base {name!r} is not a diffusion preset; choose from "
+                          f"{', '.join(n for n, p in PRESETS.items() if isinstance(p, DiffusionPreset))}")
+    with torch.device("meta"):
+        denoiser = build_parts(spec, text_encoders=False).denoiser
+    return [path for path, _ in denoiser.named_modules()]
+
+
+def _add_convert_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "convert", help="convert an adapter between kohya/LyCORIS .safetensors and PEFT's directory format",
+        description="IN -> OUT. --to peft: a kohya / LyCORIS file (lora_unet_*.lora_down.weight, hada_*, lokr_*, "
+                    "dora_scale) into a PEFT adapter directory; --to kohya: a PEFT / slimtune adapter directory into "
+                    "one kohya file (LoRA/LoCon, DoRA, LoHa, LoKr). kohya -> PEFT -> kohya is bit-identical.")
+    parser.add_argument("src", metavar="IN", help="a kohya .safetensors file, or a PEFT adapter directory")
+    parser.add_argument("dst", metavar="OUT", help="the PEFT directory, or the kohya .safetensors file, to write")
+    parser.add_argument("--to", required=True, choices=CONVERT_FORMATS, help="the format to write")
+    parser.add_argument("--prefix", default=None, metavar="PREFIX",
+                        help="kohya module-name prefix to write: lora_unet (SD/SDXL, diffusers' SD loaders), "
+                             "lora_transformer (diffusers' Flux loader), lycoris (default: the file's own, else "
+                             "lora_unet)")
+    parser.add_argument("--base", default=None, metavar="PRESET",
+                        help="decode kohya module names against this diffusion preset's denoiser (default: "
+                             "diffusers' UNet / Flux module vocabulary)")
+    parser.add_argument("--skip-text-encoder", action="store_true",
+                        help="drop the file's text-encoder modules (lora_te*) instead of refusing the file")
+    parser.set_defaults(handler=_cmd_convert)
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    paths = _base_module_paths(args.base) if args.base and args.to == "peft" else None
+    out = convert_adapter(args.src, args.dst, args.to, prefix=args.prefix, paths=paths,
+                          skip_text_encoder=args.skip_text_encoder)
+    if args.to == "peft":
+        config = read_peft(out).config
+        print(f"{out}: PEFT {config.peft_type} adapter, {len(config.target_modules)} modules, r={config.r}, "
+              f"alpha={config.alpha:g}")
+    else:
+        print(f"{out}: kohya / LyCORIS file")
+    return 0
+
+
+COMMANDS.append(_add_convert_parser)
+
+
+# -- slimtune allocate ------------------------------------------------------------------------------
+
+ALLOCATE_ADAPTERS = ("lora", "dora", "loha", "lokr", "hra")
+_REGEX_CHARS = set("\\^$*+?()[]{}|")
+
+
+def _targets_arg(text: str) -> str | list[str]:
+    """``--targets``: "all-linear", a regular expression (when it holds regex characters), or name suffixes A,B."""
+    return text if text == "all-linear" or _REGEX_CHARS & set(text) else _str_list(text)
+
+
+def _add_allocate_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "allocate", help="allocate adapter ranks per layer under a parameter budget (LoRAMBo)",
+        description="Measure how sensitive each targeted layer is on calibration text (--data, JSONL lines with "
+                    "\"text\", and \"label\" for a sequence classifier) and spend --budget where it gains most. "
+                    "Prints the per-layer table; --out writes the rank_pattern / alpha_pattern that slimtune and "
+                    "PEFT configs take (JSON), --plot a bar chart.")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", dest="model_dir", default=None, metavar="DIR",
+                        help="a local Hugging Face model directory (weights, tokenizer)")
+    source.add_argument("--preset", default=None, metavar="NAME",
+                        help="or a language-model preset with random weights and a byte-level tokenizer")
+    parser.add_argument("--data", required=True, metavar="FILE.jsonl", help="calibration text, one JSON object a line")
+    parser.add_argument("--budget", default=None, metavar="BUDGET",
+                        help="adapter parameters (12M, 1.5k, 12000000) or bytes of adapter weights (48MB) "
+                             "(default: what --rank costs on every layer)")
+    parser.add_argument("--method", default="gradient", choices=SENSITIVITY_METHODS,
+                        help="sensitivity: gradient (‖∂L/∂W‖ and its spectrum), hessian (Hutchinson trace), data "
+                             "(gradient spectrum in the input-covariance norm) (default: gradient)")
+    parser.add_argument("--allocator", default="greedy", choices=RANK_ALLOCATORS,
+                        help="greedy marginal benefit, or LoRAMBo's closed form r ∝ √s / √(d + k) (default: greedy)")
+    parser.add_argument("--adapter", default="lora", choices=ALLOCATE_ADAPTERS, help="adapter method (default: lora)")
+    parser.add_argument("--rank", type=int, default=16, help="the uniform rank: the default budget and the alpha "
+                                                             "reference (default: 16)")
+    parser.add_argument("--alpha", type=float, default=None, help="alpha at --rank (default: the rank)")
+    parser.add_argument("--targets", type=_targets_arg, default=None, metavar="A,B|REGEX|all-linear",
+                        help="layers to adapt (default: the preset's; all-linear for a directory)")
+    parser.add_argument("--min-rank", type=int, default=None, help="smallest rank of a layer (default: --granule)")
+    parser.add_argument("--max-rank", type=int, default=None, help="largest rank (default: the layer's full rank)")
+    parser.add_argument("--granule", type=int, default=8, help="ranks are multiples of this (default: 8)")
+    parser.add_argument("--batches", type=int, default=8, help="calibration batches (default: 8)")
+    parser.add_argument("--batch-size", type=int, default=4, help="texts per batch (default: 4)")
+    parser.add_argument("--max-length", type=int, default=256, help="tokens per text (default: 256)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of preset weights and Hessian probes (default: 0)")
+    parser.add_argument("--out", default=None, metavar="FILE.json", help="write the allocation as JSON")
+    parser.add_argument("--plot", default=None, metavar="PNG", help="write a bar chart per layer (needs matplotlib)")
+    parser.add_argument("--json", action="store_true", help="print the allocation as JSON instead of a table")
+    parser.set_defaults(handler=_cmd_allocate)
+
+
+def _cmd_allocate(args: argparse.Namespace) -> int:
+    if args.plot:
+        require_pyplot()  # fail before the measurement, not after it
+    for option in ("out", "plot"):
+        if getattr(args, option):
+            _check_writable(getattr(args, option), f"--{option}")
+    records = read_jsonl(args.data)
+    load = dict(records=records, batch_size=args.batch_size, count=args.batches, max_length=args.max_length)
+    console = Console(stderr=args.json)
+    with console.status("loading the model and the calibration data…"):
+        calib = (from_model_dir(args.model_dir, **load) if args.model_dir
+                 else from_preset(args.preset, seed=args.seed, **load))
+    alpha = None if args.alpha is None else (int(args.alpha) if float(args.alpha).is_integer() else args.alpha)
+    config = make_adapter_config(args.adapter, args.rank, alpha, args.targets or calib.default_targets)
+    with console.status(f"measuring {args.method} sensitivity on {len(calib.batches)} batches…"):
+        plan = plan_ranks(calib.model, calib.batches, config, budget=args.budget, method=args.method,
+                          allocator=args.allocator, min_rank=args.min_rank, max_rank=args.max_rank,
+                          granule=args.granule, seed=args.seed)
+    payload = plan.to_dict()
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as fh:
+            json.dump(payload, fh, indent=1)
+    if args.plot:
+        plot_allocation(plan, args.plot)
+    if args.json:
+        print(json.dumps(payload))
+        return 0
+    console.print(allocation_table(plan))
+    for path, what in ((args.out, "rank_pattern / alpha_pattern"), (args.plot, "plot")):
+        if path:
+            console.print(f"{what}: {path}", highlight=False)
+    return 0
+
+
+COMMANDS.append(_add_allocate_parser)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="slimtune", description="slimtune: parameter-efficient fine-tuning on one GPU.")
     parser.add_argument("--version", action="version", version=f"slimtune {__version__}")
@@ -437,6 +687,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SlimtuneError as exc:
         _print_error(str(exc))
         return 2
+    except OSError as exc:  # a file the user named cannot be read or written: one line, no traceback
+        _print_error(str(exc))
+        return 1
     except KeyboardInterrupt:
         _print_error("interrupted")
         return 130

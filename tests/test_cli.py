@@ -61,6 +61,8 @@ def test_profile_a_model_directory(capsys: pytest.CaptureFixture[str], tmp_path)
     (["profile", "--device", "cpu", "--method", "none", "--quant", "nf4"], "4-bit weights cannot be trained"),
     (["profile", "--device", "cpu", "--quant", "int2"], "unknown quant 'int2'"),
     (["profile", "--device", "cpu", "--model-dir", "/nonexistent/model"], "does not exist"),
+    (["profile", "--device", "cpu", "--alpha", "0"], "alpha must be a finite number > 0, got 0"),
+    (["profile", "--device", "cpu", "--alpha", "nan"], "alpha must be a finite number > 0, got nan"),
     (["sweep", "--device", "cpu", "--methods", "lorax"], "unknown sweep method 'lorax'"),
     (["sweep", "--device", "cpu", "--presets", "llama-9b"], "unknown preset 'llama-9b'"),
     (["frobnicate"], "invalid choice"),
@@ -72,6 +74,15 @@ def test_bad_arguments_exit_2_with_one_line(argv: list[str], message: str,
     assert captured.out == ""
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and message in lines[0] and "error" in lines[0]
+
+
+def test_an_unwritable_plot_path_fails_before_the_run(capsys: pytest.CaptureFixture[str], tmp_path) -> None:
+    pytest.importorskip("matplotlib")
+    for path in (tmp_path / "missing" / "plot.png", tmp_path):  # no such directory; a directory
+        assert main(["profile", "--plot", str(path), *SMALL]) == 2
+        captured = capsys.readouterr()
+        assert captured.out == "" and captured.err.count("\n") == 1 and f"--plot {path}: cannot write" in captured.err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_help_exits_0(capsys: pytest.CaptureFixture[str]) -> None:

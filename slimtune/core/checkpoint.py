@@ -18,6 +18,7 @@ keys, validation, injection) is shared.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -28,12 +29,13 @@ from torch import nn
 
 from ..errors import CheckpointError, SlimtuneError
 from .config import AdapterConfig
-from .inject import CONFIG_ATTR, adapt, adapter_modules
-from .peft_format import PEFT_COMMON_FIELDS, PeftFormat, is_set
+from .inject import CONFIG_ATTR, adapt, adapter_modules, trained_copies
+from .peft_format import PEFT_COMMON_FIELDS, PeftFormat, is_set, shared_from_peft, shared_to_peft
 from .registry import build_adapter, format_for_type, supported_peft_types
-from .targeting import find_targets
+from .targeting import find_saved_modules, find_targets
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "PeftFormat", "load_adapter", "peft_config_dict", "peft_state_dict",
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "PeftFormat", "config_from_peft_fields", "load_adapter",
+           "load_adapter_state", "peft_config_dict", "peft_fields", "peft_state_dict", "read_adapter_files",
            "save_adapter", "supported_peft_types"]
 
 CONFIG_NAME = "adapter_config.json"
@@ -66,25 +68,34 @@ def peft_config_dict(model: nn.Module) -> dict[str, Any]:
     config = getattr(model, CONFIG_ATTR, None)
     if not adapters or not isinstance(config, AdapterConfig):
         raise CheckpointError(f"{type(model).__name__} has no slimtune adapters: call slimtune.adapt first")
+    out = peft_fields(config, adapters)
+    out["base_model_name_or_path"] = _name_or_path(model)
+    if out["task_type"] is None:  # PEFT records the base model's class when task_type is null (for AutoPeftModel)
+        out["auto_mapping"] = {"base_model_class": type(model).__name__, "parent_library": type(model).__module__}
+    return out
+
+
+def peft_fields(config: AdapterConfig, adapters: list[tuple[str, Any]] | None = None) -> dict[str, Any]:
+    """The ``adapter_config.json`` fields PEFT writes for ``config`` (``base_model_name_or_path`` and
+    ``auto_mapping`` null: they describe a model); ``adapters``: the adapted layers, where a field depends on them."""
     fmt = format_for_type(config.peft_type)
     if fmt is None or not isinstance(config, fmt.config_class):
         raise CheckpointError(f"saving {type(config).__name__} adapters is not supported; "
                               f"supported PEFT types: {', '.join(supported_peft_types())}")
     out = copy.deepcopy(PEFT_COMMON_FIELDS)
     out.update(copy.deepcopy(dict(fmt.fields)))
-    out.update(fmt.to_peft(config, adapters))
+    out.update(fmt.to_peft(config, list(adapters or [])))
     out["peft_type"] = fmt.peft_type
-    out["base_model_name_or_path"] = _name_or_path(model)
-    # PEFT records the base model's class when task_type is null (for AutoPeftModel).
-    out["auto_mapping"] = {"base_model_class": type(model).__name__, "parent_library": type(model).__module__}
+    out.update(shared_to_peft(config))
     return out
 
 
 def peft_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``base_model.model.<module path>.<suffix>`` -> tensor (contiguous, own dtype), as PEFT names them."""
+    """``base_model.model.<module path>.<suffix>`` -> tensor (contiguous, own dtype), as PEFT names them; a module
+    to save holds its copy's tensors under the module's path (``base_model.model.score.weight``)."""
     out: dict[str, torch.Tensor] = {}
-    for name, adapter in adapter_modules(model):
-        for suffix, tensor in adapter.peft_tensors().items():
+    for name, held in [*adapter_modules(model), *trained_copies(model)]:
+        for suffix, tensor in held.peft_tensors().items():
             out[f"{PEFT_PREFIX}{name}.{suffix}"] = tensor.detach().contiguous()
     return out
 
@@ -120,7 +131,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
 
 
 # -- load ---------------------------------------------------------------------------------------------
-def _read_files(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def read_adapter_files(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """``(adapter_config.json as a dict, the tensors of adapter_model.safetensors)``; CheckpointError if unreadable."""
     if not directory.exists():
         raise CheckpointError(f"adapter checkpoint directory {directory} does not exist")
     if not directory.is_dir():
@@ -190,7 +202,7 @@ def _canonical_suffix(suffix: str, expected: Mapping[str, Any]) -> tuple[str, st
     return None
 
 
-def _plan_tensors(where: Path, tensors: dict[str, torch.Tensor],
+def _plan_tensors(where: Path | str, tensors: dict[str, torch.Tensor],
                   expected: dict[str, dict[str, tuple[int, ...]]]) -> dict[str, dict[str, torch.Tensor]]:
     """Assign every checkpoint tensor to (module, PEFT suffix); refuse extra, duplicate and missing keys."""
     names = set(expected)
@@ -247,54 +259,80 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     """
     directory = Path(directory)
     config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
-    raw, tensors = _read_files(directory)
-    if "peft_type" not in raw:
-        raise CheckpointError(f"{config_path} has no peft_type; supported: {', '.join(supported_peft_types())}")
-    fmt = _format_for(raw["peft_type"], str(config_path))
-    fields = _complete_fields(raw, fmt, str(config_path))
-    try:
-        config = fmt.from_peft(fields)
-    except CheckpointError as exc:
-        raise CheckpointError(f"{config_path}: {exc}") from None
-    except SlimtuneError as exc:  # ConfigError from the config class's own checks
-        raise CheckpointError(f"{config_path}: {exc}") from exc
+    raw, tensors = read_adapter_files(directory)
+    config = config_from_peft_fields(raw, str(config_path))
+    return load_adapter_state(model, config, tensors, str(config_path), str(weights_path))
 
-    existing = adapter_modules(model)
+
+def config_from_peft_fields(raw: dict[str, Any], where: str) -> AdapterConfig:
+    """The slimtune config of ``adapter_config.json``'s fields (``where`` names the file in errors)."""
+    if "peft_type" not in raw:
+        raise CheckpointError(f"{where} has no peft_type; supported: {', '.join(supported_peft_types())}")
+    fmt = _format_for(raw["peft_type"], where)
+    fields = _complete_fields(raw, fmt, where)
+    try:
+        return dataclasses.replace(fmt.from_peft(fields), **shared_from_peft(fields))
+    except CheckpointError as exc:
+        raise CheckpointError(f"{where}: {exc}") from None
+    except SlimtuneError as exc:  # ConfigError from the config class's own checks
+        raise CheckpointError(f"{where}: {exc}") from exc
+
+
+def load_adapter_state(model: nn.Module, config: AdapterConfig, tensors: dict[str, torch.Tensor], config_where: str,
+                       weights_where: str) -> nn.Module:
+    """:func:`load_adapter` from memory: ``config`` and PEFT-keyed ``tensors`` (``base_model.model.<path>.<suffix>``)
+    into ``model``, checked first, the model left unchanged on any problem; ``config_where`` / ``weights_where`` name
+    where they came from in errors. Other formats (:mod:`slimtune.interop`) load through it."""
+    fmt = _format_for(config.peft_type, config_where)
+    existing, copies = adapter_modules(model), trained_copies(model)
     expected: dict[str, dict[str, tuple[int, ...]]] = {}
     if existing:
         model_config = getattr(model, CONFIG_ATTR, None)
         if model_config is not None and not isinstance(model_config, fmt.config_class):
-            raise CheckpointError(f"{config_path}: the checkpoint is {fmt.peft_type}, but the model is adapted "
+            raise CheckpointError(f"{config_where}: the checkpoint is {fmt.peft_type}, but the model is adapted "
                                   f"with {type(model_config).__name__}")
         for name, adapter in existing:
             if adapter.merged:
                 raise CheckpointError(f"{name} is merged: unmerge the model before loading adapter weights")
             problem = fmt.check_adapter(config, name, adapter)
             if problem:
-                raise CheckpointError(f"{config_path}: {problem}; load into an unadapted model instead")
+                raise CheckpointError(f"{config_where}: {problem}; load into an unadapted model instead")
+        try:
+            saved = sorted(name for name, _ in find_saved_modules(model, config))
+        except SlimtuneError as exc:
+            raise CheckpointError(f"{config_where} does not fit {type(model).__name__}: {exc}") from exc
+        if saved != sorted(name for name, _ in copies):
+            raise CheckpointError(f"{config_where}: modules_to_save gives {saved}, but the model trains copies of "
+                                  f"{sorted(name for name, _ in copies)}; load into an unadapted model instead")
         expected = {name: {k: tuple(p.shape) for k, p in a.peft_parameters().items()} for name, a in existing}
-        grouped = _plan_tensors(weights_path, tensors, expected)
+        expected.update({name: {k: tuple(t.shape) for k, t in held.peft_tensors().items()} for name, held in copies})
+        grouped = _plan_tensors(weights_where, tensors, expected)
     else:
         try:
             targets = find_targets(model, config)
+            saved = find_saved_modules(model, config)
         except SlimtuneError as exc:
-            raise CheckpointError(f"{config_path} does not fit {type(model).__name__}: {exc}") from exc
+            raise CheckpointError(f"{config_where} does not fit {type(model).__name__}: {exc}") from exc
+        expected.update({name: {k: tuple(t.shape) for k, t in module.state_dict().items() if t.is_floating_point()}
+                         for name, module in saved})
         # Build each adapter on the side (this does not touch the model), one at a time, only to learn its
         # PEFT tensors' names and shapes.
         for name, module in targets:
             try:
                 adapter = build_adapter(config, name, module)
             except SlimtuneError as exc:
-                raise CheckpointError(f"{config_path}: cannot adapt {name}: {exc}") from exc
+                raise CheckpointError(f"{config_where}: cannot adapt {name}: {exc}") from exc
             expected[name] = {k: tuple(p.shape) for k, p in adapter.peft_parameters().items()}
             del adapter
-        grouped = _plan_tensors(weights_path, tensors, expected)
+        grouped = _plan_tensors(weights_where, tensors, expected)
 
     # Everything is read and checked: from here on nothing can fail, and the model is changed.
     if not existing:
         adapt(model, config)
-        existing = adapter_modules(model)
+        existing, copies = adapter_modules(model), trained_copies(model)
     for name, adapter in existing:
         adapter.load_peft_tensors(name, grouped[name])
+    for name, held in copies:
+        held.load_peft_tensors(grouped[name])
     return model
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Iterator
 
 import torch
@@ -11,9 +12,11 @@ from ..errors import SlimtuneError
 from . import registry
 from .config import AdapterConfig
 from .module import AdapterModule
-from .targeting import find_targets
+from .targeting import find_saved_modules, find_targets
+from .trained_copy import TrainedCopy
 
 CONFIG_ATTR = "slimtune_config"
+HOOKS_ATTR = "slimtune_hooks_remover"  # removes the model-level hooks the method's finalizer attached
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -22,8 +25,25 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+@dataclasses.dataclass
+class AdapterSet:
+    """One config's adapters out of a model (:func:`detach`), ready to go back in (:func:`attach`): the adapter of
+    each adapted layer and the copy of each module to save, by qualified name. The adapters hold the very base
+    layers the model runs while they are out."""
+
+    config: AdapterConfig
+    adapters: list[tuple[str, AdapterModule]]
+    copies: list[tuple[str, TrainedCopy]]
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        for _, module in self.adapters + self.copies:
+            yield from module.parameters()
+
+
 def adapt(model: nn.Module, config: AdapterConfig) -> nn.Module:
-    """Replace every module ``config`` targets by an adapter holding it; freeze everything else.
+    """Replace every module ``config`` targets by an adapter holding it, and every module in ``modules_to_save`` by a
+    :class:`~slimtune.core.trained_copy.TrainedCopy`; freeze everything else (the adapters too with
+    ``inference_mode``).
 
     Returns ``model`` (changed in place). All adapters are built before the model is touched, so a
     failing target leaves the model as it was.
@@ -33,18 +53,77 @@ def adapt(model: nn.Module, config: AdapterConfig) -> nn.Module:
     targets = find_targets(model, config)
     adapters = [(name, registry.build_adapter(config, name, module).train(module.training))
                 for name, module in targets]
+    copies = [(name, TrainedCopy(module)) for name, module in find_saved_modules(model, config)]
     for param in model.parameters():
         param.requires_grad_(False)
+    attach(model, AdapterSet(config, adapters, copies))
+    if config.inference_mode:
+        for param in trainable_parameters(model):
+            param.requires_grad_(False)
+    return model
+
+
+def attach(model: nn.Module, adapter_set: AdapterSet) -> nn.Module:
+    """Put an :class:`AdapterSet` (from :func:`adapt`'s building or :func:`detach`) into ``model``."""
+    for name, module in adapter_set.adapters + adapter_set.copies:
+        _set_submodule(model, name, module)
+    remover = registry.finalize(adapter_set.config, model, [adapter for _, adapter in adapter_set.adapters])
+    setattr(model, CONFIG_ATTR, adapter_set.config)
+    setattr(model, HOOKS_ATTR, remover)
+    return model
+
+
+def _take_out(model: nn.Module, keep_trained: bool, merged: bool = False) -> AdapterSet:
+    """Put each adapted layer's base layer back, and each saved module's original (``keep_trained``: its trained
+    copy); remove the model-level hooks. Returns what was taken out. ``merged``: the adapters are all merged, and
+    their base layers leave with the update folded in (for good); otherwise none may be merged."""
+    config = getattr(model, CONFIG_ATTR, None)
+    adapters, copies = adapter_modules(model), trained_copies(model)
+    if not adapters and not copies or not isinstance(config, AdapterConfig):
+        raise SlimtuneError(f"{type(model).__name__} has no slimtune adapters: call slimtune.adapt first")
+    wrong = [name for name, adapter in adapters if adapter.merged != merged]
+    if wrong:
+        raise SlimtuneError(f"{wrong[0]} is {'not ' if merged else ''}merged: "
+                            f"{'merge' if merged else 'unmerge'} the model first")
     for name, adapter in adapters:
-        _set_submodule(model, name, adapter)
-    registry.finalize(config, model, [adapter for _, adapter in adapters])
-    setattr(model, CONFIG_ATTR, config)
+        _set_submodule(model, name, adapter.base_layer)
+    for name, held in copies:
+        _set_submodule(model, name, held.trained_module if keep_trained else held.original_module)
+    remover = model.__dict__.pop(HOOKS_ATTR, None)
+    if remover is not None:
+        remover()
+    delattr(model, CONFIG_ATTR)
+    return AdapterSet(config, adapters, copies)
+
+
+def detach(model: nn.Module) -> AdapterSet:
+    """Take the adapters (and the copies of the modules to save) out of ``model``, which runs its own layers again;
+    :func:`attach` puts them back. Refused while merged."""
+    return _take_out(model, keep_trained=False)
+
+
+def unload(model: nn.Module, merge: bool = False) -> nn.Module:
+    """The plain model back, in place: each adapted layer is its base layer again (its original class and
+    parameter names), each module to save is its trained copy. ``merge=True`` folds the adapters into the base
+    weights first; otherwise merged adapters are unmerged first (the base weights come back bit for bit).
+    Returns ``model``."""
+    for _, adapter in _require_adapted(model):
+        if merge and not adapter.merged:
+            adapter.merge()
+        elif not merge and adapter.merged:
+            adapter.unmerge()
+    _take_out(model, keep_trained=True, merged=merge)
     return model
 
 
 def adapter_modules(model: nn.Module) -> list[tuple[str, AdapterModule]]:
     """``(qualified name of the adapted layer, adapter)`` for every adapter in ``model``."""
     return [(name, m) for name, m in model.named_modules() if isinstance(m, AdapterModule)]
+
+
+def trained_copies(model: nn.Module) -> list[tuple[str, TrainedCopy]]:
+    """``(qualified name, copy)`` for every module to save in ``model`` (``modules_to_save``)."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, TrainedCopy)]
 
 
 def _require_adapted(model: nn.Module) -> list[tuple[str, AdapterModule]]:
@@ -72,13 +151,14 @@ def unmerge(model: nn.Module) -> nn.Module:
 
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
-    """Run the base model alone inside the block; merged adapters are unmerged for it and merged again after."""
+    """Run the base model alone inside the block (the modules to save: their originals); merged adapters are
+    unmerged for it and merged again after."""
     found = _require_adapted(model)
     remerge = [a for _, a in found if a.merged]
     for adapter in remerge:
         adapter.unmerge()
-    previous = [(a, a.disabled) for _, a in found]
-    for _, adapter in found:
+    previous = [(a, a.disabled) for _, a in found + trained_copies(model)]
+    for adapter, _ in previous:
         adapter.disabled = True
     try:
         yield model

@@ -61,6 +61,25 @@ def targets_to_peft(value: str | list[str] | None) -> str | list[str] | None:
 
 
 
+def shared_to_peft(config: AdapterConfig) -> dict[str, Any]:
+    """The fields every method writes alike: ``modules_to_save`` (with the heads ``task_type="SEQ_CLS"`` adds, as
+    PEFT writes them), the layer filter and ``task_type`` (PEFT records ``auto_mapping`` only without one)."""
+    out = {"modules_to_save": config.saved_modules() or None, "layers_to_transform": config.layers_to_transform,
+           "layers_pattern": config.layers_pattern, "task_type": config.task_type}
+    if config.task_type is not None:
+        out["auto_mapping"] = None
+    return out
+
+
+def shared_from_peft(fields: dict[str, Any]) -> dict[str, Any]:
+    """The config keywords of :func:`shared_to_peft`'s fields (what ``dataclasses.replace`` adds to a method's
+    config); PEFT's ``null`` and ``[]`` both mean none."""
+    return {"modules_to_save": fields.get("modules_to_save") or None,
+            "layers_to_transform": fields.get("layers_to_transform") if fields.get("layers_to_transform") != []
+            else None,
+            "layers_pattern": fields.get("layers_pattern") or None, "task_type": fields.get("task_type")}
+
+
 def is_set(value: Any) -> bool:
     """Whether a PEFT field holds something other than its 'off' values (None, False, {}, [])."""
     return value is not None and value is not False and value != {} and value != []
@@ -101,14 +120,6 @@ LYCORIS_FIELDS: dict[str, Any] = {
     "use_effective_conv2d": False,
 }
 
-# Fields of LoHa and LoKr that slimtune does not implement (loading them would adapt other modules or leave
-# tensors unloaded).
-LYCORIS_UNSUPPORTED = {
-    "layers_pattern": "layers_pattern (layer-index targeting)",
-    "layers_to_transform": "layers_to_transform (layer-index targeting)",
-    "modules_to_save": "extra fully trained modules (modules_to_save)",
-}
-
 
 def lycoris_common_to_peft(config: Any) -> dict[str, Any]:
     """The fields LoHa and LoKr share, from a slimtune config."""
@@ -127,7 +138,6 @@ def lycoris_common_to_peft(config: Any) -> dict[str, Any]:
 
 def lycoris_common_from_peft(fields: dict[str, Any]) -> dict[str, Any]:
     """Keyword arguments for LohaConfig / LokrConfig from PEFT's shared fields (refusing what cannot load)."""
-    refuse_unsupported(fields, LYCORIS_UNSUPPORTED)
     require_targets(fields)
     require_bools(fields, "use_effective_conv2d")
     return dict(target_modules=fields["target_modules"], exclude_modules=fields.get("exclude_modules"),

@@ -18,14 +18,16 @@ from .module import AdapterModule
 from .peft_format import PeftFormat
 
 Builder = Callable[[Any, str, nn.Module], AdapterModule]  # (config, qualified name, base layer) -> adapter
-Finalizer = Callable[[Any, nn.Module, list], None]  # (config, model, the new adapters) once they are in place
+# (config, model, the new adapters) once they are in place -> what removes the hooks it attached to the model, or None
+Finalizer = Callable[[Any, nn.Module, list], "Callable[[], None] | None"]
 
 
 @dataclasses.dataclass(frozen=True)
 class Method:
     """One adapter method. ``name`` is what :meth:`AdapterConfig.method_name` returns for configs that build it;
     ``build`` makes one layer's adapter (raising :class:`~slimtune.TargetError` / ``ConfigError`` for a layer it
-    cannot adapt); ``finalize`` (optional) runs once the model holds its adapters (shared caches, probes);
+    cannot adapt); ``finalize`` (optional) runs once the model holds its adapters (shared caches, probes) and
+    returns what removes the model-level hooks it attached;
     ``peft_format``: how its config maps to PEFT's (several methods may share one, as LoRA and DoRA do)."""
 
     name: str
@@ -62,11 +64,11 @@ def build_adapter(config: AdapterConfig, name: str, base: nn.Module) -> AdapterM
     return method_for(config).build(config, name, base)
 
 
-def finalize(config: AdapterConfig, model: nn.Module, adapters: list[AdapterModule]) -> None:
-    """Run the method's finalizer (if any) once ``adapters`` are in ``model``."""
+def finalize(config: AdapterConfig, model: nn.Module, adapters: list[AdapterModule]) -> Callable[[], None] | None:
+    """Run the method's finalizer (if any) once ``adapters`` are in ``model``; returns what removes the model-level
+    hooks it attached (None: none)."""
     hook = method_for(config).finalize
-    if hook is not None:
-        hook(config, model, adapters)
+    return None if hook is None else hook(config, model, adapters)
 
 
 def format_for_type(peft_type: Any) -> PeftFormat | None:

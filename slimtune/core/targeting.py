@@ -6,9 +6,10 @@ import sys
 from torch import nn
 
 from ..errors import TargetError
-from .config import ALL_LINEAR, AdapterConfig, name_matches
+from .config import ALL_LINEAR, CLASSIFIER_HEADS, AdapterConfig, name_matches
 from .frozen import is_quantized_layer
 from .module import AdapterModule
+from .trained_copy import TrainedCopy
 
 
 def is_hf_conv1d(module: nn.Module) -> bool:
@@ -42,22 +43,44 @@ def output_head(model: nn.Module) -> nn.Module | None:
     return None
 
 
+def _inside(name: str, roots: list[str]) -> bool:
+    return any(name == root or name.startswith(root + ".") for root in roots)
+
+
+def find_saved_modules(model: nn.Module, config: AdapterConfig) -> list[tuple[str, nn.Module]]:
+    """``(qualified name, module)`` for every module ``modules_to_save`` names (matched as a list of
+    ``target_modules`` is), outermost only. Raises :class:`TargetError` for an entry that matches no module (the heads
+    ``task_type="SEQ_CLS"`` adds may be absent, as in PEFT)."""
+    entries = config.saved_modules()
+    found: list[tuple[str, nn.Module]] = []
+    for name, module in model.named_modules():
+        if name and name_matches(entries, name) and not _inside(name, [n for n, _ in found]):
+            found.append((name, module))
+    matched = {entry for entry in entries for name, _ in found if name_matches([entry], name)}
+    missing = [e for e in entries if e not in matched and not (config.task_type == "SEQ_CLS" and e in CLASSIFIER_HEADS)]
+    if missing:
+        raise TargetError(f"modules_to_save entries {missing!r} match no module of {type(model).__name__}")
+    return found
+
+
 def find_targets(model: nn.Module, config: AdapterConfig) -> list[tuple[str, nn.Module]]:
-    """``(qualified name, module)`` for every module the config targets, in ``named_modules`` order.
+    """``(qualified name, module)`` for every module the config targets, in ``named_modules`` order (never one in
+    ``modules_to_save`` or inside it; only the layers ``layers_to_transform`` keeps).
 
     Raises :class:`TargetError` when nothing matches or when a matched module cannot carry an adapter.
     """
-    adapted = [name for name, m in model.named_modules() if isinstance(m, AdapterModule)]
+    adapted = [name for name, m in model.named_modules() if isinstance(m, (AdapterModule, TrainedCopy))]
     if adapted:
         raise TargetError(
             f"model is already adapted ({len(adapted)} adapter modules, first {adapted[0]!r}); "
-            "adapting twice is not supported: unload or rebuild the model first"
+            "adapting twice is not supported: slimtune.unload(model) first, or rebuild the model"
         )
     spec = config.target_modules
     head = output_head(model)
+    saved = [name for name, _ in find_saved_modules(model, config)]
     found: list[tuple[str, nn.Module]] = []
     for name, module in model.named_modules():
-        if not name:
+        if not name or _inside(name, saved) or not config.selects_layer(name):
             continue
         if spec == ALL_LINEAR:
             selected = is_linear_like(module) and module is not head
@@ -77,6 +100,8 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[tuple[str, nn.
         leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n and is_adaptable(m)})
         hint = "" if not isinstance(spec, str) or spec == ALL_LINEAR else (
             " (a string is a regex over the full module name; pass a list for name suffixes)")
+        if config.layers_to_transform is not None:
+            hint += f" within layers_to_transform={config.layers_to_transform!r}"
         raise TargetError(
             f"target_modules={spec!r} matched no module in {type(model).__name__}{hint}; "
             f"adaptable module names: {', '.join(leaves[:30]) or 'none'}"

@@ -88,8 +88,8 @@ class ProfileOptions:
                               "(e.g. --method lora)")
         _positive_int("rank", self.rank)
         alpha = self.rank if self.alpha is None else self.alpha
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-            raise ConfigError(f"alpha must be a finite number, got {alpha!r}")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+            raise ConfigError(f"alpha must be a finite number > 0, got {alpha!r}")
         device = resolve_device(self.device)
         batch = self.batch if self.batch is not None else (4 if device.type == "cuda" else 2)
         _positive_int("batch", batch)

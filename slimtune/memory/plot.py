@@ -6,20 +6,20 @@ peak), a tick at the memory after model creation, and ``OOM`` / the error status
 A second panel splits the activations by module kind. Sizes in GiB (2^30 bytes), or MiB when every
 configuration is under 1 GiB.
 
-matplotlib is optional: :func:`require_matplotlib` raises
-:class:`~slimtune.models.presets.MissingDependencyError` with the install command when it is missing.
+matplotlib is optional: :func:`~slimtune.models.deps.require_pyplot` raises
+:class:`~slimtune.errors.MissingDependencyError` with the install command when it is missing.
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..errors import MissingDependencyError
+from ..models.deps import require_pyplot
 from .accounting import ACTIVATION_KINDS
 from .report import BREAKDOWN_LABELS, size_unit
 from .result import BREAKDOWN_KEYS, ProfileResult
 
-__all__ = ["plot_results", "require_matplotlib"]
+__all__ = ["plot_results"]
 
 PART_COLORS = {"base_weights": "#4c72b0", "adapter_weights": "#dd8452", "gradients": "#c44e52",
                "optimizer_state": "#8172b3", "activations": "#55a868", "temporary": "#b0b0b0"}
@@ -27,18 +27,6 @@ KIND_COLORS = {"linear": "#4c72b0", "conv": "#64b5cd", "attention": "#dd8452", "
                "activation": "#55a868", "embedding": "#937860", "loss": "#c44e52", "checkpoint": "#da8bc3",
                "other": "#b0b0b0"}
 
-
-def require_matplotlib() -> Any:
-    """``matplotlib.pyplot`` on the non-interactive Agg backend, or :class:`MissingDependencyError`."""
-    try:
-        import matplotlib
-    except ImportError:
-        raise MissingDependencyError("plots need matplotlib; install it with: pip install 'slimtune[plot]' "
-                                     "(or pip install matplotlib)") from None
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _stack(ax: Any, y: int, parts: Sequence[tuple[str, float, str]], hatch: dict[str, str]) -> float:
@@ -72,7 +60,7 @@ def plot_results(results: Sequence[ProfileResult], path: str | Path, title: str 
     """
     if not results:
         raise ValueError("nothing to plot: no results")
-    plt = require_matplotlib()
+    plt = require_pyplot()
     path = Path(path)
     with_kinds = any(r.activations_by_module for r in results)
     n = len(results)

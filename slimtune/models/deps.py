@@ -1,4 +1,5 @@
-"""The optional libraries that build preset models, each behind a clear error naming how to install it."""
+"""The optional libraries (transformers and diffusers for the presets, matplotlib for plots), each behind a clear
+error naming how to install it."""
 from __future__ import annotations
 
 from typing import Any
@@ -24,3 +25,17 @@ def require_diffusers() -> Any:
         raise MissingDependencyError(f"diffusion presets need diffusers ({exc}); install it with: "
                                      "pip install 'slimtune[diffusion]'") from None
     return diffusers
+
+
+def require_pyplot() -> Any:
+    """``matplotlib.pyplot`` on the non-interactive Agg backend, or :class:`~slimtune.errors.MissingDependencyError`
+    saying how to install it."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise MissingDependencyError("plots need matplotlib; install it with: pip install 'slimtune[plot]' "
+                                     "(or pip install matplotlib)") from None
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt

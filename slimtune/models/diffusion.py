@@ -9,7 +9,11 @@ arguments of the published model's ``config.json`` (the arguments that differ fr
   OpenCLIP ViT-bigG/14 as ``CLIPTextModelWithProjection``, 694,659,840 parameters).
 * ``flux-dit``: FLUX.1-dev's ``FluxTransformer2DModel`` (19 double + 38 single blocks, 24 heads x 128,
   ``guidance_embeds=True``; 11,901,408,320 parameters), no text encoders (T5-XXL's conditioning is random).
-* ``tiny-unet`` / ``tiny-dit``: the same classes a few hundred thousand parameters large, for CPU tests.
+* ``flux-dit-4b``: FLUX.2-klein-4B's size in FLUX.1's block layout (5 double + 15 single blocks, 24 heads x 128,
+  128 latent channels, 7680-wide text conditioning, no guidance embedding; 3,888,332,160 parameters, klein's
+  ``Flux2Transformer2DModel`` has 3,875,544,576), no text encoders.
+* ``tiny-unet`` / ``tiny-dit`` / ``tiny-dit-4b``: the same classes a few hundred thousand parameters large, for CPU
+  tests.
 
 :func:`build_diffusion_model` returns a :class:`DiffusionModel`: the denoiser as ``.unet`` (UNets) or
 ``.transformer`` (DiTs), as in diffusers pipelines, and the text encoders as ``.text_encoder`` /
@@ -154,6 +158,19 @@ DIFFUSION_PRESETS: dict[str, DiffusionPreset] = {p.name: p for p in (
                      attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
                      pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56))),
         text_len=512),
+    DiffusionPreset(
+        "flux-dit-4b", "FLUX.2-klein-4B-sized DiT (3.89B; 5 double + 15 single FLUX.1 blocks, no guidance embedding), "
+        "1024px", "dit",
+        _freeze(dict(sample_size=128, patch_size=1, in_channels=128, num_layers=5, num_single_layers=15,
+                     attention_head_dim=128, num_attention_heads=24, joint_attention_dim=7680,
+                     pooled_projection_dim=768, guidance_embeds=False, axes_dims_rope=(16, 56, 56))),
+        text_len=512),
+    DiffusionPreset(
+        "tiny-dit-4b", "flux-dit-4b's layout (more single than double blocks, no guidance) tiny, for CPU tests", "dit",
+        _freeze(dict(sample_size=8, patch_size=1, in_channels=32, num_layers=1, num_single_layers=3,
+                     attention_head_dim=16, num_attention_heads=2, joint_attention_dim=48,
+                     pooled_projection_dim=16, guidance_embeds=False, axes_dims_rope=(4, 6, 6))),
+        text_len=8),
 )}
 
 

@@ -288,7 +288,7 @@ BAD = {
     # a LoRA checkpoint that claims DoRA: the magnitude vectors are missing; a LoRA model is not a DoRA one
     "dora": (lambda p: _rewrite_json(p, use_dora=True), "missing 2 tensor.*lora_magnitude_vector", "use_dora"),
     "pissa": (lambda p: _rewrite_json(p, init_lora_weights="pissa"), "init_lora_weights", "init_lora_weights"),
-    "modules_to_save": (lambda p: _rewrite_json(p, modules_to_save=["1"]), "modules_to_save", "modules_to_save"),
+    "modules_to_save": (lambda p: _rewrite_json(p, modules_to_save=["nothing"]), "modules_to_save", "modules_to_save"),
     "bad_rank": (lambda p: _rewrite_json(p, r=0), "positive integer", "positive integer"),
     "no_match": (lambda p: _rewrite_json(p, target_modules=["q_proj"]), "matched no module", None),
     "unknown_field": (lambda p: _rewrite_json(p, use_fancy_variant=True), "use_fancy_variant", "use_fancy_variant"),

@@ -62,11 +62,11 @@ def test_plot_refuses_nothing(tmp_path) -> None:
 
 
 def test_missing_matplotlib_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    from slimtune.memory.plot import require_matplotlib
+    from slimtune.models.deps import require_pyplot
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     with pytest.raises(MissingDependencyError, match=r"pip install 'slimtune\[plot\]'"):
-        require_matplotlib()
+        require_pyplot()
 
 
 def test_profile_plot_without_matplotlib_fails_before_running(monkeypatch: pytest.MonkeyPatch,

@@ -1,11 +1,14 @@
 """LoHa and LoKr checkpoints in PEFT's format, both ways (hada_* / lokr_* keys), on a tiny Llama and tiny conv
 nets: the same outputs as PEFT on the loaded weights, the same files as PEFT writes, refusals."""
 
+import json
+
 import pytest
 import torch
 
 import slimtune
 from slimtune import CheckpointError, LohaConfig, LokrConfig, load_adapter, save_adapter
+from slimtune.core.checkpoint import CONFIG_NAME
 from tests.helpers import assert_same_files, rel_err
 from tests.toy_models import conv1d_net, conv2d_net, llm_input, run, tiny_llama
 
@@ -96,7 +99,17 @@ def test_refusals(tmp_path):
     other_rank = slimtune.adapt(conv2d_net(), LohaConfig(r=3, target_modules=["0"]))
     with pytest.raises(CheckpointError, match="r=3"):
         load_adapter(other_rank, tmp_path / "loha")
-    theirs = peft.get_peft_model(tiny_llama(), peft.LoKrConfig(r=2, target_modules=["q_proj"], layers_to_transform=[0]))
-    theirs.save_pretrained(tmp_path / "layers")
-    with pytest.raises(CheckpointError, match="layers_to_transform"):
-        load_adapter(tiny_llama(), tmp_path / "layers")
+
+
+def test_layers_to_transform_loads_as_peft_built_it(tmp_path):
+    theirs = peft.get_peft_model(tiny_llama(), peft.LoKrConfig(r=2, target_modules=["q_proj"], layers_to_transform=[1],
+                                                               init_weights=False)).eval()
+    theirs.save_pretrained(tmp_path)
+    ours = load_adapter(tiny_llama(), tmp_path)
+    assert [name for name, _ in slimtune.adapter_modules(ours)] == ["model.layers.1.self_attn.q_proj"]
+    x = llm_input()
+    assert rel_err(run(ours, x), run(theirs, x)) < 1e-5
+    fields = json.loads((tmp_path / CONFIG_NAME).read_text())
+    (tmp_path / CONFIG_NAME).write_text(json.dumps({**fields, "layers_to_transform": [3]}))
+    with pytest.raises(CheckpointError, match=r"layers_to_transform=\[3\]"):  # the tiny Llama has layers 0 and 1
+        load_adapter(tiny_llama(), tmp_path)

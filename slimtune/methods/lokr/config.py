@@ -31,8 +31,9 @@ class LokrConfig(StructuredConfig):
         super().__post_init__()
         if not is_lokr_init(self.init_weights):
             raise ConfigError(f"init_weights must be true, false or 'lycoris', got {self.init_weights!r}")
-        if isinstance(self.decompose_factor, bool) or not isinstance(self.decompose_factor, int):
-            raise ConfigError(f"decompose_factor must be an integer (-1: automatic), got {self.decompose_factor!r}")
+        factor = self.decompose_factor
+        if isinstance(factor, bool) or not isinstance(factor, int) or not (factor == -1 or factor >= 1):
+            raise ConfigError(f"decompose_factor must be -1 (automatic) or an integer >= 1, got {factor!r}")
         check_bool("decompose_both", self.decompose_both)
         check_bool("rank_dropout_scale", self.rank_dropout_scale)
 

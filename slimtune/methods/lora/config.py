@@ -18,7 +18,9 @@ from .math import INITS
 
 @dataclasses.dataclass
 class LoraConfig(AdapterConfig):
-    """LoRA settings. ``alpha``/``dropout``/``rslora`` are PEFT's ``lora_alpha``/``lora_dropout``/``use_rslora``.
+    """LoRA settings. ``alpha``/``dropout``/``rslora``/``init`` are PEFT's ``lora_alpha``/``lora_dropout``/
+    ``use_rslora``/``init_lora_weights``, and take either name (``init``: ``"default"`` = PEFT's True, ``"random"`` =
+    PEFT's False: B random too, so the adapter changes the output from the start, ``"gaussian"``).
 
     ``adapter_dtype``: dtype of the trainable A/B; ``None`` keeps the base weight's dtype (bf16 bases give
     bf16 adapters and optimizer state, as PEFT with ``autocast_adapter_dtype=False``); ``torch.float32``
@@ -35,23 +37,33 @@ class LoraConfig(AdapterConfig):
     ``target_modules`` is (:func:`slimtune.core.config.name_matches`) — a list of module-name suffixes or a regex
     string (full match; ``"auto"`` is reserved) selecting the layers that recompute. Layers with a bias, fp16
     outputs or dropout keep z unless told to recompute. slimtune-only, not written to PEFT's config.
+
+    ``fan_in_fan_out`` (PEFT's) is accepted and not needed: each layer's weight layout is read from the layer
+    (transformers ``Conv1D`` stores ``[d_in, d_out]``), as PEFT corrects a wrong flag.
     """
 
     dropout: float = 0.0
     rslora: bool = False
-    init: str = "default"
+    init: str | bool = "default"
     adapter_dtype: torch.dtype | None = None
     use_dora: bool = False
     dora_recompute: bool | str | list[str] = "auto"
+    fan_in_fan_out: bool = False
 
     method: ClassVar[str] = "lora"
     peft_type: ClassVar[str] = "LORA"
+    peft_aliases: ClassVar[dict[str, str]] = {"lora_alpha": "alpha", "lora_dropout": "dropout",
+                                              "use_rslora": "rslora", "init_lora_weights": "init"}
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.dropout = check_probability("dropout", self.dropout)
+        self.dropout = check_probability(self.spelled("dropout"), self.dropout)
+        check_bool(self.spelled("rslora"), self.rslora)
+        check_bool("fan_in_fan_out", self.fan_in_fan_out)
+        if isinstance(self.init, bool):  # PEFT's init_lora_weights: True (B = 0), False (B random too)
+            self.init = "default" if self.init else "random"
         if self.init not in INITS:
-            raise ConfigError(f"unknown LoRA init {self.init!r}; choose from {INITS}")
+            raise ConfigError(f"unknown LoRA init {self.init!r}; choose from {INITS} (or PEFT's True / False)")
         self.adapter_dtype = resolve_adapter_dtype(self.adapter_dtype)
         check_bool("use_dora", self.use_dora)
         spec = self.dora_recompute

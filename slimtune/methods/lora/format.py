@@ -56,11 +56,8 @@ _LORA_UNSUPPORTED = {
     "arrow_config": "Arrow routing",
     "kasa_config": "KaSA",
     "layer_replication": "layer replication",
-    "layers_pattern": "layers_pattern (layer-index targeting)",
-    "layers_to_transform": "layers_to_transform (layer-index targeting)",
     "lora_bias": "a bias on lora_B (lora_bias)",
     "megatron_config": "Megatron parallel layers",
-    "modules_to_save": "extra fully trained modules (modules_to_save)",
     "monteclora_config": "MonteCLoRA",
     "target_parameters": "target_parameters (LoRA on bare parameters)",
     "trainable_token_indices": "trainable tokens",
@@ -70,9 +67,9 @@ _LORA_UNSUPPORTED = {
 
 # PEFT init_lora_weights values whose adapters are plain LoRA on an unchanged base weight. Others (PiSSA,
 # OLoRA, CorDA, LoftQ, LoRA-GA, MiCA) change the base weights or the forward, which slimtune does not redo.
-_LORA_INITS_IN = {True: "default", False: "default", "gaussian": "gaussian", "orthogonal": "default",
+_LORA_INITS_IN = {True: "default", False: "random", "gaussian": "gaussian", "orthogonal": "default",
                   "eva": "default"}
-_LORA_INITS_OUT = {"default": True, "gaussian": "gaussian"}
+_LORA_INITS_OUT = {"default": True, "gaussian": "gaussian", "random": False}
 
 
 def lora_to_peft(config: AdapterConfig, adapters: list[tuple[str, AdapterModule]]) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from torch import nn
 from ...core.lowrank import lowrank_linear_reference
 from ...errors import ConfigError
 
-INITS = ("default", "gaussian")
+INITS = ("default", "gaussian", "random")
 _CONV = {1: F.conv1d, 2: F.conv2d}
 
 #: ``x Wᵀ + b + s · (drop(x) Aᵀ) Bᵀ`` through PyTorch's autograd, under LoRA's name: the reference of
@@ -24,15 +24,19 @@ def lora_scaling(alpha: float, r: int, rslora: bool) -> float:
 
 
 def init_lora_(lora_a: torch.Tensor, lora_b: torch.Tensor, init: str) -> None:
-    """``default``: A kaiming-uniform (a=√5, as nn.Linear), B zero; ``gaussian``: A ~ N(0, 1/r²), B zero."""
+    """``default``: A kaiming-uniform (a=√5, as nn.Linear), B zero; ``gaussian``: A ~ N(0, 1/r²), B zero;
+    ``random`` (PEFT's ``init_lora_weights=False``): A and B both kaiming-uniform, as nn.Linear initialises them."""
     with torch.no_grad():
-        if init == "default":
+        if init in ("default", "random"):
             nn.init.kaiming_uniform_(lora_a, a=math.sqrt(5))
         elif init == "gaussian":
             nn.init.normal_(lora_a, std=1.0 / lora_a.shape[0])
         else:
             raise ConfigError(f"unknown LoRA init {init!r}; choose from {INITS}")
-        nn.init.zeros_(lora_b)
+        if init == "random":
+            nn.init.kaiming_uniform_(lora_b, a=math.sqrt(5))
+        else:
+            nn.init.zeros_(lora_b)
 
 
 def lora_delta_weight(lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:

@@ -1,0 +1,164 @@
+"""``train(config)``: one run, from the data file to the adapter checkpoint.
+
+Everything that can be wrong with the input is found before any model is built: the settings
+(:meth:`TrainConfig.resolved`), the data (read and tokenised whole: a malformed line or a sample longer than
+``--seq`` names its line), ``--seq`` against the model's context, the batch split over processes, and the output
+directory (another run's is refused unless ``--resume``). Then, in every process: the model is built, quantised,
+adapted (``--ranks auto``: ranks allocated by :func:`slimtune.ranks.allocate_ranks` on a few training batches,
+recorded in ``OUT/ranks.json``), wrapped for DDP / FSDP, and trained by :class:`~slimtune.train.loop.Loop`;
+a resumed run first restores its newest checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..core.config import AdapterConfig
+from ..errors import ConfigError
+from ..memory.options import check_dependencies
+from ..ranks import allocate_ranks
+from . import checkpoint
+from .build import (adapter_config, build_base, check_preset_task, model_context, prepare_model, read_rank_pattern,
+                    trained_part)
+from .config import TrainConfig
+from .distributed import (Environment, barrier, broadcast_object, device_for, environment, process_group,
+                          resolve_mode, wrap)
+from .loop import Loop, Parts, cosine_schedule
+from .order import DataOrder
+from .progress import Reporter
+from .rundir import RunDir, fingerprints
+from .tasks import Task, make_task
+
+DEFAULT_SEQ = 1024
+CALIBRATION_BATCHES = 4  # micro-batches --ranks auto measures on
+RANKS_NAME = "ranks.json"
+
+
+def sequence_length(cfg: TrainConfig) -> int:
+    """``--seq``, or ``min(context, 1024)``; refused when longer than the model's context."""
+    context = model_context(cfg) if cfg.task != "diffusion" else None
+    seq = cfg.seq if cfg.seq is not None else min(context or DEFAULT_SEQ, DEFAULT_SEQ)
+    if context is not None and seq > context:
+        raise ConfigError(f"--seq {seq} is longer than the model's context ({context} positions)")
+    return seq
+
+
+def check_batch(cfg: TrainConfig, env: Environment) -> None:
+    """The global batch splits evenly over the processes, and each share into micro-batches."""
+    if cfg.batch % env.world:
+        raise ConfigError(f"--batch {cfg.batch} does not split over {env.world} processes: use a multiple of "
+                          f"{env.world}")
+    share = cfg.batch // env.world
+    if cfg.micro_batch is not None and share % cfg.micro_batch:
+        raise ConfigError(f"--micro-batch {cfg.micro_batch} does not divide this process's share of the batch "
+                          f"({share} = --batch {cfg.batch} / {env.world} processes)")
+
+
+def total_steps(cfg: TrainConfig, task: Task) -> int:
+    """``--max-steps``, or enough global batches for ``--epochs`` passes over the rows."""
+    if cfg.max_steps is not None:
+        return cfg.max_steps
+    return max(1, math.ceil(cfg.epochs * len(task.rows or []) / cfg.batch))
+
+
+def auto_ranks(cfg: TrainConfig, model: nn.Module, task: Task, config: AdapterConfig, device: torch.device,
+               env: Environment, mode: str, run: RunDir, resuming: bool) -> AdapterConfig:
+    """``--ranks auto``: the rank (and alpha) pattern allocated on the main process from the first training
+    micro-batches and shared with the others; a resumed run reuses ``OUT/ranks.json``."""
+    saved = run.path / RANKS_NAME
+    if resuming and saved.is_file():
+        patterns = json.loads(saved.read_text(encoding="utf-8"))
+    else:
+        patterns = None
+        if env.is_main:
+            micro = cfg.micro_batch or cfg.batch // env.world
+            order = DataOrder(None if task.rows is None else len(task.rows), cfg.seed)
+            indices = order.take(0, micro * CALIBRATION_BATCHES)
+            batches = [task.batch(indices[k:k + micro], device) for k in range(0, len(indices), micro)]
+            objective = task.objective(model)
+            new = allocate_ranks(trained_part(model), batches, config, budget=cfg.rank_budget,
+                                 loss_fn=lambda _part, batch: objective(**batch)[0])
+            patterns = {"rank_pattern": new.rank_pattern, "alpha_pattern": new.alpha_pattern}
+            saved.write_text(json.dumps(patterns, indent=1), encoding="utf-8")
+        patterns = broadcast_object(patterns, mode)
+    return dataclasses.replace(config, **patterns)
+
+
+def _finish_complete(run: RunDir, reporter: Reporter) -> None:
+    """A resumed run that had already finished: its final adapter is the last checkpoint's."""
+    step, latest = checkpoint.checkpoints(run.path)[-1]
+    for name in (checkpoint.CONFIG_NAME, checkpoint.WEIGHTS_NAME):
+        shutil.copyfile(latest / name, run.path / name)
+    reporter.note(f"the run in {run.path} is complete (step {step}); nothing to train")
+
+
+def train(config: TrainConfig, reporter: Reporter | None = None) -> dict[str, Any]:
+    """Train an adapter as ``config`` says; returns the summary (steps, final and eval loss, tokens/s, peak
+    memory, where the adapter is). Under torchrun every process calls this."""
+    reporter = reporter if reporter is not None else Reporter()
+    env = environment()
+    mode = resolve_mode(config.distributed, env)
+    device = device_for(config.device, env)
+    cfg = config.resolved(cuda=device.type == "cuda")
+    check_dependencies("slimtune", cfg.quant, ("diffusers",) if cfg.task == "diffusion" else ())
+    check_preset_task(cfg)
+    if cfg.ranks not in (None, "auto"):
+        read_rank_pattern(cfg.ranks)
+    seq = sequence_length(cfg)
+    task = make_task(cfg)
+    task.load(seq)
+    check_batch(cfg, env)
+    max_steps = total_steps(cfg, task)
+    run = RunDir(cfg.out)
+    prints = fingerprints(cfg)
+    resuming = run.check(cfg, prints)
+    with process_group(mode, device):
+        barrier(mode)  # every process has looked at OUT before the main one writes to it
+        if env.is_main:
+            if resuming:
+                checkpoint.remove_stale(run.path)
+            else:
+                run.start(cfg, prints, {"labels": task.labels, "num_labels": task.num_labels, "seq": seq,
+                                        "max_steps": max_steps})
+        barrier(mode)
+        model = build_base(cfg, device, task.num_labels)
+        adapter = adapter_config(cfg, model)
+        if cfg.ranks == "auto":
+            adapter = auto_ranks(cfg, model, task, adapter, device, env, mode, run, resuming)
+        prepare_model(cfg, model, adapter)
+        objective = task.objective(model)
+        parts = Parts(objective, wrap(objective, model, mode, device), trained_part(model))
+        trainable = [p for p in objective.parameters() if p.requires_grad]
+        # fused AdamW kernels on CUDA (transformers' Trainer defaults to them too); PyTorch's default elsewhere (the
+        # CPU, and FSDP's sharded DTensor parameters)
+        fused = device.type == "cuda" and mode != "fsdp"
+        optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
+        scheduler = cosine_schedule(optimizer, cfg.warmup_steps, max_steps)
+        loop = Loop(cfg, task, parts, optimizer, scheduler, max_steps, env, mode, device, run, reporter)
+        latest = checkpoint.checkpoints(run.path)[-1:] if resuming else []
+        if latest:
+            loop.restore(latest[0][1])
+        if resuming and env.is_main:
+            run.trim_log(loop.at.step)  # the lines of steps this run repeats
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)  # the peak reported is training's, not the model build's
+        reporter.start({"task": cfg.task, "model": cfg.model_name, "method": cfg.method, "processes": env.world,
+                        "distributed": mode, "device": str(device), "dtype": cfg.dtype, "max_steps": max_steps,
+                        "start_step": loop.at.step, "rows": None if task.rows is None else len(task.rows),
+                        "eval_rows": len(task.eval_rows), "seq": seq,
+                        "trainable_params": sum(p.numel() for p in trainable),
+                        "total_params": sum(p.numel() for p in objective.parameters())})
+        try:
+            if loop.at.step >= max_steps and env.is_main:
+                _finish_complete(run, reporter)
+            summary = loop.run_steps()
+        finally:
+            reporter.close()
+    reporter.finish(summary)
+    return summary

@@ -1,0 +1,71 @@
+"""Checkpoints and ``--resume``: a run killed with SIGKILL mid-run and resumed ends with the very bytes of an
+uninterrupted run's adapter; the adapter is PEFT's format (PEFT and slimtune load it); a finished run resumes as
+complete."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import slimtune
+from slimtune.memory.subproc import child_env
+from slimtune.models.presets import build_model
+from slimtune.train.checkpoint import checkpoints
+
+from .conftest import TINY, read_log, run_train
+
+STEPS = 12
+
+
+def _args(data: Path, out: Path) -> list[str]:
+    return [*TINY, "--data", str(data), "--out", str(out), "--max-steps", str(STEPS), "--save-every", "2",
+            "--micro-batch", "2", "--warmup-steps", "2", "--eval-fraction", "0.1"]
+
+
+def _kill_mid_run(args: list[str], out: Path) -> int:
+    """Start ``slimtune train`` in a new process, SIGKILL it once its second-step checkpoint exists; the step of
+    the newest checkpoint left behind."""
+    env = dict(child_env(), OMP_NUM_THREADS=str(torch.get_num_threads()))  # the same arithmetic as this process
+    proc = subprocess.Popen([sys.executable, "-m", "slimtune", "train", *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    try:
+        while not checkpoints(out) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        _, err = proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, err.decode()[-2000:]
+    return checkpoints(out)[-1][0]
+
+
+def test_kill_and_resume_is_bit_identical(lm_data, tmp_path, capsys):
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    code, events, err = run_train(_args(lm_data, whole), capsys)
+    assert code == 0, err
+    step = _kill_mid_run(_args(lm_data, killed), killed)
+    assert 2 <= step < STEPS and not (killed / "adapter_model.safetensors").exists()  # killed mid-run
+
+    code, resumed, err = run_train([*_args(lm_data, killed), "--resume"], capsys)
+    assert code == 0, err
+    assert resumed[0]["event"] == "start" and resumed[0]["start_step"] == step
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (killed / name).read_bytes() == (whole / name).read_bytes(), name
+    assert [r["loss"] for r in read_log(killed) if "loss" in r] == [r["loss"] for r in read_log(whole) if "loss" in r]
+    assert [e["step"] for e in events if e["event"] == "checkpoint"] == list(range(2, STEPS + 1, 2))
+    assert len(checkpoints(whole)) == 2  # --keep 2
+
+    # the files are what slimtune.save_adapter writes (PEFT's format) for the trained adapter
+    model = slimtune.load_adapter(build_model("tiny-llama", seed=0), whole)
+    slimtune.save_adapter(model, tmp_path / "saved")
+    assert (tmp_path / "saved" / "adapter_model.safetensors").read_bytes() == \
+        (whole / "adapter_model.safetensors").read_bytes()
+
+    # a finished run resumes as complete
+    code, events, err = run_train([*_args(lm_data, whole), "--resume"], capsys)
+    assert code == 0 and "complete" in err and events[-1]["steps"] == STEPS
