@@ -34,8 +34,10 @@ def read_adapter_dir(directory) -> tuple[dict, dict]:
     directory = Path(directory)
     tensors = {k: (tuple(v.shape), v.dtype) for k, v in load_file(directory / WEIGHTS_NAME).items()}
     config = json.loads((directory / CONFIG_NAME).read_text())
+    # "peft_version" names the schema we write (PEFT_SCHEMA_VERSION) or the PEFT that wrote the file: it differs
+    # between installed PEFT releases without changing what loads
     config = {k: sorted(v) if k in ("target_modules", "exclude_modules") and isinstance(v, list) else v
-              for k, v in config.items()}
+              for k, v in config.items() if k != "peft_version"}
     return tensors, config
 
 
