@@ -31,10 +31,16 @@ def count(**amounts: float) -> None:
             setattr(work, name, getattr(work, name) + value)
 
 
+def current() -> Work | None:
+    """The running simulation's counters (None outside a :func:`counting` block)."""
+    return _CURRENT.get()
+
+
 @contextlib.contextmanager
-def counting() -> Iterator[Work]:
-    """Collect :func:`count` calls into a fresh :class:`Work` for the duration of the block."""
-    work = Work()
+def counting(work: Work | None = None) -> Iterator[Work]:
+    """Collect :func:`count` calls into ``work`` (default: a fresh :class:`Work`) for the duration of the block;
+    passing the running simulation's ``work`` continues it, e.g. on another thread."""
+    work = Work() if work is None else work
     token = _CURRENT.set(work)
     try:
         yield work

@@ -211,6 +211,19 @@ def meta_environment() -> Iterator[simulation.Work]:
         yield work
 
 
+def checkpoint_contexts() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+    """``torch.utils.checkpoint``'s ``context_fn``: the forward runs as it is, and the recomputation — which runs
+    where autograd's engine runs it, possibly another thread, outside this thread's function modes and context
+    variables — in the same simulation (same attention path, same counters) as the forward that called this."""
+    return contextlib.nullcontext(), _continued_simulation(simulation.current())
+
+
+@contextlib.contextmanager
+def _continued_simulation(work: simulation.Work | None) -> Iterator[None]:
+    with simulation.counting(work), _MetaAttention():
+        yield
+
+
 # -- building on meta -------------------------------------------------------------------------------
 def _trained_part(model: nn.Module) -> nn.Module:
     """The part that is quantised and adapted: a diffusion model's denoiser, else the model."""
@@ -284,7 +297,8 @@ def build_meta_model(preset: str | Preset, method: str = "lora", rank: int = 16,
             config = workload.make_adapter_config(method, rank, alpha, targets, adapter_dtype=adapter_dtype)
             adapt(part, config)
         if grad_checkpointing:
-            workload.enable_gradient_checkpointing(spec, model, adapted=method != "none")
+            workload.enable_gradient_checkpointing(spec, model, adapted=method != "none",
+                                                    context_fn=checkpoint_contexts)
     return model, spec
 
 

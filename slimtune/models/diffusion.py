@@ -27,9 +27,11 @@ This module imports diffusers / transformers only when a model is built.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from .deps import require_diffusers, require_transformers
@@ -194,8 +196,10 @@ class DiffusionModel(nn.Module):
         return self.denoiser(**inputs, return_dict=False)[0]
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict[str, Any] | None = None) -> None:
-        """diffusers' checkpointing of the denoiser's ResNet / transformer blocks (non-reentrant)."""
-        self.denoiser.enable_gradient_checkpointing()
+        """diffusers' checkpointing of the denoiser's ResNet / transformer blocks (non-reentrant;
+        ``gradient_checkpointing_kwargs`` go to ``torch.utils.checkpoint.checkpoint``)."""
+        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+        self.denoiser.enable_gradient_checkpointing(functools.partial(torch.utils.checkpoint.checkpoint, **kwargs))
 
     def enable_input_require_grads(self) -> None:
         """Nothing to do: non-reentrant checkpointing needs no input that requires grad."""

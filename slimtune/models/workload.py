@@ -19,7 +19,7 @@ latent side is ``resolution`` (default: the preset's ``sample_size``).
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -98,14 +98,18 @@ def make_adapter_config(method: str, rank: int, alpha: float | None, targets: li
     raise ConfigError(f"method {method!r} has no adapter config; choose from {', '.join(METHODS[:-1])}")
 
 
-def enable_gradient_checkpointing(preset: str | Preset, model: nn.Module, adapted: bool) -> None:
+def enable_gradient_checkpointing(preset: str | Preset, model: nn.Module, adapted: bool,
+                                  context_fn: Callable[[], tuple[Any, Any]] | None = None) -> None:
     """Non-reentrant activation checkpointing. LMs: transformers' per decoder layer (as the protocol's
     ``GC=1``; ``enable_input_require_grads`` when adapted). Diffusion: diffusers' per ResNet block and per
-    transformer block of the denoiser."""
+    transformer block of the denoiser. ``context_fn``: ``torch.utils.checkpoint``'s (the contexts the forward and
+    the recomputation run in)."""
+    kwargs: dict[str, Any] = {"use_reentrant": False}
+    if context_fn is not None:
+        kwargs["context_fn"] = context_fn
     if isinstance(_spec(preset), DiffusionPreset):
-        model.gradient_checkpointing_enable()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         return
-    kwargs = {"use_reentrant": False}
     enable = getattr(model, "activation_checkpointing_enable", None)
     if enable is not None:
         enable(activation_checkpointing_kwargs=kwargs)

@@ -145,3 +145,13 @@ def test_the_simulation_patches_nothing_in_torch():
     from slimtune.core import simulation
 
     simulation.count(dequant_bytes=1.0)  # outside a simulation: counted nowhere, no error
+
+
+@pytest.mark.parametrize("preset", ["tiny-unet", "tiny-dit"])
+def test_checkpointed_diffusion_steps_recompute_in_the_same_simulation(preset: str) -> None:
+    """Recomputation runs where autograd runs it (on the meta device, another thread): it must take the forward's
+    attention path (else torch.utils.checkpoint refuses the different tensors) and count into the same step."""
+    plain, checkpointed = (E.simulate_points(preset, [(2, 0, None)], "lora", 4, grad_checkpointing=gc)[0]
+                           for gc in (False, True))
+    assert checkpointed.peak_live < plain.peak_live
+    assert checkpointed.attention_flops > plain.attention_flops  # the recomputed forward's attention is counted
