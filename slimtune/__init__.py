@@ -13,6 +13,8 @@ from .core.config import TaskType
 from .core.inject import (adapt, adapter_modules, disable_adapters, merge, summary, trainable_parameters, unload,
                           unmerge)
 from .errors import CheckpointError, ConfigError, SlimtuneError, TargetError
+from .memory.chunked_loss import chunked_causal_lm_loss
+from .memory.setting import MEMORY_SETTINGS, apply_memory_setting
 from .methods.hra import HraConfig, orthogonality_loss
 from .methods.loha import LohaConfig
 from .methods.lokr import LokrConfig
@@ -26,4 +28,5 @@ __all__ = [
     "LokrConfig", "LoraConfig", "PeftModel", "SlimtuneError", "TargetError", "TaskType", "__version__", "adapt",
     "adapter_modules", "allocate_ranks", "dequantize", "disable_adapters", "get_peft_model", "load_adapter", "merge",
     "orthogonality_loss", "quantize", "save_adapter", "summary", "trainable_parameters", "unload", "unmerge",
+    "MEMORY_SETTINGS", "apply_memory_setting", "chunked_causal_lm_loss",  # the memory switch, the chunked loss
 ]

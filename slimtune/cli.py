@@ -32,6 +32,7 @@ from .memory.options import BACKENDS, METHODS, QUANTS, ProfileOptions, check_dep
 from .memory.plan import (CONTEXT_BYTES, DEFAULT_TFLOPS, FOOTNOTE, FRAGMENTATION, GiB, breakdown_table, parse_size,
                           search, search_table, summary_table, usable_bytes)
 from .memory.plot import plot_results
+from .memory.setting import MEMORY_SETTINGS
 from .memory.profile import model_dependencies, profile_options
 from .memory.report import (BACKEND_LABELS, activations_table, comparison_ratios, describe_run, format_bytes,
                             memory_notes, results_table)
@@ -41,6 +42,8 @@ from .memory.sweep import (SEED_METHODS, SEED_PRESETS, SWEEP_METHODS, TINY_PRESE
                            sweep_configs, sweep_method, write_reports)
 from .models.deps import require_pyplot
 from .models.diffusion import DiffusionPreset, build_parts
+from .models.explain import explain_preset
+from .core.explain import explanation_table
 from .models.presets import PRESETS, get_preset
 from .models.workload import METHODS as WORKLOAD_METHODS
 from .models.workload import make_adapter_config
@@ -101,6 +104,10 @@ def add_profile_arguments(parser: argparse.ArgumentParser) -> None:
                              "bitsandbytes Linear4bit for the PEFT backends) (default: none)")
     parser.add_argument("--grad-checkpointing", "--grad-ckpt", dest="grad_checkpointing", action="store_true",
                         help="gradient checkpointing (non-reentrant)")
+    parser.add_argument("--memory", default="fast", metavar="{fast,balanced,max-fit}",
+                        help="fast = nothing extra; balanced = chunked loss + per-layer checkpointing; max-fit = "
+                             "balanced + checkpointed inputs offloaded to CPU memory (slimtune backend; with "
+                             "--compare-peft, PEFT gets transformers' checkpointing) (default: fast)")
     parser.add_argument("--seed", type=int, default=0, help="seed for weights and token ids (default: 0)")
     parser.add_argument("--release-outputs", action="store_true",
                         help="drop each step's outputs (logits) once the loss is taken, before backward; by default "
@@ -115,7 +122,8 @@ def options_from_args(args: argparse.Namespace) -> ProfileOptions:
     return ProfileOptions(preset=args.preset, method=args.method, rank=args.rank, alpha=alpha, batch=args.batch,
                           seq=args.seq, steps=args.steps, device=args.device, dtype=args.dtype,
                           backend=args.backend, grad_checkpointing=args.grad_checkpointing, seed=args.seed,
-                          release_outputs=args.release_outputs, quant=args.quant, model_dir=args.model_dir)
+                          release_outputs=args.release_outputs, quant=args.quant, model_dir=args.model_dir,
+                          memory=args.memory)
 
 
 def _progress(disable: bool) -> Any:
@@ -142,8 +150,11 @@ def _profile_here(options: Any, quiet: bool) -> Any:
 
 
 def _profile_compare(options: Any, quiet: bool) -> list[Any]:
-    """slimtune, PEFT default and PEFT bf16 adapters, each in its own process."""
-    configs = [dataclasses.replace(options, backend=b) for b in ("slimtune", "peft", "peft-bf16")]
+    """slimtune, PEFT default and PEFT bf16 adapters, each in its own process (with ``--memory balanced`` or
+    ``max-fit``, PEFT runs with transformers' gradient checkpointing: the nearest it has)."""
+    peft = {"memory": "fast", "grad_checkpointing": True} if options.memory != "fast" else {}
+    configs = [dataclasses.replace(options, backend=b, **({} if b == "slimtune" else peft))
+               for b in ("slimtune", "peft", "peft-bf16")]
     staged = can_stage(configs)
     with _progress(disable=quiet or not sys.stderr.isatty()) as progress:
         first = "starting 3 processes (imports, model builds)" if staged else "starting"
@@ -171,8 +182,26 @@ def _check_writable(path: str, option: str) -> None:
         os.remove(path)
 
 
+def _explain(options: Any, as_json: bool) -> int:
+    """``profile --explain``: each adapted layer's forward / backward variant for this configuration, with every
+    option's FLOP / byte counts, found on the meta device (nothing is trained)."""
+    if options.method == "none" or options.model_dir is not None or options.backend != "slimtune":
+        raise ConfigError("--explain shows slimtune's choices for a --preset with an adapter --method "
+                          "(not --method none, --model-dir or a PEFT --backend)")
+    rows = explain_preset(options.preset, options.method, options.rank, options.alpha, options.batch, options.seq,
+                          options.dtype)
+    if as_json:
+        print(json.dumps({"layers": [row.to_dict() for row in rows]}))
+    else:
+        title = f"{options.preset}, {options.method} r={options.rank}, batch {options.batch} x seq {options.seq}"
+        Console().print(explanation_table(rows, title=title))
+    return 0
+
+
 def _cmd_profile(args: argparse.Namespace) -> int:
     options = options_from_args(args).resolved()
+    if args.explain:
+        return _explain(options, args.json)
     if args.plot:
         require_pyplot()  # fail before the run, not after it
         _check_writable(args.plot, "--plot")
@@ -228,6 +257,10 @@ def _add_profile_parser(subparsers: Any) -> None:
     parser.add_argument("--compare-peft", action="store_true",
                         help="also run PEFT (default fp32 adapters, and bf16 adapters), each configuration in "
                              "its own process, and report slimtune/PEFT ratios")
+    parser.add_argument("--explain", action="store_true",
+                        help="instead of training, print each adapted layer's forward/backward variant (LoRA's "
+                             "backward order, structured or folded path, what DoRA keeps) with every option's "
+                             "FLOP and byte counts (found on the meta device)")
     parser.set_defaults(handler=_cmd_profile)
     # one configuration in this process, one JSON line on stdout: what ``slimtune profile --compare-peft`` and
     # ``slimtune sweep`` start per configuration (slimtune.memory.subproc); not listed in --help
@@ -358,6 +391,9 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
                         help="latent side(s) for diffusion models (default: the model's sample size)")
     parser.add_argument("--grad-ckpt", choices=("off", "on", "both"), default=None,
                         help="gradient checkpointing (default: both when searching, off for one method)")
+    parser.add_argument("--memory", default=None, metavar="SETTINGS",
+                        help="memory setting(s): fast, balanced, max-fit, comma-separated (default when searching: "
+                             "all three for language models; fast for one method)")
     parser.add_argument("--dtype", default="bfloat16", help="compute dtype of weights and activations (default bf16)")
     parser.add_argument("--release-outputs", action="store_true",
                         help="the training loop drops each step's outputs (logits) before backward")
@@ -382,9 +418,12 @@ def _cmd_plan(args: argparse.Namespace) -> int:
             raise ConfigError("--method predicts one configuration: give one --rank, --batch and --seq "
                               "(or use --methods with --gpu-mem to search)")
         quant = args.quant or "none"
+        memories = _str_list(args.memory or "fast")
+        if len(memories) != 1:
+            raise ConfigError("--method predicts one configuration: give one --memory setting")
         est = estimate_memory(spec, args.method, ranks[0], batch=batches[0], seq=seqs[0], resolution=res, quant=quant,
                               dtype=args.dtype, grad_checkpointing=gc_choice == "on",
-                              release_outputs=args.release_outputs, reduced_depth=True)
+                              release_outputs=args.release_outputs, reduced_depth=True, memory=memories[0])
         if args.json:
             payload = est.to_dict()
             if gpu_mem is not None:
@@ -403,7 +442,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
                       batches=_int_list(args.batch or "1,2,4,8"), seqs=_int_list(args.seq or "512,1024,2048"),
                       resolutions=_int_list(args.resolution) if args.resolution else None,
                       grad_checkpointing=checkpointing, dtype=args.dtype, release_outputs=args.release_outputs,
-                      tflops=args.tflops, on_group=lambda text: status.update(f"simulating {spec.name}: {text}…"))
+                      tflops=args.tflops, on_group=lambda text: status.update(f"simulating {spec.name}: {text}…"),
+                      memories=_str_list(args.memory or ("fast" if diffusion else ",".join(MEMORY_SETTINGS))))
     if args.json:
         print(json.dumps({"model": spec.name, "gpu_mem_bytes": gpu_mem, "budget_bytes": usable_bytes(gpu_mem),
                           "rows": [r.to_dict() for r in rows], "skipped": rows.skipped}))
@@ -490,6 +530,9 @@ def _add_train_parser(subparsers: Any) -> None:
     loop.add_argument("--epochs", type=float, default=1.0, help="passes over the data (default: 1)")
     loop.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
     loop.add_argument("--grad-ckpt", dest="grad_checkpointing", action="store_true", help="gradient checkpointing")
+    loop.add_argument("--memory", default="fast", metavar="{fast,balanced,max-fit}",
+                      help="fast = nothing extra; balanced = every layer checkpointed (recomputed in backward); "
+                           "max-fit = balanced + checkpointed inputs kept in CPU memory (default: fast)")
     loop.add_argument("--dtype", default=None, help="model dtype (default: bfloat16 on cuda, float32 on cpu)")
     loop.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     loop.add_argument("--seed", type=int, default=0, help="seed of weights, adapter init, data order (default: 0)")

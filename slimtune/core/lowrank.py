@@ -6,7 +6,8 @@ LoRA uses it with its parameters, HRA with computed factors (``down = Uᵀ``, ``
 LoHa's rank-``r²`` structured path with :func:`factor_grads` and :func:`choose_backward`.
 
 :class:`LowRankLinearFunction` saves for backward: x itself (the very tensor object, so q/k/v projections that share
-an input store it once), the parameters (no copies), and for dropout an integer seed from which backward redraws
+an input store it once), the parameters (no copies), and for dropout a seed (an int; under ``torch.compile`` a
+one-element tensor, :mod:`slimtune.core.tracing`) from which backward redraws
 the mask — never ``x Aᵀ``, never a dropped copy of x, never an fp32 copy. A 4-bit base is dequantised right before
 each GEMM that needs it (forward, and ``dx`` in backward) and dropped after; only the handle is kept. All GEMMs run
 in x's dtype (bf16 GEMMs accumulate in fp32); fp32 master adapter weights are cast for the GEMM and their gradients
@@ -27,6 +28,7 @@ from torch import nn
 
 from .compute import cast, compute_setting, scaled_
 from .frozen import WeightOperand, is_quantized, materialize, save_with_weight, saved_with_weight
+from .tracing import compiling, seeded_keep_mask, traced_seed
 
 Variant = str  # "recompute" | "gram"
 Grad = torch.Tensor | None
@@ -46,23 +48,33 @@ def backward_flops(variant: Variant, tokens: int, d_in: int, d_out: int, r: int)
 
 
 def choose_backward(tokens: int, d_in: int, d_out: int, r: int) -> Variant:
-    """The backward variant with fewer FLOPs (ties go to ``"recompute"``, which allocates less)."""
-    return min(("recompute", "gram"), key=lambda v: backward_flops(v, tokens, d_in, d_out, r))
+    """The backward variant with fewer FLOPs (ties go to ``"recompute"``, which allocates less). A plain comparison,
+    which ``torch.compile`` traces (it cannot trace ``min`` with a ``key``)."""
+    gram = backward_flops("gram", tokens, d_in, d_out, r)
+    return "gram" if gram < backward_flops("recompute", tokens, d_in, d_out, r) else "recompute"
 
 
 # -- dropout, by seed ------------------------------------------------------------------------------------------
-def dropout_keep_mask(like: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    """The scaled keep mask ``bernoulli(1 - p) / (1 - p)`` for ``like``, redrawable from ``seed``."""
+def dropout_keep_mask(like: torch.Tensor, p: float, seed: int | torch.Tensor) -> torch.Tensor:
+    """The scaled keep mask ``bernoulli(1 - p) / (1 - p)`` for ``like``, redrawable from ``seed`` (a tensor seed,
+    as :func:`dropout_seed` gives under ``torch.compile``: the same mask through a custom op a graph can hold)."""
+    if isinstance(seed, torch.Tensor):
+        return seeded_keep_mask(like, p, seed)
     gen = torch.Generator(device=like.device)
     gen.manual_seed(seed)
     mask = torch.empty(like.shape, dtype=like.dtype, device=like.device).bernoulli_(1.0 - p, generator=gen)
     return mask.mul_(1.0 / (1.0 - p))
 
 
-def dropout_seed(p: float) -> int:
+def dropout_seed(p: float) -> int | torch.Tensor:
     """A fresh seed for :func:`dropout_keep_mask` (drawn from torch's generator, so ``torch.manual_seed`` repeats
-    it), or 0 without dropout."""
-    return int(torch.randint(0, 2**62, (1,)).item()) if p > 0 else 0
+    it), or 0 without dropout; under ``torch.compile`` the same draw as a one-element tensor (no ``.item()`` in a
+    graph)."""
+    if p <= 0:
+        return 0
+    if compiling():
+        return traced_seed()
+    return int(torch.randint(0, 2**62, (1,)).item())
 
 
 # -- the factor gradients, shared ------------------------------------------------------------------------------
@@ -110,7 +122,7 @@ class LowRankLinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float, dropout_p: float, seed: int):
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float, dropout_p: float, seed: int | torch.Tensor):
         dtype = x.dtype
         a, b = cast(lora_a, dtype), cast(lora_b, dtype)
         x2 = x.reshape(-1, x.shape[-1])

@@ -55,6 +55,11 @@ class AdapterModule(nn.Module):
         """PEFT key suffix (e.g. ``"lora_A.weight"``) -> the parameter stored under it."""
         raise NotImplementedError
 
+    def explain(self, x: torch.Tensor) -> list:
+        """The variants this layer chooses for a training input like ``x`` (:class:`slimtune.core.explain.Choice`
+        each, with every option's FLOP and byte counts); empty where the layer always takes one path."""
+        return []
+
     # -- merge / unmerge -----------------------------------------------------------------------------
     @property
     def base_weight(self) -> torch.Tensor:

@@ -17,10 +17,12 @@ from .caches import BoundedCache
 from .compute import compute_setting
 from .config import AdapterConfig, check_bool, check_probability, resolve_adapter_dtype
 from .costs import Cost, choose_path
+from .explain import Choice, path_choice
 from .frozen import WeightOperand, base_weight_operand, is_quantized, weight_dtype, weight_shape
 from .module import AdapterModule
 from .structured import ConvSpec
 from .targeting import is_hf_conv1d
+from .tracing import compiling
 
 PATH_CHOICES = ("auto", "structured", "folded")
 _DENSE_BASES = (nn.Linear, nn.Conv1d, nn.Conv2d)  # exact types: never a 4-bit layer
@@ -85,9 +87,19 @@ def rank_dropout_mask(d_out: int, p: float, normalize: bool, device: torch.devic
         keep /= keep.mean().clamp_min(1.0 / d_out)  # all dropped: zeros rather than PEFT's NaN
     if scale != 1.0:
         keep *= scale
-    if torch.device(device).type == "cuda":  # no stall: copy from pinned memory behind the queued work
+    if torch.device(device).type == "cuda" and not compiling():  # no stall: pinned copy behind the queued work
         return keep.pin_memory().to(device=device, dtype=dtype, non_blocking=True)
     return keep.to(device=device, dtype=dtype)
+
+
+def module_dropout_mask(keep: torch.Tensor, mask: torch.Tensor | None, d_out: int, device: torch.device,
+                        dtype: torch.dtype, scale: float) -> torch.Tensor:
+    """Module dropout as ``torch.compile`` traces it (a graph cannot branch on a random draw): the rank-dropout
+    ``mask`` (or ``scale`` in every row) times ``keep`` (``rand > p``, one bool), so a dropped layer adds a zero
+    update — the base's output, as eager's skip gives, but its adapter gets zero gradients rather than None.
+    ``[d_out]`` in ``dtype``."""
+    rows = mask if mask is not None else torch.full((d_out,), scale, device=device, dtype=dtype)
+    return rows * keep.to(device=device, dtype=dtype)
 
 
 # -- module -----------------------------------------------------------------------------------------
@@ -163,11 +175,17 @@ class StructuredAdapter(AdapterModule):
                 raise ValueError(f"{name} over a Conv{spatial}d expects inputs [batch, {self.in_features}, <{spatial} "
                                  f"spatial sizes>] (or without the batch), got {tuple(x.shape)}")
 
+    def explain(self, x: torch.Tensor) -> list[Choice]:
+        """The training path (structured or folded) for an input like x, with both paths' counts."""
+        return [path_choice(self.costs(x, True), self.choose(x, True))]
+
     def choose(self, x: torch.Tensor, backward: bool) -> str:
         if not self.structured_ok or self.path == "folded":
             return "folded"
         if self.path == "structured":
             return "structured"
+        if compiling():  # decided once, at trace time (shapes are static there): no cache for a guard to watch
+            return choose_path(self.costs(x, backward))
         return self._choices.get((tuple(x.shape), x.dtype, backward),
                                  lambda: choose_path(self.costs(x, backward)))
 
@@ -181,11 +199,16 @@ class StructuredAdapter(AdapterModule):
         mask = None
         if self.training:
             # PEFT: the adapter runs when rand > module_dropout; rank dropout masks ΔW's output rows.
-            if self.module_dropout > 0 and torch.rand(1).item() <= self.module_dropout:
+            traced = self.module_dropout > 0 and compiling()
+            if self.module_dropout > 0 and not traced and torch.rand(1).item() <= self.module_dropout:
                 return self.base_layer(x)
+            mask_scale = self.scaling if self.mask_has_scaling else 1.0
+            keep = torch.rand(1) > self.module_dropout if traced else None  # drawn where eager draws it
             if self.rank_dropout > 0:
                 mask = rank_dropout_mask(self.out_features, self.rank_dropout, self.normalize_rank_dropout, x.device,
-                                         dtype, self.scaling if self.mask_has_scaling else 1.0)
+                                         dtype, mask_scale)
+            if keep is not None:
+                mask = module_dropout_mask(keep, mask, self.out_features, x.device, dtype, mask_scale)
         if x.dtype != dtype:
             x = x.to(dtype)
         params = self._params()

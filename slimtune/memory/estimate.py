@@ -65,6 +65,8 @@ from ..models.presets import ModelPreset, Preset, dtype_name, get_preset, resolv
 from ..quant.linear import NF4Linear
 from ..quant.nf4 import BLOCKSIZE, DQ_BLOCKSIZE, NF4Tensors
 from .accounting import SavedTensorMeter
+from .chunked_loss import model_causal_lm_loss, plain_head
+from .setting import apply_memory_setting, memory_setting
 
 __all__ = ["BREAKDOWN_KEYS", "CUDA_ROUNDING", "CUDA_WORKSPACE_BYTES", "MemoryEstimate", "StepSim", "adapter_bytes",
            "build_meta_model", "estimate_from_sim", "estimate_memory", "meta_environment", "parameter_bytes",
@@ -121,6 +123,7 @@ class MemoryEstimate:
     held_after_forward_bytes: int
     flops: float = 0.0
     dequant_bytes: float = 0.0
+    memory: str = "fast"  # the memory setting (slimtune.memory.setting)
 
     def step_seconds(self, tflops: float = 400.0, bandwidth_gbs: float = 2000.0) -> float:
         """A rough step time: the step's FLOPs at ``tflops`` effective TFLOP/s plus the NF4 dequantisation
@@ -141,7 +144,8 @@ class MemoryEstimate:
         quant = f"+{self.quant}" if self.quant != "none" else ""
         method = "full FT" if self.method == "none" else f"{self.method}{quant}"
         rank = f" r{self.rank}" if self.rank is not None else ""
-        return f"{self.preset} {method}{rank}{' +GC' if self.grad_checkpointing else ''}"
+        memory = f" memory={self.memory}" if self.memory != "fast" else ""
+        return f"{self.preset} {method}{rank}{' +GC' if self.grad_checkpointing else ''}{memory}"
 
 
 # -- the meta environment ---------------------------------------------------------------------------
@@ -272,12 +276,20 @@ def _with_depth(spec: Preset, depth: dict[str, int] | None) -> Preset:
 def build_meta_model(preset: str | Preset, method: str = "lora", rank: int = 16, alpha: float | None = None,
                      quant: str = "none", dtype: str | torch.dtype = torch.bfloat16,
                      grad_checkpointing: bool = False, targets: list[str] | None = None,
-                     adapter_dtype: torch.dtype | None = None, device: str = "cuda") -> tuple[nn.Module, Preset]:
+                     adapter_dtype: torch.dtype | None = None, device: str = "cuda",
+                     memory: str = "fast") -> tuple[nn.Module, Preset]:
     """The configured model on the meta device: built, frozen text encoders, quantised (``nf4``) and adapted
     as :class:`slimtune.memory.profile.TrainingSession` does it; returns ``(model, preset)``. ``device``: the
-    device whose storage layout to mirror (``"cuda"`` or ``"cpu"``)."""
+    device whose storage layout to mirror (``"cuda"`` or ``"cpu"``). ``memory``: a setting of
+    :mod:`~slimtune.memory.setting` (language models; ``max-fit`` offloads from CUDA only, so on ``"cpu"`` it
+    models ``balanced``)."""
     spec = get_preset(preset)
     torch_dtype = resolve_dtype(dtype)
+    setting = memory_setting(memory)
+    if setting.checkpoint and not isinstance(spec, ModelPreset):
+        raise ConfigError(f"memory={memory!r} applies to language models, not the diffusion preset {spec.name!r}")
+    if setting.checkpoint and grad_checkpointing:
+        raise ConfigError(f"memory={memory!r} checkpoints every layer itself: drop grad_checkpointing")
     if quant not in QUANTS:
         raise ConfigError(f"unknown quant {quant!r}; choose from {', '.join(QUANTS)}")
     if quant != "none" and method == "none":
@@ -299,6 +311,8 @@ def build_meta_model(preset: str | Preset, method: str = "lora", rank: int = 16,
         if grad_checkpointing:
             workload.enable_gradient_checkpointing(spec, model, adapted=method != "none",
                                                     context_fn=checkpoint_contexts)
+        apply_memory_setting(model, "balanced" if memory == "max-fit" and device == "cpu" else setting,
+                             context_fn=checkpoint_contexts)
     return model, spec
 
 
@@ -424,13 +438,14 @@ class StepSim:
 
 
 def _simulate(model: nn.Module, spec: Preset, method: str, batch: int, seq: int, resolution: int | None,
-              dtype: torch.dtype, release_outputs: bool, device_kind: str, steps: int = 1) -> StepSim:
+              dtype: torch.dtype, release_outputs: bool, device_kind: str, steps: int = 1,
+              memory: str = "fast") -> StepSim:
     """Simulate ``steps`` training steps of ``model`` (built by :func:`build_meta_model`) on meta tensors.
 
     With ``steps=1`` the later steps' peak is derived from the first step's phases: a later forward also holds
     the optimizer state S and the previous step's outputs R (unless released), a later backward holds S, the
     optimizer phase is the first one's: ``max(F1 + S + R, B1 + S, O1)``. ``steps=2`` simulates them (slower; the
-    tests check that both agree).
+    tests check that both agree). ``memory``: the setting the model was built with (its chunked loss here).
     """
     rounding = CUDA_ROUNDING if device_kind == "cuda" else 1
     static, trainable_bytes, total, trainable_count = parameter_bytes(model)
@@ -446,6 +461,7 @@ def _simulate(model: nn.Module, spec: Preset, method: str, batch: int, seq: int,
     allocator = _Allocator(rounding, external=set(storages))
     gradients = optimizer_state = state_live = retained = held_after_forward = 0
     first: dict[str, int] = {}
+    chunked = memory_setting(memory).chunked_loss and plain_head(model)
     with meta_environment() as work, allocator:
         inputs = workload.make_inputs(spec, model, batch, seq, "meta", dtype, None, resolution=resolution)
         out: Any = None
@@ -453,7 +469,10 @@ def _simulate(model: nn.Module, spec: Preset, method: str, batch: int, seq: int,
             allocator.start_phase("forward")
             before = allocator.live
             with counter.record():
-                loss, out = workload.forward_loss(spec, model, inputs)
+                if chunked:
+                    loss, out = model_causal_lm_loss(model, inputs["input_ids"], inputs["labels"], "mean"), None
+                else:
+                    loss, out = workload.forward_loss(spec, model, inputs)
             held_after_forward = allocator.live - before
             if release_outputs:
                 out = None
@@ -538,7 +557,7 @@ def simulate_points(preset: str | Preset, points: list[tuple[int, int, int | Non
                     rank: int = 16, alpha: float | None = None, quant: str = "none",
                     dtype: str | torch.dtype = "bfloat16", grad_checkpointing: bool = False,
                     release_outputs: bool = False, device: str = "cuda", reduced_depth: bool = False,
-                    adapter_dtype: torch.dtype | None = None) -> list["StepSim"]:
+                    adapter_dtype: torch.dtype | None = None, memory: str = "fast") -> list["StepSim"]:
     """One simulated step per ``(batch, seq, resolution)`` point, the model(s) built once (at the real depth, or
     at reduced depths extrapolated linearly when ``reduced_depth``)."""
     spec = get_preset(preset)
@@ -558,9 +577,10 @@ def simulate_points(preset: str | Preset, points: list[tuple[int, int, int | Non
     per_depth: list[list[StepSim]] = []
     for depth in depths:
         model, shaped = build_meta_model(_with_depth(spec, depth), method, rank, alpha, quant, torch_dtype,
-                                         grad_checkpointing, adapter_dtype=adapter_dtype, device=device)
+                                         grad_checkpointing, adapter_dtype=adapter_dtype, device=device,
+                                         memory=memory)
         per_depth.append([_simulate(model, shaped, method, batch, seq, resolution, torch_dtype, release_outputs,
-                                    device) for batch, seq, resolution in points])
+                                    device, memory=memory) for batch, seq, resolution in points])
         del model
     if not knobs:
         return per_depth[0]
@@ -572,7 +592,7 @@ def estimate_memory(preset: str | Preset, method: str = "lora", rank: int = 16, 
                     batch: int = 4, seq: int = 512, resolution: int | None = None, quant: str = "none",
                     dtype: str | torch.dtype = "bfloat16", grad_checkpointing: bool = False,
                     release_outputs: bool = False, device: str = "cuda", reduced_depth: bool = False,
-                    adapter_dtype: torch.dtype | None = None) -> MemoryEstimate:
+                    adapter_dtype: torch.dtype | None = None, memory: str = "fast") -> MemoryEstimate:
     """Predict one configuration's memory (see the module docstring); nothing is allocated.
 
     Arguments mirror :class:`slimtune.memory.options.ProfileOptions` (``seq`` is ignored by diffusion presets,
@@ -585,14 +605,14 @@ def estimate_memory(preset: str | Preset, method: str = "lora", rank: int = 16, 
     """
     spec = get_preset(preset)
     sim = simulate_points(spec, [(batch, seq, resolution)], method, rank, alpha, quant, dtype, grad_checkpointing,
-                          release_outputs, device, reduced_depth, adapter_dtype)[0]
+                          release_outputs, device, reduced_depth, adapter_dtype, memory)[0]
     return estimate_from_sim(spec, sim, method, rank, quant, batch, seq, resolution, resolve_dtype(dtype),
-                             grad_checkpointing, release_outputs, device)
+                             grad_checkpointing, release_outputs, device, memory)
 
 
 def estimate_from_sim(spec: Preset, sim: StepSim, method: str, rank: int, quant: str, batch: int, seq: int,
             resolution: int | None, dtype: torch.dtype, grad_checkpointing: bool, release_outputs: bool,
-            device: str) -> MemoryEstimate:
+            device: str, memory: str = "fast") -> MemoryEstimate:
     """The :class:`MemoryEstimate` of a simulated step (:func:`simulate_points`)."""
     adapter = sim.trainable if method != "none" else 0
     parts = dict(base_weights=sim.static - adapter, adapter_weights=adapter, gradients=sim.gradients,
@@ -616,7 +636,7 @@ def estimate_from_sim(spec: Preset, sim: StepSim, method: str, rank: int, quant:
         activations_by_module=dict(sorted(sim.by_kind.items(), key=lambda kv: -kv[1])),
         phase_peaks={k: sim.static_rounded + v for k, v in sim.phase_peaks.items()},
         held_after_forward_bytes=sim.held_after_forward, flops=sim.flops + sim.attention_flops,
-        dequant_bytes=sim.dequant_bytes)
+        dequant_bytes=sim.dequant_bytes, memory=memory)
 
 
 def adapter_bytes(base: nn.Module, preset: str | Preset, method: str, rank: int, alpha: float | None = None,

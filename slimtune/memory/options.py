@@ -9,8 +9,9 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError, MissingDependencyError
-from ..models.presets import dtype_name, get_preset, resolve_dtype
+from ..models.presets import ModelPreset, dtype_name, get_preset, resolve_dtype
 from ..models.workload import METHODS  # one list for the profiler and the estimator
+from .setting import memory_setting
 
 BACKENDS = ("slimtune", "peft", "peft-bf16")
 QUANTS = ("none", "nf4")
@@ -64,6 +65,7 @@ class ProfileOptions:
     release_outputs: bool = False
     quant: str = "none"  # "none" | "nf4" (4-bit base weights: slimtune.quantize, or bitsandbytes for PEFT)
     model_dir: str | None = None  # a local Hugging Face model directory; replaces ``preset`` when set
+    memory: str = "fast"  # "fast" | "balanced" | "max-fit" (slimtune.memory.setting; the slimtune backend)
 
     @property
     def model_name(self) -> str:
@@ -86,6 +88,13 @@ class ProfileOptions:
         if self.quant != "none" and self.method == "none":
             raise ConfigError("4-bit weights cannot be trained: --quant nf4 needs an adapter method "
                               "(e.g. --method lora)")
+        setting = memory_setting(self.memory)
+        if setting.checkpoint and (self.backend != "slimtune" or self.grad_checkpointing):
+            raise ConfigError(f"memory={self.memory!r} is slimtune's own checkpointing: use it with the slimtune "
+                              "backend and without grad_checkpointing")
+        if setting.checkpoint and self.model_dir is None and not isinstance(get_preset(self.preset), ModelPreset):
+            raise ConfigError(f"memory={self.memory!r} applies to language models, not the diffusion preset "
+                              f"{self.preset!r} (use grad_checkpointing)")
         _positive_int("rank", self.rank)
         alpha = self.rank if self.alpha is None else self.alpha
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
@@ -118,6 +127,8 @@ class ProfileOptions:
             argv += ["--quant", self.quant]
         if self.model_dir is not None:
             argv += ["--model-dir", self.model_dir]
+        if self.memory != "fast":
+            argv += ["--memory", self.memory]
         return argv
 
 

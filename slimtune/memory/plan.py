@@ -1,7 +1,8 @@
 """What fits on a GPU: a search over training configurations with the estimator of :mod:`.estimate`.
 
 ``slimtune plan --model llama-7b --gpu-mem 16GB`` lists the configurations (method, rank, quantisation, batch,
-sequence length / resolution, gradient checkpointing) whose predicted peak fits the card, fastest first;
+sequence length / resolution, gradient checkpointing or memory setting) whose predicted peak fits the card,
+fastest first;
 ``slimtune plan --model llama-7b --method lora --rank 16 --batch 4 --seq 512`` prints one configuration's
 predicted breakdown.
 
@@ -37,6 +38,7 @@ from ..models.presets import ModelPreset, Preset, get_preset, resolve_dtype
 from .estimate import (BREAKDOWN_KEYS, MemoryEstimate, StepSim, adapter_bytes, build_meta_model, estimate_from_sim,
                        simulate_points)
 from .report import format_bytes, format_count
+from .setting import MEMORY_SETTINGS, memory_setting
 
 GiB = 2**30
 #: Memory the allocator never sees: CUDA context, cuBLAS/cuDNN handles, driver reservations.
@@ -88,6 +90,7 @@ class PlanPoint:
     seq: int
     resolution: int | None
     grad_checkpointing: bool
+    memory: str = "fast"  # the memory setting (slimtune.memory.setting)
 
 
 @dataclasses.dataclass
@@ -160,12 +163,14 @@ def search(preset: str | Preset, gpu_mem: int, methods: Sequence[str] | None = N
            seqs: Sequence[int] = (512, 1024, 2048), resolutions: Sequence[int] | None = None,
            grad_checkpointing: Sequence[bool] = (False, True), dtype: str = "bfloat16", release_outputs: bool = False,
            tflops: float = DEFAULT_TFLOPS, bandwidth_gbs: float = DEFAULT_BANDWIDTH_GBS,
-           on_group: Callable[[str], None] | None = None) -> PlanResult:
+           on_group: Callable[[str], None] | None = None, memories: Sequence[str] = ("fast",)) -> PlanResult:
     """Every configuration of the grid with its estimate; fitting ones first, fastest first.
 
     ``gpu_mem``: the card's memory in bytes (the budget is :func:`usable_bytes` of it). ``seqs`` apply to
     language models, ``resolutions`` (latent sides; default the preset's) to diffusion models. ``on_group`` is
-    called with a description before each simulated group (progress).
+    called with a description before each simulated group (progress). ``memories``: the memory settings to
+    try (:mod:`.setting`; ``balanced`` and ``max-fit`` for language models, without transformers' checkpointing,
+    which they replace).
     """
     spec = get_preset(preset)
     torch_dtype = resolve_dtype(dtype)
@@ -178,6 +183,13 @@ def search(preset: str | Preset, gpu_mem: int, methods: Sequence[str] | None = N
         if quant not in ("none", "nf4"):
             raise ConfigError(f"unknown quant {quant!r}; choose from none, nf4")
     diffusion = isinstance(spec, DiffusionPreset)
+    for memory in memories:
+        if memory_setting(memory).checkpoint and diffusion:
+            raise ConfigError(f"memory setting {memory!r} applies to language models, not {spec.name}")
+    variants = [(gc, "fast") for gc in grad_checkpointing if "fast" in memories]
+    variants += [(False, m) for m in memories if m != "fast"]
+    if not variants:
+        raise ConfigError("the grid is empty: memory settings other than fast go without grad checkpointing")
     shapes = ([(b, 0, r) for b in batches for r in (resolutions or [spec.sample_size])] if diffusion
               else [(b, s, None) for b in batches for s in seqs])
     if not shapes or not ranks:
@@ -196,15 +208,16 @@ def search(preset: str | Preset, gpu_mem: int, methods: Sequence[str] | None = N
         for quant in quants:
             if quant != "none" and method == "none":
                 continue
-            for gc in grad_checkpointing:
+            for gc, memory in variants:
+                label = (f"{method}{'+' + quant if quant != 'none' else ''}{' +GC' if gc else ''}"
+                         f"{' memory=' + memory if memory != 'fast' else ''}")
                 if on_group is not None:
-                    on_group(f"{method}{'+' + quant if quant != 'none' else ''}{' +GC' if gc else ''}")
+                    on_group(label)
                 points = [lo] if lo == hi else [lo, hi]
                 try:
                     sims = simulate_points(spec, points, method, ref_rank, None, quant, torch_dtype, gc,
-                                           release_outputs, "cuda", reduced_depth=True)
+                                           release_outputs, "cuda", reduced_depth=True, memory=memory)
                 except Exception as exc:  # noqa: BLE001 - a combination slimtune cannot run is reported, not fatal
-                    label = f"{method}{'+' + quant if quant != 'none' else ''}{' +GC' if gc else ''}"
                     skipped.append(f"{label}: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
                     continue
                 sim_lo, sim_hi = sims[0], sims[-1]
@@ -221,8 +234,8 @@ def search(preset: str | Preset, gpu_mem: int, methods: Sequence[str] | None = N
                         (t, a), (t_lo, a_lo), (t_hi, _) = tokens(shape), tokens(lo), tokens(hi)
                         sim = _with_rank(_interpolate(sim_lo, sim_hi, t_lo, t_hi, t, a_lo, a), *delta)
                         est = estimate_from_sim(spec, sim, method, rank or ref_rank, quant, shape[0], shape[1],
-                                                shape[2], torch_dtype, gc, release_outputs, "cuda")
-                        point = PlanPoint(method, rank, quant, shape[0], shape[1], est.resolution, gc)
+                                                shape[2], torch_dtype, gc, release_outputs, "cuda", memory)
+                        point = PlanPoint(method, rank, quant, shape[0], shape[1], est.resolution, gc, memory)
                         speed = est.tokens / max(est.step_seconds(tflops, bandwidth_gbs), 1e-12)
                         rows.append(PlanRow(point, est, est.peak_bytes <= budget, speed))
     if not rows:
@@ -250,7 +263,8 @@ def _shape(p: PlanPoint, diffusion: bool) -> str:
 
 def summary_table(rows: Sequence[PlanRow], gpu_mem: int, diffusion: bool) -> Any:
     """One row per method (and base quantisation): the largest batch x length that fits, without and with
-    gradient checkpointing, or how much memory the smallest configuration needs."""
+    gradient checkpointing and with each memory setting searched, or how much memory the smallest configuration
+    needs."""
     from rich.table import Table
 
     budget = usable_bytes(gpu_mem)
@@ -259,13 +273,16 @@ def summary_table(rows: Sequence[PlanRow], gpu_mem: int, diffusion: bool) -> Any
     table.add_column("method")
     table.add_column("without grad ckpt", justify="right")
     table.add_column("with grad ckpt", justify="right")
+    settings = [m for m in MEMORY_SETTINGS if m != "fast" and any(r.point.memory == m for r in rows)]
+    for memory in settings:
+        table.add_column(f"memory={memory}", justify="right")
     groups: dict[tuple[str, str], list[PlanRow]] = {}
     for row in rows:
         groups.setdefault((row.point.method, row.point.quant), []).append(row)
     for (method, quant), members in groups.items():
         cells = []
-        for gc in (False, True):
-            mine = [r for r in members if r.point.grad_checkpointing == gc]
+        for gc, memory in [(False, "fast"), (True, "fast"), *((False, m) for m in settings)]:
+            mine = [r for r in members if r.point.grad_checkpointing == gc and r.point.memory == memory]
             if not mine:
                 cells.append("[dim]not simulated[/dim]")
                 continue
@@ -298,7 +315,8 @@ def search_table(rows: Sequence[PlanRow], gpu_mem: int, top: int, diffusion: boo
     for i, row in enumerate(shown, 1):
         p = row.point
         table.add_row(str(i), _config_label(p), "—" if p.rank is None else str(p.rank), _shape(p, diffusion),
-                      "on" if p.grad_checkpointing else "—", _gib(row.estimate.peak_bytes),
+                      "on" if p.grad_checkpointing else (p.memory if p.memory != "fast" else "—"),
+                      _gib(row.estimate.peak_bytes),
                       _gib(budget - row.estimate.peak_bytes) if row.fits else "—", f"{row.relative_speed:.2f}×")
     return table
 

@@ -46,8 +46,10 @@ from ..models.deps import require_transformers
 from ..models.presets import build_model, dtype_name, get_preset, resolve_dtype
 from ..quant import quantize
 from ..version import __version__
+from .chunked_loss import model_causal_lm_loss, plain_head
 from .accounting import SavedTensorMeter, gradient_bytes, module_state_bytes, optimizer_state_bytes, storage_bytes
 from .options import BACKENDS, METHODS, QUANTS, ProfileOptions, check_dependencies
+from .setting import apply_memory_setting, memory_setting
 from .result import (CPU_MEMORY, CUDA_MEMORY, WARMUP_STEPS, ProfileResult, device_memory, device_name, is_out_of_memory,
                      median_step_time)
 
@@ -310,6 +312,7 @@ class TrainingSession:
                 enable_gradient_checkpointing(model, adapted=options.method != "none")
             else:
                 workload_module().enable_gradient_checkpointing(options.preset, model, adapted=options.method != "none")
+        apply_memory_setting(model, options.memory)
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=LR) if trainable else None
         if device.type == "cuda":
@@ -340,7 +343,10 @@ class TrainingSession:
             **_versions(self.options.backend))
 
     def _forward(self) -> tuple[torch.Tensor, Any]:
-        """The loss of one forward pass, and the outputs the protocol keeps alive until the next step."""
+        """The loss of one forward pass, and the outputs the protocol keeps alive until the next step (none with
+        ``memory``'s chunked loss: there are no logits)."""
+        if memory_setting(self.options.memory).chunked_loss and plain_head(self.model):
+            return model_causal_lm_loss(self.model, self.inputs["input_ids"], self.inputs["labels"], "mean"), None
         if self.options.model_dir is not None:
             out = self.model(**self.inputs)
             return out.loss, out
@@ -471,11 +477,13 @@ def profile_training(preset: str = "tiny-llama", method: str = "lora", rank: int
                      batch: int | None = None, seq: int = 128, steps: int = 4, device: str | None = None,
                      dtype: str | torch.dtype | None = None, backend: str = "slimtune",
                      grad_checkpointing: bool = False, seed: int = 0, quant: str = "none",
-                     model_dir: str | None = None, on_step: StepCallback | None = None) -> ProfileResult:
+                     model_dir: str | None = None, on_step: StepCallback | None = None,
+                     memory: str = "fast") -> ProfileResult:
     """Train ``steps`` steps of a preset model and measure it (see the module docstring).
 
     ``method``: one of ``METHODS`` (``"none"``: full fine-tune). ``quant``: ``"none"`` or ``"nf4"``
     (4-bit base weights). ``model_dir``: a local Hugging Face model directory instead of ``preset``.
+    ``memory``: ``"fast"``, ``"balanced"`` or ``"max-fit"`` (:mod:`slimtune.memory.setting`).
     ``backend``: ``"slimtune"``, ``"peft"`` (PEFT as users get it: adapter weights upcast to float32) or
     ``"peft-bf16"`` (``autocast_adapter_dtype=False``).
     ``alpha`` defaults to ``rank``; ``batch``, ``device`` and ``dtype`` default to 4 / cuda / bfloat16 when
@@ -485,5 +493,6 @@ def profile_training(preset: str = "tiny-llama", method: str = "lora", rank: int
         dtype = dtype_name(dtype)
     options = ProfileOptions(preset=preset, method=method, rank=rank, alpha=alpha, batch=batch, seq=seq,
                              steps=steps, device=device, dtype=dtype, backend=backend,
-                             grad_checkpointing=grad_checkpointing, seed=seed, quant=quant, model_dir=model_dir)
+                             grad_checkpointing=grad_checkpointing, seed=seed, quant=quant, model_dir=model_dir,
+                             memory=memory)
     return profile_options(options, on_step)

@@ -66,6 +66,7 @@ class ProfileResult:
     breakdown: dict[str, int | None] | None = None  # BREAKDOWN_KEYS at the peak step; sums to peak_bytes on CUDA
     activations_by_module: dict[str, int] | None = None  # accounting.ACTIVATION_KINDS -> bytes saved for backward
     setup_time_s: float | None = None  # building, quantising and adapting the model
+    memory: str = "fast"  # the memory setting (slimtune.memory.setting)
 
     @classmethod
     def for_options(cls, options: ProfileOptions, **fields: Any) -> "ProfileResult":
@@ -76,7 +77,8 @@ class ProfileResult:
                    batch=options.batch or 0, seq=options.seq, steps=options.steps, dtype=options.dtype or "",
                    device=options.device or "", grad_checkpointing=options.grad_checkpointing,
                    release_outputs=options.release_outputs, quant=getattr(options, "quant", "none"),
-                   model_dir=getattr(options, "model_dir", None), **fields)
+                   model_dir=getattr(options, "model_dir", None), memory=getattr(options, "memory", "fast"),
+                   **fields)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -98,6 +100,7 @@ class ProfileResult:
         method = "full FT" if self.method == "none" else f"{self.method}{quant}"
         rank = f" r{self.rank}" if self.rank is not None else ""
         gc = " +GC" if self.grad_checkpointing else ""
+        gc += f" memory={self.memory}" if self.memory != "fast" else ""
         name = self.preset.rstrip("/").rsplit("/", 1)[-1]
         return f"{name} {method}{rank}{gc} · {self.backend}"
 

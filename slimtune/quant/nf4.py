@@ -25,6 +25,7 @@ import math
 import torch
 
 from ..core.simulation import count
+from ..core.tracing import compiling
 from ..errors import ConfigError
 
 BLOCKSIZE = 64  #: elements per absmax block (bitsandbytes' default for NF4)
@@ -173,13 +174,13 @@ def dequantize_nf4_reference(t: NF4Tensors, dtype: torch.dtype = torch.float32,
 
 
 def dequantize_nf4(t: NF4Tensors, dtype: torch.dtype, code: torch.Tensor | None = None) -> torch.Tensor:
-    """The dense weight in ``dtype``: the fused Triton kernel on CUDA, the PyTorch reference elsewhere. On the meta
-    device (the memory estimator's simulated step) only the kernel's output is allocated, as on CUDA, and its
-    traffic is counted (:mod:`slimtune.core.simulation`)."""
+    """The dense weight in ``dtype``: the fused Triton kernel on CUDA (eager), the PyTorch reference elsewhere. On
+    the meta device (the memory estimator's simulated step) only the kernel's output is allocated, as on CUDA, and
+    its traffic is counted (:mod:`slimtune.core.simulation`)."""
     if t.packed.device.type == "meta":
         count(dequant_bytes=t.numel * (0.5 + torch.empty((), dtype=dtype).element_size()))
         return torch.empty(tuple(t.shape), dtype=dtype, device="meta")
-    if t.packed.is_cuda:
+    if t.packed.is_cuda and not compiling():  # under torch.compile the reference, which Inductor fuses itself
         from .nf4_triton import dequantize_nf4_triton, triton_supports  # imports triton (optional)
 
         if triton_supports(t):

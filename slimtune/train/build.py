@@ -19,6 +19,7 @@ from ..core.config import AdapterConfig
 from ..core.inject import adapt
 from ..errors import ConfigError
 from ..memory.profile import build_from_dir, enable_gradient_checkpointing
+from ..memory.setting import apply_memory_setting
 from ..models.deps import require_diffusers, require_transformers
 from ..models.diffusion import DiffusionModel, DiffusionPreset
 from ..models.presets import ModelPreset, build_model, get_preset, resolve_dtype
@@ -164,7 +165,7 @@ def adapter_config(cfg: TrainConfig, model: nn.Module) -> AdapterConfig:
 
 def prepare_model(cfg: TrainConfig, model: nn.Module, config: AdapterConfig) -> nn.Module:
     """Quantise (``--quant nf4``; a classification head stays dense), adapt with ``config`` (seeded), and turn on
-    gradient checkpointing; in place, returns ``model``."""
+    gradient checkpointing (``--grad-checkpointing``, or ``--memory``'s); in place, returns ``model``."""
     part = trained_part(model)
     if cfg.quant == "nf4":
         head = [head_name(model)] if cfg.task == "classification" else None
@@ -173,4 +174,5 @@ def prepare_model(cfg: TrainConfig, model: nn.Module, config: AdapterConfig) -> 
     adapt(part, config)
     if cfg.grad_checkpointing:
         enable_gradient_checkpointing(model, adapted=True)
+    apply_memory_setting(model, cfg.memory)
     return model

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
+from ..memory.chunked_loss import model_causal_lm_loss, plain_head
 from ..models.deps import require_diffusers
 from ..models.diffusion import DiffusionModel, DiffusionPreset
 from ..models.presets import get_preset, resolve_dtype
@@ -31,26 +32,20 @@ from .build import diffusion_spec
 from .config import TrainConfig
 from .data import (IGNORE, ByteTokenizer, DataError, HFTokenizer, Row, Tokenizer, causal_lm_rows,
                    classification_rows, held_out, label_names, pack, read_jsonl)
-from .loss import fused_causal_lm_loss, logits_causal_lm_loss
+from .loss import logits_causal_lm_loss
 
-#: model families whose logits are ``head(last hidden state)`` and nothing more (no soft-capping or scale)
-FUSED_LOSS_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "opt", "gpt2")
 #: a DiT's inputs that are not batched (positions)
 UNBATCHED = ("img_ids", "txt_ids")
 
 
 # -- objectives -------------------------------------------------------------------------------------
 def fused_loss_supported(model: nn.Module) -> bool:
-    """Whether ``model``'s loss can skip its logits: a listed family, its head a frozen ``nn.Linear``."""
-    config = getattr(model, "config", None)
-    get_head = getattr(model, "get_output_embeddings", None)
-    head = get_head() if callable(get_head) else None
-    return (getattr(config, "model_type", None) in FUSED_LOSS_FAMILIES and type(head) is nn.Linear
-            and not head.weight.requires_grad and getattr(model, "base_model", model) is not model)
+    """Whether ``model``'s loss can skip its logits (:func:`slimtune.memory.chunked_loss.plain_head`)."""
+    return plain_head(model)
 
 
 class CausalLMObjective(nn.Module):
-    """Summed next-token cross entropy of a causal LM; ``fused``: through the frozen head without the logits."""
+    """Summed next-token cross entropy of a causal LM; ``fused``: through the head without the logits."""
 
     def __init__(self, model: nn.Module, fused: bool | None = None) -> None:
         super().__init__()
@@ -59,8 +54,7 @@ class CausalLMObjective(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.fused:
-            hidden = self.model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
-            loss = fused_causal_lm_loss(hidden, self.model.get_output_embeddings(), labels)
+            loss = model_causal_lm_loss(self.model, input_ids, labels)
         else:
             loss = logits_causal_lm_loss(self.model(input_ids=input_ids, use_cache=False).logits, labels)
         return loss, torch.zeros((), dtype=torch.long, device=loss.device)

@@ -11,7 +11,8 @@ from slimtune.cli import main
 from slimtune.errors import ConfigError
 from slimtune.memory import accounting
 from slimtune.memory.profile import (CPU_MEMORY, ProfileOptions, ProfileResult, TrainingSession, median_step_time,
-                                     profile_training)
+                                     profile_options, profile_training)
+from slimtune.memory.setting import MEMORY_SETTINGS
 from slimtune.models import PRESETS, PresetError
 
 SMALL = dict(preset="tiny-llama", batch=1, seq=16, steps=2, device="cpu")
@@ -86,7 +87,7 @@ def test_median_step_time_skips_warmup() -> None:
 @pytest.mark.parametrize("field, value, message", [
     ("rank", 0, "rank"), ("batch", -1, "batch"), ("seq", 0, "seq"), ("steps", 0, "steps"),
     ("method", "qlora-xl", "unknown method"), ("backend", "hf", "unknown backend"), ("dtype", "int8", "dtype"),
-    ("device", "tpu", "device"),
+    ("device", "tpu", "device"), ("memory", "max", "unknown memory setting 'max'"),
 ])
 def test_bad_options_are_named(field: str, value: object, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
@@ -98,10 +99,11 @@ def test_unknown_preset_lists_the_presets() -> None:
         ProfileOptions(preset="llama-9").resolved()
 
 
-@pytest.mark.parametrize("extra", [{}, {"quant": "nf4"}])
+@pytest.mark.parametrize("extra", [{}, {"quant": "nf4"}, {"memory": "max-fit", "grad_checkpointing": False,
+                                                          "backend": "slimtune"}])
 def test_options_round_trip_through_argv(extra: dict) -> None:
-    options = ProfileOptions(rank=8, alpha=16, grad_checkpointing=True, backend="peft-bf16", **SMALL,
-                             **extra).resolved()
+    options = ProfileOptions(**{"rank": 8, "alpha": 16, "grad_checkpointing": True, "backend": "peft-bf16", **SMALL,
+                                **extra}).resolved()
     import argparse
 
     from slimtune.cli import add_profile_arguments, options_from_args
@@ -280,3 +282,24 @@ def test_diffusion_preset_adapts_the_unet() -> None:
     assert lora.ok and locon.ok and 0 < lora.params_trainable < locon.params_trainable  # LoCon adds the convs
     assert lora.activations_by_module["conv"] > 0 and lora.activations_by_module["attention"] > 0
     assert lora.breakdown["base_weights"] + lora.breakdown["adapter_weights"] == lora.mem_created_bytes
+
+
+def test_memory_settings_give_the_same_losses_with_fewer_activations() -> None:
+    """``balanced`` (chunked loss, per-layer checkpointing) and ``max-fit`` (and offload: nothing to move on the
+    CPU) train the same steps as ``fast`` and keep fewer activations for backward."""
+    results = {m: profile_options(ProfileOptions(**{**SMALL, "steps": 2, "memory": m})) for m in MEMORY_SETTINGS}
+    fast = results["fast"]
+    for memory in ("balanced", "max-fit"):
+        got = results[memory]
+        assert got.ok and got.losses == pytest.approx(fast.losses, rel=1e-5)
+        assert got.breakdown["activations"] < fast.breakdown["activations"] / 4
+        assert got.breakdown["gradients"] == fast.breakdown["gradients"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"backend": "peft"}, "use it with the slimtune backend"), ({"grad_checkpointing": True}, "without grad_che"),
+    ({"preset": "tiny-unet"}, "applies to language models"),
+])
+def test_memory_setting_conflicts_are_named(extra: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        ProfileOptions(**{**SMALL, "memory": "balanced", **extra}).resolved()

@@ -56,11 +56,12 @@ def test_fused_objective_equals_the_logits_objective():
     assert rel_err(fused_loss / count, mean) < FP32_TOL
 
 
-def test_fused_loss_needs_a_frozen_plain_head():
+def test_fused_loss_needs_a_plain_head():
     model = tiny_llama()
-    assert not fused_loss_supported(model)  # nothing frozen yet: the head trains
+    assert fused_loss_supported(model)  # a trained head too (its gradient accumulates chunk by chunk)
     model.requires_grad_(False)
     assert fused_loss_supported(model)
+    assert not fused_loss_supported(model.model)  # no head
     hidden = torch.randn(1, 4, 64, requires_grad=True)
     labels = torch.full((1, 4), IGNORE)
     labels[0, 2] = 3

@@ -94,7 +94,10 @@ def compose_forward(base: torch.Tensor, gm1: torch.Tensor, lora: torch.Tensor | 
         return triton_kernels.compose_forward(base, gm1, lora, scaling, bias, out, stats, g)
     sums = compose_stats_reference(base, gm1, lora, scaling, dim) if stats else None
     result = compose_forward_reference(base, gm1, lora, scaling, bias, dim, g)
-    return (out.copy_(result) if out is not None else result), sums
+    if out is None:
+        return result, sums
+    out.copy_(result)
+    return out, sums  # out itself (not copy_'s return value: torch.compile matches a dirty input by identity)
 
 
 def compose_backward(dy: torch.Tensor, base: torch.Tensor, g: torch.Tensor, lora: torch.Tensor | None = None,

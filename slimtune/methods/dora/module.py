@@ -28,7 +28,9 @@ from torch import nn
 from ...core.autograd_state import inside_backward, saved_tensor_hooks_active
 from ...core.caches import TensorStamp
 from ...core.compute import compute_setting
+from ...core.explain import Choice, Variant
 from ...core.frozen import WeightOperand, base_weight_operand, is_quantized, materialize, weight_dtype
+from ...core.tracing import compiling
 from ...errors import ConfigError, SlimtuneError
 from ..lora.config import LoraConfig
 from ..lora.conv import LoraConv
@@ -79,10 +81,13 @@ class DoraMixin:
         self.magnitude = nn.Parameter(norm.to(self.lora_A.dtype).reshape(shape))
 
     # -- the norm ------------------------------------------------------------------------------------------
-    def cached_weight_row_norm_sq(self) -> torch.Tensor:
+    def cached_weight_row_norm_sq(self) -> torch.Tensor | None:
         """``‖W‖²_row`` ``[d_out]`` fp32, recomputed only when the stored weight (the packed buffer, for a 4-bit
         base: dequantised once, upcast a few rows at a time) is another tensor or changed in place
-        (:class:`~slimtune.core.caches.TensorStamp`)."""
+        (:class:`~slimtune.core.caches.TensorStamp`). None under ``torch.compile`` (a stamp cannot be traced): the
+        norm's consumers then form it from the W they already hold, inside the graph."""
+        if compiling():
+            return None
         w = self.base_layer.weight
         cache = self._weight_sq_cache
         if cache is None or not cache[0].matches(w):
@@ -158,15 +163,32 @@ class DoraLinear(DoraMixin, LoraLinear):
             self.output_probe.watch(self, y)
         return y
 
+    def explain(self, x: torch.Tensor) -> list[Choice]:
+        """LoRA's backward order (the product's factor gradients), and what the layer keeps for ``dm``: its output
+        (bytes: ``[N, d_out]``, free where the next op saves it too), z, or nothing — z rebuilt in backward
+        (FLOPs: the base GEMM and the low-rank product again); :func:`~.function.backward_route`'s rule."""
+        tokens, d_in, d_out = x.numel() // x.shape[-1], self.in_features, self.out_features
+        kept = tokens * d_out * x.element_size()
+        rebuild = 2 * tokens * d_out * d_in + 2 * tokens * self.r * (d_in + d_out)
+        options = (Variant("output", 0, kept), Variant("z", 0, kept), Variant("recompute", rebuild, 0))
+        if self.dropout_p > 0 or not saves_output(self.base_layer.bias, x.dtype):
+            chosen = "recompute" if self.recompute else "z"
+        elif self.recompute is None:
+            chosen = "auto (output if shared, else recompute: measured on the first step)"
+        else:
+            chosen = "recompute" if self.recompute else "output"
+        return [*super().explain(x), Choice("kept for dm", options, chosen, "kept")]
+
     def _undecided(self, x: torch.Tensor, bias: torch.Tensor | None, p: float) -> tuple[bool, bool]:
         """``(recompute now, watch the output)`` for a layer whose ``dora_recompute="auto"`` is not decided yet.
 
         Only a training forward of a layer that would keep its output is measured (with dropout, a bias or fp16
         the layer keeps z, the rule of :func:`~.norm.saves_output`); it recomputes this once. Under
         saved-tensor hooks (gradient checkpointing, offloading) or inside a backward pass (reentrant
-        checkpointing's recomputation) the output is kept without deciding: those hooks own what is saved."""
+        checkpointing's recomputation) the output is kept without deciding: those hooks own what is saved; so it
+        is under ``torch.compile``, whose partitioner decides what the graph saves."""
         if (p > 0 or not torch.is_grad_enabled() or not self.magnitude.requires_grad
-                or not saves_output(bias, x.dtype) or self.output_probe is None):
+                or not saves_output(bias, x.dtype) or self.output_probe is None or compiling()):
             return False, False
         if saved_tensor_hooks_active() or inside_backward():
             return False, False

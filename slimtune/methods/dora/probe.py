@@ -7,6 +7,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ...core.tracing import compiling
+
 
 class OutputProbe:
     """``dora_recompute="auto"``: which DoRA Linear layers' outputs outlive the forward pass anyway.
@@ -26,10 +28,14 @@ class OutputProbe:
         self._pending[layer] = weakref.ref(output)
 
     def start(self, *_: object) -> None:
-        """The root's forward pre-hook: forget outputs watched outside a root forward (a layer called alone)."""
-        self._pending.clear()
+        """The root's forward pre-hook: forget outputs watched outside a root forward (a layer called alone).
+        Nothing to do under ``torch.compile``, where no layer watches (:meth:`DoraLinear._undecided`)."""
+        if not compiling():
+            self._pending.clear()
 
     def resolve(self, *_: object) -> None:
+        if compiling():
+            return
         for layer, output_ref in list(self._pending.items()):
             if layer.recompute is None:
                 layer.recompute = output_ref() is None

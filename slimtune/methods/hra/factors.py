@@ -21,6 +21,7 @@ from torch import nn
 
 from ...core.autograd_state import inside_backward, tensor_version
 from ...core.frozen import weight_dtype
+from ...core.tracing import compiling
 
 
 def batched_wy_factors(u: torch.Tensor, apply_gs: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,7 +49,10 @@ class HraFactorCache:
     def new_pass(self, *_: object) -> None:
         """The root model's forward pre-hook: forget the previous pass's factors and form this pass's, for
         every group, here — outside any gradient-checkpointed region, so a layer's recomputation sees the
-        same cached factors (the same saved tensors) as its first run."""
+        same cached factors (the same saved tensors) as its first run. Nothing under ``torch.compile`` (see
+        :meth:`factors`)."""
+        if compiling():
+            return
         self._entries.clear()
         for layer in (ref() for ref in self._layers):
             if layer is not None and layer not in self._entries:
@@ -64,6 +68,11 @@ class HraFactorCache:
         return (torch.is_grad_enabled(), tensor_version(layer.hra_u))
 
     def factors(self, layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(U, −U T)`` of ``layer`` for this pass: cached per group (checked by grad mode and ``hra_u``'s version);
+        under ``torch.compile`` formed for the layer alone, in the graph (a version counter cannot be traced, and
+        the compiled step has no per-kernel host cost for batching to save)."""
+        if compiling():
+            return self._factors_of([layer])[0]
         entry = self._entries.get(layer)
         state = self._state(layer)
         if entry is None or entry[0] != state or state[1] is None:

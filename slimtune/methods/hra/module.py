@@ -24,9 +24,11 @@ from torch import nn
 
 from ...core.autograd_state import tensor_version
 from ...core.compute import compute_setting
+from ...core.explain import Choice, lowrank_backward_choice
 from ...core.frozen import WeightOperand, base_weight_operand, is_quantized, weight_dtype, weight_matmul, weight_shape
 from ...core.lowrank import conv_low_rank_forward, lowrank_linear
 from ...core.module import AdapterModule
+from ...core.tracing import compiling
 from ...errors import ConfigError
 from .factors import HraFactorCache
 from .math import hra_low_rank_factors, init_hra_, orthogonality_penalty, reflections_cancel, wy_factors
@@ -63,6 +65,14 @@ class HraLayer(AdapterModule):
             return hra_low_rank_factors(weight2d, self.hra_u, self.apply_GS)
         unit, neg_ut = self.factor_cache.factors(self)  # in W's dtype
         return unit.t(), weight_matmul(weight2d, neg_ut)
+
+    def explain(self, x: torch.Tensor) -> list[Choice]:
+        """On a Linear, LoRA's backward order at rank r (the layer runs as LoRA with computed factors); a
+        convolution runs through PyTorch's autograd (no choice)."""
+        if self.is_conv:
+            return []
+        d_out, d_in = weight_shape(self.base_layer)
+        return [lowrank_backward_choice(x.numel() // x.shape[-1], d_in, d_out, self.r, x.element_size())]
 
     def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
         w2 = weight.reshape(weight.shape[0], -1)
@@ -108,8 +118,13 @@ class HraLayer(AdapterModule):
         roundoff (``‖û‖²`` is not exactly 1), enough to move a bf16 output off the base model's. While hra_u is as
         the init left it (its version, checked on the host) and its pairs still cancel (checked on the device, no
         sync), the output is the base's own, ``base(x) + (y − y.detach())``: the base's value to the bit, y's
-        gradient (the exact product's). Costs one more base GEMM until the first optimizer step, nothing after."""
-        if self._identity_version is None or tensor_version(self.hra_u) != self._identity_version:
+        gradient (the exact product's). Costs one more base GEMM until the first optimizer step, nothing after.
+        Skipped under ``torch.compile`` (the version check cannot be traced, and the device check alone would cost
+        that GEMM on every step): there a fresh layer is its base within the unit roundoff."""
+        if self._identity_version is None or compiling():
+            return y
+        if tensor_version(self.hra_u) != self._identity_version:  # trained: versions only grow, so never again
+            self._identity_version = None
             return y
         with torch.no_grad():
             base = self.base_layer(x)

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ...core.costs import Cost
+from ...core.explain import Choice, lowrank_backward_choice
 from ...core.structured import StructuredOp, folded_apply, positions, structured_apply
 from ...core.structured_adapter import Scale, StructuredAdapter, check_structured_target
 from .costs import loha_costs, loha_tucker_costs
@@ -87,6 +88,14 @@ class LohaLayer(StructuredAdapter):
                                      x.element_size(), backward)
         return loha_costs(tokens, c_in * math.prod(self.kernel), d_out, self.r, x.element_size(), backward,
                           fused_fold=self._fold_op.fused(x))
+
+    def explain(self, x: torch.Tensor) -> list[Choice]:
+        """The path; on a Linear's structured path also LoRA's backward order at rank r² (its factors' gradients)."""
+        choices = super().explain(x)
+        if self.conv is None and choices[0].chosen.startswith("structured"):
+            choices.append(lowrank_backward_choice(x.numel() // x.shape[-1], self.in_features, self.out_features,
+                                                   self.r * self.r, x.element_size()))
+        return choices
 
     def _fused_linear(self, x: torch.Tensor, base: nn.Module) -> bool:
         """Whether the folded path can take :class:`~slimtune.methods.loha.fused.FusedLohaLinear`: a dense, frozen

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ...core.compute import cast, cast_optional, compute_setting
+from ...core.explain import Choice, lowrank_backward_choice
 from ...core.frozen import base_weight_operand, is_quantized, weight_dtype, weight_shape
 from ...core.lowrank import lowrank_linear
 from ...core.module import AdapterModule
@@ -54,6 +55,11 @@ class LoraLinear(LoraMixin, AdapterModule):
     def delta_weight(self) -> torch.Tensor:
         delta = lora_delta_weight(self.lora_A, self.lora_B, self.scaling)
         return delta.t() if self.fan_in_fan_out else delta
+
+    def explain(self, x: torch.Tensor) -> list[Choice]:
+        """The backward order of dA / dB for x's token count (:func:`~slimtune.core.lowrank.choose_backward`)."""
+        tokens = x.numel() // x.shape[-1]
+        return [lowrank_backward_choice(tokens, self.in_features, self.out_features, self.r, x.element_size())]
 
     def _inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, float, AbstractContextManager]:
         """``(x, bias, p, context)``: x and the base's bias in the compute dtype, this call's dropout probability, and

@@ -1,0 +1,139 @@
+"""Which forward / backward variant each adapted layer takes for a given input, and what each option costs
+(``slimtune profile --explain``).
+
+Every adapter module answers :meth:`~slimtune.core.module.AdapterModule.explain` for an input like the one it
+receives in training: a list of :class:`Choice` — the decision's name, the options with their FLOP and byte
+counts, and the one the layer takes. The counts are the choosers' own (:func:`slimtune.core.lowrank.backward_flops`,
+:class:`slimtune.core.costs.Cost`), so the report is the decision, not a re-derivation of it.
+:func:`adapter_inputs` records each adapter's input during one forward pass (the meta device will do: shapes are
+all the choosers read).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Callable, Iterator
+
+import torch
+from rich.table import Table
+from torch import nn
+
+from .costs import Cost
+from .lowrank import backward_flops, choose_backward
+from .module import AdapterModule
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One option of a decision: its name, FLOPs and bytes (what each chooser counts; see :class:`Choice`)."""
+
+    name: str
+    flops: float
+    bytes: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Choice:
+    """A decision a layer makes per input shape: ``what`` (e.g. ``"backward dA/dB"``), the options, the chosen
+    one's name, and what ``bytes`` counts for these options (e.g. "transient" memory, or "moved")."""
+
+    what: str
+    options: tuple[Variant, ...]
+    chosen: str
+    bytes_meaning: str = "transient"
+
+    def to_dict(self) -> dict:
+        return {"what": self.what, "chosen": self.chosen, "bytes": self.bytes_meaning,
+                "options": [dataclasses.asdict(v) for v in self.options]}
+
+
+def lowrank_backward_choice(tokens: int, d_in: int, d_out: int, r: int, itemsize: int) -> Choice:
+    """LoRA's backward order for dA / dB (:func:`~slimtune.core.lowrank.choose_backward`): each variant's FLOPs and
+    the transient bytes it allocates — ``"recompute"``: ``x Aᵀ`` and ``s·dy B`` ``[N, r]``; ``"gram"``: ``dyᵀ x``
+    ``[d_out, d_in]`` and ``s·dy B``."""
+    options = (Variant("recompute", backward_flops("recompute", tokens, d_in, d_out, r), 2 * tokens * r * itemsize),
+               Variant("gram", backward_flops("gram", tokens, d_in, d_out, r),
+                       (d_out * d_in + tokens * r) * itemsize))
+    return Choice(f"backward dA/dB (rank {r})", options, choose_backward(tokens, d_in, d_out, r))
+
+
+def path_choice(costs: dict[str, Cost], chosen: str) -> Choice:
+    """A structured update's path (:func:`~slimtune.core.costs.choose_path`): FLOPs and bytes moved of each path
+    beyond the base layer's own GEMM, forward + backward, as the chooser counts them."""
+    options = tuple(Variant(f"{path} ({cost.launches} launches)" if cost.launches else path, cost.flops, cost.bytes)
+                    for path, cost in costs.items())
+    return Choice("path (fwd+bwd)", options, next(v.name for v in options if v.name.startswith(chosen)), "moved")
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerExplanation:
+    """An adapted layer's qualified name, adapter class, input shape and its choices (none: a fixed path)."""
+
+    name: str
+    kind: str
+    input_shape: tuple[int, ...]
+    choices: tuple[Choice, ...]
+
+    def to_dict(self) -> dict:
+        return {"layer": self.name, "adapter": self.kind, "input_shape": list(self.input_shape),
+                "choices": [c.to_dict() for c in self.choices]}
+
+
+@contextlib.contextmanager
+def adapter_inputs(model: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
+    """Inside the block, each adapter module's first input of the forward pass run there is recorded
+    (qualified name -> the tensor: on the meta device, shapes only); the hooks go when the block ends."""
+    seen: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def recorder(name: str) -> Callable:
+        def hook(_module: nn.Module, args: tuple) -> None:
+            if name not in seen and args and isinstance(args[0], torch.Tensor):
+                seen[name] = args[0]
+        return hook
+
+    for name, module in model.named_modules():
+        if isinstance(module, AdapterModule):
+            handles.append(module.register_forward_pre_hook(recorder(name)))
+    try:
+        yield seen
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def explain_layers(model: nn.Module, inputs: dict[str, torch.Tensor]) -> list[LayerExplanation]:
+    """Each adapted layer's choices for the input recorded by :func:`adapter_inputs`, in module order (layers that
+    the forward pass did not reach are left out)."""
+    rows = []
+    for name, module in model.named_modules():
+        if isinstance(module, AdapterModule) and name in inputs:
+            x = inputs[name]
+            rows.append(LayerExplanation(name, type(module).__name__, tuple(x.shape), tuple(module.explain(x))))
+    return rows
+
+
+def _amount(value: float, unit: str) -> str:
+    for scale, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if value >= scale:
+            return f"{value / scale:.3g} {prefix}{unit}"
+    return f"{value:.3g} {unit}"
+
+
+def explanation_table(rows: list[LayerExplanation], title: str | None = None) -> Table:
+    """One row per decision: layer, adapter, input shape, the decision, the chosen option (bold) and every
+    option's FLOPs / bytes."""
+    table = Table(title=title)
+    for column in ("layer", "adapter", "input", "decision", "chosen", "options: FLOPs / bytes"):
+        table.add_column(column)
+    for row in rows:
+        choices = row.choices or (Choice("(fixed path)", (), "-"),)
+        for i, choice in enumerate(choices):
+            options = "\n".join(
+                f"{'[bold]' if v.name == choice.chosen else ''}{v.name}: {_amount(v.flops, 'FLOP')} / "
+                f"{_amount(v.bytes, 'B')} {choice.bytes_meaning}{'[/bold]' if v.name == choice.chosen else ''}"
+                for v in choice.options)
+            first = i == 0
+            table.add_row(row.name if first else "", row.kind if first else "",
+                          "x".join(map(str, row.input_shape)) if first else "", choice.what, choice.chosen, options)
+    return table

@@ -1,0 +1,38 @@
+"""What the adapters do differently while ``torch.compile`` traces them (``fullgraph=True``: no graph break).
+
+Eager code keeps its host-side shortcuts — caches checked by tensor version, per-shape decisions in bounded caches,
+a dropout seed read back as a Python int, the DoRA output probe — because each of them saves launches or memory on
+every step. None of them can be traced: Dynamo cannot branch on a version counter, read a storage, call
+``.item()`` or create a ``torch.Generator`` inside a graph. So every such place asks :func:`compiling` (PyTorch's
+public ``torch.compiler.is_compiling``, a constant while Dynamo traces, so the branch costs nothing in the graph)
+and takes a trace-safe path there: recompute instead of look up, decide from shapes (known at trace time), and draw
+dropout masks through the custom op below, which Dynamo and AOTAutograd treat as one opaque operator.
+"""
+from __future__ import annotations
+
+import torch
+
+#: PyTorch's public query: True while Dynamo (or export) traces the calling code, False in eager execution.
+compiling = torch.compiler.is_compiling
+
+
+@torch.library.custom_op("slimtune::seeded_keep_mask", mutates_args=())
+def seeded_keep_mask(like: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
+    """The scaled dropout keep mask ``bernoulli(1 − p) / (1 − p)`` of ``like``'s shape, dtype and device, drawn from
+    a generator seeded with ``seed`` (an int64 tensor of one element; the same seed gives the same mask): what
+    :func:`slimtune.core.lowrank.dropout_keep_mask` draws for an int seed, as one operator a graph can hold."""
+    gen = torch.Generator(device=like.device)
+    gen.manual_seed(int(seed.item()))
+    mask = torch.empty(like.shape, dtype=like.dtype, device=like.device).bernoulli_(1.0 - p, generator=gen)
+    return mask.mul_(1.0 / (1.0 - p))
+
+
+@seeded_keep_mask.register_fake
+def _(like: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
+    return torch.empty(like.shape, dtype=like.dtype, device=like.device)
+
+
+def traced_seed() -> torch.Tensor:
+    """A fresh dropout seed as a one-element int64 tensor, drawn from torch's generator inside the graph (a Python
+    int would be a constant baked into the compiled code: the same mask on every step)."""
+    return torch.randint(0, 2**62, (1,))

@@ -1,0 +1,110 @@
+"""Activation checkpointing per transformer layer, optionally offloading to the CPU.
+
+:func:`checkpoint_layers` makes every layer of the model's layer stack (the longest ``nn.ModuleList`` of one
+layer class: a decoder's ``layers``, GPT-2's ``h``, BERT's ``layer``) run under PyTorch's non-reentrant
+``torch.utils.checkpoint``: forward keeps only the layer's inputs, backward runs the layer again to rebuild what
+it needs. Non-reentrant checkpointing recomputes through any autograd Function, so every adapter method's
+Function (LoRA, DoRA, HRA, LoHa, LoKr, on dense or NF4 weights) works unchanged, and the frozen embedding needs
+no ``enable_input_require_grads``. The layer's own ``forward`` is wrapped on the instance (no module is
+replaced, so parameter names and checkpoints do not change); :meth:`LayerCheckpointing.remove` undoes it.
+
+* ``offload=True``: what the checkpoint keeps (each layer's input hidden states) goes to pinned CPU memory
+  through :class:`~slimtune.memory.offload.CpuOffload`; its hooks are entered only for a layer whose input is
+  on a CUDA device, or on meta in the estimator's simulation (elsewhere there is nothing to move, and outer
+  hooks, such as the profiler's meter, keep seeing what the checkpoint saves).
+
+Without gradients (``torch.no_grad()``, evaluation) the layers run as they are.
+
+Not here: selective recompute (keep attention's or the matrix products' outputs, recompute norms and SwiGLU)
+through ``create_selective_checkpoint_contexts``: the adapter Functions update their matrix products' outputs
+in place, which the selective cache refuses, and transformers' attention path did not replay op for op.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..errors import ConfigError
+from .offload import CpuOffload
+
+
+def layer_stack(model: nn.Module) -> nn.ModuleList:
+    """The model's stack of transformer layers: the longest ``nn.ModuleList`` whose entries share one class."""
+    best: nn.ModuleList | None = None
+    for module in model.modules():
+        if (isinstance(module, nn.ModuleList) and len(module) and len({type(m) for m in module}) == 1
+                and (best is None or len(module) > len(best))):
+            best = module
+    if best is None:
+        raise ConfigError(f"{type(model).__name__} has no stack of layers (an nn.ModuleList of one layer class) "
+                          "to checkpoint")
+    return best
+
+
+class _CheckpointedForward:
+    """A layer's ``forward`` run under non-reentrant checkpointing (when gradients are on)."""
+
+    def __init__(self, forward: Callable[..., Any], offload: CpuOffload | None,
+                 previous: Callable[..., Any] | None, context_fn: Callable[[], Any] | None) -> None:
+        self.forward, self.offload, self.context_fn = forward, offload, context_fn
+        self.previous = previous  # an instance-level forward the layer had before (restored by remove)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if not torch.is_grad_enabled():
+            return self.forward(*args, **kwargs)
+        offload = self.offload is not None and any(isinstance(a, torch.Tensor) and (a.is_cuda or a.is_meta)
+                                                   for a in args)
+        with self.offload if offload else contextlib.nullcontext():  # type: ignore[union-attr]
+            if self.context_fn is not None:
+                return checkpoint(self.forward, *args, use_reentrant=False, context_fn=self.context_fn, **kwargs)
+            return checkpoint(self.forward, *args, use_reentrant=False, **kwargs)
+
+
+class LayerCheckpointing:
+    """Checkpointing installed on ``layers``; :meth:`remove` restores their own ``forward``."""
+
+    def __init__(self, layers: list[nn.Module], offload: CpuOffload | None) -> None:
+        self.layers, self.offload = layers, offload
+
+    def remove(self) -> None:
+        for layer in self.layers:
+            wrapper = layer.__dict__.get("forward")
+            if isinstance(wrapper, _CheckpointedForward):
+                del layer.forward
+                if wrapper.previous is not None:
+                    layer.forward = wrapper.previous
+
+
+def installed(model: nn.Module) -> bool:
+    """Whether :func:`checkpoint_layers` is active on ``model``'s layers."""
+    return any(isinstance(m.__dict__.get("forward"), _CheckpointedForward) for m in model.modules())
+
+
+def checkpointing_enabled(model: nn.Module) -> bool:
+    """Whether transformers' own checkpointing is on (``is_activation_checkpointing``, formerly
+    ``is_gradient_checkpointing``)."""
+    flag = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") \
+        else "is_gradient_checkpointing"
+    return bool(getattr(model, flag, False))
+
+
+def checkpoint_layers(model: nn.Module, offload: bool = False, min_offload_bytes: int | None = None,
+                      context_fn: Callable[[], Any] | None = None) -> LayerCheckpointing:
+    """Checkpoint every layer of ``model``'s layer stack (see the module docstring); ``offload``: keep the
+    checkpointed inputs in pinned CPU memory (tensors of ``min_offload_bytes`` or more). Refused when the model
+    already checkpoints (transformers' ``gradient_checkpointing_enable`` or an earlier call): the layers would
+    recompute twice. ``context_fn``: ``torch.utils.checkpoint``'s (the estimator's simulation passes one)."""
+    if checkpointing_enabled(model) or installed(model):
+        raise ConfigError(f"{type(model).__name__} already checkpoints its layers (gradient_checkpointing_enable "
+                          "or an earlier checkpoint_layers): turn that off first")
+    hooks = None
+    if offload:
+        hooks = CpuOffload() if min_offload_bytes is None else CpuOffload(min_offload_bytes)
+    layers = list(layer_stack(model))
+    for layer in layers:
+        layer.forward = _CheckpointedForward(layer.forward, hooks, layer.__dict__.get("forward"), context_fn)
+    return LayerCheckpointing(layers, hooks)

@@ -1,0 +1,57 @@
+"""One switch for what training trades for memory: ``memory="fast" | "balanced" | "max-fit"``.
+
+=============  ===========================================================================================
+``fast``       nothing extra: every activation kept, no recompute (the default; the fastest step)
+``balanced``   the causal-LM loss through the output head in chunks, never the ``[tokens, vocab]`` logits
+               (:mod:`.chunked_loss`), and every transformer layer checkpointed (:mod:`.recompute`): one more
+               forward of the layers per step, activations of one layer at a time
+``max-fit``    ``balanced``, and the checkpointed layer inputs kept in pinned CPU memory, copied on a side
+               stream (:mod:`.offload`): what stays on the GPU no longer grows with the number of layers
+=============  ===========================================================================================
+
+:func:`memory_setting` checks a name and says what it turns on; :func:`apply_memory_setting` installs the
+recompute and offload on a model (the loss is the training loop's:
+:func:`~slimtune.memory.chunked_loss.chunked_causal_lm_loss`).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+from torch import nn
+
+from ..errors import ConfigError
+from .recompute import LayerCheckpointing, checkpoint_layers
+
+MEMORY_SETTINGS = ("fast", "balanced", "max-fit")
+
+
+@dataclasses.dataclass(frozen=True)
+class MemorySetting:
+    """What a ``memory`` setting turns on."""
+
+    name: str
+    chunked_loss: bool
+    checkpoint: bool
+    offload: bool
+
+
+def memory_setting(name: str | MemorySetting, field: str = "memory") -> MemorySetting:
+    """The setting called ``name``; :class:`ConfigError` (naming ``field``) for an unknown one."""
+    if isinstance(name, MemorySetting):
+        return name
+    if name not in MEMORY_SETTINGS:
+        raise ConfigError(f"unknown {field} setting {name!r}; choose from {', '.join(MEMORY_SETTINGS)}")
+    return MemorySetting(name, chunked_loss=name != "fast", checkpoint=name != "fast", offload=name == "max-fit")
+
+
+def apply_memory_setting(model: nn.Module, memory: str | MemorySetting,
+                         context_fn: Callable[[], Any] | None = None) -> LayerCheckpointing | None:
+    """Install what ``memory`` needs on ``model`` (layer checkpointing, CPU offload); in place. Returns the
+    installed checkpointing (``.remove()`` undoes it), or ``None`` for ``"fast"``. Call it after the adapter
+    is applied; compute the loss with :func:`~slimtune.memory.chunked_loss.chunked_causal_lm_loss` for the
+    chunked loss. ``context_fn``: ``torch.utils.checkpoint``'s (the estimator's simulation passes one)."""
+    setting = memory_setting(memory)
+    if not setting.checkpoint:
+        return None
+    return checkpoint_layers(model, offload=setting.offload, context_fn=context_fn)

@@ -1,0 +1,120 @@
+"""Per-layer checkpointing and CPU offload (the ``memory`` switch): the same loss and gradients as a plain step
+for every adapter method, and the switch's checks."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import slimtune
+from slimtune.errors import ConfigError
+from slimtune.memory.chunked_loss import model_causal_lm_loss
+from slimtune.memory.offload import CpuOffload
+from slimtune.memory.recompute import checkpoint_layers, installed, layer_stack
+from slimtune.memory.setting import MEMORY_SETTINGS, apply_memory_setting, memory_setting
+
+from ..helpers import FP32_TOL, perturb_adapters, rel_err
+from ..toy_models import tiny_llama
+
+CONFIGS = {
+    "lora": lambda: slimtune.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"),
+    "dora": lambda: slimtune.LoraConfig(r=4, use_dora=True, target_modules="all-linear"),
+    "hra": lambda: slimtune.HraConfig(r=4, target_modules="all-linear"),
+    "loha": lambda: slimtune.LohaConfig(r=4, alpha=4, target_modules="all-linear"),
+    "lokr": lambda: slimtune.LokrConfig(r=4, alpha=4, target_modules="all-linear"),
+}
+
+
+def _adapted(method: str) -> torch.nn.Module:
+    model = tiny_llama().train()
+    if method.startswith("nf4-"):
+        slimtune.quantize(model, "nf4", compute_dtype=torch.float32)
+    slimtune.adapt(model, CONFIGS[method.removeprefix("nf4-")]())
+    perturb_adapters(model)
+    return model
+
+
+def _step(model: torch.nn.Module, ids: torch.Tensor, chunked: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    if chunked:
+        loss = model_causal_lm_loss(model, ids, ids, reduction="mean")
+    else:
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in slimtune.trainable_parameters(model)]
+
+
+@pytest.mark.parametrize("method", [*CONFIGS, "nf4-dora"])
+def test_every_setting_gives_the_plain_gradients(method):
+    model = _adapted(method)
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    ref_loss, ref_grads = _step(model, ids, chunked=False)
+    assert all(g.abs().sum() > 0 for g in ref_grads)
+    for memory in ("balanced", "max-fit"):
+        handle = apply_memory_setting(model, memory)
+        assert installed(model) and handle.layers == list(model.model.layers)
+        loss, grads = _step(model, ids, chunked=memory_setting(memory).chunked_loss)
+        handle.remove()
+        assert not installed(model)
+        assert rel_err(loss, ref_loss) < FP32_TOL
+        assert all(rel_err(g, r) < FP32_TOL for g, r in zip(grads, ref_grads)), memory
+
+
+def test_checkpointing_recomputes_the_layers_in_backward():
+    model = _adapted("lora")
+    calls = []
+    model.model.layers[0].mlp.register_forward_pre_hook(lambda *_: calls.append(torch.is_grad_enabled()))
+    handle = checkpoint_layers(model)
+    ids = torch.randint(0, 128, (1, 8))
+    _step(model, ids, chunked=True)
+    assert len(calls) == 2  # forward, and again in backward
+    with torch.no_grad():
+        model(input_ids=ids)
+    assert len(calls) == 3  # no recompute without gradients
+    handle.remove()
+
+
+def test_the_layer_stack_and_double_checkpointing():
+    model = tiny_llama()
+    assert layer_stack(model) is model.model.layers
+    handle = checkpoint_layers(model)
+    with pytest.raises(ConfigError, match="already checkpoints"):
+        checkpoint_layers(model)
+    handle.remove()
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    with pytest.raises(ConfigError, match="already checkpoints"):
+        apply_memory_setting(model, "balanced")
+    with pytest.raises(ConfigError, match="no stack of layers"):
+        layer_stack(torch.nn.Linear(2, 2))
+
+
+def test_offload_keeps_cpu_tensors_in_place():
+    hooks = CpuOffload(min_bytes=0)
+    x = torch.randn(4, 4, requires_grad=True)
+    assert not hooks.moves(x) and hooks.pack(x) is x and hooks.unpack(x) is x
+    with hooks:
+        y = (x * x).sum()
+    y.backward()
+    assert rel_err(x.grad, 2 * x.detach()) < FP32_TOL and hooks.offloaded_bytes == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_offload_moves_cuda_tensors():
+    hooks = CpuOffload(min_bytes=0)
+    x = torch.randn(64, 64, device="cuda", requires_grad=True)
+    with hooks:
+        y = (x.sin() * x).sum()
+    y.backward()
+    ref = x.detach().cos() * x.detach() + x.detach().sin()
+    assert hooks.offloaded_bytes > 0 and rel_err(x.grad, ref) < FP32_TOL
+
+
+def test_the_switch():
+    assert MEMORY_SETTINGS == ("fast", "balanced", "max-fit")
+    assert memory_setting("fast") == memory_setting("fast") and not memory_setting("fast").checkpoint
+    assert memory_setting("balanced").chunked_loss and not memory_setting("balanced").offload
+    assert memory_setting("max-fit").offload and memory_setting("max-fit").checkpoint
+    model = tiny_llama()
+    assert apply_memory_setting(model, "fast") is None and not installed(model)
+    with pytest.raises(ConfigError, match="unknown memory setting 'tiny'; choose from fast, balanced, max-fit"):
+        memory_setting("tiny")
+    assert slimtune.apply_memory_setting is apply_memory_setting
