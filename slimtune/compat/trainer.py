@@ -13,7 +13,8 @@ Facts about ``Trainer`` (transformers 5) this module relies on, all through publ
 So for a transformers model :func:`wrapper_class` gives a subclass of ``PreTrainedModel`` (every attribute
 ``PreTrainedModel`` defines is answered by the wrapped model, as PEFT's wrapper answers unknown attributes, except
 what the wrapper defines) whose ``forward`` carries the model's signature; its ``save_pretrained`` writes PEFT's two
-files and, beside them, the index that lists the adapter file's tensors. The index names the tensors as the
+files and, beside them, the index that lists the adapter file's tensors and a ``model.safetensors`` link to the
+adapter file (what ``load_best_model_at_end`` reads). The index names the tensors as the
 wrapper's ``state_dict()`` does, because :func:`name_tensors_as_peft` gives adapter tensors PEFT's names in the
 state dict (``...q_proj.lora_A.weight``, ``...score.weight``) and reads them back under those names.
 """
@@ -31,6 +32,7 @@ from ..core.checkpoint import WEIGHTS_NAME, peft_state_dict
 from ..core.inject import AdapterSet
 
 INDEX_NAME = "model.safetensors.index.json"  # transformers' SAFE_WEIGHTS_INDEX_NAME
+SAFE_WEIGHTS_NAME = "model.safetensors"  # transformers' SAFE_WEIGHTS_NAME
 
 
 # -- adapter tensors under PEFT's names in state dicts ------------------------------------------------------------
@@ -83,7 +85,9 @@ class TrainerCheckpoints:
         super().save_pretrained(save_directory, **kwargs)
         saved = kwargs.get("selected_adapters") or self.peft_config
         if kwargs.get("is_main_process", True) and self.active_adapter in saved:
-            write_index(Path(save_directory), self.get_base_model(), self.adapter_directory(self.active_adapter))
+            adapter_dir = self.adapter_directory(self.active_adapter)
+            write_index(Path(save_directory), self.get_base_model(), adapter_dir)
+            link_weights(Path(save_directory), adapter_dir)
 
 
 def write_index(directory: Path, model: nn.Module, adapter_dir: str) -> Path:
@@ -96,6 +100,21 @@ def write_index(directory: Path, model: nn.Module, adapter_dir: str) -> Path:
     path = directory / INDEX_NAME
     path.write_text(json.dumps(index, indent=2), encoding="utf-8")
     return path
+
+
+def link_weights(directory: Path, adapter_dir: str) -> Path | None:
+    """``model.safetensors`` in ``directory`` as a relative symbolic link to the active adapter's file (no bytes
+    copied), or None where the file system has no links. Trainer's ``load_best_model_at_end`` reads only that
+    name (or ``pytorch_model.bin``) for a model that is not peft's own class, then loads it with
+    ``strict=False``, as resuming does from the index."""
+    link = directory / SAFE_WEIGHTS_NAME
+    target = Path(adapter_dir) / WEIGHTS_NAME if adapter_dir else Path(WEIGHTS_NAME)
+    try:
+        link.unlink(missing_ok=True)
+        link.symlink_to(target)
+    except OSError:  # no symbolic links here: resuming still works from the index; the best model is not reloaded
+        return None
+    return link
 
 
 def _forward_like(model_class: type) -> Callable[..., Any]:

@@ -178,3 +178,25 @@ def test_bad_calls_are_refused_and_leave_the_model_unchanged(case, tmp_path):
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
     assert model.active_adapter == "default" and list(model.peft_config) == ["default", "b"]
     assert torch.equal(run(model, x), out) and not (tmp_path / "out").exists()
+
+
+def test_trainer_load_best_model_at_end_reloads_the_best_checkpoint(tmp_path):
+    """``load_best_model_at_end``: Trainer reloads the best checkpoint's adapter into the model (here the first of
+    three: the loss is "greater is better", so the best is the least trained)."""
+    from safetensors.torch import load_file
+
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=QV))
+    ids = torch.randint(1, 64, (8, 10), generator=torch.Generator().manual_seed(1))
+    data = [{"input_ids": i, "labels": i} for i in ids]
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=3, save_steps=1, eval_steps=1,
+        eval_strategy="steps", load_best_model_at_end=True, metric_for_best_model="loss", greater_is_better=True,
+        learning_rate=0.05, report_to=[], use_cpu=True, seed=0, disable_tqdm=True, logging_strategy="no")
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data, eval_dataset=data)
+    trainer.train()
+    assert trainer.state.best_model_checkpoint.endswith("checkpoint-1")
+    best = load_file(str(tmp_path / "checkpoint-1" / "adapter_model.safetensors"))
+    last = load_file(str(tmp_path / "checkpoint-3" / "adapter_model.safetensors"))
+    state = model.state_dict()
+    assert any(not torch.equal(best[k], last[k]) for k in best)
+    assert all(torch.equal(state[k], v) for k, v in best.items())
