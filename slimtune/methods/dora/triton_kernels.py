@@ -22,9 +22,10 @@ the lent machines, ``benchmarks/host_cost.py``), so the kernels do as much per l
 grid arithmetic is cached.
 
 Layout: the grid is (column blocks, row chunks); each program walks its chunk of rows ``BLOCK_N`` at a time
-and writes one fp32 partial per column (added by one reduction afterwards: deterministic, no atomics). base / lora / out /
-dbase: 2-D with contiguous rows (``out`` and ``dbase`` may be ``base`` itself: each element is read before it is
-written, by the same program); dy: any strides (e.g. the stride-0 gradient of ``.sum()``). fp32 / fp16 / bf16.
+and writes one fp32 partial per column (added by one reduction afterwards: deterministic, no atomics).
+base / lora / out / dbase: 2-D with contiguous rows (``out`` and ``dbase`` may be ``base`` itself: each element is
+read before it is written, by the same program); dy: any strides (e.g. the stride-0 gradient of ``.sum()``).
+fp32 / fp16 / bf16.
 :data:`CONFIG` holds the block sizes (the GPU benchmark sweeps it).
 
 Importing this module defines the kernels, so ``TRITON_INTERPRET=1`` (CPU tests) must be set before that.
