@@ -118,7 +118,8 @@ def trainer_child(args: argparse.Namespace) -> dict[str, Any]:
     from peft import LoraConfig, get_peft_model
 
     from slimtune.models.presets import LLAMA_TARGETS, build_model
-    from slimtune.train.data import ByteTokenizer, causal_lm_rows, read_jsonl
+    from slimtune.models.jsonl import read_jsonl
+    from slimtune.train.data import ByteTokenizer, causal_lm_rows
 
     device = torch.device(args.device)
     rows = causal_lm_rows(read_jsonl(args.data), args.data, ByteTokenizer(), args.seq, truncate=False)

@@ -50,7 +50,7 @@ from .models.workload import make_adapter_config
 from .ranks import ALLOCATORS as RANK_ALLOCATORS
 from .ranks import METHODS as SENSITIVITY_METHODS
 from .ranks import plan_ranks
-from .ranks.data import from_model_dir, from_preset, read_jsonl
+from .ranks.data import from_model_dir, from_preset, read_text_records
 from .ranks.report import allocation_table, plot_allocation
 from .train import TASKS as TRAIN_TASKS
 from .train import TrainConfig, make_reporter, train
@@ -668,7 +668,7 @@ def _cmd_allocate(args: argparse.Namespace) -> int:
     for option in ("out", "plot"):
         if getattr(args, option):
             _check_writable(getattr(args, option), f"--{option}")
-    records = read_jsonl(args.data)
+    records = read_text_records(args.data)
     load = dict(records=records, batch_size=args.batch_size, count=args.batches, max_length=args.max_length)
     console = Console(stderr=args.json)
     with console.status("loading the model and the calibration data…"):

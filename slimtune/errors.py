@@ -9,6 +9,10 @@ class ConfigError(SlimtuneError, ValueError):
     """A configuration value is out of range or of the wrong type."""
 
 
+class DataError(ConfigError):
+    """Data (a JSONL file) is missing, empty or malformed; the message names the file and line."""
+
+
 class TargetError(SlimtuneError, ValueError):
     """Target selection failed: nothing matched, a match is not adaptable, or the model is already adapted."""
 

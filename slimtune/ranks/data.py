@@ -10,15 +10,15 @@ Linear layers but the head (which a fine-tune trains whole).
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from ..models.deps import require_transformers
+from ..models.jsonl import read_jsonl
 from ..models.presets import ModelPreset, build_model, get_preset
 
 CLASSIFIER_HEADS = ("classifier", "score")  # transformers' sequence-classification heads: trained whole, not adapted
@@ -35,27 +35,17 @@ class Calibration:
     task: str  # "causal-lm" or "classification"
 
 
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """The records of a JSONL file, each with a non-empty ``"text"`` (and an integer ``"label"`` if any)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"data file {path} does not exist")
+def read_text_records(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a JSONL file (:func:`slimtune.models.jsonl.read_jsonl`), each with a non-empty ``"text"``
+    (and an integer ``"label"`` if any)."""
     records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path}:{number}: not a JSON object ({exc.msg})") from None
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str) or not record["text"].strip():
-            raise ConfigError(f"{path}:{number}: each line needs a non-empty \"text\" string")
+    for number, record in read_jsonl(path, "data file"):
+        if not isinstance(record.get("text"), str) or not record["text"].strip():
+            raise DataError(f"{path}:{number}: each line needs a non-empty \"text\" string")
         label = record.get("label")
         if label is not None and (isinstance(label, bool) or not isinstance(label, int) or label < 0):
-            raise ConfigError(f"{path}:{number}: \"label\" must be a non-negative integer, got {label!r}")
+            raise DataError(f"{path}:{number}: \"label\" must be a non-negative integer, got {label!r}")
         records.append(record)
-    if not records:
-        raise ConfigError(f"data file {path} holds no records")
     return records
 
 

@@ -17,22 +17,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import random
 from pathlib import Path
 from typing import Any, Protocol
 
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from ..models.deps import require_transformers
 
 IGNORE = -100  # the label of a token without loss (transformers' and PyTorch's ignore_index)
 #: files a model directory's tokenizer is read from (one of them must be there)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.txt", "vocab.json", "spiece.model",
                    "sentencepiece.bpe.model")
-
-
-class DataError(ConfigError):
-    """The training data is missing, empty or malformed (the message names the file and line)."""
 
 
 @dataclasses.dataclass
@@ -95,36 +90,6 @@ class HFTokenizer:
 
     def encode(self, text: str, special: bool) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
-
-
-# -- records ----------------------------------------------------------------------------------------
-def read_jsonl(path: str | Path, what: str = "--data") -> list[tuple[int, dict[str, Any]]]:
-    """``(line number, object)`` for every non-blank line; :class:`DataError` for a missing or empty file, a
-    line that is not JSON or not an object."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DataError(f"{what} {path}: no such file") from None
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{what} {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    except OSError as exc:
-        raise DataError(f"{what} {path}: cannot read it ({exc.strerror})") from None
-    records = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            value = json.loads(line)
-        except ValueError as exc:
-            raise DataError(f"{path}:{number}: not valid JSON ({getattr(exc, 'msg', exc)}, column "
-                            f"{getattr(exc, 'colno', '?')})") from None
-        if not isinstance(value, dict):
-            raise DataError(f"{path}:{number}: expected a JSON object, got {type(value).__name__}")
-        records.append((number, value))
-    if not records:
-        raise DataError(f"{what} {path} is empty: no JSON lines")
-    return records
 
 
 def _text(path: Path, number: int, record: dict[str, Any], key: str) -> str:

@@ -25,13 +25,14 @@ from torch import nn
 from ..errors import ConfigError
 from ..memory.chunked_loss import model_causal_lm_loss, plain_head
 from ..models.deps import require_diffusers
+from ..models.jsonl import read_jsonl
 from ..models.diffusion import DiffusionModel, DiffusionPreset
 from ..models.presets import get_preset, resolve_dtype
 from ..models.workload import make_inputs, sample_tokens
 from .build import diffusion_spec
 from .config import TrainConfig
 from .data import (IGNORE, ByteTokenizer, DataError, HFTokenizer, Row, Tokenizer, causal_lm_rows,
-                   classification_rows, held_out, label_names, pack, read_jsonl)
+                   classification_rows, held_out, label_names, pack)
 from .loss import logits_causal_lm_loss
 
 #: a DiT's inputs that are not batched (positions)

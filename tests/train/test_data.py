@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import pytest
 
+from slimtune.models.jsonl import read_jsonl
 from slimtune.train.data import (IGNORE, ByteTokenizer, DataError, Row, causal_lm_rows, classification_rows,
-                                 held_out, label_names, pack, read_jsonl)
+                                 held_out, label_names, pack)
 from slimtune.train.order import DataOrder
 
 from .conftest import write_lines
