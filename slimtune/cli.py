@@ -108,10 +108,15 @@ def add_profile_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fast = nothing extra; balanced = chunked loss + per-layer checkpointing; max-fit = "
                              "balanced + checkpointed inputs offloaded to CPU memory (slimtune backend; with "
                              "--compare-peft, PEFT gets transformers' checkpointing) (default: fast)")
+    parser.add_argument("--plain-layers", type=int, default=0, metavar="N", help=PLAIN_LAYERS_HELP)
     parser.add_argument("--seed", type=int, default=0, help="seed for weights and token ids (default: 0)")
     parser.add_argument("--release-outputs", action="store_true",
                         help="drop each step's outputs (logits) once the loss is taken, before backward; by default "
                              "they live through backward into the next forward, as in the PEFT baseline protocol")
+
+
+PLAIN_LAYERS_HELP = ("with --memory balanced or max-fit: leave the last N transformer layers un-checkpointed "
+                     "(faster: no recompute for them; each keeps one layer's activations) (default: 0)")
 
 
 def options_from_args(args: argparse.Namespace) -> ProfileOptions:
@@ -123,7 +128,7 @@ def options_from_args(args: argparse.Namespace) -> ProfileOptions:
                           seq=args.seq, steps=args.steps, device=args.device, dtype=args.dtype,
                           backend=args.backend, grad_checkpointing=args.grad_checkpointing, seed=args.seed,
                           release_outputs=args.release_outputs, quant=args.quant, model_dir=args.model_dir,
-                          memory=args.memory)
+                          memory=args.memory, plain_layers=args.plain_layers)
 
 
 def _progress(disable: bool) -> Any:
@@ -152,7 +157,7 @@ def _profile_here(options: Any, quiet: bool) -> Any:
 def _profile_compare(options: Any, quiet: bool) -> list[Any]:
     """slimtune, PEFT default and PEFT bf16 adapters, each in its own process (with ``--memory balanced`` or
     ``max-fit``, PEFT runs with transformers' gradient checkpointing: the nearest it has)."""
-    peft = {"memory": "fast", "grad_checkpointing": True} if options.memory != "fast" else {}
+    peft = {"memory": "fast", "plain_layers": 0, "grad_checkpointing": True} if options.memory != "fast" else {}
     configs = [dataclasses.replace(options, backend=b, **({} if b == "slimtune" else peft))
                for b in ("slimtune", "peft", "peft-bf16")]
     staged = can_stage(configs)
@@ -394,6 +399,8 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--memory", default=None, metavar="SETTINGS",
                         help="memory setting(s): fast, balanced, max-fit, comma-separated (default when searching: "
                              "all three for language models; fast for one method)")
+    parser.add_argument("--plain-layers", type=int, default=0, metavar="N",
+                        help="with --method and --memory balanced or max-fit: " + PLAIN_LAYERS_HELP.split(": ", 1)[1])
     parser.add_argument("--dtype", default="bfloat16", help="compute dtype of weights and activations (default bf16)")
     parser.add_argument("--release-outputs", action="store_true",
                         help="the training loop drops each step's outputs (logits) before backward")
@@ -423,7 +430,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
             raise ConfigError("--method predicts one configuration: give one --memory setting")
         est = estimate_memory(spec, args.method, ranks[0], batch=batches[0], seq=seqs[0], resolution=res, quant=quant,
                               dtype=args.dtype, grad_checkpointing=gc_choice == "on",
-                              release_outputs=args.release_outputs, reduced_depth=True, memory=memories[0])
+                              release_outputs=args.release_outputs, reduced_depth=True, memory=memories[0],
+                              plain_layers=args.plain_layers)
         if args.json:
             payload = est.to_dict()
             if gpu_mem is not None:
@@ -432,6 +440,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         else:
             console.print(breakdown_table(est, gpu_mem))
         return 0
+    if args.plain_layers:
+        raise ConfigError("--plain-layers applies to one configuration: give --method")
     if gpu_mem is None:
         raise ConfigError("give --gpu-mem SIZE to search what fits, or --method (and --rank, --batch, --seq) "
                           "for one configuration's breakdown")
@@ -533,6 +543,7 @@ def _add_train_parser(subparsers: Any) -> None:
     loop.add_argument("--memory", default="fast", metavar="{fast,balanced,max-fit}",
                       help="fast = nothing extra; balanced = every layer checkpointed (recomputed in backward); "
                            "max-fit = balanced + checkpointed inputs kept in CPU memory (default: fast)")
+    loop.add_argument("--plain-layers", type=int, default=0, metavar="N", help=PLAIN_LAYERS_HELP)
     loop.add_argument("--dtype", default=None, help="model dtype (default: bfloat16 on cuda, float32 on cpu)")
     loop.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     loop.add_argument("--seed", type=int, default=0, help="seed of weights, adapter init, data order (default: 0)")

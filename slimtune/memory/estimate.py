@@ -277,12 +277,13 @@ def build_meta_model(preset: str | Preset, method: str = "lora", rank: int = 16,
                      quant: str = "none", dtype: str | torch.dtype = torch.bfloat16,
                      grad_checkpointing: bool = False, targets: list[str] | None = None,
                      adapter_dtype: torch.dtype | None = None, device: str = "cuda",
-                     memory: str = "fast") -> tuple[nn.Module, Preset]:
+                     memory: str = "fast", plain_layers: int = 0) -> tuple[nn.Module, Preset]:
     """The configured model on the meta device: built, frozen text encoders, quantised (``nf4``) and adapted
     as :class:`slimtune.memory.profile.TrainingSession` does it; returns ``(model, preset)``. ``device``: the
     device whose storage layout to mirror (``"cuda"`` or ``"cpu"``). ``memory``: a setting of
     :mod:`~slimtune.memory.setting` (language models; ``max-fit`` offloads from CUDA only, so on ``"cpu"`` it
-    models ``balanced``)."""
+    models ``balanced``). ``plain_layers``: the last layers left un-checkpointed
+    (:func:`~slimtune.memory.setting.apply_memory_setting`)."""
     spec = get_preset(preset)
     torch_dtype = resolve_dtype(dtype)
     setting = memory_setting(memory)
@@ -312,7 +313,7 @@ def build_meta_model(preset: str | Preset, method: str = "lora", rank: int = 16,
             workload.enable_gradient_checkpointing(spec, model, adapted=method != "none",
                                                     context_fn=checkpoint_contexts)
         apply_memory_setting(model, "balanced" if memory == "max-fit" and device == "cpu" else setting,
-                             context_fn=checkpoint_contexts)
+                             context_fn=checkpoint_contexts, plain_layers=plain_layers)
     return model, spec
 
 
@@ -349,6 +350,19 @@ def _storage_sum(tensors: Any) -> int:
         key = storage._cdata if tensor.device.type == "meta" else ("ptr", storage.data_ptr(), storage.nbytes())
         seen[key] = storage.nbytes()
     return sum(seen.values())
+
+
+#: reductions whose meta result reads as True in a data-dependent branch: "is every entry regular?" — the
+#: simulated inputs are regular (no padding, no packed sequences, no ignored labels). Anything else reads as
+#: False or 0 ("is any entry irregular?" — none is).
+_ALL_OPS = (torch.ops.aten.all,)
+
+
+def _common_value(tensor: torch.Tensor) -> bool | int:
+    """The value a data-dependent branch takes on a meta scalar in the simulation: the regular inputs' way."""
+    if tensor.dtype == torch.bool:
+        return bool(getattr(tensor, "_simulated_value", False))
+    return 0
 
 
 class _Allocator(TorchDispatchMode):
@@ -407,8 +421,10 @@ class _Allocator(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         if func is torch.ops.aten._local_scalar_dense.default and args[0].device.type == "meta":
-            return False if args[0].dtype == torch.bool else 0  # a data-dependent branch: take the common way
+            return _common_value(args[0])  # a data-dependent branch: take the common way
         out = func(*args, **(kwargs or {}))
+        if func._overloadpacket in _ALL_OPS and isinstance(out, torch.Tensor):
+            out._simulated_value = True  # read by _common_value
         counter = _FLOP_FORMULAS.get(func._overloadpacket)
         if counter is not None:
             self.flops += counter(*args, **(kwargs or {}), out_val=out)
@@ -542,6 +558,12 @@ def _combine(sims: list[tuple[dict[str, int], StepSim]], target: dict[str, int])
         attention_flops=value(lambda s: s.attention_flops), dequant_bytes=value(lambda s: s.dequant_bytes))
 
 
+#: reduced-depth simulations run at this many repeated layers and one more, then extrapolate linearly. Not 1: the
+#: first layer is special (its input needs no gradient, and alone it is also the last, whose backward meets the
+#: loss's buffers), so one layer's peak is not on the line the deeper models' peaks lie on.
+REDUCED_BASE_DEPTH = 2
+
+
 def depth_knobs(spec: Preset) -> dict[str, int]:
     """The repeated-layer counts a simulation can shrink and extrapolate linearly (``{}`` for UNets)."""
     if isinstance(spec, ModelPreset):
@@ -557,7 +579,8 @@ def simulate_points(preset: str | Preset, points: list[tuple[int, int, int | Non
                     rank: int = 16, alpha: float | None = None, quant: str = "none",
                     dtype: str | torch.dtype = "bfloat16", grad_checkpointing: bool = False,
                     release_outputs: bool = False, device: str = "cuda", reduced_depth: bool = False,
-                    adapter_dtype: torch.dtype | None = None, memory: str = "fast") -> list["StepSim"]:
+                    adapter_dtype: torch.dtype | None = None, memory: str = "fast",
+                    plain_layers: int = 0) -> list["StepSim"]:
     """One simulated step per ``(batch, seq, resolution)`` point, the model(s) built once (at the real depth, or
     at reduced depths extrapolated linearly when ``reduced_depth``)."""
     spec = get_preset(preset)
@@ -570,15 +593,20 @@ def simulate_points(preset: str | Preset, points: list[tuple[int, int, int | Non
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ConfigError(f"{name} must be a positive integer, got {value!r}")
     knobs = depth_knobs(spec) if reduced_depth else {}
+    # the plain (un-checkpointed) layers are the last ones: every reduced model keeps them all, and varies the
+    # number of checkpointed layers before them
+    base_depth = REDUCED_BASE_DEPTH + plain_layers
+    if any(depth <= base_depth + 1 for depth in knobs.values()):
+        knobs = {}  # shallow enough to simulate whole
     depths: list[dict[str, int] | None] = [None]
     if knobs:
-        base = {k: 1 for k in knobs}
-        depths = [base, *({**base, knob: 2} for knob in knobs)]
+        base = {k: base_depth for k in knobs}
+        depths = [base, *({**base, knob: base_depth + 1} for knob in knobs)]
     per_depth: list[list[StepSim]] = []
     for depth in depths:
         model, shaped = build_meta_model(_with_depth(spec, depth), method, rank, alpha, quant, torch_dtype,
                                          grad_checkpointing, adapter_dtype=adapter_dtype, device=device,
-                                         memory=memory)
+                                         memory=memory, plain_layers=plain_layers)
         per_depth.append([_simulate(model, shaped, method, batch, seq, resolution, torch_dtype, release_outputs,
                                     device, memory=memory) for batch, seq, resolution in points])
         del model
@@ -592,20 +620,21 @@ def estimate_memory(preset: str | Preset, method: str = "lora", rank: int = 16, 
                     batch: int = 4, seq: int = 512, resolution: int | None = None, quant: str = "none",
                     dtype: str | torch.dtype = "bfloat16", grad_checkpointing: bool = False,
                     release_outputs: bool = False, device: str = "cuda", reduced_depth: bool = False,
-                    adapter_dtype: torch.dtype | None = None, memory: str = "fast") -> MemoryEstimate:
+                    adapter_dtype: torch.dtype | None = None, memory: str = "fast",
+                    plain_layers: int = 0) -> MemoryEstimate:
     """Predict one configuration's memory (see the module docstring); nothing is allocated.
 
     Arguments mirror :class:`slimtune.memory.options.ProfileOptions` (``seq`` is ignored by diffusion presets,
     whose latent side is ``resolution``, default the preset's ``sample_size``). ``device``: ``"cuda"`` predicts
     the CUDA allocator's peak; ``"cpu"`` the CPU profile's accounted figures. ``reduced_depth``: simulate a
-    language model / DiT with one and two repeated layers and extrapolate linearly to the real depth (the
+    language model / DiT with two and three repeated layers and extrapolate linearly to the real depth (the
     layers are identical, so weights, gradients and optimizer state stay exact; much faster — the planner's
     mode). ``release_outputs``: the loop drops the step's outputs before backward (else they live into the next
     step, as in the PEFT baseline protocol).
     """
     spec = get_preset(preset)
     sim = simulate_points(spec, [(batch, seq, resolution)], method, rank, alpha, quant, dtype, grad_checkpointing,
-                          release_outputs, device, reduced_depth, adapter_dtype, memory)[0]
+                          release_outputs, device, reduced_depth, adapter_dtype, memory, plain_layers)[0]
     return estimate_from_sim(spec, sim, method, rank, quant, batch, seq, resolution, resolve_dtype(dtype),
                              grad_checkpointing, release_outputs, device, memory)
 

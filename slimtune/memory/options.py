@@ -11,6 +11,7 @@ import torch
 from ..errors import ConfigError, MissingDependencyError
 from ..models.presets import ModelPreset, dtype_name, get_preset, resolve_dtype
 from ..models.workload import METHODS  # one list for the profiler and the estimator
+from .recompute import check_plain_layers
 from .setting import memory_setting
 
 BACKENDS = ("slimtune", "peft", "peft-bf16")
@@ -66,6 +67,7 @@ class ProfileOptions:
     quant: str = "none"  # "none" | "nf4" (4-bit base weights: slimtune.quantize, or bitsandbytes for PEFT)
     model_dir: str | None = None  # a local Hugging Face model directory; replaces ``preset`` when set
     memory: str = "fast"  # "fast" | "balanced" | "max-fit" (slimtune.memory.setting; the slimtune backend)
+    plain_layers: int = 0  # with balanced / max-fit: the last layers left un-checkpointed
 
     @property
     def model_name(self) -> str:
@@ -92,6 +94,10 @@ class ProfileOptions:
         if setting.checkpoint and (self.backend != "slimtune" or self.grad_checkpointing):
             raise ConfigError(f"memory={self.memory!r} is slimtune's own checkpointing: use it with the slimtune "
                               "backend and without grad_checkpointing")
+        check_plain_layers(self.plain_layers)
+        if self.plain_layers and not setting.checkpoint:
+            raise ConfigError(f"plain_layers={self.plain_layers} needs memory='balanced' or 'max-fit' (memory="
+                              f"{self.memory!r} checkpoints no layer)")
         if setting.checkpoint and self.model_dir is None and not isinstance(get_preset(self.preset), ModelPreset):
             raise ConfigError(f"memory={self.memory!r} applies to language models, not the diffusion preset "
                               f"{self.preset!r} (use grad_checkpointing)")
@@ -129,6 +135,8 @@ class ProfileOptions:
             argv += ["--model-dir", self.model_dir]
         if self.memory != "fast":
             argv += ["--memory", self.memory]
+        if self.plain_layers:
+            argv += ["--plain-layers", str(self.plain_layers)]
         return argv
 
 

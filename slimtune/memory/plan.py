@@ -19,7 +19,7 @@ a full fine-tune ~6·N·tokens, gradient checkpointing one more forward, and eac
 element, per use) at ``bandwidth`` GB/s. Tokens per second = tokens per step / step time.
 
 **Speed of the search.** Each (method, quant, checkpointing) is simulated at the smallest and largest token
-count of the grid (language models and DiTs at one and two layers, extrapolated to the real depth) at the
+count of the grid (language models and DiTs at two and three layers, extrapolated to the real depth) at the
 largest rank; the other token counts are interpolated linearly (activations grow linearly with tokens under
 flash attention; attention FLOPs quadratically with a sample's length) and the other ranks corrected by their
 exact adapter bytes (weights, gradients and AdamW's two moments). ``slimtune plan`` with ``--method`` simulates

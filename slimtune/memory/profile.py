@@ -49,6 +49,7 @@ from ..version import __version__
 from .chunked_loss import model_causal_lm_loss, plain_head
 from .accounting import SavedTensorMeter, gradient_bytes, module_state_bytes, optimizer_state_bytes, storage_bytes
 from .options import BACKENDS, METHODS, QUANTS, ProfileOptions, check_dependencies
+from ..models.diffusion import training_attention
 from .setting import apply_memory_setting, memory_setting
 from .result import (CPU_MEMORY, CUDA_MEMORY, WARMUP_STEPS, ProfileResult, device_memory, device_name, is_out_of_memory,
                      median_step_time)
@@ -284,6 +285,7 @@ class TrainingSession:
         self.mem_created = mem_created
         self.setup_time_s = setup_time_s
         self.device = torch.device(options.device)
+        self.attention = training_attention(model, self.device)  # the step's SDPA backends (a DiT's on CUDA)
 
     @property
     def input_ids(self) -> torch.Tensor | None:
@@ -312,7 +314,7 @@ class TrainingSession:
                 enable_gradient_checkpointing(model, adapted=options.method != "none")
             else:
                 workload_module().enable_gradient_checkpointing(options.preset, model, adapted=options.method != "none")
-        apply_memory_setting(model, options.memory)
+        apply_memory_setting(model, options.memory, plain_layers=options.plain_layers)
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=LR) if trainable else None
         if device.type == "cuda":
@@ -356,9 +358,10 @@ class TrainingSession:
         """One unmetered training step (forward, backward, optimizer step, ``zero_grad(set_to_none=True)``), the
         outputs dropped before backward; the detached loss. For timing several sessions against each other in one
         process (``benchmarks/paired_steps.py``); :meth:`run` is the protocol."""
-        loss, out = self._forward()
-        del out
-        loss.backward()
+        with self.attention():
+            loss, out = self._forward()
+            del out
+            loss.backward()
         if self.optimizer is not None:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -388,11 +391,12 @@ class TrainingSession:
         try:
             for step in range(self.options.steps):
                 t0 = time.perf_counter()
-                with meter.record() if step < metered else contextlib.nullcontext():
-                    loss, out = self._forward()  # `out` lives on into the next step, as in the protocol
-                if self.options.release_outputs:  # drop the logits before backward, as a lean training loop does
-                    out = None
-                loss.backward()
+                with self.attention():
+                    with meter.record() if step < metered else contextlib.nullcontext():
+                        loss, out = self._forward()  # `out` lives on into the next step, as in the protocol
+                    if self.options.release_outputs:  # drop the logits before backward, as a lean loop does
+                        out = None
+                    loss.backward()
                 grads = gradient_bytes(self.trainable) if step < metered else 0
                 opt_state = 0
                 if opt is not None:

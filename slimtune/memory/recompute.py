@@ -92,19 +92,32 @@ def checkpointing_enabled(model: nn.Module) -> bool:
     return bool(getattr(model, flag, False))
 
 
+def check_plain_layers(plain_layers: Any) -> int:
+    """``plain_layers`` when it is a non-negative integer; else :class:`ConfigError`."""
+    if isinstance(plain_layers, bool) or not isinstance(plain_layers, int) or plain_layers < 0:
+        raise ConfigError(f"plain_layers must be a non-negative integer, got {plain_layers!r}")
+    return plain_layers
+
+
 def checkpoint_layers(model: nn.Module, offload: bool = False, min_offload_bytes: int | None = None,
-                      context_fn: Callable[[], Any] | None = None) -> LayerCheckpointing:
-    """Checkpoint every layer of ``model``'s layer stack (see the module docstring); ``offload``: keep the
-    checkpointed inputs in pinned CPU memory (tensors of ``min_offload_bytes`` or more). Refused when the model
+                      context_fn: Callable[[], Any] | None = None, plain_layers: int = 0) -> LayerCheckpointing:
+    """Checkpoint the layers of ``model``'s layer stack (see the module docstring); ``offload``: keep the
+    checkpointed inputs in pinned CPU memory (tensors of ``min_offload_bytes`` or more). ``plain_layers``: leave
+    the last this many layers as they are (they keep their activations: no recompute, one layer's activations
+    each; the last ones, because backward frees theirs first, before any recompute). Refused when the model
     already checkpoints (transformers' ``gradient_checkpointing_enable`` or an earlier call): the layers would
     recompute twice. ``context_fn``: ``torch.utils.checkpoint``'s (the estimator's simulation passes one)."""
+    check_plain_layers(plain_layers)
     if checkpointing_enabled(model) or installed(model):
         raise ConfigError(f"{type(model).__name__} already checkpoints its layers (gradient_checkpointing_enable "
                           "or an earlier checkpoint_layers): turn that off first")
+    layers = list(layer_stack(model))
+    if plain_layers > len(layers):
+        raise ConfigError(f"plain_layers={plain_layers} but {type(model).__name__} has {len(layers)} layers")
+    layers = layers[:len(layers) - plain_layers]
     hooks = None
     if offload:
         hooks = CpuOffload() if min_offload_bytes is None else CpuOffload(min_offload_bytes)
-    layers = list(layer_stack(model))
     for layer in layers:
         layer.forward = _CheckpointedForward(layer.forward, hooks, layer.__dict__.get("forward"), context_fn)
     return LayerCheckpointing(layers, hooks)

@@ -21,7 +21,7 @@ from typing import Any, Callable
 from torch import nn
 
 from ..errors import ConfigError
-from .recompute import LayerCheckpointing, checkpoint_layers
+from .recompute import LayerCheckpointing, check_plain_layers, checkpoint_layers
 
 MEMORY_SETTINGS = ("fast", "balanced", "max-fit")
 
@@ -46,12 +46,19 @@ def memory_setting(name: str | MemorySetting, field: str = "memory") -> MemorySe
 
 
 def apply_memory_setting(model: nn.Module, memory: str | MemorySetting,
-                         context_fn: Callable[[], Any] | None = None) -> LayerCheckpointing | None:
+                         context_fn: Callable[[], Any] | None = None, plain_layers: int = 0
+                         ) -> LayerCheckpointing | None:
     """Install what ``memory`` needs on ``model`` (layer checkpointing, CPU offload); in place. Returns the
     installed checkpointing (``.remove()`` undoes it), or ``None`` for ``"fast"``. Call it after the adapter
     is applied; compute the loss with :func:`~slimtune.memory.chunked_loss.chunked_causal_lm_loss` for the
-    chunked loss. ``context_fn``: ``torch.utils.checkpoint``'s (the estimator's simulation passes one)."""
+    chunked loss. ``context_fn``: ``torch.utils.checkpoint``'s (the estimator's simulation passes one).
+    ``plain_layers``: the last this many layers stay un-checkpointed (``balanced`` / ``max-fit``: faster, one
+    layer's activations each; refused with ``fast``, which checkpoints nothing)."""
     setting = memory_setting(memory)
+    check_plain_layers(plain_layers)
     if not setting.checkpoint:
+        if plain_layers:
+            raise ConfigError(f"plain_layers={plain_layers} needs memory='balanced' or 'max-fit' (memory="
+                              f"{setting.name!r} checkpoints no layer)")
         return None
-    return checkpoint_layers(model, offload=setting.offload, context_fn=context_fn)
+    return checkpoint_layers(model, offload=setting.offload, context_fn=context_fn, plain_layers=plain_layers)

@@ -26,13 +26,15 @@ This module imports diffusers / transformers only when a model is built.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.utils.checkpoint
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .deps import require_diffusers, require_transformers
 
@@ -239,3 +241,23 @@ def unet_resolution_ok(spec: DiffusionPreset, resolution: int) -> bool:
     """Whether a UNet can take latents of side ``resolution`` (divisible by 2^(levels-1))."""
     levels = len(spec.config.get("block_out_channels", (1,)))
     return resolution > 0 and resolution % (2 ** (levels - 1)) == 0
+
+
+#: SDPA backends a DiT's training step uses on CUDA: PyTorch's choice less cuDNN attention. On an H200 with
+#: torch 2.11 (cuDNN attention picked by default there), cuDNN attention's backward on the ``flux-dit-4b`` shape
+#: (joint attention over 4,608 tokens, head dim 128) failed — an illegal memory access, or ``mha_graph.execute``
+#: not good — for PEFT, slimtune and the plain full fine-tune alike; with it excluded the same steps ran
+#: (benchmarks/RESULTS.md, runs 40-43). Flash attention takes these shapes.
+DIT_SDPA_BACKENDS = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
+
+
+def training_attention(model: nn.Module, device: str | torch.device
+                       ) -> Callable[[], contextlib.AbstractContextManager]:
+    """A factory of the context each training step of ``model`` — forward *and* backward, where checkpointed
+    blocks run again — runs in (``with factory(): ...``, a new one per step): for a DiT (a
+    :class:`DiffusionModel` of family ``"dit"``, or one inside ``model``) on CUDA, ``torch.nn.attention.
+    sdpa_kernel`` without cuDNN attention (:data:`DIT_SDPA_BACKENDS`); otherwise nothing."""
+    if torch.device(device).type == "cuda" and any(isinstance(m, DiffusionModel) and m.family == "dit"
+                                                   for m in model.modules()):
+        return functools.partial(sdpa_kernel, list(DIT_SDPA_BACKENDS))
+    return contextlib.nullcontext

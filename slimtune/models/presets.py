@@ -93,7 +93,7 @@ LLM_PRESETS: dict[str, ModelPreset] = {p.name: p for p in (
                 vocab_size=128256, tie_word_embeddings=True),
     ModelPreset("llama-3.1-8b", "Llama-3.1-8B shape", hidden_size=4096, intermediate_size=14336,
                 num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
-                tie_word_embeddings=False),
+                tie_word_embeddings=False, max_position_embeddings=131072),
     ModelPreset("opt-125m", "OPT-125M shape (the HRA seed's small model); adapts q_proj and v_proj",
                 hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                 num_key_value_heads=12, vocab_size=50272, tie_word_embeddings=True, max_position_embeddings=2048,

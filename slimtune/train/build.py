@@ -174,5 +174,5 @@ def prepare_model(cfg: TrainConfig, model: nn.Module, config: AdapterConfig) -> 
     adapt(part, config)
     if cfg.grad_checkpointing:
         enable_gradient_checkpointing(model, adapted=True)
-    apply_memory_setting(model, cfg.memory)
+    apply_memory_setting(model, cfg.memory, plain_layers=cfg.plain_layers)
     return model

@@ -15,6 +15,7 @@ from typing import Any
 from ..core.config import check_number
 from ..errors import ConfigError
 from ..memory.options import check_model_dir
+from ..memory.recompute import check_plain_layers
 from ..memory.setting import memory_setting
 from ..models.presets import PRESETS, dtype_name, get_preset, resolve_dtype
 from ..models.workload import METHODS
@@ -28,7 +29,7 @@ TRAIN_METHODS = tuple(m for m in METHODS if m != "none")
 #: settings a resumed run may change: how it runs, not what it computes (the data, eval data and rank files are
 #: compared by content instead of by path: see :mod:`.rundir`)
 RESUMABLE_CHANGES = ("out", "data", "eval_data", "ranks", "micro_batch", "distributed", "save_every", "keep",
-                     "log_every", "eval_every", "resume", "device", "grad_checkpointing", "memory")
+                     "log_every", "eval_every", "resume", "device", "grad_checkpointing", "memory", "plain_layers")
 
 
 def _positive_int(field: str, value: Any, zero: bool = False) -> int:
@@ -82,6 +83,7 @@ class TrainConfig:
     max_steps: int | None = None
     grad_checkpointing: bool = False
     memory: str = "fast"  # "fast" | "balanced" | "max-fit" (slimtune.memory.setting)
+    plain_layers: int = 0  # with balanced / max-fit: the last layers left un-checkpointed
     dtype: str | None = None
     device: str | None = None
     seed: int = 0
@@ -157,12 +159,16 @@ class TrainConfig:
         _positive_int("--keep", self.keep)
         if self.distributed not in DISTRIBUTED:
             raise ConfigError(f"unknown --distributed {self.distributed!r}; choose from {', '.join(DISTRIBUTED)}")
+        check_plain_layers(self.plain_layers)
         if memory_setting(self.memory, "--memory").checkpoint:
             if self.task == "diffusion":
                 raise ConfigError(f"--memory {self.memory} checkpoints a transformer's layers: for --task diffusion "
                                   "use --grad-ckpt (diffusers' own)")
             if self.grad_checkpointing:
                 raise ConfigError(f"--memory {self.memory} already checkpoints every layer: drop --grad-ckpt")
+        elif self.plain_layers:
+            raise ConfigError(f"--plain-layers {self.plain_layers} needs --memory balanced or max-fit (--memory "
+                              f"{self.memory} checkpoints no layer)")
         pack = (self.task == "causal-lm") if self.pack is None else self.pack
         if pack and self.task != "causal-lm":
             raise ConfigError(f"--pack applies to --task causal-lm, not {self.task}")

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from ..models.diffusion import training_attention
 from . import checkpoint
 from .config import TrainConfig
 from .distributed import Environment, all_gather_objects, all_reduce_sum, barrier, gradient_sync
@@ -91,6 +92,7 @@ class Loop:
         self.at = Position()
         self.last_eval: dict[str, Any] = {}
         self.started = Position()  # where this process's run began (a resumed run's checkpoint)
+        self.attention = training_attention(parts.objective, device)  # the step's SDPA backends (a DiT's on CUDA)
 
     # -- one optimizer step -------------------------------------------------------------------------
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor | None, int, int]:
@@ -104,7 +106,7 @@ class Loop:
         total = torch.zeros((), dtype=torch.float32, device=self.device)
         for k, chunk in enumerate(chunks):
             batch = self.task.batch(chunk, self.device)
-            with gradient_sync(self.parts.wrapped, self.mode, sync=k == len(chunks) - 1):
+            with gradient_sync(self.parts.wrapped, self.mode, sync=k == len(chunks) - 1), self.attention():
                 loss, _ = self.parts.wrapped(**batch)
                 (loss * scale).backward()
             total += loss.detach()

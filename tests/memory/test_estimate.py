@@ -155,3 +155,40 @@ def test_checkpointed_diffusion_steps_recompute_in_the_same_simulation(preset: s
                            for gc in (False, True))
     assert checkpointed.peak_live < plain.peak_live
     assert checkpointed.attention_flops > plain.attention_flops  # the recomputed forward's attention is counted
+
+
+#: tiny-llama's width at six layers: deep enough to extrapolate from two and three layers with plain layers.
+SIX = ModelPreset("six-llama", "6-layer tiny Llama for tests", hidden_size=64, intermediate_size=160,
+                  num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+                  tie_word_embeddings=False, max_position_embeddings=64)
+
+
+@pytest.mark.parametrize("memory, plain", [("balanced", 0), ("balanced", 2), ("max-fit", 1)])
+def test_reduced_depth_extrapolates_the_memory_settings_exactly(memory: str, plain: int) -> None:
+    kwargs = dict(batch=2, seq=32, dtype="bfloat16", memory=memory, plain_layers=plain)
+    full = E.estimate_memory(SIX, "lora", 4, **kwargs)
+    reduced = E.estimate_memory(SIX, "lora", 4, reduced_depth=True, **kwargs)
+    assert reduced.peak_bytes == full.peak_bytes and reduced.breakdown == full.breakdown
+
+
+def test_plain_layers_trade_memory_for_recompute() -> None:
+    kwargs = dict(batch=2, seq=32, dtype="bfloat16", memory="balanced")
+    peaks = [E.estimate_memory(SIX, "lora", 4, plain_layers=n, **kwargs).peak_bytes for n in (0, 2, 4)]
+    assert peaks[0] < peaks[1] < peaks[2]
+
+
+@pytest.mark.parametrize("memory", ["fast", "balanced"])
+def test_unpadded_attention_takes_the_flash_path(memory: str) -> None:
+    """The simulated inputs have no padding and no packed sequences, as on the GPU: transformers' mask checks
+    (``.all()`` over the position ids' breaks; reached with ``use_cache=False``, as the chunked loss runs) must
+    read "regular", so that attention is the unmasked flash kernel's (its FLOPs are counted) and no ``[S, S]``
+    mask or score matrix is modelled."""
+    sim = E.simulate_points(MICRO, [(2, 32, None)], "lora", 4, dtype="bfloat16", memory=memory)[0]
+    assert sim.attention_flops > 0
+
+
+def test_data_dependent_branches_take_the_regular_way() -> None:
+    with E.meta_environment(), E._Allocator():
+        flags = torch.zeros(4, dtype=torch.bool, device="meta")
+        assert bool(flags.all()) is True and bool(flags.any()) is False
+        assert int(torch.zeros(3, dtype=torch.long, device="meta").sum()) == 0

@@ -9,8 +9,10 @@ import slimtune
 from slimtune.errors import ConfigError
 from slimtune.memory.chunked_loss import model_causal_lm_loss
 from slimtune.memory.offload import CpuOffload
+from slimtune.memory.options import ProfileOptions
 from slimtune.memory.recompute import checkpoint_layers, installed, layer_stack
 from slimtune.memory.setting import MEMORY_SETTINGS, apply_memory_setting, memory_setting
+from slimtune.models import workload
 
 from ..helpers import FP32_TOL, perturb_adapters, rel_err
 from ..toy_models import tiny_llama
@@ -59,6 +61,38 @@ def test_every_setting_gives_the_plain_gradients(method):
         assert all(rel_err(g, r) < FP32_TOL for g, r in zip(grads, ref_grads)), memory
 
 
+@pytest.mark.parametrize("memory", ["balanced", "max-fit"])
+def test_plain_layers_are_the_last_ones_and_keep_the_gradients(memory):
+    model = _adapted("dora")
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
+    ref_loss, ref_grads = _step(model, ids, chunked=False)
+    layers = list(model.model.layers)
+    handle = apply_memory_setting(model, memory, plain_layers=1)
+    assert handle.layers == layers[:-1]
+    calls = []
+    layers[-1].mlp.register_forward_pre_hook(lambda *_: calls.append(1))
+    loss, grads = _step(model, ids, chunked=True)
+    assert len(calls) == 1  # the plain last layer runs once: no recompute
+    assert rel_err(loss, ref_loss) < FP32_TOL
+    assert all(rel_err(g, r) < FP32_TOL for g, r in zip(grads, ref_grads))
+    handle.remove()
+    assert apply_memory_setting(model, memory, plain_layers=len(layers)).layers == []
+
+
+@pytest.mark.parametrize("plain, match", [(-1, "non-negative integer"), (1.5, "non-negative integer"),
+                                          (True, "non-negative integer"), (3, "has 2 layers")])
+def test_bad_plain_layers(plain, match):
+    with pytest.raises(ConfigError, match=match):
+        apply_memory_setting(tiny_llama(), "balanced", plain_layers=plain)
+
+
+def test_plain_layers_need_a_checkpointing_setting():
+    with pytest.raises(ConfigError, match="needs memory='balanced' or 'max-fit'"):
+        apply_memory_setting(tiny_llama(), "fast", plain_layers=2)
+    with pytest.raises(ConfigError, match="needs memory='balanced' or 'max-fit'"):
+        ProfileOptions(preset="tiny-llama", memory="fast", plain_layers=2).resolved()
+
+
 def test_checkpointing_recomputes_the_layers_in_backward():
     model = _adapted("lora")
     calls = []
@@ -80,7 +114,7 @@ def test_the_layer_stack_and_double_checkpointing():
     with pytest.raises(ConfigError, match="already checkpoints"):
         checkpoint_layers(model)
     handle.remove()
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    workload.enable_gradient_checkpointing("tiny-llama", model, adapted=False)  # transformers' own, any version
     with pytest.raises(ConfigError, match="already checkpoints"):
         apply_memory_setting(model, "balanced")
     with pytest.raises(ConfigError, match="no stack of layers"):
