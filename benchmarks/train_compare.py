@@ -23,6 +23,7 @@ Output: a markdown table on stdout and, with ``$OUT`` set, ``$OUT/train_compare.
 
     python benchmarks/train_compare.py                 # one GPU (H200/H100), Llama-3.2-3B shape, seq 2048
     python benchmarks/train_compare.py --quick         # CPU smoke test: tiny-llama, seq 128
+    python benchmarks/train_compare.py --compile --trainer-compile   # both sides through torch.compile
 """
 from __future__ import annotations
 
@@ -53,6 +54,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=3, help="first steps left out of the throughput (default: 3)")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing on both sides")
+    parser.add_argument("--compile", action="store_true",
+                        help="slimtune train --compile (each layer through torch.compile); the first --warmup "
+                             "steps hold the compile time and are not counted")
+    parser.add_argument("--trainer-compile", action="store_true",
+                        help="Trainer's torch_compile=True (the whole PEFT model through torch.compile)")
     parser.add_argument("--sides", nargs="+", default=["slimtune", "trainer"], choices=("slimtune", "trainer"))
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per side (default: 1800)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)  # "trainer": run that side here
@@ -98,7 +104,8 @@ def run_slimtune(args: argparse.Namespace, data: Path, work: Path) -> dict[str, 
     cmd = [sys.executable, "-m", "slimtune", "train", "--preset", args.preset, "--data", str(data), "--out", str(out),
            "--seq", str(args.seq), "--batch", str(args.batch), "--max-steps", str(args.steps), "--rank",
            str(args.rank), "--alpha", str(args.rank), "--lr", "2e-4", "--save-every", "0", "--log-every", "1",
-           "--device", args.device, "--dtype", args.dtype, "--json", *(["--grad-ckpt"] if args.grad_ckpt else [])]
+           "--device", args.device, "--dtype", args.dtype, "--json", *(["--grad-ckpt"] if args.grad_ckpt else []),
+           *(["--compile"] if args.compile else [])]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=args.timeout)
     if proc.returncode:
         return {"side": "slimtune", "status": "failed", "error": proc.stderr[-2000:]}
@@ -148,7 +155,7 @@ def trainer_child(args: argparse.Namespace) -> dict[str, Any]:
             output_dir=tmp, per_device_train_batch_size=args.batch, gradient_accumulation_steps=1,
             max_steps=args.steps, learning_rate=2e-4, weight_decay=0.0, lr_scheduler_type="cosine", warmup_steps=0,
             max_grad_norm=1.0, logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True,
-            use_cpu=device.type == "cpu", seed=0, dataloader_drop_last=True)
+            use_cpu=device.type == "cpu", seed=0, dataloader_drop_last=True, torch_compile=args.trainer_compile)
         trainer = transformers.Trainer(model=model, args=training, train_dataset=dataset, callbacks=[Timer()])
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -201,7 +208,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(environment_line(), file=sys.stderr)
     setting = (f"{args.preset}, LoRA r={args.rank}, seq {args.seq}, batch {args.batch}, {args.steps} steps "
                f"(throughput after {args.warmup}), {args.dtype} on {args.device}"
-               f"{', gradient checkpointing' if args.grad_ckpt else ''}")
+               f"{', gradient checkpointing' if args.grad_ckpt else ''}"
+               f"{', slimtune --compile' if args.compile else ''}{', Trainer torch_compile' if args.trainer_compile else ''}")
     print(setting, file=sys.stderr)
     sink = JsonlSink("train_compare.jsonl")
     results = []
@@ -211,7 +219,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for side in args.sides:
             result = run_slimtune(args, data, work) if side == "slimtune" else run_trainer(args, data, argv)
             result.update(preset=args.preset, seq=args.seq, batch=args.batch, steps=args.steps, rank=args.rank,
-                          grad_ckpt=args.grad_ckpt, device=args.device)
+                          grad_ckpt=args.grad_ckpt, device=args.device,
+                          compile=args.compile if side == "slimtune" else args.trainer_compile)
             sink.write(result)
             results.append(result)
             print(f"{side}: {result['status']}" + (f", {result['tokens_per_s']:,.0f} tokens/s, peak "

@@ -544,6 +544,9 @@ def _add_train_parser(subparsers: Any) -> None:
                       help="fast = nothing extra; balanced = every layer checkpointed (recomputed in backward); "
                            "max-fit = balanced + checkpointed inputs kept in CPU memory (default: fast)")
     loop.add_argument("--plain-layers", type=int, default=0, metavar="N", help=PLAIN_LAYERS_HELP)
+    loop.add_argument("--compile", action="store_true",
+                      help="torch.compile each transformer layer (one compiled graph for all; the first step "
+                           "takes the compile time): fuses norms, rotary and SwiGLU around the matrix products")
     loop.add_argument("--dtype", default=None, help="model dtype (default: bfloat16 on cuda, float32 on cpu)")
     loop.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     loop.add_argument("--seed", type=int, default=0, help="seed of weights, adapter init, data order (default: 0)")

@@ -29,7 +29,7 @@ TRAIN_METHODS = tuple(m for m in METHODS if m != "none")
 #: settings a resumed run may change: how it runs, not what it computes (the data, eval data and rank files are
 #: compared by content instead of by path: see :mod:`.rundir`)
 RESUMABLE_CHANGES = ("out", "data", "eval_data", "ranks", "micro_batch", "distributed", "save_every", "keep",
-                     "log_every", "eval_every", "resume", "device", "grad_checkpointing", "memory", "plain_layers")
+                     "log_every", "eval_every", "resume", "device", "grad_checkpointing", "memory", "plain_layers", "compile")
 
 
 def _positive_int(field: str, value: Any, zero: bool = False) -> int:
@@ -84,6 +84,7 @@ class TrainConfig:
     grad_checkpointing: bool = False
     memory: str = "fast"  # "fast" | "balanced" | "max-fit" (slimtune.memory.setting)
     plain_layers: int = 0  # with balanced / max-fit: the last layers left un-checkpointed
+    compile: bool = False  # torch.compile each transformer layer (regional compilation)
     dtype: str | None = None
     device: str | None = None
     seed: int = 0
@@ -160,6 +161,9 @@ class TrainConfig:
         if self.distributed not in DISTRIBUTED:
             raise ConfigError(f"unknown --distributed {self.distributed!r}; choose from {', '.join(DISTRIBUTED)}")
         check_plain_layers(self.plain_layers)
+        if self.compile and diffusion:
+            raise ConfigError("--compile compiles a transformer's layers (causal-lm, classification), not a "
+                              "diffusion model")
         if memory_setting(self.memory, "--memory").checkpoint:
             if self.task == "diffusion":
                 raise ConfigError(f"--memory {self.memory} checkpoints a transformer's layers: for --task diffusion "

@@ -60,6 +60,8 @@ CASES = [  # (arguments, text the error must contain)
      "plain_layers must be a non-negative integer, got -1"),
     (["--task", "diffusion", "--preset", "tiny-unet", "--max-steps", "1", "--memory", "max-fit"],
      "--memory max-fit checkpoints a transformer's layers: for --task diffusion use --grad-ckpt"),
+    (["--task", "diffusion", "--preset", "tiny-unet", "--max-steps", "1", "--compile"],
+     "--compile compiles a transformer's layers (causal-lm, classification), not a diffusion model"),
     (["--data", "{good}", "--dtype", "int8"], "unsupported dtype 'int8'"),
     (["--data", "{good}", "--ranks", "{tmp}/nope.json"], "--ranks {tmp}/nope.json: no such file"),
     (["--data", "{good}", "--ranks", "{ranks}"], "expected a JSON object of module-name pattern -> rank"),
