@@ -21,14 +21,17 @@ function of torch or of slimtune, so nothing leaks into the process or into othe
 * attention: ``scaled_dot_product_attention`` without a mask runs the flash kernel on the GPU (and on the CPU),
   which keeps ``q, k, v, out`` and a float32 log-sum-exp ``[B, H, S]`` for backward (never the ``[S, S]``
   scores); its backward allocates ``dq, dk, dv`` (k/v expanded to every query head under GQA, then reduced)
-  and a float32 ``dq`` accumulator (:class:`_MetaAttention`). A masked call keeps PyTorch's math path;
+  and a float32 ``dq`` accumulator (:class:`_MetaKernels`). A masked call keeps PyTorch's math path;
 * NF4 weights: built directly in NF4's stored layout (no quantisation runs on meta), and a dequantisation
   allocates just its dense output, as the fused Triton kernel does on CUDA (:func:`slimtune.quant.nf4.dequantize_nf4`
   does so itself for meta tensors and reports its traffic to :mod:`slimtune.core.simulation`);
 * AdamW runs with ``foreach=True`` for CUDA (PyTorch's default there), for its temporaries; its ``step`` counters
   live on the CPU. For the CPU's accounting (no temporaries) the state is counted without running the step:
   two moments like each parameter plus a 4-byte ``step`` per parameter, as the CPU profile counts them;
-* ``.item()`` / ``bool()`` of a meta tensor (a data-dependent branch) reads 0 / False: the common way;
+* RMSNorm through ``F.rms_norm`` (``torch.nn.RMSNorm``: a DiT's q/k norms) as CUDA's fused kernel keeps it — the
+  input and a float32 ``rstd`` — when mirroring CUDA; the meta device's decomposition would keep two float32 copies;
+* ``.item()`` / ``bool()`` of a meta tensor (a data-dependent branch) takes the simulated inputs' way — they have no
+  padding and no packed sequences: a branch on ``all()`` reads True, anything else 0 / False;
 * cuBLAS workspaces: a constant :data:`CUDA_WORKSPACE_BYTES`, calibrated on H100 runs.
 
 Not modelled: the CUDA context (outside ``memory_allocated``), allocator fragmentation (``reserved`` minus
@@ -43,6 +46,7 @@ fine-tune, whose weights are all in ``base_weights``), ``gradients``, ``optimize
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import math
 import weakref
@@ -186,13 +190,43 @@ class _FlashAttention(torch.autograd.Function):
         return dq, dk, dv, None
 
 
+class _FusedRmsNorm(torch.autograd.Function):
+    """What CUDA's fused RMSNorm kernel (``aten._fused_rms_norm``, behind ``F.rms_norm`` there) keeps and allocates,
+    on meta tensors: the output in the input's dtype and a float32 ``rstd`` per row; it saves the input and
+    ``rstd``. On the meta device (and the CPU) ``F.rms_norm`` decomposes and keeps two float32 copies of the input
+    instead — measured on an H200, the fused kernel's is what the GPU holds (RESULTS.md, run 43)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor | None, dims: int) -> torch.Tensor:
+        out = torch.empty_like(x)
+        rstd = torch.empty((*x.shape[:x.dim() - dims], *([1] * dims)), dtype=torch.float32, device=x.device)
+        ctx.save_for_backward(x, rstd, weight)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, None]:
+        x, _rstd, weight = ctx.saved_tensors
+        grad_weight = torch.empty_like(weight) if weight is not None and ctx.needs_input_grad[1] else None
+        return torch.empty_like(x), grad_weight, None
+
+
+#: whether CUDA runs ``F.rms_norm`` as one fused kernel (PyTorch 2.9 and later)
+FUSED_RMS_NORM_ON_CUDA = hasattr(torch.ops.aten, "_fused_rms_norm")
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
+_RMS_NORM_ARGS = ("input", "normalized_shape", "weight", "eps")
+#: whether the running simulation mirrors CUDA's kernels (set by :func:`meta_environment`)
+_MIRROR_CUDA: contextvars.ContextVar[bool] = contextvars.ContextVar("slimtune_mirror_cuda", default=True)
 
 
-class _MetaAttention(TorchFunctionMode):
-    """Inside the block, an unmasked ``F.scaled_dot_product_attention`` on meta tensors allocates and saves what the
-    flash kernel does on the GPU (:class:`_FlashAttention`); any other call runs as it is. A torch function mode:
-    scoped to the ``with`` block and the thread, nothing of torch is replaced."""
+class _MetaKernels(TorchFunctionMode):
+    """Inside the block, on meta tensors: an unmasked ``F.scaled_dot_product_attention`` allocates and saves what the
+    flash kernel does on the GPU (:class:`_FlashAttention`), and, when mirroring CUDA, ``F.rms_norm`` what CUDA's
+    fused kernel does (:class:`_FusedRmsNorm`); any other call runs as it is. A torch function mode: scoped to the
+    ``with`` block and the thread, nothing of torch is replaced."""
+
+    def __init__(self, cuda: bool) -> None:
+        super().__init__()
+        self.cuda = cuda
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
@@ -201,30 +235,39 @@ class _MetaAttention(TorchFunctionMode):
             query = bound["query"]
             if bound.get("attn_mask") is None and query.device.type == "meta":
                 return _FlashAttention.apply(query, bound["key"], bound["value"], bool(bound.get("is_causal", False)))
+        elif func is F.rms_norm and self.cuda and FUSED_RMS_NORM_ON_CUDA:
+            bound = dict(zip(_RMS_NORM_ARGS, args), **kwargs)
+            x = bound["input"]
+            if x.device.type == "meta":
+                return _FusedRmsNorm.apply(x, bound.get("weight"), len(bound["normalized_shape"]))
         return func(*args, **kwargs)
 
 
 @contextlib.contextmanager
-def meta_environment() -> Iterator[simulation.Work]:
+def meta_environment(cuda: bool = True) -> Iterator[simulation.Work]:
     """The block in which a training step is simulated on meta tensors: unmasked attention follows the flash
-    kernel's memory (:class:`_MetaAttention`), and the work the meta device cannot show is counted
-    (:mod:`slimtune.core.simulation`: attention FLOPs, NF4 dequantisation traffic — :func:`slimtune.quant.nf4.
-    dequantize_nf4` allocates only its output on meta). Nothing is patched: outside the block, and in other
-    threads, everything runs as before."""
-    with simulation.counting() as work, _MetaAttention():
-        yield work
+    kernel's memory, and with ``cuda`` RMSNorm CUDA's fused kernel's (:class:`_MetaKernels`); the work the meta
+    device cannot show is counted (:mod:`slimtune.core.simulation`: attention FLOPs, NF4 dequantisation traffic —
+    :func:`slimtune.quant.nf4.dequantize_nf4` allocates only its output on meta). Nothing is patched: outside the
+    block, and in other threads, everything runs as before."""
+    token = _MIRROR_CUDA.set(cuda)
+    try:
+        with simulation.counting() as work, _MetaKernels(cuda):
+            yield work
+    finally:
+        _MIRROR_CUDA.reset(token)
 
 
 def checkpoint_contexts() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
     """``torch.utils.checkpoint``'s ``context_fn``: the forward runs as it is, and the recomputation — which runs
     where autograd's engine runs it, possibly another thread, outside this thread's function modes and context
-    variables — in the same simulation (same attention path, same counters) as the forward that called this."""
-    return contextlib.nullcontext(), _continued_simulation(simulation.current())
+    variables — in the same simulation (same kernels, same counters) as the forward that called this."""
+    return contextlib.nullcontext(), _continued_simulation(simulation.current(), _MIRROR_CUDA.get())
 
 
 @contextlib.contextmanager
-def _continued_simulation(work: simulation.Work | None) -> Iterator[None]:
-    with simulation.counting(work), _MetaAttention():
+def _continued_simulation(work: simulation.Work | None, cuda: bool) -> Iterator[None]:
+    with simulation.counting(work), _MetaKernels(cuda):
         yield
 
 
@@ -478,7 +521,7 @@ def _simulate(model: nn.Module, spec: Preset, method: str, batch: int, seq: int,
     gradients = optimizer_state = state_live = retained = held_after_forward = 0
     first: dict[str, int] = {}
     chunked = memory_setting(memory).chunked_loss and plain_head(model)
-    with meta_environment() as work, allocator:
+    with meta_environment(cuda=device_kind == "cuda") as work, allocator:
         inputs = workload.make_inputs(spec, model, batch, seq, "meta", dtype, None, resolution=resolution)
         out: Any = None
         for step in range(steps):

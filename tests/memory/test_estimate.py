@@ -192,3 +192,20 @@ def test_data_dependent_branches_take_the_regular_way() -> None:
         flags = torch.zeros(4, dtype=torch.bool, device="meta")
         assert bool(flags.all()) is True and bool(flags.any()) is False
         assert int(torch.zeros(3, dtype=torch.long, device="meta").sum()) == 0
+
+
+@pytest.mark.parametrize("cuda", [True, False])
+def test_rms_norm_keeps_what_the_device_keeps(cuda: bool) -> None:
+    """Mirroring CUDA, ``F.rms_norm`` saves what the fused kernel saves (the input and a float32 rstd per row;
+    measured on an H200: a DiT's q/k norms, RESULTS.md run 43); otherwise PyTorch's decomposition as it runs."""
+    saved: list[tuple[tuple[int, ...], torch.dtype]] = []
+    x = torch.empty(4, 8, 64, dtype=torch.bfloat16, device="meta", requires_grad=True)
+    weight = torch.empty(64, dtype=torch.bfloat16, device="meta")
+    with E.meta_environment(cuda=cuda), torch.autograd.graph.saved_tensors_hooks(
+            lambda t: saved.append((tuple(t.shape), t.dtype)) or t, lambda t: t):
+        y = torch.nn.functional.rms_norm(x, (64,), weight, 1e-6)
+    assert y.shape == x.shape and y.dtype == torch.bfloat16
+    if cuda and E.FUSED_RMS_NORM_ON_CUDA:
+        assert saved == [((4, 8, 64), torch.bfloat16), ((4, 8, 1), torch.float32), ((64,), torch.bfloat16)]
+    else:
+        assert ((4, 8, 64), torch.float32) in saved
