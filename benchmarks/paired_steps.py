@@ -39,6 +39,7 @@ import torch
 
 from slimtune.memory.options import ProfileOptions
 from slimtune.memory.profile import TrainingSession
+from slimtune.train.build import compile_layers
 
 
 def parse_config(text: str) -> tuple[str, str]:
@@ -70,6 +71,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--before", default=None, metavar="DIR",
                         help="a directory holding an earlier copy of the package as slimtune_before (before:METHOD)")
     parser.add_argument("--out-name", default=None, help="$OUT file stem (default: paired_steps)")
+    parser.add_argument("--compile", action="store_true",
+                        help="every configuration's decoder layers through torch.compile (slimtune.train.build."
+                             "compile_layers: regional, PEFT's models too); the warm-up rounds hold the compile time")
     args = parser.parse_args(argv)
     if args.before:
         sys.path.insert(0, args.before)
@@ -80,7 +84,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     sessions = []
     for text in args.configs:
         backend, method = parse_config(text)
-        sessions.append((text, session_for(backend, method, common)))
+        session = session_for(backend, method, common)
+        if args.compile:
+            compile_layers(session.model)
+        sessions.append((text, session))
         print(f"built {text}", flush=True)
     if args.gc_freeze:
         gc.collect()
@@ -140,7 +147,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     text = (f"{environment_line()}\n\n{common['preset']}, r={common['rank']}, batch {common['batch']}, seq "
             f"{common['seq']}, {common['dtype']}; {args.rounds} paired rounds after {args.warmup} warm-up rounds, "
             f"one step of each configuration per round, logits released before backward"
-            f"{'; gc.freeze() after building' if args.gc_freeze else ''}\n\n{table}\n")
+            f"{'; gc.freeze() after building' if args.gc_freeze else ''}"
+            f"{'; decoder layers through torch.compile' if args.compile else ''}\n\n{table}\n")
     print("\n" + text, flush=True)
     write_out_text(f"{out_name}.md", text)
     return 0
