@@ -113,6 +113,7 @@ def describe_run(result: ProfileResult) -> str:
     quant = f" · {result.quant} base" if result.quant != "none" else ""
     gc = " · gradient checkpointing" if result.grad_checkpointing else ""
     gc += f" · --memory {result.memory}" if result.memory != "fast" else ""
+    gc += f" --plain-layers {result.plain_layers}" if result.plain_layers else ""
     n = result.steps
     rule = step_rule(n)
     return (f"{result.preset} · {method}{quant} · batch {result.batch} × {_sample_shape(result)} · "

@@ -67,6 +67,7 @@ class ProfileResult:
     activations_by_module: dict[str, int] | None = None  # accounting.ACTIVATION_KINDS -> bytes saved for backward
     setup_time_s: float | None = None  # building, quantising and adapting the model
     memory: str = "fast"  # the memory setting (slimtune.memory.setting)
+    plain_layers: int = 0  # with balanced / max-fit: the last layers left un-checkpointed
 
     @classmethod
     def for_options(cls, options: ProfileOptions, **fields: Any) -> "ProfileResult":
@@ -78,7 +79,7 @@ class ProfileResult:
                    device=options.device or "", grad_checkpointing=options.grad_checkpointing,
                    release_outputs=options.release_outputs, quant=getattr(options, "quant", "none"),
                    model_dir=getattr(options, "model_dir", None), memory=getattr(options, "memory", "fast"),
-                   **fields)
+                   plain_layers=getattr(options, "plain_layers", 0), **fields)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -101,6 +102,7 @@ class ProfileResult:
         rank = f" r{self.rank}" if self.rank is not None else ""
         gc = " +GC" if self.grad_checkpointing else ""
         gc += f" memory={self.memory}" if self.memory != "fast" else ""
+        gc += f" plain={self.plain_layers}" if self.plain_layers else ""
         name = self.preset.rstrip("/").rsplit("/", 1)[-1]
         return f"{name} {method}{rank}{gc} · {self.backend}"
 
