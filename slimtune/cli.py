@@ -30,9 +30,9 @@ from .interop import read_peft
 from .memory.estimate import estimate_memory
 from .memory.options import BACKENDS, METHODS, QUANTS, ProfileOptions, check_dependencies
 from .memory.plan import (CONTEXT_BYTES, DEFAULT_TFLOPS, FOOTNOTE, FRAGMENTATION, GiB, breakdown_table, parse_size,
-                          search, search_table, summary_table, usable_bytes)
+                          plain_layers_that_fit, search, search_table, summary_table, usable_bytes)
 from .memory.plot import plot_results
-from .memory.setting import MEMORY_SETTINGS
+from .memory.setting import MEMORY_SETTINGS, memory_setting
 from .memory.profile import model_dependencies, profile_options
 from .memory.report import (BACKEND_LABELS, activations_table, comparison_ratios, describe_run, format_bytes,
                             memory_notes, results_table)
@@ -432,13 +432,28 @@ def _cmd_plan(args: argparse.Namespace) -> int:
                               dtype=args.dtype, grad_checkpointing=gc_choice == "on",
                               release_outputs=args.release_outputs, reduced_depth=True, memory=memories[0],
                               plain_layers=args.plain_layers)
+        plain = None
+        if gpu_mem is not None and memory_setting(memories[0]).checkpoint and not args.plain_layers \
+                and not diffusion:
+            one, two = (estimate_memory(spec, args.method, ranks[0], batch=batches[0], seq=seqs[0], quant=quant,
+                                        dtype=args.dtype, release_outputs=args.release_outputs, reduced_depth=True,
+                                        memory=memories[0], plain_layers=n) for n in (1, 2))
+            plain = plain_layers_that_fit((est.peak_bytes, one.peak_bytes, two.peak_bytes), usable_bytes(gpu_mem),
+                                          spec.num_hidden_layers)
         if args.json:
             payload = est.to_dict()
             if gpu_mem is not None:
                 payload["fits"] = est.peak_bytes <= usable_bytes(gpu_mem)
+            if plain is not None:
+                payload["plain_layers_that_fit"] = max(plain, 0)
             print(json.dumps(payload))
         else:
             console.print(breakdown_table(est, gpu_mem))
+            if plain is not None and plain > 0:
+                console.print(f"Within --gpu-mem {args.gpu_mem}: up to {plain} of the {spec.num_hidden_layers} layers "
+                              f"can stay un-checkpointed (--plain-layers {plain}), each "
+                              f"{format_bytes(two.peak_bytes - one.peak_bytes)} more and one layer's recompute "
+                              "less a step.", highlight=False)
         return 0
     if args.plain_layers:
         raise ConfigError("--plain-layers applies to one configuration: give --method")

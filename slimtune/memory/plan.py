@@ -77,6 +77,21 @@ def usable_bytes(gpu_mem: int, context: int = CONTEXT_BYTES, fragmentation: floa
     return max(0, int((gpu_mem - context) * (1.0 - fragmentation)))
 
 
+def plain_layers_that_fit(peaks: tuple[int, int, int], budget: int, depth: int) -> int:
+    """How many trailing layers a ``balanced`` / ``max-fit`` configuration can leave un-checkpointed within
+    ``budget`` bytes, from its predicted peaks with none, one and two plain layers. The first costs less than the
+    others (the checkpointed model's peak already holds one layer's recomputed activations); from there on each
+    adds the same — a layer's activations — so the count is extrapolated from one and two. At most ``depth``;
+    -1 when even none fits."""
+    none, one, two = peaks
+    if none > budget:
+        return -1
+    if one > budget:
+        return 0
+    step = two - one
+    return depth if step <= 0 else min(depth, 1 + (budget - one) // step)
+
+
 # -- the grid ---------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class PlanPoint:

@@ -209,3 +209,17 @@ def test_rms_norm_keeps_what_the_device_keeps(cuda: bool) -> None:
         assert saved == [((4, 8, 64), torch.bfloat16), ((4, 8, 1), torch.float32), ((64,), torch.bfloat16)]
     else:
         assert ((4, 8, 64), torch.float32) in saved
+
+
+def test_plan_counts_the_plain_layers_that_fit() -> None:
+    """From the peaks with none, one and two plain layers, the count that fits a budget: checked against the
+    estimates at that count and one more (the cost per plain layer is the same from the first on)."""
+    from slimtune.memory.plan import plain_layers_that_fit
+
+    kwargs = dict(batch=2, seq=32, dtype="bfloat16", memory="balanced", reduced_depth=True)
+    peaks = [E.estimate_memory(SIX, "lora", 4, plain_layers=n, **kwargs).peak_bytes for n in range(6)]
+    budget = (peaks[3] + peaks[4]) // 2
+    assert plain_layers_that_fit((peaks[0], peaks[1], peaks[2]), budget, 6) == 3
+    assert plain_layers_that_fit((peaks[0], peaks[1], peaks[2]), peaks[0] - 1, 6) == -1
+    assert plain_layers_that_fit((peaks[0], peaks[1], peaks[2]), peaks[0], 6) == 0
+    assert plain_layers_that_fit((peaks[0], peaks[1], peaks[2]), 10 * peaks[5], 6) == 6
