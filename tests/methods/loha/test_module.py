@@ -6,13 +6,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.graph import saved_tensors_hooks
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import slimtune
 from slimtune.core.costs import choose_path
 from slimtune.methods.loha import LohaConfig, LohaLayer, loha_delta_weight
 from slimtune.methods.loha.costs import loha_costs
 from tests.helpers import BF16_TOL, FP32_TOL, check_merge_round_trip, rel_err
+from tests.methods.fakes import MaxAllocation, check_quantized_matches_dense, quantized_pair
 
 PATHS = ["structured", "folded"]
 # (name, base layer factory, input shape, r, use_effective_conv2d)
@@ -104,23 +104,6 @@ def test_fp32_master_weights_with_bf16_activations(path):
     dense_reference(layer, x.double(), params).sum().backward()
     for key, p in layer.peft_parameters().items():
         assert p.grad.dtype == torch.float32 and rel_err(p.grad, params[key].grad) < BF16_TOL
-
-
-class MaxAllocation(TorchDispatchMode):
-    """Records the largest new tensor any op produces (views and aliases of inputs are not counted)."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        flat = torch.utils._pytree.tree_leaves((args, kwargs))
-        inputs = {t.untyped_storage().data_ptr() for t in flat if isinstance(t, torch.Tensor)}
-        for t in torch.utils._pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
-                self.largest = max(self.largest, t.numel())
-        return out
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -263,87 +246,7 @@ def test_bad_values_and_targets():
         slimtune.adapt(nn.Sequential(nn.Embedding(4, 4)), LohaConfig(target_modules=["0"]))
 
 
-# -- 4-bit bases: the weight through a handle, dequantised right before each use -------------------------
-class FakeHandle:
-    """A :class:`~slimtune.core.frozen.QuantizedWeight` over a dense tensor: every dequantize is a fresh copy,
-    tracked by weak references (so a test can see that none outlives its GEMM)."""
-
-    def __init__(self, dense: torch.Tensor) -> None:
-        self._dense = dense
-        self.copies: list = []
-
-    shape = property(lambda self: self._dense.shape)
-    dtype = property(lambda self: self._dense.dtype)
-    device = property(lambda self: self._dense.device)
-
-    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        import weakref
-
-        out = self._dense.to(dtype, copy=True)
-        self.copies.append(weakref.ref(out))
-        return out
-
-    def alive(self) -> int:
-        return sum(ref() is not None for ref in self.copies)
-
-
-class FakeQuantLinear(nn.Module):
-    """A Linear stored "packed": ``weight`` is a uint8 ``[n/2, 1]`` buffer (as NF4 storage), the values live
-    behind ``handle``."""
-
-    def __init__(self, dense: nn.Linear) -> None:
-        super().__init__()
-        self.register_buffer("weight", torch.zeros((dense.weight.numel() + 1) // 2, 1, dtype=torch.uint8))
-        self.bias = None if dense.bias is None else nn.Parameter(dense.bias.detach().clone(), requires_grad=False)
-        self.handle = FakeHandle(dense.weight.detach().clone())
-
-    def forward(self, x):
-        return F.linear(x, self.handle.dequantize(x.dtype), self.bias)
-
-
-@pytest.fixture
-def fake_quant():
-    """Make slimtune see FakeQuantLinear as a 4-bit layer (its handle), through the public registration."""
-    from slimtune.core.frozen import register_quantized_layer
-
-    unregister = register_quantized_layer(lambda m: m.handle if isinstance(m, FakeQuantLinear) else None)
-    yield FakeQuantLinear
-    unregister()
-
-
-def quantized_pair(layer_class, make_kwargs: dict, d_in=24, d_out=40, bias=True):
-    """The same adapter (float64, random factors) over a dense Linear and over its fake 4-bit twin."""
-    torch.manual_seed(0)
-    dense = nn.Linear(d_in, d_out, bias=bias).double().requires_grad_(False)
-    layers = []
-    for base in (dense, FakeQuantLinear(dense)):
-        torch.manual_seed(1)
-        layers.append(layer_class(base, **make_kwargs))
-    return layers
-
-
-def check_quantized_matches_dense(dense_layer, quant_layer, path: str, x_shape=(3, 5, 24)) -> None:
-    """Same output and gradients as on the dense base; nothing of the weight's size saved for backward; every
-    dequantised copy freed right after its use (forward, and backward)."""
-    handle = quant_layer.base_layer.handle
-    n_weight = handle.shape.numel()
-    results = []
-    for layer in (dense_layer, quant_layer):
-        layer.path = path
-        x = torch.randn(x_shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2)).requires_grad_()
-        saved = []
-        with saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
-            y = layer(x)
-        if layer is quant_layer:
-            assert n_weight not in saved and handle.alive() == 0
-        y.backward(torch.ones_like(y))
-        results.append([y, x.grad, *(p.grad for p in layer.peft_parameters().values())])
-    assert handle.alive() == 0 and len(handle.copies) == 2  # one in forward, one in backward
-    assert quant_layer.last_path == path
-    for got, want in zip(results[1], results[0]):
-        assert rel_err(got, want) < 1e-12
-
-
+# -- 4-bit bases: the weight through a handle, dequantised right before each use (tests/methods/fakes.py) -----
 @pytest.mark.parametrize("path", PATHS)
 def test_quantized_base_matches_dense(path, fake_quant):
     dense, quant = quantized_pair(LohaLayer, dict(r=3, alpha=4.0, init_weights=False))

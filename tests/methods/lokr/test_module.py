@@ -13,8 +13,7 @@ from slimtune.core.costs import choose_path
 from slimtune.methods.lokr import LokrConfig, LokrLayer, factorization, lokr_delta_weight, lokr_factors
 from slimtune.methods.lokr.math import lokr_costs
 from tests.helpers import BF16_TOL, FP32_TOL, check_merge_round_trip, rel_err
-from tests.methods.loha.test_module import MaxAllocation, check_quantized_matches_dense, quantized_pair
-from tests.methods.loha.test_module import fake_quant  # noqa: F401, F811  (the fixture)
+from tests.methods.fakes import MaxAllocation, check_quantized_matches_dense, quantized_pair
 
 PATHS = ["structured", "folded"]
 # (name, base layer factory, input shape, LokrLayer kwargs)

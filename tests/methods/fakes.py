@@ -1,0 +1,96 @@
+"""Test doubles the adapter methods' tests share: a fake 4-bit Linear (its weight behind a handle, dequantised on
+each use) with the checks run against it, and a dispatch mode that records the largest new tensor."""
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd.graph import saved_tensors_hooks
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from tests.helpers import rel_err
+
+
+class MaxAllocation(TorchDispatchMode):
+    """Records the largest new tensor any op produces (views and aliases of inputs are not counted)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        flat = torch.utils._pytree.tree_leaves((args, kwargs))
+        inputs = {t.untyped_storage().data_ptr() for t in flat if isinstance(t, torch.Tensor)}
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+class FakeHandle:
+    """A :class:`~slimtune.core.frozen.QuantizedWeight` over a dense tensor: every dequantize is a fresh copy,
+    tracked by weak references (so a test can see that none outlives its GEMM)."""
+
+    def __init__(self, dense: torch.Tensor) -> None:
+        self._dense = dense
+        self.copies: list = []
+
+    shape = property(lambda self: self._dense.shape)
+    dtype = property(lambda self: self._dense.dtype)
+    device = property(lambda self: self._dense.device)
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        import weakref
+
+        out = self._dense.to(dtype, copy=True)
+        self.copies.append(weakref.ref(out))
+        return out
+
+    def alive(self) -> int:
+        return sum(ref() is not None for ref in self.copies)
+
+
+class FakeQuantLinear(nn.Module):
+    """A Linear stored "packed": ``weight`` is a uint8 ``[n/2, 1]`` buffer (as NF4 storage), the values live
+    behind ``handle``."""
+
+    def __init__(self, dense: nn.Linear) -> None:
+        super().__init__()
+        self.register_buffer("weight", torch.zeros((dense.weight.numel() + 1) // 2, 1, dtype=torch.uint8))
+        self.bias = None if dense.bias is None else nn.Parameter(dense.bias.detach().clone(), requires_grad=False)
+        self.handle = FakeHandle(dense.weight.detach().clone())
+
+    def forward(self, x):
+        return F.linear(x, self.handle.dequantize(x.dtype), self.bias)
+
+
+def quantized_pair(layer_class, make_kwargs: dict, d_in=24, d_out=40, bias=True):
+    """The same adapter (float64, random factors) over a dense Linear and over its fake 4-bit twin."""
+    torch.manual_seed(0)
+    dense = nn.Linear(d_in, d_out, bias=bias).double().requires_grad_(False)
+    layers = []
+    for base in (dense, FakeQuantLinear(dense)):
+        torch.manual_seed(1)
+        layers.append(layer_class(base, **make_kwargs))
+    return layers
+
+
+def check_quantized_matches_dense(dense_layer, quant_layer, path: str, x_shape=(3, 5, 24)) -> None:
+    """Same output and gradients as on the dense base; nothing of the weight's size saved for backward; every
+    dequantised copy freed right after its use (forward, and backward)."""
+    handle = quant_layer.base_layer.handle
+    n_weight = handle.shape.numel()
+    results = []
+    for layer in (dense_layer, quant_layer):
+        layer.path = path
+        x = torch.randn(x_shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2)).requires_grad_()
+        saved = []
+        with saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            y = layer(x)
+        if layer is quant_layer:
+            assert n_weight not in saved and handle.alive() == 0
+        y.backward(torch.ones_like(y))
+        results.append([y, x.grad, *(p.grad for p in layer.peft_parameters().values())])
+    assert handle.alive() == 0 and len(handle.copies) == 2  # one in forward, one in backward
+    assert quant_layer.last_path == path
+    for got, want in zip(results[1], results[0]):
+        assert rel_err(got, want) < 1e-12
