@@ -39,7 +39,7 @@ import torch
 
 from slimtune.memory.options import ProfileOptions
 from slimtune.memory.profile import TrainingSession
-from slimtune.train.build import compile_layers
+from slimtune.models.layers import compile_layers
 
 
 def parse_config(text: str) -> tuple[str, str]:
@@ -72,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="a directory holding an earlier copy of the package as slimtune_before (before:METHOD)")
     parser.add_argument("--out-name", default=None, help="$OUT file stem (default: paired_steps)")
     parser.add_argument("--compile", action="store_true",
-                        help="every configuration's decoder layers through torch.compile (slimtune.train.build."
+                        help="every configuration's decoder layers through torch.compile (slimtune.models.layers."
                              "compile_layers: regional, PEFT's models too); the warm-up rounds hold the compile time")
     args = parser.parse_args(argv)
     if args.before:

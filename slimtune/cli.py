@@ -109,6 +109,7 @@ def add_profile_arguments(parser: argparse.ArgumentParser) -> None:
                              "balanced + checkpointed inputs offloaded to CPU memory (slimtune backend; with "
                              "--compare-peft, PEFT gets transformers' checkpointing) (default: fast)")
     parser.add_argument("--plain-layers", type=int, default=0, metavar="N", help=PLAIN_LAYERS_HELP)
+    parser.add_argument("--compile", action="store_true", help=COMPILE_HELP + " (PEFT's too, with --compare-peft)")
     parser.add_argument("--seed", type=int, default=0, help="seed for weights and token ids (default: 0)")
     parser.add_argument("--release-outputs", action="store_true",
                         help="drop each step's outputs (logits) once the loss is taken, before backward; by default "
@@ -117,6 +118,10 @@ def add_profile_arguments(parser: argparse.ArgumentParser) -> None:
 
 PLAIN_LAYERS_HELP = ("with --memory balanced or max-fit: leave the last N transformer layers un-checkpointed "
                      "(faster: no recompute for them; each keeps one layer's activations) (default: 0)")
+
+
+COMPILE_HELP = ("torch.compile each transformer layer (one compiled graph for all; the first step takes the compile "
+                "time): fuses norms, rotary and SwiGLU around the matrix products")
 
 
 def options_from_args(args: argparse.Namespace) -> ProfileOptions:
@@ -128,7 +133,7 @@ def options_from_args(args: argparse.Namespace) -> ProfileOptions:
                           seq=args.seq, steps=args.steps, device=args.device, dtype=args.dtype,
                           backend=args.backend, grad_checkpointing=args.grad_checkpointing, seed=args.seed,
                           release_outputs=args.release_outputs, quant=args.quant, model_dir=args.model_dir,
-                          memory=args.memory, plain_layers=args.plain_layers)
+                          memory=args.memory, plain_layers=args.plain_layers, compile=args.compile)
 
 
 def _progress(disable: bool) -> Any:
@@ -559,9 +564,7 @@ def _add_train_parser(subparsers: Any) -> None:
                       help="fast = nothing extra; balanced = every layer checkpointed (recomputed in backward); "
                            "max-fit = balanced + checkpointed inputs kept in CPU memory (default: fast)")
     loop.add_argument("--plain-layers", type=int, default=0, metavar="N", help=PLAIN_LAYERS_HELP)
-    loop.add_argument("--compile", action="store_true",
-                      help="torch.compile each transformer layer (one compiled graph for all; the first step "
-                           "takes the compile time): fuses norms, rotary and SwiGLU around the matrix products")
+    loop.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     loop.add_argument("--dtype", default=None, help="model dtype (default: bfloat16 on cuda, float32 on cpu)")
     loop.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     loop.add_argument("--seed", type=int, default=0, help="seed of weights, adapter init, data order (default: 0)")

@@ -68,6 +68,7 @@ class ProfileOptions:
     model_dir: str | None = None  # a local Hugging Face model directory; replaces ``preset`` when set
     memory: str = "fast"  # "fast" | "balanced" | "max-fit" (slimtune.memory.setting; the slimtune backend)
     plain_layers: int = 0  # with balanced / max-fit: the last layers left un-checkpointed
+    compile: bool = False  # each transformer layer through torch.compile (either backend)
 
     @property
     def model_name(self) -> str:
@@ -98,6 +99,9 @@ class ProfileOptions:
         if self.plain_layers and not setting.checkpoint:
             raise ConfigError(f"plain_layers={self.plain_layers} needs memory='balanced' or 'max-fit' (memory="
                               f"{self.memory!r} checkpoints no layer)")
+        if self.compile and self.model_dir is None and not isinstance(get_preset(self.preset), ModelPreset):
+            raise ConfigError(f"compile applies to language models (their transformer layers), not the diffusion "
+                              f"preset {self.preset!r}")
         if setting.checkpoint and self.model_dir is None and not isinstance(get_preset(self.preset), ModelPreset):
             raise ConfigError(f"memory={self.memory!r} applies to language models, not the diffusion preset "
                               f"{self.preset!r} (use grad_checkpointing)")
@@ -137,6 +141,8 @@ class ProfileOptions:
             argv += ["--memory", self.memory]
         if self.plain_layers:
             argv += ["--plain-layers", str(self.plain_layers)]
+        if self.compile:
+            argv.append("--compile")
         return argv
 
 

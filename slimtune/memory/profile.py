@@ -50,6 +50,7 @@ from .chunked_loss import model_causal_lm_loss, plain_head
 from .accounting import SavedTensorMeter, gradient_bytes, module_state_bytes, optimizer_state_bytes, storage_bytes
 from .options import BACKENDS, METHODS, QUANTS, ProfileOptions, check_dependencies
 from ..models.diffusion import training_attention
+from ..models.layers import compile_layers
 from .setting import apply_memory_setting, memory_setting
 from .result import (CPU_MEMORY, CUDA_MEMORY, WARMUP_STEPS, ProfileResult, device_memory, device_name, is_out_of_memory,
                      median_step_time)
@@ -314,6 +315,8 @@ class TrainingSession:
                 enable_gradient_checkpointing(model, adapted=options.method != "none")
             else:
                 workload_module().enable_gradient_checkpointing(options.preset, model, adapted=options.method != "none")
+        if options.compile:
+            compile_layers(model)
         apply_memory_setting(model, options.memory, plain_layers=options.plain_layers)
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=LR) if trainable else None

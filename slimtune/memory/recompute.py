@@ -29,20 +29,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import ConfigError
+from ..models.layers import layer_stack
 from .offload import CpuOffload
-
-
-def layer_stack(model: nn.Module) -> nn.ModuleList:
-    """The model's stack of transformer layers: the longest ``nn.ModuleList`` whose entries share one class."""
-    best: nn.ModuleList | None = None
-    for module in model.modules():
-        if (isinstance(module, nn.ModuleList) and len(module) and len({type(m) for m in module}) == 1
-                and (best is None or len(module) > len(best))):
-            best = module
-    if best is None:
-        raise ConfigError(f"{type(model).__name__} has no stack of layers (an nn.ModuleList of one layer class) "
-                          "to checkpoint")
-    return best
 
 
 class _CheckpointedForward:

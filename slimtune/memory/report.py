@@ -114,6 +114,7 @@ def describe_run(result: ProfileResult) -> str:
     gc = " · gradient checkpointing" if result.grad_checkpointing else ""
     gc += f" · --memory {result.memory}" if result.memory != "fast" else ""
     gc += f" --plain-layers {result.plain_layers}" if result.plain_layers else ""
+    gc += " · --compile" if result.compile else ""
     n = result.steps
     rule = step_rule(n)
     return (f"{result.preset} · {method}{quant} · batch {result.batch} × {_sample_shape(result)} · "

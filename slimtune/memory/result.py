@@ -68,6 +68,7 @@ class ProfileResult:
     setup_time_s: float | None = None  # building, quantising and adapting the model
     memory: str = "fast"  # the memory setting (slimtune.memory.setting)
     plain_layers: int = 0  # with balanced / max-fit: the last layers left un-checkpointed
+    compile: bool = False  # the transformer layers through torch.compile
 
     @classmethod
     def for_options(cls, options: ProfileOptions, **fields: Any) -> "ProfileResult":
@@ -79,7 +80,8 @@ class ProfileResult:
                    device=options.device or "", grad_checkpointing=options.grad_checkpointing,
                    release_outputs=options.release_outputs, quant=getattr(options, "quant", "none"),
                    model_dir=getattr(options, "model_dir", None), memory=getattr(options, "memory", "fast"),
-                   plain_layers=getattr(options, "plain_layers", 0), **fields)
+                   plain_layers=getattr(options, "plain_layers", 0), compile=getattr(options, "compile", False),
+                   **fields)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -103,6 +105,7 @@ class ProfileResult:
         gc = " +GC" if self.grad_checkpointing else ""
         gc += f" memory={self.memory}" if self.memory != "fast" else ""
         gc += f" plain={self.plain_layers}" if self.plain_layers else ""
+        gc += " compiled" if self.compile else ""
         name = self.preset.rstrip("/").rsplit("/", 1)[-1]
         return f"{name} {method}{rank}{gc} · {self.backend}"
 

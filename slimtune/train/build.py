@@ -19,9 +19,9 @@ from ..core.config import AdapterConfig
 from ..core.inject import adapt
 from ..errors import ConfigError
 from ..memory.profile import build_from_dir, enable_gradient_checkpointing
-from ..memory.recompute import layer_stack
 from ..memory.setting import apply_memory_setting
 from ..models.deps import require_diffusers, require_transformers
+from ..models.layers import compile_layers
 from ..models.diffusion import DiffusionModel, DiffusionPreset
 from ..models.presets import ModelPreset, build_model, get_preset, resolve_dtype
 from ..models.workload import default_targets, make_adapter_config
@@ -179,16 +179,3 @@ def prepare_model(cfg: TrainConfig, model: nn.Module, config: AdapterConfig) -> 
         compile_layers(model)
     apply_memory_setting(model, cfg.memory, plain_layers=cfg.plain_layers)  # checkpoints the compiled layers
     return model
-
-
-def compile_layers(model: nn.Module) -> int:
-    """``torch.compile`` each layer of ``model``'s transformer stack (regional compilation), in place; returns how
-    many. Each layer's ``forward`` becomes its compiled self, an attribute of the instance: parameter names, the
-    state dict and saved adapters do not change, and checkpointing (``memory``, transformers' own) wraps the
-    compiled forward. The layers share one code object, so one compiled graph serves them all: the compile time is
-    one layer's, not the model's. Inductor fuses what runs between the matrix products (norms, rotary, SwiGLU,
-    residual adds; the adapters' Functions compile without a graph break: ``tests/core/test_compile.py``)."""
-    layers = layer_stack(model)
-    for layer in layers:
-        layer.forward = torch.compile(layer.forward)
-    return len(layers)

@@ -94,13 +94,19 @@ def test_bad_options_are_named(field: str, value: object, message: str) -> None:
         ProfileOptions(**{**SMALL, field: value}).resolved()
 
 
+def test_compile_applies_to_language_models() -> None:
+    with pytest.raises(ConfigError, match="compile applies to language models"):
+        ProfileOptions(preset="tiny-unet", compile=True).resolved()
+
+
 def test_unknown_preset_lists_the_presets() -> None:
     with pytest.raises(PresetError, match="tiny-llama.*llama-3.2-3b"):
         ProfileOptions(preset="llama-9").resolved()
 
 
 @pytest.mark.parametrize("extra", [{}, {"quant": "nf4"}, {"memory": "max-fit", "grad_checkpointing": False,
-                                                          "backend": "slimtune"}])
+                                                          "backend": "slimtune", "plain_layers": 2},
+                                   {"compile": True}])
 def test_options_round_trip_through_argv(extra: dict) -> None:
     options = ProfileOptions(**{"rank": 8, "alpha": 16, "grad_checkpointing": True, "backend": "peft-bf16", **SMALL,
                                 **extra}).resolved()

@@ -10,7 +10,8 @@ from slimtune.errors import ConfigError
 from slimtune.memory.chunked_loss import model_causal_lm_loss
 from slimtune.memory.offload import CpuOffload
 from slimtune.memory.options import ProfileOptions
-from slimtune.memory.recompute import checkpoint_layers, installed, layer_stack
+from slimtune.memory.recompute import checkpoint_layers, installed
+from slimtune.models.layers import layer_stack
 from slimtune.memory.setting import MEMORY_SETTINGS, apply_memory_setting, memory_setting
 from slimtune.models import workload
 

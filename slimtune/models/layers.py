@@ -1,0 +1,34 @@
+"""A model's stack of transformer layers, and what is done to it layer by layer: found here, checkpointed by
+:mod:`slimtune.memory.recompute`, compiled by :func:`compile_layers`."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+
+
+def layer_stack(model: nn.Module) -> nn.ModuleList:
+    """The model's stack of transformer layers: the longest ``nn.ModuleList`` whose entries share one class."""
+    best: nn.ModuleList | None = None
+    for module in model.modules():
+        if (isinstance(module, nn.ModuleList) and len(module) and len({type(m) for m in module}) == 1
+                and (best is None or len(module) > len(best))):
+            best = module
+    if best is None:
+        raise ConfigError(f"{type(model).__name__} has no stack of layers (an nn.ModuleList of one layer class) "
+                          "to checkpoint or compile")
+    return best
+
+
+def compile_layers(model: nn.Module) -> int:
+    """``torch.compile`` each layer of ``model``'s transformer stack (regional compilation), in place; returns how
+    many. Each layer's ``forward`` becomes its compiled self, an attribute of the instance: parameter names, the
+    state dict and saved adapters do not change, and checkpointing (``memory``, transformers' own) wraps the
+    compiled forward. The layers share one code object, so one compiled graph serves them all: the compile time is
+    one layer's, not the model's. Inductor fuses what runs between the matrix products (norms, rotary, SwiGLU,
+    residual adds; the adapters' Functions compile without a graph break: ``tests/core/test_compile.py``)."""
+    layers = layer_stack(model)
+    for layer in layers:
+        layer.forward = torch.compile(layer.forward)
+    return len(layers)
