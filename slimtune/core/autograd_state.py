@@ -1,6 +1,6 @@
 """What state PyTorch's autograd is in, for layers whose forward adapts to it (HRA's factor cache, DoRA's
 ``dora_recompute="auto"``, the DoRA norm cache): inside a backward pass, under saved-tensor hooks, a tensor's
-in-place version.
+in-place version. And one question for the memory estimator: whether CUDA runs ``F.rms_norm`` as a fused kernel.
 
 These are the only private PyTorch queries slimtune makes, kept together here. Each is guarded so that a PyTorch
 without it answers the cautious way ("no" / "changed"), and ``tests/core/test_autograd_state.py`` fails loudly
@@ -40,3 +40,10 @@ def tensor_version(t: torch.Tensor) -> int | None:
     """The in-place version counter autograd keeps for ``t`` (bumped by every in-place change), or None where
     this PyTorch has none (a cache keyed on it then never hits)."""
     return getattr(t, "_version", None)
+
+
+def fused_rms_norm_on_cuda() -> bool:
+    """Whether this PyTorch runs ``F.rms_norm`` on CUDA as one fused kernel (``aten._fused_rms_norm``: it saves the
+    input and a float32 rstd, where the meta device's decomposition saves two float32 copies of the input); the
+    memory estimator mirrors it. False (the decomposition) where the op does not exist."""
+    return hasattr(torch.ops.aten, "_fused_rms_norm")

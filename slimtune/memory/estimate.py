@@ -60,6 +60,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from ..core import registry, simulation
+from ..core.autograd_state import fused_rms_norm_on_cuda
 from ..core.inject import adapt
 from ..core.targeting import find_targets, output_head
 from ..errors import ConfigError
@@ -210,8 +211,8 @@ class _FusedRmsNorm(torch.autograd.Function):
         return torch.empty_like(x), grad_weight, None
 
 
-#: whether CUDA runs ``F.rms_norm`` as one fused kernel (PyTorch 2.9 and later)
-FUSED_RMS_NORM_ON_CUDA = hasattr(torch.ops.aten, "_fused_rms_norm")
+#: whether CUDA runs ``F.rms_norm`` as one fused kernel
+FUSED_RMS_NORM_ON_CUDA = fused_rms_norm_on_cuda()
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
 _RMS_NORM_ARGS = ("input", "normalized_shape", "weight", "eps")
 #: whether the running simulation mirrors CUDA's kernels (set by :func:`meta_environment`)

@@ -99,10 +99,11 @@ class ProfileOptions:
         if self.plain_layers and not setting.checkpoint:
             raise ConfigError(f"plain_layers={self.plain_layers} needs memory='balanced' or 'max-fit' (memory="
                               f"{self.memory!r} checkpoints no layer)")
-        if self.compile and self.model_dir is None and not isinstance(get_preset(self.preset), ModelPreset):
+        diffusion = self.model_dir is None and not isinstance(get_preset(self.preset), ModelPreset)
+        if self.compile and diffusion:
             raise ConfigError(f"compile applies to language models (their transformer layers), not the diffusion "
                               f"preset {self.preset!r}")
-        if setting.checkpoint and self.model_dir is None and not isinstance(get_preset(self.preset), ModelPreset):
+        if setting.checkpoint and diffusion:
             raise ConfigError(f"memory={self.memory!r} applies to language models, not the diffusion preset "
                               f"{self.preset!r} (use grad_checkpointing)")
         _positive_int("rank", self.rank)

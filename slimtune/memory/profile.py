@@ -43,14 +43,14 @@ from ..core.inject import adapt
 from ..errors import ConfigError, MissingDependencyError
 from ..models import workload
 from ..models.deps import require_transformers
+from ..models.diffusion import training_attention
+from ..models.layers import compile_layers
 from ..models.presets import build_model, dtype_name, get_preset, resolve_dtype
 from ..quant import quantize
 from ..version import __version__
 from .chunked_loss import model_causal_lm_loss, plain_head
 from .accounting import SavedTensorMeter, gradient_bytes, module_state_bytes, optimizer_state_bytes, storage_bytes
 from .options import BACKENDS, METHODS, QUANTS, ProfileOptions, check_dependencies
-from ..models.diffusion import training_attention
-from ..models.layers import compile_layers
 from .setting import apply_memory_setting, memory_setting
 from .result import (CPU_MEMORY, CUDA_MEMORY, WARMUP_STEPS, ProfileResult, device_memory, device_name, is_out_of_memory,
                      median_step_time)

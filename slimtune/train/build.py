@@ -21,8 +21,8 @@ from ..errors import ConfigError
 from ..memory.profile import build_from_dir, enable_gradient_checkpointing
 from ..memory.setting import apply_memory_setting
 from ..models.deps import require_diffusers, require_transformers
-from ..models.layers import compile_layers
 from ..models.diffusion import DiffusionModel, DiffusionPreset
+from ..models.layers import compile_layers
 from ..models.presets import ModelPreset, build_model, get_preset, resolve_dtype
 from ..models.workload import default_targets, make_adapter_config
 from ..quant import quantize

@@ -29,7 +29,8 @@ TRAIN_METHODS = tuple(m for m in METHODS if m != "none")
 #: settings a resumed run may change: how it runs, not what it computes (the data, eval data and rank files are
 #: compared by content instead of by path: see :mod:`.rundir`)
 RESUMABLE_CHANGES = ("out", "data", "eval_data", "ranks", "micro_batch", "distributed", "save_every", "keep",
-                     "log_every", "eval_every", "resume", "device", "grad_checkpointing", "memory", "plain_layers", "compile")
+                     "log_every", "eval_every", "resume", "device", "grad_checkpointing", "memory", "plain_layers",
+                     "compile")
 
 
 def _positive_int(field: str, value: Any, zero: bool = False) -> int:

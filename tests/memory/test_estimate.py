@@ -8,6 +8,7 @@ from slimtune.core.inject import adapt
 from slimtune.errors import ConfigError
 from slimtune.memory import estimate as E
 from slimtune.memory.accounting import SavedTensorMeter, gradient_bytes, module_state_bytes, optimizer_state_bytes
+from slimtune.memory.plan import plain_layers_that_fit
 from slimtune.models import ModelPreset, workload
 
 BATCH, SEQ = 1, 16
@@ -214,8 +215,6 @@ def test_rms_norm_keeps_what_the_device_keeps(cuda: bool) -> None:
 def test_plan_counts_the_plain_layers_that_fit() -> None:
     """From the peaks with none, one and two plain layers, the count that fits a budget: checked against the
     estimates at that count and one more (the cost per plain layer is the same from the first on)."""
-    from slimtune.memory.plan import plain_layers_that_fit
-
     kwargs = dict(batch=2, seq=32, dtype="bfloat16", memory="balanced", reduced_depth=True)
     peaks = [E.estimate_memory(SIX, "lora", 4, plain_layers=n, **kwargs).peak_bytes for n in range(6)]
     budget = (peaks[3] + peaks[4]) // 2
