@@ -45,7 +45,7 @@ from _common import JsonlSink, environment_line, markdown_table, package_version
 import torch
 
 import slimtune
-from slimtune.models.text_tasks import LABELS, docstring_task, split
+from slimtune.models.text_tasks import FAMILIES, LABELS, WIDE_FAMILIES, docstring_task, split
 from slimtune.ranks import plan_ranks, reallocate
 
 TARGETS = (r".*encoder\.layer\.\d+\."
@@ -61,12 +61,15 @@ def minilm_dir() -> Path:
     return Path(all_minilm_l6_v2.get_model_path())
 
 
-def tokenize_task(model_dir: Path, max_length: int) -> dict[str, dict[str, torch.Tensor]]:
-    """``{"train"|"test": {"input_ids", "attention_mask", "labels"}}`` (padded to ``max_length``)."""
+def tokenize_task(model_dir: Path, args: argparse.Namespace) -> dict[str, dict[str, torch.Tensor]]:
+    """``{"train"|"test": {"input_ids", "attention_mask", "labels"}}`` (padded to ``--max-length``): the task of
+    ``--families``, ``--test-fraction`` of it held out."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    train, test = split(docstring_task(), test_fraction=0.25, seed=0)
+    families = WIDE_FAMILIES if args.families == "wide" else FAMILIES
+    train, test = split(docstring_task(families=families), test_fraction=args.test_fraction, seed=0)
+    max_length = args.max_length
     out = {}
     for name, examples in (("train", train), ("test", test)):
         enc = tokenizer([e["text"] for e in examples], padding="max_length", truncation=True, max_length=max_length,
@@ -76,19 +79,19 @@ def tokenize_task(model_dir: Path, max_length: int) -> dict[str, dict[str, torch
     return out
 
 
-def load_task(model_dir: Path, max_length: int) -> dict[str, dict[str, torch.Tensor]]:
+def load_task(model_dir: Path, args: argparse.Namespace) -> dict[str, dict[str, torch.Tensor]]:
     prepared = model_dir / TASK_FILE
-    if prepared.exists():
+    if prepared.exists():  # tokenised by --prepare (its --families / --test-fraction / --max-length)
         return torch.load(prepared)
-    return tokenize_task(model_dir, max_length)
+    return tokenize_task(model_dir, args)
 
 
-def prepare(out: Path, max_length: int) -> None:
+def prepare(out: Path, args: argparse.Namespace) -> None:
     """Write a copy of all-MiniLM-L6-v2 whose vocabulary holds only the task's tokens (remapped), and the task."""
     from transformers import AutoModel
 
     source = minilm_dir()
-    task = tokenize_task(source, max_length)
+    task = tokenize_task(source, args)
     used = torch.unique(torch.cat([task[s]["input_ids"].flatten() for s in task]))  # sorted: [PAD]=0 stays 0
     remap = torch.full((int(used.max()) + 1,), -1, dtype=torch.long)
     remap[used] = torch.arange(used.numel())
@@ -122,6 +125,31 @@ def build_model(model_dir: Path, seed: int, device: torch.device) -> torch.nn.Mo
     logging.set_verbosity_error()
     torch.manual_seed(seed)
     return BertForSequenceClassification.from_pretrained(model_dir, num_labels=len(LABELS)).to(device)
+
+
+def probe_head(model: torch.nn.Module, train: dict[str, torch.Tensor], seed: int, args: argparse.Namespace) -> None:
+    """``--probe-epochs`` of the classification head alone, the encoder frozen (a linear probe): every variant
+    then starts from the same probed head, so what an allocation measures on the calibration batches is the
+    gradient of a loss that means something, not of a random head's projection. Not in any variant's wall time
+    (it is common to all)."""
+    if args.probe_epochs <= 0:
+        return
+    for p in model.parameters():
+        p.requires_grad_(False)
+    head = list(model.classifier.parameters())
+    for p in head:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(head, lr=args.probe_lr, weight_decay=0.01)
+    gen = torch.Generator().manual_seed(10_000 + seed)  # its own order: the variants' data order is unchanged
+    n = train["labels"].numel()
+    model.train()
+    for _ in range(args.probe_epochs):
+        for batch in batches(train, args.batch_size, torch.randperm(n, generator=gen)):
+            model(**batch).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    for p in model.parameters():  # as built: each variant's setup decides what trains
+        p.requires_grad_(True)
 
 
 def setup(variant: str, model: torch.nn.Module, rank: int, calib: list[dict], steps: int, args: argparse.Namespace
@@ -192,6 +220,7 @@ def run_one(variant: str, rank: int, seed: int, task: dict, args: argparse.Names
     gen = torch.Generator().manual_seed(seed)
     calib = batches(data["train"], args.batch_size, torch.randperm(n_train, generator=gen))[: args.calib_batches]
     model = build_model(args.model_dir, seed, device)
+    probe_head(model, data["train"], seed, args)
     sync(device)
     start = time.perf_counter()
     model, info = setup(variant, model, rank, calib, steps, args)
@@ -242,6 +271,17 @@ def mean_std(values: list[float], scale: float = 1.0, digits: int = 1) -> str:
     return f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
+def paired(got: list[dict], records: list[dict], other: str, key: str, scale: float = 0.0) -> str:
+    """Mean over seeds of each run's ``key`` against ``other``'s run of the same budget and seed: the difference
+    (``scale`` · (a − b), e.g. accuracy points) or, with ``scale`` 0, the ratio a / b; "—" without such pairs."""
+    base = {(r["rank"], r["seed"]): r[key] for r in records if r["variant"] == other}
+    pairs = [(r[key], base[(r["rank"], r["seed"])]) for r in got if (r["rank"], r["seed"]) in base]
+    if not pairs or got[0]["variant"] == other:
+        return "—"
+    values = [scale * (a - b) if scale else a / b for a, b in pairs]
+    return f"{statistics.fmean(values):+.2f} ({len(values)} seeds)" if scale else f"{statistics.fmean(values):.2f}"
+
+
 def summary(records: list[dict], args: argparse.Namespace) -> str:
     rows = []
     for rank in args.ranks:
@@ -252,14 +292,17 @@ def summary(records: list[dict], args: argparse.Namespace) -> str:
             params = sorted({r["adapter_params"] for r in got})
             final = sorted({r["final_params"] for r in got if "final_params" in r})
             rows.append([f"r={rank}", variant, mean_std([r["accuracy"] for r in got], 100),
+                         paired(got, records, "uniform", "accuracy", 100), paired(got, records, "adalora", "wall_s"),
                          mean_std([r["eval_loss"] for r in got], 1, 3), mean_std([r["wall_s"] for r in got], 1, 2),
                          mean_std([r["setup_s"] for r in got], 1, 2),
                          "/".join(f"{p:,}" for p in params) + (f" (final {'/'.join(f'{p:,}' for p in final)})"
                                                                if final else "")])
-    header = ["budget", "variant", "accuracy %", "eval loss", "wall s", "of it setup s", "adapter params"]
+    header = ["budget", "variant", "accuracy %", "Δ accuracy vs uniform (same seed)", "wall ÷ AdaLoRA's (same seed)",
+              "eval loss", "wall s", "of it setup s", "adapter params"]
     envs = sorted({r.get("env", "") for r in records})
     return (" / ".join(envs) + "\n\n"
-            f"{len(args.seeds)} seeds {args.seeds}, {args.epochs} epochs, batch {args.batch_size}, lr {args.lr}, "
+            f"{len(args.seeds)} seeds {args.seeds}, {'/'.join(str(n) for n in sorted({r['steps'] for r in records}))} "
+            f"steps, batch {args.batch_size}, lr {args.lr}, "
             f"granule {args.granule}, min rank {args.min_rank}, max rank {args.max_rank_factor}·r\n\n"
             + markdown_table(header, rows) + "\n")
 
@@ -276,6 +319,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-length", type=int, default=48)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--families", choices=("standard", "wide"), default="standard",
+                        help="the task's module families (text_tasks.FAMILIES or WIDE_FAMILIES: ~500 or ~950 "
+                             "examples); with --prepare, fixed in the prepared copy")
+    parser.add_argument("--test-fraction", type=float, default=0.25, help="held out, per label")
+    parser.add_argument("--probe-epochs", type=int, default=0,
+                        help="epochs of the head alone before every variant (a linear probe; 0: none)")
+    parser.add_argument("--probe-lr", type=float, default=1e-2)
     parser.add_argument("--calib-batches", type=int, default=8)
     parser.add_argument("--granule", type=int, default=2)
     parser.add_argument("--min-rank", type=int, default=2)
@@ -293,10 +343,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.prepare is not None:
-        prepare(args.prepare, args.max_length)
+        prepare(args.prepare, args)
         return
     args.model_dir = args.model_dir or minilm_dir()
-    task = load_task(args.model_dir, args.max_length)
+    task = load_task(args.model_dir, args)
     sink = JsonlSink("rank_allocation.jsonl")
     records = []
     for seed in args.seeds:  # seeds outermost: a run cut short still has every variant at both budgets

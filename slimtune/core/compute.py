@@ -6,6 +6,7 @@ import contextlib
 import torch
 
 _NO_CONTEXT = contextlib.nullcontext()
+_MM_OUT_DTYPE: dict[torch.dtype, bool] = {}  # whether torch.mm(..., out_dtype=fp32) runs, per input dtype (CUDA)
 
 
 def compute_setting(x: torch.Tensor) -> tuple[torch.dtype, contextlib.AbstractContextManager]:
@@ -30,3 +31,28 @@ def cast_optional(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | 
 def scaled_(t: torch.Tensor, s: float) -> torch.Tensor:
     """``t * s`` in place, skipped for s = 1 (alpha = r, the common case)."""
     return t if s == 1.0 else t.mul_(s)
+
+
+def fp32_out_gemm(t: torch.Tensor) -> bool:
+    """Whether ``torch.mm(t, ·, out_dtype=torch.float32)`` runs: bf16/fp16 on CUDA, probed once per dtype (a GEMM
+    accumulating in fp32 that writes its fp32 result, no rounded copy in between)."""
+    if not t.is_cuda or t.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if t.dtype not in _MM_OUT_DTYPE:
+        try:
+            probe = torch.ones(1, 1, device=t.device, dtype=t.dtype)
+            _MM_OUT_DTYPE[t.dtype] = torch.mm(probe, probe, out_dtype=torch.float32).dtype == torch.float32
+        except (RuntimeError, TypeError, NotImplementedError):
+            _MM_OUT_DTYPE[t.dtype] = False
+    return _MM_OUT_DTYPE[t.dtype]
+
+
+def mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` ``[M, N]`` in fp32 (fp64 for fp64) from 2-D ``a`` ``[M, K]`` and ``b`` ``[K, N]``: on CUDA a bf16/fp16 GEMM
+    that writes fp32 (:func:`fp32_out_gemm`); elsewhere the GEMM in a's dtype, then upcast."""
+    acc = torch.promote_types(a.dtype, torch.float32)
+    if a.dtype == acc:
+        return a @ b.to(acc)
+    if b.dtype == a.dtype and fp32_out_gemm(a):
+        return torch.mm(a, b, out_dtype=acc)
+    return (a @ b.to(a.dtype)).to(acc)

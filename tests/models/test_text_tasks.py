@@ -4,7 +4,7 @@ from collections import Counter
 import pytest
 
 from slimtune.errors import ConfigError
-from slimtune.models.text_tasks import LABELS, docstring_task, split, write_jsonl
+from slimtune.models.text_tasks import FAMILIES, LABELS, WIDE_FAMILIES, docstring_task, split, write_jsonl
 
 
 def test_balanced_deterministic_and_distinct(tmp_path):
@@ -21,3 +21,14 @@ def test_balanced_deterministic_and_distinct(tmp_path):
     assert len(path.read_text().splitlines()) == len(test)
     with pytest.raises(ConfigError, match="test_fraction"):
         split(examples, 1.5)
+
+
+def test_wide_families_hold_the_standard_task_and_about_twice_as_much():
+    standard = {e["text"]: e["label"] for e in docstring_task(seed=0)}
+    wide = docstring_task(seed=0, families=WIDE_FAMILIES)
+    counts = Counter(e["label"] for e in wide)
+    assert len(set(counts.values())) == 1 and min(counts.values()) >= 200  # balanced, ~2x the standard task
+    labels = {e["text"]: e["label"] for e in wide}
+    assert all(labels[t] == y for t, y in standard.items() if t in labels)  # a sentence keeps its label
+    with pytest.raises(ConfigError, match="families must name the labels"):
+        docstring_task(families=FAMILIES[::-1])

@@ -14,10 +14,10 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ...core.compute import fp32_out_gemm, mm_fp32
 from ...core.triton import use_triton
 
 _NORM_CHUNK = 1 << 22  # elements of W upcast at a time for ‖W‖²_row
-_MM_OUT_DTYPE: dict[torch.dtype, bool] = {}  # whether torch.mm(..., out_dtype=fp32) runs, per input dtype (CUDA)
 _FLOORS: dict[torch.dtype, float] = {}  # magnitude_floor per dtype
 
 
@@ -34,27 +34,12 @@ def weight_row_norm_sq(weight2d: torch.Tensor) -> torch.Tensor:
     return torch.cat([chunk.to(acc).pow(2).sum(1) for chunk in weight2d.split(rows)])
 
 
-def _fp32_out_gemm(t: torch.Tensor) -> bool:
-    """Whether ``torch.mm(t, ·, out_dtype=torch.float32)`` is available: bf16/fp16 on CUDA (probed once)."""
-    if not t.is_cuda or t.dtype not in (torch.float16, torch.bfloat16):
-        return False
-    if t.dtype not in _MM_OUT_DTYPE:
-        try:
-            probe = torch.ones(1, 1, device=t.device, dtype=t.dtype)
-            _MM_OUT_DTYPE[t.dtype] = torch.mm(probe, probe, out_dtype=torch.float32).dtype == torch.float32
-        except (RuntimeError, TypeError, NotImplementedError):
-            _MM_OUT_DTYPE[t.dtype] = False
-    return _MM_OUT_DTYPE[t.dtype]
-
-
 def _mm_acc(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype, small: bool) -> torch.Tensor:
-    """``a @ b`` in ``acc``: a bf16/fp16 GEMM with fp32 output on CUDA; otherwise with the inputs upcast
-    (``small`` operands) or in a's dtype, then upcast (large ones: no upcast copy of W)."""
-    if a.dtype == acc:
-        return a @ b.to(acc)
-    if _fp32_out_gemm(a) and b.dtype == a.dtype:
-        return torch.mm(a, b, out_dtype=acc)
-    return a.to(acc) @ b.to(acc) if small else (a @ b.to(a.dtype)).to(acc)
+    """``a @ b`` in ``acc``: :func:`~slimtune.core.compute.mm_fp32` (fp32 written by the GEMM on CUDA), or with
+    ``small`` operands upcast first."""
+    if small and a.dtype != acc and not (b.dtype == a.dtype and fp32_out_gemm(a)):
+        return a.to(acc) @ b.to(acc)
+    return mm_fp32(a, b)
 
 
 @torch.no_grad()
