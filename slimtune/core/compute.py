@@ -5,6 +5,8 @@ import contextlib
 
 import torch
 
+from . import simulation
+
 _NO_CONTEXT = contextlib.nullcontext()
 _MM_OUT_DTYPE: dict[torch.dtype, bool] = {}  # whether torch.mm(..., out_dtype=fp32) runs, per input dtype (CUDA)
 
@@ -36,7 +38,11 @@ def scaled_(t: torch.Tensor, s: float) -> torch.Tensor:
 def fp32_out_gemm(t: torch.Tensor) -> bool:
     """Whether ``torch.mm(t, ·, out_dtype=torch.float32)`` runs: bf16/fp16 on CUDA, probed once per dtype (a GEMM
     accumulating in fp32 that writes its fp32 result, no rounded copy in between)."""
-    if not t.is_cuda or t.dtype not in (torch.float16, torch.bfloat16):
+    if t.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if t.device.type == "meta":  # the memory estimator's simulated step: as its CUDA step would
+        return simulation.mirrors_cuda()
+    if not t.is_cuda:
         return False
     if t.dtype not in _MM_OUT_DTYPE:
         try:

@@ -18,6 +18,7 @@ class Work:
 
     attention_flops: float = 0.0  # flash attention, forward and backward
     dequant_bytes: float = 0.0  # NF4 dequantisation traffic (0.5 byte read + the dense write per element)
+    cuda: bool = True  # the step mirrors what CUDA's kernels allocate (the estimator's ``device="cuda"``)
 
 
 _CURRENT: contextvars.ContextVar[Work | None] = contextvars.ContextVar("slimtune_simulated_work", default=None)
@@ -29,6 +30,13 @@ def count(**amounts: float) -> None:
     if work is not None:
         for name, value in amounts.items():
             setattr(work, name, getattr(work, name) + value)
+
+
+def mirrors_cuda() -> bool:
+    """Whether a simulation is running and mirrors CUDA's kernels: code whose CUDA path allocates differently
+    (e.g. a GEMM that writes fp32 from bf16 inputs) takes that path's shape on meta tensors too."""
+    work = _CURRENT.get()
+    return work is not None and work.cuda
 
 
 def current() -> Work | None:

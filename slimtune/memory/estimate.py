@@ -46,7 +46,6 @@ fine-tune, whose weights are all in ``base_weights``), ``gradients``, ``optimize
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import dataclasses
 import math
 import weakref
@@ -215,8 +214,6 @@ class _FusedRmsNorm(torch.autograd.Function):
 FUSED_RMS_NORM_ON_CUDA = fused_rms_norm_on_cuda()
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
 _RMS_NORM_ARGS = ("input", "normalized_shape", "weight", "eps")
-#: whether the running simulation mirrors CUDA's kernels (set by :func:`meta_environment`)
-_MIRROR_CUDA: contextvars.ContextVar[bool] = contextvars.ContextVar("slimtune_mirror_cuda", default=True)
 
 
 class _MetaKernels(TorchFunctionMode):
@@ -251,24 +248,20 @@ def meta_environment(cuda: bool = True) -> Iterator[simulation.Work]:
     device cannot show is counted (:mod:`slimtune.core.simulation`: attention FLOPs, NF4 dequantisation traffic —
     :func:`slimtune.quant.nf4.dequantize_nf4` allocates only its output on meta). Nothing is patched: outside the
     block, and in other threads, everything runs as before."""
-    token = _MIRROR_CUDA.set(cuda)
-    try:
-        with simulation.counting() as work, _MetaKernels(cuda):
-            yield work
-    finally:
-        _MIRROR_CUDA.reset(token)
+    with simulation.counting(simulation.Work(cuda=cuda)) as work, _MetaKernels(cuda):
+        yield work
 
 
 def checkpoint_contexts() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
     """``torch.utils.checkpoint``'s ``context_fn``: the forward runs as it is, and the recomputation — which runs
     where autograd's engine runs it, possibly another thread, outside this thread's function modes and context
     variables — in the same simulation (same kernels, same counters) as the forward that called this."""
-    return contextlib.nullcontext(), _continued_simulation(simulation.current(), _MIRROR_CUDA.get())
+    return contextlib.nullcontext(), _continued_simulation(simulation.current())
 
 
 @contextlib.contextmanager
-def _continued_simulation(work: simulation.Work | None, cuda: bool) -> Iterator[None]:
-    with simulation.counting(work), _MetaKernels(cuda):
+def _continued_simulation(work: simulation.Work | None) -> Iterator[None]:
+    with simulation.counting(work) as running, _MetaKernels(running.cuda):
         yield
 
 
