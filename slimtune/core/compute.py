@@ -54,8 +54,8 @@ def fp32_out_gemm(t: torch.Tensor) -> bool:
 
 
 def mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` ``[M, N]`` in fp32 (fp64 for fp64) from 2-D ``a`` ``[M, K]`` and ``b`` ``[K, N]``: on CUDA a bf16/fp16 GEMM
-    that writes fp32 (:func:`fp32_out_gemm`); elsewhere the GEMM in a's dtype, then upcast."""
+    """``a @ b`` ``[M, N]`` in fp32 (fp64 for fp64) from 2-D ``a`` ``[M, K]`` and ``b`` ``[K, N]``: on CUDA a
+    bf16/fp16 GEMM that writes fp32 (:func:`fp32_out_gemm`); elsewhere the GEMM in a's dtype, then upcast."""
     acc = torch.promote_types(a.dtype, torch.float32)
     if a.dtype == acc:
         return a @ b.to(acc)
