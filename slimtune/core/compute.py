@@ -58,7 +58,7 @@ def mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     bf16/fp16 GEMM that writes fp32 (:func:`fp32_out_gemm`); elsewhere the GEMM in a's dtype, then upcast."""
     acc = torch.promote_types(a.dtype, torch.float32)
     if a.dtype == acc:
-        return a @ b.to(acc)
+        return (a @ b.to(acc)).to(acc)  # .to: under autocast the GEMM itself may run (and return) in bf16
     if b.dtype == a.dtype and fp32_out_gemm(a):
         return torch.mm(a, b, out_dtype=acc)
     return (a @ b.to(a.dtype)).to(acc)

@@ -42,13 +42,14 @@ class LinearCrossEntropy(torch.autograd.Function):
                 chunk: int) -> torch.Tensor:
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        w = weight if weight.dtype == hidden.dtype else weight.to(hidden.dtype)  # a head of another dtype: cast once
         grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros_like(weight) if need_w else None
+        grad_w = torch.zeros_like(w) if need_w else None  # autograd casts it to the weight's dtype
         grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=hidden.device) if need_b else None
         rows = torch.arange(min(chunk, hidden.shape[0]), device=hidden.device)
         for start in range(0, hidden.shape[0], chunk):
             h, y = hidden[start:start + chunk], labels[start:start + chunk]
-            logits = mm_fp32(h, weight.t())  # [c, V] fp32 (written by the GEMM on CUDA: no rounded copy)
+            logits = mm_fp32(h, w.t())  # [c, V] fp32 (on CUDA written by the GEMM itself: no rounded copy)
             if bias is not None:
                 logits += bias
             lse = torch.logsumexp(logits, dim=-1)
@@ -60,7 +61,7 @@ class LinearCrossEntropy(torch.autograd.Function):
                     grad_b += probs.sum(0)
                 d_logits = probs.to(h.dtype)
                 if grad_h is not None:
-                    torch.matmul(d_logits, weight, out=grad_h[start:start + chunk])
+                    torch.matmul(d_logits, w, out=grad_h[start:start + chunk])
                 if grad_w is not None:
                     grad_w.addmm_(d_logits.t(), h)
             del logits

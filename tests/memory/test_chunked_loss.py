@@ -74,6 +74,21 @@ def test_trainable_head_matches_float64(dtype, bias, reduction):
         assert rel_err(head.bias.grad, grad_b) < tol and head.bias.grad.dtype == dtype
 
 
+@pytest.mark.parametrize("head_dtype", [torch.float32, torch.bfloat16])
+def test_under_autocast_the_logits_are_the_autocast_gemm_upcast(head_dtype):
+    """Under bf16 autocast the chunk's GEMM runs in bf16 as F.linear's would, the softmax in fp32; a head of another
+    dtype than the hidden states is cast once, not refused."""
+    head = _head(24, 50, head_dtype, bias=True).requires_grad_(False)
+    hidden = torch.randn(2, 9, 24, requires_grad=True)
+    labels = torch.randint(0, 50, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = chunked_causal_lm_loss(hidden, head, labels, chunk=5)
+    loss.backward()
+    ref, grad_h, _, _ = _reference(hidden, head, labels, "sum")
+    assert loss.dtype == torch.float32 and rel_err(loss, ref) < BF16_TOL
+    assert rel_err(hidden.grad, grad_h / 0.7) < BF16_TOL
+
+
 def test_frozen_head_gets_no_gradient():
     head = _head(16, 40, torch.float32, True).requires_grad_(False)
     hidden = torch.randn(2, 9, 16, requires_grad=True)
