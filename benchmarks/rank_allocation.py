@@ -12,7 +12,7 @@ that rank costs) and each seed:
   set (the same budget, alpha_pattern keeping alpha/r = 2), then the same training; the measurement is in the time;
 * ``slimtune-online`` — uniform LoRA for the warm-up (10% of the steps), then :func:`slimtune.ranks.reallocate`
   once (gradient sensitivity at the current weights, the same budget, updates kept by truncated SVD) and a new
-  optimizer for the moved adapters;
+  optimizer for the moved adapters; that re-allocation is its "setup" time (synchronised, inside its wall time);
 * ``adalora`` — PEFT's AdaLoRA, ``init_r = 1.5·target_r``, ``target_r`` = the rank, its schedule over the run
   (``tinit`` 10%, ``tfinal`` 20%, ``deltaT`` 5), ``update_and_allocate`` every step;
 * ``eva`` — PEFT's EVA init (``init_lora_weights="eva"``, rho 2, the same calibration batches, no labels).
@@ -238,10 +238,14 @@ def run_one(variant: str, rank: int, seed: int, task: dict, args: argparse.Names
     for _ in range(args.epochs):
         for batch in batches(data["train"], args.batch_size, torch.randperm(n_train, generator=gen)):
             if variant == "slimtune-online" and step == warm:
+                sync(device)
+                moved = time.perf_counter()
                 plan = reallocate(model, calib, method="gradient", granule=args.granule, min_rank=args.min_rank,
                                   max_rank=args.max_rank_factor * rank)
                 info["ranks"] = list(plan.ranks().values())
                 opt = optimizer(model, args.lr)  # the moved adapters are new parameters
+                sync(device)
+                setup_s += time.perf_counter() - moved  # the re-allocation is this variant's setup
             for group in opt.param_groups:
                 group["lr"] = args.lr * min((step + 1) / warm, max(0.0, (steps - step) / (steps - warm)))
             loss = model(**batch).loss
