@@ -48,6 +48,7 @@ from typing import Any
 from _common import JsonlSink, environment_line, markdown_table, package_version, write_out_text
 
 import torch
+from safetensors.torch import load_file, save_file
 
 import slimtune
 from slimtune.models.text_tasks import FAMILIES, LABELS, WIDE_FAMILIES, docstring_task, split
@@ -56,7 +57,7 @@ from slimtune.ranks import plan_ranks, reallocate
 TARGETS = (r".*encoder\.layer\.\d+\."
            r"(attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense)")
 VARIANTS = ("uniform", "slimtune-gradient", "slimtune-data", "slimtune-hessian", "slimtune-online", "adalora", "eva")
-TASK_FILE = "task.pt"
+TASK_FILE = "task.safetensors"  # {"train.input_ids": ..., "test.labels": ...}: tensors only, no pickle
 
 
 # -- data -----------------------------------------------------------------------------------------------
@@ -87,7 +88,11 @@ def tokenize_task(model_dir: Path, args: argparse.Namespace) -> dict[str, dict[s
 def load_task(model_dir: Path, args: argparse.Namespace) -> dict[str, dict[str, torch.Tensor]]:
     prepared = model_dir / TASK_FILE
     if prepared.exists():  # tokenised by --prepare (its --families / --test-fraction / --max-length)
-        return torch.load(prepared)
+        task: dict[str, dict[str, torch.Tensor]] = {}
+        for key, tensor in load_file(prepared).items():
+            part, name = key.split(".", 1)
+            task.setdefault(part, {})[name] = tensor
+        return task
     return tokenize_task(model_dir, args)
 
 
@@ -110,7 +115,8 @@ def prepare(out: Path, args: argparse.Namespace) -> None:
     model.save_pretrained(out)
     for part in task.values():
         part["input_ids"] = remap[part["input_ids"]]
-    torch.save(task, out / TASK_FILE)
+    save_file({f"{part}.{name}": t.contiguous() for part, tensors in task.items() for name, t in tensors.items()},
+              out / TASK_FILE)
     print(f"wrote {out}: vocabulary {emb.num_embeddings} -> {used.numel()}")
 
 

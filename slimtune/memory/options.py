@@ -11,8 +11,7 @@ import torch
 from ..errors import ConfigError, MissingDependencyError
 from ..models.presets import ModelPreset, dtype_name, get_preset, resolve_dtype
 from ..models.workload import METHODS  # one list for the profiler and the estimator
-from .recompute import check_plain_layers
-from .setting import memory_setting
+from .setting import check_plain_layers_with, memory_setting
 
 BACKENDS = ("slimtune", "peft", "peft-bf16")
 QUANTS = ("none", "nf4")
@@ -95,10 +94,7 @@ class ProfileOptions:
         if setting.checkpoint and (self.backend != "slimtune" or self.grad_checkpointing):
             raise ConfigError(f"memory={self.memory!r} is slimtune's own checkpointing: use it with the slimtune "
                               "backend and without grad_checkpointing")
-        check_plain_layers(self.plain_layers)
-        if self.plain_layers and not setting.checkpoint:
-            raise ConfigError(f"plain_layers={self.plain_layers} needs memory='balanced' or 'max-fit' (memory="
-                              f"{self.memory!r} checkpoints no layer)")
+        check_plain_layers_with(setting, self.plain_layers)
         diffusion = self.model_dir is None and not isinstance(get_preset(self.preset), ModelPreset)
         if self.compile and diffusion:
             raise ConfigError(f"compile applies to language models (their transformer layers), not the diffusion "

@@ -55,10 +55,17 @@ def apply_memory_setting(model: nn.Module, memory: str | MemorySetting,
     ``plain_layers``: the last this many layers stay un-checkpointed (``balanced`` / ``max-fit``: faster, one
     layer's activations each; refused with ``fast``, which checkpoints nothing)."""
     setting = memory_setting(memory)
-    check_plain_layers(plain_layers)
+    check_plain_layers_with(setting, plain_layers)
     if not setting.checkpoint:
-        if plain_layers:
-            raise ConfigError(f"plain_layers={plain_layers} needs memory='balanced' or 'max-fit' (memory="
-                              f"{setting.name!r} checkpoints no layer)")
         return None
     return checkpoint_layers(model, offload=setting.offload, context_fn=context_fn, plain_layers=plain_layers)
+
+
+def check_plain_layers_with(setting: MemorySetting, plain_layers: Any) -> int:
+    """``plain_layers`` when it is a non-negative integer and ``setting`` checkpoints layers (or it is 0); else
+    :class:`ConfigError`."""
+    check_plain_layers(plain_layers)
+    if plain_layers and not setting.checkpoint:
+        raise ConfigError(f"plain_layers={plain_layers} needs memory='balanced' or 'max-fit' (memory="
+                          f"{setting.name!r} checkpoints no layer)")
+    return plain_layers

@@ -25,8 +25,8 @@ from torch import nn
 from ..errors import ConfigError
 from ..memory.chunked_loss import model_causal_lm_loss, plain_head
 from ..models.deps import require_diffusers
-from ..models.jsonl import read_jsonl
 from ..models.diffusion import DiffusionModel, DiffusionPreset
+from ..models.jsonl import read_jsonl
 from ..models.presets import get_preset, resolve_dtype
 from ..models.workload import make_inputs, sample_tokens
 from .build import diffusion_spec
