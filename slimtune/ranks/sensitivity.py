@@ -17,9 +17,15 @@ weight gradient (:meth:`~.layers.LayerView.weight_gradient`).
   sees) are left out of ``X``. ``s = Σ_j σ_j²``.
 * ``"hessian"`` — the trace of the layer's Hessian block ``tr(∂²L/∂W²)`` by Hutchinson's estimator with
   Hessian-vector products from central differences of gradients (:mod:`.hessian`); no spectrum.
+
+Each batch's spectrum is the eigenvalues of a Gram matrix (``G Gᵀ`` or its data-weighted form), at most
+``min(d_out, d_in)`` wide; on CUDA those up to :data:`HOST_EIGVALSH_MAX` wide go to host threads while the backward
+pass continues, and the sums are taken in a fixed order at the end (:class:`_Accumulator`).
 """
 from __future__ import annotations
 
+import concurrent.futures
+import os
 from typing import Any, Callable, Iterable
 
 import torch
@@ -35,33 +41,87 @@ from .taps import frozen_eval, tapped
 METHODS = ("gradient", "hessian", "data")
 
 
+HOST_EIGVALSH_MAX = 1024
+"""Gram matrices up to this width are decomposed on host threads when the model runs on CUDA, off the device's
+stream: cuSOLVER's ``eigvalsh`` is latency-bound at these sizes (run 45: 288 decompositions of 384 x 384 made most of
+a 3.3 s measurement — inferred from the variants' setup times, not profiled), and the copy to the host overlaps the
+rest of the backward pass. Wider ones stay on the device, where a host decomposition would be slower."""
+
+
 class _Accumulator:
-    """Running sums of scores and spectra per layer."""
+    """Running sums of scores and spectra per layer. Each batch's spectrum comes as a Gram matrix ``M Mᵀ`` (its
+    eigenvalues are the energies ``σ_j(M)²``), decomposed in float64 — on host threads for a CUDA Gram up to
+    :data:`HOST_EIGVALSH_MAX` wide, at once otherwise. :meth:`totals` waits for the pending ones and adds
+    everything in submission order, so the sums do not depend on which thread finished first."""
 
-    def __init__(self, layers: list[LayerView]) -> None:
-        self.score = {v.name: 0.0 for v in layers}
-        self.spectrum = {v.name: torch.zeros(min(v.d_out, v.d_in), dtype=torch.float64) for v in layers}
+    def __init__(self, layers: list[LayerView], pool: concurrent.futures.Executor) -> None:
+        self.layers = layers
+        self.pool = pool
+        self.pending: list[tuple[str, concurrent.futures.Future[torch.Tensor] | torch.Tensor]] = []
 
-    def add(self, view: LayerView, energies: torch.Tensor) -> None:
-        """Add one batch's ``σ²`` (any length up to min(d_out, d_in); sorted descending)."""
-        energies = energies.detach().double().cpu()[: self.spectrum[view.name].numel()]
-        self.spectrum[view.name][: energies.numel()] += energies
-        self.score[view.name] += float(energies.sum())
+    def add(self, view: LayerView, gram: torch.Tensor | None) -> None:
+        """Add one batch's Gram matrix (``None``: the batch gave this layer nothing)."""
+        if gram is None:
+            return
+        if decompose_on_host(gram):
+            host, copied = _to_host(gram)
+            self.pending.append((view.name, self.pool.submit(_host_eigvalsh, host, copied)))
+        else:
+            self.pending.append((view.name, descending_eigvalsh(gram.double()).cpu()))
+
+    def totals(self, count: int) -> list[LayerSensitivity]:
+        """Each layer's mean score and spectrum over ``count`` batches."""
+        score = {v.name: 0.0 for v in self.layers}
+        spectrum = {v.name: torch.zeros(min(v.d_out, v.d_in), dtype=torch.float64) for v in self.layers}
+        for name, part in self.pending:
+            energies = part.result() if isinstance(part, concurrent.futures.Future) else part
+            energies = energies[: spectrum[name].numel()]
+            spectrum[name][: energies.numel()] += energies
+            score[name] += float(energies.sum())
+        return [LayerSensitivity(v.name, v.d_out, v.d_in, score[v.name] / count, spectrum[v.name] / count)
+                for v in self.layers]
 
 
-def energies(m: torch.Tensor) -> torch.Tensor:
-    """``σ_j(m)²``, descending, from the eigenvalues of the smaller Gram matrix (``m mᵀ`` or ``mᵀ m``)."""
-    gram = m @ m.t() if m.shape[0] <= m.shape[1] else m.t() @ m
+def descending_eigvalsh(gram: torch.Tensor) -> torch.Tensor:
+    """The eigenvalues of a symmetric positive semi-definite matrix, descending, rounding below zero clamped."""
     return torch.linalg.eigvalsh(gram).flip(0).clamp_min(0)
 
 
-def gradient_energies(view: LayerView, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """``σ_j(G)²`` of the batch's weight gradient ``G = ∂L/∂W`` ``[d_out, d_in]``."""
-    return energies(view.weight_gradient(x, g))
+def decompose_on_host(gram: torch.Tensor) -> bool:
+    """Whether a batch's Gram matrix goes to a host thread (see :data:`HOST_EIGVALSH_MAX`)."""
+    return gram.is_cuda and gram.shape[0] <= HOST_EIGVALSH_MAX
 
 
-def data_energies(view: LayerView, x: torch.Tensor, g: torch.Tensor, damping: float) -> torch.Tensor:
-    """``σ_j(G C^{-1/2})²`` with ``C = XᵀX/N + λI``, ``λ = damping · tr(XᵀX/N)/d_in`` (see the module docstring).
+def _to_host(gram: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """A host copy of ``gram`` and, for a CUDA one, the event after which the copy (queued, not awaited) is there."""
+    if not gram.is_cuda:
+        return gram.detach().clone(), None
+    host = torch.empty(gram.shape, dtype=gram.dtype, pin_memory=True)
+    host.copy_(gram, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+    return host, copied
+
+
+def _host_eigvalsh(host: torch.Tensor, copied: torch.cuda.Event | None) -> torch.Tensor:
+    if copied is not None:
+        copied.synchronize()
+    return descending_eigvalsh(host.double())
+
+
+def gram(m: torch.Tensor) -> torch.Tensor:
+    """The smaller Gram matrix of ``m`` (``m mᵀ`` or ``mᵀ m``): its eigenvalues are ``σ_j(m)²``."""
+    return m @ m.t() if m.shape[0] <= m.shape[1] else m.t() @ m
+
+
+def gradient_gram(view: LayerView, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """The Gram matrix of the batch's weight gradient ``G = ∂L/∂W`` ``[d_out, d_in]``: its eigenvalues are
+    ``σ_j(G)²``."""
+    return gram(view.weight_gradient(x, g))
+
+
+def data_gram(view: LayerView, x: torch.Tensor, g: torch.Tensor, damping: float) -> torch.Tensor | None:
+    """The Gram matrix whose eigenvalues are ``σ_j(G C^{-1/2})²``, with ``C = XᵀX/N + λI``, ``λ = damping · tr(XᵀX/N)/d_in`` (see the module docstring).
 
     The input's thin SVD ``X = U S Vᵀ`` comes from the eigendecomposition of its smaller Gram matrix: ``X Xᵀ = U S² Uᵀ``
     (``N ≤ d_in``; then ``gᵀ U S``) or ``Xᵀ X = V S² Vᵀ`` (then ``gᵀ U S = G V``)."""
@@ -70,7 +130,7 @@ def data_energies(view: LayerView, x: torch.Tensor, g: torch.Tensor, damping: fl
     g2, xs = g2[keep], xs[keep]
     n = xs.shape[0]
     if n == 0:
-        return torch.zeros(0)
+        return None
     if n <= view.d_in:
         eig, u = torch.linalg.eigh(xs @ xs.t())
         eig = eig.clamp_min(0)
@@ -81,21 +141,22 @@ def data_energies(view: LayerView, x: torch.Tensor, g: torch.Tensor, damping: fl
         projected = (g2.t() @ xs) @ v  # G V = gᵀ U S
     eig = eig / n  # the eigenvalues of XᵀX/N
     lam = damping * float(eig.sum()) / view.d_in
-    return energies(projected / (eig + lam).clamp_min(torch.finfo(eig.dtype).tiny).sqrt())
+    return gram(projected / (eig + lam).clamp_min(torch.finfo(eig.dtype).tiny).sqrt())
 
 
 def _spectral(model: nn.Module, layers: list[LayerView], batches: Iterable[Any], loss_fn: LossFn | None,
-              energies: Callable[[LayerView, torch.Tensor, torch.Tensor], torch.Tensor]) -> list[LayerSensitivity]:
-    acc = _Accumulator(layers)
+              batch_gram: Callable[[LayerView, torch.Tensor, torch.Tensor], torch.Tensor | None]
+              ) -> list[LayerSensitivity]:
     count = 0
-    with frozen_eval(model), tapped(layers, lambda v, x, g: acc.add(v, energies(v, x, g))):
-        for batch in batches:
-            backward_loss(model, batch, loss_fn)
-            count += 1
-    if count == 0:
-        raise ConfigError("no calibration batches: pass at least one batch")
-    return [LayerSensitivity(v.name, v.d_out, v.d_in, acc.score[v.name] / count, acc.spectrum[v.name] / count)
-            for v in layers]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        acc = _Accumulator(layers, pool)
+        with frozen_eval(model), tapped(layers, lambda v, x, g: acc.add(v, batch_gram(v, x, g))):
+            for batch in batches:
+                backward_loss(model, batch, loss_fn)
+                count += 1
+        if count == 0:
+            raise ConfigError("no calibration batches: pass at least one batch")
+        return acc.totals(count)
 
 
 def estimate_sensitivity(model: nn.Module, batches: Iterable[Any], config: AdapterConfig | None = None,
@@ -113,7 +174,7 @@ def estimate_sensitivity(model: nn.Module, batches: Iterable[Any], config: Adapt
     if method == "hessian":
         return hutchinson_traces(model, layers, batches, loss_fn, probes=probes, eps=eps, seed=seed)
     if method == "gradient":
-        return _spectral(model, layers, batches, loss_fn, gradient_energies)
+        return _spectral(model, layers, batches, loss_fn, gradient_gram)
     if method == "data":
         if not damping > 0:
             raise ConfigError(f"damping must be positive, got {damping!r}")
@@ -121,5 +182,5 @@ def estimate_sensitivity(model: nn.Module, batches: Iterable[Any], config: Adapt
         if grouped:
             raise ConfigError(f"method='data' needs the input patches of each layer; grouped convolutions have no "
                               f"such form: {', '.join(grouped[:5])} (use method='gradient' or exclude them)")
-        return _spectral(model, layers, batches, loss_fn, lambda v, x, g: data_energies(v, x, g, damping))
+        return _spectral(model, layers, batches, loss_fn, lambda v, x, g: data_gram(v, x, g, damping))
     raise AssertionError(method)

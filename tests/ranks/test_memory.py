@@ -39,8 +39,8 @@ def test_sensitivity_needs_a_lora_step_plus_one_weight_gradient(method, monkeypa
     lora_peak, lora_saved = _lora_step_bytes()
     model = tiny_llama()
     reduced: list[int] = []
-    reduce = sensitivity.energies
-    monkeypatch.setattr(sensitivity, "energies", lambda m: reduced.append(m.numel() * m.element_size()) or reduce(m))
+    reduce = sensitivity.gram
+    monkeypatch.setattr(sensitivity, "gram", lambda m: reduced.append(m.numel() * m.element_size()) or reduce(m))
     meter = SavedTensorMeter(exclude=[*model.parameters(), *model.buffers()], model=model)
     passes: list[int] = []
     run_pass = sensitivity.backward_loss
