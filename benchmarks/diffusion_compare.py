@@ -21,6 +21,7 @@ steps. Results: one JSON line per run in ``$OUT/diffusion_compare.jsonl``, the t
 
     python benchmarks/diffusion_compare.py            # GPU, both parts (about 20 processes)
     python benchmarks/diffusion_compare.py --skip-dit # the SD table only
+    python benchmarks/diffusion_compare.py --skip-dit --memory balanced  # slimtune recomputing the feed-forwards
     python benchmarks/diffusion_compare.py --quick    # CPU smoke test: tiny-unet and tiny-dit-4b, float32
 """
 from __future__ import annotations
@@ -52,7 +53,7 @@ def unet_options(args: argparse.Namespace) -> list[ProfileOptions]:
             out.append(ProfileOptions(preset=args.unet, method="lora" if method == "qlora" else method,
                                       quant="nf4" if method == "qlora" else "none", rank=args.rank,
                                       batch=args.batch, steps=args.steps, device=args.device, dtype=args.dtype,
-                                      backend=backend))
+                                      backend=backend, memory=args.memory if backend == "slimtune" else "fast"))
     return out
 
 
@@ -136,6 +137,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per process")
+    parser.add_argument("--memory", default="fast", choices=("fast", "balanced"),
+                        help="slimtune's memory setting in Part 1 (balanced: the feed-forward projections "
+                             "recomputed in backward); PEFT runs as it comes")
     args = parser.parse_args(argv)
     quick = args.quick
     for key, value in dict(batch=1 if quick else 4, steps=2 if quick else 8, device="cpu" if quick else "cuda",
@@ -170,6 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         results = run_children(unet_options(args), on_done=done, timeout=args.timeout)
         failed |= not all(r.ok for r in results)
         text += [f"### {args.unet}: batch {args.batch}, {args.dtype}, r={args.rank} alpha={args.rank}, "
+                 f"slimtune memory={args.memory}, "
                  f"{args.steps} steps ({UNIT[0]}; s/step median after warm-up; ratios slimtune ÷ PEFT bf16, target "
                  f"peak ≤ {PEAK_TARGET:.2f} and step ≤ {STEP_TARGET:.2f})", "", unet_table(results, args.backends), ""]
     if not args.skip_dit:

@@ -105,8 +105,9 @@ def add_profile_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grad-checkpointing", "--grad-ckpt", dest="grad_checkpointing", action="store_true",
                         help="gradient checkpointing (non-reentrant)")
     parser.add_argument("--memory", default="fast", metavar="{fast,balanced,max-fit}",
-                        help="fast = nothing extra; balanced = chunked loss + per-layer checkpointing; max-fit = "
-                             "balanced + checkpointed inputs offloaded to CPU memory (slimtune backend; with "
+                        help="fast = nothing extra; balanced = chunked loss + per-layer checkpointing (diffusion "
+                             "models: the feed-forward projections recomputed); max-fit = balanced + checkpointed "
+                             "inputs offloaded to CPU memory, language models only (slimtune backend; with "
                              "--compare-peft, PEFT gets transformers' checkpointing) (default: fast)")
     parser.add_argument("--plain-layers", type=int, default=0, metavar="N", help=PLAIN_LAYERS_HELP)
     parser.add_argument("--compile", action="store_true", help=COMPILE_HELP + " (PEFT's too, with --compare-peft)")
@@ -403,7 +404,8 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
                         help="gradient checkpointing (default: both when searching, off for one method)")
     parser.add_argument("--memory", default=None, metavar="SETTINGS",
                         help="memory setting(s): fast, balanced, max-fit, comma-separated (default when searching: "
-                             "all three for language models; fast for one method)")
+                             "all three for language models, fast and balanced for diffusion models; fast for one "
+                             "method)")
     parser.add_argument("--plain-layers", type=int, default=0, metavar="N",
                         help="with --method and --memory balanced or max-fit: " + PLAIN_LAYERS_HELP.split(": ", 1)[1])
     parser.add_argument("--dtype", default="bfloat16", help="compute dtype of weights and activations (default bf16)")
@@ -473,7 +475,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
                       resolutions=_int_list(args.resolution) if args.resolution else None,
                       grad_checkpointing=checkpointing, dtype=args.dtype, release_outputs=args.release_outputs,
                       tflops=args.tflops, on_group=lambda text: status.update(f"simulating {spec.name}: {text}…"),
-                      memories=_str_list(args.memory or ("fast" if diffusion else ",".join(MEMORY_SETTINGS))))
+                      memories=_str_list(args.memory or ("fast,balanced" if diffusion else ",".join(MEMORY_SETTINGS))))
     if args.json:
         print(json.dumps({"model": spec.name, "gpu_mem_bytes": gpu_mem, "budget_bytes": usable_bytes(gpu_mem),
                           "rows": [r.to_dict() for r in rows], "skipped": rows.skipped}))
@@ -561,8 +563,9 @@ def _add_train_parser(subparsers: Any) -> None:
     loop.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
     loop.add_argument("--grad-ckpt", dest="grad_checkpointing", action="store_true", help="gradient checkpointing")
     loop.add_argument("--memory", default="fast", metavar="{fast,balanced,max-fit}",
-                      help="fast = nothing extra; balanced = every layer checkpointed (recomputed in backward); "
-                           "max-fit = balanced + checkpointed inputs kept in CPU memory (default: fast)")
+                      help="fast = nothing extra; balanced = every layer checkpointed (recomputed in backward; "
+                           "--task diffusion: the feed-forward projections); max-fit = balanced + checkpointed inputs "
+                           "kept in CPU memory, not for --task diffusion (default: fast)")
     loop.add_argument("--plain-layers", type=int, default=0, metavar="N", help=PLAIN_LAYERS_HELP)
     loop.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     loop.add_argument("--dtype", default=None, help="model dtype (default: bfloat16 on cuda, float32 on cpu)")

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
 from ..errors import SlimtuneError
+from .lean_layers import install as install_lean_layers
 from . import registry
 from .config import AdapterConfig
 from .module import AdapterModule
@@ -64,13 +65,24 @@ def adapt(model: nn.Module, config: AdapterConfig) -> nn.Module:
 
 
 def attach(model: nn.Module, adapter_set: AdapterSet) -> nn.Module:
-    """Put an :class:`AdapterSet` (from :func:`adapt`'s building or :func:`detach`) into ``model``."""
+    """Put an :class:`AdapterSet` (from :func:`adapt`'s building or :func:`detach`) into ``model``, and give the
+    frozen rest its lean layers (:mod:`.lean_layers`: frozen convolutions that do not keep their inputs,
+    GroupNorm + SiLU that keep one tensor; removed with the adapters)."""
     for name, module in adapter_set.adapters + adapter_set.copies:
         _set_submodule(model, name, module)
     remover = registry.finalize(adapter_set.config, model, [adapter for _, adapter in adapter_set.adapters])
+    lean = install_lean_layers(model, skip=lambda m: isinstance(m, (AdapterModule, TrainedCopy)))
     setattr(model, CONFIG_ATTR, adapter_set.config)
-    setattr(model, HOOKS_ATTR, remover)
+    setattr(model, HOOKS_ATTR, _removers(remover, lean))
     return model
+
+
+def _removers(*removers: Callable[[], None] | None) -> Callable[[], None]:
+    def remove() -> None:
+        for remover in removers:
+            if remover is not None:
+                remover()
+    return remove
 
 
 def _take_out(model: nn.Module, keep_trained: bool, merged: bool = False) -> AdapterSet:

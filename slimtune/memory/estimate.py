@@ -70,7 +70,7 @@ from ..quant.linear import NF4Linear
 from ..quant.nf4 import BLOCKSIZE, DQ_BLOCKSIZE, NF4Tensors
 from .accounting import SavedTensorMeter
 from .chunked_loss import model_causal_lm_loss, plain_head
-from .setting import apply_memory_setting, memory_setting
+from .setting import apply_memory_setting, check_for_diffusion, memory_setting
 
 __all__ = ["BREAKDOWN_KEYS", "CUDA_ROUNDING", "CUDA_WORKSPACE_BYTES", "MemoryEstimate", "StepSim", "adapter_bytes",
            "build_meta_model", "estimate_from_sim", "estimate_memory", "meta_environment", "parameter_bytes",
@@ -324,8 +324,8 @@ def build_meta_model(preset: str | Preset, method: str = "lora", rank: int = 16,
     spec = get_preset(preset)
     torch_dtype = resolve_dtype(dtype)
     setting = memory_setting(memory)
-    if setting.checkpoint and not isinstance(spec, ModelPreset):
-        raise ConfigError(f"memory={memory!r} applies to language models, not the diffusion preset {spec.name!r}")
+    if not isinstance(spec, ModelPreset):
+        check_for_diffusion(setting, plain_layers)
     if setting.checkpoint and grad_checkpointing:
         raise ConfigError(f"memory={memory!r} checkpoints every layer itself: drop grad_checkpointing")
     if quant not in QUANTS:

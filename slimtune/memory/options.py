@@ -11,7 +11,7 @@ import torch
 from ..errors import ConfigError, MissingDependencyError
 from ..models.presets import ModelPreset, dtype_name, get_preset, resolve_dtype
 from ..models.workload import METHODS  # one list for the profiler and the estimator
-from .setting import check_plain_layers_with, memory_setting
+from .setting import check_for_diffusion, check_plain_layers_with, memory_setting
 
 BACKENDS = ("slimtune", "peft", "peft-bf16")
 QUANTS = ("none", "nf4")
@@ -99,9 +99,8 @@ class ProfileOptions:
         if self.compile and diffusion:
             raise ConfigError(f"compile applies to language models (their transformer layers), not the diffusion "
                               f"preset {self.preset!r}")
-        if setting.checkpoint and diffusion:
-            raise ConfigError(f"memory={self.memory!r} applies to language models, not the diffusion preset "
-                              f"{self.preset!r} (use grad_checkpointing)")
+        if diffusion:
+            check_for_diffusion(setting, self.plain_layers)
         _positive_int("rank", self.rank)
         alpha = self.rank if self.alpha is None else self.alpha
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:

@@ -38,7 +38,7 @@ from ..models.presets import ModelPreset, Preset, get_preset, resolve_dtype
 from .estimate import (BREAKDOWN_KEYS, MemoryEstimate, StepSim, adapter_bytes, build_meta_model, estimate_from_sim,
                        simulate_points)
 from .report import format_bytes, format_count
-from .setting import MEMORY_SETTINGS, memory_setting
+from .setting import MEMORY_SETTINGS, check_for_diffusion, memory_setting
 
 GiB = 2**30
 #: Memory the allocator never sees: CUDA context, cuBLAS/cuDNN handles, driver reservations.
@@ -199,8 +199,8 @@ def search(preset: str | Preset, gpu_mem: int, methods: Sequence[str] | None = N
             raise ConfigError(f"unknown quant {quant!r}; choose from none, nf4")
     diffusion = isinstance(spec, DiffusionPreset)
     for memory in memories:
-        if memory_setting(memory).checkpoint and diffusion:
-            raise ConfigError(f"memory setting {memory!r} applies to language models, not {spec.name}")
+        if diffusion:
+            check_for_diffusion(memory_setting(memory))
     variants = [(gc, "fast") for gc in grad_checkpointing if "fast" in memories]
     variants += [(False, m) for m in memories if m != "fast"]
     if not variants:

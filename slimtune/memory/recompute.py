@@ -15,6 +15,12 @@ replaced, so parameter names and checkpoints do not change); :meth:`LayerCheckpo
 
 Without gradients (``torch.no_grad()``, evaluation) the layers run as they are.
 
+:func:`checkpoint_feed_forwards` is the diffusion models' version (``memory="balanced"`` on a UNet or DiT): each
+transformer block's feed-forward input projection with its activation (diffusers' ``GEGLU``, ``GELU``,
+``ApproximateGELU``, ``SwiGLU``: a module of ``diffusers.models.activations`` holding a ``proj``) keeps its input
+``[tokens, dim]`` instead of the projection's output (``2·4·dim`` wide for GEGLU, where the gate's activation keeps
+another ``4·dim``) and runs again in backward: one more projection GEMM per block.
+
 Not here: selective recompute (keep attention's or the matrix products' outputs, recompute norms and SwiGLU)
 through ``create_selective_checkpoint_contexts``: the adapter Functions update their matrix products' outputs
 in place, which the selective cache refuses, and transformers' attention path did not replay op for op.
@@ -85,6 +91,30 @@ def check_plain_layers(plain_layers: Any) -> int:
     if isinstance(plain_layers, bool) or not isinstance(plain_layers, int) or plain_layers < 0:
         raise ConfigError(f"plain_layers must be a non-negative integer, got {plain_layers!r}")
     return plain_layers
+
+
+def feed_forward_projections(model: nn.Module) -> list[nn.Module]:
+    """The feed-forward input projections with their activations in ``model`` (diffusers' activation modules that
+    hold a ``proj``: GEGLU, GELU, ApproximateGELU, SwiGLU); empty for a model without them (any transformers
+    model)."""
+    return [m for m in model.modules()
+            if type(m).__module__ == "diffusers.models.activations" and isinstance(getattr(m, "proj", None), nn.Module)]
+
+
+def checkpoint_feed_forwards(model: nn.Module, context_fn: Callable[[], Any] | None = None) -> LayerCheckpointing:
+    """Checkpoint every :func:`feed_forward_projections` module of a diffusion model (see the module docstring).
+    Refused when the model already checkpoints (diffusers' ``enable_gradient_checkpointing`` or an earlier call)
+    or has no such module."""
+    if any(checkpointing_enabled(m) for m in model.modules()) or installed(model):
+        raise ConfigError(f"{type(model).__name__} already checkpoints (diffusers' enable_gradient_checkpointing or "
+                          "an earlier call): turn that off first")
+    modules = feed_forward_projections(model)
+    if not modules:
+        raise ConfigError(f"{type(model).__name__} has no diffusers feed-forward projection (GEGLU, GELU, ...) to "
+                          "recompute")
+    for module in modules:
+        module.forward = _CheckpointedForward(module.forward, None, module.__dict__.get("forward"), context_fn)
+    return LayerCheckpointing(modules, None)
 
 
 def checkpoint_layers(model: nn.Module, offload: bool = False, min_offload_bytes: int | None = None,

@@ -16,7 +16,7 @@ from ..core.config import check_number
 from ..errors import ConfigError
 from ..memory.options import check_model_dir
 from ..memory.recompute import check_plain_layers
-from ..memory.setting import memory_setting
+from ..memory.setting import check_for_diffusion, memory_setting
 from ..models.presets import PRESETS, dtype_name, get_preset, resolve_dtype
 from ..models.workload import METHODS
 from ..ranks import parse_budget
@@ -165,10 +165,10 @@ class TrainConfig:
         if self.compile and diffusion:
             raise ConfigError("--compile compiles a transformer's layers (causal-lm, classification), not a "
                               "diffusion model")
-        if memory_setting(self.memory, "--memory").checkpoint:
-            if self.task == "diffusion":
-                raise ConfigError(f"--memory {self.memory} checkpoints a transformer's layers: for --task diffusion "
-                                  "use --grad-ckpt (diffusers' own)")
+        setting = memory_setting(self.memory, "--memory")
+        if self.task == "diffusion":
+            check_for_diffusion(setting, self.plain_layers, "--memory")
+        if setting.checkpoint:
             if self.grad_checkpointing:
                 raise ConfigError(f"--memory {self.memory} already checkpoints every layer: drop --grad-ckpt")
         elif self.plain_layers:

@@ -41,8 +41,8 @@ def test_search_has_a_row_per_setting():
     assert all(r.to_dict()["memory"] == r.point.memory for r in rows)
     with pytest.raises(ConfigError, match="unknown memory setting 'tight'"):
         plan.search(MICRO, 1 << 30, methods=["lora"], memories=["tight"])
-    with pytest.raises(ConfigError, match="applies to language models"):
-        plan.search("tiny-unet", 1 << 30, methods=["lora"], memories=["balanced"])
+    with pytest.raises(ConfigError, match="a diffusion model takes 'fast' or 'balanced'"):
+        plan.search("tiny-unet", 1 << 30, methods=["lora"], memories=["max-fit"])
 
 
 def test_cli_plan_reports_each_setting(capsys):
@@ -55,3 +55,12 @@ def test_cli_plan_reports_each_setting(capsys):
     assert main(["plan", "--model", "tiny-llama", "--gpu-mem", "1GB", "--memory", "huge"]) == 2
     err = capsys.readouterr().err
     assert "unknown memory setting 'huge'" in err and "Traceback" not in err
+
+
+def test_diffusion_balanced_is_predicted_below_fast():
+    """The estimator simulates the feed-forward recompute of ``memory="balanced"`` on a UNet: a lower peak, more
+    FLOPs (the projections again)."""
+    from slimtune.memory.estimate import estimate_memory
+
+    fast, balanced = (estimate_memory("tiny-unet", "lora", 4, batch=2, memory=m) for m in ("fast", "balanced"))
+    assert balanced.peak_bytes < fast.peak_bytes and balanced.flops > fast.flops

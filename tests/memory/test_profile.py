@@ -304,7 +304,8 @@ def test_memory_settings_give_the_same_losses_with_fewer_activations() -> None:
 
 @pytest.mark.parametrize("extra, message", [
     ({"backend": "peft"}, "use it with the slimtune backend"), ({"grad_checkpointing": True}, "without grad_che"),
-    ({"preset": "tiny-unet"}, "applies to language models"),
+    ({"preset": "tiny-unet", "memory": "max-fit"}, "a diffusion model takes 'fast' or 'balanced'"),
+    ({"preset": "tiny-unet", "plain_layers": 1}, "plain_layers=1 applies to a language model's layer stack"),
 ])
 def test_memory_setting_conflicts_are_named(extra: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):

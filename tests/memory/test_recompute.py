@@ -153,3 +153,53 @@ def test_the_switch():
     with pytest.raises(ConfigError, match="unknown memory setting 'tiny'; choose from fast, balanced, max-fit"):
         memory_setting("tiny")
     assert slimtune.apply_memory_setting is apply_memory_setting
+
+
+def test_diffusion_balanced_recomputes_the_feed_forward_projections():
+    """``memory="balanced"`` on a diffusers UNet (tiny-unet, LoRA on the attention): the feed-forward input
+    projections (GEGLU) are checkpointed — the same loss and gradients bit for bit, fewer bytes saved — and
+    ``remove`` gives the plain step back; diffusers' own checkpointing and max-fit are refused."""
+    diffusers = pytest.importorskip("diffusers")
+    from slimtune.memory.recompute import feed_forward_projections
+    from slimtune.models.diffusion import DIFFUSION_PRESETS
+
+    diffusers.utils.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(**DIFFUSION_PRESETS["tiny-unet"].config)
+    slimtune.adapt(unet, slimtune.LoraConfig(r=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    perturb_adapters(unet)
+    batch = workload.make_inputs("tiny-unet", None, 2, 0, "cpu", torch.float32, torch.Generator().manual_seed(1))
+    target = batch.pop("target")
+    assert {type(m).__name__ for m in feed_forward_projections(unet)} == {"GEGLU"}
+    assert feed_forward_projections(tiny_llama()) == []
+
+    def step() -> tuple[torch.Tensor, list[torch.Tensor], int]:
+        unet.zero_grad(set_to_none=True)
+        saved: dict[int, int] = {}
+
+        def pack(t):
+            saved[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = (unet(**batch, return_dict=False)[0] - target).square().mean()
+        loss.backward()
+        params = {p.untyped_storage()._cdata for p in unet.parameters()}
+        return (loss.detach(), [p.grad.clone() for p in slimtune.trainable_parameters(unet)],
+                sum(b for k, b in saved.items() if k not in params))
+
+    plain = step()
+    handle = apply_memory_setting(unet, "balanced")
+    assert installed(unet)
+    recomputed = step()
+    assert torch.equal(plain[0], recomputed[0]) and all(torch.equal(a, b) for a, b in zip(plain[1], recomputed[1]))
+    assert recomputed[2] < 0.8 * plain[2]
+    with pytest.raises(ConfigError, match="already checkpoints"):
+        apply_memory_setting(unet, "balanced")
+    handle.remove()
+    assert not installed(unet) and step()[2] == plain[2]
+    with pytest.raises(ConfigError, match="a diffusion model takes 'fast' or 'balanced'"):
+        apply_memory_setting(unet, "max-fit")
+    unet.enable_gradient_checkpointing()
+    with pytest.raises(ConfigError, match="already checkpoints"):
+        apply_memory_setting(unet, "balanced")

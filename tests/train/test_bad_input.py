@@ -59,7 +59,7 @@ CASES = [  # (arguments, text the error must contain)
     (["--data", "{good}", "--memory", "balanced", "--plain-layers", "-1"],
      "plain_layers must be a non-negative integer, got -1"),
     (["--task", "diffusion", "--preset", "tiny-unet", "--max-steps", "1", "--memory", "max-fit"],
-     "--memory max-fit checkpoints a transformer's layers: for --task diffusion use --grad-ckpt"),
+     "--memory='max-fit' offloads a language model's checkpointed layers; a diffusion model takes 'fast' or"),
     (["--task", "diffusion", "--preset", "tiny-unet", "--max-steps", "1", "--compile"],
      "--compile compiles a transformer's layers (causal-lm, classification), not a diffusion model"),
     (["--data", "{good}", "--dtype", "int8"], "unsupported dtype 'int8'"),

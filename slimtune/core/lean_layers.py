@@ -1,0 +1,227 @@
+"""Frozen layers that keep only what backward needs: exact, and installed by :func:`slimtune.adapt`.
+
+An adapter leaves most of the network frozen; the frozen layers still pass gradients on (``dx``) but never need
+their own weight gradients. Two things PyTorch keeps for them that those gradients never read:
+
+* A frozen **convolution** keeps its input: PyTorch's convolution saves input and weight whatever needs a gradient
+  (a frozen ``nn.Linear`` keeps only its weight). :class:`FrozenConvFunction` runs the same convolution and saves
+  the weight alone; its backward is ``torch.nn.grad.conv{1,2,3}d_input`` (the same backward-data kernel autograd
+  calls). In a diffusion UNet every ResNet and resampling convolution's input is a tensor nothing else keeps.
+* A **GroupNorm followed by SiLU** (a UNet's ResNet blocks and output head) keeps the norm's input (the norm
+  saves it) and the norm's output (SiLU saves its input). :class:`NormSiluFunction` saves the norm's input — the
+  tensor the norm already keeps, so nothing new — and rebuilds the norm's output in backward (one more GroupNorm
+  forward, a memory-bound pass), then takes SiLU's own backward through autograd: the gradients are the plain
+  path's, bit for bit.
+
+Each frozen ``nn.Conv1d/2d/3d`` (zero padding, numeric padding), ``nn.GroupNorm`` and ``nn.SiLU`` whose class
+keeps PyTorch's ``forward`` gets an instance-level ``forward`` (no module is replaced: parameter names and
+checkpoints do not change; :func:`install`'s remover undoes it; SiLU only where the model has a GroupNorm). Each
+call checks, on the host, whether the lean path applies — gradients on, the input requiring grad, the layer's
+parameters frozen, not under ``torch.compile`` (whose partitioner decides what a graph saves) — and otherwise
+runs the layer as it is. A SiLU takes the fused path only when its input is the very output of the GroupNorm that
+ran last on this thread and was not changed in place since (its version counter), so ``silu(norm(x) + t)`` and
+any other use run plainly.
+"""
+from __future__ import annotations
+
+import threading
+import weakref
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .autograd_state import tensor_version
+from .tracing import compiling
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_INPUT = {1: torch.nn.grad.conv1d_input, 2: torch.nn.grad.conv2d_input, 3: torch.nn.grad.conv3d_input}
+_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+class FrozenConvFunction(torch.autograd.Function):
+    """``y = conv(x, W, b)`` for a frozen W (and b): saves W alone; backward returns ``dx`` only.
+
+    x ``[B, C_in, *spatial]`` (or unbatched ``[C_in, *spatial]``), W ``[C_out, C_in/groups, *kernel]``, b ``[C_out]``
+    or None; stride, padding, dilation as tuples of ints."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                stride: tuple[int, ...], padding: tuple[int, ...], dilation: tuple[int, ...],
+                groups: int) -> torch.Tensor:
+        dims = weight.dim() - 2
+        y = _CONV[dims](x, weight, bias, stride, padding, dilation, groups)
+        ctx.save_for_backward(weight)
+        ctx.geometry = (tuple(x.shape), stride, padding, dilation, groups, y.dtype)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        (weight,) = ctx.saved_tensors
+        shape, stride, padding, dilation, groups, dtype = ctx.geometry
+        dx = None
+        if ctx.needs_input_grad[0]:
+            batched = len(shape) == weight.dim()
+            g = grad if batched else grad.unsqueeze(0)
+            dx = _CONV_INPUT[weight.dim() - 2](shape if batched else (1, *shape), weight.to(dtype), g, stride,
+                                               padding, dilation, groups)
+            dx = dx if batched else dx.squeeze(0)
+        return dx, None, None, None, None, None, None
+
+
+class NormSiluFunction(torch.autograd.Function):
+    """``silu(h)`` where ``h = group_norm(x, groups, γ, β, eps)``, saving x (and γ, β), not h: backward rebuilds
+    h from x and takes SiLU's backward through autograd. h, x ``[B, C, *]``; γ, β ``[C]`` or None. x gets no
+    gradient here (it reaches x through the norm's own backward, from ``dh``)."""
+
+    @staticmethod
+    def forward(ctx: Any, h: torch.Tensor, x: torch.Tensor, groups: int, weight: torch.Tensor | None,
+                bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+        ctx.save_for_backward(x, weight, bias)
+        ctx.groups, ctx.eps, ctx.h_dtype = groups, eps, h.dtype
+        return F.silu(h)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight, bias = ctx.saved_tensors
+        dtype = ctx.h_dtype  # float32 where autocast ran the norm (its float32 list): the same casts again
+        with torch.no_grad():
+            h = F.group_norm(x.to(dtype), ctx.groups, weight.to(dtype) if weight is not None else None,
+                             bias.to(dtype) if bias is not None else None, ctx.eps)
+        with torch.enable_grad():
+            h.requires_grad_(True)
+            (dh,) = torch.autograd.grad(F.silu(h), h, grad)
+        return dh, None, None, None, None, None
+
+
+def _frozen(*params: torch.Tensor | None) -> bool:
+    return not any(p is not None and p.requires_grad for p in params)
+
+
+def _lean(x: torch.Tensor, *params: torch.Tensor | None) -> bool:
+    """Whether a layer with these parameters takes its lean path for input ``x`` (module docstring)."""
+    return torch.is_grad_enabled() and x.requires_grad and _frozen(*params) and not compiling()
+
+
+class _LeanConvForward:
+    """A frozen convolution's instance ``forward``."""
+
+    def __init__(self, conv: nn.Module) -> None:
+        self.conv = conv  # held, not weakly: a deep copy of the model then gets a wrapper of its own copy
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        conv = self.conv
+        if not _lean(x, conv.weight, conv.bias):
+            return type(conv).forward(conv, x)
+        return FrozenConvFunction.apply(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation,
+                                        conv.groups)
+
+
+def _dead() -> None:
+    return None
+
+
+class _LastNorm(threading.local):
+    """The GroupNorm that ran last on this thread, its input and output (all weakly: the slot keeps nothing alive)
+    and the output's version then."""
+
+    norm: Callable[[], nn.GroupNorm | None] = staticmethod(_dead)
+    x: Callable[[], torch.Tensor | None] = staticmethod(_dead)
+    output: Callable[[], torch.Tensor | None] = staticmethod(_dead)
+    version: int | None = None
+
+    def put(self, norm: nn.GroupNorm, x: torch.Tensor, h: torch.Tensor) -> None:
+        self.norm, self.x, self.output = weakref.ref(norm), weakref.ref(x), weakref.ref(h)
+        self.version = tensor_version(h)
+
+    def take(self, h: torch.Tensor) -> tuple[nn.GroupNorm, torch.Tensor] | None:
+        """``(norm, its input)`` if ``h`` is that norm's output, unchanged since; the slot is emptied either way."""
+        norm, x, output, version = self.norm(), self.x(), self.output(), self.version
+        self.norm = self.x = self.output = _dead
+        self.version = None
+        if output is h and norm is not None and x is not None and version is not None \
+                and tensor_version(h) == version:
+            return norm, x
+        return None
+
+
+_LAST_NORM = _LastNorm()
+
+
+class _LeanNormForward:
+    """A frozen GroupNorm's instance ``forward``: its own, noting the output for a SiLU that may follow."""
+
+    def __init__(self, norm: nn.GroupNorm) -> None:
+        self.norm = norm
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        norm = self.norm
+        h = type(norm).forward(norm, x)
+        if _lean(x, norm.weight, norm.bias):
+            _LAST_NORM.put(norm, x, h)
+        return h
+
+
+class _LeanSiluForward:
+    """An ``nn.SiLU``'s instance ``forward``: fused with the GroupNorm before it when its input is that norm's
+    output."""
+
+    def __init__(self, silu: nn.SiLU) -> None:
+        self.silu = silu
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        silu = self.silu
+        taken = _LAST_NORM.take(h) if not silu.inplace and _lean(h) else None
+        if taken is None:
+            return type(silu).forward(silu, h)
+        norm, x = taken
+        return NormSiluFunction.apply(h, x, norm.num_groups, norm.weight, norm.bias, norm.eps)
+
+
+def _keeps_forward(m: nn.Module, base: type) -> bool:
+    return isinstance(m, base) and type(m).forward is base.forward
+
+
+def _lean_conv(m: nn.Module) -> bool:
+    """A convolution as PyTorch defines it (forward and ``_conv_forward`` its own), zero padding given in
+    numbers."""
+    return any(_keeps_forward(m, c) and type(m)._conv_forward is c._conv_forward for c in _CONV_TYPES) \
+        and m.padding_mode == "zeros" and not isinstance(m.padding, str)
+
+
+def install(model: nn.Module, skip: Callable[[nn.Module], bool] = lambda m: False) -> Callable[[], None]:
+    """Give ``model``'s frozen convolutions, GroupNorms and (where there is a GroupNorm) SiLUs their lean
+    ``forward`` (module docstring); modules for which ``skip`` is true, and their children, are left alone.
+    Returns the remover."""
+    targets: list[tuple[nn.Module, Any]] = []
+    stack, modules = [model], []
+    while stack:
+        m = stack.pop()
+        if skip(m):
+            continue
+        if "forward" not in m.__dict__:  # not a forward someone already set on the instance (checkpointing)
+            modules.append(m)
+        stack.extend(m.children())
+    has_norm = any(_keeps_forward(m, nn.GroupNorm) for m in modules)
+    for m in modules:
+        if _lean_conv(m):
+            targets.append((m, _LeanConvForward(m)))
+        elif _keeps_forward(m, nn.GroupNorm):
+            targets.append((m, _LeanNormForward(m)))
+        elif has_norm and _keeps_forward(m, nn.SiLU):
+            targets.append((m, _LeanSiluForward(m)))
+    for m, forward in targets:
+        m.forward = forward
+
+    def remove() -> None:
+        for m, forward in targets:
+            if m.__dict__.get("forward") is forward:
+                del m.forward
+
+    return remove
+
+
+def installed(module: nn.Module) -> bool:
+    """Whether ``module`` runs a lean ``forward`` of this module."""
+    return isinstance(module.__dict__.get("forward"), (_LeanConvForward, _LeanNormForward, _LeanSiluForward))

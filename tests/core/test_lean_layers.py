@@ -1,0 +1,200 @@
+"""Lean frozen layers (slimtune.core.lean_layers): the same values and gradients as PyTorch's own layers, bit for
+bit, with fewer tensors saved for backward; the plain path wherever the lean one does not apply."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import slimtune
+from slimtune.core import lean_layers
+from slimtune.core.inject import HOOKS_ATTR
+from slimtune.core.lean_layers import FrozenConvFunction, NormSiluFunction
+
+from ..helpers import perturb_adapters
+
+
+def _saved_bytes(fn) -> tuple[object, int]:
+    """``(fn(), bytes of the distinct non-parameter storages saved for backward while it ran)``."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if not isinstance(t, nn.Parameter):
+            seen[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(seen.values())
+
+
+@pytest.mark.parametrize("dims, kwargs, batched", [
+    (2, {"stride": 2, "padding": 1}, True),
+    (2, {"padding": (0, 2), "dilation": 2, "groups": 2}, True),
+    (1, {"padding": 1, "stride": 3}, True),
+    (3, {"padding": 1}, True),
+    (2, {"padding": 1}, False),
+])
+def test_frozen_conv_function_matches_autograd(dims, kwargs, batched):
+    torch.manual_seed(0)
+    conv = getattr(nn, f"Conv{dims}d")(4, 6, 3, **kwargs).double().requires_grad_(False)
+    shape = (2, 4, *(9,) * dims) if batched else (4, *(9,) * dims)
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    ref = conv(x)
+    (dref,) = torch.autograd.grad(ref, x, torch.ones_like(ref) + ref)
+    x2 = x.detach().clone().requires_grad_(True)
+    got, saved = _saved_bytes(lambda: FrozenConvFunction.apply(x2, conv.weight, conv.bias, conv.stride,
+                                                               conv.padding, conv.dilation, conv.groups))
+    (dgot,) = torch.autograd.grad(got, x2, torch.ones_like(ref) + ref)
+    assert torch.equal(got, ref)
+    assert torch.allclose(dgot, dref, rtol=1e-12, atol=1e-12)
+    assert saved == 0  # the weight alone (a parameter): never the input
+
+
+def test_norm_silu_function_gradients_are_the_plain_ones():
+    torch.manual_seed(0)
+    norm = nn.GroupNorm(4, 8).requires_grad_(False)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.normal_()
+    x = torch.randn(2, 8, 5, 5, requires_grad=True)
+    ref = F.silu(norm(x))
+    (dref,) = torch.autograd.grad(ref, x, torch.cos(ref))
+    h = norm(x)
+    got = NormSiluFunction.apply(h, x, norm.num_groups, norm.weight, norm.bias, norm.eps)
+    (dgot,) = torch.autograd.grad(got, x, torch.cos(ref))
+    assert torch.equal(got, ref) and torch.equal(dgot, dref)
+
+
+class Block(nn.Module):
+    """A ResNet-style block: GroupNorm → SiLU → conv, a second norm whose output is changed in place before its
+    SiLU (must run plainly), a strided conv, and a trained adapter target."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm1, self.norm2 = nn.GroupNorm(4, 8), nn.GroupNorm(4, 8)
+        self.act = nn.SiLU()
+        self.conv1 = nn.Conv2d(8, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, stride=2)
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(self.act(self.norm1(x)))
+        g = self.norm2(h)
+        g += t  # in place on the norm's output: the fused path would rebuild the wrong tensor
+        h = self.conv2(self.act(g))
+        return self.proj(h.mean(dim=(2, 3)))
+
+
+def _block_step(model: nn.Module, seed: int = 1) -> tuple[torch.Tensor, list[torch.Tensor], int]:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 8, 6, 6, generator=gen, requires_grad=True)
+    t = torch.randn(2, 8, 1, 1, generator=gen)
+    out, saved = _saved_bytes(lambda: model(x, t))
+    out.square().sum().backward()
+    grads = [x.grad] + [p.grad for p in slimtune.trainable_parameters(model)]
+    return out.detach(), grads, saved
+
+
+def _adapted_pair(base: nn.Module, config) -> tuple[nn.Module, nn.Module]:
+    """Two copies adapted alike, the first with its lean layers removed."""
+    models = []
+    for _ in range(2):
+        torch.manual_seed(5)
+        model = slimtune.adapt(copy.deepcopy(base), config)
+        perturb_adapters(model, seed=3)
+        models.append(model)
+    getattr(models[0], HOOKS_ATTR)()
+    return models[0], models[1]
+
+
+def test_adapt_installs_lean_layers_with_identical_results():
+    torch.manual_seed(0)
+    plain, lean = _adapted_pair(Block(), slimtune.LoraConfig(r=4, target_modules=["proj"]))
+    assert not any(lean_layers.installed(m) for m in plain.modules())
+    assert all(lean_layers.installed(m) for m in (lean.norm1, lean.norm2, lean.act, lean.conv1, lean.conv2))
+    out_p, grads_p, saved_p = _block_step(plain)
+    out_l, grads_l, saved_l = _block_step(lean)
+    assert torch.equal(out_p, out_l)
+    assert all(torch.equal(a, b) for a, b in zip(grads_p, grads_l))
+    # conv1's and conv2's inputs (SiLU outputs) and norm1's output are not kept
+    assert saved_l <= saved_p - 2 * 2 * 8 * 6 * 6 * 4 - 2 * 8 * 6 * 6 * 4
+
+
+def test_trained_or_adapted_layers_run_plainly():
+    torch.manual_seed(0)
+    block = Block()
+    model = slimtune.adapt(block, slimtune.LoraConfig(r=4, target_modules=["conv1"]))
+    assert not lean_layers.installed(model.conv1.base_layer)  # inside an adapter: the adapter's business
+    model.conv2.weight.requires_grad_(True)  # trained by the user: its weight gradient needs the input
+    _block_step(model)
+    assert model.conv2.weight.grad is not None
+
+
+def test_unload_and_deepcopy():
+    torch.manual_seed(0)
+    model = slimtune.adapt(Block(), slimtune.LoraConfig(r=4, target_modules=["proj"]))
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin.conv1.weight.mul_(2)
+    assert twin.conv1.forward.conv is twin.conv1  # the copy's wrapper runs the copy's weights
+    assert not torch.equal(_block_step(model)[0], _block_step(twin)[0])
+    slimtune.unload(model)
+    assert not any(lean_layers.installed(m) for m in model.modules())
+
+
+def test_no_grad_and_bf16_autocast():
+    torch.manual_seed(0)
+    plain, lean = _adapted_pair(Block(), slimtune.LoraConfig(r=4, target_modules=["proj"]))
+    x, t = torch.randn(2, 8, 6, 6), torch.randn(2, 8, 1, 1)
+    with torch.no_grad():
+        assert torch.equal(plain(x, t), lean(x, t))
+    results = []
+    for model in (plain, lean):
+        xg = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(xg, t)
+        out.float().square().sum().backward()
+        results.append((out, xg.grad, [p.grad for p in slimtune.trainable_parameters(model)]))
+    (op, xp, gp), (ol, xl, gl) = results
+    assert torch.equal(op, ol) and torch.equal(xp, xl) and all(torch.equal(a, b) for a, b in zip(gp, gl))
+
+
+def test_tiny_unet_lora_same_gradients_less_saved():
+    """A diffusers UNet (tiny-unet), LoRA on its attention: loss and every gradient bit for bit, and what backward
+    keeps drops (the ResNet and resampling convolutions' inputs, the GroupNorm outputs SiLU kept)."""
+    diffusers = pytest.importorskip("diffusers")
+    from slimtune.models import workload
+    from slimtune.models.diffusion import DIFFUSION_PRESETS
+
+    diffusers.utils.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    base = diffusers.UNet2DConditionModel(**DIFFUSION_PRESETS["tiny-unet"].config)
+    batch = workload.make_inputs("tiny-unet", None, 2, 0, "cpu", torch.float32, torch.Generator().manual_seed(1))
+    target = batch.pop("target")
+    plain, lean = _adapted_pair(base, slimtune.LoraConfig(r=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    results = []
+    for model in (plain, lean):
+        out, saved = _saved_bytes(lambda m=model: m(**batch, return_dict=False)[0])
+        loss = (out - target).square().mean()
+        loss.backward()
+        results.append((loss.detach(), [p.grad for p in slimtune.trainable_parameters(model)], saved))
+    (lp, gp, sp), (ll, gl, sl) = results
+    assert torch.equal(lp, ll) and all(torch.equal(a, b) for a, b in zip(gp, gl))
+    assert sl < 0.9 * sp
+
+
+def test_compiled_step_runs_the_plain_layers_without_graph_break():
+    """Under torch.compile the lean layers step aside (the partitioner decides what the graph saves): a
+    fullgraph compile of the step traces and matches eager."""
+    torch.manual_seed(0)
+    model = slimtune.adapt(Block(), slimtune.LoraConfig(r=4, target_modules=["proj"]))
+    perturb_adapters(model)
+    x, t = torch.randn(2, 8, 6, 6), torch.randn(2, 8, 1, 1)
+    eager = model(x, t)
+    torch.compiler.reset()
+    compiled = torch.compile(lambda a, b: model(a, b), fullgraph=True, backend="aot_eager")(x, t)
+    assert torch.allclose(compiled, eager, rtol=1e-5, atol=1e-6)
