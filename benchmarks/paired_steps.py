@@ -22,6 +22,10 @@ as the profiler builds them.
 renamed); configurations ``before:METHOD`` are built by that copy, in this same process — so a change's cost is
 measured step against step under the same host conditions. Each configuration's transient peak (the step's
 ``max_memory_allocated`` above what was allocated before it) is reported beside its time.
+
+``--capture``: every configuration's step (PEFT's too) replayed as one CUDA graph through
+:func:`slimtune.capture_step` (AdamW with ``capturable=True``, its constant learning rate): the host's launch cost
+leaves the comparison, what remains is the GPU's work.
 """
 from __future__ import annotations
 
@@ -31,14 +35,15 @@ import importlib
 import statistics
 import sys
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from _common import JsonlSink, environment_line, markdown_table, write_out_text
 
 import torch
 
+import slimtune
 from slimtune.memory.options import ProfileOptions
-from slimtune.memory.profile import TrainingSession
+from slimtune.memory.profile import LR, TrainingSession
 from slimtune.models.layers import compile_layers
 
 
@@ -58,6 +63,19 @@ def session_for(backend: str, method: str, common: dict[str, Any]) -> Any:
     return TrainingSession.prepare(ProfileOptions(method=method, backend=backend, release_outputs=True, **common))
 
 
+def captured(session: Any) -> Callable[[], torch.Tensor]:
+    """The session's step as a CUDA graph replay (:func:`slimtune.capture_step`); its optimizer becomes a
+    capturable AdamW."""
+    session.optimizer = torch.optim.AdamW(session.trainable, lr=LR, capturable=True)
+
+    def loss_fn(_batch: Any) -> torch.Tensor:  # the session's own inputs never change: they are the static batch
+        with session.attention():
+            return session._forward()[0]
+
+    step = slimtune.capture_step(session.model, session.optimizer, loss_fn, session.inputs, fixed_lr=True)
+    return lambda: step(session.inputs)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", nargs="+", default=["lora", "loha", "lokr", "peft-bf16:loha", "peft-bf16:lokr"],
@@ -74,7 +92,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--compile", action="store_true",
                         help="every configuration's decoder layers through torch.compile (slimtune.models.layers."
                              "compile_layers: regional, PEFT's models too); the warm-up rounds hold the compile time")
+    parser.add_argument("--capture", action="store_true",
+                        help="every configuration's step replayed as a CUDA graph (slimtune.capture_step)")
     args = parser.parse_args(argv)
+    if args.capture and args.quick:
+        parser.error("--capture replays CUDA graphs: not with --quick (the CPU)")
     if args.before:
         sys.path.insert(0, args.before)
     common = (dict(preset="tiny-llama", rank=8, batch=2, seq=args.seq or 64, device="cpu", dtype="float32")
@@ -82,11 +104,13 @@ def main(argv: Sequence[str] | None = None) -> int:
               dict(preset="llama-3.2-3b", rank=32, batch=4, seq=args.seq or 512, device="cuda", dtype="bfloat16"))
     print(environment_line(), flush=True)
     sessions = []
+    steps: dict[str, Callable[[], torch.Tensor]] = {}
     for text in args.configs:
         backend, method = parse_config(text)
         session = session_for(backend, method, common)
         if args.compile:
             compile_layers(session.model)
+        steps[text] = captured(session) if args.capture else session.train_step
         sessions.append((text, session))
         print(f"built {text}", flush=True)
     if args.gc_freeze:
@@ -104,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 before = torch.cuda.memory_allocated()
                 torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()
-            loss = session.train_step()
+            loss = steps[name]()
             if cuda:
                 torch.cuda.synchronize()
             losses[name].append(float(loss))  # after the timing: reading it back waits for nothing more
@@ -148,7 +172,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{common['seq']}, {common['dtype']}; {args.rounds} paired rounds after {args.warmup} warm-up rounds, "
             f"one step of each configuration per round, logits released before backward"
             f"{'; gc.freeze() after building' if args.gc_freeze else ''}"
-            f"{'; decoder layers through torch.compile' if args.compile else ''}\n\n{table}\n")
+            f"{'; decoder layers through torch.compile' if args.compile else ''}"
+            f"{'; each step replayed as a CUDA graph (slimtune.capture_step)' if args.capture else ''}\n\n{table}\n")
     print("\n" + text, flush=True)
     write_out_text(f"{out_name}.md", text)
     return 0

@@ -8,6 +8,7 @@ protocol, the frozen-weight operand, the low-rank product, checkpoints, the meth
 """
 from . import methods  # noqa: F401  (registers every adapter method)
 from .compat import HRAConfig, LoHaConfig, LoKrConfig, PeftModel, get_peft_model
+from .core.capture import capture_step
 from .core.checkpoint import load_adapter, save_adapter
 from .core.config import TaskType
 from .core.inject import (adapt, adapter_modules, disable_adapters, merge, summary, trainable_parameters, unload,
@@ -26,7 +27,7 @@ from .version import __version__
 __all__ = [
     "CheckpointError", "ConfigError", "HRAConfig", "HraConfig", "LoHaConfig", "LoKrConfig", "LohaConfig",
     "LokrConfig", "LoraConfig", "PeftModel", "SlimtuneError", "TargetError", "TaskType", "__version__", "adapt",
-    "adapter_modules", "allocate_ranks", "dequantize", "disable_adapters", "get_peft_model", "load_adapter", "merge",
+    "adapter_modules", "allocate_ranks", "capture_step", "dequantize", "disable_adapters", "get_peft_model", "load_adapter", "merge",
     "orthogonality_loss", "quantize", "save_adapter", "summary", "trainable_parameters", "unload", "unmerge",
     "MEMORY_SETTINGS", "apply_memory_setting", "chunked_causal_lm_loss",  # the memory switch, the chunked loss
 ]
