@@ -121,7 +121,8 @@ def gradient_gram(view: LayerView, x: torch.Tensor, g: torch.Tensor) -> torch.Te
 
 
 def data_gram(view: LayerView, x: torch.Tensor, g: torch.Tensor, damping: float) -> torch.Tensor | None:
-    """The Gram matrix whose eigenvalues are ``σ_j(G C^{-1/2})²``, with ``C = XᵀX/N + λI``, ``λ = damping · tr(XᵀX/N)/d_in`` (see the module docstring).
+    """The Gram matrix whose eigenvalues are ``σ_j(G C^{-1/2})²``, with ``C = XᵀX/N + λI``,
+    ``λ = damping · tr(XᵀX/N)/d_in`` (see the module docstring; λ stays on the device: no read-back).
 
     The input's thin SVD ``X = U S Vᵀ`` comes from the eigendecomposition of its smaller Gram matrix: ``X Xᵀ = U S² Uᵀ``
     (``N ≤ d_in``; then ``gᵀ U S``) or ``Xᵀ X = V S² Vᵀ`` (then ``gᵀ U S = G V``)."""
@@ -140,7 +141,7 @@ def data_gram(view: LayerView, x: torch.Tensor, g: torch.Tensor, damping: float)
         eig = eig.clamp_min(0)
         projected = (g2.t() @ xs) @ v  # G V = gᵀ U S
     eig = eig / n  # the eigenvalues of XᵀX/N
-    lam = damping * float(eig.sum()) / view.d_in
+    lam = eig.sum() * (damping / view.d_in)
     return gram(projected / (eig + lam).clamp_min(torch.finfo(eig.dtype).tiny).sqrt())
 
 

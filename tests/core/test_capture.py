@@ -34,7 +34,8 @@ def _loss_fn(model: nn.Module):
 
 def _batch(device: str = "cpu", seed: int = 0, rows: int = 8) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
-    return {"x": torch.randn(rows, 16, generator=gen).to(device), "y": torch.randint(0, 4, (rows,), generator=gen).to(device)}
+    return {"x": torch.randn(rows, 16, generator=gen).to(device),
+            "y": torch.randint(0, 4, (rows,), generator=gen).to(device)}
 
 
 @pytest.mark.parametrize("make_optimizer, kwargs, message", [
