@@ -75,7 +75,7 @@ def _check_optimizer(optimizer: torch.optim.Optimizer, fixed_lr: bool) -> list[n
 def _check_no_adapter_dropout(model: nn.Module) -> None:
     for name, adapter in adapter_modules(model):
         for field in _DROPOUT_FIELDS:
-            if adapter.training and float(getattr(adapter, field, 0.0) or 0.0) > 0:
+            if adapter.training and (getattr(adapter, field, 0.0) or 0.0) > 0:
                 raise ConfigError(f"{name} has {field}={getattr(adapter, field)}: slimtune draws adapter dropout "
                                   "masks from host-side seeds, which a CUDA graph replays unchanged; set it to 0 "
                                   "(lora_dropout / rank_dropout / module_dropout) or train without capture")

@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from ..errors import SlimtuneError
-from .lean_layers import install as install_lean_layers
 from . import registry
 from .config import AdapterConfig
+from .lean_layers import install as install_lean_layers
 from .module import AdapterModule
 from .targeting import find_saved_modules, find_targets
 from .trained_copy import TrainedCopy

@@ -118,28 +118,21 @@ class _LeanConvForward:
                                         conv.groups)
 
 
-def _dead() -> None:
-    return None
-
-
 class _LastNorm(threading.local):
-    """The GroupNorm that ran last on this thread, its input and output (all weakly: the slot keeps nothing alive)
-    and the output's version then."""
+    """The GroupNorm that ran last on this thread: weak references to it, its input and its output (the slot keeps
+    nothing alive), and the output's version then."""
 
-    norm: Callable[[], nn.GroupNorm | None] = staticmethod(_dead)
-    x: Callable[[], torch.Tensor | None] = staticmethod(_dead)
-    output: Callable[[], torch.Tensor | None] = staticmethod(_dead)
-    version: int | None = None
+    entry: tuple[weakref.ref, weakref.ref, weakref.ref, int | None] | None = None
 
     def put(self, norm: nn.GroupNorm, x: torch.Tensor, h: torch.Tensor) -> None:
-        self.norm, self.x, self.output = weakref.ref(norm), weakref.ref(x), weakref.ref(h)
-        self.version = tensor_version(h)
+        self.entry = (weakref.ref(norm), weakref.ref(x), weakref.ref(h), tensor_version(h))
 
     def take(self, h: torch.Tensor) -> tuple[nn.GroupNorm, torch.Tensor] | None:
         """``(norm, its input)`` if ``h`` is that norm's output, unchanged since; the slot is emptied either way."""
-        norm, x, output, version = self.norm(), self.x(), self.output(), self.version
-        self.norm = self.x = self.output = _dead
-        self.version = None
+        entry, self.entry = self.entry, None
+        if entry is None:
+            return None
+        norm, x, output, version = entry[0](), entry[1](), entry[2](), entry[3]
         if output is h and norm is not None and x is not None and version is not None \
                 and tensor_version(h) == version:
             return norm, x

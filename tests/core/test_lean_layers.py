@@ -13,22 +13,19 @@ import slimtune
 from slimtune.core import lean_layers
 from slimtune.core.inject import HOOKS_ATTR
 from slimtune.core.lean_layers import FrozenConvFunction, NormSiluFunction
+from slimtune.memory.accounting import SavedTensorMeter
+from slimtune.models import workload
+from slimtune.models.diffusion import DIFFUSION_PRESETS
 
 from ..helpers import perturb_adapters
 
 
-def _saved_bytes(fn) -> tuple[object, int]:
-    """``(fn(), bytes of the distinct non-parameter storages saved for backward while it ran)``."""
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        if not isinstance(t, nn.Parameter):
-            seen[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+def _saved_bytes(fn, model: nn.Module) -> tuple[object, int]:
+    """``(fn(), bytes of the distinct storages saved for backward while it ran, model's parameters aside)``."""
+    meter = SavedTensorMeter(exclude=model.parameters())
+    with meter.record():
         out = fn()
-    return out, sum(seen.values())
+    return out, meter.bytes
 
 
 @pytest.mark.parametrize("dims, kwargs, batched", [
@@ -47,7 +44,7 @@ def test_frozen_conv_function_matches_autograd(dims, kwargs, batched):
     (dref,) = torch.autograd.grad(ref, x, torch.ones_like(ref) + ref)
     x2 = x.detach().clone().requires_grad_(True)
     got, saved = _saved_bytes(lambda: FrozenConvFunction.apply(x2, conv.weight, conv.bias, conv.stride,
-                                                               conv.padding, conv.dilation, conv.groups))
+                                                               conv.padding, conv.dilation, conv.groups), conv)
     (dgot,) = torch.autograd.grad(got, x2, torch.ones_like(ref) + ref)
     assert torch.equal(got, ref)
     assert torch.allclose(dgot, dref, rtol=1e-12, atol=1e-12)
@@ -93,7 +90,7 @@ def _block_step(model: nn.Module, seed: int = 1) -> tuple[torch.Tensor, list[tor
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(2, 8, 6, 6, generator=gen, requires_grad=True)
     t = torch.randn(2, 8, 1, 1, generator=gen)
-    out, saved = _saved_bytes(lambda: model(x, t))
+    out, saved = _saved_bytes(lambda: model(x, t), model)
     out.square().sum().backward()
     grads = [x.grad] + [p.grad for p in slimtune.trainable_parameters(model)]
     return out.detach(), grads, saved
@@ -167,8 +164,6 @@ def test_tiny_unet_lora_same_gradients_less_saved():
     """A diffusers UNet (tiny-unet), LoRA on its attention: loss and every gradient bit for bit, and what backward
     keeps drops (the ResNet and resampling convolutions' inputs, the GroupNorm outputs SiLU kept)."""
     diffusers = pytest.importorskip("diffusers")
-    from slimtune.models import workload
-    from slimtune.models.diffusion import DIFFUSION_PRESETS
 
     diffusers.utils.logging.set_verbosity_error()
     torch.manual_seed(0)
@@ -178,7 +173,7 @@ def test_tiny_unet_lora_same_gradients_less_saved():
     plain, lean = _adapted_pair(base, slimtune.LoraConfig(r=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     results = []
     for model in (plain, lean):
-        out, saved = _saved_bytes(lambda m=model: m(**batch, return_dict=False)[0])
+        out, saved = _saved_bytes(lambda m=model: m(**batch, return_dict=False)[0], model)
         loss = (out - target).square().mean()
         loss.backward()
         results.append((loss.detach(), [p.grad for p in slimtune.trainable_parameters(model)], saved))

@@ -60,7 +60,6 @@ def test_cli_plan_reports_each_setting(capsys):
 def test_diffusion_balanced_is_predicted_below_fast():
     """The estimator simulates the feed-forward recompute of ``memory="balanced"`` on a UNet: a lower peak, more
     FLOPs (the projections again)."""
-    from slimtune.memory.estimate import estimate_memory
 
     fast, balanced = (estimate_memory("tiny-unet", "lora", 4, batch=2, memory=m) for m in ("fast", "balanced"))
     assert balanced.peak_bytes < fast.peak_bytes and balanced.flops > fast.flops

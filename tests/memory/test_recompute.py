@@ -7,13 +7,15 @@ import torch
 
 import slimtune
 from slimtune.errors import ConfigError
+from slimtune.memory.accounting import SavedTensorMeter
 from slimtune.memory.chunked_loss import model_causal_lm_loss
 from slimtune.memory.offload import CpuOffload
 from slimtune.memory.options import ProfileOptions
-from slimtune.memory.recompute import checkpoint_layers, installed
-from slimtune.models.layers import layer_stack
+from slimtune.memory.recompute import checkpoint_layers, feed_forward_projections, installed
 from slimtune.memory.setting import MEMORY_SETTINGS, apply_memory_setting, memory_setting
 from slimtune.models import workload
+from slimtune.models.diffusion import DIFFUSION_PRESETS
+from slimtune.models.layers import layer_stack
 
 from ..helpers import FP32_TOL, perturb_adapters, rel_err
 from ..toy_models import tiny_llama
@@ -160,8 +162,6 @@ def test_diffusion_balanced_recomputes_the_feed_forward_projections():
     projections (GEGLU) are checkpointed — the same loss and gradients bit for bit, fewer bytes saved — and
     ``remove`` gives the plain step back; diffusers' own checkpointing and max-fit are refused."""
     diffusers = pytest.importorskip("diffusers")
-    from slimtune.memory.recompute import feed_forward_projections
-    from slimtune.models.diffusion import DIFFUSION_PRESETS
 
     diffusers.utils.logging.set_verbosity_error()
     torch.manual_seed(0)
@@ -175,18 +175,11 @@ def test_diffusion_balanced_recomputes_the_feed_forward_projections():
 
     def step() -> tuple[torch.Tensor, list[torch.Tensor], int]:
         unet.zero_grad(set_to_none=True)
-        saved: dict[int, int] = {}
-
-        def pack(t):
-            saved[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        meter = SavedTensorMeter(exclude=unet.parameters())
+        with meter.record():
             loss = (unet(**batch, return_dict=False)[0] - target).square().mean()
         loss.backward()
-        params = {p.untyped_storage()._cdata for p in unet.parameters()}
-        return (loss.detach(), [p.grad.clone() for p in slimtune.trainable_parameters(unet)],
-                sum(b for k, b in saved.items() if k not in params))
+        return loss.detach(), [p.grad.clone() for p in slimtune.trainable_parameters(unet)], meter.bytes
 
     plain = step()
     handle = apply_memory_setting(unet, "balanced")

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 import slimtune
+from slimtune.ranks import sensitivity
 from slimtune.ranks.hessian import probe_seed, rademacher
 from slimtune.ranks.layers import find_layers
 from slimtune.ranks.sensitivity import estimate_sensitivity
@@ -151,8 +152,6 @@ def test_clear_errors():
 def test_host_thread_decompositions_give_the_same_sums(method, monkeypatch):
     """The path a CUDA model takes (each batch's Gram matrix decomposed on a host thread, summed at the end in
     submission order) forced on the CPU: bit for bit the inline result, over several batches."""
-    from slimtune.ranks import sensitivity
-
     model, data, loss_fn = regression_problem(d=32, batches=3)
     inline = estimate_sensitivity(model, data, CFG_AB, method, loss_fn=loss_fn)
     monkeypatch.setattr(sensitivity, "decompose_on_host", lambda gram: True)
