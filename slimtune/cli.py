@@ -54,6 +54,8 @@ from .ranks.data import from_model_dir, from_preset, read_text_records
 from .ranks.report import allocation_table, plot_allocation
 from .train import TASKS as TRAIN_TASKS
 from .train import TrainConfig, make_reporter, train
+from .train.export import BASES as EXPORT_BASES
+from .train.export import export_merged
 from .version import __version__
 
 
@@ -592,6 +594,47 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 COMMANDS.append(_add_train_parser)
+
+
+# -- slimtune export --------------------------------------------------------------------------------
+
+def _add_export_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "export", help="merge a trained adapter into its base model and save the plain model (from_pretrained loads "
+                       "it without slimtune or PEFT)",
+        description="SOURCE -> --out DIR. SOURCE is a slimtune train output directory (its run.json says how the base "
+                    "was built), one of its checkpoint-N directories, or a PEFT / slimtune adapter directory with "
+                    "--model DIR (or --preset NAME). The merged model's output on a probe batch is checked against "
+                    "the adapted model's before anything is written.")
+    parser.add_argument("source", metavar="SOURCE", help="a train output directory, a checkpoint, or an adapter")
+    parser.add_argument("--out", required=True, metavar="DIR", help="where to write the merged model (new or empty)")
+    base = parser.add_mutually_exclusive_group()
+    base.add_argument("--model", dest="model_dir", default=None, metavar="DIR",
+                      help="the base model directory of an adapter directory SOURCE")
+    base.add_argument("--preset", default=None, metavar="NAME", help="or the preset it was trained on")
+    parser.add_argument("--dtype", default=None,
+                        help="dtype of the saved weights (default: the run's, float32 for an adapter directory)")
+    parser.add_argument("--device", default=None,
+                        help="where to merge: cpu or cuda (default: cpu; a run on random preset weights: where it "
+                             "drew them)")
+    parser.add_argument("--base", default="original", choices=EXPORT_BASES,
+                        help="a QLoRA run: merge onto the original dense weights (default) or onto their NF4 round "
+                             "trip (dequantized: what the adapter was trained against)")
+    parser.set_defaults(handler=_cmd_export)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    console = Console()
+    with console.status("building the base model, loading and merging the adapter…"):
+        result = export_merged(args.source, args.out, model_dir=args.model_dir, preset=args.preset, dtype=args.dtype,
+                               device=args.device, base=args.base)
+    console.print(f"{result.out}: {result.method} merged into {result.adapted_layers} layers ({result.dtype}, onto the "
+                  f"{result.base} base weights); merged vs adapted output {result.relative_error:.1e} relative, "
+                  f"where the adapter moves the output by {result.adapter_effect:.1e}", highlight=False)
+    return 0
+
+
+COMMANDS.append(_add_export_parser)
 
 
 # -- slimtune convert -------------------------------------------------------------------------------

@@ -103,7 +103,8 @@ def model_dependencies(options: ProfileOptions) -> tuple[str, ...]:
     return () if is_language_model(options) else ("diffusers",)
 
 
-def _has_weights(path: str) -> bool:
+def has_weights(path: str) -> bool:
+    """Whether a model directory holds weight files (safetensors or PyTorch .bin)."""
     return any(glob.glob(os.path.join(path, pattern))
                for pattern in ("*.safetensors", "pytorch_model*.bin", "model*.bin"))
 
@@ -115,7 +116,7 @@ def build_from_dir(path: str, device: str | torch.device, dtype: str | torch.dty
     transformers = require_transformers()
     torch_dtype = resolve_dtype(dtype)
     torch.manual_seed(seed)
-    if _has_weights(path):
+    if has_weights(path):
         model = transformers.AutoModelForCausalLM.from_pretrained(path)
         return model.to(device=device, dtype=torch_dtype)
     config = transformers.AutoConfig.from_pretrained(path)

@@ -125,7 +125,7 @@ def train(config: TrainConfig, reporter: Reporter | None = None) -> dict[str, An
                 checkpoint.remove_stale(run.path)
             else:
                 run.start(cfg, prints, {"labels": task.labels, "num_labels": task.num_labels, "seq": seq,
-                                        "max_steps": max_steps})
+                                        "max_steps": max_steps, "device": device.type})
         barrier(mode)
         model = build_base(cfg, device, task.num_labels)
         adapter = adapter_config(cfg, model)
