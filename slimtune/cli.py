@@ -50,10 +50,10 @@ from .models.workload import make_adapter_config
 from .ranks import ALLOCATORS as RANK_ALLOCATORS
 from .ranks import METHODS as SENSITIVITY_METHODS
 from .ranks import plan_ranks
-from .ranks.data import from_model_dir, from_preset, read_text_records
 from .ranks.report import allocation_table, plot_allocation
 from .train import TASKS as TRAIN_TASKS
 from .train import TrainConfig, make_reporter, train
+from .train.calibration import load_calibration
 from .train.export import BASES as EXPORT_BASES
 from .train.export import export_merged
 from .version import __version__
@@ -703,8 +703,9 @@ def _targets_arg(text: str) -> str | list[str]:
 def _add_allocate_parser(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "allocate", help="allocate adapter ranks per layer under a parameter budget (LoRAMBo)",
-        description="Measure how sensitive each targeted layer is on calibration text (--data, JSONL lines with "
-                    "\"text\", and \"label\" for a sequence classifier) and spend --budget where it gains most. "
+        description="Measure how sensitive each targeted layer is on calibration text (--data: the JSONL records "
+                    "slimtune train reads; lines that all carry a \"label\" measure a sequence classifier) and spend "
+                    "--budget where it gains most. "
                     "Prints the per-layer table; --out writes the rank_pattern / alpha_pattern that slimtune and "
                     "PEFT configs take (JSON), --plot a bar chart.")
     source = parser.add_mutually_exclusive_group(required=True)
@@ -746,12 +747,10 @@ def _cmd_allocate(args: argparse.Namespace) -> int:
     for option in ("out", "plot"):
         if getattr(args, option):
             _check_writable(getattr(args, option), f"--{option}")
-    records = read_text_records(args.data)
-    load = dict(records=records, batch_size=args.batch_size, count=args.batches, max_length=args.max_length)
     console = Console(stderr=args.json)
     with console.status("loading the model and the calibration data…"):
-        calib = (from_model_dir(args.model_dir, **load) if args.model_dir
-                 else from_preset(args.preset, seed=args.seed, **load))
+        calib = load_calibration(args.data, model_dir=args.model_dir, preset=args.preset, batch_size=args.batch_size,
+                                 count=args.batches, max_length=args.max_length, seed=args.seed)
     alpha = None if args.alpha is None else (int(args.alpha) if float(args.alpha).is_integer() else args.alpha)
     config = make_adapter_config(args.adapter, args.rank, alpha, args.targets or calib.default_targets)
     with console.status(f"measuring {args.method} sensitivity on {len(calib.batches)} batches…"):

@@ -5,8 +5,8 @@ gains most.
 :func:`plan_ranks` the whole :class:`Allocation` (per-layer table, budget used); :func:`reallocate` re-allocates an
 adapted model once, after warm-up steps, keeping what it has learned. Modules: :mod:`.sensitivity` (and
 :mod:`.hessian`) measure, :mod:`.costs` counts parameters per rank, :mod:`.allocate` decides, :mod:`.plan` writes
-the config, :mod:`.report` shows it, :mod:`.online` re-allocates during training; :mod:`.data` reads calibration text
-for ``slimtune allocate``.
+the config, :mod:`.report` shows it, :mod:`.online` re-allocates during training. ``slimtune allocate`` reads its calibration text as ``slimtune train``
+reads its data (:mod:`slimtune.train.calibration`).
 """
 from .allocate import ALLOCATORS
 from .budget import Budget, parse_budget

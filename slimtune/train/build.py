@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.config import AdapterConfig
+from ..core.config import CLASSIFIER_HEADS, AdapterConfig
 from ..core.inject import adapt
 from ..errors import ConfigError
 from ..memory.profile import build_from_dir, enable_gradient_checkpointing
@@ -27,10 +27,6 @@ from ..models.presets import ModelPreset, build_model, get_preset, resolve_dtype
 from ..models.workload import default_targets, make_adapter_config
 from ..quant import quantize
 from .config import TrainConfig
-
-#: the attribute names transformers gives a sequence-classification head
-HEAD_NAMES = ("classifier", "score")
-
 
 def read_model_config(model_dir: str) -> dict[str, Any]:
     """A model directory's ``config.json`` as a dict."""
@@ -122,10 +118,10 @@ def trained_part(model: nn.Module) -> nn.Module:
 
 def head_name(model: nn.Module) -> str:
     """The attribute holding a sequence-classification model's head (``classifier`` / ``score``)."""
-    for name in HEAD_NAMES:
+    for name in CLASSIFIER_HEADS:
         if isinstance(getattr(model, name, None), nn.Module):
             return name
-    raise ConfigError(f"{type(model).__name__} has no classification head ({' or '.join(HEAD_NAMES)})")
+    raise ConfigError(f"{type(model).__name__} has no classification head ({' or '.join(CLASSIFIER_HEADS)})")
 
 
 def read_rank_pattern(path: str) -> dict[str, int]:

@@ -38,6 +38,7 @@ from safetensors import safe_open
 from torch import nn
 
 from ..core.checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_adapter
+from ..core.config import CLASSIFIER_HEADS
 from ..core.inject import adapter_modules, disable_adapters, unload
 from ..errors import CheckpointError, ConfigError
 from ..memory.profile import has_weights
@@ -138,7 +139,7 @@ def _head_outputs(adapter_dir: Path) -> int:
     head's 2-D weights (``[num_labels, hidden]``; a two-layer head's first layer is ``[hidden, hidden]``)."""
     with safe_open(str(adapter_dir / WEIGHTS_NAME), "pt") as fh:
         shapes = [fh.get_slice(k).get_shape() for k in fh.keys()
-                  if any(f".{h}." in k for h in ("classifier", "score")) and k.endswith(".weight")]
+                  if any(f".{h}." in k for h in CLASSIFIER_HEADS) and k.endswith(".weight")]
     shapes = [s for s in shapes if len(s) == 2]
     if not shapes:
         raise CheckpointError(f"{adapter_dir / WEIGHTS_NAME}: a SEQ_CLS adapter without its classification head "

@@ -49,3 +49,28 @@ def test_allocate_bad_data(tmp_path, capsys):
     bad.write_text('{"text": "fine"}\n{"txt": "no text"}\n', encoding="utf-8")
     assert main(["allocate", "--preset", "tiny-llama", "--data", str(bad)]) == 2
     assert "bad.jsonl:2" in capsys.readouterr().err
+
+
+def test_allocate_reads_what_train_reads(tmp_path, capsys):
+    """Prompt/completion records calibrate as they train (one data path: slimtune.train.calibration)."""
+    data = tmp_path / "pc.jsonl"
+    data.write_text("".join(json.dumps({"prompt": t[:12], "completion": t[12:]}) + "\n" for t in TEXTS),
+                    encoding="utf-8")
+    code = main(["allocate", "--preset", "tiny-llama", "--data", str(data), "--budget", "150k", "--rank", "8",
+                 "--granule", "4", "--batches", "2", "--batch-size", "2", "--max-length", "24", "--json"])
+    assert code == 0, capsys.readouterr().err
+    assert json.loads(capsys.readouterr().out)["rank_pattern"]
+
+
+def test_allocate_a_classifier_with_named_classes(tmp_path, capsys):
+    package = pytest.importorskip("all_minilm_l6_v2")
+    model = package.get_model_path(str(tmp_path / "minilm"))
+    data = tmp_path / "labelled.jsonl"
+    data.write_text("".join(json.dumps({"text": t, "label": ["code", "prose"][i % 2]}) + "\n"
+                            for i, t in enumerate(TEXTS)), encoding="utf-8")
+    capsys.readouterr()  # the model package's own messages
+    code = main(["allocate", "--model", str(model), "--data", str(data), "--rank", "8", "--granule", "4",
+                 "--batches", "1", "--batch-size", "4", "--max-length", "16", "--json"])
+    assert code == 0, capsys.readouterr().err
+    layers = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["layers"]
+    assert layers and not any(layer["name"].endswith("classifier") for layer in layers)
