@@ -3,11 +3,15 @@
 Layout: :mod:`slimtune.core` holds what every method shares (config, targeting, injection, the adapter-module
 protocol, the frozen-weight operand, the low-rank product, checkpoints, the method registry);
 :mod:`slimtune.methods` one package per adapter method; :mod:`slimtune.quant` 4-bit NF4 storage;
-:mod:`slimtune.compat` PEFT's API (``get_peft_model``, ``PeftModel``, PEFT's config names);
+:mod:`slimtune.compat` PEFT's API (``get_peft_model``, ``PeftModel``, PEFT's config names, loaders and helpers);
 :mod:`slimtune.memory` the profiler and planner; :mod:`slimtune.models` presets; :mod:`slimtune.cli` the command line.
 """
 from . import methods  # noqa: F401  (registers every adapter method)
-from .compat import HRAConfig, LoHaConfig, LoKrConfig, PeftModel, get_peft_model
+from .compat import (AutoPeftModel, AutoPeftModelForCausalLM, AutoPeftModelForFeatureExtraction,
+                     AutoPeftModelForQuestionAnswering, AutoPeftModelForSeq2SeqLM,
+                     AutoPeftModelForSequenceClassification, AutoPeftModelForTokenClassification, HRAConfig,
+                     LoHaConfig, LoKrConfig, PeftConfig, PeftModel, get_peft_model, get_peft_model_state_dict,
+                     prepare_model_for_kbit_training, set_peft_model_state_dict)
 from .core.capture import capture_step
 from .core.checkpoint import load_adapter, save_adapter
 from .core.config import TaskType
@@ -27,7 +31,13 @@ from .version import __version__
 __all__ = [
     "CheckpointError", "ConfigError", "HRAConfig", "HraConfig", "LoHaConfig", "LoKrConfig", "LohaConfig",
     "LokrConfig", "LoraConfig", "PeftModel", "SlimtuneError", "TargetError", "TaskType", "__version__", "adapt",
-    "adapter_modules", "allocate_ranks", "capture_step", "dequantize", "disable_adapters", "get_peft_model", "load_adapter", "merge",
-    "orthogonality_loss", "quantize", "save_adapter", "summary", "trainable_parameters", "unload", "unmerge",
+    "adapter_modules", "allocate_ranks", "capture_step", "dequantize", "disable_adapters", "get_peft_model",
+    "load_adapter", "merge", "orthogonality_loss", "quantize", "save_adapter", "summary", "trainable_parameters",
+    "unload", "unmerge",
     "MEMORY_SETTINGS", "apply_memory_setting", "chunked_causal_lm_loss",  # the memory switch, the chunked loss
+    # PEFT's loaders and helpers, by the names PEFT exports them under
+    "AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForFeatureExtraction",
+    "AutoPeftModelForQuestionAnswering", "AutoPeftModelForSeq2SeqLM", "AutoPeftModelForSequenceClassification",
+    "AutoPeftModelForTokenClassification", "PeftConfig", "get_peft_model_state_dict",
+    "prepare_model_for_kbit_training", "set_peft_model_state_dict",
 ]

@@ -69,15 +69,15 @@ def peft_config_dict(model: nn.Module) -> dict[str, Any]:
     if not adapters or not isinstance(config, AdapterConfig):
         raise CheckpointError(f"{type(model).__name__} has no slimtune adapters: call slimtune.adapt first")
     out = peft_fields(config, adapters)
-    out["base_model_name_or_path"] = _name_or_path(model)
+    out["base_model_name_or_path"] = _name_or_path(model) or config.base_model_name_or_path
     if out["task_type"] is None:  # PEFT records the base model's class when task_type is null (for AutoPeftModel)
         out["auto_mapping"] = {"base_model_class": type(model).__name__, "parent_library": type(model).__module__}
     return out
 
 
 def peft_fields(config: AdapterConfig, adapters: list[tuple[str, Any]] | None = None) -> dict[str, Any]:
-    """The ``adapter_config.json`` fields PEFT writes for ``config`` (``base_model_name_or_path`` and
-    ``auto_mapping`` null: they describe a model); ``adapters``: the adapted layers, where a field depends on them."""
+    """The ``adapter_config.json`` fields PEFT writes for ``config`` (``auto_mapping`` null: it describes a model;
+    ``base_model_name_or_path``: the config's); ``adapters``: the adapted layers, where a field depends on them."""
     fmt = format_for_type(config.peft_type)
     if fmt is None or not isinstance(config, fmt.config_class):
         raise CheckpointError(f"saving {type(config).__name__} adapters is not supported; "

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
+import os
 import re
 from typing import Any, ClassVar
 
@@ -205,7 +206,9 @@ class AdapterConfig(metaclass=PeftSpellings):
     the adapter; ``layers_to_transform`` / ``layers_pattern``: adapt only these numbered layers (see the module
     docstring). ``task_type`` (PEFT's, e.g. ``"CAUSAL_LM"``) is recorded in the checkpoint; ``"SEQ_CLS"`` also
     trains the model's ``classifier`` / ``score`` head, as PEFT does. ``bias``: only PEFT's ``"none"``.
-    ``inference_mode``: the new adapters are frozen (PEFT's meaning).
+    ``inference_mode``: the new adapters are frozen (PEFT's meaning). ``base_model_name_or_path`` / ``revision``:
+    the base model the adapter belongs to, as PEFT records it (a checkpoint writes the model's own name when it
+    has one, else this; ``AutoPeftModelForCausalLM`` and ``slimtune export`` read it).
     """
 
     target_modules: str | list[str] | None = None
@@ -220,6 +223,8 @@ class AdapterConfig(metaclass=PeftSpellings):
     task_type: str | None = None
     bias: str = "none"
     inference_mode: bool = False
+    base_model_name_or_path: str | None = None
+    revision: str | None = None
 
     method: ClassVar[str] = ""
     peft_type: ClassVar[str] = ""
@@ -256,6 +261,12 @@ class AdapterConfig(metaclass=PeftSpellings):
                 raise ConfigError(f"task_type must be one of {', '.join(t.value for t in TaskType)} or None, "
                                   f"got {self.task_type!r}") from None
         check_bool("inference_mode", self.inference_mode)
+        for field in ("base_model_name_or_path", "revision"):
+            value = getattr(self, field)
+            if isinstance(value, os.PathLike):
+                setattr(self, field, value := os.fspath(value))
+            if value is not None and not isinstance(value, str):
+                raise ConfigError(f"{field} must be a string (a model directory or Hub id) or None, got {value!r}")
         if self.bias != "none":
             raise ConfigError(f"bias={self.bias!r}: training the base layers' biases is not supported (only "
                               "bias='none'); list the layers in modules_to_save to train them whole")

@@ -63,9 +63,11 @@ def targets_to_peft(value: str | list[str] | None) -> str | list[str] | None:
 
 def shared_to_peft(config: AdapterConfig) -> dict[str, Any]:
     """The fields every method writes alike: ``modules_to_save`` (with the heads ``task_type="SEQ_CLS"`` adds, as
-    PEFT writes them), the layer filter and ``task_type`` (PEFT records ``auto_mapping`` only without one)."""
+    PEFT writes them), the layer filter, ``task_type`` (PEFT records ``auto_mapping`` only without one) and the base
+    model's name."""
     out = {"modules_to_save": config.saved_modules() or None, "layers_to_transform": config.layers_to_transform,
-           "layers_pattern": config.layers_pattern, "task_type": config.task_type}
+           "layers_pattern": config.layers_pattern, "task_type": config.task_type,
+           "base_model_name_or_path": config.base_model_name_or_path, "revision": config.revision}
     if config.task_type is not None:
         out["auto_mapping"] = None
     return out
@@ -77,7 +79,8 @@ def shared_from_peft(fields: dict[str, Any]) -> dict[str, Any]:
     return {"modules_to_save": fields.get("modules_to_save") or None,
             "layers_to_transform": fields.get("layers_to_transform") if fields.get("layers_to_transform") != []
             else None,
-            "layers_pattern": fields.get("layers_pattern") or None, "task_type": fields.get("task_type")}
+            "layers_pattern": fields.get("layers_pattern") or None, "task_type": fields.get("task_type"),
+            "base_model_name_or_path": fields.get("base_model_name_or_path"), "revision": fields.get("revision")}
 
 
 def is_set(value: Any) -> bool:
