@@ -604,13 +604,15 @@ def _add_export_parser(subparsers: Any) -> None:
                        "it without slimtune or PEFT)",
         description="SOURCE -> --out DIR. SOURCE is a slimtune train output directory (its run.json says how the base "
                     "was built), one of its checkpoint-N directories, or a PEFT / slimtune adapter directory with "
-                    "--model DIR (or --preset NAME). The merged model's output on a probe batch is checked against "
+                    "--model DIR or --preset NAME (default: the local directory its base_model_name_or_path names). "
+                    "The merged model's output on a probe batch is checked against "
                     "the adapted model's before anything is written.")
     parser.add_argument("source", metavar="SOURCE", help="a train output directory, a checkpoint, or an adapter")
     parser.add_argument("--out", required=True, metavar="DIR", help="where to write the merged model (new or empty)")
     base = parser.add_mutually_exclusive_group()
     base.add_argument("--model", dest="model_dir", default=None, metavar="DIR",
-                      help="the base model directory of an adapter directory SOURCE")
+                      help="the base model directory of an adapter directory SOURCE (default: the one its "
+                           "config names)")
     base.add_argument("--preset", default=None, metavar="NAME", help="or the preset it was trained on")
     parser.add_argument("--dtype", default=None,
                         help="dtype of the saved weights (default: the run's, float32 for an adapter directory)")

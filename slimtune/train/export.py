@@ -3,9 +3,10 @@
 
 The source is a ``slimtune train`` output directory (``run.json`` says how the base was built: a model directory or
 a preset with its seed, the task, the class names), one of its checkpoints (``OUT/checkpoint-N``), or any PEFT /
-slimtune adapter directory together with ``--model DIR`` (or ``--preset NAME``). The steps:
+slimtune adapter directory together with ``--model DIR`` or ``--preset NAME`` (default: the local directory its
+``base_model_name_or_path`` names). The steps:
 
-1. the base model is built as the run built it, in the export dtype. Random base weights (a preset, or a model
+1. the base model is built as the run built it, in float32. Random base weights (a preset, or a model
    directory without weight files) are drawn again with the run's seed on the device type the run drew them on
    (``run.json``): the CPU's and CUDA's generators differ, so a run drawn on CUDA is refused on the CPU;
 2. the adapter is loaded (:func:`slimtune.load_adapter`), a classification head as its trained copy;
@@ -127,6 +128,19 @@ def adapter_method(adapter_dir: Path) -> str:
     return str(raw["peft_type"]) + ("+DoRA" if raw.get("use_dora") else "")
 
 
+def _recorded_base(adapter_dir: Path) -> str:
+    """The local model directory the adapter's config names as its base (``base_model_name_or_path``)."""
+    raw = json.loads((adapter_dir / CONFIG_NAME).read_text(encoding="utf-8"))
+    named = raw.get("base_model_name_or_path") if isinstance(raw, dict) else None
+    if not named:
+        raise ConfigError(f"{adapter_dir} is an adapter directory whose config names no base model: give it, --model "
+                          "DIR or --preset NAME")
+    if not (Path(named) / "config.json").is_file():
+        raise ConfigError(f"{adapter_dir}: its base model {named!r} is not a local model directory (slimtune downloads "
+                          "nothing): give it, --model DIR")
+    return str(named)
+
+
 def _task_of_adapter(adapter_dir: Path, model_dir: str | None) -> str:
     if model_dir is not None and "_class_name" in read_model_config(model_dir):
         return "diffusion"
@@ -169,8 +183,10 @@ def resolve_source(source: str | os.PathLike, model_dir: str | None = None, pres
     if not (path / CONFIG_NAME).is_file():
         raise ConfigError(f"{path} holds neither a slimtune run ({RUN_NAME}) nor an adapter ({CONFIG_NAME})")
     adapter_method(path)  # a readable adapter config, before any model is built
-    if (model_dir is None) == (preset is None):
-        raise ConfigError(f"{path} is an adapter directory: give its base model, --model DIR or --preset NAME")
+    if model_dir is not None and preset is not None:
+        raise ConfigError("give one base model: --model DIR or --preset NAME")
+    if model_dir is None and preset is None:
+        model_dir = _recorded_base(path)
     if model_dir is not None and not (Path(model_dir) / "config.json").is_file():
         raise ConfigError(f"--model {model_dir} is not a Hugging Face model directory (no config.json)")
     if preset is not None:

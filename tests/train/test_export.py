@@ -191,7 +191,7 @@ def _corrupt(run: Path, tmp_path: Path) -> list[str]:
 @pytest.mark.parametrize("case, message", [
     ("out not empty", "not an empty directory"),
     ("unfinished run", "has not finished"),
-    ("adapter without base", "give its base model"),
+    ("adapter without base", "names no base model"),
     ("run with a base", "drop --model / --preset"),
     ("another base", "an adapter of this base model"),
     ("dense run, dequantized base", "for a QLoRA run"),
@@ -216,3 +216,16 @@ def test_refusals_name_the_problem(case, message, lora_run, tmp_path, capsys):
     code, err = export([*source, "--out", str(target)], capsys)
     assert code == 2 and message in err and "Traceback" not in err, err
     assert not out.exists()
+
+
+def test_an_adapter_naming_its_base_directory_needs_no_model_option(tmp_path, capsys):
+    base = build_model("tiny-llama", seed=0)
+    base.save_pretrained(tmp_path / "base")
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    slimtune.adapt(model, slimtune.LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
+    perturb_adapters(model, std=0.05)
+    slimtune.save_adapter(model, tmp_path / "adapter")  # records base_model_name_or_path = tmp_path / "base"
+    code, err = export([str(tmp_path / "adapter"), "--out", str(tmp_path / "m")], capsys)
+    assert code == 0, err
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    assert rel_err(lm_logits(merged), lm_logits(model)) < FP32_TOL
