@@ -8,7 +8,10 @@ Facts about ``Trainer`` (transformers 5) this module relies on, all through publ
 * ``resume_from_checkpoint`` restores the weights of such a model from ``model.safetensors`` or from transformers'
   sharded index ``model.safetensors.index.json`` (``load_state_dict(shard, strict=False)`` per listed file), and
   warns about the model's keys the index does not list unless they are the model's ``_keys_to_ignore_on_save``;
-* it keeps the dataset columns, and finds the label names, that the model class's ``forward`` signature names.
+* it keeps the dataset columns, and finds the label names, that the model class's ``forward`` signature names;
+* it refuses to train a quantised model (``is_quantized``, e.g. bitsandbytes 4-bit) unless the model is peft's own
+  class or says it has adapters attached (``_hf_peft_config_loaded``, the flag transformers' PEFT integration sets):
+  the wrapper says so (:class:`TrainerCheckpoints`; ``tests/compat/test_trainer_qlora.py`` fails if that changes).
 
 So for a transformers model :func:`wrapper_class` gives a subclass of ``PreTrainedModel`` (every attribute
 ``PreTrainedModel`` defines is answered by the wrapped model, as PEFT's wrapper answers unknown attributes, except
@@ -75,6 +78,11 @@ def _register(module: nn.Module, names: dict[str, str]) -> None:
 # -- the transformers variant ----------------------------------------------------------------------------------
 class TrainerCheckpoints:
     """The part of the transformers variant of :class:`~.model.PeftModel` that Trainer's checkpoints use."""
+
+    #: transformers' mark of a model with adapters attached (its own PEFT integration sets it on the model). Trainer
+    #: reads it to tell a quantised model that carries trainable adapters from a bare one, which it refuses to train
+    #: (``validate_quantization_for_training``); this wrapper's model has its adapters attached, so it says so.
+    _hf_peft_config_loaded = True
 
     @property
     def _keys_to_ignore_on_save(self) -> set[str]:
