@@ -126,6 +126,39 @@ class PeftModel(nn.Module):
         with disable_adapters(self.get_base_model()):
             yield
 
+    def disable_adapter_layers(self) -> None:
+        """PEFT's: every adapter layer (and module to save) runs its base until :meth:`enable_adapter_layers`; merged
+        adapters are unmerged first, and the adapter parameters stop requiring grad."""
+        model = self.get_base_model()
+        for _, adapter in adapter_modules(model):
+            if adapter.merged:
+                adapter.unmerge()
+        for _, module in adapter_modules(model) + trained_copies(model):
+            module.disabled = True
+        self._set_trainable(self.active_adapter, False, record=False)
+
+    def enable_adapter_layers(self) -> None:
+        """PEFT's: the adapters run again, trainable unless loaded for inference."""
+        model = self.get_base_model()
+        for _, module in adapter_modules(model) + trained_copies(model):
+            module.disabled = False
+        self._set_trainable(self.active_adapter, not self.peft_config[self.active_adapter].inference_mode)
+
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        """PEFT's: the named adapters' parameters (modules to save included) require grad or not."""
+        for name in [adapter_names] if isinstance(adapter_names, str) else list(adapter_names):
+            self._require(name)
+            self._set_trainable(name, requires_grad, record=False)
+
+    @property
+    def active_peft_config(self) -> AdapterConfig:
+        """The active adapter's config."""
+        return self.peft_config[self.active_adapter]
+
+    def add_weighted_adapter(self, *args: Any, **kwargs: Any) -> None:
+        raise SlimtuneError("add_weighted_adapter (PEFT's combination of LoRA adapters) is not supported: slimtune "
+                            "holds one adapter per layer")
+
     def merge_adapter(self) -> None:
         merge(self.get_base_model())
 
@@ -261,10 +294,13 @@ class PeftModel(nn.Module):
                 module.to(device)
         attach(self.get_base_model(), adapter_set)
 
-    def _set_trainable(self, adapter_name: str, trainable: bool) -> None:
-        """Train the adapter (its parameters require grad) or not (``inference_mode``, as PEFT records it)."""
-        config = dataclasses.replace(self.peft_config[adapter_name], inference_mode=not trainable)
-        self.peft_config[adapter_name] = config
+    def _set_trainable(self, adapter_name: str, trainable: bool, record: bool = True) -> None:
+        """Train the adapter (its parameters require grad) or not; ``record``: as its ``inference_mode`` too (as PEFT
+        records it; not for a disabled adapter)."""
+        config = self.peft_config[adapter_name]
+        if record:
+            config = dataclasses.replace(config, inference_mode=not trainable)
+            self.peft_config[adapter_name] = config
         waiting = self.waiting.get(adapter_name)
         if waiting is not None:
             waiting.config = config

@@ -116,3 +116,27 @@ def test_prepare_model_for_kbit_training_does_what_peft_does():
     dense = tiny_llama()
     prepare_model_for_kbit_training(dense)  # not quantised: frozen, no checkpointing (PEFT's rule)
     assert not dense.is_gradient_checkpointing and not any(p.requires_grad for p in dense.parameters())
+
+
+def test_adapter_layer_switches_and_gradient_flags_as_peft_s():
+    config = dict(r=4, lora_alpha=8, target_modules=QV, modules_to_save=["lm_head"])
+    ours, theirs = get_peft_model(tiny_llama(), LoraConfig(**config)), peft.get_peft_model(tiny_llama(),
+                                                                                          peft.LoraConfig(**config))
+    perturb_adapters(ours)
+    peft.set_peft_model_state_dict(theirs, get_peft_model_state_dict(ours))
+    base = run(tiny_llama(), llm_input())
+    adapted = run(ours, llm_input())
+    for model in (ours, theirs):
+        model.merge_adapter()
+        model.disable_adapter_layers()  # unmerges, runs the base, adapters frozen
+        assert rel_err(run(model, llm_input()), base) < FP32_TOL  # (slimtune's unmerge is exact; PEFT's rounds)
+        assert model.get_nb_trainable_parameters()[0] == 0
+        model.enable_adapter_layers()
+        assert rel_err(run(model, llm_input()), adapted) < FP32_TOL
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+    for model in (ours, theirs):
+        model.set_requires_grad("default", requires_grad=False)
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+    assert ours.active_peft_config is ours.peft_config["default"] and ours.active_peft_config.r == 4
+    with pytest.raises(slimtune.SlimtuneError, match="add_weighted_adapter"):
+        ours.add_weighted_adapter(["default"], [1.0], "combined")
