@@ -51,15 +51,30 @@ def model_context(cfg: TrainConfig) -> int | None:
     return None
 
 
-def check_preset_task(cfg: TrainConfig) -> None:
-    """A language-model preset for causal-lm, a diffusion preset for diffusion."""
-    if cfg.preset is None:
+#: how transformers names a causal language model's class (``LlamaForCausalLM``, ``GPT2LMHeadModel``)
+CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+
+
+def check_model_task(cfg: TrainConfig) -> None:
+    """The model fits the task: a language-model preset for causal-lm, a diffusion preset for diffusion; a model
+    directory whose ``architectures`` are all something else than a causal LM (an encoder such as ``BertModel``,
+    whose attention sees the tokens it would predict) is refused for causal-lm."""
+    if cfg.preset is not None:
+        spec = get_preset(cfg.preset)
+        if cfg.task == "diffusion" and not isinstance(spec, DiffusionPreset):
+            raise ConfigError(f"preset {cfg.preset!r} is a language model: use --task causal-lm")
+        if cfg.task == "causal-lm" and not isinstance(spec, ModelPreset):
+            raise ConfigError(f"preset {cfg.preset!r} is a diffusion model: use --task diffusion")
         return
-    spec = get_preset(cfg.preset)
-    if cfg.task == "diffusion" and not isinstance(spec, DiffusionPreset):
-        raise ConfigError(f"preset {cfg.preset!r} is a language model: use --task causal-lm")
-    if cfg.task == "causal-lm" and not isinstance(spec, ModelPreset):
-        raise ConfigError(f"preset {cfg.preset!r} is a diffusion model: use --task diffusion")
+    if cfg.task != "causal-lm":
+        return
+    config = read_model_config(str(cfg.model_dir))
+    architectures = [str(a) for a in config.get("architectures") or []]
+    if architectures and not any(a.endswith(CAUSAL_LM_SUFFIXES) for a in architectures) \
+            and not config.get("is_decoder", False):
+        raise ConfigError(f"--model {cfg.model_dir} is a {', '.join(architectures)}, not a causal language model: "
+                          "as one it would learn to predict tokens its attention already sees; train it as a "
+                          "classifier (--task classification, {\"text\", \"label\"} records) or use a causal LM")
 
 
 def diffusion_spec(model_dir: str) -> DiffusionPreset:

@@ -18,7 +18,7 @@ from ..core.config import ALL_LINEAR, CLASSIFIER_HEADS
 from ..errors import ConfigError
 from ..models.jsonl import read_jsonl
 from ..models.presets import get_preset
-from .build import build_base, check_preset_task, read_model_config
+from .build import build_base, check_model_task, read_model_config
 from .config import TrainConfig
 from .tasks import make_task
 
@@ -64,7 +64,7 @@ def load_calibration(data: str, model_dir: str | None = None, preset: str | None
     cfg = TrainConfig(out="", data=data, model_dir=model_dir, preset=preset, task=calibration_task(data, model_dir),
                       seq=max_length, truncate=True, pack=False, batch=batch_size, dtype="float32", seed=seed,
                       device="cpu").resolved(cuda=False)
-    check_preset_task(cfg)
+    check_model_task(cfg)
     task = make_task(cfg)
     task.load(max_length)
     rows = min(len(task.rows or []), batch_size * count)

@@ -24,7 +24,7 @@ from ..errors import ConfigError
 from ..memory.options import check_dependencies
 from ..ranks import allocate_ranks
 from . import checkpoint
-from .build import (adapter_config, build_base, check_preset_task, model_context, prepare_model, read_rank_pattern,
+from .build import (adapter_config, build_base, check_model_task, model_context, prepare_model, read_rank_pattern,
                     trained_part)
 from .config import TrainConfig
 from .distributed import (Environment, barrier, broadcast_object, device_for, environment, process_group,
@@ -107,7 +107,7 @@ def train(config: TrainConfig, reporter: Reporter | None = None) -> dict[str, An
     device = device_for(config.device, env)
     cfg = config.resolved(cuda=device.type == "cuda")
     check_dependencies("slimtune", cfg.quant, ("diffusers",) if cfg.task == "diffusion" else ())
-    check_preset_task(cfg)
+    check_model_task(cfg)
     if cfg.ranks not in (None, "auto"):
         read_rank_pattern(cfg.ranks)
     seq = sequence_length(cfg)

@@ -32,7 +32,11 @@ def _files(tmp: Path) -> dict[str, str]:
     model = tmp / "model"
     model.mkdir()
     (model / "config.json").write_text(json.dumps({"model_type": "bert", "max_position_embeddings": 8}))
-    return {**{k: str(v) for k, v in files.items()}, "model": str(model), "tmp": str(tmp)}
+    encoder = tmp / "encoder"
+    encoder.mkdir()
+    (encoder / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"],
+                                                     "max_position_embeddings": 512}))
+    return {**{k: str(v) for k, v in files.items()}, "model": str(model), "encoder": str(encoder), "tmp": str(tmp)}
 
 
 CASES = [  # (arguments, text the error must contain)
@@ -74,6 +78,7 @@ CASES = [  # (arguments, text the error must contain)
     (["--data", "{good}", "--model", "{tmp}/no-such-model", "--preset", None], "does not exist"),
     (["--data", "{good}", "--model", "{model}", "--preset", None], "--seq 64 is longer than the model's context (8"),
     (["--data", "{good}", "--model", "{model}", "--preset", None, "--seq", "8"], "has no tokenizer files"),
+    (["--data", "{good}", "--model", "{encoder}", "--preset", None], "is a BertModel, not a causal language model"),
 ]
 
 
