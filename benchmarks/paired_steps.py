@@ -94,11 +94,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "compile_layers: regional, PEFT's models too); the warm-up rounds hold the compile time")
     parser.add_argument("--capture", action="store_true",
                         help="every configuration's step replayed as a CUDA graph (slimtune.capture_step)")
+    parser.add_argument("--timed", action="store_true",
+                        help="slimtune's variant choosers timed once per shape (slimtune.set_variant_criterion"
+                             "('timed')) instead of counting FLOPs; measured in the warm-up rounds")
     args = parser.parse_args(argv)
     if args.capture and args.quick:
         parser.error("--capture replays CUDA graphs: not with --quick (the CPU)")
     if args.before:
         sys.path.insert(0, args.before)
+    if args.timed:
+        slimtune.set_variant_criterion("timed")
     common = (dict(preset="tiny-llama", rank=8, batch=2, seq=args.seq or 64, device="cpu", dtype="float32")
               if args.quick else
               dict(preset="llama-3.2-3b", rank=32, batch=4, seq=args.seq or 512, device="cuda", dtype="bfloat16"))
@@ -173,7 +178,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"one step of each configuration per round, logits released before backward"
             f"{'; gc.freeze() after building' if args.gc_freeze else ''}"
             f"{'; decoder layers through torch.compile' if args.compile else ''}"
-            f"{'; each step replayed as a CUDA graph (slimtune.capture_step)' if args.capture else ''}\n\n{table}\n")
+            f"{'; each step replayed as a CUDA graph (slimtune.capture_step)' if args.capture else ''}"
+            f"{'; variants timed once per shape (slimtune.set_variant_criterion)' if args.timed else ''}\n\n{table}\n")
     print("\n" + text, flush=True)
     write_out_text(f"{out_name}.md", text)
     return 0

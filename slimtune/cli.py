@@ -570,6 +570,9 @@ def _add_train_parser(subparsers: Any) -> None:
                            "kept in CPU memory, not for --task diffusion (default: fast)")
     loop.add_argument("--plain-layers", type=int, default=0, metavar="N", help=PLAIN_LAYERS_HELP)
     loop.add_argument("--compile", action="store_true", help=COMPILE_HELP)
+    loop.add_argument("--variant-criterion", default="flops", choices=("flops", "timed"),
+                      help="how each layer picks its forward/backward variant: by FLOP count, or timed once per shape "
+                           "on this GPU (choices kept in OUT/timings.json, so --resume repeats them) (default: flops)")
     loop.add_argument("--dtype", default=None, help="model dtype (default: bfloat16 on cuda, float32 on cpu)")
     loop.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     loop.add_argument("--seed", type=int, default=0, help="seed of weights, adapter init, data order (default: 0)")

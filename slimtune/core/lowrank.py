@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import timed
 from .compute import cast, compute_setting, scaled_
 from .frozen import WeightOperand, is_quantized, materialize, save_with_weight, saved_with_weight
 from .tracing import compiling, seeded_keep_mask, traced_seed
@@ -78,6 +79,23 @@ def dropout_seed(p: float) -> int | torch.Tensor:
 
 
 # -- the factor gradients, shared ------------------------------------------------------------------------------
+def pick_backward(dy2: torch.Tensor, xd: torch.Tensor, down: torch.Tensor) -> Variant:
+    """:func:`choose_backward` for these operands, or under ``slimtune.set_variant_criterion("timed")`` the
+    variant measured fastest for their shapes and dtype on their device (:mod:`slimtune.core.timed`)."""
+    (tokens, d_in), d_out, r = xd.shape, dy2.shape[1], down.shape[0]
+    counted = choose_backward(tokens, d_in, d_out, r)
+
+    def variants() -> dict[str, Callable[[], object]]:
+        gen = torch.Generator(device=xd.device).manual_seed(0)
+        dy_, xd_ = (torch.randn(t.shape, generator=gen, device=t.device, dtype=t.dtype) for t in (dy2, xd))
+        down_ = torch.randn(down.shape, generator=gen, device=down.device, dtype=xd.dtype)
+        up_ = torch.randn((d_out, r), generator=gen, device=down.device, dtype=xd.dtype)
+        return {v: (lambda v=v: _factor_grads_by(v, dy_, xd_, down_, up_, 1.0, True, True, None))
+                for v in ("recompute", "gram")}
+
+    return timed.choose("lowrank-backward", (tokens, d_in, d_out, r, str(xd.dtype)), xd.device, counted, variants)
+
+
 def factor_grads(dy2: torch.Tensor, xd: torch.Tensor, down: torch.Tensor, up: torch.Tensor, s: float,
                  need_down: bool, need_up: bool, dy_up: torch.Tensor | None = None) -> tuple[Grad, Grad]:
     """``(d_down [r, d_in], d_up [d_out, r])`` of ``y += s·(xd downᵀ) upᵀ`` for ``dy2`` ``[N, d_out]``, ``xd``
@@ -87,13 +105,19 @@ def factor_grads(dy2: torch.Tensor, xd: torch.Tensor, down: torch.Tensor, up: to
         recompute:  d_up = s·dy2ᵀ h            d_down = gᵀ xd
         gram:       G = dy2ᵀ xd [d_out, d_in]  d_up = s·G downᵀ     d_down = s·upᵀ G
 
-    (the same products, associated the other way: ``dy2ᵀ (xd downᵀ) = (dy2ᵀ xd) downᵀ``).
+    (the same products, associated the other way: ``dy2ᵀ (xd downᵀ) = (dy2ᵀ xd) downᵀ``; :func:`pick_backward`
+    chooses).
     """
-    d_down = d_up = None
     if not (need_down or need_up):
-        return d_down, d_up
-    tokens, d_in = xd.shape
-    if choose_backward(tokens, d_in, dy2.shape[1], down.shape[0]) == "gram":
+        return None, None
+    return _factor_grads_by(pick_backward(dy2, xd, down), dy2, xd, down, up, s, need_down, need_up, dy_up)
+
+
+def _factor_grads_by(variant: Variant, dy2: torch.Tensor, xd: torch.Tensor, down: torch.Tensor, up: torch.Tensor,
+                     s: float, need_down: bool, need_up: bool, dy_up: torch.Tensor | None) -> tuple[Grad, Grad]:
+    """:func:`factor_grads` by the given variant."""
+    d_down = d_up = None
+    if variant == "gram":
         gram = dy2.t() @ xd  # [d_out, d_in]
         d_up = scaled_(gram @ down.t(), s) if need_up else None
         d_down = scaled_(up.t() @ gram, s) if need_down else None

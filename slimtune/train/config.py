@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.config import check_number
+from ..core.timed import CRITERIA
 from ..errors import ConfigError
 from ..memory.options import check_model_dir
 from ..memory.recompute import check_plain_layers
@@ -86,6 +87,7 @@ class TrainConfig:
     memory: str = "fast"  # "fast" | "balanced" | "max-fit" (slimtune.memory.setting)
     plain_layers: int = 0  # with balanced / max-fit: the last layers left un-checkpointed
     compile: bool = False  # torch.compile each transformer layer (regional compilation)
+    variant_criterion: str = "flops"  # how the layers' forward/backward variants are chosen (slimtune.core.timed)
     dtype: str | None = None
     device: str | None = None
     seed: int = 0
@@ -165,6 +167,9 @@ class TrainConfig:
         if self.compile and diffusion:
             raise ConfigError("--compile compiles a transformer's layers (causal-lm, classification), not a "
                               "diffusion model")
+        if self.variant_criterion not in CRITERIA:
+            raise ConfigError(f"unknown --variant-criterion {self.variant_criterion!r}; choose from "
+                              f"{', '.join(CRITERIA)}")
         setting = memory_setting(self.memory, "--memory")
         if self.task == "diffusion":
             check_for_diffusion(setting, self.plain_layers, "--memory")

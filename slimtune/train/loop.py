@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from ..core.timed import save_timings
 from ..models.diffusion import training_attention
 from . import checkpoint
 from .config import TrainConfig
@@ -30,6 +31,8 @@ from .order import DataOrder
 from .progress import Reporter
 from .rundir import RunDir
 from .tasks import Task
+
+TIMINGS_NAME = "timings.json"  # --variant-criterion timed: the measured variant choices (slimtune.core.timed)
 
 
 def cosine_schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> LambdaLR:
@@ -155,6 +158,8 @@ class Loop:
             adapter = checkpoint.peft_tensors(self.parts.objective, self.parts.part, params)
             path = checkpoint.save(self.run.path, self.at.step, state, params, optim, rng, adapter, self.parts.part,
                                    self.cfg.keep)
+            if self.cfg.variant_criterion == "timed":  # the measured choices, so that a resumed run repeats them
+                save_timings(self.run.path / TIMINGS_NAME)
             if self.at.step == self.max_steps:
                 checkpoint.write_adapter(self.run.path, self.parts.part, adapter)
             self.reporter.checkpoint({"step": self.at.step, "path": str(path)})

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..core.config import AdapterConfig
+from ..core.timed import load_timings, set_variant_criterion, variant_criterion
 from ..errors import ConfigError
 from ..memory.options import check_dependencies
 from ..ranks import allocate_ranks
@@ -29,7 +30,7 @@ from .build import (adapter_config, build_base, check_model_task, model_context,
 from .config import TrainConfig
 from .distributed import (Environment, barrier, broadcast_object, device_for, environment, process_group,
                           resolve_mode, wrap)
-from .loop import Loop, Parts, cosine_schedule
+from .loop import TIMINGS_NAME, Loop, Parts, cosine_schedule
 from .order import DataOrder
 from .progress import Reporter
 from .rundir import RunDir, fingerprints
@@ -118,6 +119,20 @@ def train(config: TrainConfig, reporter: Reporter | None = None) -> dict[str, An
     run = RunDir(cfg.out)
     prints = fingerprints(cfg)
     resuming = run.check(cfg, prints)
+    criterion = variant_criterion()
+    set_variant_criterion(cfg.variant_criterion)
+    try:
+        return _train(cfg, env, mode, device, task, max_steps, run, prints, resuming, seq, reporter)
+    finally:
+        set_variant_criterion(criterion)
+
+
+def _train(cfg: TrainConfig, env: Environment, mode: str, device: torch.device, task: Task, max_steps: int,
+           run: RunDir, prints: dict[str, str | None], resuming: bool, seq: int, reporter: Reporter) -> dict[str, Any]:
+    """:func:`train` once its input is checked."""
+    timings = run.path / TIMINGS_NAME
+    if resuming and cfg.variant_criterion == "timed" and timings.is_file():
+        load_timings(timings)  # the choices the run made before: a resumed run repeats them
     with process_group(mode, device):
         barrier(mode)  # every process has looked at OUT before the main one writes to it
         if env.is_main:
