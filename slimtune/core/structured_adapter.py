@@ -16,7 +16,8 @@ from ..errors import ConfigError, TargetError
 from .caches import BoundedCache
 from .compute import compute_setting
 from .config import AdapterConfig, check_bool, check_probability, resolve_adapter_dtype
-from .costs import Cost, choose_path
+from . import timed
+from .costs import PATHS, Cost, choose_path
 from .explain import Choice, path_choice
 from .frozen import WeightOperand, base_weight_operand, is_quantized, weight_dtype, weight_shape
 from .module import AdapterModule
@@ -186,8 +187,28 @@ class StructuredAdapter(AdapterModule):
             return "structured"
         if compiling():  # decided once, at trace time (shapes are static there): no cache for a guard to watch
             return choose_path(self.costs(x, backward))
-        return self._choices.get((tuple(x.shape), x.dtype, backward),
-                                 lambda: choose_path(self.costs(x, backward)))
+        counted = self._choices.get((tuple(x.shape), x.dtype, backward), lambda: choose_path(self.costs(x, backward)))
+        return timed.choose(f"{type(self).__name__}-path", (*x.shape, *self.weight_shape, self.r, str(x.dtype),
+                                                           backward), x.device, counted,
+                            lambda: self._path_runs(x, backward))
+
+    def _path_runs(self, x: torch.Tensor, backward: bool) -> dict[str, Any]:
+        """For the timed criterion (:mod:`slimtune.core.timed`): each path's forward (and backward) on random
+        operands of x's shape and copies of the parameters (the layer's own are not touched)."""
+        gen = torch.Generator(device=x.device).manual_seed(0)
+        xr = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
+        params = tuple(p.detach().clone().requires_grad_(backward) for p in self._params())
+        dtype, context = compute_setting(x)
+
+        def run(path: str) -> None:
+            with torch.enable_grad(), context:
+                y = self.run(xr.to(dtype), path, None, params)
+                if backward:
+                    y.backward(torch.ones_like(y))
+            for param in params:
+                param.grad = None
+
+        return {path: (lambda path=path: run(path)) for path in PATHS}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.disabled or self.merged:

@@ -78,3 +78,30 @@ def test_either_variant_gives_the_reference_gradients(variant, monkeypatch):
     h = xd.double() @ down.double().t()
     assert rel_err(d_up, 0.5 * dy.double().t() @ h) < FP32_TOL
     assert rel_err(d_down, (0.5 * dy.double() @ up.double()).t() @ xd.double()) < FP32_TOL
+
+
+def test_a_structured_layer_takes_the_measured_path_and_its_parameters_stay_untouched(monkeypatch):
+    from torch import nn
+
+    model = nn.Sequential(nn.Linear(64, 64))
+    slimtune.adapt(model, slimtune.LohaConfig(r=4, alpha=8, target_modules=["0"]))
+    layer = model[0]
+    x = torch.randn(8, 64, requires_grad=True)
+    counted = layer.choose(x, True)
+    other = "folded" if counted == "structured" else "structured"
+    monkeypatch.setattr(timed, "_seconds_of", lambda run, device: 1.0 if getattr(run, "path", None) == other else 2.0)
+    real_path_runs = type(layer)._path_runs
+
+    def labelled(self, x, backward):  # tag each run with its path, so the fake clock can tell them apart
+        runs = real_path_runs(self, x, backward)
+        for path, run in runs.items():
+            run.path = path
+        return runs
+
+    monkeypatch.setattr(type(layer), "_path_runs", labelled)
+    slimtune.set_variant_criterion("timed")
+    y = model(x)
+    assert layer.last_path == other
+    assert all(p.grad is None for p in layer.parameters())  # the timing ran on copies
+    y.sum().backward()
+    assert all(p.grad is not None for p in slimtune.trainable_parameters(model))
