@@ -44,7 +44,7 @@ from .models.deps import require_pyplot
 from .models.diffusion import DiffusionPreset, build_parts
 from .models.explain import explain_preset
 from .core.explain import explanation_table
-from .models.presets import PRESETS, get_preset
+from .models.presets import PRESETS, get_preset, preset_from_dir
 from .models.workload import METHODS as WORKLOAD_METHODS
 from .models.workload import make_adapter_config
 from .ranks import ALLOCATORS as RANK_ALLOCATORS
@@ -388,8 +388,9 @@ def _str_list(text: str) -> list[str]:
 
 def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     """``slimtune plan``'s arguments."""
-    parser.add_argument("--model", "--preset", dest="model", default="llama-7b", metavar="NAME",
-                        help=f"model preset: {', '.join(PRESETS)} (default: llama-7b)")
+    parser.add_argument("--model", "--preset", dest="model", default="llama-7b", metavar="NAME|DIR",
+                        help=f"model preset: {', '.join(PRESETS)} (default: llama-7b); or a local causal-LM "
+                             "directory (only its config.json is read)")
     parser.add_argument("--gpu-mem", default=None, metavar="SIZE",
                         help="GPU memory to fit, e.g. 16GB, 24GB, 80GB (GB = GiB). Required for the search")
     parser.add_argument("--method", default=None,
@@ -421,7 +422,7 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _cmd_plan(args: argparse.Namespace) -> int:
     """``slimtune plan``: the search (``--gpu-mem``) or one configuration's breakdown (``--method``)."""
-    spec = get_preset(args.model)
+    spec = preset_from_dir(args.model) if os.path.isdir(args.model) else get_preset(args.model)
     diffusion = isinstance(spec, DiffusionPreset)
     gpu_mem = parse_size(args.gpu_mem) if args.gpu_mem is not None else None
     gc_choice = args.grad_ckpt

@@ -12,6 +12,9 @@ the same ``LlamaConfig`` arguments, ``torch.manual_seed(seed)``, built directly 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -49,8 +52,9 @@ class ModelPreset:
     vocab_size: int
     tie_word_embeddings: bool
     max_position_embeddings: int = 4096
-    family: str = "llama"  # "llama" (LlamaForCausalLM) or "opt" (OPTForCausalLM)
+    family: str = "llama"  # "llama" (LlamaForCausalLM), "opt" (OPTForCausalLM), "hf" (a directory's config.json)
     targets: tuple[str, ...] = tuple(LLAMA_TARGETS)
+    hf_config: str = ""  # family "hf": the directory's config.json text (transformers' auto classes build it)
 
     def config_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for the family's config class (for Llama, exactly the protocol's)."""
@@ -66,7 +70,11 @@ class ModelPreset:
                     tie_word_embeddings=self.tie_word_embeddings)
 
     def num_parameters(self) -> int:
-        """Parameter count of the built model (tied embeddings counted once), without building it."""
+        """Parameter count of the built model (tied embeddings counted once), without building it (a directory's
+        model: built on the meta device)."""
+        if self.family == "hf":
+            model = build_model(self, "meta")
+            return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
         h, i, v = self.hidden_size, self.intermediate_size, self.vocab_size
         if self.family == "opt":  # biased q/k/v/out and fc1/fc2, two LayerNorms per layer, learned positions
             layer = 4 * (h * h + h) + (h * i + i) + (i * h + h) + 4 * h
@@ -158,10 +166,55 @@ def build_model(preset: str | Preset, device: str | torch.device = "cpu",
     if isinstance(spec, DiffusionPreset):
         return build_diffusion_model(spec, device, torch_dtype, seed)
     transformers = require_transformers()
+    torch.manual_seed(seed)
+    if spec.family == "hf":
+        config = hf_config(spec.hf_config, str(spec.name))
+        config.num_hidden_layers = spec.num_hidden_layers  # a simulation's reduced depth (attribute_map aware)
+        with torch.device(device):
+            return transformers.AutoModelForCausalLM.from_config(config).to(torch_dtype)
     config_class, model_class = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
                                  "opt": (transformers.OPTConfig, transformers.OPTForCausalLM)}[spec.family]
     config = config_class(**spec.config_kwargs())
-    torch.manual_seed(seed)
     with torch.device(device):
         model = model_class(config).to(torch_dtype)
     return model
+
+
+#: how transformers names a causal language model's class (``LlamaForCausalLM``, ``GPT2LMHeadModel``)
+CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+
+
+def hf_config(text: str, where: str) -> Any:
+    """A transformers config from ``config.json`` text (its ``model_type`` picks the class)."""
+    transformers = require_transformers()
+    try:
+        raw = json.loads(text)
+        return transformers.AutoConfig.for_model(**raw)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ConfigError(f"{where}: not a transformers config.json with a known model_type "
+                          f"({str(exc).splitlines()[0]})") from None
+
+
+def preset_from_dir(path: str | os.PathLike) -> ModelPreset:
+    """A causal language model's local directory as a preset (only its ``config.json`` is read: no weights, nothing
+    downloaded): its shape for the memory estimator and planner, built by transformers' auto classes; every
+    Linear but the output head is a default target (``all-linear``)."""
+    config_path = Path(path) / "config.json"
+    try:
+        text = config_path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: no readable config.json ({exc.strerror or exc})") from None
+    config = hf_config(text, str(config_path))
+    architectures = [str(a) for a in getattr(config, "architectures", None) or []]
+    if architectures and not any(a.endswith(CAUSAL_LM_SUFFIXES) for a in architectures):
+        raise ConfigError(f"{path} is a {', '.join(architectures)}, not a causal language model (the planner "
+                          "predicts causal-LM training)")
+    heads = config.num_attention_heads
+    return ModelPreset(
+        str(path), f"{config.model_type} from {path}", hidden_size=config.hidden_size,
+        intermediate_size=int(getattr(config, "intermediate_size", None) or 4 * config.hidden_size),
+        num_hidden_layers=config.num_hidden_layers, num_attention_heads=heads,
+        num_key_value_heads=int(getattr(config, "num_key_value_heads", None) or heads), vocab_size=config.vocab_size,
+        tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+        max_position_embeddings=int(getattr(config, "max_position_embeddings", None) or 4096), family="hf",
+        targets=("all-linear",), hf_config=text)

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.config import ALL_LINEAR
 from ..errors import ConfigError
 from ..methods.hra import HraConfig
 from ..methods.loha import LohaConfig
@@ -55,8 +56,9 @@ def _spec(preset: str | Preset) -> Preset:
 
 
 # -- adapters ---------------------------------------------------------------------------------------
-def default_targets(preset: str | Preset, method: str) -> list[str]:
-    """The module-name suffixes ``method`` adapts by default on ``preset``.
+def default_targets(preset: str | Preset, method: str) -> str | list[str]:
+    """The module-name suffixes ``method`` adapts by default on ``preset`` (``"all-linear"`` for a model directory's
+    preset, :func:`~slimtune.models.presets.preset_from_dir`).
 
     Llama: the seven projections (q/k/v/o, gate/up/down) for every method; OPT: ``q_proj``, ``v_proj``.
     UNet: attention and feed-forward Linears plus the Transformer2DModel's ``proj_in``/``proj_out``
@@ -71,6 +73,8 @@ def default_targets(preset: str | Preset, method: str) -> list[str]:
         raise ConfigError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     if isinstance(spec, DiffusionPreset) and spec.family == "unet":
         return list(UNET_ATTENTION_TARGETS + (UNET_CONV_TARGETS if method in CONV_METHODS else ()))
+    if isinstance(spec, ModelPreset) and spec.family == "hf":
+        return ALL_LINEAR
     return list(spec.targets)
 
 

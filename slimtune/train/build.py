@@ -23,7 +23,7 @@ from ..memory.setting import apply_memory_setting
 from ..models.deps import require_diffusers, require_transformers
 from ..models.diffusion import DiffusionModel, DiffusionPreset
 from ..models.layers import compile_layers
-from ..models.presets import ModelPreset, build_model, get_preset, resolve_dtype
+from ..models.presets import CAUSAL_LM_SUFFIXES, ModelPreset, build_model, get_preset, resolve_dtype
 from ..models.workload import default_targets, make_adapter_config
 from ..quant import quantize
 from .config import TrainConfig
@@ -49,10 +49,6 @@ def model_context(cfg: TrainConfig) -> int | None:
         if isinstance(config.get(key), int):
             return config[key]
     return None
-
-
-#: how transformers names a causal language model's class (``LlamaForCausalLM``, ``GPT2LMHeadModel``)
-CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 
 
 def check_model_task(cfg: TrainConfig) -> None:

@@ -17,7 +17,7 @@ from torch import nn
 from ..core.config import ALL_LINEAR, CLASSIFIER_HEADS
 from ..errors import ConfigError
 from ..models.jsonl import read_jsonl
-from ..models.presets import get_preset
+from ..models.presets import CAUSAL_LM_SUFFIXES, get_preset
 from .build import build_base, check_model_task, read_model_config
 from .config import TrainConfig
 from .tasks import make_task
@@ -39,7 +39,7 @@ def calibration_task(data: str, model_dir: str | None) -> str:
     if model_dir is None:
         return "causal-lm"
     architectures = read_model_config(model_dir).get("architectures") or []
-    if any(str(a).endswith("ForCausalLM") for a in architectures):
+    if any(str(a).endswith(CAUSAL_LM_SUFFIXES) for a in architectures):
         return "causal-lm"
     records = read_jsonl(data)
     return "classification" if records and all("label" in r for _, r in records) else "causal-lm"

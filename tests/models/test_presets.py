@@ -124,3 +124,34 @@ def test_llm_inputs_follow_the_protocol() -> None:
     inputs = make_inputs("tiny-llama", None, 2, 5, "cpu", "float32", torch.Generator().manual_seed(0))
     assert inputs["input_ids"].shape == (2, 5) and inputs["labels"] is inputs["input_ids"]
     assert int(inputs["input_ids"].max()) < PRESETS["tiny-llama"].vocab_size
+
+
+# -- a local model directory as a preset (the planner's --model DIR) -------------------------------------------
+def test_a_model_directory_plans_as_its_preset_does(tmp_path, capsys):
+    import json
+
+    import transformers
+
+    from slimtune.cli import main
+    from slimtune.memory.estimate import estimate_memory
+    from slimtune.models.presets import get_preset, preset_from_dir
+
+    tiny = get_preset("tiny-llama")
+    transformers.LlamaConfig(**tiny.config_kwargs(), architectures=["LlamaForCausalLM"]).save_pretrained(tmp_path / "llama")
+    spec = preset_from_dir(tmp_path / "llama")
+    assert spec.num_parameters() == tiny.num_parameters()
+    shape = dict(batch=2, seq=64, reduced_depth=True)
+    assert estimate_memory(spec, "lora", 8, **shape).peak_bytes == estimate_memory(tiny, "lora", 8, **shape).peak_bytes
+    # another architecture (transformers' Conv1D projections), through the command line
+    transformers.GPT2Config(n_embd=64, n_layer=3, n_head=4, vocab_size=300, bos_token_id=0, eos_token_id=0,
+                            architectures=["GPT2LMHeadModel"]).save_pretrained(tmp_path / "gpt2")
+    assert main(["plan", "--model", str(tmp_path / "gpt2"), "--method", "lora", "--batch", "2", "--seq", "32",
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["peak_bytes"] > 0
+    # an encoder is not a causal LM; a directory without a config is no model
+    transformers.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                            architectures=["BertModel"]).save_pretrained(tmp_path / "bert")
+    for directory, message in ((tmp_path / "bert", "is a BertModel, not a causal language model"),
+                               (tmp_path, "no readable config.json")):
+        assert main(["plan", "--model", str(directory), "--method", "lora"]) == 2
+        assert message in capsys.readouterr().err
