@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# What the last sessions built without a GPU and still has to be measured on one, in three parts that each fit one
+# device call (≤ 10 min) and together the 30-minute device budget. Run from the repository root on the lent machine:
+#
+#   bash benchmarks/pending_gpu.sh 1    # issue 19: capture test, DoRA host breakdown, paired steps eager / captured /
+#                                       #           timed variants, slimtune vs PEFT-bf16 (no carry)
+#   bash benchmarks/pending_gpu.sh 2    # issue 20: SD-1.5 UNet vs PEFT-bf16, memory fast and balanced (carry .whl)
+#   bash benchmarks/pending_gpu.sh 3    # issue 17: online / gradient / data allocation vs AdaLoRA wall time
+#                                       #           (carry .out/minilm_wide; make it with rank_allocation.py --prepare)
+#
+# Outputs go to $OUT (each script's own files, plus one log per step); record them in benchmarks/RESULTS.md with
+# the GPU and versions the scripts print.
+set -uo pipefail
+part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|3"}
+out=${OUT:-/tmp/pending_gpu}
+mkdir -p "$out"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+
+step() {  # step NAME SECONDS COMMAND...: run one command under a time limit, its output logged (a failure goes on)
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name (limit ${limit}s): $*"
+    timeout "$limit" "$@" > "$out/$name.log" 2>&1
+    echo "   exit $? after ${SECONDS}s in all; last lines:"
+    tail -n 25 "$out/$name.log"
+}
+
+case $part in
+1)
+    step capture_test 120 python -m pytest -q tests/core/test_capture.py
+    step dora_host_breakdown 90 python benchmarks/host_cost.py --only dora breakdown
+    for mode in "" --capture --timed; do
+        step "paired_steps${mode:-_eager}" 150 python benchmarks/paired_steps.py \
+            --configs lora dora peft-bf16:lora peft-bf16:dora --rounds 12 ${mode:+$mode} \
+            --out-name "paired_steps${mode:-_eager}"
+    done
+    ;;
+2)
+    if ls .whl/*.whl > /dev/null 2>&1; then
+        python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/diffusers-*.whl .whl/bitsandbytes-*.whl
+        export PYTHONPATH=$PYTHONPATH:/tmp/site
+    fi
+    for memory in fast balanced; do  # each into its own folder (the script's file names are fixed)
+        step "diffusion_$memory" 280 env OUT="$out/diffusion_$memory" python benchmarks/diffusion_compare.py \
+            --skip-dit --steps 8 --memory "$memory"
+    done
+    ;;
+3)
+    step rank_allocation 560 python benchmarks/rank_allocation.py --model-dir .out/minilm_wide --device cuda \
+        --seeds 0 1 2 3 --epochs 8 --probe-epochs 1 \
+        --variants slimtune-online slimtune-gradient slimtune-data adalora
+    ;;
+*)
+    echo "unknown part $part (1, 2 or 3)" >&2
+    exit 2
+    ;;
+esac
