@@ -30,7 +30,7 @@ from .interop import read_peft
 from .memory.estimate import estimate_memory
 from .memory.options import BACKENDS, METHODS, QUANTS, ProfileOptions, check_dependencies
 from .memory.plan import (CONTEXT_BYTES, DEFAULT_TFLOPS, FOOTNOTE, FRAGMENTATION, GiB, breakdown_table, parse_size,
-                          plain_layers_that_fit, search, search_table, summary_table, usable_bytes)
+                          fit_plain_layers, search, search_table, summary_table, usable_bytes)
 from .memory.plot import plot_results
 from .memory.setting import MEMORY_SETTINGS, memory_setting
 from .memory.profile import model_dependencies, profile_options
@@ -121,6 +121,16 @@ def add_profile_arguments(parser: argparse.ArgumentParser) -> None:
 
 PLAIN_LAYERS_HELP = ("with --memory balanced or max-fit: leave the last N transformer layers un-checkpointed "
                      "(faster: no recompute for them; each keeps one layer's activations) (default: 0)")
+
+
+def _plain_layers_arg(text: str) -> int | str:
+    """``--plain-layers``: a number, or ``auto``."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or auto, got {text!r}") from None
 
 
 COMPILE_HELP = ("torch.compile each transformer layer (one compiled graph for all; the first step takes the compile "
@@ -438,18 +448,16 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         memories = _str_list(args.memory or "fast")
         if len(memories) != 1:
             raise ConfigError("--method predicts one configuration: give one --memory setting")
-        est = estimate_memory(spec, args.method, ranks[0], batch=batches[0], seq=seqs[0], resolution=res, quant=quant,
-                              dtype=args.dtype, grad_checkpointing=gc_choice == "on",
-                              release_outputs=args.release_outputs, reduced_depth=True, memory=memories[0],
-                              plain_layers=args.plain_layers)
         plain = None
         if gpu_mem is not None and memory_setting(memories[0]).checkpoint and not args.plain_layers \
-                and not diffusion:
-            one, two = (estimate_memory(spec, args.method, ranks[0], batch=batches[0], seq=seqs[0], quant=quant,
-                                        dtype=args.dtype, release_outputs=args.release_outputs, reduced_depth=True,
-                                        memory=memories[0], plain_layers=n) for n in (1, 2))
-            plain = plain_layers_that_fit((est.peak_bytes, one.peak_bytes, two.peak_bytes), usable_bytes(gpu_mem),
-                                          spec.num_hidden_layers)
+                and not diffusion and gc_choice != "on":
+            plain, (est, one, two) = fit_plain_layers(spec, args.method, ranks[0], batches[0], seqs[0], quant,
+                                                      args.dtype, memories[0], gpu_mem, args.release_outputs)
+        else:
+            est = estimate_memory(spec, args.method, ranks[0], batch=batches[0], seq=seqs[0], resolution=res,
+                                  quant=quant, dtype=args.dtype, grad_checkpointing=gc_choice == "on",
+                                  release_outputs=args.release_outputs, reduced_depth=True, memory=memories[0],
+                                  plain_layers=args.plain_layers)
         if args.json:
             payload = est.to_dict()
             if gpu_mem is not None:
@@ -569,7 +577,9 @@ def _add_train_parser(subparsers: Any) -> None:
                       help="fast = nothing extra; balanced = every layer checkpointed (recomputed in backward; "
                            "--task diffusion: the feed-forward projections); max-fit = balanced + checkpointed inputs "
                            "kept in CPU memory, not for --task diffusion (default: fast)")
-    loop.add_argument("--plain-layers", type=int, default=0, metavar="N", help=PLAIN_LAYERS_HELP)
+    loop.add_argument("--plain-layers", type=_plain_layers_arg, default=0, metavar="N|auto",
+                      help=PLAIN_LAYERS_HELP.replace(" (default: 0)", "; auto: as many as the planner predicts fit "
+                                                     "this GPU (causal LMs) (default: 0)"))
     loop.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     loop.add_argument("--variant-criterion", default="flops", choices=("flops", "timed"),
                       help="how each layer picks its forward/backward variant: by FLOP count, or timed once per shape "

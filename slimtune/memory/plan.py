@@ -36,7 +36,7 @@ from ..models import workload
 from ..models.diffusion import DiffusionPreset
 from ..models.presets import ModelPreset, Preset, get_preset, resolve_dtype
 from .estimate import (BREAKDOWN_KEYS, MemoryEstimate, StepSim, adapter_bytes, build_meta_model, estimate_from_sim,
-                       simulate_points)
+                       estimate_memory, simulate_points)
 from .report import format_bytes, format_count
 from .setting import MEMORY_SETTINGS, check_for_diffusion, memory_setting
 
@@ -90,6 +90,25 @@ def plain_layers_that_fit(peaks: tuple[int, int, int], budget: int, depth: int) 
         return 0
     step = two - one
     return depth if step <= 0 else min(depth, 1 + (budget - one) // step)
+
+
+def fit_plain_layers(preset: str | Preset, method: str, rank: int, batch: int, seq: int, quant: str, dtype: str,
+                     memory: str, gpu_mem: int, release_outputs: bool = False
+                     ) -> tuple[int, tuple[MemoryEstimate, MemoryEstimate, MemoryEstimate]]:
+    """How many trailing layers a language model's ``balanced`` / ``max-fit`` configuration can leave
+    un-checkpointed on a ``gpu_mem``-byte card (:func:`plain_layers_that_fit`; -1: even none fits), and the
+    estimates with none, one and two plain layers it was read from."""
+    spec = get_preset(preset)
+    if not isinstance(spec, ModelPreset):
+        raise ConfigError("plain (un-checkpointed) layers apply to language models")
+    if not memory_setting(memory).checkpoint:
+        raise ConfigError(f"memory={memory!r} checkpoints no layer: plain layers need balanced or max-fit")
+    estimates = tuple(estimate_memory(spec, method, rank, batch=batch, seq=seq, quant=quant, dtype=dtype,
+                                      release_outputs=release_outputs, reduced_depth=True, memory=memory,
+                                      plain_layers=n) for n in (0, 1, 2))
+    count = plain_layers_that_fit(tuple(e.peak_bytes for e in estimates), usable_bytes(gpu_mem),
+                                  spec.num_hidden_layers)
+    return count, estimates  # type: ignore[return-value]
 
 
 # -- the grid ---------------------------------------------------------------------------------------

@@ -85,7 +85,7 @@ class TrainConfig:
     max_steps: int | None = None
     grad_checkpointing: bool = False
     memory: str = "fast"  # "fast" | "balanced" | "max-fit" (slimtune.memory.setting)
-    plain_layers: int = 0  # with balanced / max-fit: the last layers left un-checkpointed
+    plain_layers: int | str = 0  # with balanced / max-fit: the last layers left un-checkpointed; "auto": what fits
     compile: bool = False  # torch.compile each transformer layer (regional compilation)
     variant_criterion: str = "flops"  # how the layers' forward/backward variants are chosen (slimtune.core.timed)
     dtype: str | None = None
@@ -163,7 +163,12 @@ class TrainConfig:
         _positive_int("--keep", self.keep)
         if self.distributed not in DISTRIBUTED:
             raise ConfigError(f"unknown --distributed {self.distributed!r}; choose from {', '.join(DISTRIBUTED)}")
-        check_plain_layers(self.plain_layers)
+        if self.plain_layers == "auto":
+            if self.task != "causal-lm":
+                raise ConfigError("--plain-layers auto fits a causal language model's layers to the GPU (use a "
+                                  f"number for --task {self.task})")
+        else:
+            check_plain_layers(self.plain_layers)
         if self.compile and diffusion:
             raise ConfigError("--compile compiles a transformer's layers (causal-lm, classification), not a "
                               "diffusion model")

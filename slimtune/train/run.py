@@ -23,6 +23,8 @@ from ..core.config import AdapterConfig
 from ..core.timed import load_timings, set_variant_criterion, variant_criterion
 from ..errors import ConfigError
 from ..memory.options import check_dependencies
+from ..memory.plan import fit_plain_layers
+from ..models.presets import get_preset, preset_from_dir
 from ..ranks import allocate_ranks
 from . import checkpoint
 from .build import (adapter_config, build_base, check_model_task, model_context, prepare_model, read_rank_pattern,
@@ -48,6 +50,29 @@ def sequence_length(cfg: TrainConfig) -> int:
     if context is not None and seq > context:
         raise ConfigError(f"--seq {seq} is longer than the model's context ({context} positions)")
     return seq
+
+
+def auto_plain_layers(cfg: TrainConfig, seq: int, env: Environment, device: torch.device, reporter: Reporter
+                      ) -> int:
+    """``--plain-layers auto``: as many trailing layers left un-checkpointed as the planner predicts fit this GPU
+    (:func:`slimtune.memory.plan.fit_plain_layers`, for one process's micro-batch of ``seq``-token rows)."""
+    if device.type != "cuda":
+        raise ConfigError("--plain-layers auto fits the layers to the GPU's memory: it needs a CUDA device (on the "
+                          "CPU give a number)")
+    spec = get_preset(cfg.preset) if cfg.preset is not None else preset_from_dir(str(cfg.model_dir))
+    micro = cfg.micro_batch or cfg.batch // env.world
+    gpu_mem = torch.cuda.get_device_properties(device).total_memory
+    method = "dora" if cfg.method.startswith("dora") else cfg.method
+    count, estimates = fit_plain_layers(spec, method, cfg.rank, micro, seq, cfg.quant, str(cfg.dtype), cfg.memory,
+                                        gpu_mem)
+    if count < 0:
+        reporter.note(f"--plain-layers auto: even with every layer checkpointed the predicted peak "
+                      f"({estimates[0].peak_bytes / 2**30:.2f} GiB) exceeds this GPU; training with 0 plain layers "
+                      "(a smaller --micro-batch or --memory max-fit would fit)")
+        return 0
+    reporter.note(f"--plain-layers auto: {count} of {spec.num_hidden_layers} layers stay un-checkpointed (predicted "
+                  f"to fit {gpu_mem / 2**30:.0f} GiB)")
+    return count
 
 
 def check_batch(cfg: TrainConfig, env: Environment) -> None:
@@ -116,6 +141,8 @@ def train(config: TrainConfig, reporter: Reporter | None = None) -> dict[str, An
     task.load(seq)
     check_batch(cfg, env)
     max_steps = total_steps(cfg, task)
+    if cfg.plain_layers == "auto":
+        cfg = dataclasses.replace(cfg, plain_layers=auto_plain_layers(cfg, seq, env, device, reporter))
     run = RunDir(cfg.out)
     prints = fingerprints(cfg)
     resuming = run.check(cfg, prints)

@@ -98,3 +98,34 @@ def test_cli_search_table(capsys: pytest.CaptureFixture[str]) -> None:
 def test_cli_needs_a_budget_or_a_method(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["plan", "--model", "tiny-llama"]) == 2
     assert "--gpu-mem" in capsys.readouterr().err
+
+
+def test_fit_plain_layers_reads_the_card(monkeypatch):
+    """The count of trailing layers left plain grows with the card, up to the depth; -1 when nothing fits; and
+    ``slimtune train --plain-layers auto`` takes it for the GPU it runs on."""
+    import torch
+
+    from slimtune.memory.plan import CONTEXT_BYTES, FRAGMENTATION, fit_plain_layers, usable_bytes
+    from slimtune.train import TrainConfig
+    from slimtune.train.distributed import Environment
+    from slimtune.train.run import auto_plain_layers
+
+    args = ("tiny-llama", "lora", 8, 2, 64, "none", "bfloat16", "balanced")
+    _, (none, one, two) = fit_plain_layers(*args, gpu_mem=2**40)
+    assert none.peak_bytes < one.peak_bytes < two.peak_bytes
+    step = two.peak_bytes - one.peak_bytes
+    def card(peak: int) -> int:  # a card whose usable bytes just hold `peak`
+        return int((peak + 100) / (1 - FRAGMENTATION)) + CONTEXT_BYTES
+
+    assert 0 <= usable_bytes(card(one.peak_bytes + step)) - (one.peak_bytes + step) < step
+    assert fit_plain_layers(*args, gpu_mem=2**40)[0] == 4  # tiny-llama's depth
+    assert fit_plain_layers(*args, gpu_mem=card(one.peak_bytes + step))[0] == 2
+    assert fit_plain_layers(*args, gpu_mem=2**20)[0] == -1
+
+    notes = []
+    reporter = type("R", (), {"note": lambda self, text: notes.append(text)})()
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: type("P", (), {"total_memory": 2**40}))
+    cfg = TrainConfig(out="x", preset="tiny-llama", rank=8, batch=2, memory="balanced", plain_layers="auto",
+                      dtype="bfloat16")
+    assert auto_plain_layers(cfg, 64, Environment(world=1), torch.device("cuda"), reporter) == 4
+    assert "4 of 4 layers stay un-checkpointed" in notes[-1]

@@ -79,6 +79,7 @@ CASES = [  # (arguments, text the error must contain)
     (["--data", "{good}", "--model", "{model}", "--preset", None], "--seq 64 is longer than the model's context (8"),
     (["--data", "{good}", "--model", "{model}", "--preset", None, "--seq", "8"], "has no tokenizer files"),
     (["--data", "{good}", "--model", "{encoder}", "--preset", None], "is a BertModel, not a causal language model"),
+    (["--data", "{good}", "--memory", "balanced", "--plain-layers", "auto"], "it needs a CUDA device"),
 ]
 
 
