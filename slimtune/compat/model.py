@@ -24,7 +24,8 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from ..core.checkpoint import load_adapter, peft_state_dict, save_adapter
+from ..core.checkpoint import (CONFIG_NAME, WEIGHTS_NAME, config_from_peft_fields, load_adapter_state, peft_state_dict,
+                               read_adapter_files, save_adapter)
 from ..core.config import AdapterConfig
 from ..core.frozen import quantized_handle
 from ..core.module import AdapterModule
@@ -224,10 +225,14 @@ class PeftModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = DEFAULT,
-                        is_trainable: bool = False, **kwargs: Any) -> PeftModel:
-        """Load the adapter directory ``model_id`` (PEFT's or slimtune's files) onto ``model``; frozen unless
-        ``is_trainable``, as PEFT loads it."""
-        load_adapter(model, model_id)
+                        is_trainable: bool = False, config: Any = None, autocast_adapter_dtype: bool = True,
+                        **kwargs: Any) -> PeftModel:
+        """Load the adapter directory ``model_id`` (PEFT's or slimtune's files; ``subfolder=`` below it) onto
+        ``model``; frozen unless ``is_trainable``, as PEFT loads it. ``config``: a config to use instead of the
+        file's; ``autocast_adapter_dtype`` (PEFT's default True): float32 adapters on a float16 / bfloat16 model.
+        Hub-only options that cannot change a local load (``token``, ``cache_dir`` ...) are accepted; any other is
+        refused by name."""
+        load_local_adapter(model, model_id, config, autocast_adapter_dtype, kwargs)
         wrapped = PeftModel(model, adapter_name=adapter_name)
         wrapped._set_trainable(adapter_name, is_trainable)
         return wrapped
@@ -239,9 +244,11 @@ class PeftModel(nn.Module):
         self._park_new(adapter_name, lambda model: adapt(model, config))
 
     def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
-                     **kwargs: Any) -> None:
-        """Load the adapter directory ``model_id`` as adapter ``adapter_name`` (not made active)."""
-        self._park_new(adapter_name, lambda model: load_adapter(model, model_id))
+                     autocast_adapter_dtype: bool = True, **kwargs: Any) -> None:
+        """Load the adapter directory ``model_id`` as adapter ``adapter_name`` (not made active); options as
+        :meth:`from_pretrained`'s."""
+        self._park_new(adapter_name, lambda model: load_local_adapter(model, model_id, kwargs.pop("config", None),
+                                                                      autocast_adapter_dtype, kwargs))
         self._set_trainable(adapter_name, is_trainable)
 
     def set_adapter(self, adapter_name: str) -> None:
@@ -325,6 +332,30 @@ class PeftModel(nn.Module):
             yield
         finally:
             self.set_adapter(active)
+
+
+#: PEFT loader options that only concern downloading from the Hub (or memory use while loading): a local load is
+#: the same with or without them
+HUB_ONLY_OPTIONS = ("token", "use_auth_token", "cache_dir", "local_files_only", "force_download", "proxies",
+                    "low_cpu_mem_usage", "ephemeral_gpu_offload", "torch_device", "use_safetensors")
+
+
+def load_local_adapter(model: nn.Module, model_id: str | os.PathLike, config: Any, autocast: bool,
+                       options: dict[str, Any]) -> nn.Module:
+    """PEFT's loading of an adapter directory onto ``model`` (``subfolder`` below it, ``config`` instead of its own,
+    float32 adapters on a 16-bit model when ``autocast``); options PEFT would act on and slimtune does not (a Hub
+    ``revision``, a ``key_mapping`` ...) are refused by name, never ignored."""
+    options = dict(options)
+    directory = Path(model_id) / (options.pop("subfolder", None) or "")
+    unknown = sorted(k for k, v in options.items() if k not in HUB_ONLY_OPTIONS and v is not None)
+    if unknown:
+        raise ConfigError(f"loading an adapter: option(s) {', '.join(unknown)} not supported (slimtune reads local "
+                          "directories, as they are)")
+    raw, tensors = read_adapter_files(directory)
+    where = str(directory / CONFIG_NAME)
+    chosen = as_slimtune_config(config) if config is not None else config_from_peft_fields(raw, where)
+    chosen = _adapter_dtype(chosen, model, autocast)
+    return load_adapter_state(model, chosen, tensors, where, str(directory / WEIGHTS_NAME))
 
 
 def _own_parameters(module: nn.Module) -> Iterator[nn.Parameter]:

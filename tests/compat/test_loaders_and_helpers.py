@@ -140,3 +140,27 @@ def test_adapter_layer_switches_and_gradient_flags_as_peft_s():
     assert ours.active_peft_config is ours.peft_config["default"] and ours.active_peft_config.r == 4
     with pytest.raises(slimtune.SlimtuneError, match="add_weighted_adapter"):
         ours.add_weighted_adapter(["default"], [1.0], "combined")
+
+
+def test_from_pretrained_options_as_peft_s(tmp_path):
+    model = tiny_llama().to(torch.bfloat16)
+    slimtune.adapt(model, LoraConfig(r=4, target_modules=QV))
+    slimtune.save_adapter(model, tmp_path / "outer" / "inner")
+
+    def lora_a_dtype(wrapped) -> torch.dtype:
+        return wrapped.get_base_model().model.layers[0].self_attn.q_proj.lora_A.dtype
+
+    def their_dtype(**options) -> torch.dtype:
+        loaded = peft.PeftModel.from_pretrained(tiny_llama().to(torch.bfloat16), str(tmp_path / "outer"),
+                                                subfolder="inner", **options)
+        return loaded.base_model.model.model.layers[0].self_attn.q_proj.lora_A.default.weight.dtype
+
+    for options in ({}, {"autocast_adapter_dtype": False}):  # PEFT upcasts 16-bit adapters by default; so do we
+        ours = slimtune.PeftModel.from_pretrained(tiny_llama().to(torch.bfloat16), tmp_path / "outer",
+                                                  subfolder="inner", **options)
+        assert lora_a_dtype(ours) == their_dtype(**options)
+    with pytest.raises(ConfigError, match="revision"):  # an option PEFT would act on is never ignored
+        slimtune.PeftModel.from_pretrained(tiny_llama(), tmp_path / "outer" / "inner", revision="v2")
+    override = slimtune.PeftModel.from_pretrained(tiny_llama(), tmp_path / "outer" / "inner",
+                                                  config=LoraConfig(r=4, lora_alpha=32, target_modules=QV))
+    assert override.peft_config["default"].alpha == 32  # the given config, the file's tensors
