@@ -549,7 +549,9 @@ def _add_train_parser(subparsers: Any) -> None:
     model.add_argument("--adapter-dtype", default=None, metavar="DTYPE",
                        help="adapter weights' dtype (default: the base's; float32 = fp32 master weights)")
     data = parser.add_argument_group("data")
-    data.add_argument("--data", default=None, metavar="FILE.jsonl", help="training data (one JSON object a line)")
+    data.add_argument("--data", default=None, metavar="FILE",
+                      help="training data: JSONL (one JSON object a line); --task diffusion: a .safetensors file of "
+                           "precomputed latents and text embeddings (without it, seeded random ones)")
     data.add_argument("--eval-data", default=None, metavar="FILE.jsonl", help="held-out data for evaluation")
     data.add_argument("--eval-fraction", type=float, default=0.0,
                       help="or hold out this fraction of --data (seeded; default: 0, no evaluation)")

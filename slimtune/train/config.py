@@ -116,8 +116,9 @@ class TrainConfig:
         diffusion = self.task == "diffusion"
         if data is None and not diffusion:
             raise ConfigError(f"--data FILE.jsonl is required for --task {self.task}")
-        if data is not None and self.task == "diffusion":
-            raise ConfigError("--task diffusion trains on random latents and text embeddings: drop --data")
+        if data is not None and diffusion and not data.endswith(".safetensors"):
+            raise ConfigError(f"--task diffusion reads precomputed latents and text embeddings from a .safetensors "
+                              f"file (see slimtune.train.latents), got --data {data}")
         if self.method not in TRAIN_METHODS:
             raise ConfigError(f"unknown method {self.method!r}; choose from {', '.join(TRAIN_METHODS)}")
         _positive_int("--rank", self.rank)
@@ -155,7 +156,7 @@ class TrainConfig:
         if self.max_steps is not None:
             _positive_int("--max-steps", self.max_steps)
         elif diffusion:
-            raise ConfigError("--task diffusion trains on random samples, no data set to count epochs over: give "
+            raise ConfigError("--task diffusion counts steps, not epochs (its samples are an endless stream): give "
                               "--max-steps")
         _positive_int("--seed", self.seed, zero=True)
         for field in ("eval_every", "save_every", "log_every"):

@@ -33,6 +33,7 @@ from .build import diffusion_spec
 from .config import TrainConfig
 from .data import (IGNORE, ByteTokenizer, DataError, HFTokenizer, Row, Tokenizer, causal_lm_rows,
                    classification_rows, held_out, label_names, pack)
+from .latents import LatentData
 from .loss import logits_causal_lm_loss
 
 #: a DiT's inputs that are not batched (positions)
@@ -215,7 +216,9 @@ class ClassificationTask(Task):
 
 
 class DiffusionTask(Task):
-    """Endless seeded random samples (no rows); ``seq`` is unused."""
+    """An endless stream of samples by position (no rows; ``seq`` is unused): seeded random latents and text
+    embeddings, or with ``--data`` a precomputed-latents file's rows (:class:`~.latents.LatentData`), each with its
+    own seeded noise and timestep."""
 
     name = "diffusion"
 
@@ -226,6 +229,7 @@ class DiffusionTask(Task):
         assert isinstance(spec, DiffusionPreset)
         self.spec = spec
         self.dtype = resolve_dtype(str(cfg.dtype))
+        self.data = LatentData(cfg.data, spec, self.dtype, cfg.seed) if cfg.data is not None else None
         if spec.family == "unet":
             self.scheduler = require_diffusers().DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
                                                                beta_end=0.012)
@@ -237,12 +241,16 @@ class DiffusionTask(Task):
         return 1
 
     def tokens(self, index: int) -> int:
-        return sample_tokens(self.spec, 0)
+        return sample_tokens(self.spec, 0, self.data.resolution if self.data is not None else None)
 
     def sample(self, index: int) -> dict[str, Any]:
-        """Row ``index``'s inputs and target (CPU), drawn from a generator seeded with the run's seed and ``index``."""
+        """Sample ``index``'s inputs and target (CPU), drawn from a generator seeded with the run's seed and
+        ``index`` (its latents and text embeddings from ``--data`` when given)."""
         gen = torch.Generator().manual_seed((self.cfg.seed << 32) + index)
-        inputs = make_inputs(self.spec, None, 1, 0, "cpu", self.dtype, gen)
+        if self.data is not None:
+            inputs = self.data.inputs(index, gen)
+        else:
+            inputs = make_inputs(self.spec, None, 1, 0, "cpu", self.dtype, gen)
         key = "sample" if self.spec.family == "unet" else "hidden_states"
         x0 = inputs[key]
         noise = torch.randn(x0.shape, generator=gen, dtype=x0.dtype)

@@ -71,7 +71,7 @@ CASES = [  # (arguments, text the error must contain)
     (["--data", "{good}", "--ranks", "{ranks}"], "expected a JSON object of module-name pattern -> rank"),
     (["--data", "{good}", "--distributed", "fsdp"], "--distributed fsdp needs several processes: start the run"),
     (["--data", "{good}", "--task", "classification"], "--task classification needs a pretrained encoder"),
-    (["--data", "{good}", "--task", "diffusion"], "drop --data"),
+    (["--data", "{good}", "--task", "diffusion"], "reads precomputed latents and text embeddings from a .safetensors"),
     (["--data", "{good}", "--preset", "tiny-unet", "--task", "causal-lm"], "is a diffusion model: use --task"),
     (["--task", "diffusion", "--preset", "tiny-unet"], "give --max-steps"),
     (["--data", "{good}", "--model", "{tmp}/no-such-model"], "give exactly one of --model DIR"),
