@@ -27,11 +27,11 @@ step() {  # step NAME SECONDS COMMAND...: run one command under a time limit, it
 
 case $part in
 1)
-    step capture_test 120 python -m pytest -q tests/core/test_capture.py
-    step dora_host_breakdown 90 python benchmarks/host_cost.py --only dora breakdown
+    step capture_test 100 python -m pytest -q tests/core/test_capture.py
+    step dora_host_breakdown 80 python benchmarks/host_cost.py --only dora breakdown
     for mode in "" --capture --timed; do
-        step "paired_steps${mode:-_eager}" 150 python benchmarks/paired_steps.py \
-            --configs lora dora peft-bf16:lora peft-bf16:dora --rounds 12 ${mode:+$mode} \
+        step "paired_steps${mode:-_eager}" 130 python benchmarks/paired_steps.py \
+            --configs lora dora peft-bf16:lora peft-bf16:dora --rounds 10 ${mode:+$mode} \
             --out-name "paired_steps${mode:-_eager}"
     done
     ;;
