@@ -95,6 +95,8 @@ def process_group(mode: str, device: torch.device) -> Iterator[None]:
                             device_id=device if device.type == "cuda" else None)
     try:
         yield
+        dist.barrier()  # every process is done with the group before any tears it down (gloo aborts a process
+        # whose peer closed the connection under it)
     finally:
         dist.destroy_process_group()
 
