@@ -144,7 +144,8 @@ class TrainConfig:
         if self.eval_every and eval_data is None and not fraction:
             raise ConfigError("--eval-every needs held-out data: give --eval-data or --eval-fraction")
         if self.task == "diffusion" and (eval_data is not None or fraction):
-            raise ConfigError("--task diffusion has no held-out split (its samples are random)")
+            raise ConfigError("--task diffusion has no held-out evaluation (its samples are an endless stream with "
+                              "fresh noise): drop --eval-data / --eval-fraction")
         _positive_int("--batch", self.batch)
         if self.micro_batch is not None:
             _positive_int("--micro-batch", self.micro_batch)
