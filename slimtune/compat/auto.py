@@ -12,12 +12,11 @@ directory carries a tokenizer of another size (as PEFT does), and loads the adap
 from __future__ import annotations
 
 import importlib
-import json
 import os
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ..core.checkpoint import CONFIG_NAME, config_from_peft_fields
+from ..core.checkpoint import CONFIG_NAME, config_from_peft_fields, read_adapter_config
 from ..core.config import AdapterConfig
 from ..errors import CheckpointError, ConfigError, MissingDependencyError
 from .model import DEFAULT, PeftModel
@@ -51,18 +50,6 @@ def _adapter_dir(path: str | os.PathLike, subfolder: str | None = None) -> Path:
     return directory
 
 
-def read_adapter_config(path: str | os.PathLike, subfolder: str | None = None) -> dict[str, Any]:
-    """The raw ``adapter_config.json`` of a local adapter directory."""
-    config_path = _adapter_dir(path, subfolder) / CONFIG_NAME
-    try:
-        raw = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{config_path}: cannot read it ({exc})") from None
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{config_path} must hold a JSON object")
-    return raw
-
-
 class PeftConfig:
     """PEFT's ``PeftConfig``, for its loader: ``PeftConfig.from_pretrained(dir)`` is the adapter's config, a
     slimtune config object (``slimtune.LoraConfig`` ...) with PEFT's attributes (``base_model_name_or_path``,
@@ -71,8 +58,8 @@ class PeftConfig:
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None = None,
                         **kwargs: Any) -> AdapterConfig:
-        raw = read_adapter_config(pretrained_model_name_or_path, subfolder)
-        return config_from_peft_fields(raw, str(Path(pretrained_model_name_or_path) / (subfolder or "") / CONFIG_NAME))
+        directory = _adapter_dir(pretrained_model_name_or_path, subfolder)
+        return config_from_peft_fields(read_adapter_config(directory), str(directory / CONFIG_NAME))
 
 
 class AutoPeftModel:

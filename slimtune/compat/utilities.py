@@ -35,11 +35,14 @@ class LoadResult(NamedTuple):
 def is_kbit_model(model: nn.Module) -> bool:
     """Whether ``model`` is quantised: loaded in 8 / 4 bits by transformers (bitsandbytes, or a k-bit method PEFT
     knows), or holding slimtune's / bitsandbytes' 4-bit layers."""
-    if any(getattr(model, flag, False) for flag in KBIT_FLAGS):
-        return True
-    if getattr(model, "quantization_method", None) in KBIT_METHODS or getattr(model, "hqq_quantized", False):
+    if any(getattr(model, flag, False) for flag in KBIT_FLAGS) or _other_kbit_method(model):
         return True
     return any(quantized_handle(module) is not None for module in model.modules())
+
+
+def _other_kbit_method(model: nn.Module) -> bool:
+    """Whether transformers quantised ``model`` by a k-bit method other than bitsandbytes (GPTQ, AQLM, ...)."""
+    return getattr(model, "quantization_method", None) in KBIT_METHODS or bool(getattr(model, "hqq_quantized", False))
 
 
 def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing: bool = True,
@@ -58,8 +61,7 @@ def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing
     kwargs = dict(gradient_checkpointing_kwargs or {})
     for param in model.parameters():
         param.requires_grad_(False)
-    other_method = getattr(model, "quantization_method", None) in KBIT_METHODS or getattr(model, "hqq_quantized", False)
-    if upcast and not other_method:
+    if upcast and not _other_kbit_method(model):
         with torch.no_grad():
             for param in model.parameters():
                 if param.dtype in (torch.float16, torch.bfloat16) and type(param).__name__ != "Params4bit":

@@ -131,6 +131,18 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
 
 
 # -- load ---------------------------------------------------------------------------------------------
+def read_adapter_config(directory: Path) -> dict[str, Any]:
+    """``adapter_config.json`` of ``directory`` as a dict; CheckpointError if it is unreadable or not an object."""
+    config_path = directory / CONFIG_NAME
+    try:
+        fields = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # ValueError covers JSONDecodeError and UnicodeDecodeError
+        raise CheckpointError(f"{config_path} is not valid JSON, cannot read it ({exc})") from exc
+    if not isinstance(fields, dict):
+        raise CheckpointError(f"{config_path} must hold a JSON object, got {type(fields).__name__}")
+    return fields
+
+
 def read_adapter_files(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """``(adapter_config.json as a dict, the tensors of adapter_model.safetensors)``; CheckpointError if unreadable."""
     if not directory.exists():
@@ -146,12 +158,7 @@ def read_adapter_files(directory: Path) -> tuple[dict[str, Any], dict[str, torch
         raise CheckpointError(f"{weights_path} does not exist")
     if not config_path.is_file():
         raise CheckpointError(f"{config_path} does not exist")
-    try:
-        fields = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:  # ValueError covers JSONDecodeError and UnicodeDecodeError
-        raise CheckpointError(f"{config_path} is not valid JSON: {exc}") from exc
-    if not isinstance(fields, dict):
-        raise CheckpointError(f"{config_path} must hold a JSON object, got {type(fields).__name__}")
+    fields = read_adapter_config(directory)
     try:
         from safetensors.torch import load_file
 

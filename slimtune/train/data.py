@@ -72,12 +72,17 @@ class ByteTokenizer:
         return ([self.bos_id] if special else []) + list(text.encode("utf-8"))
 
 
+def has_tokenizer(model_dir: str) -> bool:
+    """Whether a model directory holds tokenizer files (:data:`TOKENIZER_FILES`)."""
+    return any((Path(model_dir) / name).is_file() for name in TOKENIZER_FILES)
+
+
 class HFTokenizer:
     """A model directory's tokenizer (``transformers.AutoTokenizer``); padding id: its pad, else EOS, else 0."""
 
     def __init__(self, model_dir: str) -> None:
         transformers = require_transformers()
-        if not any((Path(model_dir) / name).is_file() for name in TOKENIZER_FILES):
+        if not has_tokenizer(model_dir):
             raise ConfigError(f"--model {model_dir} has no tokenizer files ({', '.join(TOKENIZER_FILES)})")
         try:
             self.tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)

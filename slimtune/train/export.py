@@ -38,7 +38,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from ..core.checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_adapter
+from ..core.checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_adapter, read_adapter_config
 from ..core.config import CLASSIFIER_HEADS
 from ..core.inject import adapter_modules, disable_adapters, unload
 from ..errors import CheckpointError, ConfigError
@@ -49,8 +49,8 @@ from ..models.workload import make_inputs
 from ..quant import dequantize, quantize
 from .build import build_base, diffusion_spec, head_name, read_model_config, trained_part
 from .config import TrainConfig
-from .data import TOKENIZER_FILES, HFTokenizer
-from .rundir import RUN_NAME
+from .data import HFTokenizer, has_tokenizer
+from .rundir import RUN_NAME, RunDir
 
 RECORD_NAME = "slimtune_export.json"
 BASES = ("original", "dequantized")
@@ -66,6 +66,7 @@ class Source:
     random base weights on (``None``: not recorded, or not a run)."""
 
     adapter_dir: Path
+    method: str  # as PEFT names it (:func:`adapter_method`)
     cfg: TrainConfig
     labels: list[str] | None
     num_labels: int | None
@@ -105,33 +106,24 @@ class ExportResult:
 
 
 def _run_record(directory: Path) -> dict[str, Any] | None:
-    path = directory / RUN_NAME
-    if not path.is_file():
-        return None
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{path}: cannot read it ({exc})") from None
-    if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
-        raise ConfigError(f"{path} is not a slimtune run record")
+    """``directory``'s ``run.json`` (None when it has none)."""
+    record = RunDir(directory).recorded()
+    if record is not None and not isinstance(record.get("config"), dict):
+        raise ConfigError(f"{directory / RUN_NAME} is not a slimtune run record")
     return record
 
 
-def adapter_method(adapter_dir: Path) -> str:
-    """The adapter's method as PEFT names it (``LORA``, ``LORA+DoRA``, ``LOHA``, ...)."""
-    try:
-        raw = json.loads((adapter_dir / CONFIG_NAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{adapter_dir / CONFIG_NAME}: cannot read it ({exc})") from None
-    if not isinstance(raw, dict) or "peft_type" not in raw:
-        raise CheckpointError(f"{adapter_dir / CONFIG_NAME} has no peft_type: not an adapter config")
+def adapter_method(raw: dict[str, Any], where: Path) -> str:
+    """The method of an ``adapter_config.json`` (``raw``, read from ``where``) as PEFT names it (``LORA``,
+    ``LORA+DoRA``, ``LOHA``, ...)."""
+    if "peft_type" not in raw:
+        raise CheckpointError(f"{where / CONFIG_NAME} has no peft_type: not an adapter config")
     return str(raw["peft_type"]) + ("+DoRA" if raw.get("use_dora") else "")
 
 
-def _recorded_base(adapter_dir: Path) -> str:
+def _recorded_base(raw: dict[str, Any], adapter_dir: Path) -> str:
     """The local model directory the adapter's config names as its base (``base_model_name_or_path``)."""
-    raw = json.loads((adapter_dir / CONFIG_NAME).read_text(encoding="utf-8"))
-    named = raw.get("base_model_name_or_path") if isinstance(raw, dict) else None
+    named = raw.get("base_model_name_or_path")
     if not named:
         raise ConfigError(f"{adapter_dir} is an adapter directory whose config names no base model: give it, --model "
                           "DIR or --preset NAME")
@@ -141,11 +133,10 @@ def _recorded_base(adapter_dir: Path) -> str:
     return str(named)
 
 
-def _task_of_adapter(adapter_dir: Path, model_dir: str | None) -> str:
+def _task_of_adapter(raw: dict[str, Any], model_dir: str | None) -> str:
     if model_dir is not None and "_class_name" in read_model_config(model_dir):
         return "diffusion"
-    raw = json.loads((adapter_dir / CONFIG_NAME).read_text(encoding="utf-8"))
-    return "classification" if isinstance(raw, dict) and raw.get("task_type") == "SEQ_CLS" else "causal-lm"
+    return "classification" if raw.get("task_type") == "SEQ_CLS" else "causal-lm"
 
 
 def _head_outputs(adapter_dir: Path) -> int:
@@ -176,27 +167,28 @@ def resolve_source(source: str | os.PathLike, model_dir: str | None = None, pres
         if not (path / CONFIG_NAME).is_file():
             raise ConfigError(f"{path} holds no adapter ({CONFIG_NAME}): the run has not finished; export one of "
                               f"its checkpoints instead ({path}/checkpoint-N)")
-        adapter_method(path)
+        method = adapter_method(read_adapter_config(path), path)
         fields = {f.name for f in dataclasses.fields(TrainConfig)}
         cfg = TrainConfig(**{k: v for k, v in record["config"].items() if k in fields})
-        return Source(path, cfg, record.get("labels"), record.get("num_labels"), record.get("device"))
+        return Source(path, method, cfg, record.get("labels"), record.get("num_labels"), record.get("device"))
     if not (path / CONFIG_NAME).is_file():
         raise ConfigError(f"{path} holds neither a slimtune run ({RUN_NAME}) nor an adapter ({CONFIG_NAME})")
-    adapter_method(path)  # a readable adapter config, before any model is built
+    raw = read_adapter_config(path)  # a readable adapter config, before any model is built
+    method = adapter_method(raw, path)
     if model_dir is not None and preset is not None:
         raise ConfigError("give one base model: --model DIR or --preset NAME")
     if model_dir is None and preset is None:
-        model_dir = _recorded_base(path)
+        model_dir = _recorded_base(raw, path)
     if model_dir is not None and not (Path(model_dir) / "config.json").is_file():
         raise ConfigError(f"--model {model_dir} is not a Hugging Face model directory (no config.json)")
     if preset is not None:
         spec = get_preset(preset)
         task = "diffusion" if isinstance(spec, DiffusionPreset) else "causal-lm"
     else:
-        task = _task_of_adapter(path, model_dir)
+        task = _task_of_adapter(raw, model_dir)
     num_labels = _head_outputs(path) if task == "classification" else None
     cfg = TrainConfig(out="", model_dir=model_dir, preset=preset, task=task)
-    return Source(path, cfg, None, num_labels, None)
+    return Source(path, method, cfg, None, num_labels, None)
 
 
 def _probe_inputs(model: nn.Module, cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
@@ -237,7 +229,7 @@ def build_export_model(src: Source, device: torch.device, dtype: torch.dtype, ba
         if src.labels:
             config.id2label = dict(enumerate(src.labels))
             config.label2id = {name: i for i, name in enumerate(src.labels)}
-        tokenizer_dir = cfg.model_dir if cfg.model_dir is not None and _has_tokenizer(cfg.model_dir) else None
+        tokenizer_dir = cfg.model_dir if cfg.model_dir is not None and has_tokenizer(cfg.model_dir) else None
         if getattr(config, "pad_token_id", None) is None and tokenizer_dir is not None:
             config.pad_token_id = HFTokenizer(tokenizer_dir).pad_id  # as training set it (decoder classifiers)
     if base == "dequantized":
@@ -251,10 +243,6 @@ def build_export_model(src: Source, device: torch.device, dtype: torch.dtype, ba
     except CheckpointError as exc:
         raise CheckpointError(f"{exc} (is {src.adapter_dir} an adapter of this base model?)") from None
     return model
-
-
-def _has_tokenizer(model_dir: str) -> bool:
-    return any((Path(model_dir) / name).is_file() for name in TOKENIZER_FILES)
 
 
 def _check_out(out: Path) -> None:
@@ -285,7 +273,6 @@ def export_merged(source: str | os.PathLike, out: str | os.PathLike, model_dir: 
     with disable_adapters(part):
         effect = _relative_error(adapted, _outputs(model, inputs))  # how far the adapter moves the output
     layers = len(adapter_modules(part))
-    method = adapter_method(src.adapter_dir)
     unload(part, merge=True)
     error = _relative_error(adapted, _outputs(model, inputs))
     limit = TOLERANCE
@@ -298,10 +285,10 @@ def export_merged(source: str | os.PathLike, out: str | os.PathLike, model_dir: 
     try:
         part.save_pretrained(str(tmp))
         cfg = src.cfg
-        if cfg.model_dir is not None and cfg.task != "diffusion" and _has_tokenizer(cfg.model_dir):
+        if cfg.model_dir is not None and cfg.task != "diffusion" and has_tokenizer(cfg.model_dir):
             HFTokenizer(cfg.model_dir).tokenizer.save_pretrained(str(tmp))
         record = {"source": str(Path(source).expanduser().absolute()), "base_model": cfg.model_name,
-                  "task": cfg.task, "method": method, "adapted_layers": layers, "merged_onto": base,
+                  "task": cfg.task, "method": src.method, "adapted_layers": layers, "merged_onto": base,
                   "dtype": dtype_name(export_dtype), "check": {"relative_error": error, "tolerance": limit, "adapter_effect": effect}}
         (tmp / RECORD_NAME).write_text(json.dumps(record, indent=1), encoding="utf-8")
         if out.exists():
@@ -309,4 +296,4 @@ def export_merged(source: str | os.PathLike, out: str | os.PathLike, model_dir: 
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return ExportResult(out, method, base, dtype_name(export_dtype), layers, error, effect)
+    return ExportResult(out, src.method, base, dtype_name(export_dtype), layers, error, effect)

@@ -62,8 +62,7 @@ def auto_plain_layers(cfg: TrainConfig, seq: int, env: Environment, device: torc
     spec = get_preset(cfg.preset) if cfg.preset is not None else preset_from_dir(str(cfg.model_dir))
     micro = cfg.micro_batch or cfg.batch // env.world
     gpu_mem = torch.cuda.get_device_properties(device).total_memory
-    method = "dora" if cfg.method.startswith("dora") else cfg.method
-    count, estimates = fit_plain_layers(spec, method, cfg.rank, micro, seq, cfg.quant, str(cfg.dtype), cfg.memory,
+    count, estimates = fit_plain_layers(spec, cfg.method, cfg.rank, micro, seq, cfg.quant, str(cfg.dtype), cfg.memory,
                                         gpu_mem)
     if count < 0:
         reporter.note(f"--plain-layers auto: even with every layer checkpointed the predicted peak "
