@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# What the last sessions built without a GPU and still has to be measured on one, in three parts that each fit one
-# device call (≤ 10 min) and together the 30-minute device budget. Run from the repository root on the lent machine:
+# The GPU measurements that sessions without a device left open, in three parts that each fit one device call
+# (≤ 10 min) and together the 30-minute device budget; run on 2026-12-05 as RESULTS.md runs 47 (part 1), 48 (part 3)
+# and 49 (part 2), and kept to repeat them. Run from the repository root on the lent machine:
 #
 #   bash benchmarks/pending_gpu.sh 1    # issue 19: capture test, DoRA host breakdown, paired steps eager / captured /
 #                                       #           timed variants, slimtune vs PEFT-bf16 (no carry)

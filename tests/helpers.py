@@ -19,7 +19,7 @@ def perturb_adapters(model: torch.nn.Module, std: float = 0.1, seed: int = 0) ->
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=gen).to(p.dtype) * std)
+                p.add_(torch.randn(p.shape, generator=gen).to(p.device, p.dtype) * std)
 
 
 def read_adapter_dir(directory) -> tuple[dict, dict]:

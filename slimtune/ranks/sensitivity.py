@@ -19,13 +19,12 @@ weight gradient (:meth:`~.layers.LayerView.weight_gradient`).
   Hessian-vector products from central differences of gradients (:mod:`.hessian`); no spectrum.
 
 Each batch's spectrum is the eigenvalues of a Gram matrix (``G Gᵀ`` or its data-weighted form), at most
-``min(d_out, d_in)`` wide; on CUDA those up to :data:`HOST_EIGVALSH_MAX` wide go to host threads while the backward
-pass continues, and the sums are taken in a fixed order at the end (:class:`_Accumulator`).
+``min(d_out, d_in)`` wide, decomposed in float64 on the model's device (:class:`_Accumulator`). Decomposing them on
+host threads instead, off the device's stream, was tried and measured slower on an H200 (``benchmarks/RESULTS.md``,
+session of 2026-12-05: the online allocation's measurement took 3.8-4.6 s that way, 1.3-1.6 s on the device).
 """
 from __future__ import annotations
 
-import concurrent.futures
-import os
 from typing import Any, Callable, Iterable
 
 import torch
@@ -41,72 +40,33 @@ from .taps import frozen_eval, tapped
 METHODS = ("gradient", "hessian", "data")
 
 
-HOST_EIGVALSH_MAX = 1024
-"""Gram matrices up to this width are decomposed on host threads when the model runs on CUDA, off the device's
-stream: cuSOLVER's ``eigvalsh`` is latency-bound at these sizes (run 45: 288 decompositions of 384 x 384 made most of
-a 3.3 s measurement — inferred from the variants' setup times, not profiled), and the copy to the host overlaps the
-rest of the backward pass. Wider ones stay on the device, where a host decomposition would be slower."""
-
-
 class _Accumulator:
-    """Running sums of scores and spectra per layer. Each batch's spectrum comes as a Gram matrix ``M Mᵀ`` (its
-    eigenvalues are the energies ``σ_j(M)²``), decomposed in float64 — on host threads for a CUDA Gram up to
-    :data:`HOST_EIGVALSH_MAX` wide, at once otherwise. :meth:`totals` waits for the pending ones and adds
-    everything in submission order, so the sums do not depend on which thread finished first."""
+    """Running sums of scores and spectra per layer. Each batch's spectrum comes as a Gram matrix ``M Mᵀ``; its
+    eigenvalues (the energies ``σ_j(M)²``) are taken in float64 at once."""
 
-    def __init__(self, layers: list[LayerView], pool: concurrent.futures.Executor) -> None:
+    def __init__(self, layers: list[LayerView]) -> None:
         self.layers = layers
-        self.pool = pool
-        self.pending: list[tuple[str, concurrent.futures.Future[torch.Tensor] | torch.Tensor]] = []
+        self.score = {v.name: 0.0 for v in layers}
+        self.spectrum = {v.name: torch.zeros(min(v.d_out, v.d_in), dtype=torch.float64) for v in layers}
 
     def add(self, view: LayerView, gram: torch.Tensor | None) -> None:
         """Add one batch's Gram matrix (``None``: the batch gave this layer nothing)."""
         if gram is None:
             return
-        if decompose_on_host(gram):
-            host, copied = _to_host(gram)
-            self.pending.append((view.name, self.pool.submit(_host_eigvalsh, host, copied)))
-        else:
-            self.pending.append((view.name, descending_eigvalsh(gram.double()).cpu()))
+        spectrum = self.spectrum[view.name]
+        energies = descending_eigvalsh(gram.double()).cpu()[: spectrum.numel()]
+        spectrum[: energies.numel()] += energies
+        self.score[view.name] += float(energies.sum())
 
     def totals(self, count: int) -> list[LayerSensitivity]:
         """Each layer's mean score and spectrum over ``count`` batches."""
-        score = {v.name: 0.0 for v in self.layers}
-        spectrum = {v.name: torch.zeros(min(v.d_out, v.d_in), dtype=torch.float64) for v in self.layers}
-        for name, part in self.pending:
-            energies = part.result() if isinstance(part, concurrent.futures.Future) else part
-            energies = energies[: spectrum[name].numel()]
-            spectrum[name][: energies.numel()] += energies
-            score[name] += float(energies.sum())
-        return [LayerSensitivity(v.name, v.d_out, v.d_in, score[v.name] / count, spectrum[v.name] / count)
+        return [LayerSensitivity(v.name, v.d_out, v.d_in, self.score[v.name] / count, self.spectrum[v.name] / count)
                 for v in self.layers]
 
 
 def descending_eigvalsh(gram: torch.Tensor) -> torch.Tensor:
     """The eigenvalues of a symmetric positive semi-definite matrix, descending, rounding below zero clamped."""
     return torch.linalg.eigvalsh(gram).flip(0).clamp_min(0)
-
-
-def decompose_on_host(gram: torch.Tensor) -> bool:
-    """Whether a batch's Gram matrix goes to a host thread (see :data:`HOST_EIGVALSH_MAX`)."""
-    return gram.is_cuda and gram.shape[0] <= HOST_EIGVALSH_MAX
-
-
-def _to_host(gram: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
-    """A host copy of ``gram`` and, for a CUDA one, the event after which the copy (queued, not awaited) is there."""
-    if not gram.is_cuda:
-        return gram.detach().clone(), None
-    host = torch.empty(gram.shape, dtype=gram.dtype, pin_memory=True)
-    host.copy_(gram, non_blocking=True)
-    copied = torch.cuda.Event()
-    copied.record()
-    return host, copied
-
-
-def _host_eigvalsh(host: torch.Tensor, copied: torch.cuda.Event | None) -> torch.Tensor:
-    if copied is not None:
-        copied.synchronize()
-    return descending_eigvalsh(host.double())
 
 
 def gram(m: torch.Tensor) -> torch.Tensor:
@@ -149,15 +109,14 @@ def _spectral(model: nn.Module, layers: list[LayerView], batches: Iterable[Any],
               batch_gram: Callable[[LayerView, torch.Tensor, torch.Tensor], torch.Tensor | None]
               ) -> list[LayerSensitivity]:
     count = 0
-    with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        acc = _Accumulator(layers, pool)
-        with frozen_eval(model), tapped(layers, lambda v, x, g: acc.add(v, batch_gram(v, x, g))):
-            for batch in batches:
-                backward_loss(model, batch, loss_fn)
-                count += 1
-        if count == 0:
-            raise ConfigError("no calibration batches: pass at least one batch")
-        return acc.totals(count)
+    acc = _Accumulator(layers)
+    with frozen_eval(model), tapped(layers, lambda v, x, g: acc.add(v, batch_gram(v, x, g))):
+        for batch in batches:
+            backward_loss(model, batch, loss_fn)
+            count += 1
+    if count == 0:
+        raise ConfigError("no calibration batches: pass at least one batch")
+    return acc.totals(count)
 
 
 def estimate_sensitivity(model: nn.Module, batches: Iterable[Any], config: AdapterConfig | None = None,

@@ -6,7 +6,6 @@ import torch
 from torch import nn
 
 import slimtune
-from slimtune.ranks import sensitivity
 from slimtune.ranks.hessian import probe_seed, rademacher
 from slimtune.ranks.layers import find_layers
 from slimtune.ranks.sensitivity import estimate_sensitivity
@@ -146,16 +145,3 @@ def test_clear_errors():
     with pytest.raises(slimtune.ConfigError, match="float32 or float64"):
         estimate_sensitivity(model.bfloat16(), [data[0].bfloat16()], CFG_AB, "hessian",
                              loss_fn=lambda m, x: m(x)[0].float().square().mean())
-
-
-@pytest.mark.parametrize("method", ["gradient", "data"])
-def test_host_thread_decompositions_give_the_same_sums(method, monkeypatch):
-    """The path a CUDA model takes (each batch's Gram matrix decomposed on a host thread, summed at the end in
-    submission order) forced on the CPU: bit for bit the inline result, over several batches."""
-    model, data, loss_fn = regression_problem(d=32, batches=3)
-    inline = estimate_sensitivity(model, data, CFG_AB, method, loss_fn=loss_fn)
-    monkeypatch.setattr(sensitivity, "decompose_on_host", lambda gram: True)
-    threaded = estimate_sensitivity(model, data, CFG_AB, method, loss_fn=loss_fn)
-    for a, b in zip(inline, threaded):
-        assert a.name == b.name and a.score == b.score
-        assert torch.equal(a.spectrum, b.spectrum)
