@@ -54,6 +54,7 @@ from .ranks.report import allocation_table, plot_allocation
 from .train import TASKS as TRAIN_TASKS
 from .train import TrainConfig, make_reporter, train
 from .train.calibration import load_calibration
+from .train.encode import encode_dataset
 from .train.export import BASES as EXPORT_BASES
 from .train.export import export_merged
 from .version import __version__
@@ -653,6 +654,44 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 COMMANDS.append(_add_export_parser)
+
+
+# -- slimtune encode --------------------------------------------------------------------------------
+
+def _add_encode_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "encode", help="images and captions -> the latents file that train --task diffusion --data reads",
+        description="Run a local diffusers pipeline's frozen VAE and text encoder(s) (SD-1.5 or SDXL style) once over "
+                    "--data and write latents, encoder_hidden_states (+ text_embeds, time_ids for SDXL) to --out. "
+                    "--data: a folder of images, each with its caption in a .txt file of the same name, or a JSONL "
+                    "file of {\"image\": path, \"text\": caption}. Images are resized (shorter side) and "
+                    "centre-cropped to --resolution.")
+    parser.add_argument("--pipeline", required=True, metavar="DIR",
+                        help="a local diffusers pipeline directory (model_index.json, vae/, text_encoder/, tokenizer/)")
+    parser.add_argument("--data", required=True, metavar="FOLDER|FILE.jsonl", help="the images and captions")
+    parser.add_argument("--out", required=True, metavar="FILE.safetensors", help="the latents file to write")
+    parser.add_argument("--resolution", type=int, default=None,
+                        help="image side in pixels (default: the pipeline UNet's sample size times the VAE's factor)")
+    parser.add_argument("--batch", type=int, default=8, help="images per encoder call (default: 8)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when there is one)")
+    parser.add_argument("--dtype", default="float32", help="encoders' and file's dtype (default: float32)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(handler=_cmd_encode)
+
+
+def _cmd_encode(args: argparse.Namespace) -> int:
+    with _progress(args.quiet) as progress:
+        task = progress.add_task("encoding", total=None)
+        result = encode_dataset(args.pipeline, args.data, args.out, resolution=args.resolution,
+                                batch_size=args.batch, device=args.device, dtype=args.dtype,
+                                on_batch=lambda done, total: progress.update(task, completed=done, total=total))
+    shapes = ", ".join(f"{key} {shape}" for key, shape in result.shapes.items())
+    Console().print(f"{result.out}: {result.samples} samples ({shapes}); train on it with slimtune train --task "
+                    f"diffusion --data {result.out}", highlight=False)
+    return 0
+
+
+COMMANDS.append(_add_encode_parser)
 
 
 # -- slimtune convert -------------------------------------------------------------------------------

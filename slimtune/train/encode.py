@@ -1,0 +1,238 @@
+"""Images and captions -> the latents file ``slimtune train --task diffusion --data`` reads (``slimtune encode``).
+
+A diffusion run trains the denoiser alone; its inputs are what the pipeline's frozen VAE and text encoders make of an
+image and its caption. This module runs those once, with the user's own local diffusers pipeline directory
+(``model_index.json``, ``vae/``, ``text_encoder/``, ``tokenizer/``; SDXL adds ``text_encoder_2/`` and
+``tokenizer_2/``), and writes the keys :mod:`.latents` documents:
+
+* ``latents`` ``[N, C, H, H]``: the VAE posterior's mean (deterministic: encoding twice gives the same file) times
+  the VAE's ``scaling_factor`` (after subtracting its ``shift_factor`` where it has one), as diffusers' training
+  scripts scale them;
+* ``encoder_hidden_states`` ``[N, T, D]``: SD-1.5 style, the text encoder's last hidden state; SDXL style, the
+  second-to-last hidden states of both encoders side by side (``D = 768 + 1280``), as diffusers' SDXL pipeline
+  builds them;
+* SDXL only: ``text_embeds`` ``[N, P]`` (the second encoder's projected pooled output) and ``time_ids`` ``[N, 6]``
+  (original height and width, crop top and left, target height and width).
+
+Captions are tokenized to the tokenizer's ``model_max_length`` (77 for CLIP), padded and truncated, as the
+pipelines do. Images are converted to RGB, resized so their shorter side is ``resolution`` (bicubic) and
+centre-cropped to a square: the file's latents are square, as training takes them.
+
+Samples come from a folder — every image file under it (sorted by path) with its caption in a ``.txt`` file of the
+same name beside it (the layout kohya-style trainers use) — or from a JSONL file of ``{"image": path, "text":
+caption}`` objects (paths relative to the JSONL file). Flux pipelines are refused by name (T5 text features and
+packed latents: not written yet).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from safetensors.torch import save_file
+
+from ..errors import ConfigError, DataError, MissingDependencyError
+from ..models.deps import require_diffusers, require_transformers
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    """One training sample: an image file and its caption."""
+
+    image: Path
+    caption: str
+
+
+def read_samples(source: str | Path) -> list[Sample]:
+    """The samples of a folder (images with ``.txt`` captions beside them) or of a JSONL file (``{"image",
+    "text"}``); a missing caption, a missing image or a malformed line is a :class:`DataError` naming it."""
+    source = Path(source)
+    if source.is_dir():
+        images = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if not images:
+            raise DataError(f"--data {source}: no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+        missing = [str(p.relative_to(source)) for p in images if not p.with_suffix(".txt").is_file()]
+        if missing:
+            raise DataError(f"--data {source}: {len(missing)} image(s) without a caption file beside them (same name, "
+                            f".txt), e.g. {', '.join(missing[:3])}")
+        return [Sample(p, p.with_suffix(".txt").read_text(encoding="utf-8").strip()) for p in images]
+    if not source.is_file():
+        raise DataError(f"--data {source}: no such folder or file")
+    samples = []
+    for number, line in enumerate(source.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            image, caption = record["image"], record["text"]
+        except (ValueError, TypeError, KeyError) as exc:
+            raise DataError(f"--data {source}, line {number}: expected a JSON object with \"image\" and \"text\" "
+                            f"({type(exc).__name__}: {exc})") from None
+        if not isinstance(image, str) or not isinstance(caption, str):
+            raise DataError(f"--data {source}, line {number}: \"image\" and \"text\" must be strings")
+        path = (source.parent / image) if not Path(image).is_absolute() else Path(image)
+        if not path.is_file():
+            raise DataError(f"--data {source}, line {number}: no image file {path}")
+        samples.append(Sample(path, caption))
+    if not samples:
+        raise DataError(f"--data {source}: no samples")
+    return samples
+
+
+def load_image(path: Path, resolution: int) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
+    """``path`` as a ``[3, resolution, resolution]`` float32 tensor in ``[-1, 1]`` (shorter side resized to
+    ``resolution``, bicubic, then centre-cropped), with ``(original height, original width, crop top, crop left)``
+    (the crop in resized pixels, as SDXL's ``time_ids`` take it)."""
+    try:
+        from PIL import Image
+    except ImportError:
+        raise MissingDependencyError("slimtune encode reads images with Pillow: pip install 'slimtune[diffusion]'") from None
+    try:
+        with Image.open(path) as opened:
+            image = opened.convert("RGB")
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: not a readable image ({type(exc).__name__}: {exc})") from None
+    width, height = image.size
+    scale = resolution / min(width, height)
+    new_w, new_h = max(resolution, round(width * scale)), max(resolution, round(height * scale))
+    image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    top, left = (new_h - resolution) // 2, (new_w - resolution) // 2
+    image = image.crop((left, top, left + resolution, top + resolution))
+    pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(resolution, resolution, 3)
+    return pixels.permute(2, 0, 1).float() / 127.5 - 1.0, (height, width, top, left)
+
+
+@dataclasses.dataclass
+class EncoderPipeline:
+    """The frozen parts of a local diffusers pipeline that make a training sample: VAE, tokenizers, text encoders
+    (one for SD-1.5 style, two for SDXL style)."""
+
+    directory: Path
+    vae: Any
+    tokenizers: list[Any]
+    text_encoders: list[Any]
+    unet_sample_size: int | None  #: the pipeline UNet's latent side (its config's ``sample_size``), if it has one
+
+    @property
+    def sdxl(self) -> bool:
+        return len(self.text_encoders) == 2
+
+    @classmethod
+    def load(cls, directory: str | Path, device: torch.device, dtype: torch.dtype) -> EncoderPipeline:
+        directory = Path(directory)
+        index_path = directory / "model_index.json"
+        try:
+            index = json.loads(index_path.read_text(encoding="utf-8"))
+        except OSError:
+            raise ConfigError(f"--pipeline {directory}: no model_index.json (a local diffusers pipeline directory "
+                              "with vae/, text_encoder/ and tokenizer/ is needed)") from None
+        except ValueError as exc:
+            raise ConfigError(f"--pipeline {index_path}: not valid JSON ({exc})") from None
+        if "Flux" in str(index.get("_class_name", "")) or "transformer" in index:
+            raise ConfigError(f"--pipeline {directory}: {index.get('_class_name', 'a DiT pipeline')} is not supported "
+                              "by slimtune encode yet (T5 text features and packed latents); SD-1.5 and SDXL style "
+                              "pipelines are")
+        for part in ("vae", "text_encoder", "tokenizer"):
+            if not (directory / part).is_dir():
+                raise ConfigError(f"--pipeline {directory}: no {part}/ folder")
+        diffusers, transformers = require_diffusers(), require_transformers()
+        vae = diffusers.AutoencoderKL.from_pretrained(directory / "vae", torch_dtype=dtype).to(device).eval()
+        tokenizers = [transformers.AutoTokenizer.from_pretrained(directory / "tokenizer")]
+        encoders = [transformers.CLIPTextModel.from_pretrained(directory / "text_encoder", torch_dtype=dtype)]
+        if (directory / "text_encoder_2").is_dir():
+            tokenizer_2 = directory / ("tokenizer_2" if (directory / "tokenizer_2").is_dir() else "tokenizer")
+            tokenizers.append(transformers.AutoTokenizer.from_pretrained(tokenizer_2))
+            encoders.append(transformers.CLIPTextModelWithProjection.from_pretrained(
+                directory / "text_encoder_2", torch_dtype=dtype))
+        encoders = [e.to(device).eval() for e in encoders]
+        unet_config = directory / "unet" / "config.json"
+        sample_size = None
+        if unet_config.is_file():
+            sample_size = json.loads(unet_config.read_text(encoding="utf-8")).get("sample_size")
+        return cls(directory, vae, tokenizers, encoders, sample_size if isinstance(sample_size, int) else None)
+
+    @property
+    def vae_scale(self) -> int:
+        """Image pixels per latent pixel."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, H, H]`` in ``[-1, 1]`` -> scaled latents ``[B, C, H/f, H/f]`` (the posterior's mean)."""
+        param = next(self.vae.parameters())
+        latents = self.vae.encode(pixels.to(param.device, param.dtype)).latent_dist.mode()
+        shift = getattr(self.vae.config, "shift_factor", None)
+        if shift is not None:
+            latents = latents - shift
+        return latents * self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def encode_text(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
+        """``encoder_hidden_states`` ``[B, T, D]`` (and SDXL's ``text_embeds`` ``[B, P]``) for the captions."""
+        states, pooled = [], None
+        for tokenizer, encoder in zip(self.tokenizers, self.text_encoders):
+            ids = tokenizer(list(captions), padding="max_length", max_length=tokenizer.model_max_length,
+                            truncation=True, return_tensors="pt").input_ids.to(next(encoder.parameters()).device)
+            out = encoder(ids, output_hidden_states=self.sdxl)
+            states.append(out.hidden_states[-2] if self.sdxl else out.last_hidden_state)
+            if self.sdxl:
+                pooled = out.text_embeds if hasattr(out, "text_embeds") else out.pooler_output
+        result = {"encoder_hidden_states": torch.cat(states, dim=-1)}
+        if self.sdxl:
+            result["text_embeds"] = pooled
+        return result
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodeResult:
+    out: Path
+    samples: int
+    shapes: dict[str, list[int]]
+
+
+def encode_dataset(pipeline_dir: str | Path, data: str | Path, out: str | Path, *, resolution: int | None = None,
+                   batch_size: int = 8, device: str | None = None, dtype: str = "float32",
+                   on_batch: Callable[[int, int], None] | None = None) -> EncodeResult:
+    """Encode every sample of ``data`` (:func:`read_samples`) with the pipeline at ``pipeline_dir`` and write the
+    latents file to ``out`` (see the module docstring). ``resolution``: the image side in pixels (default: the
+    pipeline UNet's ``sample_size`` times the VAE's factor). ``on_batch(done, total)`` is called after each
+    batch. The file is written in ``dtype``."""
+    if batch_size < 1:
+        raise ConfigError(f"--batch must be at least 1, got {batch_size}")
+    torch_dtype = getattr(torch, dtype, None)
+    if not isinstance(torch_dtype, torch.dtype) or not torch_dtype.is_floating_point:
+        raise ConfigError(f"--dtype {dtype!r} is not a floating-point torch dtype (float32, bfloat16, float16)")
+    samples = read_samples(data)
+    target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    pipeline = EncoderPipeline.load(pipeline_dir, target, torch_dtype)
+    side = resolution
+    if side is None and pipeline.unet_sample_size:
+        side = pipeline.unet_sample_size * pipeline.vae_scale
+    if side is None:
+        raise ConfigError(f"--pipeline {pipeline_dir}: no unet/config.json to take the image size from; pass "
+                          "--resolution")
+    if side <= 0 or side % pipeline.vae_scale:
+        raise ConfigError(f"--resolution {side}: must be a positive multiple of the VAE's factor {pipeline.vae_scale}")
+    parts: dict[str, list[torch.Tensor]] = {}
+    for start in range(0, len(samples), batch_size):
+        batch = samples[start:start + batch_size]
+        loaded = [load_image(s.image, side) for s in batch]
+        pixels = torch.stack([p for p, _ in loaded])
+        rows = {"latents": pipeline.encode_images(pixels), **pipeline.encode_text([s.caption for s in batch])}
+        if pipeline.sdxl:
+            rows["time_ids"] = torch.tensor([[h, w, top, left, side, side] for _, (h, w, top, left) in loaded],
+                                            dtype=torch.float32)
+        for key, value in rows.items():
+            parts.setdefault(key, []).append(value.to("cpu", torch_dtype))
+        if on_batch is not None:
+            on_batch(min(start + batch_size, len(samples)), len(samples))
+    tensors = {key: torch.cat(values).contiguous() for key, values in parts.items()}
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out), metadata={"pipeline": str(pipeline_dir), "resolution": str(side),
+                                           "samples": str(len(samples))})
+    return EncodeResult(out, len(samples), {key: list(t.shape) for key, t in tensors.items()})
