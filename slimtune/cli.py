@@ -661,13 +661,15 @@ COMMANDS.append(_add_export_parser)
 def _add_encode_parser(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "encode", help="images and captions -> the latents file that train --task diffusion --data reads",
-        description="Run a local diffusers pipeline's frozen VAE and text encoder(s) (SD-1.5 or SDXL style) once over "
-                    "--data and write latents, encoder_hidden_states (+ text_embeds, time_ids for SDXL) to --out. "
+        description="Run a local diffusers pipeline's frozen VAE and text encoders (SD-1.5, SDXL or Flux style) once "
+                    "over --data and write latents, encoder_hidden_states (+ text_embeds, time_ids for SDXL; "
+                    "pooled_projections for Flux, whose latents are packed) to --out. "
                     "--data: a folder of images, each with its caption in a .txt file of the same name, or a JSONL "
                     "file of {\"image\": path, \"text\": caption}. Images are resized (shorter side) and "
                     "centre-cropped to --resolution.")
     parser.add_argument("--pipeline", required=True, metavar="DIR",
-                        help="a local diffusers pipeline directory (model_index.json, vae/, text_encoder/, tokenizer/)")
+                        help="a local diffusers pipeline directory (model_index.json, vae/, text_encoder/, tokenizer/; "
+                             "text_encoder_2/, tokenizer_2/ for SDXL and Flux)")
     parser.add_argument("--data", required=True, metavar="FOLDER|FILE.jsonl", help="the images and captions")
     parser.add_argument("--out", required=True, metavar="FILE.safetensors", help="the latents file to write")
     parser.add_argument("--resolution", type=int, default=None,
@@ -675,6 +677,8 @@ def _add_encode_parser(subparsers: Any) -> None:
     parser.add_argument("--batch", type=int, default=8, help="images per encoder call (default: 8)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when there is one)")
     parser.add_argument("--dtype", default="float32", help="encoders' and file's dtype (default: float32)")
+    parser.add_argument("--text-len", type=int, default=None,
+                        help="Flux: T5 tokens per caption (default: its tokenizer's maximum, at most 512)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(handler=_cmd_encode)
 
@@ -683,7 +687,7 @@ def _cmd_encode(args: argparse.Namespace) -> int:
     with _progress(args.quiet) as progress:
         task = progress.add_task("encoding", total=None)
         result = encode_dataset(args.pipeline, args.data, args.out, resolution=args.resolution,
-                                batch_size=args.batch, device=args.device, dtype=args.dtype,
+                                batch_size=args.batch, device=args.device, dtype=args.dtype, text_len=args.text_len,
                                 on_batch=lambda done, total: progress.update(task, completed=done, total=total))
     shapes = ", ".join(f"{key} {shape}" for key, shape in result.shapes.items())
     Console().print(f"{result.out}: {result.samples} samples ({shapes}); train on it with slimtune train --task "

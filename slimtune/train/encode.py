@@ -12,7 +12,11 @@ image and its caption. This module runs those once, with the user's own local di
   second-to-last hidden states of both encoders side by side (``D = 768 + 1280``), as diffusers' SDXL pipeline
   builds them;
 * SDXL only: ``text_embeds`` ``[N, P]`` (the second encoder's projected pooled output) and ``time_ids`` ``[N, 6]``
-  (original height and width, crop top and left, target height and width).
+  (original height and width, crop top and left, target height and width);
+* Flux (``FluxPipeline`` directories: CLIP as ``text_encoder``, T5 as ``text_encoder_2``): ``latents`` packed in 2x2
+  patches ``[N, (H/2)², 4C]`` as ``FluxPipeline`` packs them, ``encoder_hidden_states`` the T5 encoder's last hidden
+  state over ``text_len`` tokens (default: its tokenizer's ``model_max_length``, at most 512, FLUX.1-dev's), and
+  ``pooled_projections`` CLIP's pooled output.
 
 Captions are tokenized to the tokenizer's ``model_max_length`` (77 for CLIP), padded and truncated, as the
 pipelines do. Images are converted to RGB, resized so their shorter side is ``resolution`` (bicubic) and
@@ -20,8 +24,7 @@ centre-cropped to a square: the file's latents are square, as training takes the
 
 Samples come from a folder — every image file under it (sorted by path) with its caption in a ``.txt`` file of the
 same name beside it (the layout kohya-style trainers use) — or from a JSONL file of ``{"image": path, "text":
-caption}`` objects (paths relative to the JSONL file). Flux pipelines are refused by name (T5 text features and
-packed latents: not written yet).
+caption}`` objects (paths relative to the JSONL file).
 """
 from __future__ import annotations
 
@@ -106,85 +109,115 @@ def load_image(path: Path, resolution: int) -> tuple[torch.Tensor, tuple[int, in
     return pixels.permute(2, 0, 1).float() / 127.5 - 1.0, (height, width, top, left)
 
 
+#: each pipeline style's denoiser folder and its second text encoder's class (None: it has one encoder)
+STYLES = {"sd": ("unet", None), "sdxl": ("unet", "CLIPTextModelWithProjection"),
+          "flux": ("transformer", "T5EncoderModel")}
+#: the latent side Flux pipelines default to (``FluxPipeline.default_sample_size``; its transformer's config has none)
+FLUX_SAMPLE_SIZE = 128
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except OSError:
+        raise ConfigError(f"--pipeline {path.parent}: no {path.name} ({what})") from None
+    except ValueError as exc:
+        raise ConfigError(f"--pipeline {path}: not valid JSON ({exc})") from None
+
+
 @dataclasses.dataclass
 class EncoderPipeline:
-    """The frozen parts of a local diffusers pipeline that make a training sample: VAE, tokenizers, text encoders
-    (one for SD-1.5 style, two for SDXL style)."""
+    """The frozen parts of a local diffusers pipeline that make a training sample: VAE, tokenizers, text encoders.
+    ``style``: ``"sd"`` (one CLIP encoder), ``"sdxl"`` (two CLIP encoders), ``"flux"`` (CLIP for the pooled
+    embedding, T5 for the token features; latents packed in 2x2 patches)."""
 
-    directory: Path
+    style: str
     vae: Any
     tokenizers: list[Any]
     text_encoders: list[Any]
-    unet_sample_size: int | None  #: the pipeline UNet's latent side (its config's ``sample_size``), if it has one
-
-    @property
-    def sdxl(self) -> bool:
-        return len(self.text_encoders) == 2
+    sample_size: int | None  #: the denoiser's latent side by default (its config's ``sample_size``), if known
+    text_len: int  #: T5 tokens per caption (Flux); CLIP's are its tokenizer's ``model_max_length``
 
     @classmethod
-    def load(cls, directory: str | Path, device: torch.device, dtype: torch.dtype) -> EncoderPipeline:
+    def load(cls, directory: str | Path, device: torch.device, dtype: torch.dtype,
+             text_len: int | None = None) -> EncoderPipeline:
         directory = Path(directory)
-        index_path = directory / "model_index.json"
-        try:
-            index = json.loads(index_path.read_text(encoding="utf-8"))
-        except OSError:
-            raise ConfigError(f"--pipeline {directory}: no model_index.json (a local diffusers pipeline directory "
-                              "with vae/, text_encoder/ and tokenizer/ is needed)") from None
-        except ValueError as exc:
-            raise ConfigError(f"--pipeline {index_path}: not valid JSON ({exc})") from None
-        if "Flux" in str(index.get("_class_name", "")) or "transformer" in index:
-            raise ConfigError(f"--pipeline {directory}: {index.get('_class_name', 'a DiT pipeline')} is not supported "
-                              "by slimtune encode yet (T5 text features and packed latents); SD-1.5 and SDXL style "
-                              "pipelines are")
-        for part in ("vae", "text_encoder", "tokenizer"):
+        index = _read_json(directory / "model_index.json", "a local diffusers pipeline directory has one")
+        name = str(index.get("_class_name", ""))
+        style = "flux" if "Flux" in name else "sdxl" if (directory / "text_encoder_2").is_dir() else "sd"
+        if "transformer" in index and style != "flux":
+            raise ConfigError(f"--pipeline {directory}: {name or 'this pipeline'} has a transformer denoiser that "
+                              "slimtune encode does not know; SD-1.5, SDXL and Flux style pipelines are supported")
+        denoiser, second = STYLES[style]
+        parts = ["vae", "text_encoder", "tokenizer"] + (["text_encoder_2", "tokenizer_2"] if second else [])
+        for part in parts:
             if not (directory / part).is_dir():
-                raise ConfigError(f"--pipeline {directory}: no {part}/ folder")
+                raise ConfigError(f"--pipeline {directory}: no {part}/ folder ({name or style} style)")
         diffusers, transformers = require_diffusers(), require_transformers()
         vae = diffusers.AutoencoderKL.from_pretrained(directory / "vae", torch_dtype=dtype).to(device).eval()
         tokenizers = [transformers.AutoTokenizer.from_pretrained(directory / "tokenizer")]
         encoders = [transformers.CLIPTextModel.from_pretrained(directory / "text_encoder", torch_dtype=dtype)]
-        if (directory / "text_encoder_2").is_dir():
-            tokenizer_2 = directory / ("tokenizer_2" if (directory / "tokenizer_2").is_dir() else "tokenizer")
-            tokenizers.append(transformers.AutoTokenizer.from_pretrained(tokenizer_2))
-            encoders.append(transformers.CLIPTextModelWithProjection.from_pretrained(
-                directory / "text_encoder_2", torch_dtype=dtype))
-        encoders = [e.to(device).eval() for e in encoders]
-        unet_config = directory / "unet" / "config.json"
-        sample_size = None
-        if unet_config.is_file():
-            sample_size = json.loads(unet_config.read_text(encoding="utf-8")).get("sample_size")
-        return cls(directory, vae, tokenizers, encoders, sample_size if isinstance(sample_size, int) else None)
+        if second:
+            tokenizers.append(transformers.AutoTokenizer.from_pretrained(directory / "tokenizer_2"))
+            encoders.append(getattr(transformers, second).from_pretrained(directory / "text_encoder_2",
+                                                                          torch_dtype=dtype))
+        config_path = directory / denoiser / "config.json"
+        sample_size = json.loads(config_path.read_text(encoding="utf-8")).get("sample_size") \
+            if config_path.is_file() else None
+        if style == "flux" and not isinstance(sample_size, int):
+            sample_size = FLUX_SAMPLE_SIZE
+        if text_len is None:
+            text_len = min(int(tokenizers[-1].model_max_length), 512)
+        if text_len < 1:
+            raise ConfigError(f"--text-len must be at least 1, got {text_len}")
+        return cls(style, vae, tokenizers, [e.to(device).eval() for e in encoders],
+                   sample_size if isinstance(sample_size, int) else None, text_len)
 
     @property
     def vae_scale(self) -> int:
         """Image pixels per latent pixel."""
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
+    @property
+    def pixel_multiple(self) -> int:
+        """What the image side must be a multiple of: the VAE's factor (twice it for Flux's 2x2 packing)."""
+        return self.vae_scale * (2 if self.style == "flux" else 1)
+
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """``[B, 3, H, H]`` in ``[-1, 1]`` -> scaled latents ``[B, C, H/f, H/f]`` (the posterior's mean)."""
+        """``[B, 3, H, H]`` in ``[-1, 1]`` -> scaled latents (the posterior's mean): ``[B, C, H/f, H/f]``, or for
+        Flux packed in 2x2 patches, ``[B, (H/2f)², 4C]``."""
         param = next(self.vae.parameters())
         latents = self.vae.encode(pixels.to(param.device, param.dtype)).latent_dist.mode()
         shift = getattr(self.vae.config, "shift_factor", None)
         if shift is not None:
             latents = latents - shift
-        return latents * self.vae.config.scaling_factor
+        latents = latents * self.vae.config.scaling_factor
+        if self.style == "flux":
+            b, c, h, w = latents.shape
+            latents = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, -1, 4 * c)
+        return latents
+
+    def _run(self, which: int, captions: Sequence[str], max_length: int, hidden_states: bool = False) -> Any:
+        tokenizer, encoder = self.tokenizers[which], self.text_encoders[which]
+        ids = tokenizer(list(captions), padding="max_length", max_length=max_length, truncation=True,
+                        return_tensors="pt").input_ids
+        return encoder(ids.to(next(encoder.parameters()).device), output_hidden_states=hidden_states)
 
     @torch.no_grad()
     def encode_text(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
-        """``encoder_hidden_states`` ``[B, T, D]`` (and SDXL's ``text_embeds`` ``[B, P]``) for the captions."""
-        states, pooled = [], None
-        for tokenizer, encoder in zip(self.tokenizers, self.text_encoders):
-            ids = tokenizer(list(captions), padding="max_length", max_length=tokenizer.model_max_length,
-                            truncation=True, return_tensors="pt").input_ids.to(next(encoder.parameters()).device)
-            out = encoder(ids, output_hidden_states=self.sdxl)
-            states.append(out.hidden_states[-2] if self.sdxl else out.last_hidden_state)
-            if self.sdxl:
-                pooled = out.text_embeds if hasattr(out, "text_embeds") else out.pooler_output
-        result = {"encoder_hidden_states": torch.cat(states, dim=-1)}
-        if self.sdxl:
-            result["text_embeds"] = pooled
-        return result
+        """The captions' conditioning: ``encoder_hidden_states`` ``[B, T, D]``, plus SDXL's ``text_embeds`` or
+        Flux's ``pooled_projections`` ``[B, P]``."""
+        clip_len = self.tokenizers[0].model_max_length
+        if self.style == "sd":
+            return {"encoder_hidden_states": self._run(0, captions, clip_len).last_hidden_state}
+        if self.style == "flux":
+            return {"encoder_hidden_states": self._run(1, captions, self.text_len).last_hidden_state,
+                    "pooled_projections": self._run(0, captions, clip_len).pooler_output}
+        first = self._run(0, captions, clip_len, hidden_states=True)
+        second = self._run(1, captions, self.tokenizers[1].model_max_length, hidden_states=True)
+        return {"encoder_hidden_states": torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1),
+                "text_embeds": second.text_embeds}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,7 +229,7 @@ class EncodeResult:
 
 def encode_dataset(pipeline_dir: str | Path, data: str | Path, out: str | Path, *, resolution: int | None = None,
                    batch_size: int = 8, device: str | None = None, dtype: str = "float32",
-                   on_batch: Callable[[int, int], None] | None = None) -> EncodeResult:
+                   text_len: int | None = None, on_batch: Callable[[int, int], None] | None = None) -> EncodeResult:
     """Encode every sample of ``data`` (:func:`read_samples`) with the pipeline at ``pipeline_dir`` and write the
     latents file to ``out`` (see the module docstring). ``resolution``: the image side in pixels (default: the
     pipeline UNet's ``sample_size`` times the VAE's factor). ``on_batch(done, total)`` is called after each
@@ -208,22 +241,23 @@ def encode_dataset(pipeline_dir: str | Path, data: str | Path, out: str | Path, 
         raise ConfigError(f"--dtype {dtype!r} is not a floating-point torch dtype (float32, bfloat16, float16)")
     samples = read_samples(data)
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    pipeline = EncoderPipeline.load(pipeline_dir, target, torch_dtype)
+    pipeline = EncoderPipeline.load(pipeline_dir, target, torch_dtype, text_len)
     side = resolution
-    if side is None and pipeline.unet_sample_size:
-        side = pipeline.unet_sample_size * pipeline.vae_scale
+    if side is None and pipeline.sample_size:
+        side = pipeline.sample_size * pipeline.vae_scale
     if side is None:
-        raise ConfigError(f"--pipeline {pipeline_dir}: no unet/config.json to take the image size from; pass "
-                          "--resolution")
-    if side <= 0 or side % pipeline.vae_scale:
-        raise ConfigError(f"--resolution {side}: must be a positive multiple of the VAE's factor {pipeline.vae_scale}")
+        raise ConfigError(f"--pipeline {pipeline_dir}: its denoiser's config.json gives no sample size to take the "
+                          "image size from; pass --resolution")
+    if side <= 0 or side % pipeline.pixel_multiple:
+        raise ConfigError(f"--resolution {side}: must be a positive multiple of {pipeline.pixel_multiple} (the VAE's "
+                          f"factor{', twice: Flux packs 2x2 latent patches' if pipeline.style == 'flux' else ''})")
     parts: dict[str, list[torch.Tensor]] = {}
     for start in range(0, len(samples), batch_size):
         batch = samples[start:start + batch_size]
         loaded = [load_image(s.image, side) for s in batch]
         pixels = torch.stack([p for p, _ in loaded])
         rows = {"latents": pipeline.encode_images(pixels), **pipeline.encode_text([s.caption for s in batch])}
-        if pipeline.sdxl:
+        if pipeline.style == "sdxl":
             rows["time_ids"] = torch.tensor([[h, w, top, left, side, side] for _, (h, w, top, left) in loaded],
                                             dtype=torch.float32)
         for key, value in rows.items():
@@ -233,6 +267,6 @@ def encode_dataset(pipeline_dir: str | Path, data: str | Path, out: str | Path, 
     tensors = {key: torch.cat(values).contiguous() for key, values in parts.items()}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out), metadata={"pipeline": str(pipeline_dir), "resolution": str(side),
-                                           "samples": str(len(samples))})
+    save_file(tensors, str(out), metadata={"pipeline": str(pipeline_dir), "style": pipeline.style,
+                                           "resolution": str(side), "samples": str(len(samples))})
     return EncodeResult(out, len(samples), {key: list(t.shape) for key, t in tensors.items()})

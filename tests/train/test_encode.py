@@ -1,6 +1,7 @@
 """``slimtune encode``: a local diffusers pipeline's VAE and text encoder(s) turn a folder or JSONL of images and
-captions into the latents file ``train --task diffusion --data`` reads — SD-1.5 style (trains tiny-unet on it) and
-SDXL style (two encoders, pooled embeddings, time ids); bad input is refused by name."""
+captions into the latents file ``train --task diffusion --data`` reads — SD-1.5 style (trains tiny-unet on it), SDXL
+style (two encoders, pooled embeddings, time ids) and Flux style (T5 features, CLIP pooled, packed latents: trains
+tiny-dit); bad input is refused by name."""
 from __future__ import annotations
 
 import json
@@ -32,22 +33,29 @@ def _tokenizer(max_length: int):
                                    model_max_length=max_length)
 
 
-def make_pipeline(root, sdxl: bool = False, text_len: int = 8, hidden: int = 32):
-    """A tiny SD-1.5 (or SDXL) style pipeline directory with random weights: VAE factor 2, UNet sample size 16
-    (so 32-pixel images), CLIP text encoder(s) of width ``hidden`` over ``text_len`` tokens."""
+def make_pipeline(root, sdxl: bool = False, text_len: int = 8, hidden: int = 32, flux: bool = False):
+    """A tiny SD-1.5 (SDXL, Flux) style pipeline directory with random weights: VAE factor 2, UNet sample size 16
+    (so 32-pixel images), CLIP text encoder(s) of width ``hidden`` over ``text_len`` tokens; Flux: CLIP of width 16
+    (tiny-dit's pooled width) and a T5 encoder of width 32 (its text width) over ``text_len`` tokens."""
     from diffusers import AutoencoderKL
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     torch.manual_seed(0)
     root.mkdir(parents=True, exist_ok=True)
     AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
                   up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
                   norm_num_groups=4, layers_per_block=1, sample_size=32).save_pretrained(root / "vae")
-    config = CLIPTextConfig(vocab_size=len(WORDS) + 2, hidden_size=hidden, intermediate_size=37,
+    config = CLIPTextConfig(vocab_size=len(WORDS) + 2, hidden_size=16 if flux else hidden, intermediate_size=37,
                             num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=text_len,
                             projection_dim=16)
     CLIPTextModel(config).save_pretrained(root / "text_encoder")
     _tokenizer(text_len).save_pretrained(root / "tokenizer")
+    if flux:
+        T5EncoderModel(T5Config(vocab_size=len(WORDS) + 2, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4)
+                       ).save_pretrained(root / "text_encoder_2")
+        _tokenizer(text_len).save_pretrained(root / "tokenizer_2")
+        (root / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline", "transformer": []}))
+        return root
     if sdxl:
         CLIPTextModelWithProjection(config).save_pretrained(root / "text_encoder_2")
         _tokenizer(text_len).save_pretrained(root / "tokenizer_2")
@@ -149,6 +157,33 @@ def test_sdxl_style_pipeline(tmp_path):
     assert tensors["time_ids"].tolist() == [[32, 40, 0, 4, 32, 32], [48, 32, 8, 0, 32, 32], [32, 32, 0, 0, 32, 32]]
 
 
+def test_flux_style_pipeline_trains_tiny_dit(tmp_path, capsys):
+    """Flux: latents packed in 2x2 patches as FluxPipeline packs them, T5's last hidden state, CLIP's pooled output;
+    the file trains tiny-dit (16 packed channels, 8 text tokens of width 32, pooled width 16)."""
+    from diffusers import AutoencoderKL
+
+    pipeline = make_pipeline(tmp_path / "pipe", flux=True)
+    images = make_images(tmp_path / "images")
+    with pytest.raises(ConfigError, match="--resolution 18: must be a positive multiple of 4 .*2x2"):
+        encode_dataset(pipeline, images, tmp_path / "f.safetensors", resolution=18, device="cpu")
+    out = encode_dataset(pipeline, images, tmp_path / "f.safetensors", resolution=16, device="cpu").out
+    tensors = load_file(str(out))
+    assert sorted(tensors) == ["encoder_hidden_states", "latents", "pooled_projections"]
+    assert tensors["latents"].shape == (3, 16, 16)  # (16 px / 2 / 2)² tokens of 4 channels x 2x2
+    assert tensors["encoder_hidden_states"].shape == (3, 8, 32) and tensors["pooled_projections"].shape == (3, 16)
+    vae = AutoencoderKL.from_pretrained(pipeline / "vae")
+    pixels, _ = load_image(images / "img0.png", 16)
+    latent = (vae.encode(pixels[None]).latent_dist.mean * vae.config.scaling_factor)[0]  # [4, 8, 8]
+    # token (i, j) holds channels c of the 2x2 patch at rows 2i..2i+1, columns 2j..2j+1, channel-major
+    i, j = 1, 2
+    want = latent[:, 2 * i:2 * i + 2, 2 * j:2 * j + 2].reshape(-1)
+    torch.testing.assert_close(tensors["latents"][0, 4 * i + j], want, rtol=1e-4, atol=1e-5)
+    code, events, err = run_train(["--task", "diffusion", "--preset", "tiny-dit", "--data", str(out), "--out",
+                                   str(tmp_path / "run"), "--batch", "2", "--max-steps", "2", "--rank", "4",
+                                   "--device", "cpu", "--json"], capsys)
+    assert code == 0, err
+
+
 def test_bad_input_is_named(tmp_path):
     pipeline = make_pipeline(tmp_path / "pipe")
     images = make_images(tmp_path / "images")
@@ -172,7 +207,7 @@ def test_bad_input_is_named(tmp_path):
     with pytest.raises(DataError, match=r"img2\.png: not a readable image"):
         encode_dataset(pipeline, images, out, device="cpu")
     make_images(images)
-    with pytest.raises(ConfigError, match="--resolution 33: must be a positive multiple of the VAE's factor 2"):
+    with pytest.raises(ConfigError, match=r"--resolution 33: must be a positive multiple of 2 \(the VAE.s factor\)"):
         encode_dataset(pipeline, images, out, resolution=33, device="cpu")
     with pytest.raises(ConfigError, match="not a floating-point torch dtype"):
         encode_dataset(pipeline, images, out, dtype="int8")
@@ -181,6 +216,9 @@ def test_bad_input_is_named(tmp_path):
     with pytest.raises(ConfigError, match="no model_index.json"):
         encode_dataset(tmp_path / "images", images, out, device="cpu")
     (pipeline / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline", "transformer": []}))
-    with pytest.raises(ConfigError, match="FluxPipeline is not supported by slimtune encode yet"):
+    with pytest.raises(ConfigError, match=r"no text_encoder_2/ folder \(FluxPipeline style\)"):
+        encode_dataset(pipeline, images, out, device="cpu")
+    (pipeline / "model_index.json").write_text(json.dumps({"_class_name": "SanaPipeline", "transformer": []}))
+    with pytest.raises(ConfigError, match="SanaPipeline has a transformer denoiser that slimtune encode does not know"):
         encode_dataset(pipeline, images, out, device="cpu")
     assert not out.exists()
