@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
-# The GPU measurements that sessions without a device left open, in three parts that each fit one device call
+# The GPU measurements that sessions without a device left open, in parts that each fit one device call
 # (≤ 10 min) and together the 30-minute device budget; run on 2026-12-05 as RESULTS.md runs 47 (part 1), 48 (part 3)
 # and 49 (part 2), and kept to repeat them. Run from the repository root on the lent machine:
 #
 #   bash benchmarks/pending_gpu.sh 1    # issue 19: capture test, DoRA host breakdown, paired steps eager / captured /
 #                                       #           timed variants, slimtune vs PEFT-bf16 (no carry)
 #   bash benchmarks/pending_gpu.sh 2    # issue 20: SD-1.5 UNet vs PEFT-bf16, memory fast and balanced (carry .whl)
+#   bash benchmarks/pending_gpu.sh 4    # issue 20: the same for LoCon / LoHa / LoKr (carry .whl; not yet run)
 #   bash benchmarks/pending_gpu.sh 3    # issue 17: online / gradient / data allocation vs AdaLoRA wall time
 #                                       #           (carry .out/minilm_wide; make it with rank_allocation.py --prepare)
 #
 # Outputs go to $OUT (each script's own files, plus one log per step); record them in benchmarks/RESULTS.md with
 # the GPU and versions the scripts print.
 set -uo pipefail
-part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|3"}
+part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|3|4"}
 out=${OUT:-/tmp/pending_gpu}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -26,6 +27,13 @@ step() {  # step NAME SECONDS COMMAND...: run one command under a time limit, it
     tail -n 25 "$out/$name.log"
 }
 
+install_wheels() {  # diffusers and bitsandbytes, where .whl was carried
+    if ls .whl/*.whl > /dev/null 2>&1; then
+        python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/diffusers-*.whl .whl/bitsandbytes-*.whl
+        export PYTHONPATH=$PYTHONPATH:/tmp/site
+    fi
+}
+
 case $part in
 1)
     step capture_test 100 python -m pytest -q tests/core/test_capture.py
@@ -37,13 +45,18 @@ case $part in
     done
     ;;
 2)
-    if ls .whl/*.whl > /dev/null 2>&1; then
-        python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/diffusers-*.whl .whl/bitsandbytes-*.whl
-        export PYTHONPATH=$PYTHONPATH:/tmp/site
-    fi
+    install_wheels
+    # run 49 reached HRA in 280 s per mode: the attention methods here, the convolution ones in part 4
     for memory in fast balanced; do  # each into its own folder (the script's file names are fixed)
         step "diffusion_$memory" 280 env OUT="$out/diffusion_$memory" python benchmarks/diffusion_compare.py \
-            --skip-dit --steps 8 --memory "$memory"
+            --skip-dit --steps 8 --memory "$memory" --methods none lora qlora dora hra
+    done
+    ;;
+4)
+    install_wheels
+    for memory in fast balanced; do
+        step "diffusion_conv_$memory" 280 env OUT="$out/diffusion_conv_$memory" python benchmarks/diffusion_compare.py \
+            --skip-dit --steps 8 --memory "$memory" --methods locon loha lokr
     done
     ;;
 3)
@@ -52,7 +65,7 @@ case $part in
         --variants slimtune-online slimtune-gradient slimtune-data adalora
     ;;
 *)
-    echo "unknown part $part (1, 2 or 3)" >&2
+    echo "unknown part $part (1, 2, 3 or 4)" >&2
     exit 2
     ;;
 esac
