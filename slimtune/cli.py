@@ -422,6 +422,10 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
                              "method)")
     parser.add_argument("--plain-layers", type=int, default=0, metavar="N",
                         help="with --method and --memory balanced or max-fit: " + PLAIN_LAYERS_HELP.split(": ", 1)[1])
+    parser.add_argument("--no-plain-layers", action="store_true",
+                        help="searching: keep every layer of the balanced / max-fit rows checkpointed (by default "
+                             "each fitting one leaves as many trailing layers plain as fit: faster steps; planning "
+                             "takes about twice as long)")
     parser.add_argument("--dtype", default="bfloat16", help="compute dtype of weights and activations (default bf16)")
     parser.add_argument("--release-outputs", action="store_true",
                         help="the training loop drops each step's outputs (logits) before backward")
@@ -487,7 +491,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
                       resolutions=_int_list(args.resolution) if args.resolution else None,
                       grad_checkpointing=checkpointing, dtype=args.dtype, release_outputs=args.release_outputs,
                       tflops=args.tflops, on_group=lambda text: status.update(f"simulating {spec.name}: {text}…"),
-                      memories=_str_list(args.memory or ("fast,balanced" if diffusion else ",".join(MEMORY_SETTINGS))))
+                      memories=_str_list(args.memory or ("fast,balanced" if diffusion else ",".join(MEMORY_SETTINGS))),
+                      plain_layer_search=not args.no_plain_layers)
     if args.json:
         print(json.dumps({"model": spec.name, "gpu_mem_bytes": gpu_mem, "budget_bytes": usable_bytes(gpu_mem),
                           "rows": [r.to_dict() for r in rows], "skipped": rows.skipped}))

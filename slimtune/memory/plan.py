@@ -31,12 +31,14 @@ import dataclasses
 import re
 from typing import Any, Callable, Sequence
 
+import torch
+
 from ..errors import ConfigError
 from ..models import workload
 from ..models.diffusion import DiffusionPreset
 from ..models.presets import ModelPreset, Preset, get_preset, resolve_dtype
 from .estimate import (BREAKDOWN_KEYS, MemoryEstimate, StepSim, adapter_bytes, build_meta_model, estimate_from_sim,
-                       estimate_memory, simulate_points)
+                       simulate_points)
 from .report import format_bytes, format_count
 from .setting import MEMORY_SETTINGS, check_for_diffusion, memory_setting
 
@@ -96,19 +98,41 @@ def fit_plain_layers(preset: str | Preset, method: str, rank: int, batch: int, s
                      memory: str, gpu_mem: int, release_outputs: bool = False
                      ) -> tuple[int, tuple[MemoryEstimate, MemoryEstimate, MemoryEstimate]]:
     """How many trailing layers a language model's ``balanced`` / ``max-fit`` configuration can leave
-    un-checkpointed on a ``gpu_mem``-byte card (:func:`plain_layers_that_fit`; -1: even none fits), and the
+    un-checkpointed on a ``gpu_mem``-byte card (:func:`plain_layer_count`; -1: even none fits), and the
     estimates with none, one and two plain layers it was read from."""
     spec = get_preset(preset)
     if not isinstance(spec, ModelPreset):
         raise ConfigError("plain (un-checkpointed) layers apply to language models")
     if not memory_setting(memory).checkpoint:
         raise ConfigError(f"memory={memory!r} checkpoints no layer: plain layers need balanced or max-fit")
-    estimates = tuple(estimate_memory(spec, method, rank, batch=batch, seq=seq, quant=quant, dtype=dtype,
-                                      release_outputs=release_outputs, reduced_depth=True, memory=memory,
-                                      plain_layers=n) for n in (0, 1, 2))
-    count = plain_layers_that_fit(tuple(e.peak_bytes for e in estimates), usable_bytes(gpu_mem),
-                                  spec.num_hidden_layers)
+    torch_dtype = resolve_dtype(dtype)
+    sims = [simulate_points(spec, [(batch, seq, None)], method, rank, None, quant, torch_dtype, False, release_outputs,
+                            "cuda", reduced_depth=True, memory=memory, plain_layers=n)[0] for n in (0, 1, 2)]
+
+    def estimate(sim: StepSim) -> MemoryEstimate:
+        return estimate_from_sim(spec, sim, method, rank, quant, batch, seq, None, torch_dtype, False,
+                                 release_outputs, "cuda", memory)
+
+    estimates = tuple(estimate(sim) for sim in sims)
+    count, _ = plain_layer_count(estimates[0].peak_bytes, sims[1], sims[2], estimate, usable_bytes(gpu_mem),
+                                 spec.num_hidden_layers)
     return count, estimates  # type: ignore[return-value]
+
+
+def plain_layer_count(peak_none: int, one: StepSim, two: StepSim, estimate: Callable[[StepSim], MemoryEstimate],
+                      budget: int, depth: int) -> tuple[int, MemoryEstimate | None]:
+    """The most trailing layers left plain within ``budget`` (-1: even none fits; 0: none can stay plain) and the
+    estimate with that many (None for 0 or -1), from the checkpointed peak and the simulated steps with one and two
+    plain layers: :func:`plain_layers_that_fit` extrapolates the count, and the estimate of the step extrapolated
+    to it decides (the peak is a maximum of parts, so not quite linear in the count: one layer fewer where needed)."""
+    est_one, est_two = estimate(one), estimate(two)
+    count = plain_layers_that_fit((peak_none, est_one.peak_bytes, est_two.peak_bytes), budget, depth)
+    while count >= 1:
+        est = est_one if count == 1 else est_two if count == 2 else estimate(_interpolate(one, two, 1, 2, count, 1, 1))
+        if est.peak_bytes <= budget:
+            return count, est
+        count -= 1
+    return count, None
 
 
 # -- the grid ---------------------------------------------------------------------------------------
@@ -125,6 +149,7 @@ class PlanPoint:
     resolution: int | None
     grad_checkpointing: bool
     memory: str = "fast"  # the memory setting (slimtune.memory.setting)
+    plain_layers: int = 0  # balanced / max-fit: trailing layers left un-checkpointed (:func:`plain_layer_count`)
 
 
 @dataclasses.dataclass
@@ -183,6 +208,24 @@ def _with_rank(sim: StepSim, delta_bytes: int, delta_params: int) -> StepSim:
         optimizer_state=sim.optimizer_state + 2 * delta_bytes, peak_live=sim.peak_live + 3 * delta_bytes)
 
 
+def _with_plain_layers(row: PlanRow, plain: dict[int, StepSim], spec: Preset, budget: int, dtype: torch.dtype,
+                       release_outputs: bool, tflops: float, bandwidth_gbs: float) -> PlanRow:
+    """``row`` (a fitting balanced / max-fit configuration) with as many plain layers as fit ``budget``
+    (:func:`plain_layer_count`, from its simulated steps with one and two), or ``row`` itself when none can."""
+    p = row.point
+
+    def estimate(sim: StepSim) -> MemoryEstimate:
+        return estimate_from_sim(spec, sim, p.method, p.rank or 0, p.quant, p.batch, p.seq, p.resolution, dtype,
+                                 p.grad_checkpointing, release_outputs, "cuda", p.memory)
+
+    count, est = plain_layer_count(row.estimate.peak_bytes, plain[1], plain[2], estimate, budget,
+                                   spec.num_hidden_layers)
+    if est is None:
+        return row
+    speed = est.tokens / max(est.step_seconds(tflops, bandwidth_gbs), 1e-12)
+    return PlanRow(dataclasses.replace(p, plain_layers=count), est, True, speed)
+
+
 class PlanResult(list):
     """The rows of :func:`search` (a list), with ``skipped``: the (method, quant, checkpointing) groups whose
     simulation failed, and why (e.g. a combination slimtune cannot train)."""
@@ -197,14 +240,17 @@ def search(preset: str | Preset, gpu_mem: int, methods: Sequence[str] | None = N
            seqs: Sequence[int] = (512, 1024, 2048), resolutions: Sequence[int] | None = None,
            grad_checkpointing: Sequence[bool] = (False, True), dtype: str = "bfloat16", release_outputs: bool = False,
            tflops: float = DEFAULT_TFLOPS, bandwidth_gbs: float = DEFAULT_BANDWIDTH_GBS,
-           on_group: Callable[[str], None] | None = None, memories: Sequence[str] = ("fast",)) -> PlanResult:
+           on_group: Callable[[str], None] | None = None, memories: Sequence[str] = ("fast",),
+           plain_layer_search: bool = True) -> PlanResult:
     """Every configuration of the grid with its estimate; fitting ones first, fastest first.
 
     ``gpu_mem``: the card's memory in bytes (the budget is :func:`usable_bytes` of it). ``seqs`` apply to
     language models, ``resolutions`` (latent sides; default the preset's) to diffusion models. ``on_group`` is
     called with a description before each simulated group (progress). ``memories``: the memory settings to
     try (:mod:`.setting`; ``balanced`` and ``max-fit`` for language models, without transformers' checkpointing,
-    which they replace).
+    which they replace). ``plain_layer_search``: each fitting ``balanced`` / ``max-fit`` configuration of a
+    language model leaves as many trailing layers un-checkpointed as still fit (faster: less recomputation; two more
+    simulations per group with a fitting configuration); its row says how many (``PlanPoint.plain_layers``).
     """
     spec = get_preset(preset)
     torch_dtype = resolve_dtype(dtype)
@@ -255,6 +301,9 @@ def search(preset: str | Preset, gpu_mem: int, methods: Sequence[str] | None = N
                     skipped.append(f"{label}: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
                     continue
                 sim_lo, sim_hi = sims[0], sims[-1]
+                # balanced / max-fit on a language model: with one and two plain layers too, simulated only when
+                # some configuration of the group fits (then each fitting row keeps as many as still fit)
+                plain_sims: dict[int, list[StepSim]] | None = None
                 method_ranks: Sequence[int | None] = [None] if method == "none" else ranks
                 for rank in method_ranks:
                     delta = (0, 0)
@@ -271,7 +320,18 @@ def search(preset: str | Preset, gpu_mem: int, methods: Sequence[str] | None = N
                                                 shape[2], torch_dtype, gc, release_outputs, "cuda", memory)
                         point = PlanPoint(method, rank, quant, shape[0], shape[1], est.resolution, gc, memory)
                         speed = est.tokens / max(est.step_seconds(tflops, bandwidth_gbs), 1e-12)
-                        rows.append(PlanRow(point, est, est.peak_bytes <= budget, speed))
+                        row = PlanRow(point, est, est.peak_bytes <= budget, speed)
+                        if row.fits and plain_layer_search and memory_setting(memory).checkpoint and not diffusion:
+                            if plain_sims is None:
+                                plain_sims = {n: simulate_points(spec, points, method, ref_rank, None, quant,
+                                                                 torch_dtype, gc, release_outputs, "cuda",
+                                                                 reduced_depth=True, memory=memory, plain_layers=n)
+                                              for n in (1, 2)}
+                            plain = {n: _with_rank(_interpolate(plain_sims[n][0], plain_sims[n][-1], t_lo, t_hi, t,
+                                                                a_lo, a), *delta) for n in (1, 2)}
+                            row = _with_plain_layers(row, plain, spec, budget, torch_dtype, release_outputs, tflops,
+                                                     bandwidth_gbs)
+                        rows.append(row)
     if not rows:
         raise ConfigError("no configuration could be simulated: " + "; ".join(skipped))
     best = max((r.tokens_per_s for r in rows if r.fits), default=0.0) or max(r.tokens_per_s for r in rows)
@@ -346,10 +406,14 @@ def search_table(rows: Sequence[PlanRow], gpu_mem: int, top: int, diffusion: boo
                           ("batch×res²" if diffusion else "batch×seq", "right"), ("ckpt", "center"),
                           ("peak", "right"), ("free", "right"), ("speed", "right")):
         table.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
+    if any(row.point.plain_layers for row in shown):
+        table.caption = ("ckpt balanced / max-fit +N: the last N layers left un-checkpointed (as many as fit; "
+                         "train --plain-layers N, or auto)")
     for i, row in enumerate(shown, 1):
         p = row.point
         table.add_row(str(i), _config_label(p), "—" if p.rank is None else str(p.rank), _shape(p, diffusion),
-                      "on" if p.grad_checkpointing else (p.memory if p.memory != "fast" else "—"),
+                      "on" if p.grad_checkpointing else (p.memory if p.memory != "fast" else "—")
+                      + (f" +{p.plain_layers}" if p.plain_layers else ""),
                       _gib(row.estimate.peak_bytes),
                       _gib(budget - row.estimate.peak_bytes) if row.fits else "—", f"{row.relative_speed:.2f}×")
     return table

@@ -129,3 +129,29 @@ def test_fit_plain_layers_reads_the_card(monkeypatch):
                       dtype="bfloat16")
     assert auto_plain_layers(cfg, 64, Environment(world=1), torch.device("cuda"), reporter) == 4
     assert "4 of 4 layers stay un-checkpointed" in notes[-1]
+
+
+def test_search_leaves_as_many_layers_plain_as_fit() -> None:
+    """A fitting balanced row keeps the count of plain layers that ``fit_plain_layers`` gives for its shape, with
+    the peak still in the budget and a faster modelled step; ``plain_layer_search=False`` (``plan
+    --no-plain-layers``) keeps every layer checkpointed."""
+    args = ("tiny-llama", "lora", 8, 2, 64, "none", "bfloat16", "balanced")
+    _, (none, one, two) = plan.fit_plain_layers(*args, gpu_mem=2**40)
+    gpu = card_for(one.peak_bytes + (two.peak_bytes - one.peak_bytes) + 100)  # room for two plain layers, not three
+    count, _ = plan.fit_plain_layers(*args, gpu_mem=gpu)
+    assert count == 2
+
+    def search(plain: bool) -> plan.PlanRow:
+        rows = plan.search("tiny-llama", gpu, methods=["lora"], ranks=[8], quants=["none"], batches=[2], seqs=[64],
+                           memories=["balanced"], plain_layer_search=plain)
+        (row,) = rows
+        return row
+
+    with_plain, without = search(True), search(False)
+    assert without.point.plain_layers == 0 and without.estimate.peak_bytes == none.peak_bytes
+    assert with_plain.point.plain_layers == count and with_plain.fits
+    assert with_plain.estimate.peak_bytes == two.peak_bytes <= plan.usable_bytes(gpu)
+    assert with_plain.estimate.flops < without.estimate.flops  # two layers' recompute less
+    table = plan.search_table([with_plain], gpu, 5, False)
+    assert "plain" not in table.columns[4].header and "+2" in list(table.columns[4].cells)[0]
+    assert "un-checkpointed" in str(table.caption)
