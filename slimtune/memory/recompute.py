@@ -19,7 +19,11 @@ Without gradients (``torch.no_grad()``, evaluation) the layers run as they are.
 transformer block's feed-forward input projection with its activation (diffusers' ``GEGLU``, ``GELU``,
 ``ApproximateGELU``, ``SwiGLU``: a module of ``diffusers.models.activations`` holding a ``proj``) keeps its input
 ``[tokens, dim]`` instead of the projection's output (``2·4·dim`` wide for GEGLU, where the gate's activation keeps
-another ``4·dim``) and runs again in backward: one more projection GEMM per block.
+another ``4·dim``) and runs again in backward: one more projection GEMM per block. Flux's single-stream blocks
+call their MLP projection and its activation as two modules (``proj_mlp``, then ``act_mlp``: a GELU that keeps the
+``4·dim``-wide projection output); there the pair runs as one checkpointed call from ``proj_mlp`` (``act_mlp``
+passes its input through while installed), which keeps only the block's normalised input — a tensor the attention
+projections keep anyway.
 
 Not here: selective recompute (keep attention's or the matrix products' outputs, recompute norms and SwiGLU)
 through ``create_selective_checkpoint_contexts``: the adapter Functions update their matrix products' outputs
@@ -58,6 +62,27 @@ class _CheckpointedForward:
             return checkpoint(self.forward, *args, use_reentrant=False, **kwargs)
 
 
+class _PassThrough:
+    """An activation module's ``forward`` while its projection's checkpointed call applies it (see
+    :func:`checkpoint_feed_forwards`): the input, unchanged."""
+
+    def __init__(self, previous: Callable[..., Any] | None) -> None:
+        self.previous = previous
+
+    def __call__(self, x: Any) -> Any:
+        return x
+
+
+class _ProjectionWithActivation:
+    """``activation(projection(x))`` from the two modules' own ``forward`` methods."""
+
+    def __init__(self, projection: Callable[..., Any], activation: Callable[..., Any]) -> None:
+        self.projection, self.activation = projection, activation
+
+    def __call__(self, x: Any) -> Any:
+        return self.activation(self.projection(x))
+
+
 class LayerCheckpointing:
     """Checkpointing installed on ``layers``; :meth:`remove` restores their own ``forward``."""
 
@@ -67,7 +92,7 @@ class LayerCheckpointing:
     def remove(self) -> None:
         for layer in self.layers:
             wrapper = layer.__dict__.get("forward")
-            if isinstance(wrapper, _CheckpointedForward):
+            if isinstance(wrapper, (_CheckpointedForward, _PassThrough)):
                 del layer.forward
                 if wrapper.previous is not None:
                     layer.forward = wrapper.previous
@@ -101,10 +126,18 @@ def feed_forward_projections(model: nn.Module) -> list[nn.Module]:
             if type(m).__module__ == "diffusers.models.activations" and isinstance(getattr(m, "proj", None), nn.Module)]
 
 
+def split_mlps(model: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
+    """``(proj_mlp, act_mlp)`` of each diffusers block that calls its MLP projection and activation as two modules
+    (Flux's single-stream blocks); empty for other models."""
+    return [(m.proj_mlp, m.act_mlp) for m in model.modules()
+            if type(m).__module__.startswith("diffusers.") and isinstance(getattr(m, "proj_mlp", None), nn.Module)
+            and isinstance(getattr(m, "act_mlp", None), nn.Module)]
+
+
 def checkpoint_feed_forwards(model: nn.Module, context_fn: Callable[[], Any] | None = None) -> LayerCheckpointing:
-    """Checkpoint every :func:`feed_forward_projections` module of a diffusion model (see the module docstring).
-    Refused when the model already checkpoints (diffusers' ``enable_gradient_checkpointing`` or an earlier call)
-    or has no such module."""
+    """Checkpoint every :func:`feed_forward_projections` module of a diffusion model, and every :func:`split_mlps`
+    pair as one call (see the module docstring). Refused when the model already checkpoints (diffusers'
+    ``enable_gradient_checkpointing`` or an earlier call) or has no such module."""
     if any(checkpointing_enabled(m) for m in model.modules()) or installed(model):
         raise ConfigError(f"{type(model).__name__} already checkpoints (diffusers' enable_gradient_checkpointing or "
                           "an earlier call): turn that off first")
@@ -114,6 +147,11 @@ def checkpoint_feed_forwards(model: nn.Module, context_fn: Callable[[], Any] | N
                           "recompute")
     for module in modules:
         module.forward = _CheckpointedForward(module.forward, None, module.__dict__.get("forward"), context_fn)
+    for projection, activation in split_mlps(model):
+        pair = _ProjectionWithActivation(projection.forward, activation.forward)
+        projection.forward = _CheckpointedForward(pair, None, projection.__dict__.get("forward"), context_fn)
+        activation.forward = _PassThrough(activation.__dict__.get("forward"))
+        modules += [projection, activation]
     return LayerCheckpointing(modules, None)
 
 

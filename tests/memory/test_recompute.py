@@ -196,3 +196,50 @@ def test_diffusion_balanced_recomputes_the_feed_forward_projections():
     unet.enable_gradient_checkpointing()
     with pytest.raises(ConfigError, match="already checkpoints"):
         apply_memory_setting(unet, "balanced")
+
+
+@pytest.mark.parametrize("targets", [["to_q", "to_k", "to_v"], ["to_q", "to_k", "to_v", "proj_mlp", "proj_out"]])
+def test_dit_balanced_recomputes_the_single_blocks_mlp(targets, monkeypatch):
+    """``memory="balanced"`` on a Flux-style DiT (tiny-dit-4b: three single-stream blocks): each single block's
+    ``proj_mlp`` + ``act_mlp`` pair runs as one checkpointed call (with ``proj_mlp`` adapted too) — the same loss and
+    gradients bit for bit, and each block's GELU input ``[tokens, 4·dim]`` no longer kept; ``remove`` restores
+    both modules."""
+    pytest.importorskip("diffusers")
+    from slimtune.memory import recompute
+    from slimtune.models.diffusion import build_parts
+
+    torch.manual_seed(0)
+    dit = build_parts(DIFFUSION_PRESETS["tiny-dit-4b"], text_encoders=False).denoiser.float()
+    slimtune.adapt(dit, slimtune.LoraConfig(r=4, target_modules=targets))
+    perturb_adapters(dit)
+    batch = workload.make_inputs("tiny-dit-4b", None, 2, 0, "cpu", torch.float32, torch.Generator().manual_seed(1))
+    target = batch.pop("target")
+    pairs = recompute.split_mlps(dit)
+    assert len(pairs) == 3 and recompute.split_mlps(tiny_llama()) == []
+
+    def step() -> tuple[torch.Tensor, list[torch.Tensor], int]:
+        dit.zero_grad(set_to_none=True)
+        meter = SavedTensorMeter(exclude=dit.parameters())
+        with meter.record():
+            loss = (dit(**batch, return_dict=False)[0] - target).square().mean()
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in slimtune.trainable_parameters(dit)], meter.bytes
+
+    plain = step()
+    with monkeypatch.context() as patch:  # the feed-forward modules alone, as before the single blocks were added
+        patch.setattr(recompute, "split_mlps", lambda model: [])
+        handle = apply_memory_setting(dit, "balanced")
+        feed_forwards_only = step()
+        handle.remove()
+    handle = apply_memory_setting(dit, "balanced")
+    both = step()
+    for run in (feed_forwards_only, both):
+        assert torch.equal(plain[0], run[0]) and all(torch.equal(a, b) for a, b in zip(plain[1], run[1]))
+    proj = pairs[0][0]
+    width = (proj.base_layer if hasattr(proj, "base_layer") else proj).out_features
+    tokens = batch["hidden_states"].shape[1] + batch["encoder_hidden_states"].shape[1]
+    gelu_inputs = 3 * 2 * tokens * width * 4  # three blocks, batch 2, float32
+    assert feed_forwards_only[2] - both[2] >= gelu_inputs
+    handle.remove()
+    assert not installed(dit) and step()[2] == plain[2]
+    assert all("forward" not in m.__dict__ for pair in pairs for m in pair)
