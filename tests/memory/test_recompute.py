@@ -157,6 +157,18 @@ def test_the_switch():
     assert slimtune.apply_memory_setting is apply_memory_setting
 
 
+def denoiser_step(model: torch.nn.Module, batch: dict, target: torch.Tensor
+                  ) -> tuple[torch.Tensor, list[torch.Tensor], int]:
+    """One MSE step of a diffusers denoiser: the loss, the trainable parameters' gradients, and the bytes saved for
+    backward (parameters excluded)."""
+    model.zero_grad(set_to_none=True)
+    meter = SavedTensorMeter(exclude=model.parameters())
+    with meter.record():
+        loss = (model(**batch, return_dict=False)[0] - target).square().mean()
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in slimtune.trainable_parameters(model)], meter.bytes
+
+
 def test_diffusion_balanced_recomputes_the_feed_forward_projections():
     """``memory="balanced"`` on a diffusers UNet (tiny-unet, LoRA on the attention): the feed-forward input
     projections (GEGLU) are checkpointed — the same loss and gradients bit for bit, fewer bytes saved — and
@@ -174,12 +186,7 @@ def test_diffusion_balanced_recomputes_the_feed_forward_projections():
     assert feed_forward_projections(tiny_llama()) == []
 
     def step() -> tuple[torch.Tensor, list[torch.Tensor], int]:
-        unet.zero_grad(set_to_none=True)
-        meter = SavedTensorMeter(exclude=unet.parameters())
-        with meter.record():
-            loss = (unet(**batch, return_dict=False)[0] - target).square().mean()
-        loss.backward()
-        return loss.detach(), [p.grad.clone() for p in slimtune.trainable_parameters(unet)], meter.bytes
+        return denoiser_step(unet, batch, target)
 
     plain = step()
     handle = apply_memory_setting(unet, "balanced")
@@ -218,12 +225,7 @@ def test_dit_balanced_recomputes_the_single_blocks_mlp(targets, monkeypatch):
     assert len(pairs) == 3 and recompute.split_mlps(tiny_llama()) == []
 
     def step() -> tuple[torch.Tensor, list[torch.Tensor], int]:
-        dit.zero_grad(set_to_none=True)
-        meter = SavedTensorMeter(exclude=dit.parameters())
-        with meter.record():
-            loss = (dit(**batch, return_dict=False)[0] - target).square().mean()
-        loss.backward()
-        return loss.detach(), [p.grad.clone() for p in slimtune.trainable_parameters(dit)], meter.bytes
+        return denoiser_step(dit, batch, target)
 
     plain = step()
     with monkeypatch.context() as patch:  # the feed-forward modules alone, as before the single blocks were added
