@@ -9,8 +9,8 @@ the measurement happens once per shape in a process; :func:`save_timings` / :fun
 a JSON file across processes and pin the choices (a timed choice can differ between two processes when the
 variants are close, and with it the rounding of the gradients: load a file to make runs repeat bit for bit).
 
-Nothing is timed where it cannot be: while ``torch.compile`` traces or a CUDA graph is being captured, the
-counting choice is used (a capture's warm-up step runs eagerly first, so its shapes are measured then). The
+Nothing is timed where it cannot be: on the meta device (the planner's and ``profile --explain``'s simulations), and
+while ``torch.compile`` traces or a CUDA graph is being captured, the counting choice is used (a capture's warm-up step runs eagerly first, so its shapes are measured then). The
 measurement allocates its operands once per new shape (for LoRA's ``"gram"`` variant a ``[d_out, d_in]`` matrix),
 transiently, inside the first backward pass that meets the shape.
 """
@@ -84,7 +84,7 @@ def choose(decision: str, key: Key, device: torch.device, counted: str,
     """The variant to run: ``counted`` (the counting chooser's pick) unless the criterion is ``"timed"`` and this
     decision can be measured here; then the cached winner, or — the first time — the fastest of ``variants()``
     (each a no-argument callable running one variant on operands it made)."""
-    if _state["criterion"] != "timed" or compiling() or _capturing(device):
+    if _state["criterion"] != "timed" or device.type == "meta" or compiling() or _capturing(device):
         return counted
     full = (device_name(device), key)
     cache_key = (decision, full)

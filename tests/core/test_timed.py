@@ -62,12 +62,16 @@ def test_timings_persist_and_pin_the_choice(tmp_path, monkeypatch):
         slimtune.set_variant_criterion("fastest")
 
 
-def test_nothing_is_timed_while_compiling(monkeypatch):
+def test_nothing_is_timed_while_compiling_or_on_meta(monkeypatch):
+    """Tracing for compile, and the meta device (the planner's simulation, ``profile --explain``: nothing runs there,
+    so a "measurement" would pick at random), take the counting choice and cache nothing."""
     dy, xd, down, _ = operands()
     slimtune.set_variant_criterion("timed")
+    monkeypatch.setattr(timed, "_seconds_of", lambda run, device: pytest.fail("timed while compiling or on meta"))
+    assert pick_backward(*(t.to("meta") for t in (dy, xd, down))) == choose_backward(64, 32, 48, 4)
     monkeypatch.setattr(timed, "compiling", lambda: True)
-    monkeypatch.setattr(timed, "_seconds_of", lambda run, device: pytest.fail("timed while compiling"))
     assert pick_backward(dy, xd, down) == choose_backward(64, 32, 48, 4)
+    assert timed.timings() == []
 
 
 @pytest.mark.parametrize("variant", ["recompute", "gram"])
