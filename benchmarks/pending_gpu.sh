@@ -7,13 +7,15 @@
 #                                       #           timed variants, slimtune vs PEFT-bf16 (no carry)
 #   bash benchmarks/pending_gpu.sh 2    # issue 20: SD-1.5 UNet vs PEFT-bf16, memory fast and balanced (carry .whl)
 #   bash benchmarks/pending_gpu.sh 4    # issue 20: the same for LoCon / LoHa / LoKr (carry .whl; not yet run)
+#   bash benchmarks/pending_gpu.sh 5    # flux-dit-4b balanced (single blocks' MLP recompute) and the planner's
+#                                       #           "balanced +15" row for the 3B shape: predicted 21.26 GiB (carry .whl)
 #   bash benchmarks/pending_gpu.sh 3    # issue 17: online / gradient / data allocation vs AdaLoRA wall time
 #                                       #           (carry .out/minilm_wide; make it with rank_allocation.py --prepare)
 #
 # Outputs go to $OUT (each script's own files, plus one log per step); record them in benchmarks/RESULTS.md with
 # the GPU and versions the scripts print.
 set -uo pipefail
-part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|3|4"}
+part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|3|4|5"}
 out=${OUT:-/tmp/pending_gpu}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -64,8 +66,21 @@ case $part in
         --seeds 0 1 2 3 --epochs 8 --probe-epochs 1 \
         --variants slimtune-online slimtune-gradient slimtune-data adalora
     ;;
+5)
+    # flux-dit-4b at 1024 px, batch 1: balanced now recomputes the single blocks' proj_mlp + GELU (predicted LoRA r=16
+    # 16.19 -> 14.61 GiB, HRA r=32 16.53 -> 15.02); and the planner's "balanced +N" row for the 3B shape on 24 GB
+    install_wheels
+    for memory in fast balanced; do
+        step "dit_lora_$memory" 140 python -m slimtune profile --preset flux-dit-4b --method lora --rank 16 \
+            --batch 1 --steps 4 --memory "$memory" --json
+        step "dit_hra_$memory" 140 python -m slimtune profile --preset flux-dit-4b --method hra --rank 32 \
+            --batch 1 --steps 4 --memory "$memory" --json
+    done
+    step plan_plain_layers 60 python -m slimtune profile --preset llama-3.2-3b --method lora --rank 16 --batch 4 \
+        --seq 2048 --steps 4 --memory balanced --plain-layers 15 --json
+    ;;
 *)
-    echo "unknown part $part (1, 2, 3 or 4)" >&2
+    echo "unknown part $part (1 to 5)" >&2
     exit 2
     ;;
 esac
