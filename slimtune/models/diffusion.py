@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -36,6 +37,7 @@ import torch.utils.checkpoint
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ..errors import ConfigError
 from .deps import require_diffusers, require_transformers
 
 #: LoRA targets of a diffusers UNet or DiT: the attention projections (self- and cross-attention), the
@@ -176,6 +178,23 @@ DIFFUSION_PRESETS: dict[str, DiffusionPreset] = {p.name: p for p in (
                      pooled_projection_dim=16, guidance_embeds=False, axes_dims_rope=(4, 6, 6))),
         text_len=8),
 )}
+
+
+#: where a diffusers pipeline directory keeps its denoiser
+DENOISER_FOLDERS = ("unet", "transformer")
+
+
+def denoiser_directory(model_dir: str) -> str:
+    """``model_dir`` itself, or — for a diffusers pipeline directory (``model_index.json``, no ``config.json``) —
+    its ``unet/`` or ``transformer/`` folder (the same directory ``slimtune encode --pipeline`` takes)."""
+    root = Path(model_dir)
+    if (root / "config.json").is_file() or not (root / "model_index.json").is_file():
+        return model_dir
+    for folder in DENOISER_FOLDERS:
+        if (root / folder / "config.json").is_file():
+            return str(root / folder)
+    raise ConfigError(f"--model {model_dir}: a diffusers pipeline directory without a "
+                      f"{' or '.join(DENOISER_FOLDERS)}/config.json")
 
 
 class DiffusionModel(nn.Module):

@@ -18,6 +18,7 @@ from ..errors import ConfigError
 from ..memory.options import check_model_dir
 from ..memory.recompute import check_plain_layers
 from ..memory.setting import check_for_diffusion, memory_setting
+from ..models.diffusion import denoiser_directory
 from ..models.presets import PRESETS, dtype_name, get_preset, resolve_dtype
 from ..models.workload import METHODS
 from ..ranks import parse_budget
@@ -106,7 +107,10 @@ class TrainConfig:
             raise ConfigError(f"unknown task {self.task!r}; choose from {', '.join(TASKS)}")
         if (self.model_dir is None) == (self.preset is None):
             raise ConfigError("give exactly one of --model DIR (a Hugging Face model directory) and --preset NAME")
-        model_dir = check_model_dir(self.model_dir) if self.model_dir is not None else None
+        model_dir = self.model_dir
+        if model_dir is not None and self.task == "diffusion":
+            model_dir = denoiser_directory(str(model_dir))  # a pipeline directory: its unet/ or transformer/
+        model_dir = check_model_dir(model_dir) if model_dir is not None else None
         if self.preset is not None:
             get_preset(self.preset)
             if self.task == "classification":

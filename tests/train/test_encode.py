@@ -76,10 +76,10 @@ def make_images(folder, sizes=((40, 32), (32, 48), (32, 32)), captions=("a red c
     return folder
 
 
-@pytest.mark.parametrize("base", ["preset", "pipeline-unet"])
+@pytest.mark.parametrize("base", ["preset", "pipeline-unet", "pipeline"])
 def test_encode_then_train(base, tmp_path, capsys):
     """The README's two commands: encode a folder, then train on the file — tiny-unet's preset (8 text tokens), or
-    the pipeline's own UNet directory (CLIP's 77 tokens, as SD-1.5 has)."""
+    the pipeline's own UNet (CLIP's 77 tokens, as SD-1.5 has), named by its folder or by the pipeline directory."""
     from diffusers import UNet2DConditionModel
 
     from slimtune.models.presets import get_preset
@@ -96,7 +96,8 @@ def test_encode_then_train(base, tmp_path, capsys):
     assert sorted(tensors) == ["encoder_hidden_states", "latents"]
     assert tensors["latents"].shape == (3, 4, 16, 16)
     assert tensors["encoder_hidden_states"].shape == (3, text_len, 32)
-    model = ["--preset", "tiny-unet"] if base == "preset" else ["--model", str(pipeline / "unet")]
+    model = {"preset": ["--preset", "tiny-unet"], "pipeline-unet": ["--model", str(pipeline / "unet")],
+             "pipeline": ["--model", str(pipeline)]}[base]
     code, events, err = run_train(["--task", "diffusion", *model, "--data", str(out), "--out", str(tmp_path / "run"),
                                    "--batch", "2", "--max-steps", "2", "--rank", "4", "--device", "cpu", "--json"],
                                   capsys)
@@ -222,3 +223,17 @@ def test_bad_input_is_named(tmp_path):
     with pytest.raises(ConfigError, match="SanaPipeline has a transformer denoiser that slimtune encode does not know"):
         encode_dataset(pipeline, images, out, device="cpu")
     assert not out.exists()
+
+
+def test_a_pipeline_directory_names_its_denoiser(tmp_path):
+    """``train --task diffusion --model`` takes a pipeline directory for its unet/ (or transformer/) folder; one
+    without either is refused by name; any other directory is taken as it is."""
+    from slimtune.models.diffusion import denoiser_directory
+
+    pipeline = make_pipeline(tmp_path / "pipe")
+    assert denoiser_directory(str(pipeline)) == str(pipeline / "unet")
+    assert denoiser_directory(str(pipeline / "unet")) == str(pipeline / "unet")
+    assert denoiser_directory(str(tmp_path / "elsewhere")) == str(tmp_path / "elsewhere")
+    (pipeline / "unet" / "config.json").unlink()
+    with pytest.raises(ConfigError, match="a diffusers pipeline directory without a unet or transformer/config.json"):
+        denoiser_directory(str(pipeline))
