@@ -44,6 +44,7 @@ from .models.deps import require_pyplot
 from .models.diffusion import DiffusionPreset, build_parts
 from .models.explain import explain_preset
 from .core.explain import explanation_table
+from .core.timed import load_timings
 from .models.presets import PRESETS, get_preset, preset_from_dir
 from .models.workload import METHODS as WORKLOAD_METHODS
 from .models.workload import make_adapter_config
@@ -206,12 +207,15 @@ def _check_writable(path: str, option: str) -> None:
         os.remove(path)
 
 
-def _explain(options: Any, as_json: bool) -> int:
+def _explain(options: Any, as_json: bool, timings: str | None = None) -> int:
     """``profile --explain``: each adapted layer's forward / backward variant for this configuration, with every
-    option's FLOP / byte counts, found on the meta device (nothing is trained)."""
+    option's FLOP / byte counts, found on the meta device (nothing is trained); with ``timings``, the measured
+    choices that file holds in place of the counted ones."""
     if options.method == "none" or options.model_dir is not None or options.backend != "slimtune":
         raise ConfigError("--explain shows slimtune's choices for a --preset with an adapter --method "
                           "(not --method none, --model-dir or a PEFT --backend)")
+    if timings is not None:
+        load_timings(timings)
     rows = explain_preset(options.preset, options.method, options.rank, options.alpha, options.batch, options.seq,
                           options.dtype)
     if as_json:
@@ -225,7 +229,9 @@ def _explain(options: Any, as_json: bool) -> int:
 def _cmd_profile(args: argparse.Namespace) -> int:
     options = options_from_args(args).resolved()
     if args.explain:
-        return _explain(options, args.json)
+        return _explain(options, args.json, args.timings)
+    if args.timings is not None:
+        raise ConfigError("--timings shows a run's measured choices: it goes with --explain")
     if args.plot:
         require_pyplot()  # fail before the run, not after it
         _check_writable(args.plot, "--plot")
@@ -285,6 +291,10 @@ def _add_profile_parser(subparsers: Any) -> None:
                         help="instead of training, print each adapted layer's forward/backward variant (LoRA's "
                              "backward order, structured or folded path, what DoRA keeps) with every option's "
                              "FLOP and byte counts (found on the meta device)")
+    parser.add_argument("--timings", default=None, metavar="FILE",
+                        help="with --explain: a timings file (a train run's OUT/timings.json, or "
+                             "slimtune.save_timings) whose measured choices replace the counted ones for the shapes "
+                             "it holds")
     parser.set_defaults(handler=_cmd_profile)
     # one configuration in this process, one JSON line on stdout: what ``slimtune profile --compare-peft`` and
     # ``slimtune sweep`` start per configuration (slimtune.memory.subproc); not listed in --help

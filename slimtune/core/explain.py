@@ -18,6 +18,7 @@ import torch
 from rich.table import Table
 from torch import nn
 
+from . import timed
 from .costs import Cost
 from .lowrank import backward_flops, choose_backward
 from .module import AdapterModule
@@ -47,22 +48,35 @@ class Choice:
                 "options": [dataclasses.asdict(v) for v in self.options]}
 
 
-def lowrank_backward_choice(tokens: int, d_in: int, d_out: int, r: int, itemsize: int) -> Choice:
-    """LoRA's backward order for dA / dB (:func:`~slimtune.core.lowrank.choose_backward`): each variant's FLOPs and
-    the transient bytes it allocates — ``"recompute"``: ``x Aᵀ`` and ``s·dy B`` ``[N, r]``; ``"gram"``: ``dyᵀ x``
-    ``[d_out, d_in]`` and ``s·dy B``."""
+def timed_or_counted(decision: str, key: timed.Key, counted: str) -> tuple[str, str]:
+    """``(choice, note)``: the winner :mod:`~slimtune.core.timed` holds for this decision (measured in this process
+    or loaded from a timings file: ``profile --explain --timings FILE``) with a note naming its device, else the
+    counting choice and no note."""
+    found = timed.recorded(decision, key)
+    return (found[0], f", timed on {found[1]}") if found else (counted, "")
+
+
+def lowrank_backward_choice(tokens: int, d_in: int, d_out: int, r: int, dtype: torch.dtype) -> Choice:
+    """LoRA's backward order for dA / dB (:func:`~slimtune.core.lowrank.choose_backward`, or its timed winner for
+    this shape and dtype, :func:`timed_or_counted`): each variant's FLOPs and the transient bytes it allocates —
+    ``"recompute"``: ``x Aᵀ`` and ``s·dy B`` ``[N, r]``; ``"gram"``: ``dyᵀ x`` ``[d_out, d_in]`` and ``s·dy B``."""
+    itemsize = dtype.itemsize
     options = (Variant("recompute", backward_flops("recompute", tokens, d_in, d_out, r), 2 * tokens * r * itemsize),
                Variant("gram", backward_flops("gram", tokens, d_in, d_out, r),
                        (d_out * d_in + tokens * r) * itemsize))
-    return Choice(f"backward dA/dB (rank {r})", options, choose_backward(tokens, d_in, d_out, r))
+    chosen, note = timed_or_counted("lowrank-backward", (tokens, d_in, d_out, r, str(dtype)),
+                                    choose_backward(tokens, d_in, d_out, r))
+    return Choice(f"backward dA/dB (rank {r}){note}", options, chosen)
 
 
-def path_choice(costs: dict[str, Cost], chosen: str) -> Choice:
-    """A structured update's path (:func:`~slimtune.core.costs.choose_path`): FLOPs and bytes moved of each path
-    beyond the base layer's own GEMM, forward + backward, as the chooser counts them."""
+def path_choice(costs: dict[str, Cost], chosen: str, note: str = "") -> Choice:
+    """A structured update's path (:func:`~slimtune.core.costs.choose_path`, or ``chosen`` as timed: ``note``):
+    FLOPs and bytes moved of each path beyond the base layer's own GEMM, forward + backward, as the chooser counts
+    them."""
     options = tuple(Variant(f"{path} ({cost.launches} launches)" if cost.launches else path, cost.flops, cost.bytes)
                     for path, cost in costs.items())
-    return Choice("path (fwd+bwd)", options, next(v.name for v in options if v.name.startswith(chosen)), "moved")
+    return Choice(f"path (fwd+bwd){note}", options, next(v.name for v in options if v.name.startswith(chosen)),
+                  "moved")
 
 
 @dataclasses.dataclass(frozen=True)

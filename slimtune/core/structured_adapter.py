@@ -18,7 +18,7 @@ from .compute import compute_setting
 from .config import AdapterConfig, check_bool, check_probability, resolve_adapter_dtype
 from . import timed
 from .costs import PATHS, Cost, choose_path
-from .explain import Choice, path_choice
+from .explain import Choice, path_choice, timed_or_counted
 from .frozen import WeightOperand, base_weight_operand, is_quantized, weight_dtype, weight_shape
 from .module import AdapterModule
 from .structured import ConvSpec
@@ -178,7 +178,11 @@ class StructuredAdapter(AdapterModule):
 
     def explain(self, x: torch.Tensor) -> list[Choice]:
         """The training path (structured or folded) for an input like x, with both paths' counts."""
-        return [path_choice(self.costs(x, True), self.choose(x, True))]
+        counted = self.choose(x, True)  # off the meta device this would measure: explain shapes are on meta
+        if self.structured_ok and self.path not in ("folded", "structured"):
+            chosen, note = timed_or_counted(*self._path_decision(x, True), counted)
+            return [path_choice(self.costs(x, True), chosen, note)]
+        return [path_choice(self.costs(x, True), counted)]
 
     def choose(self, x: torch.Tensor, backward: bool) -> str:
         if not self.structured_ok or self.path == "folded":
@@ -188,9 +192,12 @@ class StructuredAdapter(AdapterModule):
         if compiling():  # decided once, at trace time (shapes are static there): no cache for a guard to watch
             return choose_path(self.costs(x, backward))
         counted = self._choices.get((tuple(x.shape), x.dtype, backward), lambda: choose_path(self.costs(x, backward)))
-        return timed.choose(f"{type(self).__name__}-path", (*x.shape, *self.weight_shape, self.r, str(x.dtype),
-                                                           backward), x.device, counted,
+        return timed.choose(*self._path_decision(x, backward), x.device, counted,
                             lambda: self._path_runs(x, backward))
+
+    def _path_decision(self, x: torch.Tensor, backward: bool) -> tuple[str, timed.Key]:
+        """The timed criterion's decision name and key for this layer's path at x's shape and dtype."""
+        return f"{type(self).__name__}-path", (*x.shape, *self.weight_shape, self.r, str(x.dtype), backward)
 
     def _path_runs(self, x: torch.Tensor, backward: bool) -> dict[str, Any]:
         """For the timed criterion (:mod:`slimtune.core.timed`): each path's forward (and backward) on random

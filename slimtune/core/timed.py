@@ -102,6 +102,16 @@ def choose(decision: str, key: Key, device: torch.device, counted: str,
     return winner
 
 
+def recorded(decision: str, key: Key) -> tuple[str, str] | None:
+    """``(winner, device name)`` of ``decision`` for ``key`` as measured in this process or loaded
+    (:func:`load_timings`), on any device (the first found); None when it was not. What ``profile --explain
+    --timings FILE`` shows in place of the counting choice."""
+    for (name, (device, found_key)), winner in _winners.items():
+        if name == decision and found_key == key:
+            return winner, device
+    return None
+
+
 def timings() -> list[dict]:
     """What was measured in this process (or loaded): decision, device, key, winner and each variant's seconds."""
     return [{"decision": decision, "device": full[0], "key": list(full[1]), "winner": winner,

@@ -50,6 +50,28 @@ def test_structured_layers_report_their_path():
     assert rows[0].choices[1].what == "backward dA/dB (rank 4)"  # r² = 4
 
 
+def test_a_loaded_timing_replaces_the_counted_path(tmp_path):
+    """A structured layer's path as a timings file holds it (``profile --explain --timings``), named as timed."""
+    import json
+
+    from slimtune.core import timed
+
+    x = torch.randn(3, 64)
+    model, rows = _explained(slimtune.LokrConfig(r=2, target_modules=["0"]), x)
+    counted = rows[0].choices[0].chosen
+    other = "structured" if counted.startswith("folded") else "folded"
+    decision, key = model[0]._path_decision(x, True)
+    (tmp_path / "t.json").write_text(json.dumps([{"decision": decision, "device": "NVIDIA H200", "key": list(key),
+                                                   "winner": other}]))
+    try:
+        timed.load_timings(tmp_path / "t.json")
+        _, rows = _explained(slimtune.LokrConfig(r=2, target_modules=["0"]), x)
+    finally:
+        timed.clear_timings()
+    assert rows[0].choices[0].chosen.startswith(other)
+    assert rows[0].choices[0].what == "path (fwd+bwd), timed on NVIDIA H200"
+
+
 def test_table_and_json_rows():
     _, rows = _explained(slimtune.HraConfig(r=4, target_modules=["0", "2"]), torch.randn(5, 64))
     assert explanation_table(rows).row_count == 2

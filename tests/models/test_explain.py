@@ -27,3 +27,50 @@ def test_profile_explain_table_and_bad_input(capsys: pytest.CaptureFixture[str])
     assert "recompute" in capsys.readouterr().out
     assert main(["profile", "--explain", "--method", "none"]) == 2
     assert "--explain" in capsys.readouterr().err
+
+
+def test_profile_explain_shows_a_runs_timed_choices(tmp_path, capsys, monkeypatch) -> None:
+    """``--timings FILE`` (what a ``train --variant-criterion timed`` run saves): the measured winners replace the
+    counted choices for the shapes the file holds, named as timed; without --explain it is refused."""
+    import torch
+
+    import slimtune
+    from slimtune.core import timed
+    from slimtune.models.presets import build_model
+    from slimtune.models.workload import default_targets, forward_loss, make_adapter_config, make_inputs
+
+    args = ["profile", "--explain", "--json", "--method", "lora", "--rank", "4", "--seq", "16", "--batch", "2",
+            "--dtype", "float32"]
+    assert main(args) == 0
+    counted = json.loads(capsys.readouterr().out)["layers"]
+    # a timed run on the CPU over the same shapes, where the variant the count did not pick measures faster
+    model = build_model("tiny-llama", "cpu", torch.float32, seed=0)
+    slimtune.adapt(model, make_adapter_config("lora", 4, None, default_targets("tiny-llama", "lora")))
+    model.train()
+    slimtune.set_variant_criterion("timed")
+    calls = []
+    monkeypatch.setattr(timed, "_seconds_of", lambda run, device: calls.append(run) or (len(calls) % 2))
+    try:
+        timed.clear_timings()
+        forward_loss("tiny-llama", model, make_inputs("tiny-llama", model, 2, 16, "cpu", torch.float32))[0].backward()
+        slimtune.save_timings(tmp_path / "timings.json")
+    finally:
+        slimtune.set_variant_criterion("flops")
+        timed.clear_timings()
+    measured = {(r["key"][0], r["key"][1], r["key"][2]): r["winner"] for r in timed_records(tmp_path)}
+    assert measured and main([*args, "--timings", str(tmp_path / "timings.json")]) == 0
+    shown = json.loads(capsys.readouterr().out)["layers"]
+    for before, after in zip(counted, shown):
+        choice = after["choices"][0]
+        assert choice["what"] == "backward dA/dB (rank 4), timed on cpu"
+        tokens, d_in = 32, after["input_shape"][-1]
+        winners = {w for (t, i, _), w in measured.items() if (t, i) == (tokens, d_in)}
+        assert choice["chosen"] in winners
+    assert any(a["choices"][0]["chosen"] != b["choices"][0]["chosen"] for a, b in zip(shown, counted))
+    timed.clear_timings()
+    assert main(["profile", "--timings", str(tmp_path / "timings.json"), "--method", "lora"]) == 2
+    assert "goes with --explain" in capsys.readouterr().err
+
+
+def timed_records(folder) -> list[dict]:
+    return json.loads((folder / "timings.json").read_text())

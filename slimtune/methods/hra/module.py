@@ -72,7 +72,7 @@ class HraLayer(AdapterModule):
         if self.is_conv:
             return []
         d_out, d_in = weight_shape(self.base_layer)
-        return [lowrank_backward_choice(x.numel() // x.shape[-1], d_in, d_out, self.r, x.element_size())]
+        return [lowrank_backward_choice(x.numel() // x.shape[-1], d_in, d_out, self.r, x.dtype)]
 
     def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
         w2 = weight.reshape(weight.shape[0], -1)

@@ -94,7 +94,7 @@ class LohaLayer(StructuredAdapter):
         choices = super().explain(x)
         if self.conv is None and choices[0].chosen.startswith("structured"):
             choices.append(lowrank_backward_choice(x.numel() // x.shape[-1], self.in_features, self.out_features,
-                                                   self.r * self.r, x.element_size()))
+                                                   self.r * self.r, x.dtype))
         return choices
 
     def _fused_linear(self, x: torch.Tensor, base: nn.Module) -> bool:

@@ -59,7 +59,7 @@ class LoraLinear(LoraMixin, AdapterModule):
     def explain(self, x: torch.Tensor) -> list[Choice]:
         """The backward order of dA / dB for x's token count (:func:`~slimtune.core.lowrank.choose_backward`)."""
         tokens = x.numel() // x.shape[-1]
-        return [lowrank_backward_choice(tokens, self.in_features, self.out_features, self.r, x.element_size())]
+        return [lowrank_backward_choice(tokens, self.in_features, self.out_features, self.r, x.dtype)]
 
     def _inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, float, AbstractContextManager]:
         """``(x, bias, p, context)``: x and the base's bias in the compute dtype, this call's dropout probability, and
