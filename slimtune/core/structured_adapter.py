@@ -178,11 +178,10 @@ class StructuredAdapter(AdapterModule):
 
     def explain(self, x: torch.Tensor) -> list[Choice]:
         """The training path (structured or folded) for an input like x, with both paths' counts."""
-        counted = self.choose(x, True)  # off the meta device this would measure: explain shapes are on meta
-        if self.structured_ok and self.path not in ("folded", "structured"):
-            chosen, note = timed_or_counted(*self._path_decision(x, True), counted)
-            return [path_choice(self.costs(x, True), chosen, note)]
-        return [path_choice(self.costs(x, True), counted)]
+        chosen, note = self.choose(x, True), ""
+        if self.structured_ok and self.path not in ("folded", "structured"):  # a chosen path: a timed one shown
+            chosen, note = timed_or_counted(*self._path_decision(x, True), chosen)
+        return [path_choice(self.costs(x, True), chosen, note)]
 
     def choose(self, x: torch.Tensor, backward: bool) -> str:
         if not self.structured_ok or self.path == "folded":

@@ -162,8 +162,7 @@ class EncoderPipeline:
             encoders.append(getattr(transformers, second).from_pretrained(directory / "text_encoder_2",
                                                                           torch_dtype=dtype))
         config_path = directory / denoiser / "config.json"
-        sample_size = json.loads(config_path.read_text(encoding="utf-8")).get("sample_size") \
-            if config_path.is_file() else None
+        sample_size = _read_json(config_path, "").get("sample_size") if config_path.is_file() else None
         if style == "flux" and not isinstance(sample_size, int):
             sample_size = FLUX_SAMPLE_SIZE
         if text_len is None:

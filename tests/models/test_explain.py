@@ -57,7 +57,8 @@ def test_profile_explain_shows_a_runs_timed_choices(tmp_path, capsys, monkeypatc
     finally:
         slimtune.set_variant_criterion("flops")
         timed.clear_timings()
-    measured = {(r["key"][0], r["key"][1], r["key"][2]): r["winner"] for r in timed_records(tmp_path)}
+    records = json.loads((tmp_path / "timings.json").read_text())
+    measured = {(r["key"][0], r["key"][1], r["key"][2]): r["winner"] for r in records}
     assert measured and main([*args, "--timings", str(tmp_path / "timings.json")]) == 0
     shown = json.loads(capsys.readouterr().out)["layers"]
     for before, after in zip(counted, shown):
@@ -70,7 +71,3 @@ def test_profile_explain_shows_a_runs_timed_choices(tmp_path, capsys, monkeypatc
     timed.clear_timings()
     assert main(["profile", "--timings", str(tmp_path / "timings.json"), "--method", "lora"]) == 2
     assert "goes with --explain" in capsys.readouterr().err
-
-
-def timed_records(folder) -> list[dict]:
-    return json.loads((folder / "timings.json").read_text())
