@@ -125,7 +125,7 @@ def free(device: torch.device) -> None:
 def section_kernels(device: torch.device, quick: bool) -> str:
     if not use_triton(torch.empty(0, device=device)):
         return "kernels: skipped (no CUDA / Triton; on the CPU set TRITON_INTERPRET=1)"
-    from slimtune.methods.dora import triton_kernels as T
+    from slimtune.methods.dora import triton_kernels as T, triton_norm as TN
 
     shapes = [(7, 5), (33, 130)] if quick else [(1, 8), (333, 1000), (4096, 4096), (2048, 8192)]
     dtypes = [torch.float32, torch.float16] if quick else [torch.float32, torch.float16, torch.bfloat16]
@@ -163,7 +163,7 @@ def section_kernels(device: torch.device, quick: bool) -> str:
             gram = a @ a.t()
             wsq = torch.rand(d, device=device, generator=gen) * 4 + 1 + (bm.float() @ gram * bm.float()).sum(1)
             mag = torch.rand(d, device=device, generator=gen) + 0.5
-            errs["vectors"] = rel_err(T.dora_vectors(wa, gram, bm, wsq, mag, 0.7, 2.0 ** -63),
+            errs["vectors"] = rel_err(TN.dora_vectors(wa, gram, bm, wsq, mag, 0.7, 2.0 ** -63),
                                       N.dora_vectors_reference(wa.double(), gram.double(), bm.double(), wsq.double(),
                                                                mag.double(), 0.7, 2.0 ** -63))
             record("kernels", dtype=str(dtype).split(".")[-1], n=n, d=d, **errs)

@@ -24,6 +24,7 @@ import slimtune
 from slimtune.methods.dora import compose as DC
 from slimtune.methods.dora import function as DF
 from slimtune.methods.dora import norm as DN
+from slimtune.methods.dora import product as DP
 
 
 def per_call_us(fn: Callable[[], object], device: torch.device, reps: int = 300) -> float:
@@ -109,11 +110,11 @@ def cases(device: torch.device, dtype: torch.dtype) -> dict[str, Callable[[], ob
     zl = z.clone().requires_grad_(True)
     out["identity Function + compose bwd in its backward"] = lambda: with_compose.apply(zl).sum().backward()
     mag = dora.magnitude
-    out["dora tail only (output mode): fwd+bwd"] = lambda: DF.DoraTailFunction.apply(
-        zl.clone(), None, mag, vec, None, "output", None, None, None, None, 1.0, 0.0, 0).sum().backward()
     xp = torch.randn(16, 3072, device=device, dtype=dtype, requires_grad=True)
-    out["dora product only: fwd+bwd"] = lambda: DF.DoraProductFunction.apply(
-        xp, w, a, b, mag, 1.0, 0.0, 0, wsq, True, 0.0)[0].sum().backward()
+    out["dora one Function (output route): fwd+bwd"] = lambda: DF.DoraLinearFunction.apply(
+        xp, w, None, a, b, mag, 1.0, 0.0, 0, wsq, "output", 2.0 ** -63).sum().backward()
+    out["dora product only (z route): fwd+bwd"] = lambda: DF.DoraProductFunction.apply(
+        xp, w, a, b, mag, 1.0, 0.0, 0, wsq, 0.0)[0].sum().backward()
     return out
 
 
@@ -162,11 +163,12 @@ def breakdown(device: torch.device, dtype: torch.dtype, reps: int = 200) -> str:
     owners: list[tuple[object, list[str]]] = []
     if HAS_TRITON:  # the kernels' host side (imported here, before patching: their callers import them lazily)
         from slimtune.core import triton as core_triton
-        from slimtune.methods.dora import triton_kernels as T
+        from slimtune.methods.dora import triton_kernels as T, triton_norm as TN
         from slimtune.methods.loha import triton_kernels  # noqa: F401 (binds core.triton.launch too)
 
-        owners += [(core_triton, ["launch"]), (T, ["_grid", "compose_backward", "compose_forward", "dora_vectors"])]
-    owners += [(DN, ["factored_norm_parts"]), (DF, ["_product"]),
+        owners += [(core_triton, ["launch"]), (T, ["_grid", "compose_backward", "compose_forward"]),
+                   (TN, ["dora_vectors", "vectors_and_compose"])]
+    owners += [(DN, ["factored_norm_parts"]), (DP, ["dora_product", "product_forward", "product_backward"]),
                (frozen, ["saved_with_weight", "save_with_weight", "materialize"]),
                (structured, ["base_backward"]), (structured._Backward, ["__init__"]),
                (products, ["rows_kr", "cols_kr", "rows_kr_grad", "cols_kr_grad", "lowrank_grad", "sum_bmm",
@@ -176,7 +178,7 @@ def breakdown(device: torch.device, dtype: torch.dtype, reps: int = 200) -> str:
     for owner, names in owners:
         for name in names:
             timed(owner, name)
-    for cls in (DF.DoraTailFunction, DF.DoraProductFunction, structured.StructuredFunction,
+    for cls in (DF.DoraLinearFunction, DF.DoraTailFunction, DF.DoraProductFunction, structured.StructuredFunction,
                 structured.FoldedFunction):
         for name in ("forward", "backward"):
             timed(cls, name, static=True)

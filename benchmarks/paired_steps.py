@@ -44,6 +44,7 @@ import torch
 import slimtune
 from slimtune.memory.options import ProfileOptions
 from slimtune.memory.profile import LR, TrainingSession
+from slimtune.models.diffusion import DIFFUSION_PRESETS
 from slimtune.models.layers import compile_layers
 
 
@@ -54,13 +55,16 @@ def parse_config(text: str) -> tuple[str, str]:
     return (backend or "slimtune"), method
 
 
-def session_for(backend: str, method: str, common: dict[str, Any]) -> Any:
-    """A prepared training session: this checkout's, or (``before``) the earlier copy's."""
+def session_for(backend: str, method: str, common: dict[str, Any], memory: str = "fast") -> Any:
+    """A prepared training session: this checkout's, or (``before``) the earlier copy's; ``memory`` is slimtune's
+    setting (PEFT's models are built as PEFT builds them)."""
     if backend == "before":
         options_cls = importlib.import_module("slimtune_before.memory.options").ProfileOptions
         session_cls = importlib.import_module("slimtune_before.memory.profile").TrainingSession
-        return session_cls.prepare(options_cls(method=method, backend="slimtune", release_outputs=True, **common))
-    return TrainingSession.prepare(ProfileOptions(method=method, backend=backend, release_outputs=True, **common))
+        return session_cls.prepare(options_cls(method=method, backend="slimtune", release_outputs=True,
+                                               memory=memory, **common))
+    return TrainingSession.prepare(ProfileOptions(method=method, backend=backend, release_outputs=True,
+                                                  memory=memory if backend == "slimtune" else "fast", **common))
 
 
 def captured(session: Any) -> Callable[[], torch.Tensor]:
@@ -84,6 +88,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3, help="rounds not timed")
     parser.add_argument("--quick", action="store_true", help="tiny-llama on the CPU (smoke test)")
     parser.add_argument("--seq", type=int, default=None)
+    parser.add_argument("--preset", default="llama-3.2-3b",
+                        help="the model (a profiler preset: stable-diffusion-1.5 for the UNet, at its own batch 4, "
+                             "64x64 latents and 77 tokens)")
+    parser.add_argument("--rank", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=None, help="default: 4, or the preset's own")
+    parser.add_argument("--memory", default="fast", choices=("fast", "balanced", "max-fit"),
+                        help="slimtune's memory setting for its configurations")
     parser.add_argument("--gc-freeze", action="store_true",
                         help="gc.freeze() once the models are built (their objects out of the collector's scans)")
     parser.add_argument("--before", default=None, metavar="DIR",
@@ -106,13 +117,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         slimtune.set_variant_criterion("timed")
     common = (dict(preset="tiny-llama", rank=8, batch=2, seq=args.seq or 64, device="cpu", dtype="float32")
               if args.quick else
-              dict(preset="llama-3.2-3b", rank=32, batch=4, seq=args.seq or 512, device="cuda", dtype="bfloat16"))
+              dict(preset=args.preset, rank=args.rank, batch=args.batch or (4 if "llama" in args.preset else None),
+                   seq=args.seq or 512, device="cuda", dtype="bfloat16"))
     print(environment_line(), flush=True)
     sessions = []
     steps: dict[str, Callable[[], torch.Tensor]] = {}
     for text in args.configs:
         backend, method = parse_config(text)
-        session = session_for(backend, method, common)
+        session = session_for(backend, method, common, args.memory)
         if args.compile:
             compile_layers(session.model)
         steps[text] = captured(session) if args.capture else session.train_step
@@ -173,9 +185,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                             "interquartile", "÷ peft-bf16, same method (median of paired rounds)",
                             "÷ before, same method (median of paired rounds)", "step transient peak GiB",
                             "peak ÷ before", "max |loss − before's| over all steps"], rows)
-    text = (f"{environment_line()}\n\n{common['preset']}, r={common['rank']}, batch {common['batch']}, seq "
-            f"{common['seq']}, {common['dtype']}; {args.rounds} paired rounds after {args.warmup} warm-up rounds, "
-            f"one step of each configuration per round, logits released before backward"
+    batch = common["batch"] or "the preset's"
+    shape = (f"batch {batch} (its latents and text tokens)" if common["preset"] in DIFFUSION_PRESETS
+             else f"batch {batch}, seq {common['seq']}")
+    text = (f"{environment_line()}\n\n{common['preset']}, r={common['rank']}, {shape}, {common['dtype']}; "
+            f"{args.rounds} paired rounds after {args.warmup} warm-up rounds, "
+            f"one step of each configuration per round, logits released before backward; slimtune memory="
+            f"{args.memory}"
             f"{'; gc.freeze() after building' if args.gc_freeze else ''}"
             f"{'; decoder layers through torch.compile' if args.compile else ''}"
             f"{'; each step replayed as a CUDA graph (slimtune.capture_step)' if args.capture else ''}"

@@ -9,13 +9,20 @@
 #   bash benchmarks/pending_gpu.sh 4    # issue 20: the same for LoCon / LoHa / LoKr (carry .whl; not yet run)
 #   bash benchmarks/pending_gpu.sh 5    # flux-dit-4b balanced (single blocks' MLP recompute) and the planner's
 #                                       #           "balanced +15" row for the 3B shape: predicted 21.26 GiB (carry .whl)
+#   bash benchmarks/pending_gpu.sh 6    # issues 19/20: DoRA as one Function with one Triton launch each way — the
+#                                       #           CUDA test, host cost, paired steps against the previous code
+#                                       #           (carry .before: `git archive REF slimtune`, renamed slimtune_before)
+#                                       #           and PEFT-bf16, SD-1.5 DoRA against PEFT-bf16 (carry .whl)
+#   bash benchmarks/pending_gpu.sh 7    # issues 19/20: 3B DoRA against the previous code once more (carry .before),
+#                                       #           SD-1.5 step ratios from paired rounds (every model in one
+#                                       #           process, PEFT-bf16's too), memory fast and balanced (carry .whl)
 #   bash benchmarks/pending_gpu.sh 3    # issue 17: online / gradient / data allocation vs AdaLoRA wall time
 #                                       #           (carry .out/minilm_wide; make it with rank_allocation.py --prepare)
 #
 # Outputs go to $OUT (each script's own files, plus one log per step); record them in benchmarks/RESULTS.md with
 # the GPU and versions the scripts print.
 set -uo pipefail
-part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|3|4|5"}
+part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|3|4|5|6|7"}
 out=${OUT:-/tmp/pending_gpu}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -79,8 +86,29 @@ case $part in
     step plan_plain_layers 60 python -m slimtune profile --preset llama-3.2-3b --method lora --rank 16 --batch 4 \
         --seq 2048 --steps 4 --memory balanced --plain-layers 15 --json
     ;;
+6)
+    install_wheels
+    step dora_cuda_test 150 python -m pytest -q tests/methods/dora/test_cuda.py
+    step dora_host_cost 90 python benchmarks/host_cost.py --only dora
+    step paired_steps_dora 200 python benchmarks/paired_steps.py --before .before \
+        --configs lora dora before:dora peft-bf16:dora peft-bf16:lora --rounds 8 --out-name paired_steps_dora
+    step diffusion_dora_fast 120 env OUT="$out/diffusion_dora_fast" python benchmarks/diffusion_compare.py \
+        --skip-dit --steps 8 --memory fast --methods dora
+    ;;
+7)
+    install_wheels
+    step dora_cuda_test 60 python -m pytest -q tests/methods/dora/test_cuda.py
+    step paired_steps_dora_trimmed 100 python benchmarks/paired_steps.py --before .before \
+        --configs dora before:dora peft-bf16:dora --rounds 6 --out-name paired_steps_dora_trimmed
+    for memory in fast balanced; do
+        step "paired_steps_sd15_$memory" 200 python benchmarks/paired_steps.py --preset stable-diffusion-1.5 \
+            --rank 16 --memory "$memory" --rounds 6 --out-name "paired_steps_sd15_$memory" \
+            --configs lora dora locon loha lokr peft-bf16:lora peft-bf16:dora peft-bf16:locon peft-bf16:loha \
+            peft-bf16:lokr
+    done
+    ;;
 *)
-    echo "unknown part $part (1 to 5)" >&2
+    echo "unknown part $part (1 to 7)" >&2
     exit 2
     ;;
 esac

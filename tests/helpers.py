@@ -82,3 +82,21 @@ def run_interpreted(script: str, timeout: float = 600) -> dict:
     assert proc.returncode == 0, proc.stderr[-4000:]
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")][-1]
     return json.loads(line[len("RESULTS "):])
+
+
+def dora_layer_errors(layer, x: torch.Tensor, y: torch.Tensor, dy: torch.Tensor) -> dict:
+    """Relative errors of a DoRA Linear layer's output ``y`` and the gradients ``y.backward(dy)`` left on x and on its
+    parameters, against DoRA's float64 definition (``dora_linear_reference``); m only where it is trained."""
+    from slimtune.methods.dora.norm import dora_linear_reference
+
+    w = layer.base_layer.weight.double()
+    b = layer.base_layer.bias.double() if layer.base_layer.bias is not None else None
+    params = (layer.lora_A, layer.lora_B, layer.magnitude)
+    leaves = [p.detach().double().requires_grad_() for p in params]
+    x64 = x.detach().double().requires_grad_()
+    ref = dora_linear_reference(x64, w, b, *leaves, layer.scaling)
+    ref.backward(dy.double())
+    errors = {"y": rel_err(y, ref), "x": rel_err(x.grad, x64.grad)}
+    errors.update({name: rel_err(p.grad, leaf.grad) for name, p, leaf in zip("ABm", params, leaves)
+                   if p.requires_grad})
+    return errors

@@ -52,8 +52,10 @@ def _loha():
 
 
 def _dora():
-    from slimtune.methods.dora import triton_kernels as D
+    from slimtune.methods.dora import triton_kernels as D, triton_norm as N
 
+    vectors = dict(wa_ptr="*fp32", gram_ptr="*fp32", b_ptr="*bf16", wsq_ptr="*fp32", m_ptr="*bf16", rank="i32",
+                   stride_wa="i32", stride_b="i32", scaling="fp32", half="fp32", eps="fp32", PRECISION="tf32x3")
     return [
         (D._compose_fwd_kernel, dict(base_ptr="*bf16", lora_ptr="*bf16", gm1_ptr="*fp32", g_ptr="*fp32",
                                      bias_ptr="*bf16", out_ptr="*bf16", stats_ptr="*fp32", n_rows="i32",
@@ -66,10 +68,11 @@ def _dora():
                                      stride_dy_row="i32", stride_dy_col="i32", stride_base="i32",
                                      stride_lora="i32", stride_dbase="i32", scaling="fp32", HAS_LORA=False,
                                      HAS_SHIFT=False, HAS_SCALE=True, DY_SUM=True, BLOCK_N=16, BLOCK_D=128)),
-        (D._vectors_kernel, dict(wa_ptr="*fp32", gram_ptr="*fp32", b_ptr="*bf16", wsq_ptr="*fp32", m_ptr="*bf16",
-                                 out_ptr="*fp32", n_rows="i32", rank="i32", stride_wa="i32", stride_b="i32",
-                                 scaling="fp32", half="fp32", eps="fp32", PRECISION="tf32x3", BLOCK_R=64,
-                                 BLOCK_K=32)),
+        (N._vectors_kernel, dict(vectors, out_ptr="*fp32", n_rows="i32", BLOCK_R=64, BLOCK_K=32)),
+        (N._vectors_compose_kernel, dict(vectors, base_ptr="*bf16", bias_ptr="*bf16", out_ptr="*bf16",
+                                         vec_ptr="*fp32", n_rows="i32", n_cols="i32", rows_per_chunk="i32",
+                                         stride_base="i32", stride_out="i32", HAS_BIAS=True, BLOCK_N=16,
+                                         BLOCK_D=128, BLOCK_K=64)),
     ]
 
 

@@ -53,10 +53,21 @@ def fp32_out_gemm(t: torch.Tensor) -> bool:
     return _MM_OUT_DTYPE[t.dtype]
 
 
+_ACCUMULATE = {dtype: torch.promote_types(dtype, torch.float32)
+               for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
+
+
+def accumulate_type(dtype: torch.dtype) -> torch.dtype:
+    """fp32, or fp64 for fp64 (``torch.promote_types(dtype, float32)``, a dispatched op, looked up in a table: it
+    runs several times per adapted layer and step)."""
+    acc = _ACCUMULATE.get(dtype)
+    return acc if acc is not None else torch.promote_types(dtype, torch.float32)
+
+
 def mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b`` ``[M, N]`` in fp32 (fp64 for fp64) from 2-D ``a`` ``[M, K]`` and ``b`` ``[K, N]``: on CUDA a
     bf16/fp16 GEMM that writes fp32 (:func:`fp32_out_gemm`); elsewhere the GEMM in a's dtype, then upcast."""
-    acc = torch.promote_types(a.dtype, torch.float32)
+    acc = accumulate_type(a.dtype)
     if a.dtype == acc:
         return (a @ b.to(acc)).to(acc)  # .to: under autocast the GEMM itself may run (and return) in bf16
     if b.dtype == a.dtype and fp32_out_gemm(a):

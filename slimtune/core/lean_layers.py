@@ -12,9 +12,16 @@ their own weight gradients. Two things PyTorch keeps for them that those gradien
   tensor the norm already keeps, so nothing new — and rebuilds the norm's output in backward (one more GroupNorm
   forward, a memory-bound pass), then takes SiLU's own backward through autograd: the gradients are the plain
   path's, bit for bit.
+* diffusers' **GEGLU** (``h ⊙ gelu(gate)``, ``(h, gate)`` the two halves of its projection's output p) keeps p
+  (the product and the GELU each save a half of it) and ``gelu(gate)`` (the product saves it): 12 values per
+  feature instead of 8. :class:`GegluFunction` saves p alone and rebuilds ``gelu(gate)`` in backward (an
+  elementwise pass), taking the backward through autograd on the same ops: bit for bit again. In a Stable Diffusion
+  UNet that is a third of its feed-forward activations, with no GEMM recomputed (``memory="balanced"`` recomputes
+  the projection too, and keeps only its input).
 
 Each frozen ``nn.Conv1d/2d/3d`` (zero padding, numeric padding), ``nn.GroupNorm`` and ``nn.SiLU`` whose class
-keeps PyTorch's ``forward`` gets an instance-level ``forward`` (no module is replaced: parameter names and
+keeps PyTorch's ``forward``, and each ``GEGLU`` of ``diffusers.models.activations`` (off NPUs, where diffusers runs
+its own fused GEGLU), gets an instance-level ``forward`` (no module is replaced: parameter names and
 checkpoints do not change; :func:`install`'s remover undoes it; SiLU only where the model has a GroupNorm). Each
 call checks, on the host, whether the lean path applies — gradients on, the input requiring grad, the layer's
 parameters frozen, not under ``torch.compile`` (whose partitioner decides what a graph saves) — and otherwise
@@ -95,6 +102,28 @@ class NormSiluFunction(torch.autograd.Function):
         return dh, None, None, None, None, None
 
 
+class GegluFunction(torch.autograd.Function):
+    """``h ⊙ gelu(gate)`` with ``(h, gate) = p.chunk(2, -1)``: p ``[..., 2·d]`` -> ``[..., d]``, saving p alone.
+    Backward, as autograd's own (so bit for bit): ``dgate = gelu'(gate)·(dy ⊙ h)`` (GELU's backward, through
+    autograd), ``dh = dy ⊙ gelu(gate)``, ``dp = [dh, dgate]`` — with gelu(gate) rebuilt, not the product."""
+
+    @staticmethod
+    def forward(ctx: Any, p: torch.Tensor) -> torch.Tensor:
+        h, gate = p.chunk(2, dim=-1)
+        ctx.save_for_backward(p)
+        return h * F.gelu(gate)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        (p,) = ctx.saved_tensors
+        h, gate = p.chunk(2, dim=-1)
+        with torch.enable_grad():
+            gate = gate.detach().requires_grad_(True)
+            activated = F.gelu(gate)
+        (dgate,) = torch.autograd.grad(activated, gate, grad * h)
+        return torch.cat([grad * activated.detach(), dgate], dim=-1)
+
+
 def _frozen(*params: torch.Tensor | None) -> bool:
     return not any(p is not None and p.requires_grad for p in params)
 
@@ -172,6 +201,35 @@ class _LeanSiluForward:
         return NormSiluFunction.apply(h, x, norm.num_groups, norm.weight, norm.bias, norm.eps)
 
 
+class _LeanGegluForward:
+    """A diffusers ``GEGLU``'s instance ``forward``: its projection, then :class:`GegluFunction` (diffusers' own
+    arithmetic, ``h * F.gelu(gate)``, when the lean path does not apply)."""
+
+    def __init__(self, geglu: nn.Module) -> None:
+        self.geglu = geglu
+
+    def __call__(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        geglu = self.geglu
+        if args or kwargs:  # diffusers' deprecated ``scale``: its own forward warns
+            return type(geglu).forward(geglu, hidden_states, *args, **kwargs)
+        p = geglu.proj(hidden_states)
+        if p.device.type == "mps" or not _lean(p):
+            h, gate = p.chunk(2, dim=-1)
+            return h * geglu.gelu(gate)
+        return GegluFunction.apply(p)
+
+
+def _diffusers_geglu(m: nn.Module) -> bool:
+    """diffusers' ``GEGLU`` with its own forward and gelu (the class this module knows), off NPUs."""
+    cls = type(m)
+    if cls.__name__ != "GEGLU" or cls.__module__ != "diffusers.models.activations":
+        return False
+    import diffusers.models.activations as activations  # loaded: m is one of its classes
+
+    return (cls.forward is activations.GEGLU.forward and cls.gelu is activations.GEGLU.gelu
+            and not activations.is_torch_npu_available())
+
+
 def _keeps_forward(m: nn.Module, base: type) -> bool:
     return isinstance(m, base) and type(m).forward is base.forward
 
@@ -184,8 +242,8 @@ def _lean_conv(m: nn.Module) -> bool:
 
 
 def install(model: nn.Module, skip: Callable[[nn.Module], bool] = lambda m: False) -> Callable[[], None]:
-    """Give ``model``'s frozen convolutions, GroupNorms and (where there is a GroupNorm) SiLUs their lean
-    ``forward`` (module docstring); modules for which ``skip`` is true, and their children, are left alone.
+    """Give ``model``'s frozen convolutions, GroupNorms, (where there is a GroupNorm) SiLUs and diffusers GEGLUs their
+    lean ``forward`` (module docstring); modules for which ``skip`` is true, and their children, are left alone.
     Returns the remover."""
     targets: list[tuple[nn.Module, Any]] = []
     stack, modules = [model], []
@@ -204,6 +262,8 @@ def install(model: nn.Module, skip: Callable[[nn.Module], bool] = lambda m: Fals
             targets.append((m, _LeanNormForward(m)))
         elif has_norm and _keeps_forward(m, nn.SiLU):
             targets.append((m, _LeanSiluForward(m)))
+        elif _diffusers_geglu(m):
+            targets.append((m, _LeanGegluForward(m)))
     for m, forward in targets:
         m.forward = forward
 
@@ -217,4 +277,5 @@ def install(model: nn.Module, skip: Callable[[nn.Module], bool] = lambda m: Fals
 
 def installed(module: nn.Module) -> bool:
     """Whether ``module`` runs a lean ``forward`` of this module."""
-    return isinstance(module.__dict__.get("forward"), (_LeanConvForward, _LeanNormForward, _LeanSiluForward))
+    return isinstance(module.__dict__.get("forward"),
+                      (_LeanConvForward, _LeanNormForward, _LeanSiluForward, _LeanGegluForward))

@@ -32,12 +32,14 @@ in place, which the selective cache refuses, and transformers' attention path di
 from __future__ import annotations
 
 import contextlib
+from types import MethodType
 from typing import Any, Callable
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..core import lean_layers
 from ..errors import ConfigError
 from ..models.layers import layer_stack
 from .offload import CpuOffload
@@ -146,7 +148,10 @@ def checkpoint_feed_forwards(model: nn.Module, context_fn: Callable[[], Any] | N
         raise ConfigError(f"{type(model).__name__} has no diffusers feed-forward projection (GEGLU, GELU, ...) to "
                           "recompute")
     for module in modules:
-        module.forward = _CheckpointedForward(module.forward, None, module.__dict__.get("forward"), context_fn)
+        # a lean GEGLU (core.lean_layers) runs its class's own forward inside: a checkpointed call keeps nothing of
+        # it anyway, and the lean one would only rebuild its GELU once more in backward
+        forward = MethodType(type(module).forward, module) if lean_layers.installed(module) else module.forward
+        module.forward = _CheckpointedForward(forward, None, module.__dict__.get("forward"), context_fn)
     for projection, activation in split_mlps(model):
         pair = _ProjectionWithActivation(projection.forward, activation.forward)
         projection.forward = _CheckpointedForward(pair, None, projection.__dict__.get("forward"), context_fn)

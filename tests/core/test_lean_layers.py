@@ -193,3 +193,30 @@ def test_compiled_step_runs_the_plain_layers_without_graph_break():
     torch.compiler.reset()
     compiled = torch.compile(lambda a, b: model(a, b), fullgraph=True, backend="aot_eager")(x, t)
     assert torch.allclose(compiled, eager, rtol=1e-5, atol=1e-6)
+
+
+def test_diffusers_geglu_keeps_its_projection_output_only():
+    """diffusers' GEGLU: the same output and gradients bit for bit, without the GELU output kept; diffusers' own
+    arithmetic without gradients; the remover gives its forward back."""
+    pytest.importorskip("diffusers")
+    from diffusers.models.activations import GEGLU
+
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.LayerNorm(8), GEGLU(8, 16), nn.Linear(16, 8)).requires_grad_(False)
+    lean = copy.deepcopy(plain)
+    remove = lean_layers.install(lean)
+    assert lean_layers.installed(lean[1]) and not lean_layers.installed(plain[1])
+    results = []
+    for model in (plain, lean):
+        x = torch.randn(3, 5, 8, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        out, saved = _saved_bytes(lambda m=model, x=x: m(x), model)
+        out.square().sum().backward()
+        results.append((out.detach(), x.grad, saved))
+    (op, gp, sp), (ol, gl, sl) = results
+    assert torch.equal(op, ol) and torch.equal(gp, gl)
+    assert sl <= sp - 3 * 5 * 16 * 4  # gelu(gate), [3, 5, 16] float32, no longer kept
+    x = torch.randn(3, 5, 8)
+    with torch.no_grad():
+        assert torch.equal(plain(x), lean(x))
+    remove()
+    assert not lean_layers.installed(lean[1])

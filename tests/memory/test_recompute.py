@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import slimtune
+from slimtune.core import lean_layers
 from slimtune.errors import ConfigError
 from slimtune.memory.accounting import SavedTensorMeter
 from slimtune.memory.chunked_loss import model_causal_lm_loss
@@ -198,6 +199,8 @@ def test_diffusion_balanced_recomputes_the_feed_forward_projections():
         apply_memory_setting(unet, "balanced")
     handle.remove()
     assert not installed(unet) and step()[2] == plain[2]
+    # the GEGLUs run their lean forward again (core.lean_layers), which a checkpointed call bypassed
+    assert all(lean_layers.installed(m) for m in feed_forward_projections(unet))
     with pytest.raises(ConfigError, match="a diffusion model takes 'fast' or 'balanced'"):
         apply_memory_setting(unet, "max-fit")
     unet.enable_gradient_checkpointing()

@@ -3,11 +3,12 @@ with ``lora_magnitude_vector``. Builds on :mod:`slimtune.methods.lora` (the one 
 from ...core.registry import Method, register_method
 from ..lora.config import LoraConfig
 from ..lora.format import LORA_FORMAT
-from .function import DoraProductFunction, DoraTailFunction, dora_linear
+from .function import DoraLinearFunction, DoraProductFunction, DoraTailFunction, dora_linear
 from .module import DoraConv, DoraLinear, DoraMixin, build_dora, finalize_dora
 from .probe import OutputProbe
 
 register_method(Method("dora", LoraConfig, build_dora, LORA_FORMAT, finalize_dora))
 
-__all__ = ["DoraConv", "DoraLinear", "DoraMixin", "DoraProductFunction", "DoraTailFunction", "OutputProbe",
+__all__ = ["DoraConv", "DoraLinear", "DoraLinearFunction", "DoraMixin", "DoraProductFunction", "DoraTailFunction",
+           "OutputProbe",
            "build_dora", "dora_linear", "finalize_dora"]

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import torch
 
+from ...core.compute import accumulate_type
 from ...core.triton import use_triton
-from .norm import accumulate_dtype
+from .norm import dora_vectors
 
 
 def _channel_view(vec: torch.Tensor, like: torch.Tensor, dim: int) -> torch.Tensor:
@@ -29,7 +30,7 @@ def _scaled_reference(base: torch.Tensor, gm1: torch.Tensor, lora: torch.Tensor 
                       dim: int, g: torch.Tensor | None = None) -> torch.Tensor:
     """``v = base + (g−1)·base + g·s·lora`` in fp32 (fp64 for fp64); with ``g`` given, ``g·base`` where
     ``|g − 1| > 1/2`` (a tiny g is not lost in ``1 + (g − 1)``)."""
-    acc = accumulate_dtype(base.dtype)
+    acc = accumulate_type(base.dtype)
     gm1 = _channel_view(gm1.to(acc), base, dim)
     b = base.to(acc)
     v = b + gm1 * b
@@ -68,7 +69,7 @@ def compose_backward_reference(dy: torch.Tensor, base: torch.Tensor, g: torch.Te
     """``(dbase, pre_sum, dy_sum)``: ``dbase = g·dy`` in base's dtype (``dlora = s·dbase``), the fp32 channel
     sums ``Σ dy ⊙ (base + s·lora − shift)`` ``[C]`` (``dm = pre_sum / ‖V‖``; with base = the output y and
     shift = b, ``dm = pre_sum / m``) and, with ``dy_sum``, ``Σ dy`` ``[C]`` (the bias gradient), else None."""
-    acc = accumulate_dtype(base.dtype)
+    acc = accumulate_type(base.dtype)
     dy = dy.to(acc)
     pre = base.to(acc) if lora is None else base.to(acc) + scaling * lora.to(acc)
     if shift is not None:
@@ -115,6 +116,23 @@ def compose_backward(dy: torch.Tensor, base: torch.Tensor, g: torch.Tensor, lora
     if scale is not None:
         pre_sum = pre_sum * scale.to(pre_sum.dtype)
     return (dbase_out.copy_(dbase) if dbase_out is not None else dbase), pre_sum, dys
+
+
+def vectors_and_compose(z: torch.Tensor, mixed: torch.Tensor, gram: torch.Tensor, lora_b: torch.Tensor,
+                        weight_sq: torch.Tensor, magnitude: torch.Tensor, scaling: float, eps: float,
+                        bias: torch.Tensor | None = None, out: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(y, vec)``: ``vec`` = :func:`~.norm.dora_vectors` ``[4, d_out]`` fp32 (``g − 1, g, 1/‖V‖, 1/m'``) from the
+    norm parts, and ``y`` = :func:`compose_forward` of z ``[..., d_out]`` with them (``out`` may be z) — one Triton
+    launch on the GPU for ranks up to ``triton_norm.FUSED_MAX_RANK``, else the two steps."""
+    if mixed.dtype == torch.float32 and _fused(z, -1):
+        from . import triton_norm  # imports triton (optional): only behind use_triton
+
+        if lora_b.shape[-1] <= triton_norm.FUSED_MAX_RANK:
+            return triton_norm.vectors_and_compose(z, mixed, gram, lora_b, weight_sq, magnitude, scaling, eps,
+                                                   bias, out)
+    vec = dora_vectors(mixed, gram, lora_b, weight_sq, magnitude, scaling, eps)
+    return compose_forward(z, vec[0], bias=bias, out=out, g=vec[1])[0], vec
 
 
 # -- the scale Function (convolutions) ----------------------------------------------------------------------

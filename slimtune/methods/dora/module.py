@@ -56,7 +56,7 @@ class DoraMixin:
         """A weight in the base's layout -> ``[d_out, d_in]`` (a view)."""
         if getattr(self, "fan_in_fan_out", False):
             return weight.t()
-        return weight.reshape(weight.shape[0], -1)
+        return weight if weight.dim() == 2 else weight.reshape(weight.shape[0], -1)
 
     def _from2d(self, weight2d: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         return weight2d.t() if getattr(self, "fan_in_fan_out", False) else weight2d.reshape(like.shape)

@@ -14,22 +14,17 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ...core.compute import fp32_out_gemm, mm_fp32
+from ...core.compute import accumulate_type, fp32_out_gemm, mm_fp32
 from ...core.triton import use_triton
 
 _NORM_CHUNK = 1 << 22  # elements of W upcast at a time for ‖W‖²_row
 _FLOORS: dict[torch.dtype, float] = {}  # magnitude_floor per dtype
 
 
-def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp32, or fp64 for fp64 inputs."""
-    return torch.promote_types(dtype, torch.float32)
-
-
 @torch.no_grad()
 def weight_row_norm_sq(weight2d: torch.Tensor) -> torch.Tensor:
     """``‖W‖²_row`` ``[d_out]`` in fp32 (fp64 for fp64 W), upcasting a few rows at a time (no fp32 copy of W)."""
-    acc = accumulate_dtype(weight2d.dtype)
+    acc = accumulate_type(weight2d.dtype)
     rows = max(1, _NORM_CHUNK // max(1, weight2d.shape[1]))
     return torch.cat([chunk.to(acc).pow(2).sum(1) for chunk in weight2d.split(rows)])
 
@@ -49,7 +44,7 @@ def factored_norm_parts(weight2d: torch.Tensor, lora_a: torch.Tensor) -> tuple[t
     ``W Aᵀ`` runs in W's dtype, ``A Aᵀ`` in A's, both accumulating in fp32 and (on CUDA, bf16/fp16) with fp32
     outputs; elsewhere the small one runs in fp32. ``B (A Aᵀ)`` is formed by the consumer
     (:func:`dora_vectors`: inside its kernel on the GPU, in fp32), so no ``[d_out, d_in]`` tensor exists."""
-    acc = accumulate_dtype(weight2d.dtype)
+    acc = accumulate_type(weight2d.dtype)
     mixed = _mm_acc(weight2d, lora_a.to(weight2d.dtype).t(), acc, small=False)  # W Aᵀ, [d_out, r]
     gram = _mm_acc(lora_a, lora_a.t(), acc, small=True)  # A Aᵀ, [r, r]
     return mixed, gram
@@ -121,15 +116,15 @@ def dora_vectors(mixed: torch.Tensor, gram: torch.Tensor, lora_b: torch.Tensor, 
                  magnitude: torch.Tensor, scaling: float, eps: float = 0.0) -> torch.Tensor:
     """:func:`dora_vectors_reference`, one fused kernel on the GPU (fp32; ``B (A Aᵀ)`` formed inside)."""
     if mixed.dtype == torch.float32 and use_triton(mixed):
-        from . import triton_kernels  # imports triton (optional): only behind use_triton
+        from . import triton_norm  # imports triton (optional): only behind use_triton
 
-        return triton_kernels.dora_vectors(mixed, gram, lora_b, weight_sq, magnitude.detach(), scaling, eps)
+        return triton_norm.dora_vectors(mixed, gram, lora_b, weight_sq, magnitude, scaling, eps)
     return dora_vectors_reference(mixed, gram, lora_b, weight_sq, magnitude, scaling, eps)
 
 
 def dense_row_norm(weight2d: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
     """``‖W + s·B A‖_row`` through the dense ``[d_out, d_in]`` sum: the reference for tests and benchmarks."""
-    acc = accumulate_dtype(weight2d.dtype)
+    acc = accumulate_type(weight2d.dtype)
     return (weight2d.to(acc) + scaling * (lora_b.to(acc) @ lora_a.to(acc))).norm(dim=1)
 
 

@@ -13,9 +13,7 @@ and ``shift`` its bias) and optionally ``Σ_n dy`` (the bias gradient).
 
 With ``g`` given as well, columns with ``|g − 1| > 1/2`` use ``v = g·base`` (a tiny g is not lost in 1 + (g − 1)).
 The backward multiplies each column's first partial sum by an optional ``[D]`` factor (dm's ``1/‖V‖`` or ``1/m'``).
-One small kernel besides: ``_vectors_kernel``, the ``[4, d_out]`` fp32 vectors ``(g − 1, g, 1/‖V‖, 1/m')`` from
-``W Aᵀ``, the Gram matrix ``A Aᵀ`` (the product ``B (A Aᵀ)`` is formed inside, in fp32) and B, the magnitude
-floored at ``eps·‖V‖`` — so the norm costs two GEMMs and this one launch.
+The norm's ``[4, d_out]`` vectors, alone or with this forward in one launch, are in :mod:`.triton_norm`.
 
 Every launch costs the host tens of microseconds (more than a PyTorch op: a step at 2048 tokens is host-bound on
 the lent machines, ``benchmarks/host_cost.py``), so the kernels do as much per launch as they can and the
@@ -129,41 +127,6 @@ def _compose_bwd_kernel(dy_ptr, base_ptr, lora_ptr, shift_ptr, g_ptr, scale_ptr,
         tl.store(dysum_ptr + chunk * n_cols + cols, tl.sum(acc_dy, axis=0), mask=col_ok)
 
 
-@triton.jit
-def _vectors_kernel(wa_ptr, gram_ptr, b_ptr, wsq_ptr, m_ptr, out_ptr, n_rows, rank, stride_wa, stride_b, scaling,
-                    half, eps, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_ok = rows < n_rows
-    rows64 = rows.to(tl.int64)[:, None]
-    acc = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, rank, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < rank
-        bg = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)  # (B (A Aᵀ))[rows, ks], fp32
-        for l0 in range(0, rank, BLOCK_K):
-            ls = l0 + tl.arange(0, BLOCK_K)
-            l_ok = ls < rank
-            b_l = tl.load(b_ptr + rows64 * stride_b + ls[None, :], mask=row_ok[:, None] & l_ok[None, :],
-                          other=0.0).to(tl.float32)
-            g_lk = tl.load(gram_ptr + ls[:, None] * rank + ks[None, :], mask=l_ok[:, None] & k_ok[None, :],
-                           other=0.0)
-            bg += tl.dot(b_l, g_lk, input_precision=PRECISION)
-        mask = row_ok[:, None] & k_ok[None, :]
-        t = tl.load(wa_ptr + rows64 * stride_wa + ks[None, :], mask=mask, other=0.0)
-        bv = tl.load(b_ptr + rows64 * stride_b + ks[None, :], mask=mask, other=0.0).to(tl.float32)
-        acc += (t + half * bg) * bv
-    wsq = tl.load(wsq_ptr + rows, mask=row_ok, other=1.0).to(tl.float32)
-    norm = tl.sqrt_rn(tl.maximum(wsq + 2.0 * scaling * tl.sum(acc, axis=1), 0.0))  # correctly rounded, as torch's
-    norm = norm.to(m_ptr.dtype.element_ty).to(tl.float32)  # in the magnitude's precision (norm.in_magnitude_precision)
-    m = tl.load(m_ptr + rows, mask=row_ok, other=1.0).to(tl.float32)
-    mag = tl.maximum(tl.abs(m), eps * norm)
-    m_eff = tl.where(m < 0, -mag, mag)
-    tl.store(out_ptr + rows, (m_eff - norm) / norm, mask=row_ok)
-    tl.store(out_ptr + n_rows + rows, m_eff / norm, mask=row_ok)
-    tl.store(out_ptr + 2 * n_rows + rows, 1.0 / norm, mask=row_ok)
-    tl.store(out_ptr + 3 * n_rows + rows, 1.0 / m_eff, mask=row_ok)
-
-
 def _as_rows(t: torch.Tensor) -> torch.Tensor:
     """``[..., D]`` -> ``[N, D]`` view with unit column stride (copies only if it must)."""
     t2 = t.reshape(-1, t.shape[-1])
@@ -247,28 +210,3 @@ def compose_backward(dy: torch.Tensor, base: torch.Tensor, g: torch.Tensor, lora
     if n_chunks > 1:
         partial = partial.view(2 if dy_sum else 1, n_chunks, n_cols).sum(1)
     return dbase.view(shape), partial[0], (partial[1] if dy_sum else None)
-
-
-def dora_vectors(wa: torch.Tensor, gram: torch.Tensor, lora_b: torch.Tensor, weight_sq: torch.Tensor,
-                 magnitude: torch.Tensor, scaling: float, eps: float) -> torch.Tensor:
-    """``[4, d_out]`` fp32 rows ``(g − 1, g, 1/‖V‖, 1/m')`` in one pass; see ``dora.dora_vectors_reference``.
-
-    wa: ``W Aᵀ`` ``[d_out, r]`` fp32; gram: ``A Aᵀ`` ``[r, r]`` fp32 (``B (A Aᵀ)`` is formed inside, with fp32
-    accuracy: three-pass tf32 products on the GPU); lora_b ``[d_out, r]`` (any float dtype); weight_sq
-    ``‖W‖²_row`` and magnitude ``[d_out]``."""
-    n_rows, rank = wa.shape
-    wa, b, gram = _unit_col(wa), _unit_col(lora_b), gram.contiguous()
-    m = magnitude.reshape(-1)
-    m = m if m.is_contiguous() else m.contiguous()
-    wsq = weight_sq if weight_sq.is_contiguous() else weight_sq.contiguous()
-    out = torch.empty(4, n_rows, device=wa.device, dtype=torch.float32)
-    block_k = max(16, min(64, next_power_of_2(max(rank, 1))))
-    block_r = 64
-    launch(_vectors_kernel, wa, (cdiv(n_rows, block_r),), wa, gram, b, wsq, m, out, n_rows, rank,
-            wa.stride(0), b.stride(0), float(scaling), float(scaling) / 2, float(eps),
-            PRECISION="tf32x3" if wa.is_cuda else "ieee", BLOCK_R=block_r, BLOCK_K=block_k, num_warps=4)
-    return out
-
-
-def _unit_col(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()

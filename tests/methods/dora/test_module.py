@@ -204,9 +204,9 @@ def test_norm_is_computed_once_per_forward_and_weight_norms_are_cached(monkeypat
             return fn(*args, **kwargs)
         return wrapped
 
-    # every place that calls them: the norm module itself, the Linear Function, the layer's cache
+    # every place that calls them: the norm module itself, the Linear product, the layer's cache
     norm, weight = count("norm", real_norm), count("weight", real_weight)
-    for where in ("slimtune.methods.dora.norm", "slimtune.methods.dora.function"):
+    for where in ("slimtune.methods.dora.norm", "slimtune.methods.dora.product"):
         monkeypatch.setattr(f"{where}.factored_norm_parts", norm)
         monkeypatch.setattr(f"{where}.weight_row_norm_sq", weight)
     monkeypatch.setattr("slimtune.methods.dora.module.weight_row_norm_sq", weight)

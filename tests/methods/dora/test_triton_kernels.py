@@ -15,9 +15,9 @@ import json, torch
 import slimtune
 from slimtune.core.triton import use_triton
 from slimtune.methods.dora.compose import compose_backward_reference, compose_forward_reference, compose_stats_reference
-from slimtune.methods.dora.norm import dora_linear_reference, dora_vectors_reference
-from slimtune.methods.dora import triton_kernels as T
-from tests.helpers import rel_err
+from slimtune.methods.dora.norm import dora_vectors_reference
+from slimtune.methods.dora import triton_kernels as T, triton_norm as TN
+from tests.helpers import dora_layer_errors, rel_err
 
 torch.manual_seed(0)
 results = {}
@@ -77,32 +77,46 @@ for dtype in (torch.float32, torch.float16):
         assert y.grad_fn.route == route, (case, y.grad_fn.route)
         dy = torch.randn_like(y)
         y.backward(dy)
-        w = layer.base_layer.weight.double()
-        b = layer.base_layer.bias.double() if layer.base_layer.bias is not None else None
-        leaves = [p.detach().double().requires_grad_() for p in (layer.lora_A, layer.lora_B, layer.magnitude)]
-        x64 = x.detach().double().requires_grad_()
-        ref = dora_linear_reference(x64, w, b, *leaves, layer.scaling)
-        ref.backward(dy.double())
-        got = (y, x.grad, layer.lora_A.grad, layer.lora_B.grad, layer.magnitude.grad)
-        want = (ref, x64.grad) + tuple(p.grad for p in leaves)
-        results[f"{name}/layer/{case}"] = max(rel_err(g, w_) for g, w_ in zip(got, want))
+        results[f"{name}/layer/{case}"] = max(dora_layer_errors(layer, x, y, dy).values())
 # the [d_out] vectors (g − 1, g, 1/‖V‖, 1/m') from W Aᵀ, the Gram matrix and B (B (A Aᵀ) formed in the kernel,
 # over one or several rank blocks), magnitudes floored; B in fp32 and fp16
+def norm_parts(d_out, r, b_dtype):  # (W Aᵀ, A Aᵀ, B, ‖W‖², m) of a random layer; m with a zero and a tiny negative
+    a = torch.randn(r, 50)
+    wa, b = torch.randn(d_out, r), (torch.randn(d_out, r) * 0.1).to(b_dtype)
+    gram = a @ a.t()
+    wsq = torch.rand(d_out) * 4 + 1 + (b.float() @ gram * b.float()).sum(1)
+    m = torch.rand(d_out) + 0.5
+    m[0], m[-1] = 0.0, -1e-30
+    return wa, gram, b, wsq, m
+
+
 for d_out, r in ((5, 3), (300, 70), (70, 130)):
     for b_dtype in (torch.float32, torch.float16):
-        a = torch.randn(r, 50)
-        wa, b = torch.randn(d_out, r), (torch.randn(d_out, r) * 0.1).to(b_dtype)
-        gram = a @ a.t()
-        wsq = torch.rand(d_out) * 4 + 1 + (b.float() @ gram * b.float()).sum(1)
-        m = torch.rand(d_out) + 0.5
-        m[0], m[-1] = 0.0, -1e-30
+        wa, gram, b, wsq, m = norm_parts(d_out, r, b_dtype)
         for eps in (0.0, 2.0 ** -63):
-            got = T.dora_vectors(wa, gram, b, wsq, m, 0.7, eps)
+            got = TN.dora_vectors(wa, gram, b, wsq, m, 0.7, eps)
             want = dora_vectors_reference(wa.double(), gram.double(), b.double(), wsq.double(), m.double(), 0.7,
                                             eps)
             ok = torch.isfinite(want)
             assert torch.equal(torch.isfinite(got), ok)
             results[f"vec/{d_out}x{r}/{str(b_dtype)[-7:]}/{eps > 0}"] = rel_err(got[ok], want[ok])
+# the vectors and the forward compose in one launch (each row chunk forms its columns' vectors, the first writes
+# them): several column blocks and row chunks, ranks up to FUSED_MAX_RANK, a bias, g far from 1, m = 0 and a tiny
+# negative m, z in fp32 and fp16 (B in z's dtype, as the layer passes it)
+for n, d_out, r in ((7, 5, 3), (70, 130, 64), (40, 300, 16)):
+    for dtype in (torch.float32, torch.float16):
+        wa, gram, b, wsq, m = norm_parts(d_out, r, dtype)
+        m[1] = 9.0
+        z, bias = torch.randn(n, d_out).to(dtype), torch.randn(d_out).to(dtype)
+        for eps, bi in ((0.0, None), (2.0 ** -63, bias)):
+            y, vec = TN.vectors_and_compose(z, wa, gram, b, wsq, m, 0.7, eps, bi)
+            want = dora_vectors_reference(wa.double(), gram.double(), b.double(), wsq.double(), m.double(), 0.7,
+                                          eps)
+            ok = torch.isfinite(want)
+            assert torch.equal(torch.isfinite(vec), ok)
+            want_y = compose_forward_reference(z, want[0].float(), bias=bi, g=want[1].float())
+            key = f"fused/{str(dtype)[-7:]}/{n}x{d_out}x{r}/{eps > 0}"
+            results[key] = max(rel_err(vec[ok], want[ok]), rel_err(y, want_y))
 
 print("RESULTS " + json.dumps(results))
 """
@@ -125,6 +139,14 @@ def test_vectors_kernel_matches_reference(interpreted):
     errors = {k: v for k, v in interpreted.items() if k.startswith("vec/")}
     assert len(errors) == 12
     bad = {k: v for k, v in errors.items() if not v < 1e-6}
+    assert not bad, bad
+
+
+@pytest.mark.parametrize("dtype,tol", [("float32", 1e-6), ("float16", 1e-3)])
+def test_vectors_and_compose_in_one_launch_match_reference(interpreted, dtype, tol):
+    errors = {k: v for k, v in interpreted.items() if k.startswith(f"fused/{dtype[-7:]}/")}
+    assert len(errors) == 6
+    bad = {k: v for k, v in errors.items() if not v < tol}
     assert not bad, bad
 
 
