@@ -23,6 +23,10 @@ renamed); configurations ``before:METHOD`` are built by that copy, in this same 
 measured step against step under the same host conditions. Each configuration's transient peak (the step's
 ``max_memory_allocated`` above what was allocated before it) is reported beside its time.
 
+``stripped:METHOD`` (with ``--strip-lean KIND...``): slimtune's METHOD with those lean frozen layers
+(``slimtune.core.lean_layers``: ``conv``, ``norm-silu``, ``geglu``) given their plain forward back, so a step's
+cost or saving from each is measured against the full set in the same rounds.
+
 ``--capture``: every configuration's step (PEFT's too) replayed as one CUDA graph through
 :func:`slimtune.capture_step` (AdamW with ``capturable=True``, its constant learning rate): the host's launch cost
 leaves the comparison, what remains is the GPU's work.
@@ -55,9 +59,30 @@ def parse_config(text: str) -> tuple[str, str]:
     return (backend or "slimtune"), method
 
 
-def session_for(backend: str, method: str, common: dict[str, Any], memory: str = "fast") -> Any:
-    """A prepared training session: this checkout's, or (``before``) the earlier copy's; ``memory`` is slimtune's
-    setting (PEFT's models are built as PEFT builds them)."""
+#: ``--strip-lean`` kinds: the instance ``forward`` classes of ``slimtune.core.lean_layers`` each removes
+LEAN_KINDS = {"conv": ("_LeanConvForward",), "norm-silu": ("_LeanNormForward", "_LeanSiluForward"),
+              "geglu": ("_LeanGegluForward",)}
+
+
+def strip_lean(model: Any, kinds: Sequence[str]) -> int:
+    """Give the modules of ``model`` whose lean ``forward`` is of ``kinds`` their class's forward back (``stripped``
+    configurations: what each lean layer costs or saves in a step); returns how many."""
+    names = {name for kind in kinds for name in LEAN_KINDS[kind]}
+    stripped = [m for m in model.modules() if type(m.__dict__.get("forward")).__name__ in names]
+    for module in stripped:
+        del module.forward
+    return len(stripped)
+
+
+def session_for(backend: str, method: str, common: dict[str, Any], memory: str = "fast",
+                strip: Sequence[str] = ()) -> Any:
+    """A prepared training session: this checkout's, or (``before``) the earlier copy's, or (``stripped``) this
+    checkout's with the lean layers of ``strip`` removed; ``memory`` is slimtune's setting (PEFT's models are built
+    as PEFT builds them)."""
+    if backend == "stripped":
+        session = session_for("slimtune", method, common, memory)
+        print(f"stripped {strip_lean(session.model, strip)} lean layers ({', '.join(strip)})", flush=True)
+        return session
     if backend == "before":
         options_cls = importlib.import_module("slimtune_before.memory.options").ProfileOptions
         session_cls = importlib.import_module("slimtune_before.memory.profile").TrainingSession
@@ -95,6 +120,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=None, help="default: 4, or the preset's own")
     parser.add_argument("--memory", default="fast", choices=("fast", "balanced", "max-fit"),
                         help="slimtune's memory setting for its configurations")
+    parser.add_argument("--strip-lean", nargs="+", default=["conv", "norm-silu", "geglu"], choices=list(LEAN_KINDS),
+                        help="the lean layers the configurations stripped:METHOD run without (with --memory fast)")
     parser.add_argument("--gc-freeze", action="store_true",
                         help="gc.freeze() once the models are built (their objects out of the collector's scans)")
     parser.add_argument("--before", default=None, metavar="DIR",
@@ -109,6 +136,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="slimtune's variant choosers timed once per shape (slimtune.set_variant_criterion"
                              "('timed')) instead of counting FLOPs; measured in the warm-up rounds")
     args = parser.parse_args(argv)
+    if any(parse_config(c)[0] == "stripped" for c in args.configs) and args.memory != "fast":
+        parser.error("stripped:METHOD removes lean layers after building: only with --memory fast")
     if args.capture and args.quick:
         parser.error("--capture replays CUDA graphs: not with --quick (the CPU)")
     if args.before:
@@ -124,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     steps: dict[str, Callable[[], torch.Tensor]] = {}
     for text in args.configs:
         backend, method = parse_config(text)
-        session = session_for(backend, method, common, args.memory)
+        session = session_for(backend, method, common, args.memory, args.strip_lean)
         if args.compile:
             compile_layers(session.model)
         steps[text] = captured(session) if args.capture else session.train_step

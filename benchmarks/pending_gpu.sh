@@ -16,13 +16,16 @@
 #   bash benchmarks/pending_gpu.sh 7    # issues 19/20: 3B DoRA against the previous code once more (carry .before),
 #                                       #           SD-1.5 step ratios from paired rounds (every model in one
 #                                       #           process, PEFT-bf16's too), memory fast and balanced (carry .whl)
+#   bash benchmarks/pending_gpu.sh 8    # issue 20: where slimtune LoRA's SD-1.5 `fast` step exceeds PEFT's (run 54:
+#                                       #           1.08x) — paired rounds without each kind of lean frozen layer
+#                                       #           (stripped:lora), the full set and PEFT-bf16 (carry .whl)
 #   bash benchmarks/pending_gpu.sh 3    # issue 17: online / gradient / data allocation vs AdaLoRA wall time
 #                                       #           (carry .out/minilm_wide; make it with rank_allocation.py --prepare)
 #
 # Outputs go to $OUT (each script's own files, plus one log per step); record them in benchmarks/RESULTS.md with
 # the GPU and versions the scripts print.
 set -uo pipefail
-part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|3|4|5|6|7"}
+part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|3|4|5|6|7|8"}
 out=${OUT:-/tmp/pending_gpu}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -107,8 +110,16 @@ case $part in
             peft-bf16:lokr
     done
     ;;
+8)
+    install_wheels
+    for kinds in norm-silu conv geglu; do
+        step "paired_sd15_strip_$kinds" 170 python benchmarks/paired_steps.py --preset stable-diffusion-1.5 \
+            --rank 16 --configs lora stripped:lora peft-bf16:lora --strip-lean "$kinds" --rounds 10 \
+            --out-name "paired_sd15_strip_$kinds"
+    done
+    ;;
 *)
-    echo "unknown part $part (1 to 7)" >&2
+    echo "unknown part $part (1 to 8)" >&2
     exit 2
     ;;
 esac

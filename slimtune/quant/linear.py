@@ -7,6 +7,8 @@ in backward instead of saving the dense weight.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -135,8 +137,14 @@ class NF4Handle:
 
 
 def is_bnb_linear4bit(module: nn.Module) -> bool:
-    """bitsandbytes' ``Linear4bit`` (checked without importing bitsandbytes)."""
-    return any(c.__name__ == "Linear4bit" and c.__module__.startswith("bitsandbytes") for c in type(module).__mro__)
+    """bitsandbytes' ``Linear4bit`` (checked without importing bitsandbytes; once per class: every adapted layer
+    asks on every forward)."""
+    return _is_bnb_linear4bit_class(type(module))
+
+
+@functools.lru_cache(maxsize=None)
+def _is_bnb_linear4bit_class(cls: type) -> bool:
+    return any(c.__name__ == "Linear4bit" and c.__module__.startswith("bitsandbytes") for c in cls.__mro__)
 
 
 class BnbHandle:
