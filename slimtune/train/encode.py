@@ -250,7 +250,7 @@ def encode_dataset(pipeline_dir: str | Path, data: str | Path, out: str | Path, 
     if side <= 0 or side % pipeline.pixel_multiple:
         raise ConfigError(f"--resolution {side}: must be a positive multiple of {pipeline.pixel_multiple} (the VAE's "
                           f"factor{', twice: Flux packs 2x2 latent patches' if pipeline.style == 'flux' else ''})")
-    parts: dict[str, list[torch.Tensor]] = {}
+    tensors: dict[str, torch.Tensor] = {}  # each [N, ...], filled batch by batch (one copy of the data in memory)
     for start in range(0, len(samples), batch_size):
         batch = samples[start:start + batch_size]
         loaded = [load_image(s.image, side) for s in batch]
@@ -260,10 +260,11 @@ def encode_dataset(pipeline_dir: str | Path, data: str | Path, out: str | Path, 
             rows["time_ids"] = torch.tensor([[h, w, top, left, side, side] for _, (h, w, top, left) in loaded],
                                             dtype=torch.float32)
         for key, value in rows.items():
-            parts.setdefault(key, []).append(value.to("cpu", torch_dtype))
+            if key not in tensors:
+                tensors[key] = torch.empty((len(samples), *value.shape[1:]), dtype=torch_dtype)
+            tensors[key][start:start + len(batch)].copy_(value)
         if on_batch is not None:
             on_batch(min(start + batch_size, len(samples)), len(samples))
-    tensors = {key: torch.cat(values).contiguous() for key, values in parts.items()}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out), metadata={"pipeline": str(pipeline_dir), "style": pipeline.style,

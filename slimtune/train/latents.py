@@ -8,7 +8,9 @@ encoders, outside slimtune — as diffusers' training scripts can cache them):
 * DiT (Flux): ``latents`` ``[N, tokens, C]`` (packed 2x2 patches of a square latent), ``encoder_hidden_states``
   ``[N, T, D]``, ``pooled_projections`` ``[N, P]``.
 
-Each training sample takes the next row of a per-epoch permutation of the N rows (:class:`~.order.DataOrder`, by
+The file is memory-mapped and read a row at a time (``safe_open``'s slices): only the header is parsed up front
+(keys, shapes, dtypes: everything is checked before training starts), so a file larger than the host's memory
+trains. Each training sample takes the next row of a per-epoch permutation of the N rows (:class:`~.order.DataOrder`, by
 the sample's position in the run, so ``--resume`` repeats it), and its own noise and timestep (drawn from the run's
 seed and the position, as for random samples). Every tensor is checked against the shape the model takes at the
 file's latent size (the same inputs :func:`slimtune.models.workload.make_inputs` builds), naming the key.
@@ -20,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
 
 from ..errors import DataError
 from ..models.diffusion import DiffusionPreset
@@ -32,6 +34,10 @@ KEYS = {"unet": {"latents": "sample", "encoder_hidden_states": "encoder_hidden_s
                  "text_embeds": "added_cond_kwargs/text_embeds", "time_ids": "added_cond_kwargs/time_ids"},
         "dit": {"latents": "hidden_states", "encoder_hidden_states": "encoder_hidden_states",
                 "pooled_projections": "pooled_projections"}}
+
+
+#: safetensors' names of its floating-point dtypes
+FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
 
 
 def _get(inputs: dict[str, Any], where: str) -> torch.Tensor | None:
@@ -50,58 +56,74 @@ def _put(inputs: dict[str, Any], where: str, value: torch.Tensor) -> None:
 
 
 class LatentData:
-    """The rows of a precomputed-latents file, checked against ``spec``'s denoiser, in ``dtype``."""
+    """The rows of a precomputed-latents file, checked against ``spec``'s denoiser, each read when it is used and
+    cast to ``dtype``."""
 
     def __init__(self, path: str | Path, spec: DiffusionPreset, dtype: torch.dtype, seed: int) -> None:
         self.path, self.spec, self.dtype = Path(path), spec, dtype
+        self._file: Any = None
         try:
-            tensors = load_file(str(path))
+            slices = {key: self._open().get_slice(key) for key in self._open().keys()}
+            shapes = {key: tuple(s.get_shape()) for key, s in slices.items()}
+            dtypes = {key: s.get_dtype() for key, s in slices.items()}
         except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
             raise DataError(f"--data {path}: not a readable safetensors file ({type(exc).__name__}: "
                             f"{str(exc).splitlines()[0]})") from None
-        self.resolution = self._resolution(tensors)
+        self.resolution = self._resolution(shapes)
         self.template = make_inputs(spec, None, 1, 0, "cpu", dtype, torch.Generator().manual_seed(0),
                                     resolution=self.resolution)
         keys = {key: where for key, where in KEYS[spec.family].items() if _get(self.template, where) is not None}
-        missing = sorted(set(keys) - set(tensors))
-        unknown = sorted(set(tensors) - set(keys))
+        missing = sorted(set(keys) - set(shapes))
+        unknown = sorted(set(shapes) - set(keys))
         if missing or unknown:
             raise DataError(f"--data {path}: {spec.name} ({spec.family}) takes the keys {', '.join(sorted(keys))}"
                             + (f"; missing {', '.join(missing)}" if missing else "")
                             + (f"; unknown {', '.join(unknown)}" if unknown else ""))
-        rows = {key: t.shape[0] if t.dim() else 0 for key, t in tensors.items()}
+        rows = {key: shape[0] if shape else 0 for key, shape in shapes.items()}
         if len(set(rows.values())) != 1 or 0 in rows.values():
             raise DataError(f"--data {path}: every tensor needs the same number of rows (first dimension), got "
                             + ", ".join(f"{k} {n}" for k, n in sorted(rows.items())))
         for key, where in keys.items():
             want = tuple(_get(self.template, where).shape[1:])
-            got = tuple(tensors[key].shape[1:])
-            if got != want:
-                raise DataError(f"--data {path}: {key!r} rows are {list(got)}, but {spec.name} takes {list(want)} "
-                                f"at this latent size")
-            if not tensors[key].is_floating_point():
-                raise DataError(f"--data {path}: {key!r} must be floating point, got {tensors[key].dtype}")
-        self.tensors = {key: tensors[key].to(dtype) for key in keys}
+            if shapes[key][1:] != want:
+                raise DataError(f"--data {path}: {key!r} rows are {list(shapes[key][1:])}, but {spec.name} takes "
+                                f"{list(want)} at this latent size")
+            if dtypes[key] not in FLOAT_DTYPES:
+                raise DataError(f"--data {path}: {key!r} must be floating point, got {dtypes[key]}")
         self.keys = keys
-        self.order = DataOrder(len(self), seed)
+        self.rows = next(iter(rows.values()))
+        self.order = DataOrder(self.rows, seed)
+
+    def _open(self) -> Any:
+        """The file's ``safe_open`` handle (memory-mapped), opened on first use in each process."""
+        if self._file is None:
+            self._file = safe_open(str(self.path), framework="pt")
+        return self._file
+
+    def __getstate__(self) -> dict[str, Any]:  # a handle does not pickle: a worker process opens its own
+        return {**self.__dict__, "_file": None}
 
     def __len__(self) -> int:
-        return next(iter(self.tensors.values())).shape[0]
+        return self.rows
 
-    def _resolution(self, tensors: dict[str, torch.Tensor]) -> int:
+    def row(self, key: str, index: int) -> torch.Tensor:
+        """Row ``index`` of the file's tensor ``key``, ``[1, ...]`` in the data's dtype (read from the file now)."""
+        return self._open().get_slice(key)[index:index + 1].to(self.dtype)
+
+    def _resolution(self, shapes: dict[str, tuple[int, ...]]) -> int:
         """The latent side the file's ``latents`` have (a DiT's: from its packed token count)."""
-        latents = tensors.get("latents")
+        latents = shapes.get("latents")
         if latents is None:
             raise DataError(f"--data {self.path}: no 'latents' tensor")
         if self.spec.family == "unet":
-            if latents.dim() != 4 or latents.shape[2] != latents.shape[3]:
+            if len(latents) != 4 or latents[2] != latents[3]:
                 raise DataError(f"--data {self.path}: UNet 'latents' must be [N, C, H, H] (square), got "
-                                f"{list(latents.shape)}")
-            return int(latents.shape[2])
-        side = math.isqrt(int(latents.shape[1])) if latents.dim() == 3 else 0
-        if latents.dim() != 3 or side * side != latents.shape[1]:
+                                f"{list(latents)}")
+            return int(latents[2])
+        side = math.isqrt(int(latents[1])) if len(latents) == 3 else 0
+        if len(latents) != 3 or side * side != latents[1]:
             raise DataError(f"--data {self.path}: DiT 'latents' must be [N, tokens, C] with a square token count "
-                            f"(packed 2x2 patches), got {list(latents.shape)}")
+                            f"(packed 2x2 patches), got {list(latents)}")
         return 2 * side
 
     def inputs(self, position: int, generator: torch.Generator) -> dict[str, Any]:
@@ -110,5 +132,5 @@ class LatentData:
         row = self.order.take(position, 1)[0]
         inputs = make_inputs(self.spec, None, 1, 0, "cpu", self.dtype, generator, resolution=self.resolution)
         for key, where in self.keys.items():
-            _put(inputs, where, self.tensors[key][row:row + 1])
+            _put(inputs, where, self.row(key, row))
         return inputs

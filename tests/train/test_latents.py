@@ -83,3 +83,32 @@ def test_bad_files_are_refused(case, tmp_path, capsys):
                               str(tmp_path / "out"), "--max-steps", "1", "--device", "cpu", "--json"], capsys)
     assert code == 2 and f"--data {data}" in err and message in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_rows_are_read_from_the_file_when_used_and_the_data_pickles(tmp_path):
+    """Only the header is read up front; a row comes from the memory-mapped file in the run's dtype; a pickled copy
+    (a worker process's) opens the file itself."""
+    import pickle
+
+    from safetensors.torch import load_file
+
+    from slimtune.models.presets import get_preset
+
+    path = latents_file(tmp_path / "l.safetensors", "tiny-unet", rows=4)
+    data = LatentData(path, get_preset("tiny-unet"), torch.bfloat16, seed=0)
+    assert len(data) == 4 and not hasattr(data, "tensors")
+    stored = load_file(path)
+    for index in range(4):
+        row = data.row("encoder_hidden_states", index)
+        assert row.dtype == torch.bfloat16 and torch.equal(row, stored["encoder_hidden_states"][index:index + 1]
+                                                           .to(torch.bfloat16))
+    twin = pickle.loads(pickle.dumps(data))
+    assert torch.equal(twin.row("latents", 2), data.row("latents", 2))
+
+
+def test_a_corrupt_file_is_refused_by_name(tmp_path, capsys):
+    path = tmp_path / "broken.safetensors"
+    path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    code, _, err = run_train(["--task", "diffusion", "--preset", "tiny-unet", "--data", str(path), "--out",
+                              str(tmp_path / "out"), "--max-steps", "1", "--device", "cpu", "--json"], capsys)
+    assert code == 2 and f"--data {path}: not a readable safetensors file" in err, err
