@@ -128,9 +128,15 @@ def _compose_bwd_kernel(dy_ptr, base_ptr, lora_ptr, shift_ptr, g_ptr, scale_ptr,
 
 
 def _as_rows(t: torch.Tensor) -> torch.Tensor:
-    """``[..., D]`` -> ``[N, D]`` view with unit column stride (copies only if it must)."""
-    t2 = t.reshape(-1, t.shape[-1])
+    """``[..., D]`` -> ``[N, D]`` view with unit column stride (copies only if it must; t itself when it already is
+    one: every call is host time)."""
+    t2 = t if t.dim() == 2 else t.reshape(-1, t.shape[-1])
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def _rows_view(t: torch.Tensor, n_cols: int) -> torch.Tensor:
+    """``t`` as ``[N, n_cols]`` (a view; t itself when 2-D)."""
+    return t if t.dim() == 2 else t.reshape(-1, n_cols)
 
 
 def _grid(t: torch.Tensor, n_rows: int, n_cols: int) -> tuple[int, int, int, int]:
@@ -192,9 +198,9 @@ def compose_backward(dy: torch.Tensor, base: torch.Tensor, g: torch.Tensor, lora
     shape, n_cols = base.shape, base.shape[-1]
     base2 = _as_rows(base)
     lora2 = _as_rows(lora) if lora is not None else base2
-    dy2 = dy.reshape(-1, n_cols)  # any strides: stride-0 (expanded) gradients are read as they are
+    dy2 = _rows_view(dy, n_cols)  # any strides: stride-0 (expanded) gradients are read as they are
     dbase = torch.empty_like(base, memory_format=torch.contiguous_format) if dbase_out is None else dbase_out
-    dbase2 = dbase.view(-1, n_cols)
+    dbase2 = _rows_view(dbase, n_cols)
     g = _f32(g)
     scale_arg = _f32(scale) if scale is not None else g
     shift_arg = shift.contiguous() if shift is not None else g
@@ -207,6 +213,10 @@ def compose_backward(dy: torch.Tensor, base: torch.Tensor, g: torch.Tensor, lora
             dy2.stride(0), dy2.stride(1), base2.stride(0), lora2.stride(0), dbase2.stride(0), float(scaling),
             HAS_LORA=lora is not None, HAS_SHIFT=shift is not None, HAS_SCALE=scale is not None, DY_SUM=dy_sum,
             BLOCK_N=block_n, BLOCK_D=block_d, num_warps=CONFIG["num_warps"])
+    dbase = dbase if dbase.shape == shape else dbase.view(shape)
+    if not dy_sum:
+        return dbase, (partial.sum(0) if n_chunks > 1 else partial[0]), None
     if n_chunks > 1:
-        partial = partial.view(2 if dy_sum else 1, n_chunks, n_cols).sum(1)
-    return dbase.view(shape), partial[0], (partial[1] if dy_sum else None)
+        partial = partial.view(2, n_chunks, n_cols).sum(1)
+    first, sums = partial.unbind(0)  # [2, D]: the first sums, then Σ dy
+    return dbase, first, sums
