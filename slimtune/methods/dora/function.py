@@ -89,7 +89,7 @@ class DoraLinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, lora_a, lora_b, magnitude, scaling: float, dropout_p: float, seed,
                 weight_sq, keep: str | None, eps: float):
         z, rest, mixed, gram, weight_sq = product_forward(x, weight, lora_a, lora_b, scaling, dropout_p, seed,
-                                                           weight_sq)
+                                                          weight_sq)
         y, vec = vectors_and_compose(z, mixed, gram, lora_b, weight_sq, magnitude, scaling, eps, bias, out=z)
         del mixed, gram
         if rest is not None:
@@ -158,7 +158,7 @@ class DoraProductFunction(torch.autograd.Function):
                 eps: float):
         ctx.set_materialize_grads(False)
         z, rest, mixed, gram, weight_sq = product_forward(x, weight, lora_a, lora_b, scaling, dropout_p, seed,
-                                                           weight_sq)
+                                                          weight_sq)
         vec = dora_vectors(mixed, gram, lora_b, weight_sq, magnitude, scaling, eps)
         ctx.mark_non_differentiable(vec)
         save_with_weight(ctx, weight, x, lora_a, lora_b)
@@ -169,7 +169,7 @@ class DoraProductFunction(torch.autograd.Function):
     def backward(ctx, dz, drest, _):
         weight, (x, lora_a, lora_b) = saved_with_weight(ctx)
         grads = product_backward(ctx, weight, x, lora_a, lora_b, as_rows(dz) if dz is not None else None,
-                                  as_rows(drest) if drest is not None else None, tuple(ctx.needs_input_grad[:4]))
+                                 as_rows(drest) if drest is not None else None, tuple(ctx.needs_input_grad[:4]))
         return (*grads, None, None, None, None, None, None)
 
 

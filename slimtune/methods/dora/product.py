@@ -18,7 +18,7 @@ from .norm import factored_norm_parts, weight_row_norm_sq
 
 
 def dora_product(xd: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float,
-             lead: tuple[int, ...]) -> torch.Tensor:
+                 lead: tuple[int, ...]) -> torch.Tensor:
     """``z = xd Wᵀ + s·(xd Aᵀ) Bᵀ`` ``[*lead, d_out]`` (not a view) from the 2-D ``xd``; all in xd's dtype."""
     z = F.linear(xd.view(*lead, xd.shape[-1]), w)
     z.view(-1, z.shape[-1]).addmm_(xd @ a.t(), b.t(), alpha=scaling)
@@ -32,8 +32,8 @@ def dropped_input(x2: torch.Tensor, dropout_p: float, seed: Any) -> tuple[torch.
 
 
 def product_forward(x: torch.Tensor, weight: WeightOperand, lora_a: torch.Tensor, lora_b: torch.Tensor,
-                     scaling: float, dropout_p: float, seed: Any, weight_sq: torch.Tensor | None
-                     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
+                    scaling: float, dropout_p: float, seed: Any, weight_sq: torch.Tensor | None
+                    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(z, rest, W Aᵀ, A Aᵀ, ‖W‖²_row)``: the product ``z = drop(x) Wᵀ + s·(drop(x) Aᵀ) Bᵀ`` ``[..., d_out]``,
     ``rest = (x − drop(x)) Wᵀ`` (dropout only, else None) and the norm's parts, W dequantised / cast once; the big
     GEMMs are queued before the norm's small ones."""
@@ -51,9 +51,9 @@ def product_forward(x: torch.Tensor, weight: WeightOperand, lora_a: torch.Tensor
 
 
 def product_backward(ctx: Any, weight: WeightOperand, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
-                      dz2: torch.Tensor | None, drest2: torch.Tensor | None,
-                      needs: tuple[bool, bool, bool, bool]) -> tuple[torch.Tensor | None, ...]:
-    """``(dx, dW, dA, dB)`` of the product (:class:`DoraProductFunction`'s docstring, line by line) from ``dz2``
+                     dz2: torch.Tensor | None, drest2: torch.Tensor | None,
+                     needs: tuple[bool, bool, bool, bool]) -> tuple[torch.Tensor | None, ...]:
+    """``(dx, dW, dA, dB)`` of the product (:class:`~.function.DoraProductFunction`'s docstring, line by line) from ``dz2``
     ``[N, d_out]`` (None: only rest got a gradient) and ``drest2`` (dropout only); ``ctx`` holds scaling,
     dropout_p and seed; ``needs``: which of x, W, A, B want a gradient."""
     need_x, need_w, need_a, need_b = needs
