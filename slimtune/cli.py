@@ -567,7 +567,8 @@ def _add_train_parser(subparsers: Any) -> None:
     data = parser.add_argument_group("data")
     data.add_argument("--data", default=None, metavar="FILE",
                       help="training data: JSONL (one JSON object a line); --task diffusion: a .safetensors file of "
-                           "precomputed latents and text embeddings (without it, seeded random ones)")
+                           "precomputed latents and text embeddings, or a folder of them (slimtune encode; without "
+                           "it, seeded random ones)")
     data.add_argument("--eval-data", default=None, metavar="FILE.jsonl", help="held-out data for evaluation")
     data.add_argument("--eval-fraction", type=float, default=0.0,
                       help="or hold out this fraction of --data (seeded; default: 0, no evaluation)")
@@ -686,7 +687,11 @@ def _add_encode_parser(subparsers: Any) -> None:
                         help="a local diffusers pipeline directory (model_index.json, vae/, text_encoder/, tokenizer/; "
                              "text_encoder_2/, tokenizer_2/ for SDXL and Flux)")
     parser.add_argument("--data", required=True, metavar="FOLDER|FILE.jsonl", help="the images and captions")
-    parser.add_argument("--out", required=True, metavar="FILE.safetensors", help="the latents file to write")
+    parser.add_argument("--out", required=True, metavar="FILE.safetensors|FOLDER",
+                        help="the latents file to write (with --shard-rows: a new folder of them)")
+    parser.add_argument("--shard-rows", type=int, default=None, metavar="N",
+                        help="write --out as a folder of files of N samples each, holding one file in memory at a "
+                             "time (large sets: Flux's T5 features are ~4 MB a sample); train --data takes the folder")
     parser.add_argument("--resolution", type=int, default=None,
                         help="image side in pixels (default: the pipeline UNet's sample size times the VAE's factor)")
     parser.add_argument("--batch", type=int, default=8, help="images per encoder call (default: 8)")
@@ -703,7 +708,7 @@ def _cmd_encode(args: argparse.Namespace) -> int:
         task = progress.add_task("encoding", total=None)
         result = encode_dataset(args.pipeline, args.data, args.out, resolution=args.resolution,
                                 batch_size=args.batch, device=args.device, dtype=args.dtype, text_len=args.text_len,
-                                on_batch=lambda done, total: progress.update(task, completed=done, total=total))
+                                shard_rows=args.shard_rows, on_batch=lambda done, total: progress.update(task, completed=done, total=total))
     shapes = ", ".join(f"{key} {shape}" for key, shape in result.shapes.items())
     Console().print(f"{result.out}: {result.samples} samples ({shapes}); train on it with slimtune train --task "
                     f"diffusion --data {result.out}", highlight=False)

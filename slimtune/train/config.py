@@ -116,13 +116,16 @@ class TrainConfig:
             if self.task == "classification":
                 raise ConfigError("--task classification needs a pretrained encoder: give --model DIR "
                                   f"(presets {', '.join(PRESETS)} have no classification head)")
-        data = _existing_file("--data", self.data)
         diffusion = self.task == "diffusion"
+        if diffusion and self.data is not None and os.path.isdir(os.path.expanduser(self.data)):
+            data = os.path.abspath(os.path.expanduser(self.data))  # a folder of latents files (encode --shard-rows)
+        else:
+            data = _existing_file("--data", self.data)
         if data is None and not diffusion:
             raise ConfigError(f"--data FILE.jsonl is required for --task {self.task}")
-        if data is not None and diffusion and not data.endswith(".safetensors"):
+        if data is not None and diffusion and not (os.path.isdir(data) or data.endswith(".safetensors")):
             raise ConfigError(f"--task diffusion reads precomputed latents and text embeddings from a .safetensors "
-                              f"file (see slimtune.train.latents), got --data {data}")
+                              f"file or a folder of them (see slimtune.train.latents), got --data {data}")
         if self.method not in TRAIN_METHODS:
             raise ConfigError(f"unknown method {self.method!r}; choose from {', '.join(TRAIN_METHODS)}")
         _positive_int("--rank", self.rank)

@@ -228,13 +228,18 @@ class EncodeResult:
 
 def encode_dataset(pipeline_dir: str | Path, data: str | Path, out: str | Path, *, resolution: int | None = None,
                    batch_size: int = 8, device: str | None = None, dtype: str = "float32",
-                   text_len: int | None = None, on_batch: Callable[[int, int], None] | None = None) -> EncodeResult:
+                   text_len: int | None = None, shard_rows: int | None = None,
+                   on_batch: Callable[[int, int], None] | None = None) -> EncodeResult:
     """Encode every sample of ``data`` (:func:`read_samples`) with the pipeline at ``pipeline_dir`` and write the
     latents file to ``out`` (see the module docstring). ``resolution``: the image side in pixels (default: the
-    pipeline UNet's ``sample_size`` times the VAE's factor). ``on_batch(done, total)`` is called after each
-    batch. The file is written in ``dtype``."""
+    pipeline UNet's ``sample_size`` times the VAE's factor). ``shard_rows``: write ``out`` as a new folder of files
+    of that many samples each (``part-00000.safetensors``, ...), holding one file's rows in memory at a time
+    instead of all of them; ``train --data`` takes the folder. ``on_batch(done, total)`` is called after each
+    batch. The files are written in ``dtype``."""
     if batch_size < 1:
         raise ConfigError(f"--batch must be at least 1, got {batch_size}")
+    if shard_rows is not None and shard_rows < 1:
+        raise ConfigError(f"--shard-rows must be at least 1, got {shard_rows}")
     torch_dtype = getattr(torch, dtype, None)
     if not isinstance(torch_dtype, torch.dtype) or not torch_dtype.is_floating_point:
         raise ConfigError(f"--dtype {dtype!r} is not a floating-point torch dtype (float32, bfloat16, float16)")
@@ -250,23 +255,41 @@ def encode_dataset(pipeline_dir: str | Path, data: str | Path, out: str | Path, 
     if side <= 0 or side % pipeline.pixel_multiple:
         raise ConfigError(f"--resolution {side}: must be a positive multiple of {pipeline.pixel_multiple} (the VAE's "
                           f"factor{', twice: Flux packs 2x2 latent patches' if pipeline.style == 'flux' else ''})")
-    tensors: dict[str, torch.Tensor] = {}  # each [N, ...], filled batch by batch (one copy of the data in memory)
-    for start in range(0, len(samples), batch_size):
-        batch = samples[start:start + batch_size]
-        loaded = [load_image(s.image, side) for s in batch]
-        pixels = torch.stack([p for p, _ in loaded])
-        rows = {"latents": pipeline.encode_images(pixels), **pipeline.encode_text([s.caption for s in batch])}
-        if pipeline.style == "sdxl":
-            rows["time_ids"] = torch.tensor([[h, w, top, left, side, side] for _, (h, w, top, left) in loaded],
-                                            dtype=torch.float32)
-        for key, value in rows.items():
-            if key not in tensors:
-                tensors[key] = torch.empty((len(samples), *value.shape[1:]), dtype=torch_dtype)
-            tensors[key][start:start + len(batch)].copy_(value)
-        if on_batch is not None:
-            on_batch(min(start + batch_size, len(samples)), len(samples))
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out), metadata={"pipeline": str(pipeline_dir), "style": pipeline.style,
-                                           "resolution": str(side), "samples": str(len(samples))})
-    return EncodeResult(out, len(samples), {key: list(t.shape) for key, t in tensors.items()})
+    shard = shard_rows or len(samples)
+    if shard_rows is None:
+        paths = [out]
+        out.parent.mkdir(parents=True, exist_ok=True)
+    else:
+        if out.is_file() or (out.is_dir() and any(out.glob("*.safetensors"))):
+            raise ConfigError(f"--out {out}: with --shard-rows it is a folder of latents files, and this one exists "
+                              "with latents in it (train --data would read them too): give a new or empty folder")
+        out.mkdir(parents=True, exist_ok=True)
+        paths = [out / f"part-{i:05d}.safetensors" for i in range(-(-len(samples) // shard))]
+    metadata = {"pipeline": str(pipeline_dir), "style": pipeline.style, "resolution": str(side)}
+    shapes: dict[str, list[int]] = {}
+    for path, first in zip(paths, range(0, len(samples), shard)):
+        part = samples[first:first + shard]
+        tensors: dict[str, torch.Tensor] = {}  # each [rows, ...], filled batch by batch: one copy of a part in memory
+        for start in range(0, len(part), batch_size):
+            batch = part[start:start + batch_size]
+            for key, value in _encode_batch(pipeline, batch, side).items():
+                if key not in tensors:
+                    tensors[key] = torch.empty((len(part), *value.shape[1:]), dtype=torch_dtype)
+                tensors[key][start:start + len(batch)].copy_(value)
+            if on_batch is not None:
+                on_batch(first + start + len(batch), len(samples))
+        save_file(tensors, str(path), metadata={**metadata, "samples": str(len(part))})
+        shapes = {key: [len(samples), *t.shape[1:]] for key, t in tensors.items()}
+    return EncodeResult(out, len(samples), shapes)
+
+
+def _encode_batch(pipeline: EncoderPipeline, batch: Sequence[Sample], side: int) -> dict[str, torch.Tensor]:
+    """The file's rows for ``batch``: its images' latents and its captions' encodings (SDXL: its time ids too)."""
+    loaded = [load_image(s.image, side) for s in batch]
+    pixels = torch.stack([p for p, _ in loaded])
+    rows = {"latents": pipeline.encode_images(pixels), **pipeline.encode_text([s.caption for s in batch])}
+    if pipeline.style == "sdxl":
+        rows["time_ids"] = torch.tensor([[h, w, top, left, side, side] for _, (h, w, top, left) in loaded],
+                                        dtype=torch.float32)
+    return rows

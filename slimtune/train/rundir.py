@@ -21,13 +21,18 @@ LOG_NAME = "log.jsonl"
 
 
 def file_digest(path: str | None) -> str | None:
-    """SHA-256 of a file's bytes (``None`` for no file)."""
+    """SHA-256 of a file's bytes (``None`` for no file); of a folder (latents shards): of its ``.safetensors`` files'
+    names and bytes, in name order."""
     if path is None or path == "auto":
         return path
     digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
+    folder = Path(path).is_dir()
+    for file in sorted(Path(path).glob("*.safetensors")) if folder else [Path(path)]:
+        if folder:
+            digest.update(file.name.encode() + b"\0")
+        with open(file, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
     return digest.hexdigest()
 
 

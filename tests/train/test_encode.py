@@ -237,3 +237,40 @@ def test_a_pipeline_directory_names_its_denoiser(tmp_path):
     (pipeline / "unet" / "config.json").unlink()
     with pytest.raises(ConfigError, match="a diffusers pipeline directory without a unet or transformer/config.json"):
         denoiser_directory(str(pipeline))
+
+
+def test_shards_hold_the_same_rows_and_train(tmp_path, capsys):
+    """``--shard-rows``: the folder's files, in order, hold the single file's rows; ``train --data`` takes the folder;
+    a folder that already holds latents, a bad count, an empty folder and a shard of other shapes are refused."""
+    from slimtune.models.presets import get_preset
+    from slimtune.train.latents import LatentData
+
+    pipeline = make_pipeline(tmp_path / "pipe")
+    images = make_images(tmp_path / "images")
+    whole = load_file(str(encode_dataset(pipeline, images, tmp_path / "one.safetensors", device="cpu").out))
+    shards = tmp_path / "shards"
+    assert main(["encode", "--pipeline", str(pipeline), "--data", str(images), "--out", str(shards), "--batch", "3",
+                 "--shard-rows", "2", "--device", "cpu", "--quiet"]) == 0
+    files = sorted(shards.iterdir())
+    assert [f.name for f in files] == ["part-00000.safetensors", "part-00001.safetensors"]
+    parts = [load_file(str(f)) for f in files]
+    for key in whole:
+        torch.testing.assert_close(torch.cat([p[key] for p in parts]), whole[key])
+    data = LatentData(shards, get_preset("tiny-unet"), torch.float32, seed=0)
+    assert len(data) == 3 and torch.equal(data.row("latents", 2), parts[1]["latents"][0:1])
+    code, events, err = run_train(["--task", "diffusion", "--preset", "tiny-unet", "--data", str(shards), "--out",
+                                   str(tmp_path / "run"), "--batch", "2", "--max-steps", "2", "--rank", "4",
+                                   "--device", "cpu", "--json"], capsys)
+    assert code == 0, err
+    with pytest.raises(ConfigError, match="give a new or empty folder"):
+        encode_dataset(pipeline, images, shards, shard_rows=2, device="cpu")
+    with pytest.raises(ConfigError, match="--shard-rows must be at least 1"):
+        encode_dataset(pipeline, images, tmp_path / "other", shard_rows=0, device="cpu")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no .safetensors files"):
+        LatentData(tmp_path / "empty", get_preset("tiny-unet"), torch.float32, seed=0)
+    from safetensors.torch import save_file
+
+    save_file({**parts[1], "latents": torch.zeros(1, 4, 8, 8)}, str(files[1]))
+    with pytest.raises(DataError, match="part-00001.safetensors: 'latents' rows are"):
+        LatentData(shards, get_preset("tiny-unet"), torch.float32, seed=0)
