@@ -225,9 +225,10 @@ def _diffusers_geglu(m: nn.Module) -> bool:
     if cls.__name__ != "GEGLU" or cls.__module__ != "diffusers.models.activations":
         return False
     import diffusers.models.activations as activations  # loaded: m is one of its classes
+    from diffusers.utils import is_torch_npu_available
 
     return (cls.forward is activations.GEGLU.forward and cls.gelu is activations.GEGLU.gelu
-            and not activations.is_torch_npu_available())
+            and not is_torch_npu_available())
 
 
 def _keeps_forward(m: nn.Module, base: type) -> bool:

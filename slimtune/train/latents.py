@@ -20,6 +20,7 @@ file's latent size (the same inputs :func:`slimtune.models.workload.make_inputs`
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
 from pathlib import Path
 from typing import Any
@@ -74,7 +75,7 @@ class LatentData:
                                     resolution=self.resolution)
         self.keys = {key: where for key, where in KEYS[spec.family].items() if _get(self.template, where) is not None}
         counts = [self._check(file, *header) for file, header in zip(self.files, headers)]
-        self.starts = [sum(counts[:i]) for i in range(len(counts))]  # each file's first row
+        self.starts = list(itertools.accumulate(counts[:-1], initial=0))  # each file's first row
         self.rows = sum(counts)
         self.order = DataOrder(self.rows, seed)
 
