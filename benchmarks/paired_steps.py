@@ -23,6 +23,9 @@ renamed); configurations ``before:METHOD`` are built by that copy, in this same 
 measured step against step under the same host conditions. Each configuration's transient peak (the step's
 ``max_memory_allocated`` above what was allocated before it) is reported beside its time.
 
+``alone:METHOD``: slimtune's METHOD with every LoRA layer running alone — no sibling fusion (q/k/v, gate/up as one
+Function, ``slimtune.core.siblings``) — so the fusion's saving is measured in the same rounds.
+
 ``stripped:METHOD`` (with ``--strip-lean KIND...``): slimtune's METHOD with those lean frozen layers
 (``slimtune.core.lean_layers``: ``conv``, ``norm-silu``, ``geglu``) given their plain forward back, so a step's
 cost or saving from each is measured against the full set in the same rounds.
@@ -74,11 +77,25 @@ def strip_lean(model: Any, kinds: Sequence[str]) -> int:
     return len(stripped)
 
 
+def strip_siblings(model: Any) -> int:
+    """Take the sibling groups (``slimtune.core.siblings``: q/k/v and gate/up as one Function) out of ``model``, so
+    each LoRA layer runs alone (``alone`` configurations: what the fusion saves, step against step); returns how many
+    layers."""
+    members = [m for m in model.modules() if getattr(m, "siblings", None) is not None]
+    for module in members:
+        module.siblings = None
+    return len(members)
+
+
 def session_for(backend: str, method: str, common: dict[str, Any], memory: str = "fast",
                 strip: Sequence[str] = ()) -> Any:
     """A prepared training session: this checkout's, or (``before``) the earlier copy's, or (``stripped``) this
     checkout's with the lean layers of ``strip`` removed; ``memory`` is slimtune's setting (PEFT's models are built
     as PEFT builds them)."""
+    if backend == "alone":
+        session = session_for("slimtune", method, common, memory)
+        print(f"{strip_siblings(session.model)} LoRA layers run alone (no sibling fusion)", flush=True)
+        return session
     if backend == "stripped":
         session = session_for("slimtune", method, common, memory)
         print(f"stripped {strip_lean(session.model, strip)} lean layers ({', '.join(strip)})", flush=True)

@@ -19,13 +19,16 @@
 #   bash benchmarks/pending_gpu.sh 8    # issue 20: where slimtune LoRA's SD-1.5 `fast` step exceeds PEFT's (run 54:
 #                                       #           1.08x) — paired rounds without each kind of lean frozen layer
 #                                       #           (stripped:lora), the full set and PEFT-bf16 (carry .whl)
+#   bash benchmarks/pending_gpu.sh 9    # issue 19: q/k/v and gate/up LoRA as one Function (core.siblings) — CUDA
+#                                       #           tests, paired rounds fused / alone:lora / PEFT-bf16 at 3B seq
+#                                       #           512 and 2048 and on SD-1.5 (carry .whl for SD-1.5)
 #   bash benchmarks/pending_gpu.sh 3    # issue 17: online / gradient / data allocation vs AdaLoRA wall time
 #                                       #           (carry .out/minilm_wide; make it with rank_allocation.py --prepare)
 #
 # Outputs go to $OUT (each script's own files, plus one log per step); record them in benchmarks/RESULTS.md with
 # the GPU and versions the scripts print.
 set -uo pipefail
-part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|3|4|5|6|7|8"}
+part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|3|4|5|6|7|8|9"}
 out=${OUT:-/tmp/pending_gpu}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -118,8 +121,21 @@ case $part in
             --out-name "paired_sd15_strip_$kinds"
     done
     ;;
+9)
+    # issue 19: LoRA siblings (q/k/v, gate/up) as one Function — the CUDA tests, then paired rounds of the fused
+    # step against the same model with every layer alone and PEFT-bf16, 3B seq 512 and 2048, and SD-1.5 (attn1's
+    # q/k/v, attn2's k/v; carry .whl)
+    install_wheels
+    step siblings_cuda_test 120 python -m pytest -q tests/core/test_lowrank_group.py tests/core/test_siblings.py
+    step paired_siblings_512 150 python benchmarks/paired_steps.py --configs lora alone:lora peft-bf16:lora \
+        --rounds 12 --out-name paired_siblings_512
+    step paired_siblings_2048 150 python benchmarks/paired_steps.py --configs lora alone:lora peft-bf16:lora \
+        --seq 2048 --rounds 6 --out-name paired_siblings_2048
+    step paired_siblings_sd15 150 python benchmarks/paired_steps.py --preset stable-diffusion-1.5 --rank 16 \
+        --configs lora alone:lora peft-bf16:lora --rounds 8 --out-name paired_siblings_sd15
+    ;;
 *)
-    echo "unknown part $part (1 to 8)" >&2
+    echo "unknown part $part (1 to 9)" >&2
     exit 2
     ;;
 esac

@@ -14,6 +14,7 @@ from .compat import (AutoPeftModel, AutoPeftModelForCausalLM, AutoPeftModelForFe
                      prepare_model_for_kbit_training, set_peft_model_state_dict)
 from .core.capture import capture_step
 from .core.checkpoint import load_adapter, save_adapter
+from .core.siblings import set_sibling_fusion
 from .core.timed import load_timings, save_timings, set_variant_criterion
 from .core.config import TaskType
 from .core.inject import (adapt, adapter_modules, disable_adapters, merge, summary, trainable_parameters, unload,
@@ -34,7 +35,7 @@ __all__ = [
     "LokrConfig", "LoraConfig", "PeftModel", "SlimtuneError", "TargetError", "TaskType", "__version__", "adapt",
     "adapter_modules", "allocate_ranks", "capture_step", "dequantize", "disable_adapters", "get_peft_model",
     "load_adapter", "merge", "orthogonality_loss", "quantize", "save_adapter", "summary", "trainable_parameters",
-    "unload", "unmerge", "set_variant_criterion", "save_timings", "load_timings",
+    "unload", "unmerge", "set_variant_criterion", "set_sibling_fusion", "save_timings", "load_timings",
     "MEMORY_SETTINGS", "apply_memory_setting", "chunked_causal_lm_loss",  # the memory switch, the chunked loss
     # PEFT's loaders and helpers, by the names PEFT exports them under
     "AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForFeatureExtraction",

@@ -29,6 +29,7 @@ from ..core.checkpoint import (CONFIG_NAME, WEIGHTS_NAME, config_from_peft_field
 from ..core.config import AdapterConfig
 from ..core.frozen import quantized_handle
 from ..core.module import AdapterModule
+from ..core.siblings import relearn
 from ..core.inject import (CONFIG_ATTR, AdapterSet, adapt, adapter_modules, attach, detach, disable_adapters, merge,
                            summary, trained_copies, unload, unmerge)
 from ..errors import ConfigError, SlimtuneError
@@ -209,6 +210,7 @@ class PeftModel(nn.Module):
             raise ConfigError(f"selected_adapters: no adapter named {unknown[0]!r}; adapters: {list(self.peft_config)}")
         if state_dict is not None:
             self._check_given_state(state_dict)
+        relearn(self.get_base_model())  # on every process: a run resumed from here relearns (core.siblings)
         if not is_main_process:
             return
         for name in names:

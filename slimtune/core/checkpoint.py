@@ -32,6 +32,7 @@ from .config import AdapterConfig
 from .inject import CONFIG_ATTR, adapt, adapter_modules, trained_copies
 from .peft_format import PEFT_COMMON_FIELDS, PeftFormat, is_set, shared_from_peft, shared_to_peft
 from .registry import build_adapter, format_for_type, supported_peft_types
+from .siblings import relearn
 from .targeting import find_saved_modules, find_targets
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "PeftFormat", "config_from_peft_fields", "load_adapter",
@@ -114,10 +115,12 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into ``directory`` as PEFT would.
 
     The directory loads with ``peft.PeftModel.from_pretrained(base_model, directory)`` and with
-    :func:`load_adapter`. Returns the directory.
+    :func:`load_adapter`. Returns the directory. A run may resume from it: the LoRA layers that run as one
+    Function relearn which ones do (:func:`~slimtune.core.siblings.relearn`), as the resumed run will.
     """
     from safetensors.torch import save_file
 
+    relearn(model)
     directory = Path(directory)
     config_dict = peft_config_dict(model)
     tensors = peft_state_dict(model)

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from ..core.siblings import relearn
 from ..core.timed import save_timings
 from ..models.diffusion import training_attention
 from . import checkpoint
@@ -150,7 +151,9 @@ class Loop:
 
     # -- checkpoints --------------------------------------------------------------------------------
     def save(self) -> None:
-        """A checkpoint of the current step (every process takes part in gathering; the main one writes)."""
+        """A checkpoint of the current step (every process takes part in gathering; the main one writes). Every
+        process's fused LoRA layers relearn, as a run resumed from here does (:func:`~slimtune.core.siblings.relearn`)."""
+        relearn(self.parts.objective)
         params, optim = checkpoint.gather(self.parts.objective, self.optimizer)
         rng = all_gather_objects(rng_state(self.device), self.mode)
         if self.env.is_main:

@@ -13,9 +13,10 @@ from torch import nn
 
 from ...core.compute import cast, cast_optional, compute_setting
 from ...core.explain import Choice, lowrank_backward_choice
-from ...core.frozen import base_weight_operand, is_quantized, weight_dtype, weight_shape
+from ...core.frozen import WeightOperand, base_weight_operand, is_quantized, weight_dtype, weight_shape
 from ...core.lowrank import lowrank_linear
 from ...core.module import AdapterModule
+from ...core.siblings import SiblingGroup
 from ...core.targeting import is_hf_conv1d
 from .math import init_lora_, lora_delta_weight, lora_scaling
 
@@ -37,7 +38,11 @@ class LoraMixin:
 
 class LoraLinear(LoraMixin, AdapterModule):
     """LoRA over a frozen ``nn.Linear`` (or transformers ``Conv1D``, weight stored ``[d_in, d_out]``, or a 4-bit
-    NF4 Linear: slimtune's ``NF4Linear`` or bitsandbytes' ``Linear4bit``)."""
+    NF4 Linear: slimtune's ``NF4Linear`` or bitsandbytes' ``Linear4bit``). ``siblings``: the
+    :class:`~slimtune.core.siblings.SiblingGroup` of the LoRA layers beside it in its parent (set by ``adapt``),
+    through which layers that read the same input run as one Function."""
+
+    siblings: SiblingGroup | None = None
 
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
                  init: str = "default", adapter_dtype: torch.dtype | None = None) -> None:
@@ -70,14 +75,25 @@ class LoraLinear(LoraMixin, AdapterModule):
         bias = cast_optional(self.base_layer.bias, dtype)
         return cast(x, dtype), bias, (self.dropout_p if self.training else 0.0), context
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.disabled or self.merged:
-            return self.base_layer(x)
-        x, bias, p, context = self._inputs(x)
+    def weight_operand(self, dtype: torch.dtype) -> WeightOperand:
+        """The base weight as the Functions take it: ``[d_out, d_in]`` in ``dtype`` (a view for transformers'
+        ``Conv1D``), or a 4-bit handle."""
         weight = base_weight_operand(self.base_layer)
         if self.fan_in_fan_out:
             weight = weight.t()
-        if not is_quantized(weight):
-            weight = cast(weight, x.dtype)
+        return weight if is_quantized(weight) else cast(weight, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.disabled or self.merged:
+            return self.base_layer(x)
+        siblings = self.siblings
+        if siblings is not None:  # q/k/v, gate/up: one Function for the layers that read this x (core.siblings)
+            y = siblings.take(self, x)
+            if y is not None:
+                return y
+        xc, bias, p, context = self._inputs(x)
         with context:
-            return lowrank_linear(x, weight, bias, self.lora_A, self.lora_B, self.scaling, p)
+            y = lowrank_linear(xc, self.weight_operand(xc.dtype), bias, self.lora_A, self.lora_B, self.scaling, p)
+        if siblings is not None:
+            siblings.note(self, x, y)
+        return y

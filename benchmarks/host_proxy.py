@@ -1,0 +1,102 @@
+"""The host's share of a training step, measurable without a GPU: a Llama with tiny widths (hidden 32: the arithmetic
+is next to nothing), so a step's time on the CPU is its Python, dispatcher and autograd work — what decides a
+host-bound GPU step (the 3B shape at seq 512 on the lent machines). slimtune and PEFT-bf16 (and slimtune with its
+sibling layers running alone, ``alone``) take turns, one step each, in rotating order; each ratio is taken within a
+round, then the median over rounds (as ``paired_steps.py`` does on the GPU).
+
+It is a proxy: a CUDA step adds a launch per kernel on top of each op's dispatch, so fewer kernels count for more
+there. Run 56 (``RESULTS.md``) set it beside the GPU's paired ratios.
+
+    python benchmarks/host_proxy.py                       # LoRA, 28 layers, 40 rounds, one thread
+    python benchmarks/host_proxy.py --method dora --layers 8
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Callable, Sequence
+
+from _common import environment_line, markdown_table, write_out_text
+
+import torch
+
+import slimtune
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+KINDS = ("slimtune", "alone", "peft-bf16")
+
+
+def build_step(kind: str, method: str, layers: int, rank: int) -> Callable[[], torch.Tensor]:
+    """One training step (forward, backward, AdamW with foreach as on CUDA, zero_grad) of a tiny-width Llama with
+    ``method`` on every projection, built by ``kind``."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=64)
+    model = transformers.LlamaForCausalLM(config).train()
+    dora = method == "dora"
+    if kind == "peft-bf16":
+        import peft
+
+        model = peft.get_peft_model(model, peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS,
+                                                           use_dora=dora), autocast_adapter_dtype=False)
+    else:
+        model = slimtune.get_peft_model(model, slimtune.LoraConfig(r=rank, lora_alpha=2 * rank,
+                                                                   target_modules=TARGETS, use_dora=dora))
+        if kind == "alone":
+            for module in model.modules():
+                if getattr(module, "siblings", None) is not None:
+                    module.siblings = None
+    params = [p for p in model.parameters() if p.requires_grad]
+    with torch.no_grad():
+        for p in params:  # B away from zero
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.01)
+    optimizer = torch.optim.AdamW(params, lr=1e-4, foreach=True)
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(2))
+
+    def step() -> torch.Tensor:
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--method", choices=["lora", "dora"], default="lora")
+    parser.add_argument("--layers", type=int, default=28)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--warmup", type=int, default=5)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    print(environment_line(), flush=True)
+    steps = {kind: build_step(kind, args.method, args.layers, args.rank) for kind in KINDS}
+    times: dict[str, list[float]] = {kind: [] for kind in KINDS}
+    for index in range(args.warmup + args.rounds):
+        shift = index % len(KINDS)
+        for kind in KINDS[shift:] + KINDS[:shift]:
+            t0 = time.perf_counter()
+            steps[kind]()
+            if index >= args.warmup:
+                times[kind].append(time.perf_counter() - t0)
+    rows = []
+    for kind in KINDS:
+        ratio = statistics.median(t / p for t, p in zip(times[kind], times["peft-bf16"]))
+        alone = statistics.median(t / a for t, a in zip(times[kind], times["alone"]))
+        rows.append([kind, f"{statistics.median(times[kind]) * 1e3:.2f}", f"{ratio:.3f}", f"{alone:.3f}"])
+    text = (f"{args.method}, {args.layers} layers of hidden 32, r={args.rank}, batch 2 x 8 tokens, fp32, one CPU "
+            f"thread; {args.rounds} rotating rounds after {args.warmup}\n\n"
+            + markdown_table(["build", "median ms", "÷ peft-bf16 (paired)", "÷ alone (paired)"], rows))
+    print(text)
+    write_out_text(f"host_proxy_{args.method}.md", environment_line() + "\n\n" + text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,229 @@
+"""Adapted layers of one parent that read the same input — q/k/v, gate/up — learn that they do, then run as one
+Function (:mod:`.lowrank_group`): on a host-bound step every Function and op per layer is host time.
+
+Which siblings share an input is not in the model's structure (a cross-attention's q reads the hidden states, its
+k and v the text features), so a :class:`SiblingGroup` — the LoRA Linear children of one parent module — watches:
+
+* **learning.** Each member's call is noted after it ran as usual. Calls with the very same input object, unchanged
+  in between (its in-place version), one after another, form a chain — ``(q, k, v)``, ``(gate, up)``. Calls inside
+  a backward pass (checkpointing's recomputation) are not watched. A member seen in two different chains, or a chain
+  that changes, means no fusing for this group, ever.
+* **active.** Once a backward pass has run through a member since the chains were seen, the next call of a chain's
+  first member (outside a backward pass) runs the chain as one Function and holds the others' outputs; each of them,
+  called next with the same input object unchanged (and autograd in the same mode), takes its output. Anything else
+  — another input, an output never taken, a member disabled or with dropout in training — and the member runs alone
+  as before; a surprise (a held output not taken, or taken with another input) turns fusing off for the group
+  from the next call of a chain's first member after a backward pass.
+* **off.** Every member runs alone.
+
+Why the mode changes only at a chain's first call, outside a backward pass, and only after a backward pass has run
+through the group: gradient checkpointing reruns a layer's forward in backward and requires it to save what the
+first run saved. A switch between those two runs would break that; this rule keeps a forward pass and its
+recomputation on one side of every switch, as long as a step's forward passes are each followed by their backward
+before the next forward (the usual loop, gradient accumulation included). ``slimtune.set_sibling_fusion(False)``
+turns the whole mechanism off, for a model that does otherwise.
+
+Nothing here is traced: under ``torch.compile`` every member runs alone (the compiler removes the host cost itself).
+"""
+from __future__ import annotations
+
+import weakref
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from .autograd_state import inside_backward, tensor_version
+from .compute import cast_optional
+from .lowrank import choose_backward
+from .lowrank_group import grouped_lowrank_linear
+from .tracing import compiling
+
+LEARNING, ACTIVE, OFF = "learning", "active", "off"
+_SETTING = {"enabled": True}
+
+
+def set_sibling_fusion(enabled: bool) -> None:
+    """Whether LoRA layers that read the same input (q/k/v, gate/up) may run as one Function (default: yes). Off,
+    every adapted layer runs alone; the results are the same either way."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"set_sibling_fusion takes True or False, got {enabled!r}")
+    _SETTING["enabled"] = enabled
+
+
+def sibling_fusion_enabled() -> bool:
+    return _SETTING["enabled"]
+
+
+class _InputMark:
+    """The input a call saw — the object (weakly held: a new tensor never matches), its in-place version and
+    autograd's mode — to tell whether a later call sees the same, unchanged."""
+
+    __slots__ = ("_ref", "_version", "_grad")
+
+    def __init__(self, x: torch.Tensor) -> None:
+        self._ref = weakref.ref(x)
+        self._version = tensor_version(x)
+        self._grad = torch.is_grad_enabled()
+
+    def matches(self, x: torch.Tensor) -> bool:
+        return (self._ref() is x and self._version is not None and tensor_version(x) == self._version
+                and torch.is_grad_enabled() == self._grad)
+
+
+class SiblingGroup:
+    """The fusable adapted layers of one parent module (see the module docstring); each member holds it as
+    ``member.siblings`` and calls :meth:`take` before running alone and :meth:`note` after."""
+
+    def __init__(self, members: Sequence[nn.Module]) -> None:
+        self.members = tuple(members)
+        self._reset()
+
+    def _reset(self) -> None:
+        self.state = LEARNING
+        self.chains: dict[Any, tuple[Any, ...]] = {}  # first member -> the chain
+        self._open: list[Any] = []
+        self._open_mark: _InputMark | None = None
+        self._backward_seen = False
+        self._hook_set = False
+        self._held: dict[Any, tuple[_InputMark, torch.Tensor]] = {}
+        self._held_in_backward = False
+        self._surprised = False
+
+    def __getstate__(self) -> dict:  # a copy (deepcopy, pickling) starts learning afresh: nothing transient travels
+        return {"members": self.members}
+
+    def __setstate__(self, state: dict) -> None:
+        self.members = state["members"]
+        self._reset()
+
+    # -- learning ------------------------------------------------------------------------------------------
+    def note(self, member: Any, x: torch.Tensor, y: torch.Tensor) -> None:
+        """After ``member`` ran alone on x (output y): extend or start the open chain; arm the backward signal."""
+        if self.state is not LEARNING or compiling():
+            return
+        if not self._hook_set and y.grad_fn is not None:  # the first backward through the group ends learning
+            y.grad_fn.register_hook(self._after_backward)
+            self._hook_set = True
+        if inside_backward():  # checkpointing's recomputation: seen already
+            return
+        mark = self._open_mark
+        if mark is not None and member not in self._open and mark.matches(x):
+            self._open.append(member)
+        else:
+            self._close()
+            self._open, self._open_mark = [member], _InputMark(x)
+
+    def _after_backward(self, *_: Any) -> None:
+        self._backward_seen = True
+
+    def _close(self) -> None:
+        chain = tuple(self._open)
+        self._open, self._open_mark = [], None
+        if len(chain) < 2:
+            return
+        known = self.chains.get(chain[0])
+        elsewhere = any(m in c for head, c in self.chains.items() if head is not chain[0] for m in chain)
+        if (known is not None and known != chain) or elsewhere:
+            self.state, self.chains = OFF, {}
+        else:
+            self.chains[chain[0]] = chain
+
+    # -- running -------------------------------------------------------------------------------------------
+    def take(self, member: Any, x: torch.Tensor) -> torch.Tensor | None:
+        """``member``'s output when the group computes it (its chain's first member: the whole chain runs now), or
+        None: the member runs alone."""
+        state = self.state
+        if state is OFF or compiling():
+            return None
+        if state is LEARNING:
+            if not (self._backward_seen and sibling_fusion_enabled() and not inside_backward()):
+                return None
+            self._close()
+            if self.state is OFF or not self.chains:
+                self.state = OFF
+                return None
+            self.state = ACTIVE
+        chain = self.chains.get(member)
+        if chain is None:
+            held = self._held.pop(member, None)
+            if held is None:
+                return None
+            if held[0].matches(x):
+                return held[1]
+            self._surprise()
+            return None
+        if self._held:  # outputs of the last run nobody took (a recomputation may stop before taking them: no surprise)
+            self._held.clear()
+            if not self._held_in_backward:
+                self._surprise()
+        if not inside_backward() and (self._surprised and self._backward_seen or not sibling_fusion_enabled()):
+            self.state = OFF
+            return None
+        if not _runnable(chain, x):
+            return None
+        outputs = _run_chain(chain, x, self._after_backward)
+        mark, self._held_in_backward = _InputMark(x), inside_backward()
+        for other, y in zip(chain[1:], outputs[1:]):
+            self._held[other] = (mark, y)
+        return outputs[0]
+
+    def _surprise(self) -> None:
+        self._surprised, self._backward_seen = True, False
+
+
+def _runnable(chain: Sequence[Any], x: torch.Tensor) -> bool:
+    """Whether this call can run the chain as one: every member enabled, unmerged, without dropout in training, of
+    one scaling and one input width, its dA / dB by the ``"recompute"`` order (the fused backward's)."""
+    first = chain[0]
+    d_in = x.shape[-1]
+    tokens = x.numel() // d_in if d_in else 0
+    for m in chain:
+        if (m.disabled or m.merged or (m.training and m.dropout_p > 0) or m.scaling != first.scaling
+                or m.in_features != d_in
+                or choose_backward(tokens, m.in_features, m.out_features, m.r) != "recompute"):
+            return False
+    return True
+
+
+def _run_chain(chain: Sequence[Any], x: torch.Tensor, on_backward: Any) -> tuple[torch.Tensor, ...]:
+    """Every member's output on x through :func:`~.lowrank_group.grouped_lowrank_linear`."""
+    first = chain[0]
+    xc, _, _, context = first._inputs(x)
+    dtype = xc.dtype
+    weights = [m.weight_operand(dtype) for m in chain]
+    biases = [cast_optional(m.base_layer.bias, dtype) for m in chain]
+    with context:
+        return grouped_lowrank_linear(xc, weights, biases, [m.lora_A for m in chain], [m.lora_B for m in chain],
+                                      first.scaling, on_backward)
+
+
+def relearn(model: nn.Module) -> None:
+    """Send every :class:`SiblingGroup` in ``model`` back to learning. Called where a checkpoint is taken: a run
+    resumed from it starts learning, and fused and lone layers round differently (the stacked ``x Aᵀ`` GEMM, one
+    ``dx`` sum), so the run that goes on must learn from the same step to continue bit for bit. It costs one step
+    of lone layers per checkpoint."""
+    for module in model.modules():
+        group = getattr(module, "siblings", None)
+        if isinstance(group, SiblingGroup):
+            group._reset()  # once per member: resetting twice is the same
+
+
+def install(model: nn.Module, adapters: Sequence[nn.Module], kinds: tuple[type, ...]) -> Any:
+    """Give every parent module with two or more adapters of ``kinds`` among its children one :class:`SiblingGroup`
+    (``adapter.siblings``); returns a function that takes them away."""
+    chosen = {a for a in adapters if type(a) in kinds}
+    grouped: list[nn.Module] = []
+    for parent in model.modules():
+        members = [child for child in parent.children() if child in chosen]
+        if len(members) >= 2:
+            group = SiblingGroup(members)
+            for member in members:
+                member.siblings = group
+            grouped.extend(members)
+
+    def remove() -> None:
+        for member in grouped:
+            member.siblings = None
+
+    return remove
