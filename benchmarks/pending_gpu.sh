@@ -22,13 +22,14 @@
 #   bash benchmarks/pending_gpu.sh 9    # issue 19: q/k/v and gate/up LoRA as one Function (core.siblings) — CUDA
 #                                       #           tests, paired rounds fused / alone:lora / PEFT-bf16 at 3B seq
 #                                       #           512 and 2048 and on SD-1.5 (carry .whl for SD-1.5)
+#   bash benchmarks/pending_gpu.sh 10   # issue 19: seq 2048, every method against PEFT-bf16 in paired rounds
 #   bash benchmarks/pending_gpu.sh 3    # issue 17: online / gradient / data allocation vs AdaLoRA wall time
 #                                       #           (carry .out/minilm_wide; make it with rank_allocation.py --prepare)
 #
 # Outputs go to $OUT (each script's own files, plus one log per step); record them in benchmarks/RESULTS.md with
 # the GPU and versions the scripts print.
 set -uo pipefail
-part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|3|4|5|6|7|8|9"}
+part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|3|4|5|6|7|8|9|10"}
 out=${OUT:-/tmp/pending_gpu}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -134,8 +135,16 @@ case $part in
     step paired_siblings_sd15 150 python benchmarks/paired_steps.py --preset stable-diffusion-1.5 --rank 16 \
         --configs lora alone:lora peft-bf16:lora --rounds 8 --out-name paired_siblings_sd15
     ;;
+10)
+    # issue 19 at seq 2048 (the GPU-bound end): every method against PEFT-bf16 in paired rounds, two groups so that
+    # each process's models fit an 80 GB card (PEFT's HRA is out of memory at this shape from seq 512: shared baseline)
+    step paired_2048_lora_dora 280 python benchmarks/paired_steps.py --seq 2048 --rounds 5 \
+        --configs lora dora peft-bf16:lora peft-bf16:dora --out-name paired_2048_lora_dora
+    step paired_2048_structured 280 python benchmarks/paired_steps.py --seq 2048 --rounds 5 \
+        --configs loha lokr hra peft-bf16:loha peft-bf16:lokr --out-name paired_2048_structured
+    ;;
 *)
-    echo "unknown part $part (1 to 9)" >&2
+    echo "unknown part $part (1 to 10)" >&2
     exit 2
     ;;
 esac

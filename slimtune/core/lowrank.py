@@ -119,11 +119,11 @@ def _factor_grads_by(variant: Variant, dy2: torch.Tensor, xd: torch.Tensor, down
     d_down = d_up = None
     if variant == "gram":
         gram = dy2.t() @ xd  # [d_out, d_in]
-        d_up = scaled_(gram @ down.t(), s) if need_up else None
+        d_up = scaled_(F.linear(gram, down), s) if need_up else None
         d_down = scaled_(up.t() @ gram, s) if need_down else None
         return d_down, d_up
     if need_up:
-        d_up = scaled_(dy2.t() @ (xd @ down.t()), s)
+        d_up = scaled_(dy2.t() @ F.linear(xd, down), s)
     if need_down:
         g = dy_up if dy_up is not None else scaled_(dy2 @ up, s)
         d_down = g.t() @ xd
@@ -152,7 +152,7 @@ class LowRankLinearFunction(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         xd = x2 * dropout_keep_mask(x2, dropout_p, seed) if dropout_p > 0 else x2
         y = F.linear(x2, materialize(weight, dtype), bias)
-        y.addmm_(xd @ a.t(), b.t(), alpha=scaling)
+        y.addmm_(F.linear(xd, a), b.t(), alpha=scaling)
         save_with_weight(ctx, weight, x, lora_a, lora_b)
         ctx.scaling, ctx.dropout_p, ctx.seed = scaling, dropout_p, seed
         ctx.has_bias = bias is not None

@@ -21,7 +21,7 @@ def dora_product(xd: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Te
                  lead: tuple[int, ...]) -> torch.Tensor:
     """``z = xd Wᵀ + s·(xd Aᵀ) Bᵀ`` ``[*lead, d_out]`` (not a view) from the 2-D ``xd``; all in xd's dtype."""
     z = F.linear(xd.view(*lead, xd.shape[-1]), w)
-    z.view(-1, z.shape[-1]).addmm_(xd @ a.t(), b.t(), alpha=scaling)
+    z.view(-1, z.shape[-1]).addmm_(F.linear(xd, a), b.t(), alpha=scaling)
     return z
 
 
