@@ -129,6 +129,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=3, help="rounds not timed")
     parser.add_argument("--quick", action="store_true", help="tiny-llama on the CPU (smoke test)")
+    parser.add_argument("--cpu", action="store_true",
+                        help="--preset on the CPU in float32, one thread (a host-cost proxy with a tiny preset, e.g. "
+                             "tiny-unet: the arithmetic is small, the Python and dispatch per module are the model's)")
     parser.add_argument("--seq", type=int, default=None)
     parser.add_argument("--preset", default="llama-3.2-3b",
                         help="the model (a profiler preset: stable-diffusion-1.5 for the UNet, at its own batch 4, "
@@ -155,8 +158,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if any(parse_config(c)[0] == "stripped" for c in args.configs) and args.memory != "fast":
         parser.error("stripped:METHOD removes lean layers after building: only with --memory fast")
-    if args.capture and args.quick:
-        parser.error("--capture replays CUDA graphs: not with --quick (the CPU)")
+    if args.capture and (args.quick or args.cpu):
+        parser.error("--capture replays CUDA graphs: not on the CPU (--quick, --cpu)")
+    if args.cpu:
+        torch.set_num_threads(1)
     if args.before:
         sys.path.insert(0, args.before)
     if args.timed:
@@ -164,7 +169,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     common = (dict(preset="tiny-llama", rank=8, batch=2, seq=args.seq or 64, device="cpu", dtype="float32")
               if args.quick else
               dict(preset=args.preset, rank=args.rank, batch=args.batch or (4 if "llama" in args.preset else None),
-                   seq=args.seq or 512, device="cuda", dtype="bfloat16"))
+                   seq=args.seq or 512, device="cpu" if args.cpu else "cuda",
+                   dtype="float32" if args.cpu else "bfloat16"))
     print(environment_line(), flush=True)
     sessions = []
     steps: dict[str, Callable[[], torch.Tensor]] = {}

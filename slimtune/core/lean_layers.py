@@ -10,12 +10,12 @@ their own weight gradients. Two things PyTorch keeps for them that those gradien
 * A **GroupNorm followed by SiLU** (a UNet's ResNet blocks and output head) keeps the norm's input (the norm
   saves it) and the norm's output (SiLU saves its input). :class:`NormSiluFunction` saves the norm's input — the
   tensor the norm already keeps, so nothing new — and rebuilds the norm's output in backward (one more GroupNorm
-  forward, a memory-bound pass), then takes SiLU's own backward through autograd: the gradients are the plain
-  path's, bit for bit.
+  forward, a memory-bound pass), then runs SiLU's own backward kernel (:mod:`.aten_grads`): the gradients are the
+  plain path's, bit for bit.
 * diffusers' **GEGLU** (``h ⊙ gelu(gate)``, ``(h, gate)`` the two halves of its projection's output p) keeps p
   (the product and the GELU each save a half of it) and ``gelu(gate)`` (the product saves it): 12 values per
   feature instead of 8. :class:`GegluFunction` saves p alone and rebuilds ``gelu(gate)`` in backward (an
-  elementwise pass), taking the backward through autograd on the same ops: bit for bit again. In a Stable Diffusion
+  elementwise pass), with GELU's own backward kernel (:mod:`.aten_grads`): bit for bit again. In a Stable Diffusion
   UNet that is a third of its feed-forward activations, with no GEMM recomputed (``memory="balanced"`` recomputes
   the projection too, and keeps only its input).
 
@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .aten_grads import gelu_grad, silu_grad
 from .autograd_state import tensor_version
 from .tracing import compiling
 
@@ -79,7 +80,7 @@ class FrozenConvFunction(torch.autograd.Function):
 
 class NormSiluFunction(torch.autograd.Function):
     """``silu(h)`` where ``h = group_norm(x, groups, γ, β, eps)``, saving x (and γ, β), not h: backward rebuilds
-    h from x and takes SiLU's backward through autograd. h, x ``[B, C, *]``; γ, β ``[C]`` or None. x gets no
+    h from x and runs SiLU's backward kernel on it. h, x ``[B, C, *]``; γ, β ``[C]`` or None. x gets no
     gradient here (it reaches x through the norm's own backward, from ``dh``)."""
 
     @staticmethod
@@ -96,16 +97,13 @@ class NormSiluFunction(torch.autograd.Function):
         with torch.no_grad():
             h = F.group_norm(x.to(dtype), ctx.groups, weight.to(dtype) if weight is not None else None,
                              bias.to(dtype) if bias is not None else None, ctx.eps)
-        with torch.enable_grad():
-            h.requires_grad_(True)
-            (dh,) = torch.autograd.grad(F.silu(h), h, grad)
-        return dh, None, None, None, None, None
+        return silu_grad(grad, h), None, None, None, None, None
 
 
 class GegluFunction(torch.autograd.Function):
     """``h ⊙ gelu(gate)`` with ``(h, gate) = p.chunk(2, -1)``: p ``[..., 2·d]`` -> ``[..., d]``, saving p alone.
-    Backward, as autograd's own (so bit for bit): ``dgate = gelu'(gate)·(dy ⊙ h)`` (GELU's backward, through
-    autograd), ``dh = dy ⊙ gelu(gate)``, ``dp = [dh, dgate]`` — with gelu(gate) rebuilt, not the product."""
+    Backward, as autograd's own (so bit for bit): ``dgate = gelu'(gate)·(dy ⊙ h)`` (GELU's backward kernel,
+    :mod:`.aten_grads`), ``dh = dy ⊙ gelu(gate)``, ``dp = [dh, dgate]`` — with gelu(gate) rebuilt, not the product."""
 
     @staticmethod
     def forward(ctx: Any, p: torch.Tensor) -> torch.Tensor:
@@ -117,20 +115,18 @@ class GegluFunction(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
         (p,) = ctx.saved_tensors
         h, gate = p.chunk(2, dim=-1)
-        with torch.enable_grad():
-            gate = gate.detach().requires_grad_(True)
-            activated = F.gelu(gate)
-        (dgate,) = torch.autograd.grad(activated, gate, grad * h)
-        return torch.cat([grad * activated.detach(), dgate], dim=-1)
-
-
-def _frozen(*params: torch.Tensor | None) -> bool:
-    return not any(p is not None and p.requires_grad for p in params)
+        return torch.cat([grad * F.gelu(gate), gelu_grad(grad * h, gate)], dim=-1)
 
 
 def _lean(x: torch.Tensor, *params: torch.Tensor | None) -> bool:
-    """Whether a layer with these parameters takes its lean path for input ``x`` (module docstring)."""
-    return torch.is_grad_enabled() and x.requires_grad and _frozen(*params) and not compiling()
+    """Whether a layer with these parameters takes its lean path for input ``x`` (module docstring). Asked on every
+    call of every lean layer, so a plain loop (no generator)."""
+    if not (x.requires_grad and torch.is_grad_enabled()) or compiling():
+        return False
+    for p in params:
+        if p is not None and p.requires_grad:
+            return False
+    return True
 
 
 class _LeanConvForward:
