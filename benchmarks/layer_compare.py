@@ -11,6 +11,9 @@ and both are rounded to the layer dtype, then copied into each model. Numerical 
 (Frobenius) of the output, the input gradient and the A/B gradients against a float64 reference computed
 from those same weights and the same (rounded) x, with a random upstream gradient.
 
+Beside them, the layer's GEMM floor (issue 19): each GEMM its forward + backward needs, timed alone, summed
+(:func:`gemm_floor`); the table gives every backend's fwd+bwd ÷ that floor.
+
 Shapes (d_in, d_out, r, tokens): (8192, 8192, 384, 4096), (3072, 8192, 32, 4096), (4096, 4096, 16, 8192).
 Results: markdown table on stdout and in ``$OUT/layer_compare.md``, one JSON line per (backend, shape) in
 ``$OUT/layer_compare.jsonl`` (when ``OUT`` is set). ``--quick``: tiny shapes on the CPU (wall-clock timing,
@@ -168,6 +171,34 @@ def time_protocol(model: nn.Module, shape: Shape, device: torch.device, dtype: t
             "transient_peak_mb": round(transient, 1) if transient is not None else None}
 
 
+def gemm_floor(shape: Shape, device: torch.device, dtype: torch.dtype, repeats: int) -> dict[str, float]:
+    """Milliseconds of each GEMM LoRA's forward + backward cannot do without, each timed alone on fresh operands
+    (median of ``repeats`` after the warm-ups), and their sum, ``floor_ms`` — issue 19's "GEMM floor" for the layer.
+    Forward ``x Wᵀ``, ``h = x Aᵀ``, ``y += h Bᵀ``; backward ``dx = dy W``, ``g = dy B``, ``dx += g A``,
+    ``dA = gᵀ x``, ``dB = dyᵀ h`` (h as if kept: slimtune recomputes it, one GEMM more than the floor)."""
+    gen = torch.Generator(device=device).manual_seed(7)
+
+    def rand(*size: int) -> torch.Tensor:
+        return torch.randn(*size, device=device, generator=gen).to(dtype)
+
+    n, d_in, d_out, r = shape.tokens, shape.d_in, shape.d_out, shape.r
+    x, w, a, b = rand(n, d_in), rand(d_out, d_in), rand(r, d_in), rand(d_out, r)
+    dy, h, g = rand(n, d_out), rand(n, r), rand(n, r)
+    y, dx = rand(n, d_out), rand(n, d_in)
+    gemms: dict[str, Callable[[], Any]] = {
+        "x Wᵀ": lambda: x @ w.t(), "x Aᵀ": lambda: x @ a.t(), "y += h Bᵀ": lambda: y.addmm_(h, b.t()),
+        "dy W": lambda: dy @ w, "dy B": lambda: dy @ b, "dx += g A": lambda: dx.addmm_(g, a),
+        "gᵀ x": lambda: g.t() @ x, "dyᵀ h": lambda: dy.t() @ h}
+    timed = _timer(device)
+    out: dict[str, float] = {}
+    for name, fn in gemms.items():
+        for _ in range(WARMUP):
+            fn()
+        out[name] = statistics.median(timed(fn) for _ in range(repeats))
+    out["floor_ms"] = sum(out.values())
+    return out
+
+
 # -- driver -----------------------------------------------------------------------------------------
 def free(device: torch.device) -> None:
     if device.type == "cuda":
@@ -204,6 +235,14 @@ def run_shape(shape: Shape, device: torch.device, dtype: torch.dtype, repeats: i
             rec["status"] = "OOM"
         return [records[b] for b in BACKENDS]
     inputs.ref = inputs.x = inputs.g = ref_weight = None  # only A and B stay for the timing models
+    free(device)
+    try:
+        floor = gemm_floor(shape, device, dtype, repeats)
+        for rec in records.values():
+            rec["gemm_floor_ms"] = round(floor["floor_ms"], 3)
+        records["slimtune"]["gemm_floor_parts_ms"] = {k: round(v, 3) for k, v in floor.items() if k != "floor_ms"}
+    except torch.OutOfMemoryError:
+        pass
     free(device)
     for backend in BACKENDS:  # timing
         if not records[backend]["status"].startswith("ok"):
@@ -243,10 +282,11 @@ def summary_table(records: Sequence[dict[str, Any]]) -> str:
             rows.append([f"{d_in}×{d_out} r={r} N={tokens}", backend, rec.get("adapter_dtype", "—"), rec["status"],
                          num(rec.get("fwd_bwd_ms"), ".3f"), num(rec.get("fwd_ms"), ".3f"),
                          num(rec.get("transient_peak_mb"), ".1f"), fb_ratio, peak_ratio,
+                         fmt_ratio(_ratio(rec.get("fwd_bwd_ms"), rec.get("gemm_floor_ms"))),
                          num(rec.get("rel_err_y"), ".2e"), num(rec.get("rel_err_dx"), ".2e"),
                          num(rec.get("rel_err_dA"), ".2e"), num(rec.get("rel_err_dB"), ".2e")])
     header = ["shape", "backend", "adapter dtype", "status", "fwd+bwd ms", "fwd ms", "transient MB",
-              "fwd+bwd slimtune÷this", "transient slimtune÷this", "rel err y", "rel err dx", "rel err dA",
+              "fwd+bwd slimtune÷this", "transient slimtune÷this", "fwd+bwd ÷ GEMM floor", "rel err y", "rel err dx", "rel err dA",
               "rel err dB"]
     return markdown_table(header, rows)
 

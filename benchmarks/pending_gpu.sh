@@ -23,13 +23,14 @@
 #                                       #           tests, paired rounds fused / alone:lora / PEFT-bf16 at 3B seq
 #                                       #           512 and 2048 and on SD-1.5 (carry .whl for SD-1.5)
 #   bash benchmarks/pending_gpu.sh 10   # issue 19: seq 2048, every method against PEFT-bf16 in paired rounds
+#   bash benchmarks/pending_gpu.sh 11   # issue 19: the 8192 r=384 layer against its GEMM floor (layer_compare.py)
 #   bash benchmarks/pending_gpu.sh 3    # issue 17: online / gradient / data allocation vs AdaLoRA wall time
 #                                       #           (carry .out/minilm_wide; make it with rank_allocation.py --prepare)
 #
 # Outputs go to $OUT (each script's own files, plus one log per step); record them in benchmarks/RESULTS.md with
 # the GPU and versions the scripts print.
 set -uo pipefail
-part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|3|4|5|6|7|8|9|10"}
+part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|3|4|5|6|7|8|9|10|11"}
 out=${OUT:-/tmp/pending_gpu}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -143,8 +144,13 @@ case $part in
     step paired_2048_structured 280 python benchmarks/paired_steps.py --seq 2048 --rounds 5 \
         --configs loha lokr hra peft-bf16:loha peft-bf16:lokr --out-name paired_2048_structured
     ;;
+11)
+    # issue 19: the 8192x8192 r=384 layer (4096 tokens) against its GEMM floor (each GEMM of LoRA's fwd+bwd timed
+    # alone, summed; the criterion is <= 1.25x), and slimtune against PEFT at the protocol's layer shapes
+    step layer_compare 240 python benchmarks/layer_compare.py
+    ;;
 *)
-    echo "unknown part $part (1 to 10)" >&2
+    echo "unknown part $part (1 to 11)" >&2
     exit 2
     ;;
 esac
