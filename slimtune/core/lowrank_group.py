@@ -86,6 +86,13 @@ class GroupedLowRankFunction(torch.autograd.Function):
         grad_a: list[Grad] = [None] * count
         grad_b: list[Grad] = [None] * count
         if any(d is not None for d in dys):
+            dx = None
+            if need_x:  # the big GEMMs first: the device works on them while the host queues the small ones
+                for dy, weight in zip(dys, weights):
+                    if dy is not None:
+                        w = materialize(weight, dtype)
+                        dx = dy @ w if dx is None else dx.addmm_(dy, w)
+                        del w
             a_cat = _stacked_downs(downs, dtype)
             g = None
             if need_x or any(need_a):  # s·dy_i B_i side by side, [N, R] (zero for an unused output)
@@ -98,13 +105,7 @@ class GroupedLowRankFunction(torch.autograd.Function):
                         torch.mm(dy, cast(up, dtype), out=g[:, start:start + rank])
                     start += rank
                 scaled_(g, s)
-            if need_x:  # the big GEMMs first
-                dx = None
-                for dy, weight in zip(dys, weights):
-                    if dy is not None:
-                        w = materialize(weight, dtype)
-                        dx = dy @ w if dx is None else dx.addmm_(dy, w)
-                        del w
+            if dx is not None:
                 dx.addmm_(g, a_cat)
                 grad_x = dx.view(x.shape)
             if any(need_a):
