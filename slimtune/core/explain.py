@@ -116,14 +116,41 @@ def adapter_inputs(model: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
             handle.remove()
 
 
+def sibling_choice(chain: tuple[nn.Module, ...], names: dict[nn.Module, str], x: torch.Tensor) -> Choice:
+    """A LoRA layer that runs in one Function with the layers beside it that read its input
+    (:mod:`~slimtune.core.siblings`), as the recorded forward pass showed them. Both options do the same adapter
+    FLOPs (forward, and backward by the recompute order: ``2N·r·(2·d_in + d_out)`` each way summed) and allocate
+    the same transients (``x Aᵀ`` and ``s·dy B``, ``[N, Σr]``); what differs is the kernels launched per forward +
+    backward (no scaling, no bias): alone 9 per layer plus autograd's ``n − 1`` sums of the input gradients,
+    together ``5n + 6`` — one stacked ``x Aᵀ`` GEMM each way, one ``dA`` GEMM, one ``dx``."""
+    tokens, n = x.numel() // x.shape[-1], len(chain)
+    flops = sum(2 * tokens * m.r * (m.in_features + m.out_features) + backward_flops(
+        "recompute", tokens, m.in_features, m.out_features, m.r) + 2 * tokens * m.r * m.in_features for m in chain)
+    transient = 2 * tokens * sum(m.r for m in chain) * x.dtype.itemsize
+    together = ", ".join(names[m].rpartition(".")[2] for m in chain)
+    options = (Variant(f"one Function: {together} ({5 * n + 6} launches)", flops, transient),
+               Variant(f"alone ({10 * n - 1} launches)", flops, transient))
+    return Choice("siblings (same input, from step 2)", options, options[0].name)
+
+
 def explain_layers(model: nn.Module, inputs: dict[str, torch.Tensor]) -> list[LayerExplanation]:
     """Each adapted layer's choices for the input recorded by :func:`adapter_inputs`, in module order (layers that
-    the forward pass did not reach are left out)."""
+    the forward pass did not reach are left out); a LoRA layer that will run in one Function with its siblings (as
+    that forward pass showed them) says so."""
+    names = {module: name for name, module in model.named_modules()}
+    chains: dict[nn.Module, tuple[nn.Module, ...]] = {}
+    for module in names:
+        group = getattr(module, "siblings", None)
+        if group is not None and module not in chains:
+            chains.update(group.learnt_chains())
     rows = []
     for name, module in model.named_modules():
         if isinstance(module, AdapterModule) and name in inputs:
             x = inputs[name]
-            rows.append(LayerExplanation(name, type(module).__name__, tuple(x.shape), tuple(module.explain(x))))
+            choices = tuple(module.explain(x))
+            if module in chains:
+                choices += (sibling_choice(chains[module], names, x),)
+            rows.append(LayerExplanation(name, type(module).__name__, tuple(x.shape), choices))
     return rows
 
 

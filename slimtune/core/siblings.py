@@ -168,6 +168,13 @@ class SiblingGroup:
             self._held[other] = (mark, y)
         return outputs[0]
 
+    def learnt_chains(self) -> dict[Any, tuple[Any, ...]]:
+        """Each member of a chain seen so far -> its chain (the open one closed first): after a forward pass, which
+        layers will run as one from the next step (``slimtune profile --explain``)."""
+        if self.state is LEARNING:
+            self._close()
+        return {m: chain for chain in self.chains.values() for m in chain}
+
     def _surprise(self) -> None:
         self._surprised, self._backward_seen = True, False
 

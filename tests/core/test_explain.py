@@ -76,3 +76,21 @@ def test_table_and_json_rows():
     _, rows = _explained(slimtune.HraConfig(r=4, target_modules=["0", "2"]), torch.randn(5, 64))
     assert explanation_table(rows).row_count == 2
     assert rows[0].to_dict()["choices"][0]["chosen"] in ("recompute", "gram")
+
+
+def test_lora_siblings_that_read_one_input_are_reported_together():
+    from tests.toy_models import tiny_llama
+
+    model = slimtune.adapt(tiny_llama(), slimtune.LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj",
+                                                                                   "o_proj", "gate_proj", "up_proj"]))
+    ids = torch.randint(0, 128, (2, 5))
+    with adapter_inputs(model) as seen, torch.no_grad():
+        model(input_ids=ids)
+    rows = {row.name.split("layers.0.")[-1]: row for row in explain_layers(model, seen) if "layers.0." in row.name}
+    for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+        choice = rows[name].choices[-1]
+        assert choice.what.startswith("siblings") and choice.chosen == "one Function: q_proj, k_proj, v_proj (21 launches)"
+        assert {v.name for v in choice.options} == {choice.chosen, "alone (29 launches)"}
+        assert len({v.flops for v in choice.options}) == 1  # the same arithmetic either way
+    assert rows["mlp.up_proj"].choices[-1].chosen == "one Function: gate_proj, up_proj (16 launches)"
+    assert [c.what for c in rows["self_attn.o_proj"].choices] == ["backward dA/dB (rank 4)"]
