@@ -5,7 +5,8 @@ sibling layers running alone, ``alone``) take turns, one step each, in rotating 
 round, then the median over rounds (as ``paired_steps.py`` does on the GPU).
 
 It is a proxy: a CUDA step adds a launch per kernel on top of each op's dispatch, so fewer kernels count for more
-there. Run 56 (``RESULTS.md``) set it beside the GPU's paired ratios.
+there: the table also counts, per build, the ATen calls of one step that would launch a kernel on a GPU (views and
+allocations left out). Run 56 (``RESULTS.md``) set it beside the GPU's paired ratios.
 
     python benchmarks/host_proxy.py                       # LoRA, 28 layers, 40 rounds, one thread
     python benchmarks/host_proxy.py --method dora --layers 8
@@ -15,11 +16,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from _common import environment_line, markdown_table, write_out_text
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import slimtune
 
@@ -66,6 +68,33 @@ def build_step(kind: str, method: str, layers: int, rank: int) -> Callable[[], t
     return step
 
 
+#: ATen ops that only make views or read metadata: no kernel on a GPU
+_NO_KERNEL = {"t", "view", "_unsafe_view", "reshape", "slice", "select", "expand", "transpose", "permute", "split",
+              "split_with_sizes", "unbind", "chunk", "detach", "alias", "as_strided", "squeeze", "unsqueeze",
+              "empty", "new_empty", "empty_strided", "lift_fresh", "_to_copy_noop"}
+
+
+class KernelCount(TorchDispatchMode):
+    """Counts the ATen calls that launch a kernel on a GPU (every call but views and allocations), by op name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        name = func.__name__.split(".")[0]
+        if name not in _NO_KERNEL:
+            self.ops[name] = self.ops.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def kernels_per_step(step: Callable[[], torch.Tensor]) -> int:
+    """The kernels one training step would launch on a GPU (:class:`KernelCount`); the CPU proxy's companion."""
+    with KernelCount() as count:
+        step()
+    return sum(count.ops.values())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--method", choices=["lora", "dora"], default="lora")
@@ -89,10 +118,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     for kind in KINDS:
         ratio = statistics.median(t / p for t, p in zip(times[kind], times["peft-bf16"]))
         alone = statistics.median(t / a for t, a in zip(times[kind], times["alone"]))
-        rows.append([kind, f"{statistics.median(times[kind]) * 1e3:.2f}", f"{ratio:.3f}", f"{alone:.3f}"])
+        rows.append([kind, f"{statistics.median(times[kind]) * 1e3:.2f}", f"{ratio:.3f}", f"{alone:.3f}",
+                     str(kernels_per_step(steps[kind]))])
     text = (f"{args.method}, {args.layers} layers of hidden 32, r={args.rank}, batch 2 x 8 tokens, fp32, one CPU "
             f"thread; {args.rounds} rotating rounds after {args.warmup}\n\n"
-            + markdown_table(["build", "median ms", "÷ peft-bf16 (paired)", "÷ alone (paired)"], rows))
+            + markdown_table(["build", "median ms", "÷ peft-bf16 (paired)", "÷ alone (paired)",
+                              "kernels per step (GPU launches)"], rows))
     print(text)
     write_out_text(f"host_proxy_{args.method}.md", environment_line() + "\n\n" + text + "\n")
     return 0
