@@ -119,8 +119,8 @@ def adapter_inputs(model: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
 def sibling_choice(chain: tuple[nn.Module, ...], names: dict[nn.Module, str], x: torch.Tensor) -> Choice:
     """A LoRA layer that runs in one Function with the layers beside it that read its input
     (:mod:`~slimtune.core.siblings`), as the recorded forward pass showed them. Both options do the same adapter
-    FLOPs (forward, and backward by the recompute order: ``2N·r·(2·d_in + d_out)`` each way summed) and allocate
-    the same transients (``x Aᵀ`` and ``s·dy B``, ``[N, Σr]``); what differs is the kernels launched per forward +
+    FLOPs (forward ``2N·r·(d_in + d_out)``, backward by the recompute order plus ``dx``'s ``2N·r·d_in``, summed over
+    the members) and allocate the same transients (``x Aᵀ`` and ``s·dy B``, ``[N, Σr]``); what differs is the kernels launched per forward +
     backward (no scaling, no bias): alone 9 per layer plus autograd's ``n − 1`` sums of the input gradients,
     together ``5n + 6`` — one stacked ``x Aᵀ`` GEMM each way, one ``dA`` GEMM, one ``dx``."""
     tokens, n = x.numel() // x.shape[-1], len(chain)

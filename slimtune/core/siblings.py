@@ -7,7 +7,7 @@ k and v the text features), so a :class:`SiblingGroup` — the LoRA Linear child
 * **learning.** Each member's call is noted after it ran as usual. Calls with the very same input object, unchanged
   in between (its in-place version), one after another, form a chain — ``(q, k, v)``, ``(gate, up)``. Calls inside
   a backward pass (checkpointing's recomputation) are not watched. A member seen in two different chains, or a chain
-  that changes, means no fusing for this group, ever.
+  that changes, means no fusing for this group (until it relearns: :func:`relearn`, at every checkpoint).
 * **active.** Once a backward pass has run through a member since the chains were seen, the next call of a chain's
   first member (outside a backward pass) runs the chain as one Function and holds the others' outputs; each of them,
   called next with the same input object unchanged (and autograd in the same mode), takes its output. Anything else
