@@ -16,8 +16,8 @@ k and v the text features), so a :class:`SiblingGroup` — the LoRA Linear child
   from the next call of a chain's first member after a backward pass.
 * **off.** Every member runs alone.
 
-Why the mode changes only at a chain's first call, outside a backward pass, and only after a backward pass has run
-through the group: gradient checkpointing reruns a layer's forward in backward and requires it to save what the
+Why the mode changes only on a member's call outside a backward pass, and only after a backward pass has run
+through the group since the change became due: gradient checkpointing reruns a layer's forward in backward and requires it to save what the
 first run saved. A switch between those two runs would break that; this rule keeps a forward pass and its
 recomputation on one side of every switch, as long as a step's forward passes are each followed by their backward
 before the next forward (the usual loop, gradient accumulation included). ``slimtune.set_sibling_fusion(False)``
@@ -45,7 +45,8 @@ _SETTING = {"enabled": True}
 
 def set_sibling_fusion(enabled: bool) -> None:
     """Whether LoRA layers that read the same input (q/k/v, gate/up) may run as one Function (default: yes). Off,
-    every adapted layer runs alone; the results are the same either way."""
+    every adapted layer runs alone; the results agree within rounding either way (the stacked GEMM and the one
+    ``dx`` sum round differently)."""
     if not isinstance(enabled, bool):
         raise TypeError(f"set_sibling_fusion takes True or False, got {enabled!r}")
     _SETTING["enabled"] = enabled
