@@ -137,10 +137,10 @@ class _LeanConvForward:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         conv = self.conv
-        if not _lean(x, conv.weight, conv.bias):
+        weight, bias = conv.weight, conv.bias  # each a Module.__getattr__: read once
+        if not _lean(x, weight, bias):
             return type(conv).forward(conv, x)
-        return FrozenConvFunction.apply(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation,
-                                        conv.groups)
+        return FrozenConvFunction.apply(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
 class _LastNorm(threading.local):
