@@ -31,6 +31,7 @@ any other use run plainly.
 """
 from __future__ import annotations
 
+import copy
 import threading
 import weakref
 from typing import Any, Callable
@@ -129,14 +130,34 @@ def _lean(x: torch.Tensor, *params: torch.Tensor | None) -> bool:
     return True
 
 
-class _LeanConvForward:
+class _InstanceForward:
+    """An instance-level ``forward`` set on ``module`` itself, holding it weakly: the module holds the forward, so a
+    strong reference back would be a cycle that keeps a deleted model's layers (and weights) alive until the garbage
+    collector runs. A deep copy of the model gives the copy's module a forward of its own (through ``memo``), and
+    pickling keeps the module."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self._module = weakref.ref(module)
+
+    @property
+    def module(self) -> nn.Module:
+        module = self._module()
+        if module is None:
+            raise RuntimeError(f"{type(self).__name__} outlived its module")
+        return module
+
+    def __deepcopy__(self, memo: dict) -> "_InstanceForward":
+        return type(self)(copy.deepcopy(self.module, memo))
+
+    def __reduce__(self) -> tuple:
+        return type(self), (self.module,)
+
+
+class _LeanConvForward(_InstanceForward):
     """A frozen convolution's instance ``forward``."""
 
-    def __init__(self, conv: nn.Module) -> None:
-        self.conv = conv  # held, not weakly: a deep copy of the model then gets a wrapper of its own copy
-
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        conv = self.conv
+        conv = self.module
         weight, bias = conv.weight, conv.bias  # each a Module.__getattr__: read once
         if not _lean(x, weight, bias):
             return type(conv).forward(conv, x)
@@ -167,29 +188,23 @@ class _LastNorm(threading.local):
 _LAST_NORM = _LastNorm()
 
 
-class _LeanNormForward:
+class _LeanNormForward(_InstanceForward):
     """A frozen GroupNorm's instance ``forward``: its own, noting the output for a SiLU that may follow."""
 
-    def __init__(self, norm: nn.GroupNorm) -> None:
-        self.norm = norm
-
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        norm = self.norm
+        norm = self.module
         h = type(norm).forward(norm, x)
         if _lean(x, norm.weight, norm.bias):
             _LAST_NORM.put(norm, x, h)
         return h
 
 
-class _LeanSiluForward:
+class _LeanSiluForward(_InstanceForward):
     """An ``nn.SiLU``'s instance ``forward``: fused with the GroupNorm before it when its input is that norm's
     output."""
 
-    def __init__(self, silu: nn.SiLU) -> None:
-        self.silu = silu
-
     def __call__(self, h: torch.Tensor) -> torch.Tensor:
-        silu = self.silu
+        silu = self.module
         taken = _LAST_NORM.take(h) if not silu.inplace and _lean(h) else None
         if taken is None:
             return type(silu).forward(silu, h)
@@ -197,15 +212,12 @@ class _LeanSiluForward:
         return NormSiluFunction.apply(h, x, norm.num_groups, norm.weight, norm.bias, norm.eps)
 
 
-class _LeanGegluForward:
+class _LeanGegluForward(_InstanceForward):
     """A diffusers ``GEGLU``'s instance ``forward``: its projection, then :class:`GegluFunction` (diffusers' own
     arithmetic, ``h * F.gelu(gate)``, when the lean path does not apply)."""
 
-    def __init__(self, geglu: nn.Module) -> None:
-        self.geglu = geglu
-
     def __call__(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        geglu = self.geglu
+        geglu = self.module
         if args or kwargs:  # diffusers' deprecated ``scale``: its own forward warns
             return type(geglu).forward(geglu, hidden_states, *args, **kwargs)
         p = geglu.proj(hidden_states)

@@ -74,20 +74,32 @@ class _InputMark:
 
 class SiblingGroup:
     """The fusable adapted layers of one parent module (see the module docstring); each member holds it as
-    ``member.siblings`` and calls :meth:`take` before running alone and :meth:`note` after."""
+    ``member.siblings`` and calls :meth:`take` before running alone and :meth:`note` after.
+
+    The group holds its members weakly (a member holds the group): no reference cycle keeps a deleted model's layers
+    — and their weights — alive until the garbage collector runs. Internally a member is its position."""
 
     def __init__(self, members: Sequence[nn.Module]) -> None:
-        self.members = tuple(members)
+        self._refs = tuple(weakref.ref(m) for m in members)
         self._reset()
+
+    @property
+    def members(self) -> tuple[nn.Module, ...]:
+        return tuple(m for m in (ref() for ref in self._refs) if m is not None)
+
+    @property
+    def chains(self) -> dict[nn.Module, tuple[nn.Module, ...]]:
+        """First member -> the chain, as learnt."""
+        return {self._refs[head](): tuple(self._refs[i]() for i in chain) for head, chain in self._chains.items()}
 
     def _reset(self) -> None:
         self.state = LEARNING
-        self.chains: dict[Any, tuple[Any, ...]] = {}  # first member -> the chain
-        self._open: list[Any] = []
+        self._chains: dict[int, tuple[int, ...]] = {}  # first member's position -> the chain's positions
+        self._open: list[int] = []
         self._open_mark: _InputMark | None = None
         self._backward_seen = False
         self._hook_set = False
-        self._held: dict[Any, tuple[_InputMark, torch.Tensor]] = {}
+        self._held: dict[int, tuple[_InputMark, torch.Tensor]] = {}
         self._held_in_backward = False
         self._surprised = False
 
@@ -95,11 +107,17 @@ class SiblingGroup:
         return {"members": self.members}
 
     def __setstate__(self, state: dict) -> None:
-        self.members = state["members"]
+        self._refs = tuple(weakref.ref(m) for m in state["members"])
         self._reset()
 
+    def _position(self, member: nn.Module) -> int:
+        for i, ref in enumerate(self._refs):
+            if ref() is member:
+                return i
+        raise ValueError(f"{type(member).__name__} is not a member of this sibling group")
+
     # -- learning ------------------------------------------------------------------------------------------
-    def note(self, member: Any, x: torch.Tensor, y: torch.Tensor) -> None:
+    def note(self, member: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
         """After ``member`` ran alone on x (output y): extend or start the open chain; arm the backward signal."""
         if self.state is not LEARNING or compiling():
             return
@@ -108,12 +126,12 @@ class SiblingGroup:
             self._hook_set = True
         if inside_backward():  # checkpointing's recomputation: seen already
             return
-        mark = self._open_mark
-        if mark is not None and member not in self._open and mark.matches(x):
-            self._open.append(member)
+        index, mark = self._position(member), self._open_mark
+        if mark is not None and index not in self._open and mark.matches(x):
+            self._open.append(index)
         else:
             self._close()
-            self._open, self._open_mark = [member], _InputMark(x)
+            self._open, self._open_mark = [index], _InputMark(x)
 
     def _after_backward(self, *_: Any) -> None:
         self._backward_seen = True
@@ -123,15 +141,15 @@ class SiblingGroup:
         self._open, self._open_mark = [], None
         if len(chain) < 2:
             return
-        known = self.chains.get(chain[0])
-        elsewhere = any(m in c for head, c in self.chains.items() if head is not chain[0] for m in chain)
+        known = self._chains.get(chain[0])
+        elsewhere = any(i in c for head, c in self._chains.items() if head != chain[0] for i in chain)
         if (known is not None and known != chain) or elsewhere:
-            self.state, self.chains = OFF, {}
+            self.state, self._chains = OFF, {}
         else:
-            self.chains[chain[0]] = chain
+            self._chains[chain[0]] = chain
 
     # -- running -------------------------------------------------------------------------------------------
-    def take(self, member: Any, x: torch.Tensor) -> torch.Tensor | None:
+    def take(self, member: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         """``member``'s output when the group computes it (its chain's first member: the whole chain runs now), or
         None: the member runs alone."""
         state = self.state
@@ -141,13 +159,14 @@ class SiblingGroup:
             if not (self._backward_seen and sibling_fusion_enabled() and not inside_backward()):
                 return None
             self._close()
-            if self.state is OFF or not self.chains:
+            if self.state is OFF or not self._chains:
                 self.state = OFF
                 return None
             self.state = ACTIVE
-        chain = self.chains.get(member)
+        index = self._position(member)
+        chain = self._chains.get(index)
         if chain is None:
-            held = self._held.pop(member, None)
+            held = self._held.pop(index, None)
             if held is None:
                 return None
             if held[0].matches(x):
@@ -161,15 +180,16 @@ class SiblingGroup:
         if not inside_backward() and (self._surprised and self._backward_seen or not sibling_fusion_enabled()):
             self.state = OFF
             return None
-        if not _runnable(chain, x):
+        members = [self._refs[i]() for i in chain]
+        if any(m is None for m in members) or not _runnable(members, x):
             return None
-        outputs = _run_chain(chain, x, self._after_backward)
+        outputs = _run_chain(members, x, self._after_backward)
         mark, self._held_in_backward = _InputMark(x), inside_backward()
         for other, y in zip(chain[1:], outputs[1:]):
             self._held[other] = (mark, y)
         return outputs[0]
 
-    def learnt_chains(self) -> dict[Any, tuple[Any, ...]]:
+    def learnt_chains(self) -> dict[nn.Module, tuple[nn.Module, ...]]:
         """Each member of a chain seen so far -> its chain (the open one closed first): after a forward pass, which
         layers will run as one from the next step (``slimtune profile --explain``)."""
         if self.state is LEARNING:

@@ -137,10 +137,30 @@ def test_unload_and_deepcopy():
     twin = copy.deepcopy(model)
     with torch.no_grad():
         twin.conv1.weight.mul_(2)
-    assert twin.conv1.forward.conv is twin.conv1  # the copy's wrapper runs the copy's weights
+    assert twin.conv1.forward.module is twin.conv1  # the copy's wrapper runs the copy's weights
     assert not torch.equal(_block_step(model)[0], _block_step(twin)[0])
     slimtune.unload(model)
     assert not any(lean_layers.installed(m) for m in model.modules())
+
+
+def test_a_deleted_model_frees_its_lean_layers_without_the_garbage_collector():
+    """The instance forwards hold their modules weakly: no cycle keeps a deleted UNet's weights alive until a
+    collection."""
+    import gc
+    import weakref
+
+    torch.manual_seed(0)
+    model = slimtune.adapt(Block(), slimtune.LoraConfig(r=4, target_modules=["proj"]))
+    assert lean_layers.installed(model.conv1)
+    refs = [weakref.ref(model.conv1), weakref.ref(model.conv1.weight)]
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        del model
+        assert all(ref() is None for ref in refs)
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def test_no_grad_and_bf16_autocast():

@@ -262,3 +262,23 @@ def test_saving_a_checkpoint_sends_the_groups_back_to_learning(tmp_path):
     assert all(g.state == LEARNING and not g.chains for g in _groups(model))
     _train(model, steps=2)
     assert all(g.state == ACTIVE for g in _groups(model))
+
+
+def test_a_deleted_model_frees_its_layers_without_the_garbage_collector():
+    """The group holds its members weakly: no reference cycle keeps a deleted model's weights alive until a
+    collection."""
+    import gc
+    import weakref
+
+    model = _llama()
+    _train(model, steps=2)
+    q = model.model.layers[0].self_attn.q_proj
+    refs = [weakref.ref(q), weakref.ref(q.base_layer.weight)]
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        del model, q
+        assert all(ref() is None for ref in refs)
+    finally:
+        if enabled:
+            gc.enable()
