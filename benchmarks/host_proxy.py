@@ -19,6 +19,7 @@ import time
 from typing import Any, Callable, Sequence
 
 from _common import environment_line, markdown_table, write_out_text
+from paired_steps import strip_siblings
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -48,9 +49,7 @@ def build_step(kind: str, method: str, layers: int, rank: int) -> Callable[[], t
         model = slimtune.get_peft_model(model, slimtune.LoraConfig(r=rank, lora_alpha=2 * rank,
                                                                    target_modules=TARGETS, use_dora=dora))
         if kind == "alone":
-            for module in model.modules():
-                if getattr(module, "siblings", None) is not None:
-                    module.siblings = None
+            strip_siblings(model)
     params = [p for p in model.parameters() if p.requires_grad]
     with torch.no_grad():
         for p in params:  # B away from zero
@@ -71,7 +70,7 @@ def build_step(kind: str, method: str, layers: int, rank: int) -> Callable[[], t
 #: ATen ops that only make views or read metadata: no kernel on a GPU
 _NO_KERNEL = {"t", "view", "_unsafe_view", "reshape", "slice", "select", "expand", "transpose", "permute", "split",
               "split_with_sizes", "unbind", "chunk", "detach", "alias", "as_strided", "squeeze", "unsqueeze",
-              "empty", "new_empty", "empty_strided", "lift_fresh", "_to_copy_noop"}
+              "empty", "new_empty", "empty_strided", "lift_fresh"}
 
 
 class KernelCount(TorchDispatchMode):

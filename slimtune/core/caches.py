@@ -1,6 +1,7 @@
 """Caches keyed safely: a bounded cache for per-shape decisions (paths, plans: the oldest entry goes when it is
-full), and :class:`TensorStamp`, which tells whether a tensor still holds what a cached value was derived from —
-never by ``id()`` or a storage address, which a new object can reuse."""
+full), :class:`TensorStamp`, which tells whether a tensor still holds what a cached value was derived from, and
+:class:`TensorMark`, which tells whether a later call sees the very same tensor object, unchanged — never by ``id()``
+or a storage address, which a new object can reuse."""
 from __future__ import annotations
 
 import collections
@@ -59,3 +60,18 @@ class TensorStamp:
         """Whether ``t`` is still the tensor (storage and contents' version) this stamp was taken of."""
         meta = self._meta
         return meta[0] is not None and meta == self._describe(t) and self._storage() is t.untyped_storage()
+
+
+class TensorMark:
+    """A tensor object as a call saw it — weakly held (a new tensor, even at a reused address, never matches) — and
+    its in-place version then: whether a later call sees that very object, unchanged. For hand-offs between
+    consecutive calls (a GroupNorm's output to the SiLU after it, an input shared by sibling layers)."""
+
+    __slots__ = ("_ref", "_version")
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self._ref = weakref.ref(t)
+        self._version = tensor_version(t)
+
+    def matches(self, t: torch.Tensor) -> bool:
+        return self._ref() is t and self._version is not None and tensor_version(t) == self._version

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .aten_grads import gelu_grad, silu_grad
-from .autograd_state import tensor_version
+from .caches import TensorMark
 from .tracing import compiling
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -165,22 +165,21 @@ class _LeanConvForward(_InstanceForward):
 
 
 class _LastNorm(threading.local):
-    """The GroupNorm that ran last on this thread: weak references to it, its input and its output (the slot keeps
-    nothing alive), and the output's version then."""
+    """The GroupNorm that ran last on this thread: weak references to it and its input, and its output's mark (the
+    slot keeps nothing alive)."""
 
-    entry: tuple[weakref.ref, weakref.ref, weakref.ref, int | None] | None = None
+    entry: tuple[weakref.ref, weakref.ref, TensorMark] | None = None
 
     def put(self, norm: nn.GroupNorm, x: torch.Tensor, h: torch.Tensor) -> None:
-        self.entry = (weakref.ref(norm), weakref.ref(x), weakref.ref(h), tensor_version(h))
+        self.entry = (weakref.ref(norm), weakref.ref(x), TensorMark(h))
 
     def take(self, h: torch.Tensor) -> tuple[nn.GroupNorm, torch.Tensor] | None:
         """``(norm, its input)`` if ``h`` is that norm's output, unchanged since; the slot is emptied either way."""
         entry, self.entry = self.entry, None
         if entry is None:
             return None
-        norm, x, output, version = entry[0](), entry[1](), entry[2](), entry[3]
-        if output is h and norm is not None and x is not None and version is not None \
-                and tensor_version(h) == version:
+        norm, x = entry[0](), entry[1]()
+        if norm is not None and x is not None and entry[2].matches(h):
             return norm, x
         return None
 

@@ -33,7 +33,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .autograd_state import inside_backward, tensor_version
+from .autograd_state import inside_backward
+from .caches import TensorMark
 from .compute import cast_optional
 from .lowrank import choose_backward
 from .lowrank_group import grouped_lowrank_linear
@@ -56,20 +57,18 @@ def sibling_fusion_enabled() -> bool:
     return _SETTING["enabled"]
 
 
-class _InputMark:
-    """The input a call saw — the object (weakly held: a new tensor never matches), its in-place version and
-    autograd's mode — to tell whether a later call sees the same, unchanged."""
+class _InputMark(TensorMark):
+    """The input a call saw (:class:`~.caches.TensorMark`) and autograd's mode then: a later call that sees the same
+    object, unchanged, in the same mode, matches."""
 
-    __slots__ = ("_ref", "_version", "_grad")
+    __slots__ = ("_grad",)
 
     def __init__(self, x: torch.Tensor) -> None:
-        self._ref = weakref.ref(x)
-        self._version = tensor_version(x)
+        super().__init__(x)
         self._grad = torch.is_grad_enabled()
 
     def matches(self, x: torch.Tensor) -> bool:
-        return (self._ref() is x and self._version is not None and tensor_version(x) == self._version
-                and torch.is_grad_enabled() == self._grad)
+        return super().matches(x) and torch.is_grad_enabled() == self._grad
 
 
 class SiblingGroup:
