@@ -10,11 +10,17 @@ allocations left out). Run 56 (``RESULTS.md``) set it beside the GPU's paired ra
 
     python benchmarks/host_proxy.py                       # LoRA, 28 layers, 40 rounds, one thread
     python benchmarks/host_proxy.py --method dora --layers 8
+    python benchmarks/host_proxy.py --before DIR          # also an earlier copy of the package (``before``)
+
+``--before DIR``: DIR holds an earlier copy of the package as ``slimtune_before`` (``git archive REF slimtune``, renamed),
+as ``paired_steps.py`` takes it; its model joins the rounds as ``before``, and the table gains a "÷ before" column.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import statistics
+import sys
 import time
 from typing import Any, Callable, Sequence
 
@@ -46,8 +52,9 @@ def build_step(kind: str, method: str, layers: int, rank: int) -> Callable[[], t
         model = peft.get_peft_model(model, peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS,
                                                            use_dora=dora), autocast_adapter_dtype=False)
     else:
-        model = slimtune.get_peft_model(model, slimtune.LoraConfig(r=rank, lora_alpha=2 * rank,
-                                                                   target_modules=TARGETS, use_dora=dora))
+        library = importlib.import_module("slimtune_before") if kind == "before" else slimtune
+        model = library.get_peft_model(model, library.LoraConfig(r=rank, lora_alpha=2 * rank,
+                                                                 target_modules=TARGETS, use_dora=dora))
         if kind == "alone":
             strip_siblings(model)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -101,28 +108,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--before", default=None, metavar="DIR",
+                        help="a directory holding an earlier copy of the package as slimtune_before")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     print(environment_line(), flush=True)
-    steps = {kind: build_step(kind, args.method, args.layers, args.rank) for kind in KINDS}
-    times: dict[str, list[float]] = {kind: [] for kind in KINDS}
+    kinds = KINDS
+    if args.before:
+        sys.path.insert(0, args.before)
+        kinds = (*KINDS, "before")
+    steps = {kind: build_step(kind, args.method, args.layers, args.rank) for kind in kinds}
+    times: dict[str, list[float]] = {kind: [] for kind in kinds}
     for index in range(args.warmup + args.rounds):
-        shift = index % len(KINDS)
-        for kind in KINDS[shift:] + KINDS[:shift]:
+        shift = index % len(kinds)
+        for kind in kinds[shift:] + kinds[:shift]:
             t0 = time.perf_counter()
             steps[kind]()
             if index >= args.warmup:
                 times[kind].append(time.perf_counter() - t0)
+    def paired(kind: str, base: str) -> str:
+        return f"{statistics.median(t / b for t, b in zip(times[kind], times[base])):.3f}"
+
     rows = []
-    for kind in KINDS:
-        ratio = statistics.median(t / p for t, p in zip(times[kind], times["peft-bf16"]))
-        alone = statistics.median(t / a for t, a in zip(times[kind], times["alone"]))
-        rows.append([kind, f"{statistics.median(times[kind]) * 1e3:.2f}", f"{ratio:.3f}", f"{alone:.3f}",
+    for kind in kinds:
+        rows.append([kind, f"{statistics.median(times[kind]) * 1e3:.2f}", paired(kind, "peft-bf16"),
+                     paired(kind, "alone"), *((paired(kind, "before"),) if args.before else ()),
                      str(kernels_per_step(steps[kind]))])
     text = (f"{args.method}, {args.layers} layers of hidden 32, r={args.rank}, batch 2 x 8 tokens, fp32, one CPU "
             f"thread; {args.rounds} rotating rounds after {args.warmup}\n\n"
             + markdown_table(["build", "median ms", "÷ peft-bf16 (paired)", "÷ alone (paired)",
-                              "kernels per step (GPU launches)"], rows))
+                              *(("÷ before (paired)",) if args.before else ()), "kernels per step (GPU launches)"],
+                             rows))
     print(text)
     write_out_text(f"host_proxy_{args.method}.md", environment_line() + "\n\n" + text + "\n")
     return 0

@@ -124,13 +124,17 @@ case $part in
     done
     ;;
 9)
-    # issue 19: LoRA siblings (q/k/v, gate/up) as one Function — the CUDA tests, then paired rounds of the fused
-    # step against the same model with every layer alone and PEFT-bf16, 3B seq 512 and 2048, and SD-1.5 (attn1's
-    # q/k/v, attn2's k/v; carry .whl)
+    # issue 19: LoRA and DoRA siblings (q/k/v, gate/up) as one Function — the CUDA tests (DoRA's group through its
+    # Triton kernels; the scale-in-epilogue GEMM), then paired rounds of the fused step against the same model with
+    # every layer alone and PEFT-bf16, 3B seq 512 (LoRA and DoRA) and 2048, and SD-1.5 (attn1's q/k/v, attn2's k/v;
+    # carry .whl)
     install_wheels
-    step siblings_cuda_test 120 python -m pytest -q tests/core/test_lowrank_group.py tests/core/test_siblings.py
+    step siblings_cuda_test 150 python -m pytest -q tests/core/test_lowrank_group.py tests/core/test_siblings.py \
+        tests/core/test_compute.py tests/methods/dora/test_group.py tests/methods/dora/test_cuda.py
     step paired_siblings_512 150 python benchmarks/paired_steps.py --configs lora alone:lora peft-bf16:lora \
         --rounds 12 --out-name paired_siblings_512
+    step paired_siblings_dora_512 170 python benchmarks/paired_steps.py --configs dora alone:dora \
+        peft-bf16:dora --rounds 8 --out-name paired_siblings_dora_512
     step paired_siblings_2048 150 python benchmarks/paired_steps.py --configs lora alone:lora peft-bf16:lora \
         --seq 2048 --rounds 6 --out-name paired_siblings_2048
     step paired_siblings_sd15 150 python benchmarks/paired_steps.py --preset stable-diffusion-1.5 --rank 16 \

@@ -8,8 +8,8 @@ BF16_TOL = 1e-2
 
 
 def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
-    """‖got − ref‖ / ‖ref‖ computed in float64."""
-    got, ref = got.detach().double(), ref.detach().double()
+    """‖got − ref‖ / ‖ref‖ computed in float64 (on ref's device: a CUDA result may be set against a CPU reference)."""
+    got, ref = got.detach().double().to(ref.device), ref.detach().double()
     return ((got - ref).norm() / ref.norm().clamp_min(1e-300)).item()
 
 

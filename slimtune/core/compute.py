@@ -1,4 +1,4 @@
-"""The dtype adapter GEMMs run in, and the two cast helpers every Function uses."""
+"""The dtype adapter GEMMs run in, the cast helpers every Function uses, and GEMMs with a fused scale or an fp32 result."""
 from __future__ import annotations
 
 import contextlib
@@ -6,6 +6,7 @@ import contextlib
 import torch
 
 from . import simulation
+from .tracing import compiling
 
 _NO_CONTEXT = contextlib.nullcontext()
 _MM_OUT_DTYPE: dict[torch.dtype, bool] = {}  # whether torch.mm(..., out_dtype=fp32) runs, per input dtype (CUDA)
@@ -30,9 +31,18 @@ def cast_optional(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | 
     return None if t is None else cast(t, dtype)
 
 
-def scaled_(t: torch.Tensor, s: float) -> torch.Tensor:
-    """``t * s`` in place, skipped for s = 1 (alpha = r, the common case)."""
-    return t if s == 1.0 else t.mul_(s)
+def mm_scaled(a: torch.Tensor, b: torch.Tensor, s: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``s · (a @ b)`` for 2-D ``a`` ``[M, K]``, ``b`` ``[K, N]`` as one GEMM: the scale rides in the GEMM's epilogue
+    (``addmm_`` with ``beta=0`` into an uninitialised buffer, whose content is documented as ignored, NaN included),
+    so no second kernel rescales ``[M, N]``. s = 1 is a plain ``a @ b``; under ``torch.compile`` it is
+    ``(a @ b) · s``, which Inductor fuses itself. ``out``: write there (``[M, N]``, strided rows allowed)."""
+    if s == 1.0:
+        return torch.mm(a, b, out=out) if out is not None else a @ b
+    if compiling():
+        return out.copy_(a @ b).mul_(s) if out is not None else (a @ b).mul_(s)
+    if out is None:
+        out = a.new_empty(a.shape[0], b.shape[1])
+    return out.addmm_(a, b, beta=0, alpha=s)
 
 
 def fp32_out_gemm(t: torch.Tensor) -> bool:

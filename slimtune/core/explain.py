@@ -117,19 +117,23 @@ def adapter_inputs(model: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
 
 
 def sibling_choice(chain: tuple[nn.Module, ...], names: dict[nn.Module, str], x: torch.Tensor) -> Choice:
-    """A LoRA layer that runs in one Function with the layers beside it that read its input
+    """An adapted layer that runs in one Function with the layers beside it that read its input
     (:mod:`~slimtune.core.siblings`), as the recorded forward pass showed them. Both options do the same adapter
     FLOPs (forward ``2N·r·(d_in + d_out)``, backward by the recompute order plus ``dx``'s ``2N·r·d_in``, summed over
-    the members) and allocate the same transients (``x Aᵀ`` and ``s·dy B``, ``[N, Σr]``); what differs is the kernels launched per forward +
-    backward (no scaling, no bias): alone 9 per layer plus autograd's ``n − 1`` sums of the input gradients,
-    together ``5n + 6`` — one stacked ``x Aᵀ`` GEMM each way, one ``dA`` GEMM, one ``dx``."""
+    the members; a DoRA member adds its norm's ``W Aᵀ`` and ``A Aᵀ``) and allocate the same transients (``x Aᵀ`` and
+    ``s·dy B``, ``[N, Σr]``); what differs is the kernels launched. For LoRA, per forward + backward (no scaling, no
+    bias): alone 9 per layer plus autograd's ``n − 1`` sums of the input gradients, together ``5n + 6`` — one stacked
+    ``x Aᵀ`` GEMM each way, one ``dA`` GEMM, one ``dx``. DoRA's grouping shares the same GEMMs; its Triton launches
+    stay one per member each way."""
     tokens, n = x.numel() // x.shape[-1], len(chain)
     flops = sum(2 * tokens * m.r * (m.in_features + m.out_features) + backward_flops(
-        "recompute", tokens, m.in_features, m.out_features, m.r) + 2 * tokens * m.r * m.in_features for m in chain)
+        "recompute", tokens, m.in_features, m.out_features, m.r) + 2 * tokens * m.r * m.in_features
+        + (2 * m.r * m.in_features * (m.out_features + m.r) if hasattr(m, "magnitude") else 0) for m in chain)
     transient = 2 * tokens * sum(m.r for m in chain) * x.dtype.itemsize
     together = ", ".join(names[m].rpartition(".")[2] for m in chain)
-    options = (Variant(f"one Function: {together} ({5 * n + 6} launches)", flops, transient),
-               Variant(f"alone ({10 * n - 1} launches)", flops, transient))
+    lora = not hasattr(chain[0], "magnitude")
+    options = (Variant(f"one Function: {together}" + (f" ({5 * n + 6} launches)" if lora else ""), flops, transient),
+               Variant("alone" + (f" ({10 * n - 1} launches)" if lora else ""), flops, transient))
     return Choice("siblings (same input, from step 2)", options, options[0].name)
 
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import timed
-from .compute import cast, compute_setting, scaled_
+from .compute import cast, compute_setting, mm_scaled
 from .frozen import WeightOperand, is_quantized, materialize, save_with_weight, saved_with_weight
 from .tracing import compiling, seeded_keep_mask, traced_seed
 
@@ -84,6 +84,8 @@ def pick_backward(dy2: torch.Tensor, xd: torch.Tensor, down: torch.Tensor) -> Va
     variant measured fastest for their shapes and dtype on their device (:mod:`slimtune.core.timed`)."""
     (tokens, d_in), d_out, r = xd.shape, dy2.shape[1], down.shape[0]
     counted = choose_backward(tokens, d_in, d_out, r)
+    if timed.variant_criterion() != "timed":  # the default: nothing to measure (no key, no closure per call)
+        return counted
 
     def variants() -> dict[str, Callable[[], object]]:
         gen = torch.Generator(device=xd.device).manual_seed(0)
@@ -119,13 +121,13 @@ def _factor_grads_by(variant: Variant, dy2: torch.Tensor, xd: torch.Tensor, down
     d_down = d_up = None
     if variant == "gram":
         gram = dy2.t() @ xd  # [d_out, d_in]
-        d_up = scaled_(F.linear(gram, down), s) if need_up else None
-        d_down = scaled_(up.t() @ gram, s) if need_down else None
+        d_up = mm_scaled(gram, down.t(), s) if need_up else None
+        d_down = mm_scaled(up.t(), gram, s) if need_down else None
         return d_down, d_up
     if need_up:
-        d_up = scaled_(dy2.t() @ F.linear(xd, down), s)
+        d_up = mm_scaled(dy2.t(), F.linear(xd, down), s)
     if need_down:
-        g = dy_up if dy_up is not None else scaled_(dy2 @ up, s)
+        g = dy_up if dy_up is not None else mm_scaled(dy2, up, s)
         d_down = g.t() @ xd
     return d_down, d_up
 
@@ -171,7 +173,7 @@ class LowRankLinearFunction(torch.autograd.Function):
         xd = x2 * mask if mask is not None else x2
 
         grad_x = grad_w = grad_bias = grad_a = grad_b = None
-        g = scaled_(dy2 @ b, s) if need_a or need_x else None  # s · dy B, [N, r]
+        g = mm_scaled(dy2, b, s) if need_a or need_x else None  # s · dy B, [N, r]
         grad_x2 = dy2 @ materialize(weight, dtype) if need_x else None
         grad_a, grad_b = factor_grads(dy2, xd, a, b, s, need_a, need_b, dy_up=g)
         grad_a = cast(grad_a, lora_a.dtype) if grad_a is not None else None

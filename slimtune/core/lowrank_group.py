@@ -27,13 +27,13 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .compute import cast, scaled_
+from .compute import cast, mm_scaled
 from .frozen import WeightOperand, is_quantized, materialize
 
 Grad = torch.Tensor | None
 
 
-def _stacked_downs(downs: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+def stacked_downs(downs: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     """``[A_1; …; A_n]`` ``[R, d_in]`` in ``dtype``."""
     return torch.cat([cast(a, dtype) for a in downs]) if len(downs) > 1 else cast(downs[0], dtype)
 
@@ -53,7 +53,7 @@ class GroupedLowRankFunction(torch.autograd.Function):
         for weight, bias, down, up in zip(weights, biases, downs, ups):
             y = F.linear(x2, materialize(weight, dtype), bias)  # the first base GEMM is queued before the rest
             if h is None:
-                h = F.linear(x2, _stacked_downs(downs, dtype))  # x Aᵀ of every member, [N, R]
+                h = F.linear(x2, stacked_downs(downs, dtype))  # x Aᵀ of every member, [N, R]
             rank = down.shape[0]
             y.addmm_(h[:, start:start + rank], cast(up, dtype).t(), alpha=scaling)
             start += rank
@@ -67,68 +67,82 @@ class GroupedLowRankFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        count, s = ctx.count, ctx.scaling
+        count = ctx.count
         x, *saved = ctx.saved_tensors
         weights = [handle if handle is not None else w for handle, w in zip(ctx.handles, saved[:count])]
         downs, ups = saved[count:2 * count], saved[2 * count:]
         needs = ctx.needs_input_grad
-        need_x = needs[0]
         need_w, need_bias = needs[4:4 + count], needs[4 + count:4 + 2 * count]
         need_a, need_b = needs[4 + 2 * count:4 + 3 * count], needs[4 + 3 * count:]
         dtype = x.dtype
         x2 = x.reshape(-1, x.shape[-1])
-        tokens = x2.shape[0]
-        dys = [cast(g.reshape(tokens, g.shape[-1]), dtype) if g is not None else None for g in grads]
-        ranks = [a.shape[0] for a in downs]
-        grad_x = None
-        grad_w: list[Grad] = [None] * count
-        grad_bias: list[Grad] = [None] * count
-        grad_a: list[Grad] = [None] * count
-        grad_b: list[Grad] = [None] * count
-        if any(d is not None for d in dys):
-            dx = None
-            if need_x:  # the big GEMMs first: the device works on them while the host queues the small ones
-                for dy, weight in zip(dys, weights):
-                    if dy is not None:
-                        w = materialize(weight, dtype)
-                        dx = dy @ w if dx is None else dx.addmm_(dy, w)
-                        del w
-            a_cat = _stacked_downs(downs, dtype)
-            g = None
-            if need_x or any(need_a):  # s·dy_i B_i side by side, [N, R] (zero for an unused output)
-                g = x2.new_empty(tokens, sum(ranks))
-                start = 0
-                for dy, up, rank in zip(dys, ups, ranks):
-                    if dy is None:
-                        g[:, start:start + rank].zero_()
-                    else:
-                        torch.mm(dy, cast(up, dtype), out=g[:, start:start + rank])
-                    start += rank
-                scaled_(g, s)
-            if dx is not None:
-                dx.addmm_(g, a_cat)
-                grad_x = dx.view(x.shape)
-            if any(need_a):
-                pieces = (g.t() @ x2).split(ranks)
-                grad_a = [cast(p, a.dtype) if need and dy is not None else None
-                          for p, a, need, dy in zip(pieces, downs, need_a, dys)]
-            if any(need_b):
-                h = scaled_(F.linear(x2, a_cat), s)
-                start = 0
-                for i, (dy, up, rank) in enumerate(zip(dys, ups, ranks)):
-                    if need_b[i] and dy is not None:
-                        grad_b[i] = cast(dy.t() @ h[:, start:start + rank], up.dtype)
-                    start += rank
-            for i, (dy, weight) in enumerate(zip(dys, weights)):
-                if dy is None:
-                    continue
-                if need_w[i] and not is_quantized(weight):
-                    grad_w[i] = cast(dy.t() @ x2, weight.dtype)
-                if need_bias[i] and ctx.has_bias[i]:
-                    grad_bias[i] = dy.sum(0)
+        dys = [cast(g.reshape(x2.shape[0], g.shape[-1]), dtype) if g is not None else None for g in grads]
+        grad_x, grad_w, grad_a, grad_b = grouped_product_backward(
+            x2, weights, downs, ups, ctx.scaling, dys.__getitem__, (needs[0], need_w, need_a, need_b))
+        grad_bias = [dy.sum(0) if dy is not None and need and has else None
+                     for dy, need, has in zip(dys, need_bias, ctx.has_bias)]
         if ctx.on_backward is not None:
             ctx.on_backward()
-        return (grad_x, None, None, None, *grad_w, *grad_bias, *grad_a, *grad_b)
+        return (grad_x.view(x.shape) if grad_x is not None else None, None, None, None,
+                *grad_w, *grad_bias, *grad_a, *grad_b)
+
+
+def grouped_product_backward(x2: torch.Tensor, weights: Sequence[WeightOperand], downs: Sequence[torch.Tensor],
+                             ups: Sequence[torch.Tensor], scaling: float,
+                             grad_of: Callable[[int], torch.Tensor | None],
+                             needs: tuple[bool, Sequence[bool], Sequence[bool], Sequence[bool]],
+                             h: torch.Tensor | None = None, a_cat: torch.Tensor | None = None,
+                             h_scaled: bool = False) -> tuple[Grad, list[Grad], list[Grad], list[Grad]]:
+    """``(dx [N, d_in], dW_i, dA_i, dB_i)`` of ``y_i = x W_iᵀ + s·(x A_iᵀ) B_iᵀ`` (the module docstring's backward,
+    biases aside), member by member: ``grad_of(i)`` gives member i's output gradient ``[N, d_i]`` in x's dtype (None:
+    that member gets no gradients) only when its turn comes, and nothing here holds it past its turn — a caller that
+    forms it (DoRA's ``g·dy``) keeps one such buffer alive at a time. ``needs``: ``(need_x, need_w, need_a, need_b)``,
+    the last three per member. ``h``: ``x Aᵀ`` ``[N, R]`` (``s·x Aᵀ`` with ``h_scaled``), and ``a_cat``: the stacked A in
+    x's dtype, when the caller already formed them (else ``s·x Aᵀ`` is formed here, for ``dB``). The first member's
+    ``dx`` GEMM, the largest, is queued first."""
+    need_x, need_w, need_a, need_b = needs
+    count, dtype, tokens = len(weights), x2.dtype, x2.shape[0]
+    ranks = [a.shape[0] for a in downs]
+    grad_w: list[Grad] = [None] * count
+    grad_a: list[Grad] = [None] * count
+    grad_b: list[Grad] = [None] * count
+    g = x2.new_empty(tokens, sum(ranks)) if need_x or any(need_a) else None  # s·dy_i B_i side by side, [N, R]
+    dx, seen, start = None, [False] * count, 0
+    for i, (weight, up, rank) in enumerate(zip(weights, ups, ranks)):
+        dy = grad_of(i)
+        if dy is None:
+            if g is not None:
+                g[:, start:start + rank].zero_()
+            start += rank
+            continue
+        seen[i] = True
+        if need_x:
+            w = materialize(weight, dtype)
+            dx = dy @ w if dx is None else dx.addmm_(dy, w)
+            del w
+        if g is not None:
+            mm_scaled(dy, cast(up, dtype), scaling, out=g[:, start:start + rank])
+        if need_b[i]:
+            if h is None:
+                a_cat = a_cat if a_cat is not None else stacked_downs(downs, dtype)
+                h, h_scaled = mm_scaled(x2, a_cat.t(), scaling), True
+            h_i = h[:, start:start + rank]
+            grad_b[i] = cast(dy.t() @ h_i if h_scaled else mm_scaled(dy.t(), h_i, scaling), up.dtype)
+        if need_w[i] and not is_quantized(weight):
+            grad_w[i] = cast(dy.t() @ x2, weight.dtype)
+        del dy
+        start += rank
+    if not any(seen):
+        return None, grad_w, grad_a, grad_b
+    if dx is not None or any(need_a):
+        a_cat = a_cat if a_cat is not None else stacked_downs(downs, dtype)
+    if dx is not None:
+        dx.addmm_(g, a_cat)
+    if any(need_a):
+        pieces = (g.t() @ x2).split(ranks)
+        grad_a = [cast(p, a.dtype) if need and done else None
+                  for p, a, need, done in zip(pieces, downs, need_a, seen)]
+    return dx, grad_w, grad_a, grad_b
 
 
 def grouped_lowrank_linear(x: torch.Tensor, weights: Sequence[WeightOperand], biases: Sequence[torch.Tensor | None],

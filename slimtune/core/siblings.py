@@ -1,15 +1,18 @@
 """Adapted layers of one parent that read the same input — q/k/v, gate/up — learn that they do, then run as one
-Function (:mod:`.lowrank_group`): on a host-bound step every Function and op per layer is host time.
+Function (LoRA: :mod:`.lowrank_group`; DoRA: :mod:`slimtune.methods.dora.group`): on a host-bound step every Function
+and op per layer is host time.
 
 Which siblings share an input is not in the model's structure (a cross-attention's q reads the hidden states, its
-k and v the text features), so a :class:`SiblingGroup` — the LoRA Linear children of one parent module — watches:
+k and v the text features), so a :class:`SiblingGroup` — the LoRA (or the DoRA) Linear children of one parent
+module — watches:
 
 * **learning.** Each member's call is noted after it ran as usual. Calls with the very same input object, unchanged
   in between (its in-place version), one after another, form a chain — ``(q, k, v)``, ``(gate, up)``. Calls inside
   a backward pass (checkpointing's recomputation) are not watched. A member seen in two different chains, or a chain
   that changes, means no fusing for this group (until it relearns: :func:`relearn`, at every checkpoint).
 * **active.** Once a backward pass has run through a member since the chains were seen, the next call of a chain's
-  first member (outside a backward pass) runs the chain as one Function and holds the others' outputs; each of them,
+  first member (outside a backward pass) runs the chain as one Function (the members' class's ``run_together``,
+  which may decline a call) and holds the others' outputs; each of them,
   called next with the same input object unchanged (and autograd in the same mode), takes its output. Anything else
   — another input, an output never taken, a member disabled or with dropout in training — and the member runs alone
   as before; a surprise (a held output not taken, or taken with another input) turns fusing off for the group
@@ -27,6 +30,7 @@ Nothing here is traced: under ``torch.compile`` every member runs alone (the com
 """
 from __future__ import annotations
 
+import functools
 import weakref
 from typing import Any, Sequence
 
@@ -35,9 +39,7 @@ from torch import nn
 
 from .autograd_state import inside_backward
 from .caches import TensorMark
-from .compute import cast_optional
 from .lowrank import choose_backward
-from .lowrank_group import grouped_lowrank_linear
 from .tracing import compiling
 
 LEARNING, ACTIVE, OFF = "learning", "active", "off"
@@ -182,7 +184,9 @@ class SiblingGroup:
         members = [self._refs[i]() for i in chain]
         if any(m is None for m in members) or not _runnable(members, x):
             return None
-        outputs = _run_chain(members, x, self._after_backward)
+        outputs = type(members[0]).run_together(members, x, self._after_backward)
+        if outputs is None:  # the members' class declined this call (DoRA: a layer on its "z" route)
+            return None
         mark, self._held_in_backward = _InputMark(x), inside_backward()
         for other, y in zip(chain[1:], outputs[1:]):
             self._held[other] = (mark, y)
@@ -199,30 +203,26 @@ class SiblingGroup:
         self._surprised, self._backward_seen = True, False
 
 
+@functools.lru_cache(maxsize=1024)
+def _recompute_order(tokens: int, d_in: int, d_out: int, r: int) -> bool:
+    """Whether :func:`~.lowrank.choose_backward` picks ``"recompute"`` for these sizes (asked on every chain's call:
+    remembered per shape)."""
+    return choose_backward(tokens, d_in, d_out, r) == "recompute"
+
+
 def _runnable(chain: Sequence[Any], x: torch.Tensor) -> bool:
-    """Whether this call can run the chain as one: every member enabled, unmerged, without dropout in training, of
-    one scaling and one input width, its dA / dB by the ``"recompute"`` order (the fused backward's)."""
+    """Whether this call can run the chain as one: every member of one class, enabled, unmerged, without dropout in
+    training, of one scaling and one input width, its dA / dB by the ``"recompute"`` order (the fused backward's).
+    The class itself may still decline (``run_together`` returning None: DoRA's routes)."""
     first = chain[0]
-    d_in = x.shape[-1]
+    kind, d_in = type(first), x.shape[-1]
     tokens = x.numel() // d_in if d_in else 0
     for m in chain:
-        if (m.disabled or m.merged or (m.training and m.dropout_p > 0) or m.scaling != first.scaling
-                or m.in_features != d_in
-                or choose_backward(tokens, m.in_features, m.out_features, m.r) != "recompute"):
+        if (type(m) is not kind or m.disabled or m.merged or (m.training and m.dropout_p > 0)
+                or m.scaling != first.scaling or m.in_features != d_in
+                or not _recompute_order(tokens, m.in_features, m.out_features, m.r)):
             return False
     return True
-
-
-def _run_chain(chain: Sequence[Any], x: torch.Tensor, on_backward: Any) -> tuple[torch.Tensor, ...]:
-    """Every member's output on x through :func:`~.lowrank_group.grouped_lowrank_linear`."""
-    first = chain[0]
-    xc, _, _, context = first._inputs(x)
-    dtype = xc.dtype
-    weights = [m.weight_operand(dtype) for m in chain]
-    biases = [cast_optional(m.base_layer.bias, dtype) for m in chain]
-    with context:
-        return grouped_lowrank_linear(xc, weights, biases, [m.lora_A for m in chain], [m.lora_B for m in chain],
-                                      first.scaling, on_backward)
 
 
 def relearn(model: nn.Module) -> None:

@@ -94,3 +94,20 @@ def test_lora_siblings_that_read_one_input_are_reported_together():
         assert len({v.flops for v in choice.options}) == 1  # the same arithmetic either way
     assert rows["mlp.up_proj"].choices[-1].chosen == "one Function: gate_proj, up_proj (16 launches)"
     assert [c.what for c in rows["self_attn.o_proj"].choices] == ["backward dA/dB (rank 4)"]
+
+
+def test_dora_siblings_are_reported_together_with_their_norm_flops():
+    from tests.toy_models import tiny_llama
+
+    targets = ["q_proj", "k_proj", "v_proj"]
+    rows = {}
+    for dora in (False, True):
+        model = slimtune.adapt(tiny_llama(), slimtune.LoraConfig(r=4, use_dora=dora, target_modules=targets))
+        with adapter_inputs(model) as seen, torch.no_grad():
+            model(input_ids=torch.randint(0, 128, (2, 5)))
+        rows[dora] = {row.name: row.choices[-1] for row in explain_layers(model, seen) if "layers.0." in row.name}
+    name = next(n for n in rows[True] if n.endswith("k_proj"))
+    dora, lora = rows[True][name], rows[False][name]
+    assert dora.chosen == "one Function: q_proj, k_proj, v_proj"
+    assert {v.name for v in dora.options} == {dora.chosen, "alone"}
+    assert dora.options[0].flops > lora.options[0].flops  # + W Aᵀ and A Aᵀ per member

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import slimtune
+from slimtune.methods.dora import DoraLinear
 from slimtune.methods.lora import LoraLinear
 from slimtune.core.inject import detach
 from slimtune.core.siblings import ACTIVE, LEARNING, OFF, SiblingGroup, set_sibling_fusion
@@ -237,9 +238,9 @@ def test_copies_learn_afresh_and_removal_takes_the_groups_away():
     assert all(m.siblings is None for _, m in adapters.adapters)
 
 
-def test_only_plain_lora_linear_layers_group():
+def test_groups_hold_one_kind_of_layer_and_two_or_more_of_them():
     model = slimtune.adapt(tiny_llama().train(), slimtune.LoraConfig(r=4, use_dora=True, target_modules=TARGETS))
-    assert not _groups(model)
+    assert len(_groups(model)) == 4 and all(type(m) is DoraLinear for g in _groups(model) for m in g.members)
     apart = _llama(target_modules=["q_proj", "o_proj"])  # siblings that never read one input
     _train(apart, steps=2)
     assert all(g.state == OFF for g in _groups(apart))

@@ -19,7 +19,8 @@ def test_profile_explain_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["profile", "--explain", "--json", "--method", "dora", "--seq", "16", "--rank", "4"]) == 0
     layers = json.loads(capsys.readouterr().out)["layers"]
     assert layers[0]["adapter"] == "DoraLinear"
-    assert [c["what"] for c in layers[0]["choices"]] == ["backward dA/dB (rank 4)", "kept for dm"]
+    assert [c["what"] for c in layers[0]["choices"]] == ["backward dA/dB (rank 4)", "kept for dm",
+                                                         "siblings (same input, from step 2)"]  # q with k, v
 
 
 def test_profile_explain_table_and_bad_input(capsys: pytest.CaptureFixture[str]) -> None:

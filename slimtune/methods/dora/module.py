@@ -19,7 +19,7 @@ backward, ``‖W‖²`` once for the cache — never kept or saved. Merging onto
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +27,8 @@ from torch import nn
 
 from ...core.autograd_state import inside_backward, saved_tensor_hooks_active
 from ...core.caches import TensorStamp
-from ...core.compute import compute_setting
+from ...core.siblings import install as install_siblings
+from ...core.compute import cast_optional, compute_setting
 from ...core.explain import Choice, Variant
 from ...core.frozen import WeightOperand, base_weight_operand, is_quantized, materialize, weight_dtype
 from ...core.tracing import compiling
@@ -36,8 +37,9 @@ from ..lora.config import LoraConfig
 from ..lora.conv import LoraConv
 from ..lora.linear import LoraLinear
 from .compose import dora_scale
-from .function import dora_linear
-from .norm import factored_row_norm_sq, in_magnitude_precision, saves_output, weight_row_norm_sq
+from .function import backward_route, dora_linear
+from .group import GROUPED_ROUTES, grouped_dora_linear
+from .norm import factored_row_norm_sq, in_magnitude_precision, magnitude_floor, saves_output, weight_row_norm_sq
 from .probe import OutputProbe, attach_output_probe
 
 
@@ -149,19 +151,45 @@ class DoraLinear(DoraMixin, LoraLinear):
         self._setup_dora((self.out_features,))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.disabled or self.merged:
-            return self.base_layer(x)
-        x, bias, p, context = self._inputs(x)
+        y = self._shortcut(x)
+        if y is not None:
+            return y
+        xc, bias, p, context = self._inputs(x)
         recompute = self.recompute
         watch = False
         if recompute is None:
-            recompute, watch = self._undecided(x, bias, p)
+            recompute, watch = self._undecided(xc, bias, p)
         with context:
-            y = dora_linear(x, self.weight_operand(), bias, self.lora_A, self.lora_B, self.magnitude, self.scaling,
+            y = dora_linear(xc, self.weight_operand(), bias, self.lora_A, self.lora_B, self.magnitude, self.scaling,
                             p, self.cached_weight_row_norm_sq(), recompute)
         if watch:
             self.output_probe.watch(self, y)
+        if self.siblings is not None:
+            self.siblings.note(self, x, y)
         return y
+
+    # -- siblings (core.siblings): DoRA layers that read the same x as one Function (.group) -------------------
+    @staticmethod
+    def run_together(chain: Sequence[DoraLinear], x: torch.Tensor,
+                     on_backward: Callable[[], None] | None) -> tuple[torch.Tensor, ...] | None:
+        """Every member's output on x through :func:`~.group.grouped_dora_linear`, or None (the members run alone):
+        a member's ``"auto"`` route is not decided yet (the first step's probe), or a route is not one the group
+        takes (:data:`~.group.GROUPED_ROUTES`: a bias or fp16 keeps z) — unless nothing needs a gradient at all."""
+        if any(m.recompute is None for m in chain):
+            return None
+        xc, _, _, context = chain[0]._inputs(x)
+        weights = [m.weight_operand() for m in chain]
+        biases = [cast_optional(m.base_layer.bias, xc.dtype) for m in chain]
+        routes = [backward_route(xc, w, b, m.lora_A, m.lora_B, m.magnitude, 0.0, bool(m.recompute))
+                  for m, w, b in zip(chain, weights, biases)]
+        if not (all(r == "none" for r in routes) or all(r in GROUPED_ROUTES for r in routes)):
+            return None
+        floor = magnitude_floor(xc.dtype)
+        with context:
+            return grouped_dora_linear(
+                xc, weights, biases, [m.lora_A for m in chain], [m.lora_B for m in chain], [m.magnitude for m in chain],
+                [m.cached_weight_row_norm_sq() for m in chain], chain[0].scaling, routes,
+                [floor if r == "output" else 0.0 for r in routes], on_backward)
 
     def explain(self, x: torch.Tensor) -> list[Choice]:
         """LoRA's backward order (the product's factor gradients), and what the layer keeps for ``dm``: its output
@@ -233,9 +261,17 @@ def build_dora(config: LoraConfig, name: str, base: nn.Module) -> DoraMixin:
     return layer
 
 
-def finalize_dora(config: LoraConfig, model: nn.Module, adapters: list) -> Callable[[], None] | None:
-    """``dora_recompute="auto"``: one :class:`~.probe.OutputProbe` for the model's DoRA Linear layers, resolved when
-    the model's forward returns; returns the remover of the model's hooks (None: none attached)."""
+def finalize_dora(config: LoraConfig, model: nn.Module, adapters: list) -> Callable[[], None]:
+    """Sibling groups for the DoRA Linear layers that read one input (:func:`slimtune.core.siblings.install`) and,
+    under ``dora_recompute="auto"``, one :class:`~.probe.OutputProbe` for them, resolved when the model's forward
+    returns; returns what takes both away."""
+    removers = [install_siblings(model, adapters, (DoraLinear,))]
     if config.dora_recompute == "auto":
-        return attach_output_probe(model, [a for a in adapters if isinstance(a, DoraLinear)])
-    return None
+        removers.append(attach_output_probe(model, [a for a in adapters if isinstance(a, DoraLinear)]))
+
+    def remove() -> None:
+        for remover in removers:
+            if remover is not None:
+                remover()
+
+    return remove

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ...core.compute import cast, scaled_
+from ...core.compute import cast, mm_scaled
 from ...core.frozen import WeightOperand, is_quantized, materialize
 from ...core.lowrank import dropout_keep_mask, factor_grads
 from .norm import factored_norm_parts, weight_row_norm_sq
@@ -65,7 +65,7 @@ def product_backward(ctx: Any, weight: WeightOperand, x: torch.Tensor, lora_a: t
     dz2 = cast(dz2, dtype)
     drest2 = cast(drest2, dtype) if drest2 is not None else None
     grad_x = grad_w = grad_a = grad_b = grad_x2 = rest = None
-    dya = scaled_(dz2 @ b, s) if (need_a or need_x) else None  # s·dz B, [N, r]
+    dya = mm_scaled(dz2, b, s) if (need_a or need_x) else None  # s·dz B, [N, r]
     if need_x:  # the big GEMMs first (a dequantised weight is dropped right after them)
         w = materialize(weight, dtype)
         grad_x2 = dz2 @ w

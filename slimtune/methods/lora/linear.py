@@ -7,6 +7,7 @@ LoHa); :func:`~.math.lora_linear_reference` is its reference. LoRA on convolutio
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -15,6 +16,7 @@ from ...core.compute import cast, cast_optional, compute_setting
 from ...core.explain import Choice, lowrank_backward_choice
 from ...core.frozen import WeightOperand, base_weight_operand, is_quantized, weight_dtype, weight_shape
 from ...core.lowrank import lowrank_linear
+from ...core.lowrank_group import grouped_lowrank_linear
 from ...core.module import AdapterModule
 from ...core.siblings import SiblingGroup
 from ...core.targeting import is_hf_conv1d
@@ -83,17 +85,36 @@ class LoraLinear(LoraMixin, AdapterModule):
             weight = weight.t()
         return weight if is_quantized(weight) else cast(weight, dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    # -- siblings: the layers of one parent that read the same x, as one Function (core.siblings) ----------------
+    @staticmethod
+    def run_together(chain: Sequence[LoraLinear], x: torch.Tensor,
+                     on_backward: Callable[[], None] | None) -> tuple[torch.Tensor, ...] | None:
+        """Every member's output on x through :func:`~slimtune.core.lowrank_group.grouped_lowrank_linear` (LoRA
+        never declines a chain that :mod:`~slimtune.core.siblings` found runnable)."""
+        first = chain[0]
+        xc, _, _, context = first._inputs(x)
+        dtype = xc.dtype
+        weights = [m.weight_operand(dtype) for m in chain]
+        biases = [cast_optional(m.base_layer.bias, dtype) for m in chain]
+        with context:
+            return grouped_lowrank_linear(xc, weights, biases, [m.lora_A for m in chain], [m.lora_B for m in chain],
+                                          first.scaling, on_backward)
+
+    def _shortcut(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The output when this call runs no adapter code of its own: the base layer's (disabled or merged), or the
+        one its sibling group computed (:meth:`~slimtune.core.siblings.SiblingGroup.take`); else None."""
         if self.disabled or self.merged:
             return self.base_layer(x)
         siblings = self.siblings
-        if siblings is not None:  # q/k/v, gate/up: one Function for the layers that read this x (core.siblings)
-            y = siblings.take(self, x)
-            if y is not None:
-                return y
+        return siblings.take(self, x) if siblings is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._shortcut(x)
+        if y is not None:
+            return y
         xc, bias, p, context = self._inputs(x)
         with context:
             y = lowrank_linear(xc, self.weight_operand(xc.dtype), bias, self.lora_A, self.lora_B, self.scaling, p)
-        if siblings is not None:
-            siblings.note(self, x, y)
+        if self.siblings is not None:
+            self.siblings.note(self, x, y)
         return y
