@@ -139,7 +139,7 @@ def grouped_product_backward(x2: torch.Tensor, weights: Sequence[WeightOperand],
     if dx is not None:
         dx.addmm_(g, a_cat)
     if any(need_a):
-        pieces = (g.t() @ x2).split(ranks)
+        pieces = (g.t() @ x2).split_with_sizes(ranks)  # the method: Tensor.split is a Python wrapper
         grad_a = [cast(p, a.dtype) if need and done else None
                   for p, a, need, done in zip(pieces, downs, need_a, seen)]
     return dx, grad_w, grad_a, grad_b

@@ -112,6 +112,9 @@ class SiblingGroup:
         self._reset()
 
     def _position(self, member: nn.Module) -> int:
+        index = member.__dict__.get("_sibling_position")  # set by install: asked on every member's call
+        if index is not None and index < len(self._refs) and self._refs[index]() is member:
+            return index
         for i, ref in enumerate(self._refs):
             if ref() is member:
                 return i
@@ -245,12 +248,14 @@ def install(model: nn.Module, adapters: Sequence[nn.Module], kinds: tuple[type, 
         members = [child for child in parent.children() if child in chosen]
         if len(members) >= 2:
             group = SiblingGroup(members)
-            for member in members:
+            for position, member in enumerate(members):
                 member.siblings = group
+                member.__dict__["_sibling_position"] = position
             grouped.extend(members)
 
     def remove() -> None:
         for member in grouped:
             member.siblings = None
+            member.__dict__.pop("_sibling_position", None)
 
     return remove
