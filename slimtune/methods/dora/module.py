@@ -27,10 +27,10 @@ from torch import nn
 
 from ...core.autograd_state import inside_backward, saved_tensor_hooks_active
 from ...core.caches import TensorStamp
-from ...core.siblings import install as install_siblings
 from ...core.compute import cast_optional, compute_setting
 from ...core.explain import Choice, Variant
 from ...core.frozen import WeightOperand, base_weight_operand, is_quantized, materialize, weight_dtype
+from ...core.siblings import install as install_siblings
 from ...core.tracing import compiling
 from ...errors import ConfigError, SlimtuneError
 from ..lora.config import LoraConfig
