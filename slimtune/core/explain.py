@@ -126,12 +126,12 @@ def sibling_choice(chain: tuple[nn.Module, ...], names: dict[nn.Module, str], x:
     ``x Aᵀ`` GEMM each way, one ``dA`` GEMM, one ``dx``. DoRA's grouping shares the same GEMMs; its Triton launches
     stay one per member each way."""
     tokens, n = x.numel() // x.shape[-1], len(chain)
+    lora = not hasattr(chain[0], "magnitude")  # a group holds one class of layer (core.siblings)
     flops = sum(2 * tokens * m.r * (m.in_features + m.out_features) + backward_flops(
         "recompute", tokens, m.in_features, m.out_features, m.r) + 2 * tokens * m.r * m.in_features
-        + (2 * m.r * m.in_features * (m.out_features + m.r) if hasattr(m, "magnitude") else 0) for m in chain)
+        + (0 if lora else 2 * m.r * m.in_features * (m.out_features + m.r)) for m in chain)
     transient = 2 * tokens * sum(m.r for m in chain) * x.dtype.itemsize
     together = ", ".join(names[m].rpartition(".")[2] for m in chain)
-    lora = not hasattr(chain[0], "magnitude")
     options = (Variant(f"one Function: {together}" + (f" ({5 * n + 6} launches)" if lora else ""), flops, transient),
                Variant("alone" + (f" ({10 * n - 1} launches)" if lora else ""), flops, transient))
     return Choice("siblings (same input, from step 2)", options, options[0].name)
