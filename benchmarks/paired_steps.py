@@ -64,7 +64,8 @@ def parse_config(text: str) -> tuple[str, str]:
 
 #: ``--strip-lean`` kinds: the instance ``forward`` classes of ``slimtune.core.lean_layers`` each removes
 LEAN_KINDS = {"conv": ("_LeanConvForward",), "norm-silu": ("_LeanNormForward", "_LeanSiluForward"),
-              "geglu": ("_LeanGegluForward",)}
+              "geglu": ("_LeanGegluForward",), "rmsnorm": ("_LeanRmsNormForward",),
+              "mlp": ("_LeanMlpForward",)}
 
 
 def strip_lean(model: Any, kinds: Sequence[str]) -> int:

@@ -24,13 +24,18 @@
 #                                       #           512 and 2048 and on SD-1.5 (carry .whl for SD-1.5)
 #   bash benchmarks/pending_gpu.sh 10   # issue 19: seq 2048, every method against PEFT-bf16 in paired rounds
 #   bash benchmarks/pending_gpu.sh 11   # issue 19: the 8192 r=384 layer against its GEMM floor (layer_compare.py)
+#   bash benchmarks/pending_gpu.sh 12   # issue 19: the lean RMSNorm and SwiGLU (one Triton kernel each way) — CUDA
+#                                       #           tests, paired rounds with and without them (stripped:METHOD) and PEFT-bf16
+#                                       #           at 3B seq 512, then LoRA / DoRA at seq 2048
+#   bash benchmarks/pending_gpu.sh 13   # issue 19: torch.compile on both sides at seq 512 (LoRA, DoRA), the 8192
+#                                       #           layer against its GEMM floor
 #   bash benchmarks/pending_gpu.sh 3    # issue 17: online / gradient / data allocation vs AdaLoRA wall time
 #                                       #           (carry .out/minilm_wide; make it with rank_allocation.py --prepare)
 #
 # Outputs go to $OUT (each script's own files, plus one log per step); record them in benchmarks/RESULTS.md with
 # the GPU and versions the scripts print.
 set -uo pipefail
-part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|3|4|5|6|7|8|9|10|11"}
+part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|3|4|5|6|7|8|9|10|11|12|13"}
 out=${OUT:-/tmp/pending_gpu}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -153,8 +158,21 @@ case $part in
     # alone, summed; the criterion is <= 1.25x), and slimtune against PEFT at the protocol's layer shapes
     step layer_compare 240 python benchmarks/layer_compare.py
     ;;
+12)
+    step lean_llama_cuda_test 120 python -m pytest -q tests/core/test_lean_llama_cuda.py tests/core/test_rms_norm.py \
+        tests/core/test_swiglu.py
+    step paired_lean_llama_512 230 python benchmarks/paired_steps.py --configs lora stripped:lora peft-bf16:lora dora \
+        stripped:dora peft-bf16:dora --strip-lean rmsnorm mlp --rounds 6 --out-name paired_lean_llama_512
+    step paired_2048_lora_dora 200 python benchmarks/paired_steps.py --seq 2048 --rounds 4 \
+        --configs lora dora peft-bf16:lora peft-bf16:dora --out-name paired_2048_lora_dora
+    ;;
+13)
+    step paired_compile_512 300 python benchmarks/paired_steps.py --compile --configs lora peft-bf16:lora dora \
+        peft-bf16:dora --rounds 6 --out-name paired_compile_512
+    step layer_compare 240 python benchmarks/layer_compare.py
+    ;;
 *)
-    echo "unknown part $part (1 to 11)" >&2
+    echo "unknown part $part (1 to 13)" >&2
     exit 2
     ;;
 esac

@@ -67,7 +67,7 @@ def adapt(model: nn.Module, config: AdapterConfig) -> nn.Module:
 def attach(model: nn.Module, adapter_set: AdapterSet) -> nn.Module:
     """Put an :class:`AdapterSet` (from :func:`adapt`'s building or :func:`detach`) into ``model``, and give the
     frozen rest its lean layers (:mod:`.lean_layers`: frozen convolutions that do not keep their inputs,
-    GroupNorm + SiLU that keep one tensor; removed with the adapters)."""
+    GroupNorm + SiLU that keep one tensor, RMSNorms that keep their input; removed with the adapters)."""
     for name, module in adapter_set.adapters + adapter_set.copies:
         _set_submodule(model, name, module)
     remover = registry.finalize(adapter_set.config, model, [adapter for _, adapter in adapter_set.adapters])

@@ -18,10 +18,19 @@ their own weight gradients. Two things PyTorch keeps for them that those gradien
   elementwise pass), with GELU's own backward kernel (:mod:`.aten_grads`): bit for bit again. In a Stable Diffusion
   UNet that is a third of its feed-forward activations, with no GEMM recomputed (``memory="balanced"`` recomputes
   the projection too, and keeps only its input).
+* The **RMSNorm** of transformers' Llama-family models (:data:`RMS_NORM_CLASSES`) keeps a float32 copy of its input
+  and its rounded normalised input, 6 bytes per element in bf16, over about eight kernels forward and ten backward.
+  :class:`~.rms_norm.RmsNormFunction` keeps the input and a float32 ``rstd`` per row, one Triton launch each way on
+  CUDA (the CPU runs the module's own ops inside it). Not bit for bit on the GPU: its row sum runs in another order,
+  so an output element can differ by one unit in the last place, rarely (:mod:`.rms_norm`).
+* The gated **MLP** of those models (:data:`MLP_CLASSES`, ``down(silu(gate(x)) * up(x))``) keeps ``gate(x)``,
+  ``silu(gate(x))`` and ``up(x)`` for its activation and product. :class:`~.swiglu.SwigluFunction` keeps the two
+  projections' outputs and rebuilds the SiLU in backward: one Triton launch each way on CUDA (one-ulp differences
+  from Triton's ``exp``, rarely), PyTorch's own ops and SiLU backward kernel elsewhere (bit for bit).
 
 Each frozen ``nn.Conv1d/2d/3d`` (zero padding, numeric padding), ``nn.GroupNorm`` and ``nn.SiLU`` whose class
 keeps PyTorch's ``forward``, and each ``GEGLU`` of ``diffusers.models.activations`` (off NPUs, where diffusers runs
-its own fused GEGLU), gets an instance-level ``forward`` (no module is replaced: parameter names and
+its own fused GEGLU), and each RMSNorm and MLP of :data:`RMS_NORM_CLASSES` and :data:`MLP_CLASSES`, gets an instance-level ``forward`` (no module is replaced: parameter names and
 checkpoints do not change; :func:`install`'s remover undoes it; SiLU only where the model has a GroupNorm). Each
 call checks, on the host, whether the lean path applies — gradients on, the input requiring grad, the layer's
 parameters frozen, not under ``torch.compile`` (whose partitioner decides what a graph saves) — and otherwise
@@ -32,6 +41,7 @@ any other use run plainly.
 from __future__ import annotations
 
 import copy
+import sys
 import threading
 import weakref
 from typing import Any, Callable
@@ -42,6 +52,8 @@ from torch import nn
 
 from .aten_grads import gelu_grad, silu_grad
 from .caches import TensorMark
+from .rms_norm import RmsNormFunction
+from .swiglu import SwigluFunction
 from .tracing import compiling
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -226,6 +238,77 @@ class _LeanGegluForward(_InstanceForward):
         return GegluFunction.apply(p)
 
 
+class _LeanRmsNormForward(_InstanceForward):
+    """A transformers RMSNorm's instance ``forward``: :class:`~.rms_norm.RmsNormFunction` where the lean path applies
+    and the weight has the input's dtype (else the module's own forward: its type promotion)."""
+
+    def __call__(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        norm = self.module
+        weight = norm.weight
+        if weight.dtype is not hidden_states.dtype or not _lean(hidden_states, weight):
+            return type(norm).forward(norm, hidden_states)
+        return RmsNormFunction.apply(hidden_states, weight, norm.variance_epsilon)
+
+
+#: ``(model family, class)`` of the transformers RMSNorm modules whose forward is Llama's (module docstring of
+#: :mod:`.rms_norm`), each in ``transformers.models.<family>.modeling_<family>``
+RMS_NORM_CLASSES: tuple[tuple[str, str], ...] = (
+    ("llama", "LlamaRMSNorm"), ("mistral", "MistralRMSNorm"), ("mixtral", "MixtralRMSNorm"),
+    ("qwen2", "Qwen2RMSNorm"), ("qwen2_moe", "Qwen2MoeRMSNorm"), ("qwen3", "Qwen3RMSNorm"),
+    ("qwen3_moe", "Qwen3MoeRMSNorm"), ("phi3", "Phi3RMSNorm"), ("granite", "GraniteRMSNorm"),
+)
+
+
+class _LeanMlpForward(_InstanceForward):
+    """A transformers gated MLP's instance ``forward``: its three projections as the class calls them, with
+    :class:`~.swiglu.SwigluFunction` between them where the lean path applies."""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        mlp = self.module
+        g, u = mlp.gate_proj(x), mlp.up_proj(x)
+        if g.dtype is u.dtype and g.shape == u.shape and (_lean(g) or _lean(u)):
+            return mlp.down_proj(SwigluFunction.apply(g, u))
+        return mlp.down_proj(mlp.act_fn(g) * u)
+
+
+#: ``(model family, class)`` of the transformers gated MLPs whose forward is Llama's,
+#: ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``; lean where ``act_fn`` is transformers' SiLU
+MLP_CLASSES: tuple[tuple[str, str], ...] = (
+    ("llama", "LlamaMLP"), ("mistral", "MistralMLP"), ("qwen2", "Qwen2MLP"), ("qwen3", "Qwen3MLP"),
+    ("granite", "GraniteMLP"),
+)
+
+
+def _transformers_class(m: nn.Module, classes: tuple[tuple[str, str], ...]) -> bool:
+    """Whether ``m``'s class is one of ``classes`` (each ``(family, name)`` of ``transformers.models.<family>.
+    modeling_<family>``) and keeps that class's forward."""
+    cls = type(m)
+    for family, name in classes:
+        if cls.__name__ == name and cls.__module__ == f"transformers.models.{family}.modeling_{family}":
+            return cls.forward is getattr(sys.modules[cls.__module__], name).forward  # loaded: m is one of its classes
+    return False
+
+
+def _transformers_rms_norm(m: nn.Module) -> bool:
+    """One of :data:`RMS_NORM_CLASSES` with its class's forward, a 1-D weight and a float ``variance_epsilon``."""
+    weight = getattr(m, "weight", None)
+    return (_transformers_class(m, RMS_NORM_CLASSES) and isinstance(weight, torch.Tensor) and weight.dim() == 1
+            and isinstance(getattr(m, "variance_epsilon", None), float))
+
+
+def _transformers_silu_mlp(m: nn.Module) -> bool:
+    """One of :data:`MLP_CLASSES` with its class's forward, whose ``act_fn`` is transformers' (or PyTorch's) SiLU with
+    its class's forward."""
+    if not _transformers_class(m, MLP_CLASSES):
+        return False
+    from transformers import activations  # loaded: m is a transformers class
+
+    act = getattr(m, "act_fn", None)
+    silu = getattr(activations, "SiLUActivation", nn.SiLU)  # transformers 4 used PyTorch's
+    return (_keeps_forward(act, silu) or (_keeps_forward(act, nn.SiLU) and not act.inplace)) \
+        and "forward" not in act.__dict__
+
+
 def _diffusers_geglu(m: nn.Module) -> bool:
     """diffusers' ``GEGLU`` with its own forward and gelu (the class this module knows), off NPUs."""
     cls = type(m)
@@ -250,8 +333,8 @@ def _lean_conv(m: nn.Module) -> bool:
 
 
 def install(model: nn.Module, skip: Callable[[nn.Module], bool] = lambda m: False) -> Callable[[], None]:
-    """Give ``model``'s frozen convolutions, GroupNorms, (where there is a GroupNorm) SiLUs and diffusers GEGLUs their
-    lean ``forward`` (module docstring); modules for which ``skip`` is true, and their children, are left alone.
+    """Give ``model``'s frozen convolutions, GroupNorms, (where there is a GroupNorm) SiLUs, diffusers GEGLUs and
+    transformers RMSNorms and gated MLPs their lean ``forward`` (module docstring); modules for which ``skip`` is true, and their children, are left alone.
     Returns the remover."""
     targets: list[tuple[nn.Module, Any]] = []
     stack, modules = [model], []
@@ -272,6 +355,10 @@ def install(model: nn.Module, skip: Callable[[nn.Module], bool] = lambda m: Fals
             targets.append((m, _LeanSiluForward(m)))
         elif _diffusers_geglu(m):
             targets.append((m, _LeanGegluForward(m)))
+        elif _transformers_rms_norm(m):
+            targets.append((m, _LeanRmsNormForward(m)))
+        elif _transformers_silu_mlp(m):
+            targets.append((m, _LeanMlpForward(m)))
     for m, forward in targets:
         m.forward = forward
 
@@ -286,4 +373,5 @@ def install(model: nn.Module, skip: Callable[[nn.Module], bool] = lambda m: Fals
 def installed(module: nn.Module) -> bool:
     """Whether ``module`` runs a lean ``forward`` of this module."""
     return isinstance(module.__dict__.get("forward"),
-                      (_LeanConvForward, _LeanNormForward, _LeanSiluForward, _LeanGegluForward))
+                      (_LeanConvForward, _LeanNormForward, _LeanSiluForward, _LeanGegluForward,
+                       _LeanRmsNormForward, _LeanMlpForward))

@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import nn
 
+from ..core.lean_layers import install as install_lean_layers
 from .layers import LayerView
 
 OnGrad = Callable[[LayerView, torch.Tensor, torch.Tensor], None]  # (layer, input x, ∂L/∂y)
@@ -81,15 +82,20 @@ def tapped(layers: Sequence[LayerView], on_grad: OnGrad, perturb: Perturb | None
 @contextlib.contextmanager
 def frozen_eval(model: nn.Module) -> Iterator[None]:
     """No parameter requires grad and every module is in eval mode inside the block (no dropout: the same
-    function in every pass); both restored after."""
+    function in every pass), with the lean frozen layers a training step runs (:mod:`slimtune.core.lean_layers`:
+    the passes keep no more than a LoRA step does); all restored after."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
     modes = [(m, m.training) for m in model.modules()]
+    remove_lean = None
     try:
         for p, _ in flags:
             p.requires_grad_(False)
         model.eval()
+        remove_lean = install_lean_layers(model)
         yield
     finally:
+        if remove_lean is not None:
+            remove_lean()
         for p, flag in flags:
             p.requires_grad_(flag)
         for m, mode in modes:

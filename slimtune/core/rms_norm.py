@@ -1,0 +1,95 @@
+"""A frozen RMSNorm as one autograd Function that saves its input and a float32 ``rstd`` per row, nothing more.
+
+The RMSNorm of Llama-family models in transformers (``LlamaRMSNorm`` and its copies) is, for ``x [..., D]`` of dtype
+``t`` and a weight ``w [D]`` of the same dtype::
+
+    x32  = x.float()
+    rstd = rsqrt(mean(x32², -1) + eps)               # float32 [..., 1]
+    y    = w * (x32 * rstd).to(t)                     # two roundings to t: the normalised x, then the product
+
+Run as those five PyTorch ops, autograd keeps a float32 copy of x and the rounded ``(x32 · rstd).to(t)``: 6 bytes
+per element in bf16, and each op is a pass over the activations (about eight kernels forward and ten backward).
+With a frozen ``w`` its backward needs only x and rstd (2 bytes per element and 4 per row)::
+
+    dh  = (dy * w).to(t).float()                       # the gradient reaching the normalised x, rounded as autograd's
+    dx  = rstd · dh − x32 · rstd³ · mean(dh ⊙ x32, -1)
+
+:class:`RmsNormFunction` computes exactly this: on CUDA with one Triton kernel each way
+(:mod:`.triton_rms_norm`), elsewhere with :func:`rms_norm_reference` / :func:`rms_norm_backward_reference` (the
+same PyTorch ops as the module, so a CPU forward is the module's bit for bit). On the GPU the row sum runs in
+another order than PyTorch's ``mean``, so ``rstd`` may differ in its last float32 bit and an element of y by one
+unit in the last place of t, rarely (the module's own rounding); ``tests/core/test_rms_norm.py`` bounds it.
+:mod:`.lean_layers` installs it on the transformers RMSNorm classes it knows.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .triton import use_triton
+
+#: The widest row the Triton kernels take (one row is one program's block); wider rows run the reference.
+TRITON_MAX_COLS = 32768
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(y, rstd)``: y ``[..., D]`` in x's dtype as the transformers module computes it, rstd float32 ``[..., 1]``
+    (x ``[..., D]``, weight ``[D]`` of x's dtype)."""
+    x32 = x.float()
+    rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * (x32 * rstd).to(x.dtype), rstd
+
+
+def rms_norm_backward_reference(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                                rstd: torch.Tensor) -> torch.Tensor:
+    """``dx [..., D]`` (x's dtype) for ``y = rms_norm(x) · weight`` with a frozen weight: grad, x ``[..., D]``,
+    weight ``[D]``, rstd float32 ``[..., 1]`` from the forward."""
+    dh = (grad * weight).to(x.dtype).float()
+    x32 = x.float()
+    dot = (dh * x32).mean(-1, keepdim=True)
+    return (rstd * dh - x32 * (rstd * rstd * rstd) * dot).to(x.dtype)
+
+
+def _triton_takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return use_triton(x) and weight.dtype == x.dtype and x.shape[-1] <= TRITON_MAX_COLS
+
+
+def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`rms_norm_reference`'s ``(y, rstd)``, by the Triton kernel where it runs (then rstd is ``[N]`` for the
+    ``N`` rows of x); on the meta device just the outputs' shapes (what the kernel allocates)."""
+    if x.device.type == "meta":
+        return torch.empty_like(x), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
+    if _triton_takes(x, weight):
+        from .triton_rms_norm import rms_norm_forward_triton
+
+        return rms_norm_forward_triton(x, weight, eps)
+    return rms_norm_reference(x, weight, eps)
+
+
+def rms_norm_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
+    """:func:`rms_norm_backward_reference`'s ``dx``, by the Triton kernel where it runs."""
+    if x.device.type == "meta":
+        return torch.empty_like(x)
+    if _triton_takes(x, weight):
+        from .triton_rms_norm import rms_norm_backward_triton
+
+        return rms_norm_backward_triton(grad, x, weight, rstd)
+    return rms_norm_backward_reference(grad, x, weight, rstd.view(*x.shape[:-1], 1))
+
+
+class RmsNormFunction(torch.autograd.Function):
+    """``y = weight * (x.float() * rsqrt(mean(x², -1) + eps)).to(x.dtype)`` for a frozen weight (module docstring):
+    x ``[..., D]``, weight ``[D]`` of x's dtype -> y ``[..., D]``. Saves x and a float32 rstd per row; backward
+    returns ``dx`` only."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        y, rstd = rms_norm_forward(x, weight, eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
+        x, weight, rstd = ctx.saved_tensors
+        return rms_norm_backward(grad, x, weight, rstd), None, None
