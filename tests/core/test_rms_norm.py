@@ -187,3 +187,12 @@ def test_triton_kernels_match_the_references_interpreted():
     for key, errors in results.items():
         tol = 1e-6 if key.startswith("float32") else 2e-3
         assert all(e < tol for e in errors), (key, errors)
+
+
+def test_unload_gives_the_llama_its_own_forwards_back():
+    model = _adapted(_tiny_llama(torch.float32), lean=True)
+    lean = [m for m in model.modules() if lean_layers.installed(m)]
+    assert {type(m).__name__ for m in lean} == {"LlamaRMSNorm", "LlamaMLP"}
+    slimtune.unload(model)
+    assert not any(lean_layers.installed(m) for m in model.modules())
+    assert all("forward" not in m.__dict__ for m in lean)
