@@ -64,6 +64,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--before", default=None, metavar="DIR",
                         help="a directory holding an earlier copy of the package as slimtune_before")
+    parser.add_argument("--stripped", action="store_true",
+                        help="also slimtune without its lean RMSNorm and SwiGLU (host_proxy.LLAMA_LEAN)")
     parser.add_argument("--worker", nargs=3, metavar=("KIND", "METHOD", "STEPS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -72,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if shutil.which("valgrind") is None:
         parser.error("valgrind is not installed (Debian: apt-get install valgrind)")
-    kinds = (*KINDS, "before") if args.before else KINDS
+    kinds = (*KINDS, *(("stripped",) if args.stripped else ()), *(("before",) if args.before else ()))
     per_step = {}
     for kind in kinds:
         counts = [instructions(kind, args.method, n, args.layers, args.rank, args.before) for n in (0, args.steps)]

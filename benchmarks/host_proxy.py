@@ -11,6 +11,7 @@ allocations left out). Run 56 (``RESULTS.md``) set it beside the GPU's paired ra
     python benchmarks/host_proxy.py                       # LoRA, 28 layers, 40 rounds, one thread
     python benchmarks/host_proxy.py --method dora --layers 8
     python benchmarks/host_proxy.py --before DIR          # also an earlier copy of the package (``before``)
+    python benchmarks/host_proxy.py --stripped            # also slimtune without its lean RMSNorm / SwiGLU
 
 ``--before DIR``: DIR holds an earlier copy of the package as ``slimtune_before`` (``git archive REF slimtune``, renamed),
 as ``paired_steps.py`` takes it; its model joins the rounds as ``before``, and the table gains a "÷ before" column.
@@ -25,7 +26,7 @@ import time
 from typing import Any, Callable, Sequence
 
 from _common import environment_line, markdown_table, write_out_text
-from paired_steps import strip_siblings
+from paired_steps import strip_lean, strip_siblings
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -34,6 +35,9 @@ import slimtune
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 KINDS = ("slimtune", "alone", "peft-bf16")
+#: the lean Llama layers the ``stripped`` kind runs without (``--stripped``): on the CPU they run PyTorch's ops inside
+#: a Python Function where a GPU runs one Triton launch, so ``slimtune`` here pays host work a GPU step does not
+LLAMA_LEAN = ("rmsnorm", "mlp")
 
 
 def build_step(kind: str, method: str, layers: int, rank: int) -> Callable[[], torch.Tensor]:
@@ -57,6 +61,8 @@ def build_step(kind: str, method: str, layers: int, rank: int) -> Callable[[], t
                                                                  target_modules=TARGETS, use_dora=dora))
         if kind == "alone":
             strip_siblings(model)
+        if kind == "stripped":
+            strip_lean(model, LLAMA_LEAN)
     params = [p for p in model.parameters() if p.requires_grad]
     with torch.no_grad():
         for p in params:  # B away from zero
@@ -110,13 +116,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--before", default=None, metavar="DIR",
                         help="a directory holding an earlier copy of the package as slimtune_before")
+    parser.add_argument("--stripped", action="store_true",
+                        help="also slimtune without its lean RMSNorm and SwiGLU (LLAMA_LEAN), as ``stripped``")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     print(environment_line(), flush=True)
-    kinds = KINDS
+    kinds = (*KINDS, "stripped") if args.stripped else KINDS
     if args.before:
         sys.path.insert(0, args.before)
-        kinds = (*KINDS, "before")
+        kinds = (*kinds, "before")
     steps = {kind: build_step(kind, args.method, args.layers, args.rank) for kind in kinds}
     times: dict[str, list[float]] = {kind: [] for kind in kinds}
     for index in range(args.warmup + args.rounds):
