@@ -1,7 +1,7 @@
-"""Frozen layers that keep only what backward needs: exact, and installed by :func:`slimtune.adapt`.
+"""Frozen layers that keep only what backward needs, installed by :func:`slimtune.adapt`.
 
 An adapter leaves most of the network frozen; the frozen layers still pass gradients on (``dx``) but never need
-their own weight gradients. Two things PyTorch keeps for them that those gradients never read:
+their own weight gradients. What PyTorch keeps for them that those gradients never read:
 
 * A frozen **convolution** keeps its input: PyTorch's convolution saves input and weight whatever needs a gradient
   (a frozen ``nn.Linear`` keeps only its weight). :class:`FrozenConvFunction` runs the same convolution and saves
@@ -19,10 +19,10 @@ their own weight gradients. Two things PyTorch keeps for them that those gradien
   UNet that is a third of its feed-forward activations, with no GEMM recomputed (``memory="balanced"`` recomputes
   the projection too, and keeps only its input).
 * The **RMSNorm** of transformers' Llama-family models (:data:`RMS_NORM_CLASSES`) keeps a float32 copy of its input
-  and its rounded normalised input, 6 bytes per element in bf16, over about eight kernels forward and ten backward.
-  :class:`~.rms_norm.RmsNormFunction` keeps the input and a float32 ``rstd`` per row, one Triton launch each way on
-  CUDA (the CPU runs the module's own ops inside it). Not bit for bit on the GPU: its row sum runs in another order,
-  so an output element can differ by one unit in the last place, rarely (:mod:`.rms_norm`).
+  (4 bytes per element in bf16), over about eight kernels forward and ten backward.
+  :class:`~.rms_norm.RmsNormFunction` keeps the input itself and a float32 ``rstd`` per row, one Triton launch each
+  way on CUDA (the CPU runs the module's own ops inside it). Not bit for bit on the GPU: its row sum runs in another
+  order, so an output element can differ by one unit in the last place, rarely (:mod:`.rms_norm`).
 * The gated **MLP** of those models (:data:`MLP_CLASSES`, ``down(silu(gate(x)) * up(x))``) keeps ``gate(x)``,
   ``silu(gate(x))`` and ``up(x)`` for its activation and product. :class:`~.swiglu.SwigluFunction` keeps the two
   projections' outputs and rebuilds the SiLU in backward: one Triton launch each way on CUDA (one-ulp differences
@@ -30,11 +30,11 @@ their own weight gradients. Two things PyTorch keeps for them that those gradien
 
 Each frozen ``nn.Conv1d/2d/3d`` (zero padding, numeric padding), ``nn.GroupNorm`` and ``nn.SiLU`` whose class
 keeps PyTorch's ``forward``, and each ``GEGLU`` of ``diffusers.models.activations`` (off NPUs, where diffusers runs
-its own fused GEGLU), and each RMSNorm and MLP of :data:`RMS_NORM_CLASSES` and :data:`MLP_CLASSES`, gets an instance-level ``forward`` (no module is replaced: parameter names and
-checkpoints do not change; :func:`install`'s remover undoes it; SiLU only where the model has a GroupNorm). Each
-call checks, on the host, whether the lean path applies — gradients on, the input requiring grad, the layer's
-parameters frozen, not under ``torch.compile`` (whose partitioner decides what a graph saves) — and otherwise
-runs the layer as it is. A SiLU takes the fused path only when its input is the very output of the GroupNorm that
+its own fused GEGLU), and each RMSNorm and MLP of :data:`RMS_NORM_CLASSES` and :data:`MLP_CLASSES`, gets an
+instance-level ``forward`` (no module is replaced: parameter names and checkpoints do not change; :func:`install`'s
+remover undoes it; SiLU only where the model has a GroupNorm). Each call checks, on the host, whether the lean path
+applies — gradients on, the input requiring grad, the layer's parameters frozen, not under ``torch.compile`` (whose
+partitioner decides what a graph saves) — and otherwise runs the layer as it is. A SiLU takes the fused path only when its input is the very output of the GroupNorm that
 ran last on this thread and was not changed in place since (its version counter), so ``silu(norm(x) + t)`` and
 any other use run plainly.
 """
@@ -334,8 +334,8 @@ def _lean_conv(m: nn.Module) -> bool:
 
 def install(model: nn.Module, skip: Callable[[nn.Module], bool] = lambda m: False) -> Callable[[], None]:
     """Give ``model``'s frozen convolutions, GroupNorms, (where there is a GroupNorm) SiLUs, diffusers GEGLUs and
-    transformers RMSNorms and gated MLPs their lean ``forward`` (module docstring); modules for which ``skip`` is true, and their children, are left alone.
-    Returns the remover."""
+    transformers RMSNorms and gated MLPs their lean ``forward`` (module docstring); modules for which ``skip`` is
+    true, and their children, are left alone. Returns the remover."""
     targets: list[tuple[nn.Module, Any]] = []
     stack, modules = [model], []
     while stack:

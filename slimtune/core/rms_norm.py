@@ -7,9 +7,9 @@ The RMSNorm of Llama-family models in transformers (``LlamaRMSNorm`` and its cop
     rstd = rsqrt(mean(x32², -1) + eps)               # float32 [..., 1]
     y    = w * (x32 * rstd).to(t)                     # two roundings to t: the normalised x, then the product
 
-Run as those five PyTorch ops, autograd keeps a float32 copy of x and the rounded ``(x32 · rstd).to(t)``: 6 bytes
-per element in bf16, and each op is a pass over the activations (about eight kernels forward and ten backward).
-With a frozen ``w`` its backward needs only x and rstd (2 bytes per element and 4 per row)::
+Run as those PyTorch ops with a frozen ``w``, autograd keeps the float32 copy ``x32`` (``pow`` and the product save
+it: 4 bytes per element for a bf16 x) and rstd, and each op is a pass over the activations (about eight kernels
+forward and ten backward). Backward needs only x and rstd (2 bytes per element and 4 per row)::
 
     dh  = (dy * w).to(t).float()                       # the gradient reaching the normalised x, rounded as autograd's
     dx  = rstd · dh − x32 · rstd³ · mean(dh ⊙ x32, -1)
