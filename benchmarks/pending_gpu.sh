@@ -147,7 +147,8 @@ case $part in
     ;;
 10)
     # issue 19 at seq 2048 (the GPU-bound end): every method against PEFT-bf16 in paired rounds, two groups so that
-    # each process's models fit an 80 GB card (PEFT's HRA is out of memory at this shape from seq 512: shared baseline)
+    # each process's models fit a 141 GB H200 (PEFT's HRA is out of memory at this shape from seq 512: shared baseline;
+    # on an 80 GB H100 four models ran out of memory, run 62: there run one method per process, as part 12 does)
     step paired_2048_lora_dora 280 python benchmarks/paired_steps.py --seq 2048 --rounds 5 \
         --configs lora dora peft-bf16:lora peft-bf16:dora --out-name paired_2048_lora_dora
     step paired_2048_structured 280 python benchmarks/paired_steps.py --seq 2048 --rounds 5 \
@@ -163,8 +164,11 @@ case $part in
         tests/core/test_swiglu.py
     step paired_lean_llama_512 230 python benchmarks/paired_steps.py --configs lora stripped:lora peft-bf16:lora dora \
         stripped:dora peft-bf16:dora --strip-lean rmsnorm mlp --rounds 6 --out-name paired_lean_llama_512
-    step paired_2048_lora_dora 200 python benchmarks/paired_steps.py --seq 2048 --rounds 4 \
-        --configs lora dora peft-bf16:lora peft-bf16:dora --out-name paired_2048_lora_dora
+    # one process per method: four 3B models at seq 2048 ran out of an H100's 80 GB in PEFT's float32 logits (run 62)
+    for method in lora dora; do
+        step "paired_2048_$method" 130 python benchmarks/paired_steps.py --seq 2048 --rounds 4 \
+            --configs "$method" "peft-bf16:$method" --out-name "paired_2048_$method"
+    done
     ;;
 13)
     step paired_compile_512 300 python benchmarks/paired_steps.py --compile --configs lora peft-bf16:lora dora \
