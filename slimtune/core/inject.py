@@ -66,15 +66,21 @@ def adapt(model: nn.Module, config: AdapterConfig) -> nn.Module:
 
 def attach(model: nn.Module, adapter_set: AdapterSet) -> nn.Module:
     """Put an :class:`AdapterSet` (from :func:`adapt`'s building or :func:`detach`) into ``model``, and give the
-    frozen rest its lean layers (:mod:`.lean_layers`: frozen convolutions that do not keep their inputs,
-    GroupNorm + SiLU that keep one tensor, RMSNorms that keep their input; removed with the adapters)."""
+    frozen rest its lean layers (:func:`install_frozen_lean_layers`; removed with the adapters)."""
     for name, module in adapter_set.adapters + adapter_set.copies:
         _set_submodule(model, name, module)
     remover = registry.finalize(adapter_set.config, model, [adapter for _, adapter in adapter_set.adapters])
-    lean = install_lean_layers(model, skip=lambda m: isinstance(m, (AdapterModule, TrainedCopy)))
+    lean = install_frozen_lean_layers(model)
     setattr(model, CONFIG_ATTR, adapter_set.config)
     setattr(model, HOOKS_ATTR, _removers(remover, lean))
     return model
+
+
+def install_frozen_lean_layers(model: nn.Module) -> Callable[[], None]:
+    """Give the frozen rest of ``model`` — every module but adapters and trained copies, and their children — its
+    lean layers (:mod:`.lean_layers`: frozen convolutions that do not keep their inputs, GroupNorm + SiLU and GEGLU
+    that keep one tensor, Llama-family RMSNorms and gated MLPs that keep their inputs). Returns the remover."""
+    return install_lean_layers(model, skip=lambda m: isinstance(m, (AdapterModule, TrainedCopy)))
 
 
 def _removers(*removers: Callable[[], None] | None) -> Callable[[], None]:

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from ..core.lean_layers import install as install_lean_layers
+from ..core.inject import install_frozen_lean_layers
 from .layers import LayerView
 
 OnGrad = Callable[[LayerView, torch.Tensor, torch.Tensor], None]  # (layer, input x, ∂L/∂y)
@@ -91,7 +91,7 @@ def frozen_eval(model: nn.Module) -> Iterator[None]:
         for p, _ in flags:
             p.requires_grad_(False)
         model.eval()
-        remove_lean = install_lean_layers(model)
+        remove_lean = install_frozen_lean_layers(model)
         yield
     finally:
         if remove_lean is not None:
