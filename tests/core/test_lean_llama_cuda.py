@@ -4,6 +4,8 @@ row sum's order) and ``dx`` against the float64 definition; SwiGLU against PyTor
 and without the lean layers."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -72,7 +74,7 @@ def test_llama_step_with_lean_layers_matches_the_plain_one():
     ids = torch.randint(0, 500, (2, 64), device="cuda")
     results = []
     for lean in (True, False):
-        model = __import__("copy").deepcopy(base)
+        model = copy.deepcopy(base)
         torch.manual_seed(1)
         slimtune.adapt(model, slimtune.LoraConfig(r=8, target_modules=["q_proj", "v_proj", "gate_proj", "up_proj",
                                                                          "down_proj"]))
