@@ -52,7 +52,7 @@ from torch import nn
 
 from .aten_grads import gelu_grad, silu_grad
 from .caches import TensorMark
-from .rms_norm import RmsNormFunction
+from .rms_norm import RmsNormFunction, takes_weight
 from .swiglu import SwigluFunction
 from .tracing import compiling
 
@@ -240,12 +240,12 @@ class _LeanGegluForward(_InstanceForward):
 
 class _LeanRmsNormForward(_InstanceForward):
     """A transformers RMSNorm's instance ``forward``: :class:`~.rms_norm.RmsNormFunction` where the lean path applies
-    and the weight has the input's dtype (else the module's own forward: its type promotion)."""
+    and the weight has the input's dtype or float32 (else the module's own forward)."""
 
     def __call__(self, hidden_states: torch.Tensor) -> torch.Tensor:
         norm = self.module
         weight = norm.weight
-        if weight.dtype is not hidden_states.dtype or not _lean(hidden_states, weight):
+        if not (takes_weight(hidden_states, weight) and _lean(hidden_states, weight)):
             return type(norm).forward(norm, hidden_states)
         return RmsNormFunction.apply(hidden_states, weight, norm.variance_epsilon)
 

@@ -1,7 +1,8 @@
 """A frozen RMSNorm as one autograd Function that saves its input and a float32 ``rstd`` per row, nothing more.
 
 The RMSNorm of Llama-family models in transformers (``LlamaRMSNorm`` and its copies) is, for ``x [..., D]`` of dtype
-``t`` and a weight ``w [D]`` of the same dtype::
+``t`` and a weight ``w [D]`` of dtype t (or float32, as PEFT's ``prepare_model_for_kbit_training`` leaves norms: then
+y is float32)::
 
     x32  = x.float()
     rstd = rsqrt(mean(x32², -1) + eps)               # float32 [..., 1]
@@ -34,8 +35,8 @@ TRITON_MAX_COLS = 32768
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(y, rstd)``: y ``[..., D]`` in x's dtype as the transformers module computes it, rstd float32 ``[..., 1]``
-    (x ``[..., D]``, weight ``[D]`` of x's dtype)."""
+    """``(y, rstd)``: y ``[..., D]`` as the transformers module computes it (in the promoted dtype of x and weight),
+    rstd float32 ``[..., 1]`` (x ``[..., D]``, weight ``[D]`` of x's dtype or float32)."""
     x32 = x.float()
     rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return weight * (x32 * rstd).to(x.dtype), rstd
@@ -51,15 +52,21 @@ def rms_norm_backward_reference(grad: torch.Tensor, x: torch.Tensor, weight: tor
     return (rstd * dh - x32 * (rstd * rstd * rstd) * dot).to(x.dtype)
 
 
+def takes_weight(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether :class:`RmsNormFunction` computes the module for this weight: x's dtype, or float32."""
+    return weight.dtype is x.dtype or weight.dtype is torch.float32
+
+
 def _triton_takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return use_triton(x) and weight.dtype == x.dtype and x.shape[-1] <= TRITON_MAX_COLS
+    return use_triton(x) and x.shape[-1] <= TRITON_MAX_COLS
 
 
 def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`rms_norm_reference`'s ``(y, rstd)``, by the Triton kernel where it runs (then rstd is ``[N]`` for the
     ``N`` rows of x); on the meta device just the outputs' shapes (what the kernel allocates)."""
     if x.device.type == "meta":
-        return torch.empty_like(x), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
+        y = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+        return y, x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
     if _triton_takes(x, weight):
         from .triton_rms_norm import rms_norm_forward_triton
 
@@ -80,7 +87,7 @@ def rms_norm_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
 
 class RmsNormFunction(torch.autograd.Function):
     """``y = weight * (x.float() * rsqrt(mean(x², -1) + eps)).to(x.dtype)`` for a frozen weight (module docstring):
-    x ``[..., D]``, weight ``[D]`` of x's dtype -> y ``[..., D]``. Saves x and a float32 rstd per row; backward
+    x ``[..., D]``, weight ``[D]`` of x's dtype or float32 -> y ``[..., D]``. Saves x and a float32 rstd per row; backward
     returns ``dx`` only."""
 
     @staticmethod

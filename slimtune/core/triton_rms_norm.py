@@ -22,7 +22,7 @@ def _forward_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, n_cols, stride_x, stride_y, e
     x = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
     rstd = tl.rsqrt(tl.sum(x * x, axis=0) / n_cols + eps)
     w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
-    h = (x * rstd).to(y_ptr.dtype.element_ty).to(tl.float32)  # the normalised x in x's dtype, as the module rounds it
+    h = (x * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)  # the normalised x in x's dtype, as the module rounds it
     tl.store(y_ptr + row * stride_y + cols, (w * h).to(y_ptr.dtype.element_ty), mask=ok)
     tl.store(rstd_ptr + row, rstd)
 
@@ -54,10 +54,11 @@ def _warps(block: int) -> int:
 
 
 def rms_norm_forward_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(y [..., D] in x's dtype, rstd float32 [N])`` for x ``[..., D]`` (N rows), weight ``[D]`` of x's dtype."""
+    """``(y [..., D], rstd float32 [N])`` for x ``[..., D]`` (N rows), weight ``[D]`` of x's dtype or float32; y in
+    their promoted dtype, as the module's product."""
     x2 = _rows(x)
     n_rows, n_cols = x2.shape
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    y = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     if n_rows:
         block = next_power_of_2(n_cols)
@@ -68,7 +69,7 @@ def rms_norm_forward_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -
 
 def rms_norm_backward_triton(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                              rstd: torch.Tensor) -> torch.Tensor:
-    """``dx [..., D]`` (x's dtype) from grad and x ``[..., D]``, weight ``[D]``, rstd float32 ``[N]``."""
+    """``dx [..., D]`` (x's dtype) from grad (y's dtype) and x ``[..., D]``, weight ``[D]``, rstd float32 ``[N]``."""
     dy2, x2 = _rows(grad), _rows(x)
     n_rows, n_cols = x2.shape
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)

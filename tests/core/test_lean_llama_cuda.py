@@ -51,6 +51,24 @@ def test_rms_norm_kernels_on_the_gpu(d, dtype, tol):
     assert rel_err(y, y64) < tol and rel_err(x.grad, x64.grad) < tol
 
 
+def test_float32_norm_weight_over_bf16_activations_on_the_gpu():
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    torch.manual_seed(0)
+    norm = LlamaRMSNorm(3072, eps=1e-5).to("cuda").requires_grad_(False)  # float32, as prepare_model_for_kbit_training
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = (torch.randn(2, 300, 3072, device="cuda") * 3).bfloat16().requires_grad_()
+    y = RmsNormFunction.apply(x, norm.weight, norm.variance_epsilon)
+    plain = norm(x.detach())
+    assert y.dtype == plain.dtype == torch.float32 and rel_err(y, plain) < 1e-3  # h rounds to bf16: rare flips
+    dy = torch.randn_like(plain)
+    y.backward(dy)
+    x_plain = x.detach().clone().requires_grad_()
+    norm(x_plain).backward(dy)
+    assert x.grad.dtype == torch.bfloat16 and rel_err(x.grad, x_plain.grad) < 1e-2
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_swiglu_kernels_on_the_gpu(dtype):
     torch.manual_seed(0)

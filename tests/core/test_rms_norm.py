@@ -60,10 +60,27 @@ def test_backward_reference_rounds_the_product_gradient_as_autograd():
     assert got.dtype == torch.bfloat16 and rel_err(got, x.grad) < 1e-2
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_float32_weight_on_half_activations_is_the_module(dtype):
+    """PEFT's ``prepare_model_for_kbit_training`` leaves norms in float32 over bf16 / fp16 activations."""
+    norm = _norm(40, torch.float32)
+    x = (torch.randn(2, 7, 40) * 2).to(dtype).requires_grad_()
+    dy = torch.randn(2, 7, 40)
+    y = RmsNormFunction.apply(x, norm.weight, norm.variance_epsilon)
+    plain = norm(x.detach())
+    assert y.dtype == plain.dtype == torch.float32 and torch.equal(y, plain)
+    y.backward(dy)
+    x_plain = x.detach().clone().requires_grad_()
+    norm(x_plain).backward(dy)
+    assert x.grad.dtype == dtype and rel_err(x.grad, x_plain.grad) < 1e-2
+
+
 def test_meta_tensors_get_the_kernel_outputs_only():
     x = torch.empty(2, 3, 8, device="meta", dtype=torch.bfloat16)
     y, rstd = rms_norm_forward(x, torch.empty(8, device="meta", dtype=torch.bfloat16), 1e-6)
     assert y.shape == x.shape and y.dtype == x.dtype and rstd.dtype == torch.float32
+    y, _ = rms_norm_forward(x, torch.empty(8, device="meta"), 1e-6)
+    assert y.dtype == torch.float32
 
 
 def _tiny_llama(dtype: torch.dtype) -> torch.nn.Module:
@@ -128,12 +145,15 @@ def test_lean_rms_norm_steps_aside_where_it_does_not_apply():
         norm(x.detach())  # no gradient to pass on
         with torch.no_grad():
             norm(x)
-        norm(x.bfloat16())  # the weight's dtype differs: the module's type promotion
+        norm(x.bfloat16())  # a float32 weight on bf16 activations: lean, its output float32 as the module's
+        norm.weight.data = norm.weight.data.bfloat16()
+        norm(x)  # a bf16 weight on float32 activations: the module's own promotion
+        norm.weight.data = norm.weight.data.float()
         norm.weight.requires_grad_(True)
         norm(x)  # a trained weight
     finally:
         RmsNormFunction.apply = original
-    assert len(calls) == 1
+    assert len(calls) == 2 and calls[1][0].dtype == torch.bfloat16
 
 
 def test_other_rms_norms_are_left_alone():
@@ -176,6 +196,16 @@ for dtype in (torch.float32, torch.float16):
     dx = rms_norm_backward(ones, x, w, rstd)
     rdx = rms_norm_backward_reference(ones, x, w, rrstd)
     results[f"{str(dtype)[6:]}/strided"] = [rel_err(y, ry), rel_err(dx, rdx)]
+    # a float32 weight over these activations: y float32, dx in x's dtype
+    x = (torch.randn(9, 50) * 2).to(dtype)
+    w32 = torch.rand(50) + 0.5
+    y, rstd = rms_norm_forward(x, w32, 1e-5)
+    ry, rrstd = rms_norm_reference(x, w32, 1e-5)
+    dy32 = torch.randn(9, 50)
+    dx = rms_norm_backward(dy32, x, w32, rstd)
+    rdx = rms_norm_backward_reference(dy32, x, w32, rrstd)
+    assert y.dtype == ry.dtype == torch.float32 and dx.dtype == rdx.dtype == dtype
+    results[f"{str(dtype)[6:]}/float32_weight"] = [rel_err(y, ry), rel_err(dx, rdx)]
 print("RESULTS " + json.dumps(results))
 """
 
@@ -183,9 +213,9 @@ print("RESULTS " + json.dumps(results))
 def test_triton_kernels_match_the_references_interpreted():
     pytest.importorskip("triton")
     results = run_interpreted(INTERPRETED)
-    assert len(results) == 8
+    assert len(results) == 10
     for key, errors in results.items():
-        tol = 1e-6 if key.startswith("float32") else 2e-3
+        tol = 1e-6 if key.startswith("float32/") else 2e-3
         assert all(e < tol for e in errors), (key, errors)
 
 
