@@ -84,6 +84,31 @@ def run_interpreted(script: str, timeout: float = 600) -> dict:
     return json.loads(line[len("RESULTS "):])
 
 
+def check_interpreted_errors(script: str, cases: int, fp32_tol: float = 1e-6, half_tol: float = 2e-3) -> None:
+    """Run ``script`` under the interpreter (:func:`run_interpreted`; skipped without triton). Its results map
+    ``"<dtype>/<case>"`` to lists of relative errors: expect ``cases`` of them, each error below ``fp32_tol`` for
+    float32 cases and ``half_tol`` otherwise."""
+    import pytest
+
+    pytest.importorskip("triton")
+    results = run_interpreted(script)
+    assert len(results) == cases
+    for key, errors in results.items():
+        tol = fp32_tol if key.startswith("float32/") else half_tol
+        assert all(e < tol for e in errors), (key, errors)
+
+
+def backward_against_reference(got: list, ref: list, device, dtype: torch.dtype, tol: float) -> None:
+    """Run backward through the outputs ``got`` (``dtype`` on ``device``) and their float64 references ``ref`` with
+    the same random gradients, after checking each output's dtype and relative error below ``tol``."""
+    gen = torch.Generator().manual_seed(3)
+    dys = [torch.randn(y.shape, generator=gen, dtype=torch.float64) for y in ref]
+    torch.autograd.backward(ref, dys)
+    torch.autograd.backward(got, [d.to(device, dtype) for d in dys])
+    for y, y64 in zip(got, ref):
+        assert y.dtype == dtype and rel_err(y, y64) < tol
+
+
 def dora_layer_errors(layer, x: torch.Tensor, y: torch.Tensor, dy: torch.Tensor) -> dict:
     """Relative errors of a DoRA Linear layer's output ``y`` and the gradients ``y.backward(dy)`` left on x and on its
     parameters, against DoRA's float64 definition (``dora_linear_reference``); m only where it is trained."""

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from slimtune.core.lowrank_group import grouped_lowrank_linear, grouped_lowrank_reference
-from tests.helpers import BF16_TOL, FP32_TOL, rel_err
+from tests.helpers import BF16_TOL, FP32_TOL, backward_against_reference, rel_err
 
 OUTS, RANKS = (7, 5, 5), (3, 2, 3)
 
@@ -49,12 +49,7 @@ def test_matches_float64_reference(device, dtype, tol, x_grad):
     n = len(OUTS)
     ref = grouped_lowrank_reference(x64, ref_in[1], ref_in[2], params64[:n], params64[n:], 1.3)
     got = grouped_lowrank_linear(x, got_in[1], got_in[2], params[:n], params[n:], 1.3)
-    gen = torch.Generator().manual_seed(3)
-    dys = [torch.randn(y.shape, generator=gen, dtype=torch.float64) for y in ref]
-    torch.autograd.backward(ref, dys)
-    torch.autograd.backward(got, [d.to(device, dtype) for d in dys])
-    for y, y64 in zip(got, ref):
-        assert y.dtype == dtype and rel_err(y, y64) < tol
+    backward_against_reference(got, ref, device, dtype, tol)
     for p, p64 in zip(params, params64):
         assert p.grad.dtype == torch.float32 and rel_err(p.grad, p64.grad) < tol
     assert (x.grad is None) if not x_grad else rel_err(x.grad, x64.grad) < tol

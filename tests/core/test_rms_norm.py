@@ -15,7 +15,7 @@ from slimtune.core.rms_norm import (RmsNormFunction, rms_norm_backward_reference
                                     rms_norm_reference)
 from slimtune.memory.accounting import SavedTensorMeter
 
-from ..helpers import perturb_adapters, rel_err, run_interpreted
+from ..helpers import check_interpreted_errors, perturb_adapters, rel_err
 
 transformers = pytest.importorskip("transformers")
 from transformers.models.llama.modeling_llama import LlamaRMSNorm  # noqa: E402
@@ -211,12 +211,7 @@ print("RESULTS " + json.dumps(results))
 
 
 def test_triton_kernels_match_the_references_interpreted():
-    pytest.importorskip("triton")
-    results = run_interpreted(INTERPRETED)
-    assert len(results) == 10
-    for key, errors in results.items():
-        tol = 1e-6 if key.startswith("float32/") else 2e-3
-        assert all(e < tol for e in errors), (key, errors)
+    check_interpreted_errors(INTERPRETED, cases=10)
 
 
 def test_unload_gives_the_llama_its_own_forwards_back():

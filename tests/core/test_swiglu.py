@@ -14,7 +14,7 @@ from slimtune.core import lean_layers
 from slimtune.core.swiglu import SwigluFunction
 from slimtune.memory.accounting import SavedTensorMeter
 
-from ..helpers import perturb_adapters, run_interpreted
+from ..helpers import check_interpreted_errors, perturb_adapters
 
 transformers = pytest.importorskip("transformers")
 
@@ -98,9 +98,4 @@ print("RESULTS " + json.dumps(results))
 
 
 def test_triton_kernels_match_the_references_interpreted():
-    pytest.importorskip("triton")
-    results = run_interpreted(INTERPRETED)
-    assert len(results) == 6
-    for key, errors in results.items():
-        tol = 1e-6 if key.startswith("float32") else 2e-3
-        assert all(e < tol for e in errors), (key, errors)
+    check_interpreted_errors(INTERPRETED, cases=6)

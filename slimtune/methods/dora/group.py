@@ -40,6 +40,12 @@ from .product import as_rows
 GROUPED_ROUTES = ("output", "recompute", None)
 
 
+def groupable(routes: Sequence[str | None]) -> bool:
+    """Whether members with these routes (:func:`~.function.backward_route`) run as one: every route one of
+    :data:`GROUPED_ROUTES`, or ``"none"`` for all (nothing needs a gradient)."""
+    return all(r == "none" for r in routes) or all(r in GROUPED_ROUTES for r in routes)
+
+
 class GroupedDoraFunction(torch.autograd.Function):
     """``(y_1, …, y_n)`` of the module docstring from one x. Arguments: x, the scaling, the member count n, a callback
     run at the end of backward (or None), each member's route and magnitude floor (tuples: ``"output"``,
@@ -143,7 +149,7 @@ def grouped_dora_linear(x: torch.Tensor, weights: Sequence[WeightOperand], biase
     count = len(weights)
     if not count or any(len(seq) != count for seq in (biases, downs, ups, magnitudes, squares, routes, floors)):
         raise ValueError("grouped_dora_linear needs one weight, bias, A, B, magnitude, norm, route and floor per member")
-    if not (all(r == "none" for r in routes) or all(r in GROUPED_ROUTES for r in routes)):
+    if not groupable(routes):
         raise ValueError(f"grouped_dora_linear takes the routes {GROUPED_ROUTES} (or 'none' for all), got {routes}")
     return GroupedDoraFunction.apply(x, scaling, count, on_backward, tuple(routes), tuple(floors), *weights, *biases,
                                      *downs, *ups, *magnitudes, *squares)

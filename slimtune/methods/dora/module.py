@@ -38,7 +38,7 @@ from ..lora.conv import LoraConv
 from ..lora.linear import LoraLinear
 from .compose import dora_scale
 from .function import backward_route, dora_linear
-from .group import GROUPED_ROUTES, grouped_dora_linear
+from .group import grouped_dora_linear, groupable
 from .norm import factored_row_norm_sq, in_magnitude_precision, magnitude_floor, saves_output, weight_row_norm_sq
 from .probe import OutputProbe, attach_output_probe
 
@@ -182,7 +182,7 @@ class DoraLinear(DoraMixin, LoraLinear):
         biases = [cast_optional(m.base_layer.bias, xc.dtype) for m in chain]
         routes = [backward_route(xc, w, b, m.lora_A, m.lora_B, m.magnitude, 0.0, bool(m.recompute))
                   for m, w, b in zip(chain, weights, biases)]
-        if not (all(r == "none" for r in routes) or all(r in GROUPED_ROUTES for r in routes)):
+        if not groupable(routes):
             return None
         floor = magnitude_floor(xc.dtype)
         with context:

@@ -11,7 +11,7 @@ from slimtune.methods.dora import DoraLinear
 from slimtune.methods.dora.group import grouped_dora_linear
 from slimtune.methods.dora.norm import dora_linear_reference, magnitude_floor, weight_row_norm_sq
 from tests.core.test_siblings import _assert_same_training, _fusion_on, _llama as _lora_llama, _train  # noqa: F401
-from tests.helpers import BF16_TOL, FP32_TOL, perturb_adapters, rel_err
+from tests.helpers import BF16_TOL, FP32_TOL, backward_against_reference, perturb_adapters, rel_err
 
 OUTS, RANKS = (7, 5, 5), (3, 2, 3)
 
@@ -68,12 +68,7 @@ def test_matches_each_member_by_definition(device, routes, dtype, tol):
     ref = [dora_linear_reference(x64, w, None, a, b, m, 1.3) for w, a, b, m in zip(w64, *(
         params64[k * n:(k + 1) * n] for k in range(3)))]
     got = _grouped(x, weights, params[:n], params[n:2 * n], params[2 * n:], 1.3, routes)
-    gen = torch.Generator().manual_seed(3)
-    dys = [torch.randn(y.shape, generator=gen, dtype=torch.float64) for y in ref]
-    torch.autograd.backward(ref, dys)
-    torch.autograd.backward(got, [d.to(device, dtype) for d in dys])
-    for y, y64 in zip(got, ref):
-        assert y.dtype == dtype and rel_err(y, y64) < tol
+    backward_against_reference(got, ref, device, dtype, tol)
     assert rel_err(x.grad, x64.grad) < tol
     for i, (p, p64) in enumerate(zip(params, params64)):
         if i >= 2 * n and routes[i - 2 * n] is None:  # a frozen magnitude's route: no dm
