@@ -115,7 +115,33 @@ def cases(device: torch.device, dtype: torch.dtype) -> dict[str, Callable[[], ob
         xp, w, None, a, b, mag, 1.0, 0.0, 0, wsq, "output", 2.0 ** -63).sum().backward()
     out["dora product only (z route): fwd+bwd"] = lambda: DF.DoraProductFunction.apply(
         xp, w, a, b, mag, 1.0, 0.0, 0, wsq, 0.0)[0].sum().backward()
+    out.update(llama_layer_cases(device, dtype))
     return out
+
+
+def llama_layer_cases(device: torch.device, dtype: torch.dtype, d: int = 3072, d_ff: int = 8192,
+                      tokens: int = 16) -> dict[str, Callable[[], object]]:
+    """The frozen RMSNorm and SwiGLU of a Llama layer, fwd+bwd: transformers' module, slimtune's lean Function, and
+    (the norm) PyTorch's own ``F.rms_norm`` (one fused kernel each way on CUDA, its own rounding)."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from slimtune.core.rms_norm import RmsNormFunction
+    from slimtune.core.swiglu import SwigluFunction
+
+    torch.manual_seed(0)
+    norm = LlamaRMSNorm(d, eps=1e-5).to(device, dtype).requires_grad_(False)
+    x = torch.randn(tokens, d, device=device, dtype=dtype, requires_grad=True)
+    g = torch.randn(tokens, d_ff, device=device, dtype=dtype, requires_grad=True)
+    u = torch.randn(tokens, d_ff, device=device, dtype=dtype, requires_grad=True)
+    silu = torch.nn.functional.silu
+    return {
+        "rmsnorm transformers module: fwd+bwd": lambda: norm(x).sum().backward(),
+        "rmsnorm lean Function: fwd+bwd": lambda: RmsNormFunction.apply(x, norm.weight, 1e-5).sum().backward(),
+        "rmsnorm F.rms_norm: fwd+bwd": lambda: torch.nn.functional.rms_norm(
+            x, (d,), norm.weight, 1e-5).sum().backward(),
+        "swiglu plain silu(g)*u: fwd+bwd": lambda: (silu(g) * u).sum().backward(),
+        "swiglu lean Function: fwd+bwd": lambda: SwigluFunction.apply(g, u).sum().backward(),
+    }
 
 
 def breakdown(device: torch.device, dtype: torch.dtype, reps: int = 200) -> str:

@@ -29,13 +29,19 @@
 #                                       #           at 3B seq 512, then LoRA / DoRA at seq 2048
 #   bash benchmarks/pending_gpu.sh 13   # issue 19: torch.compile on both sides at seq 512 (LoRA, DoRA), the 8192
 #                                       #           layer against its GEMM floor
+#   bash benchmarks/pending_gpu.sh 14   # issues 19/20 on the H200 issue 19 names: lean-layer CUDA tests, seq 512
+#                                       #           every method against PEFT-bf16 and LoRA against the code before
+#                                       #           the MLP hand-offs (core.rebuild), SD-1.5 LoRA likewise (carry .whl,
+#                                       #           .before)
+#   bash benchmarks/pending_gpu.sh 15   # issues 19/20: host cost of the norm / SwiGLU forms, seq 2048 LoHa / LoKr /
+#                                       #           HRA, SD-1.5 every method in paired rounds (carry .whl)
 #   bash benchmarks/pending_gpu.sh 3    # issue 17: online / gradient / data allocation vs AdaLoRA wall time
 #                                       #           (carry .out/minilm_wide; make it with rank_allocation.py --prepare)
 #
 # Outputs go to $OUT (each script's own files, plus one log per step); record them in benchmarks/RESULTS.md with
 # the GPU and versions the scripts print.
 set -uo pipefail
-part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|3|4|5|6|7|8|9|10|11|12|13"}
+part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|...|15"}
 out=${OUT:-/tmp/pending_gpu}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -175,8 +181,27 @@ case $part in
         peft-bf16:dora --rounds 6 --out-name paired_compile_512
     step layer_compare 240 python benchmarks/layer_compare.py
     ;;
+14)
+    # carry .whl and .before (`git archive REF slimtune`, renamed slimtune_before: the code before the hand-offs)
+    install_wheels
+    step lean_cuda_test 100 python -m pytest -q tests/core/test_lean_llama_cuda.py tests/core/test_rebuild.py \
+        tests/core/test_swiglu.py tests/core/test_lean_layers.py
+    step paired_512_every 320 python benchmarks/paired_steps.py --rounds 8 --before .before --configs lora dora loha \
+        lokr before:lora peft-bf16:lora peft-bf16:dora peft-bf16:loha peft-bf16:lokr --out-name paired_512_every
+    step paired_sd15_handoff 150 python benchmarks/paired_steps.py --preset stable-diffusion-1.5 --rank 16 \
+        --rounds 8 --before .before --configs lora before:lora peft-bf16:lora --out-name paired_sd15_handoff
+    ;;
+15)
+    install_wheels
+    step host_cost_llama 60 python benchmarks/host_cost.py --only rmsnorm swiglu "lora: fwd+bwd" "frozen Linear"
+    step paired_2048_structured 240 python benchmarks/paired_steps.py --seq 2048 --rounds 3 \
+        --configs loha lokr hra peft-bf16:loha peft-bf16:lokr --out-name paired_2048_structured
+    step paired_sd15_every 260 python benchmarks/paired_steps.py --preset stable-diffusion-1.5 --rank 16 --rounds 6 \
+        --configs lora dora locon loha lokr peft-bf16:lora peft-bf16:dora peft-bf16:locon peft-bf16:loha \
+        peft-bf16:lokr --out-name paired_sd15_every
+    ;;
 *)
-    echo "unknown part $part (1 to 13)" >&2
+    echo "unknown part $part (1 to 15)" >&2
     exit 2
     ;;
 esac

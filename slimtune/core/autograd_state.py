@@ -31,9 +31,18 @@ def saved_tensor_hooks_active() -> bool:
 
 
 def mark_transparent(pack: Callable) -> Callable:
-    """Mark a saved-tensor pack hook as one that returns what it is given and keeps nothing alive on its own."""
+    """Mark a saved-tensor pack hook as one that keeps nothing alive on its own: it returns what it is given, or (the
+    recipes of :mod:`.rebuild`) what rebuilds it from tensors backward keeps anyway."""
     setattr(pack, _TRANSPARENT, True)
     return pack
+
+
+def transparent_hooks() -> tuple[Callable, Callable] | None:
+    """The innermost saved-tensor hooks ``(pack, unpack)`` when they are marked transparent (the memory meter's), else
+    None. Only the innermost hooks run, so hooks nested inside these pass what they save on to them."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    hooks = top(False) if top is not None else None
+    return hooks if hooks is not None and getattr(hooks[0], _TRANSPARENT, False) else None
 
 
 def tensor_version(t: torch.Tensor) -> int | None:

@@ -28,10 +28,20 @@ their own weight gradients. What PyTorch keeps for them that those gradients nev
   projections' outputs and rebuilds the SiLU in backward: one Triton launch each way on CUDA (one-ulp differences
   from Triton's ``exp``, rarely), PyTorch's own ops and SiLU backward kernel elsewhere (bit for bit).
 
+An **adapter** keeps its layer's input for its own weight gradients, and that input is often the output of one of the
+layers above, one cheap pass from tensors that layer keeps anyway. So the adapter keeps a recipe instead
+(:mod:`.rebuild`, PyTorch's saved-tensor hooks; the recipe's pass runs in backward, the same ops, so bit for bit):
+
+* in a Llama-family MLP, ``down_proj``'s input ``silu(g) ⊙ u``, rebuilt from g and u (:func:`~.swiglu.swiglu_forward`);
+* in a diffusers ``BasicTransformerBlock`` or ``ResnetBlock2D`` that holds an adapter (:data:`DIFFUSERS_BLOCKS`: its
+  forward runs in a :func:`~.rebuild.rebuild_scope`), the outputs of its LayerNorms (:data:`BLOCK_NORMS`, rebuilt
+  from their inputs), of its GEGLU (from the projection) and of its GroupNorm + SiLU pairs (from the norm's input),
+  which the attention projections, the feed-forward Linears and adapted convolutions would keep.
+
 Each frozen ``nn.Conv1d/2d/3d`` (zero padding, numeric padding), ``nn.GroupNorm`` and ``nn.SiLU`` whose class
 keeps PyTorch's ``forward``, and each ``GEGLU`` of ``diffusers.models.activations`` (off NPUs, where diffusers runs
-its own fused GEGLU), and each RMSNorm and MLP of :data:`RMS_NORM_CLASSES` and :data:`MLP_CLASSES`, gets an
-instance-level ``forward`` (no module is replaced: parameter names and checkpoints do not change; :func:`install`'s
+its own fused GEGLU), and each RMSNorm and MLP of :data:`RMS_NORM_CLASSES` and :data:`MLP_CLASSES`, and each block
+above holding an adapter (and its LayerNorms) gets an instance-level ``forward`` (no module is replaced: parameter names and checkpoints do not change; :func:`install`'s
 remover undoes it; SiLU only where the model has a GroupNorm). Each call checks, on the host, whether the lean path
 applies — gradients on, the input requiring grad, the layer's parameters frozen, not under ``torch.compile`` (whose
 partitioner decides what a graph saves) — and otherwise runs the layer as it is. A SiLU takes the fused path only when its input is the very output of the GroupNorm that
@@ -51,9 +61,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .aten_grads import gelu_grad, silu_grad
+from .autograd_state import saved_tensor_hooks_active
 from .caches import TensorMark
+from .rebuild import offer, rebuild_scope, rebuilt_from
 from .rms_norm import RmsNormFunction, takes_weight
-from .swiglu import SwigluFunction
+from .swiglu import SwigluFunction, swiglu_forward
 from .tracing import compiling
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -120,15 +132,37 @@ class GegluFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, p: torch.Tensor) -> torch.Tensor:
-        h, gate = p.chunk(2, dim=-1)
         ctx.save_for_backward(p)
-        return h * F.gelu(gate)
+        return geglu_output(p)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
         (p,) = ctx.saved_tensors
         h, gate = p.chunk(2, dim=-1)
         return torch.cat([grad * F.gelu(gate), gelu_grad(grad * h, gate)], dim=-1)
+
+
+def geglu_output(p: torch.Tensor) -> torch.Tensor:
+    """:class:`GegluFunction`'s output for ``p [..., 2·d]``, computed as its forward does (``[..., d]``)."""
+    h, gate = p.chunk(2, dim=-1)
+    return h * F.gelu(gate)
+
+
+def norm_silu_output(x: torch.Tensor, norm: nn.GroupNorm, dtype: torch.dtype) -> torch.Tensor:
+    """:class:`NormSiluFunction`'s output ``silu(norm(x))``, the norm computed into ``dtype`` as the module did
+    (float32 under autocast): ``[B, C, *]``."""
+    weight, bias = norm.weight, norm.bias
+    h = F.group_norm(x.to(dtype), norm.num_groups, None if weight is None else weight.to(dtype),
+                     None if bias is None else bias.to(dtype), norm.eps)
+    return F.silu(h)
+
+
+def layer_norm_output(x: torch.Tensor, norm: nn.LayerNorm, dtype: torch.dtype) -> torch.Tensor:
+    """``norm(x)`` as ``nn.LayerNorm`` computed it into ``dtype`` (float32 under autocast, whose float32 list casts x
+    and the affine parameters): ``[..., *normalized_shape]``."""
+    weight, bias = norm.weight, norm.bias
+    return F.layer_norm(x.to(dtype), norm.normalized_shape, None if weight is None else weight.to(dtype),
+                        None if bias is None else bias.to(dtype), norm.eps)
 
 
 def _lean(x: torch.Tensor, *params: torch.Tensor | None) -> bool:
@@ -220,7 +254,9 @@ class _LeanSiluForward(_InstanceForward):
         if taken is None:
             return type(silu).forward(silu, h)
         norm, x = taken
-        return NormSiluFunction.apply(h, x, norm.num_groups, norm.weight, norm.bias, norm.eps)
+        y = NormSiluFunction.apply(h, x, norm.num_groups, norm.weight, norm.bias, norm.eps)
+        offer(y, norm_silu_output, x, norm, h.dtype)  # in a ResNet block: an adapted conv after it keeps x, not y
+        return y
 
 
 class _LeanGegluForward(_InstanceForward):
@@ -235,7 +271,35 @@ class _LeanGegluForward(_InstanceForward):
         if p.device.type == "mps" or not _lean(p):
             h, gate = p.chunk(2, dim=-1)
             return h * geglu.gelu(gate)
-        return GegluFunction.apply(p)
+        y = GegluFunction.apply(p)
+        offer(y, geglu_output, p)  # in a transformer block: the Linear after it keeps p (kept here anyway), not y
+        return y
+
+
+class _LeanLayerNormForward(_InstanceForward):
+    """A frozen ``nn.LayerNorm``'s instance ``forward`` inside a diffusers transformer block: its own, offering the
+    output as a recipe from its input (which the norm keeps anyway) to the projections that keep it."""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        norm = self.module
+        h = type(norm).forward(norm, x)
+        if _lean(x, norm.weight, norm.bias):
+            offer(h, layer_norm_output, x, norm, h.dtype)
+        return h
+
+
+class _LeanBlockForward(_InstanceForward):
+    """A diffusers block's instance ``forward`` (``BasicTransformerBlock``, ``ResnetBlock2D``, holding an adapter): its
+    own, inside a :func:`~.rebuild.rebuild_scope` (where gradients flow and no checkpointing or offloading hooks own
+    what is saved), so that its adapted projections and convolutions keep recipes from the tensors its norms, GEGLU
+    and norm + SiLU pairs keep, not those layers' outputs."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        block = self.module
+        if not torch.is_grad_enabled() or compiling() or saved_tensor_hooks_active():
+            return type(block).forward(block, *args, **kwargs)
+        with rebuild_scope():
+            return type(block).forward(block, *args, **kwargs)
 
 
 class _LeanRmsNormForward(_InstanceForward):
@@ -267,7 +331,11 @@ class _LeanMlpForward(_InstanceForward):
         mlp = self.module
         g, u = mlp.gate_proj(x), mlp.up_proj(x)
         if g.dtype is u.dtype and g.shape == u.shape and (_lean(g) or _lean(u)):
-            return mlp.down_proj(SwigluFunction.apply(g, u))
+            h = SwigluFunction.apply(g, u)
+            if saved_tensor_hooks_active():
+                return mlp.down_proj(h)
+            with rebuilt_from(h, swiglu_forward, g, u):  # an adapter on down_proj keeps g and u (kept anyway), not h
+                return mlp.down_proj(h)
         return mlp.down_proj(mlp.act_fn(g) * u)
 
 
@@ -321,6 +389,26 @@ def _diffusers_geglu(m: nn.Module) -> bool:
             and not is_torch_npu_available())
 
 
+#: ``(module, class)`` of the diffusers blocks that get a :func:`~.rebuild.rebuild_scope` when they hold an adapter
+DIFFUSERS_BLOCKS: tuple[tuple[str, str], ...] = (
+    ("diffusers.models.attention", "BasicTransformerBlock"), ("diffusers.models.resnet", "ResnetBlock2D"),
+)
+
+
+def _diffusers_block(m: nn.Module) -> bool:
+    """One of :data:`DIFFUSERS_BLOCKS` with its class's forward."""
+    cls = type(m)
+    for module, name in DIFFUSERS_BLOCKS:
+        if cls.__name__ == name and cls.__module__ == module:
+            return cls.forward is getattr(sys.modules[module], name).forward  # loaded: m is one of its classes
+    return False
+
+
+#: the norms of a diffusers BasicTransformerBlock whose outputs go to its attention and feed-forward projections (their
+#: lean forwards offer them)
+BLOCK_NORMS = ("norm1", "norm2", "norm3")
+
+
 def _keeps_forward(m: nn.Module, base: type) -> bool:
     return isinstance(m, base) and type(m).forward is base.forward
 
@@ -355,6 +443,11 @@ def install(model: nn.Module, skip: Callable[[nn.Module], bool] = lambda m: Fals
             targets.append((m, _LeanSiluForward(m)))
         elif _diffusers_geglu(m):
             targets.append((m, _LeanGegluForward(m)))
+        elif _diffusers_block(m) and any(skip(c) for c in m.modules()):  # an adapter inside keeps a layer's output
+            targets.append((m, _LeanBlockForward(m)))
+            norms = [getattr(m, name, None) for name in BLOCK_NORMS]
+            targets.extend((n, _LeanLayerNormForward(n)) for n in norms
+                           if _keeps_forward(n, nn.LayerNorm) and n in modules)
         elif _transformers_rms_norm(m):
             targets.append((m, _LeanRmsNormForward(m)))
         elif _transformers_silu_mlp(m):
@@ -374,4 +467,5 @@ def installed(module: nn.Module) -> bool:
     """Whether ``module`` runs a lean ``forward`` of this module."""
     return isinstance(module.__dict__.get("forward"),
                       (_LeanConvForward, _LeanNormForward, _LeanSiluForward, _LeanGegluForward,
-                       _LeanRmsNormForward, _LeanMlpForward))
+                       _LeanBlockForward, _LeanLayerNormForward, _LeanRmsNormForward,
+                       _LeanMlpForward))

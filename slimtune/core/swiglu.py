@@ -38,6 +38,18 @@ def _triton_takes(g: torch.Tensor, u: torch.Tensor) -> bool:
     return use_triton(g) and u.dtype is g.dtype and u.shape == g.shape
 
 
+def swiglu_forward(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """``silu(g) ⊙ u`` (g, u ``[..., d_ff]`` of one dtype and shape) as :class:`SwigluFunction` computes it: the Triton
+    kernel where it runs, else :func:`swiglu_reference`; on the meta device its shape."""
+    if g.device.type == "meta":
+        return torch.empty_like(g)
+    if _triton_takes(g, u):
+        from .triton_swiglu import swiglu_forward_triton
+
+        return swiglu_forward_triton(g, u)
+    return swiglu_reference(g, u)
+
+
 class SwigluFunction(torch.autograd.Function):
     """``h = silu(g) ⊙ u`` (module docstring): g, u ``[..., d_ff]`` of one dtype and shape -> h ``[..., d_ff]``;
     saves g and u."""
@@ -45,13 +57,7 @@ class SwigluFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(g, u)
-        if g.device.type == "meta":
-            return torch.empty_like(g)
-        if _triton_takes(g, u):
-            from .triton_swiglu import swiglu_forward_triton
-
-            return swiglu_forward_triton(g, u)
-        return swiglu_reference(g, u)
+        return swiglu_forward(g, u)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:

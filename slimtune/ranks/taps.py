@@ -67,7 +67,9 @@ def tapped(layers: Sequence[LayerView], on_grad: OnGrad, perturb: Perturb | None
                 output = output + perturb(view, x)
             if not anchor:
                 anchor.append(torch.zeros((), device=output.device, requires_grad=True))
-            return _Tap.apply(output, anchor[0], x.detach(), lambda xs, g: on_grad(view, xs, g))
+            # x itself, not a detached alias: where the lean layers save x as a recipe (slimtune.core.rebuild: a
+            # gated MLP's product), they recognise the very tensor
+            return _Tap.apply(output, anchor[0], x, lambda xs, g: on_grad(view, xs, g))
         return hook
 
     try:

@@ -52,6 +52,15 @@ def test_saved_tensor_hooks_are_seen_and_transparent_ones_are_not():
     assert seen[0], "non-reentrant checkpointing installs saved-tensor hooks"
 
 
+def test_transparent_hooks_are_the_innermost_marked_ones():
+    assert A.transparent_hooks() is None
+    pack, unpack = A.mark_transparent(lambda t: t), (lambda t: t)
+    with saved_tensors_hooks(pack, unpack):
+        assert A.transparent_hooks() == (pack, unpack)
+        with saved_tensors_hooks(lambda t: t, unpack):
+            assert A.transparent_hooks() is None
+
+
 def test_tensor_version_counts_in_place_changes():
     t = torch.zeros(3)
     v = A.tensor_version(t)

@@ -96,15 +96,21 @@ def _block_step(model: nn.Module, seed: int = 1) -> tuple[torch.Tensor, list[tor
     return out.detach(), grads, saved
 
 
-def _adapted_pair(base: nn.Module, config) -> tuple[nn.Module, nn.Module]:
-    """Two copies adapted alike, the first with its lean layers removed."""
+def _adapted_pair(base: nn.Module, config, strip: bool = False) -> tuple[nn.Module, nn.Module]:
+    """Two copies adapted alike, the first with its lean layers removed (with every hook ``adapt`` installed, or with
+    ``strip`` their forwards alone: the adapters' own hooks stay)."""
     models = []
     for _ in range(2):
         torch.manual_seed(5)
         model = slimtune.adapt(copy.deepcopy(base), config)
         perturb_adapters(model, seed=3)
         models.append(model)
-    getattr(models[0], HOOKS_ATTR)()
+    if strip:
+        for m in models[0].modules():
+            if lean_layers.installed(m):
+                del m.forward
+    else:
+        getattr(models[0], HOOKS_ATTR)()
     return models[0], models[1]
 
 
@@ -240,3 +246,73 @@ def test_diffusers_geglu_keeps_its_projection_output_only():
         assert torch.equal(plain(x), lean(x))
     remove()
     assert not lean_layers.installed(lean[1])
+
+
+_BLOCK_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
+
+
+@pytest.mark.parametrize("config", [
+    slimtune.LoraConfig(r=4, target_modules=_BLOCK_TARGETS),
+    slimtune.LoraConfig(r=4, target_modules=_BLOCK_TARGETS, use_dora=True),
+    slimtune.LohaConfig(r=4, target_modules=_BLOCK_TARGETS),
+    slimtune.LokrConfig(r=4, target_modules=_BLOCK_TARGETS),
+    slimtune.HraConfig(r=4, target_modules=_BLOCK_TARGETS),
+], ids=["lora", "dora", "loha", "lokr", "hra"])
+def test_transformer_block_adapters_keep_recipes_for_the_norm_and_geglu_outputs(config):
+    """diffusers' BasicTransformerBlock with adapters on its attention and feed-forward projections: the inputs those
+    keep (norm1/2/3's outputs, the GEGLU's output) are rebuilt in backward from what the norms and the GEGLU keep —
+    every method, the same output and gradients bit for bit; under checkpointing (whose hooks own what is saved)
+    the plain saving, the same numbers again. (Each pair is fresh: a first step, before sibling layers group.)"""
+    pytest.importorskip("diffusers")
+    from diffusers.models.attention import BasicTransformerBlock
+
+    torch.manual_seed(0)
+    block = BasicTransformerBlock(8, 2, 4, cross_attention_dim=6)
+    context = torch.randn(3, 4, 6)
+    for checkpointed in (False, True):
+        plain, lean = _adapted_pair(block, config, strip=True)
+        assert lean_layers.installed(lean) and all(lean_layers.installed(n)
+                                                   for n in (lean.norm1, lean.norm2, lean.norm3))
+        results = []
+        for model in (plain, lean):
+            x = torch.randn(3, 5, 8, generator=torch.Generator().manual_seed(1), requires_grad=True)
+            run = lambda m=model, x=x: m(x, encoder_hidden_states=context)  # noqa: E731
+            if checkpointed:
+                out, saved = torch.utils.checkpoint.checkpoint(run, use_reentrant=False), 0
+            else:
+                out, saved = _saved_bytes(run, model)
+            out.square().sum().backward()
+            results.append((out.detach(), [x.grad, *(p.grad for p in slimtune.trainable_parameters(model))], saved))
+        (op, gp, sp), (ol, gl, sl) = results
+        assert torch.equal(op, ol) and all(torch.equal(a, b) for a, b in zip(gp, gl))
+        # gelu(gate) [3, 5, 32], the GEGLU's output [3, 5, 32] and the three norms' outputs [3, 5, 8], float32
+        assert checkpointed or sl <= sp - 4 * (3 * 5 * 32 * 2 + 3 * 5 * 8 * 3)
+
+
+@pytest.mark.parametrize("config", [
+    slimtune.LoraConfig(r=4, target_modules=["conv1", "conv2"]),
+    slimtune.LohaConfig(r=4, target_modules=["conv1", "conv2"]),
+    slimtune.LokrConfig(r=4, target_modules=["conv1", "conv2"]),
+], ids=["locon", "loha", "lokr"])
+def test_resnet_block_adapted_convs_keep_recipes_for_the_norm_silu_outputs(config):
+    """diffusers' ResnetBlock2D with its convolutions adapted: their inputs (each a GroupNorm + SiLU output) are rebuilt
+    from the norms' inputs, which the norms keep — the same output and gradients bit for bit."""
+    pytest.importorskip("diffusers")
+    from diffusers.models.resnet import ResnetBlock2D
+
+    torch.manual_seed(0)
+    plain, lean = _adapted_pair(ResnetBlock2D(in_channels=8, out_channels=8, temb_channels=4, groups=4), config,
+                                strip=True)
+    assert lean_layers.installed(lean)
+    results = []
+    for model in (plain, lean):
+        gen = torch.Generator().manual_seed(1)
+        x = torch.randn(2, 8, 6, 6, generator=gen, requires_grad=True)
+        temb = torch.randn(2, 4, generator=gen)
+        out, saved = _saved_bytes(lambda m=model, x=x, t=temb: m(x, t), model)
+        out.square().sum().backward()
+        results.append((out.detach(), [x.grad, *(p.grad for p in slimtune.trainable_parameters(model))], saved))
+    (op, gp, sp), (ol, gl, sl) = results
+    assert torch.equal(op, ol) and all(torch.equal(a, b) for a, b in zip(gp, gl))
+    # the two norms' outputs (SiLU's saved inputs) and the two SiLU outputs the convs' adapters kept
+    assert sp - sl == 4 * (2 * 8 * 6 * 6 * 4)

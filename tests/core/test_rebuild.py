@@ -1,0 +1,90 @@
+"""slimtune.core.rebuild: a tensor saved as the recipe that rebuilds it — the same gradients bit for bit, only that
+tensor replaced, autograd's in-place check kept, and the hooks seen as transparent."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from slimtune.core.autograd_state import saved_tensor_hooks_active
+from slimtune.core.rebuild import offer, rebuild_scope, rebuilt_from
+from slimtune.memory.accounting import SavedTensorMeter
+
+
+def _product(y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return y * w  # saves y (for w's gradient) and w (for y's)
+
+
+def test_only_the_marked_tensor_is_rebuilt_and_gradients_are_equal():
+    torch.manual_seed(0)
+    p = torch.randn(4, 6, requires_grad=True)
+    w = torch.randn(4, 3, requires_grad=True)
+    rebuilt: list[torch.Tensor] = []
+
+    def rebuild(source: torch.Tensor) -> torch.Tensor:
+        out = torch.tanh(source[:, :3])
+        rebuilt.append(out)
+        return out
+
+    y = torch.tanh(p[:, :3])
+    with rebuilt_from(y, rebuild, p.detach()):
+        assert not saved_tensor_hooks_active()  # transparent: DoRA's auto decision still runs under it
+        out = _product(y, w)
+    out.sum().backward()
+    assert len(rebuilt) == 1 and torch.equal(rebuilt[0], y)
+    grads = (p.grad.clone(), w.grad.clone())
+    p.grad = w.grad = None
+    _product(torch.tanh(p[:, :3]), w).sum().backward()
+    assert torch.equal(grads[0], p.grad) and torch.equal(grads[1], w.grad)
+
+
+def test_an_in_place_change_after_saving_does_not_reach_the_gradient():
+    """With a recipe saved, a later in-place change of y is not checked by autograd (hooks own the saved value): the
+    gradient uses y as it was saved, rebuilt — what autograd without the recipe would have computed, had it allowed
+    the change."""
+    p = torch.randn(4, 3)
+    w = torch.randn(4, 3, requires_grad=True)
+    y = p * 2
+    with rebuilt_from(y, lambda source: source * 2, p):
+        out = _product(y, w)
+    y.add_(1)
+    out.sum().backward()
+    assert torch.equal(w.grad, p * 2)
+
+
+def test_a_different_tensor_of_the_same_values_is_saved_as_it_is():
+    p = torch.randn(4, 3, requires_grad=True)
+    y = p * 2
+    twin = y.detach().clone().requires_grad_()
+    calls: list[int] = []
+    with rebuilt_from(y, lambda source: calls.append(1) or source * 2, p.detach()):
+        out = _product(twin, p)
+    out.sum().backward()
+    assert not calls
+
+
+def test_the_memory_meter_outside_still_sees_what_is_kept():
+    """Only the innermost saved-tensor hooks run: a recipe inside the meter's hands it the sources, not y."""
+    p = torch.randn(64, 3)
+    w = torch.randn(64, 3, requires_grad=True)
+    y = p * 2
+    meter = SavedTensorMeter()
+    with meter.record():
+        with rebuilt_from(y, lambda source: source * 2, p):
+            out = _product(y, w)
+    assert meter.bytes == 64 * 3 * 4  # p, in the place of y (w gets the gradient: y * w keeps y alone)
+    out.sum().backward()
+    assert torch.equal(w.grad, y)
+
+
+def test_a_scope_saves_offered_tensors_as_recipes_until_it_ends():
+    p = torch.randn(4, 3)
+    w = torch.randn(4, 3, requires_grad=True)
+    y, z = p * 2, p * 3
+    calls: list[str] = []
+    offer(y, lambda source: calls.append("outside") or source * 2, p)  # no scope: nothing
+    with rebuild_scope():
+        offer(y, lambda source: calls.append("y") or source * 2, p)
+        out = _product(y, w) + _product(z, w)
+    after = _product(y, w)  # the scope has ended: y saved as it is
+    (out + after).sum().backward()
+    assert calls == ["y"] and torch.allclose(w.grad, 2 * y + z, rtol=1e-6, atol=0)
