@@ -29,19 +29,31 @@
 #                                       #           at 3B seq 512, then LoRA / DoRA at seq 2048
 #   bash benchmarks/pending_gpu.sh 13   # issue 19: torch.compile on both sides at seq 512 (LoRA, DoRA), the 8192
 #                                       #           layer against its GEMM floor
-#   bash benchmarks/pending_gpu.sh 14   # issues 19/20 on the H200 issue 19 names: lean-layer CUDA tests, seq 512
-#                                       #           every method against PEFT-bf16 and LoRA against the code before
-#                                       #           the MLP hand-offs (core.rebuild), SD-1.5 LoRA likewise (carry .whl,
-#                                       #           .before)
-#   bash benchmarks/pending_gpu.sh 15   # issues 19/20: host cost of the norm / SwiGLU forms, seq 2048 LoHa / LoKr /
-#                                       #           HRA, SD-1.5 every method in paired rounds (carry .whl)
+#   bash benchmarks/pending_gpu.sh 14   # issues 19/20 on the H200 issue 19 names: lean-layer and recipe CUDA tests,
+#                                       #           seq 512 every method against PEFT-bf16 and LoRA against the code
+#                                       #           before the recipes (core.rebuild), each lean layer's cost alone
+#                                       #           (lean_layer_cost.py) (carry .whl, .before)
+#   bash benchmarks/pending_gpu.sh 15   # issue 20: SD-1.5 LoRA against the code before the recipes, every method
+#                                       #           against PEFT-bf16; host cost of the norm / SwiGLU forms (carry
+#                                       #           .whl, .before)
+#   bash benchmarks/pending_gpu.sh 16   # issue 19: seq 2048 LoHa / LoKr / HRA against PEFT-bf16
+#   bash benchmarks/pending_gpu.sh 17   # issue 19: the lean RMSNorm as PyTorch's fused F.rms_norm on CUDA — CUDA
+#                                       #           tests, LoRA / DoRA at seq 512 against the session's first commit
+#                                       #           and PEFT-bf16 (carry .before)
+#   bash benchmarks/pending_gpu.sh 18   # issues 19/20: run 66 (its hook-based UNet layers are reverted; it now
+#                                       #           measures the code as it is) — CUDA tests, lean_layer_cost.py,
+#                                       #           SD-1.5 and 3B seq 512 against the session's first commit and
+#                                       #           PEFT-bf16 (carry .whl, .before)
+#   bash benchmarks/pending_gpu.sh 19   # issues 19/20: the session's final code (fused norm; MLP recipe from 64 MiB;
+#                                       #           Function-based UNet lean layers with recipes) against 15d056d
+#                                       #           and PEFT-bf16, 3B seq 512 and SD-1.5 (carry .whl, .before)
 #   bash benchmarks/pending_gpu.sh 3    # issue 17: online / gradient / data allocation vs AdaLoRA wall time
 #                                       #           (carry .out/minilm_wide; make it with rank_allocation.py --prepare)
 #
 # Outputs go to $OUT (each script's own files, plus one log per step); record them in benchmarks/RESULTS.md with
 # the GPU and versions the scripts print.
 set -uo pipefail
-part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|...|15"}
+part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|...|19"}
 out=${OUT:-/tmp/pending_gpu}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -182,26 +194,60 @@ case $part in
     step layer_compare 240 python benchmarks/layer_compare.py
     ;;
 14)
-    # carry .whl and .before (`git archive REF slimtune`, renamed slimtune_before: the code before the hand-offs)
+    # carry .whl and .before (`git archive REF slimtune`, renamed slimtune_before: the code before the recipes)
     install_wheels
     step lean_cuda_test 100 python -m pytest -q tests/core/test_lean_llama_cuda.py tests/core/test_rebuild.py \
         tests/core/test_swiglu.py tests/core/test_lean_layers.py
     step paired_512_every 320 python benchmarks/paired_steps.py --rounds 8 --before .before --configs lora dora loha \
         lokr before:lora peft-bf16:lora peft-bf16:dora peft-bf16:loha peft-bf16:lokr --out-name paired_512_every
-    step paired_sd15_handoff 150 python benchmarks/paired_steps.py --preset stable-diffusion-1.5 --rank 16 \
-        --rounds 8 --before .before --configs lora before:lora peft-bf16:lora --out-name paired_sd15_handoff
+    step lean_layer_cost 100 python benchmarks/lean_layer_cost.py
     ;;
 15)
     install_wheels
-    step host_cost_llama 60 python benchmarks/host_cost.py --only rmsnorm swiglu "lora: fwd+bwd" "frozen Linear"
-    step paired_2048_structured 240 python benchmarks/paired_steps.py --seq 2048 --rounds 3 \
-        --configs loha lokr hra peft-bf16:loha peft-bf16:lokr --out-name paired_2048_structured
+    step paired_sd15_recipes 150 python benchmarks/paired_steps.py --preset stable-diffusion-1.5 --rank 16 \
+        --rounds 8 --before .before --configs lora before:lora peft-bf16:lora --out-name paired_sd15_recipes
     step paired_sd15_every 260 python benchmarks/paired_steps.py --preset stable-diffusion-1.5 --rank 16 --rounds 6 \
         --configs lora dora locon loha lokr peft-bf16:lora peft-bf16:dora peft-bf16:locon peft-bf16:loha \
         peft-bf16:lokr --out-name paired_sd15_every
+    step host_cost_llama 60 python benchmarks/host_cost.py --only rmsnorm swiglu "lora: fwd+bwd" "frozen Linear"
+    ;;
+16)
+    step paired_2048_structured 280 python benchmarks/paired_steps.py --seq 2048 --rounds 3 \
+        --configs loha lokr hra peft-bf16:loha peft-bf16:lokr --out-name paired_2048_structured
+    ;;
+17)
+    # carry .before = the session's first commit (15d056d): LoRA / DoRA now (recipes, fused F.rms_norm) against it
+    step lean_llama_cuda_test 90 python -m pytest -q -s tests/core/test_lean_llama_cuda.py
+    step paired_512_fused_norm 300 python benchmarks/paired_steps.py --rounds 14 --before .before --configs lora dora \
+        before:lora before:dora peft-bf16:lora peft-bf16:dora --out-name paired_512_fused_norm
+    ;;
+18)
+    # issues 19/20, carry .whl and .before = the session's first commit (15d056d): the lean layers as C++ nodes with
+    # recipes (core.rebuild), the fused F.rms_norm — CUDA tests, each lean layer's cost, SD-1.5 and 3B seq 512 in
+    # paired rounds against that commit and PEFT-bf16
+    install_wheels
+    step lean_cuda_tests 120 python -m pytest -q -s tests/core/test_lean_llama_cuda.py tests/core/test_lean_layers.py \
+        tests/core/test_rebuild.py
+    step lean_layer_cost 100 python benchmarks/lean_layer_cost.py
+    step paired_sd15_lean_hooks 200 python benchmarks/paired_steps.py --preset stable-diffusion-1.5 --rank 16 \
+        --rounds 6 --before .before --configs lora locon loha lokr dora before:lora before:locon peft-bf16:lora \
+        peft-bf16:locon peft-bf16:loha peft-bf16:lokr peft-bf16:dora --out-name paired_sd15_lean_hooks
+    step paired_512_fused_norm 200 python benchmarks/paired_steps.py --rounds 12 --before .before --configs lora dora \
+        before:lora before:dora peft-bf16:lora peft-bf16:dora --out-name paired_512_fused_norm
+    ;;
+19)
+    # issues 19/20, carry .whl and .before = 15d056d: the fused F.rms_norm with the Llama MLP recipe only from
+    # MLP_RECIPE_BYTES, the UNet's lean layers as Functions with the blocks' recipes (run 65's), against 15d056d
+    install_wheels
+    step lean_cuda_tests 120 python -m pytest -q -s tests/core/test_lean_llama_cuda.py tests/core/test_lean_layers.py
+    step paired_512_final 150 python benchmarks/paired_steps.py --rounds 12 --before .before --configs lora dora \
+        before:lora before:dora peft-bf16:lora peft-bf16:dora --out-name paired_512_final
+    step paired_sd15_final 150 python benchmarks/paired_steps.py --preset stable-diffusion-1.5 --rank 16 \
+        --rounds 6 --before .before --configs lora locon before:lora before:locon peft-bf16:lora peft-bf16:locon \
+        --out-name paired_sd15_final
     ;;
 *)
-    echo "unknown part $part (1 to 15)" >&2
+    echo "unknown part $part (1 to 19)" >&2
     exit 2
     ;;
 esac

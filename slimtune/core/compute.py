@@ -12,12 +12,17 @@ _NO_CONTEXT = contextlib.nullcontext()
 _MM_OUT_DTYPE: dict[torch.dtype, bool] = {}  # whether torch.mm(..., out_dtype=fp32) runs, per input dtype (CUDA)
 
 
+def autocasting(x: torch.Tensor) -> bool:
+    """Whether autocast is on for ``x``'s device. Meta tensors (the memory estimator's simulated step) have no
+    autocast."""
+    return x.device.type != "meta" and torch.is_autocast_enabled(x.device.type)
+
+
 def compute_setting(x: torch.Tensor) -> tuple[torch.dtype, contextlib.AbstractContextManager]:
     """The dtype adapter GEMMs run in (autocast's when it is on, else x's), and a context that turns autocast
-    off around our own kernels (a no-op context when autocast is off: the common, cheap path). Meta tensors
-    (the memory estimator's simulated step) have no autocast: x's dtype."""
-    device = x.device.type
-    if device != "meta" and torch.is_autocast_enabled(device):
+    off around our own kernels (a no-op context when autocast is off: the common, cheap path)."""
+    if autocasting(x):
+        device = x.device.type
         return torch.get_autocast_dtype(device), torch.autocast(device, enabled=False)
     return x.dtype, _NO_CONTEXT
 

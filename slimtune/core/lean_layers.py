@@ -20,9 +20,10 @@ their own weight gradients. What PyTorch keeps for them that those gradients nev
   the projection too, and keeps only its input).
 * The **RMSNorm** of transformers' Llama-family models (:data:`RMS_NORM_CLASSES`) keeps a float32 copy of its input
   (4 bytes per element in bf16), over about eight kernels forward and ten backward.
-  :class:`~.rms_norm.RmsNormFunction` keeps the input itself and a float32 ``rstd`` per row, one Triton launch each
-  way on CUDA (the CPU runs the module's own ops inside it). Not bit for bit on the GPU: its row sum runs in another
-  order, so an output element can differ by one unit in the last place, rarely (:mod:`.rms_norm`).
+  The lean norm keeps the input itself and a float32 ``rstd`` per row: on CUDA as PyTorch's fused ``F.rms_norm``
+  (one C++ kernel each way; it rounds once where the module rounds twice, so an output element can differ by one
+  unit in the last place), elsewhere :class:`~.rms_norm.RmsNormFunction` (the CPU runs the module's own ops inside
+  it, bit for bit; a float32 weight over bf16 activations takes its Triton kernels on CUDA) (:mod:`.rms_norm`).
 * The gated **MLP** of those models (:data:`MLP_CLASSES`, ``down(silu(gate(x)) * up(x))``) keeps ``gate(x)``,
   ``silu(gate(x))`` and ``up(x)`` for its activation and product. :class:`~.swiglu.SwigluFunction` keeps the two
   projections' outputs and rebuilds the SiLU in backward: one Triton launch each way on CUDA (one-ulp differences
@@ -32,9 +33,11 @@ An **adapter** keeps its layer's input for its own weight gradients, and that in
 layers above, one cheap pass from tensors that layer keeps anyway. So the adapter keeps a recipe instead
 (:mod:`.rebuild`, PyTorch's saved-tensor hooks; the recipe's pass runs in backward, the same ops, so bit for bit):
 
-* in a Llama-family MLP, ``down_proj``'s input ``silu(g) ⊙ u``, rebuilt from g and u (:func:`~.swiglu.swiglu_forward`);
+* in a Llama-family MLP, ``down_proj``'s input ``silu(g) ⊙ u``, rebuilt from g and u (:func:`~.swiglu.swiglu_forward`),
+  where it is at least :data:`MLP_RECIPE_BYTES` (long sequences: smaller steps are host-bound, and the recipe's
+  hooks and launch cost more time than its memory is worth);
 * in a diffusers ``BasicTransformerBlock`` or ``ResnetBlock2D`` that holds an adapter (:data:`DIFFUSERS_BLOCKS`: its
-  forward runs in a :func:`~.rebuild.rebuild_scope`), the outputs of its LayerNorms (:data:`BLOCK_NORMS`, rebuilt
+  forward runs in a :class:`~.rebuild.RebuildScope`), the outputs of its LayerNorms (:data:`BLOCK_NORMS`, rebuilt
   from their inputs), of its GEGLU (from the projection) and of its GroupNorm + SiLU pairs (from the norm's input),
   which the attention projections, the feed-forward Linears and adapted convolutions would keep.
 
@@ -63,8 +66,8 @@ from torch import nn
 from .aten_grads import gelu_grad, silu_grad
 from .autograd_state import saved_tensor_hooks_active
 from .caches import TensorMark
-from .rebuild import offer, rebuild_scope, rebuilt_from
-from .rms_norm import RmsNormFunction, takes_weight
+from .rebuild import RebuildScope, offer, rebuilt_from
+from .rms_norm import RmsNormFunction, fused_takes, takes_weight
 from .swiglu import SwigluFunction, swiglu_forward
 from .tracing import compiling
 
@@ -290,7 +293,7 @@ class _LeanLayerNormForward(_InstanceForward):
 
 class _LeanBlockForward(_InstanceForward):
     """A diffusers block's instance ``forward`` (``BasicTransformerBlock``, ``ResnetBlock2D``, holding an adapter): its
-    own, inside a :func:`~.rebuild.rebuild_scope` (where gradients flow and no checkpointing or offloading hooks own
+    own, inside a :class:`~.rebuild.RebuildScope` (where gradients flow and no checkpointing or offloading hooks own
     what is saved), so that its adapted projections and convolutions keep recipes from the tensors its norms, GEGLU
     and norm + SiLU pairs keep, not those layers' outputs."""
 
@@ -298,19 +301,22 @@ class _LeanBlockForward(_InstanceForward):
         block = self.module
         if not torch.is_grad_enabled() or compiling() or saved_tensor_hooks_active():
             return type(block).forward(block, *args, **kwargs)
-        with rebuild_scope():
+        with RebuildScope():
             return type(block).forward(block, *args, **kwargs)
 
 
 class _LeanRmsNormForward(_InstanceForward):
-    """A transformers RMSNorm's instance ``forward``: :class:`~.rms_norm.RmsNormFunction` where the lean path applies
-    and the weight has the input's dtype or float32 (else the module's own forward)."""
+    """A transformers RMSNorm's instance ``forward`` where the lean path applies and the weight has the input's dtype
+    or float32 (else the module's own forward): on CUDA PyTorch's fused ``F.rms_norm`` where
+    :func:`~.rms_norm.fused_takes`, else :class:`~.rms_norm.RmsNormFunction`."""
 
     def __call__(self, hidden_states: torch.Tensor) -> torch.Tensor:
         norm = self.module
         weight = norm.weight
         if not (takes_weight(hidden_states, weight) and _lean(hidden_states, weight)):
             return type(norm).forward(norm, hidden_states)
+        if fused_takes(hidden_states, weight):  # PyTorch's fused kernel: the same two tensors kept, C++ on the host
+            return F.rms_norm(hidden_states, weight.shape, weight, norm.variance_epsilon)
         return RmsNormFunction.apply(hidden_states, weight, norm.variance_epsilon)
 
 
@@ -332,12 +338,18 @@ class _LeanMlpForward(_InstanceForward):
         g, u = mlp.gate_proj(x), mlp.up_proj(x)
         if g.dtype is u.dtype and g.shape == u.shape and (_lean(g) or _lean(u)):
             h = SwigluFunction.apply(g, u)
-            if saved_tensor_hooks_active():
+            if h.numel() * h.element_size() < MLP_RECIPE_BYTES or saved_tensor_hooks_active():
                 return mlp.down_proj(h)
             with rebuilt_from(h, swiglu_forward, g, u):  # an adapter on down_proj keeps g and u (kept anyway), not h
                 return mlp.down_proj(h)
         return mlp.down_proj(mlp.act_fn(g) * u)
 
+
+#: The smallest ``silu(g) ⊙ u`` (bytes) that an adapter on ``down_proj`` keeps as its recipe: below it the step is
+#: host-bound and the recipe's hooks and rebuild launch cost more step time than its memory is worth (RESULTS.md
+#: runs 65-66: Llama-3.2-3B at 4x512 tokens, 32 MiB per layer, the step 2-9% slower); at 4x2048 tokens (128 MiB)
+#: the step is GPU-bound and the recipe saves 3.5 GiB.
+MLP_RECIPE_BYTES = 64 * 2**20
 
 #: ``(model family, class)`` of the transformers gated MLPs whose forward is Llama's,
 #: ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``; lean where ``act_fn`` is transformers' SiLU
@@ -389,7 +401,7 @@ def _diffusers_geglu(m: nn.Module) -> bool:
             and not is_torch_npu_available())
 
 
-#: ``(module, class)`` of the diffusers blocks that get a :func:`~.rebuild.rebuild_scope` when they hold an adapter
+#: ``(module, class)`` of the diffusers blocks that get a :class:`~.rebuild.RebuildScope` when they hold an adapter
 DIFFUSERS_BLOCKS: tuple[tuple[str, str], ...] = (
     ("diffusers.models.attention", "BasicTransformerBlock"), ("diffusers.models.resnet", "ResnetBlock2D"),
 )

@@ -9,7 +9,7 @@ activations. Every method's Function keeps its input as it is given (``save_for_
 of them without touching one.
 
 It is PyTorch's public ``torch.autograd.graph.saved_tensors_hooks``: the pack hook replaces exactly ``y`` (the same
-tensor object, unchanged in place since: :class:`~.caches.TensorMark`) and returns every other tensor as it is; the
+tensor object, unchanged in place since) and returns every other tensor as it is; the
 unpack hook runs ``rebuild(*sources)`` under ``no_grad``. ``rebuild`` must compute what produced ``y`` with the same
 ops on the same inputs, so the rebuilt tensor is ``y`` bit for bit (the tests check it per layer). Under hooks
 autograd does not check ``y``'s in-place version on unpacking; the recipe gives ``y`` as it was saved, whatever
@@ -17,7 +17,7 @@ changed it later. The sources are checked by the Function that saved them (its b
 and raises), so a changed source still fails the backward pass.
 
 Two forms: :func:`rebuilt_from` around one consumer (the Llama MLP's ``down_proj``: the product and its consumer are
-in one forward), and :func:`rebuild_scope` around a block whose layers :func:`offer` their outputs as they run (a
+in one forward), and :class:`RebuildScope` around a block whose layers :func:`offer` their outputs as they run (a
 diffusers transformer block: its LayerNorms' outputs to the attention projections and the feed-forward, the GEGLU's
 to the output Linear), for consumers the block's code calls in between.
 
@@ -28,14 +28,13 @@ that look for owning hooks (DoRA's ``dora_recompute="auto"``) behave as without 
 """
 from __future__ import annotations
 
-import contextlib
 import threading
-from typing import Any, Callable, Iterator
+import weakref
+from typing import Any, Callable, Optional
 
 import torch
 
-from .autograd_state import mark_transparent, transparent_hooks
-from .caches import TensorMark
+from .autograd_state import mark_transparent, tensor_version, transparent_hooks
 
 
 class _Recipe:
@@ -47,18 +46,47 @@ class _Recipe:
         self.rebuild, self.sources = rebuild, sources
 
 
-def _hooks(find: Callable[[torch.Tensor], _Recipe | None]) -> torch.autograd.graph.saved_tensors_hooks:
-    """Saved-tensor hooks that save a tensor as ``find(t)`` where that is a recipe, else as it is. Only the innermost
-    hooks run: where they nest inside transparent ones (the memory meter's), those still see every tensor, a
-    recipe's sources in its place."""
+#: an offered tensor: a weak reference to it, its in-place version then, its recipe
+_Offer = tuple[weakref.ref, Optional[int], _Recipe]
+
+
+def _offer(y: torch.Tensor, rebuild: Callable[..., Any], sources: tuple[Any, ...]) -> _Offer:
+    return weakref.ref(y), tensor_version(y), _Recipe(rebuild, sources)
+
+
+def _hooks(offers: list[_Offer]) -> torch.autograd.graph.saved_tensors_hooks:
+    """Saved-tensor hooks that save each tensor of ``offers`` (the very object, unchanged in place since) as its
+    recipe, any other as it is. Only the innermost hooks run: where they nest inside transparent ones (the memory
+    meter's), those still see every tensor, a recipe's sources in its place. Called for every tensor a block
+    saves, so the pack is a plain loop over the few offers."""
     outer = transparent_hooks()
-    outer_pack, outer_unpack = outer if outer is not None else (None, None)
+
+    def find(t: torch.Tensor) -> _Recipe | None:
+        for ref, version, recipe in offers:
+            if ref() is t and version is not None and tensor_version(t) == version:
+                return recipe
+        return None
+
+    def unpack(saved: Any) -> torch.Tensor:
+        if type(saved) is _Recipe:
+            with torch.no_grad():
+                return saved.rebuild(*saved.sources)
+        return saved
+
+    if outer is None:
+        @mark_transparent
+        def pack(t: torch.Tensor) -> Any:
+            for ref, version, recipe in offers:
+                if ref() is t and version is not None and tensor_version(t) == version:
+                    return recipe
+            return t
+
+        return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+    outer_pack, outer_unpack = outer
 
     @mark_transparent
-    def pack(t: torch.Tensor) -> Any:
+    def pack_through(t: torch.Tensor) -> Any:
         recipe = find(t)
-        if outer_pack is None:
-            return t if recipe is None else recipe
         if recipe is None:
             return outer_pack(t)
         for source in recipe.sources:
@@ -66,57 +94,50 @@ def _hooks(find: Callable[[torch.Tensor], _Recipe | None]) -> torch.autograd.gra
                 outer_pack(source)
         return recipe
 
-    def unpack(saved: Any) -> torch.Tensor:
-        if isinstance(saved, _Recipe):
-            with torch.no_grad():
-                return saved.rebuild(*saved.sources)
-        return saved if outer_unpack is None else outer_unpack(saved)
+    def unpack_through(saved: Any) -> torch.Tensor:
+        return unpack(saved) if type(saved) is _Recipe else outer_unpack(saved)
 
-    return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+    return torch.autograd.graph.saved_tensors_hooks(pack_through, unpack_through)
 
 
 def rebuilt_from(y: torch.Tensor, rebuild: Callable[..., Any],
                  *sources: Any) -> torch.autograd.graph.saved_tensors_hooks:
     """A context in which autograd saves ``y`` as ``rebuild(*sources)`` (module docstring); the tensors among
     ``sources`` must be kept by backward anyway (they are held until the recipe is unpacked and freed)."""
-    mark = TensorMark(y)
-    recipe = _Recipe(rebuild, sources)
-    return _hooks(lambda t: recipe if mark.matches(t) else None)
+    return _hooks([_offer(y, rebuild, sources)])
 
 
 class _Scope(threading.local):
-    """The offers of the :func:`rebuild_scope` running on this thread (None outside one)."""
+    """The offers of the :class:`RebuildScope` running on this thread (None outside one)."""
 
-    offers: list[tuple[TensorMark, _Recipe]] | None = None
+    offers: list[_Offer] | None = None
 
 
 _SCOPE = _Scope()
 
 
 def offer(y: torch.Tensor, rebuild: Callable[..., Any], *sources: Any) -> None:
-    """Inside a :func:`rebuild_scope` on this thread, have autograd save ``y`` as ``rebuild(*sources)`` from here
+    """Inside a :class:`RebuildScope` on this thread, have autograd save ``y`` as ``rebuild(*sources)`` from here
     to the scope's end (as :func:`rebuilt_from`); elsewhere nothing."""
     offers = _SCOPE.offers
     if offers is not None:
-        offers.append((TensorMark(y), _Recipe(rebuild, sources)))
+        offers.append(_offer(y, rebuild, sources))
 
 
-@contextlib.contextmanager
-def rebuild_scope() -> Iterator[None]:
-    """A block's forward in which layers :func:`offer` their outputs as recipes: a consumer later in the block that
-    saves one of those very tensors saves its recipe instead (a block's layers are few, so the newest offers are
-    looked at first and a pack looks at a handful)."""
-    offers: list[tuple[TensorMark, _Recipe]] = []
+class RebuildScope:
+    """A block's forward (``with RebuildScope(): ...``) in which layers :func:`offer` their outputs as recipes: a
+    consumer later in the block that saves one of those very tensors saves its recipe instead."""
 
-    def find(t: torch.Tensor) -> _Recipe | None:
-        for mark, recipe in reversed(offers):
-            if mark.matches(t):
-                return recipe
-        return None
+    __slots__ = ("_offers", "_outer", "_hooks")
 
-    outer, _SCOPE.offers = _SCOPE.offers, offers
-    try:
-        with _hooks(find):
-            yield
-    finally:
-        _SCOPE.offers = outer
+    def __enter__(self) -> None:
+        self._offers: list[_Offer] = []
+        self._outer, _SCOPE.offers = _SCOPE.offers, self._offers
+        self._hooks = _hooks(self._offers)
+        self._hooks.__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            self._hooks.__exit__(*exc)
+        finally:
+            _SCOPE.offers = self._outer

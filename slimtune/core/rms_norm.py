@@ -20,7 +20,17 @@ forward and ten backward). Backward needs only x and rstd (2 bytes per element a
 same PyTorch ops as the module, so a CPU forward is the module's bit for bit). On the GPU the row sum runs in
 another order than PyTorch's ``mean``, so ``rstd`` may differ in its last float32 bit and an element of y by one
 unit in the last place of t, rarely (the module's own rounding); ``tests/core/test_rms_norm.py`` bounds it.
-:mod:`.lean_layers` installs it on the transformers RMSNorm classes it knows.
+
+On CUDA, where the weight has x's dtype (:func:`fused_takes`), :mod:`.lean_layers` runs PyTorch's own
+``F.rms_norm`` instead: one fused C++ kernel each way that keeps the same two tensors (x and a float32 rstd) and
+costs the host less than half of this Function's Python and Triton launch (RESULTS.md run 65: 140 against 258 µs a
+call with its backward). It rounds once, ``y = (w · x32 · rstd).to(t)``, where the module rounds the normalised x
+first: an element of y may differ from the module's by one unit in the last place (the two roundings of the same
+value: 26% of them in bf16 and fp16, none by more, RESULTS.md run 67; ``tests/core/test_lean_llama_cuda.py`` bounds
+it), and dx is computed in float32 from dy without the module's rounding of ``dy · w``. Setting
+:data:`FUSED_ON_CUDA` to False gives back this module's Triton kernels and the module's roundings. :class:`RmsNormFunction` stays for a float32 weight over bf16/fp16 activations, under
+autocast, off CUDA and on the meta device (which keeps what the fused kernel keeps).
+:mod:`.lean_layers` installs the lean norm on the transformers RMSNorm classes it knows.
 """
 from __future__ import annotations
 
@@ -28,7 +38,13 @@ from typing import Any
 
 import torch
 
+from .autograd_state import fused_rms_norm_on_cuda
+from .compute import autocasting
 from .triton import use_triton
+
+#: whether the lean norm runs as ``F.rms_norm`` on CUDA (this PyTorch fuses it, ``aten._fused_rms_norm``); set it to
+#: False for the Triton kernels, which keep the transformers module's roundings
+FUSED_ON_CUDA = fused_rms_norm_on_cuda()
 
 #: The widest row the Triton kernels take (one row is one program's block); wider rows run the reference.
 TRITON_MAX_COLS = 32768
@@ -55,6 +71,13 @@ def rms_norm_backward_reference(grad: torch.Tensor, x: torch.Tensor, weight: tor
 def takes_weight(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether :class:`RmsNormFunction` computes the module for this weight: x's dtype, or float32."""
     return weight.dtype is x.dtype or weight.dtype is torch.float32
+
+
+def fused_takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the lean norm runs as PyTorch's fused CUDA kernel (``F.rms_norm``, module docstring): x on CUDA, the
+    weight ``[D]`` of x's dtype, no autocast (which would run it in float32), and this PyTorch fusing it."""
+    return (x.is_cuda and weight.dtype is x.dtype and FUSED_ON_CUDA and weight.shape[-1] == x.shape[-1]
+            and not autocasting(x))
 
 
 def _triton_takes(x: torch.Tensor, weight: torch.Tensor) -> bool:

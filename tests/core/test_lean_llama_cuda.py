@@ -1,7 +1,7 @@
-"""The lean Llama layers' Triton kernels on a GPU, bf16 included (the CPU interpreter cannot check bf16): the frozen
-RMSNorm's output against the transformers module (its own roundings: equal but for rare one-ulp differences from the
-row sum's order) and ``dx`` against the float64 definition; SwiGLU against PyTorch's ops; a Llama's training step with
-and without the lean layers."""
+"""The lean Llama layers on a GPU, bf16 included (the CPU interpreter cannot check bf16): the frozen RMSNorm's Triton
+kernels against the transformers module (its own roundings: equal but for rare one-ulp differences from the row sum's
+order) and ``dx`` against the float64 definition, the fused ``F.rms_norm`` the lean norm runs on CUDA within one
+rounding; SwiGLU against PyTorch's ops; a Llama's training step with and without the lean layers."""
 from __future__ import annotations
 
 import copy
@@ -49,6 +49,40 @@ def test_rms_norm_kernels_on_the_gpu(d, dtype, tol):
     y64 = norm.weight.double() * x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
     y64.backward(dy.double())
     assert rel_err(y, y64) < tol and rel_err(x.grad, x64.grad) < tol
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_lean_norm_runs_pytorchs_fused_kernel_within_one_rounding(dtype):
+    """On CUDA the lean norm is ``F.rms_norm`` (one rounding where the module rounds twice): y within one ulp of the
+    module's, the fraction that differs printed; dx against float64 as the module's own dx is."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from slimtune.core import lean_layers
+
+    torch.manual_seed(0)
+    plain = LlamaRMSNorm(3072, eps=1e-5).to("cuda", dtype).requires_grad_(False)
+    with torch.no_grad():
+        plain.weight.uniform_(0.5, 1.5)
+    lean = copy.deepcopy(plain)
+    lean_layers.install(lean)
+    assert lean_layers.installed(lean)
+    x = (torch.randn(4, 512, 3072, device="cuda") * 3).to(dtype)
+    runs = []
+    for norm in (plain, lean):
+        xg = x.clone().requires_grad_()
+        y = norm(xg)
+        runs.append(type(y.grad_fn))
+        y.backward(torch.ones_like(y))
+        runs.append((y.detach(), xg.grad))
+    node_plain, (y_plain, dx_plain), node_lean, (y_lean, dx_lean) = runs
+    assert node_lean is not node_plain  # not the module's ops
+    ulp = torch.finfo(dtype).eps * y_plain.abs().float().clamp_min(torch.finfo(dtype).tiny)
+    assert bool(((y_lean.float() - y_plain.float()).abs() <= ulp).all())
+    print(f"{dtype}: {(y_lean != y_plain).float().mean().item():.4f} of y differ by one ulp")
+    x64 = x.double().requires_grad_()
+    y64 = plain.weight.double() * x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-5)
+    y64.backward(torch.ones_like(y64))
+    assert rel_err(dx_lean, x64.grad) <= 2 * rel_err(dx_plain, x64.grad) + 1e-3
 
 
 def test_float32_norm_weight_over_bf16_activations_on_the_gpu():

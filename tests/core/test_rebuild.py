@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from slimtune.core.autograd_state import saved_tensor_hooks_active
-from slimtune.core.rebuild import offer, rebuild_scope, rebuilt_from
+from slimtune.core.rebuild import RebuildScope, offer, rebuilt_from
 from slimtune.memory.accounting import SavedTensorMeter
 
 
@@ -82,7 +82,7 @@ def test_a_scope_saves_offered_tensors_as_recipes_until_it_ends():
     y, z = p * 2, p * 3
     calls: list[str] = []
     offer(y, lambda source: calls.append("outside") or source * 2, p)  # no scope: nothing
-    with rebuild_scope():
+    with RebuildScope():
         offer(y, lambda source: calls.append("y") or source * 2, p)
         out = _product(y, w) + _product(z, w)
     after = _product(y, w)  # the scope has ended: y saved as it is

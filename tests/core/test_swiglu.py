@@ -40,7 +40,12 @@ def _tiny_llama(act: str = "silu") -> torch.nn.Module:
     return transformers.LlamaForCausalLM(cfg).to(torch.bfloat16)
 
 
-def test_lean_mlp_in_a_llama_is_the_plain_step_bit_for_bit_and_saves_less():
+@pytest.mark.parametrize("recipe", [False, True])
+def test_lean_mlp_in_a_llama_is_the_plain_step_bit_for_bit_and_saves_less(recipe, monkeypatch):
+    """silu(gate(x)) is not kept; with the down_proj recipe on (h at least MLP_RECIPE_BYTES; here every h) h = silu(g)·u
+    is not kept either."""
+    if recipe:
+        monkeypatch.setattr(lean_layers, "MLP_RECIPE_BYTES", 0)
     base = _tiny_llama()
     ids = torch.randint(0, 100, (2, 9))
     runs = []
@@ -61,8 +66,8 @@ def test_lean_mlp_in_a_llama_is_the_plain_step_bit_for_bit_and_saves_less():
         runs.append((logits, [p.grad for p in model.parameters() if p.requires_grad], meter.bytes))
     (lean_out, lean_grads, lean_bytes), (out, grads, plain_bytes) = runs
     assert torch.equal(lean_out, out) and all(torch.equal(a, b) for a, b in zip(lean_grads, grads))
-    # per MLP, silu(gate(x)) and (down_proj's adapter keeps the recipe instead) h = silu(g)·u: [2, 9, 128] bf16 each
-    assert plain_bytes - lean_bytes == 2 * 2 * (2 * 9 * 128 * 2)
+    # per MLP, silu(gate(x)) and (down_proj's adapter keeping the recipe instead) h = silu(g)·u: [2, 9, 128] bf16 each
+    assert plain_bytes - lean_bytes == 2 * (2 if recipe else 1) * (2 * 9 * 128 * 2)
 
 
 def test_lean_mlp_only_with_silu_and_runs_plainly_without_gradients():
