@@ -11,7 +11,8 @@ of them without touching one.
 
 It is PyTorch's public ``torch.autograd.graph.saved_tensors_hooks``: the pack hook replaces exactly ``y`` (the same
 tensor object, unchanged in place since) and returns every other tensor as it is; the
-unpack hook runs ``rebuild(*sources)`` under ``no_grad``. ``rebuild`` must compute what produced ``y`` with the same
+unpack hook runs ``rebuild(*sources)`` under ``no_grad`` (autograd gives the unpacked tensor the saved one's place in
+the graph, so second derivatives through it stay right: tested). ``rebuild`` must compute what produced ``y`` with the same
 ops on the same inputs, so the rebuilt tensor is ``y`` bit for bit (the tests check it per layer). Under hooks
 autograd does not check ``y``'s in-place version on unpacking; the recipe gives ``y`` as it was saved, whatever
 changed it later. The sources are checked by the Function that saved them (its backward runs after the consumer's

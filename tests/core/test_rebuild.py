@@ -88,3 +88,22 @@ def test_a_scope_saves_offered_tensors_as_recipes_until_it_ends():
     after = _product(y, w)  # the scope has ended: y saved as it is
     (out + after).sum().backward()
     assert calls == ["y"] and torch.allclose(w.grad, 2 * y + z, rtol=1e-6, atol=0)
+
+
+def test_second_derivatives_through_a_recipe_are_the_plain_ones():
+    """In a ``create_graph`` backward autograd gives the rebuilt y the saved y's place in the graph: d²/dp² through
+    y = p² saved by y * w is the plain one (a rebuilt y cut from the graph would drop that term silently)."""
+    w = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    grads = []
+    for recipe in (False, True):
+        p = torch.randn(5, dtype=torch.float64, generator=torch.Generator().manual_seed(0), requires_grad=True)
+        y = p * p
+        if recipe:
+            with rebuilt_from(y, lambda source: source * source, p):
+                out = (y * w).sum()
+        else:
+            out = (y * w).sum()
+        (gw,) = torch.autograd.grad(out, w, create_graph=True)  # = y: its graph reaches p only through the recipe
+        (gp,) = torch.autograd.grad(gw.sum(), p)
+        grads.append(gp)
+    assert torch.equal(grads[0], grads[1]) and grads[0].abs().sum() > 0
