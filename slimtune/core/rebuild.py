@@ -36,7 +36,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from .autograd_state import mark_transparent, tensor_version, transparent_hooks
+from .autograd_state import mark_transparent, saved_tensor_hooks_active, tensor_version, transparent_hooks
 
 
 class _Recipe:
@@ -120,10 +120,12 @@ _SCOPE = _Scope()
 
 def offer(y: torch.Tensor, rebuild: Callable[..., Any], *sources: Any) -> None:
     """Inside a :class:`RebuildScope` on this thread, have autograd save ``y`` as ``rebuild(*sources)`` from here
-    to the scope's end (as :func:`rebuilt_from`); elsewhere nothing."""
+    to the scope's end (as :func:`rebuilt_from`); elsewhere nothing, and nothing where other hooks own what is saved
+    (a producer inside a checkpointed region: backward keeps none of its tensors, so a recipe would keep the
+    sources alive instead of y)."""
     offers = _SCOPE.offers
-    if offers is not None:
-        offers.append(_offer(y, rebuild, sources))
+    if offers is not None and not saved_tensor_hooks_active():  # a producer under checkpointing: its sources are
+        offers.append(_offer(y, rebuild, sources))                # not kept, so y is better kept as it is
 
 
 class RebuildScope:

@@ -107,3 +107,22 @@ def test_second_derivatives_through_a_recipe_are_the_plain_ones():
         (gp,) = torch.autograd.grad(gw.sum(), p)
         grads.append(gp)
     assert torch.equal(grads[0], grads[1]) and grads[0].abs().sum() > 0
+
+
+def test_an_offer_from_a_checkpointed_producer_is_not_taken():
+    """A producer inside a checkpointed region keeps none of its tensors for backward: a recipe would hold its
+    sources alive, so the consumer after the region keeps y itself."""
+    p = torch.randn(8, 3, requires_grad=True)
+    w = torch.randn(8, 3, requires_grad=True)
+    calls: list[int] = []
+
+    def produce(q: torch.Tensor) -> torch.Tensor:
+        y = torch.tanh(q)
+        offer(y, lambda source: calls.append(1) or torch.tanh(source), q)
+        return y
+
+    with RebuildScope():
+        y = torch.utils.checkpoint.checkpoint(produce, p, use_reentrant=False)
+        out = _product(y, w)
+    out.sum().backward()
+    assert not calls and torch.equal(w.grad, torch.tanh(p).detach())
