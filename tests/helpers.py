@@ -125,3 +125,15 @@ def dora_layer_errors(layer, x: torch.Tensor, y: torch.Tensor, dy: torch.Tensor)
     errors.update({name: rel_err(p.grad, leaf.grad) for name, p, leaf in zip("ABm", params, leaves)
                    if p.requires_grad})
     return errors
+
+
+def causal_lm_step_saved(model: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, list, int]:
+    """One training step of a causal LM on ``ids``: ``(logits, the trainable parameters' gradients, bytes saved for
+    backward in the forward, the model's parameters aside)``."""
+    from slimtune.memory.accounting import SavedTensorMeter
+
+    meter = SavedTensorMeter(exclude=model.parameters())
+    with meter.record():
+        logits = model(ids).logits
+    logits.float().pow(2).mean().backward()
+    return logits, [p.grad for p in model.parameters() if p.requires_grad], meter.bytes

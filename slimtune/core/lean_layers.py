@@ -66,6 +66,7 @@ from torch import nn
 from .aten_grads import gelu_grad, silu_grad
 from .autograd_state import saved_tensor_hooks_active
 from .caches import TensorMark
+from .compute import cast, cast_optional
 from .rebuild import RebuildScope, offer, rebuilt_from
 from .rms_norm import RmsNormFunction, fused_takes, takes_weight
 from .swiglu import SwigluFunction, swiglu_forward
@@ -121,10 +122,8 @@ class NormSiluFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight, bias = ctx.saved_tensors
-        dtype = ctx.h_dtype  # float32 where autocast ran the norm (its float32 list): the same casts again
-        with torch.no_grad():
-            h = F.group_norm(x.to(dtype), ctx.groups, weight.to(dtype) if weight is not None else None,
-                             bias.to(dtype) if bias is not None else None, ctx.eps)
+        with torch.no_grad():  # h_dtype: float32 where autocast ran the norm (its float32 list): the same casts again
+            h = group_norm_as(x, ctx.groups, weight, bias, ctx.eps, ctx.h_dtype)
         return silu_grad(grad, h), None, None, None, None, None
 
 
@@ -151,21 +150,24 @@ def geglu_output(p: torch.Tensor) -> torch.Tensor:
     return h * F.gelu(gate)
 
 
+def group_norm_as(x: torch.Tensor, groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """A GroupNorm's output ``[B, C, *]`` as the module computed it into ``dtype`` (float32 under autocast, whose
+    float32 list casts x and the affine parameters)."""
+    return F.group_norm(cast(x, dtype), groups, cast_optional(weight, dtype), cast_optional(bias, dtype), eps)
+
+
 def norm_silu_output(x: torch.Tensor, norm: nn.GroupNorm, dtype: torch.dtype) -> torch.Tensor:
-    """:class:`NormSiluFunction`'s output ``silu(norm(x))``, the norm computed into ``dtype`` as the module did
-    (float32 under autocast): ``[B, C, *]``."""
-    weight, bias = norm.weight, norm.bias
-    h = F.group_norm(x.to(dtype), norm.num_groups, None if weight is None else weight.to(dtype),
-                     None if bias is None else bias.to(dtype), norm.eps)
-    return F.silu(h)
+    """:class:`NormSiluFunction`'s output ``silu(norm(x))``, the norm computed into ``dtype`` as the module did:
+    ``[B, C, *]``."""
+    return F.silu(group_norm_as(x, norm.num_groups, norm.weight, norm.bias, norm.eps, dtype))
 
 
 def layer_norm_output(x: torch.Tensor, norm: nn.LayerNorm, dtype: torch.dtype) -> torch.Tensor:
     """``norm(x)`` as ``nn.LayerNorm`` computed it into ``dtype`` (float32 under autocast, whose float32 list casts x
     and the affine parameters): ``[..., *normalized_shape]``."""
-    weight, bias = norm.weight, norm.bias
-    return F.layer_norm(x.to(dtype), norm.normalized_shape, None if weight is None else weight.to(dtype),
-                        None if bias is None else bias.to(dtype), norm.eps)
+    return F.layer_norm(cast(x, dtype), norm.normalized_shape, cast_optional(norm.weight, dtype),
+                        cast_optional(norm.bias, dtype), norm.eps)
 
 
 def _lean(x: torch.Tensor, *params: torch.Tensor | None) -> bool:
@@ -359,14 +361,20 @@ MLP_CLASSES: tuple[tuple[str, str], ...] = (
 )
 
 
+def _listed_class(m: nn.Module, classes: tuple[tuple[str, str], ...]) -> bool:
+    """Whether ``m``'s class is one of ``classes`` (each ``(module, name)``) and keeps that class's forward."""
+    cls = type(m)
+    for module, name in classes:
+        if cls.__name__ == name and cls.__module__ == module:
+            return cls.forward is getattr(sys.modules[module], name).forward  # loaded: m is one of its classes
+    return False
+
+
 def _transformers_class(m: nn.Module, classes: tuple[tuple[str, str], ...]) -> bool:
     """Whether ``m``'s class is one of ``classes`` (each ``(family, name)`` of ``transformers.models.<family>.
     modeling_<family>``) and keeps that class's forward."""
-    cls = type(m)
-    for family, name in classes:
-        if cls.__name__ == name and cls.__module__ == f"transformers.models.{family}.modeling_{family}":
-            return cls.forward is getattr(sys.modules[cls.__module__], name).forward  # loaded: m is one of its classes
-    return False
+    return _listed_class(m, tuple((f"transformers.models.{family}.modeling_{family}", name)
+                                  for family, name in classes))
 
 
 def _transformers_rms_norm(m: nn.Module) -> bool:
@@ -409,11 +417,7 @@ DIFFUSERS_BLOCKS: tuple[tuple[str, str], ...] = (
 
 def _diffusers_block(m: nn.Module) -> bool:
     """One of :data:`DIFFUSERS_BLOCKS` with its class's forward."""
-    cls = type(m)
-    for module, name in DIFFUSERS_BLOCKS:
-        if cls.__name__ == name and cls.__module__ == module:
-            return cls.forward is getattr(sys.modules[module], name).forward  # loaded: m is one of its classes
-    return False
+    return _listed_class(m, DIFFUSERS_BLOCKS)
 
 
 #: the norms of a diffusers BasicTransformerBlock whose outputs go to its attention and feed-forward projections (their

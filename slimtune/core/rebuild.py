@@ -31,12 +31,12 @@ that look for owning hooks (DoRA's ``dora_recompute="auto"``) behave as without 
 from __future__ import annotations
 
 import threading
-import weakref
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import torch
 
-from .autograd_state import mark_transparent, saved_tensor_hooks_active, tensor_version, transparent_hooks
+from .autograd_state import mark_transparent, saved_tensor_hooks_active, transparent_hooks
+from .caches import TensorMark
 
 
 class _Recipe:
@@ -48,24 +48,23 @@ class _Recipe:
         self.rebuild, self.sources = rebuild, sources
 
 
-#: an offered tensor: a weak reference to it, its in-place version then, its recipe
-_Offer = tuple[weakref.ref, Optional[int], _Recipe]
+#: an offered tensor: its mark (the very object, unchanged in place since) and its recipe
+_Offer = tuple[TensorMark, _Recipe]
 
 
 def _offer(y: torch.Tensor, rebuild: Callable[..., Any], sources: tuple[Any, ...]) -> _Offer:
-    return weakref.ref(y), tensor_version(y), _Recipe(rebuild, sources)
+    return TensorMark(y), _Recipe(rebuild, sources)
 
 
 def _hooks(offers: list[_Offer]) -> torch.autograd.graph.saved_tensors_hooks:
     """Saved-tensor hooks that save each tensor of ``offers`` (the very object, unchanged in place since) as its
     recipe, any other as it is. Only the innermost hooks run: where they nest inside transparent ones (the memory
-    meter's), those still see every tensor, a recipe's sources in its place. Called for every tensor a block
-    saves, so the pack is a plain loop over the few offers."""
+    meter's), those still see every tensor, a recipe's sources in its place."""
     outer = transparent_hooks()
 
     def find(t: torch.Tensor) -> _Recipe | None:
-        for ref, version, recipe in offers:
-            if ref() is t and version is not None and tensor_version(t) == version:
+        for mark, recipe in offers:
+            if mark.matches(t):
                 return recipe
         return None
 
@@ -78,10 +77,8 @@ def _hooks(offers: list[_Offer]) -> torch.autograd.graph.saved_tensors_hooks:
     if outer is None:
         @mark_transparent
         def pack(t: torch.Tensor) -> Any:
-            for ref, version, recipe in offers:
-                if ref() is t and version is not None and tensor_version(t) == version:
-                    return recipe
-            return t
+            recipe = find(t)
+            return t if recipe is None else recipe
 
         return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
     outer_pack, outer_unpack = outer

@@ -13,9 +13,8 @@ import slimtune
 from slimtune.core import lean_layers
 from slimtune.core.rms_norm import (RmsNormFunction, rms_norm_backward_reference, rms_norm_forward,
                                     rms_norm_reference)
-from slimtune.memory.accounting import SavedTensorMeter
 
-from ..helpers import check_interpreted_errors, perturb_adapters, rel_err
+from ..helpers import causal_lm_step_saved, check_interpreted_errors, perturb_adapters, rel_err
 
 transformers = pytest.importorskip("transformers")
 from transformers.models.llama.modeling_llama import LlamaRMSNorm  # noqa: E402
@@ -116,11 +115,7 @@ def test_lean_rms_norm_in_a_llama_keeps_its_outputs_and_saves_less(dtype):
         model = _adapted(base, lean)
         norms = [m for m in model.modules() if isinstance(m, LlamaRMSNorm)]
         assert len(norms) == 5 and all(lean_layers.installed(m) == lean for m in norms)
-        meter = SavedTensorMeter(exclude=model.parameters())
-        with meter.record():
-            logits = model(ids).logits
-        logits.float().pow(2).mean().backward()
-        runs.append((logits, [p.grad for p in model.parameters() if p.requires_grad], meter.bytes))
+        runs.append(causal_lm_step_saved(model, ids))
     (lean_out, lean_grads, lean_bytes), (out, grads, plain_bytes) = runs
     assert torch.equal(lean_out, out)  # the CPU runs the module's own ops
     assert max(rel_err(a, b) for a, b in zip(lean_grads, grads)) < (1e-5 if dtype == torch.float32 else 2e-2)

@@ -12,9 +12,8 @@ import torch.nn.functional as F
 import slimtune
 from slimtune.core import lean_layers
 from slimtune.core.swiglu import SwigluFunction
-from slimtune.memory.accounting import SavedTensorMeter
 
-from ..helpers import check_interpreted_errors, perturb_adapters
+from ..helpers import causal_lm_step_saved, check_interpreted_errors, perturb_adapters
 
 transformers = pytest.importorskip("transformers")
 
@@ -59,11 +58,7 @@ def test_lean_mlp_in_a_llama_is_the_plain_step_bit_for_bit_and_saves_less(recipe
         if not lean:
             for m in mlps:
                 del m.forward
-        meter = SavedTensorMeter(exclude=model.parameters())
-        with meter.record():
-            logits = model(ids).logits
-        logits.float().pow(2).mean().backward()
-        runs.append((logits, [p.grad for p in model.parameters() if p.requires_grad], meter.bytes))
+        runs.append(causal_lm_step_saved(model, ids))
     (lean_out, lean_grads, lean_bytes), (out, grads, plain_bytes) = runs
     assert torch.equal(lean_out, out) and all(torch.equal(a, b) for a, b in zip(lean_grads, grads))
     # per MLP, silu(gate(x)) and (down_proj's adapter keeping the recipe instead) h = silu(g)·u: [2, 9, 128] bf16 each
