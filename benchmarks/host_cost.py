@@ -113,10 +113,38 @@ def cases(device: torch.device, dtype: torch.dtype) -> dict[str, Callable[[], ob
     xp = torch.randn(16, 3072, device=device, dtype=dtype, requires_grad=True)
     out["dora one Function (output route): fwd+bwd"] = lambda: DF.DoraLinearFunction.apply(
         xp, w, None, a, b, mag, 1.0, 0.0, 0, wsq, "output", 2.0 ** -63).sum().backward()
+    out["dora one Function, vectors formed ahead (prepass): fwd+bwd"] = lambda: DF.DoraLinearFunction.apply(
+        xp, w, None, a, b, mag, 1.0, 0.0, 0, wsq, "output", 2.0 ** -63, vec).sum().backward()
+    out["dora part: scale in place (PyTorch op, vectors ahead)"] = lambda: DC.scale_in_place(z, vec[1])
+    dz = torch.empty_like(z)
+
+    def tail_backward_in_torch_ops():  # what the compose backward does, as PyTorch ops (dz = g·dy, dm = Σ dy ⊙ y / m')
+        torch.mul(dy, vec[1], out=dz)
+        return torch.mul(dy, z).sum(0, dtype=torch.float32).mul_(vec[3])
+
+    out["dora part: compose bwd as PyTorch ops"] = tail_backward_in_torch_ops
+    out.update(prepass_cases(device, dtype))
     out["dora product only (z route): fwd+bwd"] = lambda: DF.DoraProductFunction.apply(
         xp, w, a, b, mag, 1.0, 0.0, 0, wsq, 0.0)[0].sum().backward()
     out.update(llama_layer_cases(device, dtype))
     return out
+
+
+def prepass_cases(device: torch.device, dtype: torch.dtype) -> dict[str, Callable[[], object]]:
+    """The DoRA pre-pass (``methods.dora.prepass``) of a 28-layer Llama with DoRA on all seven projections (196
+    layers, the 3B model's count; hidden 256, so the launch's GPU work stays small): host µs per forward's pre-pass."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from slimtune.methods.dora import DoraLinear
+    from slimtune.methods.dora.prepass import VectorPrepass
+
+    config = LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=28, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=128)
+    model = LlamaForCausalLM(config).to(device, dtype)
+    slimtune.adapt(model, slimtune.LoraConfig(r=32, alpha=32, use_dora=True, target_modules=[
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    prepass = VectorPrepass([m for m in model.modules() if isinstance(m, DoraLinear)])
+    return {f"dora prepass, {len(prepass.layers)} layers (one forward's)": prepass}
 
 
 def llama_layer_cases(device: torch.device, dtype: torch.dtype, d: int = 3072, d_ff: int = 8192,

@@ -47,13 +47,23 @@
 #   bash benchmarks/pending_gpu.sh 19   # issues 19/20: the session's final code (fused norm; MLP recipe from 64 MiB;
 #                                       #           Function-based UNet lean layers with recipes) against 15d056d
 #                                       #           and PEFT-bf16, 3B seq 512 and SD-1.5 (carry .whl, .before)
+#   bash benchmarks/pending_gpu.sh 20   # issue 19: DoRA's step vectors in one launch per forward (methods.dora.prepass)
+#                                       #           — CUDA tests, host cost, 3B seq 512 against ca4e9e6 and
+#                                       #           PEFT-bf16 (carry .whl, .before)
+#   bash benchmarks/pending_gpu.sh 21   # issues 19/20: the pre-pass's tests, 3B seq 512 every method, SD-1.5 DoRA
+#                                       #           against ca4e9e6 and PEFT-bf16 (carry .whl, .before)
+#   bash benchmarks/pending_gpu.sh 22   # issue 19: torch.compile on both sides at seq 512, DoRA and LoRA
+#   bash benchmarks/pending_gpu.sh 23   # issue 19: the pre-pass by input width — tests, 3B seq 512 DoRA / LoRA / LoKr
+#                                       #           against ca4e9e6 and PEFT-bf16 (carry .before)
+#   bash benchmarks/pending_gpu.sh 24   # issue 19: Triton 3.6's interpreter on the existing kernels; DoRA / LoKr at
+#                                       #           seq 512 in 20 rounds against ca4e9e6 and PEFT-bf16 (carry .before)
 #   bash benchmarks/pending_gpu.sh 3    # issue 17: online / gradient / data allocation vs AdaLoRA wall time
 #                                       #           (carry .out/minilm_wide; make it with rank_allocation.py --prepare)
 #
 # Outputs go to $OUT (each script's own files, plus one log per step); record them in benchmarks/RESULTS.md with
 # the GPU and versions the scripts print.
 set -uo pipefail
-part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|...|19"}
+part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|...|24"}
 out=${OUT:-/tmp/pending_gpu}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -246,8 +256,48 @@ case $part in
         --rounds 6 --before .before --configs lora locon before:lora before:locon peft-bf16:lora peft-bf16:locon \
         --out-name paired_sd15_final
     ;;
+20)
+    # issue 19, carry .whl and .before = ca4e9e6: DoRA's step vectors in one launch per forward
+    # (methods.dora.prepass) — CUDA tests (DoRA, capture, and the lean layers' float32 bound), host cost per part,
+    # 3B seq 512 DoRA / LoRA against ca4e9e6 and PEFT-bf16
+    install_wheels
+    step dora_cuda_tests 240 python -m pytest -q tests/methods/dora/test_prepass.py tests/methods/dora/test_cuda.py \
+        tests/core/test_capture.py tests/core/test_lean_layers.py tests/core/test_lean_llama_cuda.py
+    step host_cost_dora 100 python benchmarks/host_cost.py --only "dora one" "dora part" prepass
+    step paired_512_prepass 240 python benchmarks/paired_steps.py --rounds 10 --before .before --configs dora \
+        before:dora peft-bf16:dora lora peft-bf16:lora --out-name paired_512_prepass
+    ;;
+21)
+    # issues 19/20, carry .whl and .before = ca4e9e6: the pre-pass's tests (interpreter and CUDA), 3B seq 512 every
+    # method against PEFT-bf16, SD-1.5 DoRA against ca4e9e6 and PEFT-bf16
+    install_wheels
+    step prepass_tests 150 python -m pytest -q tests/methods/dora/test_prepass.py tests/methods/dora/test_cuda.py
+    step paired_512_every 240 python benchmarks/paired_steps.py --rounds 8 --configs lora dora loha lokr \
+        peft-bf16:lora peft-bf16:dora peft-bf16:loha peft-bf16:lokr --out-name paired_512_every
+    step paired_sd15_dora 150 python benchmarks/paired_steps.py --preset stable-diffusion-1.5 --rank 16 --rounds 6 \
+        --before .before --configs dora before:dora peft-bf16:dora --out-name paired_sd15_dora
+    ;;
+22)
+    # issue 19: torch.compile on both sides at seq 512, DoRA (pre-pass skipped under compile) and LoRA
+    step paired_512_compile 540 python benchmarks/paired_steps.py --compile --rounds 6 --configs dora \
+        peft-bf16:dora lora peft-bf16:lora --out-name paired_512_compile
+    ;;
+23)
+    # issue 19, carry .before = ca4e9e6: the pre-pass grouped by input width (one launch per d_in) — its tests
+    # (interpreter and CUDA), 3B seq 512 DoRA / LoRA / LoKr against ca4e9e6 and PEFT-bf16
+    step prepass_tests 150 python -m pytest -q tests/methods/dora/test_prepass.py
+    step paired_512_prepass_final 300 python benchmarks/paired_steps.py --rounds 10 --before .before --configs dora \
+        before:dora peft-bf16:dora lora peft-bf16:lora lokr peft-bf16:lokr --out-name paired_512_prepass_final
+    ;;
+24)
+    # issue 19, carry .before = ca4e9e6: whether Triton 3.6's interpreter takes the existing kernels' loops (the
+    # pre-pass's interpreter tests fail there on `range(0, d_in, ...)`), and DoRA / LoKr at 3B seq 512 in 20 rounds
+    step interpreter_36 150 python -m pytest -q tests/methods/dora/test_triton_kernels.py
+    step paired_512_dora_20 300 python benchmarks/paired_steps.py --rounds 20 --before .before --configs dora \
+        before:dora peft-bf16:dora lokr peft-bf16:lokr --out-name paired_512_dora_20
+    ;;
 *)
-    echo "unknown part $part (1 to 19)" >&2
+    echo "unknown part $part (1 to 24)" >&2
     exit 2
     ;;
 esac

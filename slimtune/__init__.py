@@ -24,6 +24,7 @@ from .memory.chunked_loss import chunked_causal_lm_loss
 from .memory.setting import MEMORY_SETTINGS, apply_memory_setting
 from .methods.hra import HraConfig, orthogonality_loss
 from .methods.loha import LohaConfig
+from .methods.dora.prepass import set_dora_prepass
 from .methods.lokr import LokrConfig
 from .methods.lora import LoraConfig
 from .quant import dequantize, quantize
@@ -35,8 +36,8 @@ __all__ = [
     "LokrConfig", "LoraConfig", "PeftModel", "SlimtuneError", "TargetError", "TaskType", "__version__", "adapt",
     "adapter_modules", "allocate_ranks", "capture_step", "dequantize", "disable_adapters", "get_peft_model",
     "load_adapter", "merge", "orthogonality_loss", "quantize", "save_adapter", "summary", "trainable_parameters",
-    "unload", "unmerge", "set_variant_criterion", "set_sibling_fusion", "save_timings", "load_timings",
-    "MEMORY_SETTINGS", "apply_memory_setting", "chunked_causal_lm_loss",  # the memory switch, the chunked loss
+    "unload", "unmerge", "set_variant_criterion", "set_sibling_fusion", "set_dora_prepass", "save_timings",
+    "load_timings", "MEMORY_SETTINGS", "apply_memory_setting", "chunked_causal_lm_loss",  # the memory switch, the chunked loss
     # PEFT's loaders and helpers, by the names PEFT exports them under
     "AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForFeatureExtraction",
     "AutoPeftModelForQuestionAnswering", "AutoPeftModelForSeq2SeqLM", "AutoPeftModelForSequenceClassification",

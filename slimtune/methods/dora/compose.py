@@ -135,6 +135,13 @@ def vectors_and_compose(z: torch.Tensor, mixed: torch.Tensor, gram: torch.Tensor
     return compose_forward(z, vec[0], bias=bias, out=out, g=vec[1])[0], vec
 
 
+def scale_in_place(z: torch.Tensor, g: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``y = g ⊙ z (+ b)`` written over z ``[..., d_out]`` and returned: computed in fp32 (g ``[d_out]`` is) and
+    rounded once, one PyTorch op — the tail for a layer whose vectors were formed ahead (:mod:`.prepass`). ``g = 1``
+    gives back z bit for bit."""
+    return z.mul_(g) if bias is None else torch.addcmul(bias, z, g, out=z)
+
+
 # -- the scale Function (convolutions) ----------------------------------------------------------------------
 class DoraScaleFunction(torch.autograd.Function):
     """``out = z + (g − 1)·z + b`` along channel axis ``dim``, ``g = m / norm``, norm constant.

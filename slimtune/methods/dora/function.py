@@ -60,12 +60,14 @@ plain-PyTorch references here. Convolutions (``DoraConv``) use :class:`~.compose
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from ...core.compute import cast
 from ...core.frozen import WeightOperand, materialize, save_with_weight, saved_with_weight
 from ...core.lowrank import dropout_seed
-from .compose import compose_backward, compose_forward, vectors_and_compose
+from .compose import compose_backward, compose_forward, scale_in_place, vectors_and_compose
 from .norm import dora_vectors, magnitude_floor, saves_output
 from .product import as_rows, dora_product, dropped_input, product_backward, product_forward
 
@@ -78,8 +80,9 @@ class DoraLinearFunction(torch.autograd.Function):
     Function and launch is host time.
 
     Arguments as :func:`dora_linear` takes them, plus ``seed`` (dropout), ``keep`` (the route: ``"output"``,
-    ``"recompute"``, None — frozen magnitude, no dm — or ``"none"``, no backward) and ``eps`` (the magnitude floor
-    of the output route). Saves what the product saves (x, A, B, W or the 4-bit handle), the ``[4, d_out]``
+    ``"recompute"``, None — frozen magnitude, no dm — or ``"none"``, no backward), ``eps`` (the magnitude floor
+    of the output route) and ``vec``: the ``[4, d_out]`` vectors when they were formed ahead (:mod:`.prepass`;
+    the forward then runs no norm and no kernel: ``y = g ⊙ z (+ b)``, one PyTorch op), else None. Saves what the product saves (x, A, B, W or the 4-bit handle), the ``[4, d_out]``
     vectors, and for ``"output"`` its own output y. Backward: the tail's (``dz = g·dy``, ``dm``, ``db`` in one
     pass; z rebuilt for ``"recompute"``, its buffer then overwritten by dz),
     then the product's. The ``"z"`` route keeps two Functions: its saved z is released before dx is allocated.
@@ -87,10 +90,13 @@ class DoraLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, magnitude, scaling: float, dropout_p: float, seed,
-                weight_sq, keep: str | None, eps: float):
+                weight_sq, keep: str | None, eps: float, vec: torch.Tensor | None = None):
         z, rest, mixed, gram, weight_sq = product_forward(x, weight, lora_a, lora_b, scaling, dropout_p, seed,
-                                                          weight_sq)
-        y, vec = vectors_and_compose(z, mixed, gram, lora_b, weight_sq, magnitude, scaling, eps, bias, out=z)
+                                                          weight_sq, norm=vec is None)
+        if vec is None:
+            y, vec = vectors_and_compose(z, mixed, gram, lora_b, weight_sq, magnitude, scaling, eps, bias, out=z)
+        else:  # the step's vectors, formed ahead (.prepass)
+            y = scale_in_place(z, vec[1], bias)
         del mixed, gram
         if rest is not None:
             y.add_(rest)
@@ -126,7 +132,7 @@ class DoraLinearFunction(torch.autograd.Function):
             grad_m = grad_m.view(ctx.magnitude_shape)
         grad_x, grad_w, grad_a, grad_b = product_backward(
             ctx, weight, x, lora_a, lora_b, dz2, dy2 if ctx.has_rest else None, (need_x, need_w, need_a, need_b))
-        return grad_x, grad_w, grad_bias, grad_a, grad_b, grad_m, None, None, None, None, None, None
+        return grad_x, grad_w, grad_bias, grad_a, grad_b, grad_m, None, None, None, None, None, None, None
 
 
 class DoraProductFunction(torch.autograd.Function):
@@ -211,21 +217,25 @@ class DoraTailFunction(torch.autograd.Function):
 
 def dora_linear(x: torch.Tensor, weight: WeightOperand, bias: torch.Tensor | None, lora_a: torch.Tensor,
                 lora_b: torch.Tensor, magnitude: torch.Tensor, scaling: float, dropout_p: float = 0.0,
-                weight_sq: torch.Tensor | None = None, recompute: bool = False) -> torch.Tensor:
+                weight_sq: torch.Tensor | None = None, recompute: bool = False,
+                vectors: Callable[[torch.dtype, float], torch.Tensor | None] | None = None) -> torch.Tensor:
     """DoRA on a Linear: :class:`DoraLinearFunction`, or for the ``"z"`` route :class:`DoraProductFunction` then
     :class:`DoraTailFunction`.
 
     ``weight`` ``[d_out, d_in]``: dense (any dtype; cast for each GEMM) or a quantised handle; ``bias`` in x's
     dtype; ``weight_sq``: cached ``‖W‖²_row`` (or None); ``recompute``: keep no ``[N, d_out]`` tensor. With
     ``dropout_p`` the result is PEFT's ``x Wᵀ + b + (g−1)·drop(x) Wᵀ + g·s·(drop(x) Aᵀ) Bᵀ``. What backward
-    keeps is decided here, on the host (module docstring); nothing is read back from the device.
+    keeps is decided here, on the host (module docstring); nothing is read back from the device. ``vectors``: the
+    layer's step vectors for ``(compute dtype, magnitude floor)`` when they were formed ahead (:mod:`.prepass`), or
+    None.
     """
     seed = dropout_seed(dropout_p)
     keep = backward_route(x, weight, bias, lora_a, lora_b, magnitude, dropout_p, recompute)
     eps = magnitude_floor(x.dtype) if keep == "output" else 0.0
     if keep != "z":
+        vec = vectors(x.dtype, eps) if vectors is not None else None
         return DoraLinearFunction.apply(x, weight, bias, lora_a, lora_b, magnitude, scaling, dropout_p, seed,
-                                        weight_sq, keep, eps)
+                                        weight_sq, keep, eps, vec)
     z, rest, vec = DoraProductFunction.apply(x, weight, lora_a, lora_b, magnitude, scaling, dropout_p, seed,
                                              weight_sq, eps)
     return DoraTailFunction.apply(z, rest, magnitude, vec, bias)

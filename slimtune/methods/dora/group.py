@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from ...core.compute import cast
 from ...core.frozen import WeightOperand, is_quantized, materialize
 from ...core.lowrank_group import grouped_product_backward, stacked_downs
-from .compose import compose_backward, vectors_and_compose
+from .compose import compose_backward, scale_in_place, vectors_and_compose
 from .norm import factored_norm_parts, weight_row_norm_sq
 from .product import as_rows
 
@@ -50,12 +50,14 @@ class GroupedDoraFunction(torch.autograd.Function):
     """``(y_1, …, y_n)`` of the module docstring from one x. Arguments: x, the scaling, the member count n, a callback
     run at the end of backward (or None), each member's route and magnitude floor (tuples: ``"output"``,
     ``"recompute"``, None, or ``"none"`` for all when nothing needs a gradient), then the n weights (dense ``[d_i, d_in]``
-    or 4-bit handles), biases (None allowed), A's, B's, magnitudes and cached ``‖W_i‖²_row`` (None allowed)."""
+    or 4-bit handles), biases (None allowed), A's, B's, magnitudes, cached ``‖W_i‖²_row`` (None allowed) and step
+    vectors formed ahead (:mod:`.prepass`; None: the member forms its norm)."""
 
     @staticmethod
     def forward(ctx, x, scaling: float, count: int, on_backward: Callable[[], None] | None,
                 routes: tuple[str | None, ...], floors: tuple[float, ...], *operands):
-        weights, biases, downs, ups, magnitudes, squares = (operands[k * count:(k + 1) * count] for k in range(6))
+        weights, biases, downs, ups, magnitudes, squares, ahead = (operands[k * count:(k + 1) * count]
+                                                                   for k in range(7))
         dtype = x.dtype
         x2 = x.reshape(-1, x.shape[-1])
         outputs, vectors, h, start = [], [], None, 0
@@ -67,11 +69,16 @@ class GroupedDoraFunction(torch.autograd.Function):
             rank = downs[i].shape[0]
             z.view(-1, z.shape[-1]).addmm_(h[:, start:start + rank], cast(ups[i], dtype).t(), alpha=scaling)
             start += rank
-            weight_sq = squares[i] if squares[i] is not None else weight_row_norm_sq(w)
-            mixed, gram = factored_norm_parts(w, cast(downs[i], dtype))
-            del w
-            y, vec = vectors_and_compose(z, mixed, gram, ups[i], weight_sq, magnitudes[i], scaling, floors[i],
-                                         biases[i], out=z)
+            vec = ahead[i]
+            if vec is None:
+                weight_sq = squares[i] if squares[i] is not None else weight_row_norm_sq(w)
+                mixed, gram = factored_norm_parts(w, cast(downs[i], dtype))
+                del w
+                y, vec = vectors_and_compose(z, mixed, gram, ups[i], weight_sq, magnitudes[i], scaling, floors[i],
+                                             biases[i], out=z)
+            else:  # the step's vectors, formed ahead (.prepass)
+                del w
+                y = scale_in_place(z, vec[1], biases[i])
             outputs.append(y)
             vectors.append(vec)
         ctx.set_materialize_grads(False)
@@ -134,22 +141,27 @@ class GroupedDoraFunction(torch.autograd.Function):
         if ctx.on_backward is not None:
             ctx.on_backward()
         return (grad_x.view(x.shape) if grad_x is not None else None, None, None, None, None, None,
-                *grad_w, *grad_bias, *grad_a, *grad_b, *grad_m, *(None,) * count)
+                *grad_w, *grad_bias, *grad_a, *grad_b, *grad_m, *(None,) * (2 * count))
 
 
 def grouped_dora_linear(x: torch.Tensor, weights: Sequence[WeightOperand], biases: Sequence[torch.Tensor | None],
                         downs: Sequence[torch.Tensor], ups: Sequence[torch.Tensor],
                         magnitudes: Sequence[torch.Tensor], squares: Sequence[torch.Tensor | None], scaling: float,
                         routes: Sequence[str | None], floors: Sequence[float],
-                        on_backward: Callable[[], None] | None = None) -> tuple[torch.Tensor, ...]:
+                        on_backward: Callable[[], None] | None = None,
+                        vectors: Sequence[torch.Tensor | None] | None = None) -> tuple[torch.Tensor, ...]:
     """Apply :class:`GroupedDoraFunction`: each member's DoRA output ``[..., d_i]``. Dense weights ``[d_i, d_in]`` in
     any dtype (cast per GEMM) or 4-bit handles; biases in x's dtype; ``routes`` from
     :func:`~.function.backward_route` (each in :data:`GROUPED_ROUTES`, or all ``"none"``) and ``floors`` the
-    magnitude floors (:func:`~.norm.magnitude_floor` for ``"output"``, else 0)."""
+    magnitude floors (:func:`~.norm.magnitude_floor` for ``"output"``, else 0); ``vectors``: each member's step
+    vectors formed ahead (:mod:`.prepass`) or None (the member forms its norm itself)."""
     count = len(weights)
-    if not count or any(len(seq) != count for seq in (biases, downs, ups, magnitudes, squares, routes, floors)):
-        raise ValueError("grouped_dora_linear needs one weight, bias, A, B, magnitude, norm, route and floor per member")
+    vectors = (None,) * count if vectors is None else tuple(vectors)
+    if not count or any(len(seq) != count
+                        for seq in (biases, downs, ups, magnitudes, squares, routes, floors, vectors)):
+        raise ValueError("grouped_dora_linear needs one weight, bias, A, B, magnitude, norm, route, floor and "
+                         "vectors (or None) per member")
     if not groupable(routes):
         raise ValueError(f"grouped_dora_linear takes the routes {GROUPED_ROUTES} (or 'none' for all), got {routes}")
     return GroupedDoraFunction.apply(x, scaling, count, on_backward, tuple(routes), tuple(floors), *weights, *biases,
-                                     *downs, *ups, *magnitudes, *squares)
+                                     *downs, *ups, *magnitudes, *squares, *vectors)

@@ -9,8 +9,9 @@ so a fresh DoRA layer computes what its base does.
 The norm comes from :func:`~.norm.factored_row_norm_sq` once per forward — O(d_out·d_in·r) work,
 ``[d_out, r]`` / ``[r, r]`` intermediates, never the dense ``B A`` — with ``‖W‖²_row`` cached (W is frozen; the
 cache is keyed on the stored weight's storage and version and dropped on merge, unmerge and load). The Linear
-training path is :func:`~.function.dora_linear` (it computes the norm itself, after the base GEMM); convolutions
-run LoCon's two convolutions and :func:`~.compose.dora_scale` along the channel axis.
+training path is :func:`~.function.dora_linear` (it computes the norm itself, after the base GEMM — unless the
+model's forward formed every layer's vectors ahead in one launch, :mod:`.prepass`); convolutions run LoCon's two
+convolutions and :func:`~.compose.dora_scale` along the channel axis.
 Grouped convolutions are refused (the update is not a dense ``[c_out, c_in·k]`` matrix).
 
 A 4-bit base (:mod:`slimtune.quant`) reaches the Linear path as a handle (:func:`base_weight_operand`) and is
@@ -40,6 +41,7 @@ from .compose import dora_scale
 from .function import backward_route, dora_linear
 from .group import grouped_dora_linear, groupable
 from .norm import factored_row_norm_sq, in_magnitude_precision, magnitude_floor, saves_output, weight_row_norm_sq
+from .prepass import TicketSlot, attach_prepass, step_vectors, ticket_for
 from .probe import OutputProbe, attach_output_probe
 
 
@@ -52,6 +54,8 @@ class DoraMixin:
     #: backward), False keeps the output (or z); None: not decided yet ("auto", see OutputProbe)
     recompute: bool | None = False
     output_probe: OutputProbe | None = None
+    #: holds the step vectors formed when the model's forward started (:mod:`.prepass`)
+    prepass_slot: TicketSlot | None = None
 
     # -- 2-D views: weight rows are output units -------------------------------------------------------------
     def weight2d(self, weight: torch.Tensor) -> torch.Tensor:
@@ -159,9 +163,12 @@ class DoraLinear(DoraMixin, LoraLinear):
         watch = False
         if recompute is None:
             recompute, watch = self._undecided(xc, bias, p)
-        with context:
-            y = dora_linear(xc, self.weight_operand(), bias, self.lora_A, self.lora_B, self.magnitude, self.scaling,
-                            p, self.cached_weight_row_norm_sq(), recompute)
+        weight, a, b, m, scaling = self.weight_operand(), self.lora_A, self.lora_B, self.magnitude, self.scaling
+        ticket = ticket_for(self)
+        ahead = ticket.vectors_for if ticket is not None and ticket.holds(weight, a, b, m, scaling) else None
+        with context:  # (with vectors ahead, ‖W‖² is not needed: a rare mismatch forms it uncached)
+            y = dora_linear(xc, weight, bias, a, b, m, scaling, p,
+                            self.cached_weight_row_norm_sq() if ahead is None else None, recompute, ahead)
         if watch:
             self.output_probe.watch(self, y)
         if self.siblings is not None:
@@ -185,11 +192,13 @@ class DoraLinear(DoraMixin, LoraLinear):
         if not groupable(routes):
             return None
         floor = magnitude_floor(xc.dtype)
+        floors = [floor if r == "output" else 0.0 for r in routes]
+        ahead = [step_vectors(m, w, xc.dtype, f) for m, w, f in zip(chain, weights, floors)]
         with context:
             return grouped_dora_linear(
                 xc, weights, biases, [m.lora_A for m in chain], [m.lora_B for m in chain], [m.magnitude for m in chain],
-                [m.cached_weight_row_norm_sq() for m in chain], chain[0].scaling, routes,
-                [floor if r == "output" else 0.0 for r in routes], on_backward)
+                [m.cached_weight_row_norm_sq() if v is None else None for m, v in zip(chain, ahead)],
+                chain[0].scaling, routes, floors, on_backward, ahead)
 
     def explain(self, x: torch.Tensor) -> list[Choice]:
         """LoRA's backward order (the product's factor gradients), and what the layer keeps for ``dm``: its output
@@ -262,12 +271,14 @@ def build_dora(config: LoraConfig, name: str, base: nn.Module) -> DoraMixin:
 
 
 def finalize_dora(config: LoraConfig, model: nn.Module, adapters: list) -> Callable[[], None]:
-    """Sibling groups for the DoRA Linear layers that read one input (:func:`slimtune.core.siblings.install`) and,
-    under ``dora_recompute="auto"``, one :class:`~.probe.OutputProbe` for them, resolved when the model's forward
-    returns; returns what takes both away."""
-    removers = [install_siblings(model, adapters, (DoraLinear,))]
+    """Sibling groups for the DoRA Linear layers that read one input (:func:`slimtune.core.siblings.install`), their
+    step vectors formed in one launch when the model's forward starts (:func:`~.prepass.attach_prepass`) and, under
+    ``dora_recompute="auto"``, one :class:`~.probe.OutputProbe` for them, resolved when the model's forward returns;
+    returns what takes them away."""
+    linears = [a for a in adapters if isinstance(a, DoraLinear)]
+    removers = [install_siblings(model, adapters, (DoraLinear,)), attach_prepass(model, linears)]
     if config.dora_recompute == "auto":
-        removers.append(attach_output_probe(model, [a for a in adapters if isinstance(a, DoraLinear)]))
+        removers.append(attach_output_probe(model, linears))
 
     def remove() -> None:
         for remover in removers:

@@ -32,20 +32,23 @@ def dropped_input(x2: torch.Tensor, dropout_p: float, seed: Any) -> tuple[torch.
 
 
 def product_forward(x: torch.Tensor, weight: WeightOperand, lora_a: torch.Tensor, lora_b: torch.Tensor,
-                    scaling: float, dropout_p: float, seed: Any, weight_sq: torch.Tensor | None
-                    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
+                    scaling: float, dropout_p: float, seed: Any, weight_sq: torch.Tensor | None, norm: bool = True
+                    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None,
+                               torch.Tensor | None]:
     """``(z, rest, W Aᵀ, A Aᵀ, ‖W‖²_row)``: the product ``z = drop(x) Wᵀ + s·(drop(x) Aᵀ) Bᵀ`` ``[..., d_out]``,
-    ``rest = (x − drop(x)) Wᵀ`` (dropout only, else None) and the norm's parts, W dequantised / cast once; the big
-    GEMMs are queued before the norm's small ones."""
+    ``rest = (x − drop(x)) Wᵀ`` (dropout only, else None) and the norm's parts (None for each without ``norm``: the
+    vectors were formed ahead), W dequantised / cast once; the big GEMMs are queued before the norm's small ones."""
     dtype, lead, d_in = x.dtype, tuple(x.shape[:-1]), x.shape[-1]
     x2 = x.reshape(-1, d_in)
     a, b = cast(lora_a, dtype), cast(lora_b, dtype)
     xd, mask = dropped_input(x2, dropout_p, seed)
     w = materialize(weight, dtype)
     z = dora_product(xd, w, a, b, scaling, lead)
-    if weight_sq is None:
-        weight_sq = weight_row_norm_sq(w)
-    mixed, gram = factored_norm_parts(w, a)
+    mixed = gram = None
+    if norm:
+        if weight_sq is None:
+            weight_sq = weight_row_norm_sq(w)
+        mixed, gram = factored_norm_parts(w, a)
     rest = F.linear((x2 - xd).view(*lead, d_in), w) if mask is not None else None
     return z, rest, mixed, gram, weight_sq
 

@@ -45,9 +45,10 @@ def _vectors_kernel(wa_ptr, gram_ptr, b_ptr, wsq_ptr, m_ptr, out_ptr, n_rows, ra
 
 
 @triton.jit
-def _store_vectors(cross, rows, row_ok, store_ok, n_rows, wsq_ptr, m_ptr, out_ptr, scaling, eps):
-    """The ``[4, n_rows]`` vectors ``(g − 1, g, 1/‖V‖, 1/m')`` of ``rows`` from ``cross`` =
-    ``rowsum((W Aᵀ + (s/2)·B (A Aᵀ)) ⊙ B)``, written where ``store_ok``; returns ``(g − 1, g)`` (fp32)."""
+def _store_vectors(cross, rows, row_ok, store_ok, stride, wsq_ptr, m_ptr, out_ptr, scaling, eps):
+    """The vectors ``(g − 1, g, 1/‖V‖, 1/m')`` of ``rows`` from ``cross`` = ``rowsum((W Aᵀ + (s/2)·B (A Aᵀ)) ⊙ B)``,
+    written where ``store_ok`` as four rows ``stride`` apart (``[4, n_rows]``: stride n_rows); returns
+    ``(g − 1, g)`` (fp32)."""
     wsq = tl.load(wsq_ptr + rows, mask=row_ok, other=1.0).to(tl.float32)
     norm = tl.sqrt_rn(tl.maximum(wsq + 2.0 * scaling * cross, 0.0))  # correctly rounded, as torch's
     norm = norm.to(m_ptr.dtype.element_ty).to(tl.float32)  # in the magnitude's precision (norm.in_magnitude_precision)
@@ -57,9 +58,9 @@ def _store_vectors(cross, rows, row_ok, store_ok, n_rows, wsq_ptr, m_ptr, out_pt
     gm1 = (m_eff - norm) / norm
     g = m_eff / norm
     tl.store(out_ptr + rows, gm1, mask=store_ok)
-    tl.store(out_ptr + n_rows + rows, g, mask=store_ok)
-    tl.store(out_ptr + 2 * n_rows + rows, 1.0 / norm, mask=store_ok)
-    tl.store(out_ptr + 3 * n_rows + rows, 1.0 / m_eff, mask=store_ok)
+    tl.store(out_ptr + stride + rows, g, mask=store_ok)
+    tl.store(out_ptr + 2 * stride + rows, 1.0 / norm, mask=store_ok)
+    tl.store(out_ptr + 3 * stride + rows, 1.0 / m_eff, mask=store_ok)
     return gm1, g
 
 

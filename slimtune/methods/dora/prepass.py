@@ -1,0 +1,224 @@
+"""DoRA's step vectors: every DoRA Linear layer's norm formed in one Triton launch when the model's forward starts,
+instead of two GEMMs and a kernel launch per layer.
+
+A DoRA layer's vectors ``(g − 1, g, 1/‖V‖, 1/m')`` ``[4, d_out]`` depend on its parameters only (W, A, B, m), not on
+the input. On a host-bound step (a 3B model at a few thousand tokens) each layer's norm costs the host two GEMM
+launches and a Triton launch; here, a forward pre-hook on the adapted model (:func:`attach_prepass`) forms the
+vectors of all eligible layers in one launch per group (one device and set of dtypes:
+:mod:`.triton_prepass`), and each layer then only scales its
+product, ``y = g ⊙ z`` — one PyTorch op (:func:`~.compose.scale_in_place`) where the per-layer path launches its
+vectors-and-compose kernel.
+
+**Tickets.** Each eligible layer gets a :class:`Ticket`: the vectors, the parameter objects they were formed from
+and those tensors' in-place versions, the scaling and the magnitude floor. A layer uses the vectors only while the
+ticket still describes it (:meth:`Ticket.valid`): the same parameter objects, unchanged (an optimizer step, a
+``load``, a merge bumps a version), the same scaling, the compute dtype the vectors assumed (the base weight's)
+and the floor its route needs. Otherwise — and for every layer that is not eligible — the layer forms its norm
+itself, as before. A ticket outlives the forward, so a gradient-checkpointing recomputation in backward sees the
+very vectors the first forward used.
+
+**Eligible** (checked on the host every forward, no sync): a dense, unquantised base weight with unit column
+stride (not transformers' ``Conv1D``), plain tensors (no tensor subclass: a sharded ``DTensor`` is not
+addressable), the Triton path on (:func:`~slimtune.core.triton.use_triton`: CUDA or the interpreter, fp32 / fp16 /
+bf16, not while ``torch.compile`` traces), rank at most :data:`MAX_RANK`, the layer enabled and unmerged, and no
+CUDA-graph capture in progress (``capture_step`` replays the whole step: the host cost is gone there anyway).
+
+**The tables** (addresses, sizes, strides, offsets; :mod:`.triton_prepass`) are rebuilt on the host every forward
+and uploaded only when they differ from the last upload: the uploaded copy is reused only when it holds exactly
+the addresses this forward read.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from ...core.frozen import base_weight_operand, is_quantized
+from ...core.tracing import compiling
+from ...core.triton import use_triton
+from .norm import magnitude_floor, saves_output
+
+#: the largest rank the kernel takes (its ``[BLOCK_M, r]`` tile of B stays in registers)
+MAX_RANK = 128
+#: the most layers one launch takes (the kernel scans the layers' first tiles as one vector)
+MAX_LAYERS = 4096
+_SETTING = {"enabled": True}
+
+
+def set_dora_prepass(enabled: bool) -> None:
+    """Whether DoRA Linear layers take their norms from one launch per forward (default: yes). Off, every layer
+    forms its norm itself; the two agree within fp32 rounding (the sums run in another order)."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"set_dora_prepass takes True or False, got {enabled!r}")
+    _SETTING["enabled"] = enabled
+
+
+class Ticket:
+    """A layer's step vectors ``[4, d_out]`` fp32 and what they were formed from (module docstring)."""
+
+    __slots__ = ("vectors", "tensors", "versions", "scaling", "eps", "dtype")
+
+    def __init__(self, vectors: torch.Tensor, tensors: tuple[torch.Tensor, ...], scaling: float, eps: float,
+                 dtype: torch.dtype) -> None:
+        self.vectors, self.tensors, self.scaling, self.eps, self.dtype = vectors, tensors, scaling, eps, dtype
+        self.versions = tuple([t._version for t in tensors])
+
+    def vectors_for(self, dtype: torch.dtype, eps: float) -> torch.Tensor | None:
+        """The vectors for a call computing in ``dtype`` with magnitude floor ``eps`` (its route's), or None."""
+        return self.vectors if dtype == self.dtype and eps == self.eps else None
+
+    def holds(self, weight: object, a: torch.Tensor, b: torch.Tensor, m: torch.Tensor, scaling: float) -> bool:
+        """Whether a call's operands — the base weight (operand), A, B, m — are the very tensors these vectors were
+        formed from, unchanged since (their in-place versions), and its scaling the same."""
+        w, ta, tb, tm = self.tensors
+        return (weight is w and a is ta and b is tb and m is tm and scaling == self.scaling
+                and self.versions == (w._version, a._version, b._version, m._version))
+
+
+def ticket_for(layer: nn.Module) -> Ticket | None:
+    """``layer``'s current ticket (:class:`TicketSlot`), or None — always None while ``torch.compile`` traces (the
+    graph forms the norm itself; a ticket from an eager forward is not an input the graph could take)."""
+    slot = layer.prepass_slot
+    return slot.ticket if slot is not None and not compiling() else None
+
+
+def step_vectors(layer: nn.Module, weight: object, dtype: torch.dtype, eps: float) -> torch.Tensor | None:
+    """``layer``'s step vectors for a call on ``weight`` (its base weight operand) computing in ``dtype`` with
+    magnitude floor ``eps``, or None (the layer forms them itself)."""
+    ticket = ticket_for(layer)
+    if ticket is None or not ticket.holds(weight, layer.lora_A, layer.lora_B, layer.magnitude, layer.scaling):
+        return None
+    return ticket.vectors_for(dtype, eps)
+
+
+def _plain(*tensors: torch.Tensor) -> bool:
+    return all(type(t) in (torch.Tensor, nn.Parameter) for t in tensors)
+
+
+class _Entry:
+    """What the tables need of one layer, as last read: its parameters (the objects), the group key, the table row
+    (addresses, sizes, strides), its scaling and floor. Reused while the layer holds the same objects at the same
+    addresses and shapes (:meth:`VectorPrepass._entry`)."""
+
+    __slots__ = ("objects", "shapes", "key", "row", "scalars", "wsq", "dtype", "recompute", "bias", "w_version")
+
+
+def _read_entry(layer: nn.Module, objects: tuple) -> _Entry | None:
+    """The entry of ``layer`` (parameters ``objects`` = W, A, B, m), or None (not eligible: module docstring)."""
+    weight, a, b, m = objects
+    if (getattr(layer, "fan_in_fan_out", False) or is_quantized(base_weight_operand(layer.base_layer))
+            or weight.dim() != 2 or not _plain(weight, a, b, m) or not use_triton(weight)
+            or a.shape[0] > MAX_RANK or a.dtype != b.dtype or m.dim() != 1
+            or weight.stride(1) != 1 or a.stride(1) != 1 or b.stride(1) != 1 or m.stride(0) != 1
+            or not (a.device == b.device == m.device == weight.device)):
+        return None
+    wsq = layer.cached_weight_row_norm_sq()
+    if wsq is None:
+        return None
+    entry = _Entry()
+    dtype = weight.dtype
+    routes_output = layer.recompute is False and saves_output(layer.base_layer.bias, dtype)
+    eps = magnitude_floor(dtype) if routes_output else 0.0
+    d_out, d_in = weight.shape
+    entry.objects, entry.shapes, entry.wsq, entry.dtype = objects, (weight.shape, a.shape), wsq, dtype
+    entry.recompute, entry.bias, entry.w_version = layer.recompute, layer.base_layer.bias, weight._version
+    entry.key = (weight.device, dtype, a.dtype, m.dtype)
+    entry.row = (weight.data_ptr(), a.data_ptr(), b.data_ptr(), m.data_ptr(), wsq.data_ptr(), 0, d_out, d_in,
+                 a.shape[0], weight.stride(0), a.stride(0), b.stride(0))
+    entry.scalars = (float(layer.scaling), eps)
+    return entry
+
+
+class VectorPrepass:
+    """The forward pre-hook of :func:`attach_prepass`: tickets for every eligible layer of ``layers``."""
+
+    def __init__(self, layers: Sequence[nn.Module]) -> None:
+        self.layers = list(layers)
+        self._entries: list[_Entry | None] = [None] * len(self.layers)
+        self._uploaded: dict[tuple, tuple] = {}  # group key -> (host rows, device tables)
+
+    def _entry(self, i: int, layer: nn.Module) -> _Entry | None:
+        """Layer i's entry: the last one while its parameters are the same objects at the same addresses and
+        shapes, with the same scaling, route floor and ``‖W‖²`` cache; else read again."""
+        if layer.disabled or layer.merged:
+            return None
+        objects = (layer.base_layer.weight, layer.lora_A, layer.lora_B, layer.magnitude)
+        entry = self._entries[i]
+        if entry is not None:
+            weight, a, b, m = objects
+            old = entry.objects
+            row = entry.row
+            if (weight is old[0] and a is old[1] and b is old[2] and m is old[3] and weight.data_ptr() == row[0]
+                    and a.data_ptr() == row[1] and b.data_ptr() == row[2] and m.data_ptr() == row[3]
+                    and (weight.shape, a.shape) == entry.shapes and float(layer.scaling) == entry.scalars[0]
+                    and weight._version == entry.w_version and layer.recompute is entry.recompute
+                    and layer.base_layer.bias is entry.bias):
+                return entry  # W unchanged: its ‖W‖² (held here) still holds
+        entry = self._entries[i] = _read_entry(layer, objects)
+        return entry
+
+    def __call__(self, *_: object) -> None:
+        if not _SETTING["enabled"] or compiling():
+            return
+        groups: dict[tuple, list] = {}
+        for i, layer in enumerate(self.layers):
+            layer.prepass_slot.ticket = None
+            entry = self._entry(i, layer)
+            if entry is not None:
+                groups.setdefault(entry.key, []).append((layer, entry))
+        for key, members in groups.items():
+            if key[0].type == "cuda" and torch.cuda.is_current_stream_capturing():
+                continue
+            for start in range(0, len(members), MAX_LAYERS):
+                self._launch((*key, start), members[start:start + MAX_LAYERS])
+
+    def _launch(self, key: tuple, members: list) -> None:
+        """One launch for ``members`` (``(layer, entry)``, one group): their tickets."""
+        from . import triton_prepass  # imports triton (optional): only behind use_triton
+
+        rows, scalars, sizes = [], [], []
+        offset = 0
+        for _, entry in members:
+            row = entry.row
+            rows.append(row[:5] + (offset,) + row[6:])
+            scalars.append(entry.scalars)
+            sizes.append(row[6])
+            offset += row[6]
+        signature = (rows, scalars)
+        uploaded = self._uploaded.get(key)
+        if uploaded is None or uploaded[0] != signature:
+            uploaded = self._uploaded[key] = (signature, triton_prepass.tables(rows, scalars, key[0]))
+        out = torch.empty(4, offset, device=key[0], dtype=torch.float32)  # layer i: the columns of its rows
+        first = members[0][1]
+        triton_prepass.launch_prepass(*uploaded[1], out, (*first.objects, first.wsq), max(row[8] for row in rows))
+        for (layer, entry), vectors in zip(members, out.split(sizes, dim=1)):
+            layer.prepass_slot.ticket = Ticket(vectors, entry.objects, entry.scalars[0], entry.scalars[1], entry.dtype)
+
+
+class TicketSlot:
+    """Where a layer's :class:`Ticket` lives (a plain attribute of the layer: setting it skips ``nn.Module``'s
+    ``__setattr__``, which a per-step write to 200 layers would pay for)."""
+
+    __slots__ = ("ticket",)
+
+    def __init__(self) -> None:
+        self.ticket: Ticket | None = None
+
+
+def attach_prepass(model: nn.Module, layers: Sequence[nn.Module]) -> Callable[[], None] | None:
+    """A :class:`VectorPrepass` for the DoRA Linear ``layers`` as ``model``'s forward pre-hook; returns its remover
+    (which also drops the layers' tickets), or None when there are no layers."""
+    if not layers:
+        return None
+    for layer in layers:
+        layer.prepass_slot = TicketSlot()
+    prepass = VectorPrepass(layers)
+    handle = model.register_forward_pre_hook(prepass)
+
+    def remove() -> None:
+        handle.remove()
+        for layer in prepass.layers:
+            layer.prepass_slot.ticket = None
+
+    return remove

@@ -1,0 +1,224 @@
+"""DoRA's step vectors formed in one launch per forward (``slimtune.methods.dora.prepass``): the kernel against the
+per-layer path under ``TRITON_INTERPRET=1`` (fp32 / fp16; the interpreter mishandles bf16), a model's steps with
+the pre-pass on and off, when a layer must not use its ticket, and — on a GPU — bf16 against the float64 definition
+and the exact start."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import slimtune
+from slimtune.methods.dora import prepass as P
+
+from ...helpers import dora_layer_errors, run_interpreted
+
+SCRIPT = r"""
+import json, torch
+from torch import nn
+import slimtune
+from slimtune.methods.dora import DoraLinear, prepass as P
+from slimtune.methods.dora.norm import dora_vectors_reference, factored_norm_parts, magnitude_floor
+from tests.helpers import rel_err
+
+results = {}
+
+
+class Block(nn.Module):  # q/k/v read one input (a sibling group), o alone, up/down of other widths
+    def __init__(self, d=48, f=136):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(d, d, bias=False), nn.Linear(d, 24, bias=False), nn.Linear(d, 24, bias=False)
+        self.o, self.up, self.down = nn.Linear(d, d, bias=False), nn.Linear(d, f, bias=False), nn.Linear(f, d)
+
+    def forward(self, x):
+        h = self.o(self.q(x) * torch.cat([self.k(x), self.v(x)], -1))
+        return x + self.down(torch.tanh(self.up(h)))
+
+
+def build(dtype, recompute, seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(Block(), Block()).to(dtype)
+    slimtune.adapt(model, slimtune.LoraConfig(r=8, alpha=16, target_modules=["q", "k", "v", "o", "up", "down"],
+                                              use_dora=True, dora_recompute=recompute,
+                                              rank_pattern={"1.up": 20, "0.k": 3}))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+            if "magnitude" in name:
+                p.mul_(1 + 0.1 * torch.randn_like(p))
+        model[0].q.magnitude[2] = 0.0  # floored where the layer keeps its output
+    return model
+
+
+def layers(model):
+    return [m for m in model.modules() if isinstance(m, DoraLinear)]
+
+
+def steps(model, x, n=3):
+    out = []
+    opt = torch.optim.SGD(slimtune.trainable_parameters(model), lr=0.05)
+    for _ in range(n):
+        y = model(x)
+        y.float().pow(2).mean().backward()
+        out.append((y.detach().clone(), [p.grad.clone() for p in slimtune.trainable_parameters(model)]))
+        opt.step()
+        opt.zero_grad()
+    return out
+
+
+for dtype in (torch.float32, torch.float16):
+    name = str(dtype).split(".")[-1]
+    for recompute in (False, True, "auto"):
+        runs = {}
+        for on in (True, False):
+            P.set_dora_prepass(on)
+            model = build(dtype, recompute)
+            x = torch.randn(2, 7, 48).to(dtype)
+            runs[on] = steps(model, x)
+            tickets = sum(layer.prepass_slot.ticket is not None for layer in layers(model))
+            results[f"{name}/{recompute}/tickets/{on}"] = tickets
+        results[f"{name}/{recompute}/steps"] = max(
+            max([rel_err(ya, yb)] + [rel_err(ga, gb) for ga, gb in zip(gas, gbs)])
+            for (ya, gas), (yb, gbs) in zip(runs[True], runs[False]))
+P.set_dora_prepass(True)
+
+# each layer's vectors against the float64 per-layer definition (‖W‖² exact, the factored parts in float64)
+for dtype in (torch.float32, torch.float16):
+    model = build(dtype, False, seed=1)
+    model(torch.randn(3, 48).to(dtype))
+    for i, layer in enumerate(layers(model)):
+        ticket = layer.prepass_slot.ticket
+        w = layer.base_layer.weight.double()
+        mixed, gram = factored_norm_parts(w, layer.lora_A.double())
+        want = dora_vectors_reference(mixed, gram, layer.lora_B.double(), (w * w).sum(1), layer.magnitude.double(),
+                                      layer.scaling, ticket.eps)
+        ok = torch.isfinite(want)  # fp16 keeps z (no floor): 1/m of a zero m is infinite on both sides
+        assert torch.equal(torch.isfinite(ticket.vectors), ok)
+        results[f"vec/{str(dtype).split('.')[-1]}/{i}"] = rel_err(ticket.vectors[ok], want[ok])
+
+# a parameter changed in place after the pre-pass, inside the forward: that layer forms its norm itself
+for on in (True, False):
+    P.set_dora_prepass(on)
+    model = build(torch.float32, False, seed=2)
+    target = model[1].o
+
+    def change(mod, args):
+        with torch.no_grad():
+            mod.lora_B.mul_(1.5)
+
+    target.register_forward_pre_hook(change)
+    x = torch.randn(2, 5, 48)
+    results[f"changed/{on}"] = model(x).detach()
+results["changed"] = rel_err(results.pop("changed/True"), results.pop("changed/False"))
+P.set_dora_prepass(True)
+
+# a ticket outlives the forward: a checkpointed recomputation in backward uses the same vectors
+model = build(torch.float32, False, seed=3)
+x = torch.randn(2, 5, 48, requires_grad=True)
+y = torch.utils.checkpoint.checkpoint(model, x, use_reentrant=False)
+y.pow(2).mean().backward()
+plain = build(torch.float32, False, seed=3)
+x2 = x.detach().clone().requires_grad_()
+plain(x2).pow(2).mean().backward()
+results["checkpoint"] = max(rel_err(x.grad, x2.grad), rel_err(model[0].q.lora_A.grad, plain[0].q.lora_A.grad))
+print("RESULTS " + json.dumps(results))
+"""
+
+
+@pytest.fixture(scope="module")
+def interpreted():
+    pytest.importorskip("triton")
+    return run_interpreted(SCRIPT, timeout=600)
+
+
+@pytest.mark.parametrize("dtype,tol", [("float32", 1e-5), ("float16", 3e-3)])
+def test_a_model_steps_alike_with_and_without_the_prepass(interpreted, dtype, tol):
+    for recompute in ("False", "True", "auto"):
+        assert interpreted[f"{dtype}/{recompute}/tickets/True"] == 12
+        assert interpreted[f"{dtype}/{recompute}/tickets/False"] == 0
+        assert interpreted[f"{dtype}/{recompute}/steps"] < tol, recompute
+
+
+@pytest.mark.parametrize("dtype,tol", [("float32", 1e-6), ("float16", 1e-3)])
+def test_prepass_vectors_match_the_float64_definition(interpreted, dtype, tol):
+    """fp16 magnitudes compare with ‖V‖ rounded to fp16 (``norm.in_magnitude_precision``), as the per-layer path does:
+    the float64 definition does not round."""
+    errors = {k: v for k, v in interpreted.items() if k.startswith(f"vec/{dtype}/")}
+    assert len(errors) == 12
+    assert all(e < tol for e in errors.values()), errors
+
+
+def test_a_parameter_changed_inside_the_forward_is_seen(interpreted):
+    assert interpreted["changed"] < 1e-6
+
+
+def test_checkpointed_recomputation_matches_the_plain_step(interpreted):
+    assert interpreted["checkpoint"] < 1e-5
+
+
+def test_no_ticket_without_triton_or_for_ineligible_layers():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 6, bias=False), nn.Linear(6, 4, bias=False))
+    slimtune.adapt(model, slimtune.LoraConfig(r=2, target_modules=["0", "1"], use_dora=True))
+    model(torch.randn(3, 8))
+    assert all(m.prepass_slot is not None and m.prepass_slot.ticket is None for m in (model[0], model[1]))
+    # the host's eligibility rules, asked directly
+    entry = P._read_entry(model[0], (model[0].base_layer.weight, model[0].lora_A, model[0].lora_B,
+                                     model[0].magnitude))
+    assert entry is None  # CPU tensors without the interpreter: the per-layer path
+
+
+def test_set_dora_prepass_takes_a_bool():
+    with pytest.raises(TypeError, match="True or False"):
+        slimtune.set_dora_prepass("yes")
+
+
+def test_unloading_drops_the_hook():
+    model = nn.Sequential(nn.Linear(8, 6, bias=False))
+    slimtune.adapt(model, slimtune.LoraConfig(r=2, target_modules=["0"], use_dora=True))
+    assert len(model._forward_pre_hooks) >= 1
+    slimtune.unload(model)
+    assert not any(isinstance(h, P.VectorPrepass) for h in model._forward_pre_hooks.values())
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 1e-2), (torch.float32, 1e-4)])
+@pytest.mark.parametrize("rank", [8, 32, 128])
+def test_prepass_layers_on_the_gpu_match_the_definition(dtype, tol, rank):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(384, 1000, bias=False), nn.Linear(1000, 200, bias=False)).to("cuda", dtype)
+    slimtune.adapt(model, slimtune.LoraConfig(r=rank, alpha=rank, target_modules=["0", "1"], use_dora=True,
+                                              dora_recompute=False))
+    for layer in model:
+        with torch.no_grad():
+            layer.lora_B.normal_(0, 0.05)
+            layer.magnitude.mul_(1 + 0.1 * torch.randn_like(layer.magnitude))
+    layer = model[0]
+    x = torch.randn(4, 300, 384, device="cuda", dtype=dtype, requires_grad=True)
+    y = layer(x)  # alone: no pre-pass ran
+    assert layer.prepass_slot.ticket is None
+    model(x)  # the root's forward forms every layer's vectors
+    assert all(m.prepass_slot.ticket is not None for m in model)
+    y = layer(x)  # the ticket still holds: the layer uses it
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    errors = dora_layer_errors(layer, x, y, dy)
+    assert all(e < tol for e in errors.values()), errors
+
+
+@cuda
+def test_fresh_bf16_model_with_the_prepass_computes_its_base_bit_for_bit():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 512, bias=False), nn.Linear(512, 256, bias=False)).to("cuda", torch.bfloat16)
+    x = torch.randn(8, 256, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        base = model(x)
+    slimtune.adapt(model, slimtune.LoraConfig(r=16, alpha=32, target_modules=["0", "1"], use_dora=True,
+                                              dora_recompute=False))
+    y = model(x)
+    assert all(m.prepass_slot.ticket is not None for m in model)
+    assert torch.equal(y, base)
