@@ -57,13 +57,15 @@
 #                                       #           against ca4e9e6 and PEFT-bf16 (carry .before)
 #   bash benchmarks/pending_gpu.sh 24   # issue 19: Triton 3.6's interpreter on the existing kernels; DoRA / LoKr at
 #                                       #           seq 512 in 20 rounds against ca4e9e6 and PEFT-bf16 (carry .before)
+#   bash benchmarks/pending_gpu.sh 25   # issues 19/20: the pre-pass on the "z" route too — DoRA CUDA tests, SD-1.5
+#                                       #           and 3B DoRA against ca4e9e6 and PEFT-bf16 (carry .whl, .before)
 #   bash benchmarks/pending_gpu.sh 3    # issue 17: online / gradient / data allocation vs AdaLoRA wall time
 #                                       #           (carry .out/minilm_wide; make it with rank_allocation.py --prepare)
 #
 # Outputs go to $OUT (each script's own files, plus one log per step); record them in benchmarks/RESULTS.md with
 # the GPU and versions the scripts print.
 set -uo pipefail
-part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|...|24"}
+part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|...|25"}
 out=${OUT:-/tmp/pending_gpu}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -296,8 +298,19 @@ case $part in
     step paired_512_dora_20 300 python benchmarks/paired_steps.py --rounds 20 --before .before --configs dora \
         before:dora peft-bf16:dora lokr peft-bf16:lokr --out-name paired_512_dora_20
     ;;
+25)
+    # issues 19/20, carry .whl and .before = ca4e9e6: the pre-pass's vectors on the "z" route too (layers with a bias,
+    # fp16) — DoRA's CUDA tests, SD-1.5 DoRA (to_out / ff layers have biases) and 3B DoRA against ca4e9e6 and PEFT-bf16
+    install_wheels
+    step dora_cuda_tests 150 python -m pytest -q tests/methods/dora/test_prepass.py tests/methods/dora/test_cuda.py \
+        -k "not interpreted and not float64 and not steps_alike and not changed and not checkpointed and not own_norm"
+    step paired_sd15_dora_z 200 python benchmarks/paired_steps.py --preset stable-diffusion-1.5 --rank 16 --rounds 8 \
+        --before .before --configs dora before:dora peft-bf16:dora --out-name paired_sd15_dora_z
+    step paired_512_dora_z 150 python benchmarks/paired_steps.py --rounds 10 --before .before --configs dora \
+        before:dora peft-bf16:dora --out-name paired_512_dora_z
+    ;;
 *)
-    echo "unknown part $part (1 to 24)" >&2
+    echo "unknown part $part (1 to 25)" >&2
     exit 2
     ;;
 esac

@@ -135,11 +135,14 @@ def vectors_and_compose(z: torch.Tensor, mixed: torch.Tensor, gram: torch.Tensor
     return compose_forward(z, vec[0], bias=bias, out=out, g=vec[1])[0], vec
 
 
-def scale_in_place(z: torch.Tensor, g: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``y = g ⊙ z (+ b)`` written over z ``[..., d_out]`` and returned: computed in fp32 (g ``[d_out]`` is) and
-    rounded once, one PyTorch op — the tail for a layer whose vectors were formed ahead (:mod:`.prepass`). ``g = 1``
-    gives back z bit for bit."""
-    return z.mul_(g) if bias is None else torch.addcmul(bias, z, g, out=z)
+def scale(z: torch.Tensor, g: torch.Tensor, bias: torch.Tensor | None = None,
+          out: torch.Tensor | None = None) -> torch.Tensor:
+    """``y = g ⊙ z (+ b)`` ``[..., d_out]`` in z's dtype, into ``out`` (z itself: in place; None: a new tensor),
+    computed in fp32 (g ``[d_out]`` is) and rounded once, one PyTorch op — the tail for a layer whose vectors were
+    formed ahead (:mod:`.prepass`). ``g = 1`` gives back z bit for bit."""
+    if out is None:
+        out = torch.empty_like(z)
+    return torch.mul(z, g, out=out) if bias is None else torch.addcmul(bias, z, g, out=out)
 
 
 # -- the scale Function (convolutions) ----------------------------------------------------------------------

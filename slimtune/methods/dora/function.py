@@ -67,7 +67,7 @@ import torch
 from ...core.compute import cast
 from ...core.frozen import WeightOperand, materialize, save_with_weight, saved_with_weight
 from ...core.lowrank import dropout_seed
-from .compose import compose_backward, compose_forward, scale_in_place, vectors_and_compose
+from .compose import compose_backward, compose_forward, scale, vectors_and_compose
 from .norm import dora_vectors, magnitude_floor, saves_output
 from .product import as_rows, dora_product, dropped_input, product_backward, product_forward
 
@@ -96,7 +96,7 @@ class DoraLinearFunction(torch.autograd.Function):
         if vec is None:
             y, vec = vectors_and_compose(z, mixed, gram, lora_b, weight_sq, magnitude, scaling, eps, bias, out=z)
         else:  # the step's vectors, formed ahead (.prepass)
-            y = scale_in_place(z, vec[1], bias)
+            y = scale(z, vec[1], bias, out=z)
         del mixed, gram
         if rest is not None:
             y.add_(rest)
@@ -138,7 +138,8 @@ class DoraLinearFunction(torch.autograd.Function):
 class DoraProductFunction(torch.autograd.Function):
     """``(z, rest, vec)`` for the ``"z"`` route: ``z = drop(x) Wᵀ + s·(drop(x) Aᵀ) Bᵀ`` ``[..., d_out]``,
     ``rest = (x − drop(x)) Wᵀ`` (dropout only, else None) and ``vec`` = :func:`dora_vectors` ``[4, d_out]`` fp32 —
-    ``(g − 1, g, 1/‖V‖, 1/m')`` — no gradient (m gets its gradient through the tail).
+    ``(g − 1, g, 1/‖V‖, 1/m')`` — no gradient (m gets its gradient through the tail); with ``ahead`` (the vectors
+    were formed ahead, :mod:`.prepass`) no norm and ``vec`` None.
 
     x ``[..., d_in]``; weight ``[d_out, d_in]`` dense (any dtype; cast per GEMM) or a quantised handle
     (dequantised once in forward — base GEMM and ``W Aᵀ`` — and once in backward for dx); lora_a / lora_b in
@@ -161,12 +162,13 @@ class DoraProductFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, lora_a, lora_b, magnitude, scaling: float, dropout_p: float, seed, weight_sq,
-                eps: float):
+                eps: float, ahead: bool = False):
         ctx.set_materialize_grads(False)
         z, rest, mixed, gram, weight_sq = product_forward(x, weight, lora_a, lora_b, scaling, dropout_p, seed,
-                                                          weight_sq)
-        vec = dora_vectors(mixed, gram, lora_b, weight_sq, magnitude, scaling, eps)
-        ctx.mark_non_differentiable(vec)
+                                                          weight_sq, norm=not ahead)
+        vec = None if ahead else dora_vectors(mixed, gram, lora_b, weight_sq, magnitude, scaling, eps)
+        if vec is not None:
+            ctx.mark_non_differentiable(vec)
         save_with_weight(ctx, weight, x, lora_a, lora_b)
         ctx.scaling, ctx.dropout_p, ctx.seed = scaling, dropout_p, seed
         return z, rest, vec
@@ -176,7 +178,7 @@ class DoraProductFunction(torch.autograd.Function):
         weight, (x, lora_a, lora_b) = saved_with_weight(ctx)
         grads = product_backward(ctx, weight, x, lora_a, lora_b, as_rows(dz) if dz is not None else None,
                                  as_rows(drest) if drest is not None else None, tuple(ctx.needs_input_grad[:4]))
-        return (*grads, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None)
 
 
 class DoraTailFunction(torch.autograd.Function):
@@ -184,7 +186,8 @@ class DoraTailFunction(torch.autograd.Function):
     docstring), z saved for ``dm = Σ dy ⊙ z / ‖V‖``; ``vec`` from :class:`DoraProductFunction` (no gradient).
 
     z ``[..., d_out]``, rest: the product's dropout term or None, magnitude ``[d_out]`` (any shape with d_out
-    elements), bias ``[d_out]`` or None. Backward returns ``dz = g·dy`` (its own ``[N, d_out]`` buffer) and
+    elements), bias ``[d_out]`` or None; ``ahead``: vec was formed ahead (:mod:`.prepass`), and the tail is one
+    PyTorch op, ``g ⊙ z + b`` (:func:`~.compose.scale`), instead of a Triton launch. Backward returns ``dz = g·dy`` (its own ``[N, d_out]`` buffer) and
     releases the saved z before the product's backward allocates dx, so the backward's transient peak is LoRA's.
     ``dm`` and the bias gradient come out of the backward pass's own reduction in fp32 (autograd casts them to the
     parameters' dtypes).
@@ -195,8 +198,8 @@ class DoraTailFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, z, rest, magnitude, vec, bias):
-        y, _ = compose_forward(z, vec[0], bias=bias, g=vec[1])
+    def forward(ctx, z, rest, magnitude, vec, bias, ahead: bool = False):
+        y = scale(z, vec[1], bias) if ahead else compose_forward(z, vec[0], bias=bias, g=vec[1])[0]
         if rest is not None:
             y.add_(rest)
         ctx.save_for_backward(vec, z)
@@ -212,7 +215,7 @@ class DoraTailFunction(torch.autograd.Function):
         dz, grad_m, grad_bias = compose_backward(dy2, pre, vec[1], dy_sum=ctx.needs_input_grad[4], scale=vec[2])
         grad_m = grad_m.view(ctx.magnitude_shape) if ctx.needs_input_grad[2] else None
         grad_z = dz.view(dy.shape) if ctx.needs_input_grad[0] else None
-        return grad_z, dy if ctx.has_rest else None, grad_m, None, grad_bias
+        return grad_z, dy if ctx.has_rest else None, grad_m, None, grad_bias, None
 
 
 def dora_linear(x: torch.Tensor, weight: WeightOperand, bias: torch.Tensor | None, lora_a: torch.Tensor,
@@ -232,13 +235,13 @@ def dora_linear(x: torch.Tensor, weight: WeightOperand, bias: torch.Tensor | Non
     seed = dropout_seed(dropout_p)
     keep = backward_route(x, weight, bias, lora_a, lora_b, magnitude, dropout_p, recompute)
     eps = magnitude_floor(x.dtype) if keep == "output" else 0.0
+    vec = vectors(x.dtype, eps) if vectors is not None else None
     if keep != "z":
-        vec = vectors(x.dtype, eps) if vectors is not None else None
         return DoraLinearFunction.apply(x, weight, bias, lora_a, lora_b, magnitude, scaling, dropout_p, seed,
                                         weight_sq, keep, eps, vec)
-    z, rest, vec = DoraProductFunction.apply(x, weight, lora_a, lora_b, magnitude, scaling, dropout_p, seed,
-                                             weight_sq, eps)
-    return DoraTailFunction.apply(z, rest, magnitude, vec, bias)
+    z, rest, formed = DoraProductFunction.apply(x, weight, lora_a, lora_b, magnitude, scaling, dropout_p, seed,
+                                                weight_sq, eps, vec is not None)
+    return DoraTailFunction.apply(z, rest, magnitude, formed if vec is None else vec, bias, vec is not None)
 
 
 def backward_route(x: torch.Tensor, weight: WeightOperand, bias: torch.Tensor | None, lora_a: torch.Tensor,

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from ...core.compute import cast
 from ...core.frozen import WeightOperand, is_quantized, materialize
 from ...core.lowrank_group import grouped_product_backward, stacked_downs
-from .compose import compose_backward, scale_in_place, vectors_and_compose
+from .compose import compose_backward, scale, vectors_and_compose
 from .norm import factored_norm_parts, weight_row_norm_sq
 from .product import as_rows
 
@@ -78,7 +78,7 @@ class GroupedDoraFunction(torch.autograd.Function):
                                              biases[i], out=z)
             else:  # the step's vectors, formed ahead (.prepass)
                 del w
-                y = scale_in_place(z, vec[1], biases[i])
+                y = scale(z, vec[1], biases[i], out=z)
             outputs.append(y)
             vectors.append(vec)
         ctx.set_materialize_grads(False)

@@ -83,6 +83,25 @@ for dtype in (torch.float32, torch.float16):
             for (ya, gas), (yb, gbs) in zip(runs[True], runs[False]))
 P.set_dora_prepass(True)
 
+# with the pre-pass on, no layer forms a norm of its own: not the grouped q/k/v, not o, not the biased down ("z")
+from slimtune.methods.dora import function as DF, group as DG
+calls = []
+for module in (DF, DG):
+    for name in ("vectors_and_compose", "dora_vectors"):
+        if hasattr(module, name):
+            original = getattr(module, name)
+            setattr(module, name, lambda *a, _f=original, **k: calls.append(1) or _f(*a, **k))
+model = build(torch.float32, False, seed=4)
+x = torch.randn(2, 7, 48)
+steps(model, x, n=3)
+calls.clear()
+steps(model, x, n=1)
+results["norms formed per layer, pre-pass on"] = len(calls)
+P.set_dora_prepass(False)
+steps(model, x, n=1)
+results["norms formed per layer, pre-pass off"] = len(calls)
+P.set_dora_prepass(True)
+
 # each layer's vectors against the float64 per-layer definition (‖W‖² exact, the factored parts in float64)
 for dtype in (torch.float32, torch.float16):
     model = build(dtype, False, seed=1)
@@ -147,6 +166,11 @@ def test_prepass_vectors_match_the_float64_definition(interpreted, dtype, tol):
     errors = {k: v for k, v in interpreted.items() if k.startswith(f"vec/{dtype}/")}
     assert len(errors) == 12
     assert all(e < tol for e in errors.values()), errors
+
+
+def test_with_the_prepass_no_layer_forms_its_own_norm(interpreted):
+    assert interpreted["norms formed per layer, pre-pass on"] == 0
+    assert interpreted["norms formed per layer, pre-pass off"] == 12  # every layer, the biased one's z route too
 
 
 def test_a_parameter_changed_inside_the_forward_is_seen(interpreted):
