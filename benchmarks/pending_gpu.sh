@@ -59,13 +59,16 @@
 #                                       #           seq 512 in 20 rounds against ca4e9e6 and PEFT-bf16 (carry .before)
 #   bash benchmarks/pending_gpu.sh 25   # issues 19/20: the pre-pass on the "z" route too — DoRA CUDA tests, SD-1.5
 #                                       #           and 3B DoRA against ca4e9e6 and PEFT-bf16 (carry .whl, .before)
+#   bash benchmarks/pending_gpu.sh 26   # issues 19/20: the pre-pass for DoRA convolutions — CUDA tests, SD-1.5 DoRA
+#                                       #           against ca4e9e6 and PEFT-bf16, 3B seq 512 every method (carry
+#                                       #           .whl, .before)
 #   bash benchmarks/pending_gpu.sh 3    # issue 17: online / gradient / data allocation vs AdaLoRA wall time
 #                                       #           (carry .out/minilm_wide; make it with rank_allocation.py --prepare)
 #
 # Outputs go to $OUT (each script's own files, plus one log per step); record them in benchmarks/RESULTS.md with
 # the GPU and versions the scripts print.
 set -uo pipefail
-part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|...|25"}
+part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|...|26"}
 out=${OUT:-/tmp/pending_gpu}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -309,8 +312,19 @@ case $part in
     step paired_512_dora_z 150 python benchmarks/paired_steps.py --rounds 10 --before .before --configs dora \
         before:dora peft-bf16:dora --out-name paired_512_dora_z
     ;;
+26)
+    # issues 19/20, carry .whl and .before = ca4e9e6: the pre-pass for DoRA convolutions too — the CUDA tests, SD-1.5
+    # DoRA (its proj_in / proj_out are 1x1 convolutions) and 3B seq 512 every method against PEFT-bf16
+    install_wheels
+    step dora_cuda_tests 120 python -m pytest -q tests/methods/dora/test_prepass.py tests/methods/dora/test_cuda.py \
+        -k "gpu or bit"
+    step paired_sd15_dora_conv 170 python benchmarks/paired_steps.py --preset stable-diffusion-1.5 --rank 16 \
+        --rounds 8 --before .before --configs dora before:dora peft-bf16:dora --out-name paired_sd15_dora_conv
+    step paired_512_every_final 200 python benchmarks/paired_steps.py --rounds 8 --configs lora dora loha lokr \
+        peft-bf16:lora peft-bf16:dora peft-bf16:loha peft-bf16:lokr --out-name paired_512_every_final
+    ;;
 *)
-    echo "unknown part $part (1 to 25)" >&2
+    echo "unknown part $part (1 to 26)" >&2
     exit 2
     ;;
 esac

@@ -150,41 +150,54 @@ class DoraScaleFunction(torch.autograd.Function):
     """``out = z + (g − 1)·z + b`` along channel axis ``dim``, ``g = m / norm``, norm constant.
 
     z ``[..., C, ...]``; magnitude: C elements (any shape, e.g. PEFT's ``[1, C, 1, 1]`` for convolutions);
-    norm ``[C]`` fp32, no grad; bias ``[C]`` or None. Saves z and the ``[C]`` fp32 vectors norm and g − 1.
+    norm ``[C]`` fp32, no grad; bias ``[C]`` or None; ``vectors``: the ``[4, C]`` step vectors formed ahead
+    (:mod:`.prepass`; norm is then None and ``out = g ⊙ z + b`` is one PyTorch op, :func:`scale`), or None. Saves z
+    and the ``[C]`` fp32 vectors (norm and g − 1, or 1/norm and g).
 
     Backward (the norm a constant): ``dz = g ⊙ dy`` (``∂out/∂z = g``); ``dm = Σ dy ⊙ z / norm`` over every axis but
     the channel (``∂out/∂m = z / norm``) — both in one fused pass, :func:`compose_backward`; ``db = Σ dy``.
     """
 
     @staticmethod
-    def forward(ctx, z, magnitude, norm, bias, dim: int):
-        m = magnitude.detach().reshape(-1).to(norm.dtype)
-        gm1 = (m - norm) / norm
-        out, _ = compose_forward(z, gm1, bias=bias, dim=dim)
-        ctx.save_for_backward(z, norm, gm1)
-        ctx.dim, ctx.has_bias = dim, bias is not None
+    def forward(ctx, z, magnitude, norm, bias, dim: int, vectors=None):
+        if vectors is None:
+            m = magnitude.detach().reshape(-1).to(norm.dtype)
+            gm1 = (m - norm) / norm
+            out, _ = compose_forward(z, gm1, bias=bias, dim=dim)
+            ctx.save_for_backward(z, norm, gm1)
+        else:
+            g = vectors[1]
+            out = scale(z, _channel_view(g, z, dim), None if bias is None else _channel_view(bias, z, dim))
+            ctx.save_for_backward(z, vectors[2], g)
+        ctx.dim, ctx.has_bias, ctx.ahead = dim, bias is not None, vectors is not None
         ctx.magnitude_shape, ctx.magnitude_dtype = magnitude.shape, magnitude.dtype
         return out
 
     @staticmethod
     def backward(ctx, dy):
-        z, norm, gm1 = ctx.saved_tensors
+        z, norm_or_inverse, gm1_or_g = ctx.saved_tensors
         need_z, need_m, _, need_bias = ctx.needs_input_grad[:4]
         grad_z = grad_m = grad_bias = None
         if need_z or need_m:
-            dz, dm_sum, _ = compose_backward(dy, z, gm1 + 1, dim=ctx.dim)
+            g = gm1_or_g if ctx.ahead else gm1_or_g + 1
+            dz, dm_sum, _ = compose_backward(dy, z, g, dim=ctx.dim)
             grad_z = dz if need_z else None
             if need_m:
-                grad_m = (dm_sum / norm).to(ctx.magnitude_dtype).view(ctx.magnitude_shape)
+                dm = dm_sum * norm_or_inverse if ctx.ahead else dm_sum / norm_or_inverse
+                grad_m = dm.to(ctx.magnitude_dtype).view(ctx.magnitude_shape)
         if need_bias and ctx.has_bias:
             grad_bias = dy.sum(_other_dims(dy, ctx.dim))
-        return grad_z, grad_m, None, grad_bias, None
+        return grad_z, grad_m, None, grad_bias, None, None
 
 
-def dora_scale(z: torch.Tensor, magnitude: torch.Tensor, norm: torch.Tensor, bias: torch.Tensor | None,
-               dim: int = -1) -> torch.Tensor:
-    """Apply :class:`DoraScaleFunction`; without autograd the tail runs in place in z (a fresh tensor)."""
+def dora_scale(z: torch.Tensor, magnitude: torch.Tensor, norm: torch.Tensor | None, bias: torch.Tensor | None,
+               dim: int = -1, vectors: torch.Tensor | None = None) -> torch.Tensor:
+    """Apply :class:`DoraScaleFunction` (``norm`` ``[C]``, or None with the step ``vectors`` ``[4, C]`` formed ahead);
+    without autograd the tail runs in place in z (a fresh tensor)."""
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (z, magnitude, bias)):
-        return DoraScaleFunction.apply(z, magnitude, norm, bias, dim)
+        return DoraScaleFunction.apply(z, magnitude, norm, bias, dim, vectors)
+    if vectors is not None:
+        return scale(z, _channel_view(vectors[1], z, dim), None if bias is None else _channel_view(bias, z, dim),
+                     out=z)
     gm1 = (magnitude.detach().reshape(-1).to(norm.dtype) - norm) / norm
     return compose_forward(z, gm1, bias=bias, out=z, dim=dim)[0]

@@ -100,6 +100,11 @@ class DoraMixin:
             cache = self._weight_sq_cache = (TensorStamp(w), weight_row_norm_sq(self.dense_weight2d()))
         return cache[1]
 
+    def vectors_floor(self, dtype: torch.dtype) -> float:
+        """The magnitude floor the step vectors (:mod:`.prepass`) assume for a call computing in ``dtype``: its
+        route's (:func:`~.norm.magnitude_floor` where the layer keeps its output, else 0)."""
+        return 0.0
+
     def invalidate_norm_cache(self) -> None:
         self._weight_sq_cache = None
 
@@ -216,6 +221,11 @@ class DoraLinear(DoraMixin, LoraLinear):
             chosen = "recompute" if self.recompute else "output"
         return [*super().explain(x), Choice("kept for dm", options, chosen, "kept")]
 
+    def vectors_floor(self, dtype: torch.dtype) -> float:
+        """The output route's floor where the layer will keep its output (decided, no bias, a wide dtype), else 0."""
+        keeps_output = self.recompute is False and saves_output(self.base_layer.bias, dtype)
+        return magnitude_floor(dtype) if keeps_output else 0.0
+
     def _undecided(self, x: torch.Tensor, bias: torch.Tensor | None, p: float) -> tuple[bool, bool]:
         """``(recompute now, watch the output)`` for a layer whose ``dora_recompute="auto"`` is not decided yet.
 
@@ -248,6 +258,10 @@ class DoraConv(DoraMixin, LoraConv):
         base = self.base_layer
         dtype, context = compute_setting(x)
         p = self.dropout_p if self.training else 0.0
+        ticket = ticket_for(self)
+        vec = (ticket.vectors_for(dtype, 0.0)
+               if ticket is not None and ticket.holds(base.weight, self.lora_A, self.lora_B, self.magnitude,
+                                                      self.scaling) else None)
         with context:
             x, weight = x.to(dtype), base.weight.to(dtype)
             bias = base.bias.to(dtype) if base.bias is not None else None
@@ -255,8 +269,10 @@ class DoraConv(DoraMixin, LoraConv):
             geometry = (base.stride, base.padding, base.dilation)
             h = self._conv(xd, self.lora_A.to(dtype), None, *geometry)
             z = base._conv_forward(xd, weight, None) + self._conv(h, (self.lora_B * self.scaling).to(dtype))
-            norm = self.weight_norm(self.weight2d(weight))
-            out = dora_scale(z, self.magnitude, norm, bias, dim=1)
+            if vec is None:
+                out = dora_scale(z, self.magnitude, self.weight_norm(self.weight2d(weight)), bias, dim=1)
+            else:  # the step's vectors, formed ahead (.prepass)
+                out = dora_scale(z, self.magnitude, None, bias, dim=1, vectors=vec)
             if p > 0:  # PEFT's x Wᵀ + (g−1)·drop(x) Wᵀ: the rest of the base term on the dropped part
                 out = out + base._conv_forward(x - xd, weight, None)
             return out
@@ -276,7 +292,8 @@ def finalize_dora(config: LoraConfig, model: nn.Module, adapters: list) -> Calla
     ``dora_recompute="auto"``, one :class:`~.probe.OutputProbe` for them, resolved when the model's forward returns;
     returns what takes them away."""
     linears = [a for a in adapters if isinstance(a, DoraLinear)]
-    removers = [install_siblings(model, adapters, (DoraLinear,)), attach_prepass(model, linears)]
+    dora = [a for a in adapters if isinstance(a, DoraMixin)]
+    removers = [install_siblings(model, adapters, (DoraLinear,)), attach_prepass(model, dora)]
     if config.dora_recompute == "auto":
         removers.append(attach_output_probe(model, linears))
 

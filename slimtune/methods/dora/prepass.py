@@ -1,27 +1,28 @@
-"""DoRA's step vectors: every DoRA Linear layer's norm formed in one Triton launch when the model's forward starts,
-instead of two GEMMs and a kernel launch per layer.
+"""DoRA's step vectors: every DoRA layer's norm formed in one Triton launch when the model's forward starts, instead
+of the norm's GEMMs and a kernel launch per layer.
 
-A DoRA layer's vectors ``(g − 1, g, 1/‖V‖, 1/m')`` ``[4, d_out]`` depend on its parameters only (W, A, B, m), not on
-the input. On a host-bound step (a 3B model at a few thousand tokens) each layer's norm costs the host two GEMM
-launches and a Triton launch; here, a forward pre-hook on the adapted model (:func:`attach_prepass`) forms the
-vectors of all eligible layers in one launch per group (one device and set of dtypes:
-:mod:`.triton_prepass`), and each layer then only scales its
-product, ``y = g ⊙ z`` — one PyTorch op (:func:`~.compose.scale_in_place`) where the per-layer path launches its
-vectors-and-compose kernel.
+A DoRA layer's vectors ``(g − 1, g, 1/‖V‖, 1/m')`` ``[4, d_out]`` (d_out: output features or channels) depend on
+its parameters only (W, A, B, m), not on the input. On a host-bound step (a 3B model at a few thousand tokens) each
+layer's norm costs the host two GEMM launches and a Triton launch. Here a forward pre-hook on the adapted model
+(:func:`attach_prepass`) forms the vectors of all eligible layers in one launch per group (one device and set of
+dtypes: :mod:`.triton_prepass`), and each layer then only scales its product, ``y = g ⊙ z (+ b)`` — one PyTorch op
+(:func:`~.compose.scale`) where the per-layer path launches its vectors-and-compose kernel.
 
 **Tickets.** Each eligible layer gets a :class:`Ticket`: the vectors, the parameter objects they were formed from
-and those tensors' in-place versions, the scaling and the magnitude floor. A layer uses the vectors only while the
-ticket still describes it (:meth:`Ticket.valid`): the same parameter objects, unchanged (an optimizer step, a
-``load``, a merge bumps a version), the same scaling, the compute dtype the vectors assumed (the base weight's)
-and the floor its route needs. Otherwise — and for every layer that is not eligible — the layer forms its norm
-itself, as before. A ticket outlives the forward, so a gradient-checkpointing recomputation in backward sees the
-very vectors the first forward used.
+and those tensors' in-place versions, the scaling, the compute dtype the vectors assume (the base weight's) and the
+magnitude floor. A layer uses the vectors only while the ticket still describes the call (:meth:`Ticket.holds`,
+:meth:`Ticket.vectors_for`): the same parameter objects, unchanged (an optimizer step, a ``load``, a merge bumps a
+version), the same scaling, that compute dtype and the floor its route needs. Otherwise — and for every layer that
+is not eligible — the layer forms its norm itself, as before. (A change through ``.data``, which autograd does not
+see either, is not seen.) A ticket outlives the forward, so a gradient-checkpointing recomputation in backward sees
+the very vectors the first forward used.
 
-**Eligible** (checked on the host every forward, no sync): a dense, unquantised base weight with unit column
-stride (not transformers' ``Conv1D``), plain tensors (no tensor subclass: a sharded ``DTensor`` is not
-addressable), the Triton path on (:func:`~slimtune.core.triton.use_triton`: CUDA or the interpreter, fp32 / fp16 /
-bf16, not while ``torch.compile`` traces), rank at most :data:`MAX_RANK`, the layer enabled and unmerged, and no
-CUDA-graph capture in progress (``capture_step`` replays the whole step: the host cost is gone there anyway).
+**Eligible** (checked on the host every forward, no sync): a Linear or a convolution (groups 1) with a dense,
+unquantised base weight and contiguous parameters (not transformers' ``Conv1D``); plain tensors (no tensor
+subclass: a sharded ``DTensor`` is not addressable); the Triton path on (:func:`~slimtune.core.triton.use_triton`:
+CUDA or the interpreter, fp32 / fp16 / bf16, not while ``torch.compile`` traces); rank at most :data:`MAX_RANK`; the
+layer enabled and unmerged; no CUDA-graph capture in progress (``capture_step`` replays the whole step: the host
+cost is gone there anyway).
 
 **The tables** (addresses, sizes, strides, offsets; :mod:`.triton_prepass`) are rebuilt on the host every forward
 and uploaded only when they differ from the last upload: the uploaded copy is reused only when it holds exactly
@@ -37,7 +38,6 @@ from torch import nn
 from ...core.frozen import base_weight_operand, is_quantized
 from ...core.tracing import compiling
 from ...core.triton import use_triton
-from .norm import magnitude_floor, saves_output
 
 #: the largest rank the kernel takes (its ``[BLOCK_M, r]`` tile of B stays in registers)
 MAX_RANK = 128
@@ -105,28 +105,30 @@ class _Entry:
 
 
 def _read_entry(layer: nn.Module, objects: tuple) -> _Entry | None:
-    """The entry of ``layer`` (parameters ``objects`` = W, A, B, m), or None (not eligible: module docstring)."""
+    """The entry of ``layer`` (parameters ``objects`` = W, A, B, m, contiguous: a Linear's as they are, a
+    convolution's as ``[c_out, c_in·k…]`` / ``[r, c_in·k…]`` / ``[c_out, r]`` / ``[c_out]``), or None (not eligible:
+    module docstring)."""
     weight, a, b, m = objects
     if (getattr(layer, "fan_in_fan_out", False) or is_quantized(base_weight_operand(layer.base_layer))
-            or weight.dim() != 2 or not _plain(weight, a, b, m) or not use_triton(weight)
-            or a.shape[0] > MAX_RANK or a.dtype != b.dtype or m.dim() != 1
-            or weight.stride(1) != 1 or a.stride(1) != 1 or b.stride(1) != 1 or m.stride(0) != 1
+            or not _plain(weight, a, b, m) or not use_triton(weight) or a.shape[0] > MAX_RANK or a.dtype != b.dtype
+            or not (weight.is_contiguous() and a.is_contiguous() and b.is_contiguous() and m.is_contiguous())
             or not (a.device == b.device == m.device == weight.device)):
+        return None
+    d_out, rank = weight.shape[0], a.shape[0]
+    d_in = weight.numel() // max(d_out, 1)
+    if m.numel() != d_out or a.numel() != rank * d_in or b.numel() != d_out * rank:
         return None
     wsq = layer.cached_weight_row_norm_sq()
     if wsq is None:
         return None
     entry = _Entry()
     dtype = weight.dtype
-    routes_output = layer.recompute is False and saves_output(layer.base_layer.bias, dtype)
-    eps = magnitude_floor(dtype) if routes_output else 0.0
-    d_out, d_in = weight.shape
     entry.objects, entry.shapes, entry.wsq, entry.dtype = objects, (weight.shape, a.shape), wsq, dtype
     entry.recompute, entry.bias, entry.w_version = layer.recompute, layer.base_layer.bias, weight._version
     entry.key = (weight.device, dtype, a.dtype, m.dtype)
     entry.row = (weight.data_ptr(), a.data_ptr(), b.data_ptr(), m.data_ptr(), wsq.data_ptr(), 0, d_out, d_in,
-                 a.shape[0], weight.stride(0), a.stride(0), b.stride(0))
-    entry.scalars = (float(layer.scaling), eps)
+                 rank, d_in, d_in, rank)  # contiguous rows: W and A d_in apart, B r apart
+    entry.scalars = (float(layer.scaling), layer.vectors_floor(dtype))
     return entry
 
 

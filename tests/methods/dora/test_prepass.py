@@ -83,6 +83,48 @@ for dtype in (torch.float32, torch.float16):
             for (ya, gas), (yb, gbs) in zip(runs[True], runs[False]))
 P.set_dora_prepass(True)
 
+# convolutions (DoraConv: z kept, no floor): 3x3 with a bias and 1x1 without, beside a Linear head
+def build_conv(dtype, seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Conv2d(6, 10, 3, padding=1), nn.Tanh(), nn.Conv2d(10, 8, 1, bias=False),
+                          nn.Flatten(), nn.Linear(8 * 5 * 5, 12, bias=False)).to(dtype)
+    slimtune.adapt(model, slimtune.LoraConfig(r=4, alpha=8, target_modules=["0", "2", "4"], use_dora=True))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+            if "magnitude" in name:
+                p.mul_(1 + 0.1 * torch.randn_like(p))
+    return model
+
+
+for dtype in (torch.float32, torch.float16):
+    name = str(dtype).split(".")[-1]
+    runs = {}
+    for on in (True, False):
+        P.set_dora_prepass(on)
+        model = build_conv(dtype)
+        runs[on] = steps(model, torch.randn(3, 6, 5, 5).to(dtype))
+        results[f"{name}/conv/tickets/{on}"] = sum(m.prepass_slot.ticket is not None for m in model
+                                                   if hasattr(m, "prepass_slot"))
+    results[f"{name}/conv/steps"] = max(
+        max([rel_err(ya, yb)] + [rel_err(ga, gb) for ga, gb in zip(gas, gbs)])
+        for (ya, gas), (yb, gbs) in zip(runs[True], runs[False]))
+    P.set_dora_prepass(True)
+    model = build_conv(dtype, seed=5)
+    formed = []
+    for i in (0, 2):
+        model[i].weight_norm = lambda w, _f=model[i].weight_norm: formed.append(1) or _f(w)
+    model(torch.randn(2, 6, 5, 5).to(dtype))
+    results[f"{name}/conv/norms formed"] = len(formed)
+    for i in (0, 2):
+        layer = model[i]
+        w = layer.base_layer.weight.double().reshape(layer.base_layer.weight.shape[0], -1)
+        a, b = (t.double() for t in layer.factors2d())
+        mixed, gram = factored_norm_parts(w, a)
+        want = dora_vectors_reference(mixed, gram, b, (w * w).sum(1), layer.magnitude.double(), layer.scaling, 0.0)
+        results[f"vec/{name}/conv{i}"] = rel_err(layer.prepass_slot.ticket.vectors, want)
+
 # with the pre-pass on, no layer forms a norm of its own: not the grouped q/k/v, not o, not the biased down ("z")
 from slimtune.methods.dora import function as DF, group as DG
 calls = []
@@ -164,8 +206,15 @@ def test_prepass_vectors_match_the_float64_definition(interpreted, dtype, tol):
     """fp16 magnitudes compare with ‖V‖ rounded to fp16 (``norm.in_magnitude_precision``), as the per-layer path does:
     the float64 definition does not round."""
     errors = {k: v for k, v in interpreted.items() if k.startswith(f"vec/{dtype}/")}
-    assert len(errors) == 12
+    assert len(errors) == 14  # 12 Linear layers, 2 convolutions
     assert all(e < tol for e in errors.values()), errors
+
+
+@pytest.mark.parametrize("dtype,tol", [("float32", 1e-5), ("float16", 3e-3)])
+def test_convolutions_step_alike_with_and_without_the_prepass(interpreted, dtype, tol):
+    assert interpreted[f"{dtype}/conv/tickets/True"] == 3 and interpreted[f"{dtype}/conv/tickets/False"] == 0
+    assert interpreted[f"{dtype}/conv/steps"] < tol
+    assert interpreted[f"{dtype}/conv/norms formed"] == 0  # both convolutions took the pre-pass's vectors
 
 
 def test_with_the_prepass_no_layer_forms_its_own_norm(interpreted):
@@ -246,3 +295,36 @@ def test_fresh_bf16_model_with_the_prepass_computes_its_base_bit_for_bit():
     y = model(x)
     assert all(m.prepass_slot.ticket is not None for m in model)
     assert torch.equal(y, base)
+
+
+@cuda
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 1e-2), (torch.float32, 1e-4)])
+def test_prepass_convolutions_on_the_gpu_match_the_definition(dtype, tol):
+    """A DoRA Conv2d taking the pre-pass's vectors: output and gradients against DoRA's float64 definition,
+    ``conv(x, g ⊙ (W + s·B A)) + b`` with the norm detached."""
+    from ...helpers import rel_err
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(32, 64, 3, padding=1)).to("cuda", dtype)
+    slimtune.adapt(model, slimtune.LoraConfig(r=8, alpha=16, target_modules=["0"], use_dora=True))
+    layer = model[0]
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 0.05)
+        layer.magnitude.mul_(1 + 0.1 * torch.randn_like(layer.magnitude))
+    x = torch.randn(2, 32, 12, 12, device="cuda", dtype=dtype, requires_grad=True)
+    y = model(x)
+    assert layer.prepass_slot.ticket is not None
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    base = layer.base_layer
+    params = [p.detach().double().requires_grad_() for p in (layer.lora_A, layer.lora_B, layer.magnitude)]
+    a, b, m = params
+    v = base.weight.double() + layer.scaling * (b.reshape(b.shape[0], -1) @ a.reshape(a.shape[0], -1)).view_as(
+        base.weight)
+    g = m.reshape(-1) / v.reshape(v.shape[0], -1).norm(dim=1).detach()
+    x64 = x.detach().double().requires_grad_()
+    ref = torch.nn.functional.conv2d(x64, g.view(-1, 1, 1, 1) * v, base.bias.double(), padding=1)
+    ref.backward(dy.double())
+    errors = [rel_err(y, ref), rel_err(x.grad, x64.grad)] + [
+        rel_err(p.grad, q.grad) for p, q in zip((layer.lora_A, layer.lora_B, layer.magnitude), params)]
+    assert all(e < tol for e in errors), errors
