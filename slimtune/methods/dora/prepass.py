@@ -35,20 +35,19 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from ...core.autograd_state import tensor_version
 from ...core.frozen import base_weight_operand, is_quantized
 from ...core.tracing import compiling
 from ...core.triton import use_triton
 
 #: the largest rank the kernel takes (its ``[BLOCK_M, r]`` tile of B stays in registers)
 MAX_RANK = 128
-#: the most layers one launch takes (the kernel scans the layers' first tiles as one vector)
-MAX_LAYERS = 4096
 _SETTING = {"enabled": True}
 
 
 def set_dora_prepass(enabled: bool) -> None:
-    """Whether DoRA Linear layers take their norms from one launch per forward (default: yes). Off, every layer
-    forms its norm itself; the two agree within fp32 rounding (the sums run in another order)."""
+    """Whether DoRA layers take their norms from one launch per forward (default: yes). Off, every layer forms its
+    norm itself; the two agree within fp32 rounding (the sums run in another order)."""
     if not isinstance(enabled, bool):
         raise TypeError(f"set_dora_prepass takes True or False, got {enabled!r}")
     _SETTING["enabled"] = enabled
@@ -62,7 +61,7 @@ class Ticket:
     def __init__(self, vectors: torch.Tensor, tensors: tuple[torch.Tensor, ...], scaling: float, eps: float,
                  dtype: torch.dtype) -> None:
         self.vectors, self.tensors, self.scaling, self.eps, self.dtype = vectors, tensors, scaling, eps, dtype
-        self.versions = tuple([t._version for t in tensors])
+        self.versions = tuple([tensor_version(t) for t in tensors])
 
     def vectors_for(self, dtype: torch.dtype, eps: float) -> torch.Tensor | None:
         """The vectors for a call computing in ``dtype`` with magnitude floor ``eps`` (its route's), or None."""
@@ -72,8 +71,8 @@ class Ticket:
         """Whether a call's operands — the base weight (operand), A, B, m — are the very tensors these vectors were
         formed from, unchanged since (their in-place versions), and its scaling the same."""
         w, ta, tb, tm = self.tensors
-        return (weight is w and a is ta and b is tb and m is tm and scaling == self.scaling
-                and self.versions == (w._version, a._version, b._version, m._version))
+        return (weight is w and a is ta and b is tb and m is tm and scaling == self.scaling and None not in self.versions
+                and self.versions == (tensor_version(w), tensor_version(a), tensor_version(b), tensor_version(m)))
 
 
 def ticket_for(layer: nn.Module) -> Ticket | None:
@@ -124,7 +123,7 @@ def _read_entry(layer: nn.Module, objects: tuple) -> _Entry | None:
     entry = _Entry()
     dtype = weight.dtype
     entry.objects, entry.shapes, entry.wsq, entry.dtype = objects, (weight.shape, a.shape), wsq, dtype
-    entry.recompute, entry.bias, entry.w_version = layer.recompute, layer.base_layer.bias, weight._version
+    entry.recompute, entry.bias, entry.w_version = layer.recompute, layer.base_layer.bias, tensor_version(weight)
     entry.key = (weight.device, dtype, a.dtype, m.dtype)
     entry.row = (weight.data_ptr(), a.data_ptr(), b.data_ptr(), m.data_ptr(), wsq.data_ptr(), 0, d_out, d_in,
                  rank, d_in, d_in, rank)  # contiguous rows: W and A d_in apart, B r apart
@@ -154,7 +153,7 @@ class VectorPrepass:
             if (weight is old[0] and a is old[1] and b is old[2] and m is old[3] and weight.data_ptr() == row[0]
                     and a.data_ptr() == row[1] and b.data_ptr() == row[2] and m.data_ptr() == row[3]
                     and (weight.shape, a.shape) == entry.shapes and float(layer.scaling) == entry.scalars[0]
-                    and weight._version == entry.w_version and layer.recompute is entry.recompute
+                    and tensor_version(weight) == entry.w_version and layer.recompute is entry.recompute
                     and layer.base_layer.bias is entry.bias):
                 return entry  # W unchanged: its ‖W‖² (held here) still holds
         entry = self._entries[i] = _read_entry(layer, objects)
@@ -170,10 +169,8 @@ class VectorPrepass:
             if entry is not None:
                 groups.setdefault(entry.key, []).append((layer, entry))
         for key, members in groups.items():
-            if key[0].type == "cuda" and torch.cuda.is_current_stream_capturing():
-                continue
-            for start in range(0, len(members), MAX_LAYERS):
-                self._launch((*key, start), members[start:start + MAX_LAYERS])
+            if not (key[0].type == "cuda" and torch.cuda.is_current_stream_capturing()):
+                self._launch(key, members)
 
     def _launch(self, key: tuple, members: list) -> None:
         """One launch for ``members`` (``(layer, entry)``, one group): their tickets."""
