@@ -35,11 +35,11 @@ class Block(nn.Module):  # q/k/v read one input (a sibling group), o alone, up/d
         return x + self.down(torch.tanh(self.up(h)))
 
 
-def build(dtype, recompute, seed=0):
+def build(dtype, recompute, seed=0, dropout=0.0):
     torch.manual_seed(seed)
     model = nn.Sequential(Block(), Block()).to(dtype)
     slimtune.adapt(model, slimtune.LoraConfig(r=8, alpha=16, target_modules=["q", "k", "v", "o", "up", "down"],
-                                              use_dora=True, dora_recompute=recompute,
+                                              use_dora=True, dora_recompute=recompute, lora_dropout=dropout,
                                               rank_pattern={"1.up": 20, "0.k": 3}))
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -69,11 +69,12 @@ def steps(model, x, n=3):
 
 for dtype in (torch.float32, torch.float16):
     name = str(dtype).split(".")[-1]
-    for recompute in (False, True, "auto"):
+    for recompute in (False, True, "auto", "dropout"):  # dropout: every layer alone, on the "z" route
         runs = {}
         for on in (True, False):
             P.set_dora_prepass(on)
-            model = build(dtype, recompute)
+            model = build(dtype, recompute if recompute != "dropout" else False,
+                          dropout=0.1 if recompute == "dropout" else 0.0)
             x = torch.randn(2, 7, 48).to(dtype)
             runs[on] = steps(model, x)
             tickets = sum(layer.prepass_slot.ticket is not None for layer in layers(model))
@@ -195,7 +196,7 @@ def interpreted():
 
 @pytest.mark.parametrize("dtype,tol", [("float32", 1e-5), ("float16", 3e-3)])
 def test_a_model_steps_alike_with_and_without_the_prepass(interpreted, dtype, tol):
-    for recompute in ("False", "True", "auto"):
+    for recompute in ("False", "True", "auto", "dropout"):
         assert interpreted[f"{dtype}/{recompute}/tickets/True"] == 12
         assert interpreted[f"{dtype}/{recompute}/tickets/False"] == 0
         assert interpreted[f"{dtype}/{recompute}/steps"] < tol, recompute
