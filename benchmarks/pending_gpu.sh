@@ -60,15 +60,15 @@
 #   bash benchmarks/pending_gpu.sh 25   # issues 19/20: the pre-pass on the "z" route too — DoRA CUDA tests, SD-1.5
 #                                       #           and 3B DoRA against ca4e9e6 and PEFT-bf16 (carry .whl, .before)
 #   bash benchmarks/pending_gpu.sh 26   # issues 19/20: the pre-pass for DoRA convolutions — CUDA tests, SD-1.5 DoRA
-#                                       #           against ca4e9e6 and PEFT-bf16, 3B seq 512 every method (carry
-#                                       #           .whl, .before)
+#                                       #           against ca4e9e6 and PEFT-bf16 (carry .whl, .before)
+#   bash benchmarks/pending_gpu.sh 27   # issue 19: torch.compile on both sides at seq 512, LoHa and LoKr
 #   bash benchmarks/pending_gpu.sh 3    # issue 17: online / gradient / data allocation vs AdaLoRA wall time
 #                                       #           (carry .out/minilm_wide; make it with rank_allocation.py --prepare)
 #
 # Outputs go to $OUT (each script's own files, plus one log per step); record them in benchmarks/RESULTS.md with
 # the GPU and versions the scripts print.
 set -uo pipefail
-part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|...|26"}
+part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|...|27"}
 out=${OUT:-/tmp/pending_gpu}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -320,11 +320,14 @@ case $part in
         -k "gpu or bit"
     step paired_sd15_dora_conv 170 python benchmarks/paired_steps.py --preset stable-diffusion-1.5 --rank 16 \
         --rounds 8 --before .before --configs dora before:dora peft-bf16:dora --out-name paired_sd15_dora_conv
-    step paired_512_every_final 200 python benchmarks/paired_steps.py --rounds 8 --configs lora dora loha lokr \
-        peft-bf16:lora peft-bf16:dora peft-bf16:loha peft-bf16:lokr --out-name paired_512_every_final
+    ;;
+27)
+    # issue 19: torch.compile on both sides at seq 512 for LoHa and LoKr (run 70 had LoRA and DoRA)
+    step paired_512_compile_loha_lokr 540 python benchmarks/paired_steps.py --compile --rounds 6 --configs loha \
+        peft-bf16:loha lokr peft-bf16:lokr --out-name paired_512_compile_loha_lokr
     ;;
 *)
-    echo "unknown part $part (1 to 26)" >&2
+    echo "unknown part $part (1 to 27)" >&2
     exit 2
     ;;
 esac
