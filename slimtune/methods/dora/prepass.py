@@ -12,9 +12,9 @@ dtypes: :mod:`.triton_prepass`), and each layer then only scales its product, ``
 and those tensors' in-place versions, the scaling, the compute dtype the vectors assume (the base weight's) and the
 magnitude floor. A layer uses the vectors only while the ticket still describes the call (:meth:`Ticket.holds`,
 :meth:`Ticket.vectors_for`): the same parameter objects, unchanged (an optimizer step, a ``load``, a merge bumps a
-version), the same scaling, that compute dtype and the floor its route needs. Otherwise — and for every layer that
-is not eligible — the layer forms its norm itself, as before. (A change through ``.data``, which autograd does not
-see either, is not seen.) A ticket outlives the forward, so a gradient-checkpointing recomputation in backward sees
+version; ``param.data = other`` moves its storage), the same scaling, that compute dtype and the floor its route
+needs. Otherwise — and for every layer that is not eligible — the layer forms its norm itself, as before. (A write
+into ``param.data`` in place, which autograd does not see either, is not seen.) A ticket outlives the forward, so a gradient-checkpointing recomputation in backward sees
 the very vectors the first forward used.
 
 **Eligible** (checked on the host every forward, no sync): a Linear or a convolution (groups 1) with a dense,
@@ -56,12 +56,13 @@ def set_dora_prepass(enabled: bool) -> None:
 class Ticket:
     """A layer's step vectors ``[4, d_out]`` fp32 and what they were formed from (module docstring)."""
 
-    __slots__ = ("vectors", "tensors", "versions", "scaling", "eps", "dtype")
+    __slots__ = ("vectors", "tensors", "versions", "addresses", "scaling", "eps", "dtype")
 
     def __init__(self, vectors: torch.Tensor, tensors: tuple[torch.Tensor, ...], scaling: float, eps: float,
                  dtype: torch.dtype) -> None:
         self.vectors, self.tensors, self.scaling, self.eps, self.dtype = vectors, tensors, scaling, eps, dtype
         self.versions = tuple([tensor_version(t) for t in tensors])
+        self.addresses = tuple([t.data_ptr() for t in tensors])
 
     def vectors_for(self, dtype: torch.dtype, eps: float) -> torch.Tensor | None:
         """The vectors for a call computing in ``dtype`` with magnitude floor ``eps`` (its route's), or None."""
@@ -69,10 +70,12 @@ class Ticket:
 
     def holds(self, weight: object, a: torch.Tensor, b: torch.Tensor, m: torch.Tensor, scaling: float) -> bool:
         """Whether a call's operands — the base weight (operand), A, B, m — are the very tensors these vectors were
-        formed from, unchanged since (their in-place versions), and its scaling the same."""
+        formed from, unchanged since (their in-place versions, and their storage: ``param.data = other`` swaps it
+        without a version bump), and its scaling the same."""
         w, ta, tb, tm = self.tensors
         return (weight is w and a is ta and b is tb and m is tm and scaling == self.scaling and None not in self.versions
-                and self.versions == (tensor_version(w), tensor_version(a), tensor_version(b), tensor_version(m)))
+                and self.versions == (tensor_version(w), tensor_version(a), tensor_version(b), tensor_version(m))
+                and self.addresses == (w.data_ptr(), a.data_ptr(), b.data_ptr(), m.data_ptr()))
 
 
 def ticket_for(layer: nn.Module) -> Ticket | None:

@@ -175,6 +175,18 @@ for on in (True, False):
 results["changed"] = rel_err(results.pop("changed/True"), results.pop("changed/False"))
 P.set_dora_prepass(True)
 
+# after a forward, B swapped through .data (no version bump): a lone call of the layer does not take the ticket
+model = build(torch.float32, False, seed=2)
+x = torch.randn(2, 5, 48)
+model(x)
+layer = model[0].o
+assert layer.prepass_slot.ticket is not None
+layer.lora_B.data = layer.lora_B.data * 2
+h = torch.randn(2, 5, 48)
+y_ticket = layer(h).detach()
+layer.prepass_slot.ticket = None
+results["swapped"] = rel_err(y_ticket, layer(h).detach())
+
 # a ticket outlives the forward: a checkpointed recomputation in backward uses the same vectors
 model = build(torch.float32, False, seed=3)
 x = torch.randn(2, 5, 48, requires_grad=True)
@@ -225,6 +237,10 @@ def test_with_the_prepass_no_layer_forms_its_own_norm(interpreted):
 
 def test_a_parameter_changed_inside_the_forward_is_seen(interpreted):
     assert interpreted["changed"] < 1e-6
+
+
+def test_a_storage_swapped_through_data_is_seen(interpreted):
+    assert interpreted["swapped"] < 1e-7
 
 
 def test_checkpointed_recomputation_matches_the_plain_step(interpreted):
