@@ -82,10 +82,11 @@ class DoraLinearFunction(torch.autograd.Function):
     Arguments as :func:`dora_linear` takes them, plus ``seed`` (dropout), ``keep`` (the route: ``"output"``,
     ``"recompute"``, None — frozen magnitude, no dm — or ``"none"``, no backward), ``eps`` (the magnitude floor
     of the output route) and ``vec``: the ``[4, d_out]`` vectors when they were formed ahead (:mod:`.prepass`;
-    the forward then runs no norm and no kernel: ``y = g ⊙ z (+ b)``, one PyTorch op), else None. Saves what the product saves (x, A, B, W or the 4-bit handle), the ``[4, d_out]``
-    vectors, and for ``"output"`` its own output y. Backward: the tail's (``dz = g·dy``, ``dm``, ``db`` in one
-    pass; z rebuilt for ``"recompute"``, its buffer then overwritten by dz),
-    then the product's. The ``"z"`` route keeps two Functions: its saved z is released before dx is allocated.
+    the forward then runs no norm and no kernel: ``y = g ⊙ z (+ b)``, one PyTorch op), else None. Saves what the
+    product saves (x, A, B, W or the 4-bit handle), the ``[4, d_out]`` vectors, and for ``"output"`` its own
+    output y. Backward: the tail's (``dz = g·dy``, ``dm``, ``db`` in one pass; z rebuilt for ``"recompute"``, its
+    buffer then overwritten by dz), then the product's. The ``"z"`` route keeps two Functions: its saved z is
+    released before dx is allocated.
     """
 
     @staticmethod
@@ -187,10 +188,10 @@ class DoraTailFunction(torch.autograd.Function):
 
     z ``[..., d_out]``, rest: the product's dropout term or None, magnitude ``[d_out]`` (any shape with d_out
     elements), bias ``[d_out]`` or None; ``ahead``: vec was formed ahead (:mod:`.prepass`), and the tail is one
-    PyTorch op, ``g ⊙ z + b`` (:func:`~.compose.scale`), instead of a Triton launch. Backward returns ``dz = g·dy`` (its own ``[N, d_out]`` buffer) and
-    releases the saved z before the product's backward allocates dx, so the backward's transient peak is LoRA's.
-    ``dm`` and the bias gradient come out of the backward pass's own reduction in fp32 (autograd casts them to the
-    parameters' dtypes).
+    PyTorch op, ``g ⊙ z + b`` (:func:`~.compose.scale`), instead of a Triton launch. Backward returns ``dz = g·dy``
+    (its own ``[N, d_out]`` buffer) and releases the saved z before the product's backward allocates dx, so the
+    backward's transient peak is LoRA's. ``dm`` and the bias gradient come out of the backward pass's own reduction
+    in fp32 (autograd casts them to the parameters' dtypes).
 
     Backward, with ``y = g ⊙ z + b (+ rest)``, ``g = m/‖V‖`` per output row and ‖V‖ a constant:
     ``dz = g ⊙ dy`` (``∂y/∂z = g``); ``dm = Σ_tokens dy ⊙ z / ‖V‖`` (``∂y/∂m = z/‖V‖``); ``db = Σ_tokens dy``,

@@ -14,8 +14,8 @@ magnitude floor. A layer uses the vectors only while the ticket still describes 
 :meth:`Ticket.vectors_for`): the same parameter objects, unchanged (an optimizer step, a ``load``, a merge bumps a
 version; ``param.data = other`` moves its storage), the same scaling, that compute dtype and the floor its route
 needs. Otherwise — and for every layer that is not eligible — the layer forms its norm itself, as before. (A write
-into ``param.data`` in place, which autograd does not see either, is not seen.) A ticket outlives the forward, so a gradient-checkpointing recomputation in backward sees
-the very vectors the first forward used.
+into ``param.data`` in place, which autograd does not see either, is not seen.) A ticket outlives the forward, so a
+gradient-checkpointing recomputation in backward sees the very vectors the first forward used.
 
 **Eligible** (checked on the host every forward, no sync): a Linear or a convolution (groups 1) with a dense,
 unquantised base weight and contiguous parameters (not transformers' ``Conv1D``); plain tensors (no tensor
@@ -73,7 +73,8 @@ class Ticket:
         formed from, unchanged since (their in-place versions, and their storage: ``param.data = other`` swaps it
         without a version bump), and its scaling the same."""
         w, ta, tb, tm = self.tensors
-        return (weight is w and a is ta and b is tb and m is tm and scaling == self.scaling and None not in self.versions
+        return (weight is w and a is ta and b is tb and m is tm and scaling == self.scaling
+                and None not in self.versions
                 and self.versions == (tensor_version(w), tensor_version(a), tensor_version(b), tensor_version(m))
                 and self.addresses == (w.data_ptr(), a.data_ptr(), b.data_ptr(), m.data_ptr()))
 
