@@ -62,13 +62,15 @@
 #   bash benchmarks/pending_gpu.sh 26   # issues 19/20: the pre-pass for DoRA convolutions — CUDA tests, SD-1.5 DoRA
 #                                       #           against ca4e9e6 and PEFT-bf16 (carry .whl, .before)
 #   bash benchmarks/pending_gpu.sh 27   # issue 19: torch.compile on both sides at seq 512, LoHa and LoKr
+#   bash benchmarks/pending_gpu.sh 28   # issue 19 on an H200: seq 512 every method (20 rounds), DoRA at seq 2048
+#                                       #           against ca4e9e6 (carry .before)
 #   bash benchmarks/pending_gpu.sh 3    # issue 17: online / gradient / data allocation vs AdaLoRA wall time
 #                                       #           (carry .out/minilm_wide; make it with rank_allocation.py --prepare)
 #
 # Outputs go to $OUT (each script's own files, plus one log per step); record them in benchmarks/RESULTS.md with
 # the GPU and versions the scripts print.
 set -uo pipefail
-part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|...|27"}
+part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|...|28"}
 out=${OUT:-/tmp/pending_gpu}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -326,8 +328,16 @@ case $part in
     step paired_512_compile_loha_lokr 540 python benchmarks/paired_steps.py --compile --rounds 6 --configs loha \
         peft-bf16:loha lokr peft-bf16:lokr --out-name paired_512_compile_loha_lokr
     ;;
+28)
+    # issue 19 on the H200 it names (carry .before = ca4e9e6): seq 512 every method against PEFT-bf16 (20 rounds),
+    # DoRA at seq 2048 against ca4e9e6 (the pre-pass kernel's GPU time where the GPU decides the step)
+    step paired_512_every_h200 420 python benchmarks/paired_steps.py --rounds 20 --configs lora dora loha lokr \
+        peft-bf16:lora peft-bf16:dora peft-bf16:loha peft-bf16:lokr --out-name paired_512_every_h200
+    step paired_2048_dora 150 python benchmarks/paired_steps.py --seq 2048 --rounds 4 --before .before --configs \
+        dora before:dora peft-bf16:dora --out-name paired_2048_dora
+    ;;
 *)
-    echo "unknown part $part (1 to 27)" >&2
+    echo "unknown part $part (1 to 28)" >&2
     exit 2
     ;;
 esac
