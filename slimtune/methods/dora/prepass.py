@@ -58,11 +58,11 @@ class Ticket:
 
     __slots__ = ("vectors", "tensors", "versions", "addresses", "scaling", "eps", "dtype")
 
-    def __init__(self, vectors: torch.Tensor, tensors: tuple[torch.Tensor, ...], scaling: float, eps: float,
-                 dtype: torch.dtype) -> None:
-        self.vectors, self.tensors, self.scaling, self.eps, self.dtype = vectors, tensors, scaling, eps, dtype
+    def __init__(self, vectors: torch.Tensor, tensors: tuple[torch.Tensor, ...], addresses: tuple[int, ...],
+                 scaling: float, eps: float, dtype: torch.dtype) -> None:
+        self.vectors, self.tensors, self.addresses = vectors, tensors, addresses
+        self.scaling, self.eps, self.dtype = scaling, eps, dtype
         self.versions = tuple([tensor_version(t) for t in tensors])
-        self.addresses = tuple([t.data_ptr() for t in tensors])
 
     def vectors_for(self, dtype: torch.dtype, eps: float) -> torch.Tensor | None:
         """The vectors for a call computing in ``dtype`` with magnitude floor ``eps`` (its route's), or None."""
@@ -148,17 +148,17 @@ class VectorPrepass:
         shapes, with the same scaling, route floor and ``‖W‖²`` cache; else read again."""
         if layer.disabled or layer.merged:
             return None
-        objects = (layer.base_layer.weight, layer.lora_A, layer.lora_B, layer.magnitude)
+        base = layer.base_layer
+        objects = (base.weight, layer.lora_A, layer.lora_B, layer.magnitude)
         entry = self._entries[i]
         if entry is not None:
             weight, a, b, m = objects
             old = entry.objects
-            row = entry.row
-            if (weight is old[0] and a is old[1] and b is old[2] and m is old[3] and weight.data_ptr() == row[0]
-                    and a.data_ptr() == row[1] and b.data_ptr() == row[2] and m.data_ptr() == row[3]
+            if (weight is old[0] and a is old[1] and b is old[2] and m is old[3]
+                    and (weight.data_ptr(), a.data_ptr(), b.data_ptr(), m.data_ptr()) == entry.row[:4]
                     and (weight.shape, a.shape) == entry.shapes and float(layer.scaling) == entry.scalars[0]
                     and tensor_version(weight) == entry.w_version and layer.recompute is entry.recompute
-                    and layer.base_layer.bias is entry.bias):
+                    and base.bias is entry.bias):
                 return entry  # W unchanged: its ‖W‖² (held here) still holds
         entry = self._entries[i] = _read_entry(layer, objects)
         return entry
@@ -196,7 +196,7 @@ class VectorPrepass:
         first = members[0][1]
         triton_prepass.launch_prepass(*uploaded[1], out, (*first.objects, first.wsq), max(row[8] for row in rows))
         for (layer, entry), vectors in zip(members, out.split(sizes, dim=1)):
-            layer.prepass_slot.ticket = Ticket(vectors, entry.objects, entry.scalars[0], entry.scalars[1], entry.dtype)
+            layer.prepass_slot.ticket = Ticket(vectors, entry.objects, entry.row[:4], *entry.scalars, entry.dtype)
 
 
 class TicketSlot:
