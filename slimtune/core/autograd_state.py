@@ -46,8 +46,11 @@ def transparent_hooks() -> tuple[Callable, Callable] | None:
 
 
 def tensor_version(t: torch.Tensor) -> int | None:
-    """The in-place version counter autograd keeps for ``t`` (bumped by every in-place change), or None where
-    this PyTorch has none (a cache keyed on it then never hits)."""
+    """The in-place version counter autograd keeps for ``t`` (bumped by every in-place change), or None where there
+    is none — an inference tensor (made under ``torch.inference_mode``: reading its counter raises), or a PyTorch
+    without one — so that a cache or hand-off keyed on it never hits."""
+    if t.is_inference():
+        return None
     return getattr(t, "_version", None)
 
 

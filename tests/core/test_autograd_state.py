@@ -66,3 +66,10 @@ def test_tensor_version_counts_in_place_changes():
     v = A.tensor_version(t)
     t.add_(1)
     assert A.tensor_version(t) == v + 1
+
+
+def test_an_inference_tensor_has_no_version():
+    """Reading an inference tensor's counter raises; tensor_version says None (a mark or stamp on it never matches)."""
+    with torch.inference_mode():
+        t = torch.zeros(3)
+    assert t.is_inference() and A.tensor_version(t) is None

@@ -283,3 +283,20 @@ def test_a_deleted_model_frees_its_layers_without_the_garbage_collector():
     finally:
         if enabled:
             gc.enable()
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_inference_mode_runs_and_agrees_with_no_grad(use_dora):
+    """Under ``torch.inference_mode`` (inference tensors have no version counter) an adapted model runs, with the
+    siblings' groups learnt and active, and gives what ``no_grad`` gives; training afterwards still works."""
+    model = _llama(use_dora=use_dora)
+    _train(model, steps=2)  # the groups learn, then fuse
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    with torch.inference_mode():
+        got = model(input_ids=ids).logits
+    assert rel_err(got, want) < 1e-12
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

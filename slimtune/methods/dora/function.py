@@ -222,7 +222,7 @@ class DoraTailFunction(torch.autograd.Function):
 def dora_linear(x: torch.Tensor, weight: WeightOperand, bias: torch.Tensor | None, lora_a: torch.Tensor,
                 lora_b: torch.Tensor, magnitude: torch.Tensor, scaling: float, dropout_p: float = 0.0,
                 weight_sq: torch.Tensor | None = None, recompute: bool = False,
-                vectors: Callable[[torch.dtype, float], torch.Tensor | None] | None = None) -> torch.Tensor:
+                vectors: Callable[[torch.dtype, float | None], torch.Tensor | None] | None = None) -> torch.Tensor:
     """DoRA on a Linear: :class:`DoraLinearFunction`, or for the ``"z"`` route :class:`DoraProductFunction` then
     :class:`DoraTailFunction`.
 
@@ -230,13 +230,13 @@ def dora_linear(x: torch.Tensor, weight: WeightOperand, bias: torch.Tensor | Non
     dtype; ``weight_sq``: cached ``‖W‖²_row`` (or None); ``recompute``: keep no ``[N, d_out]`` tensor. With
     ``dropout_p`` the result is PEFT's ``x Wᵀ + b + (g−1)·drop(x) Wᵀ + g·s·(drop(x) Aᵀ) Bᵀ``. What backward
     keeps is decided here, on the host (module docstring); nothing is read back from the device. ``vectors``: the
-    layer's step vectors for ``(compute dtype, magnitude floor)`` when they were formed ahead (:mod:`.prepass`), or
-    None.
+    layer's step vectors for ``(compute dtype, magnitude floor or None: any)`` when they were formed ahead
+    (:mod:`.prepass`), or None.
     """
     seed = dropout_seed(dropout_p)
     keep = backward_route(x, weight, bias, lora_a, lora_b, magnitude, dropout_p, recompute)
     eps = magnitude_floor(x.dtype) if keep == "output" else 0.0
-    vec = vectors(x.dtype, eps) if vectors is not None else None
+    vec = vectors(x.dtype, None if keep == "none" else eps) if vectors is not None else None
     if keep != "z":
         return DoraLinearFunction.apply(x, weight, bias, lora_a, lora_b, magnitude, scaling, dropout_p, seed,
                                         weight_sq, keep, eps, vec)

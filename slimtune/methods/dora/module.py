@@ -198,7 +198,8 @@ class DoraLinear(DoraMixin, LoraLinear):
             return None
         floor = magnitude_floor(xc.dtype)
         floors = [floor if r == "output" else 0.0 for r in routes]
-        ahead = [step_vectors(m, w, xc.dtype, f) for m, w, f in zip(chain, weights, floors)]
+        ahead = [step_vectors(m, w, xc.dtype, None if r == "none" else f)
+                 for m, w, f, r in zip(chain, weights, floors, routes)]
         with context:
             return grouped_dora_linear(
                 xc, weights, biases, [m.lora_A for m in chain], [m.lora_B for m in chain], [m.magnitude for m in chain],

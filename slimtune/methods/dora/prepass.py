@@ -56,17 +56,23 @@ def set_dora_prepass(enabled: bool) -> None:
 class Ticket:
     """A layer's step vectors ``[4, d_out]`` fp32 and what they were formed from (module docstring)."""
 
-    __slots__ = ("vectors", "tensors", "versions", "addresses", "scaling", "eps", "dtype")
+    __slots__ = ("vectors", "tensors", "versions", "addresses", "scaling", "eps", "dtype", "inference")
 
     def __init__(self, vectors: torch.Tensor, tensors: tuple[torch.Tensor, ...], addresses: tuple[int, ...],
                  scaling: float, eps: float, dtype: torch.dtype) -> None:
         self.vectors, self.tensors, self.addresses = vectors, tensors, addresses
         self.scaling, self.eps, self.dtype = scaling, eps, dtype
         self.versions = tuple([tensor_version(t) for t in tensors])
+        self.inference = vectors.is_inference()  # formed under torch.inference_mode: no use outside it
 
-    def vectors_for(self, dtype: torch.dtype, eps: float) -> torch.Tensor | None:
-        """The vectors for a call computing in ``dtype`` with magnitude floor ``eps`` (its route's), or None."""
-        return self.vectors if dtype == self.dtype and eps == self.eps else None
+    def vectors_for(self, dtype: torch.dtype, eps: float | None) -> torch.Tensor | None:
+        """The vectors for a call computing in ``dtype`` with magnitude floor ``eps`` (its route's; None: a call
+        that keeps nothing for backward takes either — the floor changes only channels with ``|m| < 2⁻⁶³·‖V‖``, by
+        less than their rounding), or None (also for vectors formed under ``torch.inference_mode`` and a call
+        outside it, where autograd cannot save them)."""
+        if self.inference and not torch.is_inference_mode_enabled():
+            return None
+        return self.vectors if dtype == self.dtype and (eps is None or eps == self.eps) else None
 
     def holds(self, weight: object, a: torch.Tensor, b: torch.Tensor, m: torch.Tensor, scaling: float) -> bool:
         """Whether a call's operands — the base weight (operand), A, B, m — are the very tensors these vectors were
@@ -86,9 +92,9 @@ def ticket_for(layer: nn.Module) -> Ticket | None:
     return slot.ticket if slot is not None and not compiling() else None
 
 
-def step_vectors(layer: nn.Module, weight: object, dtype: torch.dtype, eps: float) -> torch.Tensor | None:
+def step_vectors(layer: nn.Module, weight: object, dtype: torch.dtype, eps: float | None) -> torch.Tensor | None:
     """``layer``'s step vectors for a call on ``weight`` (its base weight operand) computing in ``dtype`` with
-    magnitude floor ``eps``, or None (the layer forms them itself)."""
+    magnitude floor ``eps`` (:meth:`Ticket.vectors_for`), or None (the layer forms them itself)."""
     ticket = ticket_for(layer)
     if ticket is None or not ticket.holds(weight, layer.lora_A, layer.lora_B, layer.magnitude, layer.scaling):
         return None

@@ -187,6 +187,31 @@ y_ticket = layer(h).detach()
 layer.prepass_slot.ticket = None
 results["swapped"] = rel_err(y_ticket, layer(h).detach())
 
+# vectors formed under torch.inference_mode serve calls inside it only (autograd cannot save inference tensors)
+model = build(torch.float32, False, seed=6)
+x = torch.randn(2, 5, 48)
+with torch.inference_mode():
+    y_inference = model(x)
+with torch.no_grad():
+    P.set_dora_prepass(False)
+    y_plain = model(x)
+    P.set_dora_prepass(True)
+results["inference"] = rel_err(y_inference.clone(), y_plain)
+formed = []
+for layer in layers(model):  # a no-grad call takes the vectors, whatever its route's floor
+    layer.weight_norm = lambda w, _f=layer.weight_norm: formed.append(1) or _f(w)
+from slimtune.methods.dora import function as DF2
+original = DF2.vectors_and_compose
+DF2.vectors_and_compose = lambda *a, **k: formed.append(1) or original(*a, **k)
+with torch.inference_mode():
+    model(x)
+DF2.vectors_and_compose = original
+results["inference norms formed"] = len(formed)
+layer = model[0].o
+assert layer.prepass_slot.ticket is not None and layer.prepass_slot.ticket.inference
+layer(torch.randn(2, 5, 48)).sum().backward()  # a lone training call: the per-layer path, no error
+results["inference then training"] = float(layer.lora_A.grad.abs().sum() > 0)
+
 # a ticket outlives the forward: a checkpointed recomputation in backward uses the same vectors
 model = build(torch.float32, False, seed=3)
 x = torch.randn(2, 5, 48, requires_grad=True)
@@ -241,6 +266,12 @@ def test_a_parameter_changed_inside_the_forward_is_seen(interpreted):
 
 def test_a_storage_swapped_through_data_is_seen(interpreted):
     assert interpreted["swapped"] < 1e-7
+
+
+def test_inference_mode_vectors_serve_inference_calls_only(interpreted):
+    assert interpreted["inference"] < 1e-6
+    assert interpreted["inference norms formed"] == 0
+    assert interpreted["inference then training"] == 1.0
 
 
 def test_checkpointed_recomputation_matches_the_plain_step(interpreted):
