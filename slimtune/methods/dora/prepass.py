@@ -170,11 +170,14 @@ class VectorPrepass:
         return entry
 
     def __call__(self, *_: object) -> None:
-        if not _SETTING["enabled"] or compiling():
+        if compiling():
             return
+        enabled = _SETTING["enabled"]
         groups: dict[tuple, list] = {}
         for i, layer in enumerate(self.layers):
-            layer.prepass_slot.ticket = None
+            layer.prepass_slot.ticket = None  # (switched off: the last forward's tickets go too)
+            if not enabled:
+                continue
             entry = self._entry(i, layer)
             if entry is not None:
                 groups.setdefault(entry.key, []).append((layer, entry))

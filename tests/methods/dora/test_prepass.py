@@ -290,6 +290,19 @@ def test_no_ticket_without_triton_or_for_ineligible_layers():
     assert entry is None  # CPU tensors without the interpreter: the per-layer path
 
 
+def test_switching_the_prepass_off_drops_the_last_forwards_tickets():
+    model = nn.Sequential(nn.Linear(8, 6, bias=False))
+    slimtune.adapt(model, slimtune.LoraConfig(r=2, target_modules=["0"], use_dora=True))
+    slot = model[0].prepass_slot
+    slot.ticket = object()  # as if a forward had formed one
+    try:
+        slimtune.set_dora_prepass(False)
+        model(torch.randn(3, 8))
+        assert slot.ticket is None
+    finally:
+        slimtune.set_dora_prepass(True)
+
+
 def test_set_dora_prepass_takes_a_bool():
     with pytest.raises(TypeError, match="True or False"):
         slimtune.set_dora_prepass("yes")
