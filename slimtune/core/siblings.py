@@ -122,8 +122,9 @@ class SiblingGroup:
 
     # -- learning ------------------------------------------------------------------------------------------
     def note(self, member: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
-        """After ``member`` ran alone on x (output y): extend or start the open chain; arm the backward signal."""
-        if self.state is not LEARNING or compiling():
+        """After ``member`` ran alone on x (output y): extend or start the open chain; arm the backward signal.
+        Calls under ``torch.inference_mode`` teach nothing (their inputs carry no version to match)."""
+        if self.state is not LEARNING or compiling() or torch.is_inference_mode_enabled():
             return
         if not self._hook_set and y.grad_fn is not None:  # the first backward through the group ends learning
             y.grad_fn.register_hook(self._after_backward)
@@ -155,9 +156,11 @@ class SiblingGroup:
     # -- running -------------------------------------------------------------------------------------------
     def take(self, member: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         """``member``'s output when the group computes it (its chain's first member: the whole chain runs now), or
-        None: the member runs alone."""
+        None: the member runs alone — always under ``torch.inference_mode``, whose tensors carry no version by which
+        a later member could check that its input is the one the chain ran on (and nothing there counts as a
+        surprise: fusion resumes after it)."""
         state = self.state
-        if state is OFF or compiling():
+        if state is OFF or compiling() or torch.is_inference_mode_enabled():
             return None
         if state is LEARNING:
             if not (self._backward_seen and sibling_fusion_enabled() and not inside_backward()):
