@@ -54,6 +54,11 @@ dtype, dropout, ``recompute``:
   kind is measured once (:class:`~.probe.OutputProbe`): it keeps its output where the output
   outlives the forward pass anyway, and recomputes elsewhere — activation memory as LoRA's.
 
+The floor ``m'`` applies on every route where the output route could apply — no bias, a dtype with fp32's range
+(:func:`~.norm.saves_output`) — not on the output route alone: so a layer's vectors do not depend on which route a
+call takes (the first step's probe, checkpointing's kept outputs, a no-grad call), and the vectors formed ahead for
+the whole model (:mod:`.prepass`) serve every such call. Where it does not apply (a bias, fp16) ``m' = m``.
+
 The elementwise tail (forward ``y``; backward ``dz = g·dy``, the ``dm`` and bias column sums, in one pass) and
 the ``[d_out]`` vectors run as fused Triton kernels on CUDA (:mod:`.triton_kernels`), else as the
 plain-PyTorch references here. Convolutions (``DoraConv``) use :class:`~.compose.DoraScaleFunction`, which keeps z.
@@ -81,7 +86,7 @@ class DoraLinearFunction(torch.autograd.Function):
 
     Arguments as :func:`dora_linear` takes them, plus ``seed`` (dropout), ``keep`` (the route: ``"output"``,
     ``"recompute"``, None — frozen magnitude, no dm — or ``"none"``, no backward), ``eps`` (the magnitude floor
-    of the output route) and ``vec``: the ``[4, d_out]`` vectors when they were formed ahead (:mod:`.prepass`;
+    where it applies: module docstring) and ``vec``: the ``[4, d_out]`` vectors when they were formed ahead (:mod:`.prepass`;
     the forward then runs no norm and no kernel: ``y = g ⊙ z (+ b)``, one PyTorch op), else None. Saves what the
     product saves (x, A, B, W or the 4-bit handle), the ``[4, d_out]`` vectors, and for ``"output"`` its own
     output y. Backward: the tail's (``dz = g·dy``, ``dm``, ``db`` in one pass; z rebuilt for ``"recompute"``, its
@@ -222,7 +227,7 @@ class DoraTailFunction(torch.autograd.Function):
 def dora_linear(x: torch.Tensor, weight: WeightOperand, bias: torch.Tensor | None, lora_a: torch.Tensor,
                 lora_b: torch.Tensor, magnitude: torch.Tensor, scaling: float, dropout_p: float = 0.0,
                 weight_sq: torch.Tensor | None = None, recompute: bool = False,
-                vectors: Callable[[torch.dtype, float | None], torch.Tensor | None] | None = None) -> torch.Tensor:
+                vectors: Callable[[torch.dtype, float], torch.Tensor | None] | None = None) -> torch.Tensor:
     """DoRA on a Linear: :class:`DoraLinearFunction`, or for the ``"z"`` route :class:`DoraProductFunction` then
     :class:`DoraTailFunction`.
 
@@ -230,13 +235,13 @@ def dora_linear(x: torch.Tensor, weight: WeightOperand, bias: torch.Tensor | Non
     dtype; ``weight_sq``: cached ``‖W‖²_row`` (or None); ``recompute``: keep no ``[N, d_out]`` tensor. With
     ``dropout_p`` the result is PEFT's ``x Wᵀ + b + (g−1)·drop(x) Wᵀ + g·s·(drop(x) Aᵀ) Bᵀ``. What backward
     keeps is decided here, on the host (module docstring); nothing is read back from the device. ``vectors``: the
-    layer's step vectors for ``(compute dtype, magnitude floor or None: any)`` when they were formed ahead
-    (:mod:`.prepass`), or None.
+    layer's step vectors for ``(compute dtype, magnitude floor)`` when they were formed ahead (:mod:`.prepass`), or
+    None.
     """
     seed = dropout_seed(dropout_p)
     keep = backward_route(x, weight, bias, lora_a, lora_b, magnitude, dropout_p, recompute)
-    eps = magnitude_floor(x.dtype) if keep == "output" else 0.0
-    vec = vectors(x.dtype, None if keep == "none" else eps) if vectors is not None else None
+    eps = magnitude_floor(x.dtype) if saves_output(bias, x.dtype) else 0.0  # (module docstring: every such route)
+    vec = vectors(x.dtype, eps) if vectors is not None else None
     if keep != "z":
         return DoraLinearFunction.apply(x, weight, bias, lora_a, lora_b, magnitude, scaling, dropout_p, seed,
                                         weight_sq, keep, eps, vec)

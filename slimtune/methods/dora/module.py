@@ -101,8 +101,8 @@ class DoraMixin:
         return cache[1]
 
     def vectors_floor(self, dtype: torch.dtype) -> float:
-        """The magnitude floor the step vectors (:mod:`.prepass`) assume for a call computing in ``dtype``: its
-        route's (:func:`~.norm.magnitude_floor` where the layer keeps its output, else 0)."""
+        """The magnitude floor the step vectors (:mod:`.prepass`) assume for a call computing in ``dtype`` (0 here:
+        a convolution's tail keeps z)."""
         return 0.0
 
     def invalidate_norm_cache(self) -> None:
@@ -197,9 +197,8 @@ class DoraLinear(DoraMixin, LoraLinear):
         if not groupable(routes):
             return None
         floor = magnitude_floor(xc.dtype)
-        floors = [floor if r == "output" else 0.0 for r in routes]
-        ahead = [step_vectors(m, w, xc.dtype, None if r == "none" else f)
-                 for m, w, f, r in zip(chain, weights, floors, routes)]
+        floors = [floor if saves_output(b, xc.dtype) else 0.0 for b in biases]  # (function.py: every such route)
+        ahead = [step_vectors(m, w, xc.dtype, f) for m, w, f in zip(chain, weights, floors)]
         with context:
             return grouped_dora_linear(
                 xc, weights, biases, [m.lora_A for m in chain], [m.lora_B for m in chain], [m.magnitude for m in chain],
@@ -223,9 +222,8 @@ class DoraLinear(DoraMixin, LoraLinear):
         return [*super().explain(x), Choice("kept for dm", options, chosen, "kept")]
 
     def vectors_floor(self, dtype: torch.dtype) -> float:
-        """The output route's floor where the layer will keep its output (decided, no bias, a wide dtype), else 0."""
-        keeps_output = self.recompute is False and saves_output(self.base_layer.bias, dtype)
-        return magnitude_floor(dtype) if keeps_output else 0.0
+        """The magnitude floor of every route without a bias in a dtype with fp32's range (function.py), else 0."""
+        return magnitude_floor(dtype) if saves_output(self.base_layer.bias, dtype) else 0.0
 
     def _undecided(self, x: torch.Tensor, bias: torch.Tensor | None, p: float) -> tuple[bool, bool]:
         """``(recompute now, watch the output)`` for a layer whose ``dora_recompute="auto"`` is not decided yet.

@@ -65,14 +65,12 @@ class Ticket:
         self.versions = tuple([tensor_version(t) for t in tensors])
         self.inference = vectors.is_inference()  # formed under torch.inference_mode: no use outside it
 
-    def vectors_for(self, dtype: torch.dtype, eps: float | None) -> torch.Tensor | None:
-        """The vectors for a call computing in ``dtype`` with magnitude floor ``eps`` (its route's; None: a call
-        that keeps nothing for backward takes either — the floor changes only channels with ``|m| < 2⁻⁶³·‖V‖``, by
-        less than their rounding), or None (also for vectors formed under ``torch.inference_mode`` and a call
-        outside it, where autograd cannot save them)."""
+    def vectors_for(self, dtype: torch.dtype, eps: float) -> torch.Tensor | None:
+        """The vectors for a call computing in ``dtype`` with magnitude floor ``eps``, or None (also for vectors
+        formed under ``torch.inference_mode`` and a call outside it, where autograd cannot save them)."""
         if self.inference and not torch.is_inference_mode_enabled():
             return None
-        return self.vectors if dtype == self.dtype and (eps is None or eps == self.eps) else None
+        return self.vectors if dtype == self.dtype and eps == self.eps else None
 
     def holds(self, weight: object, a: torch.Tensor, b: torch.Tensor, m: torch.Tensor, scaling: float) -> bool:
         """Whether a call's operands — the base weight (operand), A, B, m — are the very tensors these vectors were
@@ -92,7 +90,7 @@ def ticket_for(layer: nn.Module) -> Ticket | None:
     return slot.ticket if slot is not None and not compiling() else None
 
 
-def step_vectors(layer: nn.Module, weight: object, dtype: torch.dtype, eps: float | None) -> torch.Tensor | None:
+def step_vectors(layer: nn.Module, weight: object, dtype: torch.dtype, eps: float) -> torch.Tensor | None:
     """``layer``'s step vectors for a call on ``weight`` (its base weight operand) computing in ``dtype`` with
     magnitude floor ``eps`` (:meth:`Ticket.vectors_for`), or None (the layer forms them itself)."""
     ticket = ticket_for(layer)
@@ -110,7 +108,7 @@ class _Entry:
     (addresses, sizes, strides), its scaling and floor. Reused while the layer holds the same objects at the same
     addresses and shapes (:meth:`VectorPrepass._entry`)."""
 
-    __slots__ = ("objects", "shapes", "key", "row", "scalars", "wsq", "dtype", "recompute", "bias", "w_version")
+    __slots__ = ("objects", "shapes", "key", "row", "scalars", "wsq", "dtype", "bias", "w_version")
 
 
 def _read_entry(layer: nn.Module, objects: tuple) -> _Entry | None:
@@ -133,7 +131,7 @@ def _read_entry(layer: nn.Module, objects: tuple) -> _Entry | None:
     entry = _Entry()
     dtype = weight.dtype
     entry.objects, entry.shapes, entry.wsq, entry.dtype = objects, (weight.shape, a.shape), wsq, dtype
-    entry.recompute, entry.bias, entry.w_version = layer.recompute, layer.base_layer.bias, tensor_version(weight)
+    entry.bias, entry.w_version = layer.base_layer.bias, tensor_version(weight)
     entry.key = (weight.device, dtype, a.dtype, m.dtype)
     entry.row = (weight.data_ptr(), a.data_ptr(), b.data_ptr(), m.data_ptr(), wsq.data_ptr(), 0, d_out, d_in,
                  rank, d_in, d_in, rank)  # contiguous rows: W and A d_in apart, B r apart
@@ -151,7 +149,7 @@ class VectorPrepass:
 
     def _entry(self, i: int, layer: nn.Module) -> _Entry | None:
         """Layer i's entry: the last one while its parameters are the same objects at the same addresses and
-        shapes, with the same scaling, route floor and ``‖W‖²`` cache; else read again."""
+        shapes, W unchanged, with the same scaling and bias (the floor's condition); else read again."""
         if layer.disabled or layer.merged:
             return None
         base = layer.base_layer
@@ -163,8 +161,7 @@ class VectorPrepass:
             if (weight is old[0] and a is old[1] and b is old[2] and m is old[3]
                     and (weight.data_ptr(), a.data_ptr(), b.data_ptr(), m.data_ptr()) == entry.row[:4]
                     and (weight.shape, a.shape) == entry.shapes and float(layer.scaling) == entry.scalars[0]
-                    and tensor_version(weight) == entry.w_version and layer.recompute is entry.recompute
-                    and base.bias is entry.bias):
+                    and tensor_version(weight) == entry.w_version and base.bias is entry.bias):
                 return entry  # W unchanged: its ‖W‖² (held here) still holds
         entry = self._entries[i] = _read_entry(layer, objects)
         return entry

@@ -145,6 +145,29 @@ steps(model, x, n=1)
 results["norms formed per layer, pre-pass off"] = len(calls)
 P.set_dora_prepass(True)
 
+# a transformers model with gradient checkpointing (its layers keep outputs without deciding "auto"; the
+# recomputation runs in backward): every call takes the vectors, and the step equals the per-layer one
+from tests.toy_models import tiny_llama
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(1))
+grads = {}
+for on in (True, False):
+    P.set_dora_prepass(on)
+    torch.manual_seed(0)
+    llama = tiny_llama().train()
+    llama.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    llama = slimtune.adapt(llama, slimtune.LoraConfig(r=4, target_modules=TARGETS, use_dora=True))
+    with torch.no_grad():
+        for name, p in llama.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    calls.clear()
+    llama(input_ids=ids, labels=ids).loss.backward()
+    results[f"checkpointed llama norms formed/{on}"] = len(calls)
+    grads[on] = [p.grad for p in slimtune.trainable_parameters(llama)]
+P.set_dora_prepass(True)
+results["checkpointed llama"] = max(rel_err(a, b) for a, b in zip(grads[True], grads[False]))
+
 # each layer's vectors against the float64 per-layer definition (‖W‖² exact, the factored parts in float64)
 for dtype in (torch.float32, torch.float16):
     model = build(dtype, False, seed=1)
@@ -256,6 +279,9 @@ def test_convolutions_step_alike_with_and_without_the_prepass(interpreted, dtype
 
 
 def test_with_the_prepass_no_layer_forms_its_own_norm(interpreted):
+    assert interpreted["checkpointed llama norms formed/True"] == 0
+    assert interpreted["checkpointed llama norms formed/False"] == 28  # 14 layers, forward and recomputation
+    assert interpreted["checkpointed llama"] < 1e-5
     assert interpreted["norms formed per layer, pre-pass on"] == 0
     assert interpreted["norms formed per layer, pre-pass off"] == 12  # every layer, the biased one's z route too
 
