@@ -13,6 +13,7 @@ from . import registry
 from .config import AdapterConfig
 from .lean_layers import install as install_lean_layers
 from .module import AdapterModule
+from .removers import Removers
 from .targeting import find_saved_modules, find_targets
 from .trained_copy import TrainedCopy
 
@@ -84,11 +85,7 @@ def install_frozen_lean_layers(model: nn.Module) -> Callable[[], None]:
 
 
 def _removers(*removers: Callable[[], None] | None) -> Callable[[], None]:
-    def remove() -> None:
-        for remover in removers:
-            if remover is not None:
-                remover()
-    return remove
+    return Removers(removers)
 
 
 def _take_out(model: nn.Module, keep_trained: bool, merged: bool = False) -> AdapterSet:

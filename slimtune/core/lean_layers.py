@@ -470,13 +470,20 @@ def install(model: nn.Module, skip: Callable[[nn.Module], bool] = lambda m: Fals
             targets.append((m, _LeanMlpForward(m)))
     for m, forward in targets:
         m.forward = forward
+    return _Restore(targets)
 
-    def remove() -> None:
-        for m, forward in targets:
+
+class _Restore:
+    """:func:`install_lean_layers`' remover: each module's own ``forward`` back (an object, not a closure: a copy of
+    the model gets one for its own modules)."""
+
+    def __init__(self, targets: list[tuple[nn.Module, Any]]) -> None:
+        self.targets = targets
+
+    def __call__(self) -> None:
+        for m, forward in self.targets:
             if m.__dict__.get("forward") is forward:
                 del m.forward
-
-    return remove
 
 
 def installed(module: nn.Module) -> bool:

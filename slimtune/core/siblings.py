@@ -255,10 +255,17 @@ def install(model: nn.Module, adapters: Sequence[nn.Module], kinds: tuple[type, 
                 member.siblings = group
                 member.__dict__["_sibling_position"] = position
             grouped.extend(members)
+    return _Ungroup(grouped)
 
-    def remove() -> None:
-        for member in grouped:
+
+class _Ungroup:
+    """:func:`install`'s remover: the members leave their groups (an object, not a closure: a copy of the model
+    gets one for its own members)."""
+
+    def __init__(self, members: list[nn.Module]) -> None:
+        self.members = members
+
+    def __call__(self) -> None:
+        for member in self.members:
             member.siblings = None
             member.__dict__.pop("_sibling_position", None)
-
-    return remove

@@ -131,3 +131,27 @@ def test_adapters_take_the_train_or_eval_mode_of_the_layer_they_replace():
     assert not m.layers[0].q_proj.training
     x = torch.randn(2, 16)
     assert torch.equal(m(x), m(x))  # no dropout in eval mode
+
+
+def test_unloading_a_deep_copy_leaves_the_original_alone():
+    """The model-level hooks' removers are plain objects: a deep copy gets removers of its own hooks and lean layers,
+    so unloading the copy leaves the original's (before, it removed the original's and left the copy's)."""
+    import copy
+
+    from slimtune.core.lean_layers import installed
+    from tests.toy_models import tiny_llama
+
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model = slimtune.adapt(tiny_llama().train(), slimtune.LoraConfig(r=4, target_modules=targets, use_dora=True))
+
+    def state(m):
+        return (len(m._forward_pre_hooks), len(m._forward_hooks), sum(installed(x) for x in m.modules()),
+                sum(getattr(x, "siblings", None) is not None for x in m.modules()))
+
+    before = state(model)
+    assert all(before)
+    twin = copy.deepcopy(model)
+    assert state(twin) == before
+    slimtune.unload(twin)
+    assert state(model) == before
+    assert state(twin) == (0, 0, 0, 0)

@@ -31,6 +31,7 @@ from ...core.caches import TensorStamp
 from ...core.compute import cast_optional, compute_setting
 from ...core.explain import Choice, Variant
 from ...core.frozen import WeightOperand, base_weight_operand, is_quantized, materialize, weight_dtype
+from ...core.removers import Removers
 from ...core.siblings import install as install_siblings
 from ...core.tracing import compiling
 from ...errors import ConfigError, SlimtuneError
@@ -296,9 +297,4 @@ def finalize_dora(config: LoraConfig, model: nn.Module, adapters: list) -> Calla
     if config.dora_recompute == "auto":
         removers.append(attach_output_probe(model, linears))
 
-    def remove() -> None:
-        for remover in removers:
-            if remover is not None:
-                remover()
-
-    return remove
+    return Removers(removers)

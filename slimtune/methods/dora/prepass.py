@@ -34,6 +34,7 @@ from typing import Callable, Sequence
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from ...core.autograd_state import tensor_version
 from ...core.frozen import base_weight_operand, is_quantized
@@ -216,18 +217,24 @@ class TicketSlot:
 
 
 def attach_prepass(model: nn.Module, layers: Sequence[nn.Module]) -> Callable[[], None] | None:
-    """A :class:`VectorPrepass` for the DoRA Linear ``layers`` as ``model``'s forward pre-hook; returns its remover
+    """A :class:`VectorPrepass` for the DoRA ``layers`` as ``model``'s forward pre-hook; returns its remover
     (which also drops the layers' tickets), or None when there are no layers."""
     if not layers:
         return None
     for layer in layers:
         layer.prepass_slot = TicketSlot()
     prepass = VectorPrepass(layers)
-    handle = model.register_forward_pre_hook(prepass)
+    return _Detach(model.register_forward_pre_hook(prepass), prepass)
 
-    def remove() -> None:
-        handle.remove()
-        for layer in prepass.layers:
+
+class _Detach:
+    """:func:`attach_prepass`'s remover: the hook goes, and the layers' tickets (an object, not a closure: a copy of
+    the model gets one for its own hook and layers)."""
+
+    def __init__(self, handle: RemovableHandle, prepass: VectorPrepass) -> None:
+        self.handle, self.prepass = handle, prepass
+
+    def __call__(self) -> None:
+        self.handle.remove()
+        for layer in self.prepass.layers:
             layer.prepass_slot.ticket = None
-
-    return remove

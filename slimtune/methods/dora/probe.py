@@ -7,6 +7,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ...core.removers import HandleRemover
 from ...core.tracing import compiling
 
 
@@ -52,10 +53,4 @@ def attach_output_probe(model: nn.Module, layers: list) -> Callable[[], None] | 
     probe = OutputProbe()
     for layer in undecided:
         layer.output_probe = probe
-    handles = [model.register_forward_pre_hook(probe.start), model.register_forward_hook(probe.resolve)]
-
-    def remove() -> None:
-        for handle in handles:
-            handle.remove()
-
-    return remove
+    return HandleRemover([model.register_forward_pre_hook(probe.start), model.register_forward_hook(probe.resolve)])
