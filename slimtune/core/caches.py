@@ -40,6 +40,11 @@ class BoundedCache(Generic[V]):
         return len(self._entries)
 
 
+def _dead_reference() -> None:
+    """What a copied stamp or mark refers to: nothing (a dead weak reference's answer)."""
+    return None
+
+
 class TensorStamp:
     """What a tensor held when a value was derived from it, to tell later whether it still holds that: its storage
     object (weakly referenced: a new tensor, even at a reused address, never matches), its in-place version counter
@@ -55,6 +60,12 @@ class TensorStamp:
     @staticmethod
     def _describe(t: torch.Tensor) -> tuple:
         return tensor_version(t), t.shape, t.storage_offset()
+
+    def __getstate__(self) -> tuple:  # a copy (deepcopy, pickling) holds another storage: it never matches
+        return (None,)
+
+    def __setstate__(self, state: tuple) -> None:
+        self._storage, self._meta = _dead_reference, (None,)
 
     def matches(self, t: torch.Tensor) -> bool:
         """Whether ``t`` is still the tensor (storage and contents' version) this stamp was taken of."""
@@ -72,6 +83,12 @@ class TensorMark:
     def __init__(self, t: torch.Tensor) -> None:
         self._ref = weakref.ref(t)
         self._version = tensor_version(t)
+
+    def __getstate__(self) -> tuple:  # a copy (deepcopy, pickling) refers to no tensor: it never matches
+        return (None,)
+
+    def __setstate__(self, state: tuple) -> None:
+        self._ref, self._version = _dead_reference, None
 
     def matches(self, t: torch.Tensor) -> bool:
         return self._ref() is t and self._version is not None and tensor_version(t) == self._version

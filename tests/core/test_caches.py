@@ -62,3 +62,19 @@ def test_no_cache_in_the_package_is_keyed_on_addresses_or_ids():
                 if name in ("id", "data_ptr"):
                     calls.append((path.relative_to(root).as_posix(), name))
     assert sorted(set(calls)) == [("methods/dora/prepass.py", "data_ptr"), ("methods/loha/ops.py", "data_ptr")], calls
+
+
+def test_copied_stamps_and_marks_never_match():
+    """A stamp or mark that went through a copy (deepcopy, pickling) refers to no tensor: it never matches, not even
+    the tensor it was taken of (a cache then recomputes; a hand-off does not happen)."""
+    import copy
+    import pickle
+
+    from slimtune.core.caches import TensorMark
+
+    t = torch.zeros(3)
+    for kind in (TensorStamp, TensorMark):
+        mark = kind(t)
+        assert mark.matches(t)
+        assert not copy.deepcopy(mark).matches(t)
+        assert not pickle.loads(pickle.dumps(mark)).matches(t)

@@ -155,3 +155,34 @@ def test_unloading_a_deep_copy_leaves_the_original_alone():
     slimtune.unload(twin)
     assert state(model) == before
     assert state(twin) == (0, 0, 0, 0)
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "loha", "lokr", "hra"])
+def test_a_whole_adapted_model_pickles(method):
+    """``torch.save(model)`` / ``torch.load`` of an adapted model after training steps: the loaded model gives the
+    same outputs, trains, and unloads its own hooks. (The hooks' removers, caches and hand-off marks carry no weak
+    reference or closure into the pickle: a copied mark or stamp never matches, a copied cache starts empty.)"""
+    import io
+
+    from tests.toy_models import tiny_llama
+
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    config = {"lora": lambda: slimtune.LoraConfig(r=4, target_modules=targets),
+              "dora": lambda: slimtune.LoraConfig(r=4, target_modules=targets, use_dora=True),
+              "loha": lambda: slimtune.LohaConfig(r=4, target_modules=targets),
+              "lokr": lambda: slimtune.LokrConfig(r=4, target_modules=targets),
+              "hra": lambda: slimtune.HraConfig(r=4, target_modules=targets)}[method]()
+    torch.manual_seed(0)
+    model = slimtune.adapt(tiny_llama().train(), config)
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(1))
+    for _ in range(2):
+        model(input_ids=ids, labels=ids).loss.backward()
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+    loaded(input_ids=ids, labels=ids).loss.backward()
+    slimtune.unload(loaded)
+    assert not loaded._forward_pre_hooks and len(model._forward_pre_hooks) >= (1 if method in ("dora", "hra") else 0)

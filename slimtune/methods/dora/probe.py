@@ -25,6 +25,12 @@ class OutputProbe:
     def __init__(self) -> None:
         self._pending: weakref.WeakKeyDictionary[nn.Module, weakref.ref] = weakref.WeakKeyDictionary()
 
+    def __getstate__(self) -> dict:  # a copy (deepcopy, pickling) starts with nothing pending, as a root forward does
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
+
     def watch(self, layer: nn.Module, output: torch.Tensor) -> None:
         self._pending[layer] = weakref.ref(output)
 

@@ -46,6 +46,12 @@ class HraFactorCache:
         self._entries: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, tuple[torch.Tensor, torch.Tensor]]] = (
             weakref.WeakKeyDictionary())
 
+    def __getstate__(self) -> dict:  # a copy (deepcopy, pickling) holds its own layers; the pass's factors stay
+        return {"layers": [layer for layer in (ref() for ref in self._layers) if layer is not None]}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["layers"])
+
     def new_pass(self, *_: object) -> None:
         """The root model's forward pre-hook: forget the previous pass's factors and form this pass's, for
         every group, here — outside any gradient-checkpointed region, so a layer's recomputation sees the
