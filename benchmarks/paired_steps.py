@@ -26,6 +26,9 @@ measured step against step under the same host conditions. Each configuration's 
 ``alone:METHOD``: slimtune's METHOD with every LoRA layer running alone — no sibling fusion (q/k/v, gate/up as one
 Function, ``slimtune.core.siblings``) — so the fusion's saving is measured in the same rounds.
 
+``noprepass:METHOD``: slimtune's METHOD (DoRA) without its step-vector pre-pass (``slimtune.methods.dora.prepass``):
+every DoRA layer forms its norm itself, so the pre-pass's saving is measured in the same rounds.
+
 ``stripped:METHOD`` (with ``--strip-lean KIND...``): slimtune's METHOD with those lean frozen layers
 (``slimtune.core.lean_layers``: ``conv``, ``norm-silu``, ``geglu``) given their plain forward back, so a step's
 cost or saving from each is measured against the full set in the same rounds.
@@ -78,6 +81,20 @@ def strip_lean(model: Any, kinds: Sequence[str]) -> int:
     return len(stripped)
 
 
+def strip_prepass(model: Any) -> int:
+    """Take DoRA's step-vector pre-pass (``slimtune.methods.dora.prepass``) off ``model``: every DoRA layer forms its
+    norm itself (``noprepass`` configurations: what the one launch per forward saves, step against step); returns
+    how many hooks."""
+    from slimtune.methods.dora.prepass import VectorPrepass
+
+    hooks = [key for key, hook in model._forward_pre_hooks.items() if isinstance(hook, VectorPrepass)]
+    for key in hooks:
+        prepass = model._forward_pre_hooks.pop(key)
+        for layer in prepass.layers:
+            layer.prepass_slot.ticket = None
+    return len(hooks)
+
+
 def strip_siblings(model: Any) -> int:
     """Take the sibling groups (``slimtune.core.siblings``: q/k/v and gate/up as one Function) out of ``model``, so
     each LoRA layer runs alone (``alone`` configurations: what the fusion saves, step against step); returns how many
@@ -96,6 +113,10 @@ def session_for(backend: str, method: str, common: dict[str, Any], memory: str =
     if backend == "alone":
         session = session_for("slimtune", method, common, memory)
         print(f"{strip_siblings(session.model)} LoRA layers run alone (no sibling fusion)", flush=True)
+        return session
+    if backend == "noprepass":
+        session = session_for("slimtune", method, common, memory)
+        print(f"{strip_prepass(session.model)} DoRA pre-pass hook(s) removed", flush=True)
         return session
     if backend == "stripped":
         session = session_for("slimtune", method, common, memory)

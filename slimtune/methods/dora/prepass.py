@@ -39,7 +39,7 @@ from torch.utils.hooks import RemovableHandle
 from ...core.autograd_state import tensor_version
 from ...core.frozen import base_weight_operand, is_quantized
 from ...core.tracing import compiling
-from ...core.triton import use_triton
+from ...core.triton import HAS_TRITON, use_triton
 
 #: the largest rank the kernel takes (its ``[BLOCK_M, r]`` tile of B stays in registers)
 MAX_RANK = 128
@@ -105,31 +105,33 @@ def _plain(*tensors: torch.Tensor) -> bool:
 
 
 class _Entry:
-    """What the tables need of one layer, as last read: its parameters (the objects), the group key, the table row
-    (addresses, sizes, strides), its scaling and floor. Reused while the layer holds the same objects at the same
-    addresses and shapes (:meth:`VectorPrepass._entry`)."""
+    """What the tables need of one layer, as last read: its parameters (the objects), the group key (None: not
+    eligible), the table row (addresses, sizes, strides), its scaling and floor. Reused while the layer holds the
+    same objects at the same addresses and shapes (:meth:`VectorPrepass._entry`)."""
 
-    __slots__ = ("objects", "shapes", "key", "row", "scalars", "wsq", "dtype", "bias", "w_version")
+    __slots__ = ("objects", "placement", "shapes", "key", "row", "scalars", "wsq", "dtype", "bias", "w_version")
 
 
-def _read_entry(layer: nn.Module, objects: tuple) -> _Entry | None:
+def _read_entry(layer: nn.Module, objects: tuple) -> _Entry:
     """The entry of ``layer`` (parameters ``objects`` = W, A, B, m, contiguous: a Linear's as they are, a
-    convolution's as ``[c_out, c_in·k…]`` / ``[r, c_in·k…]`` / ``[c_out, r]`` / ``[c_out]``), or None (not eligible:
-    module docstring)."""
+    convolution's as ``[c_out, c_in·k…]`` / ``[r, c_in·k…]`` / ``[c_out, r]`` / ``[c_out]``). Not eligible (module
+    docstring): ``key`` None — kept with the objects' ``placement`` (W's device and dtype, A's dtype), so that the
+    next forward pays one check of them (a stale "not eligible" only costs the per-layer path, never a result)."""
     weight, a, b, m = objects
+    entry = _Entry()
+    entry.objects, entry.key, entry.placement = objects, None, (weight.device, weight.dtype, a.dtype)
     if (getattr(layer, "fan_in_fan_out", False) or is_quantized(base_weight_operand(layer.base_layer))
             or not _plain(weight, a, b, m) or not use_triton(weight) or a.shape[0] > MAX_RANK or a.dtype != b.dtype
             or not (weight.is_contiguous() and a.is_contiguous() and b.is_contiguous() and m.is_contiguous())
             or not (a.device == b.device == m.device == weight.device)):
-        return None
+        return entry
     d_out, rank = weight.shape[0], a.shape[0]
     d_in = weight.numel() // max(d_out, 1)
     if m.numel() != d_out or a.numel() != rank * d_in or b.numel() != d_out * rank:
-        return None
+        return entry
     wsq = layer.cached_weight_row_norm_sq()
     if wsq is None:
-        return None
-    entry = _Entry()
+        return entry
     dtype = weight.dtype
     entry.objects, entry.shapes, entry.wsq, entry.dtype = objects, (weight.shape, a.shape), wsq, dtype
     entry.bias, entry.w_version = layer.base_layer.bias, tensor_version(weight)
@@ -159,16 +161,19 @@ class VectorPrepass:
         if entry is not None:
             weight, a, b, m = objects
             old = entry.objects
-            if (weight is old[0] and a is old[1] and b is old[2] and m is old[3]
-                    and (weight.data_ptr(), a.data_ptr(), b.data_ptr(), m.data_ptr()) == entry.row[:4]
-                    and (weight.shape, a.shape) == entry.shapes and float(layer.scaling) == entry.scalars[0]
-                    and tensor_version(weight) == entry.w_version and base.bias is entry.bias):
-                return entry  # W unchanged: its ‖W‖² (held here) still holds
+            if weight is old[0] and a is old[1] and b is old[2] and m is old[3]:
+                if entry.key is None:  # not eligible last time: the same objects on the same device and dtypes
+                    if (weight.device, weight.dtype, a.dtype) == entry.placement:
+                        return None
+                elif ((weight.data_ptr(), a.data_ptr(), b.data_ptr(), m.data_ptr()) == entry.row[:4]
+                        and (weight.shape, a.shape) == entry.shapes and float(layer.scaling) == entry.scalars[0]
+                        and tensor_version(weight) == entry.w_version and base.bias is entry.bias):
+                    return entry  # W unchanged: its ‖W‖² (held here) still holds
         entry = self._entries[i] = _read_entry(layer, objects)
-        return entry
+        return entry if entry.key is not None else None
 
     def __call__(self, *_: object) -> None:
-        if compiling():
+        if compiling() or not HAS_TRITON:
             return
         enabled = _SETTING["enabled"]
         groups: dict[tuple, list] = {}

@@ -235,6 +235,15 @@ assert layer.prepass_slot.ticket is not None and layer.prepass_slot.ticket.infer
 layer(torch.randn(2, 5, 48)).sum().backward()  # a lone training call: the per-layer path, no error
 results["inference then training"] = float(layer.lora_A.grad.abs().sum() > 0)
 
+# a layer not eligible (float64: no Triton path) becomes eligible once the model moves to float32 (.to swaps .data:
+# the same parameter objects) — the "not eligible" remembered from the last forward does not stick
+model = build(torch.float64, False, seed=7)
+model(torch.randn(2, 5, 48, dtype=torch.float64))
+results["float64 tickets"] = sum(layer.prepass_slot.ticket is not None for layer in layers(model))
+model.to(torch.float32)
+model(torch.randn(2, 5, 48))
+results["float32 tickets after .to"] = sum(layer.prepass_slot.ticket is not None for layer in layers(model))
+
 # a ticket outlives the forward: a checkpointed recomputation in backward uses the same vectors
 model = build(torch.float32, False, seed=3)
 x = torch.randn(2, 5, 48, requires_grad=True)
@@ -300,6 +309,11 @@ def test_inference_mode_vectors_serve_inference_calls_only(interpreted):
     assert interpreted["inference then training"] == 1.0
 
 
+def test_a_layer_that_was_not_eligible_becomes_eligible_after_to(interpreted):
+    assert interpreted["float64 tickets"] == 0
+    assert interpreted["float32 tickets after .to"] == 12
+
+
 def test_checkpointed_recomputation_matches_the_plain_step(interpreted):
     assert interpreted["checkpoint"] < 1e-5
 
@@ -313,7 +327,7 @@ def test_no_ticket_without_triton_or_for_ineligible_layers():
     # the host's eligibility rules, asked directly
     entry = P._read_entry(model[0], (model[0].base_layer.weight, model[0].lora_A, model[0].lora_B,
                                      model[0].magnitude))
-    assert entry is None  # CPU tensors without the interpreter: the per-layer path
+    assert entry.key is None  # CPU tensors without the interpreter: not eligible, the per-layer path
 
 
 def test_switching_the_prepass_off_drops_the_last_forwards_tickets():
