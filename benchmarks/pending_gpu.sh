@@ -63,7 +63,7 @@
 #                                       #           against ca4e9e6 and PEFT-bf16 (carry .whl, .before)
 #   bash benchmarks/pending_gpu.sh 27   # issue 19: torch.compile on both sides at seq 512, LoHa and LoKr
 #   bash benchmarks/pending_gpu.sh 28   # issue 19 on an H200: seq 512 every method (20 rounds), DoRA at seq 2048
-#                                       #           against ca4e9e6 (carry .before)
+#                                       #           with and without the pre-pass and against ca4e9e6 (carry .before)
 #   bash benchmarks/pending_gpu.sh 3    # issue 17: online / gradient / data allocation vs AdaLoRA wall time
 #                                       #           (carry .out/minilm_wide; make it with rank_allocation.py --prepare)
 #
@@ -334,7 +334,7 @@ case $part in
     step paired_512_every_h200 420 python benchmarks/paired_steps.py --rounds 20 --configs lora dora loha lokr \
         peft-bf16:lora peft-bf16:dora peft-bf16:loha peft-bf16:lokr --out-name paired_512_every_h200
     step paired_2048_dora 150 python benchmarks/paired_steps.py --seq 2048 --rounds 4 --before .before --configs \
-        dora before:dora peft-bf16:dora --out-name paired_2048_dora
+        dora noprepass:dora before:dora peft-bf16:dora --out-name paired_2048_dora
     ;;
 *)
     echo "unknown part $part (1 to 28)" >&2
