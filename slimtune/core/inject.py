@@ -73,7 +73,7 @@ def attach(model: nn.Module, adapter_set: AdapterSet) -> nn.Module:
     remover = registry.finalize(adapter_set.config, model, [adapter for _, adapter in adapter_set.adapters])
     lean = install_frozen_lean_layers(model)
     setattr(model, CONFIG_ATTR, adapter_set.config)
-    setattr(model, HOOKS_ATTR, _removers(remover, lean))
+    setattr(model, HOOKS_ATTR, Removers((remover, lean)))
     return model
 
 
@@ -82,10 +82,6 @@ def install_frozen_lean_layers(model: nn.Module) -> Callable[[], None]:
     lean layers (:mod:`.lean_layers`: frozen convolutions that do not keep their inputs, GroupNorm + SiLU and GEGLU
     that keep one tensor, Llama-family RMSNorms and gated MLPs that keep their inputs). Returns the remover."""
     return install_lean_layers(model, skip=lambda m: isinstance(m, (AdapterModule, TrainedCopy)))
-
-
-def _removers(*removers: Callable[[], None] | None) -> Callable[[], None]:
-    return Removers(removers)
 
 
 def _take_out(model: nn.Module, keep_trained: bool, merged: bool = False) -> AdapterSet:

@@ -65,15 +65,13 @@ plain-PyTorch references here. Convolutions (``DoraConv``) use :class:`~.compose
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 
 from ...core.compute import cast
 from ...core.frozen import WeightOperand, materialize, save_with_weight, saved_with_weight
 from ...core.lowrank import dropout_seed
 from .compose import compose_backward, compose_forward, scale, vectors_and_compose
-from .norm import dora_vectors, magnitude_floor, saves_output
+from .norm import dora_vectors, floor_for, saves_output
 from .product import as_rows, dora_product, dropped_input, product_backward, product_forward
 
 
@@ -227,7 +225,7 @@ class DoraTailFunction(torch.autograd.Function):
 def dora_linear(x: torch.Tensor, weight: WeightOperand, bias: torch.Tensor | None, lora_a: torch.Tensor,
                 lora_b: torch.Tensor, magnitude: torch.Tensor, scaling: float, dropout_p: float = 0.0,
                 weight_sq: torch.Tensor | None = None, recompute: bool = False,
-                vectors: Callable[[torch.dtype, float], torch.Tensor | None] | None = None) -> torch.Tensor:
+                vectors: torch.Tensor | None = None) -> torch.Tensor:
     """DoRA on a Linear: :class:`DoraLinearFunction`, or for the ``"z"`` route :class:`DoraProductFunction` then
     :class:`DoraTailFunction`.
 
@@ -235,13 +233,12 @@ def dora_linear(x: torch.Tensor, weight: WeightOperand, bias: torch.Tensor | Non
     dtype; ``weight_sq``: cached ``‖W‖²_row`` (or None); ``recompute``: keep no ``[N, d_out]`` tensor. With
     ``dropout_p`` the result is PEFT's ``x Wᵀ + b + (g−1)·drop(x) Wᵀ + g·s·(drop(x) Aᵀ) Bᵀ``. What backward
     keeps is decided here, on the host (module docstring); nothing is read back from the device. ``vectors``: the
-    layer's step vectors for ``(compute dtype, magnitude floor)`` when they were formed ahead (:mod:`.prepass`), or
-    None.
+    layer's step vectors ``[4, d_out]`` for this call's dtype and floor (:func:`~.norm.floor_for`) when they were
+    formed ahead (:mod:`.prepass`), or None.
     """
     seed = dropout_seed(dropout_p)
     keep = backward_route(x, weight, bias, lora_a, lora_b, magnitude, dropout_p, recompute)
-    eps = magnitude_floor(x.dtype) if saves_output(bias, x.dtype) else 0.0  # (module docstring: every such route)
-    vec = vectors(x.dtype, eps) if vectors is not None else None
+    eps, vec = floor_for(bias, x.dtype), vectors  # (module docstring: the floor on every such route)
     if keep != "z":
         return DoraLinearFunction.apply(x, weight, bias, lora_a, lora_b, magnitude, scaling, dropout_p, seed,
                                         weight_sq, keep, eps, vec)

@@ -41,8 +41,8 @@ from ..lora.linear import LoraLinear
 from .compose import dora_scale
 from .function import backward_route, dora_linear
 from .group import grouped_dora_linear, groupable
-from .norm import factored_row_norm_sq, in_magnitude_precision, magnitude_floor, saves_output, weight_row_norm_sq
-from .prepass import TicketSlot, attach_prepass, step_vectors, ticket_for
+from .norm import factored_row_norm_sq, floor_for, in_magnitude_precision, saves_output, weight_row_norm_sq
+from .prepass import TicketSlot, attach_prepass, step_vectors
 from .probe import OutputProbe, attach_output_probe
 
 
@@ -169,12 +169,11 @@ class DoraLinear(DoraMixin, LoraLinear):
         watch = False
         if recompute is None:
             recompute, watch = self._undecided(xc, bias, p)
-        weight, a, b, m, scaling = self.weight_operand(), self.lora_A, self.lora_B, self.magnitude, self.scaling
-        ticket = ticket_for(self)
-        ahead = ticket.vectors_for if ticket is not None and ticket.holds(weight, a, b, m, scaling) else None
-        with context:  # (with vectors ahead, ‖W‖² is not needed: a rare mismatch forms it uncached)
-            y = dora_linear(xc, weight, bias, a, b, m, scaling, p,
-                            self.cached_weight_row_norm_sq() if ahead is None else None, recompute, ahead)
+        weight = self.weight_operand()
+        vec = step_vectors(self, weight, xc.dtype, self.vectors_floor(xc.dtype))
+        with context:
+            y = dora_linear(xc, weight, bias, self.lora_A, self.lora_B, self.magnitude, self.scaling, p,
+                            self.cached_weight_row_norm_sq() if vec is None else None, recompute, vec)
         if watch:
             self.output_probe.watch(self, y)
         if self.siblings is not None:
@@ -197,8 +196,7 @@ class DoraLinear(DoraMixin, LoraLinear):
                   for m, w, b in zip(chain, weights, biases)]
         if not groupable(routes):
             return None
-        floor = magnitude_floor(xc.dtype)
-        floors = [floor if saves_output(b, xc.dtype) else 0.0 for b in biases]  # (function.py: every such route)
+        floors = [m.vectors_floor(xc.dtype) for m in chain]
         ahead = [step_vectors(m, w, xc.dtype, f) for m, w, f in zip(chain, weights, floors)]
         with context:
             return grouped_dora_linear(
@@ -223,8 +221,8 @@ class DoraLinear(DoraMixin, LoraLinear):
         return [*super().explain(x), Choice("kept for dm", options, chosen, "kept")]
 
     def vectors_floor(self, dtype: torch.dtype) -> float:
-        """The magnitude floor of every route without a bias in a dtype with fp32's range (function.py), else 0."""
-        return magnitude_floor(dtype) if saves_output(self.base_layer.bias, dtype) else 0.0
+        """:func:`~.norm.floor_for` this layer's bias and ``dtype``."""
+        return floor_for(self.base_layer.bias, dtype)
 
     def _undecided(self, x: torch.Tensor, bias: torch.Tensor | None, p: float) -> tuple[bool, bool]:
         """``(recompute now, watch the output)`` for a layer whose ``dora_recompute="auto"`` is not decided yet.
@@ -258,10 +256,7 @@ class DoraConv(DoraMixin, LoraConv):
         base = self.base_layer
         dtype, context = compute_setting(x)
         p = self.dropout_p if self.training else 0.0
-        ticket = ticket_for(self)
-        vec = (ticket.vectors_for(dtype, 0.0)
-               if ticket is not None and ticket.holds(base.weight, self.lora_A, self.lora_B, self.magnitude,
-                                                      self.scaling) else None)
+        vec = step_vectors(self, base.weight, dtype, self.vectors_floor(dtype))
         with context:
             x, weight = x.to(dtype), base.weight.to(dtype)
             bias = base.bias.to(dtype) if base.bias is not None else None

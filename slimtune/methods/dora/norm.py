@@ -81,6 +81,13 @@ def magnitude_floor(dtype: torch.dtype) -> float:
     return eps
 
 
+def floor_for(bias: torch.Tensor | None, dtype: torch.dtype) -> float:
+    """The magnitude floor of a DoRA Linear call without / with ``bias`` in ``dtype``: :func:`magnitude_floor` where
+    the output could stand in for z (:func:`saves_output`) — on every route, so that the vectors do not depend on the
+    route a call takes (``function.py``) — else 0."""
+    return magnitude_floor(dtype) if saves_output(bias, dtype) else 0.0
+
+
 def saves_output(bias: torch.Tensor | None, dtype: torch.dtype) -> bool:
     """The host rule of the module docstring: the output stands in for z iff there is no bias and the output's
     dtype has fp32's exponent range (bf16, fp32, fp64); decided from what the host knows, no sync."""

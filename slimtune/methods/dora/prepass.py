@@ -84,17 +84,13 @@ class Ticket:
                 and self.addresses == (w.data_ptr(), a.data_ptr(), b.data_ptr(), m.data_ptr()))
 
 
-def ticket_for(layer: nn.Module) -> Ticket | None:
-    """``layer``'s current ticket (:class:`TicketSlot`), or None — always None while ``torch.compile`` traces (the
-    graph forms the norm itself; a ticket from an eager forward is not an input the graph could take)."""
-    slot = layer.prepass_slot
-    return slot.ticket if slot is not None and not compiling() else None
-
-
 def step_vectors(layer: nn.Module, weight: object, dtype: torch.dtype, eps: float) -> torch.Tensor | None:
     """``layer``'s step vectors for a call on ``weight`` (its base weight operand) computing in ``dtype`` with
-    magnitude floor ``eps`` (:meth:`Ticket.vectors_for`), or None (the layer forms them itself)."""
-    ticket = ticket_for(layer)
+    magnitude floor ``eps`` (:meth:`Ticket.vectors_for`), or None (the layer forms them itself) — always None while
+    ``torch.compile`` traces (the graph forms the norm itself; a ticket from an eager forward is not an input the
+    graph could take)."""
+    slot = layer.prepass_slot
+    ticket = slot.ticket if slot is not None and not compiling() else None
     if ticket is None or not ticket.holds(weight, layer.lora_A, layer.lora_B, layer.magnitude, layer.scaling):
         return None
     return ticket.vectors_for(dtype, eps)

@@ -35,18 +35,23 @@ class Block(nn.Module):  # q/k/v read one input (a sibling group), o alone, up/d
         return x + self.down(torch.tanh(self.up(h)))
 
 
-def build(dtype, recompute, seed=0, dropout=0.0):
-    torch.manual_seed(seed)
-    model = nn.Sequential(Block(), Block()).to(dtype)
-    slimtune.adapt(model, slimtune.LoraConfig(r=8, alpha=16, target_modules=["q", "k", "v", "o", "up", "down"],
-                                              use_dora=True, dora_recompute=recompute, lora_dropout=dropout,
-                                              rank_pattern={"1.up": 20, "0.k": 3}))
+def perturb(model):  # B away from zero, magnitudes away from the norms
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.2)
             if "magnitude" in name:
                 p.mul_(1 + 0.1 * torch.randn_like(p))
+
+
+def build(dtype, recompute, seed=0, dropout=0.0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(Block(), Block()).to(dtype)
+    slimtune.adapt(model, slimtune.LoraConfig(r=8, alpha=16, target_modules=["q", "k", "v", "o", "up", "down"],
+                                              use_dora=True, dora_recompute=recompute, lora_dropout=dropout,
+                                              rank_pattern={"1.up": 20, "0.k": 3}))
+    perturb(model)
+    with torch.no_grad():
         model[0].q.magnitude[2] = 0.0  # floored where the layer keeps its output
     return model
 
@@ -90,12 +95,7 @@ def build_conv(dtype, seed=0):
     model = nn.Sequential(nn.Conv2d(6, 10, 3, padding=1), nn.Tanh(), nn.Conv2d(10, 8, 1, bias=False),
                           nn.Flatten(), nn.Linear(8 * 5 * 5, 12, bias=False)).to(dtype)
     slimtune.adapt(model, slimtune.LoraConfig(r=4, alpha=8, target_modules=["0", "2", "4"], use_dora=True))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.2)
-            if "magnitude" in name:
-                p.mul_(1 + 0.1 * torch.randn_like(p))
+    perturb(model)
     return model
 
 
@@ -404,8 +404,12 @@ def test_prepass_convolutions_on_the_gpu_match_the_definition(dtype, tol):
     """A DoRA Conv2d taking the pre-pass's vectors: output and gradients against DoRA's float64 definition,
     ``conv(x, g ⊙ (W + s·B A)) + b`` with the norm detached. cuDNN's TF32 is off: by default it runs float32
     convolutions in TF32 (2.9e-4 on the conv's gradients, RESULTS.md run 75), which is not this path's rounding."""
-    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+    allow = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
         _check_conv_against_definition(dtype, tol)
+    finally:
+        torch.backends.cudnn.allow_tf32 = allow
 
 
 def _check_conv_against_definition(dtype: torch.dtype, tol: float) -> None:
