@@ -64,13 +64,16 @@
 #   bash benchmarks/pending_gpu.sh 27   # issue 19: torch.compile on both sides at seq 512, LoHa and LoKr
 #   bash benchmarks/pending_gpu.sh 28   # issue 19 on an H200: seq 512 every method (20 rounds), DoRA at seq 2048
 #                                       #           with and without the pre-pass and against ca4e9e6 (carry .before)
+#   bash benchmarks/pending_gpu.sh 29   # issue 20: a UNet's lean layers from UNET_LEAN_BYTES, recipes entered by their
+#                                       #           consumers — lean CUDA tests, SD-1.5 every method against 329223c
+#                                       #           and PEFT-bf16 (carry .whl, .before)
 #   bash benchmarks/pending_gpu.sh 3    # issue 17: online / gradient / data allocation vs AdaLoRA wall time
 #                                       #           (carry .out/minilm_wide; make it with rank_allocation.py --prepare)
 #
 # Outputs go to $OUT (each script's own files, plus one log per step); record them in benchmarks/RESULTS.md with
 # the GPU and versions the scripts print.
 set -uo pipefail
-part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|...|28"}
+part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|...|29"}
 out=${OUT:-/tmp/pending_gpu}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -336,8 +339,21 @@ case $part in
     step paired_2048_dora 150 python benchmarks/paired_steps.py --seq 2048 --rounds 4 --before .before --configs \
         dora noprepass:dora before:dora peft-bf16:dora --out-name paired_2048_dora
     ;;
+29)
+    # issue 20, carry .whl and .before = 329223c: a UNet's lean layers and recipe scopes only from UNET_LEAN_BYTES
+    # (SD-1.5's two finest levels), recipes' hooks entered by their consumers alone — the lean layers' tests on CUDA,
+    # SD-1.5 every method against PEFT-bf16 (LoRA against 329223c too)
+    install_wheels
+    step lean_cuda_tests 90 python -m pytest -q tests/core/test_lean_layers.py tests/core/test_rebuild.py
+    step paired_sd15_lora_locon 200 python benchmarks/paired_steps.py --preset stable-diffusion-1.5 --rank 16 \
+        --rounds 6 --before .before --configs lora before:lora peft-bf16:lora locon peft-bf16:locon \
+        --out-name paired_sd15_lora_locon
+    step paired_sd15_structured 200 python benchmarks/paired_steps.py --preset stable-diffusion-1.5 --rank 16 \
+        --rounds 5 --configs loha lokr dora peft-bf16:loha peft-bf16:lokr peft-bf16:dora \
+        --out-name paired_sd15_structured
+    ;;
 *)
-    echo "unknown part $part (1 to 28)" >&2
+    echo "unknown part $part (1 to 29)" >&2
     exit 2
     ;;
 esac

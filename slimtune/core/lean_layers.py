@@ -47,7 +47,9 @@ its own fused GEGLU), and each RMSNorm and MLP of :data:`RMS_NORM_CLASSES` and :
 above holding an adapter (and its LayerNorms) gets an instance-level ``forward`` (no module is replaced: parameter names and checkpoints do not change; :func:`install`'s
 remover undoes it; SiLU only where the model has a GroupNorm). Each call checks, on the host, whether the lean path
 applies — gradients on, the input requiring grad, the layer's parameters frozen, not under ``torch.compile`` (whose
-partitioner decides what a graph saves) — and otherwise runs the layer as it is. A SiLU takes the fused path only when its input is the very output of the GroupNorm that
+partitioner decides what a graph saves), and for a UNet's layers and blocks a tensor of at least
+:data:`UNET_LEAN_BYTES` (smaller, the host's time per call costs more than the memory is worth) — and otherwise runs
+the layer as it is. A SiLU takes the fused path only when its input is the very output of the GroupNorm that
 ran last on this thread and was not changed in place since (its version counter), so ``silu(norm(x) + t)`` and
 any other use run plainly.
 """
@@ -170,6 +172,19 @@ def layer_norm_output(x: torch.Tensor, norm: nn.LayerNorm, dtype: torch.dtype) -
                         cast_optional(norm.bias, dtype), norm.eps)
 
 
+#: A UNet's lean frozen layers (a convolution, a GroupNorm + SiLU, a GEGLU) and its blocks' recipe scopes apply where
+#: the tensor they spare is at least this large (bytes): each is a Python autograd node or hook where PyTorch's are
+#: C++, tens of microseconds of host time per call, and a UNet step at a small resolution is host-bound. In SD-1.5 at
+#: batch 4, 64x64 latents (bf16) the two finest levels (10 and 5 MiB per tensor) hold four fifths of what the lean
+#: layers spare, in fewer than half of their calls; the two coarsest (2.5 and 0.6 MiB) run plain.
+UNET_LEAN_BYTES = 4 * 2**20
+
+
+def _large(t: torch.Tensor) -> bool:
+    """Whether ``t`` is at least :data:`UNET_LEAN_BYTES` (a UNet's lean layer spares it, or a tensor of its size)."""
+    return t.numel() * t.element_size() >= UNET_LEAN_BYTES
+
+
 def _lean(x: torch.Tensor, *params: torch.Tensor | None) -> bool:
     """Whether a layer with these parameters takes its lean path for input ``x`` (module docstring). Asked on every
     call of every lean layer, so a plain loop (no generator)."""
@@ -210,7 +225,7 @@ class _LeanConvForward(_InstanceForward):
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         conv = self.module
         weight, bias = conv.weight, conv.bias  # each a Module.__getattr__: read once
-        if not _lean(x, weight, bias):
+        if not (_large(x) and _lean(x, weight, bias)):
             return type(conv).forward(conv, x)
         return FrozenConvFunction.apply(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
@@ -244,7 +259,7 @@ class _LeanNormForward(_InstanceForward):
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         norm = self.module
         h = type(norm).forward(norm, x)
-        if _lean(x, norm.weight, norm.bias):
+        if _large(h) and _lean(x, norm.weight, norm.bias):
             _LAST_NORM.put(norm, x, h)
         return h
 
@@ -273,7 +288,7 @@ class _LeanGegluForward(_InstanceForward):
         if args or kwargs:  # diffusers' deprecated ``scale``: its own forward warns
             return type(geglu).forward(geglu, hidden_states, *args, **kwargs)
         p = geglu.proj(hidden_states)
-        if p.device.type == "mps" or not _lean(p):
+        if p.device.type == "mps" or not (_large(p) and _lean(p)):
             h, gate = p.chunk(2, dim=-1)
             return h * geglu.gelu(gate)
         y = GegluFunction.apply(p)
@@ -295,13 +310,15 @@ class _LeanLayerNormForward(_InstanceForward):
 
 class _LeanBlockForward(_InstanceForward):
     """A diffusers block's instance ``forward`` (``BasicTransformerBlock``, ``ResnetBlock2D``, holding an adapter): its
-    own, inside a :class:`~.rebuild.RebuildScope` (where gradients flow and no checkpointing or offloading hooks own
-    what is saved), so that its adapted projections and convolutions keep recipes from the tensors its norms, GEGLU
+    own, inside a :class:`~.rebuild.RebuildScope` (where gradients flow, no checkpointing or offloading hooks own
+    what is saved, and its input is at least :data:`UNET_LEAN_BYTES`), so that its adapted projections and convolutions keep recipes from the tensors its norms, GEGLU
     and norm + SiLU pairs keep, not those layers' outputs."""
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         block = self.module
-        if not torch.is_grad_enabled() or compiling() or saved_tensor_hooks_active():
+        first = args[0] if args else kwargs.get("hidden_states", kwargs.get("input_tensor"))
+        if (not torch.is_grad_enabled() or compiling() or saved_tensor_hooks_active()
+                or not isinstance(first, torch.Tensor) or not _large(first)):
             return type(block).forward(block, *args, **kwargs)
         with RebuildScope():
             return type(block).forward(block, *args, **kwargs)

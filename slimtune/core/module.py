@@ -11,6 +11,7 @@ from torch import nn
 
 from ..errors import CheckpointError, SlimtuneError
 from .frozen import quantized_handle
+from .rebuild import keeps_recipes
 
 _INT_VIEW = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16,
              torch.bfloat16: torch.int16}
@@ -30,6 +31,14 @@ class AdapterModule(nn.Module):
     ``merged``: the update is folded into ``base_layer.weight`` and ``forward`` runs the base alone.
     ``disabled``: ``forward`` runs the base alone (see :func:`slimtune.disable_adapters`).
     """
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        """Each method's ``forward`` keeps a recipe for its input where a block offers one
+        (:func:`~.rebuild.keeps_recipes`: the input is a LayerNorm's, GEGLU's or GroupNorm + SiLU's output the block
+        can rebuild from tensors kept anyway)."""
+        super().__init_subclass__(**kwargs)
+        if "forward" in cls.__dict__:
+            cls.forward = keeps_recipes(cls.__dict__["forward"])
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()

@@ -21,7 +21,11 @@ and raises), so a changed source still fails the backward pass.
 Two forms: :func:`rebuilt_from` around one consumer (the Llama MLP's ``down_proj``: the product and its consumer are
 in one forward), and :class:`RebuildScope` around a block whose layers :func:`offer` their outputs as they run (a
 diffusers transformer block: its LayerNorms' outputs to the attention projections and the feed-forward, the GEGLU's
-to the output Linear), for consumers the block's code calls in between.
+to the output Linear), for consumers the block's code calls in between. In a scope the hooks are not around the
+whole block: a consumer enters them itself, for the call whose input is an offered tensor
+(:func:`keeps_recipes`, which :class:`~.module.AdapterModule` puts around every method's ``forward``). The block's
+other layers save their tensors with no Python hook on the way: a UNet step saves ~1,000 tensors in its blocks, and
+a few dozen of them are an adapter's input.
 
 Callers skip it where other saved-tensor hooks own what is saved (checkpointing, offloading:
 :func:`~.autograd_state.saved_tensor_hooks_active`) and under ``torch.compile``. The pack hook is marked transparent
@@ -30,6 +34,7 @@ that look for owning hooks (DoRA's ``dora_recompute="auto"``) behave as without 
 """
 from __future__ import annotations
 
+import functools
 import threading
 from typing import Any, Callable
 
@@ -37,6 +42,7 @@ import torch
 
 from .autograd_state import mark_transparent, saved_tensor_hooks_active, transparent_hooks
 from .caches import TensorMark
+from .tracing import compiling
 
 
 class _Recipe:
@@ -127,18 +133,32 @@ def offer(y: torch.Tensor, rebuild: Callable[..., Any], *sources: Any) -> None:
 
 class RebuildScope:
     """A block's forward (``with RebuildScope(): ...``) in which layers :func:`offer` their outputs as recipes: a
-    consumer later in the block that saves one of those very tensors saves its recipe instead."""
+    consumer later in the block (:func:`keeps_recipes`) that saves one of those very tensors saves its recipe
+    instead."""
 
-    __slots__ = ("_offers", "_outer", "_hooks")
+    __slots__ = ("_outer",)
 
     def __enter__(self) -> None:
-        self._offers: list[_Offer] = []
-        self._outer, _SCOPE.offers = _SCOPE.offers, self._offers
-        self._hooks = _hooks(self._offers)
-        self._hooks.__enter__()
+        self._outer, _SCOPE.offers = _SCOPE.offers, []
 
     def __exit__(self, *exc: Any) -> None:
-        try:
-            self._hooks.__exit__(*exc)
-        finally:
-            _SCOPE.offers = self._outer
+        _SCOPE.offers = self._outer
+
+
+def keeps_recipes(forward: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """``forward(self, x, ...)`` of a layer that keeps its input for backward: where ``x`` is a tensor offered in the
+    running :class:`RebuildScope` (the very object, unchanged in place since), the call runs under hooks that save
+    ``x`` as its recipe; any other call runs as it is, with no hook (so does a call inside a checkpointed region, whose
+    hooks own what is saved)."""
+
+    @functools.wraps(forward)
+    def run(self: Any, x: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        offers = _SCOPE.offers if not compiling() else None
+        if offers and not saved_tensor_hooks_active():  # inside a checkpointed region its hooks own what is saved
+            for offered in offers:
+                if offered[0].matches(x):
+                    with _hooks([offered]):
+                        return forward(self, x, *args, **kwargs)
+        return forward(self, x, *args, **kwargs)
+
+    return run

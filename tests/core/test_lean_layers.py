@@ -361,3 +361,29 @@ def test_a_unet_runs_under_inference_mode():
     with torch.inference_mode():
         got = model(**batch, return_dict=False)[0]
     assert torch.equal(got, want)
+
+
+def test_unet_lean_layers_apply_from_a_size(monkeypatch):
+    """A UNet's lean convolution and GroupNorm + SiLU take their lean path only for tensors of at least
+    ``UNET_LEAN_BYTES`` (below it their Python nodes cost more host time than they spare); with the size above every
+    tensor a whole tiny UNet step is the plain one, what it saves included."""
+    monkeypatch.setattr(lean_layers, "UNET_LEAN_BYTES", 4096)
+    model = nn.Sequential(nn.GroupNorm(2, 8), nn.SiLU(), nn.Conv2d(8, 8, 3, padding=1)).requires_grad_(False)
+    lean_layers.install(model)
+    for side, lean in ((4, False), (32, True)):  # float32 [1, 8, side, side]: 512 bytes, 32 KiB
+        x = torch.randn(1, 8, side, side, requires_grad=True)
+        h = model[1](model[0](x))
+        assert (type(h.grad_fn).__name__ == "NormSiluFunctionBackward") is lean
+        assert (type(model[2](h).grad_fn).__name__ == "FrozenConvFunctionBackward") is lean
+
+    diffusers = pytest.importorskip("diffusers")
+    diffusers.utils.logging.set_verbosity_error()
+    monkeypatch.setattr(lean_layers, "UNET_LEAN_BYTES", 2**40)
+    torch.manual_seed(0)
+    base = diffusers.UNet2DConditionModel(**DIFFUSION_PRESETS["tiny-unet"].config)
+    batch = workload.make_inputs("tiny-unet", None, 2, 0, "cpu", torch.float32, torch.Generator().manual_seed(1))
+    batch.pop("target")
+    plain, lean = _adapted_pair(base, slimtune.LoraConfig(r=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    (out_p, saved_p), (out_l, saved_l) = (_saved_bytes(lambda m=m: m(**batch, return_dict=False)[0], m)
+                                          for m in (plain, lean))
+    assert torch.equal(out_p, out_l) and saved_l == saved_p

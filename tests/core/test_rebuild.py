@@ -6,12 +6,24 @@ import pytest
 import torch
 
 from slimtune.core.autograd_state import saved_tensor_hooks_active
-from slimtune.core.rebuild import RebuildScope, offer, rebuilt_from
+from slimtune.core.rebuild import RebuildScope, keeps_recipes, offer, rebuilt_from
 from slimtune.memory.accounting import SavedTensorMeter
 
 
 def _product(y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return y * w  # saves y (for w's gradient) and w (for y's)
+
+
+class _Consumer:
+    """A layer that keeps its input, as an adapter does (``AdapterModule`` puts ``keeps_recipes`` on each forward)."""
+
+    @keeps_recipes
+    def forward(self, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return _product(y, w)
+
+
+def _consume(y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return _Consumer().forward(y, w)
 
 
 def test_only_the_marked_tensor_is_rebuilt_and_gradients_are_equal():
@@ -84,10 +96,27 @@ def test_a_scope_saves_offered_tensors_as_recipes_until_it_ends():
     offer(y, lambda source: calls.append("outside") or source * 2, p)  # no scope: nothing
     with RebuildScope():
         offer(y, lambda source: calls.append("y") or source * 2, p)
-        out = _product(y, w) + _product(z, w)
-    after = _product(y, w)  # the scope has ended: y saved as it is
+        out = _consume(y, w) + _consume(z, w)
+    after = _consume(y, w)  # the scope has ended: y saved as it is
     (out + after).sum().backward()
     assert calls == ["y"] and torch.allclose(w.grad, 2 * y + z, rtol=1e-6, atol=0)
+
+
+def test_in_a_scope_an_op_that_is_no_consumer_saves_the_offered_tensor_as_it_is():
+    """The hooks run only around a consumer's call (no Python hook for the block's other saved tensors): a plain op
+    in the scope keeps y itself, so autograd's in-place check still catches a later change of y."""
+    p = torch.randn(4, 3)
+    w = torch.randn(4, 3, requires_grad=True)
+    y = p * 2
+    with RebuildScope():
+        offer(y, lambda source: source * 2, p)
+        taken = _consume(y, w)
+        plain = _product(y, w)
+    y.add_(1)
+    taken.sum().backward()  # the recipe: no check, y as it was
+    assert torch.equal(w.grad, p * 2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        plain.sum().backward()
 
 
 def test_second_derivatives_through_a_recipe_are_the_plain_ones():
@@ -123,6 +152,20 @@ def test_an_offer_from_a_checkpointed_producer_is_not_taken():
 
     with RebuildScope():
         y = torch.utils.checkpoint.checkpoint(produce, p, use_reentrant=False)
-        out = _product(y, w)
+        out = _consume(y, w)
     out.sum().backward()
     assert not calls and torch.equal(w.grad, torch.tanh(p).detach())
+
+
+def test_a_consumer_inside_a_checkpointed_region_of_a_scope_saves_through_the_checkpoint():
+    """A block's feed-forward checkpointed inside its scope (``memory="balanced"``): the checkpoint's hooks own what
+    its consumers save, so no recipe is taken there (the recomputation would save other tensors than the forward)."""
+    p = torch.randn(4, 3)
+    w = torch.randn(4, 3, requires_grad=True)
+    y = p * 2
+    calls: list[int] = []
+    with RebuildScope():
+        offer(y, lambda source: calls.append(1) or source * 2, p)
+        out = torch.utils.checkpoint.checkpoint(_consume, y, w, use_reentrant=False)
+    out.sum().backward()
+    assert not calls and torch.equal(w.grad, y)
