@@ -328,7 +328,7 @@ case $part in
     ;;
 27)
     # issue 19: torch.compile on both sides at seq 512 for LoHa and LoKr (run 70 had LoRA and DoRA)
-    step paired_512_compile_loha_lokr 540 python benchmarks/paired_steps.py --compile --rounds 6 --configs loha \
+    step paired_512_compile_loha_lokr 450 python benchmarks/paired_steps.py --compile --rounds 4 --configs loha \
         peft-bf16:loha lokr peft-bf16:lokr --out-name paired_512_compile_loha_lokr
     ;;
 28)
