@@ -64,9 +64,10 @@
 #   bash benchmarks/pending_gpu.sh 27   # issue 19: torch.compile on both sides at seq 512, LoHa and LoKr
 #   bash benchmarks/pending_gpu.sh 28   # issue 19 on an H200: seq 512 every method (20 rounds), DoRA at seq 2048
 #                                       #           with and without the pre-pass and against ca4e9e6 (carry .before)
-#   bash benchmarks/pending_gpu.sh 29   # issue 20: a UNet's lean layers from UNET_LEAN_BYTES, recipes entered by their
-#                                       #           consumers — lean CUDA tests, SD-1.5 every method against 329223c
-#                                       #           and PEFT-bf16 (carry .whl, .before)
+#   bash benchmarks/pending_gpu.sh 29   # issues 19/20: a UNet's lean layers from UNET_LEAN_BYTES, recipes entered by
+#                                       #           their consumers; the pre-pass kernel's vector loads — CUDA tests,
+#                                       #           the kernel's GPU time, DoRA at seq 2048, SD-1.5 every method
+#                                       #           against 329223c and PEFT-bf16 (carry .whl, .before)
 #   bash benchmarks/pending_gpu.sh 3    # issue 17: online / gradient / data allocation vs AdaLoRA wall time
 #                                       #           (carry .out/minilm_wide; make it with rank_allocation.py --prepare)
 #
@@ -340,15 +341,20 @@ case $part in
         dora noprepass:dora before:dora peft-bf16:dora --out-name paired_2048_dora
     ;;
 29)
-    # issue 20, carry .whl and .before = 329223c: a UNet's lean layers and recipe scopes only from UNET_LEAN_BYTES
-    # (SD-1.5's two finest levels), recipes' hooks entered by their consumers alone — the lean layers' tests on CUDA,
-    # SD-1.5 every method against PEFT-bf16 (LoRA against 329223c too)
+    # issues 19/20, carry .whl and .before = 329223c. Issue 20: a UNet's lean layers and recipe scopes only from
+    # UNET_LEAN_BYTES (SD-1.5's two finest levels), recipes' hooks entered by their consumers alone — the lean layers'
+    # tests on CUDA, SD-1.5 every method against PEFT-bf16 (LoRA against 329223c too). Issue 19: the pre-pass kernel
+    # with vector loads (ALIGNED) — its CUDA tests, its GPU time at 3B, DoRA at seq 2048 with and without it
     install_wheels
-    step lean_cuda_tests 90 python -m pytest -q tests/core/test_lean_layers.py tests/core/test_rebuild.py
-    step paired_sd15_lora_locon 200 python benchmarks/paired_steps.py --preset stable-diffusion-1.5 --rank 16 \
+    step lean_tests 60 python -m pytest -q tests/core/test_lean_layers.py tests/core/test_rebuild.py
+    step prepass_cuda_tests 90 python -m pytest -q tests/methods/dora/test_prepass.py -k "gpu or bit"
+    step prepass_kernel 60 python benchmarks/prepass_kernel.py
+    step paired_2048_dora_aligned 100 python benchmarks/paired_steps.py --seq 2048 --rounds 3 --configs dora \
+        noprepass:dora peft-bf16:dora --out-name paired_2048_dora_aligned
+    step paired_sd15_lora_locon 150 python benchmarks/paired_steps.py --preset stable-diffusion-1.5 --rank 16 \
         --rounds 6 --before .before --configs lora before:lora peft-bf16:lora locon peft-bf16:locon \
         --out-name paired_sd15_lora_locon
-    step paired_sd15_structured 200 python benchmarks/paired_steps.py --preset stable-diffusion-1.5 --rank 16 \
+    step paired_sd15_structured 150 python benchmarks/paired_steps.py --preset stable-diffusion-1.5 --rank 16 \
         --rounds 5 --configs loha lokr dora peft-bf16:loha peft-bf16:lokr peft-bf16:dora \
         --out-name paired_sd15_structured
     ;;

@@ -144,7 +144,7 @@ class VectorPrepass:
     def __init__(self, layers: Sequence[nn.Module]) -> None:
         self.layers = list(layers)
         self._entries: list[_Entry | None] = [None] * len(self.layers)
-        self._uploaded: dict[tuple, tuple] = {}  # group key -> (host rows, device tables)
+        self._uploaded: dict[tuple, tuple] = {}  # group key -> (host rows, device tables, aligned)
 
     def _entry(self, i: int, layer: nn.Module) -> _Entry | None:
         """Layer i's entry: the last one while its parameters are the same objects at the same addresses and
@@ -199,10 +199,12 @@ class VectorPrepass:
         signature = (rows, scalars)
         uploaded = self._uploaded.get(key)
         if uploaded is None or uploaded[0] != signature:
-            uploaded = self._uploaded[key] = (signature, triton_prepass.tables(rows, scalars, key[0]))
+            uploaded = self._uploaded[key] = (signature, triton_prepass.tables(rows, scalars, key[0]),
+                                              triton_prepass.aligned(rows, key[1].itemsize, key[2].itemsize))
         out = torch.empty(4, offset, device=key[0], dtype=torch.float32)  # layer i: the columns of its rows
         first = members[0][1]
-        triton_prepass.launch_prepass(*uploaded[1], out, (*first.objects, first.wsq), max(row[8] for row in rows))
+        triton_prepass.launch_prepass(*uploaded[1], out, (*first.objects, first.wsq), max(row[8] for row in rows),
+                                      uploaded[2])
         for (layer, entry), vectors in zip(members, out.split(sizes, dim=1)):
             layer.prepass_slot.ticket = Ticket(vectors, entry.objects, entry.row[:4], *entry.scalars, entry.dtype)
 

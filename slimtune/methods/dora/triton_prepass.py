@@ -41,7 +41,7 @@ TABLE_COLUMNS = 12
 @triton.jit
 def _prepass_kernel(table_ptr, scalars_ptr, tile_layer_ptr, tile_row_ptr, out_ptr, stride_out, w_ref, a_ref, b_ref,
                     m_ref, wsq_ref, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                    BLOCK_R: tl.constexpr):
+                    BLOCK_R: tl.constexpr, ALIGNED: tl.constexpr, W_VEC: tl.constexpr, AB_VEC: tl.constexpr):
     pid = tl.program_id(0)
     layer = tl.load(tile_layer_ptr + pid).to(tl.int64)
     entry = table_ptr + layer * 12  # TABLE_COLUMNS
@@ -57,6 +57,13 @@ def _prepass_kernel(table_ptr, scalars_ptr, tile_layer_ptr, tile_row_ptr, out_pt
     stride_w = tl.load(entry + 9)
     stride_a = tl.load(entry + 10)
     stride_b = tl.load(entry + 11)
+    if ALIGNED:  # 16-byte aligned addresses and rows (W_VEC, AB_VEC elements): vector loads (of addresses read from a
+        w_p = tl.multiple_of(w_p, 16)  # table the compiler knows nothing, so it would load element by element)
+        a_p = tl.multiple_of(a_p, 16)
+        b_p = tl.multiple_of(b_p, 16)
+        stride_w = tl.multiple_of(stride_w, W_VEC)
+        stride_a = tl.multiple_of(stride_a, AB_VEC)
+        stride_b = tl.multiple_of(stride_b, AB_VEC)
     scaling = tl.load(scalars_ptr + layer * 2)
     eps = tl.load(scalars_ptr + layer * 2 + 1)
 
@@ -69,7 +76,7 @@ def _prepass_kernel(table_ptr, scalars_ptr, tile_layer_ptr, tile_row_ptr, out_pt
     cross = tl.zeros([BLOCK_M], dtype=tl.float32)
     sq = tl.zeros([BLOCK_M], dtype=tl.float32)
     for k0 in range(0, d_in, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
+        ks = tl.max_contiguous(tl.multiple_of(k0 + tl.arange(0, BLOCK_K), BLOCK_K), BLOCK_K)
         k_ok = ks < d_in
         a = tl.load(a_p + rs[:, None].to(tl.int64) * stride_a + ks[None, :], mask=r_ok[:, None] & k_ok[None, :],
                     other=0.0)
@@ -94,13 +101,21 @@ def tables(rows: list[tuple[int, ...]], scalars: list[tuple[float, float]], devi
             tile_layer.to(device, torch.int32), tile_row.to(device, torch.int32))
 
 
+def aligned(rows: list[tuple[int, ...]], w_size: int, ab_size: int) -> bool:
+    """Whether every layer's W, A and B (table rows, :func:`tables`; element sizes ``w_size`` and ``ab_size`` bytes)
+    start 16 bytes aligned, with rows a multiple of 16 bytes apart: the kernel's vector loads (``ALIGNED``)."""
+    return all(row[0] % 16 == 0 and row[1] % 16 == 0 and row[2] % 16 == 0 and row[9] * w_size % 16 == 0
+               and row[10] * ab_size % 16 == 0 and row[11] * ab_size % 16 == 0 for row in rows)
+
+
 def launch_prepass(table: torch.Tensor, scalars: torch.Tensor, tile_layer: torch.Tensor, tile_row: torch.Tensor,
-                   out: torch.Tensor, refs: tuple[torch.Tensor, ...], max_rank: int) -> None:
+                   out: torch.Tensor, refs: tuple[torch.Tensor, ...], max_rank: int, is_aligned: bool) -> None:
     """One launch, a program per tile: the vectors of every layer in the tables (:func:`tables`) into the fp32
     ``out`` ``[4, Σ d_out]``; ``refs`` = one W, A, B, m and ``‖W‖²`` of the group (their element types type the
-    addresses)."""
+    addresses); ``is_aligned``: :func:`aligned` of the tables' rows."""
     a_ref = refs[1]
     precision = "tf32x3" if a_ref.is_cuda and a_ref.dtype == torch.float32 else "ieee"
     launch(_prepass_kernel, out, (tile_layer.numel(),), table, scalars, tile_layer, tile_row, out, out.stride(0),
            *refs, PRECISION=precision, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K,
-           BLOCK_R=max(16, triton.next_power_of_2(max_rank)), num_warps=NUM_WARPS)
+           BLOCK_R=max(16, triton.next_power_of_2(max_rank)), ALIGNED=is_aligned, W_VEC=16 // refs[0].element_size(),
+           AB_VEC=16 // a_ref.element_size(), num_warps=NUM_WARPS)

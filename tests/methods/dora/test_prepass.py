@@ -253,6 +253,32 @@ plain = build(torch.float32, False, seed=3)
 x2 = x.detach().clone().requires_grad_()
 plain(x2).pow(2).mean().backward()
 results["checkpoint"] = max(rel_err(x.grad, x2.grad), rel_err(model[0].q.lora_A.grad, plain[0].q.lora_A.grad))
+
+# the kernel's vector loads (ALIGNED: 16-byte aligned addresses and rows) and its element-wise loads give the same
+# vectors: a model of ranks 3 and 20 (B's rows 12 and 80 bytes apart in fp32) runs unaligned, one of rank 8 aligned
+def uploaded_alignment(model):
+    hooks = [h for h in model._forward_pre_hooks.values() if isinstance(h, P.VectorPrepass)]
+    return [entry[2] for hook in hooks for entry in hook._uploaded.values()]
+
+
+for name, model, width in (("unaligned", build(torch.float32, False, seed=1), 48),
+                           ("aligned", nn.Sequential(nn.Linear(64, 64, bias=False), nn.Linear(64, 32, bias=False)),
+                            64)):
+    if name == "aligned":
+        torch.manual_seed(4)
+        slimtune.adapt(model, slimtune.LoraConfig(r=8, alpha=16, target_modules=["0", "1"], use_dora=True))
+        perturb(model)
+    model(torch.randn(3, width))
+    results[f"alignment/{name}"] = uploaded_alignment(model)
+    errors = []
+    for layer in layers(model):
+        ticket = layer.prepass_slot.ticket
+        w = layer.base_layer.weight.double()
+        mixed, gram = factored_norm_parts(w, layer.lora_A.double())
+        want = dora_vectors_reference(mixed, gram, layer.lora_B.double(), (w * w).sum(1), layer.magnitude.double(),
+                                      layer.scaling, ticket.eps)
+        errors.append(rel_err(ticket.vectors, want))
+    results[f"alignment/{name}/error"] = max(errors)
 print("RESULTS " + json.dumps(results))
 """
 
@@ -293,6 +319,11 @@ def test_with_the_prepass_no_layer_forms_its_own_norm(interpreted):
     assert interpreted["checkpointed llama"] < 1e-5
     assert interpreted["norms formed per layer, pre-pass on"] == 0
     assert interpreted["norms formed per layer, pre-pass off"] == 12  # every layer, the biased one's z route too
+
+
+def test_aligned_and_unaligned_tables_give_the_definitions_vectors(interpreted):
+    assert interpreted["alignment/unaligned"] == [False] and interpreted["alignment/aligned"] == [True]
+    assert interpreted["alignment/unaligned/error"] < 1e-6 and interpreted["alignment/aligned/error"] < 1e-6
 
 
 def test_a_parameter_changed_inside_the_forward_is_seen(interpreted):
