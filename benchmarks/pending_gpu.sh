@@ -68,13 +68,16 @@
 #                                       #           their consumers; the pre-pass kernel's vector loads — CUDA tests,
 #                                       #           the kernel's GPU time, DoRA at seq 2048, SD-1.5 every method
 #                                       #           against 329223c and PEFT-bf16 (carry .whl, .before)
+#   bash benchmarks/pending_gpu.sh 30   # issue 19 on the H200: torch.compile for DoRA and LoRA, the 8192 r=384 layer
+#   bash benchmarks/pending_gpu.sh 31   # issue 20: where SD-1.5's step goes (unet_step_profile.py), LoRA and LoKr
+#                                       #           against PEFT-bf16 (carry .whl)
 #   bash benchmarks/pending_gpu.sh 3    # issue 17: online / gradient / data allocation vs AdaLoRA wall time
 #                                       #           (carry .out/minilm_wide; make it with rank_allocation.py --prepare)
 #
 # Outputs go to $OUT (each script's own files, plus one log per step); record them in benchmarks/RESULTS.md with
 # the GPU and versions the scripts print.
 set -uo pipefail
-part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|...|29"}
+part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|...|31"}
 out=${OUT:-/tmp/pending_gpu}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -358,8 +361,22 @@ case $part in
         --rounds 5 --configs loha lokr dora peft-bf16:loha peft-bf16:lokr peft-bf16:dora \
         --out-name paired_sd15_structured
     ;;
+30)
+    # issue 19 on the H200: torch.compile on both sides for DoRA and LoRA (8 rounds; run 65 had 6), and the
+    # 8192x8192 r=384 layer against its GEMM floor (run 62 was on an H100)
+    step paired_512_compile_dora_lora 300 python benchmarks/paired_steps.py --compile --rounds 6 --configs dora \
+        peft-bf16:dora lora peft-bf16:lora --out-name paired_512_compile_dora_lora
+    step layer_compare 120 python benchmarks/layer_compare.py
+    ;;
+31)
+    # issue 20, carry .whl: where SD-1.5's step goes for slimtune (lean layers as in run 78, and stripped of them) and
+    # PEFT-bf16 — wall, host queueing, GPU kernel time and count, the kernels that differ most (LoRA; LoKr)
+    install_wheels
+    step unet_profile_lora 90 python benchmarks/unet_step_profile.py --configs lora stripped:lora peft-bf16:lora
+    step unet_profile_lokr 90 python benchmarks/unet_step_profile.py --configs lokr peft-bf16:lokr
+    ;;
 *)
-    echo "unknown part $part (1 to 29)" >&2
+    echo "unknown part $part (1 to 31)" >&2
     exit 2
     ;;
 esac
