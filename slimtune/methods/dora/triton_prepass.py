@@ -4,7 +4,7 @@ vectors ``(g − 1, g, 1/‖V‖, 1/m')`` of one group (one device, one set of d
 Each program takes ``BLOCK_M`` rows of one layer and walks its ``d_in`` in ``BLOCK_K`` columns at a time::
 
     P      = B[rows] · A[:, cols]                       (tl.dot, fp32; three-pass tf32 for fp32 factors)
-    cross += Σ_cols W[rows, cols] ⊙ P,   sq += Σ_cols P ⊙ P
+    cross += W[rows, cols] ⊙ P,   sq += P ⊙ P            (elementwise; summed over the columns once, at the end)
 
 so ``rowsum((W Aᵀ + (s/2)·B (A Aᵀ)) ⊙ B) = cross + (s/2)·sq`` — the quantity :func:`~.norm.factored_norm_parts` and
 ``triton_norm._vectors_kernel`` form from ``W Aᵀ`` and ``A Aᵀ`` — and ``triton_norm._store_vectors`` turns it, with the
@@ -73,8 +73,8 @@ def _prepass_kernel(table_ptr, scalars_ptr, tile_layer_ptr, tile_row_ptr, out_pt
     rs = tl.arange(0, BLOCK_R)
     r_ok = rs < rank
     b = tl.load(b_p + rows64 * stride_b + rs[None, :], mask=row_ok[:, None] & r_ok[None, :], other=0.0)
-    cross = tl.zeros([BLOCK_M], dtype=tl.float32)
-    sq = tl.zeros([BLOCK_M], dtype=tl.float32)
+    cross = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)  # reduced over columns once, after the loop
+    sq = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
     for k0 in range(0, d_in, BLOCK_K):
         ks = tl.max_contiguous(tl.multiple_of(k0 + tl.arange(0, BLOCK_K), BLOCK_K), BLOCK_K)
         k_ok = ks < d_in
@@ -83,9 +83,10 @@ def _prepass_kernel(table_ptr, scalars_ptr, tile_layer_ptr, tile_row_ptr, out_pt
         p = tl.dot(b, a, input_precision=PRECISION)  # (B A)[rows, ks], fp32
         w = tl.load(w_p + rows64 * stride_w + ks[None, :], mask=row_ok[:, None] & k_ok[None, :],
                     other=0.0).to(tl.float32)
-        cross += tl.sum(w * p, axis=1)
-        sq += tl.sum(p * p, axis=1)
-    _store_vectors(cross + 0.5 * scaling * sq, rows, row_ok, row_ok, stride_out, wsq_p, m_p, out_p, scaling, eps)
+        cross += w * p
+        sq += p * p
+    _store_vectors(tl.sum(cross, axis=1) + 0.5 * scaling * tl.sum(sq, axis=1), rows, row_ok, row_ok, stride_out, wsq_p,
+                   m_p, out_p, scaling, eps)
 
 
 def tables(rows: list[tuple[int, ...]], scalars: list[tuple[float, float]], device: torch.device
