@@ -3,6 +3,9 @@
 # (≤ 10 min) and together the 30-minute device budget; run on 2026-12-05 as RESULTS.md runs 47 (part 1), 48 (part 3)
 # and 49 (part 2), and kept to repeat them. Run from the repository root on the lent machine:
 #
+# Still to run on the H200 that issues 19 and 20 name (runs 78 and 80 got H100s): part 29 (SD-1.5 every method; regenerate
+# .before from the commit to compare against) and part 30 (compiled DoRA and LoRA, the 8192 r=384 layer).
+#
 #   bash benchmarks/pending_gpu.sh 1    # issue 19: capture test, DoRA host breakdown, paired steps eager / captured /
 #                                       #           timed variants, slimtune vs PEFT-bf16 (no carry)
 #   bash benchmarks/pending_gpu.sh 2    # issue 20: SD-1.5 UNet vs PEFT-bf16, memory fast and balanced (carry .whl)

@@ -1,6 +1,7 @@
 """GPU time of DoRA's step-vector pre-pass (``slimtune.methods.dora.prepass``) on a model, against the bytes it must
-read: one launch forms every DoRA layer's vectors, reading each frozen W once (``Σ d_out·d_in`` elements) with A and B.
-At a long sequence the step is GPU-bound, so this launch's time is step time (RESULTS.md, run 76: DoRA at seq 2048).
+read: one launch forms every DoRA layer's vectors, reading each frozen W once (``Σ d_out·d_in`` elements) with A and
+B. At a long sequence the step is GPU-bound, so this launch's time is step time (RESULTS.md runs 76 and 81: DoRA at
+seq 2048).
 
     python benchmarks/prepass_kernel.py                  # Llama-3.2-3B shape, r=32, bf16 (CUDA)
     python benchmarks/prepass_kernel.py --preset tiny-llama --rank 8

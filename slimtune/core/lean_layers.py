@@ -311,8 +311,9 @@ class _LeanLayerNormForward(_InstanceForward):
 class _LeanBlockForward(_InstanceForward):
     """A diffusers block's instance ``forward`` (``BasicTransformerBlock``, ``ResnetBlock2D``, holding an adapter): its
     own, inside a :class:`~.rebuild.RebuildScope` (where gradients flow, no checkpointing or offloading hooks own
-    what is saved, and its input is at least :data:`UNET_LEAN_BYTES`), so that its adapted projections and convolutions keep recipes from the tensors its norms, GEGLU
-    and norm + SiLU pairs keep, not those layers' outputs."""
+    what is saved, and its input is at least :data:`UNET_LEAN_BYTES`), so that its adapted projections and
+    convolutions keep recipes from the tensors its norms, GEGLU and norm + SiLU pairs keep, not those layers'
+    outputs."""
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         block = self.module
