@@ -153,7 +153,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny-llama on the CPU (smoke test)")
     parser.add_argument("--cpu", action="store_true",
                         help="--preset on the CPU in float32, one thread (a host-cost proxy with a tiny preset, e.g. "
-                             "tiny-unet: the arithmetic is small, the Python and dispatch per module are the model's)")
+                             "tiny-sd15, SD-1.5's layout at tiny widths: the arithmetic is small, the Python and "
+                             "dispatch per module are the model's)")
+    parser.add_argument("--unet-lean-bytes", type=int, default=None, metavar="N",
+                        help="a UNet's lean layers from N bytes (slimtune.core.lean_layers.UNET_LEAN_BYTES; with "
+                             "--cpu --preset tiny-sd15, 2048 makes the two finest levels lean, as 4 MiB does SD-1.5's)")
     parser.add_argument("--seq", type=int, default=None)
     parser.add_argument("--preset", default="llama-3.2-3b",
                         help="the model (a profiler preset: stable-diffusion-1.5 for the UNet, at its own batch 4, "
@@ -184,6 +188,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--capture replays CUDA graphs: not on the CPU (--quick, --cpu)")
     if args.cpu:
         torch.set_num_threads(1)
+    if args.unet_lean_bytes is not None:
+        from slimtune.core import lean_layers
+        lean_layers.UNET_LEAN_BYTES = args.unet_lean_bytes
     if args.before:
         sys.path.insert(0, args.before)
     if args.timed:

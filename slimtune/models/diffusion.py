@@ -134,6 +134,16 @@ DIFFUSION_PRESETS: dict[str, DiffusionPreset] = {p.name: p for p in (
                      attention_head_dim=8, norm_num_groups=8)),
         text_len=8),
     DiffusionPreset(
+        "tiny-sd15", "stable-diffusion-1.5's layout (4 levels, 2 ResNets per level, 16 transformer blocks) at tiny "
+        "widths: a CPU proxy for an SD-1.5 step's host cost", "unet",
+        _freeze(dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 32, 64, 64),
+                     layers_per_block=2, cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
+                     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                                       "DownBlock2D"),
+                     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
+                                     "CrossAttnUpBlock2D"))),
+        text_len=8),
+    DiffusionPreset(
         "tiny-dit", "a tiny Flux-style DiT (1 double + 1 single block) for CPU tests", "dit",
         _freeze(dict(sample_size=8, patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
                      attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,

@@ -11,8 +11,8 @@ from slimtune.models import LLAMA_TARGETS, PRESETS, MissingDependencyError, Pres
 
 def test_presets_and_targets() -> None:
     assert list(PRESETS) == ["tiny-llama", "llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b", "opt-125m", "llama-7b",
-                             "tiny-unet", "tiny-dit", "stable-diffusion-1.5", "sdxl", "flux-dit", "flux-dit-4b",
-                             "tiny-dit-4b"]
+                             "tiny-unet", "tiny-sd15", "tiny-dit", "stable-diffusion-1.5", "sdxl", "flux-dit",
+                             "flux-dit-4b", "tiny-dit-4b"]
     assert PRESETS["opt-125m"].targets == ("q_proj", "v_proj")
     assert LLAMA_TARGETS == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -84,7 +84,7 @@ def test_flux_dit_4b_is_klein_sized() -> None:
     assert spec.num_parameters(text_encoders=False) == 3888332160  # FLUX.2-klein-4B's transformer: 3,875,544,576
 
 
-@pytest.mark.parametrize("name", ["tiny-unet", "tiny-dit", "tiny-dit-4b"])
+@pytest.mark.parametrize("name", ["tiny-unet", "tiny-sd15", "tiny-dit", "tiny-dit-4b"])
 def test_tiny_diffusion_presets_train_one_step(name: str) -> None:
     pytest.importorskip("diffusers")
     from slimtune.models import workload
