@@ -52,6 +52,7 @@ from _common import JsonlSink, environment_line, markdown_table, write_out_text
 import torch
 
 import slimtune
+from slimtune.core import lean_layers
 from slimtune.memory.options import ProfileOptions
 from slimtune.memory.profile import LR, TrainingSession
 from slimtune.models.diffusion import DIFFUSION_PRESETS
@@ -189,7 +190,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.cpu:
         torch.set_num_threads(1)
     if args.unet_lean_bytes is not None:
-        from slimtune.core import lean_layers
         lean_layers.UNET_LEAN_BYTES = args.unet_lean_bytes
     if args.before:
         sys.path.insert(0, args.before)

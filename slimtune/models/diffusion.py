@@ -125,6 +125,13 @@ CLIP_L = ("CLIPTextModel", _clip(768, 12, 12, 3072, hidden_act="quick_gelu", pro
 #: OpenCLIP ViT-bigG/14's text tower with its projection (SDXL's second encoder).
 CLIP_BIGG = ("CLIPTextModelWithProjection", _clip(1280, 32, 20, 5120, hidden_act="gelu", projection_dim=1280))
 
+#: Stable Diffusion 1.5's UNet (``UNet2DConditionModel`` arguments); ``tiny-sd15`` is its layout at tiny widths
+_SD15_UNET: dict[str, Any] = dict(
+    sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+    cross_attention_dim=768, attention_head_dim=8,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
+
 DIFFUSION_PRESETS: dict[str, DiffusionPreset] = {p.name: p for p in (
     DiffusionPreset(
         "tiny-unet", "a tiny SD-style UNet (2 levels, cross-attention) for CPU tests", "unet",
@@ -136,12 +143,8 @@ DIFFUSION_PRESETS: dict[str, DiffusionPreset] = {p.name: p for p in (
     DiffusionPreset(
         "tiny-sd15", "stable-diffusion-1.5's layout (4 levels, 2 ResNets per level, 16 transformer blocks) at tiny "
         "widths: a CPU proxy for an SD-1.5 step's host cost", "unet",
-        _freeze(dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 32, 64, 64),
-                     layers_per_block=2, cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
-                     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
-                                       "DownBlock2D"),
-                     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
-                                     "CrossAttnUpBlock2D"))),
+        _freeze(dict(_SD15_UNET, sample_size=8, block_out_channels=(32, 32, 64, 64), cross_attention_dim=32,
+                     norm_num_groups=8)),
         text_len=8),
     DiffusionPreset(
         "tiny-dit", "a tiny Flux-style DiT (1 double + 1 single block) for CPU tests", "dit",
@@ -151,12 +154,7 @@ DIFFUSION_PRESETS: dict[str, DiffusionPreset] = {p.name: p for p in (
         text_len=8),
     DiffusionPreset(
         "stable-diffusion-1.5", "Stable Diffusion 1.5 UNet (859.5M) + CLIP-L text encoder (frozen, 123.1M)", "unet",
-        _freeze(dict(sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280),
-                     layers_per_block=2, cross_attention_dim=768, attention_head_dim=8,
-                     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
-                                       "DownBlock2D"),
-                     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
-                                     "CrossAttnUpBlock2D"))),
+        _freeze(_SD15_UNET),
         text_encoders=(CLIP_L,)),
     DiffusionPreset(
         "sdxl", "SDXL-base-1.0 UNet (2.57B) + CLIP-L and OpenCLIP-bigG text encoders (frozen, 817.7M)", "unet",
