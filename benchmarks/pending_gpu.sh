@@ -3,8 +3,9 @@
 # (≤ 10 min) and together the 30-minute device budget; run on 2026-12-05 as RESULTS.md runs 47 (part 1), 48 (part 3)
 # and 49 (part 2), and kept to repeat them. Run from the repository root on the lent machine:
 #
-# Still to run on the H200 that issues 19 and 20 name (runs 78 and 80 got H100s): part 29 (SD-1.5 every method; regenerate
-# .before from the commit to compare against) and part 30 (compiled DoRA and LoRA, the 8192 r=384 layer).
+# Still to run on the H200 that issues 19 and 20 name (runs 78 and 80 got H100s): part 32 (DoRA at seq 2048 beside
+# PEFT-bf16, which needs the H200's memory), part 30 (compiled DoRA and LoRA, the 8192 r=384 layer) and part 33
+# (SD-1.5 every method; regenerate .before from the commit to compare against). Part 29 is the earlier form of 32+33.
 #
 #   bash benchmarks/pending_gpu.sh 1    # issue 19: capture test, DoRA host breakdown, paired steps eager / captured /
 #                                       #           timed variants, slimtune vs PEFT-bf16 (no carry)
@@ -74,13 +75,17 @@
 #   bash benchmarks/pending_gpu.sh 30   # issue 19 on the H200: torch.compile for DoRA and LoRA, the 8192 r=384 layer
 #   bash benchmarks/pending_gpu.sh 31   # issue 20: where SD-1.5's step goes (unet_step_profile.py), LoRA and LoKr
 #                                       #           against PEFT-bf16 (carry .whl)
+#   bash benchmarks/pending_gpu.sh 32   # issue 19 on an H200: DoRA at seq 2048 with / without the pre-pass, PEFT-bf16
+#   bash benchmarks/pending_gpu.sh 33   # issue 20: the lean convolution's transposed backward — CUDA tests, SD-1.5
+#                                       #           LoRA fused / alone against 6debeda and PEFT-bf16, LoCon, LoHa,
+#                                       #           LoKr, DoRA against PEFT-bf16 (carry .whl, .before)
 #   bash benchmarks/pending_gpu.sh 3    # issue 17: online / gradient / data allocation vs AdaLoRA wall time
 #                                       #           (carry .out/minilm_wide; make it with rank_allocation.py --prepare)
 #
 # Outputs go to $OUT (each script's own files, plus one log per step); record them in benchmarks/RESULTS.md with
 # the GPU and versions the scripts print.
 set -uo pipefail
-part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|...|31"}
+part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|...|33"}
 out=${OUT:-/tmp/pending_gpu}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -378,8 +383,27 @@ case $part in
     step unet_profile_lora 90 python benchmarks/unet_step_profile.py --configs lora stripped:lora peft-bf16:lora
     step unet_profile_lokr 90 python benchmarks/unet_step_profile.py --configs lokr peft-bf16:lokr
     ;;
+32)
+    # issue 19 on an H200 (PEFT-bf16's DoRA at seq 2048 needs more than an H100's 80 GB): DoRA with the aligned
+    # pre-pass kernel, without the pre-pass, and PEFT-bf16 (run 76 had the kernel before its vector loads)
+    step paired_2048_dora_h200 200 python benchmarks/paired_steps.py --seq 2048 --rounds 3 --configs dora \
+        noprepass:dora peft-bf16:dora --out-name paired_2048_dora_h200
+    ;;
+33)
+    # issue 20, carry .whl and .before = 6debeda: the lean convolution's backward as a transposed convolution (its
+    # CUDA tests: bit for bit against autograd), SD-1.5 LoRA with and without sibling fusion against 6debeda and
+    # PEFT-bf16, LoCon, and LoHa / LoKr / DoRA against PEFT-bf16
+    install_wheels
+    step lean_tests 60 python -m pytest -q tests/core/test_lean_layers.py tests/core/test_rebuild.py
+    step paired_sd15_lora_alone 170 python benchmarks/paired_steps.py --preset stable-diffusion-1.5 --rank 16 \
+        --rounds 6 --before .before --configs lora alone:lora before:lora peft-bf16:lora locon peft-bf16:locon \
+        --out-name paired_sd15_lora_alone
+    step paired_sd15_structured 150 python benchmarks/paired_steps.py --preset stable-diffusion-1.5 --rank 16 \
+        --rounds 5 --configs loha lokr dora peft-bf16:loha peft-bf16:lokr peft-bf16:dora \
+        --out-name paired_sd15_structured
+    ;;
 *)
-    echo "unknown part $part (1 to 31)" >&2
+    echo "unknown part $part (1 to 33)" >&2
     exit 2
     ;;
 esac
