@@ -52,7 +52,6 @@ from _common import JsonlSink, environment_line, markdown_table, write_out_text
 import torch
 
 import slimtune
-from slimtune.core import lean_layers
 from slimtune.memory.options import ProfileOptions
 from slimtune.memory.profile import LR, TrainingSession
 from slimtune.models.diffusion import DIFFUSION_PRESETS
@@ -189,10 +188,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--capture replays CUDA graphs: not on the CPU (--quick, --cpu)")
     if args.cpu:
         torch.set_num_threads(1)
-    if args.unet_lean_bytes is not None:
-        lean_layers.UNET_LEAN_BYTES = args.unet_lean_bytes
     if args.before:
         sys.path.insert(0, args.before)
+    if args.unet_lean_bytes is not None:  # the earlier copy's too, where it has the setting
+        for package in ("slimtune", "slimtune_before") if args.before else ("slimtune",):
+            module = importlib.import_module(f"{package}.core.lean_layers")
+            if hasattr(module, "UNET_LEAN_BYTES"):
+                module.UNET_LEAN_BYTES = args.unet_lean_bytes
     if args.timed:
         slimtune.set_variant_criterion("timed")
     common = (dict(preset="tiny-llama", rank=8, batch=2, seq=args.seq or 64, device="cpu", dtype="float32")

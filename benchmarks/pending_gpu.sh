@@ -5,7 +5,8 @@
 #
 # Still to run on the H200 that issues 19 and 20 name (runs 78 and 80 got H100s): part 32 (DoRA at seq 2048 beside
 # PEFT-bf16, which needs the H200's memory), part 30 (compiled DoRA and LoRA, the 8192 r=384 layer) and part 33
-# (SD-1.5 every method; regenerate .before from the commit to compare against). Part 29 is the earlier form of 32+33.
+# (SD-1.5 every method; regenerate .before from the commit to compare against; part 34 is the same in more rounds).
+# Part 29 is the earlier form of 32+33.
 #
 #   bash benchmarks/pending_gpu.sh 1    # issue 19: capture test, DoRA host breakdown, paired steps eager / captured /
 #                                       #           timed variants, slimtune vs PEFT-bf16 (no carry)
@@ -79,13 +80,15 @@
 #   bash benchmarks/pending_gpu.sh 33   # issue 20: the lean convolution's transposed backward — CUDA tests, SD-1.5
 #                                       #           LoRA fused / alone against 6debeda and PEFT-bf16, LoCon, LoHa,
 #                                       #           LoKr, DoRA against PEFT-bf16 (carry .whl, .before)
+#   bash benchmarks/pending_gpu.sh 34   # issue 20: part 33 in 20-30 rounds, recipes rebuilt once per backward
+#                                       #           (carry .whl, .before)
 #   bash benchmarks/pending_gpu.sh 3    # issue 17: online / gradient / data allocation vs AdaLoRA wall time
 #                                       #           (carry .out/minilm_wide; make it with rank_allocation.py --prepare)
 #
 # Outputs go to $OUT (each script's own files, plus one log per step); record them in benchmarks/RESULTS.md with
 # the GPU and versions the scripts print.
 set -uo pipefail
-part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|...|33"}
+part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|...|34"}
 out=${OUT:-/tmp/pending_gpu}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -402,8 +405,22 @@ case $part in
         --rounds 5 --configs loha lokr dora peft-bf16:loha peft-bf16:lokr peft-bf16:dora \
         --out-name paired_sd15_structured
     ;;
+34)
+    # issue 20, carry .whl and .before = 6debeda: part 33 again in more rounds (run 84's 6 rounds on a noisy host had
+    # interquartile ranges of ±20%), with a recipe rebuilt once for all its consumers (LoCon's base and down
+    # convolutions) and the lean convolution's backward as autograd's own op (its CUDA test: bit for bit)
+    install_wheels
+    step lean_tests 60 python -m pytest -q tests/core/test_lean_layers.py tests/core/test_rebuild.py \
+        tests/core/test_aten_grads.py
+    step paired_sd15_lora_30 200 python benchmarks/paired_steps.py --preset stable-diffusion-1.5 --rank 16 \
+        --rounds 30 --before .before --configs lora alone:lora before:lora peft-bf16:lora locon before:locon \
+        peft-bf16:locon --out-name paired_sd15_lora_30
+    step paired_sd15_structured_20 200 python benchmarks/paired_steps.py --preset stable-diffusion-1.5 --rank 16 \
+        --rounds 20 --configs loha lokr dora peft-bf16:loha peft-bf16:lokr peft-bf16:dora \
+        --out-name paired_sd15_structured_20
+    ;;
 *)
-    echo "unknown part $part (1 to 33)" >&2
+    echo "unknown part $part (1 to 34)" >&2
     exit 2
     ;;
 esac

@@ -1,7 +1,11 @@
-"""Two ATen backward kernels the lean layers (:mod:`.lean_layers`) call directly: SiLU's and GELU's input gradients,
-the very ops autograd's own ``SiluBackward0`` / ``GeluBackward0`` nodes run. Called from inside a custom backward,
-they replace a nested ``torch.autograd.grad`` pass through ``F.silu`` / ``F.gelu`` — the same numbers, bit for bit,
-without starting the autograd engine again (tens of microseconds of host time per call, dozens of calls per UNet step).
+"""Three ATen backward kernels the lean layers (:mod:`.lean_layers`) call directly: SiLU's, GELU's and a
+convolution's input gradients, the very ops autograd's own ``SiluBackward0`` / ``GeluBackward0`` /
+``ConvolutionBackward0`` nodes run. Called from inside a custom backward, the first two replace a nested
+``torch.autograd.grad`` pass through ``F.silu`` / ``F.gelu`` — the same numbers, bit for bit, without starting the
+autograd engine again (tens of microseconds of host time per call, dozens of calls per UNet step) — and the third
+``torch.nn.grad.conv2d_input``'s Python wrapper around the same op (~20 µs a call on the CPU box). A transposed
+convolution (public ``F.conv_transpose2d``) gives the same gradient, but not bit for bit on CUDA: cuDNN picks
+another algorithm for it in float64 and for 3-D kernels (RESULTS.md run 84).
 
 They are ATen operators (``torch.ops.aten``), not Python-level API, so they are kept here alone;
 ``tests/core/test_aten_grads.py`` compares each with autograd's result bit for bit, in every float dtype, and fails
@@ -21,3 +25,15 @@ def gelu_grad(grad: torch.Tensor, x: torch.Tensor, approximate: str = "none") ->
     """``d gelu(x) / dx · grad`` as autograd computes it for ``F.gelu(x, approximate=...)``
     (``aten.gelu_backward``)."""
     return torch.ops.aten.gelu_backward(grad, x, approximate=approximate)
+
+
+def conv_input_grad(grad: torch.Tensor, weight: torch.Tensor, input_shape: tuple[int, ...], stride: tuple[int, ...],
+                    padding: tuple[int, ...], dilation: tuple[int, ...], groups: int) -> torch.Tensor:
+    """The input gradient ``[B, C_in, *spatial]`` (``input_shape``) of ``conv{1,2,3}d(x, weight, None, stride, padding,
+    dilation, groups)`` for the output gradient ``grad`` ``[B, C_out, *out_spatial]``, as autograd computes it for a
+    frozen weight (``aten.convolution_backward``, only the input's gradient asked for); stride, padding and dilation
+    as tuples of ints, one per spatial dimension. The op reads only the input's shape: a one-element expanded
+    tensor stands in for it."""
+    shape_only = grad.new_empty(1).expand(input_shape)
+    return torch.ops.aten.convolution_backward(grad, shape_only, weight, None, stride, padding, dilation, False,
+                                               [0] * len(stride), groups, (True, False, False))[0]

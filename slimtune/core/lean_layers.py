@@ -5,8 +5,8 @@ their own weight gradients. What PyTorch keeps for them that those gradients nev
 
 * A frozen **convolution** keeps its input: PyTorch's convolution saves input and weight whatever needs a gradient
   (a frozen ``nn.Linear`` keeps only its weight). :class:`FrozenConvFunction` runs the same convolution and saves
-  the weight alone; its backward is the transposed convolution (:func:`conv_input_grad`: the backward-data kernel
-  autograd's own node runs, bit for bit, without ``torch.nn.grad.conv2d_input``'s Python wrapper). In a diffusion UNet every ResNet and resampling convolution's input is a tensor nothing else keeps.
+  the weight alone; its backward is the backward-data op autograd's own node runs (:func:`~.aten_grads.conv_input_grad`,
+  without ``torch.nn.grad.conv2d_input``'s Python wrapper), bit for bit. In a diffusion UNet every ResNet and resampling convolution's input is a tensor nothing else keeps.
 * A **GroupNorm followed by SiLU** (a UNet's ResNet blocks and output head) keeps the norm's input (the norm
   saves it) and the norm's output (SiLU saves its input). :class:`NormSiluFunction` saves the norm's input — the
   tensor the norm already keeps, so nothing new — and rebuilds the norm's output in backward (one more GroupNorm
@@ -65,7 +65,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .aten_grads import gelu_grad, silu_grad
+from .aten_grads import conv_input_grad, gelu_grad, silu_grad
 from .autograd_state import saved_tensor_hooks_active
 from .caches import TensorMark
 from .compute import cast, cast_optional
@@ -75,20 +75,7 @@ from .swiglu import SwigluFunction, swiglu_forward
 from .tracing import compiling
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-_CONV_TRANSPOSE = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-
-def conv_input_grad(grad: torch.Tensor, weight: torch.Tensor, input_shape: tuple[int, ...], stride: tuple[int, ...],
-                    padding: tuple[int, ...], dilation: tuple[int, ...], groups: int) -> torch.Tensor:
-    """The gradient ``[B, C_in, *spatial]`` (``input_shape``) of ``conv{1,2,3}d(x, weight, None, stride, padding,
-    dilation, groups)`` with respect to x, for the output gradient ``grad`` ``[B, C_out, *out_spatial]``: the transposed
-    convolution, with the output padding that gives back x's size where a stride dropped rows. Stride, padding and
-    dilation are tuples of ints, one per spatial dimension. Bit for bit what autograd gives (tested)."""
-    kernel, out = weight.shape[2:], grad.shape[2:]
-    output_padding = tuple(input_shape[2 + i] - ((out[i] - 1) * stride[i] - 2 * padding[i] + dilation[i] * (kernel[i] - 1)
-                                                 + 1) for i in range(len(kernel)))
-    return _CONV_TRANSPOSE[len(kernel)](grad, weight, None, stride, padding, output_padding, groups, dilation)
 
 
 class FrozenConvFunction(torch.autograd.Function):

@@ -46,12 +46,23 @@ from .tracing import compiling
 
 
 class _Recipe:
-    """What the pack hook saves in place of ``y``."""
+    """What the pack hook saves in place of ``y``, for every consumer that saves y: rebuilt once, at the first unpack,
+    and shared by the others (a LoCon convolution's base and down convolutions both keep their input; q, k and v
+    running alone each keep the norm's output). The rebuilt tensor lives while any consumer still holds the recipe,
+    as y itself would have without it."""
 
-    __slots__ = ("rebuild", "sources")
+    __slots__ = ("rebuild", "sources", "rebuilt")
 
     def __init__(self, rebuild: Callable[..., torch.Tensor], sources: tuple[Any, ...]) -> None:
         self.rebuild, self.sources = rebuild, sources
+        self.rebuilt: torch.Tensor | None = None
+
+    def tensor(self) -> torch.Tensor:
+        """y, rebuilt under ``no_grad`` at the first call."""
+        if self.rebuilt is None:
+            with torch.no_grad():
+                self.rebuilt = self.rebuild(*self.sources)
+        return self.rebuilt
 
 
 #: an offered tensor: its mark (the very object, unchanged in place since) and its recipe
@@ -75,10 +86,7 @@ def _hooks(offers: list[_Offer]) -> torch.autograd.graph.saved_tensors_hooks:
         return None
 
     def unpack(saved: Any) -> torch.Tensor:
-        if type(saved) is _Recipe:
-            with torch.no_grad():
-                return saved.rebuild(*saved.sources)
-        return saved
+        return saved.tensor() if type(saved) is _Recipe else saved
 
     if outer is None:
         @mark_transparent

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from slimtune.core.aten_grads import gelu_grad, silu_grad
+from slimtune.core.aten_grads import conv_input_grad, gelu_grad, silu_grad
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
@@ -19,3 +19,21 @@ def test_silu_and_gelu_grads_are_autograds(dtype):
     view = x.detach()[..., 4:]  # the lean GEGLU's gate: a strided half of its projection
     assert torch.equal(gelu_grad(grad[..., :4], view),
                        torch.autograd.grad(F.gelu(x[..., 4:]), x, grad[..., :4])[0][..., 4:])
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("dims, stride, padding, dilation, groups, size", [
+    (1, (1,), (0,), (1,), 1, 7), (2, (1, 1), (1, 1), (1, 1), 1, 8), (2, (2, 2), (1, 0), (1, 2), 2, 7),
+    (2, (2, 2), (1, 1), (1, 1), 1, 8), (3, (2, 1, 1), (1, 1, 0), (1, 1, 1), 1, 5)])
+def test_conv_input_grad_is_autograds(device, dtype, dims, stride, padding, dilation, groups, size):
+    """The lean convolution's backward gives autograd's input gradient bit for bit (on CUDA too: the same op with the
+    same arguments), odd sizes under stride 2 included (8 rows: one dropped)."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4, *[size] * dims, generator=gen).to(device, dtype).requires_grad_()
+    weight = torch.randn(6, 4 // groups, *[3] * dims, generator=gen).to(device, dtype)
+    y = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[dims](x, weight, None, stride, padding, dilation, groups)
+    grad = torch.randn(y.shape, generator=gen).to(device, dtype)
+    got = conv_input_grad(grad, weight, tuple(x.shape), stride, padding, dilation, groups)
+    assert got.shape == x.shape and torch.equal(got, torch.autograd.grad(y, x, grad)[0])

@@ -12,7 +12,7 @@ from torch import nn
 import slimtune
 from slimtune.core import lean_layers
 from slimtune.core.inject import HOOKS_ATTR
-from slimtune.core.lean_layers import FrozenConvFunction, NormSiluFunction, conv_input_grad
+from slimtune.core.lean_layers import FrozenConvFunction, NormSiluFunction
 from slimtune.memory.accounting import SavedTensorMeter
 from slimtune.models import workload
 from slimtune.models.diffusion import DIFFUSION_PRESETS
@@ -388,20 +388,3 @@ def test_unet_lean_layers_apply_from_a_size(monkeypatch):
                                           for m in (plain, lean))
     assert torch.equal(out_p, out_l) and saved_l == saved_p
 
-
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs CUDA"))])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-@pytest.mark.parametrize("dims, stride, padding, dilation, groups, size", [
-    (1, (1,), (0,), (1,), 1, 7), (2, (1, 1), (1, 1), (1, 1), 1, 8), (2, (2, 2), (1, 0), (1, 2), 2, 7),
-    (2, (2, 2), (1, 1), (1, 1), 1, 8), (3, (2, 1, 1), (1, 1, 0), (1, 1, 1), 1, 5)])
-def test_conv_input_grad_is_autograds(device, dtype, dims, stride, padding, dilation, groups, size):
-    """The lean convolution's backward (a transposed convolution with the output padding a stride needs) gives
-    autograd's input gradient bit for bit, odd sizes under stride 2 included (8 rows: one dropped)."""
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(2, 4, *[size] * dims, generator=gen).to(device, dtype).requires_grad_()
-    weight = torch.randn(6, 4 // groups, *[3] * dims, generator=gen).to(device, dtype)
-    y = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[dims](x, weight, None, stride, padding, dilation, groups)
-    grad = torch.randn(y.shape, generator=gen).to(device, dtype)
-    got = conv_input_grad(grad, weight, tuple(x.shape), stride, padding, dilation, groups)
-    assert got.shape == x.shape and torch.equal(got, torch.autograd.grad(y, x, grad)[0])

@@ -49,6 +49,32 @@ def test_only_the_marked_tensor_is_rebuilt_and_gradients_are_equal():
     assert torch.equal(grads[0], p.grad) and torch.equal(grads[1], w.grad)
 
 
+
+def test_a_recipe_saved_by_several_consumers_is_rebuilt_once():
+    """Three consumers keep the same offered tensor (q, k, v running alone; a LoCon conv's base and down
+    convolutions): one rebuild serves them all, and the gradients are the plain path's."""
+    torch.manual_seed(1)
+    p = torch.randn(4, 6, requires_grad=True)
+    ws = [torch.randn(4, 6, requires_grad=True) for _ in range(3)]
+    calls: list[int] = []
+
+    def rebuild(source: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        return torch.sigmoid(source)
+
+    y = torch.sigmoid(p)
+    with RebuildScope():
+        offer(y, rebuild, p.detach())
+        outs = [_consume(y, w) for w in ws]
+    sum(o.sum() for o in outs).backward()
+    assert len(calls) == 1
+    grads = [t.grad.clone() for t in (p, *ws)]
+    for t in (p, *ws):
+        t.grad = None
+    y = torch.sigmoid(p)
+    sum(_product(y, w).sum() for w in ws).backward()
+    assert all(torch.equal(g, t.grad) for g, t in zip(grads, (p, *ws)))
+
 def test_an_in_place_change_after_saving_does_not_reach_the_gradient():
     """With a recipe saved, a later in-place change of y is not checked by autograd (hooks own the saved value): the
     gradient uses y as it was saved, rebuilt — what autograd without the recipe would have computed, had it allowed
