@@ -150,6 +150,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="[backend:]method, the first is the yardstick (default: slimtune LoRA first)")
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=3, help="rounds not timed")
+    parser.add_argument("--steps-per-turn", type=int, default=1, metavar="K",
+                        help="consecutive steps of one configuration per turn (default 1); with K > 1 the first "
+                             "step of a turn is untimed (it runs on caches the other configurations left) and the "
+                             "turn's time is the mean of the other K - 1, as one model's training loop runs")
     parser.add_argument("--quick", action="store_true", help="tiny-llama on the CPU (smoke test)")
     parser.add_argument("--cpu", action="store_true",
                         help="--preset on the CPU in float32, one thread (a host-cost proxy with a tiny preset, e.g. "
@@ -184,6 +188,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if any(parse_config(c)[0] == "stripped" for c in args.configs) and args.memory != "fast":
         parser.error("stripped:METHOD removes lean layers after building: only with --memory fast")
+    if args.steps_per_turn < 1:
+        parser.error("--steps-per-turn needs at least 1")
     if args.capture and (args.quick or args.cpu):
         parser.error("--capture replays CUDA graphs: not on the CPU (--quick, --cpu)")
     if args.cpu:
@@ -227,13 +233,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 torch.cuda.synchronize()
                 before = torch.cuda.memory_allocated()
                 torch.cuda.reset_peak_memory_stats()
-            t0 = time.perf_counter()
-            loss = steps[name]()
-            if cuda:
-                torch.cuda.synchronize()
-            losses[name].append(float(loss))  # after the timing: reading it back waits for nothing more
-            if round_index >= args.warmup:
-                times[name].append(time.perf_counter() - t0)
+            turn = []
+            for _ in range(args.steps_per_turn):
+                t0 = time.perf_counter()
+                loss = steps[name]()
+                if cuda:
+                    torch.cuda.synchronize()
+                turn.append(time.perf_counter() - t0)
+                losses[name].append(float(loss))  # after the timing: reading it back waits for nothing more
+            if round_index >= args.warmup:  # a turn of several steps: the first warms the caches, the rest are timed
+                times[name].append(statistics.fmean(turn[1:] or turn))
                 if cuda:
                     peaks[name].append(torch.cuda.max_memory_allocated() - before)
     yardstick = sessions[0][0]
@@ -273,7 +282,8 @@ def main(argv: Sequence[str] | None = None) -> int:
              else f"batch {batch}, seq {common['seq']}")
     text = (f"{environment_line()}\n\n{common['preset']}, r={common['rank']}, {shape}, {common['dtype']}; "
             f"{args.rounds} paired rounds after {args.warmup} warm-up rounds, "
-            f"one step of each configuration per round, logits released before backward; slimtune memory="
+            f"{'one step' if args.steps_per_turn == 1 else f'{args.steps_per_turn} steps (the first untimed)'} "
+            f"of each configuration per round, logits released before backward; slimtune memory="
             f"{args.memory}"
             f"{'; gc.freeze() after building' if args.gc_freeze else ''}"
             f"{'; decoder layers through torch.compile' if args.compile else ''}"
