@@ -1,13 +1,26 @@
-"""Whether autograd's own convolution input gradient repeats bit for bit on CUDA (cuDNN's default algorithms): 20
-runs per dtype and kernel dimension, the count of distinct results. Diagnostic for tests/core/test_aten_grads.py."""
-import torch, torch.nn.functional as F
-for dtype in (torch.float64, torch.float32):
-    for dims in (2, 3):
-        g = torch.Generator().manual_seed(1)
-        x = torch.randn(2, 4, *[8] * dims, generator=g).to("cuda", dtype).requires_grad_()
-        w = torch.randn(6, 4, *[3] * dims, generator=g).to("cuda", dtype)
-        conv = F.conv2d if dims == 2 else F.conv3d
-        y = conv(x, w, None, 1, 1)
-        go = torch.randn(y.shape, generator=g).to("cuda", dtype)
-        runs = [torch.autograd.grad(y, x, go, retain_graph=True)[0] for _ in range(20)]
-        print(f"autograd's conv input grad, {dtype}, {dims}-D, 20 runs: {len({r.cpu().numpy().tobytes() for r in runs})} distinct results")
+"""Whether autograd's own convolution input gradient repeats bit for bit on CUDA with cuDNN's default algorithms:
+20 runs per dtype and kernel dimension, and the count of distinct results (1: it repeats). A diagnostic for
+``tests/core/test_aten_grads.py``, which compares the lean convolution's backward with autograd's under cuDNN's
+deterministic algorithms. Run on a GPU: ``python benchmarks/cudnn_repeat.py``."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def distinct_input_grads(dtype: torch.dtype, dims: int, runs: int = 20) -> int:
+    """How many different input gradients ``runs`` backward passes of one 3x3(x3) convolution give."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4, *[8] * dims, generator=gen).to("cuda", dtype).requires_grad_()
+    weight = torch.randn(6, 4, *[3] * dims, generator=gen).to("cuda", dtype)
+    y = (F.conv2d if dims == 2 else F.conv3d)(x, weight, None, 1, 1)
+    grad = torch.randn(y.shape, generator=gen).to("cuda", dtype)
+    results = {torch.autograd.grad(y, x, grad, retain_graph=True)[0].cpu().numpy().tobytes() for _ in range(runs)}
+    return len(results)
+
+
+if __name__ == "__main__":
+    for dtype in (torch.float64, torch.float32, torch.bfloat16):
+        for dims in (2, 3):
+            print(f"autograd's convolution input gradient, {dtype}, {dims}-D: "
+                  f"{distinct_input_grads(dtype, dims)} distinct result(s) in 20 runs", flush=True)

@@ -82,13 +82,15 @@
 #                                       #           LoKr, DoRA against PEFT-bf16 (carry .whl, .before)
 #   bash benchmarks/pending_gpu.sh 34   # issue 20: part 33 in 20-30 rounds, recipes rebuilt once per backward
 #                                       #           (carry .whl, .before)
+#   bash benchmarks/pending_gpu.sh 35   # issue 20: the lean convolution's backward against autograd's (CUDA test),
+#                                       #           and whether autograd's own repeats (cudnn_repeat.py)
 #   bash benchmarks/pending_gpu.sh 3    # issue 17: online / gradient / data allocation vs AdaLoRA wall time
 #                                       #           (carry .out/minilm_wide; make it with rank_allocation.py --prepare)
 #
 # Outputs go to $OUT (each script's own files, plus one log per step); record them in benchmarks/RESULTS.md with
 # the GPU and versions the scripts print.
 set -uo pipefail
-part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|...|34"}
+part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|...|35"}
 out=${OUT:-/tmp/pending_gpu}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -419,8 +421,15 @@ case $part in
         --rounds 20 --configs loha lokr dora peft-bf16:loha peft-bf16:lokr peft-bf16:dora \
         --out-name paired_sd15_structured_20
     ;;
+35)
+    # issue 20: the lean convolution's backward against autograd's under cuDNN's deterministic algorithms (its CUDA
+    # test), and whether autograd's own gradient repeats under the default ones (runs 85 and 87 saw float64 / 3-D
+    # differ)
+    step aten_grads_tests 60 python -m pytest -q tests/core/test_aten_grads.py
+    step cudnn_repeat 60 python benchmarks/cudnn_repeat.py
+    ;;
 *)
-    echo "unknown part $part (1 to 34)" >&2
+    echo "unknown part $part (1 to 35)" >&2
     exit 2
     ;;
 esac
