@@ -105,6 +105,17 @@ def strip_siblings(model: Any) -> int:
     return len(members)
 
 
+def force_path(model: Any, path: str) -> int:
+    """Set every LoHa / LoKr layer of ``model`` to one training path (``folded`` / ``structured`` configurations:
+    the path chooser against each path everywhere); returns how many layers."""
+    from slimtune.core.structured_adapter import StructuredAdapter
+
+    layers = [m for m in model.modules() if isinstance(m, StructuredAdapter)]
+    for layer in layers:
+        layer.path = path
+    return len(layers)
+
+
 def session_for(backend: str, method: str, common: dict[str, Any], memory: str = "fast",
                 strip: Sequence[str] = ()) -> Any:
     """A prepared training session: this checkout's, or (``before``) the earlier copy's, or (``stripped``) this
@@ -117,6 +128,10 @@ def session_for(backend: str, method: str, common: dict[str, Any], memory: str =
     if backend == "noprepass":
         session = session_for("slimtune", method, common, memory)
         print(f"{strip_prepass(session.model)} DoRA pre-pass hook(s) removed", flush=True)
+        return session
+    if backend in ("folded", "structured"):
+        session = session_for("slimtune", method, common, memory)
+        print(f"{force_path(session.model, backend)} layers on the {backend} path", flush=True)
         return session
     if backend == "stripped":
         session = session_for("slimtune", method, common, memory)

@@ -84,13 +84,15 @@
 #                                       #           (carry .whl, .before)
 #   bash benchmarks/pending_gpu.sh 35   # issue 20: the lean convolution's backward against autograd's (CUDA test),
 #                                       #           and whether autograd's own repeats (cudnn_repeat.py)
+#   bash benchmarks/pending_gpu.sh 36   # issue 20: SD-1.5 LoKr chosen / folded / structured paths against PEFT-bf16
+#                                       #           (carry .whl)
 #   bash benchmarks/pending_gpu.sh 3    # issue 17: online / gradient / data allocation vs AdaLoRA wall time
 #                                       #           (carry .out/minilm_wide; make it with rank_allocation.py --prepare)
 #
 # Outputs go to $OUT (each script's own files, plus one log per step); record them in benchmarks/RESULTS.md with
 # the GPU and versions the scripts print.
 set -uo pipefail
-part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|...|35"}
+part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|...|36"}
 out=${OUT:-/tmp/pending_gpu}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -428,8 +430,15 @@ case $part in
     step aten_grads_tests 60 python -m pytest -q tests/core/test_aten_grads.py
     step cudnn_repeat 60 python benchmarks/cudnn_repeat.py
     ;;
+36)
+    # issue 20, carry .whl: SD-1.5 LoKr's path per layer — the chooser's pick (structured or folded by counted FLOPs
+    # and bytes), every layer folded, every layer structured — against PEFT-bf16 (the CPU proxy has folded 9% faster)
+    install_wheels
+    step paired_sd15_lokr_paths 300 python benchmarks/paired_steps.py --preset stable-diffusion-1.5 --rank 16 \
+        --rounds 20 --configs lokr folded:lokr structured:lokr peft-bf16:lokr --out-name paired_sd15_lokr_paths
+    ;;
 *)
-    echo "unknown part $part (1 to 35)" >&2
+    echo "unknown part $part (1 to 36)" >&2
     exit 2
     ;;
 esac
