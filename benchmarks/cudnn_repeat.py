@@ -15,8 +15,8 @@ def distinct_input_grads(dtype: torch.dtype, dims: int, runs: int = 20) -> int:
     weight = torch.randn(6, 4, *[3] * dims, generator=gen).to("cuda", dtype)
     y = (F.conv2d if dims == 2 else F.conv3d)(x, weight, None, 1, 1)
     grad = torch.randn(y.shape, generator=gen).to("cuda", dtype)
-    results = {torch.autograd.grad(y, x, grad, retain_graph=True)[0].float().cpu().numpy().tobytes()  # bf16: exact in fp32
-               for _ in range(runs)}
+    runs_of = (torch.autograd.grad(y, x, grad, retain_graph=True)[0] for _ in range(runs))
+    results = {g.float().cpu().numpy().tobytes() for g in runs_of}  # bf16 is exact in float32
     return len(results)
 
 
