@@ -5,8 +5,9 @@ their own weight gradients. What PyTorch keeps for them that those gradients nev
 
 * A frozen **convolution** keeps its input: PyTorch's convolution saves input and weight whatever needs a gradient
   (a frozen ``nn.Linear`` keeps only its weight). :class:`FrozenConvFunction` runs the same convolution and saves
-  the weight alone; its backward is the backward-data op autograd's own node runs (:func:`~.aten_grads.conv_input_grad`,
-  without ``torch.nn.grad.conv2d_input``'s Python wrapper), bit for bit. In a diffusion UNet every ResNet and resampling convolution's input is a tensor nothing else keeps.
+  the weight alone; its backward is the backward-data op autograd's own node runs
+  (:func:`~.aten_grads.conv_input_grad`, without ``torch.nn.grad.conv2d_input``'s Python wrapper), bit for bit. In a
+  diffusion UNet every ResNet and resampling convolution's input is a tensor nothing else keeps.
 * A **GroupNorm followed by SiLU** (a UNet's ResNet blocks and output head) keeps the norm's input (the norm
   saves it) and the norm's output (SiLU saves its input). :class:`NormSiluFunction` saves the norm's input — the
   tensor the norm already keeps, so nothing new — and rebuilds the norm's output in backward (one more GroupNorm
