@@ -86,13 +86,15 @@
 #                                       #           and whether autograd's own repeats (cudnn_repeat.py)
 #   bash benchmarks/pending_gpu.sh 36   # issue 20: SD-1.5 LoKr chosen / folded / structured paths against PEFT-bf16
 #                                       #           (carry .whl)
+#   bash benchmarks/pending_gpu.sh 37   # issue 20: SD-1.5 LoKr / LoHa with the cheaper path query, LoKr's paths
+#                                       #           forced, LoRA, against PEFT-bf16 (carry .whl)
 #   bash benchmarks/pending_gpu.sh 3    # issue 17: online / gradient / data allocation vs AdaLoRA wall time
 #                                       #           (carry .out/minilm_wide; make it with rank_allocation.py --prepare)
 #
 # Outputs go to $OUT (each script's own files, plus one log per step); record them in benchmarks/RESULTS.md with
 # the GPU and versions the scripts print.
 set -uo pipefail
-part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|...|36"}
+part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|...|37"}
 out=${OUT:-/tmp/pending_gpu}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -437,8 +439,17 @@ case $part in
     step paired_sd15_lokr_paths 300 python benchmarks/paired_steps.py --preset stable-diffusion-1.5 --rank 16 \
         --rounds 20 --configs lokr folded:lokr structured:lokr peft-bf16:lokr --out-name paired_sd15_lokr_paths
     ;;
+37)
+    # issue 20, carry .whl: SD-1.5 LoKr and LoHa with the structured layers' path choice asked without building the
+    # timed criterion's key on every call (run 89: the chosen paths were 5% slower than either path everywhere), the
+    # paths forced, LoRA again; each against PEFT-bf16
+    install_wheels
+    step paired_sd15_lokr_choice 400 python benchmarks/paired_steps.py --preset stable-diffusion-1.5 --rank 16 \
+        --rounds 25 --configs lokr folded:lokr structured:lokr peft-bf16:lokr loha peft-bf16:loha lora \
+        peft-bf16:lora --out-name paired_sd15_lokr_choice
+    ;;
 *)
-    echo "unknown part $part (1 to 36)" >&2
+    echo "unknown part $part (1 to 37)" >&2
     exit 2
     ;;
 esac

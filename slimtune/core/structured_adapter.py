@@ -190,7 +190,9 @@ class StructuredAdapter(AdapterModule):
             return "structured"
         if compiling():  # decided once, at trace time (shapes are static there): no cache for a guard to watch
             return choose_path(self.costs(x, backward))
-        counted = self._choices.get((tuple(x.shape), x.dtype, backward), lambda: choose_path(self.costs(x, backward)))
+        counted = self._choices.get((x.shape, x.dtype, backward), lambda: choose_path(self.costs(x, backward)))
+        if not timed.timing():  # the common case: no timing key built
+            return counted
         return timed.choose(*self._path_decision(x, backward), x.device, counted,
                             lambda: self._path_runs(x, backward))
 

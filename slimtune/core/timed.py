@@ -49,6 +49,12 @@ def variant_criterion() -> str:
     return _state["criterion"]
 
 
+def timing() -> bool:
+    """Whether the criterion is ``"timed"`` (a chooser asks first, so that its common, counted call builds no timing
+    key: a UNet step makes ~300 such calls on a host-bound step)."""
+    return _state["criterion"] == "timed"
+
+
 def device_name(device: torch.device) -> str:
     """The name timings are kept under: the GPU's model (``NVIDIA H200``), or the device type."""
     if device.type == "cuda":
