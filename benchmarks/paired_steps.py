@@ -67,8 +67,8 @@ def parse_config(text: str) -> tuple[str, str]:
 
 #: ``--strip-lean`` kinds: the instance ``forward`` classes of ``slimtune.core.lean_layers`` each removes
 LEAN_KINDS = {"conv": ("_LeanConvForward",), "norm-silu": ("_LeanNormForward", "_LeanSiluForward"),
-              "geglu": ("_LeanGegluForward",), "rmsnorm": ("_LeanRmsNormForward",),
-              "mlp": ("_LeanMlpForward",)}
+              "geglu": ("_LeanGegluForward",), "resnet": ("_LeanResnetForward",), "rmsnorm": ("_LeanRmsNormForward",),
+              "mlp": ("_LeanMlpForward",), "attention": ("_AttentionForward",)}
 
 
 def strip_lean(model: Any, kinds: Sequence[str]) -> int:
@@ -185,7 +185,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=None, help="default: 4, or the preset's own")
     parser.add_argument("--memory", default="fast", choices=("fast", "balanced", "max-fit"),
                         help="slimtune's memory setting for its configurations")
-    parser.add_argument("--strip-lean", nargs="+", default=["conv", "norm-silu", "geglu"], choices=list(LEAN_KINDS),
+    parser.add_argument("--strip-lean", nargs="+", default=["conv", "norm-silu", "geglu", "resnet"],
+                        choices=list(LEAN_KINDS),
                         help="the lean layers the configurations stripped:METHOD run without (with --memory fast)")
     parser.add_argument("--gc-freeze", action="store_true",
                         help="gc.freeze() once the models are built (their objects out of the collector's scans)")

@@ -88,13 +88,16 @@
 #                                       #           (carry .whl)
 #   bash benchmarks/pending_gpu.sh 37   # issue 20: SD-1.5 LoKr / LoHa with the cheaper path query, LoKr's paths
 #                                       #           forced, LoRA, against PEFT-bf16 (carry .whl)
+#   bash benchmarks/pending_gpu.sh 38   # issue 20: frozen ResNet blocks as one Function, Attention called directly —
+#                                       #           CUDA tests, SD-1.5 every method against 6debeda and PEFT-bf16
+#                                       #           (carry .whl, .before)
 #   bash benchmarks/pending_gpu.sh 3    # issue 17: online / gradient / data allocation vs AdaLoRA wall time
 #                                       #           (carry .out/minilm_wide; make it with rank_allocation.py --prepare)
 #
 # Outputs go to $OUT (each script's own files, plus one log per step); record them in benchmarks/RESULTS.md with
 # the GPU and versions the scripts print.
 set -uo pipefail
-part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|...|37"}
+part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|...|38"}
 out=${OUT:-/tmp/pending_gpu}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -448,8 +451,19 @@ case $part in
         --rounds 25 --configs lokr folded:lokr structured:lokr peft-bf16:lokr loha peft-bf16:loha lora \
         peft-bf16:lora --out-name paired_sd15_lokr_choice
     ;;
+38)
+    # issue 20, carry .whl and .before = 6debeda: a frozen ResNet block as one autograd Function
+    # (core.lean_resnet) and diffusers' Attention without its per-call signature inspection — the lean tests on CUDA
+    # (bit for bit against the plain UNet), SD-1.5 every method against 6debeda (LoRA, LoCon) and PEFT-bf16
+    install_wheels
+    step lean_tests 90 python -m pytest -q tests/core/test_lean_layers.py tests/core/test_lean_resnet.py \
+        tests/core/test_rebuild.py tests/core/test_aten_grads.py
+    step paired_sd15_resnet 360 python benchmarks/paired_steps.py --preset stable-diffusion-1.5 --rank 16 \
+        --rounds 20 --before .before --configs lora before:lora peft-bf16:lora locon before:locon peft-bf16:locon \
+        loha peft-bf16:loha lokr peft-bf16:lokr dora peft-bf16:dora --out-name paired_sd15_resnet
+    ;;
 *)
-    echo "unknown part $part (1 to 37)" >&2
+    echo "unknown part $part (1 to 38)" >&2
     exit 2
     ;;
 esac

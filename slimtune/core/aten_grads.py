@@ -1,11 +1,13 @@
-"""Three ATen backward kernels the lean layers (:mod:`.lean_layers`) call directly: SiLU's, GELU's and a
-convolution's input gradients, the very ops autograd's own ``SiluBackward0`` / ``GeluBackward0`` /
-``ConvolutionBackward0`` nodes run. Called from inside a custom backward, the first two replace a nested
+"""The ATen kernels the lean layers (:mod:`.lean_layers`, :mod:`.lean_resnet`) call directly: SiLU's, GELU's, a
+convolution's and a GroupNorm's input gradients, the very ops autograd's own ``SiluBackward0`` / ``GeluBackward0`` /
+``ConvolutionBackward0`` / ``NativeGroupNormBackward0`` nodes run, and the GroupNorm forward that also returns the
+statistics that backward takes. Called from inside a custom backward, the first two replace a nested
 ``torch.autograd.grad`` pass through ``F.silu`` / ``F.gelu`` — the same numbers, bit for bit, without starting the
 autograd engine again (tens of microseconds of host time per call, dozens of calls per UNet step) — and the third
 ``torch.nn.grad.conv2d_input``'s Python wrapper around the same op (~20 µs a call on the CPU box). A transposed
-convolution (public ``F.conv_transpose2d``) gives the same gradient, but not bit for bit on CUDA: cuDNN picks
-another algorithm for it in float64 and for 3-D kernels (RESULTS.md run 84).
+convolution (public ``F.conv_transpose2d``) gives the same gradient, but cuDNN's default backward-data algorithms do
+not repeat bit for bit in float64 and for 3-D kernels, autograd's own included (RESULTS.md runs 85, 88): the tests
+compare under its deterministic algorithms.
 
 They are ATen operators (``torch.ops.aten``), not Python-level API, so they are kept here alone;
 ``tests/core/test_aten_grads.py`` compares each with autograd's result bit for bit, in every float dtype, and fails
@@ -37,3 +39,21 @@ def conv_input_grad(grad: torch.Tensor, weight: torch.Tensor, input_shape: tuple
     shape_only = grad.new_empty(1).expand(input_shape)
     return torch.ops.aten.convolution_backward(grad, shape_only, weight, None, stride, padding, dilation, False,
                                                [0] * len(stride), groups, (True, False, False))[0]
+
+
+def group_norm_with_stats(x: torch.Tensor, groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                          eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(group_norm(x), mean, rstd)`` for x ``[B, C, *]``: the op ``F.group_norm`` runs (``aten.native_group_norm``),
+    with the per-(sample, group) statistics ``[B, groups]`` its backward takes."""
+    batch, channels = x.shape[0], x.shape[1]
+    return torch.ops.aten.native_group_norm(x, weight, bias, batch, channels, x[0, 0].numel(), groups, eps)
+
+
+def group_norm_input_grad(grad: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+                          weight: torch.Tensor | None, groups: int) -> torch.Tensor:
+    """The input gradient ``[B, C, *]`` of a GroupNorm with frozen affine parameters, as autograd computes it
+    (``aten.native_group_norm_backward``, only the input's gradient asked for); ``mean``, ``rstd`` from
+    :func:`group_norm_with_stats`."""
+    batch, channels = x.shape[0], x.shape[1]
+    return torch.ops.aten.native_group_norm_backward(grad, x, mean, rstd, weight, batch, channels, x[0, 0].numel(),
+                                                     groups, [True, False, False])[0]
