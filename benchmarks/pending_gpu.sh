@@ -3,10 +3,10 @@
 # (≤ 10 min) and together the 30-minute device budget; run on 2026-12-05 as RESULTS.md runs 47 (part 1), 48 (part 3)
 # and 49 (part 2), and kept to repeat them. Run from the repository root on the lent machine:
 #
-# Still to run on the H200 that issues 19 and 20 name (runs 78 and 80 got H100s): part 32 (DoRA at seq 2048 beside
-# PEFT-bf16, which needs the H200's memory), part 30 (compiled DoRA and LoRA, the 8192 r=384 layer) and part 33
-# (SD-1.5 every method; regenerate .before from the commit to compare against; part 34 is the same in more rounds).
-# Part 29 is the earlier form of 32+33.
+# Still to run on the H200 that issues 19 and 20 name (every call of 2026-12-05's last session got an H100 or nothing):
+# part 32 (DoRA at seq 2048 beside PEFT-bf16, which needs the H200's memory), then part 30 (compiled DoRA and LoRA,
+# the 8192 r=384 layer) and part 38 (SD-1.5 every method against PEFT-bf16; regenerate .before from the commit to
+# compare against). Parts 29 and 33-34 are earlier forms of 32 and 38.
 #
 #   bash benchmarks/pending_gpu.sh 1    # issue 19: capture test, DoRA host breakdown, paired steps eager / captured /
 #                                       #           timed variants, slimtune vs PEFT-bf16 (no carry)
