@@ -91,13 +91,15 @@
 #   bash benchmarks/pending_gpu.sh 38   # issue 20: frozen ResNet blocks as one Function, Attention called directly —
 #                                       #           CUDA tests, SD-1.5 every method against 6debeda and PEFT-bf16
 #                                       #           (carry .whl, .before)
+#   bash benchmarks/pending_gpu.sh 39   # issue 20: part 38 for a short lease — CUDA tests, SD-1.5 LoRA / LoKr
+#                                       #           against 6debeda and PEFT-bf16 (carry .whl, .before)
 #   bash benchmarks/pending_gpu.sh 3    # issue 17: online / gradient / data allocation vs AdaLoRA wall time
 #                                       #           (carry .out/minilm_wide; make it with rank_allocation.py --prepare)
 #
 # Outputs go to $OUT (each script's own files, plus one log per step); record them in benchmarks/RESULTS.md with
 # the GPU and versions the scripts print.
 set -uo pipefail
-part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|...|38"}
+part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|...|39"}
 out=${OUT:-/tmp/pending_gpu}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -462,8 +464,18 @@ case $part in
         --rounds 20 --before .before --configs lora before:lora peft-bf16:lora locon before:locon peft-bf16:locon \
         loha peft-bf16:loha lokr peft-bf16:lokr dora peft-bf16:dora --out-name paired_sd15_resnet
     ;;
+39)
+    # issue 20, carry .whl and .before = 6debeda: part 38 cut to fit a short lease — the lean tests on CUDA, SD-1.5
+    # LoRA and LoKr against 6debeda and PEFT-bf16
+    install_wheels
+    step lean_tests 90 python -m pytest -q tests/core/test_lean_resnet.py tests/core/test_lean_layers.py \
+        tests/core/test_aten_grads.py
+    step paired_sd15_final 200 python benchmarks/paired_steps.py --preset stable-diffusion-1.5 --rank 16 \
+        --rounds 15 --before .before --configs lora before:lora peft-bf16:lora lokr before:lokr peft-bf16:lokr \
+        --out-name paired_sd15_final
+    ;;
 *)
-    echo "unknown part $part (1 to 38)" >&2
+    echo "unknown part $part (1 to 39)" >&2
     exit 2
     ;;
 esac
