@@ -73,12 +73,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import lean_resnet
 from .aten_grads import conv_input_grad, gelu_grad, silu_grad
+from .attention_call import direct_call, is_diffusers_attention
 from .autograd_state import saved_tensor_hooks_active
 from .caches import TensorMark
 from .compute import cast, cast_optional
-from . import lean_resnet
-from .attention_call import direct_call, is_diffusers_attention
 from .rebuild import RebuildScope, offer, rebuilt_from
 from .rms_norm import RmsNormFunction, fused_takes, takes_weight
 from .swiglu import SwigluFunction, swiglu_forward

@@ -9,10 +9,10 @@ The block, for x ``[B, C_in, H, W]`` and the time embedding t ``[B, T]``::
 Run as diffusers runs it, PyTorch's autograd keeps six tensors the size of the activations: x, norm1's output,
 SiLU's output (conv1's input), h1, norm2's output and its SiLU's output. The frozen layers' input gradient needs
 only x and h1 (each GroupNorm rebuilds its output from its input in backward, one memory-bound pass, and a frozen
-convolution's input gradient needs only its weight). The lean layers one by one (:class:`~.lean_layers.NormSiluFunction`,
-:class:`~.lean_layers.FrozenConvFunction`) keep the same two, but as four Python autograd nodes plus PyTorch's own,
-~200 µs of host time per block per step on the CPU box against ~20 µs more than the plain block here (RESULTS.md
-run 91): this Function runs the block's ops under ``no_grad`` in forward (no autograd bookkeeping per op) and its
+convolution's input gradient needs only its weight). The lean layers one by one
+(:class:`~.lean_layers.NormSiluFunction`, :class:`~.lean_layers.FrozenConvFunction`) keep the same two, but as four
+Python autograd nodes plus PyTorch's own: ~200 µs of host time per block and step more than the plain block on the
+CPU box, against ~20 µs here (RESULTS.md run 91). This Function runs the block's ops under ``no_grad`` in forward (no autograd bookkeeping per op) and its
 backward in one node, with the kernels autograd's nodes run (:mod:`.aten_grads`), so values and gradients are the
 plain block's bit for bit (tested). It keeps x, h1 and the two norms' statistics (``[B, groups]``).
 

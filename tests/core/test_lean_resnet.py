@@ -36,7 +36,8 @@ def _run(block: nn.Module, x: torch.Tensor, temb: torch.Tensor | None) -> tuple[
 
 @pytest.mark.parametrize("kwargs", [
     dict(in_channels=8, out_channels=8), dict(in_channels=8, out_channels=16),
-    dict(in_channels=8, out_channels=16, conv_shortcut=True), dict(in_channels=8, out_channels=8, output_scale_factor=2.0),
+    dict(in_channels=8, out_channels=16, conv_shortcut=True),
+    dict(in_channels=8, out_channels=8, output_scale_factor=2.0),
     dict(in_channels=8, out_channels=8, skip_time_act=True), dict(in_channels=8, out_channels=8, temb_channels=None),
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
