@@ -191,14 +191,14 @@ UNET_LEAN_BYTES = 4 * 2**20
 
 def _large(t: torch.Tensor) -> bool:
     """Whether ``t`` is at least :data:`UNET_LEAN_BYTES` (a UNet's lean layer spares it, or a tensor of its size)."""
-    return t.numel() * t.element_size() >= UNET_LEAN_BYTES
+    return isinstance(t, torch.Tensor) and t.numel() * t.element_size() >= UNET_LEAN_BYTES
 
 
 def _lean(x: torch.Tensor, *params: torch.Tensor | None) -> bool:
     """Whether a layer with these parameters takes its lean path for input ``x`` (module docstring). Asked on every
     call of every lean layer, so a plain loop (no generator)."""
-    if not (x.requires_grad and torch.is_grad_enabled()) or compiling():
-        return False
+    if not (isinstance(x, torch.Tensor) and x.requires_grad and torch.is_grad_enabled()) or compiling():
+        return False  # not a tensor: the layer's own forward raises its own error
     for p in params:
         if p is not None and p.requires_grad:
             return False

@@ -60,7 +60,7 @@ class ResnetBlockFunction(torch.autograd.Function):
         h0, mean1, rstd1 = _norm(block.norm1, x)
         h1 = _conv(block.conv1, F.silu(h0))
         del h0
-        if block.time_emb_proj is not None and temb is not None:
+        if temb is not None:  # with a time embedding projection (applies() checked both)
             t = temb if block.skip_time_act else F.silu(temb)
             h1 = h1 + F.linear(t, block.time_emb_proj.weight, block.time_emb_proj.bias)[:, :, None, None]
         h2, mean2, rstd2 = _norm(block.norm2, h1)
@@ -116,6 +116,8 @@ def applies(block: nn.Module, x: Any, temb: Any) -> bool:
     what a graph saves)."""
     if not (isinstance(x, torch.Tensor) and x.dim() == 4 and x.requires_grad and torch.is_grad_enabled()) \
             or compiling():
+        return False
+    if (temb is None) != (block.time_emb_proj is None):  # diffusers' own forward decides (or raises) then
         return False
     if temb is not None and (not isinstance(temb, torch.Tensor) or temb.requires_grad):
         return False

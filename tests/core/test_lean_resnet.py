@@ -71,6 +71,8 @@ def test_the_block_steps_aside_where_its_form_or_call_differ():
         assert type(lean(x, temb.detach()).grad_fn).__name__ != "ResnetBlockFunctionBackward"
     with torch.no_grad():
         assert torch.equal(lean(x, temb.detach()), block.eval()(x, temb.detach()))
+    with pytest.raises(TypeError):  # no time embedding for a block that projects one: diffusers' own error
+        lean(x, None)
     _, down = _pair(in_channels=8, out_channels=8, down=True)  # downsampling inside: the block's own forward
     assert "forward" not in down.__dict__
 
