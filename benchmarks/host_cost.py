@@ -127,7 +127,29 @@ def cases(device: torch.device, dtype: torch.dtype) -> dict[str, Callable[[], ob
     out["dora product only (z route): fwd+bwd"] = lambda: DF.DoraProductFunction.apply(
         xp, w, a, b, mag, 1.0, 0.0, 0, wsq, 0.0)[0].sum().backward()
     out.update(llama_layer_cases(device, dtype))
+    out.update(unet_piece_cases(device, dtype))
     return out
+
+
+def unet_piece_cases(device: torch.device, dtype: torch.dtype) -> dict[str, Callable[[], object]]:
+    """Host pieces of a UNet step (32 channels at 8x8: the arithmetic stays small): a frozen convolution's input
+    gradient through ``torch.nn.grad.conv2d_input`` and through the op it wraps (``aten_grads.conv_input_grad``);
+    a LoKr convolution asking its path (``StructuredAdapter.choose``)."""
+    from slimtune.core.aten_grads import conv_input_grad
+
+    weight = torch.randn(32, 32, 3, 3, device=device, dtype=dtype)
+    grad = torch.randn(1, 32, 8, 8, device=device, dtype=dtype)
+    shape = (1, 32, 8, 8)
+    lokr = nn.Sequential(nn.Conv2d(32, 32, 3, padding=1)).to(device, dtype)
+    slimtune.adapt(lokr, slimtune.LokrConfig(r=4, alpha=4, target_modules=["0"]))
+    x = torch.randn(shape, device=device, dtype=dtype)
+    return {
+        "unet: conv input grad, torch.nn.grad.conv2d_input": lambda: torch.nn.grad.conv2d_input(
+            shape, weight, grad, (1, 1), (1, 1), (1, 1), 1),
+        "unet: conv input grad, aten_grads.conv_input_grad": lambda: conv_input_grad(
+            grad, weight, shape, (1, 1), (1, 1), (1, 1), 1),
+        "unet: LoKr conv, path query (choose)": lambda: lokr[0].choose(x, True),
+    }
 
 
 def prepass_cases(device: torch.device, dtype: torch.dtype) -> dict[str, Callable[[], object]]:

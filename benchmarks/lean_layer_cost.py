@@ -7,9 +7,11 @@ PyTorch's is C++, saved-tensor hooks). Each case builds one module, and a copy w
 installed (blocks: with an adapter, the block's recipe scope on or off), and times ``module(x).sum().backward()``.
 
     python benchmarks/lean_layer_cost.py          # CUDA (bf16) if available, else the CPU (float32, tiny shape only)
+    python benchmarks/lean_layer_cost.py --tiny-channels 32   # the CPU: 32 channels, mostly the host's work
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import sys
 from typing import Callable
@@ -24,42 +26,51 @@ import slimtune
 from slimtune.core import lean_layers
 
 
-def _cases(device: torch.device, dtype: torch.dtype, tiny: bool) -> dict[str, tuple[nn.Module, Callable]]:
-    """name -> (plain module, call(module) running one fwd+bwd)."""
+def _cases(device: torch.device, dtype: torch.dtype, tiny: bool, tiny_channels: int = 320
+           ) -> dict[str, tuple[nn.Module, Callable]]:
+    """name -> (plain module, call(module) running one fwd+bwd); the tiny shape with ``tiny_channels`` channels (a
+    multiple of 32: SD-1.5's GroupNorm groups and 8 heads)."""
     from diffusers.models.activations import GEGLU
     from diffusers.models.attention import BasicTransformerBlock
+    from diffusers.models.attention_processor import Attention
     from diffusers.models.resnet import ResnetBlock2D
 
     batch, side = (1, 8) if tiny else (4, 64)
     tokens = side * side
+    c = tiny_channels if tiny else 320
 
     def image() -> torch.Tensor:
-        return torch.randn(batch, 320, side, side, device=device, dtype=dtype, requires_grad=True)
+        return torch.randn(batch, c, side, side, device=device, dtype=dtype, requires_grad=True)
 
     def sequence() -> torch.Tensor:
-        return torch.randn(batch, tokens, 320, device=device, dtype=dtype, requires_grad=True)
+        return torch.randn(batch, tokens, c, device=device, dtype=dtype, requires_grad=True)
 
     x_img, x_seq = image(), sequence()
     context = torch.randn(batch, 77, 768, device=device, dtype=dtype)
     temb = torch.randn(batch, 1280, device=device, dtype=dtype)
     torch.manual_seed(0)
-    block = BasicTransformerBlock(320, 8, 40, cross_attention_dim=768)
+    block = BasicTransformerBlock(c, 8, c // 8, cross_attention_dim=768)
     slimtune.adapt(block, slimtune.LoraConfig(r=16, target_modules=["to_q", "to_k", "to_v", "to_out.0",
                                                                     "ff.net.0.proj", "ff.net.2"]))
-    resnet = ResnetBlock2D(in_channels=320, out_channels=320, temb_channels=1280)
+    resnet = ResnetBlock2D(in_channels=c, out_channels=c, temb_channels=1280)
     slimtune.adapt(resnet, slimtune.LoraConfig(r=16, target_modules=["conv1", "conv2"]))
     return {
-        "conv 3x3": (nn.Conv2d(320, 320, 3, padding=1), lambda m: m(x_img).sum().backward()),
-        "GroupNorm + SiLU": (nn.Sequential(nn.GroupNorm(32, 320), nn.SiLU()), lambda m: m(x_img).sum().backward()),
-        "GEGLU": (GEGLU(320, 1280), lambda m: m(x_seq).sum().backward()),
+        "conv 3x3": (nn.Conv2d(c, c, 3, padding=1), lambda m: m(x_img).sum().backward()),
+        "GroupNorm + SiLU": (nn.Sequential(nn.GroupNorm(32, c), nn.SiLU()), lambda m: m(x_img).sum().backward()),
+        "GEGLU": (GEGLU(c, 4 * c), lambda m: m(x_seq).sum().backward()),
         "transformer block, LoRA": (block, lambda m: m(x_seq, encoder_hidden_states=context).sum().backward()),
         "ResNet block, LoCon": (resnet, lambda m: m(x_img, temb).sum().backward()),
+        "ResNet block, frozen (LoRA's)": (ResnetBlock2D(in_channels=c, out_channels=c, temb_channels=1280),
+                                          lambda m: m(x_img, temb).sum().backward()),
+        "Attention call": (Attention(c, heads=8, dim_head=c // 8, cross_attention_dim=768),
+                           lambda m: m(x_seq, context).sum().backward()),
     }
 
 
 def _variants(plain: nn.Module, device: torch.device, dtype: torch.dtype) -> dict[str, nn.Module]:
-    """plain, every lean layer, and (blocks) every lean layer but the block's recipe scope. Blocks come adapted
-    (``slimtune.adapt`` froze them and installed their lean layers); single layers are frozen and installed here."""
+    """plain, every lean layer, and (blocks) every lean layer but the block's recipe scope, or (a frozen ResNet block)
+    its layers lean one by one instead of the block as one Function. Blocks come adapted (``slimtune.adapt`` froze
+    them and installed their lean layers); single layers and frozen blocks are frozen and installed here."""
     plain = plain.to(device, dtype)
     if not any(lean_layers.installed(m) for m in plain.modules()):
         plain.requires_grad_(False)
@@ -69,19 +80,27 @@ def _variants(plain: nn.Module, device: torch.device, dtype: torch.dtype) -> dic
         if lean_layers.installed(m):
             del m.forward
     out = {"plain": plain, "lean": lean}
-    if type(lean.__dict__.get("forward")).__name__ == "_LeanBlockForward":
-        unscoped = copy.deepcopy(lean)
-        del unscoped.forward
-        out["lean, no recipes"] = unscoped
+    top = type(lean.__dict__.get("forward")).__name__
+    if top in ("_LeanBlockForward", "_LeanResnetForward"):
+        without = copy.deepcopy(lean)
+        del without.forward
+        out["lean, no recipes" if top == "_LeanBlockForward" else "lean, layer by layer"] = without
     return out
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tiny-channels", type=int, default=320,
+                        help="channels at the tiny shape (32 on the CPU: the host's work, little arithmetic)")
+    args = parser.parse_args(argv)
+    lean_layers.UNET_LEAN_BYTES = 0  # each layer's own cost at both shapes (a UNet applies them from 4 MiB)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if device.type == "cpu":
+        torch.set_num_threads(1)
     rows = []
     for tiny in (False, True) if device.type == "cuda" else (True,):  # the CPU: the tiny shape alone (minutes else)
-        for name, (module, call) in _cases(device, dtype, tiny).items():
+        for name, (module, call) in _cases(device, dtype, tiny, args.tiny_channels).items():
             times = {k: per_call_us(lambda m=m: call(m), device, reps=50 if not tiny else 200)
                      for k, m in _variants(module, device, dtype).items()}
             base = times["plain"]

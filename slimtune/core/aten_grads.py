@@ -3,8 +3,9 @@ convolution's and a GroupNorm's input gradients, the very ops autograd's own ``S
 ``ConvolutionBackward0`` / ``NativeGroupNormBackward0`` nodes run, and the GroupNorm forward that also returns the
 statistics that backward takes. Called from inside a custom backward, the first two replace a nested
 ``torch.autograd.grad`` pass through ``F.silu`` / ``F.gelu`` — the same numbers, bit for bit, without starting the
-autograd engine again (tens of microseconds of host time per call, dozens of calls per UNet step) — and the third
-``torch.nn.grad.conv2d_input``'s Python wrapper around the same op (~20 µs a call on the CPU box). A transposed
+autograd engine again (tens of microseconds of host time per call, dozens of calls per UNet step) — and the third is
+the op ``torch.nn.grad.conv2d_input`` wraps, with the arguments autograd's node passes (the wrapper's own host cost
+is within the noise: RESULTS.md run 95). A transposed
 convolution (public ``F.conv_transpose2d``) gives the same gradient, but cuDNN's default backward-data algorithms do
 not repeat bit for bit in float64 and for 3-D kernels, autograd's own included (RESULTS.md runs 85, 88): the tests
 compare under its deterministic algorithms.

@@ -3,9 +3,9 @@
 ``Attention.forward`` (diffusers 0.42) runs ``inspect.signature`` on its processor at every call, to drop keyword
 arguments the processor does not take, then calls the processor. With no extra keyword arguments — every call a
 UNet or DiT makes during training — there is nothing to drop, and the call is exactly
-``processor(attn, hidden_states, encoder_hidden_states=..., attention_mask=...)``. The inspection costs ~37 µs of
-host time per call on the CPU box (RESULTS.md run 91); a Stable Diffusion 1.5 step makes 32 such calls, and a step at
-a few thousand tokens is host-bound. :class:`AttentionCall` makes that direct call, and any call with extra keyword
+``processor(attn, hidden_states, encoder_hidden_states=..., attention_mask=...)``. The inspection costs tens of
+microseconds of host time per call on the CPU box (RESULTS.md runs 91, 95); a Stable Diffusion 1.5 step makes 32
+such calls, and a step at a few thousand tokens is host-bound. :class:`AttentionCall` makes that direct call, and any call with extra keyword
 arguments goes through diffusers' own forward (which inspects, filters and warns as before).
 """
 from __future__ import annotations

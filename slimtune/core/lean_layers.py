@@ -22,10 +22,10 @@ their own weight gradients. What PyTorch keeps for them that those gradients nev
 * A diffusers **ResnetBlock2D** that holds no adapter (LoRA's: its targets are attention and feed-forward layers)
   runs as one :class:`~.lean_resnet.ResnetBlockFunction`: it keeps what the layers above keep one by one (the
   block's input and conv1's output) in one Python autograd node instead of four beside PyTorch's own, its forward
-  ops run without autograd bookkeeping — ~20 µs of host time per block and step more than the plain block, against
-  ~200 µs for the layers one by one — with the plain block's values and gradients bit for bit.
+  ops run without autograd bookkeeping — ~85 µs of host time per block and step more than the plain block, against
+  ~225 µs for the layers one by one (RESULTS.md run 95) — with the plain block's values and gradients bit for bit.
 * diffusers' **Attention** is called without its per-call ``inspect.signature`` of the processor
-  (:mod:`.attention_call`; nothing saved changes, ~37 µs of host time per call).
+  (:mod:`.attention_call`; nothing saved changes, host time only).
 * The **RMSNorm** of transformers' Llama-family models (:data:`RMS_NORM_CLASSES`) keeps a float32 copy of its input
   (4 bytes per element in bf16), over about eight kernels forward and ten backward.
   The lean norm keeps the input itself and a float32 ``rstd`` per row: on CUDA as PyTorch's fused ``F.rms_norm``

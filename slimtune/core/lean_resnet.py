@@ -11,8 +11,8 @@ SiLU's output (conv1's input), h1, norm2's output and its SiLU's output. The fro
 only x and h1 (each GroupNorm rebuilds its output from its input in backward, one memory-bound pass, and a frozen
 convolution's input gradient needs only its weight). The lean layers one by one
 (:class:`~.lean_layers.NormSiluFunction`, :class:`~.lean_layers.FrozenConvFunction`) keep the same two, but as four
-Python autograd nodes plus PyTorch's own: ~200 µs of host time per block and step more than the plain block on the
-CPU box, against ~20 µs here (RESULTS.md run 91). This Function runs the block's ops under ``no_grad`` in forward (no autograd bookkeeping per op) and its
+Python autograd nodes plus PyTorch's own: ~225 µs of host time per block and step more than the plain block on the
+CPU box, against ~85 µs here (RESULTS.md run 95). This Function runs the block's ops under ``no_grad`` in forward (no autograd bookkeeping per op) and its
 backward in one node, with the kernels autograd's nodes run (:mod:`.aten_grads`), so values and gradients are the
 plain block's bit for bit (tested). It keeps x, h1 and the two norms' statistics (``[B, groups]``).
 
@@ -69,13 +69,15 @@ class ResnetBlockFunction(torch.autograd.Function):
         shortcut = x_shortcut if block.conv_shortcut is None else _conv(block.conv_shortcut, x_shortcut.contiguous())
         ctx.save_for_backward(x, h1, mean1, rstd1, mean2, rstd2)
         ctx.block = block
-        return (shortcut + out) / block.output_scale_factor
+        scale = block.output_scale_factor
+        return (shortcut + out) / scale if scale != 1 else shortcut.add(out)  # x / 1 is x, bit for bit
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None]:
         x, h1, mean1, rstd1, mean2, rstd2 = ctx.saved_tensors
         block = ctx.block
-        g = grad / block.output_scale_factor
+        scale = block.output_scale_factor
+        g = grad / scale if scale != 1 else grad
         shortcut_grad = g if block.conv_shortcut is None else _conv_input_grad(block.conv_shortcut, g, tuple(x.shape))
         ds2 = _conv_input_grad(block.conv2, g, tuple(h1.shape))
         h2 = _norm(block.norm2, h1)[0]
@@ -123,7 +125,15 @@ def applies(block: nn.Module, x: Any, temb: Any) -> bool:
         return False
     if (block.training and block.dropout.p > 0) or autocasting(x):
         return False
-    for p in block.parameters():
-        if p.requires_grad:
-            return False
+    for layer in _layers(block):
+        if layer is not None:
+            for p in (layer.weight, layer.bias):  # None for a GroupNorm without affine parameters, a layer without bias
+                if p is not None and p.requires_grad:
+                    return False
     return True
+
+
+def _layers(block: nn.Module) -> tuple[nn.Module | None, ...]:
+    """The layers whose parameters :class:`ResnetBlockFunction` reads (:func:`fits` checked they are plain GroupNorm,
+    Conv2d and Linear layers, so weight and bias, or None, are all they hold)."""
+    return (block.norm1, block.conv1, block.time_emb_proj, block.norm2, block.conv2, block.conv_shortcut)

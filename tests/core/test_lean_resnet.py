@@ -39,6 +39,7 @@ def _run(block: nn.Module, x: torch.Tensor, temb: torch.Tensor | None) -> tuple[
     dict(in_channels=8, out_channels=16, conv_shortcut=True),
     dict(in_channels=8, out_channels=8, output_scale_factor=2.0),
     dict(in_channels=8, out_channels=8, skip_time_act=True), dict(in_channels=8, out_channels=8, temb_channels=None),
+    dict(in_channels=8, out_channels=16, conv_shortcut_bias=False),
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
