@@ -27,18 +27,17 @@ def test_silu_and_gelu_grads_are_autograds(dtype):
 @pytest.mark.parametrize("dims, stride, padding, dilation, groups, size", [
     (1, (1,), (0,), (1,), 1, 7), (2, (1, 1), (1, 1), (1, 1), 1, 8), (2, (2, 2), (1, 0), (1, 2), 2, 7),
     (2, (2, 2), (1, 1), (1, 1), 1, 8), (3, (2, 1, 1), (1, 1, 0), (1, 1, 1), 1, 5)])
-def test_conv_input_grad_is_autograds(device, dtype, dims, stride, padding, dilation, groups, size):
+def test_conv_input_grad_is_autograds(device, dtype, dims, stride, padding, dilation, groups, size,
+                                     deterministic_cudnn):
     """The lean convolution's backward gives autograd's input gradient bit for bit, odd sizes under stride 2 included
     (8 rows: one dropped). On CUDA with cuDNN's deterministic algorithms: its default backward-data algorithms for
     float64 and 3-D kernels accumulate with atomics, so two runs of autograd itself can differ in the last bits
-    (RESULTS.md runs 85 and 87)."""
+    (RESULTS.md runs 85, 87, 88): ``deterministic_cudnn``."""
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(2, 4, *[size] * dims, generator=gen).to(device, dtype).requires_grad_()
     weight = torch.randn(6, 4 // groups, *[3] * dims, generator=gen).to(device, dtype)
     y = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[dims](x, weight, None, stride, padding, dilation, groups)
     grad = torch.randn(y.shape, generator=gen).to(device, dtype)
-    with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, benchmark=False, deterministic=True,
-                                    allow_tf32=torch.backends.cudnn.allow_tf32):
-        got = conv_input_grad(grad, weight, tuple(x.shape), stride, padding, dilation, groups)
-        want = torch.autograd.grad(y, x, grad)[0]
+    got = conv_input_grad(grad, weight, tuple(x.shape), stride, padding, dilation, groups)
+    want = torch.autograd.grad(y, x, grad)[0]
     assert got.shape == x.shape and torch.equal(got, want)

@@ -44,7 +44,7 @@ def _run(block: nn.Module, x: torch.Tensor, temb: torch.Tensor | None) -> tuple[
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs CUDA"))])
-def test_block_function_is_the_plain_block_bit_for_bit(kwargs, dtype, device):
+def test_block_function_is_the_plain_block_bit_for_bit(kwargs, dtype, device, deterministic_cudnn):
     """On CUDA under cuDNN's deterministic algorithms: its default ones do not repeat autograd's own convolution
     gradients bit for bit in float64 (RESULTS.md run 88)."""
     kwargs = dict(kwargs)
@@ -55,10 +55,8 @@ def test_block_function_is_the_plain_block_bit_for_bit(kwargs, dtype, device):
     lean_layers.install(lean)
     x = torch.randn(2, 8, 6, 5, dtype=dtype, device=device, requires_grad=True)
     temb = torch.randn(2, 16, dtype=dtype, device=device) if temb_channels else None
-    with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, benchmark=False, deterministic=True,
-                                    allow_tf32=torch.backends.cudnn.allow_tf32):
-        y0, g0, saved0, _ = _run(block, x, temb)
-        y1, g1, saved1, name = _run(lean, x, temb)
+    y0, g0, saved0, _ = _run(block, x, temb)
+    y1, g1, saved1, name = _run(lean, x, temb)
     assert name == "ResnetBlockFunctionBackward"
     assert torch.equal(y0, y1) and torch.equal(g0, g1)
     assert saved1 < 0.5 * saved0  # x and h1 of six activations (plus the norms' statistics)
