@@ -75,7 +75,7 @@ from torch import nn
 
 from . import lean_resnet
 from .aten_grads import conv_input_grad, gelu_grad, silu_grad
-from .attention_call import direct_call, is_diffusers_attention
+from .attention_call import ATTENTION_CLASS, direct_call
 from .autograd_state import saved_tensor_hooks_active
 from .caches import TensorMark
 from .compute import cast, cast_optional
@@ -466,10 +466,10 @@ def _diffusers_geglu(m: nn.Module) -> bool:
             and not is_torch_npu_available())
 
 
+#: ``(module, class)`` of diffusers' ResNet block (:mod:`.lean_resnet`: one Function where it holds no adapter)
+RESNET_BLOCK = ("diffusers.models.resnet", "ResnetBlock2D")
 #: ``(module, class)`` of the diffusers blocks that get a :class:`~.rebuild.RebuildScope` when they hold an adapter
-DIFFUSERS_BLOCKS: tuple[tuple[str, str], ...] = (
-    ("diffusers.models.attention", "BasicTransformerBlock"), ("diffusers.models.resnet", "ResnetBlock2D"),
-)
+DIFFUSERS_BLOCKS: tuple[tuple[str, str], ...] = (("diffusers.models.attention", "BasicTransformerBlock"), RESNET_BLOCK)
 
 
 def _diffusers_block(m: nn.Module) -> bool:
@@ -480,7 +480,7 @@ def _diffusers_block(m: nn.Module) -> bool:
 def _diffusers_resnet(m: nn.Module, own_forward: set[nn.Module]) -> bool:
     """A diffusers ``ResnetBlock2D`` with its class's forward, of the form :func:`~.lean_resnet.fits`, none of its
     modules with a forward someone else set on the instance (``own_forward``: those without)."""
-    return (_listed_class(m, (DIFFUSERS_BLOCKS[1],)) and lean_resnet.fits(m)
+    return (_listed_class(m, (RESNET_BLOCK,)) and lean_resnet.fits(m)
             and all(c in own_forward for c in m.modules()))
 
 
@@ -529,7 +529,7 @@ def install(model: nn.Module, skip: Callable[[nn.Module], bool] = lambda m: Fals
             norms = [getattr(m, name, None) for name in BLOCK_NORMS]
             targets.extend((n, _LeanLayerNormForward(n)) for n in norms
                            if _keeps_forward(n, nn.LayerNorm) and n in modules)
-        elif is_diffusers_attention(m):  # host time only: nothing saved changes
+        elif _listed_class(m, (ATTENTION_CLASS,)):  # host time only: nothing saved changes
             targets.append((m, _AttentionForward(m)))
         elif _diffusers_resnet(m, own_forward):  # no adapter inside (that case is above): the block as one Function
             targets.append((m, _LeanResnetForward(m)))

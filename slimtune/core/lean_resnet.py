@@ -12,9 +12,10 @@ only x and h1 (each GroupNorm rebuilds its output from its input in backward, on
 convolution's input gradient needs only its weight). The lean layers one by one
 (:class:`~.lean_layers.NormSiluFunction`, :class:`~.lean_layers.FrozenConvFunction`) keep the same two, but as four
 Python autograd nodes plus PyTorch's own: ~225 µs of host time per block and step more than the plain block on the
-CPU box, against ~85 µs here (RESULTS.md run 95). This Function runs the block's ops under ``no_grad`` in forward (no autograd bookkeeping per op) and its
-backward in one node, with the kernels autograd's nodes run (:mod:`.aten_grads`), so values and gradients are the
-plain block's bit for bit (tested). It keeps x, h1 and the two norms' statistics (``[B, groups]``).
+CPU box, against ~85 µs here (RESULTS.md run 95). This Function runs the block's ops under ``no_grad`` in forward
+(no autograd bookkeeping per op) and its backward in one node, with the kernels autograd's nodes run
+(:mod:`.aten_grads`), so values and gradients are the plain block's bit for bit (tested). It keeps x, h1 and the two
+norms' statistics (``[B, groups]``).
 
 Where the block is anything else — up- or downsampling inside, a ``scale_shift`` time embedding norm, dropout in
 training, autocast on, a parameter or the time embedding asking for a gradient, ``torch.compile`` tracing — the
@@ -90,11 +91,6 @@ class ResnetBlockFunction(torch.autograd.Function):
         return shortcut_grad, dx, None, None
 
 
-def _plain_layer(m: nn.Module | None, cls: type) -> bool:
-    """``m`` is exactly a ``cls`` (not an adapter, not a subclass with a forward of its own)."""
-    return type(m) is cls
-
-
 def fits(block: nn.Module) -> bool:
     """Whether ``block`` (a diffusers ``ResnetBlock2D`` with its class's forward) has the form this Function runs:
     GroupNorms, SiLU, plain Conv2d layers with zero padding given in numbers, no up- or downsampling inside, the
@@ -103,11 +99,11 @@ def fits(block: nn.Module) -> bool:
     convs = [block.conv1, block.conv2] + ([block.conv_shortcut] if block.conv_shortcut is not None else [])
     nonlinearity = block.nonlinearity
     return (block.upsample is None and block.downsample is None and block.time_embedding_norm == "default"
-            and all(_plain_layer(n, nn.GroupNorm) for n in (block.norm1, block.norm2))
+            and all(type(n) is nn.GroupNorm for n in (block.norm1, block.norm2))  # exact types: no adapter, no subclass
             and type(nonlinearity) is nn.SiLU and not nonlinearity.inplace
-            and all(_plain_layer(c, nn.Conv2d) and c.padding_mode == "zeros" and not isinstance(c.padding, str)
+            and all(type(c) is nn.Conv2d and c.padding_mode == "zeros" and not isinstance(c.padding, str)
                     for c in convs)
-            and (block.time_emb_proj is None or _plain_layer(block.time_emb_proj, nn.Linear))
+            and (block.time_emb_proj is None or type(block.time_emb_proj) is nn.Linear)
             and isinstance(block.dropout, nn.Dropout) and isinstance(block.output_scale_factor, (int, float)))
 
 
