@@ -11,6 +11,11 @@ randomisation is off (``PYTHONHASHSEED=0``), so the counts repeat.
     python benchmarks/host_instructions.py                                  # LoRA: slimtune, alone, PEFT-bf16
     python benchmarks/host_instructions.py --method dora --before DIR       # and the earlier copy in DIR
     python benchmarks/host_instructions.py --worker slimtune lora 5         # one process (what the driver runs)
+    python benchmarks/host_instructions.py --preset tiny-sd15 --method lokr --before DIR   # SD-1.5's layout, tiny
+
+``--preset tiny-sd15``: ``paired_steps.py --cpu``'s step of that preset instead (SD-1.5's UNet layout at tiny widths,
+batch 1, float32, its lean layers from ``--unet-lean-bytes``, 2048 by default: the two finest levels, as 4 MiB in
+SD-1.5 at batch 4), for the UNet methods; ``alone`` is not run there.
 
 Needs valgrind (Debian's package). ``--before DIR`` as in ``host_proxy.py`` (``slimtune_before`` inside DIR).
 """
@@ -30,25 +35,38 @@ KINDS = ("slimtune", "alone", "peft-bf16")
 WARMUP = 3
 
 
-def worker(kind: str, method: str, steps: int, layers: int, rank: int) -> None:
+def worker(kind: str, method: str, steps: int, layers: int, rank: int, preset: str | None = None,
+           unet_lean_bytes: int = 2048) -> None:
     """Build ``kind``'s step, run the warm-up and then ``steps`` steps (the driver differences two such runs)."""
     import torch
 
-    from host_proxy import build_step
-
     torch.set_num_threads(1)
-    step = build_step(kind, method, layers, rank)
+    if preset is None:
+        from host_proxy import build_step
+
+        step = build_step(kind, method, layers, rank)
+    else:  # paired_steps.py --cpu's step of the preset, its lean layers from unet_lean_bytes (the earlier copy's too)
+        import importlib
+
+        from paired_steps import session_for
+
+        for package in ("slimtune", "slimtune_before") if kind == "before" else ("slimtune",):
+            importlib.import_module(f"{package}.core.lean_layers").UNET_LEAN_BYTES = unet_lean_bytes
+        common = dict(preset=preset, rank=rank, batch=None, seq=512, device="cpu", dtype="float32")
+        step = session_for(kind, method, common).train_step
     for _ in range(WARMUP + steps):
         step()
 
 
-def instructions(kind: str, method: str, steps: int, layers: int, rank: int, before: str | None) -> int:
+def instructions(kind: str, method: str, steps: int, layers: int, rank: int, before: str | None,
+                 preset: str | None = None, unet_lean_bytes: int = 2048) -> int:
     """The instructions callgrind collects for one worker process."""
     env = dict(os.environ, PYTHONHASHSEED="0")
     if before:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [before, env.get("PYTHONPATH")]))
     command = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, __file__,
-               "--worker", kind, method, str(steps), "--layers", str(layers), "--rank", str(rank)]
+               "--worker", kind, method, str(steps), "--layers", str(layers), "--rank", str(rank),
+               *(("--preset", preset, "--unet-lean-bytes", str(unet_lean_bytes)) if preset else ())]
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     found = re.search(r"Collected\s*:\s*(\d+)", done.stderr)
     if done.returncode != 0 or not found:
@@ -58,7 +76,11 @@ def instructions(kind: str, method: str, steps: int, layers: int, rank: int, bef
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--method", choices=["lora", "dora"], default="lora")
+    parser.add_argument("--method", choices=["lora", "dora", "locon", "loha", "lokr"], default="lora",
+                        help="locon / loha / lokr with --preset only")
+    parser.add_argument("--preset", default=None, help="tiny-sd15: paired_steps.py --cpu's step of that preset")
+    parser.add_argument("--unet-lean-bytes", type=int, default=2048, metavar="N",
+                        help="with --preset: the UNet's lean layers from N bytes")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--layers", type=int, default=28)
     parser.add_argument("--rank", type=int, default=8)
@@ -70,26 +92,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.worker:
         kind, method, steps = args.worker
-        worker(kind, method, int(steps), args.layers, args.rank)
+        worker(kind, method, int(steps), args.layers, args.rank, args.preset, args.unet_lean_bytes)
         return 0
     if shutil.which("valgrind") is None:
         parser.error("valgrind is not installed (Debian: apt-get install valgrind)")
-    kinds = (*KINDS, *(("stripped",) if args.stripped else ()), *(("before",) if args.before else ()))
+    if args.preset is None and args.method not in ("lora", "dora"):
+        parser.error(f"--method {args.method} needs --preset (the tiny Llama has no convolutions)")
+    if args.preset and args.stripped:
+        parser.error("--stripped strips the lean Llama layers: not with --preset")
+    kinds = (*(k for k in KINDS if not (args.preset and k == "alone")), *(("stripped",) if args.stripped else ()),
+             *(("before",) if args.before else ()))
     per_step = {}
     for kind in kinds:
-        counts = [instructions(kind, args.method, n, args.layers, args.rank, args.before) for n in (0, args.steps)]
+        counts = [instructions(kind, args.method, n, args.layers, args.rank, args.before, args.preset,
+                               args.unet_lean_bytes) for n in (0, args.steps)]
         per_step[kind] = (counts[1] - counts[0]) / args.steps
         print(f"{kind}: {per_step[kind] / 1e6:.1f} M instructions per step", flush=True)
-    rows = [[kind, f"{per_step[kind] / 1e6:.1f}", f"{per_step[kind] / per_step['peft-bf16']:.3f}",
-             f"{per_step[kind] / per_step['alone']:.3f}",
-             *((f"{per_step[kind] / per_step['before']:.3f}",) if args.before else ())] for kind in kinds]
-    text = (f"{args.method}, {args.layers} layers of hidden 32, r={args.rank}, batch 2 x 8 tokens, fp32, one CPU "
-            f"thread; instructions per step = (run with {WARMUP}+{args.steps} steps − run with {WARMUP}) / "
-            f"{args.steps}, callgrind\n\n"
-            + markdown_table(["build", "M instructions per step", "÷ peft-bf16", "÷ alone",
-                              *(("÷ before",) if args.before else ())], rows))
+    ratios = [k for k in ("peft-bf16", "alone", "before") if k in per_step]
+    rows = [[kind, f"{per_step[kind] / 1e6:.1f}", *(f"{per_step[kind] / per_step[k]:.3f}" for k in ratios)]
+            for kind in kinds]
+    model = (f"{args.preset} (batch 1, its lean layers from {args.unet_lean_bytes} bytes)" if args.preset
+             else f"{args.layers} layers of hidden 32, batch 2 x 8 tokens")
+    text = (f"{args.method}, {model}, r={args.rank}, fp32, one CPU thread; instructions per step = (run with "
+            f"{WARMUP}+{args.steps} steps − run with {WARMUP}) / {args.steps}, callgrind\n\n"
+            + markdown_table(["build", "M instructions per step", *(f"÷ {k}" for k in ratios)], rows))
     print(text)
-    write_out_text(f"host_instructions_{args.method}.md", environment_line() + "\n\n" + text + "\n")
+    stem = f"host_instructions_{args.preset}_{args.method}" if args.preset else f"host_instructions_{args.method}"
+    write_out_text(f"{stem}.md", environment_line() + "\n\n" + text + "\n")
     return 0
 
 

@@ -29,6 +29,7 @@ from torch import nn
 from . import timed
 from .compute import cast, compute_setting, mm_scaled
 from .frozen import WeightOperand, is_quantized, materialize, save_with_weight, saved_with_weight
+from .rebuild import keep_input, kept_input
 from .tracing import compiling, seeded_keep_mask, traced_seed
 
 Variant = str  # "recompute" | "gram"
@@ -155,14 +156,15 @@ class LowRankLinearFunction(torch.autograd.Function):
         xd = x2 * dropout_keep_mask(x2, dropout_p, seed) if dropout_p > 0 else x2
         y = F.linear(x2, materialize(weight, dtype), bias)
         y.addmm_(F.linear(xd, a), b.t(), alpha=scaling)
-        save_with_weight(ctx, weight, x, lora_a, lora_b)
+        save_with_weight(ctx, weight, *keep_input(ctx, x), lora_a, lora_b)  # x, or its recipe (core.rebuild)
         ctx.scaling, ctx.dropout_p, ctx.seed = scaling, dropout_p, seed
         ctx.has_bias = bias is not None
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
-        weight, (x, lora_a, lora_b) = saved_with_weight(ctx)
+        weight, saved = saved_with_weight(ctx)
+        x, (lora_a, lora_b) = kept_input(ctx, saved)
         s, p = ctx.scaling, ctx.dropout_p
         need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
         dtype = x.dtype

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from .compute import cast, mm_scaled
 from .frozen import WeightOperand, is_quantized, materialize
+from .rebuild import keep_input, kept_input
 
 Grad = torch.Tensor | None
 
@@ -60,7 +61,8 @@ class GroupedLowRankFunction(torch.autograd.Function):
             outputs.append(y.view(*lead, y.shape[-1]))
         ctx.set_materialize_grads(False)
         ctx.handles = tuple(w if is_quantized(w) else None for w in weights)
-        ctx.save_for_backward(x, *(None if is_quantized(w) else w for w in weights), *downs, *ups)
+        dense = (None if is_quantized(w) else w for w in weights)
+        ctx.save_for_backward(*keep_input(ctx, x), *dense, *downs, *ups)  # x, or its recipe (core.rebuild)
         ctx.scaling, ctx.count, ctx.on_backward = scaling, count, on_backward
         ctx.has_bias = tuple(b is not None for b in biases)
         return tuple(outputs)
@@ -68,7 +70,7 @@ class GroupedLowRankFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         count = ctx.count
-        x, *saved = ctx.saved_tensors
+        x, saved = kept_input(ctx, ctx.saved_tensors)  # x, or rebuilt from its recipe (core.rebuild)
         weights = [handle if handle is not None else w for handle, w in zip(ctx.handles, saved[:count])]
         downs, ups = saved[count:2 * count], saved[2 * count:]
         needs = ctx.needs_input_grad

@@ -32,12 +32,17 @@ class AdapterModule(nn.Module):
     ``disabled``: ``forward`` runs the base alone (see :func:`slimtune.disable_adapters`).
     """
 
+    #: set by a class (beside its own ``forward``) whose Functions keep an offered input's recipe themselves
+    #: (:func:`~.rebuild.keep_input`), so that its ``forward`` runs without :func:`~.rebuild.keeps_recipes`' hooks
+    keeps_recipes_itself = False
+
     def __init_subclass__(cls, **kwargs: object) -> None:
         """Each method's ``forward`` keeps a recipe for its input where a block offers one
         (:func:`~.rebuild.keeps_recipes`: the input is a LayerNorm's, GEGLU's or GroupNorm + SiLU's output the block
-        can rebuild from tensors kept anyway)."""
+        can rebuild from tensors kept anyway), unless the class sets ``keeps_recipes_itself`` beside that
+        ``forward`` (a subclass with a ``forward`` of its own is wrapped again)."""
         super().__init_subclass__(**kwargs)
-        if "forward" in cls.__dict__:
+        if "forward" in cls.__dict__ and not cls.__dict__.get("keeps_recipes_itself", False):
             cls.forward = keeps_recipes(cls.__dict__["forward"])
 
     def __init__(self, base_layer: nn.Module) -> None:

@@ -6,8 +6,8 @@ an adapter, the adapter keeps h (``[tokens, d_ff]``) for its weight gradient, wh
 g and u (or the projection ``p = [u, g]``). h is one elementwise pass from them. :func:`rebuilt_from` saves h as that
 pass: for a Llama-3.2-3B MLP at 4x2048 tokens, 128 MiB per layer (it applies from
 :data:`~.lean_layers.MLP_RECIPE_BYTES`); in a Stable Diffusion UNet's transformer blocks, the norms' and the GEGLU's
-outputs, 0.6 GiB of LoRA's step at batch 4. Every method's Function keeps its input as it is given (``save_for_backward(x)``), so this works for all
-of them without touching one.
+outputs, 0.6 GiB of LoRA's step at batch 4. Every method's Function keeps its input as it is given
+(``save_for_backward(x)``), so the hooks work for all of them without touching one.
 
 It is PyTorch's public ``torch.autograd.graph.saved_tensors_hooks``: the pack hook replaces exactly ``y`` (the same
 tensor object, unchanged in place since) and returns every other tensor as it is; the
@@ -27,6 +27,14 @@ whole block: a consumer enters them itself, for the call whose input is an offer
 other layers save their tensors with no Python hook on the way: a UNet step saves ~1,000 tensors in its blocks, and
 a few dozen of them are an adapter's input.
 
+In a scope a consumer's Function may also keep the recipe itself, with no hook at all (:func:`keep_input` in its
+forward, :func:`kept_input` in its backward): it saves the recipe's tensors in x's place with its own
+``save_for_backward`` — so autograd checks them, frees them after that backward and gives them back with their place
+in the graph — and keeps the rest on its ``ctx``. LoRA's, LoCon's, LoHa's and LoKr's Functions do (their classes set
+``keeps_recipes_itself``, and their ``forward`` runs without the hooks): the hooks cost ~100 µs of host time per
+diffusers transformer block and step (a context per consumer call, a Python call per saved tensor each way;
+RESULTS.md run 96), and a q/k/v member that takes its output from its sibling group saves nothing, so it needs none.
+
 Callers skip it where other saved-tensor hooks own what is saved (checkpointing, offloading:
 :func:`~.autograd_state.saved_tensor_hooks_active`) and under ``torch.compile``. The pack hook is marked transparent
 (:func:`~.autograd_state.mark_transparent`): the only tensor it keeps instead of ``y`` is one already kept, so layers
@@ -36,7 +44,7 @@ from __future__ import annotations
 
 import functools
 import threading
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -49,13 +57,14 @@ class _Recipe:
     """What the pack hook saves in place of ``y``, for every consumer that saves y: rebuilt once, at the first unpack,
     and shared by the others (a LoCon convolution's base and down convolutions both keep their input; q, k and v
     running alone each keep the norm's output). The rebuilt tensor lives while any consumer still holds the recipe,
-    as y itself would have without it."""
+    as y itself would have without it. ``direct``: the recipe as Functions keep it themselves (:func:`keep_input`)."""
 
-    __slots__ = ("rebuild", "sources", "rebuilt")
+    __slots__ = ("rebuild", "sources", "rebuilt", "direct")
 
     def __init__(self, rebuild: Callable[..., torch.Tensor], sources: tuple[Any, ...]) -> None:
         self.rebuild, self.sources = rebuild, sources
         self.rebuilt: torch.Tensor | None = None
+        self.direct: _DirectRecipe | None = None
 
     def tensor(self) -> torch.Tensor:
         """y, rebuilt under ``no_grad`` at the first call."""
@@ -63,6 +72,39 @@ class _Recipe:
             with torch.no_grad():
                 self.rebuilt = self.rebuild(*self.sources)
         return self.rebuilt
+
+
+class _DirectRecipe:
+    """An offered tensor as the Functions that keep it save it themselves (:func:`keep_input`), with no hook: the
+    recipe's tensors go into each Function's own ``save_for_backward`` — autograd checks them, frees them after that
+    Function's backward, and gives them back with their place in the graph — and the rest (the rebuild, its other
+    arguments) is here, on each Function's ``ctx``, with no tensor but the rebuilt one: rebuilt once for every Function
+    that kept it, and let go when the last of them has taken it (``waiting``), so it lives as y would have."""
+
+    __slots__ = ("rebuild", "template", "slots", "rebuilt", "waiting")
+
+    def __init__(self, recipe: _Recipe) -> None:
+        self.rebuild = recipe.rebuild
+        self.slots = tuple(i for i, s in enumerate(recipe.sources) if isinstance(s, torch.Tensor))
+        self.template = tuple(None if isinstance(s, torch.Tensor) else s for s in recipe.sources)
+        self.rebuilt: torch.Tensor | None = None
+        self.waiting = 0
+
+    def take(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """y from the recipe's tensors as saved (in order). In a ``create_graph`` backward (grad mode on) y is rebuilt
+        as a function of them, for this caller alone, so that second derivatives reach the sources through it."""
+        rebuilt = self.rebuilt
+        if rebuilt is None or torch.is_grad_enabled():
+            args = list(self.template)
+            for slot, t in zip(self.slots, tensors):
+                args[slot] = t
+            if torch.is_grad_enabled():
+                return self.rebuild(*args)
+            rebuilt = self.rebuilt = self.rebuild(*args)
+        self.waiting -= 1
+        if self.waiting <= 0:
+            self.rebuilt = None
+        return rebuilt
 
 
 #: an offered tensor: its mark (the very object, unchanged in place since) and its recipe
@@ -151,6 +193,46 @@ class RebuildScope:
 
     def __exit__(self, *exc: Any) -> None:
         _SCOPE.offers = self._outer
+
+
+def _offered(x: torch.Tensor) -> _Recipe | None:
+    """The recipe offered for ``x`` (the very object, unchanged in place since) in the running scope, where a consumer
+    may keep it (not under ``torch.compile``, nor inside a checkpointed region, whose hooks own what is saved)."""
+    offers = _SCOPE.offers
+    if not offers or compiling() or saved_tensor_hooks_active():
+        return None
+    for mark, recipe in offers:
+        if mark.matches(x):
+            return recipe
+    return None
+
+
+def keep_input(ctx: Any, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """What an autograd Function saves in the place of its input x: pass it first to its ``ctx.save_for_backward``,
+    and take x back in backward with :func:`kept_input`. That is ``(x,)``, or where x is a tensor offered in the
+    running :class:`RebuildScope`, the tensors its recipe rebuilds it from (the rest of the recipe goes on ``ctx``):
+    what the hooks of :func:`keeps_recipes` do, without a Python hook per saved tensor or a context per call (a
+    class whose Functions all do this sets ``keeps_recipes_itself``; :class:`~.module.AdapterModule`)."""
+    recipe = _offered(x)
+    if recipe is None:
+        ctx.input_recipe = None
+        return (x,)
+    direct = recipe.direct
+    if direct is None:
+        direct = recipe.direct = _DirectRecipe(recipe)
+    direct.waiting += 1
+    ctx.input_recipe = direct
+    return tuple(recipe.sources[slot] for slot in direct.slots)
+
+
+def kept_input(ctx: Any, saved: Sequence[torch.Tensor]) -> tuple[torch.Tensor, Sequence[torch.Tensor]]:
+    """``(x, the rest)`` from ``saved`` (``ctx.saved_tensors``, or the part of them that began with what
+    :func:`keep_input` gave): x itself, or rebuilt from its recipe."""
+    direct = ctx.input_recipe
+    if direct is None:
+        return saved[0], saved[1:]
+    count = len(direct.slots)
+    return direct.take(saved[:count]), saved[count:]
 
 
 def keeps_recipes(forward: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:

@@ -34,6 +34,7 @@ from torch import nn
 
 from .compute import cast
 from .frozen import WeightOperand, materialize, save_with_weight, saved_with_weight
+from .rebuild import keep_input, kept_input
 from .products import Grad
 
 
@@ -162,7 +163,7 @@ def _save(ctx: Any, op: StructuredOp | FoldOp, scale: Any, bias: torch.Tensor | 
     """What both Functions keep: the op and its scale, the bias's dtype, and x, W (or its 4-bit handle), the
     parameters — the tensors themselves, no copies."""
     ctx.op, ctx.scale, ctx.bias_dtype = op, scale, None if bias is None else bias.dtype
-    save_with_weight(ctx, weight, x, *params)
+    save_with_weight(ctx, weight, *keep_input(ctx, x), *params)  # x, or its recipe (core.rebuild)
 
 
 class _Backward:
@@ -171,7 +172,8 @@ class _Backward:
     which inputs want a gradient."""
 
     def __init__(self, ctx: Any, dy: torch.Tensor) -> None:
-        self.weight, (self.x, *self.params) = saved_with_weight(ctx)
+        self.weight, saved = saved_with_weight(ctx)
+        self.x, self.params = kept_input(ctx, saved)
         dtype = self.x.dtype
         self.dy = cast(dy, dtype).contiguous()
         self.need_x, self.need_w, self.need_b = ctx.needs_input_grad[:3]

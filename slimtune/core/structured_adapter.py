@@ -112,6 +112,10 @@ class StructuredAdapter(AdapterModule):
     :func:`~slimtune.core.frozen.weight_shape`. Convolutions are dense only.
     """
 
+    #: every path's Function (structured, folded, LoKr's Kronecker Linear, LoHa's fused Linear) keeps an offered
+    #: input's recipe itself (:func:`~slimtune.core.rebuild.keep_input`): no saved-tensor hooks around the call
+    keeps_recipes_itself = True
+
     def _setup(self, r: int, alpha: float, rank_dropout: float, module_dropout: float, path: str) -> None:
         base = self.base_layer
         self.r, self.alpha, self.scaling = r, alpha, alpha / r

@@ -289,6 +289,38 @@ def test_transformer_block_adapters_keep_recipes_for_the_norm_and_geglu_outputs(
         assert checkpointed or sl <= sp - 4 * (3 * 5 * 32 * 2 + 3 * 5 * 8 * 3)
 
 
+def test_transformer_block_lora_keeps_recipes_without_hooks_once_its_siblings_run_together():
+    """LoRA's Functions keep an offered input's recipe themselves (``keeps_recipes_itself``: no saved-tensor hooks
+    around its forward). Over three steps — the first with every layer alone, then q/k/v as one Function — the
+    outputs and gradients are the plain block's bit for bit, with the norms' and the GEGLU's outputs not kept."""
+    pytest.importorskip("diffusers")
+    from diffusers.models.attention import BasicTransformerBlock
+
+    from slimtune.methods.dora.module import DoraLinear
+    from slimtune.methods.lora.linear import LoraLinear
+
+    assert LoraLinear.keeps_recipes_itself and not hasattr(LoraLinear.forward, "__wrapped__")
+    assert hasattr(DoraLinear.forward, "__wrapped__")  # its own forward: the hooks again
+    torch.manual_seed(0)
+    block = BasicTransformerBlock(8, 2, 4, cross_attention_dim=6)
+    context = torch.randn(3, 4, 6)
+    plain, lean = _adapted_pair(block, slimtune.LoraConfig(r=4, target_modules=_BLOCK_TARGETS), strip=True)
+    for step in range(3):
+        results = []
+        for model in (plain, lean):
+            x = torch.randn(3, 5, 8, generator=torch.Generator().manual_seed(step), requires_grad=True)
+            out, saved = _saved_bytes(lambda m=model, x=x: m(x, encoder_hidden_states=context), model)
+            out.square().sum().backward()
+            params = list(slimtune.trainable_parameters(model))
+            results.append((out.detach(), [x.grad, *(p.grad.clone() for p in params)], saved))
+            for p in params:
+                p.grad = None
+        (op, gp, sp), (ol, gl, sl) = results
+        assert torch.equal(op, ol) and all(torch.equal(a, b) for a, b in zip(gp, gl))
+        assert sl <= sp - 4 * (3 * 5 * 32 * 2 + 3 * 5 * 8 * 3)
+    assert lean.attn1.to_q.siblings.state == "active"
+
+
 @pytest.mark.parametrize("config", [
     slimtune.LoraConfig(r=4, target_modules=["conv1", "conv2"]),
     slimtune.LohaConfig(r=4, target_modules=["conv1", "conv2"]),

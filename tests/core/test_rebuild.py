@@ -2,11 +2,13 @@
 tensor replaced, autograd's in-place check kept, and the hooks seen as transparent."""
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 
 from slimtune.core.autograd_state import saved_tensor_hooks_active
-from slimtune.core.rebuild import RebuildScope, keeps_recipes, offer, rebuilt_from
+from slimtune.core.rebuild import RebuildScope, keep_input, kept_input, keeps_recipes, offer, rebuilt_from
 from slimtune.memory.accounting import SavedTensorMeter
 
 
@@ -195,3 +197,111 @@ def test_a_consumer_inside_a_checkpointed_region_of_a_scope_saves_through_the_ch
         out = torch.utils.checkpoint.checkpoint(_consume, y, w, use_reentrant=False)
     out.sum().backward()
     assert not calls and torch.equal(w.grad, y)
+
+
+class _Keeper(torch.autograd.Function):
+    """``y * w`` keeping y through :func:`keep_input` (as LoRA's Functions do): y itself, or its recipe."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(*keep_input(ctx, y), w)
+        return y * w
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y, (w,) = kept_input(ctx, ctx.saved_tensors)
+        return grad * w, grad * y
+
+
+def test_functions_keeping_a_recipe_themselves_rebuild_once_and_let_it_go():
+    """Functions that keep an offered input themselves (no hooks): one rebuild for all of them, the plain gradients bit
+    for bit, and the rebuilt tensor let go once the last of them has taken it (the graph still alive)."""
+    torch.manual_seed(2)
+    p = torch.randn(4, 6, requires_grad=True)
+    ws = [torch.randn(4, 6, requires_grad=True) for _ in range(3)]
+    rebuilt: list[weakref.ref] = []
+
+    def rebuild(source: torch.Tensor) -> torch.Tensor:
+        out = torch.sigmoid(source)
+        rebuilt.append(weakref.ref(out))
+        return out
+
+    y = torch.sigmoid(p)
+    with RebuildScope():
+        offer(y, rebuild, p)
+        outs = [_Keeper.apply(y, w) for w in ws]
+    total = sum(o.sum() for o in outs)
+    total.backward()
+    assert len(rebuilt) == 1 and rebuilt[0]() is None  # `total` and its graph are still here
+    grads = [t.grad.clone() for t in (p, *ws)]
+    for t in (p, *ws):
+        t.grad = None
+    y = torch.sigmoid(p)
+    sum((y * w).sum() for w in ws).backward()
+    assert all(torch.equal(g, t.grad) for g, t in zip(grads, (p, *ws)))
+
+
+def test_a_function_keeping_a_recipe_saves_its_sources_where_the_meter_sees_them():
+    """The meter outside sees the recipe's source (kept anyway: here by a producer-like product), not y."""
+    p = torch.randn(64, 3)
+    w = torch.randn(64, 3, requires_grad=True)
+    y = p * 2
+    meter = SavedTensorMeter()
+    with RebuildScope():
+        offer(y, lambda source: source * 2, p)
+        with meter.record():
+            kept_anyway = _product(p, w)  # keeps p and w
+            out = _Keeper.apply(y, w)
+    assert meter.bytes == 2 * 64 * 3 * 4  # p and w: no y
+    (out + kept_anyway).sum().backward()
+    assert torch.equal(w.grad, y + p)
+
+
+def test_a_function_keeping_a_recipe_checks_its_sources_and_rebuilds_y_as_it_was():
+    """The sources are saved by the Function itself: a later in-place change of one fails backward, as for any saved
+    tensor. A change of y itself does not reach the gradient (y is rebuilt as it was saved, as with the hooks)."""
+    for changed in ("source", "y"):
+        p = torch.randn(4, 3)
+        w = torch.randn(4, 3, requires_grad=True)
+        y = p * 2
+        with RebuildScope():
+            offer(y, lambda source: source * 2, p)
+            out = _Keeper.apply(y, w)
+        (p if changed == "source" else y).add_(1)
+        if changed == "source":
+            with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+                out.sum().backward()
+        else:
+            out.sum().backward()
+            assert torch.equal(w.grad, p * 2)
+
+
+def test_second_derivatives_through_a_recipe_kept_by_a_function_are_the_plain_ones():
+    """A ``create_graph`` backward rebuilds y from its saved sources with grad on, so d²/dp² through y = p² reaches p
+    (a y rebuilt without grad would drop that term silently)."""
+    w = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    grads = []
+    for recipe in (False, True):
+        p = torch.randn(5, dtype=torch.float64, generator=torch.Generator().manual_seed(0), requires_grad=True)
+        y = p * p
+        with RebuildScope():
+            if recipe:
+                offer(y, lambda source: source * source, p)
+            out = _Keeper.apply(y, w).sum()
+        (gw,) = torch.autograd.grad(out, w, create_graph=True)
+        (gp,) = torch.autograd.grad(gw.sum(), p)
+        grads.append(gp)
+    assert torch.equal(grads[0], grads[1]) and grads[0].abs().sum() > 0
+
+
+def test_a_function_outside_a_scope_or_given_another_tensor_keeps_it_as_it_is():
+    p = torch.randn(4, 3)
+    w = torch.randn(4, 3, requires_grad=True)
+    y = p * 2
+    calls: list[int] = []
+    outside = _Keeper.apply(y, w)
+    with RebuildScope():
+        offer(y, lambda source: calls.append(1) or source * 2, p)
+        other = _Keeper.apply(y.clone(), w)
+    (outside + other).sum().backward()
+    assert not calls and torch.equal(w.grad, 2 * y)

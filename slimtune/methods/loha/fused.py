@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ...core.rebuild import keep_input, kept_input
 from .triton_kernels import fold, fold_grads
 
 
@@ -35,13 +36,13 @@ class FusedLohaLinear(torch.autograd.Function):
         dtype = x.dtype
         factors = [f if f.dtype == dtype else f.to(dtype) for f in (w1a, w1b, w2a, w2b)]
         y = F.linear(x, fold(weight, *factors, scale), bias)
-        ctx.save_for_backward(x, weight, w1a, w1b, w2a, w2b)
+        ctx.save_for_backward(*keep_input(ctx, x), weight, w1a, w1b, w2a, w2b)  # x, or its recipe (core.rebuild)
         ctx.scale, ctx.has_bias = scale, bias is not None
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, *params = ctx.saved_tensors
+        x, (weight, *params) = kept_input(ctx, ctx.saved_tensors)
         dtype = x.dtype
         need_x = ctx.needs_input_grad[0]
         factors = [p if p.dtype == dtype else p.to(dtype) for p in params]

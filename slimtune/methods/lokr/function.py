@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ...core.frozen import is_quantized, materialize, save_with_weight, saved_with_weight
+from ...core.rebuild import keep_input, kept_input
 from ...core.products import sum_bmm
 
 #: ``(a_out, a_in, b_out, b_in, order)``: the factor shapes and which one contracts first
@@ -70,7 +71,7 @@ class KronLinearFunction(torch.autograd.Function):
                 y.view(n * a_out, b_out).addmm_(t.view(n * a_out, b_in), w2.t())
             else:
                 y.addcmul_(torch.mm(t.view(n * a_out, b_in), w2.t()).view(n, -1), mask)
-        save_with_weight(ctx, weight, x, *params)
+        save_with_weight(ctx, weight, *keep_input(ctx, x), *params)  # x, or its recipe (core.rebuild)
         ctx.geometry, ctx.factors, ctx.s, ctx.mask = geometry, factors, s, mask  # mask: [d_out], no grad
         ctx.w12 = w1, w2  # factor-sized (a_out·a_in + b_out·b_in): kept rather than rebuilt in backward
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -78,7 +79,8 @@ class KronLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        weight, (x, *params) = saved_with_weight(ctx)
+        weight, saved = saved_with_weight(ctx)
+        x, params = kept_input(ctx, saved)
         mask = ctx.mask
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         need = ctx.needs_input_grad[7:]

@@ -45,6 +45,10 @@ class LoraLinear(LoraMixin, AdapterModule):
     through which layers that read the same input run as one Function."""
 
     siblings: SiblingGroup | None = None
+    #: its Functions (:func:`~slimtune.core.lowrank.lowrank_linear`, the grouped one) keep a recipe for an offered
+    #: input themselves (:func:`~slimtune.core.rebuild.keep_input`): no saved-tensor hooks around the call, and none
+    #: for a member that takes its output from its sibling group
+    keeps_recipes_itself = True
 
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
                  init: str = "default", adapter_dtype: torch.dtype | None = None) -> None:

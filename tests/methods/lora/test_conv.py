@@ -61,3 +61,42 @@ def test_grouped_conv_merge_is_refused_and_rank_must_divide_groups():
     assert not lora.merged
     with pytest.raises(slimtune.ConfigError, match="divisible"):
         LoraConv(base, r=3, alpha=3)
+
+
+@pytest.mark.parametrize("cls,kw", CASES)
+@pytest.mark.parametrize("dtype,adapter_dtype", [(torch.float32, None), (torch.bfloat16, torch.float32)])
+def test_conv_function_is_the_composition_bit_for_bit(cls, kw, dtype, adapter_dtype):
+    """The training path (one Function, ``LowRankConvFunction``) gives the plain composition's output and gradients
+    bit for bit (fp32 adapters over a bf16 base included) and keeps less: not ``h = down(x)``."""
+    from slimtune.memory.accounting import SavedTensorMeter
+
+    torch.manual_seed(0)
+    lora = LoraConv(cls(**kw).to(dtype), r=4, alpha=6, adapter_dtype=adapter_dtype)
+    lora.base_layer.requires_grad_(False)
+    perturb_adapters(lora)
+    results, x0 = [], _input(cls, dtype)
+    for run in (lora, lora._composed):
+        x = x0.clone().requires_grad_()
+        meter = SavedTensorMeter(exclude=lora.parameters())
+        with meter.record():
+            y = run(x)
+        y.backward(torch.ones_like(y) + y.detach())
+        results.append((y.detach(), x.grad, lora.lora_A.grad, lora.lora_B.grad, meter.bytes))
+        lora.lora_A.grad = lora.lora_B.grad = None
+    (*function, kept), (*composed, kept_composed) = results
+    assert all(torch.equal(a, b) for a, b in zip(function, composed))
+    assert kept < kept_composed
+
+
+def test_conv_with_dropout_or_unbatched_input_runs_the_composition():
+    torch.manual_seed(0)
+    lora = LoraConv(nn.Conv2d(6, 8, 3, padding=1), r=4, alpha=4, dropout=0.5)
+    perturb_adapters(lora)
+    x = torch.randn(6, 9, 11, requires_grad=True)  # unbatched, as nn.Conv2d takes it
+    lora.eval()
+    assert torch.equal(lora(x), lora(x.unsqueeze(0)).squeeze(0))
+    lora.train()
+    y = lora(x.unsqueeze(0))
+    assert y.grad_fn is not None and "LowRankConv" not in type(y.grad_fn).__name__
+    y.sum().backward()
+    assert lora.lora_A.grad is not None and x.grad is not None
