@@ -12,11 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...core.compute import autocasting
 from ...core.lowrank import conv_low_rank_forward
-from ...core.lowrank_conv import lowrank_conv
 from ...core.module import AdapterModule
-from ...core.rebuild import keeps_recipes
 from ...errors import ConfigError, SlimtuneError
 from .linear import LoraMixin
 from .math import _CONV, init_lora_, locon_delta_weight
@@ -49,26 +46,8 @@ class LoraConv(LoraMixin, AdapterModule):
                                 "the update is not block-diagonal")
         return locon_delta_weight(self.lora_A, self.lora_B, self.scaling)
 
-    #: the training path, :class:`~slimtune.core.lowrank_conv.LowRankConvFunction`, keeps a recipe for an offered
-    #: input itself (no saved-tensor hooks around the call); the composition it falls back on (dropout, autocast, an
-    #: unbatched input) runs under :func:`~slimtune.core.rebuild.keeps_recipes`' hooks
-    keeps_recipes_itself = True
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.disabled or self.merged:
             return self.base_layer(x)
-        base = self.base_layer
-        weight, bias = base.weight, base.bias
-        if (not (self.training and self.dropout_p > 0) and x.dim() == weight.dim() and weight.dtype == x.dtype
-                and (bias is None or bias.dtype == x.dtype) and not autocasting(x)
-                and base.padding_mode == "zeros" and not isinstance(base.padding, str)):
-            return lowrank_conv(x, weight, bias, self.lora_A, self.lora_B, self.scaling,
-                                (base.stride, base.padding, base.dilation, base.groups))
-        return self._composed(x)
-
-    @keeps_recipes
-    def _composed(self, x: torch.Tensor) -> torch.Tensor:
-        """``base(x) + s·up(down(drop(x)))`` through PyTorch's autograd (:func:`~slimtune.core.lowrank.
-        conv_low_rank_forward`): with dropout, under autocast, for an unbatched x or a base with another padding."""
         xd = F.dropout(x, self.dropout_p, training=True) if self.training and self.dropout_p > 0 else x
         return conv_low_rank_forward(x, xd, self.base_layer, self.lora_A, self.lora_B * self.scaling)
