@@ -24,8 +24,9 @@ their own weight gradients. What PyTorch keeps for them that those gradients nev
   block's input and conv1's output) in one Python autograd node instead of four beside PyTorch's own, its forward
   ops run without autograd bookkeeping — ~85 µs of host time per block and step more than the plain block, against
   ~225 µs for the layers one by one (RESULTS.md run 95) — with the plain block's values and gradients bit for bit.
-* diffusers' **Attention** is called without its per-call ``inspect.signature`` of the processor
-  (:mod:`.attention_call`; nothing saved changes, host time only).
+* diffusers' **Attention** is called without its per-call ``inspect.signature`` of the processor, and with its
+  default processor its body runs without the steps that do nothing in a UNet's or DiT's blocks (the division by a
+  rescale factor of 1, dropout at p = 0) (:mod:`.attention_call`; nothing saved changes, host time only).
 * The **RMSNorm** of transformers' Llama-family models (:data:`RMS_NORM_CLASSES`) keeps a float32 copy of its input
   (4 bytes per element in bf16), over about eight kernels forward and ten backward.
   The lean norm keeps the input itself and a float32 ``rstd`` per row: on CUDA as PyTorch's fused ``F.rms_norm``
@@ -357,7 +358,7 @@ class _LeanResnetForward(_InstanceForward):
 
 
 class _AttentionForward(_InstanceForward):
-    """diffusers' ``Attention``'s instance ``forward``: the processor called directly
+    """diffusers' ``Attention``'s instance ``forward``: the processor called directly, or its default processor's body
     (:func:`~.attention_call.direct_call`: no signature inspection per call)."""
 
     def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:

@@ -1,6 +1,5 @@
-"""slimtune.core.lean_resnet (a frozen diffusers ResnetBlock2D as one autograd Function) and
-slimtune.core.attention_call (diffusers' Attention without its per-call signature inspection): the plain block's
-values and gradients bit for bit, less kept for backward, and the plain forward wherever the form or the call differ."""
+"""slimtune.core.lean_resnet (a frozen diffusers ResnetBlock2D as one autograd Function): the plain block's values and
+gradients bit for bit, less kept for backward, and the plain forward wherever the form or the call differ."""
 from __future__ import annotations
 
 import copy
@@ -13,7 +12,6 @@ from slimtune.core import lean_layers
 from slimtune.memory.accounting import SavedTensorMeter
 
 diffusers = pytest.importorskip("diffusers")
-from diffusers.models.attention_processor import Attention  # noqa: E402
 from diffusers.models.resnet import ResnetBlock2D  # noqa: E402
 
 
@@ -90,15 +88,3 @@ def test_the_block_keeps_the_size_rule(monkeypatch):
     assert _run(lean, x, temb)[3] == "ResnetBlockFunctionBackward"  # conv1's output is 2 KiB
     _, narrow = _pair(in_channels=8, out_channels=8)
     assert _run(narrow, x, temb)[3] != "ResnetBlockFunctionBackward"  # 1 KiB each
-
-
-def test_attention_is_called_directly_with_the_same_result():
-    torch.manual_seed(0)
-    attn = Attention(16, heads=2, dim_head=8)
-    lean = copy.deepcopy(attn)
-    lean_layers.install(lean)
-    assert lean_layers.installed(lean)
-    x, enc = torch.randn(2, 5, 16), torch.randn(2, 3, 16)
-    assert torch.equal(lean(x), attn(x)) and torch.equal(lean(x, enc), attn(x, enc))
-    assert torch.equal(lean(x, encoder_hidden_states=enc), attn(x, encoder_hidden_states=enc))
-    assert torch.equal(lean(x, unknown_key=1), attn(x, unknown_key=1))  # diffusers' own forward drops it

@@ -305,3 +305,18 @@ def test_a_function_outside_a_scope_or_given_another_tensor_keeps_it_as_it_is():
         other = _Keeper.apply(y.clone(), w)
     (outside + other).sum().backward()
     assert not calls and torch.equal(w.grad, 2 * y)
+
+
+def test_a_recipe_kept_by_a_function_serves_a_second_backward_of_a_retained_graph():
+    """``retain_graph=True``: the first backward lets the rebuilt tensor go; the second rebuilds it again from the
+    sources the Function still holds, and gets the same gradients."""
+    p = torch.randn(4, 3)
+    w = torch.randn(4, 3, requires_grad=True)
+    y = torch.sigmoid(p)
+    calls: list[int] = []
+    with RebuildScope():
+        offer(y, lambda source: calls.append(1) or torch.sigmoid(source), p)
+        out = _Keeper.apply(y, w).sum() + _Keeper.apply(y, w).sum()
+    (first,) = torch.autograd.grad(out, w, retain_graph=True)
+    (second,) = torch.autograd.grad(out, w)
+    assert torch.equal(first, 2 * y) and torch.equal(second, first) and len(calls) == 3
