@@ -27,20 +27,22 @@ from slimtune.methods.dora import norm as DN
 from slimtune.methods.dora import product as DP
 
 
+def run_us(fn: Callable[[], object], device: torch.device, reps: int) -> float:
+    """µs per run of ``fn`` over ``reps`` runs between two synchronizes (CUDA)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / reps * 1e6
+
+
 def per_call_us(fn: Callable[[], object], device: torch.device, reps: int = 300) -> float:
     for _ in range(20):
         fn()
-    best = float("inf")
-    for _ in range(3):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, (time.perf_counter() - t0) / reps * 1e6)
-    return best
+    return min(run_us(fn, device, reps) for _ in range(3))
 
 
 def layer(config, device, dtype, d: int = 3072, tokens: int = 16) -> tuple[nn.Module, torch.Tensor]:

@@ -22,11 +22,11 @@ import copy
 import importlib
 import statistics
 import sys
-import time
 from types import ModuleType
 from typing import Callable
 
 from _common import environment_line, markdown_table, write_out_text
+from host_cost import run_us
 
 import torch
 from torch import nn
@@ -106,15 +106,9 @@ def interleaved_us(calls: dict[str, Callable[[], object]], device: torch.device,
     times: dict[str, list[float]] = {name: [] for name in calls}
     for round_index in range(rounds + 1):
         for name, call in calls.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(reps):
-                call()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            us = run_us(call, device, reps)
             if round_index:  # the first round warms up
-                times[name].append((time.perf_counter() - t0) / reps * 1e6)
+                times[name].append(us)
     return times
 
 
