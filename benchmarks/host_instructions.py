@@ -88,6 +88,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="a directory holding an earlier copy of the package as slimtune_before")
     parser.add_argument("--stripped", action="store_true",
                         help="also slimtune without its lean RMSNorm and SwiGLU (host_proxy.LLAMA_LEAN)")
+    parser.add_argument("--kinds", nargs="+", default=None, metavar="KIND",
+                        help="count only these builds (each run takes minutes under callgrind); default: all")
     parser.add_argument("--worker", nargs=3, metavar=("KIND", "METHOD", "STEPS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -102,6 +104,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--stripped strips the lean Llama layers: not with --preset")
     kinds = (*(k for k in KINDS if not (args.preset and k == "alone")), *(("stripped",) if args.stripped else ()),
              *(("before",) if args.before else ()))
+    if args.kinds:
+        unknown = set(args.kinds) - set(kinds)
+        if unknown:
+            parser.error(f"--kinds {' '.join(sorted(unknown))}: not among this run's builds ({', '.join(kinds)})")
+        kinds = tuple(k for k in kinds if k in args.kinds)
     per_step = {}
     for kind in kinds:
         counts = [instructions(kind, args.method, n, args.layers, args.rank, args.before, args.preset,
