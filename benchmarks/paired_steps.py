@@ -183,6 +183,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "64x64 latents and 77 tokens)")
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--batch", type=int, default=None, help="default: 4, or the preset's own")
+    parser.add_argument("--quant", default="none", choices=("none", "nf4"),
+                        help="nf4: every configuration's frozen base weights in 4-bit NF4 (QLoRA: slimtune.quantize, "
+                             "bitsandbytes for PEFT)")
     parser.add_argument("--memory", default="fast", choices=("fast", "balanced", "max-fit"),
                         help="slimtune's memory setting for its configurations")
     parser.add_argument("--strip-lean", nargs="+", default=["conv", "norm-silu", "geglu", "resnet"],
@@ -224,6 +227,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               dict(preset=args.preset, rank=args.rank, batch=args.batch or (4 if "llama" in args.preset else None),
                    seq=args.seq or 512, device="cpu" if args.cpu else "cuda",
                    dtype="float32" if args.cpu else "bfloat16"))
+    if args.quant != "none":
+        common["quant"] = args.quant
     print(environment_line(), flush=True)
     sessions = []
     steps: dict[str, Callable[[], torch.Tensor]] = {}
@@ -296,7 +301,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     batch = common["batch"] or "the preset's"
     shape = (f"batch {batch} (its latents and text tokens)" if common["preset"] in DIFFUSION_PRESETS
              else f"batch {batch}, seq {common['seq']}")
-    text = (f"{environment_line()}\n\n{common['preset']}, r={common['rank']}, {shape}, {common['dtype']}; "
+    base = " (NF4 base weights)" if args.quant == "nf4" else ""
+    text = (f"{environment_line()}\n\n{common['preset']}{base}, r={common['rank']}, {shape}, {common['dtype']}; "
             f"{args.rounds} paired rounds after {args.warmup} warm-up rounds, "
             f"{'one step' if args.steps_per_turn == 1 else f'{args.steps_per_turn} steps (the first untimed)'} "
             f"of each configuration per round, logits released before backward; slimtune memory="

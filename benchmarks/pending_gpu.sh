@@ -6,7 +6,8 @@
 # Still to run on the H200 that issues 19 and 20 name (every call of 2026-12-05's last session got an H100 or nothing):
 # part 32 (DoRA at seq 2048 beside PEFT-bf16, which needs the H200's memory), then part 30 (compiled DoRA and LoRA,
 # the 8192 r=384 layer) and part 38 (SD-1.5 every method against PEFT-bf16; regenerate .before from the commit to
-# compare against). Parts 29 and 33-34 are earlier forms of 32 and 38.
+# compare against), or 40 (this session's changes; .before = 8def1c5). Parts 29 and 33-34 are earlier forms of 32
+# and 38.
 #
 #   bash benchmarks/pending_gpu.sh 1    # issue 19: capture test, DoRA host breakdown, paired steps eager / captured /
 #                                       #           timed variants, slimtune vs PEFT-bf16 (no carry)
@@ -93,13 +94,17 @@
 #                                       #           (carry .whl, .before)
 #   bash benchmarks/pending_gpu.sh 39   # issue 20: part 38 for a short lease — CUDA tests, SD-1.5 LoRA / LoKr
 #                                       #           against 6debeda and PEFT-bf16 (carry .whl, .before)
+#   bash benchmarks/pending_gpu.sh 40   # issue 20: recipes kept by the Functions themselves, the attention body
+#                                       #           without its no-op steps — CUDA tests, SD-1.5 LoRA / LoCon / LoKr
+#                                       #           against 8def1c5 and PEFT-bf16, QLoRA against PEFT-bf16 (carry .whl,
+#                                       #           .before = 8def1c5)
 #   bash benchmarks/pending_gpu.sh 3    # issue 17: online / gradient / data allocation vs AdaLoRA wall time
 #                                       #           (carry .out/minilm_wide; make it with rank_allocation.py --prepare)
 #
 # Outputs go to $OUT (each script's own files, plus one log per step); record them in benchmarks/RESULTS.md with
 # the GPU and versions the scripts print.
 set -uo pipefail
-part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|...|39"}
+part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|...|40"}
 out=${OUT:-/tmp/pending_gpu}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -474,8 +479,22 @@ case $part in
         --rounds 15 --before .before --configs lora before:lora peft-bf16:lora lokr before:lokr peft-bf16:lokr \
         --out-name paired_sd15_final
     ;;
+40)
+    # issue 20, carry .whl and .before = 8def1c5: LoRA's, LoHa's and LoKr's Functions keep an offered input's recipe
+    # themselves (core.rebuild.keep_input: no saved-tensor hooks), diffusers' default attention processor's body without
+    # its no-op steps (core.attention_call) — the CUDA tests (bit for bit against the plain layers), SD-1.5 LoRA, LoCon
+    # and LoKr against 8def1c5 and PEFT-bf16, and QLoRA (NF4 base weights) against PEFT-bf16 (bitsandbytes)
+    install_wheels
+    step lean_tests 120 python -m pytest -q tests/core/test_attention_call.py tests/core/test_rebuild.py \
+        tests/core/test_lean_layers.py tests/core/test_lean_resnet.py
+    step paired_sd15_direct 300 python benchmarks/paired_steps.py --preset stable-diffusion-1.5 --rank 16 \
+        --rounds 15 --before .before --configs lora before:lora peft-bf16:lora locon before:locon \
+        peft-bf16:locon lokr before:lokr peft-bf16:lokr --out-name paired_sd15_direct
+    step paired_sd15_qlora 150 python benchmarks/paired_steps.py --preset stable-diffusion-1.5 --rank 16 \
+        --rounds 10 --quant nf4 --configs lora peft-bf16:lora --out-name paired_sd15_qlora
+    ;;
 *)
-    echo "unknown part $part (1 to 39)" >&2
+    echo "unknown part $part (1 to 40)" >&2
     exit 2
     ;;
 esac
