@@ -42,12 +42,13 @@ def plain_call(attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_stat
                attention_mask: torch.Tensor | None) -> bool:
     """Whether this call is one :func:`attention_body` runs as the processor would: diffusers' ``AttnProcessor2_0``
     itself (its class, not a subclass), a 3-D ``hidden_states`` without a mask, and a module with no spatial, group,
-    q/k or (for cross-attention) cross norm, no residual connection and an output rescale factor of 1."""
+    q/k or (for cross-attention) cross norm, no residual connection, an output rescale factor of 1 and its output
+    projection and dropout."""
     return (type(attn.processor) is _default_processor() and attention_mask is None
             and isinstance(hidden_states, torch.Tensor) and hidden_states.dim() == 3
             and attn.rescale_output_factor == 1 and not attn.residual_connection
             and attn.spatial_norm is None and attn.group_norm is None and attn.norm_q is None and attn.norm_k is None
-            and (encoder_hidden_states is None or not attn.norm_cross))
+            and (encoder_hidden_states is None or not attn.norm_cross) and len(attn.to_out) == 2)
 
 
 def attention_body(attn: nn.Module, hidden_states: torch.Tensor,
