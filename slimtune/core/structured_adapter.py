@@ -113,7 +113,8 @@ class StructuredAdapter(AdapterModule):
     """
 
     #: every path's Function (structured, folded, LoKr's Kronecker Linear, LoHa's fused Linear) keeps an offered
-    #: input's recipe itself (:func:`~slimtune.core.rebuild.keep_input`): no saved-tensor hooks around the call
+    #: input's recipe itself (:func:`~slimtune.core.rebuild.keep_input`): no saved-tensor hooks around the call (a
+    #: call that module dropout skips runs the base layer alone, and a base convolution then keeps its input itself)
     keeps_recipes_itself = True
 
     def _setup(self, r: int, alpha: float, rank_dropout: float, module_dropout: float, path: str) -> None:
