@@ -30,10 +30,11 @@ a few dozen of them are an adapter's input.
 In a scope a consumer's Function may also keep the recipe itself, with no hook at all (:func:`keep_input` in its
 forward, :func:`kept_input` in its backward): it saves the recipe's tensors in x's place with its own
 ``save_for_backward`` — so autograd checks them, frees them after that backward and gives them back with their place
-in the graph — and keeps the rest on its ``ctx``. LoRA's, LoCon's, LoHa's and LoKr's Functions do (their classes set
-``keeps_recipes_itself``, and their ``forward`` runs without the hooks): the hooks cost ~100 µs of host time per
-diffusers transformer block and step (a context per consumer call, a Python call per saved tensor each way;
-RESULTS.md run 96), and a q/k/v member that takes its output from its sibling group saves nothing, so it needs none.
+in the graph — and keeps the rest on its ``ctx``. LoRA's, LoHa's and LoKr's Functions do (their classes set
+``keeps_recipes_itself``, and their ``forward`` runs without the hooks). The hooks cost a context per consumer call
+and a Python call per saved tensor each way: a diffusers transformer block with LoRA takes ~65 µs less host time per
+step without them (RESULTS.md run 96), and a q/k/v member that takes its output from its sibling group saves nothing,
+so it needs none.
 
 Callers skip it where other saved-tensor hooks own what is saved (checkpointing, offloading:
 :func:`~.autograd_state.saved_tensor_hooks_active`) and under ``torch.compile``. The pack hook is marked transparent
