@@ -96,7 +96,8 @@ def _variants(plain: nn.Module, device: torch.device, dtype: torch.dtype,
     if top in ("_LeanBlockForward", "_LeanResnetForward"):
         without = copy.deepcopy(lean)
         del without.forward
-        out["lean, no recipes" if top == "_LeanBlockForward" else "lean, layer by layer"] = without
+        adapted = any(p.requires_grad for p in lean.parameters())  # a block with an adapter: its recipes go too
+        out["lean, layer by layer, no recipes" if adapted else "lean, layer by layer"] = without
     return out
 
 

@@ -95,9 +95,9 @@
 #   bash benchmarks/pending_gpu.sh 39   # issue 20: part 38 for a short lease — CUDA tests, SD-1.5 LoRA / LoKr
 #                                       #           against 6debeda and PEFT-bf16 (carry .whl, .before)
 #   bash benchmarks/pending_gpu.sh 40   # issue 20: recipes kept by the Functions themselves, the attention body
-#                                       #           without its no-op steps — CUDA tests, SD-1.5 LoRA / LoCon / LoKr
-#                                       #           against 8def1c5 and PEFT-bf16, QLoRA against PEFT-bf16 (carry .whl,
-#                                       #           .before = 8def1c5)
+#                                       #           without its no-op steps, LoCon's ResNet blocks as one Function —
+#                                       #           CUDA tests, SD-1.5 LoRA / LoCon / LoKr against 8def1c5 and
+#                                       #           PEFT-bf16, QLoRA against PEFT-bf16 (carry .whl, .before = 8def1c5)
 #   bash benchmarks/pending_gpu.sh 3    # issue 17: online / gradient / data allocation vs AdaLoRA wall time
 #                                       #           (carry .out/minilm_wide; make it with rank_allocation.py --prepare)
 #
@@ -482,11 +482,12 @@ case $part in
 40)
     # issue 20, carry .whl and .before = 8def1c5: LoRA's, LoHa's and LoKr's Functions keep an offered input's recipe
     # themselves (core.rebuild.keep_input: no saved-tensor hooks), diffusers' default attention processor's body without
-    # its no-op steps (core.attention_call) — the CUDA tests (bit for bit against the plain layers), SD-1.5 LoRA, LoCon
-    # and LoKr against 8def1c5 and PEFT-bf16, and QLoRA (NF4 base weights) against PEFT-bf16 (bitsandbytes)
+    # its no-op steps (core.attention_call), a ResNet block with LoCon as one Function (core.lean_resnet) — the CUDA
+    # tests (bit for bit against the plain layers), SD-1.5 LoRA, LoCon and LoKr against 8def1c5 and PEFT-bf16, and
+    # QLoRA (NF4 base weights) against PEFT-bf16 (bitsandbytes)
     install_wheels
     step lean_tests 120 python -m pytest -q tests/core/test_attention_call.py tests/core/test_rebuild.py \
-        tests/core/test_lean_layers.py tests/core/test_lean_resnet.py
+        tests/core/test_lean_layers.py tests/core/test_lean_resnet.py tests/core/test_aten_grads.py
     step paired_sd15_direct 300 python benchmarks/paired_steps.py --preset stable-diffusion-1.5 --rank 16 \
         --rounds 15 --before .before --configs lora before:lora peft-bf16:lora locon before:locon \
         peft-bf16:locon lokr before:lokr peft-bf16:lokr --out-name paired_sd15_direct

@@ -137,3 +137,28 @@ def causal_lm_step_saved(model: torch.nn.Module, ids: torch.Tensor) -> tuple[tor
         logits = model(ids).logits
     logits.float().pow(2).mean().backward()
     return logits, [p.grad for p in model.parameters() if p.requires_grad], meter.bytes
+
+
+def adapted_pair(base: torch.nn.Module, config, strip: bool = False) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """Two copies of ``base`` adapted alike (the same initialisation, adapters perturbed alike), the first with its lean
+    layers removed (with every hook ``adapt`` installed, or with ``strip`` their forwards alone: the adapters' own
+    hooks stay)."""
+    import copy
+
+    import slimtune
+    from slimtune.core import lean_layers
+    from slimtune.core.inject import HOOKS_ATTR
+
+    models = []
+    for _ in range(2):
+        torch.manual_seed(5)
+        model = slimtune.adapt(copy.deepcopy(base), config)
+        perturb_adapters(model, seed=3)
+        models.append(model)
+    if strip:
+        for m in models[0].modules():
+            if lean_layers.installed(m):
+                del m.forward
+    else:
+        getattr(models[0], HOOKS_ATTR)()
+    return models[0], models[1]

@@ -1,6 +1,7 @@
 """The ATen kernels the lean layers (:mod:`.lean_layers`, :mod:`.lean_resnet`) call directly: SiLU's, GELU's, a
 convolution's and a GroupNorm's input gradients, the very ops autograd's own ``SiluBackward0`` / ``GeluBackward0`` /
-``ConvolutionBackward0`` / ``NativeGroupNormBackward0`` nodes run, and the GroupNorm forward that also returns the
+``ConvolutionBackward0`` / ``NativeGroupNormBackward0`` nodes run (a convolution's weight and bias gradients too, for
+LoCon's convolutions inside a ResNet block's Function), and the GroupNorm forward that also returns the
 statistics that backward takes. Called from inside a custom backward, the first two replace a nested
 ``torch.autograd.grad`` pass through ``F.silu`` / ``F.gelu`` — the same numbers, bit for bit, without starting the
 autograd engine again (tens of microseconds of host time per call, dozens of calls per UNet step) — and the third is
@@ -40,6 +41,17 @@ def conv_input_grad(grad: torch.Tensor, weight: torch.Tensor, input_shape: tuple
     shape_only = grad.new_empty(1).expand(input_shape)
     return torch.ops.aten.convolution_backward(grad, shape_only, weight, None, stride, padding, dilation, False,
                                                [0] * len(stride), groups, (True, False, False))[0]
+
+
+def conv_grads(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: tuple[int, ...],
+               padding: tuple[int, ...], dilation: tuple[int, ...], groups: int, need: tuple[bool, bool, bool]
+               ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """``(dx, dW, db)`` of ``conv{1,2,3}d(x, weight, b, stride, padding, dilation, groups)`` for the output gradient
+    ``grad``, those of ``need`` asked for (the others None), as autograd's node computes them
+    (``aten.convolution_backward``): x ``[B, C_in, *spatial]``, weight ``[C_out, C_in/groups, *kernel]``."""
+    dx, dw, db = torch.ops.aten.convolution_backward(grad, x, weight, [weight.shape[0]] if need[2] else None, stride,
+                                                     padding, dilation, False, [0] * len(stride), groups, need)
+    return (dx if need[0] else None), (dw if need[1] else None), (db if need[2] else None)
 
 
 def group_norm_with_stats(x: torch.Tensor, groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,

@@ -24,6 +24,8 @@ their own weight gradients. What PyTorch keeps for them that those gradients nev
   block's input and conv1's output) in one Python autograd node instead of four beside PyTorch's own, its forward
   ops run without autograd bookkeeping — ~85 µs of host time per block and step more than the plain block, against
   ~225 µs for the layers one by one (RESULTS.md run 95) — with the plain block's values and gradients bit for bit.
+  So does one with LoCon on its convolutions and LoRA on its time projection (LoCon's), the adapters' compositions
+  inside the Function (~160 µs over the plain block against ~300 µs for its lean layers and recipes, run 99).
 * diffusers' **Attention** is called without its per-call ``inspect.signature`` of the processor, and with its
   default processor its body runs without the steps that do nothing in a UNet's or DiT's blocks (the division by a
   rescale factor of 1, dropout at p = 0) (:mod:`.attention_call`; nothing saved changes, host time only).
@@ -326,13 +328,17 @@ class _LeanBlockForward(_InstanceForward):
     outputs."""
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        block = self.module
-        first = args[0] if args else kwargs.get("hidden_states", kwargs.get("input_tensor"))
-        if (not torch.is_grad_enabled() or compiling() or saved_tensor_hooks_active()
-                or not isinstance(first, torch.Tensor) or not _large(first)):
-            return type(block).forward(block, *args, **kwargs)
-        with RebuildScope():
-            return type(block).forward(block, *args, **kwargs)
+        return _scoped_forward(self.module, args, kwargs)
+
+
+def _scoped_forward(block: nn.Module, args: tuple, kwargs: dict) -> Any:
+    """The block's own forward, inside a :class:`~.rebuild.RebuildScope` where :class:`_LeanBlockForward` says."""
+    first = args[0] if args else kwargs.get("hidden_states", kwargs.get("input_tensor"))
+    if (not torch.is_grad_enabled() or compiling() or saved_tensor_hooks_active()
+            or not isinstance(first, torch.Tensor) or not _large(first)):
+        return type(block).forward(block, *args, **kwargs)
+    with RebuildScope():
+        return type(block).forward(block, *args, **kwargs)
 
 
 def _large_block(x: Any, block: nn.Module) -> bool:
@@ -345,16 +351,20 @@ def _large_block(x: Any, block: nn.Module) -> bool:
 
 
 class _LeanResnetForward(_InstanceForward):
-    """A diffusers ``ResnetBlock2D``'s instance ``forward`` where it holds no adapter and has the form
-    :func:`~.lean_resnet.fits`: the whole block as one :class:`~.lean_resnet.ResnetBlockFunction` where
-    :func:`~.lean_resnet.applies` and its activations are at least :data:`UNET_LEAN_BYTES` (the size rule of the
-    layers it replaces), else its own forward (its layers' lean forwards apply there)."""
+    """A diffusers ``ResnetBlock2D``'s instance ``forward`` where it has the form :func:`~.lean_resnet.fits` (frozen
+    layers, or LoCon and a LoRA time projection over them): the whole block as one
+    :class:`~.lean_resnet.ResnetBlockFunction` where :func:`~.lean_resnet.applies` and its activations are at least
+    :data:`UNET_LEAN_BYTES` (the size rule of the layers it replaces), else its own forward (its layers' lean forwards
+    apply there, in a recipe scope where it holds an adapter)."""
 
     def __call__(self, input_tensor: torch.Tensor, temb: torch.Tensor | None, *args: Any, **kwargs: Any) -> Any:
         block = self.module
         if args or kwargs or not (_large_block(input_tensor, block) and lean_resnet.applies(block, input_tensor, temb)):
+            if lean_resnet.adapters(block):
+                return _scoped_forward(block, (input_tensor, temb, *args), kwargs)
             return type(block).forward(block, input_tensor, temb, *args, **kwargs)
-        return lean_resnet.ResnetBlockFunction.apply(input_tensor, input_tensor, temb, block)
+        return lean_resnet.ResnetBlockFunction.apply(input_tensor, input_tensor, input_tensor, temb, block,
+                                                     *lean_resnet.factors_of(block))
 
 
 class _AttentionForward(_InstanceForward):
@@ -480,9 +490,14 @@ def _diffusers_block(m: nn.Module) -> bool:
 
 def _diffusers_resnet(m: nn.Module, own_forward: set[nn.Module]) -> bool:
     """A diffusers ``ResnetBlock2D`` with its class's forward, of the form :func:`~.lean_resnet.fits`, none of its
-    modules with a forward someone else set on the instance (``own_forward``: those without)."""
-    return (_listed_class(m, (RESNET_BLOCK,)) and lean_resnet.fits(m)
-            and all(c in own_forward for c in m.modules()))
+    modules with a forward someone else set on the instance (``own_forward``: those without, adapters aside; an
+    adapter the Function runs and its base layer keep their class's forward too)."""
+    if not (_listed_class(m, (RESNET_BLOCK,)) and lean_resnet.fits(m)):
+        return False
+    adapters = lean_resnet.adapters(m)
+    inside = {c for a in adapters for c in a.modules()}
+    return (all("forward" not in c.__dict__ for c in inside)
+            and all(c in own_forward for c in m.modules() if c not in inside))
 
 
 #: the norms of a diffusers BasicTransformerBlock whose outputs go to its attention and feed-forward projections (their
@@ -526,7 +541,7 @@ def install(model: nn.Module, skip: Callable[[nn.Module], bool] = lambda m: Fals
         elif _diffusers_geglu(m):
             targets.append((m, _LeanGegluForward(m)))
         elif _diffusers_block(m) and any(skip(c) for c in m.modules()):  # an adapter inside keeps a layer's output
-            targets.append((m, _LeanBlockForward(m)))
+            targets.append((m, _LeanResnetForward(m) if _diffusers_resnet(m, own_forward) else _LeanBlockForward(m)))
             norms = [getattr(m, name, None) for name in BLOCK_NORMS]
             targets.extend((n, _LeanLayerNormForward(n)) for n in norms
                            if _keeps_forward(n, nn.LayerNorm) and n in modules)

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from slimtune.core.aten_grads import conv_input_grad, gelu_grad, silu_grad
+from slimtune.core.aten_grads import conv_grads, conv_input_grad, gelu_grad, silu_grad
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
@@ -41,3 +41,20 @@ def test_conv_input_grad_is_autograds(device, dtype, dims, stride, padding, dila
     got = conv_input_grad(grad, weight, tuple(x.shape), stride, padding, dilation, groups)
     want = torch.autograd.grad(y, x, grad)[0]
     assert got.shape == x.shape and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("need", [(True, True, True), (True, False, False), (False, True, False), (False, False, True)])
+def test_conv_grads_are_autograds(dtype, need):
+    """A ResNet block's Function takes its LoCon convolutions' input, weight and bias gradients from the op autograd's
+    node runs: any of them, bit for bit."""
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 4, 7, 8, generator=gen).to(dtype).requires_grad_()
+    weight = torch.randn(6, 2, 3, 3, generator=gen).to(dtype).requires_grad_()
+    bias = torch.randn(6, generator=gen).to(dtype).requires_grad_()
+    y = F.conv2d(x, weight, bias, (2, 1), (1, 1), (1, 2), 2)
+    grad = torch.randn(y.shape, generator=gen).to(dtype)
+    want = torch.autograd.grad(y, (x, weight, bias), grad)
+    got = conv_grads(grad, x.detach(), weight.detach(), (2, 1), (1, 1), (1, 2), 2, need)
+    for wanted, g, w in zip(need, got, want):
+        assert (g is None) if not wanted else torch.equal(g, w)

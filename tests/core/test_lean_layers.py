@@ -10,14 +10,13 @@ import torch.nn.functional as F
 from torch import nn
 
 import slimtune
-from slimtune.core import lean_layers
-from slimtune.core.inject import HOOKS_ATTR
+from slimtune.core import lean_layers, lean_resnet
 from slimtune.core.lean_layers import FrozenConvFunction, NormSiluFunction
 from slimtune.memory.accounting import SavedTensorMeter
 from slimtune.models import workload
-from slimtune.models.diffusion import DIFFUSION_PRESETS
+from slimtune.models.diffusion import DIFFUSION_PRESETS, UNET_ATTENTION_TARGETS, UNET_CONV_TARGETS
 
-from ..helpers import perturb_adapters, rel_err
+from ..helpers import adapted_pair, perturb_adapters, rel_err
 
 
 def _saved_bytes(fn, model: nn.Module) -> tuple[object, int]:
@@ -96,27 +95,9 @@ def _block_step(model: nn.Module, seed: int = 1) -> tuple[torch.Tensor, list[tor
     return out.detach(), grads, saved
 
 
-def _adapted_pair(base: nn.Module, config, strip: bool = False) -> tuple[nn.Module, nn.Module]:
-    """Two copies adapted alike, the first with its lean layers removed (with every hook ``adapt`` installed, or with
-    ``strip`` their forwards alone: the adapters' own hooks stay)."""
-    models = []
-    for _ in range(2):
-        torch.manual_seed(5)
-        model = slimtune.adapt(copy.deepcopy(base), config)
-        perturb_adapters(model, seed=3)
-        models.append(model)
-    if strip:
-        for m in models[0].modules():
-            if lean_layers.installed(m):
-                del m.forward
-    else:
-        getattr(models[0], HOOKS_ATTR)()
-    return models[0], models[1]
-
-
 def test_adapt_installs_lean_layers_with_identical_results():
     torch.manual_seed(0)
-    plain, lean = _adapted_pair(Block(), slimtune.LoraConfig(r=4, target_modules=["proj"]))
+    plain, lean = adapted_pair(Block(), slimtune.LoraConfig(r=4, target_modules=["proj"]))
     assert not any(lean_layers.installed(m) for m in plain.modules())
     assert all(lean_layers.installed(m) for m in (lean.norm1, lean.norm2, lean.act, lean.conv1, lean.conv2))
     out_p, grads_p, saved_p = _block_step(plain)
@@ -171,7 +152,7 @@ def test_a_deleted_model_frees_its_lean_layers_without_the_garbage_collector():
 
 def test_no_grad_and_bf16_autocast():
     torch.manual_seed(0)
-    plain, lean = _adapted_pair(Block(), slimtune.LoraConfig(r=4, target_modules=["proj"]))
+    plain, lean = adapted_pair(Block(), slimtune.LoraConfig(r=4, target_modules=["proj"]))
     x, t = torch.randn(2, 8, 6, 6), torch.randn(2, 8, 1, 1)
     with torch.no_grad():
         assert torch.equal(plain(x, t), lean(x, t))
@@ -186,9 +167,13 @@ def test_no_grad_and_bf16_autocast():
     assert torch.equal(op, ol) and torch.equal(xp, xl) and all(torch.equal(a, b) for a, b in zip(gp, gl))
 
 
-def test_tiny_unet_lora_same_gradients_less_saved():
-    """A diffusers UNet (tiny-unet), LoRA on its attention: loss and every gradient bit for bit, and what backward
-    keeps drops (the ResNet and resampling convolutions' inputs, the GroupNorm outputs SiLU kept)."""
+@pytest.mark.parametrize("targets", [["to_q", "to_k", "to_v", "to_out.0"],
+                                     list(UNET_ATTENTION_TARGETS + UNET_CONV_TARGETS)], ids=["lora", "locon"])
+def test_tiny_unet_lora_same_gradients_less_saved(targets):
+    """A diffusers UNet (tiny-unet), LoRA on its attention (the ResNet blocks frozen, each one Function), or LoCon's
+    default targets (LoCon on every ResNet, shortcut and resampling convolution and LoRA on the time projections:
+    the ResNet blocks one Function with the adapters inside): loss and every gradient bit for bit over two steps, and
+    what backward keeps drops (the ResNet and resampling convolutions' inputs, the GroupNorm outputs SiLU kept)."""
     diffusers = pytest.importorskip("diffusers")
 
     diffusers.utils.logging.set_verbosity_error()
@@ -196,16 +181,23 @@ def test_tiny_unet_lora_same_gradients_less_saved():
     base = diffusers.UNet2DConditionModel(**DIFFUSION_PRESETS["tiny-unet"].config)
     batch = workload.make_inputs("tiny-unet", None, 2, 0, "cpu", torch.float32, torch.Generator().manual_seed(1))
     target = batch.pop("target")
-    plain, lean = _adapted_pair(base, slimtune.LoraConfig(r=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    results = []
-    for model in (plain, lean):
-        out, saved = _saved_bytes(lambda m=model: m(**batch, return_dict=False)[0], model)
-        loss = (out - target).square().mean()
-        loss.backward()
-        results.append((loss.detach(), [p.grad for p in slimtune.trainable_parameters(model)], saved))
-    (lp, gp, sp), (ll, gl, sl) = results
-    assert torch.equal(lp, ll) and all(torch.equal(a, b) for a, b in zip(gp, gl))
-    assert sl < 0.9 * sp
+    plain, lean = adapted_pair(base, slimtune.LoraConfig(r=4, target_modules=targets), strip=True)  # both group q/k/v
+    if len(targets) > 4:
+        assert any(type(m.__dict__.get("forward")).__name__ == "_LeanResnetForward" and lean_resnet.adapters(m)
+                   for m in lean.modules())
+    for step in range(2):
+        results = []
+        for model in (plain, lean):
+            out, saved = _saved_bytes(lambda m=model: m(**batch, return_dict=False)[0], model)
+            loss = (out - target).square().mean()
+            loss.backward()
+            params = list(slimtune.trainable_parameters(model))
+            results.append((loss.detach(), [p.grad.clone() for p in params], saved))
+            for p in params:
+                p.grad = None
+        (lp, gp, sp), (ll, gl, sl) = results
+        assert torch.equal(lp, ll) and all(torch.equal(a, b) for a, b in zip(gp, gl))
+        assert sl < 0.9 * sp
 
 
 def test_compiled_step_runs_the_plain_layers_without_graph_break():
@@ -270,7 +262,7 @@ def test_transformer_block_adapters_keep_recipes_for_the_norm_and_geglu_outputs(
     block = BasicTransformerBlock(8, 2, 4, cross_attention_dim=6)
     context = torch.randn(3, 4, 6)
     for checkpointed in (False, True):
-        plain, lean = _adapted_pair(block, config, strip=True)
+        plain, lean = adapted_pair(block, config, strip=True)
         assert lean_layers.installed(lean) and all(lean_layers.installed(n)
                                                    for n in (lean.norm1, lean.norm2, lean.norm3))
         results = []
@@ -304,7 +296,7 @@ def test_transformer_block_lora_keeps_recipes_without_hooks_once_its_siblings_ru
     torch.manual_seed(0)
     block = BasicTransformerBlock(8, 2, 4, cross_attention_dim=6)
     context = torch.randn(3, 4, 6)
-    plain, lean = _adapted_pair(block, slimtune.LoraConfig(r=4, target_modules=_BLOCK_TARGETS), strip=True)
+    plain, lean = adapted_pair(block, slimtune.LoraConfig(r=4, target_modules=_BLOCK_TARGETS), strip=True)
     for step in range(3):
         results = []
         for model in (plain, lean):
@@ -321,8 +313,11 @@ def test_transformer_block_lora_keeps_recipes_without_hooks_once_its_siblings_ru
     assert lean.attn1.to_q.siblings.state == "active"
 
 
+_LOCON_BLOCK = slimtune.LoraConfig(r=4, target_modules=["conv1", "conv2"])
+
+
 @pytest.mark.parametrize("config", [
-    slimtune.LoraConfig(r=4, target_modules=["conv1", "conv2"]),
+    _LOCON_BLOCK,
     slimtune.LohaConfig(r=4, target_modules=["conv1", "conv2"]),
     slimtune.LokrConfig(r=4, target_modules=["conv1", "conv2"]),
 ], ids=["locon", "loha", "lokr"])
@@ -333,7 +328,7 @@ def test_resnet_block_adapted_convs_keep_recipes_for_the_norm_silu_outputs(confi
     from diffusers.models.resnet import ResnetBlock2D
 
     torch.manual_seed(0)
-    plain, lean = _adapted_pair(ResnetBlock2D(in_channels=8, out_channels=8, temb_channels=4, groups=4), config,
+    plain, lean = adapted_pair(ResnetBlock2D(in_channels=8, out_channels=8, temb_channels=4, groups=4), config,
                                 strip=True)
     assert lean_layers.installed(lean)
     results = []
@@ -346,8 +341,9 @@ def test_resnet_block_adapted_convs_keep_recipes_for_the_norm_silu_outputs(confi
         results.append((out.detach(), [x.grad, *(p.grad for p in slimtune.trainable_parameters(model))], saved))
     (op, gp, sp), (ol, gl, sl) = results
     assert torch.equal(op, ol) and all(torch.equal(a, b) for a, b in zip(gp, gl))
-    # the two norms' outputs (SiLU's saved inputs) and the two SiLU outputs the convs' adapters kept
-    assert sp - sl == 4 * (2 * 8 * 6 * 6 * 4)
+    # the two norms' outputs (SiLU's saved inputs) and the two SiLU outputs the convs' adapters kept (LoCon's block as
+    # one Function: nor the scaled up weights, which it scales again in backward)
+    assert sp - sl == 4 * (2 * 8 * 6 * 6 * 4) + (2 * 8 * 4 * 4 - 2 * 4 * 4 if config is _LOCON_BLOCK else 0)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -366,7 +362,7 @@ def test_lean_layers_on_the_gpu_are_the_plain_ones(dtype):
     target = batch.pop("target")
     config = slimtune.LoraConfig(r=4, target_modules=["to_q", "to_k", "to_v", "to_out.0", "conv1"])
     results = []
-    for model in _adapted_pair(base, config, strip=True):
+    for model in adapted_pair(base, config, strip=True):
         loss = (model(**batch, return_dict=False)[0] - target).float().square().mean()
         loss.backward()
         results.append((loss.detach(), [p.grad for p in slimtune.trainable_parameters(model)]))
@@ -415,7 +411,7 @@ def test_unet_lean_layers_apply_from_a_size(monkeypatch):
     base = diffusers.UNet2DConditionModel(**DIFFUSION_PRESETS["tiny-unet"].config)
     batch = workload.make_inputs("tiny-unet", None, 2, 0, "cpu", torch.float32, torch.Generator().manual_seed(1))
     batch.pop("target")
-    plain, lean = _adapted_pair(base, slimtune.LoraConfig(r=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    plain, lean = adapted_pair(base, slimtune.LoraConfig(r=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     (out_p, saved_p), (out_l, saved_l) = (_saved_bytes(lambda m=m: m(**batch, return_dict=False)[0], m)
                                           for m in (plain, lean))
     assert torch.equal(out_p, out_l) and saved_l == saved_p

@@ -8,8 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from slimtune.core import lean_layers
+import slimtune
+from slimtune.core import lean_layers, lean_resnet
 from slimtune.memory.accounting import SavedTensorMeter
+from tests.helpers import adapted_pair
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers.models.resnet import ResnetBlock2D  # noqa: E402
@@ -88,3 +90,60 @@ def test_the_block_keeps_the_size_rule(monkeypatch):
     assert _run(lean, x, temb)[3] == "ResnetBlockFunctionBackward"  # conv1's output is 2 KiB
     _, narrow = _pair(in_channels=8, out_channels=8)
     assert _run(narrow, x, temb)[3] != "ResnetBlockFunctionBackward"  # 1 KiB each
+
+
+_LOCON_TARGETS = ["conv1", "conv2", "conv_shortcut", "time_emb_proj"]
+
+
+def _block(**kwargs) -> nn.Module:
+    torch.manual_seed(0)
+    return ResnetBlock2D(temb_channels=16, groups=4, **kwargs)
+
+
+def _run_adapted(block: nn.Module, x: torch.Tensor, temb: torch.Tensor) -> tuple[list[torch.Tensor], int, str]:
+    """Output, the gradients of x and of every trainable parameter, bytes saved (parameters aside), grad_fn name."""
+    meter = SavedTensorMeter(exclude=block.parameters())
+    with meter.record():
+        y = block(x, temb)
+    params = [p for p in slimtune.trainable_parameters(block)]
+    grads = torch.autograd.grad(y, [x, *params], torch.linspace(-1, 1, y.numel()).view_as(y).to(y.dtype),
+                                allow_unused=True)  # a disabled adapter's factors: None
+    return [y.detach(), *grads], meter.bytes, type(y.grad_fn).__name__
+
+
+@pytest.mark.parametrize("kwargs", [dict(in_channels=8, out_channels=8), dict(in_channels=8, out_channels=16),
+                                    dict(in_channels=8, out_channels=8, skip_time_act=True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_block_with_locon_runs_as_one_function_bit_for_bit(kwargs, dtype):
+    """LoCon on conv1, conv2 (and the shortcut, where the channels change) and LoRA on the time projection: the block
+    runs as one Function with the adapters inside, with the plain adapted block's output and gradients (x and every
+    factor) bit for bit and less kept (no norm or SiLU output, no scaled up weight)."""
+    plain, lean = adapted_pair(_block(**kwargs), slimtune.LoraConfig(r=4, target_modules=_LOCON_TARGETS), strip=True)
+    plain, lean = plain.to(dtype), lean.to(dtype)
+    assert "forward" in lean.__dict__ and lean_resnet.adapters(lean)
+    x = torch.randn(2, 8, 6, 5, dtype=dtype, requires_grad=True)
+    temb = torch.randn(2, 16, dtype=dtype)
+    got, saved, name = _run_adapted(lean, x, temb)
+    want, saved_plain, _ = _run_adapted(plain, x, temb)
+    assert name == "ResnetBlockFunctionBackward"
+    assert all(torch.equal(a, b) for a, b in zip(got, want)) and saved < saved_plain
+
+
+def test_a_block_with_locon_steps_aside_for_a_disabled_merged_or_dropping_adapter():
+    """Where an adapter is disabled, merged or drops out in training, or is not LoRA, the block runs its own forward
+    in its recipe scope (the lean layers inside as before), with the plain adapted block's results."""
+    config = slimtune.LoraConfig(r=4, target_modules=_LOCON_TARGETS)
+    plain, lean = adapted_pair(_block(in_channels=8, out_channels=8), config, strip=True)
+    x, temb = torch.randn(2, 8, 6, 5, requires_grad=True), torch.randn(2, 16)
+    for change, undo in [(lambda: setattr(lean.conv1, "disabled", True), lambda: setattr(lean.conv1, "disabled", False)),
+                         (lean.conv2.merge, lean.conv2.unmerge),
+                         (lambda: setattr(lean.conv1, "dropout_p", 0.5), lambda: setattr(lean.conv1, "dropout_p", 0.0))]:
+        change()
+        assert _run_adapted(lean, x, temb)[2] != "ResnetBlockFunctionBackward"
+        undo()
+    assert _run_adapted(lean, x, temb)[2] == "ResnetBlockFunctionBackward"
+    _, loha = adapted_pair(_block(in_channels=8, out_channels=8),
+                           slimtune.LohaConfig(r=4, target_modules=["conv1", "conv2"]), strip=True)
+    assert type(loha.__dict__["forward"]).__name__ == "_LeanBlockForward"
+    got = _run_adapted(lean, x, temb)[0]
+    assert all(torch.equal(a, b) for a, b in zip(got, _run_adapted(plain, x, temb)[0]))
