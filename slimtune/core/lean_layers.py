@@ -357,14 +357,20 @@ class _LeanResnetForward(_InstanceForward):
     :data:`UNET_LEAN_BYTES` (the size rule of the layers it replaces), else its own forward (its layers' lean forwards
     apply there, in a recipe scope where it holds an adapter)."""
 
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__(module)
+        self.adapted = lean_resnet.adapted_layers(module)  # part of the form install found (fits), as the layers are
+
     def __call__(self, input_tensor: torch.Tensor, temb: torch.Tensor | None, *args: Any, **kwargs: Any) -> Any:
-        block = self.module
-        if args or kwargs or not (_large_block(input_tensor, block) and lean_resnet.applies(block, input_tensor, temb)):
-            if lean_resnet.adapters(block):
+        block, adapted = self.module, self.adapted
+        if args or kwargs or not (_large_block(input_tensor, block)
+                                  and lean_resnet.applies(block, input_tensor, temb, adapted)):
+            if adapted:
                 return _scoped_forward(block, (input_tensor, temb, *args), kwargs)
             return type(block).forward(block, input_tensor, temb, *args, **kwargs)
-        return lean_resnet.ResnetBlockFunction.apply(input_tensor, input_tensor, input_tensor, temb, block,
-                                                     *lean_resnet.factors_of(block))
+        shortcut_down = input_tensor if "conv_shortcut" in adapted else None  # a LoCon shortcut's own gradient
+        return lean_resnet.ResnetBlockFunction.apply(shortcut_down, input_tensor, input_tensor, temb, block, adapted,
+                                                     *lean_resnet.factors_of(block, adapted))
 
 
 class _AttentionForward(_InstanceForward):
@@ -494,8 +500,7 @@ def _diffusers_resnet(m: nn.Module, own_forward: set[nn.Module]) -> bool:
     adapter the Function runs and its base layer keep their class's forward too)."""
     if not (_listed_class(m, (RESNET_BLOCK,)) and lean_resnet.fits(m)):
         return False
-    adapters = lean_resnet.adapters(m)
-    inside = {c for a in adapters for c in a.modules()}
+    inside = {c for name in lean_resnet.adapted_layers(m) for c in getattr(m, name).modules()}
     return (all("forward" not in c.__dict__ for c in inside)
             and all(c in own_forward for c in m.modules() if c not in inside))
 

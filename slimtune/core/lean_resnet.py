@@ -34,7 +34,7 @@ layers' lean forwards apply there as before, in its recipe scope where it holds 
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -70,14 +70,14 @@ def _base(m: nn.Module | None) -> nn.Module | None:
     return m.base_layer if _adapted(m) else m
 
 
-def adapters(block: nn.Module) -> list[nn.Module]:
-    """The block's LoRA adapters, in :data:`ADAPTABLE` order."""
-    return [m for m in (getattr(block, name) for name in ADAPTABLE) if _adapted(m)]
+def adapted_layers(block: nn.Module) -> tuple[str, ...]:
+    """The names of the block's layers that hold LoRA (:data:`ADAPTABLE` order; asked once per call)."""
+    return tuple(name for name in ADAPTABLE if _adapted(getattr(block, name)))
 
 
-def factors_of(block: nn.Module) -> tuple[torch.Tensor, ...]:
-    """``A, B`` of every adapter of :func:`adapters`, flat: the Function's trailing inputs."""
-    return tuple(p for a in adapters(block) for p in (a.lora_A, a.lora_B))
+def factors_of(block: nn.Module, adapted: tuple[str, ...]) -> tuple[torch.Tensor, ...]:
+    """``A, B`` of every layer of ``adapted``, flat: the Function's trailing inputs."""
+    return tuple(p for name in adapted for layer in (getattr(block, name),) for p in (layer.lora_A, layer.lora_B))
 
 
 def _norm(norm: nn.GroupNorm, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -88,7 +88,7 @@ def _conv(layer: nn.Module, x: torch.Tensor, factors: Factors) -> tuple[torch.Te
     """``(y, h)``: the layer's output on x and, for LoCon, ``h = down(x)`` (its up convolution's input, which its
     composition keeps too: r channels). As the composition computes it (:func:`~.lowrank.conv_low_rank_forward`):
     ``base(x) + up(down(x))`` with ``up = s·B`` scaled in B's dtype, A and up cast to x's dtype."""
-    conv = _base(layer)
+    conv = layer if factors is None else layer.base_layer
     y = F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
     if factors is None:
         return y, None
@@ -103,7 +103,7 @@ def _conv_backward(layer: nn.Module, grad: torch.Tensor, x: torch.Tensor, h: tor
     """``(dx through the base, dx through down, dA, dB)`` of :func:`_conv` for the output gradient ``grad`` (x: the
     input, or for a frozen layer alone anything of its shape; the last three None there), with the ops and casts
     autograd's nodes of the composition run."""
-    conv = _base(layer)
+    conv = layer if factors is None else layer.base_layer
     dx = conv_input_grad(grad, conv.weight, tuple(x.shape), conv.stride, conv.padding, conv.dilation, conv.groups)
     if factors is None:
         return dx, None, None, None
@@ -131,9 +131,9 @@ def _input_grad(layer: nn.Module, grad: torch.Tensor, x: torch.Tensor, h: torch.
 def _linear(layer: nn.Module, t: torch.Tensor, factors: Factors) -> torch.Tensor:
     """The time embedding's projection of t ``[B, T]`` -> ``[B, C]``: the Linear, or LoRA's over it as
     :class:`~.lowrank.LowRankLinearFunction` computes it (``x Wᵀ + b``, then ``s·(x Aᵀ) Bᵀ`` added in one GEMM)."""
-    linear = _base(layer)
     if factors is None:
-        return F.linear(t, linear.weight, linear.bias)
+        return F.linear(t, layer.weight, layer.bias)
+    linear = layer.base_layer
     down, up = factors
     y = F.linear(t, cast(linear.weight, t.dtype), cast_optional(linear.bias, t.dtype))
     return y.addmm_(F.linear(t, cast(down, t.dtype)), cast(up, t.dtype).t(), alpha=layer.scaling)
@@ -152,11 +152,12 @@ def _linear_factor_grads(layer: nn.Module, grad: torch.Tensor, t: torch.Tensor,
 
 class ResnetBlockFunction(torch.autograd.Function):
     """The block of the module docstring on x ``[B, C_in, H, W]`` and t ``[B, T]`` (or None) -> ``[B, C_out, H', W']``,
-    then the LoRA factors of its adapters (:func:`factors_of`); saves x, h1, the norms' statistics and, per LoCon
-    convolution, its ``h = down(input)`` (r channels, as its composition does). x comes three times — a LoCon
-    shortcut's down convolution's, the shortcut's and the main path's — so that autograd receives their gradients one
-    after the other, as from the plain block, and adds them to x's other consumers' in the plain block's order (the
-    sum is then the same bit for bit; the first gets none unless the shortcut holds LoCon). Backward, for dy:
+    with the names of its layers that hold LoRA (:func:`adapted_layers`), then their factors (:func:`factors_of`);
+    saves x, h1, the norms' statistics and, per LoCon convolution, its ``h = down(input)`` (r channels, as its
+    composition does). x comes three times — a LoCon
+    shortcut's down convolution's (None where the shortcut holds none), the shortcut's and the main path's — so that
+    autograd receives their gradients one after the other, as from the plain block, and adds them to x's other
+    consumers' in the plain block's order (the sum is then the same bit for bit). Backward, for dy:
     ``g = dy / output_scale_factor`` and the shortcut's input gradient of g, first; ``dh1`` through conv2's input
     gradient, SiLU's backward on norm2's output (rebuilt from h1) and norm2's input gradient; the time projection's
     LoRA factors from ``dh1`` summed over the image; ``dx`` through conv1, SiLU (norm1's output rebuilt from x) and
@@ -165,8 +166,9 @@ class ResnetBlockFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x_shortcut_down: torch.Tensor, x_shortcut: torch.Tensor, x: torch.Tensor,
-                temb: torch.Tensor | None, block: nn.Module, *factors: torch.Tensor) -> torch.Tensor:
-        lora = _factors_by_layer(block, factors)
+                temb: torch.Tensor | None, block: nn.Module, adapted: tuple[str, ...],
+                *factors: torch.Tensor) -> torch.Tensor:
+        lora = _factors_by_layer(adapted, factors)
         h0, mean1, rstd1 = _norm(block.norm1, x)
         h1, h_down1 = _conv(block.conv1, F.silu(h0), lora["conv1"])
         del h0
@@ -179,16 +181,18 @@ class ResnetBlockFunction(torch.autograd.Function):
         del h2
         shortcut, h_down_sc = (x_shortcut, None) if block.conv_shortcut is None else \
             _conv(block.conv_shortcut, x_shortcut.contiguous(), lora["conv_shortcut"])
-        ctx.save_for_backward(x, h1, mean1, rstd1, mean2, rstd2, t, h_down1, h_down2, h_down_sc, *factors)
-        ctx.block = block
+        lora_saved = (t if lora["time_emb_proj"] is not None else None, h_down1, h_down2, h_down_sc) if adapted else ()
+        ctx.save_for_backward(x, h1, mean1, rstd1, mean2, rstd2, *lora_saved, *factors)
+        ctx.block, ctx.adapted = block, adapted
         scale = block.output_scale_factor
         return (shortcut + out) / scale if scale != 1 else shortcut.add(out)  # x / 1 is x, bit for bit
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, h1, mean1, rstd1, mean2, rstd2, t, h_down1, h_down2, h_down_sc, *factors = ctx.saved_tensors
-        block = ctx.block
-        lora = _factors_by_layer(block, factors)
+        block, adapted = ctx.block, ctx.adapted
+        x, h1, mean1, rstd1, mean2, rstd2, *rest = ctx.saved_tensors
+        t, h_down1, h_down2, h_down_sc, *factors = rest if adapted else (None,) * 4
+        lora = _factors_by_layer(adapted, factors)
         grads: dict[str, tuple] = {}
         scale = block.output_scale_factor
         g = grad / scale if scale != 1 else grad
@@ -211,21 +215,21 @@ class ResnetBlockFunction(torch.autograd.Function):
         ds0 = _input_grad(block.conv1, dh1, s0, h_down1, lora["conv1"], grads, "conv1")
         del dh1, s0
         dx = group_norm_input_grad(silu_grad(ds0, h0), x, mean1, rstd1, block.norm1.weight, block.norm1.num_groups)
-        factor_grads_ = [g for name in ADAPTABLE if lora[name] is not None for g in grads[name]]
-        return (shortcut_down_grad, shortcut_grad, dx, None, None, *factor_grads_)
+        return (shortcut_down_grad, shortcut_grad, dx, None, None, None, *(g for name in adapted for g in grads[name]))
 
 
-def _factors_by_layer(block: nn.Module, factors: tuple[torch.Tensor, ...]) -> dict[str, Factors]:
+_FROZEN: dict[str, Factors] = dict.fromkeys(ADAPTABLE)  # a block without adapters (read only)
+
+
+def _factors_by_layer(adapted: tuple[str, ...], factors: Sequence[torch.Tensor]) -> dict[str, Factors]:
     """Each :data:`ADAPTABLE` layer's ``(A, B)`` out of the Function's flat factors, or None where it holds no
     adapter."""
-    out: dict[str, Factors] = {}
-    at = 0
-    for name in ADAPTABLE:
-        if _adapted(getattr(block, name)):
-            out[name], at = (factors[at], factors[at + 1]), at + 2
-        else:
-            out[name] = None
-    return out
+    if not adapted:
+        return _FROZEN
+    lora: dict[str, Factors] = dict.fromkeys(ADAPTABLE)
+    for i, name in enumerate(adapted):
+        lora[name] = (factors[2 * i], factors[2 * i + 1])
+    return lora
 
 
 def fits(block: nn.Module) -> bool:
@@ -251,7 +255,7 @@ def _lora_linear_fits(layer: nn.Module) -> bool:
     return _is(layer, LORA_LINEAR) and not layer.fan_in_fan_out
 
 
-def applies(block: nn.Module, x: Any, temb: Any) -> bool:
+def applies(block: nn.Module, x: Any, temb: Any, adapted: tuple[str, ...] = ()) -> bool:
     """Whether this call runs as :class:`ResnetBlockFunction` (checked on the host every call): a 4-D x that asks for a
     gradient with gradients on, a time embedding that does not, no dropout in training, autocast off (the block's
     casts would differ), the block's own parameters still frozen, its adapters enabled, unmerged and without dropout
@@ -265,12 +269,13 @@ def applies(block: nn.Module, x: Any, temb: Any) -> bool:
         return False
     if (block.training and block.dropout.p > 0) or autocasting(x):
         return False
+    for name in adapted:  # ``adapted``: adapted_layers(block)
+        layer = getattr(block, name)
+        if layer.disabled or layer.merged or (layer.training and layer.dropout_p > 0):
+            return False
     for layer in _layers(block):
         if layer is not None:
-            if _adapted(layer):
-                if layer.disabled or layer.merged or (layer.training and layer.dropout_p > 0):
-                    return False
-                layer = layer.base_layer
+            layer = layer.base_layer if adapted and _adapted(layer) else layer
             for p in (layer.weight, layer.bias):  # None for a GroupNorm without affine parameters, a layer without bias
                 if p is not None and p.requires_grad:
                     return False

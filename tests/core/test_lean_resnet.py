@@ -120,7 +120,7 @@ def test_a_block_with_locon_runs_as_one_function_bit_for_bit(kwargs, dtype):
     factor) bit for bit and less kept (no norm or SiLU output, no scaled up weight)."""
     plain, lean = adapted_pair(_block(**kwargs), slimtune.LoraConfig(r=4, target_modules=_LOCON_TARGETS), strip=True)
     plain, lean = plain.to(dtype), lean.to(dtype)
-    assert "forward" in lean.__dict__ and lean_resnet.adapters(lean)
+    assert "forward" in lean.__dict__ and lean_resnet.adapted_layers(lean)
     x = torch.randn(2, 8, 6, 5, dtype=dtype, requires_grad=True)
     temb = torch.randn(2, 16, dtype=dtype)
     got, saved, name = _run_adapted(lean, x, temb)
