@@ -359,10 +359,13 @@ class _LeanResnetForward(_InstanceForward):
 
     def __init__(self, module: nn.Module) -> None:
         super().__init__(module)
-        self.adapted = lean_resnet.adapted_layers(module)  # part of the form install found (fits), as the layers are
+        self._adapted: tuple[str, ...] | None = None  # found at the first call (a deep copy makes this before its
+        # module has its layers), then kept: part of the block's form, as fits() found it at install
 
     def __call__(self, input_tensor: torch.Tensor, temb: torch.Tensor | None, *args: Any, **kwargs: Any) -> Any:
-        block, adapted = self.module, self.adapted
+        block, adapted = self.module, self._adapted
+        if adapted is None:
+            adapted = self._adapted = lean_resnet.adapted_layers(block)
         if args or kwargs or not (_large_block(input_tensor, block)
                                   and lean_resnet.applies(block, input_tensor, temb, adapted)):
             if adapted:

@@ -147,3 +147,22 @@ def test_a_block_with_locon_steps_aside_for_a_disabled_merged_or_dropping_adapte
     assert type(loha.__dict__["forward"]).__name__ == "_LeanBlockForward"
     got = _run_adapted(lean, x, temb)[0]
     assert all(torch.equal(a, b) for a, b in zip(got, _run_adapted(plain, x, temb)[0]))
+
+
+@pytest.mark.parametrize("config", [None, slimtune.LoraConfig(r=4, target_modules=_LOCON_TARGETS)],
+                         ids=["frozen", "locon"])
+def test_a_deep_copy_of_a_block_runs_its_own_function(config):
+    """``copy.deepcopy`` (an EMA copy, a pickled model) builds the instance forward before the copy has its layers:
+    the copy's block runs its own Function, on its own weights, with the original's results."""
+    block = _block(in_channels=8, out_channels=16)
+    if config is None:
+        lean = block.requires_grad_(False)
+        lean_layers.install(lean)
+    else:
+        _, lean = adapted_pair(block, config, strip=True)
+    twin = copy.deepcopy(lean)
+    assert twin.forward.module is twin
+    x, temb = torch.randn(2, 8, 6, 5, requires_grad=True), torch.randn(2, 16)
+    got, _, name = _run_adapted(twin, x, temb)
+    assert name == "ResnetBlockFunctionBackward"
+    assert all(torch.equal(a, b) for a, b in zip(got, _run_adapted(lean, x, temb)[0]))
