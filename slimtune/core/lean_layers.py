@@ -25,7 +25,7 @@ their own weight gradients. What PyTorch keeps for them that those gradients nev
   ops run without autograd bookkeeping — ~85 µs of host time per block and step more than the plain block, against
   ~225 µs for the layers one by one (RESULTS.md run 95) — with the plain block's values and gradients bit for bit.
   So does one with LoCon on its convolutions and LoRA on its time projection (LoCon's), the adapters' compositions
-  inside the Function (~160 µs over the plain block against ~300 µs for its lean layers and recipes, run 99).
+  inside the Function (~150 µs over the plain block against ~260 µs for its lean layers and recipes, run 99).
 * diffusers' **Attention** is called without its per-call ``inspect.signature`` of the processor, and with its
   default processor its body runs without the steps that do nothing in a UNet's or DiT's blocks (the division by a
   rescale factor of 1, dropout at p = 0) (:mod:`.attention_call`; nothing saved changes, host time only).

@@ -24,8 +24,8 @@ ops and casts, and its backward gives their factors' gradients from the ops auto
 run (:func:`~.aten_grads.conv_grads`, :func:`~.lowrank.factor_grads`): bit for bit again, the whole UNet step
 included (tested). It keeps what the block's recipes keep (:mod:`.rebuild`: each convolution's input rebuilt from
 x or h1) and each LoCon's ``h = down(s)`` (r channels, as its composition does) — one Python node where the block's
-lean layers one by one, its recipe scope and the hooks around each LoCon composition were ~300 µs of host time per
-block and step more than the plain block on the CPU box; ~160 µs here (RESULTS.md run 99).
+lean layers one by one, its recipe scope and the hooks around each LoCon composition were ~260 µs of host time per
+block and step more than the plain block on the CPU box; ~150 µs here (RESULTS.md run 99).
 
 Where the block is anything else — up- or downsampling inside, a ``scale_shift`` time embedding norm, dropout in
 training, autocast on, a frozen parameter or the time embedding asking for a gradient, an adapter of another kind,
@@ -154,8 +154,8 @@ class ResnetBlockFunction(torch.autograd.Function):
     """The block of the module docstring on x ``[B, C_in, H, W]`` and t ``[B, T]`` (or None) -> ``[B, C_out, H', W']``,
     with the names of its layers that hold LoRA (:func:`adapted_layers`), then their factors (:func:`factors_of`);
     saves x, h1, the norms' statistics and, per LoCon convolution, its ``h = down(input)`` (r channels, as its
-    composition does). x comes three times — a LoCon
-    shortcut's down convolution's (None where the shortcut holds none), the shortcut's and the main path's — so that
+    composition does). x comes three times — a LoCon shortcut's down convolution's (None where the shortcut holds
+    none), the shortcut's and the main path's — so that
     autograd receives their gradients one after the other, as from the plain block, and adds them to x's other
     consumers' in the plain block's order (the sum is then the same bit for bit). Backward, for dy:
     ``g = dy / output_scale_factor`` and the shortcut's input gradient of g, first; ``dh1`` through conv2's input
