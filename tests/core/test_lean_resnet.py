@@ -142,6 +142,8 @@ def test_a_block_with_locon_steps_aside_for_a_disabled_merged_or_dropping_adapte
         assert _run_adapted(lean, x, temb)[2] != "ResnetBlockFunctionBackward"
         undo()
     assert _run_adapted(lean, x, temb)[2] == "ResnetBlockFunctionBackward"
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the compositions' casts follow autocast there
+        assert _run_adapted(lean, x, temb)[2] != "ResnetBlockFunctionBackward"
     _, loha = adapted_pair(_block(in_channels=8, out_channels=8),
                            slimtune.LohaConfig(r=4, target_modules=["conv1", "conv2"]), strip=True)
     assert type(loha.__dict__["forward"]).__name__ == "_LeanBlockForward"
