@@ -39,8 +39,7 @@ def conv_input_grad(grad: torch.Tensor, weight: torch.Tensor, input_shape: tuple
     as tuples of ints, one per spatial dimension. The op reads only the input's shape: a one-element expanded
     tensor stands in for it."""
     shape_only = grad.new_empty(1).expand(input_shape)
-    return torch.ops.aten.convolution_backward(grad, shape_only, weight, None, stride, padding, dilation, False,
-                                               [0] * len(stride), groups, (True, False, False))[0]
+    return conv_grads(grad, shape_only, weight, stride, padding, dilation, groups, (True, False, False))[0]
 
 
 def conv_grads(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: tuple[int, ...],

@@ -85,7 +85,7 @@ def pick_backward(dy2: torch.Tensor, xd: torch.Tensor, down: torch.Tensor) -> Va
     variant measured fastest for their shapes and dtype on their device (:mod:`slimtune.core.timed`)."""
     (tokens, d_in), d_out, r = xd.shape, dy2.shape[1], down.shape[0]
     counted = choose_backward(tokens, d_in, d_out, r)
-    if timed.variant_criterion() != "timed":  # the default: nothing to measure (no key, no closure per call)
+    if not timed.timing():  # the default: nothing to measure (no key, no closure per call)
         return counted
 
     def variants() -> dict[str, Callable[[], object]]:

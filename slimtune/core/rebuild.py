@@ -10,10 +10,10 @@ outputs, 0.6 GiB of LoRA's step at batch 4. Every method's Function keeps its in
 (``save_for_backward(x)``), so the hooks work for all of them without touching one.
 
 It is PyTorch's public ``torch.autograd.graph.saved_tensors_hooks``: the pack hook replaces exactly ``y`` (the same
-tensor object, unchanged in place since) and returns every other tensor as it is; the
-unpack hook runs ``rebuild(*sources)`` under ``no_grad`` (autograd gives the unpacked tensor the saved one's place in
-the graph, so second derivatives through it stay right: tested). ``rebuild`` must compute what produced ``y`` with the same
-ops on the same inputs, so the rebuilt tensor is ``y`` bit for bit (the tests check it per layer). Under hooks
+tensor object, unchanged in place since) and returns every other tensor as it is; the unpack hook runs
+``rebuild(*sources)`` under ``no_grad`` (autograd gives the unpacked tensor the saved one's place in the graph, so
+second derivatives through it stay right: tested). ``rebuild`` must compute what produced ``y`` with the same ops on
+the same inputs, so the rebuilt tensor is ``y`` bit for bit (the tests check it per layer). Under hooks
 autograd does not check ``y``'s in-place version on unpacking; the recipe gives ``y`` as it was saved, whatever
 changed it later. The sources are checked by the Function that saved them (its backward runs after the consumer's
 and raises), so a changed source still fails the backward pass.
@@ -196,15 +196,15 @@ class RebuildScope:
         _SCOPE.offers = self._outer
 
 
-def _offered(x: torch.Tensor) -> _Recipe | None:
-    """The recipe offered for ``x`` (the very object, unchanged in place since) in the running scope, where a consumer
-    may keep it (not under ``torch.compile``, nor inside a checkpointed region, whose hooks own what is saved)."""
+def _offered(x: Any) -> _Offer | None:
+    """The offer for ``x`` (the very object, unchanged in place since) in the running scope, where a consumer may keep
+    its recipe (not under ``torch.compile``, nor inside a checkpointed region, whose hooks own what is saved)."""
     offers = _SCOPE.offers
     if not offers or compiling() or saved_tensor_hooks_active():
         return None
-    for mark, recipe in offers:
-        if mark.matches(x):
-            return recipe
+    for offered in offers:
+        if offered[0].matches(x):
+            return offered
     return None
 
 
@@ -214,10 +214,11 @@ def keep_input(ctx: Any, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
     running :class:`RebuildScope`, the tensors its recipe rebuilds it from (the rest of the recipe goes on ``ctx``):
     what the hooks of :func:`keeps_recipes` do, without a Python hook per saved tensor or a context per call (a
     class whose Functions all do this sets ``keeps_recipes_itself``; :class:`~.module.AdapterModule`)."""
-    recipe = _offered(x)
-    if recipe is None:
+    offered = _offered(x)
+    if offered is None:
         ctx.input_recipe = None
         return (x,)
+    recipe = offered[1]
     direct = recipe.direct
     if direct is None:
         direct = recipe.direct = _DirectRecipe(recipe)
@@ -244,12 +245,10 @@ def keeps_recipes(forward: Callable[..., torch.Tensor]) -> Callable[..., torch.T
 
     @functools.wraps(forward)
     def run(self: Any, x: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
-        offers = _SCOPE.offers if not compiling() else None
-        if offers and not saved_tensor_hooks_active():  # inside a checkpointed region its hooks own what is saved
-            for offered in offers:
-                if offered[0].matches(x):
-                    with _hooks([offered]):
-                        return forward(self, x, *args, **kwargs)
+        offered = _offered(x)
+        if offered is not None:
+            with _hooks([offered]):
+                return forward(self, x, *args, **kwargs)
         return forward(self, x, *args, **kwargs)
 
     return run

@@ -27,11 +27,8 @@ def _pair(**kwargs) -> tuple[nn.Module, nn.Module]:
 
 def _run(block: nn.Module, x: torch.Tensor, temb: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, int, str]:
     """Output, input gradient, bytes saved for backward (parameters aside), the output's grad_fn name."""
-    meter = SavedTensorMeter(exclude=block.parameters())
-    with meter.record():
-        y = block(x, temb)
-    grad = torch.autograd.grad(y, x, torch.linspace(-1, 1, y.numel(), device=y.device).view_as(y).to(y.dtype))[0]
-    return y, grad, meter.bytes, type(y.grad_fn).__name__
+    (y, grad, *_), saved, name = _run_adapted(block, x, temb)
+    return y, grad, saved, name
 
 
 @pytest.mark.parametrize("kwargs", [
@@ -100,14 +97,14 @@ def _block(**kwargs) -> nn.Module:
     return ResnetBlock2D(temb_channels=16, groups=4, **kwargs)
 
 
-def _run_adapted(block: nn.Module, x: torch.Tensor, temb: torch.Tensor) -> tuple[list[torch.Tensor], int, str]:
+def _run_adapted(block: nn.Module, x: torch.Tensor, temb: torch.Tensor | None) -> tuple[list[torch.Tensor], int, str]:
     """Output, the gradients of x and of every trainable parameter, bytes saved (parameters aside), grad_fn name."""
     meter = SavedTensorMeter(exclude=block.parameters())
     with meter.record():
         y = block(x, temb)
     params = [p for p in slimtune.trainable_parameters(block)]
-    grads = torch.autograd.grad(y, [x, *params], torch.linspace(-1, 1, y.numel()).view_as(y).to(y.dtype),
-                                allow_unused=True)  # a disabled adapter's factors: None
+    dy = torch.linspace(-1, 1, y.numel(), device=y.device).view_as(y).to(y.dtype)
+    grads = torch.autograd.grad(y, [x, *params], dy, allow_unused=True)  # a disabled adapter's factors: None
     return [y.detach(), *grads], meter.bytes, type(y.grad_fn).__name__
 
 
@@ -135,9 +132,11 @@ def test_a_block_with_locon_steps_aside_for_a_disabled_merged_or_dropping_adapte
     config = slimtune.LoraConfig(r=4, target_modules=_LOCON_TARGETS)
     plain, lean = adapted_pair(_block(in_channels=8, out_channels=8), config, strip=True)
     x, temb = torch.randn(2, 8, 6, 5, requires_grad=True), torch.randn(2, 16)
-    for change, undo in [(lambda: setattr(lean.conv1, "disabled", True), lambda: setattr(lean.conv1, "disabled", False)),
-                         (lean.conv2.merge, lean.conv2.unmerge),
-                         (lambda: setattr(lean.conv1, "dropout_p", 0.5), lambda: setattr(lean.conv1, "dropout_p", 0.0))]:
+    def setting(name: str, value: object):
+        return lambda: setattr(lean.conv1, name, value)
+
+    for change, undo in [(setting("disabled", True), setting("disabled", False)), (lean.conv2.merge, lean.conv2.unmerge),
+                         (setting("dropout_p", 0.5), setting("dropout_p", 0.0))]:
         change()
         assert _run_adapted(lean, x, temb)[2] != "ResnetBlockFunctionBackward"
         undo()
