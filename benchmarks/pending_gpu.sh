@@ -98,13 +98,18 @@
 #                                       #           without its no-op steps, LoCon's ResNet blocks as one Function —
 #                                       #           CUDA tests, SD-1.5 LoRA / LoCon / LoKr against 8def1c5 and
 #                                       #           PEFT-bf16, QLoRA against PEFT-bf16 (carry .whl, .before = 8def1c5)
+#   bash benchmarks/pending_gpu.sh 41   # issue 20: part 40 with LoKr's convolution backward through w2's adjoint
+#                                       #           (two convolution backward calls where three ran) — CUDA tests,
+#                                       #           SD-1.5 LoRA / LoCon / LoKr against 8def1c5 and PEFT-bf16, and
+#                                       #           where LoKr's host time goes against PEFT's (CUDA runtime calls,
+#                                       #           ATen ops, garbage collections) (carry .whl, .before = 8def1c5)
 #   bash benchmarks/pending_gpu.sh 3    # issue 17: online / gradient / data allocation vs AdaLoRA wall time
 #                                       #           (carry .out/minilm_wide; make it with rank_allocation.py --prepare)
 #
 # Outputs go to $OUT (each script's own files, plus one log per step); record them in benchmarks/RESULTS.md with
 # the GPU and versions the scripts print.
 set -uo pipefail
-part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|...|40"}
+part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|...|41"}
 out=${OUT:-/tmp/pending_gpu}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -494,8 +499,21 @@ case $part in
     step paired_sd15_qlora 150 python benchmarks/paired_steps.py --preset stable-diffusion-1.5 --rank 16 \
         --rounds 10 --quant nf4 --configs lora peft-bf16:lora --out-name paired_sd15_qlora
     ;;
+41)
+    # issue 20, carry .whl and .before = 8def1c5: part 40's code plus LoKr's convolution backward through w2's adjoint
+    # (methods.lokr.ops.LokrConvOp) — the CUDA tests, SD-1.5 LoRA, LoCon and LoKr against 8def1c5 and PEFT-bf16, then
+    # LoKr's and PEFT-bf16's step split into GPU kernels, CUDA runtime calls, ATen ops' host time and collections
+    install_wheels
+    step lean_tests 120 python -m pytest -q tests/core/test_attention_call.py tests/core/test_rebuild.py \
+        tests/core/test_lean_layers.py tests/core/test_lean_resnet.py tests/core/test_aten_grads.py \
+        tests/core/test_structured.py
+    step paired_sd15_direct 300 python benchmarks/paired_steps.py --preset stable-diffusion-1.5 --rank 16 \
+        --rounds 15 --before .before --configs lora before:lora peft-bf16:lora locon before:locon \
+        peft-bf16:locon lokr before:lokr peft-bf16:lokr --out-name paired_sd15_direct
+    step unet_profile_lokr 120 python benchmarks/unet_step_profile.py --configs lokr peft-bf16:lokr
+    ;;
 *)
-    echo "unknown part $part (1 to 40)" >&2
+    echo "unknown part $part (1 to 41)" >&2
     exit 2
     ;;
 esac

@@ -1,7 +1,10 @@
 """Where an SD-1.5 training step's time goes, per configuration: the wall step, the host's time to queue it, the
 GPU's kernel time and count (torch.profiler), and the kernels whose total time differs most between the first
 configuration and each other — so a step-time gap between slimtune and PEFT (issue 20) is split into host and GPU
-work, and the GPU's into kernels. Diagnostic only: the claimed ratios come from ``paired_steps.py``.
+work, and the GPU's into kernels. The host's side too: the CUDA runtime calls one step makes (kernel launches,
+allocations, synchronizations), the ATen ops whose host (self) time differs most, and Python's garbage collector
+(collections per step and their time) — costs a CPU-only proxy cannot see. Diagnostic only: the claimed ratios come
+from ``paired_steps.py``.
 
     python benchmarks/unet_step_profile.py --configs lora stripped:lora peft-bf16:lora
 """
@@ -9,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import gc
 import statistics
 import time
 from typing import Sequence
@@ -36,44 +40,94 @@ def kernel_times(step) -> tuple[float, int, dict[str, tuple[float, int]]]:
     return total, sum(int(v[1]) for v in per.values()), {k: (v[0], int(v[1])) for k, v in per.items()}
 
 
+def host_calls(step) -> tuple[dict[str, tuple[float, int]], dict[str, tuple[float, int]]]:
+    """One step under torch.profiler's CPU activity: per CUDA runtime call (``cuda*``: launches, allocations,
+    synchronizations) and per ATen op, (host self ms, count)."""
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    runtime: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
+    ops: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
+    for average in prof.key_averages():
+        name = average.key
+        target = runtime if name.startswith("cuda") else ops if name.startswith("aten::") else None
+        if target is not None:
+            target[name[:60]][0] += average.self_cpu_time_total / 1000
+            target[name[:60]][1] += average.count
+    return ({k: (v[0], int(v[1])) for k, v in runtime.items()}, {k: (v[0], int(v[1])) for k, v in ops.items()})
+
+
+class CollectorClock:
+    """Python's garbage collections while active: how many, and their wall time (``gc.callbacks``)."""
+
+    def __init__(self) -> None:
+        self.count, self.seconds, self._start = 0, 0.0, 0.0
+
+    def __call__(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            self.count += 1
+            self.seconds += time.perf_counter() - self._start
+
+    def __enter__(self) -> "CollectorClock":
+        gc.callbacks.append(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        gc.callbacks.remove(self)
+
+
+def difference_table(first: str, other: str, per: dict[str, dict[str, tuple[float, int]]], top: int) -> list[list]:
+    """The ``top`` names whose ms differ most between two configurations, with ms (count) of each."""
+    a, b = per[first], per[other]
+    names = sorted(set(a) | set(b), key=lambda n: -abs(a.get(n, (0, 0))[0] - b.get(n, (0, 0))[0]))
+    return [[n, f"{a.get(n, (0, 0))[0]:.2f} ({a.get(n, (0, 0))[1]})", f"{b.get(n, (0, 0))[0]:.2f} ({b.get(n, (0, 0))[1]})"]
+            for n in names[:top]]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", nargs="+", default=["lora", "stripped:lora", "peft-bf16:lora"])
     parser.add_argument("--preset", default="stable-diffusion-1.5")
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps, after 3 warm-up steps")
     parser.add_argument("--strip-lean", nargs="+", default=["conv", "norm-silu", "geglu"], choices=list(LEAN_KINDS))
     parser.add_argument("--top", type=int, default=12)
     args = parser.parse_args(argv)
     common = dict(preset=args.preset, rank=args.rank, batch=None, seq=512, device="cuda", dtype="bfloat16")
-    rows, kernels = [], {}
+    rows, kernels, runtime, ops = [], {}, {}, {}
     for text in args.configs:
         backend, method = parse_config(text)
         session = session_for(backend, method, common, "fast", args.strip_lean)
-        wall, host = [], []
-        for _ in range(args.steps):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
+        for _ in range(3):  # warm-up
             session.train_step()
-            t1 = time.perf_counter()
-            torch.cuda.synchronize()
-            host.append(t1 - t0)
-            wall.append(time.perf_counter() - t0)
+        wall, host = [], []
+        with CollectorClock() as clock:  # the timed steps' garbage collections
+            for _ in range(args.steps):
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                session.train_step()
+                t1 = time.perf_counter()
+                torch.cuda.synchronize()
+                host.append(t1 - t0)
+                wall.append(time.perf_counter() - t0)
         gpu_ms, count, kernels[text] = kernel_times(session.train_step)
-        rows.append([text, f"{1000 * statistics.median(wall[3:]):.1f}", f"{1000 * statistics.median(host[3:]):.1f}",
-                     f"{gpu_ms:.1f}", count])
+        runtime[text], ops[text] = host_calls(session.train_step)
+        rows.append([text, f"{1000 * statistics.median(wall):.1f}", f"{1000 * statistics.median(host):.1f}",
+                     f"{gpu_ms:.1f}", count, f"{clock.count / args.steps:.1f}", f"{1000 * clock.seconds / args.steps:.2f}",
+                     sum(n for _, n in runtime[text].values())])
         del session
         torch.cuda.empty_cache()
-    text = markdown_table(["config", "wall ms", "host queues ms", "GPU kernel ms", "kernels"], rows)
+    text = markdown_table(["config", "wall ms", "host queues ms", "GPU kernel ms", "kernels",
+                           "GC collections per step", "GC ms per step", "CUDA runtime calls"], rows)
     first = args.configs[0]
     for other in args.configs[1:]:
-        names = set(kernels[first]) | set(kernels[other])
-        diff = sorted(names, key=lambda n: -abs(kernels[first].get(n, (0, 0))[0] - kernels[other].get(n, (0, 0))[0]))
-        table = [[n, f"{kernels[first].get(n, (0, 0))[0]:.2f} ({kernels[first].get(n, (0, 0))[1]})",
-                  f"{kernels[other].get(n, (0, 0))[0]:.2f} ({kernels[other].get(n, (0, 0))[1]})"]
-                 for n in diff[:args.top]]
-        text += f"\n\nKernels differing most, {first} against {other} (ms (count) in one step):\n\n"
-        text += markdown_table(["kernel", first, other], table)
+        for what, per in (("Kernels", kernels), ("CUDA runtime calls (host self time)", runtime),
+                          ("ATen ops (host self time, under the profiler)", ops)):
+            text += f"\n\n{what} differing most, {first} against {other} (ms (count) in one step):\n\n"
+            text += markdown_table([what.split(" (")[0], first, other], difference_table(first, other, per, args.top))
     out = f"{environment_line()}\n\n{args.preset}, r={args.rank}, bf16, memory=fast\n\n{text}\n"
     print(out)
     write_out_text("unet_step_profile.md", out)

@@ -188,6 +188,8 @@ LOKR = {
     "linear-full-w2": (lambda: lokr(lambda: nn.Linear(16, 16), r=8), (5, 16)),
     "conv2d-k3-s2": (lambda: lokr(lambda: nn.Conv2d(16, 32, 3, stride=2, padding=1)), (2, 16, 9, 9)),
     "conv2d-k3-full": (lambda: lokr(lambda: nn.Conv2d(6, 8, 3, padding=1), r=4), (2, 6, 7, 7)),
+    # a_out = 5 ≠ a_in = 3 (40 = 5·8, 12 = 3·4): the backward's adjoint route with unequal row groups
+    "conv2d-uneven-dil": (lambda: lokr(lambda: nn.Conv2d(12, 40, 3, padding=2, dilation=2, stride=2)), (2, 12, 9, 8)),
     "conv2d-k1": (lambda: lokr(lambda: nn.Conv2d(16, 32, 1), use_effective_conv2d=True), (2, 16, 5, 4)),
     "conv2d-tucker-both": (lambda: lokr(lambda: nn.Conv2d(16, 32, 3, stride=2, padding=1), use_effective_conv2d=True,
                                         decompose_both=True), (2, 16, 9, 9)),
@@ -215,7 +217,7 @@ def test_op_matches_dense_autograd(name, make, x_shape, path):
 
 @pytest.mark.parametrize("path", ["structured", "folded"])
 @pytest.mark.parametrize("name", ["loha-linear", "loha-conv2d-k3-s2", "loha-tucker2d-k3-s2", "lokr-linear-auto",
-                                  "lokr-linear-factor3-w1first", "lokr-linear-decompose-both", "lokr-conv2d-k3-s2",
+                                  "lokr-linear-factor3-w1first", "lokr-linear-decompose-both", "lokr-conv2d-k3-s2", "lokr-conv2d-uneven-dil",
                                   "lokr-conv2d-tucker-both"])
 def test_op_scale_mask_and_partial_needs(name, path):
     _, make, x_shape = next(c for c in CASES if c[0] == name)

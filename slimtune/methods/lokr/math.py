@@ -95,8 +95,9 @@ def lokr_costs(tokens: int, a_out: int, a_in: int, b_out: int, b_in: int, itemsi
     """LoKr (``d_out = a_out·b_out``, ``d_in = a_in·b_in``; for a convolution ``b_in`` includes the kernel).
 
     Structured: two small contractions per token (:func:`kron_order`; a convolution always convolves with w2
-    first); backward recomputes them and runs two more of each (about 3x the forward). Folded: ``torch.kron``
-    and the add (4 dense passes)."""
+    first); a Linear's backward recomputes them and runs two more of each (about 3x the forward), a convolution's
+    runs w2's convolution twice more (its adjoint and its weight gradient, :class:`~.ops.LokrConvOp`) and w1's
+    contraction three times. Folded: ``torch.kron`` and the add (4 dense passes)."""
     order, macs = kron_order(a_out, a_in, b_out, b_in)
     if conv:
         order, macs = "w2", a_in * b_in * b_out + a_out * a_in * b_out
@@ -105,7 +106,7 @@ def lokr_costs(tokens: int, a_out: int, a_in: int, b_out: int, b_in: int, itemsi
     flops = 2 * tokens * macs
     moved = tokens * (2 * mid + 3 * d_out)
     if backward:
-        flops += 3 * 2 * tokens * macs
+        flops += 2 * tokens * (2 * a_in * b_in * b_out + 3 * a_out * a_in * b_out if conv else 3 * macs)
         moved += tokens * (6 * mid + 2 * d_out + d_in)
     structured = Cost(flops, moved * itemsize)
     folded = folded_cost(tokens, d_in, d_out, d_in * d_out, 4, 6, itemsize, backward)

@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 
 from ...core.products import bmm_left, kron_grad, sum_bmm
-from ...core.structured import ConvSpec, FoldOp, Params, StructuredOp, base_backward
+from ...core.aten_grads import conv_grads, conv_input_grad
+from ...core.structured import ConvSpec, FoldOp, Params, StructuredOp
 from .factors import LokrFactors
 from .math import kron_weight
 
@@ -16,8 +17,13 @@ LokrScale = tuple[float, "torch.Tensor | None"]  # (s, rank-dropout mask over th
 class LokrConvOp(StructuredOp):
     """``conv(x, s·w1 ⊗ w2)`` (groups 1): x ``[B, a_in·b_in, *sp]`` viewed ``[B·a_in, b_in, *sp]`` is convolved
     with w2 ``[b_out, b_in, *k]`` (the base geometry), then ``a_in`` is contracted with w1 (a batched GEMM
-    accumulating into y). Backward: ``du = w1ᵀ dy``, the convolution's backward gives ``dx`` and ``dw2``;
-    ``dw1 = Σ_b dy[b] u[b]ᵀ`` with ``u`` recomputed."""
+    accumulating into y).
+
+    Backward, for dy viewed ``[B·a_out, b_out, *sp']``: ``z = conv_wᵀ(dy)``, w2's convolution's adjoint (its input
+    gradient, ``[B·a_out, b_in, *sp]``); then ``dx += w1ᵀ z`` and ``dw1 = Σ_b z[b] X[b]ᵀ`` (X: x viewed
+    ``[B, a_in, b_in·sp]``) — by linearity ``⟨dy_i, conv(x_j, w2)⟩ = ⟨conv_wᵀ(dy_i), x_j⟩``, so neither needs
+    ``conv(x, w2)`` again; ``dw2`` is the weight gradient of w2's convolution for ``du = w1ᵀ dy``. Two convolution
+    backward calls (one input, one weight gradient) where recomputing ``conv(x, w2)`` took three."""
 
     def __init__(self, factors: LokrFactors, conv: ConvSpec, kernel: tuple[int, ...], w1_shape: tuple[int, int],
                  w2_shape: tuple[int, int]) -> None:
@@ -48,19 +54,26 @@ class LokrConvOp(StructuredOp):
         batch, a_out, a_in = x.shape[0], self.a_out, self.a_in
         if mask is not None:
             dy = dy * mask.view(-1, *(1,) * (dy.dim() - 2))
-        dy3 = dy.reshape(batch, a_out, -1)
-        xv = x.reshape(batch * a_in, self.b_in, *x.shape[2:])
+        spatial_out, conv = dy.shape[2:], self.conv
         need_1, need_2 = self.factors.needs(need)
-        need_dx = grad_x is not None
         dw1 = dw2 = None
-        if need_dx or need_2:
-            du = bmm_left(w1.t(), dy3).reshape(batch * a_in, self.b_out, *dy.shape[2:])
-            dxv, dw2 = base_backward(du, xv, w2, self.conv, need_dx, need_2, groups=1)
-            del du
-            if dxv is not None:
-                grad_x.add_(dxv.reshape(x.shape))
-        if need_1:
-            dw1 = sum_bmm(dy3, self.conv.conv(xv, w2, groups=1).reshape(batch, a_in, -1))
+        if grad_x is not None or need_1:
+            z = conv_input_grad(dy.reshape(batch * a_out, self.b_out, *spatial_out), w2,
+                                (batch * a_out, self.b_in, *x.shape[2:]), conv.stride, conv.padding, conv.dilation, 1)
+            z3 = z.view(batch, a_out, -1)
+            if grad_x is not None:
+                w1t = w1.t().expand(batch, a_in, a_out)
+                if grad_x.is_contiguous():
+                    grad_x.view(batch, a_in, -1).baddbmm_(w1t, z3)
+                else:
+                    grad_x.add_(torch.bmm(w1t, z3).view(grad_x.shape))
+            if need_1:
+                dw1 = sum_bmm(z3, x.reshape(batch, a_in, -1))
+            del z, z3
+        if need_2:
+            du = bmm_left(w1.t(), dy.reshape(batch, a_out, -1)).view(batch * a_in, self.b_out, *spatial_out)
+            dw2 = conv_grads(du, x.reshape(batch * a_in, self.b_in, *x.shape[2:]), w2, conv.stride, conv.padding,
+                             conv.dilation, 1, (False, True, False))[1]
         return self.factors.grads(dw1, dw2, params, s, need)
 
 
