@@ -98,11 +98,12 @@
 #                                       #           without its no-op steps, LoCon's ResNet blocks as one Function —
 #                                       #           CUDA tests, SD-1.5 LoRA / LoCon / LoKr against 8def1c5 and
 #                                       #           PEFT-bf16, QLoRA against PEFT-bf16 (carry .whl, .before = 8def1c5)
-#   bash benchmarks/pending_gpu.sh 41   # issue 20: part 40 with LoKr's convolution backward through w2's adjoint
-#                                       #           (two convolution backward calls where three ran) — CUDA tests,
-#                                       #           SD-1.5 LoRA / LoCon / LoKr against 8def1c5 and PEFT-bf16, and
-#                                       #           where LoKr's host time goes against PEFT's (CUDA runtime calls,
-#                                       #           ATen ops, garbage collections) (carry .whl, .before = 8def1c5)
+#   bash benchmarks/pending_gpu.sh 41   # issue 20: LoKr's convolution backward through w2's adjoint (two
+#                                       #           convolution backward calls where three ran), LoCon's 1x1 up
+#                                       #           convolution as a batched GEMM — CUDA tests, SD-1.5 LoRA / LoCon /
+#                                       #           LoKr against 5853aec and PEFT-bf16, and where LoKr's host time goes
+#                                       #           against PEFT's (CUDA runtime calls, ATen ops, garbage collections)
+#                                       #           (carry .whl, .before = 5853aec)
 #   bash benchmarks/pending_gpu.sh 3    # issue 17: online / gradient / data allocation vs AdaLoRA wall time
 #                                       #           (carry .out/minilm_wide; make it with rank_allocation.py --prepare)
 #
@@ -500,9 +501,11 @@ case $part in
         --rounds 10 --quant nf4 --configs lora peft-bf16:lora --out-name paired_sd15_qlora
     ;;
 41)
-    # issue 20, carry .whl and .before = 8def1c5: part 40's code plus LoKr's convolution backward through w2's adjoint
-    # (methods.lokr.ops.LokrConvOp) — the CUDA tests, SD-1.5 LoRA, LoCon and LoKr against 8def1c5 and PEFT-bf16, then
-    # LoKr's and PEFT-bf16's step split into GPU kernels, CUDA runtime calls, ATen ops' host time and collections
+    # issue 20, carry .whl and .before = 5853aec (the previous session's last code, which part 40 measures): LoKr's
+    # convolution backward through w2's adjoint (methods.lokr.ops.LokrConvOp) and LoCon's 1x1 up convolution as a
+    # batched GEMM (core.lowrank.pointwise_conv) — the CUDA tests, SD-1.5 LoRA, LoCon and LoKr against 5853aec and
+    # PEFT-bf16, then LoKr's and PEFT-bf16's step split into GPU kernels, CUDA runtime calls, ATen ops' host time and
+    # garbage collections
     install_wheels
     step lean_tests 120 python -m pytest -q tests/core/test_attention_call.py tests/core/test_rebuild.py \
         tests/core/test_lean_layers.py tests/core/test_lean_resnet.py tests/core/test_aten_grads.py \
