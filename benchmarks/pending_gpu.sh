@@ -504,16 +504,16 @@ case $part in
     # issue 20, carry .whl and .before = 5853aec (the previous session's last code, which part 40 measures): LoKr's
     # convolution backward through w2's adjoint (methods.lokr.ops.LokrConvOp) and LoCon's 1x1 up convolution as a
     # batched GEMM (core.lowrank.pointwise_conv) — the CUDA tests, SD-1.5 LoRA, LoCon and LoKr against 5853aec and
-    # PEFT-bf16, then LoKr's and PEFT-bf16's step split into GPU kernels, CUDA runtime calls, ATen ops' host time and
-    # garbage collections
+    # PEFT-bf16, LoKr's and PEFT-bf16's step split into GPU kernels, CUDA runtime calls, ATen ops' host time and
+    # garbage collections, and each block kind's fwd+bwd against PEFT-bf16 and 5853aec (block_compare.py)
     install_wheels
-    step lean_tests 120 python -m pytest -q tests/core/test_attention_call.py tests/core/test_rebuild.py \
-        tests/core/test_lean_layers.py tests/core/test_lean_resnet.py tests/core/test_aten_grads.py \
-        tests/core/test_structured.py
-    step paired_sd15_direct 300 python benchmarks/paired_steps.py --preset stable-diffusion-1.5 --rank 16 \
+    step cuda_tests 60 python -m pytest -q tests/core/test_lean_resnet.py tests/core/test_structured.py \
+        tests/core/test_aten_grads.py tests/core/test_attention_call.py
+    step paired_sd15_session 270 python benchmarks/paired_steps.py --preset stable-diffusion-1.5 --rank 16 \
         --rounds 15 --before .before --configs lora before:lora peft-bf16:lora locon before:locon \
-        peft-bf16:locon lokr before:lokr peft-bf16:lokr --out-name paired_sd15_direct
-    step unet_profile_lokr 120 python benchmarks/unet_step_profile.py --configs lokr peft-bf16:lokr
+        peft-bf16:locon lokr before:lokr peft-bf16:lokr --out-name paired_sd15_session
+    step unet_profile_lokr 100 python benchmarks/unet_step_profile.py --configs lokr peft-bf16:lokr
+    step block_compare 130 python benchmarks/block_compare.py --methods lora lokr --rounds 10 --before .before
     ;;
 *)
     echo "unknown part $part (1 to 41)" >&2
