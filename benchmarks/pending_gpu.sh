@@ -507,13 +507,13 @@ case $part in
     # PEFT-bf16, LoKr's and PEFT-bf16's step split into GPU kernels, CUDA runtime calls, ATen ops' host time and
     # garbage collections, and each block kind's fwd+bwd against PEFT-bf16 and 5853aec (block_compare.py)
     install_wheels
-    step cuda_tests 60 python -m pytest -q tests/core/test_lean_resnet.py tests/core/test_structured.py \
+    step cuda_tests 45 python -m pytest -q tests/core/test_lean_resnet.py tests/core/test_structured.py \
         tests/core/test_aten_grads.py tests/core/test_attention_call.py
-    step paired_sd15_session 270 python benchmarks/paired_steps.py --preset stable-diffusion-1.5 --rank 16 \
-        --rounds 15 --before .before --configs lora before:lora peft-bf16:lora locon before:locon \
+    step paired_sd15_session 200 python benchmarks/paired_steps.py --preset stable-diffusion-1.5 --rank 16 \
+        --rounds 12 --before .before --configs lora before:lora peft-bf16:lora locon before:locon \
         peft-bf16:locon lokr before:lokr peft-bf16:lokr --out-name paired_sd15_session
-    step unet_profile_lokr 100 python benchmarks/unet_step_profile.py --configs lokr peft-bf16:lokr
-    step block_compare 130 python benchmarks/block_compare.py --methods lora lokr --rounds 10 --before .before
+    step unet_profile_lokr 80 python benchmarks/unet_step_profile.py --configs lokr peft-bf16:lokr
+    step block_compare 90 python benchmarks/block_compare.py --methods lora lokr --rounds 8 --before .before
     ;;
 *)
     echo "unknown part $part (1 to 41)" >&2
