@@ -525,6 +525,7 @@ case $part in
         step unet_profile_lokr 80 python benchmarks/unet_step_profile.py --configs lokr peft-bf16:lokr
         step block_compare 90 python benchmarks/block_compare.py --methods lora lokr --rounds 8 --before .before
     fi
+    (cd "$out" && tar -cf jsonl.tar ./*.jsonl && rm -f ./*.jsonl)  # one file back for all of them (8 files at most)
     ;;
 *)
     echo "unknown part $part (1 to 41)" >&2
