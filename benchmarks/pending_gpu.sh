@@ -104,13 +104,15 @@
 #                                       #           LoKr against 5853aec and PEFT-bf16, and where LoKr's host time goes
 #                                       #           against PEFT's (CUDA runtime calls, ATen ops, garbage collections)
 #                                       #           (carry .whl, .before = 5853aec)
+#   bash benchmarks/pending_gpu.sh 42   # issue 20: part 41 for a short lease — CUDA tests, SD-1.5 LoCon / LoKr
+#                                       #           against 5853aec and PEFT-bf16 (carry .whl, .before = 5853aec)
 #   bash benchmarks/pending_gpu.sh 3    # issue 17: online / gradient / data allocation vs AdaLoRA wall time
 #                                       #           (carry .out/minilm_wide; make it with rank_allocation.py --prepare)
 #
 # Outputs go to $OUT (each script's own files, plus one log per step); record them in benchmarks/RESULTS.md with
 # the GPU and versions the scripts print.
 set -uo pipefail
-part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|...|41"}
+part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|...|42"}
 out=${OUT:-/tmp/pending_gpu}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -527,8 +529,17 @@ case $part in
     fi
     (cd "$out" && tar -cf jsonl.tar ./*.jsonl && rm -f ./*.jsonl)  # one file back for all of them (8 files at most)
     ;;
+42)
+    # issue 20, carry .whl and .before = 5853aec: part 41 for a lease of ~5 minutes — the CUDA tests of the changed
+    # Functions, SD-1.5 LoCon and LoKr against 5853aec and PEFT-bf16, LoRA against PEFT-bf16
+    install_wheels
+    step cuda_tests 40 python -m pytest -q tests/core/test_lean_resnet.py tests/core/test_structured.py
+    step paired_sd15_short 200 python benchmarks/paired_steps.py --preset stable-diffusion-1.5 --rank 16 \
+        --rounds 10 --before .before --configs locon before:locon peft-bf16:locon lokr before:lokr peft-bf16:lokr \
+        lora peft-bf16:lora --out-name paired_sd15_short
+    ;;
 *)
-    echo "unknown part $part (1 to 41)" >&2
+    echo "unknown part $part (1 to 42)" >&2
     exit 2
     ;;
 esac
