@@ -99,11 +99,14 @@
 #                                       #           CUDA tests, SD-1.5 LoRA / LoCon / LoKr against 8def1c5 and
 #                                       #           PEFT-bf16, QLoRA against PEFT-bf16 (carry .whl, .before = 8def1c5)
 #   bash benchmarks/pending_gpu.sh 41   # issue 20: LoKr's convolution backward through w2's adjoint (two
-#                                       #           convolution backward calls where three ran), LoCon's 1x1 up
-#                                       #           convolution as a batched GEMM — CUDA tests, SD-1.5 LoRA / LoCon /
-#                                       #           LoKr against 5853aec and PEFT-bf16, and where LoKr's host time goes
-#                                       #           against PEFT's (CUDA runtime calls, ATen ops, garbage collections)
-#                                       #           (carry .whl, .before = 5853aec)
+#                                       #           convolution backward calls where three ran) — CUDA tests, SD-1.5
+#                                       #           LoRA / LoCon (unchanged: controls) / LoKr against 5853aec and
+#                                       #           PEFT-bf16, and where LoKr's host time goes against PEFT's (CUDA
+#                                       #           runtime calls, ATen ops, garbage collections), block_compare.py;
+#                                       #           on an H200 compiled DoRA and the 8192 layer first (issue 19)
+#                                       #           (carry .whl, .before = 5853aec). To measure LoCon's 1x1 up
+#                                       #           convolution as a GEMM (tried, reverted unmeasured on a GPU), first
+#                                       #           `git cherry-pick -n 0a2cb68` (RESULTS.md, run 100)
 #   bash benchmarks/pending_gpu.sh 42   # issue 20: part 41 for a short lease — CUDA tests, SD-1.5 LoCon / LoKr
 #                                       #           against 5853aec and PEFT-bf16 (carry .whl, .before = 5853aec)
 #   bash benchmarks/pending_gpu.sh 3    # issue 17: online / gradient / data allocation vs AdaLoRA wall time
@@ -504,10 +507,10 @@ case $part in
     ;;
 41)
     # issue 20, carry .whl and .before = 5853aec (the previous session's last code, which part 40 measures): LoKr's
-    # convolution backward through w2's adjoint (methods.lokr.ops.LokrConvOp) and LoCon's 1x1 up convolution as a
-    # batched GEMM (core.lowrank.pointwise_conv) — the CUDA tests, SD-1.5 LoRA, LoCon and LoKr against 5853aec and
-    # PEFT-bf16, LoKr's and PEFT-bf16's step split into GPU kernels, CUDA runtime calls, ATen ops' host time and
-    # garbage collections, and each block kind's fwd+bwd against PEFT-bf16 and 5853aec (block_compare.py).
+    # convolution backward through w2's adjoint (methods.lokr.ops.LokrConvOp) — the CUDA tests, SD-1.5 LoRA, LoCon
+    # (both unchanged since 5853aec: the rounds' controls) and LoKr against 5853aec and PEFT-bf16, LoKr's and
+    # PEFT-bf16's step split into GPU kernels, CUDA runtime calls, ATen ops' host time and garbage collections, and
+    # each block kind's fwd+bwd against PEFT-bf16 and 5853aec (block_compare.py).
     # On an H200, first what issue 19 still needs there (compiled DoRA on both sides; the 8192 r=384 layer), and
     # then the profile and block comparison are left out (one call's 10 minutes)
     h200=0

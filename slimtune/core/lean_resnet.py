@@ -21,8 +21,7 @@ norms' statistics (``[B, groups]``).
 With LoCon on conv1, conv2 or the shortcut (:data:`LORA_CONV`) and LoRA on the time projection (:data:`LORA_LINEAR`),
 the Function runs their compositions inside (``base(s) + up(down(s))``, ``x Wᵀ + b + s·(x Aᵀ) Bᵀ``) with the same
 ops and casts, and its backward gives their factors' gradients from the ops autograd's nodes of those compositions
-run (:func:`~.aten_grads.conv_grads`, :func:`~.lowrank.pointwise_conv_grads`,
-:func:`~.lowrank.factor_grads`): bit for bit again, the whole UNet step
+run (:func:`~.aten_grads.conv_grads`, :func:`~.lowrank.factor_grads`): bit for bit again, the whole UNet step
 included (tested). It keeps what the block's recipes keep (:mod:`.rebuild`: each convolution's input rebuilt from
 x or h1) and each LoCon's ``h = down(s)`` (r channels, as its composition does) — one Python node where the block's
 lean layers one by one, its recipe scope and the hooks around each LoCon composition were ~260 µs of host time per
@@ -43,7 +42,7 @@ from torch import nn
 
 from .aten_grads import conv_grads, conv_input_grad, group_norm_input_grad, group_norm_with_stats, silu_grad
 from .compute import autocasting, cast, cast_optional, mm_scaled
-from .lowrank import factor_grads, pointwise_conv, pointwise_conv_grads
+from .lowrank import factor_grads
 from .tracing import compiling
 
 #: ``(module, class)`` of the adapters the Function runs inside the block: LoRA on a convolution (LoCon: conv1, conv2,
@@ -95,7 +94,7 @@ def _conv(layer: nn.Module, x: torch.Tensor, factors: Factors) -> tuple[torch.Te
         return y, None
     down, up = factors
     h = F.conv2d(x, cast(down, x.dtype), None, conv.stride, conv.padding, conv.dilation)
-    delta = pointwise_conv(h, cast(up * layer.scaling, x.dtype), conv.groups)
+    delta = F.conv2d(h, cast(up * layer.scaling, x.dtype), None, 1, 0, 1, conv.groups)
     return y + delta.to(y.dtype), h
 
 
@@ -109,7 +108,9 @@ def _conv_backward(layer: nn.Module, grad: torch.Tensor, x: torch.Tensor, h: tor
     if factors is None:
         return dx, None, None, None
     down, up = factors
-    dh, d_up = pointwise_conv_grads(grad, h, cast(up * layer.scaling, x.dtype), conv.groups)
+    ones, zeros = (1,) * (grad.dim() - 2), (0,) * (grad.dim() - 2)
+    dh, d_up, _ = conv_grads(grad, h, cast(up * layer.scaling, x.dtype), ones, zeros, ones, conv.groups,
+                             (True, True, False))
     dx_down, d_down, _ = conv_grads(dh, x, cast(down, x.dtype), conv.stride, conv.padding, conv.dilation, 1,
                                     (True, True, False))
     return dx, dx_down, cast(d_down, down.dtype), cast(d_up, up.dtype) * layer.scaling

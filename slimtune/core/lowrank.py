@@ -27,9 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import timed
-from .aten_grads import conv_grads
 from .compute import cast, compute_setting, mm_scaled
-from .products import mix
 from .frozen import WeightOperand, is_quantized, materialize, save_with_weight, saved_with_weight
 from .rebuild import keep_input, kept_input
 from .tracing import compiling, seeded_keep_mask, traced_seed
@@ -217,40 +215,13 @@ def conv_low_rank_forward(x: torch.Tensor, x_down: torch.Tensor, base: nn.Module
     autograd (convolutions save their inputs; no custom backward is needed).
 
     ``down`` ``[r, c_in, *k]`` runs with the base's stride, padding and dilation; ``up`` ``[c_out, r / groups, 1(, 1)]``
-    is a 1x1 convolution with the base's groups (:func:`pointwise_conv`). Both run in the compute dtype (autocast's,
-    else x's); x_down is x, or x after dropout.
+    is a 1x1 convolution with the base's groups. Both run in the compute dtype (autocast's, else x's); x_down is x,
+    or x after dropout.
     """
     y = base(x)
     dtype, context = compute_setting(x)
     conv = _CONV[down.dim() - 2]
     with context:
         h = conv(x_down.to(dtype), down.to(dtype), None, base.stride, base.padding, base.dilation)
-        delta = pointwise_conv(h, up.to(dtype), base.groups)
+        delta = conv(h, up.to(dtype), None, 1, 0, 1, base.groups)
     return y + delta.to(y.dtype)
-
-
-def pointwise_conv(h: torch.Tensor, up: torch.Tensor, groups: int) -> torch.Tensor:
-    """The 1x1 convolution (stride 1, no padding) of h ``[B, r, *sp]`` with ``up`` ``[c_out, r / groups, 1(, 1)]`` ->
-    ``[B, c_out, *sp]``. Ungrouped, one batched GEMM over h's positions as they lie (``up`` broadcast over the
-    batch): the output comes in h's channels-first layout, with no layout transposes around it, and costs one
-    GEMM's launch where a convolution's call takes more host time; grouped, the convolution."""
-    if groups != 1:
-        return _CONV[h.dim() - 2](h, up, None, 1, 0, 1, groups)
-    return mix(h, up.view(up.shape[0], up.shape[1]))
-
-
-def pointwise_conv_grads(grad: torch.Tensor, h: torch.Tensor, up: torch.Tensor, groups: int
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(dh, d_up)`` of :func:`pointwise_conv` for its output gradient ``grad`` ``[B, c_out, *sp]``, with the ops
-    autograd's nodes of it run (so the two agree bit for bit): ungrouped, the batched GEMM's two products and the
-    broadcast's sum over the batch; grouped, the convolution's backward."""
-    if groups != 1:
-        ones, zeros = (1,) * (grad.dim() - 2), (0,) * (grad.dim() - 2)
-        dh, d_up, _ = conv_grads(grad, h, up, ones, zeros, ones, groups, (True, True, False))
-        return dh, d_up
-    batch, c_out = grad.shape[0], grad.shape[1]
-    w = up.view(c_out, -1)
-    g3 = grad.reshape(batch, c_out, -1)
-    dh = w.t().expand(batch, w.shape[1], c_out).bmm(g3).view(h.shape)
-    d_up = g3.bmm(h.reshape(batch, h.shape[1], -1).transpose(1, 2)).sum(0)
-    return dh, d_up.view(up.shape)
