@@ -1,4 +1,5 @@
-"""The ATen kernels the lean layers (:mod:`.lean_layers`, :mod:`.lean_resnet`) call directly: SiLU's, GELU's, a
+"""The ATen kernels the lean layers (:mod:`.lean_layers`, :mod:`.lean_resnet`) and LoKr's convolution backward
+(:class:`~slimtune.methods.lokr.ops.LokrConvOp`) call directly: SiLU's, GELU's, a
 convolution's and a GroupNorm's input gradients, the very ops autograd's own ``SiluBackward0`` / ``GeluBackward0`` /
 ``ConvolutionBackward0`` / ``NativeGroupNormBackward0`` nodes run (a convolution's weight and bias gradients too, for
 LoCon's convolutions inside a ResNet block's Function), and the GroupNorm forward that also returns the
