@@ -10,11 +10,14 @@ channels) runs too: the GPU's side. Cases: a 3x3 convolution and a Linear alone,
 
     python benchmarks/block_compare.py                         # CUDA (bf16) if available, else the CPU (float32)
     python benchmarks/block_compare.py --methods lokr --before DIR    # and an earlier copy's slimtune
+    python benchmarks/block_compare.py --lean-off --profile    # slimtune without lean layers too; kernel tables
 
 ``--before DIR``: DIR holds an earlier copy of the package as ``slimtune_before`` (as ``paired_steps.py`` takes it);
 its adapted copy joins the rounds. The UNet lean layers apply as a UNet applies them, from
 ``lean_layers.UNET_LEAN_BYTES`` (``--unet-lean-bytes 0``: at every size, as at SD-1.5's two finest levels).
-Diagnostic only: the step ratios come from ``paired_steps.py``.
+``--lean-off`` adds slimtune's copy run with no lean layer (the threshold raised for its calls alone), and
+``--profile`` one profiled fwd+bwd per variant at the SD-1.5 shape: GPU kernel ms and count, and the kernels that
+differ most between slimtune and PEFT-bf16. Diagnostic only: the step ratios come from ``paired_steps.py``.
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ from typing import Callable
 
 from _common import environment_line, markdown_table, write_out_text
 from lean_layer_cost import interleaved_us
+from unet_step_profile import difference_table, kernel_times
 
 import torch
 from torch import nn
@@ -110,6 +114,32 @@ def _variants(make: Callable[[], nn.Module], targets: list[str], method: str, ra
     return models
 
 
+def _without_lean(modules: list[ModuleType], run: Callable[[], object]) -> object:
+    """``run()`` with every package's UNet lean threshold raised past any tensor (no lean layer), then restored."""
+    saved = [m.UNET_LEAN_BYTES for m in modules]
+    for m in modules:
+        m.UNET_LEAN_BYTES = 2**62
+    try:
+        return run()
+    finally:
+        for m, value in zip(modules, saved):
+            m.UNET_LEAN_BYTES = value
+
+
+def _profile_text(title: str, calls: dict[str, Callable[[], object]], top: int = 8) -> str:
+    """One profiled fwd+bwd per variant (after a warm call): kernel ms and count, and the kernels differing most
+    between slimtune and PEFT-bf16, as markdown."""
+    totals, per = [], {}
+    for name, run in calls.items():
+        run()
+        ms, count, per[name] = kernel_times(run)
+        totals.append([name, f"{ms:.3f}", count])
+    return (f"\n\n### {title}: one profiled fwd+bwd at the SD-1.5 shape\n\n"
+            + markdown_table(["variant", "GPU kernel ms", "kernels"], totals) + "\n\n"
+            + markdown_table(["kernel", "slimtune ms (count)", "peft-bf16 ms (count)"],
+                             difference_table("slimtune", "peft-bf16", per, top)))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
@@ -122,6 +152,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="the UNet lean layers' size threshold (default: the library's)")
     parser.add_argument("--before", default=None, metavar="DIR",
                         help="a directory holding an earlier copy of the package as slimtune_before")
+    parser.add_argument("--lean-off", action="store_true",
+                        help="also slimtune's copy with no lean layer (the UNet lean threshold raised for its calls)")
+    parser.add_argument("--profile", action="store_true",
+                        help="on a GPU, one profiled fwd+bwd per variant at the SD-1.5 shape: kernel tables")
     args = parser.parse_args(argv)
     packages: dict[str, ModuleType] = {"slimtune": slimtune}
     lean_modules = [lean_layers]
@@ -136,15 +170,20 @@ def main(argv: list[str] | None = None) -> int:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if device.type == "cpu":
         torch.set_num_threads(1)
-    rows = []
+    rows, profiles = [], []
     for tiny in (True, False) if device.type == "cuda" else (True,):
         for case, (make, targets, call) in _cases(device, dtype, tiny, args.tiny_channels).items():
             if args.cases and case not in args.cases:
                 continue
             for method in args.methods:
                 models = _variants(make, targets, method, args.rank, device, dtype, packages)
-                times = interleaved_us({k: (lambda m=m: call(m)) for k, m in models.items()}, device,
-                                       reps=40 if tiny else 5, rounds=args.rounds)
+                calls = {k: (lambda m=m: call(m)) for k, m in models.items()}
+                if args.lean_off:
+                    models["lean off"] = models["slimtune"]
+                    calls["lean off"] = lambda m=models["slimtune"]: _without_lean(lean_modules, lambda: call(m))
+                times = interleaved_us(calls, device, reps=40 if tiny else 5, rounds=args.rounds)
+                if args.profile and not tiny and device.type == "cuda":
+                    profiles.append(_profile_text(f"{case}, {method}", calls))
                 for variant in models:
                     if variant == "peft-bf16":
                         continue
@@ -157,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(rows[-1], flush=True)
     text = environment_line() + f"\n\nr={args.rank}, {dtype}\n\n" + markdown_table(
         ["case", "shape", "method", "variant", "us per fwd+bwd", "PEFT-bf16 us", "- PEFT-bf16 (median of rounds)",
-         "÷ PEFT-bf16"], rows)
+         "÷ PEFT-bf16"], rows) + "".join(profiles)
     write_out_text("block_compare.md", text)
     print(text)
     return 0

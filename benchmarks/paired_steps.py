@@ -174,6 +174,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="--preset on the CPU in float32, one thread (a host-cost proxy with a tiny preset, e.g. "
                              "tiny-sd15, SD-1.5's layout at tiny widths: the arithmetic is small, the Python and "
                              "dispatch per module are the model's)")
+    parser.add_argument("--cpu-native-conv", action="store_true",
+                        help="with --cpu: torch.backends.mkldnn off, so every convolution takes PyTorch's own CPU "
+                             "path (oneDNN costs ~40 µs a call above batch 1 against ~7 µs at batch 1, which "
+                             "overstates LoKr's batched convolutions against PEFT's batch-1 ones; RESULTS run 101)")
     parser.add_argument("--unet-lean-bytes", type=int, default=None, metavar="N",
                         help="a UNet's lean layers from N bytes (slimtune.core.lean_layers.UNET_LEAN_BYTES; with "
                              "--cpu --preset tiny-sd15, 2048 makes the two finest levels lean, as 4 MiB does SD-1.5's)")
@@ -211,8 +215,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--steps-per-turn needs at least 1")
     if args.capture and (args.quick or args.cpu):
         parser.error("--capture replays CUDA graphs: not on the CPU (--quick, --cpu)")
+    if args.cpu_native_conv and not args.cpu:
+        parser.error("--cpu-native-conv is for --cpu")
     if args.cpu:
         torch.set_num_threads(1)
+    if args.cpu_native_conv:
+        torch.backends.mkldnn.enabled = False
     if args.before:
         sys.path.insert(0, args.before)
     if args.unet_lean_bytes is not None:  # the earlier copy's too, where it has the setting
@@ -308,6 +316,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"of each configuration per round, logits released before backward; slimtune memory="
             f"{args.memory}"
             f"{'; gc.freeze() after building' if args.gc_freeze else ''}"
+            f"{'; oneDNN off (PyTorch’s own CPU convolutions)' if args.cpu_native_conv else ''}"
             f"{'; decoder layers through torch.compile' if args.compile else ''}"
             f"{'; each step replayed as a CUDA graph (slimtune.capture_step)' if args.capture else ''}"
             f"{'; variants timed once per shape (slimtune.set_variant_criterion)' if args.timed else ''}\n\n{table}\n")
