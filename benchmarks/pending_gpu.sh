@@ -556,11 +556,11 @@ case $part in
     # (run 102: LoCon +0.4 ms, LoKr +0.6 ms per block) — with and without the lean layers, and each variant's kernels
     # — and SD-1.5's step with no lean layer at all (the threshold past any tensor), peaks included
     install_wheels
-    step block_lean 120 python benchmarks/block_compare.py --methods lora lokr --cases "ResNet block" "conv 3x3" \
-        --rounds 6 --lean-off --profile
     step paired_sd15_no_lean 150 python benchmarks/paired_steps.py --preset stable-diffusion-1.5 --rank 16 \
         --rounds 8 --unet-lean-bytes 4611686018427387904 --configs lora peft-bf16:lora locon peft-bf16:locon lokr \
         peft-bf16:lokr --out-name paired_sd15_no_lean
+    step block_lean 120 python benchmarks/block_compare.py --methods lora lokr --cases "ResNet block" "conv 3x3" \
+        --rounds 6 --lean-off --profile
     ;;
 *)
     echo "unknown part $part (1 to 44)" >&2
