@@ -3,11 +3,11 @@
 # (≤ 10 min) and together the 30-minute device budget; run on 2026-12-05 as RESULTS.md runs 47 (part 1), 48 (part 3)
 # and 49 (part 2), and kept to repeat them. Run from the repository root on the lent machine:
 #
-# Still to run on the H200 that issues 19 and 20 name (every call of 2026-12-05's last session got an H100 or nothing):
-# part 32 (DoRA at seq 2048 beside PEFT-bf16, which needs the H200's memory), then part 30 (compiled DoRA and LoRA,
-# the 8192 r=384 layer) and part 38 (SD-1.5 every method against PEFT-bf16; regenerate .before from the commit to
-# compare against), or 40 (this session's changes; .before = 8def1c5). Parts 29 and 33-34 are earlier forms of 32
-# and 38.
+# Still to run (as of 2026-12-06, RESULTS.md runs 102-103 ran parts 41 and 42 on an H100):
+# - part 44 on an H100 (carry .whl): SD-1.5 with no lean layer, and the ResNet blocks with and without them;
+# - part 43 on the H200 that issue 19 names (needs_h200: PEFT-bf16's DoRA at seq 2048 does not fit an H100):
+#   compiled DoRA against PEFT-bf16, the 8192 r=384 layer, DoRA at seq 2048 (part 32). Parts 29, 30, 32 and 33-34
+#   are earlier forms of 43 and of the SD-1.5 parts.
 #
 #   bash benchmarks/pending_gpu.sh 1    # issue 19: capture test, DoRA host breakdown, paired steps eager / captured /
 #                                       #           timed variants, slimtune vs PEFT-bf16 (no carry)
@@ -109,13 +109,19 @@
 #                                       #           `git cherry-pick -n 0a2cb68` (RESULTS.md, run 100)
 #   bash benchmarks/pending_gpu.sh 42   # issue 20: part 41 for a short lease — CUDA tests, SD-1.5 LoCon / LoKr
 #                                       #           against 5853aec and PEFT-bf16 (carry .whl, .before = 5853aec)
+#                                       #           (41 and 42 ran as RESULTS.md runs 102 and 103, on an H100)
+#   bash benchmarks/pending_gpu.sh 43   # issue 19 on an H200 (needs_h200): compiled DoRA against PEFT-bf16, the
+#                                       #           8192 r=384 layer, DoRA at seq 2048 (part 32)
+#   bash benchmarks/pending_gpu.sh 44   # issue 20: SD-1.5 with no lean layer (step and peak against PEFT-bf16),
+#                                       #           the ResNet blocks with and without them, with kernel tables
+#                                       #           (block_compare.py --lean-off --profile; carry .whl)
 #   bash benchmarks/pending_gpu.sh 3    # issue 17: online / gradient / data allocation vs AdaLoRA wall time
 #                                       #           (carry .out/minilm_wide; make it with rank_allocation.py --prepare)
 #
 # Outputs go to $OUT (each script's own files, plus one log per step); record them in benchmarks/RESULTS.md with
 # the GPU and versions the scripts print.
 set -uo pipefail
-part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|...|42"}
+part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|...|44"}
 out=${OUT:-/tmp/pending_gpu}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
