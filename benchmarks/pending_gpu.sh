@@ -5,6 +5,7 @@
 #
 # Still to run (as of 2026-12-06, RESULTS.md runs 102-103 ran parts 41 and 42 on an H100):
 # - part 44 on an H100 (carry .whl): SD-1.5 with no lean layer, and the ResNet blocks with and without them;
+#   part 45 (carry .whl): SD-1.5 captured as a CUDA graph on both sides;
 # - part 43 on the H200 that issue 19 names (needs_h200: PEFT-bf16's DoRA at seq 2048 does not fit an H100):
 #   compiled DoRA against PEFT-bf16, the 8192 r=384 layer, DoRA at seq 2048 (part 32). Parts 29, 30, 32 and 33-34
 #   are earlier forms of 43 and of the SD-1.5 parts.
@@ -115,13 +116,14 @@
 #   bash benchmarks/pending_gpu.sh 44   # issue 20: SD-1.5 with no lean layer (step and peak against PEFT-bf16),
 #                                       #           the ResNet blocks with and without them, with kernel tables
 #                                       #           (block_compare.py --lean-off --profile; carry .whl)
+#   bash benchmarks/pending_gpu.sh 45   # issue 20: SD-1.5 captured as a CUDA graph on both sides (carry .whl)
 #   bash benchmarks/pending_gpu.sh 3    # issue 17: online / gradient / data allocation vs AdaLoRA wall time
 #                                       #           (carry .out/minilm_wide; make it with rank_allocation.py --prepare)
 #
 # Outputs go to $OUT (each script's own files, plus one log per step); record them in benchmarks/RESULTS.md with
 # the GPU and versions the scripts print.
 set -uo pipefail
-part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|...|44"}
+part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|...|45"}
 out=${OUT:-/tmp/pending_gpu}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -568,8 +570,17 @@ case $part in
     step block_lean 120 python benchmarks/block_compare.py --methods lora lokr --cases "ResNet block" "conv 3x3" \
         --rounds 6 --lean-off --profile
     ;;
+45)
+    # issue 20, carry .whl (about 3 minutes): SD-1.5's step replayed as a CUDA graph on both sides
+    # (slimtune.capture_step, PEFT's too): with the host's queueing gone, the GPU's work decides, where run 102's
+    # profile has slimtune's LoKr at 70.0 ms of kernels against PEFT-bf16's 96.7
+    install_wheels
+    step paired_sd15_captured 200 python benchmarks/paired_steps.py --preset stable-diffusion-1.5 --rank 16 \
+        --rounds 8 --capture --configs lora peft-bf16:lora locon peft-bf16:locon lokr peft-bf16:lokr \
+        --out-name paired_sd15_captured
+    ;;
 *)
-    echo "unknown part $part (1 to 44)" >&2
+    echo "unknown part $part (1 to 45)" >&2
     exit 2
     ;;
 esac
