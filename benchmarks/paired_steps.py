@@ -181,6 +181,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--unet-lean-bytes", type=int, default=None, metavar="N",
                         help="a UNet's lean layers from N bytes (slimtune.core.lean_layers.UNET_LEAN_BYTES; with "
                              "--cpu --preset tiny-sd15, 2048 makes the two finest levels lean, as 4 MiB does SD-1.5's)")
+    parser.add_argument("--before-unet-lean-bytes", type=int, default=None, metavar="N",
+                        help="the earlier copy's UNet lean threshold alone (after --unet-lean-bytes): with --before "
+                             "DIR holding this checkout's own package, an A/B of the threshold in paired rounds")
     parser.add_argument("--seq", type=int, default=None)
     parser.add_argument("--preset", default="llama-3.2-3b",
                         help="the model (a profiler preset: stable-diffusion-1.5 for the UNet, at its own batch 4, "
@@ -228,6 +231,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             module = importlib.import_module(f"{package}.core.lean_layers")
             if hasattr(module, "UNET_LEAN_BYTES"):
                 module.UNET_LEAN_BYTES = args.unet_lean_bytes
+    if args.before_unet_lean_bytes is not None:
+        if not args.before:
+            parser.error("--before-unet-lean-bytes needs --before")
+        importlib.import_module("slimtune_before.core.lean_layers").UNET_LEAN_BYTES = args.before_unet_lean_bytes
     if args.timed:
         slimtune.set_variant_criterion("timed")
     common = (dict(preset="tiny-llama", rank=8, batch=2, seq=args.seq or 64, device="cpu", dtype="float32")
@@ -317,6 +324,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{args.memory}"
             f"{'; gc.freeze() after building' if args.gc_freeze else ''}"
             f"{'; oneDNN off (PyTorch’s own CPU convolutions)' if args.cpu_native_conv else ''}"
+            f"{f'; UNet lean threshold {args.unet_lean_bytes} bytes' if args.unet_lean_bytes is not None else ''}"
+            f"{f', before {args.before_unet_lean_bytes} bytes' if args.before_unet_lean_bytes is not None else ''}"
             f"{'; decoder layers through torch.compile' if args.compile else ''}"
             f"{'; each step replayed as a CUDA graph (slimtune.capture_step)' if args.capture else ''}"
             f"{'; variants timed once per shape (slimtune.set_variant_criterion)' if args.timed else ''}\n\n{table}\n")

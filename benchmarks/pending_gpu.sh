@@ -4,7 +4,8 @@
 # and 49 (part 2), and kept to repeat them. Run from the repository root on the lent machine:
 #
 # Still to run (as of 2026-12-06, RESULTS.md runs 102-103 ran parts 41 and 42 on an H100):
-# - part 44 on an H100 (carry .whl): SD-1.5 with no lean layer, and the ResNet blocks with and without them;
+# - part 44 on an H100 (carry .whl, .before = HEAD): LoKr's lean threshold A/B, SD-1.5 with no lean layer, and the
+#   ResNet blocks with and without them;
 #   part 45 (carry .whl): SD-1.5 captured as a CUDA graph on both sides;
 # - part 43 on the H200 that issue 19 names (needs_h200: PEFT-bf16's DoRA at seq 2048 does not fit an H100):
 #   compiled DoRA against PEFT-bf16, the 8192 r=384 layer, DoRA at seq 2048 (part 32). Parts 29, 30, 32 and 33-34
@@ -113,9 +114,10 @@
 #                                       #           (41 and 42 ran as RESULTS.md runs 102 and 103, on an H100)
 #   bash benchmarks/pending_gpu.sh 43   # issue 19 on an H200 (needs_h200): compiled DoRA against PEFT-bf16, the
 #                                       #           8192 r=384 layer, DoRA at seq 2048 (part 32)
-#   bash benchmarks/pending_gpu.sh 44   # issue 20: SD-1.5 with no lean layer (step and peak against PEFT-bf16),
-#                                       #           the ResNet blocks with and without them, with kernel tables
-#                                       #           (block_compare.py --lean-off --profile; carry .whl)
+#   bash benchmarks/pending_gpu.sh 44   # issue 20: LoKr with the UNet lean layers from 16 MiB against 4 MiB (the
+#                                       #           earlier copy's threshold alone: --before-unet-lean-bytes; carry
+#                                       #           .whl, .before = HEAD), SD-1.5 with no lean layer, the ResNet
+#                                       #           blocks with and without them (block_compare.py --lean-off --profile)
 #   bash benchmarks/pending_gpu.sh 45   # issue 20: SD-1.5 captured as a CUDA graph on both sides (carry .whl)
 #   bash benchmarks/pending_gpu.sh 3    # issue 17: online / gradient / data allocation vs AdaLoRA wall time
 #                                       #           (carry .out/minilm_wide; make it with rank_allocation.py --prepare)
@@ -560,14 +562,19 @@ case $part in
         noprepass:dora peft-bf16:dora --out-name paired_2048_dora_h200
     ;;
 44)
-    # issue 20, carry .whl (about 3 minutes): what the ResNet blocks lose to PEFT-bf16 at SD-1.5's finest level
-    # (run 102: LoCon +0.4 ms, LoKr +0.6 ms per block) — with and without the lean layers, and each variant's kernels
-    # — and SD-1.5's step with no lean layer at all (the threshold past any tensor), peaks included
+    # issue 20, carry .whl and .before = this checkout's own package (`git archive HEAD slimtune`, renamed), about 4
+    # minutes: LoKr's step with the UNet lean layers from 16 MiB (before:lokr) against the default 4 MiB and
+    # PEFT-bf16 in paired rounds — RESULTS.md run 104 counts LoKr's saved activations there at 0.60 of PEFT-bf16's
+    # (0.44 at 4 MiB), LoRA's and LoCon's at 0.83-0.84, too close to PEFT's for issue 20 — then SD-1.5 with no
+    # lean layer at all, and the ResNet blocks with and without them, with kernel tables
     install_wheels
-    step paired_sd15_no_lean 150 python benchmarks/paired_steps.py --preset stable-diffusion-1.5 --rank 16 \
+    step paired_sd15_lokr_16mib 120 python benchmarks/paired_steps.py --preset stable-diffusion-1.5 --rank 16 \
+        --rounds 16 --before .before --before-unet-lean-bytes 16777216 --configs lokr before:lokr peft-bf16:lokr \
+        --out-name paired_sd15_lokr_16mib
+    step paired_sd15_no_lean 130 python benchmarks/paired_steps.py --preset stable-diffusion-1.5 --rank 16 \
         --rounds 8 --unet-lean-bytes 4611686018427387904 --configs lora peft-bf16:lora locon peft-bf16:locon lokr \
         peft-bf16:lokr --out-name paired_sd15_no_lean
-    step block_lean 120 python benchmarks/block_compare.py --methods lora lokr --cases "ResNet block" "conv 3x3" \
+    step block_lean 100 python benchmarks/block_compare.py --methods lora lokr --cases "ResNet block" \
         --rounds 6 --lean-off --profile
     ;;
 45)
