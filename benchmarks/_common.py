@@ -9,6 +9,9 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+#: a UNet lean threshold (``slimtune.core.lean_layers.UNET_LEAN_BYTES``) past any tensor: no lean layer at all
+NO_LEAN_BYTES = 2**62
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run from a checkout, installed or not
     sys.path.insert(0, str(REPO_ROOT))

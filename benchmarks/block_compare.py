@@ -29,7 +29,7 @@ import sys
 from types import ModuleType
 from typing import Callable
 
-from _common import environment_line, markdown_table, write_out_text
+from _common import NO_LEAN_BYTES, environment_line, markdown_table, write_out_text
 from lean_layer_cost import interleaved_us
 from unet_step_profile import difference_table, kernel_times
 
@@ -118,7 +118,7 @@ def _without_lean(modules: list[ModuleType], run: Callable[[], object]) -> objec
     """``run()`` with every package's UNet lean threshold raised past any tensor (no lean layer), then restored."""
     saved = [m.UNET_LEAN_BYTES for m in modules]
     for m in modules:
-        m.UNET_LEAN_BYTES = 2**62
+        m.UNET_LEAN_BYTES = NO_LEAN_BYTES
     try:
         return run()
     finally:

@@ -13,15 +13,13 @@ import argparse
 import gc
 import sys
 
-from _common import environment_line, markdown_table, write_out_text
+from _common import NO_LEAN_BYTES, environment_line, markdown_table, write_out_text
 
 import torch
 
 from slimtune.core import lean_layers
 from slimtune.memory.options import ProfileOptions
 from slimtune.memory.profile import TrainingSession
-
-NO_LEAN = 2**62  # past any tensor: no lean layer
 
 
 def saved_and_state(options: ProfileOptions) -> tuple[int, int]:
@@ -45,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     default = lean_layers.UNET_LEAN_BYTES
-    thresholds = [int(m * 2**20) for m in args.thresholds_mib] + [NO_LEAN]
+    thresholds = [int(m * 2**20) for m in args.thresholds_mib] + [NO_LEAN_BYTES]
     rows = []
     for method in args.methods:
         common = dict(preset=args.preset, method=method, rank=args.rank, batch=args.batch, steps=1, device="cpu",
@@ -61,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 lean_layers.UNET_LEAN_BYTES = default
             gc.collect()
-            name = "no lean layer" if threshold == NO_LEAN else f"lean from {threshold / 2**20:g} MiB"
+            name = "no lean layer" if threshold == NO_LEAN_BYTES else f"lean from {threshold / 2**20:g} MiB"
             rows.append([method, name, f"{saved / 2**30:.3f}", f"{state / 2**30:.3f}", f"{saved / peft_saved:.3f}",
                          f"{(saved + state) / (peft_saved + peft_state):.3f}"])
             print(rows[-1], flush=True)
