@@ -35,7 +35,8 @@ cost or saving from each is measured against the full set in the same rounds.
 
 ``--capture``: every configuration's step (PEFT's too) replayed as one CUDA graph through
 :func:`slimtune.capture_step` (AdamW with ``capturable=True``, its constant learning rate): the host's launch cost
-leaves the comparison, what remains is the GPU's work.
+leaves the comparison, what remains is the GPU's work. The transient peak is then the capture's (its eager warm-up
+steps and the captured one): a replay allocates nothing, the graph's memory pool holds what the capture did.
 """
 from __future__ import annotations
 
@@ -146,17 +147,22 @@ def session_for(backend: str, method: str, common: dict[str, Any], memory: str =
                                                   memory=memory if backend == "slimtune" else "fast", **common))
 
 
-def captured(session: Any) -> Callable[[], torch.Tensor]:
-    """The session's step as a CUDA graph replay (:func:`slimtune.capture_step`); its optimizer becomes a
-    capturable AdamW."""
+def captured(session: Any) -> tuple[Callable[[], torch.Tensor], int]:
+    """The session's step as a CUDA graph replay (:func:`slimtune.capture_step`; its optimizer becomes a
+    capturable AdamW), and the transient peak of its capture (bytes: its eager warm-up steps and the captured one;
+    a replay allocates nothing, its graph's pool holds what the capture did)."""
     session.optimizer = torch.optim.AdamW(session.trainable, lr=LR, capturable=True)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
 
     def loss_fn(_batch: Any) -> torch.Tensor:  # the session's own inputs never change: they are the static batch
         with session.attention():
             return session._forward()[0]
 
     step = slimtune.capture_step(session.model, session.optimizer, loss_fn, session.inputs, fixed_lr=True)
-    return lambda: step(session.inputs)
+    torch.cuda.synchronize()
+    return (lambda: step(session.inputs)), torch.cuda.max_memory_allocated() - before
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -247,12 +253,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(environment_line(), flush=True)
     sessions = []
     steps: dict[str, Callable[[], torch.Tensor]] = {}
+    capture_peaks: dict[str, int] = {}  # --capture: each configuration's transient peak, from its capture
     for text in args.configs:
         backend, method = parse_config(text)
         session = session_for(backend, method, common, args.memory, args.strip_lean)
         if args.compile:
             compile_layers(session.model)
-        steps[text] = captured(session) if args.capture else session.train_step
+        if args.capture:
+            steps[text], capture_peaks[text] = captured(session)
+        else:
+            steps[text] = session.train_step
         sessions.append((text, session))
         print(f"built {text}", flush=True)
     if args.gc_freeze:
@@ -280,7 +290,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if round_index >= args.warmup:  # a turn of several steps: the first warms the caches, the rest are timed
                 times[name].append(statistics.fmean(turn[1:] or turn))
                 if cuda:
-                    peaks[name].append(torch.cuda.max_memory_allocated() - before)
+                    peaks[name].append(capture_peaks[name] if args.capture
+                                       else torch.cuda.max_memory_allocated() - before)
     yardstick = sessions[0][0]
     out_name = args.out_name or ("paired_steps_gc-freeze" if args.gc_freeze else "paired_steps")
     sink = JsonlSink(f"{out_name}.jsonl")

@@ -119,13 +119,17 @@
 #                                       #           .whl, .before = HEAD), SD-1.5 with no lean layer, the ResNet
 #                                       #           blocks with and without them (block_compare.py --lean-off --profile)
 #   bash benchmarks/pending_gpu.sh 45   # issue 20: SD-1.5 captured as a CUDA graph on both sides (carry .whl)
+#   bash benchmarks/pending_gpu.sh 46   # issue 20 on the H200 it names (needs_h200): SD-1.5 every method against
+#                                       #           PEFT-bf16, LoKr's lean layers from 16 MiB against 4 MiB (carry
+#                                       #           .whl, .before = 90e6890), then SD-1.5 captured as CUDA graphs
+#                                       #           with each capture's peak
 #   bash benchmarks/pending_gpu.sh 3    # issue 17: online / gradient / data allocation vs AdaLoRA wall time
 #                                       #           (carry .out/minilm_wide; make it with rank_allocation.py --prepare)
 #
 # Outputs go to $OUT (each script's own files, plus one log per step); record them in benchmarks/RESULTS.md with
 # the GPU and versions the scripts print.
 set -uo pipefail
-part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|...|45"}
+part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|...|46"}
 out=${OUT:-/tmp/pending_gpu}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -586,8 +590,22 @@ case $part in
         --rounds 8 --capture --configs lora peft-bf16:lora locon peft-bf16:locon lokr peft-bf16:lokr \
         --out-name paired_sd15_captured
     ;;
+46)
+    # issue 20 on an H200 (needs_h200 only so that the card is the one the issue names), carry .whl and .before =
+    # 90e6890 (LoKr's UNet lean layers from 4 MiB; now 16 MiB, RESULTS.md run 105), about 6 minutes: the lean layers'
+    # tests on CUDA, SD-1.5 every method against PEFT-bf16 in paired rounds, then LoRA / LoCon / LoKr replayed as CUDA
+    # graphs on both sides, each capture's transient peak beside its time
+    install_wheels
+    step cuda_tests 60 python -m pytest -q tests/core/test_lean_layers.py tests/core/test_lean_resnet.py
+    step paired_sd15_every_h200 300 python benchmarks/paired_steps.py --preset stable-diffusion-1.5 --rank 16 \
+        --rounds 12 --before .before --configs lora locon loha lokr dora before:lokr peft-bf16:lora \
+        peft-bf16:locon peft-bf16:loha peft-bf16:lokr peft-bf16:dora --out-name paired_sd15_every_h200
+    step paired_sd15_captured_h200 150 python benchmarks/paired_steps.py --preset stable-diffusion-1.5 --rank 16 \
+        --rounds 6 --capture --configs lora peft-bf16:lora locon peft-bf16:locon lokr peft-bf16:lokr \
+        --out-name paired_sd15_captured_h200
+    ;;
 *)
-    echo "unknown part $part (1 to 45)" >&2
+    echo "unknown part $part (1 to 46)" >&2
     exit 2
     ;;
 esac

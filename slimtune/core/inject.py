@@ -71,17 +71,20 @@ def attach(model: nn.Module, adapter_set: AdapterSet) -> nn.Module:
     for name, module in adapter_set.adapters + adapter_set.copies:
         _set_submodule(model, name, module)
     remover = registry.finalize(adapter_set.config, model, [adapter for _, adapter in adapter_set.adapters])
-    lean = install_frozen_lean_layers(model)
+    lean = install_frozen_lean_layers(model, registry.method_for(adapter_set.config).unet_lean_scale)
     setattr(model, CONFIG_ATTR, adapter_set.config)
     setattr(model, HOOKS_ATTR, Removers((remover, lean)))
     return model
 
 
-def install_frozen_lean_layers(model: nn.Module) -> Callable[[], None]:
+def install_frozen_lean_layers(model: nn.Module, unet_lean_scale: int = 1) -> Callable[[], None]:
     """Give the frozen rest of ``model`` — every module but adapters and trained copies, and their children — its
     lean layers (:mod:`.lean_layers`: frozen convolutions that do not keep their inputs, GroupNorm + SiLU and GEGLU
-    that keep one tensor, Llama-family RMSNorms and gated MLPs that keep their inputs). Returns the remover."""
-    return install_lean_layers(model, skip=lambda m: isinstance(m, (AdapterModule, TrainedCopy)))
+    that keep one tensor, Llama-family RMSNorms and gated MLPs that keep their inputs; a UNet's from
+    ``unet_lean_scale`` times :data:`~.lean_layers.UNET_LEAN_BYTES`, the method's :attr:`~.registry.Method.unet_lean_scale`).
+    Returns the remover."""
+    return install_lean_layers(model, skip=lambda m: isinstance(m, (AdapterModule, TrainedCopy)),
+                               size_scale=unet_lean_scale)
 
 
 def _take_out(model: nn.Module, keep_trained: bool, merged: bool = False) -> AdapterSet:

@@ -188,13 +188,16 @@ def layer_norm_output(x: torch.Tensor, norm: nn.LayerNorm, dtype: torch.dtype) -
 #: the tensor they spare is at least this large (bytes): each is a Python autograd node or hook where PyTorch's are
 #: C++, tens of microseconds of host time per call, and a UNet step at a small resolution is host-bound. In SD-1.5 at
 #: batch 4, 64x64 latents (bf16) the two finest levels (10 and 5 MiB per tensor) hold four fifths of what the lean
-#: layers spare, in fewer than half of their calls; the two coarsest (2.5 and 0.6 MiB) run plain.
+#: layers spare, in fewer than half of their calls; the two coarsest (2.5 and 0.6 MiB) run plain. An adapter method
+#: may ask for a multiple of it (:func:`install`'s ``size_scale``: LoKr's, whose adapted convolutions leave a ResNet
+#: block in its own forward, each lean layer a node of its own, and whose step keeps far less than PEFT's anyway).
 UNET_LEAN_BYTES = 4 * 2**20
 
 
-def _large(t: torch.Tensor) -> bool:
-    """Whether ``t`` is at least :data:`UNET_LEAN_BYTES` (a UNet's lean layer spares it, or a tensor of its size)."""
-    return isinstance(t, torch.Tensor) and t.numel() * t.element_size() >= UNET_LEAN_BYTES
+def _large(t: torch.Tensor, scale: int) -> bool:
+    """Whether ``t`` is at least ``scale`` times :data:`UNET_LEAN_BYTES` (a UNet's lean layer spares it, or a tensor
+    of its size)."""
+    return isinstance(t, torch.Tensor) and t.numel() * t.element_size() >= UNET_LEAN_BYTES * scale
 
 
 def _lean(x: torch.Tensor, *params: torch.Tensor | None) -> bool:
@@ -212,10 +215,11 @@ class _InstanceForward:
     """An instance-level ``forward`` set on ``module`` itself, holding it weakly: the module holds the forward, so a
     strong reference back would be a cycle that keeps a deleted model's layers (and weights) alive until the garbage
     collector runs. A deep copy of the model gives the copy's module a forward of its own (through ``memo``), and
-    pickling keeps the module."""
+    pickling keeps the module. ``scale``: a UNet's lean paths apply from ``scale`` times :data:`UNET_LEAN_BYTES`."""
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: nn.Module, scale: int = 1) -> None:
         self._module = weakref.ref(module)
+        self.scale = scale
 
     @property
     def module(self) -> nn.Module:
@@ -225,10 +229,10 @@ class _InstanceForward:
         return module
 
     def __deepcopy__(self, memo: dict) -> "_InstanceForward":
-        return type(self)(copy.deepcopy(self.module, memo))
+        return type(self)(copy.deepcopy(self.module, memo), self.scale)
 
     def __reduce__(self) -> tuple:
-        return type(self), (self.module,)
+        return type(self), (self.module, self.scale)
 
 
 class _LeanConvForward(_InstanceForward):
@@ -237,7 +241,7 @@ class _LeanConvForward(_InstanceForward):
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         conv = self.module
         weight, bias = conv.weight, conv.bias  # each a Module.__getattr__: read once
-        if not (_large(x) and _lean(x, weight, bias)):
+        if not (_large(x, self.scale) and _lean(x, weight, bias)):
             return type(conv).forward(conv, x)
         return FrozenConvFunction.apply(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
@@ -271,7 +275,7 @@ class _LeanNormForward(_InstanceForward):
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         norm = self.module
         h = type(norm).forward(norm, x)
-        if _large(h) and _lean(x, norm.weight, norm.bias):
+        if _large(h, self.scale) and _lean(x, norm.weight, norm.bias):
             _LAST_NORM.put(norm, x, h)
         return h
 
@@ -300,7 +304,7 @@ class _LeanGegluForward(_InstanceForward):
         if args or kwargs:  # diffusers' deprecated ``scale``: its own forward warns
             return type(geglu).forward(geglu, hidden_states, *args, **kwargs)
         p = geglu.proj(hidden_states)
-        if p.device.type == "mps" or not (_large(p) and _lean(p)):
+        if p.device.type == "mps" or not (_large(p, self.scale) and _lean(p)):
             h, gate = p.chunk(2, dim=-1)
             return h * geglu.gelu(gate)
         y = GegluFunction.apply(p)
@@ -328,26 +332,27 @@ class _LeanBlockForward(_InstanceForward):
     outputs."""
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return _scoped_forward(self.module, args, kwargs)
+        return _scoped_forward(self.module, args, kwargs, self.scale)
 
 
-def _scoped_forward(block: nn.Module, args: tuple, kwargs: dict) -> Any:
-    """The block's own forward, inside a :class:`~.rebuild.RebuildScope` where :class:`_LeanBlockForward` says."""
+def _scoped_forward(block: nn.Module, args: tuple, kwargs: dict, scale: int) -> Any:
+    """The block's own forward, inside a :class:`~.rebuild.RebuildScope` where :class:`_LeanBlockForward` says
+    (``scale``: its forward's, see :class:`_InstanceForward`)."""
     first = args[0] if args else kwargs.get("hidden_states", kwargs.get("input_tensor"))
     if (not torch.is_grad_enabled() or compiling() or saved_tensor_hooks_active()
-            or not isinstance(first, torch.Tensor) or not _large(first)):
+            or not isinstance(first, torch.Tensor) or not _large(first, scale)):
         return type(block).forward(block, *args, **kwargs)
     with RebuildScope():
         return type(block).forward(block, *args, **kwargs)
 
 
-def _large_block(x: Any, block: nn.Module) -> bool:
+def _large_block(x: Any, block: nn.Module, scale: int) -> bool:
     """Whether a ResNet block's larger activation (its input x, or conv1's output, ``C_out / C_in`` times x) is at
-    least :data:`UNET_LEAN_BYTES`."""
+    least ``scale`` times :data:`UNET_LEAN_BYTES`."""
     if not isinstance(x, torch.Tensor) or x.dim() < 2:
         return False
     widest = max(x.shape[1], block.conv1.out_channels)
-    return x.numel() // max(x.shape[1], 1) * widest * x.element_size() >= UNET_LEAN_BYTES
+    return x.numel() // max(x.shape[1], 1) * widest * x.element_size() >= UNET_LEAN_BYTES * scale
 
 
 class _LeanResnetForward(_InstanceForward):
@@ -357,8 +362,8 @@ class _LeanResnetForward(_InstanceForward):
     :data:`UNET_LEAN_BYTES` (the size rule of the layers it replaces), else its own forward (its layers' lean forwards
     apply there, in a recipe scope where it holds an adapter)."""
 
-    def __init__(self, module: nn.Module) -> None:
-        super().__init__(module)
+    def __init__(self, module: nn.Module, scale: int = 1) -> None:
+        super().__init__(module, scale)
         self._adapted: tuple[str, ...] | None = None  # found at the first call (a deep copy makes this before its
         # module has its layers), then kept: part of the block's form, as fits() found it at install
 
@@ -366,10 +371,10 @@ class _LeanResnetForward(_InstanceForward):
         block, adapted = self.module, self._adapted
         if adapted is None:
             adapted = self._adapted = lean_resnet.adapted_layers(block)
-        if args or kwargs or not (_large_block(input_tensor, block)
+        if args or kwargs or not (_large_block(input_tensor, block, self.scale)
                                   and lean_resnet.applies(block, input_tensor, temb, adapted)):
             if adapted:
-                return _scoped_forward(block, (input_tensor, temb, *args), kwargs)
+                return _scoped_forward(block, (input_tensor, temb, *args), kwargs, self.scale)
             return type(block).forward(block, input_tensor, temb, *args, **kwargs)
         shortcut_down = input_tensor if "conv_shortcut" in adapted else None  # a LoCon shortcut's own gradient
         return lean_resnet.ResnetBlockFunction.apply(shortcut_down, input_tensor, input_tensor, temb, block, adapted,
@@ -524,10 +529,14 @@ def _lean_conv(m: nn.Module) -> bool:
         and m.padding_mode == "zeros" and not isinstance(m.padding, str)
 
 
-def install(model: nn.Module, skip: Callable[[nn.Module], bool] = lambda m: False) -> Callable[[], None]:
+def install(model: nn.Module, skip: Callable[[nn.Module], bool] = lambda m: False,
+            size_scale: int = 1) -> Callable[[], None]:
     """Give ``model``'s frozen convolutions, GroupNorms, (where there is a GroupNorm) SiLUs, diffusers GEGLUs and
     transformers RMSNorms and gated MLPs their lean ``forward`` (module docstring); modules for which ``skip`` is
-    true, and their children, are left alone. Returns the remover."""
+    true, and their children, are left alone; a UNet's lean paths apply from ``size_scale`` (a positive integer)
+    times :data:`UNET_LEAN_BYTES`. Returns the remover."""
+    if isinstance(size_scale, bool) or not isinstance(size_scale, int) or size_scale < 1:
+        raise ValueError(f"size_scale must be a positive integer, got {size_scale!r}")
     targets: list[tuple[nn.Module, Any]] = []
     stack, modules = [model], []
     while stack:
@@ -541,22 +550,23 @@ def install(model: nn.Module, skip: Callable[[nn.Module], bool] = lambda m: Fals
     own_forward = set(modules)
     for m in modules:
         if _lean_conv(m):
-            targets.append((m, _LeanConvForward(m)))
+            targets.append((m, _LeanConvForward(m, size_scale)))
         elif _keeps_forward(m, nn.GroupNorm):
-            targets.append((m, _LeanNormForward(m)))
+            targets.append((m, _LeanNormForward(m, size_scale)))
         elif has_norm and _keeps_forward(m, nn.SiLU):
             targets.append((m, _LeanSiluForward(m)))
         elif _diffusers_geglu(m):
-            targets.append((m, _LeanGegluForward(m)))
+            targets.append((m, _LeanGegluForward(m, size_scale)))
         elif _diffusers_block(m) and any(skip(c) for c in m.modules()):  # an adapter inside keeps a layer's output
-            targets.append((m, _LeanResnetForward(m) if _diffusers_resnet(m, own_forward) else _LeanBlockForward(m)))
+            block_forward = _LeanResnetForward if _diffusers_resnet(m, own_forward) else _LeanBlockForward
+            targets.append((m, block_forward(m, size_scale)))
             norms = [getattr(m, name, None) for name in BLOCK_NORMS]
             targets.extend((n, _LeanLayerNormForward(n)) for n in norms
                            if _keeps_forward(n, nn.LayerNorm) and n in modules)
         elif _listed_class(m, (ATTENTION_CLASS,)):  # host time only: nothing saved changes
             targets.append((m, _AttentionForward(m)))
         elif _diffusers_resnet(m, own_forward):  # no adapter inside (that case is above): the block as one Function
-            targets.append((m, _LeanResnetForward(m)))
+            targets.append((m, _LeanResnetForward(m, size_scale)))
         elif _transformers_rms_norm(m):
             targets.append((m, _LeanRmsNormForward(m)))
         elif _transformers_silu_mlp(m):

@@ -28,13 +28,16 @@ class Method:
     ``build`` makes one layer's adapter (raising :class:`~slimtune.TargetError` / ``ConfigError`` for a layer it
     cannot adapt); ``finalize`` (optional) runs once the model holds its adapters (shared caches, probes) and
     returns what removes the model-level hooks it attached;
-    ``peft_format``: how its config maps to PEFT's (several methods may share one, as LoRA and DoRA do)."""
+    ``peft_format``: how its config maps to PEFT's (several methods may share one, as LoRA and DoRA do);
+    ``unet_lean_scale``: a UNet's lean frozen layers apply from this many times
+    :data:`~slimtune.core.lean_layers.UNET_LEAN_BYTES` in a model holding this method's adapters."""
 
     name: str
     config_class: type[AdapterConfig]
     build: Builder
     peft_format: PeftFormat
     finalize: Finalizer | None = None
+    unet_lean_scale: int = 1
 
 
 _METHODS: dict[str, Method] = {}

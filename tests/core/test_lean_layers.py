@@ -416,3 +416,24 @@ def test_unet_lean_layers_apply_from_a_size(monkeypatch):
                                           for m in (plain, lean))
     assert torch.equal(out_p, out_l) and saved_l == saved_p
 
+
+
+def test_a_methods_unet_lean_scale_multiplies_the_size(monkeypatch):
+    """``install(size_scale=k)`` takes the lean paths from k times ``UNET_LEAN_BYTES``, in deep copies too; a LoKr
+    model's frozen layers get LoKr's registered scale (4), a LoRA model's 1; a scale that is not a positive integer is
+    refused."""
+    monkeypatch.setattr(lean_layers, "UNET_LEAN_BYTES", 4096)
+    x = torch.randn(1, 8, 16, 16, requires_grad=True)  # float32: 8 KiB, between 4 and 16 KiB
+    for scale, lean in ((1, True), (4, False)):
+        model = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1)).requires_grad_(False)
+        lean_layers.install(model, size_scale=scale)
+        for m in (model, copy.deepcopy(model)):
+            assert (type(m[0](x).grad_fn).__name__ == "FrozenConvFunctionBackward") is lean
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="size_scale"):
+            lean_layers.install(nn.Sequential(nn.Conv2d(8, 8, 3)), size_scale=bad)
+
+    for config, lean in ((slimtune.LoraConfig(r=2, target_modules=["1"]), True),
+                         (slimtune.LokrConfig(r=2, target_modules=["1"]), False)):
+        model = slimtune.adapt(nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)), config)
+        assert (type(model[0](x).grad_fn).__name__ == "FrozenConvFunctionBackward") is lean
