@@ -123,13 +123,15 @@
 #                                       #           PEFT-bf16, LoKr's lean layers from 16 MiB against 4 MiB (carry
 #                                       #           .whl, .before = 90e6890), then SD-1.5 captured as CUDA graphs
 #                                       #           with each capture's peak
+#   bash benchmarks/pending_gpu.sh 47   # issue 19: `slimtune train --capture` — its CUDA tests, SD-1.5 LoRA / LoKr
+#                                       #           trained 40 steps eager and captured (carry .whl)
 #   bash benchmarks/pending_gpu.sh 3    # issue 17: online / gradient / data allocation vs AdaLoRA wall time
 #                                       #           (carry .out/minilm_wide; make it with rank_allocation.py --prepare)
 #
 # Outputs go to $OUT (each script's own files, plus one log per step); record them in benchmarks/RESULTS.md with
 # the GPU and versions the scripts print.
 set -uo pipefail
-part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|...|46"}
+part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|...|47"}
 out=${OUT:-/tmp/pending_gpu}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -596,7 +598,8 @@ case $part in
     # tests on CUDA, SD-1.5 every method against PEFT-bf16 in paired rounds, then LoRA / LoCon / LoKr replayed as CUDA
     # graphs on both sides, each capture's transient peak beside its time
     install_wheels
-    step cuda_tests 60 python -m pytest -q tests/core/test_lean_layers.py tests/core/test_lean_resnet.py
+    step cuda_tests 90 python -m pytest -q tests/core/test_lean_layers.py tests/core/test_lean_resnet.py \
+        tests/core/test_capture.py tests/train/test_capture_cuda.py
     step paired_sd15_every_h200 300 python benchmarks/paired_steps.py --preset stable-diffusion-1.5 --rank 16 \
         --rounds 12 --before .before --configs lora locon loha lokr dora before:lokr peft-bf16:lora \
         peft-bf16:locon peft-bf16:loha peft-bf16:lokr peft-bf16:dora --out-name paired_sd15_every_h200
@@ -604,8 +607,22 @@ case $part in
         --rounds 6 --capture --configs lora peft-bf16:lora locon peft-bf16:locon lokr peft-bf16:lokr \
         --out-name paired_sd15_captured_h200
     ;;
+47)
+    # `slimtune train --capture` (carry .whl; about 3 minutes): its CUDA tests, then SD-1.5 LoRA and LoKr trained
+    # 40 steps eager and captured (random weights and samples; the run's own tokens/s and peak, the first step's
+    # capture included in the elapsed time)
+    install_wheels
+    step cuda_tests 90 python -m pytest -q tests/core/test_capture.py tests/train/test_capture_cuda.py
+    for method in lora lokr; do
+        for mode in "" --capture; do
+            step "train_sd15_${method}${mode:-_eager}" 150 python -m slimtune train --task diffusion \
+                --preset stable-diffusion-1.5 --method $method --rank 16 --batch 4 --max-steps 40 --save-every 0 \
+                --log-every 10 --json --out "/tmp/train_${method}${mode:-_eager}" $mode
+        done
+    done
+    ;;
 *)
-    echo "unknown part $part (1 to 46)" >&2
+    echo "unknown part $part (1 to 47)" >&2
     exit 2
     ;;
 esac

@@ -600,6 +600,10 @@ def _add_train_parser(subparsers: Any) -> None:
                       help=PLAIN_LAYERS_HELP.replace(" (default: 0)", "; auto: as many as the planner predicts fit "
                                                      "this GPU (causal LMs) (default: 0)"))
     loop.add_argument("--compile", action="store_true", help=COMPILE_HELP)
+    loop.add_argument("--capture", action="store_true",
+                      help="replay each optimizer step as one CUDA graph (slimtune.capture_step): no per-kernel host "
+                           "cost, for short host-bound steps; one process, one micro-batch per step, fixed shapes "
+                           "(causal-lm packed, diffusion), --memory fast")
     loop.add_argument("--variant-criterion", default="flops", choices=("flops", "timed"),
                       help="how each layer picks its forward/backward variant: by FLOP count, or timed once per shape "
                            "on this GPU (choices kept in OUT/timings.json, so --resume repeats them) (default: flops)")

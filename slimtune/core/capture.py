@@ -43,15 +43,22 @@ _CAPTURABLE = (torch.optim.Adam, torch.optim.AdamW)
 
 class CapturedStep:
     """A captured training step: ``step(batch)`` copies ``batch`` into the captured buffers, replays the graph
-    and returns the step's loss (a CUDA tensor of its own; reading it is the caller's only synchronisation)."""
+    and returns the step's loss (a CUDA tensor of its own; reading it is the caller's only synchronisation);
+    :meth:`grad_norm` is the last replay's gradient norm before clipping."""
 
-    def __init__(self, graph: torch.cuda.CUDAGraph, inputs: Any, loss: torch.Tensor) -> None:
-        self.graph, self.inputs, self.loss = graph, inputs, loss
+    def __init__(self, graph: torch.cuda.CUDAGraph, inputs: Any, loss: torch.Tensor,
+                 norm: torch.Tensor | None = None) -> None:
+        self.graph, self.inputs, self.loss, self.norm = graph, inputs, loss, norm
 
     def __call__(self, batch: Any) -> torch.Tensor:
         _copy_into(self.inputs, batch, "batch")
         self.graph.replay()
         return self.loss.clone()
+
+    def grad_norm(self) -> torch.Tensor | None:
+        """The trainable parameters' total gradient norm of the last replay, before clipping (a CUDA tensor of its
+        own); None when the step was captured without ``max_grad_norm``."""
+        return None if self.norm is None else self.norm.clone()
 
 
 def _check_optimizer(optimizer: torch.optim.Optimizer, fixed_lr: bool) -> list[nn.Parameter]:
@@ -166,15 +173,16 @@ def capture_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Ca
     if not torch.cuda.is_available():
         raise ConfigError("capture_step needs CUDA")
 
-    def step() -> torch.Tensor:
+    def step() -> tuple[torch.Tensor, torch.Tensor | None]:
         loss = loss_fn(inputs)
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             raise ConfigError("loss_fn must return the batch's scalar loss tensor")
         loss.backward()
+        norm = None
         if max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params, max_grad_norm, foreach=True)
+            norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm, foreach=True)
         optimizer.step()
-        return loss.detach().reshape(())
+        return loss.detach().reshape(()), norm
 
     snapshot = _Snapshot(model, params, optimizer)
     side = torch.cuda.Stream()
@@ -188,5 +196,5 @@ def capture_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Ca
     optimizer.zero_grad(set_to_none=True)  # the graph's backward allocates the gradients, and writes them each replay
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        loss = step()
-    return CapturedStep(graph, inputs, loss)
+        loss, norm = step()
+    return CapturedStep(graph, inputs, loss, norm)

@@ -129,8 +129,9 @@ def save(out: Path, step: int, state: dict[str, Any], params: dict[str, torch.Te
     save_file(tensors, str(tmp / OPTIMIZER_NAME))
     save_file({f"rank{r}.{k}": v.contiguous() for r, states in enumerate(rng) for k, v in states.items()},
               str(tmp / RNG_NAME))
-    record = dict(state, format=FORMAT, world=len(rng), optimizer_groups=optim["param_groups"],
-                  optimizer_scalars=scalars)
+    groups = [{k: v.item() if isinstance(v, torch.Tensor) else v for k, v in g.items()}  # --capture's lr tensor
+              for g in optim["param_groups"]]
+    record = dict(state, format=FORMAT, world=len(rng), optimizer_groups=groups, optimizer_scalars=scalars)
     (tmp / STATE_NAME).write_text(json.dumps(record, indent=1), encoding="utf-8")
     if final.exists():  # the same step saved by an earlier, interrupted attempt
         old = out / f".{final.name}.old"

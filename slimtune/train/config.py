@@ -88,6 +88,7 @@ class TrainConfig:
     memory: str = "fast"  # "fast" | "balanced" | "max-fit" (slimtune.memory.setting)
     plain_layers: int | str = 0  # with balanced / max-fit: the last layers left un-checkpointed; "auto": what fits
     compile: bool = False  # torch.compile each transformer layer (regional compilation)
+    capture: bool = False  # each optimizer step replayed as one CUDA graph (slimtune.capture_step)
     variant_criterion: str = "flops"  # how the layers' forward/backward variants are chosen (slimtune.core.timed)
     dtype: str | None = None
     device: str | None = None
@@ -196,10 +197,29 @@ class TrainConfig:
         pack = (self.task == "causal-lm") if self.pack is None else self.pack
         if pack and self.task != "causal-lm":
             raise ConfigError(f"--pack applies to --task causal-lm, not {self.task}")
+        if self.capture:
+            self._check_capture(pack, setting.checkpoint)
         return dataclasses.replace(self, out=str(Path(self.out).expanduser().absolute()), data=data,
                                    model_dir=model_dir, alpha=alpha, ranks=ranks, dtype=dtype,
                                    adapter_dtype=adapter_dtype, eval_data=eval_data, eval_fraction=fraction,
                                    pack=pack)
+
+    def _check_capture(self, pack: bool, checkpointed: bool) -> None:
+        """``--capture`` replays one CUDA graph with static shapes (:func:`slimtune.capture_step`): what it cannot
+        hold is refused before any work (the device, the processes and the micro-batches:
+        :func:`~slimtune.train.run.check_capture_run`)."""
+        if self.task == "classification":
+            raise ConfigError("--capture replays one step of fixed shapes; classification rows vary in length")
+        if self.task == "causal-lm" and not pack:
+            raise ConfigError("--capture replays one step of fixed shapes: --task causal-lm needs --pack (rows of "
+                              "--seq tokens)")
+        if self.compile:
+            raise ConfigError("--capture and --compile: give one (a compiled step is not captured here)")
+        if self.grad_checkpointing or checkpointed:
+            raise ConfigError("--capture is for steps short enough to be host-bound: it runs --memory fast without "
+                              "--grad-ckpt (recomputed layers are not captured)")
+        if self.variant_criterion != "flops":
+            raise ConfigError("--capture and --variant-criterion timed: the timed criterion measures eager steps")
 
     @property
     def model_name(self) -> str:
@@ -212,5 +232,7 @@ class TrainConfig:
         """``"field: recorded -> now"`` for every setting that differs from a recorded run's and that a resumed
         run must keep (everything but :data:`RESUMABLE_CHANGES`)."""
         now = self.to_dict()
-        return [f"{key}: {recorded.get(key)!r} -> {value!r}" for key, value in now.items()
-                if key not in RESUMABLE_CHANGES and recorded.get(key) != value]
+        defaults = {f.name: f.default for f in dataclasses.fields(self) if f.default is not dataclasses.MISSING}
+        # a setting added since the run was recorded: it had that setting's default
+        return [f"{key}: {recorded.get(key, defaults.get(key))!r} -> {value!r}" for key, value in now.items()
+                if key not in RESUMABLE_CHANGES and recorded.get(key, defaults.get(key)) != value]

@@ -9,6 +9,13 @@ batch whatever the split: one process with accumulation and N processes compute 
 of floating-point sums). Then the gradient norm is clipped (``max_grad_norm``, as transformers' Trainer does by
 default), AdamW steps, the scheduler steps (:func:`cosine_schedule`: linear warm-up, then cosine to zero), and
 gradients are dropped.
+
+``--capture`` (one process, one micro-batch per step, shapes fixed: :meth:`TrainConfig.resolved` and
+:func:`~slimtune.train.run.check_capture_run` check it): the first step records forward, backward, clipping and
+AdamW as one CUDA graph (:func:`slimtune.capture_step`, after its eager warm-up steps, which it undoes), and every
+step replays it on that step's batch. The loss scale enters the graph as a tensor of the batch (the number of
+targets differs between packed batches); the learning rate is a tensor the scheduler writes in place. The summed
+loss it reports is the replayed, scaled loss divided back (equal up to one rounding).
 """
 from __future__ import annotations
 
@@ -22,6 +29,7 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from ..core.capture import CapturedStep, capture_step
 from ..core.siblings import relearn
 from ..core.timed import save_timings
 from ..models.diffusion import training_attention
@@ -97,6 +105,7 @@ class Loop:
         self.last_eval: dict[str, Any] = {}
         self.started = Position()  # where this process's run began (a resumed run's checkpoint)
         self.attention = training_attention(parts.objective, device)  # the step's SDPA backends (a DiT's on CUDA)
+        self.captured: CapturedStep | None = None  # --capture: the step's graph, recorded at the first step
 
     # -- one optimizer step -------------------------------------------------------------------------
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor | None, int, int]:
@@ -107,6 +116,10 @@ class Loop:
         mine = indices[self.env.rank * self.share:(self.env.rank + 1) * self.share]
         chunks = [mine[k:k + self.micro] for k in range(0, len(mine), self.micro)]
         scale = self.env.world / max(targets, 1)
+        if self.cfg.capture:
+            total, norm = self._replay(self.task.batch(mine, self.device), scale)
+            self.scheduler.step()
+            return self._advance(targets, tokens, total, norm)
         total = torch.zeros((), dtype=torch.float32, device=self.device)
         for k, chunk in enumerate(chunks):
             batch = self.task.batch(chunk, self.device)
@@ -122,10 +135,31 @@ class Loop:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        return self._advance(targets, tokens, total, norm)
+
+    def _advance(self, targets: int, tokens: int, total: torch.Tensor, norm: torch.Tensor | None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None, int, int]:
         self.at.step += 1
         self.at.position += self.cfg.batch
         self.at.tokens += tokens
         return total, norm, targets, tokens
+
+    def _replay(self, batch: dict[str, Any], scale: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``--capture``: one step as the captured graph's replay (captured first, at the first call); ``(summed
+        loss, gradient norm before clipping)``."""
+        inputs = {"batch": batch, "scale": torch.tensor(scale, dtype=torch.float32, device=self.device)}
+        if self.captured is None:
+            for group in self.optimizer.param_groups:  # what the graph reads each replay, the scheduler writes
+                group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=self.device)
+
+            def scaled_loss(b: dict[str, Any]) -> torch.Tensor:
+                with self.attention():
+                    loss, _ = self.parts.wrapped(**b["batch"])
+                return loss * b["scale"]
+
+            self.captured = capture_step(self.parts.wrapped, self.optimizer, scaled_loss, inputs,
+                                         max_grad_norm=self.cfg.max_grad_norm or None)
+        return self.captured(inputs) / scale, self.captured.grad_norm()
 
     # -- evaluation ---------------------------------------------------------------------------------
     def evaluate(self) -> dict[str, Any]:
@@ -188,7 +222,7 @@ class Loop:
     def _step_record(self, loss: float, norm: float | None, seconds: float, tokens: int) -> dict[str, Any]:
         done = self.at.step - self.started.step
         rate = (self.at.elapsed_s - self.started.elapsed_s) / done if done else 0.0
-        return {"step": self.at.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0], "grad_norm": norm,
+        return {"step": self.at.step, "loss": loss, "lr": float(self.scheduler.get_last_lr()[0]), "grad_norm": norm,
                 "tokens_per_s": tokens / seconds if seconds > 0 else 0.0,
                 "peak_mem_bytes": peak_memory(self.device)[0], "epoch": self.order.epoch(self.at.position),
                 "elapsed_s": round(self.at.elapsed_s, 3), "eta_s": rate * (self.max_steps - self.at.step)}

@@ -85,6 +85,20 @@ def check_batch(cfg: TrainConfig, env: Environment) -> None:
                           f"({share} = --batch {cfg.batch} / {env.world} processes)")
 
 
+def check_capture_run(cfg: TrainConfig, env: Environment, device: torch.device) -> None:
+    """``--capture``: one process on a CUDA device, one micro-batch per optimizer step (the graph holds one forward
+    and backward). The rest of what a graph cannot hold is refused by :meth:`TrainConfig.resolved`."""
+    if not cfg.capture:
+        return
+    if device.type != "cuda":
+        raise ConfigError(f"--capture replays CUDA graphs: it needs a CUDA device, not {device.type}")
+    if env.world > 1:
+        raise ConfigError(f"--capture runs one process, not {env.world}: start the run without torchrun")
+    if cfg.micro_batch is not None and cfg.micro_batch != cfg.batch:
+        raise ConfigError(f"--capture replays one micro-batch per optimizer step: drop --micro-batch "
+                          f"{cfg.micro_batch} (or make it --batch {cfg.batch})")
+
+
 def total_steps(cfg: TrainConfig, task: Task) -> int:
     """``--max-steps``, or enough global batches for ``--epochs`` passes over the rows."""
     if cfg.max_steps is not None:
@@ -133,6 +147,7 @@ def train(config: TrainConfig, reporter: Reporter | None = None) -> dict[str, An
     cfg = config.resolved(cuda=device.type == "cuda")
     check_dependencies("slimtune", cfg.quant, ("diffusers",) if cfg.task == "diffusion" else ())
     check_model_task(cfg)
+    check_capture_run(cfg, env, device)
     if cfg.ranks not in (None, "auto"):
         read_rank_pattern(cfg.ranks)
     seq = sequence_length(cfg)
@@ -179,7 +194,9 @@ def _train(cfg: TrainConfig, env: Environment, mode: str, device: torch.device, 
         # fused AdamW kernels on CUDA (transformers' Trainer defaults to them too); PyTorch's default elsewhere (the
         # CPU, and FSDP's sharded DTensor parameters)
         fused = device.type == "cuda" and mode != "fsdp"
-        optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
+        # --capture: its step counters on the GPU (the loop gives it a learning rate tensor before capturing)
+        optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None,
+                                      capturable=cfg.capture)
         scheduler = cosine_schedule(optimizer, cfg.warmup_steps, max_steps)
         loop = Loop(cfg, task, parts, optimizer, scheduler, max_steps, env, mode, device, run, reporter)
         latest = checkpoint.checkpoints(run.path)[-1:] if resuming else []

@@ -74,15 +74,19 @@ def test_replays_are_the_eager_steps():
     assert all(torch.equal(a, b) for a, b in zip(before, slimtune.trainable_parameters(model)))
     assert torch.equal(rng, torch.cuda.get_rng_state())
     assert all(float(s["step"]) == 0 for s in opt.state.values())
-    replayed = [step(_batch("cuda", seed=i)) for i in range(4)]  # the base model's dropout draws from the
-    torch.cuda.set_rng_state(rng)  # global generator: the eager twin starts from the same state, after the replays
+    replayed, norms = [], []
+    for i in range(4):  # the base model's dropout draws from the global generator: the eager twin starts from the
+        replayed.append(step(_batch("cuda", seed=i)))  # same state, after the replays
+        norms.append(step.grad_norm())
+    torch.cuda.set_rng_state(rng)
     for i in range(4):
         twin_opt.zero_grad(set_to_none=True)
         loss = _loss_fn(twin)(_batch("cuda", seed=i))
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(slimtune.trainable_parameters(twin), 1.0, foreach=True)
+        norm = torch.nn.utils.clip_grad_norm_(slimtune.trainable_parameters(twin), 1.0, foreach=True)
         twin_opt.step()
         assert torch.allclose(replayed[i], loss.detach(), rtol=1e-5, atol=1e-6)
+        assert torch.allclose(norms[i], norm, rtol=1e-4)
     for a, b in zip(slimtune.trainable_parameters(model), slimtune.trainable_parameters(twin)):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
     with pytest.raises(ConfigError, match=r"batch\['x'\] is \(7, 16\)"):

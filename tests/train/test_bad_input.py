@@ -2,11 +2,14 @@
 no traceback, nothing written."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
+import torch
 
+from slimtune.errors import ConfigError
 from slimtune.train import TrainConfig
 
 from .conftest import TINY, run_train, write_lines
@@ -102,3 +105,43 @@ def test_bad_input_is_refused_before_any_work(args, message, tmp_path, capsys):
     assert message.format(**files) in err
     assert err.startswith("slimtune: error:") and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not out.exists()  # nothing was written
+
+
+CAPTURE_CASES = [  # (arguments after TINY's, text the error must contain): what a CUDA graph cannot hold
+    (["--capture"], "--capture replays CUDA graphs: it needs a CUDA device, not cpu"),
+    (["--capture", "--no-pack"], "--capture replays one step of fixed shapes: --task causal-lm needs --pack"),
+    (["--capture", "--compile"], "--capture and --compile: give one"),
+    (["--capture", "--grad-ckpt"], "it runs --memory fast without --grad-ckpt"),
+    (["--capture", "--memory", "balanced"], "it runs --memory fast without --grad-ckpt"),
+    (["--capture", "--variant-criterion", "timed"], "the timed criterion measures eager steps"),
+]
+
+
+@pytest.mark.parametrize("args,message", CAPTURE_CASES, ids=[m[:40] for _, m in CAPTURE_CASES])
+def test_capture_refuses_what_a_graph_cannot_hold(args, message, lm_data, tmp_path, capsys):
+    code, _, err = run_train([*TINY, "--data", str(lm_data), "--out", str(tmp_path / "out"), *args], capsys)
+    assert code == 2 and message in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_capture_run_checks_processes_and_micro_batches():
+    """One process, one micro-batch per step (checked where the device and the processes are known)."""
+    from slimtune.train.distributed import Environment
+    from slimtune.train.run import check_capture_run
+
+    cfg = TrainConfig(out="x", preset="tiny-llama", data=None, capture=True, batch=8)
+    cuda = torch.device("cuda")
+    check_capture_run(cfg, Environment(rank=0, world=1, local_rank=0), cuda)
+    with pytest.raises(ConfigError, match="--capture runs one process, not 2"):
+        check_capture_run(cfg, Environment(rank=0, world=2, local_rank=0), cuda)
+    with pytest.raises(ConfigError, match="drop --micro-batch 4"):
+        check_capture_run(dataclasses.replace(cfg, micro_batch=4), Environment(rank=0, world=1, local_rank=0), cuda)
+
+
+def test_a_setting_added_since_a_run_was_recorded_reads_as_its_default(tmp_path):
+    """A run recorded before ``capture`` existed resumes: the missing setting had its default."""
+    cfg = TrainConfig(out=str(tmp_path), preset="tiny-llama", task="diffusion", max_steps=1).resolved(False)
+    recorded = cfg.to_dict()
+    del recorded["capture"]
+    assert cfg.changes_from(recorded) == []
+    assert dataclasses.replace(cfg, capture=True).changes_from(recorded) == ["capture: False -> True"]
