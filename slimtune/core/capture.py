@@ -195,6 +195,12 @@ def capture_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Ca
     snapshot.restore()
     optimizer.zero_grad(set_to_none=True)  # the graph's backward allocates the gradients, and writes them each replay
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        loss, norm = step()
+    try:
+        with torch.cuda.graph(graph):
+            loss, norm = step()
+    except RuntimeError as exc:  # torch's own message says what failed, not what to change
+        raise ConfigError(f"the step could not be captured as a CUDA graph ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0] if str(exc) else ''}): something in it reads a value back to "
+                          "the host (.item(), a shape that depends on values such as boolean indexing) or is not "
+                          "capturable; run it without capture") from exc
     return CapturedStep(graph, inputs, loss, norm)

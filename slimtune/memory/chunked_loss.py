@@ -33,13 +33,15 @@ PLAIN_HEAD_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "opt", "gpt2")
 
 class LinearCrossEntropy(torch.autograd.Function):
     """``Σ_i CE(hidden_i Wᵀ + b, labels_i)`` (float32 scalar). ``hidden`` ``[N, H]``, ``weight`` ``[V, H]``,
-    ``bias`` ``[V]`` or None, ``labels`` ``[N]`` int64, all valid (no ignored rows), ``chunk`` rows at a time.
+    ``bias`` ``[V]`` or None, ``labels`` ``[N]`` int64, ``chunk`` rows at a time. ``masked``: rows labelled
+    :data:`IGNORE_INDEX` are among them and carry no loss and no gradient (shapes that do not depend on the labels,
+    as a CUDA graph's capture needs); otherwise every label is valid (:func:`shifted_targets` dropped the rest).
     Saves the gradients of the inputs that need one (computed in forward): ``[N, H]``, ``[V, H]``, ``[V]``;
     nothing ``[N, V]``."""
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
-                chunk: int) -> torch.Tensor:
+                chunk: int, masked: bool = False) -> torch.Tensor:
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         w = weight if weight.dtype == hidden.dtype else weight.to(hidden.dtype)  # a head of another dtype: cast once
@@ -49,14 +51,21 @@ class LinearCrossEntropy(torch.autograd.Function):
         rows = torch.arange(min(chunk, hidden.shape[0]), device=hidden.device)
         for start in range(0, hidden.shape[0], chunk):
             h, y = hidden[start:start + chunk], labels[start:start + chunk]
+            keep = None
+            if masked:
+                keep = y != IGNORE_INDEX
+                y = y.clamp_min(0)  # an ignored row's index: any class (its loss and gradient are zeroed)
             logits = mm_fp32(h, w.t())  # [c, V] fp32 (on CUDA written by the GEMM itself: no rounded copy)
             if bias is not None:
                 logits += bias
             lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+            row_loss = lse - logits.gather(1, y[:, None]).squeeze(1)
+            total += (row_loss if keep is None else row_loss * keep).sum()
             if need_h or need_w or need_b:
                 probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
                 probs[rows[:len(y)], y] -= 1.0  # d CE / d logits
+                if keep is not None:
+                    probs.mul_(keep[:, None])
                 if grad_b is not None:
                     grad_b += probs.sum(0)
                 d_logits = probs.to(h.dtype)
@@ -76,7 +85,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         def scaled(grad: torch.Tensor | None, dtype: torch.dtype | None = None) -> torch.Tensor | None:
             return None if grad is None else (grad * grad_total.to(grad.dtype)).to(dtype or grad.dtype)
 
-        return scaled(grad_h), scaled(grad_w), scaled(grad_b, ctx.bias_dtype), None, None
+        return scaled(grad_h), scaled(grad_w), scaled(grad_b, ctx.bias_dtype), None, None, None
 
 
 def plain_head(model: nn.Module) -> bool:
@@ -150,7 +159,11 @@ def chunked_causal_lm_loss(hidden: torch.Tensor, head: nn.Module, labels: torch.
     if hidden.dim() != 3 or labels.shape != hidden.shape[:2] or hidden.shape[-1] != weight.shape[1]:
         raise ConfigError(f"hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} must be [B, T, H] and "
                           f"[B, T] with H = the head's input width {weight.shape[1]}")
-    h, y = shifted_targets(hidden, labels)
     rows = chunk if chunk is not None else chunk_rows(weight.shape[0])
+    if hidden.is_cuda and torch.cuda.is_current_stream_capturing():  # a CUDA graph: no shape may follow the labels
+        h, y = hidden[:, :-1].reshape(-1, hidden.shape[-1]), labels[:, 1:].reshape(-1)
+        loss = LinearCrossEntropy.apply(h, weight, getattr(head, "bias", None), y, rows, True)
+        return loss if reduction == "sum" else loss / (y != IGNORE_INDEX).sum().clamp_min(1)
+    h, y = shifted_targets(hidden, labels)
     loss = LinearCrossEntropy.apply(h, weight, getattr(head, "bias", None), y, rows)
     return loss if reduction == "sum" else loss / max(1, y.numel())

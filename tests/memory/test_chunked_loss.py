@@ -153,3 +153,24 @@ def test_bad_input_is_named():
 
 def test_public_name():
     assert slimtune.chunked_causal_lm_loss is chunked_causal_lm_loss
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_masked_rows_carry_no_loss_and_no_gradient(bias):
+    """``masked=True`` (a CUDA graph's capture: no shape may follow the labels) keeps the ignored rows and zeroes
+    their loss and gradients: the same loss and gradients as with those rows dropped, in float64 (the bias's
+    gradient accumulates in float32: its rounding)."""
+    torch.manual_seed(0)
+    hidden = torch.randn(11, 6, dtype=torch.float64, requires_grad=True)
+    head = _head(6, 9, torch.float64, bias)
+    labels = torch.randint(0, 9, (11,))
+    labels[[0, 4, 5, 10]] = IGNORE_INDEX
+    keep = labels != IGNORE_INDEX
+    params = [hidden, head.weight, *([head.bias] if bias else [])]
+    masked = LinearCrossEntropy.apply(hidden, head.weight, head.bias, labels, 4, True)
+    got = torch.autograd.grad(masked, params)
+    dropped = LinearCrossEntropy.apply(hidden[keep], head.weight, head.bias, labels[keep], 4)
+    want = torch.autograd.grad(dropped, params)
+    assert rel_err(masked, dropped) < 1e-12
+    assert all(rel_err(g, w) < 1e-6 for g, w in zip(got, want))  # the bias's gradient sums in float32
+    assert torch.all(got[0][~keep] == 0)
