@@ -125,13 +125,15 @@
 #                                       #           with each capture's peak
 #   bash benchmarks/pending_gpu.sh 47   # issue 19: `slimtune train --capture` — its CUDA tests, SD-1.5 LoRA / LoKr
 #                                       #           trained 40 steps eager and captured (carry .whl)
+#   bash benchmarks/pending_gpu.sh 48   # issue 19 on an H200: LoRA / DoRA compiled on both sides with every layer
+#                                       #           in the graph (no per-layer recompiles), then part 47 (carry .whl)
 #   bash benchmarks/pending_gpu.sh 3    # issue 17: online / gradient / data allocation vs AdaLoRA wall time
 #                                       #           (carry .out/minilm_wide; make it with rank_allocation.py --prepare)
 #
 # Outputs go to $OUT (each script's own files, plus one log per step); record them in benchmarks/RESULTS.md with
 # the GPU and versions the scripts print.
 set -uo pipefail
-part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|...|47"}
+part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|...|48"}
 out=${OUT:-/tmp/pending_gpu}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -621,8 +623,17 @@ case $part in
         done
     done
     ;;
+48)
+    # issue 19 on an H200 (about 8 minutes, carry .whl): torch.compile on both sides at seq 512 with every layer
+    # compiled — before, each layer's lean forward object (slimtune) and KV cache update (both sides) was a guard of
+    # its own, Dynamo hit its recompile limit of 8 and ran the other 20 layers eagerly (runs 80, 84, 107) — then
+    # part 47 (`slimtune train --capture`)
+    step paired_512_compile_all_layers 300 python benchmarks/paired_steps.py --compile --rounds 6 --configs lora \
+        dora peft-bf16:lora peft-bf16:dora --out-name paired_512_compile_all_layers
+    bash "$0" 47
+    ;;
 *)
-    echo "unknown part $part (1 to 47)" >&2
+    echo "unknown part $part (1 to 48)" >&2
     exit 2
     ;;
 esac

@@ -589,6 +589,19 @@ class _Restore:
                 del m.forward
 
 
+def remove_within(module: nn.Module) -> int:
+    """Give ``module`` and every module under it its own ``forward`` back where it runs a lean one; returns how
+    many. For a region that ``torch.compile`` traces: the lean paths never apply there (module docstring), and
+    Dynamo guards on the identity of each instance's forward object, so a stack of layers holding them would compile
+    once per layer (and, past Dynamo's recompile limit, run the rest eagerly)."""
+    removed = 0
+    for m in module.modules():
+        if installed(m):
+            del m.forward
+            removed += 1
+    return removed
+
+
 def installed(module: nn.Module) -> bool:
     """Whether ``module`` runs a lean ``forward`` of this module."""
     return isinstance(module.__dict__.get("forward"),

@@ -2,9 +2,12 @@
 :mod:`slimtune.memory.recompute`, compiled by :func:`compile_layers`."""
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
+from ..core import lean_layers
 from ..errors import ConfigError
 
 
@@ -21,14 +24,19 @@ def layer_stack(model: nn.Module) -> nn.ModuleList:
     return best
 
 
-def compile_layers(model: nn.Module) -> int:
-    """``torch.compile`` each layer of ``model``'s transformer stack (regional compilation), in place; returns how
-    many. Each layer's ``forward`` becomes its compiled self, an attribute of the instance: parameter names, the
-    state dict and saved adapters do not change, and checkpointing (``memory``, transformers' own) wraps the
-    compiled forward. The layers share one code object, so one compiled graph serves them all: the compile time is
-    one layer's, not the model's. Inductor fuses what runs between the matrix products (norms, rotary, SwiGLU,
-    residual adds; the adapters' Functions compile without a graph break: ``tests/core/test_compile.py``)."""
+def compile_layers(model: nn.Module, **options: Any) -> int:
+    """``torch.compile`` each layer of ``model``'s transformer stack (regional compilation; ``options`` go to
+    ``torch.compile``), in place; returns how many. Each layer's ``forward`` becomes its compiled self, an attribute
+    of the instance: parameter names, the state dict and saved adapters do not change, and checkpointing
+    (``memory``, transformers' own) wraps the compiled forward. The layers share one code object, so one compiled
+    graph serves them all (one more where the first layer's input needs no gradient): the compile time is one
+    layer's, not the model's. The layers' lean frozen forwards are taken off first
+    (:func:`~slimtune.core.lean_layers.remove_within`: each would be a guard of its own). Call the model with
+    ``use_cache=False`` (or set ``config.use_cache = False``): a transformers KV cache makes each layer's cache
+    update a guard too. Inductor fuses what runs between the matrix products (norms, rotary, SwiGLU, residual adds;
+    the adapters' Functions compile without a graph break: ``tests/core/test_compile.py``)."""
     layers = layer_stack(model)
     for layer in layers:
-        layer.forward = torch.compile(layer.forward)
+        lean_layers.remove_within(layer)
+        layer.forward = torch.compile(layer.forward, **options)
     return len(layers)

@@ -122,3 +122,32 @@ def test_triton_kernels_step_aside_while_compiling(monkeypatch):
     traced = torch.compile(lambda t: t + 1 if use_triton(t) else t - 1, fullgraph=True, backend="eager")
     assert torch.equal(traced(x), x - 1)
     assert os.environ["TRITON_INTERPRET"] == "1"
+
+
+def test_a_layer_stack_compiles_once_not_once_per_layer():
+    """``compile_layers`` on a six-layer Llama with LoRA (its lean RMSNorms and MLPs installed, then taken off
+    the compiled layers) and no KV cache: two graphs for the whole stack — the first layer, whose input needs no
+    gradient, and the rest — where each layer's lean forward object was a guard of its own."""
+    transformers = pytest.importorskip("transformers")
+    from slimtune.core import lean_layers
+    from slimtune.models.layers import compile_layers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=6,
+                                      num_attention_heads=4, num_key_value_heads=2, use_cache=False)
+    model = slimtune.adapt(transformers.LlamaForCausalLM(config),
+                           slimtune.LoraConfig(r=2, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"]))
+    assert any(lean_layers.installed(m) for m in model.modules())
+    graphs = []
+
+    def counting(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    assert compile_layers(model, backend=counting) == 6
+    assert not any(lean_layers.installed(m) for layer in model.model.layers for m in layer.modules())
+    ids = torch.randint(0, 64, (2, 8))
+    for _ in range(2):
+        model(input_ids=ids, labels=ids).loss.backward()
+    assert len(graphs) == 2
