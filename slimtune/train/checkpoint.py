@@ -115,6 +115,18 @@ def _flatten_optimizer(optim: dict) -> tuple[dict[str, torch.Tensor], dict[str, 
     return tensors, scalars
 
 
+def _numbers(value: Any) -> Any:
+    """``value`` with every one-element tensor in it (dicts, lists, tuples) a Python number, for JSON: ``--capture``
+    keeps the learning rate as a tensor the graph reads, in the optimizer's groups and the scheduler's state."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    if isinstance(value, dict):
+        return {k: _numbers(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_numbers(v) for v in value)
+    return value
+
+
 def save(out: Path, step: int, state: dict[str, Any], params: dict[str, torch.Tensor], optim: dict,
          rng: list[dict[str, torch.Tensor]], adapter: dict[str, torch.Tensor], part: nn.Module, keep: int) -> Path:
     """Write checkpoint ``step`` atomically (main process only), then delete all but the ``keep`` newest."""
@@ -129,9 +141,8 @@ def save(out: Path, step: int, state: dict[str, Any], params: dict[str, torch.Te
     save_file(tensors, str(tmp / OPTIMIZER_NAME))
     save_file({f"rank{r}.{k}": v.contiguous() for r, states in enumerate(rng) for k, v in states.items()},
               str(tmp / RNG_NAME))
-    groups = [{k: v.item() if isinstance(v, torch.Tensor) else v for k, v in g.items()}  # --capture's lr tensor
-              for g in optim["param_groups"]]
-    record = dict(state, format=FORMAT, world=len(rng), optimizer_groups=groups, optimizer_scalars=scalars)
+    record = _numbers(dict(state, format=FORMAT, world=len(rng), optimizer_groups=optim["param_groups"],
+                           optimizer_scalars=scalars))
     (tmp / STATE_NAME).write_text(json.dumps(record, indent=1), encoding="utf-8")
     if final.exists():  # the same step saved by an earlier, interrupted attempt
         old = out / f".{final.name}.old"

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 import slimtune
@@ -69,3 +70,30 @@ def test_kill_and_resume_is_bit_identical(lm_data, tmp_path, capsys):
     # a finished run resumes as complete
     code, events, err = run_train([*_args(lm_data, whole), "--resume"], capsys)
     assert code == 0 and "complete" in err and events[-1]["steps"] == STEPS
+
+
+def test_a_checkpoint_holds_tensor_learning_rates_as_numbers(tmp_path):
+    """``--capture`` keeps the learning rate as a tensor (the graph reads it; the scheduler writes it in place): the
+    checkpoint's JSON holds numbers where the optimizer's groups and the scheduler's state hold tensors."""
+    from slimtune.train import checkpoint
+    from slimtune.train.loop import cosine_schedule
+
+    model = slimtune.adapt(torch.nn.Sequential(torch.nn.Linear(4, 4)), slimtune.LoraConfig(r=2, target_modules=["0"]))
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.AdamW(list(named.values()), lr=1e-3)
+    scheduler = cosine_schedule(optimizer, 2, 10)
+    optimizer.param_groups[0]["lr"] = torch.tensor(float(optimizer.param_groups[0]["lr"]))
+    for _ in range(3):
+        model(torch.randn(2, 4)).sum().backward()
+        optimizer.step()
+        scheduler.step()
+    lr = float(optimizer.param_groups[0]["lr"])
+    assert isinstance(scheduler.state_dict()["_last_lr"][0], torch.Tensor)
+    optim = {"state": {}, "param_groups": [dict(optimizer.param_groups[0], params=list(named))]}
+    params = {n: p.detach().clone() for n, p in named.items()}
+    path = checkpoint.save(tmp_path, 3, {"step": 3, "scheduler": scheduler.state_dict()}, params, optim,
+                           [{"cpu": torch.get_rng_state()}], checkpoint.peft_tensors(model, model, params), model,
+                           keep=1)
+    record = checkpoint.read_state(path)
+    assert record["optimizer_groups"][0]["lr"] == pytest.approx(lr)
+    assert record["scheduler"]["_last_lr"] == pytest.approx([lr])
