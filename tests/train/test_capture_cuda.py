@@ -38,6 +38,7 @@ def test_captured_steps_train_as_eager_steps_do(task, lm_data, tmp_path, capsys)
     if task == "causal-lm":
         args = ["--preset", "tiny-llama", "--seq", "64", "--data", str(lm_data), *common]
     else:
+        pytest.importorskip("diffusers")
         args = ["--task", "diffusion", "--preset", "tiny-unet", *common]
     (eager, eager_adapter), (captured, captured_adapter) = _runs(args, tmp_path, capsys)
     assert len(eager) == len(captured) == 5
