@@ -127,13 +127,14 @@
 #                                       #           trained 40 steps eager and captured (carry .whl)
 #   bash benchmarks/pending_gpu.sh 48   # issue 19 on an H200: LoRA / DoRA compiled on both sides with every layer
 #                                       #           in the graph (no per-layer recompiles), then part 47 (carry .whl)
+#   bash benchmarks/pending_gpu.sh 49   # issue 19: compiled DoRA's step profiled against compiled PEFT-bf16's
 #   bash benchmarks/pending_gpu.sh 3    # issue 17: online / gradient / data allocation vs AdaLoRA wall time
 #                                       #           (carry .out/minilm_wide; make it with rank_allocation.py --prepare)
 #
 # Outputs go to $OUT (each script's own files, plus one log per step); record them in benchmarks/RESULTS.md with
 # the GPU and versions the scripts print.
 set -uo pipefail
-part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|...|48"}
+part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|...|49"}
 out=${OUT:-/tmp/pending_gpu}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -632,8 +633,14 @@ case $part in
         dora peft-bf16:lora peft-bf16:dora --out-name paired_512_compile_all_layers
     bash "$0" 47
     ;;
+49)
+    # issue 19 (about 2 minutes; any GPU): where compiled DoRA's step goes against compiled PEFT-bf16's (run 108:
+    # 1.19x) — wall, host and GPU kernel time, the kernels differing most
+    step profile_compiled_dora 150 python benchmarks/unet_step_profile.py --preset llama-3.2-3b --rank 32 \
+        --batch 4 --compile --steps 3 --configs dora peft-bf16:dora
+    ;;
 *)
-    echo "unknown part $part (1 to 48)" >&2
+    echo "unknown part $part (1 to 49)" >&2
     exit 2
     ;;
 esac

@@ -18,10 +18,12 @@ import time
 from typing import Sequence
 
 from _common import environment_line, markdown_table, write_out_text
-from paired_steps import LEAN_KINDS, parse_config, session_for
+from paired_steps import LEAN_KINDS, no_kv_cache, parse_config, session_for
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+
+from slimtune.models.layers import compile_layers
 
 
 def kernel_times(step) -> tuple[float, int, dict[str, tuple[float, int]]]:
@@ -95,12 +97,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=5, help="timed steps, after 3 warm-up steps")
     parser.add_argument("--strip-lean", nargs="+", default=["conv", "norm-silu", "geglu"], choices=list(LEAN_KINDS))
     parser.add_argument("--top", type=int, default=12)
+    parser.add_argument("--batch", type=int, default=None, help="default: the preset's")
+    parser.add_argument("--compile", action="store_true",
+                        help="every configuration's layers through torch.compile, as paired_steps.py --compile "
+                             "(KV cache off; the warm-up steps hold the compile time)")
     args = parser.parse_args(argv)
-    common = dict(preset=args.preset, rank=args.rank, batch=None, seq=512, device="cuda", dtype="bfloat16")
+    common = dict(preset=args.preset, rank=args.rank, batch=args.batch, seq=512, device="cuda", dtype="bfloat16")
     rows, kernels, runtime, ops = [], {}, {}, {}
     for text in args.configs:
         backend, method = parse_config(text)
         session = session_for(backend, method, common, "fast", args.strip_lean)
+        if args.compile:
+            no_kv_cache(session.model)
+            compile_layers(session.model)
         for _ in range(3):  # warm-up
             session.train_step()
         wall, host = [], []
@@ -128,7 +137,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                           ("ATen ops (host self time, under the profiler)", ops)):
             text += f"\n\n{what} differing most, {first} against {other} (ms (count) in one step):\n\n"
             text += markdown_table([what.split(" (")[0], first, other], difference_table(first, other, per, args.top))
-    out = f"{environment_line()}\n\n{args.preset}, r={args.rank}, bf16, memory=fast\n\n{text}\n"
+    out = (f"{environment_line()}\n\n{args.preset}, r={args.rank}, bf16, memory=fast"
+           f"{', layers compiled' if args.compile else ''}\n\n{text}\n")
     print(out)
     write_out_text("unet_step_profile.md", out)
     return 0
