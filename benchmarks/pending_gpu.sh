@@ -3,13 +3,13 @@
 # (≤ 10 min) and together the 30-minute device budget; run on 2026-12-05 as RESULTS.md runs 47 (part 1), 48 (part 3)
 # and 49 (part 2), and kept to repeat them. Run from the repository root on the lent machine:
 #
-# Still to run (as of 2026-12-06, RESULTS.md runs 102-103 ran parts 41 and 42 on an H100):
-# - part 44 on an H100 (carry .whl, .before = HEAD): LoKr's lean threshold A/B, SD-1.5 with no lean layer, and the
-#   ResNet blocks with and without them;
-#   part 45 (carry .whl): SD-1.5 captured as a CUDA graph on both sides;
-# - part 43 on the H200 that issue 19 names (needs_h200: PEFT-bf16's DoRA at seq 2048 does not fit an H100):
-#   compiled DoRA against PEFT-bf16, the 8192 r=384 layer, DoRA at seq 2048 (part 32). Parts 29, 30, 32 and 33-34
-#   are earlier forms of 43 and of the SD-1.5 parts.
+# Still to run (as of 2026-12-06, second session: parts 44-45 ran as RESULTS.md run 105, 46 as 106, 43 as 107, 48
+# (with 47) as 108):
+# - part 49 (any GPU, about 2 minutes): compiled DoRA's step profiled against compiled PEFT-bf16's, where run 108
+#   has it at 1.19x with every layer compiled on both sides;
+# - part 50 on an H200 (about 5 minutes): LoHa and LoKr compiled on both sides, every layer in the graph;
+# - part 46 again on an H200 once LoKr's eager SD-1.5 step changes (run 106: 1.05-1.07x PEFT-bf16, the one method
+#   over issue 20's step bound there).
 #
 #   bash benchmarks/pending_gpu.sh 1    # issue 19: capture test, DoRA host breakdown, paired steps eager / captured /
 #                                       #           timed variants, slimtune vs PEFT-bf16 (no carry)
@@ -128,13 +128,14 @@
 #   bash benchmarks/pending_gpu.sh 48   # issue 19 on an H200: LoRA / DoRA compiled on both sides with every layer
 #                                       #           in the graph (no per-layer recompiles), then part 47 (carry .whl)
 #   bash benchmarks/pending_gpu.sh 49   # issue 19: compiled DoRA's step profiled against compiled PEFT-bf16's
+#   bash benchmarks/pending_gpu.sh 50   # issue 19 on an H200: LoHa / LoKr compiled on both sides, every layer
 #   bash benchmarks/pending_gpu.sh 3    # issue 17: online / gradient / data allocation vs AdaLoRA wall time
 #                                       #           (carry .out/minilm_wide; make it with rank_allocation.py --prepare)
 #
 # Outputs go to $OUT (each script's own files, plus one log per step); record them in benchmarks/RESULTS.md with
 # the GPU and versions the scripts print.
 set -uo pipefail
-part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|...|49"}
+part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|...|50"}
 out=${OUT:-/tmp/pending_gpu}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -639,8 +640,14 @@ case $part in
     step profile_compiled_dora 150 python benchmarks/unet_step_profile.py --preset llama-3.2-3b --rank 32 \
         --batch 4 --compile --steps 3 --configs dora peft-bf16:dora
     ;;
+50)
+    # issue 19 on an H200 (about 5 minutes): LoHa and LoKr compiled on both sides with every layer in the graph
+    # (their compiled ratios so far, runs 65 and 76-77, compiled 8 of 28 layers)
+    step paired_512_compile_loha_lokr_all_layers 400 python benchmarks/paired_steps.py --compile --rounds 6 \
+        --configs loha lokr peft-bf16:loha peft-bf16:lokr --out-name paired_512_compile_loha_lokr_all_layers
+    ;;
 *)
-    echo "unknown part $part (1 to 49)" >&2
+    echo "unknown part $part (1 to 50)" >&2
     exit 2
     ;;
 esac
