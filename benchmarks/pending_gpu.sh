@@ -8,6 +8,7 @@
 # - part 49 (any GPU, about 2 minutes): compiled DoRA's step profiled against compiled PEFT-bf16's, where run 108
 #   has it at 1.19x with every layer compiled on both sides;
 # - part 50 on an H200 (about 5 minutes): LoHa and LoKr compiled on both sides, every layer in the graph;
+# - part 51 on an H200 (needs_h200, carry .whl; about 5 minutes): SD-1.5 every method with both sides captured;
 # - part 46 again on an H200 once LoKr's eager SD-1.5 step changes (run 106: 1.05-1.07x PEFT-bf16, the one method
 #   over issue 20's step bound there).
 #
@@ -129,13 +130,14 @@
 #                                       #           in the graph (no per-layer recompiles), then part 47 (carry .whl)
 #   bash benchmarks/pending_gpu.sh 49   # issue 19: compiled DoRA's step profiled against compiled PEFT-bf16's
 #   bash benchmarks/pending_gpu.sh 50   # issue 19 on an H200: LoHa / LoKr compiled on both sides, every layer
+#   bash benchmarks/pending_gpu.sh 51   # issue 20 on an H200: SD-1.5 every method, both sides captured (carry .whl)
 #   bash benchmarks/pending_gpu.sh 3    # issue 17: online / gradient / data allocation vs AdaLoRA wall time
 #                                       #           (carry .out/minilm_wide; make it with rank_allocation.py --prepare)
 #
 # Outputs go to $OUT (each script's own files, plus one log per step); record them in benchmarks/RESULTS.md with
 # the GPU and versions the scripts print.
 set -uo pipefail
-part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|...|50"}
+part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|...|51"}
 out=${OUT:-/tmp/pending_gpu}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -646,8 +648,17 @@ case $part in
     step paired_512_compile_loha_lokr_all_layers 400 python benchmarks/paired_steps.py --compile --rounds 6 \
         --configs loha lokr peft-bf16:loha peft-bf16:lokr --out-name paired_512_compile_loha_lokr_all_layers
     ;;
+51)
+    # issue 20 on the H200 it names (needs_h200, carry .whl; about 5 minutes): SD-1.5 every method with both
+    # libraries' steps replayed as CUDA graphs (run 106 captured LoRA / LoCon / LoKr: 0.99 / 0.99 / 0.72 of
+    # PEFT-bf16 at 0.62-0.68 of its peak; LoKr is the one method over PEFT's eager step)
+    install_wheels
+    step paired_sd15_every_captured_h200 400 python benchmarks/paired_steps.py --preset stable-diffusion-1.5 \
+        --rank 16 --rounds 6 --capture --configs lora locon loha lokr dora peft-bf16:lora peft-bf16:locon \
+        peft-bf16:loha peft-bf16:lokr peft-bf16:dora --out-name paired_sd15_every_captured_h200
+    ;;
 *)
-    echo "unknown part $part (1 to 50)" >&2
+    echo "unknown part $part (1 to 51)" >&2
     exit 2
     ;;
 esac
