@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ...core.compute import accumulate_type, fp32_out_gemm, mm_fp32
+from ...core.tracing import compiling
 from ...core.triton import use_triton
 
 _NORM_CHUNK = 1 << 22  # elements of W upcast at a time for ‖W‖²_row
@@ -23,8 +24,12 @@ _FLOORS: dict[torch.dtype, float] = {}  # magnitude_floor per dtype
 
 @torch.no_grad()
 def weight_row_norm_sq(weight2d: torch.Tensor) -> torch.Tensor:
-    """``‖W‖²_row`` ``[d_out]`` in fp32 (fp64 for fp64 W), upcasting a few rows at a time (no fp32 copy of W)."""
+    """``‖W‖²_row`` ``[d_out]`` in fp32 (fp64 for fp64 W), upcasting a few rows at a time (no fp32 copy of W). Under
+    ``torch.compile`` (where a layer forms it every step) in one expression: Inductor fuses the upcast into the
+    reduction, one kernel and no copy, where the chunks would be one kernel each."""
     acc = accumulate_type(weight2d.dtype)
+    if compiling():
+        return weight2d.to(acc).pow(2).sum(1)
     rows = max(1, _NORM_CHUNK // max(1, weight2d.shape[1]))
     return torch.cat([chunk.to(acc).pow(2).sum(1) for chunk in weight2d.split(rows)])
 
