@@ -59,7 +59,8 @@ above holding an adapter (and its LayerNorms) gets an instance-level ``forward``
 remover undoes it; SiLU only where the model has a GroupNorm). Each call checks, on the host, whether the lean path
 applies — gradients on, the input requiring grad, the layer's parameters frozen, not under ``torch.compile`` (whose
 partitioner decides what a graph saves), and for a UNet's layers and blocks a tensor of at least
-:data:`UNET_LEAN_BYTES` (smaller, the host's time per call costs more than the memory is worth) — and otherwise runs
+:data:`UNET_LEAN_BYTES` (times the adapter method's ``unet_lean_scale``, :func:`install`'s ``size_scale``; smaller,
+the host's time per call costs more than the memory is worth) — and otherwise runs
 the layer as it is. A SiLU takes the fused path only when its input is the very output of the GroupNorm that
 ran last on this thread and was not changed in place since (its version counter), so ``silu(norm(x) + t)`` and
 any other use run plainly.
