@@ -641,7 +641,6 @@ case $part in
     # 1.19x) — wall, host and GPU kernel time, the kernels differing most
     step profile_compiled_dora 150 python benchmarks/unet_step_profile.py --preset llama-3.2-3b --rank 32 \
         --batch 4 --compile --steps 3 --configs dora peft-bf16:dora
-    step compiled_kernels 120 python benchmarks/compiled_kernels.py
     ;;
 50)
     # issue 19 on an H200 (about 5 minutes): LoHa and LoKr compiled on both sides with every layer in the graph

@@ -129,12 +129,14 @@ def chunk_rows(vocab: int) -> int:
     return max(1, CHUNK_ELEMENTS // max(1, vocab))
 
 
-def shifted_targets(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def shifted_targets(hidden: torch.Tensor, labels: torch.Tensor, drop: bool = True
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(hidden rows [n, H], next-token labels [n])`` of the positions that carry loss: position t predicts label
-    t+1; positions whose next label is -100 are dropped. ``hidden`` ``[B, T, H]``, ``labels`` ``[B, T]``."""
+    t+1; positions whose next label is -100 are dropped (``drop=False``: kept, for a shape that does not depend on
+    the labels). ``hidden`` ``[B, T, H]``, ``labels`` ``[B, T]``."""
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     y = labels[:, 1:].reshape(-1)
-    if y.is_meta:  # the estimator's simulated step: no values, every position counts (the most memory)
+    if y.is_meta or not drop:  # the estimator's simulated step: no values, every position counts (the most memory)
         return h, y
     keep = y != IGNORE_INDEX
     return h[keep], y[keep]
@@ -160,10 +162,9 @@ def chunked_causal_lm_loss(hidden: torch.Tensor, head: nn.Module, labels: torch.
         raise ConfigError(f"hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} must be [B, T, H] and "
                           f"[B, T] with H = the head's input width {weight.shape[1]}")
     rows = chunk if chunk is not None else chunk_rows(weight.shape[0])
-    if hidden.is_cuda and torch.cuda.is_current_stream_capturing():  # a CUDA graph: no shape may follow the labels
-        h, y = hidden[:, :-1].reshape(-1, hidden.shape[-1]), labels[:, 1:].reshape(-1)
-        loss = LinearCrossEntropy.apply(h, weight, getattr(head, "bias", None), y, rows, True)
-        return loss if reduction == "sum" else loss / (y != IGNORE_INDEX).sum().clamp_min(1)
-    h, y = shifted_targets(hidden, labels)
-    loss = LinearCrossEntropy.apply(h, weight, getattr(head, "bias", None), y, rows)
-    return loss if reduction == "sum" else loss / max(1, y.numel())
+    masked = hidden.is_cuda and torch.cuda.is_current_stream_capturing()  # a CUDA graph: no shape may follow labels
+    h, y = shifted_targets(hidden, labels, drop=not masked)
+    loss = LinearCrossEntropy.apply(h, weight, getattr(head, "bias", None), y, rows, masked)
+    if reduction == "sum":
+        return loss
+    return loss / ((y != IGNORE_INDEX).sum().clamp_min(1) if masked else max(1, y.numel()))

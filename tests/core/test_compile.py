@@ -144,7 +144,7 @@ def test_a_layer_stack_compiles_once_not_once_per_layer():
         graphs.append(gm)
         return gm.forward
 
-    torch._dynamo.reset()
+    torch.compiler.reset()
     assert compile_layers(model, backend=counting) == 6
     assert not any(lean_layers.installed(m) for layer in model.model.layers for m in layer.modules())
     ids = torch.randint(0, 64, (2, 8))
