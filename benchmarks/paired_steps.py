@@ -33,8 +33,8 @@ every DoRA layer forms its norm itself, so the pre-pass's saving is measured in 
 (``slimtune.core.lean_layers``: ``conv``, ``norm-silu``, ``geglu``) given their plain forward back, so a step's
 cost or saving from each is measured against the full set in the same rounds.
 
-``--compile``: each decoder layer through ``torch.compile`` (``slimtune.models.layers.compile_layers``), on both
-sides, the models' KV cache off (:func:`no_kv_cache`).
+``--compile``: each decoder layer through ``torch.compile`` (``slimtune.models.layers.compile_layers``, which turns
+the models' KV cache off), on both sides.
 
 ``--capture``: every configuration's step (PEFT's too) replayed as one CUDA graph through
 :func:`slimtune.capture_step` (AdamW with ``capturable=True``, its constant learning rate): the host's launch cost
@@ -150,16 +150,6 @@ def session_for(backend: str, method: str, common: dict[str, Any], memory: str =
                                                   memory=memory if backend == "slimtune" else "fast", **common))
 
 
-def no_kv_cache(model: Any) -> None:
-    """``--compile``: the model's forward builds no KV cache (``config.use_cache = False``, on both sides). With
-    transformers' default cache each decoder layer's update guards on its own cache layer, so Dynamo recompiles
-    the shared layer code once per layer and, past its limit of 8, runs the other layers eagerly; a training step
-    needs no cache."""
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "use_cache"):
-        config.use_cache = False
-
-
 def captured(session: Any) -> tuple[Callable[[], torch.Tensor], int]:
     """The session's step as a CUDA graph replay (:func:`slimtune.capture_step`; its optimizer becomes a
     capturable AdamW), and the transient peak of its capture (bytes: its eager warm-up steps and the captured one;
@@ -271,7 +261,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         backend, method = parse_config(text)
         session = session_for(backend, method, common, args.memory, args.strip_lean)
         if args.compile:
-            no_kv_cache(session.model)
             compile_layers(session.model)
         if args.capture:
             steps[text], capture_peaks[text] = captured(session)

@@ -18,7 +18,7 @@ import time
 from typing import Sequence
 
 from _common import environment_line, markdown_table, write_out_text
-from paired_steps import LEAN_KINDS, no_kv_cache, parse_config, session_for
+from paired_steps import LEAN_KINDS, parse_config, session_for
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -100,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=None, help="default: the preset's")
     parser.add_argument("--compile", action="store_true",
                         help="every configuration's layers through torch.compile, as paired_steps.py --compile "
-                             "(KV cache off; the warm-up steps hold the compile time)")
+                             "(the warm-up steps hold the compile time)")
     args = parser.parse_args(argv)
     common = dict(preset=args.preset, rank=args.rank, batch=args.batch, seq=512, device="cuda", dtype="bfloat16")
     rows, kernels, runtime, ops = [], {}, {}, {}
@@ -108,7 +108,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         backend, method = parse_config(text)
         session = session_for(backend, method, common, "fast", args.strip_lean)
         if args.compile:
-            no_kv_cache(session.model)
             compile_layers(session.model)
         for _ in range(3):  # warm-up
             session.train_step()

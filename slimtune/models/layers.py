@@ -31,11 +31,14 @@ def compile_layers(model: nn.Module, **options: Any) -> int:
     (``memory``, transformers' own) wraps the compiled forward. The layers share one code object, so one compiled
     graph serves them all (one more where the first layer's input needs no gradient): the compile time is one
     layer's, not the model's. The layers' lean frozen forwards are taken off first
-    (:func:`~slimtune.core.lean_layers.remove_within`: each would be a guard of its own). Call the model with
-    ``use_cache=False`` (or set ``config.use_cache = False``): a transformers KV cache makes each layer's cache
-    update a guard too. Inductor fuses what runs between the matrix products (norms, rotary, SwiGLU, residual adds;
+    (:func:`~slimtune.core.lean_layers.remove_within`: each would be a guard of its own), and a transformers model's
+    KV cache is turned off (``config.use_cache = False``: each layer's cache update would be a guard too; a training
+    step needs no cache). Inductor fuses what runs between the matrix products (norms, rotary, SwiGLU, residual adds;
     the adapters' Functions compile without a graph break: ``tests/core/test_compile.py``)."""
     layers = layer_stack(model)
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "use_cache"):
+        config.use_cache = False
     for layer in layers:
         lean_layers.remove_within(layer)
         layer.forward = torch.compile(layer.forward, **options)

@@ -126,7 +126,7 @@ def test_triton_kernels_step_aside_while_compiling(monkeypatch):
 
 def test_a_layer_stack_compiles_once_not_once_per_layer():
     """``compile_layers`` on a six-layer Llama with LoRA (its lean RMSNorms and MLPs installed, then taken off
-    the compiled layers) and no KV cache: two graphs for the whole stack — the first layer, whose input needs no
+    the compiled layers; its KV cache turned off): two graphs for the whole stack — the first layer, whose input needs no
     gradient, and the rest — where each layer's lean forward object was a guard of its own."""
     transformers = pytest.importorskip("transformers")
     from slimtune.core import lean_layers
@@ -134,7 +134,7 @@ def test_a_layer_stack_compiles_once_not_once_per_layer():
 
     torch.manual_seed(0)
     config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=6,
-                                      num_attention_heads=4, num_key_value_heads=2, use_cache=False)
+                                      num_attention_heads=4, num_key_value_heads=2)
     model = slimtune.adapt(transformers.LlamaForCausalLM(config),
                            slimtune.LoraConfig(r=2, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"]))
     assert any(lean_layers.installed(m) for m in model.modules())
