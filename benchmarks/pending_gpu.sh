@@ -137,7 +137,7 @@
 # Outputs go to $OUT (each script's own files, plus one log per step); record them in benchmarks/RESULTS.md with
 # the GPU and versions the scripts print.
 set -uo pipefail
-part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|...|51"}
+part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|...|52"}
 out=${OUT:-/tmp/pending_gpu}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -657,8 +657,15 @@ case $part in
         --rank 16 --rounds 6 --capture --configs lora locon loha lokr dora peft-bf16:lora peft-bf16:locon \
         peft-bf16:loha peft-bf16:lokr peft-bf16:dora --out-name paired_sd15_every_captured_h200
     ;;
+52)
+    # issue 19 on an H200 (about 5 minutes): DoRA and LoRA compiled on both sides after the DoRA pre-pass stopped forming step
+    # vectors for compiled layers (which never used them: run 108's DoRA launched it every step) and the floors
+    # table stopped causing a recompile; Dynamo's recompiles logged
+    TORCH_LOGS=recompiles step paired_512_compile_dora_no_prepass 420 python benchmarks/paired_steps.py --compile \
+        --rounds 8 --configs dora peft-bf16:dora lora peft-bf16:lora --out-name paired_512_compile_dora_no_prepass
+    ;;
 *)
-    echo "unknown part $part (1 to 51)" >&2
+    echo "unknown part $part (1 to 52)" >&2
     exit 2
     ;;
 esac

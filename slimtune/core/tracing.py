@@ -15,6 +15,22 @@ import torch
 #: PyTorch's public query: True while Dynamo (or export) traces the calling code, False in eager execution.
 compiling = torch.compiler.is_compiling
 
+#: the instance attribute marking a module inside a region that ``torch.compile`` runs (:func:`mark_compiled`)
+_COMPILED_REGION = "_slimtune_compiled_region"
+
+
+def mark_compiled(region: torch.nn.Module) -> None:
+    """Mark ``region`` and every module under it as compiled (:func:`slimtune.models.layers.compile_layers` does, for
+    each layer it compiles): eager work done ahead for such a module — DoRA's step vectors, formed when the model's
+    forward starts — would go unused, since its compiled forward takes the trace-safe path."""
+    for module in region.modules():
+        module.__dict__[_COMPILED_REGION] = True
+
+
+def in_compiled_region(module: torch.nn.Module) -> bool:
+    """Whether :func:`mark_compiled` marked ``module``."""
+    return module.__dict__.get(_COMPILED_REGION, False)
+
 
 @torch.library.custom_op("slimtune::seeded_keep_mask", mutates_args=())
 def seeded_keep_mask(like: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:

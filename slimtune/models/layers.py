@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..core import lean_layers
+from ..core.tracing import mark_compiled
 from ..errors import ConfigError
 
 
@@ -33,7 +34,8 @@ def compile_layers(model: nn.Module, **options: Any) -> int:
     layer's, not the model's. The layers' lean frozen forwards are taken off first
     (:func:`~slimtune.core.lean_layers.remove_within`: each would be a guard of its own), and a transformers model's
     KV cache is turned off (``config.use_cache = False``: each layer's cache update would be a guard too; a training
-    step needs no cache). Inductor fuses what runs between the matrix products (norms, rotary, SwiGLU, residual adds;
+    step needs no cache), and the layers are marked compiled (:func:`~slimtune.core.tracing.mark_compiled`: no eager
+work is done ahead for them, such as DoRA's step vectors, which their compiled forwards would not use). Inductor fuses what runs between the matrix products (norms, rotary, SwiGLU, residual adds;
     the adapters' Functions compile without a graph break: ``tests/core/test_compile.py``)."""
     layers = layer_stack(model)
     config = getattr(model, "config", None)
@@ -41,5 +43,6 @@ def compile_layers(model: nn.Module, **options: Any) -> int:
         config.use_cache = False
     for layer in layers:
         lean_layers.remove_within(layer)
+        mark_compiled(layer)
         layer.forward = torch.compile(layer.forward, **options)
     return len(layers)

@@ -21,7 +21,7 @@ from torch import nn
 
 import slimtune
 from slimtune.core.lowrank import dropout_keep_mask
-from slimtune.core.tracing import seeded_keep_mask
+from slimtune.core.tracing import in_compiled_region, seeded_keep_mask
 from slimtune.core.triton import HAS_TRITON, use_triton
 from tests.helpers import FP32_TOL, perturb_adapters, rel_err
 from tests.toy_models import conv2d_net
@@ -147,6 +147,8 @@ def test_a_layer_stack_compiles_once_not_once_per_layer():
     torch.compiler.reset()
     assert compile_layers(model, backend=counting) == 6
     assert not any(lean_layers.installed(m) for layer in model.model.layers for m in layer.modules())
+    assert all(in_compiled_region(m) for layer in model.model.layers for m in layer.modules())  # no work ahead
+    assert not in_compiled_region(model.lm_head)
     ids = torch.randint(0, 64, (2, 8))
     for _ in range(2):
         model(input_ids=ids, labels=ids).loss.backward()

@@ -19,7 +19,6 @@ from ...core.tracing import compiling
 from ...core.triton import use_triton
 
 _NORM_CHUNK = 1 << 22  # elements of W upcast at a time for ‖W‖²_row
-_FLOORS: dict[torch.dtype, float] = {}  # magnitude_floor per dtype
 
 
 @torch.no_grad()
@@ -57,8 +56,15 @@ def factored_norm_parts(weight2d: torch.Tensor, lora_a: torch.Tensor) -> tuple[t
 
 def _row_norm_sq_from_parts(weight_sq: torch.Tensor, mixed: torch.Tensor, gram: torch.Tensor,
                             lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
-    """``‖W‖² + 2s·rowsum((W Aᵀ + (s/2)·B (A Aᵀ)) ⊙ B)``, clamped at 0 (fp32 or fp64)."""
+    """``‖W‖² + 2s·rowsum((W Aᵀ + (s/2)·B (A Aᵀ)) ⊙ B)``, clamped at 0 (fp32 or fp64). Under ``torch.compile`` the
+    quadratic term ``Σ_jk B_ij (A Aᵀ)_jk B_ik`` is one expression, which Inductor reduces in the kernel of the rest
+    (``d_out·r²`` multiply-adds, no ``[d_out, r, r]`` tensor), where ``B (A Aᵀ)`` would be a GEMM of its own and
+    ``addmm`` a copy of ``W Aᵀ`` first: two launches a layer, on a host-bound step."""
     b = lora_b.to(mixed.dtype)
+    if compiling():
+        quadratic = (b.unsqueeze(2) * gram.to(mixed.dtype) * b.unsqueeze(1)).sum((1, 2))
+        rowsum = (mixed * b).sum(1) + (scaling / 2) * quadratic
+        return (weight_sq.to(mixed.dtype) + (2 * scaling) * rowsum).clamp_min(0)
     rowsum = torch.addmm(mixed, b, gram.to(mixed.dtype), alpha=scaling / 2).mul_(b).sum(1)
     return torch.add(weight_sq.to(mixed.dtype), rowsum, alpha=2 * scaling).clamp_min_(0)
 
@@ -77,13 +83,20 @@ def factored_row_norm_sq(weight2d: torch.Tensor, lora_a: torch.Tensor, lora_b: t
     return _row_norm_sq_from_parts(weight_sq, mixed, gram, lora_b, scaling)
 
 
+def _floor(dtype: torch.dtype) -> float:
+    e_min = int(math.log2(torch.finfo(dtype).tiny))
+    return 2.0 ** -((-e_min + 1) // 2)
+
+
+#: the floating dtypes' floors, formed at import: a table filled on first use would change under a compiled graph
+#: that read it (Dynamo guards on the dict's keys: a recompile)
+_FLOORS = {dtype: _floor(dtype) for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
+
+
 def magnitude_floor(dtype: torch.dtype) -> float:
     """``ε = 2^⌊e_min/2⌋`` for an output dtype whose smallest normal is ``2^e_min`` (bf16 / fp32: 2⁻⁶³)."""
     eps = _FLOORS.get(dtype)
-    if eps is None:
-        e_min = int(math.log2(torch.finfo(dtype).tiny))
-        eps = _FLOORS[dtype] = 2.0 ** -((-e_min + 1) // 2)
-    return eps
+    return _floor(dtype) if eps is None else eps
 
 
 def floor_for(bias: torch.Tensor | None, dtype: torch.dtype) -> float:

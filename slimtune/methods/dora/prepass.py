@@ -20,7 +20,8 @@ gradient-checkpointing recomputation in backward sees the very vectors the first
 **Eligible** (checked on the host every forward, no sync): a Linear or a convolution (groups 1) with a dense,
 unquantised base weight and contiguous parameters (not transformers' ``Conv1D``); plain tensors (no tensor
 subclass: a sharded ``DTensor`` is not addressable); the Triton path on (:func:`~slimtune.core.triton.use_triton`:
-CUDA or the interpreter, fp32 / fp16 / bf16, not while ``torch.compile`` traces); rank at most :data:`MAX_RANK`; the
+CUDA or the interpreter, fp32 / fp16 / bf16, not while ``torch.compile`` traces, not in a region compiled by
+:func:`~slimtune.models.layers.compile_layers`, whose forward would not use them); rank at most :data:`MAX_RANK`; the
 layer enabled and unmerged; no CUDA-graph capture in progress (``capture_step`` replays the whole step: the host
 cost is gone there anyway).
 
@@ -38,7 +39,7 @@ from torch.utils.hooks import RemovableHandle
 
 from ...core.autograd_state import tensor_version
 from ...core.frozen import base_weight_operand, is_quantized
-from ...core.tracing import compiling
+from ...core.tracing import compiling, in_compiled_region
 from ...core.triton import HAS_TRITON, use_triton
 
 #: the largest rank the kernel takes (its ``[BLOCK_M, r]`` tile of B stays in registers)
@@ -149,7 +150,7 @@ class VectorPrepass:
     def _entry(self, i: int, layer: nn.Module) -> _Entry | None:
         """Layer i's entry: the last one while its parameters are the same objects at the same addresses and
         shapes, W unchanged, with the same scaling and bias (the floor's condition); else read again."""
-        if layer.disabled or layer.merged:
+        if layer.disabled or layer.merged or in_compiled_region(layer):
             return None
         base = layer.base_layer
         objects = (base.weight, layer.lora_A, layer.lora_B, layer.magnitude)

@@ -38,6 +38,19 @@ def test_factored_norm_equals_dense_float64(d_out, d_in, r, w_scale, b_scale, s)
     assert ((got - ref).abs() / ref).max().item() < 1e-10
 
 
+@pytest.mark.parametrize("d_out,d_in,r,w_scale,b_scale,s", [(24, 40, 4, 1.0, 1.0, 2.0), (16, 200, 24, 1e-3, 1e3, 1.0),
+                                                         (64, 96, 16, 1.0, 1e-6, 0.5)])
+def test_traced_factored_norm_equals_dense_float64(d_out, d_in, r, w_scale, b_scale, s):
+    """The form Dynamo traces (the quadratic term as one reduction, ‖W‖² in one expression) against the dense sum."""
+    w, a, b = _factors(d_out, d_in, r, w_scale, b_scale)
+    torch.compiler.reset()
+    traced = torch.compile(factored_row_norm_sq, fullgraph=True, backend="eager")
+    got = traced(w, a, b, s).sqrt()
+    ref = dense_row_norm(w, a, b, s)
+    assert got.dtype == torch.float64
+    assert ((got - ref).abs() / ref).max().item() < 1e-10
+
+
 def test_weight_row_norm_is_chunked_and_exact(monkeypatch):
     w, _, _ = _factors(50, 30, 2)
     full = w.pow(2).sum(1)

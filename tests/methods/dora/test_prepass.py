@@ -470,3 +470,19 @@ def _check_conv_against_definition(dtype: torch.dtype, tol: float) -> None:
     errors = [rel_err(y, ref), rel_err(x.grad, x64.grad)] + [
         rel_err(p.grad, q.grad) for p, q in zip((layer.lora_A, layer.lora_B, layer.magnitude), params)]
     assert all(e < tol for e in errors), errors
+
+
+@pytest.mark.skipif(not P.HAS_TRITON, reason="triton is not installed")
+def test_layers_in_a_compiled_region_are_left_out(monkeypatch):
+    """A layer inside a region that ``compile_layers`` compiled takes the trace-safe path, which never reads a ticket:
+    the pre-pass reads no table row for it (the rest of the model keeps its rows)."""
+    from slimtune.core.tracing import in_compiled_region, mark_compiled
+
+    model = nn.Sequential(nn.Linear(8, 6, bias=False), nn.Linear(6, 4, bias=False))
+    slimtune.adapt(model, slimtune.LoraConfig(r=2, target_modules=["0", "1"], use_dora=True))
+    mark_compiled(model[1])
+    assert in_compiled_region(model[1].base_layer) and not in_compiled_region(model[0])
+    read, real = [], P._read_entry
+    monkeypatch.setattr(P, "_read_entry", lambda layer, objects: read.append(layer) or real(layer, objects))
+    model(torch.randn(3, 8))
+    assert read == [model[0]]
