@@ -36,19 +36,6 @@ def cast_optional(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | 
     return None if t is None else cast(t, dtype)
 
 
-def add_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
-    """``acc + alpha · (a @ b)`` for ``acc`` ``[..., N]`` (``M`` rows in all), ``a`` ``[M, K]``, ``b`` ``[K, N]``;
-    returns the sum, ``acc``'s shape. Eager: ``addmm_`` into ``acc`` in place (returned; the GEMM accumulates, no
-    second kernel). Under ``torch.compile``: out of place. An in-place ``addmm_`` becomes an extern ``addmm`` whose
-    output buffer first takes a device copy of ``acc`` (a launch and ``[M, N]`` of traffic per call), while the
-    out-of-place sum fuses into the next pointwise kernel."""
-    if compiling():
-        product = a @ b
-        return acc + (product if alpha == 1.0 else product * alpha).view(acc.shape)
-    (acc if acc.dim() == 2 else acc.view(-1, acc.shape[-1])).addmm_(a, b, alpha=alpha)
-    return acc
-
-
 def mm_scaled(a: torch.Tensor, b: torch.Tensor, s: float, out: torch.Tensor | None = None) -> torch.Tensor:
     """``s · (a @ b)`` for 2-D ``a`` ``[M, K]``, ``b`` ``[K, N]`` as one GEMM: the scale rides in the GEMM's epilogue
     (``addmm_`` with ``beta=0`` into an uninitialised buffer, whose content is documented as ignored, NaN included),

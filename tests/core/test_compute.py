@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from slimtune.core import simulation
-from slimtune.core.compute import add_product, fp32_out_gemm, mm_fp32, mm_scaled
+from slimtune.core.compute import fp32_out_gemm, mm_fp32, mm_scaled
 
 
 def test_the_fp32_output_gemm_runs_where_cuda_would_run_it():
@@ -58,17 +58,3 @@ def test_mm_scaled_under_torch_compile_matches_eager():
 def test_mm_scaled_on_meta_keeps_the_shape():
     a, b = torch.empty(6, 5, device="meta"), torch.empty(5, 4, device="meta")
     assert mm_scaled(a, b, 0.5).shape == (6, 4)
-
-
-def test_add_product_in_place_eagerly_out_of_place_when_traced():
-    """Eager: the sum lands in ``acc`` (one GEMM, no copy); traced: out of place, the same values (float64)."""
-    torch.manual_seed(0)
-    acc, a, b = torch.randn(2, 3, 5, dtype=torch.float64), torch.randn(6, 4, dtype=torch.float64), \
-        torch.randn(4, 5, dtype=torch.float64)
-    want = acc + 0.5 * (a @ b).view(2, 3, 5)
-    torch.compiler.reset()
-    traced = torch.compile(add_product, fullgraph=True, backend="eager")(acc.clone(), a, b, 0.5)
-    eager_acc = acc.clone()
-    assert add_product(eager_acc, a, b, 0.5) is eager_acc
-    for got in (eager_acc, traced):
-        assert got.shape == (2, 3, 5) and torch.allclose(got, want, rtol=1e-12, atol=0)

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ...core.compute import add_product, cast, mm_scaled
+from ...core.compute import cast, mm_scaled
 from ...core.frozen import WeightOperand, is_quantized, materialize
 from ...core.lowrank import dropout_keep_mask, factor_grads
 from .norm import factored_norm_parts, weight_row_norm_sq
@@ -20,7 +20,9 @@ from .norm import factored_norm_parts, weight_row_norm_sq
 def dora_product(xd: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float,
                  lead: tuple[int, ...]) -> torch.Tensor:
     """``z = xd Wᵀ + s·(xd Aᵀ) Bᵀ`` ``[*lead, d_out]`` (not a view) from the 2-D ``xd``; all in xd's dtype."""
-    return add_product(F.linear(xd.view(*lead, xd.shape[-1]), w), F.linear(xd, a), b.t(), scaling)
+    z = F.linear(xd.view(*lead, xd.shape[-1]), w)
+    z.view(-1, z.shape[-1]).addmm_(F.linear(xd, a), b.t(), alpha=scaling)
+    return z
 
 
 def dropped_input(x2: torch.Tensor, dropout_p: float, seed: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -77,7 +79,7 @@ def product_backward(ctx: Any, weight: WeightOperand, x: torch.Tensor, lora_a: t
     grad_a = cast(grad_a, lora_a.dtype) if grad_a is not None else None
     grad_b = cast(grad_b, lora_b.dtype) if grad_b is not None else None
     if need_x:
-        grad_x2 = add_product(grad_x2, dya, a)
+        grad_x2.addmm_(dya, a)
         if mask is not None:  # mask ⊙ (dz W + dya A) + (1 − mask) ⊙ drest W
             if rest is not None:
                 grad_x2.sub_(rest).mul_(mask).add_(rest)
