@@ -137,7 +137,7 @@
 # Outputs go to $OUT (each script's own files, plus one log per step); record them in benchmarks/RESULTS.md with
 # the GPU and versions the scripts print.
 set -uo pipefail
-part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|...|52"}
+part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|...|53"}
 out=${OUT:-/tmp/pending_gpu}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -664,8 +664,16 @@ case $part in
     TORCH_LOGS=recompiles step paired_512_compile_dora_no_prepass 420 python benchmarks/paired_steps.py --compile \
         --rounds 8 --configs dora peft-bf16:dora lora peft-bf16:lora --out-name paired_512_compile_dora_no_prepass
     ;;
+53)
+    # issue 20 on the H200 it names, the short form of part 51 (needs_h200, carry .whl; about 3 minutes): the two
+    # methods run 106 did not capture, LoHa and DoRA, with both libraries' SD-1.5 steps replayed as CUDA graphs
+    install_wheels
+    step paired_sd15_loha_dora_captured_h200 300 python benchmarks/paired_steps.py --preset stable-diffusion-1.5 \
+        --rank 16 --rounds 6 --capture --configs loha dora peft-bf16:loha peft-bf16:dora \
+        --out-name paired_sd15_loha_dora_captured_h200
+    ;;
 *)
-    echo "unknown part $part (1 to 52)" >&2
+    echo "unknown part $part (1 to 53)" >&2
     exit 2
     ;;
 esac
