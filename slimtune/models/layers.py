@@ -35,8 +35,9 @@ def compile_layers(model: nn.Module, **options: Any) -> int:
     (:func:`~slimtune.core.lean_layers.remove_within`: each would be a guard of its own), and a transformers model's
     KV cache is turned off (``config.use_cache = False``: each layer's cache update would be a guard too; a training
     step needs no cache), and the layers are marked compiled (:func:`~slimtune.core.tracing.mark_compiled`: no eager
-work is done ahead for them, such as DoRA's step vectors, which their compiled forwards would not use). Inductor fuses what runs between the matrix products (norms, rotary, SwiGLU, residual adds;
-    the adapters' Functions compile without a graph break: ``tests/core/test_compile.py``)."""
+    work is done ahead for them, such as DoRA's step vectors, which their compiled forwards would not use). Inductor
+    fuses what runs between the matrix products (norms, rotary, SwiGLU, residual adds; the adapters' Functions
+    compile without a graph break: ``tests/core/test_compile.py``)."""
     layers = layer_stack(model)
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "use_cache"):

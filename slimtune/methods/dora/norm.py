@@ -59,7 +59,8 @@ def _row_norm_sq_from_parts(weight_sq: torch.Tensor, mixed: torch.Tensor, gram: 
     """``‖W‖² + 2s·rowsum((W Aᵀ + (s/2)·B (A Aᵀ)) ⊙ B)``, clamped at 0 (fp32 or fp64). Under ``torch.compile`` the
     quadratic term ``Σ_jk B_ij (A Aᵀ)_jk B_ik`` is one expression, which Inductor reduces in the kernel of the rest
     (``d_out·r²`` multiply-adds, no ``[d_out, r, r]`` tensor), where ``B (A Aᵀ)`` would be a GEMM of its own and
-    ``addmm`` a copy of ``W Aᵀ`` first: two launches a layer, on a host-bound step."""
+    ``addmm`` a copy of ``W Aᵀ`` first: two launches a layer, on a host-bound step. (A backend that does not fuse,
+    such as ``"aot_eager"``, forms the ``[d_out, r, r]`` product.)"""
     b = lora_b.to(mixed.dtype)
     if compiling():
         quadratic = (b.unsqueeze(2) * gram.to(mixed.dtype) * b.unsqueeze(1)).sum((1, 2))
