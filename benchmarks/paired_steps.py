@@ -225,6 +225,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("stripped:METHOD removes lean layers after building: only with --memory fast")
     if args.steps_per_turn < 1:
         parser.error("--steps-per-turn needs at least 1")
+    if args.compile and len(args.configs) > 4:  # two graphs a model (the first layer's input needs no gradient)
+        parser.error("--compile takes at most 4 configurations: each model's layers compile to 2 graphs of one code "
+                     "object, and past Dynamo's default recompile limit of 8 the later models would run eagerly")
     if args.capture and (args.quick or args.cpu):
         parser.error("--capture replays CUDA graphs: not on the CPU (--quick, --cpu)")
     if args.cpu_native_conv and not args.cpu:
