@@ -131,13 +131,15 @@
 #   bash benchmarks/pending_gpu.sh 49   # issue 19: compiled DoRA's step profiled against compiled PEFT-bf16's
 #   bash benchmarks/pending_gpu.sh 50   # issue 19 on an H200: LoHa / LoKr compiled on both sides, every layer
 #   bash benchmarks/pending_gpu.sh 51   # issue 20 on an H200: SD-1.5 every method, both sides captured (carry .whl)
+#   bash benchmarks/pending_gpu.sh 54   # issue 20 on an H200: LoKr's convolution backward in one call, against
+#                                       #           the code before it and PEFT-bf16 (carry .whl, .before)
 #   bash benchmarks/pending_gpu.sh 3    # issue 17: online / gradient / data allocation vs AdaLoRA wall time
 #                                       #           (carry .out/minilm_wide; make it with rank_allocation.py --prepare)
 #
 # Outputs go to $OUT (each script's own files, plus one log per step); record them in benchmarks/RESULTS.md with
 # the GPU and versions the scripts print.
 set -uo pipefail
-part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|...|53"}
+part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|...|54"}
 out=${OUT:-/tmp/pending_gpu}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -672,8 +674,23 @@ case $part in
         --rank 16 --rounds 6 --capture --configs loha dora peft-bf16:loha peft-bf16:dora \
         --out-name paired_sd15_loha_dora_captured_h200
     ;;
+54)
+    # issue 20 on the H200 it names (needs_h200, carry .whl and .before = the code before the change, `git archive`
+    # of its commit; about 4 minutes): LoKr's convolution backward now makes one convolution-backward call for w2's
+    # convolution (input and weight gradients at input w1 X) where it made two, as many as PEFT's dense delta
+    # convolution; its CUDA tests, SD-1.5 LoKr against the code before and PEFT-bf16 in paired rounds, then
+    # LoKr without any lean layer (the eager step's other lever, run 105) against PEFT-bf16
+    install_wheels
+    step cuda_tests 90 python -m pytest -q tests/methods/lokr tests/core/test_aten_grads.py
+    step paired_sd15_lokr_conv_backward 200 python benchmarks/paired_steps.py --preset stable-diffusion-1.5 \
+        --rank 16 --rounds 16 --before .before --configs lokr before:lokr peft-bf16:lokr \
+        --out-name paired_sd15_lokr_conv_backward
+    step paired_sd15_lokr_no_lean 120 python benchmarks/paired_steps.py --preset stable-diffusion-1.5 --rank 16 \
+        --rounds 10 --unet-lean-bytes 4611686018427387904 --configs lokr peft-bf16:lokr \
+        --out-name paired_sd15_lokr_no_lean
+    ;;
 *)
-    echo "unknown part $part (1 to 53)" >&2
+    echo "unknown part $part (1 to 54)" >&2
     exit 2
     ;;
 esac

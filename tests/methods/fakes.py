@@ -1,5 +1,7 @@
 """Test doubles the adapter methods' tests share: a fake 4-bit Linear (its weight behind a handle, dequantised on
-each use) with the checks run against it, and a dispatch mode that records the largest new tensor."""
+each use) with the checks run against it, a dispatch mode that records the largest new tensor, and one that counts the ATen ops called."""
+import collections
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -24,6 +26,18 @@ class MaxAllocation(TorchDispatchMode):
             if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
                 self.largest = max(self.largest, t.numel())
         return out
+
+
+class CountOps(TorchDispatchMode):
+    """Counts the ATen ops called while active, by name (``aten.convolution_backward`` → ``"convolution_backward"``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
 
 
 class FakeHandle:

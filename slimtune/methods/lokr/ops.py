@@ -19,11 +19,13 @@ class LokrConvOp(StructuredOp):
     with w2 ``[b_out, b_in, *k]`` (the base geometry), then ``a_in`` is contracted with w1 (a batched GEMM
     accumulating into y).
 
-    Backward, for dy viewed ``[B·a_out, b_out, *sp']``: ``z = conv_wᵀ(dy)``, w2's convolution's adjoint (its input
-    gradient, ``[B·a_out, b_in, *sp]``); then ``dx += w1ᵀ z`` and ``dw1 = Σ_b z[b] X[b]ᵀ`` (X: x viewed
-    ``[B, a_in, b_in·sp]``) — by linearity ``⟨dy_i, conv(x_j, w2)⟩ = ⟨conv_wᵀ(dy_i), x_j⟩``, so neither needs
-    ``conv(x, w2)`` again; ``dw2`` is the weight gradient of w2's convolution for ``du = w1ᵀ dy``. Two convolution
-    backward calls (one input, one weight gradient) where recomputing ``conv(x, w2)`` took three."""
+    Backward, for dy viewed ``[B·a_out, b_out, *sp']``: the delta is also ``conv(w1 X, w2)`` (convolution is linear in
+    its input; ``w1 X`` contracts ``a_in``: ``[B·a_out, b_in, *sp]``), so one ``convolution_backward`` call of w2's
+    convolution at input ``w1 X`` and output gradient dy gives both ``z = conv_wᵀ(dy)`` (its input gradient,
+    ``[B·a_out, b_in, *sp]``) and ``dw2`` (its weight gradient). Then ``dx += w1ᵀ z`` and ``dw1 = Σ_b z[b] X[b]ᵀ``
+    (X: x viewed ``[B, a_in, b_in·sp]``) — by linearity ``⟨dy_j, conv(x_i, w2)⟩ = ⟨conv_wᵀ(dy_j), x_i⟩``, so
+    neither needs ``conv(x, w2)`` again. One convolution backward call per layer beside the base's, as PEFT's dense
+    delta convolution takes; ``w1 X`` is a transient of the input's size times ``a_out / a_in``."""
 
     def __init__(self, factors: LokrFactors, conv: ConvSpec, kernel: tuple[int, ...], w1_shape: tuple[int, int],
                  w2_shape: tuple[int, int]) -> None:
@@ -56,10 +58,18 @@ class LokrConvOp(StructuredOp):
             dy = dy * mask.view(-1, *(1,) * (dy.dim() - 2))
         spatial_out, conv = dy.shape[2:], self.conv
         need_1, need_2 = self.factors.needs(need)
-        dw1 = dw2 = None
-        if grad_x is not None or need_1:
-            z = conv_input_grad(dy.reshape(batch * a_out, self.b_out, *spatial_out), w2,
-                                (batch * a_out, self.b_in, *x.shape[2:]), conv.stride, conv.padding, conv.dilation, 1)
+        want_z = grad_x is not None or need_1
+        dw1 = dw2 = z = None
+        dy_r = dy.reshape(batch * a_out, self.b_out, *spatial_out)
+        in_shape = (batch * a_out, self.b_in, *x.shape[2:])
+        x3 = x.reshape(batch, a_in, -1)
+        if need_2:  # w2's convolution at input w1 X: its input and weight gradients in one call
+            mixed = bmm_left(w1, x3).view(in_shape)
+            z, dw2, _ = conv_grads(dy_r, mixed, w2, conv.stride, conv.padding, conv.dilation, 1, (want_z, True, False))
+            del mixed
+        elif want_z:
+            z = conv_input_grad(dy_r, w2, in_shape, conv.stride, conv.padding, conv.dilation, 1)
+        if z is not None:
             z3 = z.view(batch, a_out, -1)
             if grad_x is not None:
                 w1t = w1.t().expand(batch, a_in, a_out)
@@ -68,12 +78,8 @@ class LokrConvOp(StructuredOp):
                 else:
                     grad_x.add_(torch.bmm(w1t, z3).view(grad_x.shape))
             if need_1:
-                dw1 = sum_bmm(z3, x.reshape(batch, a_in, -1))
+                dw1 = sum_bmm(z3, x3)
             del z, z3
-        if need_2:
-            du = bmm_left(w1.t(), dy.reshape(batch, a_out, -1)).view(batch * a_in, self.b_out, *spatial_out)
-            dw2 = conv_grads(du, x.reshape(batch * a_in, self.b_in, *x.shape[2:]), w2, conv.stride, conv.padding,
-                             conv.dilation, 1, (False, True, False))[1]
         return self.factors.grads(dw1, dw2, params, s, need)
 
 

@@ -13,7 +13,7 @@ from slimtune.core.costs import choose_path
 from slimtune.methods.lokr import LokrConfig, LokrLayer, factorization, lokr_delta_weight, lokr_factors
 from slimtune.methods.lokr.math import lokr_costs
 from tests.helpers import BF16_TOL, FP32_TOL, check_merge_round_trip, rel_err
-from tests.methods.fakes import MaxAllocation, check_quantized_matches_dense, quantized_pair
+from tests.methods.fakes import CountOps, MaxAllocation, check_quantized_matches_dense, quantized_pair
 
 PATHS = ["structured", "folded"]
 # (name, base layer factory, input shape, LokrLayer kwargs)
@@ -98,18 +98,22 @@ def test_matches_dense_reference_float64(name, make, shape, kw, path):
         assert rel_err(p.grad, params[key].grad) < 1e-10, key
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, FP32_TOL), (torch.bfloat16, BF16_TOL)])
 @pytest.mark.parametrize("case", [CASES[4], CASES[6], CASES[9]], ids=["linear", "conv", "tucker"])
-def test_low_precision_against_float64(case, dtype, tol, path):
+def test_low_precision_against_float64(case, dtype, tol, path, device):
     _, make, shape, kw = case
     ref_layer = _layer(make, kw, path)
-    layer = _layer(make, kw, path).to(dtype)
+    layer = _layer(make, kw, path).to(device, dtype)
     x = torch.randn(shape, dtype=torch.float64)
-    xl = x.to(dtype).requires_grad_()
+    xl = x.to(device, dtype).requires_grad_()
     y = layer(xl)
     dy = torch.randn(y.shape, dtype=torch.float64)
-    y.backward(dy.to(dtype))
+    y.backward(dy.to(device, dtype))
     params, x64 = _params64(ref_layer), x.clone().requires_grad_()
     ref = dense_reference(ref_layer, x64, params)
     ref.backward(dy)
@@ -152,6 +156,33 @@ def test_saves_only_x_weight_and_parameters(path, conv):
         with MaxAllocation() as mode:
             layer(x).float().sum().backward()
         assert mode.largest < base.weight.numel()
+
+
+@pytest.mark.parametrize("frozen", [None, "lokr_w2_a", "lokr_w1"])
+@pytest.mark.parametrize("x_grad", [True, False])
+def test_structured_conv_backward_calls_one_delta_convolution(frozen, x_grad):
+    """The structured convolution's backward: one convolution backward call for the base (x's gradient), one for w2's
+    convolution (its input and weight gradients together, at input w1 X) — as many as PEFT's dense delta convolution — and the
+    float64 reference's gradients, also with x or a factor frozen."""
+    _, make, shape, kw = CASES[6]
+    layer = _layer(make, kw, "structured")
+    layer.base_layer.requires_grad_(False)
+    if frozen:
+        getattr(layer, frozen).requires_grad_(False)
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=x_grad)
+    y = layer(x)
+    dy = torch.randn_like(y)
+    with CountOps() as ops:
+        y.backward(dy)
+    assert ops.calls["convolution_backward"] == 1 + x_grad  # the base's only for x's gradient (W is frozen)
+    params, x64 = _params64(layer), x.detach().clone().requires_grad_(x_grad)
+    dense_reference(layer, x64, params).backward(dy)
+    if x_grad:
+        assert rel_err(x.grad, x64.grad) < 1e-10
+    for key, p in layer.peft_parameters().items():
+        assert (p.grad is None) == (key == frozen), key
+        if p.grad is not None:
+            assert rel_err(p.grad, params[key].grad) < 1e-10, key
 
 
 @pytest.mark.parametrize("case", [CASES[0], CASES[6], CASES[9], CASES[12], CASES[13]],
