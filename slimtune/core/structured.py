@@ -14,8 +14,9 @@ and ``methods/lokr/ops.py``) with an explicit forward and an explicit backward: 
 low-rank) and their gradients are in :mod:`slimtune.core.products`.
 
 Every Function saves ``x`` itself (the very tensor object, so q/k/v store it once), the frozen base weight
-(not a cast copy; for a 4-bit base only its handle, on ``ctx``) and the adapter's parameters — nothing of size
-``N·R``, no dense ``ΔW``, no fp32 copy of an activation, no dequantised weight. A 4-bit base
+(not a cast copy; for a 4-bit base only its handle, on ``ctx``) and the adapter's parameters (and what an op's
+:meth:`~StructuredOp.build` forms from them, factor-sized) — nothing of size ``N·R``, no dense ``ΔW``, no fp32
+copy of an activation, no dequantised weight. A 4-bit base
 (:class:`~slimtune.core.frozen.QuantizedWeight`) is dequantised by :func:`~slimtune.core.frozen.materialize`
 right before each GEMM that needs it and dropped after. GEMMs run in ``x``'s dtype; fp32 adapter parameters
 are cast once per forward / backward and their gradients returned in fp32.
@@ -122,12 +123,19 @@ class StructuredOp:
 
     conv: ConvSpec | None = None
 
-    def add_delta(self, y: torch.Tensor, x: torch.Tensor, params: Params, scale: Any) -> torch.Tensor:
+    def build(self, params: Params, scale: Any) -> Any:
+        """What forward forms from the parameters and backward reuses (factor-sized tensors, kept on ``ctx``
+        rather than formed again), handed to :meth:`add_delta` and :meth:`delta_backward` as ``built``; None (the
+        default): nothing kept."""
+        return None
+
+    def add_delta(self, y: torch.Tensor, x: torch.Tensor, params: Params, scale: Any, built: Any = None
+                  ) -> torch.Tensor:
         """``y + delta(x)`` (``y`` is the base output, fresh: accumulate into it where possible)."""
         raise NotImplementedError
 
     def delta_backward(self, dy: torch.Tensor, x: torch.Tensor, params: Params, scale: Any,
-                       grad_x: torch.Tensor | None, need: Sequence[bool]) -> list[Grad]:
+                       grad_x: torch.Tensor | None, need: Sequence[bool], built: Any = None) -> list[Grad]:
         """Add ``(d delta / dx)ᵀ dy`` into ``grad_x`` (in place; ``None``: x needs no gradient) and return the
         gradients of ``params`` (``None`` where ``need`` is false)."""
         raise NotImplementedError
@@ -210,7 +218,8 @@ class StructuredFunction(torch.autograd.Function):
         dtype = x.dtype
         cast_params = [cast(p, dtype) for p in params]
         y = base_forward(x, materialize(weight, dtype), _bias_in(bias, dtype), op.conv)  # dense copy: a temporary
-        y = op.add_delta(y, x, cast_params, scale)
+        ctx.built = built = op.build(cast_params, scale)  # factor-sized, or None
+        y = op.add_delta(y, x, cast_params, scale, built)
         _save(ctx, op, scale, bias, weight, x, params)
         return y
 
@@ -222,7 +231,7 @@ class StructuredFunction(torch.autograd.Function):
             grad_x, grad_w = base_backward(b.dy, b.x, materialize(b.weight, b.dtype), b.op.conv, b.need_x, b.need_w)
         grads: list[Grad] = [None] * len(b.params)
         if b.need_x or any(b.need_p):
-            grads = b.op.delta_backward(b.dy, b.x, b.cast_params, b.scale, grad_x, b.need_p)
+            grads = b.op.delta_backward(b.dy, b.x, b.cast_params, b.scale, grad_x, b.need_p, ctx.built)
         return b.result(grad_x, grad_w, grads)
 
 

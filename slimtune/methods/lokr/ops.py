@@ -32,13 +32,14 @@ class LokrConvOp(StructuredOp):
         self.factors, self.conv, self.kernel = factors, conv, kernel
         (self.a_out, self.a_in), (self.b_out, self.b_in) = w1_shape, w2_shape
 
-    def _build(self, params: Params, s: float) -> tuple[torch.Tensor, torch.Tensor]:
-        w1, w2 = self.factors.build(params, s)
+    def build(self, params: Params, scale: LokrScale) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(s·w1, w2)``, w2 with its kernel ``[b_out, b_in, *k]``: factor-sized, kept for backward."""
+        w1, w2 = self.factors.build(params, scale[0])
         return w1, w2.reshape(self.b_out, self.b_in, *self.kernel).contiguous()
 
-    def add_delta(self, y, x, params, scale: LokrScale):
-        s, mask = scale
-        w1, w2 = self._build(params, s)
+    def add_delta(self, y, x, params, scale: LokrScale, built=None):
+        mask = scale[1]
+        w1, w2 = built if built is not None else self.build(params, scale)
         batch, a_out, a_in = x.shape[0], self.a_out, self.a_in
         u = self.conv.conv(x.reshape(batch * a_in, self.b_in, *x.shape[2:]), w2, groups=1)  # [B·a_in, b_out, *sp']
         u3 = u.reshape(batch, a_in, -1)
@@ -50,9 +51,9 @@ class LokrConvOp(StructuredOp):
             delta.mul_(mask.view(-1, *(1,) * (y.dim() - 2)))
         return y.add_(delta)
 
-    def delta_backward(self, dy, x, params, scale: LokrScale, grad_x, need):
+    def delta_backward(self, dy, x, params, scale: LokrScale, grad_x, need, built=None):
         s, mask = scale
-        w1, w2 = self._build(params, s)
+        w1, w2 = built if built is not None else self.build(params, scale)
         batch, a_out, a_in = x.shape[0], self.a_out, self.a_in
         if mask is not None:
             dy = dy * mask.view(-1, *(1,) * (dy.dim() - 2))
