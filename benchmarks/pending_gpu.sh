@@ -133,13 +133,15 @@
 #   bash benchmarks/pending_gpu.sh 51   # issue 20 on an H200: SD-1.5 every method, both sides captured (carry .whl)
 #   bash benchmarks/pending_gpu.sh 54   # issue 20 on an H200: LoKr's convolution backward in one call, against
 #                                       #           the code before it and PEFT-bf16 (carry .whl, .before)
+#   bash benchmarks/pending_gpu.sh 55   # issue 20: the same with many rounds, and LoKr without lean layers, paired
+#                                       #           (carry .whl, .before, .before_new)
 #   bash benchmarks/pending_gpu.sh 3    # issue 17: online / gradient / data allocation vs AdaLoRA wall time
 #                                       #           (carry .out/minilm_wide; make it with rank_allocation.py --prepare)
 #
 # Outputs go to $OUT (each script's own files, plus one log per step); record them in benchmarks/RESULTS.md with
 # the GPU and versions the scripts print.
 set -uo pipefail
-part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|...|54"}
+part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|...|55"}
 out=${OUT:-/tmp/pending_gpu}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -689,8 +691,22 @@ case $part in
         --rounds 10 --unet-lean-bytes 4611686018427387904 --configs lokr peft-bf16:lokr \
         --out-name paired_sd15_lokr_no_lean
     ;;
+55)
+    # issue 20 (about 5 minutes; the H200 where it starts): run 115's host moved steps by up to 2x between rounds,
+    # so 48 rounds each. carry .whl, .before = the code before LoKr's convolution backward changed (68ef69b) and
+    # .before_new = this checkout's own package (`git archive HEAD slimtune`, renamed, in .before_new/slimtune_before):
+    # LoKr against the code before and PEFT-bf16, then LoKr with its lean layers (from 16 MiB) against itself
+    # without any and PEFT-bf16 in the same rounds (run 115 had them in separate runs)
+    install_wheels
+    step cuda_tests 90 python -m pytest -q tests/methods/lokr
+    step paired_sd15_lokr_conv_48 240 python benchmarks/paired_steps.py --preset stable-diffusion-1.5 --rank 16 \
+        --rounds 48 --before .before --configs lokr before:lokr peft-bf16:lokr --out-name paired_sd15_lokr_conv_48
+    step paired_sd15_lokr_lean_48 240 python benchmarks/paired_steps.py --preset stable-diffusion-1.5 --rank 16 \
+        --rounds 48 --before .before_new --before-unet-lean-bytes 4611686018427387904 --configs lokr before:lokr \
+        peft-bf16:lokr --out-name paired_sd15_lokr_lean_48
+    ;;
 *)
-    echo "unknown part $part (1 to 54)" >&2
+    echo "unknown part $part (1 to 55)" >&2
     exit 2
     ;;
 esac
