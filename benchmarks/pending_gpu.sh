@@ -135,13 +135,15 @@
 #                                       #           the code before it and PEFT-bf16 (carry .whl, .before)
 #   bash benchmarks/pending_gpu.sh 55   # issue 20: the same with many rounds, and LoKr without lean layers, paired
 #                                       #           (carry .whl, .before, .before_new)
+#   bash benchmarks/pending_gpu.sh 56   # issue 20 on an H200: LoKr eager against the code before and PEFT-bf16, then
+#                                       #           LoHa / DoRA with both sides captured (carry .whl, .before)
 #   bash benchmarks/pending_gpu.sh 3    # issue 17: online / gradient / data allocation vs AdaLoRA wall time
 #                                       #           (carry .out/minilm_wide; make it with rank_allocation.py --prepare)
 #
 # Outputs go to $OUT (each script's own files, plus one log per step); record them in benchmarks/RESULTS.md with
 # the GPU and versions the scripts print.
 set -uo pipefail
-part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|...|55"}
+part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|...|56"}
 out=${OUT:-/tmp/pending_gpu}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -705,8 +707,19 @@ case $part in
         --rounds 48 --before .before_new --before-unet-lean-bytes 4611686018427387904 --configs lokr before:lokr \
         peft-bf16:lokr --out-name paired_sd15_lokr_lean_48
     ;;
+56)
+    # issue 20 on the H200 it names (needs_h200; carry .whl and .before = 68ef69b, the code before LoKr's
+    # convolution backward changed; about 7 minutes): part 55's first paired run, then part 53's captured LoHa / DoRA
+    install_wheels
+    step paired_sd15_lokr_conv_48_h200 200 python benchmarks/paired_steps.py --preset stable-diffusion-1.5 \
+        --rank 16 --rounds 48 --before .before --configs lokr before:lokr peft-bf16:lokr \
+        --out-name paired_sd15_lokr_conv_48_h200
+    step paired_sd15_loha_dora_captured_h200 280 python benchmarks/paired_steps.py --preset stable-diffusion-1.5 \
+        --rank 16 --rounds 6 --capture --configs loha dora peft-bf16:loha peft-bf16:dora \
+        --out-name paired_sd15_loha_dora_captured_h200
+    ;;
 *)
-    echo "unknown part $part (1 to 55)" >&2
+    echo "unknown part $part (1 to 56)" >&2
     exit 2
     ;;
 esac

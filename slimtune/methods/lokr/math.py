@@ -96,8 +96,10 @@ def lokr_costs(tokens: int, a_out: int, a_in: int, b_out: int, b_in: int, itemsi
 
     Structured: two small contractions per token (:func:`kron_order`; a convolution always convolves with w2
     first); a Linear's backward recomputes them and runs two more of each (about 3x the forward), a convolution's
-    runs w2's convolution twice more (its adjoint and its weight gradient, :class:`~.ops.LokrConvOp`) and w1's
-    contraction three times. Folded: ``torch.kron`` and the add (4 dense passes)."""
+    runs w2's convolution's backward at input ``w1 X`` (its adjoint and its weight gradient in one call, over
+    ``B·a_out`` images: :class:`~.ops.LokrConvOp`) and w1's contraction three times (``w1 X``, ``dx``, ``dw1``,
+    each over about ``b_out`` channels: the kernel is not in them). Folded: ``torch.kron`` and the add (4 dense
+    passes)."""
     order, macs = kron_order(a_out, a_in, b_out, b_in)
     if conv:
         order, macs = "w2", a_in * b_in * b_out + a_out * a_in * b_out
@@ -106,7 +108,7 @@ def lokr_costs(tokens: int, a_out: int, a_in: int, b_out: int, b_in: int, itemsi
     flops = 2 * tokens * macs
     moved = tokens * (2 * mid + 3 * d_out)
     if backward:
-        flops += 2 * tokens * (2 * a_in * b_in * b_out + 3 * a_out * a_in * b_out if conv else 3 * macs)
+        flops += 2 * tokens * (2 * a_out * b_in * b_out + 3 * a_out * a_in * b_out if conv else 3 * macs)
         moved += tokens * (6 * mid + 2 * d_out + d_in)
     structured = Cost(flops, moved * itemsize)
     folded = folded_cost(tokens, d_in, d_out, d_in * d_out, 4, 6, itemsize, backward)
