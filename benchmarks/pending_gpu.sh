@@ -137,13 +137,15 @@
 #                                       #           (carry .whl, .before, .before_new)
 #   bash benchmarks/pending_gpu.sh 56   # issue 20 on an H200: LoKr eager against the code before and PEFT-bf16, then
 #                                       #           LoHa / DoRA with both sides captured (carry .whl, .before)
+#   bash benchmarks/pending_gpu.sh 57   # issue 19: `slimtune train --capture` on an NF4 base with evaluation, and on
+#                                       #           DiT / SD presets, against the same runs eager (carry .whl)
 #   bash benchmarks/pending_gpu.sh 3    # issue 17: online / gradient / data allocation vs AdaLoRA wall time
 #                                       #           (carry .out/minilm_wide; make it with rank_allocation.py --prepare)
 #
 # Outputs go to $OUT (each script's own files, plus one log per step); record them in benchmarks/RESULTS.md with
 # the GPU and versions the scripts print.
 set -uo pipefail
-part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|...|56"}
+part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|...|57"}
 out=${OUT:-/tmp/pending_gpu}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -718,8 +720,30 @@ case $part in
         --rank 16 --rounds 6 --capture --configs loha dora peft-bf16:loha peft-bf16:dora \
         --out-name paired_sd15_loha_dora_captured_h200
     ;;
+57)
+    # issue 19 (about 2 minutes; any GPU, carry .whl): `slimtune train --capture` where no GPU run has taken it yet —
+    # an NF4 base with evaluation every 5 steps (tiny-llama, QLoRA), a DiT (tiny-dit, HRA) and SD-1.5's layout with
+    # LoKr (tiny-sd15) — each eager and captured with the same seed; the JSON lines' losses side by side
+    install_wheels
+    python3 - <<'PY'
+import json
+with open("/tmp/pending_text.jsonl", "w") as f:
+    for i in range(96):
+        f.write(json.dumps({"text": f"sample {i} says hello world. " * 6}) + "\n")
+PY
+    for mode in "" --capture; do
+        name=${mode:-_eager}
+        step "train_nf4_eval${name}" 120 python -m slimtune train --preset tiny-llama --quant nf4 \
+            --data /tmp/pending_text.jsonl --eval-fraction 0.1 --eval-every 5 --max-steps 20 --batch 4 --seq 256 \
+            --save-every 0 --log-every 5 --json --out "/tmp/train_nf4${name}" $mode
+        step "train_tiny_dit_hra${name}" 120 python -m slimtune train --task diffusion --preset tiny-dit \
+            --method hra --rank 8 --max-steps 20 --save-every 0 --log-every 5 --json --out "/tmp/train_dit${name}" $mode
+        step "train_tiny_sd15_lokr${name}" 120 python -m slimtune train --task diffusion --preset tiny-sd15 \
+            --method lokr --rank 4 --max-steps 20 --save-every 0 --log-every 5 --json --out "/tmp/train_sd15${name}" $mode
+    done
+    ;;
 *)
-    echo "unknown part $part (1 to 56)" >&2
+    echo "unknown part $part (1 to 57)" >&2
     exit 2
     ;;
 esac
