@@ -732,7 +732,8 @@ with open("/tmp/pending_text.jsonl", "w") as f:
         f.write(json.dumps({"text": f"sample {i} says hello world. " * 6}) + "\n")
 PY
     for mode in "" --capture; do
-        name=${mode:-_eager}
+        name=${mode:+_captured}
+        name=${name:-_eager}
         step "train_nf4_eval${name}" 120 python -m slimtune train --preset tiny-llama --quant nf4 \
             --data /tmp/pending_text.jsonl --eval-fraction 0.1 --eval-every 5 --max-steps 20 --batch 4 --seq 256 \
             --save-every 0 --log-every 5 --json --out "/tmp/train_nf4${name}" $mode
