@@ -139,13 +139,14 @@
 #                                       #           LoHa / DoRA with both sides captured (carry .whl, .before)
 #   bash benchmarks/pending_gpu.sh 57   # issue 19: `slimtune train --capture` on an NF4 base with evaluation, and on
 #                                       #           DiT / SD presets, against the same runs eager (carry .whl)
+#   bash benchmarks/pending_gpu.sh 58   # part 56 in about 5 minutes (fewer rounds), for a short device budget
 #   bash benchmarks/pending_gpu.sh 3    # issue 17: online / gradient / data allocation vs AdaLoRA wall time
 #                                       #           (carry .out/minilm_wide; make it with rank_allocation.py --prepare)
 #
 # Outputs go to $OUT (each script's own files, plus one log per step); record them in benchmarks/RESULTS.md with
 # the GPU and versions the scripts print.
 set -uo pipefail
-part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|...|57"}
+part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|...|58"}
 out=${OUT:-/tmp/pending_gpu}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -743,8 +744,18 @@ PY
             --method lokr --rank 4 --max-steps 20 --save-every 0 --log-every 5 --json --out "/tmp/train_sd15${name}" $mode
     done
     ;;
+58)
+    # part 56's short form (needs_h200; carry .whl and .before = 68ef69b; about 5 minutes): 32 LoKr rounds, 4 captured
+    install_wheels
+    step paired_sd15_lokr_conv_32_h200 150 python benchmarks/paired_steps.py --preset stable-diffusion-1.5 \
+        --rank 16 --rounds 32 --before .before --configs lokr before:lokr peft-bf16:lokr \
+        --out-name paired_sd15_lokr_conv_32_h200
+    step paired_sd15_loha_dora_captured_h200 200 python benchmarks/paired_steps.py --preset stable-diffusion-1.5 \
+        --rank 16 --rounds 4 --capture --configs loha dora peft-bf16:loha peft-bf16:dora \
+        --out-name paired_sd15_loha_dora_captured_h200
+    ;;
 *)
-    echo "unknown part $part (1 to 57)" >&2
+    echo "unknown part $part (1 to 58)" >&2
     exit 2
     ;;
 esac
