@@ -1,5 +1,6 @@
 """Test doubles the adapter methods' tests share: a fake 4-bit Linear (its weight behind a handle, dequantised on
-each use) with the checks run against it, a dispatch mode that records the largest new tensor, and one that counts the ATen ops called."""
+each use) with the checks run against it, a dispatch mode that records the largest new tensor, and one that counts the
+ATen ops called."""
 import collections
 
 import torch

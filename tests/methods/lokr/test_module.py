@@ -167,8 +167,8 @@ def test_saves_only_x_weight_and_parameters(path, conv):
 @pytest.mark.parametrize("x_grad", [True, False])
 def test_structured_conv_backward_calls_one_delta_convolution(frozen, x_grad):
     """The structured convolution's backward: one convolution backward call for the base (x's gradient), one for w2's
-    convolution (its input and weight gradients together, at input w1 X) — as many as PEFT's dense delta convolution — and the
-    float64 reference's gradients, also with x or a factor frozen."""
+    convolution (its input and weight gradients together, at input w1 X) — as many as PEFT's dense delta
+    convolution — and the float64 reference's gradients, also with x or a factor frozen."""
     _, make, shape, kw = CASES[6]
     layer = _layer(make, kw, "structured")
     layer.base_layer.requires_grad_(False)
