@@ -741,7 +741,8 @@ PY
         step "train_tiny_dit_hra${name}" 120 python -m slimtune train --task diffusion --preset tiny-dit \
             --method hra --rank 8 --max-steps 20 --save-every 0 --log-every 5 --json --out "/tmp/train_dit${name}" $mode
         step "train_tiny_sd15_lokr${name}" 120 python -m slimtune train --task diffusion --preset tiny-sd15 \
-            --method lokr --rank 4 --max-steps 20 --save-every 0 --log-every 5 --json --out "/tmp/train_sd15${name}" $mode
+            --method lokr --rank 4 --max-steps 20 --save-every 0 --log-every 5 --json \
+            --out "/tmp/train_sd15${name}" $mode
     done
     ;;
 58)
