@@ -667,9 +667,9 @@ case $part in
         peft-bf16:loha peft-bf16:lokr peft-bf16:dora --out-name paired_sd15_every_captured_h200
     ;;
 52)
-    # issue 19 on an H200 (about 5 minutes): DoRA and LoRA compiled on both sides after the DoRA pre-pass stopped forming step
-    # vectors for compiled layers (which never used them: run 108's DoRA launched it every step) and the floors
-    # table stopped causing a recompile; Dynamo's recompiles logged
+    # issue 19 on an H200 (about 5 minutes): DoRA and LoRA compiled on both sides after the DoRA pre-pass stopped
+    # forming step vectors for compiled layers (which never used them: run 108's DoRA launched it every step) and
+    # the floors table stopped causing a recompile; Dynamo's recompiles logged
     TORCH_LOGS=recompiles step paired_512_compile_dora_no_prepass 420 python benchmarks/paired_steps.py --compile \
         --rounds 8 --configs dora peft-bf16:dora lora peft-bf16:lora --out-name paired_512_compile_dora_no_prepass
     ;;
@@ -712,13 +712,15 @@ case $part in
     ;;
 56)
     # issue 20 on the H200 it names (needs_h200; carry .whl and .before = 68ef69b, the code before LoKr's
-    # convolution backward changed; about 7 minutes): part 55's first paired run, then part 53's captured LoHa / DoRA
+    # convolution backward changed; about 7 minutes): part 55's first paired run, then part 53's captured LoHa / DoRA.
+    # LOKR_ROUNDS / CAPTURED_ROUNDS (48 / 6) set the rounds: part 58 runs it with fewer
+    lokr_rounds=${LOKR_ROUNDS:-48} captured_rounds=${CAPTURED_ROUNDS:-6}
     install_wheels
-    step paired_sd15_lokr_conv_48_h200 200 python benchmarks/paired_steps.py --preset stable-diffusion-1.5 \
-        --rank 16 --rounds 48 --before .before --configs lokr before:lokr peft-bf16:lokr \
-        --out-name paired_sd15_lokr_conv_48_h200
+    step "paired_sd15_lokr_conv_${lokr_rounds}_h200" 200 python benchmarks/paired_steps.py \
+        --preset stable-diffusion-1.5 --rank 16 --rounds "$lokr_rounds" --before .before \
+        --configs lokr before:lokr peft-bf16:lokr --out-name "paired_sd15_lokr_conv_${lokr_rounds}_h200"
     step paired_sd15_loha_dora_captured_h200 280 python benchmarks/paired_steps.py --preset stable-diffusion-1.5 \
-        --rank 16 --rounds 6 --capture --configs loha dora peft-bf16:loha peft-bf16:dora \
+        --rank 16 --rounds "$captured_rounds" --capture --configs loha dora peft-bf16:loha peft-bf16:dora \
         --out-name paired_sd15_loha_dora_captured_h200
     ;;
 57)
@@ -747,13 +749,7 @@ PY
     ;;
 58)
     # part 56's short form (needs_h200; carry .whl and .before = 68ef69b; about 5 minutes): 32 LoKr rounds, 4 captured
-    install_wheels
-    step paired_sd15_lokr_conv_32_h200 150 python benchmarks/paired_steps.py --preset stable-diffusion-1.5 \
-        --rank 16 --rounds 32 --before .before --configs lokr before:lokr peft-bf16:lokr \
-        --out-name paired_sd15_lokr_conv_32_h200
-    step paired_sd15_loha_dora_captured_h200 200 python benchmarks/paired_steps.py --preset stable-diffusion-1.5 \
-        --rank 16 --rounds 4 --capture --configs loha dora peft-bf16:loha peft-bf16:dora \
-        --out-name paired_sd15_loha_dora_captured_h200
+    LOKR_ROUNDS=32 CAPTURED_ROUNDS=4 bash "$0" 56
     ;;
 *)
     echo "unknown part $part (1 to 58)" >&2

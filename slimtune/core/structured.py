@@ -129,13 +129,12 @@ class StructuredOp:
         default): nothing kept."""
         return None
 
-    def add_delta(self, y: torch.Tensor, x: torch.Tensor, params: Params, scale: Any, built: Any = None
-                  ) -> torch.Tensor:
+    def add_delta(self, y: torch.Tensor, x: torch.Tensor, params: Params, scale: Any, built: Any) -> torch.Tensor:
         """``y + delta(x)`` (``y`` is the base output, fresh: accumulate into it where possible)."""
         raise NotImplementedError
 
     def delta_backward(self, dy: torch.Tensor, x: torch.Tensor, params: Params, scale: Any,
-                       grad_x: torch.Tensor | None, need: Sequence[bool], built: Any = None) -> list[Grad]:
+                       grad_x: torch.Tensor | None, need: Sequence[bool], built: Any) -> list[Grad]:
         """Add ``(d delta / dx)ᵀ dy`` into ``grad_x`` (in place; ``None``: x needs no gradient) and return the
         gradients of ``params`` (``None`` where ``need`` is false)."""
         raise NotImplementedError

@@ -129,8 +129,8 @@ def test_triton_kernels_step_aside_while_compiling(monkeypatch):
 
 def test_a_layer_stack_compiles_once_not_once_per_layer():
     """``compile_layers`` on a six-layer Llama with LoRA (its lean RMSNorms and MLPs installed, then taken off
-    the compiled layers; its KV cache turned off): two graphs for the whole stack — the first layer, whose input needs no
-    gradient, and the rest — where each layer's lean forward object was a guard of its own."""
+    the compiled layers; its KV cache turned off): two graphs for the whole stack — the first layer, whose input
+    needs no gradient, and the rest — where each layer's lean forward object was a guard of its own."""
     transformers = pytest.importorskip("transformers")
     from slimtune.core import lean_layers
     from slimtune.models.layers import compile_layers

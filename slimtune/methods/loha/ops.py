@@ -63,14 +63,14 @@ class LohaLinearOp(StructuredOp):
     ``[d_out]``.
     """
 
-    def add_delta(self, y, x, params, scale, built=None):
+    def add_delta(self, y, x, params, scale, built):
         w1a, w1b, w2a, w2b = params
         down, up = rows_kr(w1b, w2b), cols_kr(scale_rows(w1a, scale, 0), w2a)
         y2 = y if y.dim() == 2 else y.view(-1, y.shape[-1])
         y2.addmm_(F.linear(x if x.dim() == 2 else x.reshape(-1, x.shape[-1]), down), up.t())
         return y
 
-    def delta_backward(self, dy, x, params, scale, grad_x, need, built=None):
+    def delta_backward(self, dy, x, params, scale, grad_x, need, built):
         w1a, w1b, w2a, w2b = params
         w1a_s = scale_rows(w1a, scale, 0)
         down, up = rows_kr(w1b, w2b), cols_kr(w1a_s, w2a)
@@ -104,11 +104,11 @@ class LohaConvOp(StructuredOp):
         down = rows_kr(w1b, w2b)
         return w1a_s, down.view(down.shape[0], -1, *self.kernel), cols_kr(w1a_s, w2a)
 
-    def add_delta(self, y, x, params, scale, built=None):
+    def add_delta(self, y, x, params, scale, built):
         _, down, up = self._factors(params, scale)
         return add_mix_(y, self.conv.conv(x, down, groups=1), up)
 
-    def delta_backward(self, dy, x, params, scale, grad_x, need, built=None):
+    def delta_backward(self, dy, x, params, scale, grad_x, need, built):
         _, w1b, w2a, w2b = params
         w1a_s, down, up = self._factors(params, scale)
         need_up, need_down, need_dx = need[0] or need[2], need[1] or need[3], grad_x is not None
@@ -142,11 +142,11 @@ class LohaTuckerOp(StructuredOp):
         w1a_s = scale_rows(w1a, scale, 1)
         return w1a_s, rows_kr(w1b, w2b), core_kr(t1, t2, self.kernel), rows_kr(w1a_s, w2a).t()
 
-    def add_delta(self, y, x, params, scale, built=None):
+    def add_delta(self, y, x, params, scale, built):
         _, down, core, up = self._factors(params, scale)
         return add_mix_(y, self.conv.conv(mix(x, down), core, groups=1), up)
 
-    def delta_backward(self, dy, x, params, scale, grad_x, need, built=None):
+    def delta_backward(self, dy, x, params, scale, grad_x, need, built):
         t1, _, w1b, t2, w2a, w2b = params
         w1a_s, down, core, up = self._factors(params, scale)
         need_dx = grad_x is not None

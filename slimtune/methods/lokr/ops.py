@@ -37,9 +37,8 @@ class LokrConvOp(StructuredOp):
         w1, w2 = self.factors.build(params, scale[0])
         return w1, w2.reshape(self.b_out, self.b_in, *self.kernel).contiguous()
 
-    def add_delta(self, y, x, params, scale: LokrScale, built=None):
-        mask = scale[1]
-        w1, w2 = built if built is not None else self.build(params, scale)
+    def add_delta(self, y, x, params, scale: LokrScale, built):
+        mask, (w1, w2) = scale[1], built
         batch, a_out, a_in = x.shape[0], self.a_out, self.a_in
         u = self.conv.conv(x.reshape(batch * a_in, self.b_in, *x.shape[2:]), w2, groups=1)  # [B·a_in, b_out, *sp']
         u3 = u.reshape(batch, a_in, -1)
@@ -51,9 +50,8 @@ class LokrConvOp(StructuredOp):
             delta.mul_(mask.view(-1, *(1,) * (y.dim() - 2)))
         return y.add_(delta)
 
-    def delta_backward(self, dy, x, params, scale: LokrScale, grad_x, need, built=None):
-        s, mask = scale
-        w1, w2 = built if built is not None else self.build(params, scale)
+    def delta_backward(self, dy, x, params, scale: LokrScale, grad_x, need, built):
+        (s, mask), (w1, w2) = scale, built
         batch, a_out, a_in = x.shape[0], self.a_out, self.a_in
         if mask is not None:
             dy = dy * mask.view(-1, *(1,) * (dy.dim() - 2))
