@@ -140,13 +140,15 @@
 #   bash benchmarks/pending_gpu.sh 57   # issue 19: `slimtune train --capture` on an NF4 base with evaluation, and on
 #                                       #           DiT / SD presets, against the same runs eager (carry .whl)
 #   bash benchmarks/pending_gpu.sh 58   # part 56 in about 5 minutes (fewer rounds), for a short device budget
+#   bash benchmarks/pending_gpu.sh 59   # issue 19: compiled LoRA with q/k/v and gate/up as one Function, against
+#                                       #           each layer alone and PEFT-bf16 compiled, paired; then profiled
 #   bash benchmarks/pending_gpu.sh 3    # issue 17: online / gradient / data allocation vs AdaLoRA wall time
 #                                       #           (carry .out/minilm_wide; make it with rank_allocation.py --prepare)
 #
 # Outputs go to $OUT (each script's own files, plus one log per step); record them in benchmarks/RESULTS.md with
 # the GPU and versions the scripts print.
 set -uo pipefail
-part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|...|58"}
+part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|...|59"}
 out=${OUT:-/tmp/pending_gpu}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -751,8 +753,18 @@ PY
     # part 56's short form (needs_h200; carry .whl and .before = 68ef69b; about 5 minutes): 32 LoKr rounds, 4 captured
     LOKR_ROUNDS=32 CAPTURED_ROUNDS=4 bash "$0" 56
     ;;
+59)
+    # issue 19 (about 7 minutes; the H200 where it starts): compiled layers now run q/k/v and gate/up as one Function
+    # where an eager first step learnt them (before, every member ran alone under compile). LoRA compiled on both
+    # sides at seq 512 — fused, alone:lora (each member alone, the code before) and PEFT-bf16 — in paired rounds;
+    # then the compiled steps' kernels, host and GPU time side by side
+    step paired_512_compile_lora_siblings 360 python benchmarks/paired_steps.py --compile --rounds 10 \
+        --configs lora alone:lora peft-bf16:lora --out-name paired_512_compile_lora_siblings
+    step profile_compiled_lora_siblings 150 python benchmarks/unet_step_profile.py --preset llama-3.2-3b --rank 32 \
+        --batch 4 --compile --steps 3 --configs lora alone:lora peft-bf16:lora
+    ;;
 *)
-    echo "unknown part $part (1 to 58)" >&2
+    echo "unknown part $part (1 to 59)" >&2
     exit 2
     ;;
 esac

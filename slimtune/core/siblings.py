@@ -26,7 +26,16 @@ recomputation on one side of every switch, as long as a step's forward passes ar
 before the next forward (the usual loop, gradient accumulation included). ``slimtune.set_sibling_fusion(False)``
 turns the whole mechanism off, for a model that does otherwise.
 
-Nothing here is traced: under ``torch.compile`` every member runs alone (the compiler removes the host cost itself).
+Under ``torch.compile`` (**traced**): nothing is learnt or switched inside a graph (Dynamo cannot branch on a version
+counter, and a graph cannot register hooks). A group whose chains were learnt in eager calls (state active) runs each
+chain as one Function in the graph too: Inductor does not merge sibling GEMMs itself, and a compiled step of a
+few thousand tokens is still host-bound on its launches (the stacked ``x Aᵀ``, ``dA`` and ``dx`` GEMMs save about a
+dozen launches per decoder layer). The held outputs pass to the other members inside the traced frame, taken by a
+member called with the very same tensor object (what the trace can check; the eager learning saw the input
+unchanged between the members' calls). Otherwise — chains not learnt, the group off, a class that does not fuse
+compiled (:attr:`fuses_when_compiled`) — every member runs alone. :func:`~slimtune.models.layers.compile_layers` runs
+a layer eagerly while a group within it learns (:func:`watched_groups`, :meth:`SiblingGroup.settle`), so its graph is
+traced with the chains learnt.
 """
 from __future__ import annotations
 
@@ -44,6 +53,10 @@ from .tracing import compiling
 
 LEARNING, ACTIVE, OFF = "learning", "active", "off"
 _SETTING = {"enabled": True}
+#: eager forward calls of a compiled region (:func:`~slimtune.models.layers.compile_layers`) that wait for a group's
+#: first backward pass before its graph is traced unfused anyway (a model run only without gradients never ends
+#: learning)
+MAX_EAGER_WAIT = 8
 
 
 def set_sibling_fusion(enabled: bool) -> None:
@@ -103,6 +116,8 @@ class SiblingGroup:
         self._held: dict[int, tuple[_InputMark, torch.Tensor]] = {}
         self._held_in_backward = False
         self._surprised = False
+        self._traced_held: dict[int, tuple[torch.Tensor, bool, torch.Tensor]] = {}
+        self._eager_waits = 0
 
     def __getstate__(self) -> dict:  # a copy (deepcopy, pickling) starts learning afresh: nothing transient travels
         return {"members": self.members}
@@ -159,17 +174,14 @@ class SiblingGroup:
         None: the member runs alone — always under ``torch.inference_mode``, whose tensors carry no version by which
         a later member could check that its input is the one the chain ran on (and nothing there counts as a
         surprise: fusion resumes after it)."""
-        state = self.state
-        if state is OFF or compiling() or torch.is_inference_mode_enabled():
+        if compiling():  # before asking for inference mode, which Dynamo cannot trace
+            return self._take_traced(member, x)
+        if torch.is_inference_mode_enabled():
             return None
-        if state is LEARNING:
-            if not (self._backward_seen and sibling_fusion_enabled() and not inside_backward()):
-                return None
-            self._close()
-            if self.state is OFF or not self._chains:
-                self.state = OFF
-                return None
-            self.state = ACTIVE
+        if self.state is LEARNING:
+            self._end_learning()
+        if self.state is not ACTIVE:
+            return None
         index = self._position(member)
         chain = self._chains.get(index)
         if chain is None:
@@ -198,6 +210,58 @@ class SiblingGroup:
             self._held[other] = (mark, y)
         return outputs[0]
 
+    def _end_learning(self) -> None:
+        """Leave learning — for active where chains were seen, else off — once a backward pass has run through the
+        group, outside a backward pass, with fusion enabled."""
+        if not (self._backward_seen and sibling_fusion_enabled() and not inside_backward()):
+            return
+        self._close()
+        self.state = ACTIVE if self.state is not OFF and self._chains else OFF
+        if self.state is OFF:
+            self._chains = {}
+
+    def settle(self) -> bool:
+        """Before an eager-or-compiled decision (:func:`~slimtune.models.layers.compile_layers`' layers): end
+        learning where the next eager call of a chain's first member would, and say whether the group is still
+        learning — False also after :data:`MAX_EAGER_WAIT` such calls outside a backward pass without one
+        running through the group (the compiled layer is then traced with its members alone)."""
+        if self.state is not LEARNING or not sibling_fusion_enabled():
+            return False
+        self._end_learning()
+        if self.state is not LEARNING or inside_backward():
+            return self.state is LEARNING
+        self._eager_waits += 1
+        return self._eager_waits <= MAX_EAGER_WAIT
+
+    def _take_traced(self, member: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        """:meth:`take` while Dynamo traces: the chain's first member runs it as one Function (the group active, its
+        class fusing compiled) and holds the others' outputs for the frame; a member called with the same tensor
+        object (and autograd in the same mode) takes its output. Nothing is learnt or switched here."""
+        if self.state is not ACTIVE or not sibling_fusion_enabled():
+            return None
+        index = self._position(member)
+        chain = self._chains.get(index)
+        if chain is None:
+            held = self._traced_held.pop(index, None)
+            if held is not None and held[0] is x and held[1] == torch.is_grad_enabled():
+                return held[2]
+            return None
+        members = [self._refs[i]() for i in chain]
+        if (any(m is None for m in members) or not getattr(type(members[0]), "fuses_when_compiled", False)
+                or not _runnable(members, x)):
+            return None
+        outputs = type(members[0]).run_together(members, x, None)
+        if outputs is None:
+            return None
+        grad = torch.is_grad_enabled()
+        self._traced_held = {other: (x, grad, y) for other, y in zip(chain[1:], outputs[1:])}
+        return outputs[0]
+
+    def clear_traced(self) -> None:
+        """Drop held outputs that a traced frame left untaken (after each compiled call: not kept to the next)."""
+        if self._traced_held:
+            self._traced_held = {}
+
     def learnt_chains(self) -> dict[nn.Module, tuple[nn.Module, ...]]:
         """Each member of a chain seen so far -> its chain (the open one closed first): after a forward pass, which
         layers will run as one from the next step (``slimtune profile --explain``)."""
@@ -223,12 +287,18 @@ def _runnable(chain: Sequence[Any], x: torch.Tensor) -> bool:
     first = chain[0]
     kind, d_in = type(first), x.shape[-1]
     tokens = x.numel() // d_in if d_in else 0
+    recompute_order = _traced_recompute_order if compiling() else _recompute_order
     for m in chain:
         if (type(m) is not kind or m.disabled or m.merged or (m.training and m.dropout_p > 0)
                 or m.scaling != first.scaling or m.in_features != d_in
-                or not _recompute_order(tokens, m.in_features, m.out_features, m.r)):
+                or not recompute_order(tokens, m.in_features, m.out_features, m.r)):
             return False
     return True
+
+
+def _traced_recompute_order(tokens: int, d_in: int, d_out: int, r: int) -> bool:
+    """:func:`_recompute_order` without its cache, while Dynamo traces (decided once, at trace time)."""
+    return choose_backward(tokens, d_in, d_out, r) == "recompute"
 
 
 def relearn(model: nn.Module) -> None:
@@ -240,6 +310,23 @@ def relearn(model: nn.Module) -> None:
         group = getattr(module, "siblings", None)
         if isinstance(group, SiblingGroup):
             group._reset()  # once per member: resetting twice is the same
+
+
+def watched_groups(region: nn.Module) -> list[SiblingGroup]:
+    """The sibling groups of ``region``'s adapted layers whose class fuses under ``torch.compile``
+    (:attr:`fuses_when_compiled`), each once: what a compiled region watches (:func:`still_learning`)."""
+    groups: list[SiblingGroup] = []
+    for module in region.modules():
+        group = getattr(module, "siblings", None)
+        if (isinstance(group, SiblingGroup) and getattr(type(module), "fuses_when_compiled", False)
+                and not any(g is group for g in groups)):
+            groups.append(group)
+    return groups
+
+
+def still_learning(groups: Sequence[SiblingGroup]) -> bool:
+    """Whether any of ``groups`` is still learning (each settled first: :meth:`SiblingGroup.settle`)."""
+    return any([group.settle() for group in groups])  # a list: every group settles
 
 
 def install(model: nn.Module, adapters: Sequence[nn.Module], kinds: tuple[type, ...]) -> Any:

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..core import lean_layers
+from ..core.siblings import SiblingGroup, still_learning, watched_groups
 from ..core.tracing import mark_compiled
 from ..errors import ConfigError
 
@@ -37,7 +38,9 @@ def compile_layers(model: nn.Module, **options: Any) -> int:
     step needs no cache), and the layers are marked compiled (:func:`~slimtune.core.tracing.mark_compiled`: no eager
     work is done ahead for them, such as DoRA's step vectors, which their compiled forwards would not use). Inductor
     fuses what runs between the matrix products (norms, rotary, SwiGLU, residual adds; the adapters' Functions
-    compile without a graph break: ``tests/core/test_compile.py``)."""
+    compile without a graph break: ``tests/core/test_compile.py``). A layer with sibling LoRA layers that read one
+    input (q/k/v, gate/up) runs eagerly until they have learnt so (the first step), then compiled with each such
+    chain as one Function (:mod:`slimtune.core.siblings`), as eager steps run them."""
     layers = layer_stack(model)
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "use_cache"):
@@ -45,5 +48,26 @@ def compile_layers(model: nn.Module, **options: Any) -> int:
     for layer in layers:
         lean_layers.remove_within(layer)
         mark_compiled(layer)
-        layer.forward = torch.compile(layer.forward, **options)
+        compiled = torch.compile(layer.forward, **options)
+        groups = watched_groups(layer)
+        layer.forward = _LearnThenCompiled(layer.forward, compiled, groups) if groups else compiled
     return len(layers)
+
+
+class _LearnThenCompiled:
+    """A compiled layer's forward where sibling LoRA layers within it (q/k/v, gate/up: :mod:`slimtune.core.siblings`)
+    learn which of them read one input: eager while any of its groups learns (the first step, until a backward pass
+    has run through them), then the compiled forward, whose graph runs each learnt chain as one Function. Held
+    outputs a traced frame left untaken are dropped after each compiled call."""
+
+    def __init__(self, eager: Any, compiled: Any, groups: list[SiblingGroup]) -> None:
+        self.eager, self.compiled, self.groups = eager, compiled, groups
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if still_learning(self.groups):
+            return self.eager(*args, **kwargs)
+        try:
+            return self.compiled(*args, **kwargs)
+        finally:
+            for group in self.groups:
+                group.clear_traced()

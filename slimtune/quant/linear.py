@@ -15,6 +15,7 @@ from torch import nn
 
 from ..core.compute import compute_setting
 from ..core.frozen import QuantizedWeight, register_quantized_layer
+from ..core.tracing import compiling
 from ..errors import SlimtuneError
 from .nf4 import BLOCKSIZE, DQ_BLOCKSIZE, NF4Tensors, dequantize_nf4, quantize_nf4
 
@@ -138,13 +139,17 @@ class NF4Handle:
 
 def is_bnb_linear4bit(module: nn.Module) -> bool:
     """bitsandbytes' ``Linear4bit`` (checked without importing bitsandbytes; once per class: every adapted layer
-    asks on every forward)."""
+    asks on every forward; uncached while Dynamo traces, which warns about a cache it would bypass)."""
+    if compiling():
+        return _bnb_linear4bit_in_mro(type(module))
     return _is_bnb_linear4bit_class(type(module))
 
 
-@functools.lru_cache(maxsize=None)
-def _is_bnb_linear4bit_class(cls: type) -> bool:
+def _bnb_linear4bit_in_mro(cls: type) -> bool:
     return any(c.__name__ == "Linear4bit" and c.__module__.startswith("bitsandbytes") for c in cls.__mro__)
+
+
+_is_bnb_linear4bit_class = functools.lru_cache(maxsize=None)(_bnb_linear4bit_in_mro)
 
 
 class BnbHandle:

@@ -155,6 +155,8 @@ class DoraMixin:
 class DoraLinear(DoraMixin, LoraLinear):
     """DoRA over a frozen ``nn.Linear`` (or transformers ``Conv1D``)."""
 
+    fuses_when_compiled = False
+
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
                  init: str = "default", adapter_dtype: torch.dtype | None = None) -> None:
         super().__init__(base_layer, r, alpha, dropout, rslora, init, adapter_dtype)

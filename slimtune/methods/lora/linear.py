@@ -49,6 +49,8 @@ class LoraLinear(LoraMixin, AdapterModule):
     #: input themselves (:func:`~slimtune.core.rebuild.keep_input`): no saved-tensor hooks around the call, and none
     #: for a member that takes its output from its sibling group
     keeps_recipes_itself = True
+    #: under ``torch.compile`` a learnt chain of these layers runs as one Function too (:mod:`slimtune.core.siblings`)
+    fuses_when_compiled = True
 
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
                  init: str = "default", adapter_dtype: torch.dtype | None = None) -> None:
