@@ -40,11 +40,13 @@ def mm_scaled(a: torch.Tensor, b: torch.Tensor, s: float, out: torch.Tensor | No
     """``s · (a @ b)`` for 2-D ``a`` ``[M, K]``, ``b`` ``[K, N]`` as one GEMM: the scale rides in the GEMM's epilogue
     (``addmm_`` with ``beta=0`` into an uninitialised buffer, whose content is documented as ignored, NaN included),
     so no second kernel rescales ``[M, N]``. s = 1 is a plain ``a @ b``; under ``torch.compile`` it is
-    ``(a @ b) · s``, which Inductor fuses itself. ``out``: write there (``[M, N]``, strided rows allowed)."""
+    ``(a @ b) · s`` (copied into ``out``), which Inductor fuses itself. ``out``: write there (``[M, N]``, strided rows
+    allowed)."""
+    if compiling():  # Dynamo takes no strided out= (a graph break): a product Inductor writes where it fuses
+        product = a @ b if s == 1.0 else (a @ b).mul_(s)
+        return out.copy_(product) if out is not None else product
     if s == 1.0:
         return torch.mm(a, b, out=out) if out is not None else a @ b
-    if compiling():
-        return out.copy_(a @ b).mul_(s) if out is not None else (a @ b).mul_(s)
     if out is None:
         out = a.new_empty(a.shape[0], b.shape[1])
     return out.addmm_(a, b, beta=0, alpha=s)

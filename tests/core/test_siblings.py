@@ -27,7 +27,8 @@ def _fusion_on():
 def _llama(dtype=torch.float64, **config):
     model = tiny_llama().to(dtype).train()
     config.setdefault("target_modules", TARGETS)
-    model = slimtune.adapt(model, slimtune.LoraConfig(r=4, lora_alpha=8, **config))
+    config.setdefault("lora_alpha", 8)
+    model = slimtune.adapt(model, slimtune.LoraConfig(r=4, **config))
     perturb_adapters(model, seed=1)
     return model
 
@@ -310,12 +311,12 @@ def _gemms_in_step(model, ids):
     return sum(e.name in ("aten::mm", "aten::addmm", "aten::bmm") for e in prof.events())
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_compiled_layers_run_learnt_chains_as_one(checkpointing):
+@pytest.mark.parametrize("checkpointing, alpha", [(False, 8), (True, 8), (False, 4)])
+def test_compiled_layers_run_learnt_chains_as_one(checkpointing, alpha):
     """``compile_layers``: the first step runs eagerly while q/k/v and gate/up learn; the next ones are compiled
     (``fullgraph=True``) with each chain as one Function — fewer GEMMs a step than the compiled layers with fusion
     off, and the same losses and gradients (float64; also with slimtune's checkpointing around the compiled layers,
-    whose recomputation runs the same graph)."""
+    whose recomputation runs the same graph; and at scaling 1, whose products take no epilogue scale)."""
     from slimtune.memory.recompute import checkpoint_layers
     from slimtune.models.layers import compile_layers
 
@@ -324,7 +325,7 @@ def test_compiled_layers_run_learnt_chains_as_one(checkpointing):
     for fuse in (True, False):
         set_sibling_fusion(fuse)
         torch.compiler.reset()
-        model = _llama()
+        model = _llama(lora_alpha=alpha)
         compile_layers(model, backend="aot_eager", fullgraph=True)
         if checkpointing:
             checkpoint_layers(model)
