@@ -52,6 +52,18 @@ def mm_scaled(a: torch.Tensor, b: torch.Tensor, s: float, out: torch.Tensor | No
     return out.addmm_(a, b, beta=0, alpha=s)
 
 
+def add_product(y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """``y + alpha · (a @ b)`` for 2-D ``y`` ``[M, N]``, ``a`` ``[M, K]``, ``b`` ``[K, N]``, returned ``[M, N]``: eagerly
+    in place in y (``addmm_``: the GEMM's epilogue adds). Under ``torch.compile`` out of place, the two added as
+    ``[1, M, N]`` views: Inductor fuses that add into a pointwise kernel, where on an ``[M, N]`` product it makes an
+    extern ``addmm``, which first copies y into its output (one device-to-device copy of ``[M, N]`` per sum: H100,
+    ``benchmarks/compiled_sum_forms.py``, RESULTS.md run 121)."""
+    if not compiling():
+        return y.addmm_(a, b, alpha=alpha)
+    product = a @ b if alpha == 1.0 else (a @ b) * alpha
+    return (y.unsqueeze(0) + product.unsqueeze(0)).squeeze(0)
+
+
 def fp32_out_gemm(t: torch.Tensor) -> bool:
     """Whether ``torch.mm(t, ·, out_dtype=torch.float32)`` runs: bf16/fp16 on CUDA, probed once per dtype (a GEMM
     accumulating in fp32 that writes its fp32 result, no rounded copy in between)."""

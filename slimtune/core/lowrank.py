@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import timed
-from .compute import cast, compute_setting, mm_scaled
+from .compute import add_product, cast, compute_setting, mm_scaled
 from .frozen import WeightOperand, is_quantized, materialize, save_with_weight, saved_with_weight
 from .rebuild import keep_input, kept_input
 from .tracing import compiling, seeded_keep_mask, traced_seed
@@ -154,8 +154,7 @@ class LowRankLinearFunction(torch.autograd.Function):
         a, b = cast(lora_a, dtype), cast(lora_b, dtype)
         x2 = x.reshape(-1, x.shape[-1])
         xd = x2 * dropout_keep_mask(x2, dropout_p, seed) if dropout_p > 0 else x2
-        y = F.linear(x2, materialize(weight, dtype), bias)
-        y.addmm_(F.linear(xd, a), b.t(), alpha=scaling)
+        y = add_product(F.linear(x2, materialize(weight, dtype), bias), F.linear(xd, a), b.t(), scaling)
         save_with_weight(ctx, weight, *keep_input(ctx, x), lora_a, lora_b)  # x, or its recipe (core.rebuild)
         ctx.scaling, ctx.dropout_p, ctx.seed = scaling, dropout_p, seed
         ctx.has_bias = bias is not None
@@ -183,7 +182,7 @@ class LowRankLinearFunction(torch.autograd.Function):
         del xd
         if need_x:
             if mask is None:
-                grad_x2.addmm_(g, a)
+                grad_x2 = add_product(grad_x2, g, a)
             else:
                 grad_x2.add_((g @ a).mul_(mask))
             grad_x = grad_x2.view(x.shape)

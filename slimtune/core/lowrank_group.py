@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .compute import cast, mm_scaled
+from .compute import add_product, cast, mm_scaled
 from .frozen import WeightOperand, is_quantized, materialize
 from .rebuild import keep_input, kept_input
 
@@ -56,7 +56,7 @@ class GroupedLowRankFunction(torch.autograd.Function):
             if h is None:
                 h = F.linear(x2, stacked_downs(downs, dtype))  # x Aᵀ of every member, [N, R]
             rank = down.shape[0]
-            y.addmm_(h[:, start:start + rank], cast(up, dtype).t(), alpha=scaling)
+            y = add_product(y, h[:, start:start + rank], cast(up, dtype).t(), scaling)
             start += rank
             outputs.append(y.view(*lead, y.shape[-1]))
         ctx.set_materialize_grads(False)
@@ -120,7 +120,7 @@ def grouped_product_backward(x2: torch.Tensor, weights: Sequence[WeightOperand],
         seen[i] = True
         if need_x:
             w = materialize(weight, dtype)
-            dx = dy @ w if dx is None else dx.addmm_(dy, w)
+            dx = dy @ w if dx is None else add_product(dx, dy, w)
             del w
         if g is not None:
             mm_scaled(dy, cast(up, dtype), scaling, out=g[:, start:start + rank])
@@ -139,7 +139,7 @@ def grouped_product_backward(x2: torch.Tensor, weights: Sequence[WeightOperand],
     if dx is not None or any(need_a):
         a_cat = a_cat if a_cat is not None else stacked_downs(downs, dtype)
     if dx is not None:
-        dx.addmm_(g, a_cat)
+        dx = add_product(dx, g, a_cat)
     if any(need_a):
         pieces = (g.t() @ x2).split_with_sizes(ranks)  # the method: Tensor.split is a Python wrapper
         grad_a = [cast(p, a.dtype) if need and done else None

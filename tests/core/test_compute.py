@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from slimtune.core import simulation
-from slimtune.core.compute import fp32_out_gemm, mm_fp32, mm_scaled
+from slimtune.core.compute import add_product, fp32_out_gemm, mm_fp32, mm_scaled
 
 
 def test_the_fp32_output_gemm_runs_where_cuda_would_run_it():
@@ -53,6 +53,23 @@ def test_mm_scaled_under_torch_compile_matches_eager():
     a, b = torch.randn(6, 5, generator=gen), torch.randn(5, 4, generator=gen)
     compiled = torch.compile(lambda a, b: mm_scaled(a, b, 0.5), fullgraph=True, backend="eager")
     torch.testing.assert_close(compiled(a, b), mm_scaled(a, b, 0.5))
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.37])
+def test_add_product_in_place_eagerly_and_the_same_sum_compiled(alpha):
+    """Eagerly the sum lands in y itself (``addmm_``); compiled (``fullgraph=True``, strided columns of a wider
+    buffer as the grouped Function passes them), the same values out of place, y untouched."""
+    gen = torch.Generator().manual_seed(3)
+    y0, wide = torch.randn(6, 4, generator=gen, dtype=torch.float64), torch.randn(6, 9, generator=gen,
+                                                                                   dtype=torch.float64)
+    a, b = wide[:, 2:5], torch.randn(3, 4, generator=gen, dtype=torch.float64)
+    ref = y0 + alpha * (a @ b)
+    y = y0.clone()
+    assert add_product(y, a, b, alpha) is y and torch.allclose(y, ref, rtol=1e-14, atol=1e-14)
+    y = y0.clone()
+    compiled = torch.compile(lambda y, a, b: add_product(y, a, b, alpha), fullgraph=True, backend="aot_eager")
+    got = compiled(y, a, b)
+    assert got.shape == (6, 4) and torch.allclose(got, ref, rtol=1e-14, atol=1e-14) and torch.equal(y, y0)
 
 
 def test_mm_scaled_on_meta_keeps_the_shape():
