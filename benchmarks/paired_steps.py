@@ -263,8 +263,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for text in args.configs:
         backend, method = parse_config(text)
         session = session_for(backend, method, common, args.memory, args.strip_lean)
-        if args.compile:
-            compile_layers(session.model)
+        if args.compile:  # the earlier copy's configurations through its own compile_layers
+            layers = importlib.import_module("slimtune_before.models.layers") if backend == "before" else None
+            (layers.compile_layers if layers is not None else compile_layers)(session.model)
         if args.capture:
             steps[text], capture_peaks[text] = captured(session)
         else:

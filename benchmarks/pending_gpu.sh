@@ -142,13 +142,15 @@
 #   bash benchmarks/pending_gpu.sh 58   # part 56 in about 5 minutes (fewer rounds), for a short device budget
 #   bash benchmarks/pending_gpu.sh 59   # issue 19: compiled LoRA with q/k/v and gate/up as one Function, against
 #                                       #           each layer alone and PEFT-bf16 compiled, paired; then profiled
+#   bash benchmarks/pending_gpu.sh 60   # issue 19: LoRA's sums under compile as views (no addmm copies) against the
+#                                       #           code before and PEFT-bf16 compiled (carry .before = e368713)
 #   bash benchmarks/pending_gpu.sh 3    # issue 17: online / gradient / data allocation vs AdaLoRA wall time
 #                                       #           (carry .out/minilm_wide; make it with rank_allocation.py --prepare)
 #
 # Outputs go to $OUT (each script's own files, plus one log per step); record them in benchmarks/RESULTS.md with
 # the GPU and versions the scripts print.
 set -uo pipefail
-part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|...|59"}
+part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|...|60"}
 out=${OUT:-/tmp/pending_gpu}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -763,8 +765,19 @@ PY
     step profile_compiled_lora_siblings 150 python benchmarks/unet_step_profile.py --preset llama-3.2-3b --rank 32 \
         --batch 4 --compile --steps 3 --configs lora alone:lora peft-bf16:lora
     ;;
+60)
+    # issue 19 (about 4 minutes, carry .before = e368713, the code before; any GPU): LoRA's sums under compile out of
+    # place as views (core.compute.add_product), where Inductor copied y for each extern addmm (run 120: 389 copies
+    # a step). The four forms of one layer's sums compiled; LoRA compiled against the code before and PEFT-bf16 in
+    # paired rounds; the compiled steps profiled
+    step compiled_sum_forms 120 python benchmarks/compiled_sum_forms.py
+    step paired_512_compile_lora_sums 300 python benchmarks/paired_steps.py --compile --rounds 12 --before .before \
+        --configs lora before:lora peft-bf16:lora --out-name paired_512_compile_lora_sums
+    step profile_compiled_lora_sums 150 python benchmarks/unet_step_profile.py --preset llama-3.2-3b --rank 32 \
+        --batch 4 --compile --steps 3 --configs lora peft-bf16:lora
+    ;;
 *)
-    echo "unknown part $part (1 to 59)" >&2
+    echo "unknown part $part (1 to 60)" >&2
     exit 2
     ;;
 esac
