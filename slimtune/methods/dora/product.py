@@ -11,18 +11,20 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ...core.compute import cast, mm_scaled
+from ...core.compute import add_product, cast, mm_scaled
 from ...core.frozen import WeightOperand, is_quantized, materialize
 from ...core.lowrank import dropout_keep_mask, factor_grads
+from ...core.tracing import compiling
 from .norm import factored_norm_parts, weight_row_norm_sq
 
 
 def dora_product(xd: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float,
                  lead: tuple[int, ...]) -> torch.Tensor:
-    """``z = xd Wᵀ + s·(xd Aᵀ) Bᵀ`` ``[*lead, d_out]`` (not a view) from the 2-D ``xd``; all in xd's dtype."""
+    """``z = xd Wᵀ + s·(xd Aᵀ) Bᵀ`` ``[*lead, d_out]`` (eagerly not a view: the sum lands in the base GEMM's output;
+    under compile out of place, :func:`~slimtune.core.compute.add_product`) from the 2-D ``xd``; all in xd's dtype."""
     z = F.linear(xd.view(*lead, xd.shape[-1]), w)
-    z.view(-1, z.shape[-1]).addmm_(F.linear(xd, a), b.t(), alpha=scaling)
-    return z
+    summed = add_product(z.view(-1, z.shape[-1]), F.linear(xd, a), b.t(), scaling)
+    return summed.view(z.shape) if compiling() else z
 
 
 def dropped_input(x2: torch.Tensor, dropout_p: float, seed: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -79,7 +81,7 @@ def product_backward(ctx: Any, weight: WeightOperand, x: torch.Tensor, lora_a: t
     grad_a = cast(grad_a, lora_a.dtype) if grad_a is not None else None
     grad_b = cast(grad_b, lora_b.dtype) if grad_b is not None else None
     if need_x:
-        grad_x2.addmm_(dya, a)
+        grad_x2 = add_product(grad_x2, dya, a)
         if mask is not None:  # mask ⊙ (dz W + dya A) + (1 − mask) ⊙ drest W
             if rest is not None:
                 grad_x2.sub_(rest).mul_(mask).add_(rest)
