@@ -120,6 +120,13 @@ def force_path(model: Any, path: str) -> int:
     return len(layers)
 
 
+def compile_session(backend: str, model: Any) -> None:
+    """``compile_layers`` on a configuration's model: the earlier copy's own for ``before`` configurations (its
+    layers may learn or compile otherwise)."""
+    layers = importlib.import_module("slimtune_before.models.layers") if backend == "before" else None
+    (layers.compile_layers if layers is not None else compile_layers)(model)
+
+
 def session_for(backend: str, method: str, common: dict[str, Any], memory: str = "fast",
                 strip: Sequence[str] = ()) -> Any:
     """A prepared training session: this checkout's, or (``before``) the earlier copy's, or (``stripped``) this
@@ -263,9 +270,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for text in args.configs:
         backend, method = parse_config(text)
         session = session_for(backend, method, common, args.memory, args.strip_lean)
-        if args.compile:  # the earlier copy's configurations through its own compile_layers
-            layers = importlib.import_module("slimtune_before.models.layers") if backend == "before" else None
-            (layers.compile_layers if layers is not None else compile_layers)(session.model)
+        if args.compile:
+            compile_session(backend, session.model)
         if args.capture:
             steps[text], capture_peaks[text] = captured(session)
         else:

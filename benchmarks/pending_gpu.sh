@@ -146,13 +146,14 @@
 #                                       #           each layer alone and PEFT-bf16 compiled, paired; then profiled
 #   bash benchmarks/pending_gpu.sh 60   # issue 19: LoRA's sums under compile as views (no addmm copies) against the
 #                                       #           code before and PEFT-bf16 compiled (carry .before = e368713)
+#   bash benchmarks/pending_gpu.sh 61   # issue 19: the same for DoRA's sums (carry .before = 60d2260)
 #   bash benchmarks/pending_gpu.sh 3    # issue 17: online / gradient / data allocation vs AdaLoRA wall time
 #                                       #           (carry .out/minilm_wide; make it with rank_allocation.py --prepare)
 #
 # Outputs go to $OUT (each script's own files, plus one log per step); record them in benchmarks/RESULTS.md with
 # the GPU and versions the scripts print.
 set -uo pipefail
-part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|...|60"}
+part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|...|61"}
 out=${OUT:-/tmp/pending_gpu}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -778,8 +779,17 @@ PY
     step profile_compiled_lora_sums 150 python benchmarks/unet_step_profile.py --preset llama-3.2-3b --rank 32 \
         --batch 4 --compile --steps 3 --configs lora peft-bf16:lora
     ;;
+61)
+    # issue 19 (about 3 minutes, carry .before = 60d2260, the code before; any GPU): DoRA's product and dx sums
+    # under compile out of place as views (core.compute.add_product), as LoRA's in part 60; DoRA compiled against
+    # the code before and PEFT-bf16 in paired rounds, then profiled against PEFT-bf16
+    step paired_512_compile_dora_sums 240 python benchmarks/paired_steps.py --compile --rounds 12 --before .before \
+        --configs dora before:dora peft-bf16:dora --out-name paired_512_compile_dora_sums
+    step profile_compiled_dora_sums 150 python benchmarks/unet_step_profile.py --preset llama-3.2-3b --rank 32 \
+        --batch 4 --compile --steps 3 --before .before --configs dora before:dora peft-bf16:dora
+    ;;
 *)
-    echo "unknown part $part (1 to 60)" >&2
+    echo "unknown part $part (1 to 61)" >&2
     exit 2
     ;;
 esac

@@ -14,16 +14,15 @@ import argparse
 import collections
 import gc
 import statistics
+import sys
 import time
 from typing import Sequence
 
 from _common import environment_line, markdown_table, write_out_text
-from paired_steps import LEAN_KINDS, parse_config, session_for
+from paired_steps import LEAN_KINDS, compile_session, parse_config, session_for
 
 import torch
 from torch.profiler import ProfilerActivity, profile
-
-from slimtune.models.layers import compile_layers
 
 
 def kernel_times(step) -> tuple[float, int, dict[str, tuple[float, int]]]:
@@ -101,14 +100,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--compile", action="store_true",
                         help="every configuration's layers through torch.compile, as paired_steps.py --compile "
                              "(the warm-up steps hold the compile time)")
+    parser.add_argument("--before", default=None, metavar="DIR",
+                        help="DIR holds an earlier copy of the package as slimtune_before (before:METHOD configurations)")
     args = parser.parse_args(argv)
+    if args.before:
+        sys.path.insert(0, args.before)
     common = dict(preset=args.preset, rank=args.rank, batch=args.batch, seq=512, device="cuda", dtype="bfloat16")
     rows, kernels, runtime, ops = [], {}, {}, {}
     for text in args.configs:
         backend, method = parse_config(text)
         session = session_for(backend, method, common, "fast", args.strip_lean)
         if args.compile:
-            compile_layers(session.model)
+            compile_session(backend, session.model)
         for _ in range(3):  # warm-up
             session.train_step()
         wall, host = [], []
