@@ -286,7 +286,7 @@ def _runnable(chain: Sequence[Any], x: torch.Tensor) -> bool:
     first = chain[0]
     kind, d_in = type(first), x.shape[-1]
     tokens = x.numel() // d_in if d_in else 0
-    recompute_order = _traced_recompute_order if compiling() else _recompute_order
+    recompute_order = _recompute_order.__wrapped__ if compiling() else _recompute_order  # uncached while traced
     for m in chain:
         if (type(m) is not kind or m.disabled or m.merged or (m.training and m.dropout_p > 0)
                 or m.scaling != first.scaling or m.in_features != d_in
@@ -294,10 +294,6 @@ def _runnable(chain: Sequence[Any], x: torch.Tensor) -> bool:
             return False
     return True
 
-
-def _traced_recompute_order(tokens: int, d_in: int, d_out: int, r: int) -> bool:
-    """:func:`_recompute_order` without its cache, while Dynamo traces (decided once, at trace time)."""
-    return choose_backward(tokens, d_in, d_out, r) == "recompute"
 
 
 def relearn(model: nn.Module) -> None:

@@ -140,16 +140,13 @@ class NF4Handle:
 def is_bnb_linear4bit(module: nn.Module) -> bool:
     """bitsandbytes' ``Linear4bit`` (checked without importing bitsandbytes; once per class: every adapted layer
     asks on every forward; uncached while Dynamo traces, which warns about a cache it would bypass)."""
-    if compiling():
-        return _bnb_linear4bit_in_mro(type(module))
-    return _is_bnb_linear4bit_class(type(module))
+    check = _is_bnb_linear4bit_class.__wrapped__ if compiling() else _is_bnb_linear4bit_class
+    return check(type(module))
 
 
-def _bnb_linear4bit_in_mro(cls: type) -> bool:
+@functools.lru_cache(maxsize=None)
+def _is_bnb_linear4bit_class(cls: type) -> bool:
     return any(c.__name__ == "Linear4bit" and c.__module__.startswith("bitsandbytes") for c in cls.__mro__)
-
-
-_is_bnb_linear4bit_class = functools.lru_cache(maxsize=None)(_bnb_linear4bit_in_mro)
 
 
 class BnbHandle:
