@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import os
 from typing import Any, Iterator
 
@@ -95,6 +96,9 @@ def process_group(mode: str, device: torch.device) -> Iterator[None]:
                             device_id=device if device.type == "cuda" else None)
     try:
         yield
+        # what the body dropped (a DDP reducer, FSDP's hooks: each holds the group) is freed now, while the group
+        # lives, not by a later collection or at interpreter exit after the group is gone
+        gc.collect()
         dist.barrier()  # every process is done with the group before any tears it down (gloo aborts a process
         # whose peer closed the connection under it)
     finally:

@@ -175,48 +175,58 @@ def _train(cfg: TrainConfig, env: Environment, mode: str, device: torch.device, 
     if resuming and cfg.variant_criterion == "timed" and timings.is_file():
         load_timings(timings)  # the choices the run made before: a resumed run repeats them
     with process_group(mode, device):
-        barrier(mode)  # every process has looked at OUT before the main one writes to it
-        if env.is_main:
-            if resuming:
-                checkpoint.remove_stale(run.path)
-            else:
-                run.start(cfg, prints, {"labels": task.labels, "num_labels": task.num_labels, "seq": seq,
-                                        "max_steps": max_steps, "device": device.type})
-        barrier(mode)
-        model = build_base(cfg, device, task.num_labels)
-        adapter = adapter_config(cfg, model)
-        if cfg.ranks == "auto":
-            adapter = auto_ranks(cfg, model, task, adapter, device, env, mode, run, resuming)
-        prepare_model(cfg, model, adapter)
-        objective = task.objective(model)
-        parts = Parts(objective, wrap(objective, model, mode, device), trained_part(model))
-        trainable = [p for p in objective.parameters() if p.requires_grad]
-        # fused AdamW kernels on CUDA (transformers' Trainer defaults to them too); PyTorch's default elsewhere (the
-        # CPU, and FSDP's sharded DTensor parameters)
-        fused = device.type == "cuda" and mode != "fsdp"
-        # --capture: its step counters on the GPU (the loop gives it a learning rate tensor before capturing)
-        optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None,
-                                      capturable=cfg.capture)
-        scheduler = cosine_schedule(optimizer, cfg.warmup_steps, max_steps)
-        loop = Loop(cfg, task, parts, optimizer, scheduler, max_steps, env, mode, device, run, reporter)
-        latest = checkpoint.checkpoints(run.path)[-1:] if resuming else []
-        if latest:
-            loop.restore(latest[0][1])
-        if resuming and env.is_main:
-            run.trim_log(loop.at.step)  # the lines of steps this run repeats
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)  # the peak reported is training's, not the model build's
-        reporter.start({"task": cfg.task, "model": cfg.model_name, "method": cfg.method, "processes": env.world,
-                        "distributed": mode, "device": str(device), "dtype": cfg.dtype, "max_steps": max_steps,
-                        "start_step": loop.at.step, "rows": None if task.rows is None else len(task.rows),
-                        "eval_rows": len(task.eval_rows), "seq": seq,
-                        "trainable_params": sum(p.numel() for p in trainable),
-                        "total_params": sum(p.numel() for p in objective.parameters())})
-        try:
-            if loop.at.step >= max_steps and env.is_main:
-                _finish_complete(run, reporter)
-            summary = loop.run_steps()
-        finally:
-            reporter.close()
+        # the model, its DDP or FSDP wrapper and the optimizer live in the call below: they are gone when it returns,
+        # before the group is torn down
+        summary = _train_in_group(cfg, env, mode, device, task, max_steps, run, prints, resuming, seq, reporter)
     reporter.finish(summary)
+    return summary
+
+
+def _train_in_group(cfg: TrainConfig, env: Environment, mode: str, device: torch.device, task: Task, max_steps: int,
+                    run: RunDir, prints: dict[str, str | None], resuming: bool, seq: int,
+                    reporter: Reporter) -> dict[str, Any]:
+    """:func:`_train`'s steps, within the process group."""
+    barrier(mode)  # every process has looked at OUT before the main one writes to it
+    if env.is_main:
+        if resuming:
+            checkpoint.remove_stale(run.path)
+        else:
+            run.start(cfg, prints, {"labels": task.labels, "num_labels": task.num_labels, "seq": seq,
+                                    "max_steps": max_steps, "device": device.type})
+    barrier(mode)
+    model = build_base(cfg, device, task.num_labels)
+    adapter = adapter_config(cfg, model)
+    if cfg.ranks == "auto":
+        adapter = auto_ranks(cfg, model, task, adapter, device, env, mode, run, resuming)
+    prepare_model(cfg, model, adapter)
+    objective = task.objective(model)
+    parts = Parts(objective, wrap(objective, model, mode, device), trained_part(model))
+    trainable = [p for p in objective.parameters() if p.requires_grad]
+    # fused AdamW kernels on CUDA (transformers' Trainer defaults to them too); PyTorch's default elsewhere (the
+    # CPU, and FSDP's sharded DTensor parameters)
+    fused = device.type == "cuda" and mode != "fsdp"
+    # --capture: its step counters on the GPU (the loop gives it a learning rate tensor before capturing)
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None,
+                                  capturable=cfg.capture)
+    scheduler = cosine_schedule(optimizer, cfg.warmup_steps, max_steps)
+    loop = Loop(cfg, task, parts, optimizer, scheduler, max_steps, env, mode, device, run, reporter)
+    latest = checkpoint.checkpoints(run.path)[-1:] if resuming else []
+    if latest:
+        loop.restore(latest[0][1])
+    if resuming and env.is_main:
+        run.trim_log(loop.at.step)  # the lines of steps this run repeats
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)  # the peak reported is training's, not the model build's
+    reporter.start({"task": cfg.task, "model": cfg.model_name, "method": cfg.method, "processes": env.world,
+                    "distributed": mode, "device": str(device), "dtype": cfg.dtype, "max_steps": max_steps,
+                    "start_step": loop.at.step, "rows": None if task.rows is None else len(task.rows),
+                    "eval_rows": len(task.eval_rows), "seq": seq,
+                    "trainable_params": sum(p.numel() for p in trainable),
+                    "total_params": sum(p.numel() for p in objective.parameters())})
+    try:
+        if loop.at.step >= max_steps and env.is_main:
+            _finish_complete(run, reporter)
+        summary = loop.run_steps()
+    finally:
+        reporter.close()
     return summary

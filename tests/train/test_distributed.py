@@ -37,6 +37,13 @@ def _torchrun(args: list[str]) -> subprocess.CompletedProcess:
                           timeout=600)
 
 
+def _failure(result: subprocess.CompletedProcess, out: Path) -> str:
+    """What a failed torchrun printed, and how far the run got (its log's last lines)."""
+    log = out / "log.jsonl"
+    tail = log.read_text().splitlines()[-3:] if log.is_file() else ["(no log.jsonl)"]
+    return "\n".join([result.stderr[-3000:], "--- stdout:", result.stdout[-1500:], "--- log.jsonl:", *tail])
+
+
 def _losses(out: Path) -> tuple[list[float], list[float]]:
     log = read_log(out)
     return [r["loss"] for r in log if "loss" in r], [r["eval_loss"] for r in log if "eval_loss" in r]
@@ -70,7 +77,7 @@ def test_two_processes_match_one(mode, reference, tmp_path, capsys):
     out = tmp_path / mode
     memory = ["--memory", "max-fit"] if mode == "fsdp" else []  # sharded layers, checkpointed: the same steps
     result = _torchrun([*_args(data, out), "--distributed", mode, *memory])
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, _failure(result, out)
     losses, eval_losses = _losses(out)
     ref_losses, ref_eval = _losses(ref)
     assert len(losses) == STEPS and _close(losses, ref_losses) and _close(eval_losses, ref_eval)
