@@ -36,6 +36,10 @@ cost or saving from each is measured against the full set in the same rounds.
 ``--compile``: each decoder layer through ``torch.compile`` (``slimtune.models.layers.compile_layers``, which turns
 the models' KV cache off), on both sides.
 
+A configuration whose step runs out of GPU memory is dropped, with the round it failed in, and the others go on:
+its model is freed, the table and the JSON lines name it, and the ratios are taken over the rounds every remaining
+configuration ran (run 126 lost both sides' numbers to one side's out-of-memory error).
+
 ``--capture``: every configuration's step (PEFT's too) replayed as one CUDA graph through
 :func:`slimtune.capture_step` (AdamW with ``capturable=True``, its constant learning rate): the host's launch cost
 leaves the comparison, what remains is the GPU's work. The transient peak is then the capture's (its eager warm-up
@@ -285,29 +289,56 @@ def main(argv: Sequence[str] | None = None) -> int:
     times: dict[str, list[float]] = {name: [] for name, _ in sessions}
     peaks: dict[str, list[int]] = {name: [] for name, _ in sessions}
     losses: dict[str, list[float]] = {name: [] for name, _ in sessions}
+    out_of_memory: dict[str, str] = {}  # configurations dropped, each with where its step ran out of memory
     for round_index in range(args.warmup + args.rounds):
         shift = round_index % len(sessions)  # each configuration takes each position in turn (no position bias)
         for name, session in sessions[shift:] + sessions[:shift]:
+            if name in out_of_memory:
+                continue
             if cuda:
                 torch.cuda.synchronize()
                 before = torch.cuda.memory_allocated()
                 torch.cuda.reset_peak_memory_stats()
             turn = []
-            for _ in range(args.steps_per_turn):
-                t0 = time.perf_counter()
-                loss = steps[name]()
-                if cuda:
-                    torch.cuda.synchronize()
-                turn.append(time.perf_counter() - t0)
-                losses[name].append(float(loss))  # after the timing: reading it back waits for nothing more
+            try:
+                for _ in range(args.steps_per_turn):
+                    t0 = time.perf_counter()
+                    loss = steps[name]()
+                    if cuda:
+                        torch.cuda.synchronize()
+                    turn.append(time.perf_counter() - t0)
+                    losses[name].append(float(loss))  # after the timing: reading it back waits for nothing more
+            except torch.OutOfMemoryError as error:
+                out_of_memory[name] = (f"out of memory in round {round_index + 1} "
+                                       f"({'warm-up' if round_index < args.warmup else 'timed'}): "
+                                       f"{str(error).splitlines()[0][:200]}")
+                print(f"{name}: {out_of_memory[name]}; the other configurations go on", flush=True)
+                continue
             if round_index >= args.warmup:  # a turn of several steps: the first warms the caches, the rest are timed
                 times[name].append(statistics.fmean(turn[1:] or turn))
                 if cuda:
                     peaks[name].append(capture_peaks[name] if args.capture
                                        else torch.cuda.max_memory_allocated() - before)
-    yardstick = sessions[0][0]
+        if out_of_memory.keys() & dict(sessions).keys():  # the dropped models' memory back for the others
+            sessions = [(name, session) for name, session in sessions if name not in out_of_memory]
+            steps = {name: step for name, step in steps.items() if name not in out_of_memory}
+            gc.collect()
+            if cuda:
+                torch.cuda.empty_cache()
+        if not sessions:
+            break
     out_name = args.out_name or ("paired_steps_gc-freeze" if args.gc_freeze else "paired_steps")
     sink = JsonlSink(f"{out_name}.jsonl")
+    for name, reason in out_of_memory.items():
+        sink.write({"config": name, "out_of_memory": reason, **common})
+    if not sessions:
+        print("every configuration ran out of memory", flush=True)
+        return 1
+    # the paired rounds are those every remaining configuration ran (a configuration dropped in a timed round
+    # leaves its earlier rounds out of the comparison)
+    paired = min(len(t) for name, t in times.items() if name not in out_of_memory)
+    times = {name: t[:paired] for name, t in times.items() if name not in out_of_memory}
+    yardstick = sessions[0][0]
     rows = []
     for name, _ in sessions:
         ratios = [t / y for t, y in zip(times[name], times[yardstick])]
@@ -333,6 +364,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                      "" if peak is None else f"{peak / 2**30:.3f}",
                      "" if peak_before is None else f"{peak / peak_before:.4f}",
                      "" if loss_diff is None else f"{loss_diff:.2e}"])
+    rows += [[name, reason, *[""] * 8] for name, reason in out_of_memory.items()]
     table = markdown_table(["config", "median s", "fastest s", f"÷ {yardstick} (median of paired rounds)",
                             "interquartile", "÷ peft-bf16, same method (median of paired rounds)",
                             "÷ before, same method (median of paired rounds)", "step transient peak GiB",

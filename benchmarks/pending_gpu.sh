@@ -4,7 +4,9 @@
 # and 49 (part 2), and kept to repeat them. Run from the repository root on the lent machine:
 #
 # Still to run on an H200 (as of 2026-12-06, sixth session; no H200 started in the fourth to sixth): part 58 (or 56)
-# for issue 20's LoKr step, part 60 for issue 19's compiled criterion (ran on H100s as runs 122-123).
+# for issue 20's LoKr step, part 60 for issue 19's compiled criterion (ran on H100s as runs 122-123); part 62 (any
+# GPU) for HRA compiled, where run 126 ran out of memory without saying on which side; part 63 for issue 19's
+# compiled LoRA and DoRA in turns of 3 steps (one model's loop).
 # Earlier list (as of 2026-12-06, third session: parts 44-45 ran as RESULTS.md run 105, 46 as 106, 43 as 107, 48
 # (with 47) as 108):
 # - part 49 (any GPU, about 2 minutes): compiled DoRA's step profiled against compiled PEFT-bf16's, where run 108
@@ -788,8 +790,27 @@ PY
     step profile_compiled_dora_sums 150 python benchmarks/unet_step_profile.py --preset llama-3.2-3b --rank 32 \
         --batch 4 --compile --steps 3 --before .before --configs dora before:dora peft-bf16:dora
     ;;
+62)
+    # issue 19 (about 4 minutes; the H200 where it starts): HRA compiled on both sides, as run 126 tried; a side that
+    # runs out of memory is now dropped and named, the other's steps go on, so the run says which side it was. Then
+    # slimtune's HRA compiled alone, profiled (its graph's kernels and peak)
+    step paired_512_compile_hra 300 python benchmarks/paired_steps.py --compile --rounds 6 \
+        --configs hra peft-bf16:hra --out-name paired_512_compile_hra
+    step profile_compiled_hra 150 python benchmarks/unet_step_profile.py --preset llama-3.2-3b --rank 32 \
+        --batch 4 --compile --steps 3 --configs hra
+    ;;
+63)
+    # issue 19 (about 6 minutes; the H200 where it starts): LoRA and DoRA compiled against PEFT-bf16 with turns of 3
+    # steps (the first untimed), as one model's training loop runs. Run 122's profile had LoRA's compiled step at
+    # 69.9 ms wall against PEFT-bf16's 84.8 (0.82x), its paired rounds of one step at 98 against 100 ms (0.94x):
+    # every step there ran right after another model's
+    step paired_512_compile_turns3_lora 270 python benchmarks/paired_steps.py --compile --rounds 8 \
+        --steps-per-turn 3 --configs lora peft-bf16:lora --out-name paired_512_compile_turns3_lora
+    step paired_512_compile_turns3_dora 270 python benchmarks/paired_steps.py --compile --rounds 8 \
+        --steps-per-turn 3 --configs dora peft-bf16:dora --out-name paired_512_compile_turns3_dora
+    ;;
 *)
-    echo "unknown part $part (1 to 61)" >&2
+    echo "unknown part $part (1 to 63)" >&2
     exit 2
     ;;
 esac
