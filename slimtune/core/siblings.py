@@ -48,7 +48,7 @@ from torch import nn
 from .autograd_state import inside_backward
 from .caches import TensorMark
 from .lowrank import choose_backward
-from .tracing import compiling
+from .tracing import cached_unless_traced, compiling
 
 LEARNING, ACTIVE, OFF = "learning", "active", "off"
 _SETTING = {"enabled": True}
@@ -286,14 +286,13 @@ def _runnable(chain: Sequence[Any], x: torch.Tensor) -> bool:
     first = chain[0]
     kind, d_in = type(first), x.shape[-1]
     tokens = x.numel() // d_in if d_in else 0
-    recompute_order = _recompute_order.__wrapped__ if compiling() else _recompute_order  # uncached while traced
+    recompute_order = cached_unless_traced(_recompute_order)
     for m in chain:
         if (type(m) is not kind or m.disabled or m.merged or (m.training and m.dropout_p > 0)
                 or m.scaling != first.scaling or m.in_features != d_in
                 or not recompute_order(tokens, m.in_features, m.out_features, m.r)):
             return False
     return True
-
 
 
 def relearn(model: nn.Module) -> None:

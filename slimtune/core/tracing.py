@@ -10,10 +10,22 @@ dropout masks through the custom op below, which Dynamo and AOTAutograd treat as
 """
 from __future__ import annotations
 
+from typing import Callable, TypeVar
+
 import torch
+
+T = TypeVar("T")
 
 #: PyTorch's public query: True while Dynamo (or export) traces the calling code, False in eager execution.
 compiling = torch.compiler.is_compiling
+
+
+def cached_unless_traced(cached: Callable[..., T]) -> Callable[..., T]:
+    """``cached`` (a :func:`functools.lru_cache` function) in eager code; while Dynamo traces, the function it wraps
+    (``__wrapped__``): Dynamo warns about an ``lru_cache`` it would bypass, and the decision it caches is made once
+    per trace anyway."""
+    return cached.__wrapped__ if compiling() else cached  # type: ignore[attr-defined]
+
 
 #: the instance attribute marking a module inside a region that ``torch.compile`` runs (:func:`mark_compiled`)
 _COMPILED_REGION = "_slimtune_compiled_region"

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..core.compute import compute_setting
 from ..core.frozen import QuantizedWeight, register_quantized_layer
-from ..core.tracing import compiling
+from ..core.tracing import cached_unless_traced
 from ..errors import SlimtuneError
 from .nf4 import BLOCKSIZE, DQ_BLOCKSIZE, NF4Tensors, dequantize_nf4, quantize_nf4
 
@@ -140,8 +140,7 @@ class NF4Handle:
 def is_bnb_linear4bit(module: nn.Module) -> bool:
     """bitsandbytes' ``Linear4bit`` (checked without importing bitsandbytes; once per class: every adapted layer
     asks on every forward; uncached while Dynamo traces, which warns about a cache it would bypass)."""
-    check = _is_bnb_linear4bit_class.__wrapped__ if compiling() else _is_bnb_linear4bit_class
-    return check(type(module))
+    return cached_unless_traced(_is_bnb_linear4bit_class)(type(module))
 
 
 @functools.lru_cache(maxsize=None)
