@@ -48,7 +48,8 @@ def saved_squares(model: nn.Module, width: int) -> int:
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         nonlocal count
-        if tuple(t.shape) == (width, width) and not any(t is f for f in frozen):
+        # the frozen weight may be saved as a view (its transpose): told apart by value (random weights)
+        if tuple(t.shape) == (width, width) and not any(torch.equal(t, f) or torch.equal(t, f.t()) for f in frozen):
             count += 1
         return t
 
