@@ -33,6 +33,10 @@ every DoRA layer forms its norm itself, so the pre-pass's saving is measured in 
 (``slimtune.core.lean_layers``: ``conv``, ``norm-silu``, ``geglu``) given their plain forward back, so a step's
 cost or saving from each is measured against the full set in the same rounds.
 
+``floor:METHOD``: slimtune's METHOD model with its adapters taken out (``slimtune.core.inject.detach``) and its frozen lean layers
+kept, and one trainable scalar that scales the input embeddings' output, so that backward still runs through every
+layer: the step an adapter that cost nothing would take, the floor under any method's step in the same rounds.
+
 ``--compile``: each decoder layer through ``torch.compile`` (``slimtune.models.layers.compile_layers``, which turns
 the models' KV cache off), on both sides.
 
@@ -124,6 +128,20 @@ def force_path(model: Any, path: str) -> int:
     return len(layers)
 
 
+def floor_model(model: Any) -> torch.nn.Parameter:
+    """Take ``model``'s adapters out, keep its frozen lean layers, and scale its input embeddings' output by one
+    trainable scalar (``floor`` configurations), so that backward runs through every layer as it does with
+    adapters; returns the scalar."""
+    from slimtune.core.inject import detach, install_frozen_lean_layers
+
+    detach(model)
+    install_frozen_lean_layers(model)
+    embeddings = model.get_input_embeddings()
+    gate = torch.nn.Parameter(torch.ones((), device=embeddings.weight.device, dtype=embeddings.weight.dtype))
+    embeddings.register_forward_hook(lambda _module, _args, out: out * gate)
+    return gate
+
+
 def compile_session(backend: str, model: Any) -> None:
     """``compile_layers`` on a configuration's model: the earlier copy's own for ``before`` configurations (its
     layers may learn or compile otherwise)."""
@@ -147,6 +165,12 @@ def session_for(backend: str, method: str, common: dict[str, Any], memory: str =
     if backend in ("folded", "structured"):
         session = session_for("slimtune", method, common, memory)
         print(f"{force_path(session.model, backend)} layers on the {backend} path", flush=True)
+        return session
+    if backend == "floor":
+        session = session_for("slimtune", method, common, memory)
+        session.trainable = [floor_model(session.model)]
+        session.optimizer = torch.optim.AdamW(session.trainable, lr=LR)
+        print("adapters taken out, one scalar trained (the floor)", flush=True)
         return session
     if backend == "stripped":
         session = session_for("slimtune", method, common, memory)

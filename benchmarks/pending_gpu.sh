@@ -149,13 +149,15 @@
 #   bash benchmarks/pending_gpu.sh 60   # issue 19: LoRA's sums under compile as views (no addmm copies) against the
 #                                       #           code before and PEFT-bf16 compiled (carry .before = e368713)
 #   bash benchmarks/pending_gpu.sh 61   # issue 19: the same for DoRA's sums (carry .before = 60d2260)
+#   bash benchmarks/pending_gpu.sh 64   # issue 19: the floor under LoRA's step (adapters out, backward through every
+#                                       #           layer), compiled and eager, beside LoRA / DoRA and PEFT-bf16
 #   bash benchmarks/pending_gpu.sh 3    # issue 17: online / gradient / data allocation vs AdaLoRA wall time
 #                                       #           (carry .out/minilm_wide; make it with rank_allocation.py --prepare)
 #
 # Outputs go to $OUT (each script's own files, plus one log per step); record them in benchmarks/RESULTS.md with
 # the GPU and versions the scripts print.
 set -uo pipefail
-part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|...|61"}
+part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|...|64"}
 out=${OUT:-/tmp/pending_gpu}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -808,6 +810,17 @@ PY
         --steps-per-turn 3 --configs lora peft-bf16:lora --out-name paired_512_compile_turns3_lora
     step paired_512_compile_turns3_dora 270 python benchmarks/paired_steps.py --compile --rounds 8 \
         --steps-per-turn 3 --configs dora peft-bf16:dora --out-name paired_512_compile_turns3_dora
+    ;;
+64)
+    # issue 19 (about 5 minutes, any GPU): the floor under LoRA's step — the same model with its adapters taken out
+    # and one trained scalar on the embeddings (paired_steps.py floor:lora) — compiled in turns of 3 steps and
+    # eager, beside slimtune's and PEFT-bf16's LoRA and DoRA; then the compiled steps profiled kernel by kernel
+    step paired_512_compile_turns3_floor 200 python benchmarks/paired_steps.py --compile --rounds 8 \
+        --steps-per-turn 3 --configs lora floor:lora peft-bf16:lora --out-name paired_512_compile_turns3_floor
+    step paired_512_eager_turns3_floor 150 python benchmarks/paired_steps.py --rounds 10 --steps-per-turn 3 \
+        --configs lora dora floor:lora peft-bf16:lora peft-bf16:dora --out-name paired_512_eager_turns3_floor
+    step profile_compiled_floor 200 python benchmarks/unet_step_profile.py --preset llama-3.2-3b --rank 32 \
+        --batch 4 --compile --steps 3 --top 12 --configs lora floor:lora peft-bf16:lora
     ;;
 *)
     echo "unknown part $part (1 to 63)" >&2
