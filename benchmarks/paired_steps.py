@@ -37,6 +37,11 @@ cost or saving from each is measured against the full set in the same rounds.
 kept, and one trainable scalar that scales the input embeddings' output, so that backward still runs through every
 layer: the step an adapter that cost nothing would take, the floor under any method's step in the same rounds.
 
+``trainloss:METHOD``: slimtune's METHOD with the loss ``slimtune train`` takes for a causal LM with a plain head
+(``slimtune.memory.chunked_loss.model_causal_lm_loss``: the head and cross entropy chunk by chunk, no ``[tokens,
+vocab]`` logits) instead of transformers' ``model(..., labels=...).loss``, which the other configurations take (the
+protocol's; PEFT's users get it through Trainer).
+
 ``--compile``: each decoder layer through ``torch.compile`` (``slimtune.models.layers.compile_layers``, which turns
 the models' KV cache off), on both sides.
 
@@ -64,6 +69,7 @@ from _common import JsonlSink, environment_line, markdown_table, write_out_text
 import torch
 
 import slimtune
+from slimtune.memory.chunked_loss import model_causal_lm_loss, plain_head
 from slimtune.memory.options import ProfileOptions
 from slimtune.memory.profile import LR, TrainingSession
 from slimtune.models.diffusion import DIFFUSION_PRESETS
@@ -171,6 +177,13 @@ def session_for(backend: str, method: str, common: dict[str, Any], memory: str =
         session.trainable = [floor_model(session.model)]
         session.optimizer = torch.optim.AdamW(session.trainable, lr=LR)
         print("adapters taken out, one scalar trained (the floor)", flush=True)
+        return session
+    if backend == "trainloss":
+        session = session_for("slimtune", method, common, memory)
+        if not plain_head(session.model):
+            raise SystemExit(f"trainloss:{method}: the model has no plain head, slimtune train takes its logits' loss")
+        ids, labels = session.inputs["input_ids"], session.inputs["labels"]
+        session._forward = lambda: (model_causal_lm_loss(session.model, ids, labels, "mean"), None)
         return session
     if backend == "stripped":
         session = session_for("slimtune", method, common, memory)

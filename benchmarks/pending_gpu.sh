@@ -150,7 +150,8 @@
 #                                       #           code before and PEFT-bf16 compiled (carry .before = e368713)
 #   bash benchmarks/pending_gpu.sh 61   # issue 19: the same for DoRA's sums (carry .before = 60d2260)
 #   bash benchmarks/pending_gpu.sh 64   # issue 19: the floor under LoRA's step (adapters out, backward through every
-#                                       #           layer), compiled and eager, beside LoRA / DoRA and PEFT-bf16
+#                                       #           layer) and LoRA with slimtune train's loss, compiled and eager,
+#                                       #           beside LoRA / DoRA and PEFT-bf16
 #   bash benchmarks/pending_gpu.sh 3    # issue 17: online / gradient / data allocation vs AdaLoRA wall time
 #                                       #           (carry .out/minilm_wide; make it with rank_allocation.py --prepare)
 #
@@ -812,15 +813,18 @@ PY
         --steps-per-turn 3 --configs dora peft-bf16:dora --out-name paired_512_compile_turns3_dora
     ;;
 64)
-    # issue 19 (about 5 minutes, any GPU): the floor under LoRA's step — the same model with its adapters taken out
-    # and one trained scalar on the embeddings (paired_steps.py floor:lora) — compiled in turns of 3 steps and
-    # eager, beside slimtune's and PEFT-bf16's LoRA and DoRA; then the compiled steps profiled kernel by kernel
-    step paired_512_compile_turns3_floor 200 python benchmarks/paired_steps.py --compile --rounds 8 \
-        --steps-per-turn 3 --configs lora floor:lora peft-bf16:lora --out-name paired_512_compile_turns3_floor
+    # issue 19 (about 7 minutes, any GPU): the floor under LoRA's step — the same model with its adapters taken out
+    # and one trained scalar on the embeddings (paired_steps.py floor:lora) — and LoRA with the loss slimtune train
+    # takes (trainloss:lora: no full logits), compiled in turns of 3 steps and eager, beside slimtune's and
+    # PEFT-bf16's LoRA (and DoRA eager); then the compiled steps profiled kernel by kernel
+    step paired_512_compile_turns3_floor 230 python benchmarks/paired_steps.py --compile --rounds 8 \
+        --steps-per-turn 3 --configs lora trainloss:lora floor:lora peft-bf16:lora \
+        --out-name paired_512_compile_turns3_floor
     step paired_512_eager_turns3_floor 150 python benchmarks/paired_steps.py --rounds 10 --steps-per-turn 3 \
-        --configs lora dora floor:lora peft-bf16:lora peft-bf16:dora --out-name paired_512_eager_turns3_floor
+        --configs lora trainloss:lora dora floor:lora peft-bf16:lora peft-bf16:dora \
+        --out-name paired_512_eager_turns3_floor
     step profile_compiled_floor 200 python benchmarks/unet_step_profile.py --preset llama-3.2-3b --rank 32 \
-        --batch 4 --compile --steps 3 --top 12 --configs lora floor:lora peft-bf16:lora
+        --batch 4 --compile --steps 3 --top 12 --configs lora trainloss:lora floor:lora peft-bf16:lora
     ;;
 *)
     echo "unknown part $part (1 to 63)" >&2
