@@ -152,13 +152,15 @@
 #   bash benchmarks/pending_gpu.sh 64   # issue 19: the floor under LoRA's step (adapters out, backward through every
 #                                       #           layer) and LoRA with slimtune train's loss, compiled and eager,
 #                                       #           beside LoRA / DoRA and PEFT-bf16
+#   bash benchmarks/pending_gpu.sh 65   # slimtune train's chunked loss with its Triton kernel: CUDA tests, against
+#                                       #           transformers' loss and the reference chunk (loss_compare.py)
 #   bash benchmarks/pending_gpu.sh 3    # issue 17: online / gradient / data allocation vs AdaLoRA wall time
 #                                       #           (carry .out/minilm_wide; make it with rank_allocation.py --prepare)
 #
 # Outputs go to $OUT (each script's own files, plus one log per step); record them in benchmarks/RESULTS.md with
 # the GPU and versions the scripts print.
 set -uo pipefail
-part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|...|64"}
+part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|...|65"}
 out=${OUT:-/tmp/pending_gpu}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -825,6 +827,15 @@ PY
         --out-name paired_512_eager_turns3_floor
     step profile_compiled_floor 200 python benchmarks/unet_step_profile.py --preset llama-3.2-3b --rank 32 \
         --batch 4 --compile --steps 3 --top 12 --configs lora trainloss:lora floor:lora peft-bf16:lora
+    ;;
+65)
+    # slimtune train's loss (about 2 minutes, any GPU): the chunked loss's Triton kernel (one launch per chunk) —
+    # its CUDA tests, then forward and backward at Llama-3.2-3B's head against transformers' loss and the
+    # reference chunk, at seq 512 and 2048 (batch 4)
+    step cuda_tests_chunked_loss 120 python -m pytest -q tests/memory/test_chunked_loss_cuda.py \
+        tests/memory/test_chunked_loss.py
+    step loss_compare_512 60 python benchmarks/loss_compare.py
+    step loss_compare_2048 90 python benchmarks/loss_compare.py --rows 8188 --rounds 10
     ;;
 *)
     echo "unknown part $part (1 to 63)" >&2

@@ -207,14 +207,15 @@ def test_method_files_stay_small():
 
 
 def test_each_triton_kernel_module_sits_beside_its_reference():
-    """Every module that imports triton lives in a method's folder (or quant, or core for the lean frozen layers)
-    beside the PyTorch reference a CPU test compares it with."""
+    """Every module that imports triton lives in a method's folder (or quant, or core for the lean frozen layers, or
+    memory for the chunked loss) beside the PyTorch reference a CPU test compares it with."""
     kernels = sorted(m for m in MODULES if THIRD[m] & OPTIONAL)
     assert kernels == ["slimtune.core.triton_rms_norm", "slimtune.core.triton_swiglu",
-                       "slimtune.methods.dora.triton_kernels", "slimtune.methods.dora.triton_norm",
-                       "slimtune.methods.dora.triton_prepass", "slimtune.methods.loha.triton_kernels",
-                       "slimtune.quant.nf4_triton"]
+                       "slimtune.memory.triton_cross_entropy", "slimtune.methods.dora.triton_kernels",
+                       "slimtune.methods.dora.triton_norm", "slimtune.methods.dora.triton_prepass",
+                       "slimtune.methods.loha.triton_kernels", "slimtune.quant.nf4_triton"]
     tests = Path(__file__).resolve().parent
-    for test in ("core/test_rms_norm.py", "core/test_swiglu.py", "methods/dora/test_triton_kernels.py",
+    for test in ("core/test_rms_norm.py", "core/test_swiglu.py", "memory/test_chunked_loss.py",
+                 "methods/dora/test_triton_kernels.py",
                  "methods/dora/test_prepass.py", "methods/loha/test_triton_kernels.py", "quant/test_nf4.py"):
         assert (tests / test).is_file(), test

@@ -8,6 +8,11 @@ computes ``Σ CE(h Wᵀ + b, y)`` over chunks of rows and, in the same pass, the
 ``b`` (float32). Only those gradients are kept for backward and one chunk of logits exists at a time, forward
 and backward. The loss is a scalar, so backward only scales them by the incoming gradient: exact.
 
+Each chunk's row losses and ``d CE / d logits`` come from one Triton launch on CUDA
+(:mod:`.triton_cross_entropy`: two reads of the float32 logits, one write of the gradient in the model's dtype),
+or from :func:`softmax_cross_entropy_reference` elsewhere, while ``torch.compile`` traces, and when a bias trains
+(its gradient sums the float32 softmax).
+
 Numerics: the softmax in float32, as transformers' loss; the logits are the head's GEMM accumulated in float32
 and, on CUDA, written in float32 by the GEMM itself (no rounded copy in the model's dtype: a little more exact than
 transformers' logits-then-upcast, and one pass and one ``[rows, V]`` buffer less per chunk). A head tied
@@ -20,6 +25,7 @@ import torch
 from torch import nn
 
 from ..core.compute import mm_fp32
+from ..core.triton import use_triton
 from ..errors import ConfigError
 
 #: the label value that carries no loss (transformers' and PyTorch's ``ignore_index``)
@@ -29,6 +35,22 @@ CHUNK_ELEMENTS = 1 << 26
 REDUCTIONS = ("sum", "mean")
 #: model families whose logits are ``head(last hidden state)`` and nothing more (no soft-capping or scale)
 PLAIN_HEAD_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "opt", "gpt2")
+
+
+def softmax_cross_entropy_reference(logits: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor | None
+                                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(row losses [rows], d loss / d logits [rows, vocab])``, both float32, for float32 ``logits`` ``[rows,
+    vocab]`` (overwritten: the gradient takes their memory), valid class indices ``labels`` ``[rows]`` and ``keep``
+    ``[rows]`` bool (rows with False: zero loss and zero gradient) or None. The reference of
+    :func:`~.triton_cross_entropy.softmax_cross_entropy_triton`."""
+    lse = torch.logsumexp(logits, dim=-1)
+    row_loss = lse - logits.gather(1, labels[:, None]).squeeze(1)
+    grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+    grad.scatter_add_(1, labels[:, None], torch.full_like(lse[:, None], -1.0))  # d CE / d logits
+    if keep is not None:
+        row_loss = row_loss * keep
+        grad.mul_(keep[:, None])
+    return row_loss, grad
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -48,7 +70,6 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros_like(w) if need_w else None  # autograd casts it to the weight's dtype
         grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=hidden.device) if need_b else None
-        rows = torch.arange(min(chunk, hidden.shape[0]), device=hidden.device)
         for start in range(0, hidden.shape[0], chunk):
             h, y = hidden[start:start + chunk], labels[start:start + chunk]
             keep = None
@@ -58,22 +79,25 @@ class LinearCrossEntropy(torch.autograd.Function):
             logits = mm_fp32(h, w.t())  # [c, V] fp32 (on CUDA written by the GEMM itself: no rounded copy)
             if bias is not None:
                 logits += bias
-            lse = torch.logsumexp(logits, dim=-1)
-            row_loss = lse - logits.gather(1, y[:, None]).squeeze(1)
-            total += (row_loss if keep is None else row_loss * keep).sum()
-            if need_h or need_w or need_b:
-                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
-                probs[rows[:len(y)], y] -= 1.0  # d CE / d logits
-                if keep is not None:
-                    probs.mul_(keep[:, None])
+            if not (need_h or need_w or need_b):
+                row_loss = torch.logsumexp(logits, dim=-1) - logits.gather(1, y[:, None]).squeeze(1)
+                total += (row_loss if keep is None else row_loss * keep).sum()
+                continue
+            if grad_b is None and use_triton(logits):  # one launch: the row losses and the gradient in h's dtype
+                from .triton_cross_entropy import softmax_cross_entropy_triton
+
+                row_loss, d_logits = softmax_cross_entropy_triton(logits, y, keep, h.dtype)
+            else:
+                row_loss, probs = softmax_cross_entropy_reference(logits, y, keep)
                 if grad_b is not None:
                     grad_b += probs.sum(0)
                 d_logits = probs.to(h.dtype)
-                if grad_h is not None:
-                    torch.matmul(d_logits, w, out=grad_h[start:start + chunk])
-                if grad_w is not None:
-                    grad_w.addmm_(d_logits.t(), h)
-            del logits
+            total += row_loss.sum()
+            if grad_h is not None:
+                torch.matmul(d_logits, w, out=grad_h[start:start + chunk])
+            if grad_w is not None:
+                grad_w.addmm_(d_logits.t(), h)
+            del logits, d_logits
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.bias_dtype = None if bias is None else bias.dtype
         return total

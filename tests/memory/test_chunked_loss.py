@@ -13,7 +13,7 @@ import slimtune
 from slimtune.errors import ConfigError
 from slimtune.memory.chunked_loss import IGNORE_INDEX, LinearCrossEntropy, chunked_causal_lm_loss, model_causal_lm_loss
 
-from ..helpers import BF16_TOL, FP32_TOL, rel_err
+from ..helpers import BF16_TOL, FP32_TOL, check_interpreted_errors, rel_err
 
 
 class LargestTensor(TorchDispatchMode):
@@ -174,3 +174,47 @@ def test_masked_rows_carry_no_loss_and_no_gradient(bias):
     assert rel_err(masked, dropped) < 1e-12
     assert all(rel_err(g, w) < 1e-6 for g, w in zip(got, want))  # the bias's gradient sums in float32
     assert torch.all(got[0][~keep] == 0)
+
+
+INTERPRETED = r"""
+import json, torch
+import torch.nn.functional as F
+from slimtune.memory.chunked_loss import LinearCrossEntropy, softmax_cross_entropy_reference
+from slimtune.memory.triton_cross_entropy import softmax_cross_entropy_triton
+from tests.helpers import rel_err
+
+torch.manual_seed(0)
+results = {}
+for dtype in (torch.float32, torch.float16):
+    for rows, vocab, masked in ((5, 50, False), (4, 4100, True), (3, 9000, False)):
+        logits = torch.randn(rows, vocab) * 4
+        labels = torch.randint(0, vocab, (rows,))
+        keep = torch.tensor([True, False] * rows)[:rows] if masked else None
+        loss, grad = softmax_cross_entropy_triton(logits, labels, keep, dtype)
+        ref_loss, ref_grad = softmax_cross_entropy_reference(logits.double(), labels, keep)
+        results[f"{str(dtype)[6:]}/{rows}x{vocab}"] = [rel_err(loss, ref_loss), rel_err(grad, ref_grad),
+                                                       float(grad.dtype != dtype)]
+hidden = torch.randn(2, 9, 16, dtype=torch.float32) * 2
+weight = torch.randn(300, 16) * 3
+labels = torch.randint(0, 300, (2, 9))
+labels[0, 3] = -100
+h = hidden[:, :-1].reshape(-1, 16)
+y = labels[:, 1:].reshape(-1)
+for masked in (False, True):
+    hh = (h if masked else h[y != -100]).clone().requires_grad_()
+    yy = y if masked else y[y != -100]
+    loss = LinearCrossEntropy.apply(hh, weight, None, yy, 4, masked)
+    loss.backward()
+    h64 = (h if masked else h[y != -100]).double().requires_grad_()
+    ref = F.cross_entropy(h64 @ weight.double().t(), yy, ignore_index=-100, reduction="sum")
+    ref.backward()
+    results[f"float32/function masked={masked}"] = [rel_err(loss, ref), rel_err(hh.grad, h64.grad)]
+print("RESULTS " + json.dumps(results))
+"""
+
+
+def test_triton_kernel_matches_the_reference_interpreted():
+    """One launch per chunk (``softmax_cross_entropy_triton``) against the float64 reference under the interpreter:
+    row losses and gradients (float32 and float16), vocabularies under, across and over one block, masked rows; and
+    ``LinearCrossEntropy`` through the kernel against float64 ``F.cross_entropy``."""
+    check_interpreted_errors(INTERPRETED, cases=8, fp32_tol=1e-5)
