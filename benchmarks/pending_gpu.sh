@@ -154,13 +154,15 @@
 #                                       #           beside LoRA / DoRA and PEFT-bf16
 #   bash benchmarks/pending_gpu.sh 65   # slimtune train's chunked loss with its Triton kernel: CUDA tests, against
 #                                       #           transformers' loss and the reference chunk (loss_compare.py)
+#   bash benchmarks/pending_gpu.sh 66   # slimtune train's loss (no host synchronisation) in the 3B LoRA step, compiled
+#                                       #           and eager, against the protocol's loss and PEFT-bf16
 #   bash benchmarks/pending_gpu.sh 3    # issue 17: online / gradient / data allocation vs AdaLoRA wall time
 #                                       #           (carry .out/minilm_wide; make it with rank_allocation.py --prepare)
 #
 # Outputs go to $OUT (each script's own files, plus one log per step); record them in benchmarks/RESULTS.md with
 # the GPU and versions the scripts print.
 set -uo pipefail
-part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|...|65"}
+part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|...|66"}
 out=${OUT:-/tmp/pending_gpu}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -833,9 +835,18 @@ PY
     # its CUDA tests, then forward and backward at Llama-3.2-3B's head against transformers' loss and the
     # reference chunk, at seq 512 and 2048 (batch 4)
     step cuda_tests_chunked_loss 120 python -m pytest -q tests/memory/test_chunked_loss_cuda.py \
-        tests/memory/test_chunked_loss.py
+        tests/memory/test_chunked_loss.py -k "not interpreted"
     step loss_compare_512 60 python benchmarks/loss_compare.py
     step loss_compare_2048 90 python benchmarks/loss_compare.py --rows 8188 --rounds 10
+    ;;
+66)
+    # slimtune train's loss in the 3B step (about 4 minutes, any GPU): the chunked loss with ignored rows masked on
+    # CUDA (no host synchronisation), LoRA compiled in turns of 3 steps and eager, beside the protocol's loss and
+    # PEFT-bf16
+    step paired_512_compile_turns3_trainloss 200 python benchmarks/paired_steps.py --compile --rounds 8 \
+        --steps-per-turn 3 --configs lora trainloss:lora peft-bf16:lora --out-name paired_512_compile_turns3_trainloss
+    step paired_512_eager_turns3_trainloss 120 python benchmarks/paired_steps.py --rounds 8 --steps-per-turn 3 \
+        --configs lora trainloss:lora peft-bf16:lora --out-name paired_512_eager_turns3_trainloss
     ;;
 *)
     echo "unknown part $part (1 to 63)" >&2

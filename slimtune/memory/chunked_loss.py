@@ -55,7 +55,7 @@ def softmax_cross_entropy_reference(logits: torch.Tensor, labels: torch.Tensor, 
 
 class LinearCrossEntropy(torch.autograd.Function):
     """``Σ_i CE(hidden_i Wᵀ + b, labels_i)`` (float32 scalar). ``hidden`` ``[N, H]``, ``weight`` ``[V, H]``,
-    ``bias`` ``[V]`` or None, ``labels`` ``[N]`` int64, ``chunk`` rows at a time. ``masked``: rows labelled
+    ``bias`` ``[V]`` or None, ``labels`` ``[N]`` int64, ``chunk`` rows at a time. ``masked`` (on CUDA): rows labelled
     :data:`IGNORE_INDEX` are among them and carry no loss and no gradient (shapes that do not depend on the labels,
     as a CUDA graph's capture needs); otherwise every label is valid (:func:`shifted_targets` dropped the rest).
     Saves the gradients of the inputs that need one (computed in forward): ``[N, H]``, ``[V, H]``, ``[V]``;
@@ -186,7 +186,10 @@ def chunked_causal_lm_loss(hidden: torch.Tensor, head: nn.Module, labels: torch.
         raise ConfigError(f"hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} must be [B, T, H] and "
                           f"[B, T] with H = the head's input width {weight.shape[1]}")
     rows = chunk if chunk is not None else chunk_rows(weight.shape[0])
-    masked = hidden.is_cuda and torch.cuda.is_current_stream_capturing()  # a CUDA graph: no shape may follow labels
+    # On CUDA the ignored rows stay, masked: dropping them (a boolean index) reads their count back to the host, a
+    # synchronisation in the middle of the step that stops the host from queueing ahead of the GPU (and that a CUDA
+    # graph's capture cannot hold). The price: the head's GEMMs run for the ignored rows too.
+    masked = hidden.is_cuda
     h, y = shifted_targets(hidden, labels, drop=not masked)
     loss = LinearCrossEntropy.apply(h, weight, getattr(head, "bias", None), y, rows, masked)
     if reduction == "sum":
