@@ -33,9 +33,10 @@ every DoRA layer forms its norm itself, so the pre-pass's saving is measured in 
 (``slimtune.core.lean_layers``: ``conv``, ``norm-silu``, ``geglu``) given their plain forward back, so a step's
 cost or saving from each is measured against the full set in the same rounds.
 
-``floor:METHOD``: slimtune's METHOD model with its adapters taken out (``slimtune.core.inject.detach``) and its frozen lean layers
-kept, and one trainable scalar that scales the input embeddings' output, so that backward still runs through every
-layer: the step an adapter that cost nothing would take, the floor under any method's step in the same rounds.
+``floor:METHOD``: slimtune's METHOD model with its adapters taken out (``slimtune.core.inject.detach``) and its
+frozen lean layers kept, and one trainable scalar that scales the input embeddings' output, so that backward still
+runs through every layer: the step an adapter that cost nothing would take, the floor under any method's step in the
+same rounds (a little over it: it also runs layer 0's input gradient, which no adapter needs).
 
 ``trainloss:METHOD``: slimtune's METHOD with the loss ``slimtune train`` takes for a causal LM with a plain head
 (``slimtune.memory.chunked_loss.model_causal_lm_loss``: the head and cross entropy chunk by chunk, no ``[tokens,

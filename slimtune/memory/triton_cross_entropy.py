@@ -55,6 +55,7 @@ def softmax_cross_entropy_triton(logits: torch.Tensor, labels: torch.Tensor, kee
     """``(row losses [rows] float32, d loss / d logits [rows, vocab] in grad_dtype)`` for float32 ``logits``
     ``[rows, vocab]`` (rows contiguous), valid class indices ``labels`` ``[rows]`` and ``keep`` ``[rows]`` bool
     (rows with False: zero loss and zero gradient) or None (every row counts)."""
+    logits = logits.contiguous()  # the kernel walks a row with unit stride (the GEMM's output already is)
     rows, vocab = logits.shape
     loss = torch.empty(rows, dtype=torch.float32, device=logits.device)
     grad = torch.empty((rows, vocab), dtype=grad_dtype, device=logits.device)

@@ -44,3 +44,27 @@ def test_bf16_head_loss_and_gradient_match_float64(masked):
     ref = F.cross_entropy(h64 @ weight.double().t(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
     ref.backward()
     assert rel_err(loss, ref) < 1e-4 and rel_err(hidden.grad, h64.grad) < BF16_TOL
+
+
+def test_loss_and_backward_never_wait_on_the_host():
+    """On CUDA the ignored rows stay, masked (no boolean index, whose count would be read back to the host): the
+    loss and its backward run under ``torch.cuda.set_sync_debug_mode("error")``, which raises on a synchronisation.
+    (Added on 2026-12-06 without a GPU run: RESULTS.md run 133 measured the change, not this test.)"""
+    from slimtune.memory.chunked_loss import chunked_causal_lm_loss
+
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 33, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    head = torch.nn.Linear(64, 1000, bias=False).to("cuda", torch.bfloat16).requires_grad_(False)
+    labels = torch.randint(0, 1000, (2, 33), device="cuda")
+    labels[:, :5] = IGNORE_INDEX
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = chunked_causal_lm_loss(hidden, head, labels, reduction="mean", chunk=16)
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    keep = labels[:, 1:] != IGNORE_INDEX
+    h64 = hidden.detach().double()[:, :-1][keep].requires_grad_()
+    ref = F.cross_entropy(h64 @ head.weight.double().t(), labels[:, 1:][keep])
+    assert rel_err(loss, ref) < 1e-4
