@@ -75,7 +75,7 @@ class LinearCrossEntropy(torch.autograd.Function):
             keep = None
             if masked:
                 keep = y != IGNORE_INDEX
-                y = y.clamp_min(0)  # an ignored row's index: any class (its loss and gradient are zeroed)
+                y = torch.where(keep, y, 0)  # an ignored row's index: any class (its loss and gradient are zeroed)
             logits = mm_fp32(h, w.t())  # [c, V] fp32 (on CUDA written by the GEMM itself: no rounded copy)
             if bias is not None:
                 logits += bias
@@ -175,6 +175,8 @@ def chunked_causal_lm_loss(hidden: torch.Tensor, head: nn.Module, labels: torch.
 
     ``reduction``: ``"sum"`` over the targets, or ``"mean"`` (transformers' ``model(..., labels=...).loss``;
     0 when no position has a target). ``chunk``: rows per chunk (default: about 256 MiB of float32 logits).
+    A label outside ``[0, V)`` other than -100 raises (an index error) on the CPU and makes the loss NaN on CUDA
+    (checking it there would wait on the host every step).
     """
     if reduction not in REDUCTIONS:
         raise ConfigError(f"unknown reduction {reduction!r}; choose from {', '.join(REDUCTIONS)}")

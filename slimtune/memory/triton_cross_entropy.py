@@ -4,7 +4,8 @@ in the model's dtype (the reference, :func:`~.chunked_loss.softmax_cross_entropy
 passes over float32 ``[rows, vocab]`` tensors: logsumexp, gather, subtract, exp, the target's −1, the cast).
 
 Per row: ``lse = log Σ exp(z)`` (online maximum and sum in float32), ``loss = (lse − z[y]) · keep``, and
-``grad = (exp(z − lse) − onehot(y)) · keep`` rounded once to the gradient's dtype. Tests:
+``grad = (exp(z − lse) − onehot(y)) · keep`` rounded once to the gradient's dtype; a label outside ``[0, vocab)``
+gives that row a NaN loss and gradient (the reference raises an index error). Tests:
 ``tests/memory/test_chunked_loss.py`` under ``TRITON_INTERPRET=1`` (float32 and float16 gradients) and
 ``tests/memory/test_chunked_loss_cuda.py`` on a GPU (bf16). Importing this module defines the kernel, so
 ``TRITON_INTERPRET=1`` (CPU tests) must be set before that.
@@ -39,22 +40,25 @@ def _row_kernel(logits_ptr, labels_ptr, keep_ptr, loss_ptr, grad_ptr, vocab, str
     top = tl.max(peak, axis=0)
     lse = top + tl.log(tl.sum(total * tl.exp(peak - top), axis=0))
     label = tl.load(labels_ptr + row)
+    valid = (label >= 0) & (label < vocab)
+    bad = tl.where(valid, 0.0, float("nan"))  # a label outside [0, vocab): NaN loss and gradient, never a wrong value
     keep = tl.load(keep_ptr + row).to(tl.float32) if HAS_KEEP else 1.0
-    tl.store(loss_ptr + row, (lse - tl.load(z_row + label)) * keep)
+    tl.store(loss_ptr + row, (lse - tl.load(z_row + tl.where(valid, label, 0))) * keep + bad)
     g_row = grad_ptr + row * stride_g
     for start in range(0, vocab, BLOCK):
         cols = start + offs
         ok = cols < vocab
         z = tl.load(z_row + cols, mask=ok, other=0.0)
-        grad = (tl.exp(z - lse) - tl.where(cols == label, 1.0, 0.0)) * keep
+        grad = (tl.exp(z - lse) - tl.where(cols == label, 1.0, 0.0)) * keep + bad
         tl.store(g_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=ok)
 
 
 def softmax_cross_entropy_triton(logits: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor | None,
                                  grad_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """``(row losses [rows] float32, d loss / d logits [rows, vocab] in grad_dtype)`` for float32 ``logits``
-    ``[rows, vocab]`` (rows contiguous), valid class indices ``labels`` ``[rows]`` and ``keep`` ``[rows]`` bool
-    (rows with False: zero loss and zero gradient) or None (every row counts)."""
+    ``[rows, vocab]`` (rows contiguous), class indices ``labels`` ``[rows]`` (one outside ``[0, vocab)``: that row's
+    loss and gradient are NaN) and ``keep`` ``[rows]`` bool (rows with False: zero loss and zero gradient) or None
+    (every row counts)."""
     logits = logits.contiguous()  # the kernel walks a row with unit stride (the GEMM's output already is)
     rows, vocab = logits.shape
     loss = torch.empty(rows, dtype=torch.float32, device=logits.device)

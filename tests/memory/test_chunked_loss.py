@@ -218,3 +218,33 @@ def test_triton_kernel_matches_the_reference_interpreted():
     row losses and gradients (float32 and float16), vocabularies under, across and over one block, masked rows; and
     ``LinearCrossEntropy`` through the kernel against float64 ``F.cross_entropy``."""
     check_interpreted_errors(INTERPRETED, cases=8, fp32_tol=1e-5)
+
+
+BAD_LABELS = r"""
+import json, math, torch
+from slimtune.memory.chunked_loss import LinearCrossEntropy
+from slimtune.memory.triton_cross_entropy import softmax_cross_entropy_triton
+
+torch.manual_seed(0)
+logits = torch.randn(4, 300)
+loss, grad = softmax_cross_entropy_triton(logits, torch.tensor([3, 300, -5, 7]), None, torch.float32)
+rows_nan = [bool(math.isnan(loss[i])) and bool(grad[i].isnan().all()) for i in range(4)]
+rows_fine = [bool(torch.isfinite(loss[i])) and bool(torch.isfinite(grad[i]).all()) for i in range(4)]
+hidden = torch.randn(3, 8, requires_grad=True)
+masked = LinearCrossEntropy.apply(hidden, torch.randn(50, 8), None, torch.tensor([1, -100, -5]), 2, True)
+print("RESULTS " + json.dumps({"nan": rows_nan, "finite": rows_fine, "masked": math.isnan(masked.item())}))
+"""
+
+
+def test_labels_outside_the_vocabulary_are_never_a_silent_value():
+    """A label outside ``[0, V)`` (other than -100) gives a NaN loss through the kernel (on CUDA, where checking it
+    would wait on the host), also where ignored rows are masked (a negative label is not folded into class 0); the
+    CPU's reference path raises an index error."""
+    pytest.importorskip("triton")
+    from ..helpers import run_interpreted
+
+    got = run_interpreted(BAD_LABELS)
+    assert got == {"nan": [False, True, True, False], "finite": [True, False, False, True], "masked": True}
+    head = nn.Linear(8, 20, bias=False)
+    with pytest.raises(RuntimeError, match="out of bounds"):
+        chunked_causal_lm_loss(torch.randn(1, 4, 8), head, torch.tensor([[0, 3, 25, 1]]))
