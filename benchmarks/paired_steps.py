@@ -70,6 +70,7 @@ from _common import JsonlSink, environment_line, markdown_table, write_out_text
 import torch
 
 import slimtune
+from slimtune.core.inject import detach, install_frozen_lean_layers
 from slimtune.memory.chunked_loss import model_causal_lm_loss, plain_head
 from slimtune.memory.options import ProfileOptions
 from slimtune.memory.profile import LR, TrainingSession
@@ -139,8 +140,6 @@ def floor_model(model: Any) -> torch.nn.Parameter:
     """Take ``model``'s adapters out, keep its frozen lean layers, and scale its input embeddings' output by one
     trainable scalar (``floor`` configurations), so that backward runs through every layer as it does with
     adapters; returns the scalar."""
-    from slimtune.core.inject import detach, install_frozen_lean_layers
-
     detach(model)
     install_frozen_lean_layers(model)
     embeddings = model.get_input_embeddings()
