@@ -848,11 +848,10 @@ PY
         --configs lora trainloss:lora peft-bf16:lora --out-name paired_512_eager_turns3_trainloss
     ;;
 67)
-    # issue 19 (about 2 minutes, any GPU): the skinny GEMMs of LoRA's backward at the 3B shape, timed as CUDA graphs
-    # (the GPU's time alone; eagerly, back-to-back calls time the host), each in the layouts that give the same
-    # product; then the chunked loss's kernel with its vocabulary a constant (Triton 3.6's interpreter could not take
-    # it as a runtime loop bound, run 130): its CUDA tests (the one that the loss never synchronises among them, not
-    # yet run on a GPU) and its interpreted test under this machine's Triton
+    # issue 19 (about 2 minutes, any GPU; ran as RESULTS.md run 135): the skinny GEMMs of LoRA's backward at the 3B
+    # shape, timed as CUDA graphs (the GPU's time alone; eagerly, back-to-back calls time the host), each in the
+    # layouts that give the same product; then the chunked loss's CUDA tests (the one that the loss never
+    # synchronises among them) and its interpreted test under this machine's Triton (3.6: fails, run 130)
     step skinny_gemm_forms 120 python benchmarks/skinny_gemm_forms.py
     step cuda_tests_chunked_loss 150 python -m pytest -q tests/memory/test_chunked_loss_cuda.py \
         tests/memory/test_chunked_loss.py

@@ -23,11 +23,8 @@ BLOCK = 4096
 
 
 @triton.jit
-def _row_kernel(logits_ptr, labels_ptr, keep_ptr, loss_ptr, grad_ptr, stride_z, stride_g, VOCAB: tl.constexpr,
+def _row_kernel(logits_ptr, labels_ptr, keep_ptr, loss_ptr, grad_ptr, vocab, stride_z, stride_g,
                 HAS_KEEP: tl.constexpr, BLOCK: tl.constexpr):
-    # VOCAB a constant: one compiled kernel per vocabulary (a model has one), and loops that Triton 3.6's
-    # interpreter can run (it cannot take a loop bound that is a runtime argument)
-    vocab = VOCAB
     row = tl.program_id(0).to(tl.int64)
     z_row = logits_ptr + row * stride_z
     offs = tl.arange(0, BLOCK)
@@ -68,6 +65,6 @@ def softmax_cross_entropy_triton(logits: torch.Tensor, labels: torch.Tensor, kee
     grad = torch.empty((rows, vocab), dtype=grad_dtype, device=logits.device)
     if rows:
         block = min(BLOCK, next_power_of_2(vocab))
-        launch(_row_kernel, logits, (rows,), logits, labels, labels if keep is None else keep, loss, grad,
-               logits.stride(0), grad.stride(0), VOCAB=vocab, HAS_KEEP=keep is not None, BLOCK=block, num_warps=8)
+        launch(_row_kernel, logits, (rows,), logits, labels, labels if keep is None else keep, loss, grad, vocab,
+               logits.stride(0), grad.stride(0), HAS_KEEP=keep is not None, BLOCK=block, num_warps=8)
     return loss, grad
