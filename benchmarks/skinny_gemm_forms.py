@@ -1,6 +1,6 @@
-"""The skinny GEMMs of LoRA's backward at the 3B shape, each in the layouts that give the same product, timed on one
-GPU: which layout cuBLAS runs fastest (run 132: about 4 ms of a compiled 3B step are these GEMMs, 196 of them as
-split-K with a separate reduction kernel).
+"""LoRA's skinny GEMMs at the 3B shape, each in the layouts that give the same product, timed on one GPU: which
+layout cuBLAS runs fastest, and how close each runs to the memory bound (run 132: about 4 ms of a compiled 3B step
+are these GEMMs, 196 of them as split-K with a separate reduction kernel).
 
 For every sibling group of a Llama-3.2-3B decoder layer at r=32 (q/k/v: R = 96 over one x; o; gate/up: R = 64;
 down) and N tokens (batch 4 x seq 512 = 2048), bf16:
@@ -10,9 +10,11 @@ down) and N tokens (batch 4 x seq 512 = 2048), bf16:
   ``(h_i.t() @ dy).t()`` and against ``h_i`` made contiguous first;
 * for reference the other skinny ones: ``h = x A_catᵀ``, ``g_i = dy_i B_i``, ``g A_cat`` ``[N, d_in]``.
 
-Each form's median over interleaved rounds of CUDA-event times of a CUDA graph of 20 calls (the GPU's time
-alone; ``--rounds`` rounds), its ratio to
-slimtune's form, and its largest relative difference from slimtune's form (the same product: rounding only).
+Each form runs 20 times in one CUDA graph, whose replays are timed by CUDA events: the GPU's time alone (timed
+eagerly, back-to-back calls of a GEMM this small time the host's launches). Per form: the median over ``--rounds``
+interleaved rounds, its ratio to slimtune's form, the rate at which it moves its least bytes (replays keep the
+operands in L2, so rates above HBM's appear), and its largest relative difference from slimtune's form (the same
+product: rounding only). RESULTS.md run 135 has the H100's table.
 Usage: ``python benchmarks/skinny_gemm_forms.py [--tokens 2048] [--rank 32]``.
 """
 from __future__ import annotations
@@ -25,8 +27,9 @@ import torch
 
 from _common import markdown_table
 
-#: Llama-3.2-3B's adapted layers as (input width, members' output widths)
+#: calls of a GEMM in one captured graph
 CALLS = 20
+#: Llama-3.2-3B's adapted layers as (input width, members' output widths)
 GROUPS = {"q/k/v": (3072, (3072, 1024, 1024)), "o": (3072, (3072,)), "gate/up": (3072, (8192, 8192)),
           "down": (8192, (3072,))}
 
