@@ -43,6 +43,10 @@ same rounds (a little over it: it also runs layer 0's input gradient, which no a
 vocab]`` logits) instead of transformers' ``model(..., labels=...).loss``, which the other configurations take (the
 protocol's; PEFT's users get it through Trainer).
 
+``stacked:lora``: slimtune's LoRA with each sibling chain's frozen weights and A factors held in one buffer, so that
+one GEMM gives the chain's base outputs and ``x Aᵀ`` (a prototype, ``benchmarks/stacked_siblings.py``; stacked after
+one eager step, in which the chains are learnt).
+
 ``--compile``: each decoder layer through ``torch.compile`` (``slimtune.models.layers.compile_layers``, which turns
 the models' KV cache off), on both sides.
 
@@ -184,6 +188,12 @@ def session_for(backend: str, method: str, common: dict[str, Any], memory: str =
             raise SystemExit(f"trainloss:{method}: the model has no plain head, slimtune train takes its logits' loss")
         ids, labels = session.inputs["input_ids"], session.inputs["labels"]
         session._forward = lambda: (model_causal_lm_loss(session.model, ids, labels, "mean"), None)
+        return session
+    if backend == "stacked":
+        from stacked_siblings import stack_siblings  # the prototype; it routes LoRA's chains (others unchanged)
+        session = session_for("slimtune", method, common, memory)
+        session.train_step()  # the sibling groups learn their chains
+        print(f"{stack_siblings(session.model)} sibling chains stacked (prototype)", flush=True)
         return session
     if backend == "stripped":
         session = session_for("slimtune", method, common, memory)

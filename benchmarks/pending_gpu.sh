@@ -3,7 +3,7 @@
 # (≤ 10 min) and together the 30-minute device budget; run on 2026-12-05 as RESULTS.md runs 47 (part 1), 48 (part 3)
 # and 49 (part 2), and kept to repeat them. Run from the repository root on the lent machine:
 #
-# Still to run on an H200 (as of 2026-12-06, eighth session; no H200 started in the fourth to eighth): part 58 (or
+# Still to run on an H200 (as of 2026-12-06, ninth session; no H200 started in the fourth to ninth): part 58 (or
 # 56) for issue 20's LoKr step; parts 63 and 64 for issue 19's compiled LoRA and DoRA and the floor under LoRA's step
 # (ran on H100s as RESULTS.md runs 128 and 131; part 62 ran as run 129, parts 65-66 as runs 130 and 133).
 # Earlier list (as of 2026-12-06, third session: parts 44-45 ran as RESULTS.md run 105, 46 as 106, 43 as 107, 48
@@ -856,8 +856,17 @@ PY
     step cuda_tests_chunked_loss 150 python -m pytest -q tests/memory/test_chunked_loss_cuda.py \
         tests/memory/test_chunked_loss.py
     ;;
+68)
+    # issue 19 (about 8 minutes, any GPU): the prototype stacked:lora (benchmarks/stacked_siblings.py: each sibling
+    # chain's frozen weights and A's in one buffer, one GEMM for the chain's base outputs and x Aᵀ) against slimtune's
+    # LoRA and PEFT-bf16, compiled and eager, in turns of 3 steps — what fewer GEMM calls a layer buy (run 135)
+    step paired_512_compile_turns3_stacked 330 python benchmarks/paired_steps.py --compile --rounds 8 \
+        --steps-per-turn 3 --configs lora stacked:lora peft-bf16:lora --out-name paired_512_compile_turns3_stacked
+    step paired_512_eager_turns3_stacked 150 python benchmarks/paired_steps.py --rounds 8 --steps-per-turn 3 \
+        --configs lora stacked:lora peft-bf16:lora --out-name paired_512_eager_turns3_stacked
+    ;;
 *)
-    echo "unknown part $part (1 to 67)" >&2
+    echo "unknown part $part (1 to 68)" >&2
     exit 2
     ;;
 esac

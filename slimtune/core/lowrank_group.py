@@ -69,24 +69,32 @@ class GroupedLowRankFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        count = ctx.count
-        x, saved = kept_input(ctx, ctx.saved_tensors)  # x, or rebuilt from its recipe (core.rebuild)
-        weights = [handle if handle is not None else w for handle, w in zip(ctx.handles, saved[:count])]
-        downs, ups = saved[count:2 * count], saved[2 * count:]
-        needs = ctx.needs_input_grad
-        need_w, need_bias = needs[4:4 + count], needs[4 + count:4 + 2 * count]
-        need_a, need_b = needs[4 + 2 * count:4 + 3 * count], needs[4 + 3 * count:]
-        dtype = x.dtype
-        x2 = x.reshape(-1, x.shape[-1])
-        dys = [cast(g.reshape(x2.shape[0], g.shape[-1]), dtype) if g is not None else None for g in grads]
-        grad_x, grad_w, grad_a, grad_b = grouped_product_backward(
-            x2, weights, downs, ups, ctx.scaling, dys.__getitem__, (needs[0], need_w, need_a, need_b))
-        grad_bias = [dy.sum(0) if dy is not None and need and has else None
-                     for dy, need, has in zip(dys, need_bias, ctx.has_bias)]
-        if ctx.on_backward is not None:
-            ctx.on_backward()
-        return (grad_x.view(x.shape) if grad_x is not None else None, None, None, None,
-                *grad_w, *grad_bias, *grad_a, *grad_b)
+        return grouped_function_backward(ctx, grads)
+
+
+def grouped_function_backward(ctx, grads: Sequence[torch.Tensor | None]) -> tuple[Grad, ...]:
+    """:class:`GroupedLowRankFunction`'s backward for its ``ctx``: the gradients of its inputs (x, three Nones, then
+    the weights', biases', A's and B's). A plain function, so that a Function with the same saved tensors and more
+    inputs after these can call it where ``torch.compile`` traces it (Dynamo does not trace one Function's
+    ``backward`` called from another's)."""
+    count = ctx.count
+    x, saved = kept_input(ctx, ctx.saved_tensors)  # x, or rebuilt from its recipe (core.rebuild)
+    weights = [handle if handle is not None else w for handle, w in zip(ctx.handles, saved[:count])]
+    downs, ups = saved[count:2 * count], saved[2 * count:]
+    needs = ctx.needs_input_grad
+    need_w, need_bias = needs[4:4 + count], needs[4 + count:4 + 2 * count]
+    need_a, need_b = needs[4 + 2 * count:4 + 3 * count], needs[4 + 3 * count:4 + 4 * count]
+    dtype = x.dtype
+    x2 = x.reshape(-1, x.shape[-1])
+    dys = [cast(g.reshape(x2.shape[0], g.shape[-1]), dtype) if g is not None else None for g in grads]
+    grad_x, grad_w, grad_a, grad_b = grouped_product_backward(
+        x2, weights, downs, ups, ctx.scaling, dys.__getitem__, (needs[0], need_w, need_a, need_b))
+    grad_bias = [dy.sum(0) if dy is not None and need and has else None
+                 for dy, need, has in zip(dys, need_bias, ctx.has_bias)]
+    if ctx.on_backward is not None:
+        ctx.on_backward()
+    return (grad_x.view(x.shape) if grad_x is not None else None, None, None, None,
+            *grad_w, *grad_bias, *grad_a, *grad_b)
 
 
 def grouped_product_backward(x2: torch.Tensor, weights: Sequence[WeightOperand], downs: Sequence[torch.Tensor],

@@ -1,0 +1,121 @@
+"""A prototype for ``paired_steps.py``'s ``stacked:lora`` configurations, not part of slimtune: each LoRA sibling
+chain's frozen weights and A factors held in one buffer, so that one GEMM gives every member's base output and the
+stacked ``x Aᵀ``.
+
+RESULTS.md run 135 reads compiled LoRA's gap to issue 19's 0.9x as idle GPU time while the host queues 33 adapter
+GEMM calls a layer. This measures what fewer calls buy before anyone redesigns how weights are held. For a chain
+(q, k, v) with frozen ``W_i`` ``[d_i, d_in]`` and ``A_i`` ``[r_i, d_in]`` (one dtype, no bias, dense), the rows
+``S = [W_1; …; W_n; A_1; …; A_n]`` ``[Σd + R, d_in]`` are copied into one tensor once, and every ``W_i`` and ``A_i``
+becomes a row view of it (``.data``): the optimizer's updates of A land in S. Forward is then
+``out = x Sᵀ`` ``[N, Σd + R]``, ``y_i = out[:, d-slice] + s·h_i B_iᵀ`` with ``h = out[:, Σd:]`` — one GEMM where
+there were n + 1, and no stacking copy of the A's. Backward is :class:`GroupedLowRankFunction`'s own.
+
+Limits, as a prototype: built once the chains are learnt (after an eager step), on a model already on its device
+(``.to()`` would separate the views from S: their later values would not be S's); a LoRA chain only. Usage:
+``python benchmarks/paired_steps.py --compile --configs lora stacked:lora peft-bf16:lora``.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from slimtune.core.compute import add_product
+from slimtune.core.frozen import base_weight_operand, is_quantized
+from slimtune.core.lowrank_group import GroupedLowRankFunction, grouped_function_backward
+from slimtune.core.rebuild import keep_input
+from slimtune.core.siblings import SiblingGroup
+from slimtune.core.tracing import compiling
+from slimtune.methods.lora.linear import LoraLinear
+
+#: the attribute (a non-persistent buffer of a chain's first member) that holds the chain's rows S
+ROWS = "stacked_rows"
+
+
+class StackedGroupFunction(GroupedLowRankFunction):
+    """:class:`GroupedLowRankFunction` whose forward takes its base outputs and ``x Aᵀ`` from one GEMM against the
+    rows S, passed last (the members' weights and A's are views of S). Backward is the parent's, with no gradient
+    for S."""
+
+    @staticmethod
+    def forward(ctx, x, scaling: float, count: int, on_backward: Callable[[], None] | None, *operands_and_rows):
+        *operands, rows = operands_and_rows
+        weights, downs, ups = operands[:count], operands[2 * count:3 * count], operands[3 * count:]
+        lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])
+        out = F.linear(x2, rows)  # [N, Σd + R]: every base output, then h = x Aᵀ
+        h = out[:, sum(w.shape[0] for w in weights):]
+        outputs, start, rank_start = [], 0, 0
+        for weight, up in zip(weights, ups):
+            width, rank = weight.shape[0], up.shape[1]
+            base, h_i = out[:, start:start + width], h[:, rank_start:rank_start + rank]
+            # out of place: the outputs are their own tensors, not views of out
+            y = add_product(base, h_i, up.t(), scaling) if compiling() else torch.addmm(base, h_i, up.t(), alpha=scaling)
+            outputs.append(y.view(*lead, width))
+            start, rank_start = start + width, rank_start + rank
+        ctx.set_materialize_grads(False)
+        ctx.handles = (None,) * count
+        ctx.save_for_backward(*keep_input(ctx, x), *weights, *downs, *ups)
+        ctx.scaling, ctx.count, ctx.on_backward = scaling, count, on_backward
+        ctx.has_bias = (False,) * count
+        return tuple(outputs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return (*grouped_function_backward(ctx, grads), None)
+
+
+_RUN_TOGETHER = LoraLinear.run_together
+
+
+def run_together(chain: Sequence[LoraLinear], x: torch.Tensor,
+                 on_backward: Callable[[], None] | None) -> tuple[torch.Tensor, ...] | None:
+    """LoRA's ``run_together``, through :class:`StackedGroupFunction` for a chain stacked by :func:`stack_chain`
+    (and as before for every other chain)."""
+    first = chain[0]
+    rows = getattr(first, ROWS, None)
+    if rows is None or first.__dict__.get("stacked_count") != len(chain):
+        return _RUN_TOGETHER(chain, x, on_backward)
+    xc, _, _, context = first._inputs(x)
+    if xc.dtype != rows.dtype:
+        return _RUN_TOGETHER(chain, x, on_backward)
+    weights = [m.weight_operand(xc.dtype) for m in chain]
+    with context:
+        return StackedGroupFunction.apply(xc, first.scaling, len(chain), on_backward, *weights,
+                                          *([None] * len(chain)), *[m.lora_A for m in chain],
+                                          *[m.lora_B for m in chain], rows)
+
+
+def stack_chain(chain: Sequence[Any]) -> bool:
+    """Copy ``chain``'s ``[W_1; …; W_n; A_1; …; A_n]`` into one tensor and make each a row view of it; False (and
+    nothing changed) for a chain this prototype does not take."""
+    if any(type(m) is not LoraLinear or m.fan_in_fan_out or m.base_layer.bias is not None
+           or is_quantized(base_weight_operand(m.base_layer)) for m in chain):
+        return False
+    tensors = [m.base_layer.weight for m in chain] + [m.lora_A for m in chain]
+    if any(t.dtype != tensors[0].dtype or t.device != tensors[0].device for t in tensors):
+        return False
+    rows = torch.cat([t.detach() for t in tensors])
+    start = 0
+    for t in tensors:
+        t.data = rows[start:start + t.shape[0]]
+        start += t.shape[0]
+    chain[0].register_buffer(ROWS, rows, persistent=False)
+    chain[0].__dict__["stacked_count"] = len(chain)
+    return True
+
+
+def stack_siblings(model: torch.nn.Module) -> int:
+    """Stack every learnt LoRA chain of ``model`` (:func:`stack_chain`) and route them through
+    :class:`StackedGroupFunction`; returns how many chains."""
+    LoraLinear.run_together = staticmethod(run_together)
+    groups: list[SiblingGroup] = []
+    for module in model.modules():
+        group = getattr(module, "siblings", None)
+        if isinstance(group, SiblingGroup) and not any(g is group for g in groups):
+            groups.append(group)
+    stacked = 0
+    for group in groups:
+        group.learnt_chains()
+        stacked += sum(stack_chain(chain) for chain in group.chains.values())
+    return stacked
