@@ -5,7 +5,8 @@
 #
 # Still to run on an H200 (as of 2026-12-06, ninth session; no H200 started in the fourth to ninth): part 58 (or
 # 56) for issue 20's LoKr step; parts 63 and 64 for issue 19's compiled LoRA and DoRA and the floor under LoRA's step
-# (ran on H100s as RESULTS.md runs 128 and 131; part 62 ran as run 129, parts 65-66 as runs 130 and 133).
+# (ran on H100s as RESULTS.md runs 128 and 131; part 62 ran as run 129, parts 65-66 as runs 130 and 133); on any GPU,
+# part 68 (the stacked-weights prototype, run 136 on a noisy H100).
 # Earlier list (as of 2026-12-06, third session: parts 44-45 ran as RESULTS.md run 105, 46 as 106, 43 as 107, 48
 # (with 47) as 108):
 # - part 49 (any GPU, about 2 minutes): compiled DoRA's step profiled against compiled PEFT-bf16's, where run 108
@@ -859,7 +860,8 @@ PY
 68)
     # issue 19 (about 8 minutes, any GPU): the prototype stacked:lora (benchmarks/stacked_siblings.py: each sibling
     # chain's frozen weights and A's in one buffer, one GEMM for the chain's base outputs and x Aᵀ) against slimtune's
-    # LoRA and PEFT-bf16, compiled and eager, in turns of 3 steps — what fewer GEMM calls a layer buy (run 135)
+    # LoRA and PEFT-bf16, compiled and eager, in turns of 3 steps — what fewer GEMM calls a layer buy (run 135). Run
+    # 136 ran it on a noisy H100 (eager 0.946x LoRA; compiled within the noise): repeat it on a quieter machine
     step paired_512_compile_turns3_stacked 330 python benchmarks/paired_steps.py --compile --rounds 8 \
         --steps-per-turn 3 --configs lora stacked:lora peft-bf16:lora --out-name paired_512_compile_turns3_stacked
     step paired_512_eager_turns3_stacked 150 python benchmarks/paired_steps.py --rounds 8 --steps-per-turn 3 \
