@@ -11,7 +11,9 @@ becomes a row view of it (``.data``): the optimizer's updates of A land in S. Fo
 there were n + 1, and no stacking copy of the A's. Backward is :class:`GroupedLowRankFunction`'s own.
 
 Limits, as a prototype: built once the chains are learnt (after an eager step), on a model already on its device
-(``.to()`` would separate the views from S: their later values would not be S's); a LoRA chain only. Usage:
+(``.to()`` would separate the views from S: their later values would not be S's); a LoRA chain only.
+:func:`stack_siblings` replaces ``LoraLinear.run_together`` for the process: a chain without rows (another model's
+in the same rounds) goes the usual way. RESULTS.md run 136 has the H100's numbers. Usage:
 ``python benchmarks/paired_steps.py --compile --configs lora stacked:lora peft-bf16:lora``.
 """
 from __future__ import annotations
