@@ -70,6 +70,7 @@ import time
 from typing import Any, Callable, Sequence
 
 from _common import JsonlSink, environment_line, markdown_table, write_out_text
+from stacked_siblings import stack_siblings
 
 import torch
 
@@ -190,7 +191,6 @@ def session_for(backend: str, method: str, common: dict[str, Any], memory: str =
         session._forward = lambda: (model_causal_lm_loss(session.model, ids, labels, "mean"), None)
         return session
     if backend == "stacked":
-        from stacked_siblings import stack_siblings  # the prototype; it routes LoRA's chains (others unchanged)
         session = session_for("slimtune", method, common, memory)
         session.train_step()  # the sibling groups learn their chains
         print(f"{stack_siblings(session.model)} sibling chains stacked (prototype)", flush=True)

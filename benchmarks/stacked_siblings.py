@@ -25,8 +25,7 @@ import torch.nn.functional as F
 
 from slimtune.core.compute import add_product
 from slimtune.core.frozen import base_weight_operand, is_quantized
-from slimtune.core.lowrank_group import GroupedLowRankFunction, grouped_function_backward
-from slimtune.core.rebuild import keep_input
+from slimtune.core.lowrank_group import GroupedLowRankFunction, grouped_function_backward, save_group_for_backward
 from slimtune.core.siblings import SiblingGroup
 from slimtune.core.tracing import compiling
 from slimtune.methods.lora.linear import LoraLinear
@@ -55,11 +54,7 @@ class StackedGroupFunction(GroupedLowRankFunction):
             y = add_product(base, h_i, up.t(), scaling) if compiling() else torch.addmm(base, h_i, up.t(), alpha=scaling)
             outputs.append(y.view(*lead, width))
             start, rank_start = start + width, rank_start + rank
-        ctx.set_materialize_grads(False)
-        ctx.handles = (None,) * count
-        ctx.save_for_backward(*keep_input(ctx, x), *weights, *downs, *ups)
-        ctx.scaling, ctx.count, ctx.on_backward = scaling, count, on_backward
-        ctx.has_bias = (False,) * count
+        save_group_for_backward(ctx, x, scaling, on_backward, weights, operands[count:2 * count], downs, ups)
         return tuple(outputs)
 
     @staticmethod

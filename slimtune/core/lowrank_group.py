@@ -59,17 +59,25 @@ class GroupedLowRankFunction(torch.autograd.Function):
             y = add_product(y, h[:, start:start + rank], cast(up, dtype).t(), scaling)
             start += rank
             outputs.append(y.view(*lead, y.shape[-1]))
-        ctx.set_materialize_grads(False)
-        ctx.handles = tuple(w if is_quantized(w) else None for w in weights)
-        dense = (None if is_quantized(w) else w for w in weights)
-        ctx.save_for_backward(*keep_input(ctx, x), *dense, *downs, *ups)  # x, or its recipe (core.rebuild)
-        ctx.scaling, ctx.count, ctx.on_backward = scaling, count, on_backward
-        ctx.has_bias = tuple(b is not None for b in biases)
+        save_group_for_backward(ctx, x, scaling, on_backward, weights, biases, downs, ups)
         return tuple(outputs)
 
     @staticmethod
     def backward(ctx, *grads):
         return grouped_function_backward(ctx, grads)
+
+
+def save_group_for_backward(ctx, x: torch.Tensor, scaling: float, on_backward: Callable[[], None] | None,
+                            weights: Sequence[WeightOperand], biases: Sequence[torch.Tensor | None],
+                            downs: Sequence[torch.Tensor], ups: Sequence[torch.Tensor]) -> None:
+    """What :func:`grouped_function_backward` reads, kept on a grouped Function's ``ctx`` in its forward: x (or its
+    recipe, :mod:`.rebuild`), the dense weights (4-bit ones as handles), the A's and B's, and the scalars."""
+    ctx.set_materialize_grads(False)
+    ctx.handles = tuple(w if is_quantized(w) else None for w in weights)
+    dense = (None if is_quantized(w) else w for w in weights)
+    ctx.save_for_backward(*keep_input(ctx, x), *dense, *downs, *ups)
+    ctx.scaling, ctx.count, ctx.on_backward = scaling, len(weights), on_backward
+    ctx.has_bias = tuple(b is not None for b in biases)
 
 
 def grouped_function_backward(ctx, grads: Sequence[torch.Tensor | None]) -> tuple[Grad, ...]:
