@@ -867,8 +867,16 @@ PY
     step paired_512_eager_turns3_stacked 150 python benchmarks/paired_steps.py --rounds 8 --steps-per-turn 3 \
         --configs lora stacked:lora peft-bf16:lora --out-name paired_512_eager_turns3_stacked
     ;;
+69)
+    # issue 19 (about 5 minutes, any GPU): where the GPU waits in a compiled 3B step (benchmarks/step_gaps.py: each
+    # idle gap between kernels attributed to its phase and to the host op that launched the kernel ending it) —
+    # slimtune's LoRA, the stacked prototype, the floor and PEFT-bf16; run 132 has compiled LoRA's GPU idle for
+    # about 5.8 ms of a 66.9 ms step
+    step step_gaps_compiled 420 python benchmarks/step_gaps.py --compile \
+        --configs lora stacked:lora floor:lora peft-bf16:lora
+    ;;
 *)
-    echo "unknown part $part (1 to 68)" >&2
+    echo "unknown part $part (1 to 69)" >&2
     exit 2
     ;;
 esac
