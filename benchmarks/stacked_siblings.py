@@ -8,7 +8,7 @@ GEMM calls a layer. This measures what fewer calls buy before anyone redesigns h
 ``S = [W_1; …; W_n; A_1; …; A_n]`` ``[Σd + R, d_in]`` are copied into one tensor once, and every ``W_i`` and ``A_i``
 becomes a row view of it (``.data``): the optimizer's updates of A land in S. Forward is then
 ``out = x Sᵀ`` ``[N, Σd + R]``, ``y_i = out[:, d-slice] + s·h_i B_iᵀ`` with ``h = out[:, Σd:]`` — one GEMM where
-there were n + 1, and no stacking copy of the A's. Backward is :class:`GroupedLowRankFunction`'s own.
+there were n + 1, and no stacking copy of the A's. Backward takes ``dx`` from one GEMM against S as well.
 
 Limits, as a prototype: built once the chains are learnt (after an eager step), on a model already on its device
 (``.to()`` would separate the views from S: their later values would not be S's); a LoRA chain only.
@@ -23,9 +23,9 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from slimtune.core.compute import add_product
+from slimtune.core.compute import add_product, cast, mm_scaled
 from slimtune.core.frozen import base_weight_operand, is_quantized
-from slimtune.core.lowrank_group import GroupedLowRankFunction, grouped_function_backward, save_group_for_backward
+from slimtune.core.rebuild import keep_input, kept_input
 from slimtune.core.siblings import SiblingGroup
 from slimtune.core.tracing import compiling
 from slimtune.methods.lora.linear import LoraLinear
@@ -34,32 +34,53 @@ from slimtune.methods.lora.linear import LoraLinear
 ROWS = "stacked_rows"
 
 
-class StackedGroupFunction(GroupedLowRankFunction):
-    """:class:`GroupedLowRankFunction` whose forward takes its base outputs and ``x Aᵀ`` from one GEMM against the
-    rows S, passed last (the members' weights and A's are views of S). Backward is the parent's, with no gradient
-    for S."""
+class StackedGroupFunction(torch.autograd.Function):
+    """The members' ``y_i = x W_iᵀ + s·(x A_iᵀ) B_iᵀ`` (:class:`GroupedLowRankFunction`'s, without biases) with the
+    base outputs and ``x Aᵀ`` from one GEMM against the rows S, passed last (the members' weights and A's are views
+    of S). Backward takes ``dx`` from one GEMM too: ``dx = Σ dy_i W_i + g A = [dy_1, …, dy_n, g] S``, where ``g =
+    s·[dy_1 B_1, …, dy_n B_n]`` ``[N, R]``. Under ``torch.compile`` forward keeps ``h = x Aᵀ`` for ``dB``, as the
+    compiled step's partitioner does for slimtune's LoRA (RESULTS.md run 134); eagerly backward forms it again."""
 
     @staticmethod
     def forward(ctx, x, scaling: float, count: int, on_backward: Callable[[], None] | None, *operands_and_rows):
         *operands, rows = operands_and_rows
-        weights, downs, ups = operands[:count], operands[2 * count:3 * count], operands[3 * count:]
+        weights, ups = operands[:count], operands[3 * count:]
         lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])
         out = F.linear(x2, rows)  # [N, Σd + R]: every base output, then h = x Aᵀ
-        h = out[:, sum(w.shape[0] for w in weights):]
+        widths, ranks = [w.shape[0] for w in weights], [u.shape[1] for u in ups]
+        h = out[:, sum(widths):]
         outputs, start, rank_start = [], 0, 0
-        for weight, up in zip(weights, ups):
-            width, rank = weight.shape[0], up.shape[1]
+        for width, rank, up in zip(widths, ranks, ups):
             base, h_i = out[:, start:start + width], h[:, rank_start:rank_start + rank]
             # out of place: the outputs are their own tensors, not views of out
             y = add_product(base, h_i, up.t(), scaling) if compiling() else torch.addmm(base, h_i, up.t(), alpha=scaling)
             outputs.append(y.view(*lead, width))
             start, rank_start = start + width, rank_start + rank
-        save_group_for_backward(ctx, x, scaling, on_backward, weights, operands[count:2 * count], downs, ups)
+        ctx.set_materialize_grads(False)
+        ctx.scaling, ctx.on_backward, ctx.widths, ctx.ranks = scaling, on_backward, widths, ranks
+        ctx.kept_h = compiling()
+        ctx.save_for_backward(*keep_input(ctx, x), rows, *ups, *((h,) if ctx.kept_h else ()))
         return tuple(outputs)
 
     @staticmethod
     def backward(ctx, *grads):
-        return (*grouped_function_backward(ctx, grads), None)
+        x, saved = kept_input(ctx, ctx.saved_tensors)
+        count, widths, ranks, scaling = len(ctx.widths), ctx.widths, ctx.ranks, ctx.scaling
+        rows, ups = saved[0], saved[1:1 + count]
+        dtype, x2 = x.dtype, x.reshape(-1, x.shape[-1])
+        h = saved[1 + count] if ctx.kept_h else x2 @ rows[sum(widths):].t()
+        dys = [cast(g.reshape(x2.shape[0], width), dtype) if g is not None else x2.new_zeros(x2.shape[0], width)
+               for g, width in zip(grads, widths)]
+        gs = [mm_scaled(dy, cast(up, dtype), scaling) for dy, up in zip(dys, ups)]  # s·dy_i B_i
+        hs = h.split_with_sizes(ranks, dim=1)
+        grad_b = [cast(mm_scaled(dy.t(), h_i, scaling), up.dtype) for dy, h_i, up in zip(dys, hs, ups)]
+        g = torch.cat(gs, dim=1)
+        grad_a = [cast(p, dtype) for p in (g.t() @ x2).split_with_sizes(ranks)]
+        dx = torch.cat([*dys, g], dim=1) @ rows if ctx.needs_input_grad[0] else None
+        if ctx.on_backward is not None:
+            ctx.on_backward()
+        return (dx.view(x.shape) if dx is not None else None, None, None, None, *([None] * (2 * count)),
+                *grad_a, *grad_b, None)
 
 
 _RUN_TOGETHER = LoraLinear.run_together
