@@ -11,9 +11,10 @@ becomes a row view of it (``.data``): the optimizer's updates of A land in S. Fo
 there were n + 1, and no stacking copy of the A's. Backward takes ``dx`` from one GEMM against S as well.
 
 Limits, as a prototype: built once the chains are learnt (after an eager step), on a model already on its device
-(``.to()`` would separate the views from S: their later values would not be S's); a LoRA chain only.
-:func:`stack_siblings` replaces ``LoraLinear.run_together`` for the process: a chain without rows (another model's
-in the same rounds) goes the usual way. RESULTS.md run 136 has the H100's numbers. Usage:
+(``.to()`` would separate the views from S: their later values would not be S's); LoRA only. A LoRA layer in no
+chain (o, down) is stacked as a chain of one, ``[W; A]``. :func:`stack_siblings` replaces ``LoraLinear.run_together``
+and ``LoraLinear.forward`` for the process: a layer or chain without rows (another model's in the same rounds) goes
+the usual way. RESULTS.md run 136 has the H100's numbers. Usage:
 ``python benchmarks/paired_steps.py --compile --configs lora stacked:lora peft-bf16:lora``.
 """
 from __future__ import annotations
@@ -123,10 +124,31 @@ def stack_chain(chain: Sequence[Any]) -> bool:
     return True
 
 
+_FORWARD = LoraLinear.forward
+
+
+def forward(self: LoraLinear, x: torch.Tensor) -> torch.Tensor:
+    """LoRA's ``forward``, for a layer in no chain (o, down) stacked as a chain of one by :func:`stack_siblings`:
+    ``[W; A]`` in one buffer, ``x [W; A]ᵀ`` in one GEMM, ``dx = [dy, g] [W; A]`` in one; as before for every other
+    layer and where the prototype does not apply (dropout, another dtype, a disabled or merged adapter). A class
+    attribute, as ``run_together``: an instance ``forward`` would be a guard of its own in each compiled layer."""
+    rows = getattr(self, ROWS, None)
+    if rows is None or self.__dict__.get("stacked_count") != 1 or self.disabled or self.merged:
+        return _FORWARD(self, x)
+    xc, bias, p, context = self._inputs(x)
+    if p or bias is not None or xc.dtype != rows.dtype:
+        return _FORWARD(self, x)
+    with context:
+        return StackedGroupFunction.apply(xc, self.scaling, 1, None, self.weight_operand(xc.dtype), None,
+                                          self.lora_A, self.lora_B, rows)[0]
+
+
 def stack_siblings(model: torch.nn.Module) -> int:
     """Stack every learnt LoRA chain of ``model`` (:func:`stack_chain`) and route them through
-    :class:`StackedGroupFunction`; returns how many chains."""
+    :class:`StackedGroupFunction`, and every LoRA layer in no chain as a chain of one (:func:`forward`); returns how
+    many chains."""
     LoraLinear.run_together = staticmethod(run_together)
+    LoraLinear.forward = forward
     groups: list[SiblingGroup] = []
     for module in model.modules():
         group = getattr(module, "siblings", None)
@@ -136,4 +158,8 @@ def stack_siblings(model: torch.nn.Module) -> int:
     for group in groups:
         group.learnt_chains()
         stacked += sum(stack_chain(chain) for chain in group.chains.values())
+    for module in model.modules():
+        if type(module) is LoraLinear and not hasattr(module, ROWS) and not any(
+                module in chain for group in groups for chain in group.chains.values()):
+            stacked += stack_chain([module])
     return stacked
