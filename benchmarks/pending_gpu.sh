@@ -861,7 +861,9 @@ PY
     # issue 19 (about 8 minutes, any GPU): the prototype stacked:lora (benchmarks/stacked_siblings.py: each sibling
     # chain's frozen weights and A's in one buffer, one GEMM for the chain's base outputs and x Aᵀ) against slimtune's
     # LoRA and PEFT-bf16, compiled and eager, in turns of 3 steps — what fewer GEMM calls a layer buy (run 135). Run
-    # 136 ran it on a noisy H100 (eager 0.946x LoRA; compiled within the noise): repeat it on a quieter machine
+    # 136 ran it on a noisy H100 (eager 0.946x LoRA; compiled within the noise). Since 2026-12-06 (tenth session)
+    # the prototype also takes backward's dx from one GEMM against the rows, and stacks o and down as chains of one:
+    # its compiled layer runs 11 + 22 GEMMs against LoRA's 18 + 29 (CPU output code)
     step paired_512_compile_turns3_stacked 330 python benchmarks/paired_steps.py --compile --rounds 8 \
         --steps-per-turn 3 --configs lora stacked:lora peft-bf16:lora --out-name paired_512_compile_turns3_stacked
     step paired_512_eager_turns3_stacked 150 python benchmarks/paired_steps.py --rounds 8 --steps-per-turn 3 \
