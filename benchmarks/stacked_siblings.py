@@ -39,8 +39,9 @@ class StackedGroupFunction(torch.autograd.Function):
     """The members' ``y_i = x W_iᵀ + s·(x A_iᵀ) B_iᵀ`` (:class:`GroupedLowRankFunction`'s, without biases) with the
     base outputs and ``x Aᵀ`` from one GEMM against the rows S, passed last (the members' weights and A's are views
     of S). Backward takes ``dx`` from one GEMM too: ``dx = Σ dy_i W_i + g A = [dy_1, …, dy_n, g] S``, where ``g =
-    s·[dy_1 B_1, …, dy_n B_n]`` ``[N, R]``. Under ``torch.compile`` forward keeps ``h = x Aᵀ`` for ``dB``, as the
-    compiled step's partitioner does for slimtune's LoRA (RESULTS.md run 134); eagerly backward forms it again."""
+    s·[dy_1 B_1, …, dy_n B_n]`` ``[N, R]``. Under ``torch.compile`` forward keeps ``h = x Aᵀ`` for ``dB`` (copied out
+    of the GEMM's output, ``[N, R]``), as the compiled step's partitioner does for slimtune's LoRA (RESULTS.md run
+    134); eagerly backward forms it again."""
 
     @staticmethod
     def forward(ctx, x, scaling: float, count: int, on_backward: Callable[[], None] | None, *operands_and_rows):
@@ -50,6 +51,8 @@ class StackedGroupFunction(torch.autograd.Function):
         out = F.linear(x2, rows)  # [N, Σd + R]: every base output, then h = x Aᵀ
         widths, ranks = [w.shape[0] for w in weights], [u.shape[1] for u in ups]
         h = out[:, sum(widths):]
+        if compiling():  # kept for dB: its own [N, R] buffer, or the saved view would keep all of out alive
+            h = h.contiguous()
         outputs, start, rank_start = [], 0, 0
         for width, rank, up in zip(widths, ranks, ups):
             base, h_i = out[:, start:start + width], h[:, rank_start:rank_start + rank]
