@@ -14,6 +14,7 @@ from .config import AdapterConfig
 from .lean_layers import install as install_lean_layers
 from .module import AdapterModule
 from .removers import Removers
+from .stacked_rows import unstack
 from .targeting import find_saved_modules, find_targets
 from .trained_copy import TrainedCopy
 
@@ -99,6 +100,7 @@ def _take_out(model: nn.Module, keep_trained: bool, merged: bool = False) -> Ada
     if wrong:
         raise SlimtuneError(f"{wrong[0]} is {'not ' if merged else ''}merged: "
                             f"{'merge' if merged else 'unmerge'} the model first")
+    unstack(model)  # a plain model shares no storage between its weights (core.stacked_rows)
     for name, adapter in adapters:
         _set_submodule(model, name, adapter.base_layer)
     for name, held in copies:

@@ -9,6 +9,7 @@ from torch import nn
 
 from ..core import lean_layers
 from ..core.siblings import SiblingGroup, still_learning, watched_groups
+from ..core.stacked_rows import LayerStacks
 from ..core.tracing import mark_compiled
 from ..errors import ConfigError
 
@@ -40,7 +41,9 @@ def compile_layers(model: nn.Module, **options: Any) -> int:
     fuses what runs between the matrix products (norms, rotary, SwiGLU, residual adds; the adapters' Functions
     compile without a graph break: ``tests/core/test_compile.py``). A layer with sibling LoRA layers that read one
     input (q/k/v, gate/up) runs eagerly until they have learnt so (the first step), then compiled with each such
-    chain as one Function (:mod:`slimtune.core.siblings`), as eager steps run them."""
+    chain as one Function (:mod:`slimtune.core.siblings`), as eager steps run them, and with each chain's frozen
+    weights and A's in one buffer, so that one GEMM gives the chain's base outputs and ``x Aᵀ`` (and one its ``dx``;
+    a LoRA layer in no chain, such as o or down, is stacked alone: :mod:`slimtune.core.stacked_rows`)."""
     layers = layer_stack(model)
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "use_cache"):
@@ -57,15 +60,22 @@ def compile_layers(model: nn.Module, **options: Any) -> int:
 class _LearnThenCompiled:
     """A compiled layer's forward where sibling LoRA layers within it (q/k/v, gate/up: :mod:`slimtune.core.siblings`)
     learn which of them read one input: eager while any of its groups learns (the first step, until a backward pass
-    has run through them), then the compiled forward, whose graph runs each learnt chain as one Function. Held
+    has run through them), then the compiled forward, whose graph runs each learnt chain as one Function, its frozen
+    weights and A's stacked in one buffer (:mod:`slimtune.core.stacked_rows`; checked before every call). Held
     outputs a traced frame left untaken are dropped after each compiled call."""
 
     def __init__(self, eager: Any, compiled: Any, groups: list[SiblingGroup]) -> None:
         self.eager, self.compiled, self.groups = eager, compiled, groups
+        self.stacks: LayerStacks | None = None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if still_learning(self.groups):
+            self.stacks = None
             return self.eager(*args, **kwargs)
+        if self.stacks is None:  # the chains are learnt: each one's weights and A's in one buffer
+            self.stacks = LayerStacks(self.groups)
+        else:
+            self.stacks.keep()  # stacked again where the model moved (.to()) or took new tensors since
         try:
             return self.compiled(*args, **kwargs)
         finally:

@@ -19,6 +19,7 @@ from ...core.lowrank import lowrank_linear
 from ...core.lowrank_group import grouped_lowrank_linear
 from ...core.module import AdapterModule
 from ...core.siblings import SiblingGroup
+from ...core.stacked_rows import stacked_lowrank_linear, stacked_rows
 from ...core.targeting import is_hf_conv1d
 from .math import init_lora_, lora_delta_weight, lora_scaling
 
@@ -100,6 +101,10 @@ class LoraLinear(LoraMixin, AdapterModule):
         first = chain[0]
         xc, _, _, context = first._inputs(x)
         dtype = xc.dtype
+        rows = stacked_rows(first, len(chain))  # stacked by compile_layers (core.stacked_rows)
+        if rows is not None and rows.dtype == dtype:
+            with context:
+                return stacked_lowrank_linear(xc, chain, rows, on_backward)
         weights = [m.weight_operand(dtype) for m in chain]
         biases = [cast_optional(m.base_layer.bias, dtype) for m in chain]
         with context:
@@ -119,8 +124,12 @@ class LoraLinear(LoraMixin, AdapterModule):
         if y is not None:
             return y
         xc, bias, p, context = self._inputs(x)
+        rows = stacked_rows(self, 1)  # a layer in no chain (o, down) stacked by compile_layers (core.stacked_rows)
         with context:
-            y = lowrank_linear(xc, self.weight_operand(xc.dtype), bias, self.lora_A, self.lora_B, self.scaling, p)
+            if rows is not None and rows.dtype == xc.dtype and not p:
+                y = stacked_lowrank_linear(xc, (self,), rows)[0]
+            else:
+                y = lowrank_linear(xc, self.weight_operand(xc.dtype), bias, self.lora_A, self.lora_B, self.scaling, p)
         if self.siblings is not None:
             self.siblings.note(self, x, y)
         return y

@@ -1,0 +1,253 @@
+"""A LoRA chain's frozen weights and A factors in one buffer ("stacked rows"), so that one GEMM gives every member's
+base output and ``x Aᵀ``, and one GEMM gives ``dx``.
+
+For a chain of LoRA layers that read one input — q/k/v, gate/up (:mod:`.siblings`), or one layer alone (o, down) —
+with frozen ``W_i`` ``[d_i, d_in]`` and ``A_i`` ``[r_i, d_in]``, the rows ``S = [W_1; …; W_n; A_1; …; A_n]``
+``[Σd + R, d_in]`` are copied into one tensor once, and every ``W_i`` and ``A_i`` becomes a row view of it (the
+parameters stay the same objects, with the same names, values and state-dict keys; the optimizer's in-place updates
+of A land in S). Then::
+
+    out = x Sᵀ  [N, Σd + R]        y_i = out[:, d_i-slice] + s·h_i B_iᵀ   (h = out[:, Σd:])
+    g = s·[dy_1 B_1, …, dy_n B_n]  [N, R]        dx = [dy_1, …, dy_n, g] S        dA = gᵀ x        dB_i = s·dy_iᵀ h_i
+
+one GEMM where there were n + 1 each way, and no stacking copy of the A's. Why: under ``torch.compile`` a LoRA step
+is bound by the host's GEMM launches (RESULTS.md runs 134-135: 47 GEMM calls a 3B layer, 33 of them the adapter's);
+stacked, a layer runs 11 GEMMs forward and 22 backward (18 and 29 before), and the compiled 3B step took 0.89-0.91x
+the time (runs 137-138).
+
+Where: :func:`~slimtune.models.layers.compile_layers` stacks each compiled layer's chains once they are learnt
+(:class:`LayerStacks`), and before every call of the layer checks that each stack still holds its members' tensors
+(:func:`intact`: their storage is the rows' storage) and stacks them again where not — after ``model.to(...)``, which
+gives every parameter and buffer a storage of its own, or ``load_state_dict(assign=True)``. Eager steps are not
+stacked (an eager LoRA step gains less: RESULTS.md run 137). :func:`unstack` gives every tensor its own storage back;
+taking the adapters out (``unload``, ``detach``) does it first, so that a plain model never shares storage between
+its weights. Saved adapters copy their tensors (``core.checkpoint``). A chain is stacked only where every member is a
+plain :class:`~slimtune.methods.lora.linear.LoraLinear` over a dense ``nn.Linear`` without bias, and its weights and
+A's share one dtype and device (:func:`stackable`).
+"""
+from __future__ import annotations
+
+import weakref
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .compute import add_product, cast, mm_scaled
+from .rebuild import keep_input, kept_input
+from .tracing import compiling
+
+#: the non-persistent buffer, on a stack's first member, that holds the rows S
+ROWS = "stacked_rows"
+#: in a stack's first member's ``__dict__``: its members (held weakly), in order
+MEMBERS = "_stacked_members"
+#: in every stacked member's ``__dict__``: its stack's first member (held weakly)
+HEAD = "_stacked_head"
+
+
+
+class StackedLowRankFunction(torch.autograd.Function):
+    """``(y_1, …, y_n)`` of the module docstring from one x. Arguments: x ``[..., d_in]``, the scaling, a callback run
+    at the end of backward (or None), the member widths ``d_i`` (a tuple), the n A's, the n B's, then the rows S.
+    The A's are views of S: they are passed so that their gradients reach them; forward reads S."""
+
+    @staticmethod
+    def forward(ctx, x, scaling: float, on_backward: Callable[[], None] | None, widths: tuple[int, ...], *tensors):
+        count = len(widths)
+        ups, rows = tensors[count:2 * count], tensors[-1]
+        lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])
+        out = F.linear(x2, rows)  # [N, Σd + R]: every base output, then h = x Aᵀ
+        ranks = tuple(up.shape[1] for up in ups)
+        h = out[:, sum(widths):]
+        if compiling():  # kept for dB: its own [N, R] buffer (a saved view would keep all of out alive)
+            h = h.contiguous()
+        outputs, start, rank_start = [], 0, 0
+        for width, rank, up in zip(widths, ranks, ups):
+            base, h_i = out[:, start:start + width], h[:, rank_start:rank_start + rank]
+            up_t = cast(up, x.dtype).t()
+            # out of place: each output its own tensor, not a view of out
+            y = add_product(base, h_i, up_t, scaling) if compiling() else torch.addmm(base, h_i, up_t, alpha=scaling)
+            outputs.append(y.view(*lead, width))
+            start, rank_start = start + width, rank_start + rank
+        ctx.set_materialize_grads(False)
+        ctx.scaling, ctx.on_backward, ctx.widths, ctx.ranks, ctx.kept_h = scaling, on_backward, widths, ranks, compiling()
+        # eagerly h is formed again in backward (x Aᵀ is not saved); compiled, the step's partitioner keeps it anyway
+        ctx.save_for_backward(*keep_input(ctx, x), rows, *ups, *((h,) if ctx.kept_h else ()))
+        return tuple(outputs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x, saved = kept_input(ctx, ctx.saved_tensors)
+        widths, ranks, scaling = ctx.widths, ctx.ranks, ctx.scaling
+        count = len(widths)
+        rows, ups = saved[0], saved[1:1 + count]
+        dtype, x2 = x.dtype, x.reshape(-1, x.shape[-1])
+        needs = ctx.needs_input_grad  # x, scaling, on_backward, widths, A's, B's, rows
+        h = saved[1 + count] if ctx.kept_h else x2 @ rows[sum(widths):].t()
+        used = [g is not None for g in grads]  # an unused output: its member gets no gradients, as alone
+        if not any(used):
+            return (None,) * (5 + 2 * count)
+        dys = [cast(g.reshape(x2.shape[0], width), dtype) if g is not None else x2.new_zeros(x2.shape[0], width)
+               for g, width in zip(grads, widths)]
+        g = torch.cat([mm_scaled(dy, cast(up, dtype), scaling) if use else x2.new_zeros(x2.shape[0], rank)
+                       for dy, up, use, rank in zip(dys, ups, used, ranks)], dim=1)  # s·dy_i B_i, [N, R]
+        need_a, need_b = [n and u for n, u in zip(needs[4:4 + count], used)], needs[4 + count:4 + 2 * count]
+        grad_b = [cast(mm_scaled(dy.t(), h_i, scaling), up.dtype) if need and use else None
+                  for dy, h_i, up, need, use in zip(dys, h.split_with_sizes(ranks, dim=1), ups, need_b, used)]
+        grad_a: list[torch.Tensor | None] = [None] * count
+        if any(need_a):
+            grad_a = [cast(p, dtype) if need else None for p, need in zip((g.t() @ x2).split_with_sizes(ranks), need_a)]
+        dx = torch.cat([*dys, g], dim=1) @ rows if needs[0] else None  # Σ dy_i W_i + g A, one GEMM
+        if ctx.on_backward is not None:
+            ctx.on_backward()
+        return (dx.view(x.shape) if dx is not None else None, None, None, None, *grad_a, *grad_b, None)
+
+
+def stacked_lowrank_linear(x: torch.Tensor, chain: Sequence[Any], rows: torch.Tensor,
+                           on_backward: Callable[[], None] | None = None) -> tuple[torch.Tensor, ...]:
+    """Every member's ``x W_iᵀ + s·(x A_iᵀ) B_iᵀ`` ``[..., d_i]`` through :class:`StackedLowRankFunction`, for a chain
+    stacked on ``rows`` (x already in the rows' dtype; the members share one scaling)."""
+    widths = tuple(m.out_features for m in chain)
+    return StackedLowRankFunction.apply(x, chain[0].scaling, on_backward, widths, *[m.lora_A for m in chain],
+                                        *[m.lora_B for m in chain], rows)
+
+
+class _Refs:
+    """Modules held weakly (a stack's members, or a member's first member). A copy of the model (deepcopy, pickling)
+    gets an empty one: its parameters are copied one by one, so its stacks are gone."""
+
+    __slots__ = ("_refs", "count")
+
+    def __init__(self, modules: Iterable[nn.Module] = ()) -> None:
+        self._refs = tuple(weakref.ref(m) for m in modules)
+        self.count = len(self._refs)
+
+    def modules(self) -> list[Any] | None:
+        """The modules, or None where there are none or one is gone."""
+        modules = [ref() for ref in self._refs]
+        return modules if modules and all(m is not None for m in modules) else None
+
+    def __deepcopy__(self, memo: dict) -> "_Refs":
+        return _Refs()
+
+    def __reduce__(self) -> tuple:
+        return _Refs, ()
+
+
+def stacked_rows(first: nn.Module, count: int) -> torch.Tensor | None:
+    """The rows of the stack whose first member is ``first``, where it stacks exactly ``count`` members; else None.
+    Read where the stack is known intact (:class:`LayerStacks` checks before each call of a compiled layer)."""
+    refs = first.__dict__.get(MEMBERS)
+    if refs is None or refs.count != count:  # an int: what a compiled graph's trace reads
+        return None
+    return getattr(first, ROWS, None)
+
+
+def _tensors(member: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """A member's frozen weight and A: what its stack holds."""
+    return member.base_layer.weight, member.lora_A
+
+
+def stackable(chain: Sequence[Any]) -> bool:
+    """Whether ``chain`` can be stacked: plain LoRA Linear layers over dense ``nn.Linear`` weights without bias, one
+    scaling, their weights and A's of one dtype and device."""
+    from ..methods.lora.linear import LoraLinear
+
+    if not chain or any(type(m) is not LoraLinear or type(m.base_layer) is not nn.Linear or m.fan_in_fan_out
+                        or m.base_layer.bias is not None or m.merged for m in chain):
+        return False
+    if len({m.scaling for m in chain}) != 1 or len({m.in_features for m in chain}) != 1:
+        return False
+    tensors = [t for m in chain for t in _tensors(m)]
+    return all(t.dtype == tensors[0].dtype and t.device == tensors[0].device and t.dtype.is_floating_point
+               for t in tensors)
+
+
+def _members(first: nn.Module) -> list[Any] | None:
+    refs = first.__dict__.get(MEMBERS)
+    return refs.modules() if refs is not None else None
+
+
+def intact(first: nn.Module) -> bool:
+    """Whether the stack on ``first`` still holds every member's weight and A (their storage is the rows')."""
+    members, rows = _members(first), getattr(first, ROWS, None)
+    if members is None or rows is None:
+        return False
+    storage = rows.untyped_storage()
+    return all(t.untyped_storage() is storage for m in members for t in _tensors(m))
+
+
+def _unstack_head(first: nn.Module) -> None:
+    """Give every member of the stack on ``first`` its own storage (values kept), and forget the stack."""
+    refs = first.__dict__.pop(MEMBERS, None)
+    rows = getattr(first, ROWS, None)
+    if rows is not None:
+        delattr(first, ROWS)
+    for member in (refs.modules() or []) if refs is not None else []:
+        member.__dict__.pop(HEAD, None)
+        if rows is not None:
+            for t in _tensors(member):
+                if t.untyped_storage() is rows.untyped_storage():
+                    t.data = t.detach().clone()
+
+
+def unstack_member(member: nn.Module) -> None:
+    """Undo the stack ``member`` is in, if any (every member of it gets its own storage back)."""
+    head = member.__dict__.get(HEAD)
+    firsts = head.modules() if head is not None else None
+    if firsts is not None:
+        _unstack_head(firsts[0])
+    member.__dict__.pop(HEAD, None)
+
+
+def stack(chain: Sequence[Any]) -> bool:
+    """Stack ``chain`` (module docstring): copy its ``[W_1; …; W_n; A_1; …; A_n]`` into one tensor and make each a row
+    view of it. A chain already stacked as such and intact is left as it is; a member in another stack leaves that
+    stack first. Returns whether ``chain`` is stacked (False, with nothing changed, where not :func:`stackable`)."""
+    first = chain[0]
+    if _members(first) == list(chain) and intact(first):
+        return True
+    if not stackable(chain):
+        return False
+    for member in chain:
+        unstack_member(member)
+    tensors = [m.base_layer.weight for m in chain] + [m.lora_A for m in chain]
+    rows = torch.cat([t.detach() for t in tensors])
+    start = 0
+    for t in tensors:
+        t.data = rows[start:start + t.shape[0]]
+        start += t.shape[0]
+    first.register_buffer(ROWS, rows, persistent=False)
+    first.__dict__[MEMBERS] = _Refs(chain)
+    for member in chain:
+        member.__dict__[HEAD] = _Refs((first,))
+    return True
+
+
+def unstack(model: nn.Module) -> int:
+    """Give every stacked weight and A of ``model`` its own storage back (values kept); returns how many stacks."""
+    heads = [m for m in model.modules() if MEMBERS in m.__dict__]
+    for first in heads:
+        _unstack_head(first)
+    return len(heads)
+
+
+class LayerStacks:
+    """The stacks of one compiled layer: each learnt chain of its sibling groups, and each member in no chain as a
+    chain of one (o, down). :meth:`keep` before every call: a stack no longer intact is stacked again."""
+
+    def __init__(self, groups: Iterable[Any]) -> None:
+        chains: list[tuple[Any, ...]] = []
+        for group in groups:
+            learnt = list(group.chains.values())
+            chained = [m for chain in learnt for m in chain]
+            chains += learnt + [(m,) for m in group.members if not any(m is c for c in chained)]
+        self.heads = [chain[0] for chain in chains if stack(chain)]
+
+    def keep(self) -> None:
+        for first in self.heads:
+            if not intact(first):
+                members = _members(first)
+                if members is None or not stack(members):
+                    _unstack_head(first)

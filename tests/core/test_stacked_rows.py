@@ -1,0 +1,232 @@
+"""Stacked rows (a LoRA chain's frozen weights and A's in one buffer): the Function against float64 references, and
+the stacks ``compile_layers`` keeps — equal steps, moved models stacked again, plain models and copies unshared."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import slimtune
+from slimtune.core import stacked_rows as sr
+from slimtune.core.lowrank_group import grouped_lowrank_reference
+from tests.helpers import BF16_TOL, FP32_TOL, backward_against_reference, perturb_adapters, rel_err
+
+D_IN, OUTS, RANKS = 10, (7, 5, 5), (3, 2, 3)
+
+
+def _chain(count: int, dtype: torch.dtype, seed: int = 0):
+    """``(x, rows, weights, A's (parameters, views of rows), B's)`` of a chain of ``count`` members; float64 values."""
+    g = torch.Generator().manual_seed(seed)
+    outs, ranks = OUTS[:count], RANKS[:count]
+    x = torch.randn(2, 6, D_IN, generator=g, dtype=torch.float64)
+    weights = [torch.randn(d, D_IN, generator=g, dtype=torch.float64) / D_IN ** 0.5 for d in outs]
+    downs = [torch.randn(r, D_IN, generator=g, dtype=torch.float64) / D_IN ** 0.5 for r in ranks]
+    ups = [torch.randn(d, r, generator=g, dtype=torch.float64) for d, r in zip(outs, ranks)]  # non-zero B
+    rows = torch.cat(weights + downs).to(dtype)
+    params, start = [], sum(outs)
+    for r in ranks:
+        p = torch.nn.Parameter(torch.empty(0, dtype=dtype))
+        p.data = rows[start:start + r]
+        params.append(p)
+        start += r
+    return x, rows, weights, downs, params, ups
+
+
+def _apply(x, rows, downs, ups, scaling, widths):
+    return sr.StackedLowRankFunction.apply(x, scaling, None, tuple(widths), *downs, *ups, rows)
+
+
+def test_gradcheck_float64():
+    x, rows, _, _, downs, ups = _chain(3, torch.float64)
+    x.requires_grad_()
+    ups = [u.requires_grad_() for u in ups]
+
+    def f(*_):
+        return _apply(x, rows, downs, ups, 0.7, OUTS)
+
+    assert torch.autograd.gradcheck(f, (x, *downs, *ups))
+
+
+@pytest.mark.parametrize("count", [1, 3])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, FP32_TOL), (torch.bfloat16, BF16_TOL)])
+@pytest.mark.parametrize("x_grad", [True, False])
+def test_matches_float64_reference(count, dtype, tol, x_grad):
+    x64, _, weights, downs64, _, ups64 = _chain(count, torch.float64)
+    x, rows, _, _, downs, ups = _chain(count, dtype)
+    x = x.to(dtype).requires_grad_(x_grad)
+    x64.requires_grad_(x_grad)
+    ups = [u.float().requires_grad_() for u in ups]  # fp32 master B's
+    leaves64 = [t.requires_grad_() for t in (*downs64, *ups64)]
+    ref = grouped_lowrank_reference(x64, weights, [None] * count, downs64, ups64, 1.3)
+    got = _apply(x, rows, downs, ups, 1.3, OUTS[:count])
+    backward_against_reference(list(got), list(ref), "cpu", dtype, tol)
+    for p, p64 in zip((*downs, *ups), leaves64):
+        assert p.grad is not None and rel_err(p.grad, p64.grad) < tol
+    assert all(a.grad.dtype == dtype for a in downs) and all(b.grad.dtype == torch.float32 for b in ups)
+    assert (x.grad is None) if not x_grad else rel_err(x.grad, x64.grad) < tol
+    assert rows.grad is None
+
+
+def test_an_unused_output_gives_its_member_no_gradients_and_the_others_theirs():
+    x64, _, weights, downs64, _, ups64 = _chain(3, torch.float64)
+    x, rows, _, _, downs, ups = _chain(3, torch.float64)
+    ups = [u.requires_grad_() for u in ups]
+    for t in (*downs64, *ups64):
+        t.requires_grad_()
+    ref = grouped_lowrank_reference(x64, weights, [None] * 3, downs64, ups64, 0.5)
+    got = _apply(x, rows, downs, ups, 0.5, OUTS)
+    (ref[0].sum() + ref[2].square().sum()).backward()
+    (got[0].sum() + got[2].square().sum()).backward()
+    for p, p64 in zip((*downs, *ups), (*downs64, *ups64)):
+        assert (p.grad is None) if p64.grad is None else rel_err(p.grad, p64.grad) < FP32_TOL
+    assert downs[1].grad is None and ups[1].grad is None
+
+
+def test_compiles_without_a_graph_break():
+    x, rows, _, _, downs, ups = _chain(3, torch.float32)
+    x, ups = x.float(), [u.float().requires_grad_() for u in ups]
+    torch.compiler.reset()
+    f = torch.compile(lambda t: sum(y.sum() for y in _apply(t, rows, downs, ups, 0.5, OUTS)), fullgraph=True,
+                      backend="aot_eager")
+    f(x).backward()
+    want = [p.grad.clone() for p in (*downs, *ups)]
+    for p in (*downs, *ups):
+        p.grad = None
+    sum(y.sum() for y in _apply(x, rows, downs, ups, 0.5, OUTS)).backward()
+    assert all(rel_err(p.grad, w) < FP32_TOL for p, w in zip((*downs, *ups), want))
+
+
+# -- the stacks compile_layers keeps -----------------------------------------------------------------------------
+def _llama(layers: int = 2):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    model = slimtune.adapt(transformers.LlamaForCausalLM(config), slimtune.LoraConfig(
+        r=2, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    perturb_adapters(model)
+    return model
+
+
+def _heads(model):
+    return [m for m in model.modules() if sr.MEMBERS in m.__dict__]
+
+
+def _grads(model, ids):
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _compiled_pair(layers: int = 2):
+    from slimtune.models.layers import compile_layers
+
+    eager = _llama(layers)
+    model = copy.deepcopy(eager)
+    torch.compiler.reset()
+    compile_layers(model, backend="aot_eager")
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(1))
+    _grads(model, ids)  # the first step learns the chains, eagerly
+    _grads(model, ids)  # the second stacks them and runs compiled
+    assert _heads(model)
+    return eager, model, ids
+
+
+def test_compiled_layers_stack_their_chains_and_step_as_before():
+    eager, model, ids = _compiled_pair()
+    names = {id(p): n for n, p in model.named_parameters()}
+    loss, grads = _grads(model, ids)
+    heads = _heads(model)
+    assert len(heads) == 2 * 4  # q/k/v, o, gate/up, down in each layer
+    attention = model.model.layers[0].self_attn
+    rows = sr.stacked_rows(attention.q_proj, 3)
+    assert rows is not None and rows.shape == (32 + 16 + 16 + 3 * 2, 32)
+    for proj in (attention.q_proj, attention.k_proj, attention.v_proj):
+        assert proj.base_layer.weight.untyped_storage() is rows.untyped_storage()
+        assert proj.lora_A.untyped_storage() is rows.untyped_storage()
+    assert {id(p): n for n, p in model.named_parameters()} == names  # the same parameters, the same names
+    assert sr.ROWS not in model.state_dict() and not any(sr.ROWS in k for k in model.state_dict())
+    loss_ref, grads_ref = _grads(eager, ids)
+    assert rel_err(loss, loss_ref) < FP32_TOL
+    assert grads.keys() == grads_ref.keys()
+    assert all(rel_err(grads[n], grads_ref[n]) < FP32_TOL for n in grads)
+
+
+def test_an_optimizer_step_reaches_the_rows():
+    _, model, ids = _compiled_pair(1)
+    _grads(model, ids)
+    q = model.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        q.lora_A.add_(1.0)  # as an optimizer's in-place update
+    rows = sr.stacked_rows(q, 3)
+    assert torch.equal(rows[64:66], q.lora_A)
+
+
+def test_a_moved_model_is_stacked_again():
+    eager, model, ids = _compiled_pair(1)
+    for m in (model, eager):
+        m.double()
+        perturb_adapters(m, seed=7)  # new A's, which rows left behind by .to() would not see
+    assert _heads(model) and not any(sr.intact(h) for h in _heads(model))  # .to(): a storage for every tensor
+    loss, grads = _grads(model, ids)
+    assert _heads(model) and all(sr.intact(h) for h in _heads(model))
+    loss_ref, grads_ref = _grads(eager, ids)
+    assert rel_err(loss, loss_ref) < FP32_TOL
+    assert all(rel_err(grads[n], grads_ref[n]) < FP32_TOL for n in grads)
+
+
+def test_adapters_loaded_by_assignment_are_stacked_again():
+    eager, model, ids = _compiled_pair(1)
+    perturb_adapters(eager, seed=5)
+    fresh = {k: v.clone() for k, v in eager.state_dict().items() if "lora_" in k}
+    model.load_state_dict(fresh, strict=False, assign=True)
+    loss, _ = _grads(model, ids)
+    assert rel_err(loss, _grads(eager, ids)[0]) < FP32_TOL
+
+
+def test_unloading_gives_every_weight_its_own_storage():
+    _, model, ids = _compiled_pair(1)
+    _grads(model, ids)
+    assert _heads(model)
+    plain = slimtune.unload(model)
+    assert not _heads(plain)
+    for p in plain.parameters():
+        assert p.untyped_storage().nbytes() == p.numel() * p.element_size()
+
+
+def test_a_saved_stacked_adapter_loads_back(tmp_path):
+    _, model, ids = _compiled_pair(1)
+    _grads(model, ids)
+    slimtune.save_adapter(model, tmp_path / "adapter")
+    other = _llama(1)
+    slimtune.load_adapter(other, tmp_path / "adapter")
+    for (name, p), q in zip(model.named_parameters(), other.parameters()):
+        if p.requires_grad:
+            assert torch.equal(p, q), name
+
+
+def test_a_copy_of_a_stacked_model_is_not_stacked():
+    eager, model, ids = _compiled_pair(1)
+    _grads(model, ids)
+    twin = copy.deepcopy(model)
+    q = twin.model.layers[0].self_attn.q_proj
+    assert sr.stacked_rows(q, 3) is None and not sr.intact(q)
+    with torch.no_grad():
+        q.lora_A.add_(1.0)  # the copy's own parameters, no stale rows behind them
+        eager.model.layers[0].self_attn.q_proj.lora_A.add_(1.0)
+    x = torch.randn(1, 3, 32)
+    assert torch.allclose(q(x), eager.model.layers[0].self_attn.q_proj(x), atol=1e-5)
+
+
+def test_what_cannot_be_stacked_is_left_as_it_is():
+    model = _llama(1)
+    attention = model.model.layers[0].self_attn
+    chain = (attention.q_proj, attention.k_proj, attention.v_proj)
+    attention.k_proj.lora_A.data = attention.k_proj.lora_A.data.double()  # A's of another dtype than the weights
+    assert not sr.stackable(chain) and not sr.stack(chain)
+    assert sr.stacked_rows(attention.q_proj, 3) is None
+    assert sr.stack((attention.o_proj,))
+    attention.o_proj.base_layer.bias = torch.nn.Parameter(torch.zeros(32))
+    assert not sr.stackable((attention.o_proj,))
