@@ -43,9 +43,10 @@ same rounds (a little over it: it also runs layer 0's input gradient, which no a
 vocab]`` logits) instead of transformers' ``model(..., labels=...).loss``, which the other configurations take (the
 protocol's; PEFT's users get it through Trainer).
 
-``stacked:lora``: slimtune's LoRA with each sibling chain's frozen weights and A factors held in one buffer, so that
-one GEMM gives the chain's base outputs and ``x Aᵀ`` (a prototype, ``benchmarks/stacked_siblings.py``; stacked after
-one eager step, in which the chains are learnt).
+``stacked:lora``: slimtune's LoRA with each sibling chain's frozen weights and A factors held in one buffer
+(:mod:`slimtune.core.stacked_rows`) in eager steps too, where the library stacks them only in layers compiled by
+``compile_layers``: one GEMM gives a chain's base outputs and ``x Aᵀ``, one its ``dx`` (stacked after one eager step,
+in which the chains are learnt; no check per call, as the benchmark never moves its models).
 
 ``--compile``: each decoder layer through ``torch.compile`` (``slimtune.models.layers.compile_layers``, which turns
 the models' KV cache off), on both sides.
@@ -70,12 +71,12 @@ import time
 from typing import Any, Callable, Sequence
 
 from _common import JsonlSink, environment_line, markdown_table, write_out_text
-from stacked_siblings import stack_siblings
 
 import torch
 
 import slimtune
 from slimtune.core.inject import detach, install_frozen_lean_layers
+from slimtune.core.stacked_rows import LayerStacks
 from slimtune.memory.chunked_loss import model_causal_lm_loss, plain_head
 from slimtune.memory.options import ProfileOptions
 from slimtune.memory.profile import LR, TrainingSession
@@ -193,7 +194,11 @@ def session_for(backend: str, method: str, common: dict[str, Any], memory: str =
     if backend == "stacked":
         session = session_for("slimtune", method, common, memory)
         session.train_step()  # the sibling groups learn their chains
-        print(f"{stack_siblings(session.model)} sibling chains stacked (prototype)", flush=True)
+        groups: list = []
+        for group in (getattr(m, "siblings", None) for m in session.model.modules()):
+            if group is not None and not any(group is g for g in groups):
+                groups.append(group)
+        print(f"{len(LayerStacks(groups).heads)} chains stacked, eager steps too", flush=True)
         return session
     if backend == "stripped":
         session = session_for("slimtune", method, common, memory)

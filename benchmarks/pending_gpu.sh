@@ -858,7 +858,8 @@ PY
         tests/memory/test_chunked_loss.py
     ;;
 68)
-    # issue 19 (about 8 minutes, any GPU): the prototype stacked:lora (benchmarks/stacked_siblings.py: each sibling
+    # issue 19 (about 8 minutes, any GPU; ran as RESULTS.md run 137): the prototype stacked:lora (since removed: now
+    # slimtune.core.stacked_rows, which compile_layers applies, and paired_steps.py's stacked:lora stacks eagerly; each sibling
     # chain's frozen weights and A's in one buffer, one GEMM for the chain's base outputs and x Aᵀ) against slimtune's
     # LoRA and PEFT-bf16, compiled and eager, in turns of 3 steps — what fewer GEMM calls a layer buy (run 135). Run
     # 136 ran it on a noisy H100 (eager 0.946x LoRA; compiled within the noise). Since 2026-12-06 (tenth session)
@@ -877,8 +878,18 @@ PY
     step step_gaps_compiled 420 python benchmarks/step_gaps.py --compile \
         --configs lora stacked:lora floor:lora peft-bf16:lora
     ;;
+70)
+    # issue 19 (about 4 minutes, carry .before = 1a25d78, the code before; any GPU): compile_layers with stacked rows
+    # (slimtune.core.stacked_rows) — LoRA compiled against the code before and PEFT-bf16 in turns of 3 steps; then
+    # eager, LoRA with its chains stacked (stacked:lora) against LoRA and PEFT-bf16
+    step paired_512_compile_turns3_stackedlib 300 python benchmarks/paired_steps.py --compile --rounds 12 \
+        --steps-per-turn 3 --before .before --configs lora before:lora peft-bf16:lora \
+        --out-name paired_512_compile_turns3_stackedlib
+    step paired_512_eager_turns3_stackedlib 150 python benchmarks/paired_steps.py --rounds 10 --steps-per-turn 3 \
+        --configs lora stacked:lora peft-bf16:lora --out-name paired_512_eager_turns3_stackedlib
+    ;;
 *)
-    echo "unknown part $part (1 to 69)" >&2
+    echo "unknown part $part (1 to 70)" >&2
     exit 2
     ;;
 esac

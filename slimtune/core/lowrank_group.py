@@ -59,50 +59,34 @@ class GroupedLowRankFunction(torch.autograd.Function):
             y = add_product(y, h[:, start:start + rank], cast(up, dtype).t(), scaling)
             start += rank
             outputs.append(y.view(*lead, y.shape[-1]))
-        save_group_for_backward(ctx, x, scaling, on_backward, weights, biases, downs, ups)
+        ctx.set_materialize_grads(False)
+        ctx.handles = tuple(w if is_quantized(w) else None for w in weights)
+        dense = (None if is_quantized(w) else w for w in weights)
+        ctx.save_for_backward(*keep_input(ctx, x), *dense, *downs, *ups)  # x, or its recipe (core.rebuild)
+        ctx.scaling, ctx.count, ctx.on_backward = scaling, count, on_backward
+        ctx.has_bias = tuple(b is not None for b in biases)
         return tuple(outputs)
 
     @staticmethod
     def backward(ctx, *grads):
-        return grouped_function_backward(ctx, grads)
-
-
-def save_group_for_backward(ctx, x: torch.Tensor, scaling: float, on_backward: Callable[[], None] | None,
-                            weights: Sequence[WeightOperand], biases: Sequence[torch.Tensor | None],
-                            downs: Sequence[torch.Tensor], ups: Sequence[torch.Tensor]) -> None:
-    """What :func:`grouped_function_backward` reads, kept on a grouped Function's ``ctx`` in its forward: x (or its
-    recipe, :mod:`.rebuild`), the dense weights (4-bit ones as handles), the A's and B's, and the scalars."""
-    ctx.set_materialize_grads(False)
-    ctx.handles = tuple(w if is_quantized(w) else None for w in weights)
-    dense = (None if is_quantized(w) else w for w in weights)
-    ctx.save_for_backward(*keep_input(ctx, x), *dense, *downs, *ups)
-    ctx.scaling, ctx.count, ctx.on_backward = scaling, len(weights), on_backward
-    ctx.has_bias = tuple(b is not None for b in biases)
-
-
-def grouped_function_backward(ctx, grads: Sequence[torch.Tensor | None]) -> tuple[Grad, ...]:
-    """:class:`GroupedLowRankFunction`'s backward for its ``ctx``: the gradients of its inputs (x, three Nones, then
-    the weights', biases', A's and B's). A plain function, so that a Function with the same saved tensors and more
-    inputs after these can call it where ``torch.compile`` traces it (Dynamo does not trace one Function's
-    ``backward`` called from another's)."""
-    count = ctx.count
-    x, saved = kept_input(ctx, ctx.saved_tensors)  # x, or rebuilt from its recipe (core.rebuild)
-    weights = [handle if handle is not None else w for handle, w in zip(ctx.handles, saved[:count])]
-    downs, ups = saved[count:2 * count], saved[2 * count:]
-    needs = ctx.needs_input_grad
-    need_w, need_bias = needs[4:4 + count], needs[4 + count:4 + 2 * count]
-    need_a, need_b = needs[4 + 2 * count:4 + 3 * count], needs[4 + 3 * count:4 + 4 * count]
-    dtype = x.dtype
-    x2 = x.reshape(-1, x.shape[-1])
-    dys = [cast(g.reshape(x2.shape[0], g.shape[-1]), dtype) if g is not None else None for g in grads]
-    grad_x, grad_w, grad_a, grad_b = grouped_product_backward(
-        x2, weights, downs, ups, ctx.scaling, dys.__getitem__, (needs[0], need_w, need_a, need_b))
-    grad_bias = [dy.sum(0) if dy is not None and need and has else None
-                 for dy, need, has in zip(dys, need_bias, ctx.has_bias)]
-    if ctx.on_backward is not None:
-        ctx.on_backward()
-    return (grad_x.view(x.shape) if grad_x is not None else None, None, None, None,
-            *grad_w, *grad_bias, *grad_a, *grad_b)
+        count = ctx.count
+        x, saved = kept_input(ctx, ctx.saved_tensors)  # x, or rebuilt from its recipe (core.rebuild)
+        weights = [handle if handle is not None else w for handle, w in zip(ctx.handles, saved[:count])]
+        downs, ups = saved[count:2 * count], saved[2 * count:]
+        needs = ctx.needs_input_grad
+        need_w, need_bias = needs[4:4 + count], needs[4 + count:4 + 2 * count]
+        need_a, need_b = needs[4 + 2 * count:4 + 3 * count], needs[4 + 3 * count:]
+        dtype = x.dtype
+        x2 = x.reshape(-1, x.shape[-1])
+        dys = [cast(g.reshape(x2.shape[0], g.shape[-1]), dtype) if g is not None else None for g in grads]
+        grad_x, grad_w, grad_a, grad_b = grouped_product_backward(
+            x2, weights, downs, ups, ctx.scaling, dys.__getitem__, (needs[0], need_w, need_a, need_b))
+        grad_bias = [dy.sum(0) if dy is not None and need and has else None
+                     for dy, need, has in zip(dys, need_bias, ctx.has_bias)]
+        if ctx.on_backward is not None:
+            ctx.on_backward()
+        return (grad_x.view(x.shape) if grad_x is not None else None, None, None, None,
+                *grad_w, *grad_bias, *grad_a, *grad_b)
 
 
 def grouped_product_backward(x2: torch.Tensor, weights: Sequence[WeightOperand], downs: Sequence[torch.Tensor],

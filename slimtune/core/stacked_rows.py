@@ -19,7 +19,8 @@ Where: :func:`~slimtune.models.layers.compile_layers` stacks each compiled layer
 (:class:`LayerStacks`), and before every call of the layer checks that each stack still holds its members' tensors
 (:func:`intact`: their storage is the rows' storage) and stacks them again where not — after ``model.to(...)``, which
 gives every parameter and buffer a storage of its own, or ``load_state_dict(assign=True)``. Eager steps are not
-stacked (an eager LoRA step gains less: RESULTS.md run 137). :func:`unstack` gives every tensor its own storage back;
+stacked yet: nothing would check a stack before an eager call (``benchmarks/paired_steps.py``'s ``stacked:lora``
+stacks them to measure it). :func:`unstack` gives every tensor its own storage back;
 taking the adapters out (``unload``, ``detach``) does it first, so that a plain model never shares storage between
 its weights. Saved adapters copy their tensors (``core.checkpoint``). A chain is stacked only where every member is a
 plain :class:`~slimtune.methods.lora.linear.LoraLinear` over a dense ``nn.Linear`` without bias, and its weights and
@@ -151,7 +152,7 @@ def _tensors(member: Any) -> tuple[torch.Tensor, torch.Tensor]:
 
 def stackable(chain: Sequence[Any]) -> bool:
     """Whether ``chain`` can be stacked: plain LoRA Linear layers over dense ``nn.Linear`` weights without bias, one
-    scaling, their weights and A's of one dtype and device."""
+    scaling, their weights and A's plain tensors (no subclass) of one floating dtype and device."""
     from ..methods.lora.linear import LoraLinear
 
     if not chain or any(type(m) is not LoraLinear or type(m.base_layer) is not nn.Linear or m.fan_in_fan_out
@@ -160,7 +161,8 @@ def stackable(chain: Sequence[Any]) -> bool:
     if len({m.scaling for m in chain}) != 1 or len({m.in_features for m in chain}) != 1:
         return False
     tensors = [t for m in chain for t in _tensors(m)]
-    return all(t.dtype == tensors[0].dtype and t.device == tensors[0].device and t.dtype.is_floating_point
+    return all(type(t.detach()) is torch.Tensor  # no tensor subclass (a sharded DTensor, a 4-bit weight)
+               and t.dtype == tensors[0].dtype and t.device == tensors[0].device and t.dtype.is_floating_point
                for t in tensors)
 
 
