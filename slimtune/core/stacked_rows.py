@@ -248,8 +248,13 @@ class LayerStacks:
         self.heads = [chain[0] for chain in chains if stack(chain)]
 
     def keep(self) -> None:
+        if all(intact(first) for first in self.heads):
+            return
+        kept = []
         for first in self.heads:
-            if not intact(first):
-                members = _members(first)
-                if members is None or not stack(members):
-                    _unstack_head(first)
+            members = _members(first)
+            if members is not None and stack(members):
+                kept.append(first)
+            else:
+                _unstack_head(first)
+        self.heads = kept

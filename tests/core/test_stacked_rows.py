@@ -230,3 +230,24 @@ def test_what_cannot_be_stacked_is_left_as_it_is():
     assert sr.stack((attention.o_proj,))
     attention.o_proj.base_layer.bias = torch.nn.Parameter(torch.zeros(32))
     assert not sr.stackable((attention.o_proj,))
+
+
+def test_a_model_unstacked_between_compiled_calls_runs_the_plain_path():
+    eager, model, ids = _compiled_pair(1)
+    assert sr.unstack(model) == 4 and not _heads(model)
+    perturb_adapters(model, seed=9)  # new A's: a stale stack would not see them
+    perturb_adapters(eager, seed=9)
+    loss, grads = _grads(model, ids)
+    loss_ref, grads_ref = _grads(eager, ids)
+    assert rel_err(loss, loss_ref) < FP32_TOL
+    assert all(rel_err(grads[n], grads_ref[n]) < FP32_TOL for n in grads)
+
+
+def test_a_bias_given_after_stacking_is_not_dropped():
+    model = _llama(1)
+    o = model.model.layers[0].self_attn.o_proj
+    assert sr.stack((o,))
+    o.base_layer.bias = torch.nn.Parameter(torch.randn(32))
+    x = torch.randn(1, 3, 32)
+    want = o.base_layer(x) + o.scaling * (x @ o.lora_A.t() @ o.lora_B.t())
+    assert rel_err(o(x), want) < FP32_TOL

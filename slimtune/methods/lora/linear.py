@@ -102,7 +102,7 @@ class LoraLinear(LoraMixin, AdapterModule):
         xc, _, _, context = first._inputs(x)
         dtype = xc.dtype
         rows = stacked_rows(first, len(chain))  # stacked by compile_layers (core.stacked_rows)
-        if rows is not None and rows.dtype == dtype:
+        if rows is not None and rows.dtype == dtype and all(m.base_layer.bias is None for m in chain):
             with context:
                 return stacked_lowrank_linear(xc, chain, rows, on_backward)
         weights = [m.weight_operand(dtype) for m in chain]
@@ -126,7 +126,7 @@ class LoraLinear(LoraMixin, AdapterModule):
         xc, bias, p, context = self._inputs(x)
         rows = stacked_rows(self, 1)  # a layer in no chain (o, down) stacked by compile_layers (core.stacked_rows)
         with context:
-            if rows is not None and rows.dtype == xc.dtype and not p:
+            if rows is not None and rows.dtype == xc.dtype and not p and bias is None:
                 y = stacked_lowrank_linear(xc, (self,), rows)[0]
             else:
                 y = lowrank_linear(xc, self.weight_operand(xc.dtype), bias, self.lora_A, self.lora_B, self.scaling, p)
