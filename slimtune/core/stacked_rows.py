@@ -22,7 +22,8 @@ gives every parameter and buffer a storage of its own, or ``load_state_dict(assi
 stacked yet: nothing would check a stack before an eager call (``benchmarks/paired_steps.py``'s ``stacked:lora``
 stacks them to measure it). :func:`unstack` gives every tensor its own storage back;
 taking the adapters out (``unload``, ``detach``) does it first, so that a plain model never shares storage between
-its weights. Saved adapters copy their tensors (``core.checkpoint``). A chain is stacked only where every member is a
+its weights. A stacked member's state dict holds a copy of its A (:func:`_a_of_its_own`), so that saving the adapters'
+entries writes the adapters only. A chain is stacked only where every member is a
 plain :class:`~slimtune.methods.lora.linear.LoraLinear` over a dense ``nn.Linear`` without bias, and its weights and
 A's share one dtype and device (:func:`stackable`).
 """
@@ -45,6 +46,8 @@ ROWS = "stacked_rows"
 MEMBERS = "_stacked_members"
 #: in every stacked member's ``__dict__``: its stack's first member (held weakly)
 HEAD = "_stacked_head"
+#: in a member's ``__dict__`` once :func:`_a_of_its_own` is among its state-dict hooks
+HOOKED = "_stacked_state_hook"
 
 
 
@@ -224,7 +227,21 @@ def stack(chain: Sequence[Any]) -> bool:
     first.__dict__[MEMBERS] = _Refs(chain)
     for member in chain:
         member.__dict__[HEAD] = _Refs((first,))
+        if not member.__dict__.get(HOOKED):
+            member.register_state_dict_post_hook(_a_of_its_own)
+            member.__dict__[HOOKED] = True
     return True
+
+
+def _a_of_its_own(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """A state-dict post-hook of a stacked member: its A as a copy of its own (``[r, d_in]``), not a view whose
+    storage is the whole stack (``torch.save`` of the adapters' entries would write every frozen weight too).
+    Parameters themselves (``keep_vars=True``) are left as they are."""
+    key = prefix + "lora_A"
+    tensor = state_dict.get(key)
+    if (isinstance(tensor, torch.Tensor) and not isinstance(tensor, nn.Parameter)
+            and tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size()):
+        state_dict[key] = tensor.clone()
 
 
 def unstack(model: nn.Module) -> int:

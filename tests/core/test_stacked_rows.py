@@ -251,3 +251,16 @@ def test_a_bias_given_after_stacking_is_not_dropped():
     x = torch.randn(1, 3, 32)
     want = o.base_layer(x) + o.scaling * (x @ o.lora_A.t() @ o.lora_B.t())
     assert rel_err(o(x), want) < FP32_TOL
+
+
+def test_the_state_dict_holds_each_a_as_its_own_tensor(tmp_path):
+    _, model, _ = _compiled_pair(1)
+    state = model.state_dict()
+    lora = {k: v for k, v in state.items() if "lora_" in k}
+    for key, tensor in lora.items():
+        assert tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size(), key
+    torch.save(lora, tmp_path / "lora.pt")  # the adapters' bytes, not the stacked frozen weights behind them
+    assert (tmp_path / "lora.pt").stat().st_size < 3 * sum(t.numel() * t.element_size() for t in lora.values())
+    q = model.model.layers[0].self_attn.q_proj
+    assert torch.equal(state["model.layers.0.self_attn.q_proj.lora_A"], q.lora_A)
+    assert model.state_dict(keep_vars=True)["model.layers.0.self_attn.q_proj.lora_A"] is q.lora_A
