@@ -40,6 +40,8 @@ from .compute import add_product, cast, mm_scaled
 from .rebuild import keep_input, kept_input
 from .tracing import compiling
 
+#: the class attribute (True, on the class itself: not inherited) of the layers whose chains stack: LoRA's Linear
+STACKS = "stacks_rows"
 #: the non-persistent buffer, on a stack's first member, that holds the rows S
 ROWS = "stacked_rows"
 #: in a stack's first member's ``__dict__``: its members (held weakly), in order
@@ -154,11 +156,10 @@ def _tensors(member: Any) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def stackable(chain: Sequence[Any]) -> bool:
-    """Whether ``chain`` can be stacked: plain LoRA Linear layers over dense ``nn.Linear`` weights without bias, one
+    """Whether ``chain`` can be stacked: LoRA Linear layers (a class with :data:`STACKS` set on itself: a subclass may
+    compute otherwise) over dense ``nn.Linear`` weights without bias, one
     scaling, their weights and A's plain tensors (no subclass) of one floating dtype and device."""
-    from ..methods.lora.linear import LoraLinear
-
-    if not chain or any(type(m) is not LoraLinear or type(m.base_layer) is not nn.Linear or m.fan_in_fan_out
+    if not chain or any(not vars(type(m)).get(STACKS) or type(m.base_layer) is not nn.Linear or m.fan_in_fan_out
                         or m.base_layer.bias is not None or m.merged for m in chain):
         return False
     if len({m.scaling for m in chain}) != 1 or len({m.in_features for m in chain}) != 1:

@@ -46,6 +46,8 @@ class LoraLinear(LoraMixin, AdapterModule):
     through which layers that read the same input run as one Function."""
 
     siblings: SiblingGroup | None = None
+    #: a chain of these layers may hold its frozen weights and A's in one buffer (:mod:`slimtune.core.stacked_rows`)
+    stacks_rows = True
     #: its Functions (:func:`~slimtune.core.lowrank.lowrank_linear`, the grouped one) keep a recipe for an offered
     #: input themselves (:func:`~slimtune.core.rebuild.keep_input`): no saved-tensor hooks around the call, and none
     #: for a member that takes its output from its sibling group
