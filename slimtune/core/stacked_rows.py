@@ -52,7 +52,6 @@ HEAD = "_stacked_head"
 HOOKED = "_stacked_state_hook"
 
 
-
 class StackedLowRankFunction(torch.autograd.Function):
     """``(y_1, …, y_n)`` of the module docstring from one x. Arguments: x ``[..., d_in]``, the scaling, a callback run
     at the end of backward (or None), the member widths ``d_i`` (a tuple), the n A's, the n B's, then the rows S.

@@ -67,15 +67,16 @@ class _LearnThenCompiled:
     def __init__(self, eager: Any, compiled: Any, groups: list[SiblingGroup]) -> None:
         self.eager, self.compiled, self.groups = eager, compiled, groups
         self.stacks: LayerStacks | None = None
+        self.stacked_as_learnt = False
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if still_learning(self.groups):
-            self.stacks = None
+        if self.stacks is not None:  # stacked again where the model moved (.to()) or took new tensors since
+            self.stacks.keep()
+        if still_learning(self.groups):  # the first step, or again after a checkpoint (siblings.relearn)
+            self.stacked_as_learnt = False
             return self.eager(*args, **kwargs)
-        if self.stacks is None:  # the chains are learnt: each one's weights and A's in one buffer
-            self.stacks = LayerStacks(self.groups)
-        else:
-            self.stacks.keep()  # stacked again where the model moved (.to()) or took new tensors since
+        if not self.stacked_as_learnt:  # each learnt chain's weights and A's in one buffer
+            self.stacks, self.stacked_as_learnt = LayerStacks(self.groups), True
         try:
             return self.compiled(*args, **kwargs)
         finally:

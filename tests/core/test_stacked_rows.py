@@ -264,3 +264,17 @@ def test_the_state_dict_holds_each_a_as_its_own_tensor(tmp_path):
     q = model.model.layers[0].self_attn.q_proj
     assert torch.equal(state["model.layers.0.self_attn.q_proj.lora_A"], q.lora_A)
     assert model.state_dict(keep_vars=True)["model.layers.0.self_attn.q_proj.lora_A"] is q.lora_A
+
+
+def test_stacks_are_checked_while_the_layers_learn_again_after_a_checkpoint(tmp_path):
+    eager, model, ids = _compiled_pair(1)
+    slimtune.save_adapter(model, tmp_path / "adapter")  # the sibling groups learn again (siblings.relearn)
+    for m in (model, eager):
+        m.double()
+        perturb_adapters(m, seed=11)
+    for _ in range(2):  # the learning step (eager), then compiled again
+        loss, grads = _grads(model, ids)
+        loss_ref, grads_ref = _grads(eager, ids)
+        assert rel_err(loss, loss_ref) < FP32_TOL
+        assert all(rel_err(grads[n], grads_ref[n]) < FP32_TOL for n in grads)
+    assert _heads(model) and all(sr.intact(h) for h in _heads(model))
