@@ -45,7 +45,7 @@ protocol's; PEFT's users get it through Trainer).
 
 ``stacked:lora``: slimtune's LoRA with each sibling chain's frozen weights and A factors held in one buffer
 (:mod:`slimtune.core.stacked_rows`) in eager steps too, where the library stacks them only in layers compiled by
-``compile_layers``: one GEMM gives a chain's base outputs and ``x Aᵀ``, one its ``dx`` (stacked after one eager step,
+``compile_layers``: one GEMM gives a chain's base outputs and ``x Aᵀ``, two its ``dx`` (stacked after one eager step,
 in which the chains are learnt; no check per call, as the benchmark never moves its models).
 
 ``--compile``: each decoder layer through ``torch.compile`` (``slimtune.models.layers.compile_layers``, which turns

@@ -1,5 +1,5 @@
 """A LoRA chain's frozen weights and A factors in one buffer ("stacked rows"), so that one GEMM gives every member's
-base output and ``x Aᵀ``, and one GEMM gives ``dx``.
+base output and ``x Aᵀ``, and two give ``dx``.
 
 For a chain of LoRA layers that read one input — q/k/v, gate/up (:mod:`.siblings`), or one layer alone (o, down) —
 with frozen ``W_i`` ``[d_i, d_in]`` and ``A_i`` ``[r_i, d_in]``, the rows ``S = [W_1; …; W_n; A_1; …; A_n]``
@@ -8,12 +8,13 @@ parameters stay the same objects, with the same names, values and state-dict key
 of A land in S). Then::
 
     out = x Sᵀ  [N, Σd + R]        y_i = out[:, d_i-slice] + s·h_i B_iᵀ   (h = out[:, Σd:])
-    g = s·[dy_1 B_1, …, dy_n B_n]  [N, R]        dx = [dy_1, …, dy_n, g] S        dA = gᵀ x        dB_i = s·dy_iᵀ h_i
+    g = s·[dy_1 B_1, …, dy_n B_n]  [N, R]     dx = [dy_1, …, dy_n] W + g A     dA = gᵀ x     dB_i = s·dy_iᵀ h_i
 
-one GEMM where there were n + 1 each way, and no stacking copy of the A's. Why: under ``torch.compile`` a LoRA step
-is bound by the host's GEMM launches (RESULTS.md runs 134-135: 47 GEMM calls a 3B layer, 33 of them the adapter's);
-stacked, a layer runs 11 GEMMs forward and 22 backward (18 and 29 before), and the compiled 3B step took 0.89-0.91x
-the time (runs 137-138).
+(``W``, ``A``: S's two blocks of rows): one GEMM where there were n + 1 forward, two where there were n + 1 for
+``dx``, and no stacking copy of the A's. Why: under ``torch.compile`` a LoRA step was bound by the host's GEMM launches
+(RESULTS.md runs 134-135: 47 GEMM calls a 3B layer, 33 of them the adapter's); stacked, a layer runs 11 GEMMs forward
+and 26 backward (18 and 29 before). On an H100 the compiled 3B step took 0.96x the time (run 139, with ``dx`` as one
+GEMM against ``[dy_1, …, dy_n, g]``, which copied every dy once more).
 
 Where: :func:`~slimtune.models.layers.compile_layers` stacks each compiled layer's chains once they are learnt
 (:class:`LayerStacks`), and before every call of the layer checks that each stack still holds its members' tensors
@@ -95,6 +96,10 @@ class StackedLowRankFunction(torch.autograd.Function):
             return (None,) * (5 + 2 * count)
         dys = [cast(g.reshape(x2.shape[0], width), dtype) if g is not None else x2.new_zeros(x2.shape[0], width)
                for g, width in zip(grads, widths)]
+        # [N, Σd], and every later use reads its slices: under compile the kernels that form the dy's write them there
+        # (a dy used on its own too would be written twice, RESULTS.md run 139)
+        dcat = torch.cat(dys, dim=1) if count > 1 else dys[0]
+        dys = dcat.split_with_sizes(widths, dim=1) if count > 1 else dys
         g = torch.cat([mm_scaled(dy, cast(up, dtype), scaling) if use else x2.new_zeros(x2.shape[0], rank)
                        for dy, up, use, rank in zip(dys, ups, used, ranks)], dim=1)  # s·dy_i B_i, [N, R]
         need_a, need_b = [n and u for n, u in zip(needs[4:4 + count], used)], needs[4 + count:4 + 2 * count]
@@ -103,7 +108,8 @@ class StackedLowRankFunction(torch.autograd.Function):
         grad_a: list[torch.Tensor | None] = [None] * count
         if any(need_a):
             grad_a = [cast(p, dtype) if need else None for p, need in zip((g.t() @ x2).split_with_sizes(ranks), need_a)]
-        dx = torch.cat([*dys, g], dim=1) @ rows if needs[0] else None  # Σ dy_i W_i + g A, one GEMM
+        d = sum(widths)  # dx = Σ dy_i W_i + g A: the frozen rows' GEMM and the A rows' GEMM, added
+        dx = add_product(dcat @ rows[:d], g, rows[d:]) if needs[0] else None
         if ctx.on_backward is not None:
             ctx.on_backward()
         return (dx.view(x.shape) if dx is not None else None, None, None, None, *grad_a, *grad_b, None)
