@@ -200,7 +200,8 @@ def _unstack_head(first: nn.Module) -> None:
         if rows is not None:
             for t in _tensors(member):
                 if t.untyped_storage() is rows.untyped_storage():
-                    t.data = t.detach().clone()
+                    with torch.inference_mode(False):
+                        t.data = t.detach().clone()
 
 
 def unstack_member(member: nn.Module) -> None:
@@ -224,11 +225,12 @@ def stack(chain: Sequence[Any]) -> bool:
     for member in chain:
         unstack_member(member)
     tensors = [m.base_layer.weight for m in chain] + [m.lora_A for m in chain]
-    rows = torch.cat([t.detach() for t in tensors])
-    start = 0
-    for t in tensors:
-        t.data = rows[start:start + t.shape[0]]
-        start += t.shape[0]
+    with torch.inference_mode(False):  # built in an evaluation's call, S is still a tensor training can save
+        rows = torch.cat([t.detach() for t in tensors])
+        start = 0
+        for t in tensors:
+            t.data = rows[start:start + t.shape[0]]
+            start += t.shape[0]
     first.register_buffer(ROWS, rows, persistent=False)
     first.__dict__[MEMBERS] = _Refs(chain)
     for member in chain:

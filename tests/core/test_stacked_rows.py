@@ -278,3 +278,16 @@ def test_stacks_are_checked_while_the_layers_learn_again_after_a_checkpoint(tmp_
         assert rel_err(loss, loss_ref) < FP32_TOL
         assert all(rel_err(grads[n], grads_ref[n]) < FP32_TOL for n in grads)
     assert _heads(model) and all(sr.intact(h) for h in _heads(model))
+
+
+def test_stacks_built_under_inference_mode_still_train():
+    model = _llama(1)
+    attention = model.model.layers[0].self_attn
+    chain = (attention.q_proj, attention.k_proj, attention.v_proj)
+    with torch.inference_mode():
+        assert sr.stack(chain)
+    rows = sr.stacked_rows(attention.q_proj, 3)
+    assert not rows.is_inference() and not attention.q_proj.lora_A.is_inference()
+    x = torch.randn(1, 3, 32, requires_grad=True)
+    sum(y.sum() for y in sr.stacked_lowrank_linear(x, chain, rows)).backward()
+    assert attention.q_proj.lora_A.grad is not None and x.grad is not None
