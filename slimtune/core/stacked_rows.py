@@ -64,20 +64,20 @@ class StackedLowRankFunction(torch.autograd.Function):
         ups, rows = tensors[count:2 * count], tensors[-1]
         lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])
         out = F.linear(x2, rows)  # [N, Σd + R]: every base output, then h = x Aᵀ
-        ranks = tuple(up.shape[1] for up in ups)
+        ranks, traced = tuple(up.shape[1] for up in ups), compiling()
         h = out[:, sum(widths):]
-        if compiling():  # kept for dB: its own [N, R] buffer (a saved view would keep all of out alive)
+        if traced:  # kept for dB: its own [N, R] buffer (a saved view would keep all of out alive)
             h = h.contiguous()
         outputs, start, rank_start = [], 0, 0
         for width, rank, up in zip(widths, ranks, ups):
             base, h_i = out[:, start:start + width], h[:, rank_start:rank_start + rank]
             up_t = cast(up, x.dtype).t()
             # out of place: each output its own tensor, not a view of out
-            y = add_product(base, h_i, up_t, scaling) if compiling() else torch.addmm(base, h_i, up_t, alpha=scaling)
+            y = add_product(base, h_i, up_t, scaling) if traced else torch.addmm(base, h_i, up_t, alpha=scaling)
             outputs.append(y.view(*lead, width))
             start, rank_start = start + width, rank_start + rank
         ctx.set_materialize_grads(False)
-        ctx.scaling, ctx.on_backward, ctx.widths, ctx.ranks, ctx.kept_h = scaling, on_backward, widths, ranks, compiling()
+        ctx.scaling, ctx.on_backward, ctx.widths, ctx.ranks, ctx.kept_h = scaling, on_backward, widths, ranks, traced
         # eagerly h is formed again in backward (x Aᵀ is not saved); compiled, the step's partitioner keeps it anyway
         ctx.save_for_backward(*keep_input(ctx, x), rows, *ups, *((h,) if ctx.kept_h else ()))
         return tuple(outputs)
