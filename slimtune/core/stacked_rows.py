@@ -19,9 +19,10 @@ GEMM against ``[dy_1, …, dy_n, g]``, which copied every dy once more).
 Where: :func:`~slimtune.models.layers.compile_layers` stacks each compiled layer's chains once they are learnt
 (:class:`LayerStacks`), and before every call of the layer checks that each stack still holds its members' tensors
 (:func:`intact`: their storage is the rows' storage) and stacks them again where not — after ``model.to(...)``, which
-gives every parameter and buffer a storage of its own, or ``load_state_dict(assign=True)``. Eager steps are not
-stacked yet: nothing would check a stack before an eager call (``benchmarks/paired_steps.py``'s ``stacked:lora``
-stacks them to measure it). :func:`unstack` gives every tensor its own storage back;
+gives every parameter and buffer a storage of its own, or ``load_state_dict(assign=True)``. An eager call of a
+stacked member (called on its own, or while its layer learns again) checks its stack itself (:func:`stacked_rows`).
+Eager steps are not stacked by the library (``benchmarks/paired_steps.py``'s ``stacked:lora`` stacks them to measure
+it), nor is a model FSDP manages (:func:`sharded`). :func:`unstack` gives every tensor its own storage back;
 taking the adapters out (``unload``, ``detach``) does it first, so that a plain model never shares storage between
 its weights. A stacked member's state dict holds a copy of its A (:func:`_a_of_its_own`), so that saving the adapters'
 entries writes the adapters only. A chain is stacked only where every member is a
@@ -147,10 +148,14 @@ class _Refs:
 
 
 def stacked_rows(first: nn.Module, count: int) -> torch.Tensor | None:
-    """The rows of the stack whose first member is ``first``, where it stacks exactly ``count`` members; else None.
-    Read where the stack is known intact (:class:`LayerStacks` checks before each call of a compiled layer)."""
+    """The rows of the stack whose first member is ``first``, where it stacks exactly ``count`` members and is intact;
+    else None (the members then run on their own tensors). Traced, the stack is taken as intact: the compiled layer's
+    wrapper checks it before each call (:class:`LayerStacks`); eagerly (a member called on its own, or a layer
+    learning again) it is checked here, since a moved model's rows are a stale copy."""
     refs = first.__dict__.get(MEMBERS)
     if refs is None or refs.count != count:  # an int: what a compiled graph's trace reads
+        return None
+    if not compiling() and not intact(first):
         return None
     return getattr(first, ROWS, None)
 
@@ -260,25 +265,43 @@ def unstack(model: nn.Module) -> int:
     return len(heads)
 
 
+def sharded(model: nn.Module) -> bool:
+    """Whether FSDP manages a module of ``model`` (FSDP2's ``fully_shard``, or ``FullyShardedDataParallel``): it
+    gives each forward its parameters as tensors all-gathered into its own buffers, so a stack would hold copies that
+    go stale (the losses after a step differ). Such a model is never stacked."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    return any(isinstance(m, (FSDPModule, FullyShardedDataParallel)) for m in model.modules())
+
+
 class LayerStacks:
     """The stacks of one compiled layer: each learnt chain of its sibling groups, and each member in no chain as a
-    chain of one (o, down). :meth:`keep` before every call: a stack no longer intact is stacked again."""
+    chain of one (o, down). :meth:`keep` before every call: a stack no longer intact is stacked again. Nothing is
+    stacked while FSDP manages a module of ``within`` (the model, held weakly: :func:`sharded`)."""
 
-    def __init__(self, groups: Iterable[Any]) -> None:
+    def __init__(self, groups: Iterable[Any], within: nn.Module | None = None) -> None:
+        self.within = weakref.ref(within) if within is not None else None
         chains: list[tuple[Any, ...]] = []
         for group in groups:
             learnt = list(group.chains.values())
             chained = [m for chain in learnt for m in chain]
             chains += learnt + [(m,) for m in group.members if not any(m is c for c in chained)]
-        self.heads = [chain[0] for chain in chains if stack(chain)]
+        self.heads = [] if self._sharded() else [chain[0] for chain in chains if stack(chain)]
+
+    def _sharded(self) -> bool:
+        model = self.within() if self.within is not None else None
+        return model is not None and sharded(model)
 
     def keep(self) -> None:
         if all(intact(first) for first in self.heads):
             return
+        restack = not self._sharded()  # sharded since (its parameters are FSDP's now): unstacked for good
         kept = []
         for first in self.heads:
             members = _members(first)
-            if members is not None and stack(members):
+            if restack and members is not None and stack(members):
                 kept.append(first)
             else:
                 _unstack_head(first)

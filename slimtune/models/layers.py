@@ -2,6 +2,7 @@
 :mod:`slimtune.memory.recompute`, compiled by :func:`compile_layers`."""
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -53,7 +54,7 @@ def compile_layers(model: nn.Module, **options: Any) -> int:
         mark_compiled(layer)
         compiled = torch.compile(layer.forward, **options)
         groups = watched_groups(layer)
-        layer.forward = _LearnThenCompiled(layer.forward, compiled, groups) if groups else compiled
+        layer.forward = _LearnThenCompiled(layer.forward, compiled, groups, model) if groups else compiled
     return len(layers)
 
 
@@ -64,8 +65,9 @@ class _LearnThenCompiled:
     weights and A's stacked in one buffer (:mod:`slimtune.core.stacked_rows`; checked before every call). Held
     outputs a traced frame left untaken are dropped after each compiled call."""
 
-    def __init__(self, eager: Any, compiled: Any, groups: list[SiblingGroup]) -> None:
+    def __init__(self, eager: Any, compiled: Any, groups: list[SiblingGroup], model: nn.Module) -> None:
         self.eager, self.compiled, self.groups = eager, compiled, groups
+        self.model = weakref.ref(model)  # not stacked while FSDP manages a module of it (stacked_rows.sharded)
         self.stacks: LayerStacks | None = None
         self.stacked_as_learnt = False
 
@@ -76,7 +78,7 @@ class _LearnThenCompiled:
             self.stacked_as_learnt = False
             return self.eager(*args, **kwargs)
         if not self.stacked_as_learnt:  # each learnt chain's weights and A's in one buffer
-            self.stacks, self.stacked_as_learnt = LayerStacks(self.groups), True
+            self.stacks, self.stacked_as_learnt = LayerStacks(self.groups, self.model()), True
         try:
             return self.compiled(*args, **kwargs)
         finally:

@@ -291,3 +291,16 @@ def test_stacks_built_under_inference_mode_still_train():
     x = torch.randn(1, 3, 32, requires_grad=True)
     sum(y.sum() for y in sr.stacked_lowrank_linear(x, chain, rows)).backward()
     assert attention.q_proj.lora_A.grad is not None and x.grad is not None
+
+
+def test_a_member_called_on_its_own_after_a_move_uses_its_own_tensors():
+    """Called directly (not through its compiled layer, whose wrapper checks the stacks), a member of a stack that
+    ``.to()`` broke computes from its own tensors, not from the rows left behind."""
+    _, model, _ = _compiled_pair(1)
+    model.double()
+    down = model.model.layers[0].mlp.down_proj
+    perturb_adapters(model, seed=9)
+    assert not sr.intact(down) and sr.stacked_rows(down, 1) is None
+    x = torch.randn(3, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    want = x @ down.base_layer.weight.t() + down.scaling * (x @ down.lora_A.t()) @ down.lora_B.t()
+    assert rel_err(down(x), want) < FP32_TOL
