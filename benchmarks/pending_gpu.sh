@@ -889,21 +889,8 @@ PY
     step paired_512_eager_turns3_stackedlib 150 python benchmarks/paired_steps.py --rounds 10 --steps-per-turn 3 \
         --configs lora stacked:lora peft-bf16:lora --out-name paired_512_eager_turns3_stackedlib
     ;;
-71)
-    # issue 19 (about 5 minutes, carry .before = 8e61935, the code before; any GPU): each stacked member's output
-    # summed by the lowrank_add Triton kernel (slimtune.core.lowrank_add: base read and y written once, where the
-    # product then the sum wrote and read an [N, d] product; gate's stand-alone sum gone) — its CUDA tests, LoRA
-    # compiled against the code before and PEFT-bf16 in turns of 3 steps, then the compiled steps profiled
-    step cuda_tests_lowrank_add 240 python -m pytest -q tests/core/test_lowrank_add_cuda.py \
-        tests/core/test_stacked_rows.py
-    step paired_512_compile_turns3_lowrank_add 300 python benchmarks/paired_steps.py --compile --rounds 16 \
-        --steps-per-turn 3 --before .before --configs lora before:lora peft-bf16:lora \
-        --out-name paired_512_compile_turns3_lowrank_add
-    step profile_compiled_lowrank_add 150 python benchmarks/unet_step_profile.py --preset llama-3.2-3b --rank 32 \
-        --batch 4 --compile --steps 3 --top 30 --before .before --configs lora before:lora peft-bf16:lora
-    ;;
 *)
-    echo "unknown part $part (1 to 71)" >&2
+    echo "unknown part $part (1 to 70)" >&2
     exit 2
     ;;
 esac

@@ -39,7 +39,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .compute import add_product, cast, mm_scaled
-from .lowrank_add import lowrank_add_kernel_loaded
 from .rebuild import keep_input, kept_input
 from .tracing import compiling
 
@@ -53,20 +52,15 @@ MEMBERS = "_stacked_members"
 HEAD = "_stacked_head"
 #: in a member's ``__dict__`` once :func:`_a_of_its_own` is among its state-dict hooks
 HOOKED = "_stacked_state_hook"
-#: in a stack's first member's ``__dict__``: whether its outputs are summed by the lowrank_add kernel (.lowrank_add)
-KERNEL_SUM = "_stacked_kernel_sum"
 
 
 class StackedLowRankFunction(torch.autograd.Function):
     """``(y_1, …, y_n)`` of the module docstring from one x. Arguments: x ``[..., d_in]``, the scaling, a callback run
-    at the end of backward (or None), the member widths ``d_i`` (a tuple), whether each ``y_i`` is summed by the
-    lowrank_add kernel (:mod:`.lowrank_add`: base read and y written once, no ``[N, d_i]`` product in between), the n
-    A's, the n B's, then the rows S. The A's are views of S: they are passed so that their gradients reach them;
-    forward reads S."""
+    at the end of backward (or None), the member widths ``d_i`` (a tuple), the n A's, the n B's, then the rows S.
+    The A's are views of S: they are passed so that their gradients reach them; forward reads S."""
 
     @staticmethod
-    def forward(ctx, x, scaling: float, on_backward: Callable[[], None] | None, widths: tuple[int, ...],
-                kernel_sum: bool, *tensors):
+    def forward(ctx, x, scaling: float, on_backward: Callable[[], None] | None, widths: tuple[int, ...], *tensors):
         count = len(widths)
         ups, rows = tensors[count:2 * count], tensors[-1]
         lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])
@@ -78,14 +72,9 @@ class StackedLowRankFunction(torch.autograd.Function):
         outputs, start, rank_start = [], 0, 0
         for width, rank, up in zip(widths, ranks, ups):
             base, h_i = out[:, start:start + width], h[:, rank_start:rank_start + rank]
-            up_c = cast(up, x.dtype)
+            up_t = cast(up, x.dtype).t()
             # out of place: each output its own tensor, not a view of out
-            if kernel_sum:
-                y = torch.ops.slimtune.lowrank_add(base, h_i, up_c, scaling)
-            elif traced:
-                y = add_product(base, h_i, up_c.t(), scaling)
-            else:
-                y = torch.addmm(base, h_i, up_c.t(), alpha=scaling)
+            y = add_product(base, h_i, up_t, scaling) if traced else torch.addmm(base, h_i, up_t, alpha=scaling)
             outputs.append(y.view(*lead, width))
             start, rank_start = start + width, rank_start + rank
         ctx.set_materialize_grads(False)
@@ -101,11 +90,11 @@ class StackedLowRankFunction(torch.autograd.Function):
         count = len(widths)
         rows, ups = saved[0], saved[1:1 + count]
         dtype, x2 = x.dtype, x.reshape(-1, x.shape[-1])
-        needs = ctx.needs_input_grad  # x, scaling, on_backward, widths, kernel_sum, A's, B's, rows
+        needs = ctx.needs_input_grad  # x, scaling, on_backward, widths, A's, B's, rows
         h = saved[1 + count] if ctx.kept_h else x2 @ rows[sum(widths):].t()
         used = [g is not None for g in grads]  # an unused output: its member gets no gradients, as alone
         if not any(used):
-            return (None,) * (6 + 2 * count)
+            return (None,) * (5 + 2 * count)
         dys = [cast(g.reshape(x2.shape[0], width), dtype) if g is not None else x2.new_zeros(x2.shape[0], width)
                for g, width in zip(grads, widths)]
         # [N, Σd], and every later use reads its slices: under compile the kernels that form the dy's write them there
@@ -114,7 +103,7 @@ class StackedLowRankFunction(torch.autograd.Function):
         dys = dcat.split_with_sizes(widths, dim=1) if count > 1 else dys
         g = torch.cat([mm_scaled(dy, cast(up, dtype), scaling) if use else x2.new_zeros(x2.shape[0], rank)
                        for dy, up, use, rank in zip(dys, ups, used, ranks)], dim=1)  # s·dy_i B_i, [N, R]
-        need_a, need_b = [n and u for n, u in zip(needs[5:5 + count], used)], needs[5 + count:5 + 2 * count]
+        need_a, need_b = [n and u for n, u in zip(needs[4:4 + count], used)], needs[4 + count:4 + 2 * count]
         grad_b = [cast(mm_scaled(dy.t(), h_i, scaling), up.dtype) if need and use else None
                   for dy, h_i, up, need, use in zip(dys, h.split_with_sizes(ranks, dim=1), ups, need_b, used)]
         grad_a: list[torch.Tensor | None] = [None] * count
@@ -124,16 +113,16 @@ class StackedLowRankFunction(torch.autograd.Function):
         dx = add_product(dcat @ rows[:d], g, rows[d:]) if needs[0] else None
         if ctx.on_backward is not None:
             ctx.on_backward()
-        return (dx.view(x.shape) if dx is not None else None, None, None, None, None, *grad_a, *grad_b, None)
+        return (dx.view(x.shape) if dx is not None else None, None, None, None, *grad_a, *grad_b, None)
 
 
 def stacked_lowrank_linear(x: torch.Tensor, chain: Sequence[Any], rows: torch.Tensor,
                            on_backward: Callable[[], None] | None = None) -> tuple[torch.Tensor, ...]:
     """Every member's ``x W_iᵀ + s·(x A_iᵀ) B_iᵀ`` ``[..., d_i]`` through :class:`StackedLowRankFunction`, for a chain
     stacked on ``rows`` (x already in the rows' dtype; the members share one scaling)."""
-    widths, kernel_sum = tuple(m.out_features for m in chain), chain[0].__dict__.get(KERNEL_SUM, False)
-    return StackedLowRankFunction.apply(x, chain[0].scaling, on_backward, widths, kernel_sum,
-                                        *[m.lora_A for m in chain], *[m.lora_B for m in chain], rows)
+    widths = tuple(m.out_features for m in chain)
+    return StackedLowRankFunction.apply(x, chain[0].scaling, on_backward, widths, *[m.lora_A for m in chain],
+                                        *[m.lora_B for m in chain], rows)
 
 
 class _Refs:
@@ -208,7 +197,6 @@ def intact(first: nn.Module) -> bool:
 def _unstack_head(first: nn.Module) -> None:
     """Give every member of the stack on ``first`` its own storage (values kept), and forget the stack."""
     refs = first.__dict__.pop(MEMBERS, None)
-    first.__dict__.pop(KERNEL_SUM, None)
     rows = getattr(first, ROWS, None)
     if rows is not None:
         delattr(first, ROWS)
@@ -250,7 +238,6 @@ def stack(chain: Sequence[Any]) -> bool:
             start += t.shape[0]
     first.register_buffer(ROWS, rows, persistent=False)
     first.__dict__[MEMBERS] = _Refs(chain)
-    first.__dict__[KERNEL_SUM] = lowrank_add_kernel_loaded(rows)
     for member in chain:
         member.__dict__[HEAD] = _Refs((first,))
         if not member.__dict__.get(HOOKED):

@@ -34,7 +34,7 @@ def _chain(count: int, dtype: torch.dtype, seed: int = 0):
 
 
 def _apply(x, rows, downs, ups, scaling, widths):
-    return sr.StackedLowRankFunction.apply(x, scaling, None, tuple(widths), False, *downs, *ups, rows)
+    return sr.StackedLowRankFunction.apply(x, scaling, None, tuple(widths), *downs, *ups, rows)
 
 
 def test_gradcheck_float64():
