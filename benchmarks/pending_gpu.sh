@@ -889,8 +889,17 @@ PY
     step paired_512_eager_turns3_stackedlib 150 python benchmarks/paired_steps.py --rounds 10 --steps-per-turn 3 \
         --configs lora stacked:lora peft-bf16:lora --out-name paired_512_eager_turns3_stackedlib
     ;;
+72)
+    # issue 19 on an H200 (about 5 minutes; the card where it starts): LoRA and DoRA compiled and eager against
+    # PEFT-bf16 in turns of 3 steps, with stacked rows and dx from [dy_1, …, dy_n] (8f87d9c); on an H100 the compiled
+    # LoRA step was GPU-bound at 0.92-0.94x (runs 139-141), on an H200 the GPU's share is smaller
+    step paired_512_compile_turns3_h200 300 python benchmarks/paired_steps.py --compile --rounds 8 \
+        --steps-per-turn 3 --configs lora dora peft-bf16:lora peft-bf16:dora --out-name paired_512_compile_turns3_h200
+    step paired_512_eager_turns3_h200 150 python benchmarks/paired_steps.py --rounds 8 --steps-per-turn 3 \
+        --configs lora dora peft-bf16:lora peft-bf16:dora --out-name paired_512_eager_turns3_h200
+    ;;
 *)
-    echo "unknown part $part (1 to 70)" >&2
+    echo "unknown part $part (1 to 72)" >&2
     exit 2
     ;;
 esac
