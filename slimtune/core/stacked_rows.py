@@ -25,9 +25,9 @@ Eager steps are not stacked by the library (``benchmarks/paired_steps.py``'s ``s
 it), nor is a model FSDP manages (:func:`sharded`). :func:`unstack` gives every tensor its own storage back;
 taking the adapters out (``unload``, ``detach``) does it first, so that a plain model never shares storage between
 its weights. A stacked member's state dict holds a copy of its A (:func:`_a_of_its_own`), so that saving the adapters'
-entries writes the adapters only. A chain is stacked only where every member is a
-plain :class:`~slimtune.methods.lora.linear.LoraLinear` over a dense ``nn.Linear`` without bias, and its weights and
-A's share one dtype and device (:func:`stackable`).
+entries writes the adapters only. A chain is stacked only where every member is a plain
+:class:`~slimtune.methods.lora.linear.LoraLinear` over a dense, frozen ``nn.Linear`` without bias, and its weights
+and A's share one dtype and device (:func:`stackable`); a weight set to train after stacking leaves the stack.
 """
 from __future__ import annotations
 
@@ -167,12 +167,14 @@ def _tensors(member: Any) -> tuple[torch.Tensor, torch.Tensor]:
 
 def stackable(chain: Sequence[Any]) -> bool:
     """Whether ``chain`` can be stacked: LoRA Linear layers (a class with :data:`STACKS` set on itself: a subclass may
-    compute otherwise) over dense ``nn.Linear`` weights without bias, one
-    scaling, their weights and A's plain tensors (no subclass) of one floating dtype and device."""
+    compute otherwise) over dense, frozen ``nn.Linear`` weights without bias, one scaling, their weights and A's
+    plain tensors (no subclass) of one floating dtype and device."""
     if not chain or any(not vars(type(m)).get(STACKS) or type(m.base_layer) is not nn.Linear or m.fan_in_fan_out
                         or m.base_layer.bias is not None or m.merged for m in chain):
         return False
     if len({m.scaling for m in chain}) != 1 or len({m.in_features for m in chain}) != 1:
+        return False
+    if any(m.base_layer.weight.requires_grad for m in chain):  # the Function gives the rows no gradient
         return False
     tensors = [t for m in chain for t in _tensors(m)]
     return all(type(t.detach()) is torch.Tensor  # no tensor subclass (a sharded DTensor, a 4-bit weight)
@@ -186,12 +188,17 @@ def _members(first: nn.Module) -> list[Any] | None:
 
 
 def intact(first: nn.Module) -> bool:
-    """Whether the stack on ``first`` still holds every member's weight and A (their storage is the rows')."""
+    """Whether the stack on ``first`` still holds every member's weight and A (their storage is the rows'), and the
+    weights are still frozen (one set to train since must leave the stack to get its gradient)."""
     members, rows = _members(first), getattr(first, ROWS, None)
     if members is None or rows is None:
         return False
     storage = rows.untyped_storage()
-    return all(t.untyped_storage() is storage for m in members for t in _tensors(m))
+    for m in members:
+        weight, down = _tensors(m)
+        if weight.requires_grad or weight.untyped_storage() is not storage or down.untyped_storage() is not storage:
+            return False
+    return True
 
 
 def _unstack_head(first: nn.Module) -> None:

@@ -304,3 +304,17 @@ def test_a_member_called_on_its_own_after_a_move_uses_its_own_tensors():
     x = torch.randn(3, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     want = x @ down.base_layer.weight.t() + down.scaling * (x @ down.lora_A.t()) @ down.lora_B.t()
     assert rel_err(down(x), want) < FP32_TOL
+
+
+def test_a_base_weight_that_trains_is_not_stacked():
+    """A frozen weight is what a stack holds: one set to train (before stacking or after) takes its member out of
+    the stack, so that it gets its gradient as the plain path gives it."""
+    eager, model, ids = _compiled_pair(1)
+    for m in (eager, model):
+        m.model.layers[0].self_attn.k_proj.base_layer.weight.requires_grad_(True)
+    loss, grads = _grads(model, ids)
+    loss_ref, grads_ref = _grads(eager, ids)
+    name = "model.layers.0.self_attn.k_proj.base_layer.weight"
+    assert name in grads and rel_err(grads[name], grads_ref[name]) < FP32_TOL
+    assert all(rel_err(grads[n], grads_ref[n]) < FP32_TOL for n in grads_ref)
+    assert sr.stacked_rows(model.model.layers[0].self_attn.q_proj, 3) is None
