@@ -60,7 +60,17 @@ def add_product(y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float 
     ``benchmarks/compiled_sum_forms.py``, RESULTS.md run 121)."""
     if not compiling():
         return y.addmm_(a, b, alpha=alpha)
-    product = a @ b if alpha == 1.0 else (a @ b) * alpha
+    return add_as_views(y, scaled_product(a, b, alpha))
+
+
+def scaled_product(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``alpha · (a @ b)`` as Inductor fuses it (the scale into the product's reader)."""
+    return a @ b if alpha == 1.0 else (a @ b) * alpha
+
+
+def add_as_views(y: torch.Tensor, product: torch.Tensor) -> torch.Tensor:
+    """``y + product`` (2-D, one shape), added as ``[1, M, N]`` views: the form whose add Inductor fuses into a
+    pointwise kernel (:func:`add_product`)."""
     return (y.unsqueeze(0) + product.unsqueeze(0)).squeeze(0)
 
 

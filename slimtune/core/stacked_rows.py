@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .compute import add_product, cast, mm_scaled
+from .compute import add_as_views, add_product, cast, mm_scaled, scaled_product
 from .rebuild import keep_input, kept_input
 from .tracing import compiling
 
@@ -69,14 +69,17 @@ class StackedLowRankFunction(torch.autograd.Function):
         h = out[:, sum(widths):]
         if traced:  # kept for dB: its own [N, R] buffer (a saved view would keep all of out alive)
             h = h.contiguous()
-        outputs, start, rank_start = [], 0, 0
-        for width, rank, up in zip(widths, ranks, ups):
-            base, h_i = out[:, start:start + width], h[:, rank_start:rank_start + rank]
-            up_t = cast(up, x.dtype).t()
-            # out of place: each output its own tensor, not a view of out
-            y = add_product(base, h_i, up_t, scaling) if traced else torch.addmm(base, h_i, up_t, alpha=scaling)
-            outputs.append(y.view(*lead, width))
-            start, rank_start = start + width, rank_start + rank
+        bases = out[:, :sum(widths)].split_with_sizes(widths, dim=1)
+        products = [(h_i, cast(up, x.dtype).t()) for h_i, up in zip(h.split_with_sizes(ranks, dim=1), ups)]
+        # out of place: each output its own tensor, not a view of out. Traced, every product first, then every sum:
+        # Inductor then fuses gate's sum into the SwiGLU kernel beside up's, where a sum formed before up's product
+        # was a kernel of its own (RESULTS.md run 142: 1.07 ms of a 3B step; seen in the CPU output code)
+        if traced:
+            products = [scaled_product(h_i, up_t, scaling) for h_i, up_t in products]
+            ys = [add_as_views(base, p) for base, p in zip(bases, products)]
+        else:
+            ys = [torch.addmm(base, h_i, up_t, alpha=scaling) for base, (h_i, up_t) in zip(bases, products)]
+        outputs = [y.view(*lead, width) for y, width in zip(ys, widths)]
         ctx.set_materialize_grads(False)
         ctx.scaling, ctx.on_backward, ctx.widths, ctx.ranks, ctx.kept_h = scaling, on_backward, widths, ranks, traced
         # eagerly h is formed again in backward (x Aᵀ is not saved); compiled, the step's partitioner keeps it anyway
