@@ -70,15 +70,15 @@ class StackedLowRankFunction(torch.autograd.Function):
         if traced:  # kept for dB: its own [N, R] buffer (a saved view would keep all of out alive)
             h = h.contiguous()
         bases = out[:, :sum(widths)].split_with_sizes(widths, dim=1)
-        products = [(h_i, cast(up, x.dtype).t()) for h_i, up in zip(h.split_with_sizes(ranks, dim=1), ups)]
+        factors = [(h_i, cast(up, x.dtype).t()) for h_i, up in zip(h.split_with_sizes(ranks, dim=1), ups)]
         # out of place: each output its own tensor, not a view of out. Traced, every product first, then every sum:
         # Inductor then fuses gate's sum into the SwiGLU kernel beside up's, where a sum formed before up's product
         # was a kernel of its own (RESULTS.md run 142: 1.07 ms of a 3B step; seen in the CPU output code)
         if traced:
-            products = [scaled_product(h_i, up_t, scaling) for h_i, up_t in products]
+            products = [scaled_product(h_i, up_t, scaling) for h_i, up_t in factors]
             ys = [add_as_views(base, p) for base, p in zip(bases, products)]
         else:
-            ys = [torch.addmm(base, h_i, up_t, alpha=scaling) for base, (h_i, up_t) in zip(bases, products)]
+            ys = [torch.addmm(base, h_i, up_t, alpha=scaling) for base, (h_i, up_t) in zip(bases, factors)]
         outputs = [y.view(*lead, width) for y, width in zip(ys, widths)]
         ctx.set_materialize_grads(False)
         ctx.scaling, ctx.on_backward, ctx.widths, ctx.ranks, ctx.kept_h = scaling, on_backward, widths, ranks, traced
