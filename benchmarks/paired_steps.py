@@ -46,7 +46,7 @@ protocol's; PEFT's users get it through Trainer).
 ``stacked:lora``: slimtune's LoRA with each sibling chain's frozen weights and A factors held in one buffer
 (:mod:`slimtune.core.stacked_rows`) in eager steps too, where the library stacks them only in layers compiled by
 ``compile_layers``: one GEMM gives a chain's base outputs and ``x Aᵀ``, two its ``dx`` (stacked after one eager step,
-in which the chains are learnt; no check per call, as the benchmark never moves its models).
+in which the chains are learnt; each eager call checks its stack, :func:`~slimtune.core.stacked_rows.stacked_rows`).
 
 ``--compile``: each decoder layer through ``torch.compile`` (``slimtune.models.layers.compile_layers``, which turns
 the models' KV cache off), on both sides.
@@ -76,6 +76,7 @@ import torch
 
 import slimtune
 from slimtune.core.inject import detach, install_frozen_lean_layers
+from slimtune.core.siblings import watched_groups
 from slimtune.core.stacked_rows import LayerStacks
 from slimtune.memory.chunked_loss import model_causal_lm_loss, plain_head
 from slimtune.memory.options import ProfileOptions
@@ -194,11 +195,7 @@ def session_for(backend: str, method: str, common: dict[str, Any], memory: str =
     if backend == "stacked":
         session = session_for("slimtune", method, common, memory)
         session.train_step()  # the sibling groups learn their chains
-        groups: list = []
-        for group in (getattr(m, "siblings", None) for m in session.model.modules()):
-            if group is not None and not any(group is g for g in groups):
-                groups.append(group)
-        print(f"{len(LayerStacks(groups).heads)} chains stacked, eager steps too", flush=True)
+        print(f"{len(LayerStacks(watched_groups(session.model)).heads)} chains stacked, eager steps too", flush=True)
         return session
     if backend == "stripped":
         session = session_for("slimtune", method, common, memory)
