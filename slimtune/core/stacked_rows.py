@@ -19,13 +19,15 @@ GEMM against ``[dy_1, …, dy_n, g]``, which copied every dy once more).
 Where: :func:`~slimtune.models.layers.compile_layers` stacks each compiled layer's chains once they are learnt
 (:class:`LayerStacks`), and before every call of the layer checks that each stack still holds its members' tensors
 (:func:`intact`: their storage is the rows' storage) and stacks them again where not — after ``model.to(...)``, which
-gives every parameter and buffer a storage of its own, or ``load_state_dict(assign=True)``. An eager call of a
-stacked member (called on its own, or while its layer learns again) checks its stack itself (:func:`stacked_rows`).
-Eager steps are not stacked by the library (``benchmarks/paired_steps.py``'s ``stacked:lora`` stacks them to measure
-it), nor is a model FSDP manages (:func:`sharded`). :func:`unstack` gives every tensor its own storage back;
-taking the adapters out (``unload``, ``detach``) does it first, so that a plain model never shares storage between
-its weights. A stacked member's state dict holds a copy of its A (:func:`_a_of_its_own`), so that saving the adapters'
-entries writes the adapters only. A chain is stacked only where every member is a plain
+gives every parameter and buffer a storage of its own, or ``load_state_dict(assign=True)`` of the adapters. A
+chain whose frozen weights are no longer the parameters they were at ``compile_layers`` (FSDP wrapped around the
+model, or above the module ``compile_layers`` was given; new weights loaded by assignment) is not stacked again. An
+eager call of a stacked member (called on its own, or while its layer learns again) checks its stack itself
+(:func:`stacked_rows`). Eager steps are not stacked by the library (``benchmarks/paired_steps.py``'s ``stacked:lora``
+stacks them to measure it), nor is a model FSDP manages (:func:`sharded`). :func:`unstack` gives every tensor its
+own storage back; taking the adapters out (``unload``, ``detach``) does it first, so that a plain model never shares
+storage between its weights. A stacked member's state dict holds a copy of its A (:func:`_a_of_its_own`), so that
+saving the adapters' entries writes the adapters only. A chain is stacked only where every member is a plain
 :class:`~slimtune.methods.lora.linear.LoraLinear` over a dense, frozen ``nn.Linear`` without bias, and its weights
 and A's share one dtype and device (:func:`stackable`); a weight set to train after stacking leaves the stack.
 """
@@ -288,21 +290,39 @@ def sharded(model: nn.Module) -> bool:
 
 class LayerStacks:
     """The stacks of one compiled layer: each learnt chain of its sibling groups, and each member in no chain as a
-    chain of one (o, down). :meth:`keep` before every call: a stack no longer intact is stacked again. Nothing is
-    stacked while FSDP manages a module of ``within`` (the model, held weakly: :func:`sharded`)."""
+    chain of one (o, down). Made with the compiled layer (:func:`~slimtune.models.layers.compile_layers`), it notes
+    each member's frozen weight then; :meth:`build` stacks the chains once they are learnt, and :meth:`keep`, before
+    every call, stacks again a stack no longer intact. A chain is stacked only while each member still holds the weight
+    noted (the same parameter: ``.to()`` keeps it), and nothing while FSDP manages a module of ``within`` (the model,
+    held weakly: :func:`sharded`): FSDP gives each forward weights all-gathered into buffers of its own and frees
+    their storage after, also where it wraps a module above ``within``, which only the changed weights show."""
 
     def __init__(self, groups: Iterable[Any], within: nn.Module | None = None) -> None:
+        self.groups = list(groups)
         self.within = weakref.ref(within) if within is not None else None
-        chains: list[tuple[Any, ...]] = []
-        for group in groups:
-            learnt = list(group.chains.values())
-            chained = [m for chain in learnt for m in chain]
-            chains += learnt + [(m,) for m in group.members if not any(m is c for c in chained)]
-        self.heads = [] if self._sharded() else [chain[0] for chain in chains if stack(chain)]
+        members = [m for group in self.groups for m in group.members]
+        self.weights = [(weakref.ref(m), weakref.ref(w)) for m in members
+                        if isinstance(w := getattr(getattr(m, "base_layer", None), "weight", None), torch.Tensor)]
+        self.heads: list[Any] = []
 
     def _sharded(self) -> bool:
         model = self.within() if self.within is not None else None
         return model is not None and sharded(model)
+
+    def _noted(self, chain: Sequence[Any]) -> bool:
+        """Whether every member of ``chain`` holds the weight it held when this was made."""
+        return all(any(member() is m and weight() is m.base_layer.weight for member, weight in self.weights)
+                   for m in chain)
+
+    def build(self) -> None:
+        """Stack each chain the groups have learnt, and each member in no chain alone (the groups' chains as learnt
+        now: called again once they learn again)."""
+        chains: list[tuple[Any, ...]] = []
+        for group in self.groups:
+            learnt = list(group.chains.values())
+            chained = [m for chain in learnt for m in chain]
+            chains += learnt + [(m,) for m in group.members if not any(m is c for c in chained)]
+        self.heads = [] if self._sharded() else [chain[0] for chain in chains if self._noted(chain) and stack(chain)]
 
     def keep(self) -> None:
         if all(intact(first) for first in self.heads):
@@ -311,7 +331,7 @@ class LayerStacks:
         kept = []
         for first in self.heads:
             members = _members(first)
-            if restack and members is not None and stack(members):
+            if restack and members is not None and self._noted(members) and stack(members):
                 kept.append(first)
             else:
                 _unstack_head(first)

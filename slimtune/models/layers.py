@@ -2,7 +2,6 @@
 :mod:`slimtune.memory.recompute`, compiled by :func:`compile_layers`."""
 from __future__ import annotations
 
-import weakref
 from typing import Any
 
 import torch
@@ -67,18 +66,17 @@ class _LearnThenCompiled:
 
     def __init__(self, eager: Any, compiled: Any, groups: list[SiblingGroup], model: nn.Module) -> None:
         self.eager, self.compiled, self.groups = eager, compiled, groups
-        self.model = weakref.ref(model)  # not stacked while FSDP manages a module of it (stacked_rows.sharded)
-        self.stacks: LayerStacks | None = None
+        self.stacks = LayerStacks(groups, model)  # notes the frozen weights now, before any FSDP wrapper
         self.stacked_as_learnt = False
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if self.stacks is not None:  # stacked again where the model moved (.to()) or took new tensors since
-            self.stacks.keep()
+        self.stacks.keep()  # stacked again where the model moved (.to()) or took new tensors since
         if still_learning(self.groups):  # the first step, or again after a checkpoint (siblings.relearn)
             self.stacked_as_learnt = False
             return self.eager(*args, **kwargs)
         if not self.stacked_as_learnt:  # each learnt chain's weights and A's in one buffer
-            self.stacks, self.stacked_as_learnt = LayerStacks(self.groups, self.model()), True
+            self.stacks.build()
+            self.stacked_as_learnt = True
         try:
             return self.compiled(*args, **kwargs)
         finally:

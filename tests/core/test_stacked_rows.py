@@ -318,3 +318,68 @@ def test_a_base_weight_that_trains_is_not_stacked():
     assert name in grads and rel_err(grads[name], grads_ref[name]) < FP32_TOL
     assert all(rel_err(grads[n], grads_ref[n]) < FP32_TOL for n in grads_ref)
     assert sr.stacked_rows(model.model.layers[0].self_attn.q_proj, 3) is None
+
+
+@pytest.fixture
+def one_process_group(tmp_path):
+    """A gloo process group of one process (FSDP2 and DDP run on it as on many), taken down after the test."""
+    dist = pytest.importorskip("torch.distributed")
+    if not dist.is_available() or dist.is_initialized():
+        pytest.skip("torch.distributed unavailable here, or a process group is already up")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def _steps(model, ids, count: int) -> list[float]:
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    losses = []
+    for _ in range(count):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("order", ["compiled, then sharded", "sharded, then compiled"])
+def test_fsdp_above_the_compiled_model_stacks_nothing(one_process_group, order):
+    """FSDP2 on a module above the one ``compile_layers`` was given (``fully_shard`` on the whole model only): its
+    forwards get weights all-gathered into FSDP's own buffers, whose storage it frees after. Stacked, the losses from
+    the third step on differed from the eager model's (stale rows). The weights changed since ``compile_layers``
+    (the parameters are FSDP's now) keep every chain unstacked."""
+    from torch.distributed.fsdp import fully_shard
+
+    from slimtune.models.layers import compile_layers
+
+    eager = _llama(1)
+    model = copy.deepcopy(eager)
+    torch.compiler.reset()
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(1))
+    if order.startswith("compiled"):
+        compile_layers(model.model, backend="aot_eager")
+    fully_shard(model)
+    if order.startswith("sharded"):
+        compile_layers(model.model, backend="aot_eager")
+    losses = _steps(model, ids, 4)
+    assert not _heads(model)
+    want = _steps(eager, ids, 4)
+    assert all(rel_err(torch.tensor(g), torch.tensor(w)) < FP32_TOL for g, w in zip(losses, want)), (losses, want)
+
+
+def test_ddp_keeps_the_stacks(one_process_group):
+    """DDP trains the model's own parameters: its compiled layers are stacked, and step as the eager model does."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from slimtune.models.layers import compile_layers
+
+    eager = _llama(1)
+    model = copy.deepcopy(eager)
+    torch.compiler.reset()
+    compile_layers(model, backend="aot_eager")
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(1))
+    losses = _steps(DistributedDataParallel(model), ids, 4)
+    assert len(_heads(model)) == 4
+    want = _steps(eager, ids, 4)
+    assert all(rel_err(torch.tensor(g), torch.tensor(w)) < FP32_TOL for g, w in zip(losses, want)), (losses, want)
