@@ -3,8 +3,8 @@
 # (≤ 10 min) and together the 30-minute device budget; run on 2026-12-05 as RESULTS.md runs 47 (part 1), 48 (part 3)
 # and 49 (part 2), and kept to repeat them. Run from the repository root on the lent machine:
 #
-# Still to run (as of 2026-12-06, eleventh session; no H200 started in the fourth to eleventh): on any GPU, part 73
-# (gate's sum fused into SwiGLU's kernel: the products first); on an H200, part 72
+# Still to run (as of 2026-12-06, twelfth session; no H200 started in the fourth to twelfth): on any GPU, part 73
+# (gate's sum fused into SwiGLU's kernel: the products first; o's and down's dx as one GEMM); on an H200, part 72
 # (LoRA and DoRA compiled and eager against PEFT-bf16, the code with stacked rows and dx from [dy_1, …, dy_n]),
 # part 58 (or 56) for issue 20's LoKr step, parts 63 and 64 for issue 19's compiled LoRA and DoRA and the floor
 # under LoRA's step (ran on H100s as RESULTS.md runs 128 and 131). Part 70 ran as runs 140-141 (H100); part 71
@@ -902,8 +902,11 @@ PY
 73)
     # issue 19 (about 5 minutes, carry .before = dc2da9c, the code before; any GPU): the stacked Function forms every
     # member's product before any sum (traced), so that Inductor fuses gate's sum into the SwiGLU kernel beside up's
-    # (run 142: gate's stand-alone sum 1.07 ms a 3B step; seen in the CPU output code) — LoRA compiled against the code
-    # before and PEFT-bf16 in turns of 3 steps, then the compiled steps profiled
+    # (run 142: gate's stand-alone sum 1.07 ms a 3B step; seen in the CPU output code); and, since 2026-12-06
+    # (twelfth session), a chain of one (o, down) takes dx from one GEMM, [dy, g] S, where down's g A [N, 8192] was
+    # written and read back by SiLU's backward (run 142: 2.20 ms against the floor's 1.44) — LoRA compiled against
+    # the code before and PEFT-bf16 in turns of 3 steps, then the compiled steps profiled (the kernels tell the two
+    # changes apart: gate's sum, SiLU's forward and backward, 2 GEMMs fewer a layer)
     step paired_512_compile_turns3_sums_last 300 python benchmarks/paired_steps.py --compile --rounds 16 \
         --steps-per-turn 3 --before .before --configs lora before:lora peft-bf16:lora \
         --out-name paired_512_compile_turns3_sums_last

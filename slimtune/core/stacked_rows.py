@@ -11,7 +11,7 @@ of A land in S). Then::
     g = s·[dy_1 B_1, …, dy_n B_n]  [N, R]     dx = [dy_1, …, dy_n] W + g A     dA = gᵀ x     dB_i = s·dy_iᵀ h_i
 
 (``W``, ``A``: S's two blocks of rows): one GEMM where there were n + 1 forward, two where there were n + 1 for
-``dx``, and no stacking copy of the A's. Why: under ``torch.compile`` a LoRA step was bound by the host's GEMM launches
+``dx`` (one for a chain of one: ``dx = [dy, g] S``, :func:`_dx`), and no stacking copy of the A's. Why: under ``torch.compile`` a LoRA step was bound by the host's GEMM launches
 (RESULTS.md runs 134-135: 47 GEMM calls a 3B layer, 33 of them the adapter's); stacked, a layer runs 11 GEMMs forward
 and 26 backward (18 and 29 before). On an H100 the compiled 3B step took 0.96x the time (run 139, with ``dx`` as one
 GEMM against ``[dy_1, …, dy_n, g]``, which copied every dy once more).
@@ -114,11 +114,22 @@ class StackedLowRankFunction(torch.autograd.Function):
         grad_a: list[torch.Tensor | None] = [None] * count
         if any(need_a):
             grad_a = [cast(p, dtype) if need else None for p, need in zip((g.t() @ x2).split_with_sizes(ranks), need_a)]
-        d = sum(widths)  # dx = Σ dy_i W_i + g A: the frozen rows' GEMM and the A rows' GEMM, added
-        dx = add_product(dcat @ rows[:d], g, rows[d:]) if needs[0] else None
+        dx = _dx(dcat, g, rows, count) if needs[0] else None
         if ctx.on_backward is not None:
             ctx.on_backward()
         return (dx.view(x.shape) if dx is not None else None, None, None, None, *grad_a, *grad_b, None)
+
+
+def _dx(dcat: torch.Tensor, g: torch.Tensor, rows: torch.Tensor, count: int) -> torch.Tensor:
+    """``dx = [dy_1, …, dy_n] W + g A`` ``[N, d_in]`` (``dcat`` ``[N, Σd]``, ``g`` ``[N, R]``, ``rows`` ``[W; A]``). For a
+    chain of one (o, down), one GEMM against all the rows, ``[dy, g] S``: copying ``[N, d + R]`` moves fewer bytes than
+    writing the product ``g A`` ``[N, d_in]`` and reading it back to add (down's ``d_in`` is the MLP's width), and
+    it is one GEMM fewer. A longer chain's ``[dy_1, …, dy_n]`` is as wide as all its outputs (gate/up: twice the MLP's
+    width), so there the two GEMMs' products are added."""
+    if count == 1:
+        return torch.cat([dcat, g], dim=1) @ rows
+    d = dcat.shape[1]
+    return add_product(dcat @ rows[:d], g, rows[d:])
 
 
 def stacked_lowrank_linear(x: torch.Tensor, chain: Sequence[Any], rows: torch.Tensor,
