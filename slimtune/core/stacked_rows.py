@@ -11,10 +11,11 @@ of A land in S). Then::
     g = s·[dy_1 B_1, …, dy_n B_n]  [N, R]     dx = [dy_1, …, dy_n] W + g A     dA = gᵀ x     dB_i = s·dy_iᵀ h_i
 
 (``W``, ``A``: S's two blocks of rows): one GEMM where there were n + 1 forward, two where there were n + 1 for
-``dx`` (one for a chain of one: ``dx = [dy, g] S``, :func:`_dx`), and no stacking copy of the A's. Why: under ``torch.compile`` a LoRA step was bound by the host's GEMM launches
-(RESULTS.md runs 134-135: 47 GEMM calls a 3B layer, 33 of them the adapter's); stacked, a layer runs 11 GEMMs forward
-and 26 backward (18 and 29 before). On an H100 the compiled 3B step took 0.96x the time (run 139, with ``dx`` as one
-GEMM against ``[dy_1, …, dy_n, g]``, which copied every dy once more).
+``dx`` (one for a chain of one: ``dx = [dy, g] S``, :func:`_dx`), and no stacking copy of the A's. Why: under
+``torch.compile`` a LoRA step was bound by the host's GEMM launches (RESULTS.md runs 134-135: 47 GEMM calls a 3B
+layer, 33 of them the adapter's); stacked, a layer runs 11 GEMMs forward and 26 backward (18 and 29 before; 24
+backward since o's and down's ``dx`` is one GEMM). On an H100 the compiled 3B step took 0.96x the time (run 139, with
+``dx`` as one GEMM against ``[dy_1, …, dy_n, g]``, which copied every dy once more).
 
 Where: :func:`~slimtune.models.layers.compile_layers` stacks each compiled layer's chains once they are learnt
 (:class:`LayerStacks`), and before every call of the layer checks that each stack still holds its members' tensors
@@ -121,11 +122,11 @@ class StackedLowRankFunction(torch.autograd.Function):
 
 
 def _dx(dcat: torch.Tensor, g: torch.Tensor, rows: torch.Tensor, count: int) -> torch.Tensor:
-    """``dx = [dy_1, …, dy_n] W + g A`` ``[N, d_in]`` (``dcat`` ``[N, Σd]``, ``g`` ``[N, R]``, ``rows`` ``[W; A]``). For a
-    chain of one (o, down), one GEMM against all the rows, ``[dy, g] S``: copying ``[N, d + R]`` moves fewer bytes than
-    writing the product ``g A`` ``[N, d_in]`` and reading it back to add (down's ``d_in`` is the MLP's width), and
-    it is one GEMM fewer. A longer chain's ``[dy_1, …, dy_n]`` is as wide as all its outputs (gate/up: twice the MLP's
-    width), so there the two GEMMs' products are added."""
+    """``dx = [dy_1, …, dy_n] W + g A`` ``[N, d_in]`` (``dcat`` ``[N, Σd]``, ``g`` ``[N, R]``, ``rows`` ``[W; A]``).
+    For a chain of one (o, down), one GEMM against all the rows, ``[dy, g] S``: copying ``[N, d + R]`` moves fewer
+    bytes than writing the product ``g A`` ``[N, d_in]`` and reading it back to add (down's ``d_in`` is the MLP's
+    width), and it is one GEMM fewer. A longer chain's ``[dy_1, …, dy_n]`` is as wide as all its outputs (gate/up:
+    twice the MLP's width), so there the two GEMMs' products are added."""
     if count == 1:
         return torch.cat([dcat, g], dim=1) @ rows
     d = dcat.shape[1]
