@@ -195,7 +195,9 @@ def session_for(backend: str, method: str, common: dict[str, Any], memory: str =
     if backend == "stacked":
         session = session_for("slimtune", method, common, memory)
         session.train_step()  # the sibling groups learn their chains
-        print(f"{len(LayerStacks(watched_groups(session.model)).heads)} chains stacked, eager steps too", flush=True)
+        stacks = LayerStacks(watched_groups(session.model))
+        stacks.build()
+        print(f"{len(stacks.heads)} chains stacked, eager steps too", flush=True)
         return session
     if backend == "stripped":
         session = session_for("slimtune", method, common, memory)
