@@ -913,8 +913,22 @@ PY
     step profile_compiled_sums_last 150 python benchmarks/unet_step_profile.py --preset llama-3.2-3b --rank 32 \
         --batch 4 --compile --steps 3 --top 30 --before .before --configs lora before:lora peft-bf16:lora
     ;;
+74)
+    # issue 19 (about 5 minutes, carry .before = 51e2c36, the code before; any GPU): gate/up stacked wide
+    # (slimtune.core.wide_rows: each member's weight and B one matrix against [s·h_1, x, s·h_2], so the outputs
+    # SwiGLU keeps come from the GEMMs and no [N, 8192] product is written and summed; run 144 had gate/up's forward
+    # kernels at 2.82 ms a step against the frozen model's 1.12) — the CUDA tests (bf16, eager and Inductor), LoRA
+    # compiled against the code before and PEFT-bf16 in turns of 3 steps (the losses against the code before's: the
+    # end-to-end check at the 3B shape), then the compiled steps profiled
+    step wide_cuda_tests 150 python -m pytest -q tests/core/test_wide_rows.py
+    step paired_512_compile_turns3_wide 300 python benchmarks/paired_steps.py --compile --rounds 16 \
+        --steps-per-turn 3 --before .before --configs lora before:lora peft-bf16:lora \
+        --out-name paired_512_compile_turns3_wide
+    step profile_compiled_wide 150 python benchmarks/unet_step_profile.py --preset llama-3.2-3b --rank 32 \
+        --batch 4 --compile --steps 3 --top 30 --before .before --configs lora before:lora peft-bf16:lora
+    ;;
 *)
-    echo "unknown part $part (1 to 73)" >&2
+    echo "unknown part $part (1 to 74)" >&2
     exit 2
     ;;
 esac

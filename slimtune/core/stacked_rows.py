@@ -44,6 +44,8 @@ from torch import nn
 from .compute import add_as_views, add_product, cast, mm_scaled, scaled_product
 from .rebuild import keep_input, kept_input
 from .tracing import compiling
+from .wide_rows import is_column_major, wide, wide_lowrank_linear
+from . import wide_rows
 
 #: the class attribute (True, on the class itself: not inherited) of the layers whose chains stack: LoRA's Linear
 STACKS = "stacks_rows"
@@ -110,7 +112,7 @@ class StackedLowRankFunction(torch.autograd.Function):
         g = torch.cat([mm_scaled(dy, cast(up, dtype), scaling) if use else x2.new_zeros(x2.shape[0], rank)
                        for dy, up, use, rank in zip(dys, ups, used, ranks)], dim=1)  # s·dy_i B_i, [N, R]
         need_a, need_b = [n and u for n, u in zip(needs[4:4 + count], used)], needs[4 + count:4 + 2 * count]
-        grad_b = [cast(mm_scaled(dy.t(), h_i, scaling), up.dtype) if need and use else None
+        grad_b = [cast(_grad_b(dy, h_i, up, scaling), up.dtype) if need and use else None
                   for dy, h_i, up, need, use in zip(dys, h.split_with_sizes(ranks, dim=1), ups, need_b, used)]
         grad_a: list[torch.Tensor | None] = [None] * count
         if any(need_a):
@@ -119,6 +121,14 @@ class StackedLowRankFunction(torch.autograd.Function):
         if ctx.on_backward is not None:
             ctx.on_backward()
         return (dx.view(x.shape) if dx is not None else None, None, None, None, *grad_a, *grad_b, None)
+
+
+def _grad_b(dy: torch.Tensor, h: torch.Tensor, up: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``dB = s·dyᵀ h`` ``[d, r]``, laid out as B is (column-major: a B a wide stack held, :mod:`.wide_rows`), so
+    that autograd does not copy it into B's layout."""
+    if is_column_major(up):
+        return mm_scaled(h.t(), dy, scaling).t()
+    return mm_scaled(dy.t(), h, scaling)
 
 
 def _dx(dcat: torch.Tensor, g: torch.Tensor, rows: torch.Tensor, count: int) -> torch.Tensor:
@@ -136,7 +146,10 @@ def _dx(dcat: torch.Tensor, g: torch.Tensor, rows: torch.Tensor, count: int) -> 
 def stacked_lowrank_linear(x: torch.Tensor, chain: Sequence[Any], rows: torch.Tensor,
                            on_backward: Callable[[], None] | None = None) -> tuple[torch.Tensor, ...]:
     """Every member's ``x W_iᵀ + s·(x A_iᵀ) B_iᵀ`` ``[..., d_i]`` through :class:`StackedLowRankFunction`, for a chain
-    stacked on ``rows`` (x already in the rows' dtype; the members share one scaling)."""
+    stacked on ``rows`` (x already in the rows' dtype; the members share one scaling); a chain stacked wide (1-D
+    ``rows``: :mod:`.wide_rows`) through its Function."""
+    if rows.dim() == 1:
+        return wide_lowrank_linear(x, chain, rows, on_backward)
     widths = tuple(m.out_features for m in chain)
     return StackedLowRankFunction.apply(x, chain[0].scaling, on_backward, widths, *[m.lora_A for m in chain],
                                         *[m.lora_B for m in chain], rows)
@@ -177,8 +190,10 @@ def stacked_rows(first: nn.Module, count: int) -> torch.Tensor | None:
     return getattr(first, ROWS, None)
 
 
-def _tensors(member: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """A member's frozen weight and A: what its stack holds."""
+def _tensors(member: Any, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """A member's frozen weight and A, and its B where ``rows`` is a wide stack's: what its stack holds."""
+    if rows.dim() == 1:
+        return member.base_layer.weight, member.lora_A, member.lora_B
     return member.base_layer.weight, member.lora_A
 
 
@@ -193,7 +208,7 @@ def stackable(chain: Sequence[Any]) -> bool:
         return False
     if any(m.base_layer.weight.requires_grad for m in chain):  # the Function gives the rows no gradient
         return False
-    tensors = [t for m in chain for t in _tensors(m)]
+    tensors = [t for m in chain for t in (m.base_layer.weight, m.lora_A)]
     return all(type(t.detach()) is torch.Tensor  # no tensor subclass (a sharded DTensor, a 4-bit weight)
                and t.dtype == tensors[0].dtype and t.device == tensors[0].device and t.dtype.is_floating_point
                for t in tensors)
@@ -205,17 +220,15 @@ def _members(first: nn.Module) -> list[Any] | None:
 
 
 def intact(first: nn.Module) -> bool:
-    """Whether the stack on ``first`` still holds every member's weight and A (their storage is the rows'), and the
-    weights are still frozen (one set to train since must leave the stack to get its gradient)."""
+    """Whether the stack on ``first`` still holds every member's weight and A (and B, stacked wide): their storage
+    is the rows'; and the weights are still frozen (one set to train since must leave the stack to get its
+    gradient)."""
     members, rows = _members(first), getattr(first, ROWS, None)
     if members is None or rows is None:
         return False
     storage = rows.untyped_storage()
-    for m in members:
-        weight, down = _tensors(m)
-        if weight.requires_grad or weight.untyped_storage() is not storage or down.untyped_storage() is not storage:
-            return False
-    return True
+    return all(not m.base_layer.weight.requires_grad
+               and all(t.untyped_storage() is storage for t in _tensors(m, rows)) for m in members)
 
 
 def _unstack_head(first: nn.Module) -> None:
@@ -227,10 +240,12 @@ def _unstack_head(first: nn.Module) -> None:
     for member in (refs.modules() or []) if refs is not None else []:
         member.__dict__.pop(HEAD, None)
         if rows is not None:
-            for t in _tensors(member):
+            for t in _tensors(member, rows):
                 if t.untyped_storage() is rows.untyped_storage():
+                    # the weight and A row-major again; B keeps its layout (its optimizer state has it: wide_rows)
+                    layout = torch.preserve_format if t is member.lora_B else torch.contiguous_format
                     with torch.inference_mode(False):
-                        t.data = t.detach().clone()
+                        t.data = t.detach().clone(memory_format=layout)
 
 
 def unstack_member(member: nn.Module) -> None:
@@ -253,13 +268,16 @@ def stack(chain: Sequence[Any]) -> bool:
         return False
     for member in chain:
         unstack_member(member)
-    tensors = [m.base_layer.weight for m in chain] + [m.lora_A for m in chain]
-    with torch.inference_mode(False):  # built in an evaluation's call, S is still a tensor training can save
-        rows = torch.cat([t.detach() for t in tensors])
-        start = 0
-        for t in tensors:
-            t.data = rows[start:start + t.shape[0]]
-            start += t.shape[0]
+    if wide(chain):
+        rows = wide_rows.build(chain)
+    else:
+        tensors = [m.base_layer.weight for m in chain] + [m.lora_A for m in chain]
+        with torch.inference_mode(False):  # built in an evaluation's call, S is still a tensor training can save
+            rows = torch.cat([t.detach() for t in tensors])
+            start = 0
+            for t in tensors:
+                t.data = rows[start:start + t.shape[0]]
+                start += t.shape[0]
     first.register_buffer(ROWS, rows, persistent=False)
     first.__dict__[MEMBERS] = _Refs(chain)
     for member in chain:
@@ -271,14 +289,14 @@ def stack(chain: Sequence[Any]) -> bool:
 
 
 def _a_of_its_own(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
-    """A state-dict post-hook of a stacked member: its A as a copy of its own (``[r, d_in]``), not a view whose
-    storage is the whole stack (``torch.save`` of the adapters' entries would write every frozen weight too).
+    """A state-dict post-hook of a stacked member: its A (and B, stacked wide) as a copy of its own, not a view
+    whose storage is the whole stack (``torch.save`` of the adapters' entries would write every frozen weight too).
     Parameters themselves (``keep_vars=True``) are left as they are."""
-    key = prefix + "lora_A"
-    tensor = state_dict.get(key)
-    if (isinstance(tensor, torch.Tensor) and not isinstance(tensor, nn.Parameter)
-            and tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size()):
-        state_dict[key] = tensor.clone()
+    for key in (prefix + "lora_A", prefix + "lora_B"):
+        tensor = state_dict.get(key)
+        if (isinstance(tensor, torch.Tensor) and not isinstance(tensor, nn.Parameter)
+                and tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size()):
+            state_dict[key] = tensor.clone()
 
 
 def unstack(model: nn.Module) -> int:

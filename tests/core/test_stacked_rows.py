@@ -98,13 +98,25 @@ def test_compiles_without_a_graph_break():
 
 
 # -- the stacks compile_layers keeps -----------------------------------------------------------------------------
+_RANK = {"r": 2}
+
+
+@pytest.fixture(autouse=True, params=[2, 8], ids=["rank 2", "rank 8, gate/up wide"])
+def _lora_rank(request):
+    """Every model test runs with rank 2 (every chain stacked as rows) and rank 8 (gate/up stacked wide:
+    :mod:`slimtune.core.wide_rows`)."""
+    _RANK["r"] = request.param
+    yield
+    _RANK["r"] = 2
+
+
 def _llama(layers: int = 2):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                                       num_attention_heads=4, num_key_value_heads=2)
     model = slimtune.adapt(transformers.LlamaForCausalLM(config), slimtune.LoraConfig(
-        r=2, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+        r=_RANK["r"], target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
     perturb_adapters(model)
     return model
 
@@ -140,9 +152,11 @@ def test_compiled_layers_stack_their_chains_and_step_as_before():
     loss, grads = _grads(model, ids)
     heads = _heads(model)
     assert len(heads) == 2 * 4  # q/k/v, o, gate/up, down in each layer
+    gate_up = sr.stacked_rows(model.model.layers[0].mlp.gate_proj, 2)
+    assert gate_up is not None and (gate_up.dim() == 1) == (_RANK["r"] == 8)  # stacked wide where aligned
     attention = model.model.layers[0].self_attn
     rows = sr.stacked_rows(attention.q_proj, 3)
-    assert rows is not None and rows.shape == (32 + 16 + 16 + 3 * 2, 32)
+    assert rows is not None and rows.shape == (32 + 16 + 16 + 3 * _RANK["r"], 32)
     for proj in (attention.q_proj, attention.k_proj, attention.v_proj):
         assert proj.base_layer.weight.untyped_storage() is rows.untyped_storage()
         assert proj.lora_A.untyped_storage() is rows.untyped_storage()
@@ -161,7 +175,7 @@ def test_an_optimizer_step_reaches_the_rows():
     with torch.no_grad():
         q.lora_A.add_(1.0)  # as an optimizer's in-place update
     rows = sr.stacked_rows(q, 3)
-    assert torch.equal(rows[64:66], q.lora_A)
+    assert torch.equal(rows[64:64 + _RANK["r"]], q.lora_A)
 
 
 def test_a_moved_model_is_stacked_again():
@@ -381,5 +395,7 @@ def test_ddp_keeps_the_stacks(one_process_group):
     ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(1))
     losses = _steps(DistributedDataParallel(model), ids, 4)
     assert len(_heads(model)) == 4
+    # never wide under a process group: DDP's buckets keep each B's layout as it was wrapped (wide_rows)
+    assert sr.stacked_rows(model.model.layers[0].mlp.gate_proj, 2).dim() == 2
     want = _steps(eager, ids, 4)
     assert all(rel_err(torch.tensor(g), torch.tensor(w)) < FP32_TOL for g, w in zip(losses, want)), (losses, want)
