@@ -920,7 +920,7 @@ PY
     # kernels at 2.82 ms a step against the frozen model's 1.12) — the CUDA tests (bf16, eager and Inductor), LoRA
     # compiled against the code before and PEFT-bf16 in turns of 3 steps (the losses against the code before's: the
     # end-to-end check at the 3B shape), then the compiled steps profiled
-    step wide_cuda_tests 120 python -m pytest -q tests/core/test_wide_rows.py -k "cuda or compiled_model"
+    step wide_cuda_tests 90 python -m pytest -q tests/core/test_wide_rows.py -k bf16_on_cuda
     step paired_512_compile_turns3_wide 300 python benchmarks/paired_steps.py --compile --rounds 12 \
         --steps-per-turn 3 --before .before --configs lora before:lora peft-bf16:lora \
         --out-name paired_512_compile_turns3_wide
