@@ -3,12 +3,11 @@
 # (≤ 10 min) and together the 30-minute device budget; run on 2026-12-05 as RESULTS.md runs 47 (part 1), 48 (part 3)
 # and 49 (part 2), and kept to repeat them. Run from the repository root on the lent machine:
 #
-# Still to run (as of 2026-12-06, twelfth session; no H200 started in the fourth to twelfth): on any GPU, part 73
-# (gate's sum fused into SwiGLU's kernel: the products first; o's and down's dx as one GEMM); on an H200, part 72
-# (LoRA and DoRA compiled and eager against PEFT-bf16, the code with stacked rows and dx from [dy_1, …, dy_n]),
-# part 58 (or 56) for issue 20's LoKr step, parts 63 and 64 for issue 19's compiled LoRA and DoRA and the floor
-# under LoRA's step (ran on H100s as RESULTS.md runs 128 and 131). Part 70 ran as runs 140-141 (H100); part 71
-# (a Triton sum kernel; removed with the kernel) as run 143.
+# Still to run (as of 2026-12-07, thirteenth session; part 73 ran as RESULTS.md run 144 on an H100): on any GPU,
+# part 74 (gate/up stacked wide, slimtune.core.wide_rows; carry .before = 51e2c36); on an H200, part 72 (LoRA and
+# DoRA compiled and eager against PEFT-bf16), part 58 (or 56) for issue 20's LoKr step, parts 63 and 64 for issue
+# 19's compiled LoRA and DoRA and the floor under LoRA's step (ran on H100s as RESULTS.md runs 128 and 131). Part 70
+# ran as runs 140-141 (H100); part 71 (a Triton sum kernel; removed with the kernel) as run 143.
 # Earlier list (as of 2026-12-06, third session: parts 44-45 ran as RESULTS.md run 105, 46 as 106, 43 as 107, 48
 # (with 47) as 108):
 # - part 49 (any GPU, about 2 minutes): compiled DoRA's step profiled against compiled PEFT-bf16's, where run 108
