@@ -52,6 +52,20 @@ def mm_scaled(a: torch.Tensor, b: torch.Tensor, s: float, out: torch.Tensor | No
     return out.addmm_(a, b, beta=0, alpha=s)
 
 
+def is_column_major(t: torch.Tensor) -> bool:
+    """Whether 2-D ``t`` ``[a, b]`` is a transposed contiguous tensor (strides ``(1, a)``), b > 1: a LoRA B while a
+    wide stack holds it (:mod:`.wide_rows`)."""
+    return t.dim() == 2 and t.shape[1] > 1 and t.stride() == (1, t.shape[0])
+
+
+def mm_scaled_as(a: torch.Tensor, b: torch.Tensor, s: float, like: torch.Tensor) -> torch.Tensor:
+    """``s · (a @ b)`` laid out as ``like`` is (a parameter's gradient: column-major for a column-major parameter,
+    computed as ``(bᵀ aᵀ)ᵀ``, so that autograd need not copy it into the parameter's layout)."""
+    if is_column_major(like):
+        return mm_scaled(b.t(), a.t(), s).t()
+    return mm_scaled(a, b, s)
+
+
 def add_product(y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
     """``y + alpha · (a @ b)`` for 2-D ``y`` ``[M, N]``, ``a`` ``[M, K]``, ``b`` ``[K, N]``, returned ``[M, N]``: eagerly
     in place in y (``addmm_``: the GEMM's epilogue adds). Under ``torch.compile`` out of place, the two added as

@@ -44,11 +44,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .compute import add_as_views, add_product, cast, mm_scaled, scaled_product
+from .compute import add_as_views, add_product, cast, mm_scaled, mm_scaled_as, scaled_product
 from .rebuild import keep_input, kept_input
 from .tracing import compiling
-from .wide_rows import is_column_major, wide, wide_lowrank_linear
-from . import wide_rows
+from .wide_rows import build as build_wide, wide, wide_lowrank_linear
 
 #: the class attribute (True, on the class itself: not inherited) of the layers whose chains stack: LoRA's Linear
 STACKS = "stacks_rows"
@@ -115,7 +114,7 @@ class StackedLowRankFunction(torch.autograd.Function):
         g = torch.cat([mm_scaled(dy, cast(up, dtype), scaling) if use else x2.new_zeros(x2.shape[0], rank)
                        for dy, up, use, rank in zip(dys, ups, used, ranks)], dim=1)  # s·dy_i B_i, [N, R]
         need_a, need_b = [n and u for n, u in zip(needs[4:4 + count], used)], needs[4 + count:4 + 2 * count]
-        grad_b = [cast(_grad_b(dy, h_i, up, scaling), up.dtype) if need and use else None
+        grad_b = [cast(mm_scaled_as(dy.t(), h_i, scaling, up), up.dtype) if need and use else None
                   for dy, h_i, up, need, use in zip(dys, h.split_with_sizes(ranks, dim=1), ups, need_b, used)]
         grad_a: list[torch.Tensor | None] = [None] * count
         if any(need_a):
@@ -124,14 +123,6 @@ class StackedLowRankFunction(torch.autograd.Function):
         if ctx.on_backward is not None:
             ctx.on_backward()
         return (dx.view(x.shape) if dx is not None else None, None, None, None, *grad_a, *grad_b, None)
-
-
-def _grad_b(dy: torch.Tensor, h: torch.Tensor, up: torch.Tensor, scaling: float) -> torch.Tensor:
-    """``dB = s·dyᵀ h`` ``[d, r]``, laid out as B is (column-major: a B a wide stack held, :mod:`.wide_rows`), so
-    that autograd does not copy it into B's layout."""
-    if is_column_major(up):
-        return mm_scaled(h.t(), dy, scaling).t()
-    return mm_scaled(dy.t(), h, scaling)
 
 
 def _dx(dcat: torch.Tensor, g: torch.Tensor, rows: torch.Tensor, count: int) -> torch.Tensor:
@@ -272,7 +263,7 @@ def stack(chain: Sequence[Any]) -> bool:
     for member in chain:
         unstack_member(member)
     if wide(chain):
-        rows = wide_rows.build(chain)
+        rows = build_wide(chain)
     else:
         tensors = [m.base_layer.weight for m in chain] + [m.lora_A for m in chain]
         with torch.inference_mode(False):  # built in an evaluation's call, S is still a tensor training can save

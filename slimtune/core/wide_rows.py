@@ -58,11 +58,6 @@ _STACKED_BS: list[weakref.ref] = []
 _HOOK: list[Any] = []
 
 
-def is_column_major(t: torch.Tensor) -> bool:
-    """Whether 2-D ``t`` ``[a, b]`` is a transposed contiguous tensor (strides ``(1, a)``), b > 1."""
-    return t.dim() == 2 and t.shape[1] > 1 and t.stride() == (1, t.shape[0])
-
-
 def _match_state_layouts(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
     """Optimizer step pre-hook: each state tensor of a stacked B (the B's shape) laid out as B is, values kept."""
     state = optimizer.state

@@ -65,7 +65,8 @@ def gather(objective: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
     params, optim = get_state_dict(objective, optimizer, options=options)
-    return {k: v.detach().clone() for k, v in params.items()}, optim
+    # row-major copies: safetensors writes contiguous tensors only (a B stacked wide is column-major: core.wide_rows)
+    return {k: v.detach().clone(memory_format=torch.contiguous_format) for k, v in params.items()}, optim
 
 
 def _name_in(root: nn.Module, target: nn.Module) -> str:

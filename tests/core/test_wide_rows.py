@@ -13,6 +13,7 @@ from torch import nn
 import slimtune
 from slimtune.core import stacked_rows as sr
 from slimtune.core import wide_rows as wr
+from slimtune.core.compute import is_column_major
 from slimtune.core.lowrank_group import grouped_lowrank_reference
 from slimtune.methods.lora.linear import LoraLinear
 from tests.helpers import BF16_TOL, FP32_TOL, backward_against_reference, perturb_adapters, rel_err
@@ -94,7 +95,7 @@ def test_the_stack_holds_every_tensor_as_a_view_with_its_values():
     for m, values in zip(chain, before):
         for t, value in zip((m.base_layer.weight, m.lora_A, m.lora_B), values):
             assert t.untyped_storage() is flat.untyped_storage() and torch.equal(t, value)
-        assert wr.is_column_major(m.lora_B)
+        assert is_column_major(m.lora_B)
     state = chain[0].state_dict()  # the adapters' entries: copies of their own, not views of the stack
     for key in ("lora_A", "lora_B"):
         assert state[key].untyped_storage().nbytes() == state[key].numel() * state[key].element_size()
@@ -102,7 +103,7 @@ def test_the_stack_holds_every_tensor_as_a_view_with_its_values():
     for m, values in zip(chain, before):
         for t, value in zip((m.base_layer.weight, m.lora_A, m.lora_B), values):
             assert torch.equal(t, value) and t.untyped_storage() is not flat.untyped_storage()
-        assert m.base_layer.weight.is_contiguous() and m.lora_A.is_contiguous() and wr.is_column_major(m.lora_B)
+        assert m.base_layer.weight.is_contiguous() and m.lora_A.is_contiguous() and is_column_major(m.lora_B)
 
 
 def test_chains_that_are_not_two_aligned_members_stack_as_rows():
@@ -172,7 +173,7 @@ def test_a_compiled_model_stacks_gate_and_up_wide_and_trains_as_the_eager_one():
     assert sr.stacked_rows(model.model.layers[0].self_attn.q_proj, 3).dim() == 2  # q/k/v: rows
     for p in (mlp.gate_proj.lora_B, mlp.up_proj.lora_B):
         state = optimizer.state[p]
-        assert wr.is_column_major(p) and state["exp_avg"].stride() == p.stride() == state["exp_avg_sq"].stride()
+        assert is_column_major(p) and state["exp_avg"].stride() == p.stride() == state["exp_avg_sq"].stride()
     for (name, p), q in zip(model.named_parameters(), eager.parameters()):
         if p.requires_grad:
             assert rel_err(p, q) < FP32_TOL, name
