@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import timed
-from .compute import add_product, cast, compute_setting, mm_scaled, mm_scaled_as
+from .compute import add_product, cast, compute_setting, mm_scaled
 from .frozen import WeightOperand, is_quantized, materialize, save_with_weight, saved_with_weight
 from .rebuild import keep_input, kept_input
 from .tracing import compiling, seeded_keep_mask, traced_seed
@@ -122,11 +122,11 @@ def _factor_grads_by(variant: Variant, dy2: torch.Tensor, xd: torch.Tensor, down
     d_down = d_up = None
     if variant == "gram":
         gram = dy2.t() @ xd  # [d_out, d_in]
-        d_up = mm_scaled_as(gram, down.t(), s, up) if need_up else None
+        d_up = mm_scaled(gram, down.t(), s) if need_up else None
         d_down = mm_scaled(up.t(), gram, s) if need_down else None
         return d_down, d_up
     if need_up:
-        d_up = mm_scaled_as(dy2.t(), F.linear(xd, down), s, up)
+        d_up = mm_scaled(dy2.t(), F.linear(xd, down), s)
     if need_down:
         g = dy_up if dy_up is not None else mm_scaled(dy2, up, s)
         d_down = g.t() @ xd
