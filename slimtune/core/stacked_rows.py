@@ -283,14 +283,17 @@ def stack(chain: Sequence[Any]) -> bool:
 
 
 def _a_of_its_own(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
-    """A state-dict post-hook of a stacked member: its A (and B, stacked wide) as a copy of its own, not a view
-    whose storage is the whole stack (``torch.save`` of the adapters' entries would write every frozen weight too).
-    Parameters themselves (``keep_vars=True``) are left as they are."""
-    for key in (prefix + "lora_A", prefix + "lora_B"):
+    """A state-dict post-hook of a stacked member: its A and B as row-major copies of their own, not views whose
+    storage is the whole stack (``torch.save`` of the adapters' entries would write every frozen weight too), and its
+    frozen weight row-major where the stack holds it transposed (stacked wide: ``save_pretrained`` and safetensors
+    take row-major tensors only). Parameters themselves (``keep_vars=True``) are left as they are."""
+    for key in (prefix + "lora_A", prefix + "lora_B", prefix + "base_layer.weight"):
         tensor = state_dict.get(key)
-        if (isinstance(tensor, torch.Tensor) and not isinstance(tensor, nn.Parameter)
-                and tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size()):
-            state_dict[key] = tensor.clone()
+        if not isinstance(tensor, torch.Tensor) or isinstance(tensor, nn.Parameter):
+            continue
+        shared = tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size()
+        if not tensor.is_contiguous() or (shared and not key.endswith("weight")):
+            state_dict[key] = tensor.clone(memory_format=torch.contiguous_format)
 
 
 def unstack(model: nn.Module) -> int:

@@ -345,8 +345,9 @@ def one_process_group(tmp_path):
     dist.destroy_process_group()
 
 
-def _steps(model, ids, count: int) -> list[float]:
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+def _steps(model, ids, count: int, optimizer: torch.optim.Optimizer | None = None) -> list[float]:
+    """``count`` training steps' losses (SGD unless an optimizer is given)."""
+    optimizer = optimizer or torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
     losses = []
     for _ in range(count):
         loss = model(input_ids=ids, labels=ids).loss

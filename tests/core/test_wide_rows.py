@@ -16,6 +16,7 @@ from slimtune.core import wide_rows as wr
 from slimtune.core.compute import is_column_major
 from slimtune.core.lowrank_group import grouped_lowrank_reference
 from slimtune.methods.lora.linear import LoraLinear
+from tests.core.test_stacked_rows import _steps
 from tests.helpers import BF16_TOL, FP32_TOL, backward_against_reference, perturb_adapters, rel_err
 
 D_IN, OUTS, RANKS = 16, (24, 16, 8), (8, 16, 8)
@@ -142,16 +143,8 @@ def _llama():
     return model
 
 
-def _adamw_steps(model, ids, count: int) -> tuple[list[float], torch.optim.Optimizer]:
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, foreach=True)
-    losses = []
-    for _ in range(count):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    return losses, optimizer
+def _adamw(model) -> torch.optim.Optimizer:
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, foreach=True)
 
 
 def test_a_compiled_model_stacks_gate_and_up_wide_and_trains_as_the_eager_one():
@@ -164,8 +157,9 @@ def test_a_compiled_model_stacks_gate_and_up_wide_and_trains_as_the_eager_one():
     torch.compiler.reset()
     compile_layers(model, backend="aot_eager")
     ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(1))
-    losses, optimizer = _adamw_steps(model, ids, 4)
-    want, _ = _adamw_steps(eager, ids, 4)
+    optimizer = _adamw(model)
+    losses = _steps(model, ids, 4, optimizer)
+    want = _steps(eager, ids, 4, _adamw(eager))
     assert all(rel_err(torch.tensor(g), torch.tensor(w)) < FP32_TOL for g, w in zip(losses, want)), (losses, want)
     mlp = model.model.layers[0].mlp
     flat = sr.stacked_rows(mlp.gate_proj, 2)
@@ -230,3 +224,19 @@ def test_bf16_on_cuda_matches_float64_reference(compiled):
     assert rel_err(x.grad, x64.grad) < BF16_TOL
     for m, a64, b64 in zip(chain, downs64, ups64):
         assert rel_err(m.lora_A.grad, a64.grad) < BF16_TOL and rel_err(m.lora_B.grad, b64.grad) < BF16_TOL
+
+
+def test_a_wide_stacked_model_saves_with_transformers_and_loads_back(tmp_path):
+    """The state dict gives a wide stack's weights and B's row-major: ``save_pretrained`` (safetensors) takes them."""
+    model = _llama()
+    mlp = model.model.layers[0].mlp
+    assert sr.stack((mlp.gate_proj, mlp.up_proj)) and sr.stacked_rows(mlp.gate_proj, 2).dim() == 1
+    model.save_pretrained(tmp_path / "model")
+    state = model.state_dict()
+    assert all(t.is_contiguous() for t in state.values())
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "model" / "model.safetensors")
+    gate = "model.layers.0.mlp.gate_proj."
+    for key in ("base_layer.weight", "lora_A", "lora_B"):
+        assert torch.equal(saved[gate + key], state[gate + key]), key
