@@ -136,7 +136,9 @@ def wide(chain: Sequence[Any]) -> bool:
 
 def build(chain: Sequence[Any]) -> torch.Tensor:
     """Copy ``chain``'s weights, A's and B's into one flat buffer (module docstring) and make each a view of it;
-    returns the buffer. The B's are noted for :func:`_match_state_layouts`."""
+    returns the buffer. The B's are noted for :func:`_match_state_layouts`; a gradient a B holds already (the
+    chains are learnt in a step's first micro-batch) is laid out as B now, so that autograd accumulates into it with
+    no copy."""
     layout = layout_of(chain)
     weight = chain[0].base_layer.weight
     with torch.inference_mode(False):  # built in an evaluation's call, the buffer is still one training can save
@@ -145,6 +147,8 @@ def build(chain: Sequence[Any]) -> torch.Tensor:
             for view, param in ((w, m.base_layer.weight), (a, m.lora_A), (b, m.lora_B)):
                 view.copy_(param.detach())
                 param.data = view
+            if m.lora_B.grad is not None:  # stacked between micro-batches: what they add next is laid out as B
+                m.lora_B.grad = torch.empty_like(m.lora_B).copy_(m.lora_B.grad)
     for m in chain:
         if not any(ref() is m.lora_B for ref in _STACKED_BS):
             _STACKED_BS.append(weakref.ref(m.lora_B))

@@ -5,6 +5,7 @@ where a model with rank 8 stacks its gate/up wide."""
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -105,6 +106,27 @@ def test_the_stack_holds_every_tensor_as_a_view_with_its_values():
         for t, value in zip((m.base_layer.weight, m.lora_A, m.lora_B), values):
             assert torch.equal(t, value) and t.untyped_storage() is not flat.untyped_storage()
         assert m.base_layer.weight.is_contiguous() and m.lora_A.is_contiguous() and is_column_major(m.lora_B)
+
+
+def test_a_gradient_held_when_stacked_is_laid_out_as_b_and_the_next_one_adds_to_it():
+    """Stacked between two micro-batches (the chains are learnt in a step's first): B's gradient so far takes B's
+    layout, and the second micro-batch's adds to it with no layout-contract warning (autograd would copy)."""
+    chain = _chain(2, torch.float64)
+    xs = [torch.randn(3, D_IN, dtype=torch.float64, generator=torch.Generator().manual_seed(k)) for k in (1, 2)]
+    downs64, ups64, _ = _reference(chain, xs[0])
+    for x in xs:
+        ref = grouped_lowrank_reference(x, [m.base_layer.weight.double() for m in chain], [None] * 2, downs64, ups64,
+                                        chain[0].scaling)
+        sum(y.square().sum() for y in ref).backward()
+    sum(m(xs[0]).square().sum() for m in chain).backward()  # unstacked: row-major gradients
+    flat = wr.build(chain)
+    assert all(is_column_major(m.lora_B.grad) for m in chain)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sum(y.square().sum() for y in wr.wide_lowrank_linear(xs[1], chain, flat)).backward()
+    for m, a64, b64 in zip(chain, downs64, ups64):
+        assert rel_err(m.lora_A.grad, a64.grad) < FP32_TOL and rel_err(m.lora_B.grad, b64.grad) < FP32_TOL
+        assert m.lora_B.grad.stride() == m.lora_B.stride()
 
 
 def test_chains_that_are_not_two_aligned_members_stack_as_rows():
