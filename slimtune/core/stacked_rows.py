@@ -1,4 +1,4 @@
-"""A LoRA chain's frozen weights and A factors in one buffer ("stacked rows"), so that one GEMM gives every member's
+"""A LoRA chain's frozen weights and A factors in one tensor ("stacked rows"), so that one GEMM gives every member's
 base output and ``x Aᵀ``, and two give ``dx``.
 
 For a chain of LoRA layers that read one input — q/k/v, gate/up (:mod:`.siblings`), or one layer alone (o, down) —
@@ -18,7 +18,7 @@ backward since o's and down's ``dx`` is one GEMM). On an H100 the compiled 3B st
 ``dx`` as one GEMM against ``[dy_1, …, dy_n, g]``, which copied every dy once more).
 
 A chain of two (gate/up) is stacked *wide* instead where its widths and ranks align and no process group is up
-(:mod:`.wide_rows`: each member's weight and B one matrix, its buffer 1-D, so the outputs need no product and sum).
+(:mod:`.wide_rows`: each member's weight and B one matrix, the stack one 1-D tensor, so the outputs need no product and sum).
 
 Where: :func:`~slimtune.models.layers.compile_layers` stacks each compiled layer's chains once they are learnt
 (:class:`LayerStacks`), and before every call of the layer checks that each stack still holds its members' tensors
@@ -51,8 +51,9 @@ from .wide_rows import build as build_wide, wide, wide_lowrank_linear
 
 #: the class attribute (True, on the class itself: not inherited) of the layers whose chains stack: LoRA's Linear
 STACKS = "stacks_rows"
-#: the non-persistent buffer, on a stack's first member, that holds the rows S
-ROWS = "stacked_rows"
+#: in a stack's first member's ``__dict__``: the rows S (a plain attribute, not a buffer: DDP broadcasts every buffer
+#: before each forward, ``model.to()`` would copy S, and a captured step's snapshot would clone it)
+ROWS = "_stacked_rows"
 #: in a stack's first member's ``__dict__``: its members (held weakly), in order
 MEMBERS = "_stacked_members"
 #: in every stacked member's ``__dict__``: its stack's first member (held weakly)
@@ -181,7 +182,7 @@ def stacked_rows(first: nn.Module, count: int) -> torch.Tensor | None:
         return None
     if not compiling() and not intact(first):
         return None
-    return getattr(first, ROWS, None)
+    return first.__dict__.get(ROWS)
 
 
 def _tensors(member: Any, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -217,7 +218,7 @@ def intact(first: nn.Module) -> bool:
     """Whether the stack on ``first`` still holds every member's weight and A (and B, stacked wide): their storage
     is the rows'; and the weights are still frozen (one set to train since must leave the stack to get its
     gradient)."""
-    members, rows = _members(first), getattr(first, ROWS, None)
+    members, rows = _members(first), first.__dict__.get(ROWS)
     if members is None or rows is None:
         return False
     storage = rows.untyped_storage()
@@ -228,9 +229,7 @@ def intact(first: nn.Module) -> bool:
 def _unstack_head(first: nn.Module) -> None:
     """Give every member of the stack on ``first`` its own storage (values kept), and forget the stack."""
     refs = first.__dict__.pop(MEMBERS, None)
-    rows = getattr(first, ROWS, None)
-    if rows is not None:
-        delattr(first, ROWS)
+    rows = first.__dict__.pop(ROWS, None)
     for member in (refs.modules() or []) if refs is not None else []:
         member.__dict__.pop(HEAD, None)
         if rows is not None:
@@ -272,7 +271,7 @@ def stack(chain: Sequence[Any]) -> bool:
             for t in tensors:
                 t.data = rows[start:start + t.shape[0]]
                 start += t.shape[0]
-    first.register_buffer(ROWS, rows, persistent=False)
+    first.__dict__[ROWS] = rows
     first.__dict__[MEMBERS] = _Refs(chain)
     for member in chain:
         member.__dict__[HEAD] = _Refs((first,))

@@ -42,7 +42,7 @@ def compile_layers(model: nn.Module, **options: Any) -> int:
     compile without a graph break: ``tests/core/test_compile.py``). A layer with sibling LoRA layers that read one
     input (q/k/v, gate/up) runs eagerly until they have learnt so (the first step), then compiled with each such
     chain as one Function (:mod:`slimtune.core.siblings`), as eager steps run them, and with each chain's frozen
-    weights and A's in one buffer, so that one GEMM gives the chain's base outputs and ``x Aᵀ`` (and two its ``dx``;
+    weights and A's in one tensor, so that one GEMM gives the chain's base outputs and ``x Aᵀ`` (and two its ``dx``;
     a LoRA layer in no chain, such as o or down, is stacked alone: :mod:`slimtune.core.stacked_rows`; gate/up is
     stacked wide, each member's weight and B one matrix: :mod:`slimtune.core.wide_rows`)."""
     layers = layer_stack(model)
@@ -62,7 +62,7 @@ class _LearnThenCompiled:
     """A compiled layer's forward where sibling LoRA layers within it (q/k/v, gate/up: :mod:`slimtune.core.siblings`)
     learn which of them read one input: eager while any of its groups learns (the first step, until a backward pass
     has run through them), then the compiled forward, whose graph runs each learnt chain as one Function, its frozen
-    weights and A's stacked in one buffer (:mod:`slimtune.core.stacked_rows`; checked before every call). Held
+    weights and A's stacked in one tensor (:mod:`slimtune.core.stacked_rows`; checked before every call). Held
     outputs a traced frame left untaken are dropped after each compiled call."""
 
     def __init__(self, eager: Any, compiled: Any, groups: list[SiblingGroup], model: nn.Module) -> None:
@@ -75,7 +75,7 @@ class _LearnThenCompiled:
         if still_learning(self.groups):  # the first step, or again after a checkpoint (siblings.relearn)
             self.stacked_as_learnt = False
             return self.eager(*args, **kwargs)
-        if not self.stacked_as_learnt:  # each learnt chain's weights and A's in one buffer
+        if not self.stacked_as_learnt:  # each learnt chain's weights and A's in one tensor
             self.stacks.build()
             self.stacked_as_learnt = True
         try:

@@ -384,7 +384,8 @@ def test_fsdp_above_the_compiled_model_stacks_nothing(one_process_group, order):
 
 
 def test_ddp_keeps_the_stacks(one_process_group):
-    """DDP trains the model's own parameters: its compiled layers are stacked, and step as the eager model does."""
+    """DDP trains the model's own parameters: its compiled layers are stacked, and step as the eager model does; the
+    stacks add no module buffer, which DDP would broadcast before every forward."""
     from torch.nn.parallel import DistributedDataParallel
 
     from slimtune.models.layers import compile_layers
@@ -394,8 +395,11 @@ def test_ddp_keeps_the_stacks(one_process_group):
     torch.compiler.reset()
     compile_layers(model, backend="aot_eager")
     ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(1))
+    buffers = [name for name, _ in model.named_buffers()]
     losses = _steps(DistributedDataParallel(model), ids, 4)
     assert len(_heads(model)) == 4
+    # the rows are no module buffer: DDP broadcasts every buffer before each forward (all the frozen weights)
+    assert [name for name, _ in model.named_buffers()] == buffers
     # never wide under a process group: DDP's buckets keep each B's layout as it was wrapped (wide_rows)
     assert sr.stacked_rows(model.model.layers[0].mlp.gate_proj, 2).dim() == 2
     want = _steps(eager, ids, 4)
