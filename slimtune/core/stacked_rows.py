@@ -52,7 +52,8 @@ from .wide_rows import build as build_wide, wide, wide_lowrank_linear
 #: the class attribute (True, on the class itself: not inherited) of the layers whose chains stack: LoRA's Linear
 STACKS = "stacks_rows"
 #: in a stack's first member's ``__dict__``: the rows S (a plain attribute, not a buffer: DDP broadcasts every buffer
-#: before each forward, ``model.to()`` would copy S, and a captured step's snapshot would clone it)
+#: before each forward, and a captured step's snapshot clones them). ``model.to()`` leaves S where it was; the next
+#: call of the layer stacks again and so frees it (or :func:`unstack`)
 ROWS = "_stacked_rows"
 #: in a stack's first member's ``__dict__``: its members (held weakly), in order
 MEMBERS = "_stacked_members"

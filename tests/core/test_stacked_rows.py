@@ -3,6 +3,7 @@ the stacks ``compile_layers`` keeps — equal steps, moved models stacked again,
 from __future__ import annotations
 
 import copy
+import weakref
 
 import pytest
 import torch
@@ -180,12 +181,14 @@ def test_an_optimizer_step_reaches_the_rows():
 
 def test_a_moved_model_is_stacked_again():
     eager, model, ids = _compiled_pair(1)
+    left = [weakref.ref(h.__dict__[sr.ROWS]) for h in _heads(model)]
     for m in (model, eager):
         m.double()
         perturb_adapters(m, seed=7)  # new A's, which rows left behind by .to() would not see
     assert _heads(model) and not any(sr.intact(h) for h in _heads(model))  # .to(): a storage for every tensor
     loss, grads = _grads(model, ids)
     assert _heads(model) and all(sr.intact(h) for h in _heads(model))
+    assert all(ref() is None for ref in left)  # the rows left behind are freed once stacked again
     loss_ref, grads_ref = _grads(eager, ids)
     assert rel_err(loss, loss_ref) < FP32_TOL
     assert all(rel_err(grads[n], grads_ref[n]) < FP32_TOL for n in grads)
