@@ -361,13 +361,20 @@ def _steps(model, ids, count: int, optimizer: torch.optim.Optimizer | None = Non
     return losses
 
 
+@pytest.mark.parametrize("fsdp", ["FSDP2", "FSDP1"])
 @pytest.mark.parametrize("order", ["compiled, then sharded", "sharded, then compiled"])
-def test_fsdp_above_the_compiled_model_stacks_nothing(one_process_group, order):
-    """FSDP2 on a module above the one ``compile_layers`` was given (``fully_shard`` on the whole model only): its
-    forwards get weights all-gathered into FSDP's own buffers, whose storage it frees after. Stacked, the losses from
-    the third step on differed from the eager model's (stale rows). The weights changed since ``compile_layers``
-    (the parameters are FSDP's now) keep every chain unstacked."""
-    from torch.distributed.fsdp import fully_shard
+def test_fsdp_above_the_compiled_model_stacks_nothing(one_process_group, order, fsdp):
+    """FSDP on a module above the one ``compile_layers`` was given (on the whole model only; FSDP1 with
+    ``use_orig_params=True``, as PEFT needs): its forwards get weights all-gathered into FSDP's own buffers, whose
+    storage it frees after. Stacked, FSDP2's losses from the third step on differed from the eager model's (stale
+    rows). The weights changed since ``compile_layers`` (the parameters are FSDP's now) keep every chain unstacked."""
+    from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+
+    def shard(module):
+        if fsdp == "FSDP2":
+            fully_shard(module)
+            return module
+        return FullyShardedDataParallel(module, use_orig_params=True, device_id=torch.device("cpu"))
 
     from slimtune.models.layers import compile_layers
 
@@ -377,10 +384,10 @@ def test_fsdp_above_the_compiled_model_stacks_nothing(one_process_group, order):
     ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(1))
     if order.startswith("compiled"):
         compile_layers(model.model, backend="aot_eager")
-    fully_shard(model)
+    wrapped = shard(model)
     if order.startswith("sharded"):
         compile_layers(model.model, backend="aot_eager")
-    losses = _steps(model, ids, 4)
+    losses = _steps(wrapped, ids, 4)
     assert not _heads(model)
     want = _steps(eager, ids, 4)
     assert all(rel_err(torch.tensor(g), torch.tensor(w)) < FP32_TOL for g, w in zip(losses, want)), (losses, want)
