@@ -18,7 +18,8 @@ backward since o's and down's ``dx`` is one GEMM). On an H100 the compiled 3B st
 ``dx`` as one GEMM against ``[dy_1, …, dy_n, g]``, which copied every dy once more).
 
 A chain of two (gate/up) is stacked *wide* instead where its widths and ranks align and no process group is up
-(:mod:`.wide_rows`: each member's weight and B one matrix, the stack one 1-D tensor, so the outputs need no product and sum).
+(:mod:`.wide_rows`: each member's weight and B one matrix, the stack one 1-D tensor, so the outputs need no product
+and sum).
 
 Where: :func:`~slimtune.models.layers.compile_layers` stacks each compiled layer's chains once they are learnt
 (:class:`LayerStacks`), and before every call of the layer checks that each stack still holds its members' tensors
