@@ -223,9 +223,14 @@ def intact(first: nn.Module) -> bool:
     members, rows = _members(first), first.__dict__.get(ROWS)
     if members is None or rows is None:
         return False
-    storage = rows.untyped_storage()
-    return all(not m.base_layer.weight.requires_grad
-               and all(t.untyped_storage() is storage for t in _tensors(m, rows)) for m in members)
+    storage, wide_stack = rows.untyped_storage(), rows.dim() == 1
+    for m in members:  # a loop, each tensor read once: run before every call of a compiled layer
+        weight = m.base_layer.weight
+        if (weight.requires_grad or weight.untyped_storage() is not storage
+                or m.lora_A.untyped_storage() is not storage
+                or (wide_stack and m.lora_B.untyped_storage() is not storage)):
+            return False
+    return True
 
 
 def _unstack_head(first: nn.Module) -> None:
