@@ -18,7 +18,6 @@ from _common import environment_line, markdown_table, write_out_text
 import torch
 import torch.nn.functional as F
 
-from slimtune.memory import chunked_loss
 from slimtune.memory.chunked_loss import LinearCrossEntropy, chunk_rows
 
 
@@ -29,12 +28,7 @@ def transformers_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
 
 def chunked(kernel: bool) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
     def loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        use = chunked_loss.use_triton
-        chunked_loss.use_triton = use if kernel else (lambda _t: False)  # this benchmark's switch, restored below
-        try:
-            return LinearCrossEntropy.apply(hidden, weight, None, labels, chunk_rows(weight.shape[0]), False)
-        finally:
-            chunked_loss.use_triton = use
+        return LinearCrossEntropy.apply(hidden, weight, None, labels, chunk_rows(weight.shape[0]), False, kernel)
     return loss
 
 

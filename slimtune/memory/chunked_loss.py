@@ -58,12 +58,13 @@ class LinearCrossEntropy(torch.autograd.Function):
     ``bias`` ``[V]`` or None, ``labels`` ``[N]`` int64, ``chunk`` rows at a time. ``masked`` (on CUDA): rows labelled
     :data:`IGNORE_INDEX` are among them and carry no loss and no gradient (shapes that do not depend on the labels,
     as a CUDA graph's capture needs); otherwise every label is valid (:func:`shifted_targets` dropped the rest).
+    ``kernel``: False keeps to the plain-PyTorch chunk where the Triton kernel would run (a benchmark's switch).
     Saves the gradients of the inputs that need one (computed in forward): ``[N, H]``, ``[V, H]``, ``[V]``;
     nothing ``[N, V]``."""
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
-                chunk: int, masked: bool = False) -> torch.Tensor:
+                chunk: int, masked: bool = False, kernel: bool = True) -> torch.Tensor:
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         w = weight if weight.dtype == hidden.dtype else weight.to(hidden.dtype)  # a head of another dtype: cast once
@@ -83,7 +84,7 @@ class LinearCrossEntropy(torch.autograd.Function):
                 row_loss = torch.logsumexp(logits, dim=-1) - logits.gather(1, y[:, None]).squeeze(1)
                 total += (row_loss if keep is None else row_loss * keep).sum()
                 continue
-            if grad_b is None and use_triton(logits):  # one launch: the row losses and the gradient in h's dtype
+            if kernel and grad_b is None and use_triton(logits):  # one launch: the row losses and the gradient in h's dtype
                 from .triton_cross_entropy import softmax_cross_entropy_triton
 
                 row_loss, d_logits = softmax_cross_entropy_triton(logits, y, keep, h.dtype)
@@ -109,7 +110,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         def scaled(grad: torch.Tensor | None, dtype: torch.dtype | None = None) -> torch.Tensor | None:
             return None if grad is None else (grad * grad_total.to(grad.dtype)).to(dtype or grad.dtype)
 
-        return scaled(grad_h), scaled(grad_w), scaled(grad_b, ctx.bias_dtype), None, None, None
+        return scaled(grad_h), scaled(grad_w), scaled(grad_b, ctx.bias_dtype), None, None, None, None
 
 
 def plain_head(model: nn.Module) -> bool:

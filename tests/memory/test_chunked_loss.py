@@ -201,14 +201,15 @@ labels[0, 3] = -100
 h = hidden[:, :-1].reshape(-1, 16)
 y = labels[:, 1:].reshape(-1)
 for masked in (False, True):
-    hh = (h if masked else h[y != -100]).clone().requires_grad_()
-    yy = y if masked else y[y != -100]
-    loss = LinearCrossEntropy.apply(hh, weight, None, yy, 4, masked)
-    loss.backward()
-    h64 = (h if masked else h[y != -100]).double().requires_grad_()
-    ref = F.cross_entropy(h64 @ weight.double().t(), yy, ignore_index=-100, reduction="sum")
-    ref.backward()
-    results[f"float32/function masked={masked}"] = [rel_err(loss, ref), rel_err(hh.grad, h64.grad)]
+    for kernel in (True, False):  # False: the plain-PyTorch chunk where the kernel would run
+        hh = (h if masked else h[y != -100]).clone().requires_grad_()
+        yy = y if masked else y[y != -100]
+        loss = LinearCrossEntropy.apply(hh, weight, None, yy, 4, masked, kernel)
+        loss.backward()
+        h64 = (h if masked else h[y != -100]).double().requires_grad_()
+        ref = F.cross_entropy(h64 @ weight.double().t(), yy, ignore_index=-100, reduction="sum")
+        ref.backward()
+        results[f"float32/function masked={masked} kernel={kernel}"] = [rel_err(loss, ref), rel_err(hh.grad, h64.grad)]
 print("RESULTS " + json.dumps(results))
 """
 
@@ -216,8 +217,9 @@ print("RESULTS " + json.dumps(results))
 def test_triton_kernel_matches_the_reference_interpreted():
     """One launch per chunk (``softmax_cross_entropy_triton``) against the float64 reference under the interpreter:
     row losses and gradients (float32 and float16), vocabularies under, across and over one block, masked rows; and
-    ``LinearCrossEntropy`` through the kernel against float64 ``F.cross_entropy``."""
-    check_interpreted_errors(INTERPRETED, cases=8, fp32_tol=1e-5)
+    ``LinearCrossEntropy`` through the kernel, and with ``kernel=False`` through the plain chunk, against float64
+    ``F.cross_entropy``."""
+    check_interpreted_errors(INTERPRETED, cases=10, fp32_tol=1e-5)
 
 
 BAD_LABELS = r"""
