@@ -84,7 +84,7 @@ class LinearCrossEntropy(torch.autograd.Function):
                 row_loss = torch.logsumexp(logits, dim=-1) - logits.gather(1, y[:, None]).squeeze(1)
                 total += (row_loss if keep is None else row_loss * keep).sum()
                 continue
-            if kernel and grad_b is None and use_triton(logits):  # one launch: the row losses and the gradient in h's dtype
+            if kernel and grad_b is None and use_triton(logits):  # one launch: row losses, gradient in h's dtype
                 from .triton_cross_entropy import softmax_cross_entropy_triton
 
                 row_loss, d_logits = softmax_cross_entropy_triton(logits, y, keep, h.dtype)
