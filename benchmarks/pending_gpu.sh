@@ -3,9 +3,9 @@
 # (≤ 10 min) and together the 30-minute device budget; run on 2026-12-05 as RESULTS.md runs 47 (part 1), 48 (part 3)
 # and 49 (part 2), and kept to repeat them. Run from the repository root on the lent machine:
 #
-# Still to run (as of 2026-12-07, thirteenth session; part 73 ran as RESULTS.md run 144 on an H100): on any GPU,
-# part 74 (gate/up stacked wide, slimtune.core.wide_rows; carry .before = 51e2c36); on an H200, part 72 (LoRA and
-# DoRA compiled and eager against PEFT-bf16), part 58 (or 56) for issue 20's LoKr step, parts 63 and 64 for issue
+# Still to run (as of 2026-12-07, fourteenth session; parts 74 and 72 ran as RESULTS.md run 145 on an H200): on any
+# GPU, part 75 first (why compiled DoRA does not train on CUDA; compile_layers runs DoRA layers eagerly there until
+# it is found); on an H200, part 58 (or 56) for issue 20's LoKr step, parts 63 and 64 for issue
 # 19's compiled LoRA and DoRA and the floor under LoRA's step (ran on H100s as RESULTS.md runs 128 and 131). Part 70
 # ran as runs 140-141 (H100); part 71 (a Triton sum kernel; removed with the kernel) as run 143.
 # Earlier list (as of 2026-12-06, third session: parts 44-45 ran as RESULTS.md run 105, 46 as 106, 43 as 107, 48
@@ -926,8 +926,21 @@ PY
     step profile_compiled_wide 150 python benchmarks/unet_step_profile.py --preset llama-3.2-3b --rank 32 \
         --batch 4 --compile --steps 3 --top 30 --before .before --configs lora before:lora peft-bf16:lora
     ;;
+75)
+    # issue 19 (about 4 minutes, any GPU): why compiled DoRA does not train on CUDA (run 145: the loss never moved
+    # over 33 steps, transient peak 3.66 GiB, in every compiled DoRA run since 108; the CPU trains). Each case: the
+    # losses, and after the first two backward passes the trainable tensors without a gradient and the gradients'
+    # norms; toggles: the step-vector pre-pass off, bf16 GEMMs with fp32 output off, sibling fusion off, the fp32
+    # GEMM probed eagerly, and compile_layers' guard (DoRA layers eager on CUDA) on
+    step compiled_training_check 280 python benchmarks/compiled_training_check.py --steps 3 --cases \
+        tiny-llama:dora:bfloat16:compiled tiny-llama:dora:bfloat16:compiled:noprepass \
+        tiny-llama:dora:bfloat16:compiled:nofp32out tiny-llama:dora:bfloat16:compiled:nosiblings \
+        tiny-llama:dora:bfloat16:compiled:probed tiny-llama:dora:float32:compiled \
+        tiny-llama:dora:bfloat16:compiled:guarded llama-3.2-3b:dora:bfloat16:compiled \
+        llama-3.2-3b:dora:bfloat16:compiled:nofp32out
+    ;;
 *)
-    echo "unknown part $part (1 to 74)" >&2
+    echo "unknown part $part (1 to 75)" >&2
     exit 2
     ;;
 esac

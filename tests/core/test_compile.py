@@ -156,3 +156,49 @@ def test_a_layer_stack_compiles_once_not_once_per_layer():
     for _ in range(2):
         model(input_ids=ids, labels=ids).loss.backward()
     assert len(graphs) == 2
+
+
+class _OnCuda(torch.Tensor):
+    """A CPU tensor that says it is on CUDA: what ``compile_layers``' DoRA guard reads (no GPU here)."""
+
+    @property
+    def is_cuda(self) -> bool:
+        return True
+
+
+def test_a_layer_with_dora_runs_eagerly_where_its_input_is_on_cuda():
+    """Compiled DoRA steps did not train on CUDA (RESULTS.md run 145: the loss never moved). ``compile_layers`` runs
+    a layer holding DoRA eagerly where its input is on CUDA, with a warning; on the CPU (where the compiled step
+    trains: the method's compile tests) it runs compiled. A LoRA layer is compiled on every device."""
+    transformers = pytest.importorskip("transformers")
+    from slimtune.models.layers import compile_layers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    model = slimtune.adapt(transformers.LlamaForCausalLM(config),
+                           slimtune.LoraConfig(r=2, use_dora=True, target_modules=["q_proj", "o_proj"]))
+    graphs = []
+
+    def counting(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        graphs.append(gm)
+        return gm.forward
+
+    torch.compiler.reset()
+    compile_layers(model, backend=counting)
+    layer = model.model.layers[0]
+    x = torch.randn(1, 4, 32)
+    layer(x, position_embeddings=model.model.rotary_emb(x, torch.arange(4)[None]))  # on the CPU: compiled
+    assert graphs
+    guard = type(layer.forward)
+    assert guard.__name__ == "_EagerOnCuda"
+    calls = []
+    stub = guard(lambda *_a, **_k: calls.append("eager"), lambda *_a, **_k: calls.append("compiled"))
+    stub(torch.zeros(1))
+    with pytest.warns(RuntimeWarning, match="DoRA adapters run eagerly on CUDA"):
+        stub(torch.zeros(1).as_subclass(_OnCuda))
+        stub(hidden_states=torch.zeros(1).as_subclass(_OnCuda))
+    assert calls == ["compiled", "eager", "eager"]
+    lora = slimtune.adapt(transformers.LlamaForCausalLM(config), slimtune.LoraConfig(r=2, target_modules=["q_proj"]))
+    compile_layers(lora, backend=counting)
+    assert type(lora.model.layers[0].forward).__name__ != "_EagerOnCuda"
