@@ -16,8 +16,8 @@ import torch
 import slimtune
 from slimtune.core import compute
 from slimtune.memory.options import ProfileOptions
-from slimtune.methods.dora.module import DoraMixin
 from slimtune.memory.profile import TrainingSession
+from slimtune.methods.dora.module import DoraMixin
 from slimtune.models.layers import compile_layers
 
 CASES = ["tiny-llama:dora:bfloat16:compiled", "tiny-llama:dora:bfloat16:eager", "tiny-llama:dora:float32:compiled",
@@ -28,48 +28,57 @@ CASES = ["tiny-llama:dora:bfloat16:compiled", "tiny-llama:dora:bfloat16:eager", 
 
 
 def run_case(case: str, device: str, steps: int) -> str:
+    """One case's table row; its toggles are undone after it, also where it fails (the next case starts clean)."""
     preset, method, dtype, mode, *flags = case.split(":")
     torch.compiler.reset()
     slimtune.set_dora_prepass("noprepass" not in flags)
     slimtune.set_sibling_fusion("nosiblings" not in flags)
-    # nofp32out: bf16 GEMMs that write fp32 (compute.fp32_out_gemm) taken as unavailable (this diagnostic's switch)
+    # nofp32out: bf16 GEMMs that write fp32 (compute.fp32_out_gemm) taken as unavailable (this diagnostic's switch,
+    # through the module's private probe table)
     compute._MM_OUT_DTYPE.clear()
     if "nofp32out" in flags:
         compute._MM_OUT_DTYPE.update({torch.bfloat16: False, torch.float16: False})
-    if "probed" in flags:  # the fp32-output GEMM probed eagerly now, not first while Dynamo traces
-        compute.fp32_out_gemm(torch.ones(1, device=device, dtype=torch.bfloat16))
-    options = ProfileOptions(method=method, backend="slimtune", release_outputs=True, memory="fast", preset=preset,
-                             rank=8 if preset == "tiny-llama" else 32, batch=2, seq=64, device=device, dtype=dtype)
-    session = TrainingSession.prepare(options)
-    if mode == "compiled":
-        # DoRA compiled on CUDA as before the guard (DoraMixin.compiles_on_cuda), unless the case says "guarded"
-        DoraMixin.compiles_on_cuda = "guarded" not in flags
-        try:
+    guard = DoraMixin.compiles_on_cuda
+    try:
+        if "probed" in flags:  # the fp32-output GEMM probed eagerly now, not first while Dynamo traces
+            compute.fp32_out_gemm(torch.ones(1, device=device, dtype=torch.bfloat16))
+        options = ProfileOptions(method=method, backend="slimtune", release_outputs=True, memory="fast",
+                                 preset=preset, rank=8 if preset == "tiny-llama" else 32, batch=2, seq=64,
+                                 device=device, dtype=dtype)
+        session = TrainingSession.prepare(options)
+        if mode == "compiled":
+            # DoRA compiled on CUDA as before the guard (DoraMixin.compiles_on_cuda), unless the case says "guarded"
+            DoraMixin.compiles_on_cuda = "guarded" not in flags
             compile_layers(session.model)
-        finally:
-            DoraMixin.compiles_on_cuda = False
-    losses, first, start = [], "", time.perf_counter()
-    for step in range(steps):
-        with session.attention():
-            loss, out = session._forward()
-            del out
-            loss.backward()
-        if step in (0, 1):  # the first step (eager where siblings learn) and the first compiled one
-            named = [(n, p.grad) for n, p in session.model.named_parameters() if p.requires_grad]
-            kinds = sorted({n.rsplit(".", 1)[-1] for n, _ in named})
-            missing = {k: sum(g is None for n, g in named if n.endswith(k)) for k in kinds}
-            norms = {k: sum(float(g.float().norm()) for n, g in named if n.endswith(k) and g is not None)
-                     for k in kinds}
-            first += (f"step {step}: of {len(named)}, no grad {missing}, grad norm sums "
-                      f"{({k: f'{v:.3g}' for k, v in norms.items()})}, loss requires grad {loss.requires_grad}. ")
-        session.optimizer.step()
-        session.optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
-    slimtune.set_dora_prepass(True)
-    slimtune.set_sibling_fusion(True)
-    compute._MM_OUT_DTYPE.clear()
-    seconds = time.perf_counter() - start
-    return f"| {case} | {' '.join(f'{x:.4f}' for x in losses)} | {first} | {seconds:.1f} |"
+        losses, report, start = [], "", time.perf_counter()
+        for step in range(steps):
+            with session.attention():
+                loss, out = session._forward()
+                del out
+                loss.backward()
+            if step in (0, 1):  # the first step (eager where siblings learn) and the first compiled one
+                report += _gradient_report(session.model, step, loss)
+            session.optimizer.step()
+            session.optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+        seconds = time.perf_counter() - start
+    finally:
+        DoraMixin.compiles_on_cuda = guard
+        slimtune.set_dora_prepass(True)
+        slimtune.set_sibling_fusion(True)
+        compute._MM_OUT_DTYPE.clear()
+    return f"| {case} | {' '.join(f'{x:.4f}' for x in losses)} | {report} | {seconds:.1f} |"
+
+
+def _gradient_report(model: torch.nn.Module, step: int, loss: torch.Tensor) -> str:
+    """Per kind of trainable tensor (lora_A, lora_B, magnitude): how many have no gradient, their norms' sum."""
+    named = [(n, p.grad) for n, p in model.named_parameters() if p.requires_grad]
+    kinds = sorted({n.rsplit(".", 1)[-1] for n, _ in named})
+    missing = {k: sum(g is None for n, g in named if n.endswith(k)) for k in kinds}
+    norms = {k: f"{sum(float(g.float().norm()) for n, g in named if n.endswith(k) and g is not None):.3g}"
+             for k in kinds}
+    return (f"step {step}: of {len(named)}, no grad {missing}, grad norm sums {norms}, "
+            f"loss requires grad {loss.requires_grad}. ")
 
 
 def main() -> None:
@@ -81,7 +90,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     print(f"torch {torch.__version__} · {args.device}", flush=True)
-    print("| case | losses | first backward | s |\n|---|---|---|---|", flush=True)
+    print("| case | losses | first two backward passes | s |\n|---|---|---|---|", flush=True)
     for case in args.cases:
         try:
             print(run_case(case, args.device, args.steps), flush=True)

@@ -67,7 +67,12 @@ def _match_state_layouts(optimizer: torch.optim.Optimizer, args: Any, kwargs: An
         entries = state.get(p) if p is not None and p in state else None
         for key, value in (entries or {}).items():
             if isinstance(value, torch.Tensor) and value.shape == p.shape and value.stride() != p.stride():
-                entries[key] = torch.empty_like(p, dtype=value.dtype, device=value.device).copy_(value)
+                entries[key] = _laid_out_as(p, value)
+
+
+def _laid_out_as(param: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """A copy of ``value`` (its dtype and device) with ``param``'s strides."""
+    return torch.empty_like(param, dtype=value.dtype, device=value.device).copy_(value)
 
 
 def _x_start(layout: Layout) -> int:
@@ -148,7 +153,7 @@ def build(chain: Sequence[Any]) -> torch.Tensor:
                 view.copy_(param.detach())
                 param.data = view
             if m.lora_B.grad is not None:  # stacked between micro-batches: what they add next is laid out as B
-                m.lora_B.grad = torch.empty_like(m.lora_B).copy_(m.lora_B.grad)
+                m.lora_B.grad = _laid_out_as(m.lora_B, m.lora_B.grad)
     for m in chain:
         if not any(ref() is m.lora_B for ref in _STACKED_BS):
             _STACKED_BS.append(weakref.ref(m.lora_B))
