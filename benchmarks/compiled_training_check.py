@@ -17,7 +17,6 @@ import slimtune
 from slimtune.core import compute
 from slimtune.memory.options import ProfileOptions
 from slimtune.memory.profile import TrainingSession
-from slimtune.methods.dora.module import DoraMixin
 from slimtune.models.layers import compile_layers
 
 CASES = ["tiny-llama:dora:bfloat16:compiled", "tiny-llama:dora:bfloat16:eager", "tiny-llama:dora:float32:compiled",
@@ -38,7 +37,6 @@ def run_case(case: str, device: str, steps: int) -> str:
     compute._MM_OUT_DTYPE.clear()
     if "nofp32out" in flags:
         compute._MM_OUT_DTYPE.update({torch.bfloat16: False, torch.float16: False})
-    guard = DoraMixin.compiles_on_cuda
     try:
         if "probed" in flags:  # the fp32-output GEMM probed eagerly now, not first while Dynamo traces
             compute.fp32_out_gemm(torch.ones(1, device=device, dtype=torch.bfloat16))
@@ -47,8 +45,6 @@ def run_case(case: str, device: str, steps: int) -> str:
                                  device=device, dtype=dtype)
         session = TrainingSession.prepare(options)
         if mode == "compiled":
-            # DoRA compiled on CUDA as before the guard (DoraMixin.compiles_on_cuda), unless the case says "guarded"
-            DoraMixin.compiles_on_cuda = "guarded" not in flags
             compile_layers(session.model)
         losses, report, start = [], "", time.perf_counter()
         for step in range(steps):
@@ -63,7 +59,6 @@ def run_case(case: str, device: str, steps: int) -> str:
             losses.append(float(loss.detach()))
         seconds = time.perf_counter() - start
     finally:
-        DoraMixin.compiles_on_cuda = guard
         slimtune.set_dora_prepass(True)
         slimtune.set_sibling_fusion(True)
         compute._MM_OUT_DTYPE.clear()
@@ -85,7 +80,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", nargs="+", default=CASES,
                         help="preset:method:dtype:compiled|eager, then flags: noprepass, nofp32out, nosiblings, "
-                             "probed, guarded (DoRA's layers eager on CUDA, as compile_layers runs them now)")
+                             "probed")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()

@@ -7,6 +7,14 @@ every step. None of them can be traced: Dynamo cannot branch on a version counte
 public ``torch.compiler.is_compiling``, a constant while Dynamo traces, so the branch costs nothing in the graph)
 and takes a trace-safe path there: recompute instead of look up, decide from shapes (known at trace time), and draw
 dropout masks through the custom op below, which Dynamo and AOTAutograd treat as one opaque operator.
+
+**A Function's output, its own tensor.** Under ``torch.compile`` in torch 2.11 an ``autograd.Function`` whose
+forward returns the very tensor object of one of its intermediates — what an op that returns its input gives:
+``.to`` to the dtype a tensor has, an in-place op, ``out=`` — gets all-zero gradients: the traced backward reads a
+zero tensor instead of the incoming gradient (seen on the CPU and on CUDA; not in torch 2.13; pytorch/pytorch#184113
+reports this silent error). Such outputs go through :func:`distinct_when_traced`, a copy while Dynamo traces, which
+Inductor writes in the kernel that computes the tensor (no extra pass). ``tests/core/test_compile.py`` catches the
+error under torch 2.11 (the lent GPU machines' version; part 0 of ``benchmarks/pending_gpu.sh`` runs it there).
 """
 from __future__ import annotations
 
@@ -18,6 +26,12 @@ T = TypeVar("T")
 
 #: PyTorch's public query: True while Dynamo (or export) traces the calling code, False in eager execution.
 compiling = torch.compiler.is_compiling
+
+
+def distinct_when_traced(t: torch.Tensor) -> torch.Tensor:
+    """``t`` eagerly; while Dynamo traces, a copy of it — for what an ``autograd.Function``'s forward returns or saves
+    as its output (module docstring: a Function's output, its own tensor)."""
+    return t.clone() if compiling() else t
 
 
 def cached_unless_traced(cached: Callable[..., T]) -> Callable[..., T]:

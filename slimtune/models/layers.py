@@ -2,7 +2,6 @@
 :mod:`slimtune.memory.recompute`, compiled by :func:`compile_layers`."""
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
@@ -45,9 +44,7 @@ def compile_layers(model: nn.Module, **options: Any) -> int:
     chain as one Function (:mod:`slimtune.core.siblings`), as eager steps run them, and with each chain's frozen
     weights and A's in one tensor, so that one GEMM gives the chain's base outputs and ``x Aᵀ`` (and two its ``dx``;
     a LoRA layer in no chain, such as o or down, is stacked alone: :mod:`slimtune.core.stacked_rows`; gate/up is
-    stacked wide, each member's weight and B one matrix: :mod:`slimtune.core.wide_rows`). A layer holding DoRA
-    runs eagerly where its input is on CUDA, with a warning: compiled DoRA steps did not train there (RESULTS.md run
-    145; on the CPU they do)."""
+    stacked wide, each member's weight and B one matrix: :mod:`slimtune.core.wide_rows`)."""
     layers = layer_stack(model)
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "use_cache"):
@@ -58,27 +55,8 @@ def compile_layers(model: nn.Module, **options: Any) -> int:
         compiled = torch.compile(layer.forward, **options)
         groups = watched_groups(layer)
         forward = _LearnThenCompiled(layer.forward, compiled, groups, model) if groups else compiled
-        if any(not getattr(type(m), "compiles_on_cuda", True) for m in layer.modules()):
-            forward = _EagerOnCuda(layer.forward, forward)
         layer.forward = forward
     return len(layers)
-
-
-class _EagerOnCuda:
-    """A compiled layer's forward for a layer holding an adapter that must not run compiled on CUDA (a class with
-    ``compiles_on_cuda = False``: DoRA, whose compiled steps did not train there, RESULTS.md run 145): its eager
-    forward where the input is on CUDA (warning once), else the compiled one."""
-
-    def __init__(self, eager: Any, compiled: Any) -> None:
-        self.eager, self.compiled = eager, compiled
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        x = args[0] if args else kwargs.get("hidden_states")
-        if isinstance(x, torch.Tensor) and x.is_cuda:
-            warnings.warn("compile_layers: layers with DoRA adapters run eagerly on CUDA (compiled DoRA steps did "
-                          "not train there: slimtune's benchmarks/RESULTS.md, run 145)", RuntimeWarning, stacklevel=2)
-            return self.eager(*args, **kwargs)
-        return self.compiled(*args, **kwargs)
 
 
 class _LearnThenCompiled:

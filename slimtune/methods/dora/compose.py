@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from ...core.compute import accumulate_type
+from ...core.tracing import distinct_when_traced
 from ...core.triton import use_triton
 from .norm import dora_vectors
 
@@ -171,7 +172,7 @@ class DoraScaleFunction(torch.autograd.Function):
             ctx.save_for_backward(z, vectors[2], g)
         ctx.dim, ctx.has_bias, ctx.ahead = dim, bias is not None, vectors is not None
         ctx.magnitude_shape, ctx.magnitude_dtype = magnitude.shape, magnitude.dtype
-        return out
+        return distinct_when_traced(out)
 
     @staticmethod
     def backward(ctx, dy):

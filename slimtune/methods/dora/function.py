@@ -70,6 +70,7 @@ import torch
 from ...core.compute import cast
 from ...core.frozen import WeightOperand, materialize, save_with_weight, saved_with_weight
 from ...core.lowrank import dropout_seed
+from ...core.tracing import distinct_when_traced
 from .compose import compose_backward, compose_forward, scale, vectors_and_compose
 from .norm import dora_vectors, floor_for, saves_output
 from .product import as_rows, dora_product, dropped_input, product_backward, product_forward
@@ -104,6 +105,7 @@ class DoraLinearFunction(torch.autograd.Function):
         del mixed, gram
         if rest is not None:
             y.add_(rest)
+        y = distinct_when_traced(y)  # z itself eagerly (written in place): see the helper
         ctx.route = keep
         if keep != "none":
             save_with_weight(ctx, weight, vec, x, lora_a, lora_b, *((y,) if keep == "output" else ()))
@@ -206,6 +208,7 @@ class DoraTailFunction(torch.autograd.Function):
         y = scale(z, vec[1], bias) if ahead else compose_forward(z, vec[0], bias=bias, g=vec[1])[0]
         if rest is not None:
             y.add_(rest)
+        y = distinct_when_traced(y)
         ctx.save_for_backward(vec, z)
         ctx.route, ctx.magnitude_shape, ctx.has_rest = "z", magnitude.shape, rest is not None
         return y

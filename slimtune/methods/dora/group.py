@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from ...core.compute import cast
 from ...core.frozen import WeightOperand, is_quantized, materialize
 from ...core.lowrank_group import grouped_product_backward, stacked_downs
+from ...core.tracing import distinct_when_traced
 from .compose import compose_backward, scale, vectors_and_compose
 from .norm import factored_norm_parts, weight_row_norm_sq
 from .product import as_rows
@@ -79,7 +80,7 @@ class GroupedDoraFunction(torch.autograd.Function):
             else:  # the step's vectors, formed ahead (.prepass)
                 del w
                 y = scale(z, vec[1], biases[i], out=z)
-            outputs.append(y)
+            outputs.append(distinct_when_traced(y))  # z itself eagerly (written in place): see the helper
             vectors.append(vec)
         ctx.set_materialize_grads(False)
         ctx.routes = routes

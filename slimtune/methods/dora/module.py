@@ -51,9 +51,6 @@ class DoraMixin:
 
     magnitude: nn.Parameter
     use_dora = True
-    #: False: ``compile_layers`` runs a layer holding DoRA eagerly when its input is on CUDA. There, compiled DoRA
-    #: steps did not train (RESULTS.md run 145: the loss never moved; the CPU trains); cause not found yet
-    compiles_on_cuda = False
     #: LoraConfig.dora_recompute for this layer: True keeps no [tokens, d_out] tensor (z is recomputed in
     #: backward), False keeps the output (or z); None: not decided yet ("auto", see OutputProbe)
     recompute: bool | None = False
