@@ -944,6 +944,7 @@ PY
     # gradients to an autograd.Function whose output is one of its intermediates' tensor objects; slimtune.core.tracing)
     # — the compile tests under the machine's torch, whether the compiled steps train (tiny and 3B), then compiled DoRA
     # against PEFT-bf16 in turns of 3 steps (its earlier ratios were withdrawn: those steps did not train)
+    step function_output_alias 60 python benchmarks/function_output_alias.py
     step compile_tests 120 python -m pytest -q tests/core/test_compile.py
     step compiled_training_check_fixed 150 python benchmarks/compiled_training_check.py --steps 3 --cases \
         tiny-llama:dora:bfloat16:compiled tiny-llama:dora:float32:compiled llama-3.2-3b:dora:bfloat16:compiled \
