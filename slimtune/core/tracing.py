@@ -13,8 +13,9 @@ forward returns the very tensor object of one of its intermediates — what an o
 ``.to`` to the dtype a tensor has, an in-place op, ``out=`` — gets all-zero gradients: the traced backward reads a
 zero tensor instead of the incoming gradient (seen on the CPU and on CUDA; not in torch 2.13; pytorch/pytorch#184113
 reports this silent error). Such outputs go through :func:`distinct_when_traced`, a copy while Dynamo traces, which
-Inductor writes in the kernel that computes the tensor (no extra pass). ``tests/core/test_compile.py`` catches the
-error under torch 2.11 (the lent GPU machines' version; part 0 of ``benchmarks/pending_gpu.sh`` runs it there).
+Inductor writes in the kernel that computes the tensor (its code for one DoRA Linear has the same kernels with and
+without the copy). ``tests/core/test_compile.py`` catches the
+error under torch 2.11 (the lent GPU machines' version; ``benchmarks/pending_gpu.sh 76`` runs it there).
 """
 from __future__ import annotations
 
