@@ -14,8 +14,9 @@ forward returns the very tensor object of one of its intermediates — what an o
 zero tensor instead of the incoming gradient (seen on the CPU and on CUDA; not in torch 2.13; pytorch/pytorch#184113
 reports this silent error). Such outputs go through :func:`distinct_when_traced`, a copy while Dynamo traces, which
 Inductor writes in the kernel that computes the tensor (its code for one DoRA Linear has the same kernels with and
-without the copy). ``tests/core/test_compile.py`` catches the
-error under torch 2.11 (the lent GPU machines' version; ``benchmarks/pending_gpu.sh 76`` runs it there).
+without the copy). ``tests/core/test_compile.py`` reads each traced Function's forward for such an output under any
+torch, and its training-step cases fail under torch 2.11 without the copy (the lent GPU machines' version;
+``benchmarks/pending_gpu.sh 76`` runs them there).
 """
 from __future__ import annotations
 
