@@ -3,11 +3,13 @@
 # (≤ 10 min) and together the 30-minute device budget; run on 2026-12-05 as RESULTS.md runs 47 (part 1), 48 (part 3)
 # and 49 (part 2), and kept to repeat them. Run from the repository root on the lent machine:
 #
-# Still to run (as of 2026-12-07, fourteenth session; parts 74 and 72 ran as RESULTS.md run 145 on an H200): on any
-# GPU, part 75 first (why compiled DoRA does not train on CUDA; compile_layers runs DoRA layers eagerly there until
-# it is found); on an H200, part 58 (or 56) for issue 20's LoKr step, parts 63 and 64 for issue
-# 19's compiled LoRA and DoRA and the floor under LoRA's step (ran on H100s as RESULTS.md runs 128 and 131). Part 70
-# ran as runs 140-141 (H100); part 71 (a Triton sum kernel; removed with the kernel) as run 143.
+# Still to run (as of 2026-12-07, fifteenth session; part 75 ran as RESULTS.md run 146, part 76 as run 147, on an
+# H100): compiled DoRA now trains (torch 2.11's zero gradients, fixed in slimtune.core.tracing) but is 1.08-1.16x
+# PEFT-bf16 compiled (runs 147, 149) — profile its compiled step's kernels per layer against PEFT's next
+# (unet_step_profile.py --compile --top 60 --configs dora peft-bf16:dora); on an H200, part 58 (or 56) for issue
+# 20's LoKr step, parts 63 and 64 for issue 19's compiled LoRA and DoRA and the floor under LoRA's step.
+# Fourteenth session's list: parts 74 and 72 ran as RESULTS.md run 145 on an H200; part 70 as runs 140-141 (H100);
+# part 71 (a Triton sum kernel; removed with the kernel) as run 143.
 # Earlier list (as of 2026-12-06, third session: parts 44-45 ran as RESULTS.md run 105, 46 as 106, 43 as 107, 48
 # (with 47) as 108):
 # - part 49 (any GPU, about 2 minutes): compiled DoRA's step profiled against compiled PEFT-bf16's, where run 108
