@@ -177,7 +177,8 @@ def _outputs_that_are_intermediates(gm: torch.fx.GraphModule) -> tuple[int, list
         for index in read:
             out = returned[index]
             value = out.meta.get("example_value") if isinstance(out, torch.fx.Node) else None
-            same = [n.name for n in nodes if n is not out and value is not None and n.meta.get("example_value") is value]
+            same = [n.name for n in nodes
+                    if n is not out and value is not None and n.meta.get("example_value") is value]
             if same:
                 problems.append(f"{node.args[0].target}: output {index} ({out.name}) is also {same}")
     return seen, problems
@@ -190,16 +191,16 @@ def test_no_function_returns_one_of_its_intermediates_while_traced(case):
     zero gradients (compiled DoRA did not train on the lent GPUs, RESULTS.md run 146); under 2.13 it does not, so
     this test reads the traced graph itself. It fails loudly where Dynamo stops showing the Functions it traces."""
     model, x = _adapted(case)
-    seen, problems = 0, []
+    seen, problems = [], []
 
     def inspecting(gm: torch.fx.GraphModule, example_inputs: list) -> object:
-        nonlocal seen
         found, bad = _outputs_that_are_intermediates(gm)
-        seen, problems[:] = seen + found, problems + bad
+        seen.append(found)
+        problems.extend(bad)
         return gm.forward
 
     torch.compiler.reset()
     torch.compile(_loss, fullgraph=True, backend=inspecting)(model, x).backward()
     if case.startswith("dora"):
-        assert seen, "Dynamo's graph shows no autograd_function_apply for DoRA's Functions: update this test"
+        assert sum(seen), "Dynamo's graph shows no autograd_function_apply for DoRA's Functions: update this test"
     assert not problems, problems
