@@ -50,6 +50,8 @@ CASES = {
     "lokr-folded-module-dropout": (_mlp, slimtune.LokrConfig(r=2, alpha=4, target_modules=LINEARS, path="folded",
                                                              rank_dropout=0.3, module_dropout=0.9999999)),
     "locon": (conv2d_net, slimtune.LoraConfig(r=4, alpha=8, target_modules=["0", "2"])),
+    # DoRA on convolutions (DoraScaleFunction: its tail returned z's own tensor in fp32 before distinct_when_traced)
+    "dora-conv": (conv2d_net, slimtune.LoraConfig(r=4, alpha=8, use_dora=True, target_modules=["0", "2"])),
     # the structured convolutions (StructuredFunction: LoKr's keeps its built factors on ctx for backward)
     "lokr-conv": (conv2d_net, slimtune.LokrConfig(r=2, alpha=4, target_modules=["0", "2"], path="structured")),
     "loha-conv": (conv2d_net, slimtune.LohaConfig(r=2, alpha=4, target_modules=["0", "2"], path="structured")),
