@@ -54,8 +54,7 @@ def compile_layers(model: nn.Module, **options: Any) -> int:
         mark_compiled(layer)
         compiled = torch.compile(layer.forward, **options)
         groups = watched_groups(layer)
-        forward = _LearnThenCompiled(layer.forward, compiled, groups, model) if groups else compiled
-        layer.forward = forward
+        layer.forward = _LearnThenCompiled(layer.forward, compiled, groups, model) if groups else compiled
     return len(layers)
 
 
