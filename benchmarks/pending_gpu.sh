@@ -954,8 +954,30 @@ PY
     step paired_512_compile_turns3_dora_fixed 200 python benchmarks/paired_steps.py --compile --rounds 5 \
         --steps-per-turn 3 --configs dora peft-bf16:dora --out-name paired_512_compile_turns3_dora_fixed
     ;;
+77)
+    # issue 19 on an H200 (about 8 minutes; the card where it starts): LoRA and DoRA compiled (DoRA trains since the
+    # fix of 2026-12-07) against PEFT-bf16 in turns of 3 steps; then compiled DoRA's step profiled kernel by
+    # kernel against PEFT-bf16's (run 148: 4582 against 4154 kernels a step) for the per-layer list
+    step paired_512_compile_turns3_h200_fixed 300 python benchmarks/paired_steps.py --compile --rounds 8 \
+        --steps-per-turn 3 --configs lora dora peft-bf16:lora peft-bf16:dora \
+        --out-name paired_512_compile_turns3_h200_fixed
+    step profile_compiled_dora_kernels 170 python benchmarks/unet_step_profile.py --preset llama-3.2-3b --rank 32 \
+        --batch 4 --compile --steps 3 --top 60 --configs dora peft-bf16:dora
+    ;;
+78)
+    # issue 19 (about 9 minutes, carry .before = 7d18ac1, the code before; any GPU): compiled DoRA chains on stacked
+    # rows (slimtune.methods.dora.stacked: LoRA's stacked GEMMs and one S Aᵀ for every member's norm; a layer's
+    # GEMMs 35 + 35 → 15 + 24 in Inductor's CPU code) — the Function's CUDA tests, whether the compiled 3B step trains,
+    # then compiled DoRA against the code before and PEFT-bf16 in turns of 3 steps (run 149: 1.156x PEFT-bf16)
+    step stacked_dora_cuda_tests 90 python -m pytest -q tests/methods/dora/test_stacked.py -k cuda
+    step compiled_training_check_stacked 130 python benchmarks/compiled_training_check.py --steps 3 --cases \
+        llama-3.2-3b:dora:bfloat16:compiled
+    step paired_512_compile_turns3_dora_stacked 330 python benchmarks/paired_steps.py --compile --rounds 8 \
+        --steps-per-turn 3 --before .before --configs dora before:dora peft-bf16:dora \
+        --out-name paired_512_compile_turns3_dora_stacked
+    ;;
 *)
-    echo "unknown part $part (1 to 76)" >&2
+    echo "unknown part $part (1 to 78)" >&2
     exit 2
     ;;
 esac

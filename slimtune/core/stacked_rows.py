@@ -11,7 +11,7 @@ of A land in S). Then::
     g = s·[dy_1 B_1, …, dy_n B_n]  [N, R]     dx = [dy_1, …, dy_n] W + g A     dA = gᵀ x     dB_i = s·dy_iᵀ h_i
 
 (``W``, ``A``: S's two blocks of rows): one GEMM where there were n + 1 forward, two where there were n + 1 for
-``dx`` (one for a chain of one: ``dx = [dy, g] S``, :func:`_dx`), and no stacking copy of the A's. Why: under
+``dx`` (one for a chain of one: ``dx = [dy, g] S``, :func:`dx_from_rows`), and no stacking copy of the A's. Why: under
 ``torch.compile`` a LoRA step was bound by the host's GEMM launches (RESULTS.md runs 134-135: 47 GEMM calls a 3B
 layer, 33 of them the adapter's); stacked, a layer runs 11 GEMMs forward and 26 backward (18 and 29 before; 24
 backward since o's and down's ``dx`` is one GEMM). On an H100 the compiled 3B step took 0.96x the time (run 139, with
@@ -50,7 +50,8 @@ from .rebuild import keep_input, kept_input
 from .tracing import compiling
 from .wide_rows import build as build_wide, wide, wide_lowrank_linear
 
-#: the class attribute (True, on the class itself: not inherited) of the layers whose chains stack: LoRA's Linear
+#: the class attribute (True, on the class itself: not inherited) of the layers whose chains stack: LoRA's Linear, and
+#: DoRA's (its compiled chains run :mod:`slimtune.methods.dora.stacked` on the rows)
 STACKS = "stacks_rows"
 #: in a stack's first member's ``__dict__``: the rows S (a plain attribute, not a buffer: DDP broadcasts every buffer
 #: before each forward, and a captured step's snapshot clones them). ``model.to()`` leaves S where it was; the next
@@ -91,7 +92,7 @@ class StackedLowRankFunction(torch.autograd.Function):
             ys = [torch.addmm(base, h_i, up_t, alpha=scaling) for base, (h_i, up_t) in zip(bases, factors)]
         outputs = [y.view(*lead, width) for y, width in zip(ys, widths)]
         ctx.set_materialize_grads(False)
-        ctx.scaling, ctx.on_backward, ctx.widths, ctx.ranks, ctx.kept_h = scaling, on_backward, widths, ranks, traced
+        ctx.scaling, ctx.on_backward, ctx.widths, ctx.kept_h = scaling, on_backward, widths, traced
         # eagerly h is formed again in backward (x Aᵀ is not saved); compiled, the step's partitioner keeps it anyway
         ctx.save_for_backward(*keep_input(ctx, x), rows, *ups, *((h,) if ctx.kept_h else ()))
         return tuple(outputs)
@@ -99,7 +100,7 @@ class StackedLowRankFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         x, saved = kept_input(ctx, ctx.saved_tensors)
-        widths, ranks, scaling = ctx.widths, ctx.ranks, ctx.scaling
+        widths, scaling = ctx.widths, ctx.scaling
         count = len(widths)
         rows, ups = saved[0], saved[1:1 + count]
         dtype, x2 = x.dtype, x.reshape(-1, x.shape[-1])
@@ -110,25 +111,39 @@ class StackedLowRankFunction(torch.autograd.Function):
             return (None,) * (5 + 2 * count)
         dys = [cast(g.reshape(x2.shape[0], width), dtype) if g is not None else x2.new_zeros(x2.shape[0], width)
                for g, width in zip(grads, widths)]
-        # [N, Σd], and every later use reads its slices: under compile the kernels that form the dy's write them there
-        # (a dy used on its own too would be written twice, RESULTS.md run 139)
-        dcat = torch.cat(dys, dim=1) if count > 1 else dys[0]
-        dys = dcat.split_with_sizes(widths, dim=1) if count > 1 else dys
-        g = torch.cat([mm_scaled(dy, cast(up, dtype), scaling) if use else x2.new_zeros(x2.shape[0], rank)
-                       for dy, up, use, rank in zip(dys, ups, used, ranks)], dim=1)  # s·dy_i B_i, [N, R]
-        need_a, need_b = [n and u for n, u in zip(needs[4:4 + count], used)], needs[4 + count:4 + 2 * count]
-        grad_b = [cast(mm_scaled_as(dy.t(), h_i, scaling, up), up.dtype) if need and use else None
-                  for dy, h_i, up, need, use in zip(dys, h.split_with_sizes(ranks, dim=1), ups, need_b, used)]
-        grad_a: list[torch.Tensor | None] = [None] * count
-        if any(need_a):
-            grad_a = [cast(p, dtype) if need else None for p, need in zip((g.t() @ x2).split_with_sizes(ranks), need_a)]
-        dx = _dx(dcat, g, rows, count) if needs[0] else None
+        dx, grad_a, grad_b = rows_backward(dys, used, x2, h, rows, ups, scaling, needs[0],
+                                           needs[4:4 + count], needs[4 + count:4 + 2 * count])
         if ctx.on_backward is not None:
             ctx.on_backward()
         return (dx.view(x.shape) if dx is not None else None, None, None, None, *grad_a, *grad_b, None)
 
 
-def _dx(dcat: torch.Tensor, g: torch.Tensor, rows: torch.Tensor, count: int) -> torch.Tensor:
+def rows_backward(dys: Sequence[torch.Tensor], used: Sequence[bool], x2: torch.Tensor, h: torch.Tensor,
+                  rows: torch.Tensor, ups: Sequence[torch.Tensor], scaling: float, need_x: bool,
+                  need_a: Sequence[bool], need_b: Sequence[bool]
+                  ) -> tuple[torch.Tensor | None, list[torch.Tensor | None], list[torch.Tensor | None]]:
+    """``(dx [N, d_in], dA's, dB's)`` of a stacked chain's product ``z_i = x W_iᵀ + s·h_i B_iᵀ`` (module docstring),
+    from each member's ``dz_i`` ``[N, d_i]`` in x's dtype (zeros where its output was unused: it then gets no dA,
+    dB), x2 ``[N, d_in]``, ``h = x Aᵀ`` ``[N, R]`` and the rows; None where not needed. Also DoRA's stacked chains'
+    (:mod:`slimtune.methods.dora.stacked`, given ``dz_i = g_i·dy_i``)."""
+    count, dtype = len(dys), x2.dtype
+    widths, ranks = [dy.shape[1] for dy in dys], [up.shape[1] for up in ups]
+    # [N, Σd], and every later use reads its slices: under compile the kernels that form the dy's write them there
+    # (a dy used on its own too would be written twice, RESULTS.md run 139)
+    dcat = torch.cat(list(dys), dim=1) if count > 1 else dys[0]
+    dys = dcat.split_with_sizes(widths, dim=1) if count > 1 else dys
+    g = torch.cat([mm_scaled(dy, cast(up, dtype), scaling) if use else x2.new_zeros(x2.shape[0], rank)
+                   for dy, up, use, rank in zip(dys, ups, used, ranks)], dim=1)  # s·dy_i B_i, [N, R]
+    grad_b = [cast(mm_scaled_as(dy.t(), h_i, scaling, up), up.dtype) if need and use else None
+              for dy, h_i, up, need, use in zip(dys, h.split_with_sizes(ranks, dim=1), ups, need_b, used)]
+    need_a = [n and u for n, u in zip(need_a, used)]
+    grad_a: list[torch.Tensor | None] = [None] * count
+    if any(need_a):
+        grad_a = [cast(p, dtype) if need else None for p, need in zip((g.t() @ x2).split_with_sizes(ranks), need_a)]
+    return (dx_from_rows(dcat, g, rows, count) if need_x else None), grad_a, grad_b
+
+
+def dx_from_rows(dcat: torch.Tensor, g: torch.Tensor, rows: torch.Tensor, count: int) -> torch.Tensor:
     """``dx = [dy_1, …, dy_n] W + g A`` ``[N, d_in]`` (``dcat`` ``[N, Σd]``, ``g`` ``[N, R]``, ``rows`` ``[W; A]``).
     For a chain of one (o, down), one GEMM against all the rows, ``[dy, g] S``: copying ``[N, d + R]`` moves fewer
     bytes than writing the product ``g A`` ``[N, d_in]`` and reading it back to add (down's ``d_in`` is the MLP's
@@ -195,11 +210,12 @@ def _tensors(member: Any, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
 
 def stackable(chain: Sequence[Any]) -> bool:
-    """Whether ``chain`` can be stacked: LoRA Linear layers (a class with :data:`STACKS` set on itself: a subclass may
-    compute otherwise) over dense, frozen ``nn.Linear`` weights without bias, one scaling, their weights and A's
-    plain tensors (no subclass) of one floating dtype and device."""
-    if not chain or any(not vars(type(m)).get(STACKS) or type(m.base_layer) is not nn.Linear or m.fan_in_fan_out
-                        or m.base_layer.bias is not None or m.merged for m in chain):
+    """Whether ``chain`` can be stacked: LoRA (or DoRA) Linear layers of one class (a class with :data:`STACKS` set on
+    itself: a subclass may compute otherwise) over dense, frozen ``nn.Linear`` weights without bias, one scaling,
+    their weights and A's plain tensors (no subclass) of one floating dtype and device."""
+    if not chain or len({type(m) for m in chain}) != 1 or any(
+            not vars(type(m)).get(STACKS) or type(m.base_layer) is not nn.Linear or m.fan_in_fan_out
+            or m.base_layer.bias is not None or m.merged for m in chain):
         return False
     if len({m.scaling for m in chain}) != 1 or len({m.in_features for m in chain}) != 1:
         return False

@@ -21,7 +21,7 @@ backward are GEMM outputs as in the frozen model (a 3B layer: about 170 MB less 
 gate/up's sums at 2.82 ms a step against the frozen model's 1.12); backward takes ``dy_i B_i`` from the ``dx`` GEMMs
 instead of reading every dy once more, and adds the members' ``[N, K]`` products (one more written and read for two
 members). So it is used for chains of two (:func:`wide`): for three (q/k/v) those products would cost about what
-it saves, and for a chain of one (o, down) ``[dy, g] S`` already gives ``dx`` whole (:func:`.stacked_rows._dx`).
+it saves, and for a chain of one (o, down) ``[dy, g] S`` already gives ``dx`` whole (:func:`.stacked_rows.dx_from_rows`).
 
 Storage: one flat buffer ``[A | T_1 | … | T_n]``, every ``W_i``, ``A_i`` and ``B_i`` a view of it. ``B_i`` is then
 column-major, ``T_i``'s rows transposed (strides ``(1, d_i)``): dense, so the optimizer's foreach and fused kernels
@@ -44,6 +44,9 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from .compute import add_product, cast
 
+#: the class attribute (True, on the class itself: not inherited) of the layers whose chains may stack wide: LoRA's
+#: Linear (DoRA's Linear stacks as rows only: its Function reads the rows, :mod:`slimtune.methods.dora.stacked`)
+STACKS_WIDE = "stacks_wide"
 #: chains of this many members are stacked wide (see the module docstring for why not three or one)
 WIDE_MEMBERS = 2
 #: every width and rank a multiple of this, so that each run of columns and each matrix starts 16-byte aligned
@@ -127,10 +130,11 @@ def layout_of(chain: Sequence[Any]) -> Layout:
 
 
 def wide(chain: Sequence[Any]) -> bool:
-    """Whether a stackable ``chain`` (:func:`.stacked_rows.stackable`) is stacked wide: two members, every width and
-    rank a multiple of :data:`ALIGN`, each B a plain 2-D tensor of the weights' dtype and device, and no process
-    group up (module docstring: DDP)."""
-    if len(chain) != WIDE_MEMBERS or (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    """Whether a stackable ``chain`` (:func:`.stacked_rows.stackable`) is stacked wide: two members of a class that
+    stacks wide (:data:`STACKS_WIDE`), every width and rank a multiple of :data:`ALIGN`, each B a plain 2-D tensor of
+    the weights' dtype and device, and no process group up (module docstring: DDP)."""
+    if (len(chain) != WIDE_MEMBERS or not all(vars(type(m)).get(STACKS_WIDE) for m in chain)
+            or (torch.distributed.is_available() and torch.distributed.is_initialized())):
         return False
     d_in, widths, ranks = layout_of(chain)
     weight = chain[0].base_layer.weight

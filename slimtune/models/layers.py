@@ -44,7 +44,9 @@ def compile_layers(model: nn.Module, **options: Any) -> int:
     chain as one Function (:mod:`slimtune.core.siblings`), as eager steps run them, and with each chain's frozen
     weights and A's in one tensor, so that one GEMM gives the chain's base outputs and ``x Aᵀ`` (and two its ``dx``;
     a LoRA layer in no chain, such as o or down, is stacked alone: :mod:`slimtune.core.stacked_rows`; gate/up is
-    stacked wide, each member's weight and B one matrix: :mod:`slimtune.core.wide_rows`)."""
+    stacked wide, each member's weight and B one matrix: :mod:`slimtune.core.wide_rows`). DoRA's chains are stacked as
+    rows too, and run :mod:`slimtune.methods.dora.stacked` on them, which also forms every member's norm from one
+    GEMM."""
     layers = layer_stack(model)
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "use_cache"):

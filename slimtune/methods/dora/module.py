@@ -33,6 +33,7 @@ from ...core.explain import Choice, Variant
 from ...core.frozen import WeightOperand, base_weight_operand, is_quantized, materialize, weight_dtype
 from ...core.removers import Removers
 from ...core.siblings import install as install_siblings
+from ...core.stacked_rows import stacked_rows
 from ...core.tracing import compiling
 from ...errors import ConfigError, SlimtuneError
 from ..lora.config import LoraConfig
@@ -44,6 +45,7 @@ from .group import grouped_dora_linear, groupable
 from .norm import factored_row_norm_sq, floor_for, in_magnitude_precision, saves_output, weight_row_norm_sq
 from .prepass import TicketSlot, attach_prepass, step_vectors
 from .probe import OutputProbe, attach_output_probe
+from .stacked import stacked_dora_linear, stacks_here
 
 
 class DoraMixin:
@@ -155,7 +157,10 @@ class DoraMixin:
 class DoraLinear(DoraMixin, LoraLinear):
     """DoRA over a frozen ``nn.Linear`` (or transformers ``Conv1D``)."""
 
-    fuses_when_compiled = False
+    #: under ``torch.compile`` a learnt chain (q/k/v, gate/up) runs as one Function, and a compiled layer's chains
+    #: (and o, down alone) on stacked rows (:mod:`.stacked`: LoRA's stacked GEMMs and one for every member's norm)
+    fuses_when_compiled = True
+    stacks_rows = True
 
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
                  init: str = "default", adapter_dtype: torch.dtype | None = None) -> None:
@@ -167,6 +172,13 @@ class DoraLinear(DoraMixin, LoraLinear):
         if y is not None:
             return y
         xc, bias, p, context = self._inputs(x)
+        rows = stacked_rows(self, 1) if compiling() else None  # o, down: stacked alone by compile_layers
+        if stacks_here(xc, rows, (self,)):
+            with context:
+                y = stacked_dora_linear(xc, (self,), rows)[0]
+            if self.siblings is not None:
+                self.siblings.note(self, x, y)
+            return y
         recompute = self.recompute
         watch = False
         if recompute is None:
@@ -188,10 +200,15 @@ class DoraLinear(DoraMixin, LoraLinear):
                      on_backward: Callable[[], None] | None) -> tuple[torch.Tensor, ...] | None:
         """Every member's output on x through :func:`~.group.grouped_dora_linear`, or None (the members run alone):
         a member's ``"auto"`` route is not decided yet (the first step's probe), or a route is not one the group
-        takes (:data:`~.group.GROUPED_ROUTES`: a bias or fp16 keeps z) — unless nothing needs a gradient at all."""
+        takes (:data:`~.group.GROUPED_ROUTES`: a bias or fp16 keeps z) — unless nothing needs a gradient at all.
+        While traced, a chain stacked by ``compile_layers`` runs :func:`~.stacked.stacked_dora_linear` instead."""
+        xc, _, _, context = chain[0]._inputs(x)
+        rows = stacked_rows(chain[0], len(chain)) if compiling() else None
+        if stacks_here(xc, rows, chain):
+            with context:
+                return stacked_dora_linear(xc, chain, rows, on_backward)
         if any(m.recompute is None for m in chain):
             return None
-        xc, _, _, context = chain[0]._inputs(x)
         weights = [m.weight_operand() for m in chain]
         biases = [cast_optional(m.base_layer.bias, xc.dtype) for m in chain]
         routes = [backward_route(xc, w, b, m.lora_A, m.lora_B, m.magnitude, 0.0, bool(m.recompute))

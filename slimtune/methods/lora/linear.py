@@ -48,6 +48,8 @@ class LoraLinear(LoraMixin, AdapterModule):
     siblings: SiblingGroup | None = None
     #: a chain of these layers may hold its frozen weights and A's in one buffer (:mod:`slimtune.core.stacked_rows`)
     stacks_rows = True
+    #: a chain of two may be stacked wide instead (:mod:`slimtune.core.wide_rows`)
+    stacks_wide = True
     #: its Functions (:func:`~slimtune.core.lowrank.lowrank_linear`, the grouped one) keep a recipe for an offered
     #: input themselves (:func:`~slimtune.core.rebuild.keep_input`): no saved-tensor hooks around the call, and none
     #: for a member that takes its output from its sibling group
