@@ -3,7 +3,9 @@
 # (≤ 10 min) and together the 30-minute device budget; run on 2026-12-05 as RESULTS.md runs 47 (part 1), 48 (part 3)
 # and 49 (part 2), and kept to repeat them. Run from the repository root on the lent machine:
 #
-# Still to run (as of 2026-12-07, fifteenth session; part 75 ran as RESULTS.md run 146, part 76 as run 147, on an
+# Still to run (as of 2026-12-07, sixteenth session: parts 78 and 77 ran as RESULTS.md runs 151-152 on an H100; compiled
+# DoRA on stacked rows is 0.84-0.88x PEFT-bf16 compiled there): part 79 on an H200 (compiled LoRA and DoRA, eager HRA).
+# Fifteenth session's list (as of 2026-12-07; part 75 ran as RESULTS.md run 146, part 76 as run 147, on an
 # H100): compiled DoRA now trains (torch 2.11's zero gradients, fixed in slimtune.core.tracing) but is 1.08-1.16x
 # PEFT-bf16 compiled (runs 147, 149) — profile its compiled step's kernels per layer against PEFT's next
 # (unet_step_profile.py --compile --top 60 --configs dora peft-bf16:dora); on an H200, part 58 (or 56) for issue
@@ -976,8 +978,20 @@ PY
         --steps-per-turn 3 --before .before --configs dora before:dora peft-bf16:dora \
         --out-name paired_512_compile_turns3_dora_stacked
     ;;
+79)
+    # issue 19 on an H200 only (about 6 minutes; exits at once on another card): compiled LoRA and DoRA against
+    # PEFT-bf16 compiled in 16 rounds each (on an H100, runs 153-154: 0.885x and 0.85-0.88x), then eager HRA against
+    # PEFT-bf16 (PEFT's HRA does not fit beside it on an H100, run 155)
+    nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 || { echo "not an H200: nothing run"; exit 0; }
+    for m in lora dora; do
+        step "paired_512_compile_16_$m" 200 python benchmarks/paired_steps.py --compile --rounds 16 \
+            --steps-per-turn 3 --configs $m peft-bf16:$m --out-name "paired_512_compile_16_$m"
+    done
+    step paired_512_eager_hra 120 python benchmarks/paired_steps.py --rounds 8 --steps-per-turn 3 \
+        --configs hra peft-bf16:hra --out-name paired_512_eager_hra
+    ;;
 *)
-    echo "unknown part $part (1 to 78)" >&2
+    echo "unknown part $part (1 to 79)" >&2
     exit 2
     ;;
 esac
