@@ -97,6 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--strip-lean", nargs="+", default=["conv", "norm-silu", "geglu"], choices=list(LEAN_KINDS))
     parser.add_argument("--top", type=int, default=12)
     parser.add_argument("--batch", type=int, default=None, help="default: the preset's")
+    parser.add_argument("--seq", type=int, default=512, help="tokens per sequence (a language model's preset)")
     parser.add_argument("--compile", action="store_true",
                         help="every configuration's layers through torch.compile, as paired_steps.py --compile "
                              "(the warm-up steps hold the compile time)")
@@ -105,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.before:
         sys.path.insert(0, args.before)
-    common = dict(preset=args.preset, rank=args.rank, batch=args.batch, seq=512, device="cuda", dtype="bfloat16")
+    common = dict(preset=args.preset, rank=args.rank, batch=args.batch, seq=args.seq, device="cuda", dtype="bfloat16")
     rows, kernels, runtime, ops = [], {}, {}, {}
     for text in args.configs:
         backend, method = parse_config(text)
@@ -139,8 +140,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                           ("ATen ops (host self time, under the profiler)", ops)):
             text += f"\n\n{what} differing most, {first} against {other} (ms (count) in one step):\n\n"
             text += markdown_table([what.split(" (")[0], first, other], difference_table(first, other, per, args.top))
-    out = (f"{environment_line()}\n\n{args.preset}, r={args.rank}, bf16, memory=fast"
-           f"{', layers compiled' if args.compile else ''}\n\n{text}\n")
+    out = (f"{environment_line()}\n\n{args.preset}, r={args.rank}, seq {args.seq} (a language model's), bf16, "
+           f"memory=fast{', layers compiled' if args.compile else ''}\n\n{text}\n")
     print(out)
     write_out_text("unet_step_profile.md", out)
     return 0

@@ -1,6 +1,7 @@
 """A DoRA chain on stacked rows, for compiled layers: q/k/v, gate/up (or one layer alone: o, down) whose frozen
-weights and A's are one tensor ``S = [W_1; …; W_n; A_1; …; A_n]`` ``[Σd + R, d_in]`` (:mod:`slimtune.core.stacked_rows`),
-so that the chain's GEMMs are LoRA's stacked ones plus one for every member's norm.
+weights and A's are one tensor ``S = [W_1; …; W_n; A_1; …; A_n]`` ``[Σd + R, d_in]``
+(:mod:`slimtune.core.stacked_rows`), so that the chain's GEMMs are LoRA's stacked ones plus one for every member's
+norm.
 
 For members ``i = 1..n`` (no bias, no dropout, one scaling s, outputs in bf16 / fp32 / fp64) each output is what
 :class:`~.function.DoraLinearFunction` computes, ``y_i = g_i ⊙ z_i``, ``z_i = x W_iᵀ + s·(x A_iᵀ) B_iᵀ``,
