@@ -11,8 +11,11 @@ The norm comes from :func:`~.norm.factored_row_norm_sq` once per forward — O(d
 cache is keyed on the stored weight's storage and version and dropped on merge, unmerge and load). The Linear
 training path is :func:`~.function.dora_linear` (it computes the norm itself, after the base GEMM — unless the
 model's forward formed every layer's vectors ahead in one launch, :mod:`.prepass`); convolutions run LoCon's two
-convolutions and :func:`~.compose.dora_scale` along the channel axis.
-Grouped convolutions are refused (the update is not a dense ``[c_out, c_in·k]`` matrix).
+convolutions and :func:`~.compose.dora_scale` along the channel axis. In layers that
+:func:`~slimtune.models.layers.compile_layers` compiles, each chain of Linear layers that read one input (q/k/v,
+gate/up; o and down alone) is stacked and runs :mod:`.stacked` in the graph: one GEMM for the base outputs and
+``x Aᵀ``, one for every member's norm. Grouped convolutions are refused (the update is not a dense
+``[c_out, c_in·k]`` matrix).
 
 A 4-bit base (:mod:`slimtune.quant`) reaches the Linear path as a handle (:func:`base_weight_operand`) and is
 dequantised right before each use — the base GEMM and ``W Aᵀ`` in forward, ``dx`` (and a recomputed z) in
