@@ -979,15 +979,15 @@ PY
         --out-name paired_512_compile_turns3_dora_stacked
     ;;
 79)
-    # issue 19 on an H200 only (about 6 minutes; exits at once on another card): compiled LoRA and DoRA against
+    # issue 19 on an H200 only (about 5 minutes; exits at once on another card): compiled LoRA and DoRA against
     # PEFT-bf16 compiled in 16 rounds each (on an H100, runs 153-154: 0.885x and 0.85-0.88x), then eager HRA against
     # PEFT-bf16 (PEFT's HRA does not fit beside it on an H100, run 155)
     nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 || { echo "not an H200: nothing run"; exit 0; }
     for m in lora dora; do
-        step "paired_512_compile_16_$m" 200 python benchmarks/paired_steps.py --compile --rounds 16 \
+        step "paired_512_compile_16_$m" 170 python benchmarks/paired_steps.py --compile --rounds 16 \
             --steps-per-turn 3 --configs $m peft-bf16:$m --out-name "paired_512_compile_16_$m"
     done
-    step paired_512_eager_hra 120 python benchmarks/paired_steps.py --rounds 8 --steps-per-turn 3 \
+    step paired_512_eager_hra 90 python benchmarks/paired_steps.py --rounds 8 --steps-per-turn 3 \
         --configs hra peft-bf16:hra --out-name paired_512_eager_hra
     ;;
 *)
