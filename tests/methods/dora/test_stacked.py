@@ -12,6 +12,7 @@ from slimtune.core import stacked_rows as sr
 from slimtune.methods.dora import DoraLinear
 from slimtune.methods.dora.norm import dora_linear_reference, magnitude_floor
 from slimtune.methods.dora.stacked import StackedDoraFunction
+from tests.core.test_stacked_rows import _steps, one_process_group  # noqa: F401 (a fixture)
 from tests.helpers import BF16_TOL, FP32_TOL, backward_against_reference, perturb_adapters, rel_err
 
 D_IN, OUTS, RANKS = 10, (7, 5, 5), (3, 2, 3)
@@ -209,3 +210,19 @@ def test_a_layer_with_biases_is_not_stacked_and_still_steps_as_eager():
         assert rel_err(loss, loss_ref) < FP32_TOL
         assert all(rel_err(grads[n], grads_ref[n]) < FP32_TOL for n in grads)
     assert not any(sr.MEMBERS in m.__dict__ for m in model.modules())
+
+
+@pytest.mark.parametrize("wrapper", ["DDP", "FSDP2"])
+def test_compiled_dora_under_a_process_group_steps_as_eager(one_process_group, wrapper):
+    """DDP keeps the stacks (rows, as LoRA's); FSDP2 around the model leaves every chain unstacked
+    (:func:`~slimtune.core.stacked_rows.sharded`). Both step as the eager model does (a gloo group of one process)."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel
+
+    eager, model, ids = _compiled_pair(layers=1)
+    wrapped = DistributedDataParallel(model) if wrapper == "DDP" else fully_shard(model)
+    losses = _steps(wrapped, ids, 4)
+    heads = [m for m in model.modules() if sr.MEMBERS in m.__dict__]
+    assert len(heads) == (4 if wrapper == "DDP" else 0)
+    want = _steps(eager, ids, 4)
+    assert all(rel_err(torch.tensor(g), torch.tensor(w)) < FP32_TOL for g, w in zip(losses, want)), (losses, want)
