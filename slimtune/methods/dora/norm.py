@@ -33,7 +33,7 @@ def weight_row_norm_sq(weight2d: torch.Tensor) -> torch.Tensor:
     return torch.cat([chunk.to(acc).pow(2).sum(1) for chunk in weight2d.split(rows)])
 
 
-def _mm_acc(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype, small: bool) -> torch.Tensor:
+def mm_acc(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype, small: bool) -> torch.Tensor:
     """``a @ b`` in ``acc``: :func:`~slimtune.core.compute.mm_fp32` (fp32 written by the GEMM on CUDA), or with
     ``small`` operands upcast first."""
     if small and a.dtype != acc and not (b.dtype == a.dtype and fp32_out_gemm(a)):
@@ -49,8 +49,8 @@ def factored_norm_parts(weight2d: torch.Tensor, lora_a: torch.Tensor) -> tuple[t
     outputs; elsewhere the small one runs in fp32. ``B (A Aᵀ)`` is formed by the consumer
     (:func:`dora_vectors`: inside its kernel on the GPU, in fp32), so no ``[d_out, d_in]`` tensor exists."""
     acc = accumulate_type(weight2d.dtype)
-    mixed = _mm_acc(weight2d, lora_a.to(weight2d.dtype).t(), acc, small=False)  # W Aᵀ, [d_out, r]
-    gram = _mm_acc(lora_a, lora_a.t(), acc, small=True)  # A Aᵀ, [r, r]
+    mixed = mm_acc(weight2d, lora_a.to(weight2d.dtype).t(), acc, small=False)  # W Aᵀ, [d_out, r]
+    gram = mm_acc(lora_a, lora_a.t(), acc, small=True)  # A Aᵀ, [r, r]
     return mixed, gram
 
 

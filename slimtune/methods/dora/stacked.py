@@ -35,11 +35,11 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from ...core.compute import accumulate_type, add_as_views, cast, fp32_out_gemm, mm_fp32, scaled_product
+from ...core.compute import accumulate_type, add_as_views, cast, scaled_product
 from ...core.stacked_rows import rows_backward
 from ...core.tracing import compiling, distinct_when_traced
 from .compose import compose_backward_reference, compose_forward_reference
-from .norm import dora_vectors_reference, magnitude_floor, saves_output
+from .norm import dora_vectors_reference, magnitude_floor, mm_acc, saves_output, weight_row_norm_sq
 
 
 def chain_vectors(rows: torch.Tensor, widths: Sequence[int], ups: Sequence[torch.Tensor],
@@ -48,12 +48,9 @@ def chain_vectors(rows: torch.Tensor, widths: Sequence[int], ups: Sequence[torch
     (fp64 for fp64), from the rows ``S`` ``[Σd + R, d_in]``: one GEMM ``S Aᵀ`` for every member's norm parts, and
     ``‖W‖²_row`` of S's weight rows."""
     total = sum(widths)
-    acc = accumulate_type(rows.dtype)
-    if rows.dtype == acc or fp32_out_gemm(rows):  # [Σd + R, R]: W_i A_jᵀ, then A_i A_jᵀ
-        parts = mm_fp32(rows, rows[total:].t())
-    else:  # no GEMM here writes fp32 from bf16 (the CPU): upcast, so that A Aᵀ is not rounded to bf16
-        parts = rows.to(acc) @ rows[total:].to(acc).t()
-    weight_sq = rows[:total].to(acc).pow(2).sum(1)
+    # [Σd + R, R]: W_i A_jᵀ, then A_i A_jᵀ; upcast first where no GEMM writes fp32 (the CPU), as A Aᵀ alone is
+    parts = mm_acc(rows, rows[total:].t(), accumulate_type(rows.dtype), small=True)
+    weight_sq = weight_row_norm_sq(rows[:total])
     vectors, start, col = [], 0, 0
     for width, up, magnitude in zip(widths, ups, magnitudes):
         rank = up.shape[1]
