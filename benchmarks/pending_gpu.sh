@@ -3,7 +3,9 @@
 # (≤ 10 min) and together the 30-minute device budget; run on 2026-12-05 as RESULTS.md runs 47 (part 1), 48 (part 3)
 # and 49 (part 2), and kept to repeat them. Run from the repository root on the lent machine:
 #
-# Still to run (as of 2026-12-07, sixteenth session: parts 78 and 77 ran as RESULTS.md runs 151-152 on an H100; compiled
+# Still to run (as of 2026-12-07, seventeenth session): part 80 (part 79 without PEFT's HRA, which no lent card
+# fits, and compiled LoRA's step profiled on any card).
+# Sixteenth session's list ( parts 78 and 77 ran as RESULTS.md runs 151-152 on an H100; compiled
 # DoRA on stacked rows is 0.84-0.88x PEFT-bf16 compiled there): part 79 on an H200 (compiled LoRA and DoRA, eager HRA).
 # Fifteenth session's list (as of 2026-12-07; part 75 ran as RESULTS.md run 146, part 76 as run 147, on an
 # H100): compiled DoRA now trains (torch 2.11's zero gradients, fixed in slimtune.core.tracing) but is 1.08-1.16x
@@ -990,8 +992,24 @@ PY
     step paired_512_eager_hra 90 python benchmarks/paired_steps.py --rounds 8 --steps-per-turn 3 \
         --configs hra peft-bf16:hra --out-name paired_512_eager_hra
     ;;
+80)
+    # issue 19 (about 9 minutes, any GPU): on an H200, compiled LoRA and DoRA against PEFT-bf16 compiled in 16 rounds
+    # each (part 79 without its HRA: PEFT's HRA runs out of an H200's memory too, the shared side-by-side of
+    # 2026-12-04); on any card, compiled LoRA's step profiled beside PEFT-bf16's (wall, host, GPU kernels), to tell
+    # whether it is host- or GPU-bound there
+    if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
+        for m in lora dora; do
+            step "paired_512_compile_16_$m" 170 python benchmarks/paired_steps.py --compile --rounds 16 \
+                --steps-per-turn 3 --configs $m peft-bf16:$m --out-name "paired_512_compile_16_$m"
+        done
+    else
+        echo "not an H200: the profile only"
+    fi
+    step profile_compiled_lora 200 python benchmarks/unet_step_profile.py --preset llama-3.2-3b --rank 32 \
+        --batch 4 --compile --steps 3 --top 12 --configs lora peft-bf16:lora
+    ;;
 *)
-    echo "unknown part $part (1 to 79)" >&2
+    echo "unknown part $part (1 to 80)" >&2
     exit 2
     ;;
 esac
