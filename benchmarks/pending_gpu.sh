@@ -5,7 +5,7 @@
 #
 # Still to run (as of 2026-12-07, seventeenth session): part 80 (part 79 without PEFT's HRA, which no lent card
 # fits, and compiled LoRA's step profiled on any card).
-# Sixteenth session's list ( parts 78 and 77 ran as RESULTS.md runs 151-152 on an H100; compiled
+# Sixteenth session's list (parts 78 and 77 ran as RESULTS.md runs 151-152 on an H100; compiled
 # DoRA on stacked rows is 0.84-0.88x PEFT-bf16 compiled there): part 79 on an H200 (compiled LoRA and DoRA, eager HRA).
 # Fifteenth session's list (as of 2026-12-07; part 75 ran as RESULTS.md run 146, part 76 as run 147, on an
 # H100): compiled DoRA now trains (torch 2.11's zero gradients, fixed in slimtune.core.tracing) but is 1.08-1.16x
