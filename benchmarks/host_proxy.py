@@ -12,6 +12,7 @@ allocations left out). Run 56 (``RESULTS.md``) set it beside the GPU's paired ra
     python benchmarks/host_proxy.py --method dora --layers 8
     python benchmarks/host_proxy.py --before DIR          # also an earlier copy of the package (``before``)
     python benchmarks/host_proxy.py --stripped            # also slimtune without its lean RMSNorm / SwiGLU
+    python benchmarks/host_proxy.py --compile             # every decoder layer compiled, on every side
 
 ``--before DIR``: DIR holds an earlier copy of the package as ``slimtune_before`` (``git archive REF slimtune``, renamed),
 as ``paired_steps.py`` takes it; its model joins the rounds as ``before``, and the table gains a "÷ before" column.
@@ -40,9 +41,10 @@ KINDS = ("slimtune", "alone", "peft-bf16")
 LLAMA_LEAN = ("rmsnorm", "mlp")
 
 
-def build_step(kind: str, method: str, layers: int, rank: int) -> Callable[[], torch.Tensor]:
+def build_step(kind: str, method: str, layers: int, rank: int, compiled: bool = False) -> Callable[[], torch.Tensor]:
     """One training step (forward, backward, AdamW with foreach as on CUDA, zero_grad) of a tiny-width Llama with
-    ``method`` on every projection, built by ``kind``."""
+    ``method`` on every projection, built by ``kind``; ``compiled``: every decoder layer through ``compile_layers``
+    (the earlier copy's own for ``before``), on every side."""
     import transformers
 
     torch.manual_seed(0)
@@ -63,6 +65,9 @@ def build_step(kind: str, method: str, layers: int, rank: int) -> Callable[[], t
             strip_siblings(model)
         if kind == "stripped":
             strip_lean(model, LLAMA_LEAN)
+    if compiled:
+        library = importlib.import_module("slimtune_before") if kind == "before" else slimtune
+        importlib.import_module(f"{library.__name__}.models.layers").compile_layers(model)
     params = [p for p in model.parameters() if p.requires_grad]
     with torch.no_grad():
         for p in params:  # B away from zero
@@ -116,6 +121,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--before", default=None, metavar="DIR",
                         help="a directory holding an earlier copy of the package as slimtune_before")
+    parser.add_argument("--compile", action="store_true",
+                        help="every decoder layer through compile_layers on every side (Inductor's CPU code: its "
+                             "kernels are C++ loops, not launches, so only the wrapper's host work carries over)")
     parser.add_argument("--stripped", action="store_true",
                         help="also slimtune without its lean RMSNorm and SwiGLU (LLAMA_LEAN), as ``stripped``")
     args = parser.parse_args(argv)
@@ -125,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.before:
         sys.path.insert(0, args.before)
         kinds = (*kinds, "before")
-    steps = {kind: build_step(kind, args.method, args.layers, args.rank) for kind in kinds}
+    steps = {kind: build_step(kind, args.method, args.layers, args.rank, args.compile) for kind in kinds}
     times: dict[str, list[float]] = {kind: [] for kind in kinds}
     for index in range(args.warmup + args.rounds):
         shift = index % len(kinds)
@@ -141,8 +149,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for kind in kinds:
         rows.append([kind, f"{statistics.median(times[kind]) * 1e3:.2f}", paired(kind, "peft-bf16"),
                      paired(kind, "alone"), *((paired(kind, "before"),) if args.before else ()),
-                     str(kernels_per_step(steps[kind]))])
-    text = (f"{args.method}, {args.layers} layers of hidden 32, r={args.rank}, batch 2 x 8 tokens, fp32, one CPU "
+                     "—" if args.compile else str(kernels_per_step(steps[kind]))])
+    text = (f"{args.method}{', compiled' if args.compile else ''}, {args.layers} layers of hidden 32, r={args.rank}, batch 2 x 8 tokens, fp32, one CPU "
             f"thread; {args.rounds} rotating rounds after {args.warmup}\n\n"
             + markdown_table(["build", "median ms", "÷ peft-bf16 (paired)", "÷ alone (paired)",
                               *(("÷ before (paired)",) if args.before else ()), "kernels per step (GPU launches)"],

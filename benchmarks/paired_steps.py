@@ -63,6 +63,7 @@ steps and the captured one): a replay allocates nothing, the graph's memory pool
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import importlib
 import statistics
@@ -153,6 +154,22 @@ def floor_model(model: Any) -> torch.nn.Parameter:
     gate = torch.nn.Parameter(torch.ones((), device=embeddings.weight.device, dtype=embeddings.weight.dtype))
     embeddings.register_forward_hook(lambda _module, _args, out: out * gate)
     return gate
+
+
+def register_layers_preset(name: str, layers: int, before: bool) -> str:
+    """Register ``name`` with ``layers`` decoder layers as a preset of this process (the earlier copy's too, where
+    ``before``), and return its name (``--layers``)."""
+    packages = ("slimtune", "slimtune_before") if before else ("slimtune",)
+    new_name = f"{name}-{layers}-layers"
+    for package in packages:
+        presets = importlib.import_module(f"{package}.models.presets")
+        base = presets.get_preset(name)
+        if not isinstance(base, presets.ModelPreset):
+            raise SystemExit(f"--layers takes a language-model preset, not {name!r}")
+        preset = dataclasses.replace(base, name=new_name, num_hidden_layers=layers,
+                                     description=f"{name} with {layers} decoder layers (paired_steps.py --layers)")
+        presets.PRESETS[new_name] = presets.LLM_PRESETS[new_name] = preset
+    return new_name
 
 
 def compile_session(backend: str, model: Any) -> None:
@@ -259,6 +276,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--preset", default="llama-3.2-3b",
                         help="the model (a profiler preset: stable-diffusion-1.5 for the UNet, at its own batch 4, "
                              "64x64 latents and 77 tokens)")
+    parser.add_argument("--layers", type=int, default=None, metavar="N",
+                        help="the language-model preset with N decoder layers (e.g. --preset tiny-llama --layers 28 "
+                             "--seq 16 --batch 1: the 3B model's layer count at widths whose kernels are too small to "
+                             "bound the step, so a GPU step times the host's work)")
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--batch", type=int, default=None, help="default: 4, or the preset's own")
     parser.add_argument("--quant", default="none", choices=("none", "nf4"),
@@ -311,6 +332,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         importlib.import_module("slimtune_before.core.lean_layers").UNET_LEAN_BYTES = args.before_unet_lean_bytes
     if args.timed:
         slimtune.set_variant_criterion("timed")
+    if args.layers is not None:
+        args.preset = register_layers_preset(args.preset, args.layers, bool(args.before))
     common = (dict(preset="tiny-llama", rank=8, batch=2, seq=args.seq or 64, device="cpu", dtype="float32")
               if args.quick else
               dict(preset=args.preset, rank=args.rank, batch=args.batch or (4 if "llama" in args.preset else None),

@@ -1008,8 +1008,20 @@ PY
     step profile_compiled_lora 200 python benchmarks/unet_step_profile.py --preset llama-3.2-3b --rank 32 \
         --batch 4 --compile --steps 3 --top 12 --configs lora peft-bf16:lora
     ;;
+81)
+    # issue 19 (about 5 minutes, any GPU): the host's share of compiled steps on the GPU machine — the 3B model's 28
+    # decoder layers at tiny-llama's widths, batch 1 x 16 tokens, so that no kernel bounds the step and each step
+    # times the host's work (what decides a host-bound step, as run 145's H200 host made it); LoRA and DoRA
+    # against PEFT-bf16, compiled, and LoRA eager
+    for m in lora dora; do
+        step "host_28_compile_$m" 200 python benchmarks/paired_steps.py --compile --preset tiny-llama --layers 28 \
+            --seq 16 --batch 1 --rounds 16 --steps-per-turn 3 --configs $m peft-bf16:$m --out-name "host_28_compile_$m"
+    done
+    step host_28_eager_lora 90 python benchmarks/paired_steps.py --preset tiny-llama --layers 28 --seq 16 --batch 1 \
+        --rounds 16 --steps-per-turn 3 --configs lora peft-bf16:lora --out-name host_28_eager_lora
+    ;;
 *)
-    echo "unknown part $part (1 to 80)" >&2
+    echo "unknown part $part (1 to 81)" >&2
     exit 2
     ;;
 esac
