@@ -210,18 +210,19 @@ def _check_writable(path: str, option: str) -> None:
 def _explain(options: Any, as_json: bool, timings: str | None = None) -> int:
     """``profile --explain``: each adapted layer's forward / backward variant for this configuration, with every
     option's FLOP / byte counts, found on the meta device (nothing is trained); with ``timings``, the measured
-    choices that file holds in place of the counted ones."""
+    choices that file holds in place of the counted ones; with ``--compile``, as the compiled layers run them."""
     if options.method == "none" or options.model_dir is not None or options.backend != "slimtune":
         raise ConfigError("--explain shows slimtune's choices for a --preset with an adapter --method "
                           "(not --method none, --model-dir or a PEFT --backend)")
     if timings is not None:
         load_timings(timings)
     rows = explain_preset(options.preset, options.method, options.rank, options.alpha, options.batch, options.seq,
-                          options.dtype)
+                          options.dtype, compiled=options.compile)
     if as_json:
         print(json.dumps({"layers": [row.to_dict() for row in rows]}))
     else:
-        title = f"{options.preset}, {options.method} r={options.rank}, batch {options.batch} x seq {options.seq}"
+        title = (f"{options.preset}, {options.method} r={options.rank}, batch {options.batch} x seq {options.seq}"
+                 + (", layers compiled" if options.compile else ""))
         Console().print(explanation_table(rows, title=title))
     return 0
 
@@ -290,7 +291,8 @@ def _add_profile_parser(subparsers: Any) -> None:
     parser.add_argument("--explain", action="store_true",
                         help="instead of training, print each adapted layer's forward/backward variant (LoRA's "
                              "backward order, structured or folded path, what DoRA keeps) with every option's "
-                             "FLOP and byte counts (found on the meta device)")
+                             "FLOP and byte counts (found on the meta device); with --compile, as the compiled "
+                             "layers run from step 2 (stacked chains)")
     parser.add_argument("--timings", default=None, metavar="FILE",
                         help="with --explain: a timings file (a train run's OUT/timings.json, or "
                              "slimtune.save_timings) whose measured choices replace the counted ones for the shapes "

@@ -22,6 +22,10 @@ from . import timed
 from .costs import Cost
 from .lowrank import backward_flops, choose_backward
 from .module import AdapterModule
+from .siblings import SiblingGroup
+from .stacked_rows import stackable
+from .tracing import in_compiled_region
+from .wide_rows import wide
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,10 +141,29 @@ def sibling_choice(chain: tuple[nn.Module, ...], names: dict[nn.Module, str], x:
     return Choice("siblings (same input, from step 2)", options, options[0].name)
 
 
+def compiled_chain_choice(chain: tuple[nn.Module, ...], names: dict[nn.Module, str], x: torch.Tensor) -> Choice:
+    """How a compiled layer (:func:`~slimtune.models.layers.compile_layers`) runs the chain an adapted layer is in
+    from the second step on — ``chain`` being its sibling chain as learnt, or the layer alone (o, down) — by the rule
+    the compiled layer applies (:func:`~slimtune.core.stacked_rows.stackable`, :func:`~slimtune.core.wide_rows.wide`):
+    wide rows (each member's frozen weight and B one matrix, so each output is one GEMM), stacked rows (the frozen
+    weights and A's one tensor: one GEMM gives every base output and ``x Aᵀ``), or, where the chain cannot stack, the
+    members' own Function (one for a chain, or each alone). The options do the same adapter FLOPs and allocate the
+    same transients (:func:`sibling_choice`'s counts); they differ in the GEMMs launched."""
+    together = ", ".join(names[m].rpartition(".")[2] for m in chain)
+    stacks = stackable(chain)
+    counted = sibling_choice(chain, names, x).options[0]
+    own = f"one Function: {together}" if len(chain) > 1 else "alone"
+    options = [f"wide rows: {together}", f"stacked rows: {together}", own]
+    chosen = options[0] if stacks and wide(chain) else options[1] if stacks else options[2]
+    return Choice("compiled (from step 2)", tuple(Variant(o, counted.flops, counted.bytes) for o in options), chosen)
+
+
 def explain_layers(model: nn.Module, inputs: dict[str, torch.Tensor]) -> list[LayerExplanation]:
     """Each adapted layer's choices for the input recorded by :func:`adapter_inputs`, in module order (layers that
     the forward pass did not reach are left out); a LoRA layer that will run in one Function with its siblings (as
-    that forward pass showed them) says so."""
+    that forward pass showed them) says so. A layer in a region marked compiled
+    (:func:`~slimtune.core.tracing.mark_compiled`) whose siblings stack when compiled says how its compiled chain
+    runs instead (:func:`compiled_chain_choice`)."""
     names = {module: name for name, module in model.named_modules()}
     chains: dict[nn.Module, tuple[nn.Module, ...]] = {}
     for module in names:
@@ -152,7 +175,11 @@ def explain_layers(model: nn.Module, inputs: dict[str, torch.Tensor]) -> list[La
         if isinstance(module, AdapterModule) and name in inputs:
             x = inputs[name]
             choices = tuple(module.explain(x))
-            if module in chains:
+            group = getattr(module, "siblings", None)
+            if (in_compiled_region(module) and isinstance(group, SiblingGroup)
+                    and getattr(type(module), "fuses_when_compiled", False)):
+                choices += (compiled_chain_choice(chains.get(module, (module,)), names, x),)
+            elif module in chains:
                 choices += (sibling_choice(chains[module], names, x),)
             rows.append(LayerExplanation(name, type(module).__name__, tuple(x.shape), choices))
     return rows

@@ -111,3 +111,61 @@ def test_dora_siblings_are_reported_together_with_their_norm_flops():
     assert dora.chosen == "one Function: q_proj, k_proj, v_proj"
     assert {v.name for v in dora.options} == {dora.chosen, "alone"}
     assert dora.options[0].flops > lora.options[0].flops  # + W Aᵀ and A Aᵀ per member
+
+
+ALL_LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _compiled_explanation(model: nn.Module) -> dict[str, tuple]:
+    """Layer 0's choices with the layers marked compiled (what ``profile --explain --compile`` does), by name."""
+    from slimtune.core.tracing import mark_compiled
+    from slimtune.models.layers import layer_stack
+
+    for layer in layer_stack(model):
+        mark_compiled(layer)
+    with adapter_inputs(model) as seen, torch.no_grad():
+        model(input_ids=torch.randint(0, 128, (2, 5)))
+    return {row.name.split("layers.0.")[-1]: row.choices for row in explain_layers(model, seen)
+            if "layers.0." in row.name}
+
+
+def test_compiled_layers_report_how_their_chains_stack():
+    """Marked compiled, each LoRA layer says how the compiled layer runs its chain from step 2: q/k/v on stacked
+    rows, gate/up wide, o and down stacked alone; the same FLOPs every way, and no eager siblings row."""
+    from tests.toy_models import tiny_llama
+
+    rows = _compiled_explanation(slimtune.adapt(tiny_llama(), slimtune.LoraConfig(r=8,
+                                                                                  target_modules=ALL_LLAMA_TARGETS)))
+    chosen = {name: choices[-1].chosen for name, choices in rows.items()}
+    assert chosen == {**{f"self_attn.{p}_proj": "stacked rows: q_proj, k_proj, v_proj" for p in "qkv"},
+                      "self_attn.o_proj": "stacked rows: o_proj", "mlp.gate_proj": "wide rows: gate_proj, up_proj",
+                      "mlp.up_proj": "wide rows: gate_proj, up_proj", "mlp.down_proj": "stacked rows: down_proj"}
+    for choices in rows.values():
+        assert [c.what for c in choices] == ["backward dA/dB (rank 8)", "compiled (from step 2)"]
+        assert len({v.flops for v in choices[-1].options}) == 1 and choices[-1].options[0].flops > 0
+
+
+def test_compiled_chains_that_cannot_stack_report_their_own_function():
+    """A chain over biased weights does not stack (core.stacked_rows.stackable): it runs its one Function compiled,
+    and a biased layer in no chain runs alone; a rank that is not a multiple of 8 keeps gate/up on rows."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                                      attention_bias=True)
+    rows = _compiled_explanation(slimtune.adapt(transformers.LlamaForCausalLM(config).eval(),
+                                                slimtune.LoraConfig(r=4, target_modules=ALL_LLAMA_TARGETS)))
+    assert rows["self_attn.k_proj"][-1].chosen == "one Function: q_proj, k_proj, v_proj"
+    assert rows["self_attn.o_proj"][-1].chosen == "alone"
+    assert rows["mlp.up_proj"][-1].chosen == "stacked rows: gate_proj, up_proj"  # r=4: not aligned for wide rows
+
+
+def test_compiled_dora_says_the_partitioner_decides_what_it_keeps():
+    from tests.toy_models import tiny_llama
+
+    rows = _compiled_explanation(slimtune.adapt(tiny_llama(), slimtune.LoraConfig(
+        r=8, use_dora=True, target_modules=ALL_LLAMA_TARGETS)))
+    kept = {name: next(c for c in choices if c.what == "kept for dm").chosen for name, choices in rows.items()}
+    assert set(kept.values()) == {"compiled: the graph's partitioner decides what is kept"}
+    assert rows["mlp.gate_proj"][-1].chosen == "stacked rows: gate_proj, up_proj"  # DoRA stacks rows, never wide

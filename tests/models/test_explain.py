@@ -72,3 +72,46 @@ def test_profile_explain_shows_a_runs_timed_choices(tmp_path, capsys, monkeypatc
     timed.clear_timings()
     assert main(["profile", "--timings", str(tmp_path / "timings.json"), "--method", "lora"]) == 2
     assert "goes with --explain" in capsys.readouterr().err
+
+
+def test_compiled_explanation_matches_the_stacks_a_compiled_model_builds():
+    """``profile --explain --compile`` against the real thing: tiny-llama with LoRA r=8 through ``compile_layers``
+    (aot_eager) for two training steps; every layer's stack (rows, wide rows, or none) is the one explained."""
+    import torch
+
+    import slimtune
+    from slimtune.core import stacked_rows as sr
+    from slimtune.models.layers import compile_layers
+    from slimtune.models.presets import build_model
+    from slimtune.models.workload import default_targets, forward_loss, make_adapter_config, make_inputs
+
+    explained = {row.name: row.choices[-1].chosen for row in
+                 explain_preset("tiny-llama", "lora", rank=8, alpha=None, batch=2, seq=16, dtype="float32",
+                                compiled=True)}
+    model = build_model("tiny-llama", "cpu", torch.float32, seed=0)
+    slimtune.adapt(model, make_adapter_config("lora", 8, None, default_targets("tiny-llama", "lora")))
+    model.train()
+    compile_layers(model, backend="aot_eager")
+    inputs = make_inputs("tiny-llama", model, 2, 16, "cpu", torch.float32)
+    for _ in range(2):
+        forward_loss("tiny-llama", model, inputs)[0].backward()
+    names = {m: n for n, m in model.named_modules()}
+    built = {}
+    for name, module in model.named_modules():
+        head = module.__dict__.get(sr.HEAD)
+        if head is None or not head.modules():
+            built[name] = "not stacked"
+            continue
+        first = head.modules()[0]
+        together = ", ".join(names[m].rpartition(".")[2] for m in first.__dict__[sr.MEMBERS].modules())
+        built[name] = f"{'wide rows' if first.__dict__[sr.ROWS].dim() == 1 else 'stacked rows'}: {together}"
+    assert explained and {name: built[name] for name in explained} == explained
+    assert {c.split(":")[0] for c in explained.values()} == {"stacked rows", "wide rows"}
+
+
+def test_profile_explain_compile_json(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["profile", "--explain", "--compile", "--json", "--method", "dora", "--seq", "16", "--rank", "8"]) == 0
+    layers = json.loads(capsys.readouterr().out)["layers"]
+    assert [c["what"] for c in layers[0]["choices"]] == ["backward dA/dB (rank 8)", "kept for dm",
+                                                         "compiled (from step 2)"]
+    assert layers[0]["choices"][-1]["chosen"] == "stacked rows: q_proj, k_proj, v_proj"

@@ -37,7 +37,7 @@ from ...core.frozen import WeightOperand, base_weight_operand, is_quantized, mat
 from ...core.removers import Removers
 from ...core.siblings import install as install_siblings
 from ...core.stacked_rows import stacked_rows
-from ...core.tracing import compiling
+from ...core.tracing import compiling, in_compiled_region
 from ...errors import ConfigError, SlimtuneError
 from ..lora.config import LoraConfig
 from ..lora.conv import LoraConv
@@ -229,12 +229,15 @@ class DoraLinear(DoraMixin, LoraLinear):
     def explain(self, x: torch.Tensor) -> list[Choice]:
         """LoRA's backward order (the product's factor gradients), and what the layer keeps for ``dm``: its output
         (bytes: ``[N, d_out]``, free where the next op saves it too), z, or nothing — z rebuilt in backward
-        (FLOPs: the base GEMM and the low-rank product again); :func:`~.function.backward_route`'s rule."""
+        (FLOPs: the base GEMM and the low-rank product again); :func:`~.function.backward_route`'s rule. In a
+        compiled region (:func:`~slimtune.core.tracing.mark_compiled`) the compiled step's partitioner decides."""
         tokens, d_in, d_out = x.numel() // x.shape[-1], self.in_features, self.out_features
         kept = tokens * d_out * x.element_size()
         rebuild = 2 * tokens * d_out * d_in + 2 * tokens * self.r * (d_in + d_out)
         options = (Variant("output", 0, kept), Variant("z", 0, kept), Variant("recompute", rebuild, 0))
-        if self.dropout_p > 0 or not saves_output(self.base_layer.bias, x.dtype):
+        if in_compiled_region(self):
+            chosen = "compiled: the graph's partitioner decides what is kept"
+        elif self.dropout_p > 0 or not saves_output(self.base_layer.bias, x.dtype):
             chosen = "recompute" if self.recompute else "z"
         elif self.recompute is None:
             chosen = "auto (output if shared, else recompute: measured on the first step)"
