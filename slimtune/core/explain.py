@@ -22,7 +22,7 @@ from . import timed
 from .costs import Cost
 from .lowrank import backward_flops, choose_backward
 from .module import AdapterModule
-from .siblings import SiblingGroup
+from .siblings import SiblingGroup, sibling_fusion_enabled
 from .stacked_rows import stackable
 from .tracing import in_compiled_region
 from .wide_rows import wide
@@ -145,9 +145,10 @@ def compiled_chain_choice(chain: tuple[nn.Module, ...], names: dict[nn.Module, s
     """How a compiled layer (:func:`~slimtune.models.layers.compile_layers`) runs the chain an adapted layer is in
     from the second step on — ``chain`` being its sibling chain as learnt, or the layer alone (o, down) — by the rule
     the compiled layer applies (:func:`~slimtune.core.stacked_rows.stackable`, :func:`~slimtune.core.wide_rows.wide`):
-    wide rows (each member's frozen weight and B one matrix, so each output is one GEMM), stacked rows (the frozen
-    weights and A's one tensor: one GEMM gives every base output and ``x Aᵀ``), or, where the chain cannot stack, the
-    members' own Function (one for a chain, or each alone). The options do the same adapter FLOPs and allocate the
+    wide rows (each member's frozen weight and B one matrix, so each output is one GEMM; not while a process group is
+    up, where a chain of two keeps rows), stacked rows (the frozen weights and A's one tensor: one GEMM gives every
+    base output and ``x Aᵀ``), or, where the chain cannot stack, the members' own Function (one for a chain, or each
+    alone). The options do the same adapter FLOPs and allocate the
     same transients (:func:`sibling_choice`'s counts); they differ in the GEMMs launched."""
     together = ", ".join(names[m].rpartition(".")[2] for m in chain)
     stacks = stackable(chain)
@@ -178,7 +179,8 @@ def explain_layers(model: nn.Module, inputs: dict[str, torch.Tensor]) -> list[La
             group = getattr(module, "siblings", None)
             if (in_compiled_region(module) and isinstance(group, SiblingGroup)
                     and getattr(type(module), "fuses_when_compiled", False)):
-                choices += (compiled_chain_choice(chains.get(module, (module,)), names, x),)
+                chain = chains.get(module, (module,)) if sibling_fusion_enabled() else (module,)
+                choices += (compiled_chain_choice(chain, names, x),)
             elif module in chains:
                 choices += (sibling_choice(chains[module], names, x),)
             rows.append(LayerExplanation(name, type(module).__name__, tuple(x.shape), choices))

@@ -169,3 +169,16 @@ def test_compiled_dora_says_the_partitioner_decides_what_it_keeps():
     kept = {name: next(c for c in choices if c.what == "kept for dm").chosen for name, choices in rows.items()}
     assert set(kept.values()) == {"compiled: the graph's partitioner decides what is kept"}
     assert rows["mlp.gate_proj"][-1].chosen == "stacked rows: gate_proj, up_proj"  # DoRA stacks rows, never wide
+
+
+def test_compiled_layers_without_sibling_fusion_stack_each_layer_alone():
+    from tests.toy_models import tiny_llama
+
+    slimtune.set_sibling_fusion(False)
+    try:
+        rows = _compiled_explanation(slimtune.adapt(tiny_llama(), slimtune.LoraConfig(
+            r=8, target_modules=ALL_LLAMA_TARGETS)))
+    finally:
+        slimtune.set_sibling_fusion(True)
+    assert rows["self_attn.k_proj"][-1].chosen == "stacked rows: k_proj"
+    assert rows["mlp.up_proj"][-1].chosen == "stacked rows: up_proj"
