@@ -1005,7 +1005,7 @@ PY
     else
         echo "not an H200: the profile only"
     fi
-    step profile_compiled_lora 200 python benchmarks/unet_step_profile.py --preset llama-3.2-3b --rank 32 \
+    step profile_compiled_lora 120 python benchmarks/unet_step_profile.py --preset llama-3.2-3b --rank 32 \
         --batch 4 --compile --steps 3 --top 12 --configs lora peft-bf16:lora
     ;;
 81)
@@ -1020,8 +1020,17 @@ PY
     step host_28_eager_lora 90 python benchmarks/paired_steps.py --preset tiny-llama --layers 28 --seq 16 --batch 1 \
         --rounds 16 --steps-per-turn 3 --configs lora peft-bf16:lora --out-name host_28_eager_lora
     ;;
+82)
+    # issue 19 on an H200 only (about 4 minutes; exits at once on another card): part 80's paired rounds without its
+    # profile, for a session with little device time left
+    nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 || { echo "not an H200: nothing run"; exit 0; }
+    for m in lora dora; do
+        step "paired_512_compile_16_$m" 170 python benchmarks/paired_steps.py --compile --rounds 16 \
+            --steps-per-turn 3 --configs $m peft-bf16:$m --out-name "paired_512_compile_16_$m"
+    done
+    ;;
 *)
-    echo "unknown part $part (1 to 81)" >&2
+    echo "unknown part $part (1 to 82)" >&2
     exit 2
     ;;
 esac
