@@ -3,8 +3,8 @@
 # (≤ 10 min) and together the 30-minute device budget; run on 2026-12-05 as RESULTS.md runs 47 (part 1), 48 (part 3)
 # and 49 (part 2), and kept to repeat them. Run from the repository root on the lent machine:
 #
-# Still to run (as of 2026-12-07, seventeenth session): part 80 (part 79 without PEFT's HRA, which no lent card
-# fits, and compiled LoRA's step profiled on any card).
+# Still to run (as of 2026-12-07, seventeenth session): on an H200, part 82 (compiled LoRA and DoRA against PEFT-bf16;
+# part 80 adds a profile); on any GPU, part 84 (the block-diagonal B's at the 3B shape, against the code before).
 # Sixteenth session's list (parts 78 and 77 ran as RESULTS.md runs 151-152 on an H100; compiled
 # DoRA on stacked rows is 0.84-0.88x PEFT-bf16 compiled there): part 79 on an H200 (compiled LoRA and DoRA, eager HRA).
 # Fifteenth session's list (as of 2026-12-07; part 75 ran as RESULTS.md run 146, part 76 as run 147, on an
@@ -1029,8 +1029,37 @@ PY
             --steps-per-turn 3 --configs $m peft-bf16:$m --out-name "paired_512_compile_16_$m"
     done
     ;;
+83)
+    # issue 19 (about 5 minutes, carry .before = the code before block-diagonal B's, git archive f5a22ba slimtune; on an
+    # H200 part 82 instead):
+    # a stacked chain's products and g from one GEMM against its B's block diagonal (4 GEMM launches fewer a LoRA
+    # layer, 6 a DoRA layer, in Inductor's CPU code) — the CUDA tests, then the host proxy (part 81) against the
+    # code before and PEFT-bf16
+    if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
+        bash "$0" 82
+        exit 0
+    fi
+    step block_factor_cuda_tests 90 python -m pytest -q tests/core/test_stacked_rows.py tests/core/test_wide_rows.py \
+        tests/methods/dora/test_stacked.py -k cuda
+    for m in lora dora; do
+        step "host_28_compile_block_$m" 120 python benchmarks/paired_steps.py --compile --preset tiny-llama \
+            --layers 28 --seq 16 --batch 1 --rounds 12 --steps-per-turn 3 --before .before \
+            --configs $m before:$m peft-bf16:$m --out-name "host_28_compile_block_$m"
+    done
+    ;;
+84)
+    # issue 19 (about 8 minutes, any GPU; carry .before = the code before block-diagonal B's: git archive f5a22ba
+    # slimtune): the 3B compiled step with each chain's products and g from one GEMM against its B's block
+    # diagonal, against the code before and PEFT-bf16, LoRA and DoRA in 16 rounds each (run 166 measured only the
+    # host proxy)
+    for m in lora dora; do
+        step "paired_512_compile_block_$m" 250 python benchmarks/paired_steps.py --compile --rounds 16 \
+            --steps-per-turn 3 --before .before --configs $m before:$m peft-bf16:$m \
+            --out-name "paired_512_compile_block_$m"
+    done
+    ;;
 *)
-    echo "unknown part $part (1 to 82)" >&2
+    echo "unknown part $part (1 to 84)" >&2
     exit 2
     ;;
 esac

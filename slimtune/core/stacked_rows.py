@@ -11,11 +11,14 @@ of A land in S). Then::
     g = s·[dy_1 B_1, …, dy_n B_n]  [N, R]     dx = [dy_1, …, dy_n] W + g A     dA = gᵀ x     dB_i = s·dy_iᵀ h_i
 
 (``W``, ``A``: S's two blocks of rows): one GEMM where there were n + 1 forward, two where there were n + 1 for
-``dx`` (one for a chain of one: ``dx = [dy, g] S``, :func:`dx_from_rows`), and no stacking copy of the A's. Why: under
-``torch.compile`` a LoRA step was bound by the host's GEMM launches (RESULTS.md runs 134-135: 47 GEMM calls a 3B
-layer, 33 of them the adapter's); stacked, a layer runs 11 GEMMs forward and 26 backward (18 and 29 before; 24
-backward since o's and down's ``dx`` is one GEMM). On an H100 the compiled 3B step took 0.96x the time (run 139, with
-``dx`` as one GEMM against ``[dy_1, …, dy_n, g]``, which copied every dy once more).
+``dx`` (one for a chain of one: ``dx = [dy, g] S``, :func:`dx_from_rows`), and no stacking copy of the A's. The
+products ``s·h_i B_iᵀ`` (traced) and g are one GEMM each against the B's block diagonal (:func:`block_factor`), where
+they were n GEMMs and a copy into g. Why: under ``torch.compile`` a LoRA step was bound by the host's GEMM launches
+(RESULTS.md runs 134-135: 47 GEMM calls a 3B layer, 33 of them the adapter's); stacked, a layer runs 11 GEMMs
+forward and 26 backward (18 and 29 before; 24 backward since o's and down's ``dx`` is one GEMM). On an H100 the
+compiled 3B step took 0.96x the time (run 139, with ``dx`` as one GEMM against ``[dy_1, …, dy_n, g]``, which copied
+every dy once more). With gate/up wide and the block-diagonal B's, a tiny Llama layer's compiled CPU code runs 9
+GEMMs forward and 21 backward (run 166).
 
 A chain of two (gate/up) is stacked *wide* instead where its widths and ranks align and no process group is up
 (:mod:`.wide_rows`: each member's weight and B one matrix, the stack one 1-D tensor, so the outputs need no product
@@ -85,8 +88,9 @@ class StackedLowRankFunction(torch.autograd.Function):
         # out of place: each output its own tensor, not a view of out. Traced, every product first, then every sum:
         # Inductor then fuses gate's sum into the SwiGLU kernel beside up's, where a sum formed before up's product
         # was a kernel of its own (RESULTS.md run 142: 1.07 ms of a 3B step; seen in the CPU output code)
-        if traced:
-            products = [scaled_product(h_i, up_t, scaling) for h_i, up_t in factors]
+        if traced:  # a chain's products from one GEMM against its B's block diagonal (one launch where n were)
+            products = (scaled_product(h, block_factor(ups, x.dtype).t(), scaling).split_with_sizes(widths, dim=1)
+                        if count > 1 else [scaled_product(h_i, up_t, scaling) for h_i, up_t in factors])
             ys = [add_as_views(base, p) for base, p in zip(bases, products)]
         else:
             ys = [torch.addmm(base, h_i, up_t, alpha=scaling) for base, (h_i, up_t) in zip(bases, factors)]
@@ -132,8 +136,8 @@ def rows_backward(dys: Sequence[torch.Tensor], used: Sequence[bool], x2: torch.T
     # (a dy used on its own too would be written twice, RESULTS.md run 139)
     dcat = torch.cat(list(dys), dim=1) if count > 1 else dys[0]
     dys = dcat.split_with_sizes(widths, dim=1) if count > 1 else dys
-    g = torch.cat([mm_scaled(dy, cast(up, dtype), scaling) if use else x2.new_zeros(x2.shape[0], rank)
-                   for dy, up, use, rank in zip(dys, ups, used, ranks)], dim=1)  # s·dy_i B_i, [N, R]
+    # s·[dy_1 B_1, …, dy_n B_n] [N, R]: one GEMM against the B's block diagonal (an unused output's dy is zeros)
+    g = mm_scaled(dcat, block_factor(ups, dtype) if count > 1 else cast(ups[0], dtype), scaling)
     grad_b = [cast(mm_scaled_as(dy.t(), h_i, scaling, up), up.dtype) if need and use else None
               for dy, h_i, up, need, use in zip(dys, h.split_with_sizes(ranks, dim=1), ups, need_b, used)]
     need_a = [n and u for n, u in zip(need_a, used)]
@@ -141,6 +145,13 @@ def rows_backward(dys: Sequence[torch.Tensor], used: Sequence[bool], x2: torch.T
     if any(need_a):
         grad_a = [cast(p, dtype) if need else None for p, need in zip((g.t() @ x2).split_with_sizes(ranks), need_a)]
     return (dx_from_rows(dcat, g, rows, count) if need_x else None), grad_a, grad_b
+
+
+def block_factor(ups: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """The chain's B's as one block-diagonal ``[Σd, R]`` matrix in ``dtype``: ``h`` times its transpose gives every
+    member's ``h_i B_iᵀ`` side by side, and ``[dy_1, …, dy_n]`` times it gives ``[dy_1 B_1, …, dy_n B_n]``, each one
+    GEMM where there were n (the zero blocks add exact zeros)."""
+    return torch.block_diag(*[cast(up, dtype) for up in ups])
 
 
 def dx_from_rows(dcat: torch.Tensor, g: torch.Tensor, rows: torch.Tensor, count: int) -> torch.Tensor:

@@ -10,16 +10,17 @@ For members ``i = 1..n`` (no bias, no dropout, one scaling s, outputs in bf16 / 
     out = x Sᵀ        [N, Σd + R]   every base output, then h = x Aᵀ                        (1 GEMM)
     P   = S Aᵀ        [Σd + R, R]   every W_i A_jᵀ, then every A_i A_jᵀ, in fp32; the norm
                                     parts of member i are its diagonal blocks                (1 GEMM)
-    y_i = g_i ⊙ (out_i + s·h_i B_iᵀ)                                                           (n GEMMs)
+    y_i = g_i ⊙ (out_i + s·h_i B_iᵀ)              [h_1 B_1ᵀ, …] = h blockdiag(B_i)ᵀ            (1 GEMM)
 
     dz_i = g_i ⊙ dy_i      dm_i = Σ_tokens dy_i ⊙ y_i / m'_i    (y / m' = z / ‖V‖: the output route)
-    g = s·[dz_1 B_1, …, dz_n B_n]  [N, R]                                                      (n GEMMs)
+    g = s·[dz_1 B_1, …, dz_n B_n] = s·[dz_1, …, dz_n] blockdiag(B_i)   [N, R]                  (1 GEMM)
     dB_i = s·dz_iᵀ h_i      dA = gᵀ x      dx = [dz_1, …, dz_n] W + g A                        (n + 1 + 2 GEMMs)
 
-(``dx`` one GEMM, ``[dz, g] S``, for a chain of one.) A DoRA Linear's own Function runs five GEMMs forward (base,
-``x Aᵀ``, ``(x Aᵀ) Bᵀ``, ``W Aᵀ``, ``A Aᵀ``) and five backward: a compiled q/k/v chain runs 5 + 9 here against 15 +
-15, a Llama layer 15 + 24 against 35 + 35 (Inductor's CPU code), on a step bound by the host's launches. ``P``'s
-off-diagonal blocks are computed and dropped: ``(Σd + R)·R·d_in`` multiply-adds where the blocks need
+(``dx`` one GEMM, ``[dz, g] S``, for a chain of one; the block diagonals: the products only while traced, as
+:func:`~slimtune.core.stacked_rows.block_factor`.) A DoRA Linear's own Function runs five GEMMs forward (base,
+``x Aᵀ``, ``(x Aᵀ) Bᵀ``, ``W Aᵀ``, ``A Aᵀ``) and five backward: a compiled q/k/v chain runs 3 + 7 here against
+15 + 15, a Llama layer 12 + 21 against 35 + 35 (Inductor's CPU code, RESULTS.md run 166), on a step bound by the
+host's launches. ``P``'s off-diagonal blocks are computed and dropped: ``(Σd + R)·R·d_in`` multiply-adds where the blocks need
 ``Σ (d_i + r_i)·r_i·d_in`` (q/k/v at r = 32: three times as many, a few microseconds of a GPU), one launch where
 there were 2n. ``‖W_i‖²_row`` is formed from S each step (Inductor: one reduction a chain).
 
@@ -36,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from ...core.compute import accumulate_type, add_as_views, cast, scaled_product
-from ...core.stacked_rows import rows_backward
+from ...core.stacked_rows import block_factor, rows_backward
 from ...core.tracing import compiling, distinct_when_traced
 from .compose import compose_backward_reference, compose_forward_reference
 from .norm import dora_vectors_reference, magnitude_floor, mm_acc, saves_output, weight_row_norm_sq
@@ -79,12 +80,17 @@ class StackedDoraFunction(torch.autograd.Function):
         h = out[:, total:].contiguous()  # its own buffer: kept for dB (a saved view would keep all of out)
         vectors = chain_vectors(rows, widths, ups, magnitudes, scaling, eps)
         traced = compiling()
+        # traced: the products (one GEMM against the B's block diagonal for a chain), then sums Inductor fuses
+        # into the tails' kernels
+        products = (scaled_product(h, block_factor(ups, x.dtype).t(), scaling).split_with_sizes(widths, dim=1)
+                    if traced and count > 1 else [None] * count)
         outputs = []
-        for base, h_i, up, vec in zip(out[:, :total].split_with_sizes(widths, dim=1),
-                                      h.split_with_sizes(ranks, dim=1), ups, vectors):
-            up_t = cast(up, x.dtype).t()  # traced: product, then a sum Inductor fuses into the tail's kernel
-            z = add_as_views(base, scaled_product(h_i, up_t, scaling)) if traced else torch.addmm(
-                base, h_i, up_t, alpha=scaling)
+        for base, h_i, up, vec, product in zip(out[:, :total].split_with_sizes(widths, dim=1),
+                                               h.split_with_sizes(ranks, dim=1), ups, vectors, products):
+            up_t = cast(up, x.dtype).t()
+            if product is None and traced:
+                product = scaled_product(h_i, up_t, scaling)
+            z = add_as_views(base, product) if traced else torch.addmm(base, h_i, up_t, alpha=scaling)
             # the very tensor saved and returned (a returned view of a saved tensor is refused by Dynamo)
             outputs.append(distinct_when_traced(compose_forward_reference(z, vec[0], g=vec[1]).view(*lead, -1)))
         ctx.set_materialize_grads(False)
