@@ -20,9 +20,9 @@ For members ``i = 1..n`` (no bias, no dropout, one scaling s, outputs in bf16 / 
 :func:`~slimtune.core.stacked_rows.block_factor`.) A DoRA Linear's own Function runs five GEMMs forward (base,
 ``x Aᵀ``, ``(x Aᵀ) Bᵀ``, ``W Aᵀ``, ``A Aᵀ``) and five backward: a compiled q/k/v chain runs 3 + 7 here against
 15 + 15, a Llama layer 12 + 21 against 35 + 35 (Inductor's CPU code, RESULTS.md run 166), on a step bound by the
-host's launches. ``P``'s off-diagonal blocks are computed and dropped: ``(Σd + R)·R·d_in`` multiply-adds where the blocks need
-``Σ (d_i + r_i)·r_i·d_in`` (q/k/v at r = 32: three times as many, a few microseconds of a GPU), one launch where
-there were 2n. ``‖W_i‖²_row`` is formed from S each step (Inductor: one reduction a chain).
+host's launches. ``P``'s off-diagonal blocks are computed and dropped: ``(Σd + R)·R·d_in`` multiply-adds where the
+blocks need ``Σ (d_i + r_i)·r_i·d_in`` (q/k/v at r = 32: three times as many, a few microseconds of a GPU), one
+launch where there were 2n. ``‖W_i‖²_row`` is formed from S each step (Inductor: one reduction a chain).
 
 Only while ``torch.compile`` traces (:meth:`~.module.DoraLinear.run_together`, :meth:`~.module.DoraLinear.forward`):
 there the partitioner decides what the step keeps, Inductor fuses the vectors, the tails and the sums, and the
