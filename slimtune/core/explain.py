@@ -22,7 +22,7 @@ from . import timed
 from .costs import Cost
 from .lowrank import backward_flops, choose_backward
 from .module import AdapterModule
-from .siblings import SiblingGroup, sibling_fusion_enabled
+from .siblings import SiblingGroup, runnable, sibling_fusion_enabled
 from .stacked_rows import stackable
 from .tracing import in_compiled_region
 from .wide_rows import wide
@@ -147,16 +147,25 @@ def compiled_chain_choice(chain: tuple[nn.Module, ...], names: dict[nn.Module, s
     the compiled layer applies (:func:`~slimtune.core.stacked_rows.stackable`, :func:`~slimtune.core.wide_rows.wide`):
     wide rows (each member's frozen weight and B one matrix, so each output is one GEMM; not while a process group is
     up, where a chain of two keeps rows), stacked rows (the frozen weights and A's one tensor: one GEMM gives every
-    base output and ``x Aᵀ``), or, where the chain cannot stack, the members' own Function (one for a chain, or each
-    alone). The options do the same adapter FLOPs and allocate the
+    base output and ``x Aᵀ``), or, where the chain cannot stack or run on its rows (a bias; DoRA in fp16), the
+    members' own Function (one for a chain, or each alone), or each alone where the chain cannot run as one (dropout in
+    training: :func:`~slimtune.core.siblings.runnable`). The options do the same adapter FLOPs and allocate the
     same transients (:func:`sibling_choice`'s counts); they differ in the GEMMs launched."""
     together = ", ".join(names[m].rpartition(".")[2] for m in chain)
-    stacks = stackable(chain)
+    lora = not hasattr(chain[0], "magnitude")  # DoRA's grouped Function declines a call its routes cannot take
     counted = sibling_choice(chain, names, x).options[0]
-    own = f"one Function: {together}" if len(chain) > 1 else "alone"
-    options = [f"wide rows: {together}", f"stacked rows: {together}", own]
-    chosen = options[0] if stacks and wide(chain) else options[1] if stacks else options[2]
-    return Choice("compiled (from step 2)", tuple(Variant(o, counted.flops, counted.bytes) for o in options), chosen)
+    own = ("alone" if len(chain) == 1 else f"one Function: {together}" if lora
+           else f"one Function or alone, by the members' routes (kept for dm): {together}")
+    options = [f"wide rows: {together}", f"stacked rows: {together}", own, "alone"]
+    if len(chain) > 1 and not runnable(chain, x):  # each member runs on its own (dropout in training, …)
+        chosen = options[3]
+    elif (stackable(chain) and chain[0].base_layer.weight.dtype == x.dtype
+          and type(chain[0]).runs_on_rows(chain, x)):  # the rows' dtype is the weights'
+        chosen = options[0] if wide(chain) else options[1]
+    else:
+        chosen = options[2]
+    return Choice("compiled (from step 2)", tuple(Variant(o, counted.flops, counted.bytes)
+                                                  for o in dict.fromkeys(options)), chosen)
 
 
 def explain_layers(model: nn.Module, inputs: dict[str, torch.Tensor]) -> list[LayerExplanation]:

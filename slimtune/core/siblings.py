@@ -199,7 +199,7 @@ class SiblingGroup:
             self.state = OFF
             return None
         members = [self._refs[i]() for i in chain]
-        if any(m is None for m in members) or not _runnable(members, x):
+        if any(m is None for m in members) or not runnable(members, x):
             return None
         outputs = type(members[0]).run_together(members, x, self._after_backward)
         if outputs is None:  # the members' class declined this call (DoRA: a layer on its "z" route)
@@ -247,7 +247,7 @@ class SiblingGroup:
             return None
         members = [self._refs[i]() for i in chain]
         if (any(m is None for m in members) or not getattr(type(members[0]), "fuses_when_compiled", False)
-                or not _runnable(members, x)):
+                or not runnable(members, x)):
             return None
         outputs = type(members[0]).run_together(members, x, None)
         if outputs is None:
@@ -279,7 +279,7 @@ def _recompute_order(tokens: int, d_in: int, d_out: int, r: int) -> bool:
     return choose_backward(tokens, d_in, d_out, r) == "recompute"
 
 
-def _runnable(chain: Sequence[Any], x: torch.Tensor) -> bool:
+def runnable(chain: Sequence[Any], x: torch.Tensor) -> bool:
     """Whether this call can run the chain as one: every member of one class, enabled, unmerged, without dropout in
     training, of one scaling and one input width, its dA / dB by the ``"recompute"`` order (the fused backward's).
     The class itself may still decline (``run_together`` returning None: DoRA's routes)."""

@@ -182,3 +182,18 @@ def test_compiled_layers_without_sibling_fusion_stack_each_layer_alone():
         slimtune.set_sibling_fusion(True)
     assert rows["self_attn.k_proj"][-1].chosen == "stacked rows: k_proj"
     assert rows["mlp.up_proj"][-1].chosen == "stacked rows: up_proj"
+
+
+def test_compiled_chains_off_their_rows_are_reported_as_they_run():
+    """Dropout in training: each member runs alone (the chain is not runnable as one). DoRA in fp16: its stacked
+    Function needs an output that stands in for z, so the chain runs its grouped Function or alone, by its routes."""
+    from tests.toy_models import tiny_llama
+
+    rows = _compiled_explanation(slimtune.adapt(tiny_llama().train(), slimtune.LoraConfig(
+        r=8, lora_dropout=0.1, target_modules=ALL_LLAMA_TARGETS)))
+    assert {choices[-1].chosen for choices in rows.values()} == {"alone"}
+    rows = _compiled_explanation(slimtune.adapt(tiny_llama().half(), slimtune.LoraConfig(
+        r=8, use_dora=True, target_modules=ALL_LLAMA_TARGETS)))
+    assert rows["self_attn.k_proj"][-1].chosen == (
+        "one Function or alone, by the members' routes (kept for dm): q_proj, k_proj, v_proj")
+    assert rows["self_attn.o_proj"][-1].chosen == "alone"

@@ -48,7 +48,7 @@ from .group import grouped_dora_linear, groupable
 from .norm import factored_row_norm_sq, floor_for, in_magnitude_precision, saves_output, weight_row_norm_sq
 from .prepass import TicketSlot, attach_prepass, step_vectors
 from .probe import OutputProbe, attach_output_probe
-from .stacked import stacked_dora_linear, stacks_here
+from .stacked import runs_on_rows, stacked_dora_linear, stacks_here
 
 
 class DoraMixin:
@@ -164,6 +164,8 @@ class DoraLinear(DoraMixin, LoraLinear):
     #: (and o, down alone) on stacked rows (:mod:`.stacked`: LoRA's stacked GEMMs and one for every member's norm)
     fuses_when_compiled = True
     stacks_rows = True
+    #: :func:`.stacked.runs_on_rows`: DoRA's stacked Function also needs an output that stands in for z
+    runs_on_rows = staticmethod(runs_on_rows)
 
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
                  init: str = "default", adapter_dtype: torch.dtype | None = None) -> None:

@@ -128,12 +128,18 @@ class StackedDoraFunction(torch.autograd.Function):
         return (dx.view(x.shape) if dx is not None else None, None, None, None, None, *grad_a, *grad_b, *grad_m, None)
 
 
+def runs_on_rows(chain: Sequence[Any], x: torch.Tensor) -> bool:
+    """Whether ``chain``, stacked on rows in x's dtype, runs :class:`StackedDoraFunction` for x in the compute dtype:
+    the dtype one whose output stands in for z (:func:`~.norm.saves_output`: bf16, fp32, fp64), and no member has a
+    bias or dropout in training."""
+    return saves_output(None, x.dtype) and all(
+        m.base_layer.bias is None and not (m.training and m.dropout_p > 0) for m in chain)
+
+
 def stacks_here(x: torch.Tensor, rows: torch.Tensor | None, chain: Sequence[Any]) -> bool:
     """Whether a call on x (in the compute dtype) runs ``chain`` through :class:`StackedDoraFunction`: its rows are
-    there (:func:`~slimtune.core.stacked_rows.stacked_rows`) in x's dtype, the dtype one whose output stands in for z
-    (:func:`~.norm.saves_output`: bf16, fp32, fp64), and no member has a bias or dropout in training."""
-    return (rows is not None and rows.dtype == x.dtype and saves_output(None, x.dtype)
-            and all(m.base_layer.bias is None and not (m.training and m.dropout_p > 0) for m in chain))
+    there (:func:`~slimtune.core.stacked_rows.stacked_rows`) in x's dtype, and :func:`runs_on_rows`."""
+    return rows is not None and rows.dtype == x.dtype and runs_on_rows(chain, x)
 
 
 def stacked_dora_linear(x: torch.Tensor, chain: Sequence[Any], rows: torch.Tensor,

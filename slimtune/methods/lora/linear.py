@@ -98,6 +98,12 @@ class LoraLinear(LoraMixin, AdapterModule):
 
     # -- siblings: the layers of one parent that read the same x, as one Function (core.siblings) ----------------
     @staticmethod
+    def runs_on_rows(chain: Sequence[LoraLinear], x: torch.Tensor) -> bool:
+        """Whether ``chain``, stacked on rows in x's dtype (:mod:`~slimtune.core.stacked_rows`), runs on them for x in
+        the compute dtype: no member has a bias or dropout in training."""
+        return all(m.base_layer.bias is None and not (m.training and m.dropout_p > 0) for m in chain)
+
+    @staticmethod
     def run_together(chain: Sequence[LoraLinear], x: torch.Tensor,
                      on_backward: Callable[[], None] | None) -> tuple[torch.Tensor, ...] | None:
         """Every member's output on x through :func:`~slimtune.core.lowrank_group.grouped_lowrank_linear` (LoRA
@@ -106,7 +112,7 @@ class LoraLinear(LoraMixin, AdapterModule):
         xc, _, _, context = first._inputs(x)
         dtype = xc.dtype
         rows = stacked_rows(first, len(chain))  # stacked by compile_layers (core.stacked_rows)
-        if rows is not None and rows.dtype == dtype and all(m.base_layer.bias is None for m in chain):
+        if rows is not None and rows.dtype == dtype and type(first).runs_on_rows(chain, xc):
             with context:
                 return stacked_lowrank_linear(xc, chain, rows, on_backward)
         weights = [m.weight_operand(dtype) for m in chain]
@@ -130,7 +136,7 @@ class LoraLinear(LoraMixin, AdapterModule):
         xc, bias, p, context = self._inputs(x)
         rows = stacked_rows(self, 1)  # a layer in no chain (o, down) stacked by compile_layers (core.stacked_rows)
         with context:
-            if rows is not None and rows.dtype == xc.dtype and not p and bias is None:
+            if rows is not None and rows.dtype == xc.dtype and self.runs_on_rows((self,), xc):
                 y = stacked_lowrank_linear(xc, (self,), rows)[0]
             else:
                 y = lowrank_linear(xc, self.weight_operand(xc.dtype), bias, self.lora_A, self.lora_B, self.scaling, p)
