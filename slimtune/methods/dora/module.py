@@ -164,8 +164,7 @@ class DoraLinear(DoraMixin, LoraLinear):
     #: (and o, down alone) on stacked rows (:mod:`.stacked`: LoRA's stacked GEMMs and one for every member's norm)
     fuses_when_compiled = True
     stacks_rows = True
-    #: :func:`.stacked.runs_on_rows`: DoRA's stacked Function also needs an output that stands in for z
-    runs_on_rows = staticmethod(runs_on_rows)
+    runs_on_rows = staticmethod(runs_on_rows)  #: :func:`.stacked.runs_on_rows` (also an output standing in for z)
 
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
                  init: str = "default", adapter_dtype: torch.dtype | None = None) -> None:
@@ -229,10 +228,9 @@ class DoraLinear(DoraMixin, LoraLinear):
                 chain[0].scaling, routes, floors, on_backward, ahead)
 
     def explain(self, x: torch.Tensor) -> list[Choice]:
-        """LoRA's backward order (the product's factor gradients), and what the layer keeps for ``dm``: its output
-        (bytes: ``[N, d_out]``, free where the next op saves it too), z, or nothing — z rebuilt in backward
-        (FLOPs: the base GEMM and the low-rank product again); :func:`~.function.backward_route`'s rule. In a
-        compiled region (:func:`~slimtune.core.tracing.mark_compiled`) the compiled step's partitioner decides."""
+        """LoRA's backward order, and what the layer keeps for ``dm``: its output (bytes: ``[N, d_out]``, free where
+        the next op saves it too), z, or nothing — z rebuilt in backward (FLOPs: the base GEMM and the low-rank product
+        again), by :func:`~.function.backward_route`'s rule; compiled (a marked region), the partitioner decides."""
         tokens, d_in, d_out = x.numel() // x.shape[-1], self.in_features, self.out_features
         kept = tokens * d_out * x.element_size()
         rebuild = 2 * tokens * d_out * d_in + 2 * tokens * self.r * (d_in + d_out)
