@@ -183,6 +183,13 @@ step() {  # step NAME SECONDS COMMAND...: run one command under a time limit, it
     tail -n 25 "$out/$name.log"
 }
 
+compiled_rounds_16() {  # issue 19's compiled bound: LoRA and DoRA against PEFT-bf16 compiled, 16 rounds in turns of 3
+    for m in lora dora; do
+        step "paired_512_compile_16_$m" 170 python benchmarks/paired_steps.py --compile --rounds 16 \
+            --steps-per-turn 3 --configs $m peft-bf16:$m --out-name "paired_512_compile_16_$m"
+    done
+}
+
 install_wheels() {  # diffusers and bitsandbytes, where .whl was carried
     if ls .whl/*.whl > /dev/null 2>&1; then
         python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/diffusers-*.whl .whl/bitsandbytes-*.whl
@@ -985,10 +992,7 @@ PY
     # PEFT-bf16 compiled in 16 rounds each (on an H100, runs 153-154: 0.885x and 0.85-0.88x), then eager HRA against
     # PEFT-bf16 (PEFT's HRA does not fit beside it on an H100, run 155)
     nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 || { echo "not an H200: nothing run"; exit 0; }
-    for m in lora dora; do
-        step "paired_512_compile_16_$m" 170 python benchmarks/paired_steps.py --compile --rounds 16 \
-            --steps-per-turn 3 --configs $m peft-bf16:$m --out-name "paired_512_compile_16_$m"
-    done
+    compiled_rounds_16
     step paired_512_eager_hra 90 python benchmarks/paired_steps.py --rounds 8 --steps-per-turn 3 \
         --configs hra peft-bf16:hra --out-name paired_512_eager_hra
     ;;
@@ -998,10 +1002,7 @@ PY
     # 2026-12-04); on any card, compiled LoRA's step profiled beside PEFT-bf16's (wall, host, GPU kernels), to tell
     # whether it is host- or GPU-bound there
     if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
-        for m in lora dora; do
-            step "paired_512_compile_16_$m" 170 python benchmarks/paired_steps.py --compile --rounds 16 \
-                --steps-per-turn 3 --configs $m peft-bf16:$m --out-name "paired_512_compile_16_$m"
-        done
+        compiled_rounds_16
     else
         echo "not an H200: the profile only"
     fi
@@ -1024,10 +1025,7 @@ PY
     # issue 19 on an H200 only (about 4 minutes; exits at once on another card): part 80's paired rounds without its
     # profile, for a session with little device time left
     nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 || { echo "not an H200: nothing run"; exit 0; }
-    for m in lora dora; do
-        step "paired_512_compile_16_$m" 170 python benchmarks/paired_steps.py --compile --rounds 16 \
-            --steps-per-turn 3 --configs $m peft-bf16:$m --out-name "paired_512_compile_16_$m"
-    done
+    compiled_rounds_16
     ;;
 83)
     # issue 19 (about 5 minutes, carry .before = the code before block-diagonal B's, git archive f5a22ba slimtune; on an

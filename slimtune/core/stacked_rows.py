@@ -213,6 +213,12 @@ def stacked_rows(first: nn.Module, count: int) -> torch.Tensor | None:
     return first.__dict__.get(ROWS)
 
 
+def runs_stacked(x: torch.Tensor, rows: torch.Tensor | None, chain: Sequence[Any]) -> bool:
+    """Whether a call on x (in the compute dtype) runs ``chain`` on its stack: the rows are there
+    (:func:`stacked_rows`) in x's dtype, and the members' class runs on them for x (its ``runs_on_rows``)."""
+    return rows is not None and rows.dtype == x.dtype and type(chain[0]).runs_on_rows(chain, x)
+
+
 def _tensors(member: Any, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """A member's frozen weight and A, and its B where ``rows`` is a wide stack's: what its stack holds."""
     if rows.dim() == 1:

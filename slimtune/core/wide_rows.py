@@ -21,7 +21,8 @@ backward are GEMM outputs as in the frozen model (a 3B layer: about 170 MB less 
 gate/up's sums at 2.82 ms a step against the frozen model's 1.12); backward takes ``dy_i B_i`` from the ``dx`` GEMMs
 instead of reading every dy once more, and adds the members' ``[N, K]`` products (one more written and read for two
 members). So it is used for chains of two (:func:`wide`): for three (q/k/v) those products would cost about what
-it saves, and for a chain of one (o, down) ``[dy, g] S`` already gives ``dx`` whole (:func:`.stacked_rows.dx_from_rows`).
+it saves, and for a chain of one (o, down) ``[dy, g] S`` already gives ``dx`` whole
+(:func:`.stacked_rows.dx_from_rows`).
 
 Storage: one flat buffer ``[A | T_1 | … | T_n]``, every ``W_i``, ``A_i`` and ``B_i`` a view of it. ``B_i`` is then
 column-major, ``T_i``'s rows transposed (strides ``(1, d_i)``): dense, so the optimizer's foreach and fused kernels

@@ -36,7 +36,7 @@ from ...core.explain import Choice, Variant
 from ...core.frozen import WeightOperand, base_weight_operand, is_quantized, materialize, weight_dtype
 from ...core.removers import Removers
 from ...core.siblings import install as install_siblings
-from ...core.stacked_rows import stacked_rows
+from ...core.stacked_rows import runs_stacked, stacked_rows
 from ...core.tracing import compiling, in_compiled_region
 from ...errors import ConfigError, SlimtuneError
 from ..lora.config import LoraConfig
@@ -48,7 +48,7 @@ from .group import grouped_dora_linear, groupable
 from .norm import factored_row_norm_sq, floor_for, in_magnitude_precision, saves_output, weight_row_norm_sq
 from .prepass import TicketSlot, attach_prepass, step_vectors
 from .probe import OutputProbe, attach_output_probe
-from .stacked import runs_on_rows, stacked_dora_linear, stacks_here
+from .stacked import runs_on_rows, stacked_dora_linear
 
 
 class DoraMixin:
@@ -177,7 +177,7 @@ class DoraLinear(DoraMixin, LoraLinear):
             return y
         xc, bias, p, context = self._inputs(x)
         rows = stacked_rows(self, 1) if compiling() else None  # o, down: stacked alone by compile_layers
-        if stacks_here(xc, rows, (self,)):
+        if runs_stacked(xc, rows, (self,)):
             with context:
                 y = stacked_dora_linear(xc, (self,), rows)[0]
             if self.siblings is not None:
@@ -208,7 +208,7 @@ class DoraLinear(DoraMixin, LoraLinear):
         While traced, a chain stacked by ``compile_layers`` runs :func:`~.stacked.stacked_dora_linear` instead."""
         xc, _, _, context = chain[0]._inputs(x)
         rows = stacked_rows(chain[0], len(chain)) if compiling() else None
-        if stacks_here(xc, rows, chain):
+        if runs_stacked(xc, rows, chain):
             with context:
                 return stacked_dora_linear(xc, chain, rows, on_backward)
         if any(m.recompute is None for m in chain):

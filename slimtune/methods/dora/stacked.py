@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from ...core.compute import accumulate_type, add_as_views, cast, scaled_product
 from ...core.stacked_rows import block_factor, rows_backward
 from ...core.tracing import compiling, distinct_when_traced
+from ..lora.linear import LoraLinear
 from .compose import compose_backward_reference, compose_forward_reference
 from .norm import dora_vectors_reference, magnitude_floor, mm_acc, saves_output, weight_row_norm_sq
 
@@ -130,22 +131,15 @@ class StackedDoraFunction(torch.autograd.Function):
 
 def runs_on_rows(chain: Sequence[Any], x: torch.Tensor) -> bool:
     """Whether ``chain``, stacked on rows in x's dtype, runs :class:`StackedDoraFunction` for x in the compute dtype:
-    the dtype one whose output stands in for z (:func:`~.norm.saves_output`: bf16, fp32, fp64), and no member has a
-    bias or dropout in training."""
-    return saves_output(None, x.dtype) and all(
-        m.base_layer.bias is None and not (m.training and m.dropout_p > 0) for m in chain)
-
-
-def stacks_here(x: torch.Tensor, rows: torch.Tensor | None, chain: Sequence[Any]) -> bool:
-    """Whether a call on x (in the compute dtype) runs ``chain`` through :class:`StackedDoraFunction`: its rows are
-    there (:func:`~slimtune.core.stacked_rows.stacked_rows`) in x's dtype, and :func:`runs_on_rows`."""
-    return rows is not None and rows.dtype == x.dtype and runs_on_rows(chain, x)
+    as LoRA's chains do (:meth:`~slimtune.methods.lora.linear.LoraLinear.runs_on_rows`), in a dtype whose output
+    stands in for z (:func:`~.norm.saves_output`: bf16, fp32, fp64)."""
+    return saves_output(None, x.dtype) and LoraLinear.runs_on_rows(chain, x)
 
 
 def stacked_dora_linear(x: torch.Tensor, chain: Sequence[Any], rows: torch.Tensor,
                         on_backward: Callable[[], None] | None = None) -> tuple[torch.Tensor, ...]:
     """Every member's DoRA output ``[..., d_i]`` through :class:`StackedDoraFunction` for a chain stacked on
-    ``rows`` (:func:`stacks_here`; the members share one scaling)."""
+    ``rows`` (:func:`~slimtune.core.stacked_rows.runs_stacked`; the members share one scaling)."""
     return StackedDoraFunction.apply(x, chain[0].scaling, on_backward, tuple(m.out_features for m in chain),
                                      magnitude_floor(x.dtype), *[m.lora_A for m in chain], *[m.lora_B for m in chain],
                                      *[m.magnitude for m in chain], rows)

@@ -19,7 +19,7 @@ from ...core.lowrank import lowrank_linear
 from ...core.lowrank_group import grouped_lowrank_linear
 from ...core.module import AdapterModule
 from ...core.siblings import SiblingGroup
-from ...core.stacked_rows import stacked_lowrank_linear, stacked_rows
+from ...core.stacked_rows import runs_stacked, stacked_lowrank_linear, stacked_rows
 from ...core.targeting import is_hf_conv1d
 from .math import init_lora_, lora_delta_weight, lora_scaling
 
@@ -112,7 +112,7 @@ class LoraLinear(LoraMixin, AdapterModule):
         xc, _, _, context = first._inputs(x)
         dtype = xc.dtype
         rows = stacked_rows(first, len(chain))  # stacked by compile_layers (core.stacked_rows)
-        if rows is not None and rows.dtype == dtype and type(first).runs_on_rows(chain, xc):
+        if runs_stacked(xc, rows, chain):
             with context:
                 return stacked_lowrank_linear(xc, chain, rows, on_backward)
         weights = [m.weight_operand(dtype) for m in chain]
@@ -136,7 +136,7 @@ class LoraLinear(LoraMixin, AdapterModule):
         xc, bias, p, context = self._inputs(x)
         rows = stacked_rows(self, 1)  # a layer in no chain (o, down) stacked by compile_layers (core.stacked_rows)
         with context:
-            if rows is not None and rows.dtype == xc.dtype and self.runs_on_rows((self,), xc):
+            if runs_stacked(xc, rows, (self,)):
                 y = stacked_lowrank_linear(xc, (self,), rows)[0]
             else:
                 y = lowrank_linear(xc, self.weight_operand(xc.dtype), bias, self.lora_A, self.lora_B, self.scaling, p)
