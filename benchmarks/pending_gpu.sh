@@ -3,8 +3,9 @@
 # (≤ 10 min) and together the 30-minute device budget; run on 2026-12-05 as RESULTS.md runs 47 (part 1), 48 (part 3)
 # and 49 (part 2), and kept to repeat them. Run from the repository root on the lent machine:
 #
-# Still to run (as of 2026-12-07, seventeenth session): on an H200, part 82 (compiled LoRA and DoRA against PEFT-bf16;
-# part 80 adds a profile); on any GPU, part 84 (the block-diagonal B's at the 3B shape, against the code before).
+# Still to run (as of 2026-12-07, eighteenth session): on an H200, part 82 (compiled LoRA and DoRA against PEFT-bf16;
+# part 80 adds a profile); on any GPU, part 84 (the block-diagonal B's at the 3B shape, against the code before) and
+# part 85 (compiled DoRA at seq 2048: output code and paired rounds).
 # Sixteenth session's list (parts 78 and 77 ran as RESULTS.md runs 151-152 on an H100; compiled
 # DoRA on stacked rows is 0.84-0.88x PEFT-bf16 compiled there): part 79 on an H200 (compiled LoRA and DoRA, eager HRA).
 # Fifteenth session's list (as of 2026-12-07; part 75 ran as RESULTS.md run 146, part 76 as run 147, on an
@@ -169,7 +170,7 @@
 # Outputs go to $OUT (each script's own files, plus one log per step); record them in benchmarks/RESULTS.md with
 # the GPU and versions the scripts print.
 set -uo pipefail
-part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|...|66"}
+part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|...|85"}
 out=${OUT:-/tmp/pending_gpu}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -1056,8 +1057,19 @@ PY
             --out-name "paired_512_compile_block_$m"
     done
     ;;
+85)
+    # issue 19 (about 6 minutes, any GPU): compiled DoRA at seq 2048, the one bound over 0.9x on an H100 (run 156:
+    # 0.915x PEFT-bf16 compiled, GPU-bound) — Inductor's output code of one decoder layer on each side (which kernel
+    # of run 157's profile does what), then the paired rounds again with the block-diagonal B's
+    for m in dora peft-bf16:dora; do
+        step "output_code_2048_${m/:/_}" 150 python benchmarks/output_code.py --preset llama-3.2-3b --layers 2 \
+            --method $m --seq 2048 --batch 4 --out "$out/output_code_2048_${m/:/_}.txt"
+    done
+    step paired_2048_compile_dora 300 python benchmarks/paired_steps.py --compile --seq 2048 --rounds 10 \
+        --steps-per-turn 3 --configs dora peft-bf16:dora --out-name paired_2048_compile_dora
+    ;;
 *)
-    echo "unknown part $part (1 to 84)" >&2
+    echo "unknown part $part (1 to 85)" >&2
     exit 2
     ;;
 esac
