@@ -27,7 +27,10 @@ and sum).
 Where: :func:`~slimtune.models.layers.compile_layers` stacks each compiled layer's chains once they are learnt
 (:class:`LayerStacks`), and before every call of the layer checks that each stack still holds its members' tensors
 (:func:`intact`: their storage is the rows' storage) and stacks them again where not — after ``model.to(...)``, which
-gives every parameter and buffer a storage of its own, or ``load_state_dict(assign=True)`` of the adapters. A
+gives every parameter and buffer a storage of its own, or ``load_state_dict(assign=True)`` of the adapters. That
+check reads the members' tensors through their modules only after some module has registered a parameter or a base
+layer (counted by torch's global registration hooks, which this module adds on import: :class:`_Registrations`);
+otherwise it checks the tensors it read last (:class:`_Held`), a few microseconds a layer instead of 30. A
 chain whose frozen weights are no longer the parameters they were at ``compile_layers`` (FSDP wrapped around the
 model, or above the module ``compile_layers`` was given; new weights loaded by assignment) is not stacked again. An
 eager call of a stacked member (called on its own, or while its layer learns again) checks its stack itself
@@ -180,13 +183,15 @@ def stacked_lowrank_linear(x: torch.Tensor, chain: Sequence[Any], rows: torch.Te
 
 class _Refs:
     """Modules held weakly (a stack's members, or a member's first member). A copy of the model (deepcopy, pickling)
-    gets an empty one: its parameters are copied one by one, so its stacks are gone."""
+    gets an empty one: its parameters are copied one by one, so its stacks are gone. ``held``: a stack's
+    :class:`_Held`, or None."""
 
-    __slots__ = ("_refs", "count")
+    __slots__ = ("_refs", "count", "held")
 
     def __init__(self, modules: Iterable[nn.Module] = ()) -> None:
         self._refs = tuple(weakref.ref(m) for m in modules)
         self.count = len(self._refs)
+        self.held: _Held | None = None
 
     def modules(self) -> list[Any] | None:
         """The modules, or None where there are none or one is gone."""
@@ -249,21 +254,57 @@ def _members(first: nn.Module) -> list[Any] | None:
     return refs.modules() if refs is not None else None
 
 
+class _Registrations:
+    """How many parameters, and submodules named ``base_layer``, any module has registered (assigned) since this
+    module was imported, counted by torch's global registration hooks (public API; counting is all they do): while
+    the count stands still, no stack member's weight, A, B or base layer has been given another object, so its
+    stack checks the tensors it noted (:class:`_Held`). Other submodules are not counted: transformers' Llama slices
+    its ``nn.ModuleList`` of layers each forward, which registers every layer in a new list."""
+
+    count = 0
+
+    @classmethod
+    def parameter(cls, *_: Any) -> None:  # hook(module, name, param) -> None: registered unchanged
+        cls.count += 1
+
+    @classmethod
+    def submodule(cls, _module: nn.Module, name: str, _submodule: nn.Module) -> None:
+        if name == "base_layer":
+            cls.count += 1
+
+
+torch.nn.modules.module.register_module_parameter_registration_hook(_Registrations.parameter)
+torch.nn.modules.module.register_module_module_registration_hook(_Registrations.submodule)
+
+
+class _Held:
+    """The tensors a stack's members hold (their frozen weights; every weight, A, and B where wide), noted when
+    :func:`intact` last read them through the modules, at a registration count: while the count stands still the
+    modules hold these very objects, and :func:`intact` checks them without reading the modules (each module
+    attribute read is about a microsecond of Python, 2-3 a member, before every call of a compiled layer)."""
+
+    __slots__ = ("count", "weights", "tensors")
+
+    def __init__(self, weights: tuple[torch.Tensor, ...], tensors: tuple[torch.Tensor, ...]) -> None:
+        self.count, self.weights, self.tensors = _Registrations.count, weights, tensors
+
+
 def intact(first: nn.Module) -> bool:
     """Whether the stack on ``first`` still holds every member's weight and A (and B, stacked wide): their storage
     is the rows'; and the weights are still frozen (one set to train since must leave the stack to get its
     gradient)."""
-    members, rows = _members(first), first.__dict__.get(ROWS)
-    if members is None or rows is None:
+    refs, rows = first.__dict__.get(MEMBERS), first.__dict__.get(ROWS)
+    if refs is None or rows is None:
         return False
-    storage, wide_stack = rows.untyped_storage(), rows.dim() == 1
-    for m in members:  # a loop, each tensor read once: run before every call of a compiled layer
-        weight = m.base_layer.weight
-        if (weight.requires_grad or weight.untyped_storage() is not storage
-                or m.lora_A.untyped_storage() is not storage
-                or (wide_stack and m.lora_B.untyped_storage() is not storage)):
-            return False
-    return True
+    members = refs.modules()
+    if members is None:
+        return False
+    storage, held = rows.untyped_storage(), refs.held
+    if held is None or held.count != _Registrations.count:  # read through the modules, and noted
+        weights = tuple(m.base_layer.weight for m in members)
+        held = refs.held = _Held(weights, tuple(t for m in members for t in _tensors(m, rows)))
+    return (not any(w.requires_grad for w in held.weights)
+            and all(t.untyped_storage() is storage for t in held.tensors))
 
 
 def _unstack_head(first: nn.Module) -> None:

@@ -203,6 +203,58 @@ def test_adapters_loaded_by_assignment_are_stacked_again():
     assert rel_err(loss, _grads(eager, ids)[0]) < FP32_TOL
 
 
+def test_registrations_are_counted():
+    """:func:`~slimtune.core.stacked_rows.intact` reads a stack's members through their modules again only after
+    some module registered a parameter or a base layer: torch's global registration hooks must see both kinds of
+    assignment. Other submodules (a ModuleList sliced each forward) are not counted."""
+    linear = torch.nn.Linear(3, 3)
+    before = sr._Registrations.count
+    linear.weight = torch.nn.Parameter(torch.zeros(3, 3))
+    assert sr._Registrations.count == before + 1
+    holder = torch.nn.Module()
+    holder.base_layer = linear
+    assert sr._Registrations.count == before + 2
+    holder.inner = linear
+    torch.nn.ModuleList([holder, linear])[:1]
+    assert sr._Registrations.count == before + 2
+
+
+def test_a_compiled_step_reads_no_member_through_its_module():
+    """In a steady compiled step no stack goes back to its modules: every check uses the tensors it noted (the
+    registration count stands still through transformers' forward)."""
+    _, model, ids = _compiled_pair(1)
+    _grads(model, ids)
+    count = sr._Registrations.count
+    heads = _heads(model)
+    held = [h.__dict__[sr.MEMBERS].held for h in heads]
+    _grads(model, ids)
+    assert sr._Registrations.count == count and _heads(model) == heads
+    assert all(h.__dict__[sr.MEMBERS].held is noted is not None for h, noted in zip(heads, held))
+
+
+@pytest.mark.parametrize("replace", ["weight", "base_layer"])
+def test_a_frozen_weight_given_by_assignment_is_used(replace):
+    """A member's frozen weight replaced after stacking, as a new parameter or with its base layer: the compiled
+    step computes with the new weight (its member leaves the stack: it no longer holds the weight noted)."""
+    eager, model, ids = _compiled_pair(1)
+    _, stale = _grads(model, ids)
+    for m in (eager, model):
+        q = m.model.layers[0].self_attn.q_proj
+        new = 30 * torch.randn_like(q.base_layer.weight, generator=torch.Generator().manual_seed(4))
+        if replace == "weight":
+            q.base_layer.weight = torch.nn.Parameter(new, requires_grad=False)
+        else:
+            q.base_layer = torch.nn.Linear(32, 32, bias=False).requires_grad_(False)
+            with torch.no_grad():
+                q.base_layer.weight.copy_(new)
+    loss, grads = _grads(model, ids)
+    loss_ref, grads_ref = _grads(eager, ids)
+    assert rel_err(loss, loss_ref) < FP32_TOL
+    assert all(rel_err(grads[n], grads_ref[n]) < FP32_TOL for n in grads_ref)
+    assert max(rel_err(grads[n], stale[n]) for n in grads) > 0.1  # not the gradients of the rows' stale W_q
+    assert sr.stacked_rows(model.model.layers[0].self_attn.q_proj, 3) is None
+
+
 def test_unloading_gives_every_weight_its_own_storage():
     _, model, ids = _compiled_pair(1)
     _grads(model, ids)
