@@ -127,12 +127,18 @@ class StackedLowRankFunction(torch.autograd.Function):
 
 def rows_backward(dys: Sequence[torch.Tensor], used: Sequence[bool], x2: torch.Tensor, h: torch.Tensor,
                   rows: torch.Tensor, ups: Sequence[torch.Tensor], scaling: float, need_x: bool,
-                  need_a: Sequence[bool], need_b: Sequence[bool]
+                  need_a: Sequence[bool], need_b: Sequence[bool], scales: Sequence[torch.Tensor] | None = None
                   ) -> tuple[torch.Tensor | None, list[torch.Tensor | None], list[torch.Tensor | None]]:
     """``(dx [N, d_in], dA's, dB's)`` of a stacked chain's product ``z_i = x W_iᵀ + s·h_i B_iᵀ`` (module docstring),
     from each member's ``dz_i`` ``[N, d_i]`` in x's dtype (zeros where its output was unused: it then gets no dA,
-    dB), x2 ``[N, d_in]``, ``h = x Aᵀ`` ``[N, R]`` and the rows; None where not needed. Also DoRA's stacked chains'
-    (:mod:`slimtune.methods.dora.stacked`, given ``dz_i = g_i·dy_i``)."""
+    dB), x2 ``[N, d_in]``, ``h = x Aᵀ`` ``[N, R]`` and the rows; None where not needed. With ``scales`` (DoRA's
+    stacked chains, :mod:`slimtune.methods.dora.stacked`: fp32 ``g_i`` ``[d_i]``), the dys are the outputs'
+    gradients and ``dz_i = g_i ⊙ dy_i`` (:func:`_scaled_one` for a chain of one)."""
+    if scales is not None and len(dys) == 1:
+        return _scaled_one(dys[0], scales[0], x2, h, rows, ups[0], scaling, need_x, need_a[0] and used[0],
+                           need_b[0] and used[0])
+    if scales is not None:
+        dys = [cast(dy.to(scale.dtype) * scale, x2.dtype) for dy, scale in zip(dys, scales)]
     count, dtype = len(dys), x2.dtype
     widths, ranks = [dy.shape[1] for dy in dys], [up.shape[1] for up in ups]
     # [N, Σd], and every later use reads its slices: under compile the kernels that form the dy's write them there
@@ -148,6 +154,22 @@ def rows_backward(dys: Sequence[torch.Tensor], used: Sequence[bool], x2: torch.T
     if any(need_a):
         grad_a = [cast(p, dtype) if need else None for p, need in zip((g.t() @ x2).split_with_sizes(ranks), need_a)]
     return (dx_from_rows(dcat, g, rows, count) if need_x else None), grad_a, grad_b
+
+
+def _scaled_one(dy: torch.Tensor, scale: torch.Tensor, x2: torch.Tensor, h: torch.Tensor, rows: torch.Tensor,
+                up: torch.Tensor, scaling: float, need_x: bool, need_a: bool, need_b: bool
+                ) -> tuple[torch.Tensor | None, list[torch.Tensor | None], list[torch.Tensor | None]]:
+    """:func:`rows_backward` of a chain of one whose ``dz = scale ⊙ dy`` (``scale`` fp32 ``[d]``): g and dB from dy
+    itself, ``g = s·dy (scale ⊙ B)`` ``[N, r]``, ``dB = scale ⊙ s·dyᵀ h``, so that dz is read only by ``dx = [dz, g] S``
+    (:func:`dx_from_rows`). Compiled, the kernel that forms dz can then write it once, into ``[dz, g]``, where dz read
+    by the GEMMs too was written to a buffer of its own and then copied there: for o and down, two kernels of 3.3 ms
+    a 3B DoRA step at seq 2048 on an H100 (RESULTS.md runs 157 and 167)."""
+    dtype, acc = x2.dtype, scale.dtype
+    g = mm_scaled(dy, cast(up.to(acc) * scale[:, None], dtype), scaling)
+    grad_b = cast(mm_scaled_as(dy.t(), h, scaling, up).to(acc) * scale[:, None], up.dtype) if need_b else None
+    grad_a = cast(g.t() @ x2, dtype) if need_a else None
+    dz = cast(dy.to(acc) * scale, dtype)
+    return (dx_from_rows(dz, g, rows, 1) if need_x else None), [grad_a], [grad_b]
 
 
 def block_factor(ups: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:

@@ -16,6 +16,9 @@ For members ``i = 1..n`` (no bias, no dropout, one scaling s, outputs in bf16 / 
     g = s·[dz_1 B_1, …, dz_n B_n] = s·[dz_1, …, dz_n] blockdiag(B_i)   [N, R]                  (1 GEMM)
     dB_i = s·dz_iᵀ h_i      dA = gᵀ x      dx = [dz_1, …, dz_n] W + g A                        (n + 1 + 2 GEMMs)
 
+(a chain of one: ``g = s·dy (g ⊙ B)``, ``dB = g ⊙ s·dyᵀ h``, so that dz is read by ``dx`` only:
+:func:`~slimtune.core.stacked_rows.rows_backward` with the scales g)
+
 (``dx`` one GEMM, ``[dz, g] S``, for a chain of one; the block diagonals: the products only while traced, as
 :func:`~slimtune.core.stacked_rows.block_factor`.) A DoRA Linear's own Function runs five GEMMs forward (base,
 ``x Aᵀ``, ``(x Aᵀ) Bᵀ``, ``W Aᵀ``, ``A Aᵀ``) and five backward: a compiled q/k/v chain runs 3 + 7 here against
@@ -40,7 +43,7 @@ from ...core.compute import accumulate_type, add_as_views, cast, scaled_product
 from ...core.stacked_rows import block_factor, rows_backward
 from ...core.tracing import compiling, distinct_when_traced
 from ..lora.linear import LoraLinear
-from .compose import compose_backward_reference, compose_forward_reference
+from .compose import compose_forward_reference
 from .norm import dora_vectors_reference, magnitude_floor, mm_acc, saves_output, weight_row_norm_sq
 
 
@@ -111,19 +114,17 @@ class StackedDoraFunction(torch.autograd.Function):
         if not any(used):
             return (None,) * (6 + 3 * count)
         dtype, x2 = x.dtype, x.reshape(-1, x.shape[-1])
-        dzs, grad_m = [], []
+        acc = accumulate_type(dtype)
+        dys, grad_m = [], []
         for grad, y, vec, width, shape, use, need in zip(grads, outputs, vectors, widths, ctx.magnitude_shapes, used,
                                                          needs[5 + 2 * count:5 + 3 * count]):
-            if not use:
-                dzs.append(x2.new_zeros(x2.shape[0], width))
-                grad_m.append(None)
-                continue
-            dz, pre_sum, _ = compose_backward_reference(cast(grad.reshape(-1, width), dtype), y.reshape(-1, width),
-                                                        vec[1])
-            dzs.append(dz)
-            grad_m.append((pre_sum * vec[3]).view(shape) if need else None)  # dm = Σ dy ⊙ y / m'
-        dx, grad_a, grad_b = rows_backward(dzs, used, x2, h, rows, ups, scaling, needs[0], needs[5:5 + count],
-                                           needs[5 + count:5 + 2 * count])
+            dy = cast(grad.reshape(-1, width), dtype) if use else x2.new_zeros(x2.shape[0], width)
+            dys.append(dy)
+            # dm = Σ dy ⊙ y / m' (compose_backward_reference's sums, with base = y); dz = g ⊙ dy: in rows_backward
+            grad_m.append((dy.to(acc) * y.reshape(-1, width).to(acc)).sum(0).mul(vec[3]).view(shape)
+                          if use and need else None)
+        dx, grad_a, grad_b = rows_backward(dys, used, x2, h, rows, ups, scaling, needs[0], needs[5:5 + count],
+                                           needs[5 + count:5 + 2 * count], scales=[vec[1] for vec in vectors])
         if ctx.on_backward is not None:
             ctx.on_backward()
         return (dx.view(x.shape) if dx is not None else None, None, None, None, None, *grad_a, *grad_b, *grad_m, None)

@@ -43,10 +43,11 @@ def _apply(x, rows, downs, ups, mags, scaling):
     return StackedDoraFunction.apply(x, scaling, None, widths, magnitude_floor(x.dtype), *downs, *ups, *mags, rows)
 
 
-def test_gradcheck_float64():
+@pytest.mark.parametrize("count", [1, 3])
+def test_gradcheck_float64(count):
     """x and the magnitudes (A's and B's gradients treat the norm as a constant, DoRA §4.3: checked against the
-    definition below)."""
-    x, rows, _, _, downs, ups, mags = _chain(3, torch.float64)
+    definition below); a chain of one takes its g and dB from dy (``stacked_rows._scaled_one``)."""
+    x, rows, _, _, downs, ups, mags = _chain(count, torch.float64)
     leaves = [x.requires_grad_(), *(m.requires_grad_() for m in mags)]
     assert torch.autograd.gradcheck(lambda *_: _apply(x, rows, downs, ups, mags, 0.7), tuple(leaves))
 
