@@ -4,8 +4,8 @@
 # and 49 (part 2), and kept to repeat them. Run from the repository root on the lent machine:
 #
 # Still to run (as of 2026-12-07, eighteenth session): on an H200, part 82 (compiled LoRA and DoRA against PEFT-bf16;
-# part 80 adds a profile); on any GPU, part 84 (the block-diagonal B's at the 3B shape, against the code before) and
-# part 85 (compiled DoRA at seq 2048: output code and paired rounds).
+# part 80 adds a profile); on any GPU, part 86 (DoRA's chain of one with dz written once, against b10b8fe). Parts 84
+# and 85 ran in shortened form as RESULTS.md runs 167-168.
 # Sixteenth session's list (parts 78 and 77 ran as RESULTS.md runs 151-152 on an H100; compiled
 # DoRA on stacked rows is 0.84-0.88x PEFT-bf16 compiled there): part 79 on an H200 (compiled LoRA and DoRA, eager HRA).
 # Fifteenth session's list (as of 2026-12-07; part 75 ran as RESULTS.md run 146, part 76 as run 147, on an
@@ -170,7 +170,7 @@
 # Outputs go to $OUT (each script's own files, plus one log per step); record them in benchmarks/RESULTS.md with
 # the GPU and versions the scripts print.
 set -uo pipefail
-part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|...|85"}
+part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|...|86"}
 out=${OUT:-/tmp/pending_gpu}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -1068,8 +1068,20 @@ PY
     step paired_2048_compile_dora 300 python benchmarks/paired_steps.py --compile --seq 2048 --rounds 10 \
         --steps-per-turn 3 --configs dora peft-bf16:dora --out-name paired_2048_compile_dora
     ;;
+86)
+    # issue 19 (about 5 minutes, any GPU; carry .before = the code before, git archive b10b8fe slimtune): DoRA's
+    # stacked chain of one (o, down) takes g and dB from dy against g-scaled B, so that dz is read by [dz, g] S only
+    # (run 167's output code: dz written to a buffer of its own, then copied into [dz, g]) — the CUDA tests, then
+    # compiled DoRA against the code before at seq 2048 (run 167: 0.907x PEFT-bf16) and at seq 512
+    step stacked_dora_one_cuda_tests 90 python -m pytest -q tests/methods/dora/test_stacked.py \
+        tests/core/test_stacked_rows.py -k cuda
+    step paired_2048_compile_dora_one 200 python benchmarks/paired_steps.py --compile --seq 2048 --rounds 8 \
+        --steps-per-turn 3 --before .before --configs dora before:dora --out-name paired_2048_compile_dora_one
+    step paired_512_compile_dora_one 200 python benchmarks/paired_steps.py --compile --rounds 12 --steps-per-turn 3 \
+        --before .before --configs dora before:dora peft-bf16:dora --out-name paired_512_compile_dora_one
+    ;;
 *)
-    echo "unknown part $part (1 to 85)" >&2
+    echo "unknown part $part (1 to 86)" >&2
     exit 2
     ;;
 esac
