@@ -16,8 +16,8 @@ For members ``i = 1..n`` (no bias, no dropout, one scaling s, outputs in bf16 / 
     g = s·[dz_1 B_1, …, dz_n B_n] = s·[dz_1, …, dz_n] blockdiag(B_i)   [N, R]                  (1 GEMM)
     dB_i = s·dz_iᵀ h_i      dA = gᵀ x      dx = [dz_1, …, dz_n] W + g A                        (n + 1 + 2 GEMMs)
 
-(a chain of one: ``g = s·dy (g ⊙ B)``, ``dB = g ⊙ s·dyᵀ h``, so that dz is read by ``dx`` only:
-:func:`~slimtune.core.stacked_rows.rows_backward` with the scales g)
+(for a chain of one, ``g = s·dy_1 (g_1 ⊙ B_1)`` and ``dB_1 = g_1 ⊙ s·dy_1ᵀ h_1`` from dy_1, so that dz_1 is read by
+``dx`` only: :func:`~slimtune.core.stacked_rows.rows_backward` given the ``g_i`` as scales)
 
 (``dx`` one GEMM, ``[dz, g] S``, for a chain of one; the block diagonals: the products only while traced, as
 :func:`~slimtune.core.stacked_rows.block_factor`.) A DoRA Linear's own Function runs five GEMMs forward (base,
