@@ -138,7 +138,7 @@ def rows_backward(dys: Sequence[torch.Tensor], used: Sequence[bool], x2: torch.T
         return _scaled_one(dys[0], scales[0], x2, h, rows, ups[0], scaling, need_x, need_a[0] and used[0],
                            need_b[0] and used[0])
     if scales is not None:
-        dys = [cast(dy.to(scale.dtype) * scale, x2.dtype) for dy, scale in zip(dys, scales)]
+        dys = [_scaled(dy, scale, x2.dtype) for dy, scale in zip(dys, scales)]
     count, dtype = len(dys), x2.dtype
     widths, ranks = [dy.shape[1] for dy in dys], [up.shape[1] for up in ups]
     # [N, Σd], and every later use reads its slices: under compile the kernels that form the dy's write them there
@@ -168,8 +168,12 @@ def _scaled_one(dy: torch.Tensor, scale: torch.Tensor, x2: torch.Tensor, h: torc
     g = mm_scaled(dy, cast(up.to(acc) * scale[:, None], dtype), scaling)
     grad_b = cast(mm_scaled_as(dy.t(), h, scaling, up).to(acc) * scale[:, None], up.dtype) if need_b else None
     grad_a = cast(g.t() @ x2, dtype) if need_a else None
-    dz = cast(dy.to(acc) * scale, dtype)
-    return (dx_from_rows(dz, g, rows, 1) if need_x else None), [grad_a], [grad_b]
+    return (dx_from_rows(_scaled(dy, scale, dtype), g, rows, 1) if need_x else None), [grad_a], [grad_b]
+
+
+def _scaled(dy: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``dz = scale ⊙ dy`` ``[N, d]`` in ``dtype``, formed in scale's precision (``scale`` ``[d]``)."""
+    return cast(dy.to(scale.dtype) * scale, dtype)
 
 
 def block_factor(ups: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
