@@ -170,7 +170,7 @@
 # Outputs go to $OUT (each script's own files, plus one log per step); record them in benchmarks/RESULTS.md with
 # the GPU and versions the scripts print.
 set -uo pipefail
-part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|...|86"}
+part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|...|87"}
 out=${OUT:-/tmp/pending_gpu}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -1080,8 +1080,21 @@ PY
     step paired_512_compile_dora_one 200 python benchmarks/paired_steps.py --compile --rounds 12 --steps-per-turn 3 \
         --before .before --configs dora before:dora peft-bf16:dora --out-name paired_512_compile_dora_one
     ;;
+87)
+    # issue 19 (about 9 minutes, any GPU; carry .before = the code before DoRA's chain of one took g and dB from dy,
+    # git archive b10b8fe slimtune): a stacked DoRA chain's norm parts S Aᵀ and ‖W‖²_row from one Triton pass over S
+    # (methods.dora.triton_rows, a triton_op) where cuBLAS's GEMM and Inductor's reduction each read S (run 152: the
+    # reductions 1.45 ms of a step) — the CUDA tests, the kernel against the two alone (rows_parts_bench.py), then
+    # compiled DoRA at seq 2048 against the code before both changes (part 86's) and PEFT-bf16
+    step rows_parts_cuda_tests 150 python -m pytest -q tests/methods/dora/test_triton_rows.py \
+        tests/methods/dora/test_stacked.py -k "cuda or gpu or compiled_chain"
+    step rows_parts_bench 100 python benchmarks/rows_parts_bench.py
+    step paired_2048_compile_dora_rows 290 python benchmarks/paired_steps.py --compile --seq 2048 --rounds 6 \
+        --steps-per-turn 3 --before .before --configs dora before:dora peft-bf16:dora \
+        --out-name paired_2048_compile_dora_rows
+    ;;
 *)
-    echo "unknown part $part (1 to 86)" >&2
+    echo "unknown part $part (1 to 87)" >&2
     exit 2
     ;;
 esac
