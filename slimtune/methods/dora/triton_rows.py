@@ -33,11 +33,10 @@ def _rows_parts_kernel(rows_ptr, parts_ptr, sq_ptr, M, K, R, total, stride_row, 
     rows64, a_rows64 = rows.to(tl.int64), (total + ranks).to(tl.int64)
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     squares = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    k_start = split * k_per_split
-    k_end = tl.minimum(k_start + k_per_split, K)
-    for k in range(k_start, k_end, BLOCK_K):
-        cols = k + tl.arange(0, BLOCK_K)
-        col_ok = cols < k_end
+    k_start = split * k_per_split  # k_per_split: a multiple of BLOCK_K
+    for k in range(0, k_per_split, BLOCK_K):
+        cols = k_start + k + tl.arange(0, BLOCK_K)
+        col_ok = cols < K
         tile = tl.load(rows_ptr + rows64[:, None] * stride_row + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
                        other=0.0)
         a_t = tl.load(rows_ptr + a_rows64[None, :] * stride_row + cols[:, None], mask=col_ok[:, None] & rank_ok[None, :],
@@ -71,8 +70,11 @@ def rows_parts_triton(rows: torch.Tensor, total: int) -> tuple[torch.Tensor, tor
     alloc = torch.zeros if k == 0 else torch.empty  # K = 0: the empty sums
     parts = alloc((*lead, m, rank), dtype=torch.float32, device=rows.device)
     squares = alloc((*lead, m), dtype=torch.float32, device=rows.device)
+    # the CPU interpreter's kernel is no JITFunction, which torch 2.11's wrap_triton refuses: launched as it is (eagerly:
+    # a compiled chain takes the kernel on CUDA only)
+    kernel = _rows_parts_kernel if rows.device.type == "cpu" else torch.library.wrap_triton(_rows_parts_kernel)
     if k and m:
-        torch.library.wrap_triton(_rows_parts_kernel)[(row_blocks, splits)](
+        kernel[(row_blocks, splits)](
             rows, parts, squares, m, k, rank, total, rows.stride(0), k_per_split,
             BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_R=max(16, next_power_of_2(rank)),  # tl.dot: blocks of 16 and more
             num_warps=4)
