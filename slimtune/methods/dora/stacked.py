@@ -31,7 +31,8 @@ forms it and ``P`` in one pass over S (:func:`rows_norm_parts`), where a GEMM an
 Only while ``torch.compile`` traces (:meth:`~.module.DoraLinear.run_together`, :meth:`~.module.DoraLinear.forward`):
 there the partitioner decides what the step keeps, Inductor fuses the vectors, the tails and the sums, and the
 eager path's Triton kernels, step vectors formed ahead and output probe do not apply (the norm parts' kernel, a
-``triton_op`` the graph holds, does). Eagerly (the tests) the same code runs. Saved: x, S, the B's, the ``[4, d_i]`` vectors, h and, for ``dm``, the outputs.
+``triton_op`` the graph holds, does). Eagerly (the tests) the same code runs. Saved: x, S, the B's, the ``[4, d_i]``
+vectors, h and, for ``dm``, the outputs.
 """
 from __future__ import annotations
 
@@ -63,9 +64,9 @@ def rows_norm_parts_reference(rows: torch.Tensor, total: int) -> tuple[torch.Ten
 
 def rows_norm_parts(rows: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`rows_norm_parts_reference`'s results from one pass over S where the Triton kernel takes the rows
-    (:mod:`.triton_rows`, a ``triton_op``: fp16 / bf16 with unit column stride and
-    ``R ≤`` :data:`ROWS_KERNEL_MAX_RANK`, on CUDA, eagerly or
-    compiled, or under the CPU interpreter, eagerly); elsewhere the reference."""
+    (:mod:`.triton_rows`, a ``triton_op``: fp16 / bf16 with unit column stride and ``R ≤``
+    :data:`ROWS_KERNEL_MAX_RANK`, on CUDA eagerly or compiled, or under the CPU interpreter eagerly); elsewhere the
+    reference."""
     if rows_kernel_takes(rows, total):
         from . import triton_rows  # noqa: F401  (imports triton, optional: only where it runs; defines the op)
 
@@ -77,7 +78,8 @@ def rows_norm_parts(rows: torch.Tensor, total: int) -> tuple[torch.Tensor, torch
 def rows_kernel_takes(rows: torch.Tensor, total: int) -> bool:
     """Whether :func:`rows_norm_parts` runs the kernel for ``rows`` (its docstring)."""
     return (rows.dtype in (torch.float16, torch.bfloat16) and rows.dim() == 2 and rows.stride(1) == 1
-            and 0 < rows.shape[0] - total <= ROWS_KERNEL_MAX_RANK and triton_takes(rows) and (rows.is_cuda or not compiling()))
+            and 0 < rows.shape[0] - total <= ROWS_KERNEL_MAX_RANK and triton_takes(rows)
+            and (rows.is_cuda or not compiling()))
 
 
 def chain_vectors(rows: torch.Tensor, widths: Sequence[int], ups: Sequence[torch.Tensor],

@@ -8,8 +8,8 @@ fill the GPU); per K block it loads its S tile once, adds ``tile · A_tileᵀ`` 
 tile's squares (fp32). The slices' partial sums ``[splits, M, R]`` / ``[splits, M]`` are added by PyTorch ops in the
 op's body, which ``torch.compile`` fuses into the kernels that read P. Registered as ``slimtune::dora_rows_parts``
 through ``torch.library.triton_op``, so that a compiled graph holds the kernel. Reference:
-:func:`~.stacked.rows_norm_parts_reference` (``tests/methods/dora/test_triton_rows.py``: fp32 and fp16 under the
-interpreter, bf16 on a GPU). Importing this module defines the kernel, so ``TRITON_INTERPRET=1`` (CPU tests) must be
+:func:`~.stacked.rows_norm_parts_reference` (``tests/methods/dora/test_triton_rows.py``: fp16 under the interpreter,
+bf16 on a GPU). Importing this module defines the kernel, so ``TRITON_INTERPRET=1`` (CPU tests) must be
 set before that.
 """
 from __future__ import annotations
@@ -39,8 +39,8 @@ def _rows_parts_kernel(rows_ptr, parts_ptr, sq_ptr, M, K, R, total, stride_row, 
         col_ok = cols < K
         tile = tl.load(rows_ptr + rows64[:, None] * stride_row + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
                        other=0.0)
-        a_t = tl.load(rows_ptr + a_rows64[None, :] * stride_row + cols[:, None], mask=col_ok[:, None] & rank_ok[None, :],
-                      other=0.0)  # [BLOCK_K, BLOCK_R]: Aᵀ's tile
+        a_t = tl.load(rows_ptr + a_rows64[None, :] * stride_row + cols[:, None],
+                      mask=col_ok[:, None] & rank_ok[None, :], other=0.0)  # [BLOCK_K, BLOCK_R]: Aᵀ's tile
         acc = tl.dot(tile, a_t, acc)
         wide = tile.to(tl.float32)
         squares += wide * wide
@@ -59,8 +59,8 @@ def splits_for(row_blocks: int, k: int, device: torch.device) -> int:
 @torch.library.triton_op("slimtune::dora_rows_parts", mutates_args=())
 def rows_parts_triton(rows: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(S Aᵀ [M, R], ‖S‖²_row [M])`` in fp32 for rows S ``[M, K]`` of fp16 / bf16 with unit column stride and
-    ``A = S[total:]`` (``R = M − total`` rows, at most :data:`~.stacked.ROWS_KERNEL_MAX_RANK`); the caller takes ``‖W‖²_row`` as the first
-    ``total`` of the row sums (each output a tensor of its own: a custom op returns no views)."""
+    ``A = S[total:]`` (``R = M − total`` rows, at most :data:`~.stacked.ROWS_KERNEL_MAX_RANK`); the caller takes
+    ``‖W‖²_row`` as the first ``total`` row sums (each output a tensor of its own: a custom op returns no views)."""
     m, k = rows.shape
     rank = m - total
     row_blocks = cdiv(m, BLOCK_M)
@@ -70,8 +70,8 @@ def rows_parts_triton(rows: torch.Tensor, total: int) -> tuple[torch.Tensor, tor
     alloc = torch.zeros if k == 0 else torch.empty  # K = 0: the empty sums
     parts = alloc((*lead, m, rank), dtype=torch.float32, device=rows.device)
     squares = alloc((*lead, m), dtype=torch.float32, device=rows.device)
-    # the CPU interpreter's kernel is no JITFunction, which torch 2.11's wrap_triton refuses: launched as it is (eagerly:
-    # a compiled chain takes the kernel on CUDA only)
+    # the CPU interpreter's kernel is no JITFunction, which torch 2.11's wrap_triton refuses: launched as it is
+    # (eagerly: a compiled chain takes the kernel on CUDA only)
     kernel = _rows_parts_kernel if rows.device.type == "cpu" else torch.library.wrap_triton(_rows_parts_kernel)
     if k and m:
         kernel[(row_blocks, splits)](
