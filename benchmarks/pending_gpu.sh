@@ -3,9 +3,10 @@
 # (≤ 10 min) and together the 30-minute device budget; run on 2026-12-05 as RESULTS.md runs 47 (part 1), 48 (part 3)
 # and 49 (part 2), and kept to repeat them. Run from the repository root on the lent machine:
 #
-# Still to run (as of 2026-12-07, eighteenth session): on an H200, part 82 (compiled LoRA and DoRA against PEFT-bf16;
-# part 80 adds a profile); on any GPU, part 86 (DoRA's chain of one with dz written once, against b10b8fe). Parts 84
-# and 85 ran in shortened form as RESULTS.md runs 167-168.
+# Still to run (as of 2026-12-07, nineteenth session): on an H200, part 82 (compiled LoRA and DoRA against PEFT-bf16;
+# part 80 adds a profile). Part 86 ran in shortened form as RESULTS.md run 172 (with PEFT-bf16 beside it); a part 87
+# (a Triton kernel for a DoRA chain's norm parts, RESULTS.md runs 170-171) ran and was removed with the kernel.
+# Eighteenth session's list: parts 84 and 85 ran in shortened form as RESULTS.md runs 167-168.
 # Sixteenth session's list (parts 78 and 77 ran as RESULTS.md runs 151-152 on an H100; compiled
 # DoRA on stacked rows is 0.84-0.88x PEFT-bf16 compiled there): part 79 on an H200 (compiled LoRA and DoRA, eager HRA).
 # Fifteenth session's list (as of 2026-12-07; part 75 ran as RESULTS.md run 146, part 76 as run 147, on an
@@ -170,7 +171,7 @@
 # Outputs go to $OUT (each script's own files, plus one log per step); record them in benchmarks/RESULTS.md with
 # the GPU and versions the scripts print.
 set -uo pipefail
-part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|...|87"}
+part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|...|86"}
 out=${OUT:-/tmp/pending_gpu}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -1080,21 +1081,8 @@ PY
     step paired_512_compile_dora_one 200 python benchmarks/paired_steps.py --compile --rounds 12 --steps-per-turn 3 \
         --before .before --configs dora before:dora peft-bf16:dora --out-name paired_512_compile_dora_one
     ;;
-87)
-    # issue 19 (about 9 minutes, any GPU; carry .before = the code before DoRA's chain of one took g and dB from dy,
-    # git archive b10b8fe slimtune): a stacked DoRA chain's norm parts S Aᵀ and ‖W‖²_row from one Triton pass over S
-    # (methods.dora.triton_rows, a triton_op) where cuBLAS's GEMM and Inductor's reduction each read S (run 152: the
-    # reductions 1.45 ms of a step) — the CUDA tests, the kernel against the two alone (rows_parts_bench.py), then
-    # compiled DoRA at seq 2048 against the code before both changes (part 86's) and PEFT-bf16
-    step rows_parts_cuda_tests 150 python -m pytest -q tests/methods/dora/test_triton_rows.py \
-        tests/methods/dora/test_stacked.py -k "cuda or gpu or compiled_chain"
-    step rows_parts_bench 100 python benchmarks/rows_parts_bench.py
-    step paired_2048_compile_dora_rows 290 python benchmarks/paired_steps.py --compile --seq 2048 --rounds 6 \
-        --steps-per-turn 3 --before .before --configs dora before:dora peft-bf16:dora \
-        --out-name paired_2048_compile_dora_rows
-    ;;
 *)
-    echo "unknown part $part (1 to 87)" >&2
+    echo "unknown part $part (1 to 86)" >&2
     exit 2
     ;;
 esac

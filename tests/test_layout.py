@@ -213,9 +213,9 @@ def test_each_triton_kernel_module_sits_beside_its_reference():
     assert kernels == ["slimtune.core.triton_rms_norm", "slimtune.core.triton_swiglu",
                        "slimtune.memory.triton_cross_entropy", "slimtune.methods.dora.triton_kernels",
                        "slimtune.methods.dora.triton_norm", "slimtune.methods.dora.triton_prepass",
-                       "slimtune.methods.dora.triton_rows", "slimtune.methods.loha.triton_kernels", "slimtune.quant.nf4_triton"]
+                       "slimtune.methods.loha.triton_kernels", "slimtune.quant.nf4_triton"]
     tests = Path(__file__).resolve().parent
     for test in ("core/test_rms_norm.py", "core/test_swiglu.py", "memory/test_chunked_loss.py",
                  "methods/dora/test_triton_kernels.py",
-                 "methods/dora/test_prepass.py", "methods/dora/test_triton_rows.py", "methods/loha/test_triton_kernels.py", "quant/test_nf4.py"):
+                 "methods/dora/test_prepass.py", "methods/loha/test_triton_kernels.py", "quant/test_nf4.py"):
         assert (tests / test).is_file(), test

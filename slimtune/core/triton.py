@@ -27,19 +27,13 @@ TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INTERPRET = "TRITON_INTERPRET"
 
 
-def triton_takes(t: torch.Tensor) -> bool:
-    """Whether Triton kernels can run on ``t``: CUDA fp32/fp16/bf16, or the CPU under ``TRITON_INTERPRET=1``."""
+def use_triton(t: torch.Tensor) -> bool:
+    """Whether the Triton kernels take ``t``: CUDA fp32/fp16/bf16, or the CPU under ``TRITON_INTERPRET=1`` — and
+    not while ``torch.compile`` traces: there the plain-PyTorch references run, which the compiler fuses itself
+    (the hand-written kernels launch through Triton's runtime, which a graph cannot hold)."""
     if not HAS_TRITON or t.dtype not in TRITON_DTYPES:
         return False
-    return t.is_cuda or (t.device.type == "cpu" and os.environ.get(_INTERPRET) == "1")
-
-
-def use_triton(t: torch.Tensor) -> bool:
-    """Whether the Triton kernels take ``t`` (:func:`triton_takes`) — and not while ``torch.compile`` traces: there
-    the plain-PyTorch references run, which the compiler fuses itself (these kernels launch through Triton's runtime,
-    which a graph cannot hold; a kernel registered with ``torch.library.triton_op`` can be:
-    :mod:`slimtune.methods.dora.triton_rows`)."""
-    return triton_takes(t) and not compiling()
+    return (t.is_cuda or (t.device.type == "cpu" and os.environ.get(_INTERPRET) == "1")) and not compiling()
 
 
 def current_stream_key(device: torch.device) -> tuple[str, int | None, int]:

@@ -25,14 +25,12 @@ For members ``i = 1..n`` (no bias, no dropout, one scaling s, outputs in bf16 / 
 15 + 15, a Llama layer 12 + 21 against 35 + 35 (Inductor's CPU code, RESULTS.md run 166), on a step bound by the
 host's launches. ``P``'s off-diagonal blocks are computed and dropped: ``(Σd + R)·R·d_in`` multiply-adds where the
 blocks need ``Σ (d_i + r_i)·r_i·d_in`` (q/k/v at r = 32: three times as many, a few microseconds of a GPU), one
-launch where there were 2n. ``‖W_i‖²_row`` is formed from S each step; on CUDA in bf16 / fp16 one Triton kernel
-forms it and ``P`` in one pass over S (:func:`rows_norm_parts`), where a GEMM and a reduction read S twice.
+launch where there were 2n. ``‖W_i‖²_row`` is formed from S each step (Inductor: one reduction a chain).
 
 Only while ``torch.compile`` traces (:meth:`~.module.DoraLinear.run_together`, :meth:`~.module.DoraLinear.forward`):
 there the partitioner decides what the step keeps, Inductor fuses the vectors, the tails and the sums, and the
-eager path's Triton kernels, step vectors formed ahead and output probe do not apply (the norm parts' kernel, a
-``triton_op`` the graph holds, does). Eagerly (the tests) the same code runs. Saved: x, S, the B's, the ``[4, d_i]``
-vectors, h and, for ``dm``, the outputs.
+eager path's Triton kernels, step vectors formed ahead and output probe do not apply. Eagerly (the tests) the same
+plain-PyTorch code runs. Saved: x, S, the B's, the ``[4, d_i]`` vectors, h and, for ``dm``, the outputs.
 """
 from __future__ import annotations
 
@@ -44,42 +42,9 @@ import torch.nn.functional as F
 from ...core.compute import accumulate_type, add_as_views, cast, scaled_product
 from ...core.stacked_rows import block_factor, rows_backward
 from ...core.tracing import compiling, distinct_when_traced
-from ...core.triton import triton_takes
 from ..lora.linear import LoraLinear
 from .compose import compose_forward_reference
 from .norm import dora_vectors_reference, magnitude_floor, mm_acc, saves_output, weight_row_norm_sq
-
-#: the largest total rank R of a chain whose norm parts the Triton kernel forms (its ``[64, R]`` fp32 accumulator
-#: stays in registers)
-ROWS_KERNEL_MAX_RANK = 128
-
-
-def rows_norm_parts_reference(rows: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(S Aᵀ [Σd + R, R], ‖W‖²_row [Σd])`` for rows ``S = [W; A]`` ``[Σd + R, d_in]`` whose first ``total`` rows are
-    W: every ``W_i A_jᵀ``, then every ``A_i A_jᵀ``, and the weights' squared row norms, in fp32 (fp64 for fp64). One
-    GEMM (upcast first where no GEMM writes fp32, the CPU, as ``A Aᵀ`` alone is) and one reduction, each reading S."""
-    parts = mm_acc(rows, rows[total:].t(), accumulate_type(rows.dtype), small=True)
-    return parts, weight_row_norm_sq(rows[:total])
-
-
-def rows_norm_parts(rows: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`rows_norm_parts_reference`'s results from one pass over S where the Triton kernel takes the rows
-    (:mod:`.triton_rows`, a ``triton_op``: fp16 / bf16 with unit column stride and ``R ≤``
-    :data:`ROWS_KERNEL_MAX_RANK`, on CUDA eagerly or compiled, or under the CPU interpreter eagerly); elsewhere the
-    reference."""
-    if rows_kernel_takes(rows, total):
-        from . import triton_rows  # noqa: F401  (imports triton, optional: only where it runs; defines the op)
-
-        parts, squares = torch.ops.slimtune.dora_rows_parts(rows, total)
-        return parts, squares[:total]
-    return rows_norm_parts_reference(rows, total)
-
-
-def rows_kernel_takes(rows: torch.Tensor, total: int) -> bool:
-    """Whether :func:`rows_norm_parts` runs the kernel for ``rows`` (its docstring)."""
-    return (rows.dtype in (torch.float16, torch.bfloat16) and rows.dim() == 2 and rows.stride(1) == 1
-            and 0 < rows.shape[0] - total <= ROWS_KERNEL_MAX_RANK and triton_takes(rows)
-            and (rows.is_cuda or not compiling()))
 
 
 def chain_vectors(rows: torch.Tensor, widths: Sequence[int], ups: Sequence[torch.Tensor],
@@ -88,7 +53,9 @@ def chain_vectors(rows: torch.Tensor, widths: Sequence[int], ups: Sequence[torch
     (fp64 for fp64), from the rows ``S`` ``[Σd + R, d_in]``: one GEMM ``S Aᵀ`` for every member's norm parts, and
     ``‖W‖²_row`` of S's weight rows."""
     total = sum(widths)
-    parts, weight_sq = rows_norm_parts(rows, total)
+    # [Σd + R, R]: W_i A_jᵀ, then A_i A_jᵀ; upcast first where no GEMM writes fp32 (the CPU), as A Aᵀ alone is
+    parts = mm_acc(rows, rows[total:].t(), accumulate_type(rows.dtype), small=True)
+    weight_sq = weight_row_norm_sq(rows[:total])
     vectors, start, col = [], 0, 0
     for width, up, magnitude in zip(widths, ups, magnitudes):
         rank = up.shape[1]
