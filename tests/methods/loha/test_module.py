@@ -12,7 +12,8 @@ from slimtune.core.costs import choose_path
 from slimtune.methods.loha import LohaConfig, LohaLayer, loha_delta_weight
 from slimtune.methods.loha.costs import loha_costs
 from tests.helpers import BF16_TOL, FP32_TOL, check_merge_round_trip, rel_err
-from tests.methods.fakes import MaxAllocation, check_quantized_matches_dense, quantized_pair
+from tests.methods.fakes import (MaxAllocation, check_quantized_matches_dense, check_training_dropout_matches_peft,
+                                 quantized_pair)
 
 PATHS = ["structured", "folded"]
 # (name, base layer factory, input shape, r, use_effective_conv2d)
@@ -154,39 +155,10 @@ def test_default_init_is_identity_and_dropout_off_in_eval():
 def test_training_dropout_matches_peft(path, eff):
     """rank_dropout / module_dropout in training: the same draws as PEFT (seeded), hence the same outputs."""
     peft = pytest.importorskip("peft")
-
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = nn.Linear(12, 10)
-            self.conv = nn.Conv2d(4, 6, 3, padding=1)
-
-        def forward(self, x, img):
-            return self.fc(x), self.conv(img)
-
-    torch.manual_seed(0)
-    theirs, ours = Net(), Net()
-    ours.load_state_dict(theirs.state_dict())
     kw = dict(r=3, alpha=5, target_modules=["fc", "conv"], rank_dropout=0.4, module_dropout=0.3,
               use_effective_conv2d=eff, init_weights=False)
-    theirs = peft.get_peft_model(theirs, peft.LoHaConfig(**kw)).train()
-    slimtune.adapt(ours, LohaConfig(path=path, **kw)).train()
-    with torch.no_grad():
-        for name in ("fc", "conv"):
-            src = theirs.base_model.model.get_submodule(name)
-            for key, p in ours.get_submodule(name).peft_parameters().items():
-                p.copy_(getattr(src, key)["default"])
-    x, img = torch.randn(5, 12), torch.randn(2, 4, 6, 6)
-    skipped = 0
-    for step in range(8):
-        torch.manual_seed(100 + step)
-        want = theirs(x, img)
-        torch.manual_seed(100 + step)
-        got = ours(x, img)
-        for g, w in zip(got, want):
-            assert rel_err(g, w) < FP32_TOL
-        skipped += int(torch.equal(got[0], ours.fc.base_layer(x)))
-    assert 0 < skipped < 8  # module dropout did skip the adapter on some steps, not on all
+    check_training_dropout_matches_peft(peft.LoHaConfig(**kw), LohaConfig(path=path, **kw), fc=(12, 10),
+                                        conv=(4, 6))
 
 
 @pytest.mark.parametrize("method", ["loha", "lokr"])

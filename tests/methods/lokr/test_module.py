@@ -14,7 +14,8 @@ from slimtune.core.costs import choose_path
 from slimtune.methods.lokr import LokrConfig, LokrLayer, factorization, lokr_delta_weight, lokr_factors
 from slimtune.methods.lokr.math import lokr_costs
 from tests.helpers import BF16_TOL, FP32_TOL, check_merge_round_trip, rel_err
-from tests.methods.fakes import CountOps, MaxAllocation, check_quantized_matches_dense, quantized_pair
+from tests.methods.fakes import (CountOps, MaxAllocation, check_quantized_matches_dense,
+                                 check_training_dropout_matches_peft, quantized_pair)
 
 PATHS = ["structured", "folded"]
 # (name, base layer factory, input shape, LokrLayer kwargs)
@@ -211,39 +212,10 @@ def test_init_gives_zero_update(init, zero):
 @pytest.mark.parametrize("scale", [False, True])
 def test_training_dropout_matches_peft(path, scale):
     peft = pytest.importorskip("peft")
-
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = nn.Linear(24, 40)
-            self.conv = nn.Conv2d(16, 32, 3, padding=1)
-
-        def forward(self, x, img):
-            return self.fc(x), self.conv(img)
-
-    torch.manual_seed(0)
-    theirs, ours = Net(), Net()
-    ours.load_state_dict(theirs.state_dict())
     kw = dict(r=2, alpha=3, target_modules=["fc", "conv"], rank_dropout=0.4, module_dropout=0.3,
               rank_dropout_scale=scale, use_effective_conv2d=True, init_weights=False)
-    theirs = peft.get_peft_model(theirs, peft.LoKrConfig(**kw)).train()
-    slimtune.adapt(ours, LokrConfig(path=path, **kw)).train()
-    with torch.no_grad():
-        for name in ("fc", "conv"):
-            src = theirs.base_model.model.get_submodule(name)
-            for key, p in ours.get_submodule(name).peft_parameters().items():
-                p.copy_(getattr(src, key)["default"])
-    x, img = torch.randn(5, 24), torch.randn(2, 16, 6, 6)
-    skipped = 0
-    for step in range(8):
-        torch.manual_seed(100 + step)
-        want = theirs(x, img)
-        torch.manual_seed(100 + step)
-        got = ours(x, img)
-        for g, w in zip(got, want):
-            assert rel_err(g, w) < FP32_TOL
-        skipped += int(torch.equal(got[0], ours.fc.base_layer(x)))
-    assert 0 < skipped < 8
+    check_training_dropout_matches_peft(peft.LoKrConfig(**kw), LokrConfig(path=path, **kw), fc=(24, 40),
+                                        conv=(16, 32))
 
 
 def test_path_chooser():
