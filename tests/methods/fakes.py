@@ -1,6 +1,6 @@
 """Test doubles the adapter methods' tests share: a fake 4-bit Linear (its weight behind a handle, dequantised on
-each use) with the checks run against it, a dispatch mode that records the largest new tensor, and one that counts the
-ATen ops called."""
+each use) with the checks run against it, a dispatch mode that records the largest new tensor, one that counts the
+ATen ops called, and the check that a method's training dropout draws as PEFT's does."""
 import collections
 
 import torch
