@@ -17,7 +17,7 @@ So for a transformers model :func:`wrapper_class` gives a subclass of ``PreTrain
 ``PreTrainedModel`` defines is answered by the wrapped model, as PEFT's wrapper answers unknown attributes, except
 what the wrapper defines) whose ``forward`` carries the model's signature; its ``save_pretrained`` writes PEFT's two
 files and, beside them, the index that lists the adapter file's tensors and a ``model.safetensors`` link to the
-adapter file (what ``load_best_model_at_end`` reads). The index names the tensors as the
+adapter file (what ``load_best_model_at_end`` reads; a copy where links are refused). The index names the tensors as the
 wrapper's ``state_dict()`` does, because :func:`name_tensors_as_peft` gives adapter tensors PEFT's names in the
 state dict (``...q_proj.lora_A.weight``, ``...score.weight``) and reads them back under those names.
 """
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import shutil
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -110,18 +111,18 @@ def write_index(directory: Path, model: nn.Module, adapter_dir: str) -> Path:
     return path
 
 
-def link_weights(directory: Path, adapter_dir: str) -> Path | None:
+def link_weights(directory: Path, adapter_dir: str) -> Path:
     """``model.safetensors`` in ``directory`` as a relative symbolic link to the active adapter's file (no bytes
-    copied), or None where the file system has no links. Trainer's ``load_best_model_at_end`` reads only that
-    name (or ``pytorch_model.bin``) for a model that is not peft's own class, then loads it with
-    ``strict=False``, as resuming does from the index."""
+    copied), or as a copy of that file where the file system has no links (an adapter's size). Trainer's
+    ``load_best_model_at_end`` reads only that name (or ``pytorch_model.bin``) for a model that is not peft's own
+    class, then loads it with ``strict=False``, as resuming does from the index."""
     link = directory / SAFE_WEIGHTS_NAME
     target = Path(adapter_dir) / WEIGHTS_NAME if adapter_dir else Path(WEIGHTS_NAME)
+    link.unlink(missing_ok=True)
     try:
-        link.unlink(missing_ok=True)
         link.symlink_to(target)
-    except OSError:  # no symbolic links here: resuming still works from the index; the best model is not reloaded
-        return None
+    except OSError:  # no symbolic links on this file system (some Windows and network mounts)
+        shutil.copyfile(directory / target, link)
     return link
 
 

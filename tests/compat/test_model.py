@@ -4,6 +4,7 @@ model as it was."""
 from __future__ import annotations
 
 import inspect
+import pathlib
 
 import pytest
 import torch
@@ -180,10 +181,17 @@ def test_bad_calls_are_refused_and_leave_the_model_unchanged(case, tmp_path):
     assert torch.equal(run(model, x), out) and not (tmp_path / "out").exists()
 
 
-def test_trainer_load_best_model_at_end_reloads_the_best_checkpoint(tmp_path):
+@pytest.mark.parametrize("links", [True, False], ids=["links", "no-links"])
+def test_trainer_load_best_model_at_end_reloads_the_best_checkpoint(tmp_path, monkeypatch, links):
     """``load_best_model_at_end``: Trainer reloads the best checkpoint's adapter into the model (here the first of
-    three: the loss is "greater is better", so the best is the least trained)."""
+    three: the loss is "greater is better", so the best is the least trained) — also where the file system refuses
+    symbolic links (``model.safetensors`` is then a copy of the adapter file)."""
     from safetensors.torch import load_file
+
+    if not links:
+        def refuse(self, *args, **kwargs):
+            raise OSError("symbolic links are not supported here")
+        monkeypatch.setattr(pathlib.Path, "symlink_to", refuse)
 
     model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=QV))
     ids = torch.randint(1, 64, (8, 10), generator=torch.Generator().manual_seed(1))
@@ -200,3 +208,4 @@ def test_trainer_load_best_model_at_end_reloads_the_best_checkpoint(tmp_path):
     state = model.state_dict()
     assert any(not torch.equal(best[k], last[k]) for k in best)
     assert all(torch.equal(state[k], v) for k, v in best.items())
+    assert (tmp_path / "checkpoint-1" / "model.safetensors").is_symlink() == links
