@@ -3,7 +3,9 @@
 # (≤ 10 min) and together the 30-minute device budget; run on 2026-12-05 as RESULTS.md runs 47 (part 1), 48 (part 3)
 # and 49 (part 2), and kept to repeat them. Run from the repository root on the lent machine:
 #
-# Still to run (as of 2026-12-07, nineteenth session): on an H200, part 82 (compiled LoRA and DoRA against PEFT-bf16;
+# Twentieth session: parts 88 and 89 (issue 19's bounds on the code as it is, any card) ran twice each on one H100 as
+# RESULTS.md runs 175-178; part 90 (compiled seq 2048 for LoRA, LoHa, LoKr) is new.
+# Nineteenth session's list: on an H200, part 82 (compiled LoRA and DoRA against PEFT-bf16;
 # part 80 adds a profile). Part 86 ran in shortened form as RESULTS.md run 172 (with PEFT-bf16 beside it); a part 87
 # (a Triton kernel for a DoRA chain's norm parts, RESULTS.md runs 170-171) ran and was removed with the kernel.
 # Eighteenth session's list: parts 84 and 85 ran in shortened form as RESULTS.md runs 167-168.
@@ -171,7 +173,7 @@
 # Outputs go to $OUT (each script's own files, plus one log per step); record them in benchmarks/RESULTS.md with
 # the GPU and versions the scripts print.
 set -uo pipefail
-part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|...|86"}
+part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|...|90"}
 out=${OUT:-/tmp/pending_gpu}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -1081,8 +1083,33 @@ PY
     step paired_512_compile_dora_one 200 python benchmarks/paired_steps.py --compile --rounds 12 --steps-per-turn 3 \
         --before .before --configs dora before:dora peft-bf16:dora --out-name paired_512_compile_dora_one
     ;;
+88)
+    # issue 19's closing check on the code as it is (about 6 minutes, any GPU; on an H200 this is part 82): compiled
+    # LoRA and DoRA against PEFT-bf16 compiled at seq 512, 16 rounds in turns of 3
+    compiled_rounds_16
+    ;;
+89)
+    # issue 19's closing check, the rest (about 8 minutes, any GPU; one method pair per process so that an 80 GB card
+    # holds the models): eager LoRA / DoRA and LoHa / LoKr against PEFT-bf16 at seq 512, then the 8192x8192 r=384
+    # layer against its GEMM floor
+    step paired_512_eager_lora_dora 200 python benchmarks/paired_steps.py --rounds 8 --steps-per-turn 3 \
+        --configs lora dora peft-bf16:lora peft-bf16:dora --out-name paired_512_eager_lora_dora
+    step paired_512_eager_loha_lokr 170 python benchmarks/paired_steps.py --rounds 6 --steps-per-turn 3 \
+        --configs loha lokr peft-bf16:loha peft-bf16:lokr --out-name paired_512_eager_loha_lokr
+    step layer_compare 200 python benchmarks/layer_compare.py
+    ;;
+90)
+    # issue 19 (about 9 minutes, any GPU; one method per process so that an 80 GB card holds both models): seq 2048
+    # with torch.compile on both sides for LoRA, LoHa and LoKr against PEFT-bf16 (DoRA: run 172, 0.894x)
+    step paired_2048_compile_lora 200 python benchmarks/paired_steps.py --compile --seq 2048 --rounds 6 --warmup 2 \
+        --steps-per-turn 3 --configs lora peft-bf16:lora --out-name paired_2048_compile_lora
+    for m in loha lokr; do
+        step "paired_2048_compile_$m" 180 python benchmarks/paired_steps.py --compile --seq 2048 --rounds 4 \
+            --warmup 2 --steps-per-turn 3 --configs $m peft-bf16:$m --out-name "paired_2048_compile_$m"
+    done
+    ;;
 *)
-    echo "unknown part $part (1 to 86)" >&2
+    echo "unknown part $part (1 to 90)" >&2
     exit 2
     ;;
 esac
