@@ -1099,12 +1099,12 @@ PY
     step layer_compare 200 python benchmarks/layer_compare.py
     ;;
 90)
-    # issue 19 (about 9 minutes, any GPU; one method per process so that an 80 GB card holds both models): seq 2048
+    # issue 19 (about 8 minutes, any GPU; one method per process so that an 80 GB card holds both models): seq 2048
     # with torch.compile on both sides for LoRA, LoHa and LoKr against PEFT-bf16 (DoRA: run 172, 0.894x)
-    step paired_2048_compile_lora 200 python benchmarks/paired_steps.py --compile --seq 2048 --rounds 6 --warmup 2 \
+    step paired_2048_compile_lora 180 python benchmarks/paired_steps.py --compile --seq 2048 --rounds 6 --warmup 2 \
         --steps-per-turn 3 --configs lora peft-bf16:lora --out-name paired_2048_compile_lora
     for m in loha lokr; do
-        step "paired_2048_compile_$m" 180 python benchmarks/paired_steps.py --compile --seq 2048 --rounds 4 \
+        step "paired_2048_compile_$m" 150 python benchmarks/paired_steps.py --compile --seq 2048 --rounds 4 \
             --warmup 2 --steps-per-turn 3 --configs $m peft-bf16:$m --out-name "paired_2048_compile_$m"
     done
     ;;

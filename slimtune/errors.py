@@ -21,5 +21,9 @@ class CheckpointError(SlimtuneError, ValueError):
     """An adapter checkpoint is missing, corrupt, or does not fit the model."""
 
 
+class MergeError(SlimtuneError, ValueError):
+    """Merging an adapter would write NaN or inf into a base weight (``merge_and_unload(safe_merge=True)``)."""
+
+
 class MissingDependencyError(SlimtuneError, ImportError):
     """An optional dependency (transformers, peft, diffusers, bitsandbytes, matplotlib) is needed for what was asked."""

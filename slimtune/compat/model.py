@@ -32,7 +32,7 @@ from ..core.module import AdapterModule
 from ..core.siblings import relearn
 from ..core.inject import (CONFIG_ATTR, AdapterSet, adapt, adapter_modules, attach, detach, disable_adapters, merge,
                            summary, trained_copies, unload, unmerge)
-from ..errors import ConfigError, SlimtuneError
+from ..errors import ConfigError, MergeError, SlimtuneError
 from ..quant import dequantize as dequantize_model
 from .configs import as_slimtune_config
 from .trainer import name_tensors_as_peft, wrapper_class
@@ -70,10 +70,11 @@ class PeftModel(nn.Module):
         return super().__new__(wrapper_class(PeftModel, model) if cls is PeftModel and model is not None else cls)
 
     def __init__(self, model: nn.Module, peft_config: Any = None, adapter_name: str = DEFAULT,
-                 autocast_adapter_dtype: bool = True, **kwargs: Any) -> None:
+                 autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False) -> None:
         """Adapt ``model`` with ``peft_config`` (see :func:`get_peft_model`) and wrap it, its adapter named
         ``adapter_name``; without a config, wrap ``model`` as it is adapted (:func:`slimtune.adapt`,
-        :func:`slimtune.load_adapter`)."""
+        :func:`slimtune.load_adapter`). ``low_cpu_mem_usage`` is PEFT's and changes nothing here (the adapters
+        are small and made where the model is); another keyword is a ``TypeError``, as in PEFT."""
         nn.Module.__init__(self)  # only nn.Module's: the transformers variant must not run PreTrainedModel's
         if peft_config is not None:
             adapt(model, _adapter_dtype(as_slimtune_config(peft_config), model, autocast_adapter_dtype))
@@ -172,7 +173,8 @@ class PeftModel(nn.Module):
                          adapter_names: list[str] | None = None, dequantize: bool = False) -> nn.Module:
         """The plain model with the active adapter folded into its weights: its own module classes and parameter
         names, the modules to save as trained. A 4-bit base is refused unless ``dequantize=True`` (dense weights
-        in the compute dtype). Other named adapters are dropped."""
+        in the compute dtype). Other named adapters are dropped. ``safe_merge=True`` (PEFT's) checks every merged
+        weight for NaN / inf first and, if one has any, raises with the model left as it was."""
         if adapter_names is not None and list(adapter_names) != [self.active_adapter]:
             raise ConfigError(f"adapter_names={adapter_names!r}: slimtune merges the active adapter only "
                               f"({self.active_adapter!r}); set_adapter first")
@@ -183,8 +185,24 @@ class PeftModel(nn.Module):
                                 "weights; merge_and_unload(dequantize=True) writes them in the compute dtype")
         if quantized:
             dequantize_model(model)
+        if safe_merge:
+            self._merge_checked(model)
         self.waiting.clear()
         return unload(model, merge=True)
+
+    def _merge_checked(self, model: nn.Module) -> None:
+        """Merge every adapter of ``model``; where a merged weight is not finite, unmerge what this merged (the base
+        weights come back bit for bit) and raise, naming the layer."""
+        fresh = [(name, adapter) for name, adapter in adapter_modules(model) if not adapter.merged]
+        for _, adapter in fresh:
+            adapter.merge()
+        broken = [name for name, adapter in adapter_modules(model) if not torch.isfinite(adapter.base_weight).all()]
+        if broken:
+            for _, adapter in fresh:
+                adapter.unmerge()
+            more = f" (and {len(broken) - 1} more)" if len(broken) > 1 else ""
+            raise MergeError(f"safe_merge: the merged weight of {broken[0]}{more} has NaN or inf values; the "
+                                f"adapter {self.active_adapter!r} seems broken. The model is left as it was")
 
     def unload(self) -> nn.Module:
         """The plain model without the adapters (its own weights, bit for bit); modules to save as trained."""
@@ -377,14 +395,19 @@ def _adapter_dtype(config: AdapterConfig, model: nn.Module, autocast: bool) -> A
 
 
 def get_peft_model(model: nn.Module, peft_config: Any, adapter_name: str = DEFAULT, mixed: bool = False,
-                   autocast_adapter_dtype: bool = True, **kwargs: Any) -> PeftModel:
+                   autocast_adapter_dtype: bool = True, revision: str | None = None,
+                   low_cpu_mem_usage: bool = False) -> PeftModel:
     """PEFT's ``get_peft_model``: adapt ``model`` in place with ``peft_config`` (a slimtune config, or a peft config
     object, translated) and return it wrapped in a :class:`PeftModel`.
 
     ``autocast_adapter_dtype`` (PEFT's default True): on a float16 / bfloat16 model the adapters are float32, as
     PEFT makes them, unless the config sets ``adapter_dtype``; False keeps them in the model's dtype (leaner: what
-    :func:`slimtune.adapt` does).
+    :func:`slimtune.adapt` does). ``revision`` (the base model's revision) is recorded in the config, and so in
+    ``adapter_config.json``, as PEFT records it. ``low_cpu_mem_usage`` changes nothing here (see :class:`PeftModel`).
     """
     if mixed:
         raise ConfigError("mixed=True (PEFT's mixed adapter types) is not supported")
-    return PeftModel(model, peft_config, adapter_name, autocast_adapter_dtype)
+    config = as_slimtune_config(peft_config)
+    if revision is not None:
+        config = dataclasses.replace(config, revision=revision)
+    return PeftModel(model, config, adapter_name, autocast_adapter_dtype)

@@ -71,6 +71,48 @@ def test_merged_export_reloads_to_identical_logits(dtype, tmp_path):
     assert rel_err(run(merged, x), adapted) < (FP32_TOL if dtype == torch.float32 else BF16_TOL)
 
 
+def test_safe_merge_refuses_a_broken_adapter_and_leaves_the_model_as_it_was():
+    """PEFT's ``safe_merge=True``: a NaN in one adapter is found before anything is unloaded, and the model is left as
+    it was, bit for bit (a layer merged before the call stays merged); finite adapters merge as without it."""
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=QV))
+    perturb_adapters(model)
+    x = llm_input()
+    adapted = run(model, x)
+    layers = model.get_base_model().model.layers
+    layers[0].self_attn.q_proj.merge()  # merged by the user before the call
+    broken = layers[1].self_attn.v_proj.lora_B
+    good = broken.detach().clone()
+    with torch.no_grad():
+        broken[0, 0] = float("nan")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"layers\.1\.self_attn\.v_proj.*NaN or inf.*'default'"):
+        model.merge_and_unload(safe_merge=True)
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    for key, value in before.items():
+        torch.testing.assert_close(after[key], value, rtol=0, atol=0, equal_nan=True)
+    assert layers[0].self_attn.q_proj.merged and not layers[1].self_attn.v_proj.merged
+    with torch.no_grad():
+        broken.copy_(good)
+    merged = model.merge_and_unload(safe_merge=True)
+    assert rel_err(run(merged, x), adapted) < FP32_TOL
+
+
+def test_get_peft_model_takes_peft_keywords_and_refuses_others(tmp_path):
+    """PEFT's ``revision`` is recorded (config and ``adapter_config.json``), ``low_cpu_mem_usage`` is accepted, and
+    a keyword PEFT does not have is a TypeError naming it (never ignored)."""
+    import json
+
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=QV), revision="v2", low_cpu_mem_usage=True)
+    assert model.peft_config["default"].revision == "v2"
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["revision"] == "v2"
+    with pytest.raises(TypeError, match="bogus_option"):
+        get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=QV), bogus_option=3)
+    with pytest.raises(TypeError, match="bogus_option"):
+        PeftModel(tiny_llama(), LoraConfig(r=4, target_modules=QV), bogus_option=3)
+
+
 def test_adapters_of_a_bf16_model_are_fp32_as_peft_makes_them():
     model = get_peft_model(tiny_llama().to(torch.bfloat16), LoraConfig(r=4, target_modules=QV))
     assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
