@@ -193,16 +193,16 @@ class PeftModel(nn.Module):
     def _merge_checked(self, model: nn.Module) -> None:
         """Merge every adapter of ``model``; where a merged weight is not finite, unmerge what this merged (the base
         weights come back bit for bit) and raise, naming the layer."""
-        fresh = [(name, adapter) for name, adapter in adapter_modules(model) if not adapter.merged]
-        for _, adapter in fresh:
+        fresh = [adapter for _, adapter in adapter_modules(model) if not adapter.merged]
+        for adapter in fresh:
             adapter.merge()
         broken = [name for name, adapter in adapter_modules(model) if not torch.isfinite(adapter.base_weight).all()]
         if broken:
-            for _, adapter in fresh:
+            for adapter in fresh:
                 adapter.unmerge()
             more = f" (and {len(broken) - 1} more)" if len(broken) > 1 else ""
             raise MergeError(f"safe_merge: the merged weight of {broken[0]}{more} has NaN or inf values; the "
-                                f"adapter {self.active_adapter!r} seems broken. The model is left as it was")
+                             f"adapter {self.active_adapter!r} seems broken. The model is left as it was")
 
     def unload(self) -> nn.Module:
         """The plain model without the adapters (its own weights, bit for bit); modules to save as trained."""

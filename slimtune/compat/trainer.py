@@ -17,8 +17,8 @@ So for a transformers model :func:`wrapper_class` gives a subclass of ``PreTrain
 ``PreTrainedModel`` defines is answered by the wrapped model, as PEFT's wrapper answers unknown attributes, except
 what the wrapper defines) whose ``forward`` carries the model's signature; its ``save_pretrained`` writes PEFT's two
 files and, beside them, the index that lists the adapter file's tensors and a ``model.safetensors`` link to the
-adapter file (what ``load_best_model_at_end`` reads; a copy where links are refused). The index names the tensors as the
-wrapper's ``state_dict()`` does, because :func:`name_tensors_as_peft` gives adapter tensors PEFT's names in the
+adapter file (what ``load_best_model_at_end`` reads; a copy where links are refused). The index names the tensors
+as the wrapper's ``state_dict()`` does, because :func:`name_tensors_as_peft` gives adapter tensors PEFT's names in the
 state dict (``...q_proj.lora_A.weight``, ``...score.weight``) and reads them back under those names.
 """
 from __future__ import annotations
