@@ -3,8 +3,10 @@
 # (≤ 10 min) and together the 30-minute device budget; run on 2026-12-05 as RESULTS.md runs 47 (part 1), 48 (part 3)
 # and 49 (part 2), and kept to repeat them. Run from the repository root on the lent machine:
 #
+# Still to run (as of 2026-12-07, twentieth session): part 91 (any GPU), where compiled LoRA's seq 2048 step (0.906x
+# PEFT-bf16, run 179) spends what the 0.9x bound needs; on an H200, parts 82 and 89.
 # Twentieth session: parts 88 and 89 (issue 19's bounds on the code as it is, any card) ran twice each on one H100 as
-# RESULTS.md runs 175-178; part 90 (compiled seq 2048 for LoRA, LoHa, LoKr) is new.
+# RESULTS.md runs 175-178, part 90 (compiled seq 2048 for LoRA, LoHa, LoKr) as run 179.
 # Nineteenth session's list: on an H200, part 82 (compiled LoRA and DoRA against PEFT-bf16;
 # part 80 adds a profile). Part 86 ran in shortened form as RESULTS.md run 172 (with PEFT-bf16 beside it); a part 87
 # (a Triton kernel for a DoRA chain's norm parts, RESULTS.md runs 170-171) ran and was removed with the kernel.
@@ -173,7 +175,7 @@
 # Outputs go to $OUT (each script's own files, plus one log per step); record them in benchmarks/RESULTS.md with
 # the GPU and versions the scripts print.
 set -uo pipefail
-part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|...|90"}
+part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|...|91"}
 out=${OUT:-/tmp/pending_gpu}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -1108,8 +1110,17 @@ PY
             --warmup 2 --steps-per-turn 3 --configs $m peft-bf16:$m --out-name "paired_2048_compile_$m"
     done
     ;;
+91)
+    # issue 19 (about 5 minutes, any GPU): compiled LoRA at seq 2048 is 0.906x PEFT-bf16 (run 179; the bound 0.9x):
+    # its step's kernels against PEFT-bf16's and against the floor (the adapters out, one trained scalar), to find
+    # the 2-3 ms a step that the bound needs; then the paired rounds again, with the floor beside them
+    step profile_2048_compile_lora 240 python benchmarks/unet_step_profile.py --preset llama-3.2-3b --rank 32 \
+        --batch 4 --seq 2048 --compile --steps 3 --top 60 --configs lora peft-bf16:lora floor:lora
+    step paired_2048_compile_lora_floor 200 python benchmarks/paired_steps.py --compile --seq 2048 --rounds 6 \
+        --warmup 2 --steps-per-turn 3 --configs lora peft-bf16:lora floor:lora --out-name paired_2048_compile_lora_floor
+    ;;
 *)
-    echo "unknown part $part (1 to 90)" >&2
+    echo "unknown part $part (1 to 91)" >&2
     exit 2
     ;;
 esac
