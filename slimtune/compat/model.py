@@ -219,9 +219,16 @@ class PeftModel(nn.Module):
                         state_dict: dict[str, torch.Tensor] | None = None, **kwargs: Any) -> None:
         """Write each adapter (all, or ``selected_adapters``) as PEFT does: ``adapter_config.json`` and
         ``adapter_model.safetensors``, ``"default"`` in ``save_directory``, others in sub-directories. Never the
-        frozen weights. ``state_dict`` (from Trainer or accelerate) must hold the model's own adapter tensors."""
+        frozen weights. ``state_dict`` (from Trainer or accelerate) must hold the model's own adapter tensors.
+        PEFT's options that would write something else — PiSSA / OLoRA's ``path_initial_model_for_weight_conversion``,
+        ``push_to_hub`` — are refused by name; others (``save_embedding_layers``, ``max_shard_size`` ...) change
+        nothing for an adapter's files."""
         if not safe_serialization:
             raise ConfigError("safe_serialization=False: slimtune writes safetensors only (it never pickles)")
+        refused = sorted(key for key in ("path_initial_model_for_weight_conversion", "push_to_hub") if kwargs.get(key))
+        if refused:
+            raise ConfigError(f"save_pretrained: {', '.join(refused)} not supported (slimtune writes the adapter as "
+                              "it is, to a local directory)")
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
         unknown = [name for name in names if name not in self.peft_config]
         if unknown:
