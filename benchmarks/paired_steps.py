@@ -48,6 +48,11 @@ protocol's; PEFT's users get it through Trainer).
 ``compile_layers``: one GEMM gives a chain's base outputs and ``x Aᵀ``, two its ``dx`` (stacked after one eager step,
 in which the chains are learnt; each eager call checks its stack, :func:`~slimtune.core.stacked_rows.stacked_rows`).
 
+``unstacked:lora`` / ``unstacked-one:lora`` (with ``--compile``): slimtune's LoRA with no chain of a compiled layer
+stacked (:mod:`slimtune.core.stacked_rows`: each member's frozen weight and A apart), or with only the chains of one
+(o, down) apart: what stacking saves or costs a compiled step, in the same rounds (run 179: at seq 2048 the stacked
+GEMMs' widths, d + r, are no multiples of cuBLAS's tiles).
+
 ``--compile``: each decoder layer through ``torch.compile`` (``slimtune.models.layers.compile_layers``, which turns
 the models' KV cache off), on both sides.
 
@@ -78,7 +83,7 @@ import torch
 import slimtune
 from slimtune.core.inject import detach, install_frozen_lean_layers
 from slimtune.core.siblings import watched_groups
-from slimtune.core.stacked_rows import LayerStacks
+from slimtune.core.stacked_rows import MEMBERS, LayerStacks, unstack_member
 from slimtune.memory.chunked_loss import model_causal_lm_loss, plain_head
 from slimtune.memory.options import ProfileOptions
 from slimtune.memory.profile import LR, TrainingSession
@@ -174,9 +179,40 @@ def register_layers_preset(name: str, layers: int, before: bool) -> str:
 
 def compile_session(backend: str, model: Any) -> None:
     """``compile_layers`` on a configuration's model: the earlier copy's own for ``before`` configurations (its
-    layers may learn or compile otherwise)."""
+    layers may learn or compile otherwise); ``unstacked`` configurations' layers then stack no chain, and
+    ``unstacked-one`` configurations' no chain of one."""
     layers = importlib.import_module("slimtune_before.models.layers") if backend == "before" else None
     (layers.compile_layers if layers is not None else compile_layers)(model)
+    if backend in ("unstacked", "unstacked-one"):
+        limited = [limit_stacks(stacks, longest_unstacked=0 if backend == "unstacked" else 1)
+                   for stacks in (getattr(m.__dict__.get("forward"), "stacks", None) for m in model.modules())
+                   if isinstance(stacks, LayerStacks)]
+        print(f"{len(limited)} compiled layers stack no chain of {'any length' if backend == 'unstacked' else 'one'}",
+              flush=True)
+
+
+def limit_stacks(stacks: LayerStacks, longest_unstacked: int) -> LayerStacks:
+    """Make a compiled layer's ``stacks`` leave every chain of at most ``longest_unstacked`` members unstacked (0:
+    none stacked), each time it builds."""
+    build = stacks.build
+
+    def limited_build() -> None:
+        if longest_unstacked == 0:
+            stacks.heads = []
+            return
+        build()
+        kept = []
+        for first in stacks.heads:
+            members = first.__dict__[MEMBERS].modules() or []
+            if len(members) > longest_unstacked:
+                kept.append(first)
+            else:
+                for member in members:
+                    unstack_member(member)
+        stacks.heads = kept
+
+    stacks.build = limited_build
+    return stacks
 
 
 def session_for(backend: str, method: str, common: dict[str, Any], memory: str = "fast",
@@ -196,6 +232,8 @@ def session_for(backend: str, method: str, common: dict[str, Any], memory: str =
         session = session_for("slimtune", method, common, memory)
         print(f"{force_path(session.model, backend)} layers on the {backend} path", flush=True)
         return session
+    if backend in ("unstacked", "unstacked-one"):  # limited once compiled (compile_session)
+        return session_for("slimtune", method, common, memory)
     if backend == "floor":
         session = session_for("slimtune", method, common, memory)
         session.trainable = [floor_model(session.model)]

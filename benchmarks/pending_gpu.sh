@@ -175,7 +175,7 @@
 # Outputs go to $OUT (each script's own files, plus one log per step); record them in benchmarks/RESULTS.md with
 # the GPU and versions the scripts print.
 set -uo pipefail
-part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|...|91"}
+part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|...|92"}
 out=${OUT:-/tmp/pending_gpu}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -1119,8 +1119,17 @@ PY
     step paired_2048_compile_lora_floor 200 python benchmarks/paired_steps.py --compile --seq 2048 --rounds 6 \
         --warmup 2 --steps-per-turn 3 --configs lora peft-bf16:lora floor:lora --out-name paired_2048_compile_lora_floor
     ;;
+92)
+    # issue 19 (about 7 minutes, any GPU): compiled LoRA at seq 2048 (0.906x PEFT-bf16, run 179) — the stacked
+    # layer's large GEMMs (widths d + r: 3104, 5216) against the same products aligned or apart, then the paired
+    # rounds with nothing stacked and with o / down apart (unstacked:lora, unstacked-one:lora) beside PEFT-bf16
+    step stacked_gemm_shapes 60 python benchmarks/stacked_gemm_shapes.py
+    step paired_2048_compile_unstacked 420 python benchmarks/paired_steps.py --compile --seq 2048 --rounds 6 \
+        --warmup 2 --steps-per-turn 3 --configs lora unstacked-one:lora unstacked:lora peft-bf16:lora \
+        --out-name paired_2048_compile_unstacked
+    ;;
 *)
-    echo "unknown part $part (1 to 91)" >&2
+    echo "unknown part $part (1 to 92)" >&2
     exit 2
     ;;
 esac

@@ -1,0 +1,148 @@
+"""The large GEMMs of a compiled LoRA layer on stacked rows at the 3B shape, each against the same product with
+aligned widths: whether a width of ``d + r`` (3104, 5216: not multiples of cuBLAS's 128- or 256-wide tiles) costs
+more than its FLOPs (RESULTS.md run 179: compiled LoRA at seq 2048 is 0.906x PEFT-bf16, GPU-bound, where 0.9x
+needs about 1.6 ms less of a 240 ms step).
+
+For each GEMM the stacked layer runs (:mod:`slimtune.core.stacked_rows`: q/k/v, o and down; :mod:`slimtune.core.
+wide_rows`: gate/up), in the layouts it has there, bf16, N tokens (batch 4 x seq 2048 = 8192):
+
+* ``stacked``: the GEMM as the layer runs it (o's forward ``x [W; A]ᵀ`` ``[N, 3104]``, its ``dx = [dy, g] S``
+  with K = 3104, gate's forward ``[s·h, x] T`` with K = 3104 and its backward ``dy Tᵀ`` ``[N, 3104]``, …);
+* ``base``: the frozen layer's own GEMM (the width without the adapter's r): the floor under it;
+* ``split``: the base GEMM and the adapter's skinny one apart (``x Wᵀ`` and ``x Aᵀ``; ``dy W`` and then ``g A``
+  added by addmm): what the layer ran before stacking;
+* ``pad128`` / ``pad256``: the stacked GEMM with its odd width rounded up to a multiple of 128 / 256 (zero rows
+  in the stack: more FLOPs, aligned tiles).
+
+Each form runs ``CALLS`` times in one CUDA graph, its replays timed by CUDA events; per form the median over
+``--rounds`` interleaved rounds in microseconds, and its excess over ``base`` per layer. The table's last rows add
+up the excess of every form over the 28 layers of a step.
+Usage: ``python benchmarks/stacked_gemm_shapes.py [--tokens 8192] [--rank 32] [--rounds 7]``.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+from typing import Callable
+
+import torch
+
+from _common import environment_line, markdown_table, write_out_text
+from skinny_gemm_forms import captured, timed
+
+#: calls of a GEMM in one captured graph
+CALLS = 10
+#: decoder layers of the 3B shape (a step's sum)
+LAYERS = 28
+HIDDEN, MLP, QKV = 3072, 8192, (3072, 1024, 1024)
+DEVICE = "cuda"
+
+
+def up_to(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def rand(*shape: int) -> torch.Tensor:
+    return torch.randn(*shape, device=DEVICE, dtype=torch.bfloat16) * 0.02
+
+
+def forward_rows(tokens: int, d_in: int, width: int, rank: int) -> dict[str, Callable[[], object]]:
+    """``x Sᵀ`` for S ``[width + rank, d_in]`` (q/k/v: width 5120, rank 96; o, down: width 3072, rank 32)."""
+    x, stacked = rand(tokens, d_in), rand(width + rank, d_in)
+    base, down = stacked[:width], stacked[width:]
+    padded = {m: torch.cat([stacked, stacked.new_zeros(up_to(width + rank, m) - width - rank, d_in)])
+              for m in (128, 256)}
+    return {"stacked": lambda: x @ stacked.t(), "base": lambda: x @ base.t(),
+            "split": lambda: (x @ base.t(), x @ down.t()),
+            "pad128": lambda: x @ padded[128].t(), "pad256": lambda: x @ padded[256].t()}
+
+
+def dx_rows(tokens: int, d_in: int, width: int, rank: int) -> dict[str, Callable[[], object]]:
+    """A chain of one's ``dx = [dy, g] S`` (K = width + rank) against ``dy W`` (+ ``g A`` by addmm)."""
+    cat, stacked = rand(tokens, width + rank), rand(width + rank, d_in)
+    dy, g, base, down = cat[:, :width], cat[:, width:], stacked[:width], stacked[width:]
+    dy_own = dy.contiguous()
+    padded = {}
+    for m in (128, 256):
+        k = up_to(width + rank, m)
+        padded[m] = (torch.cat([cat, cat.new_zeros(tokens, k - width - rank)], 1),
+                     torch.cat([stacked, stacked.new_zeros(k - width - rank, d_in)]))
+    return {"stacked": lambda: cat @ stacked, "base": lambda: dy_own @ base,
+            "split": lambda: torch.addmm(dy_own @ base, g, down),
+            "pad128": lambda: padded[128][0] @ padded[128][1], "pad256": lambda: padded[256][0] @ padded[256][1]}
+
+
+def forward_wide(tokens: int, d_in: int, width: int, rank: int) -> dict[str, Callable[[], object]]:
+    """Gate's ``[s·h_1 | x] T_1`` (K = rank + d_in, a column slice of the ``[N, 2·rank + d_in]`` buffer) against
+    ``x Wᵀ`` (+ ``s·h Bᵀ`` added by addmm)."""
+    buf, t = rand(tokens, 2 * rank + d_in), rand(rank + d_in, width)
+    a, x = buf[:, :rank + d_in], buf[:, rank:rank + d_in]
+    x_own, w = x.contiguous(), t[rank:].t().contiguous().t()  # W's view in T: [d_in, width] rows
+    h, b = buf[:, :rank].contiguous(), t[:rank]
+    padded = {}
+    for m in (128, 256):
+        k = up_to(rank + d_in, m)
+        padded[m] = (torch.cat([a, a.new_zeros(tokens, k - rank - d_in)], 1),
+                     torch.cat([t, t.new_zeros(k - rank - d_in, width)]))
+    return {"stacked": lambda: a @ t, "base": lambda: x_own @ w, "split": lambda: torch.addmm(x_own @ w, h, b),
+            "pad128": lambda: padded[128][0] @ padded[128][1], "pad256": lambda: padded[256][0] @ padded[256][1]}
+
+
+def backward_wide(tokens: int, d_in: int, width: int, rank: int) -> dict[str, Callable[[], object]]:
+    """Gate's ``c = dy T_1ᵀ`` ``[N, rank + d_in]`` (``dy B`` and ``dy W`` from one GEMM) against ``dy W`` alone (and
+    ``dy B`` apart)."""
+    dy, t = rand(tokens, width), rand(rank + d_in, width)
+    w, b = t[rank:].t().contiguous(), t[:rank].t().contiguous()  # [width, d_in], [width, rank]: as the layers hold them
+    padded = {m: torch.cat([t, t.new_zeros(up_to(rank + d_in, m) - rank - d_in, width)]) for m in (128, 256)}
+    return {"stacked": lambda: dy @ t.t(), "base": lambda: dy @ w, "split": lambda: (dy @ w, dy @ b),
+            "pad128": lambda: dy @ padded[128].t(), "pad256": lambda: dy @ padded[256].t()}
+
+
+def cases(tokens: int, rank: int) -> dict[str, tuple[int, dict[str, Callable[[], object]]]]:
+    """Each GEMM of a layer, with how many times a layer runs it."""
+    return {
+        "q/k/v forward x Sᵀ": (1, forward_rows(tokens, HIDDEN, sum(QKV), 3 * rank)),
+        "o forward x Sᵀ": (1, forward_rows(tokens, HIDDEN, HIDDEN, rank)),
+        "down forward x Sᵀ": (1, forward_rows(tokens, MLP, HIDDEN, rank)),
+        "o dx [dy, g] S": (1, dx_rows(tokens, HIDDEN, HIDDEN, rank)),
+        "down dx [dy, g] S": (1, dx_rows(tokens, MLP, HIDDEN, rank)),
+        "gate/up forward buf T": (2, forward_wide(tokens, HIDDEN, MLP, rank)),
+        "gate/up backward dy Tᵀ": (2, backward_wide(tokens, HIDDEN, MLP, rank)),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--rank", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=7)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    forms = ("stacked", "base", "split", "pad128", "pad256")
+    graphs = {(name, form): captured(fns[form], CALLS)
+              for name, (_, fns) in cases(args.tokens, args.rank).items() for form in forms}
+    counts = {name: count for name, (count, _) in cases(args.tokens, args.rank).items()}
+    times: dict[tuple[str, str], list[float]] = {key: [] for key in graphs}
+    for key, graph in graphs.items():  # warm
+        timed(graph, CALLS)
+    for _ in range(args.rounds):
+        for key, graph in graphs.items():
+            times[key].append(timed(graph, CALLS) * 1e3)
+    median = {key: statistics.median(values) for key, values in times.items()}
+    rows, totals = [], dict.fromkeys(forms, 0.0)
+    for name, count in counts.items():
+        base = median[(name, "base")]
+        rows.append([name, count] + [f"{median[(name, f)]:.1f}" + ("" if f == "base" else
+                                     f" ({median[(name, f)] - base:+.1f})") for f in forms])
+        for form in forms:
+            totals[form] += count * LAYERS * (median[(name, form)] - median[(name, "base")]) / 1e3
+    rows.append([f"excess over base, {LAYERS} layers (ms)", ""] + [f"{totals[f]:.2f}" for f in forms])
+    table = markdown_table(["GEMM", "per layer"] + [f"{f} µs (− base)" for f in forms], rows)
+    text = f"{environment_line()}\ntokens {args.tokens}, rank {args.rank}, {args.rounds} rounds\n\n{table}\n"
+    print(text)
+    write_out_text("stacked_gemm_shapes.md", text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
