@@ -98,8 +98,35 @@ def backward_wide(tokens: int, d_in: int, width: int, rank: int) -> dict[str, Ca
             "pad128": lambda: dy @ padded[128].t(), "pad256": lambda: dy @ padded[256].t()}
 
 
+def forward_whole(tokens: int, d_in: int, widths: tuple[int, ...], rank: int) -> dict[str, Callable[[], object]]:
+    """A chain's whole forward, sums included: ``stacked`` as on rows (``x Sᵀ``, then ``h Bᵀ`` against the B's block
+    diagonal and its sum with the base outputs: one product ``[N, Σd]`` written and read back), ``base`` the frozen
+    layers' GEMMs, ``split`` as wide rows would run it (``h = x Aᵀ``, then each member's ``[s·h_i | x] T_i`` with K =
+    d_in + r or more: no product written)."""
+    n, total = len(widths), sum(widths)
+    x, stacked = rand(tokens, d_in), rand(total + n * rank, d_in)
+    weights = [w.contiguous() for w in stacked[:total].split(list(widths))]
+    down = stacked[total:]
+    block = torch.block_diag(*[rand(width, rank) for width in widths])  # [Σd, R]
+    buf = rand(tokens, n * rank + d_in)
+    mats = [rand(rank * (1 if i == 0 else i) + d_in, width) for i, width in enumerate(widths)]
+
+    def rows_form() -> object:
+        out = x @ stacked.t()
+        h = out[:, total:].contiguous()
+        return torch.add(out[:, :total], h @ block.t(), alpha=2.0)
+
+    def wide_form() -> object:
+        h = buf[:, rank:rank + d_in] @ down.t()
+        buf[:, :rank] = h[:, :rank]
+        buf[:, rank + d_in:] = h[:, rank:]
+        return [buf[:, (0 if i == 0 else rank):(0 if i == 0 else rank) + m.shape[0]] @ m for i, m in enumerate(mats)]
+
+    return {"stacked": rows_form, "base": lambda: [x @ w.t() for w in weights], "split": wide_form}
+
+
 def cases(tokens: int, rank: int) -> dict[str, tuple[int, dict[str, Callable[[], object]]]]:
-    """Each GEMM of a layer, with how many times a layer runs it."""
+    """Each GEMM of a layer, with how many times a layer runs it (0: a whole forward, outside the sums)."""
     return {
         "q/k/v forward x Sᵀ": (1, forward_rows(tokens, HIDDEN, sum(QKV), 3 * rank)),
         "o forward x Sᵀ": (1, forward_rows(tokens, HIDDEN, HIDDEN, rank)),
@@ -108,6 +135,9 @@ def cases(tokens: int, rank: int) -> dict[str, tuple[int, dict[str, Callable[[],
         "down dx [dy, g] S": (1, dx_rows(tokens, MLP, HIDDEN, rank)),
         "gate/up forward buf T": (2, forward_wide(tokens, HIDDEN, MLP, rank)),
         "gate/up backward dy Tᵀ": (2, backward_wide(tokens, HIDDEN, MLP, rank)),
+        "q/k/v forward whole (split: wide)": (0, forward_whole(tokens, HIDDEN, QKV, rank)),
+        "o forward whole (split: wide)": (0, forward_whole(tokens, HIDDEN, (HIDDEN,), rank)),
+        "down forward whole (split: wide)": (0, forward_whole(tokens, MLP, (HIDDEN,), rank)),
     }
 
 
@@ -120,7 +150,7 @@ def main() -> int:
     torch.manual_seed(0)
     forms = ("stacked", "base", "split", "pad128", "pad256")
     graphs = {(name, form): captured(fns[form], CALLS)
-              for name, (_, fns) in cases(args.tokens, args.rank).items() for form in forms}
+              for name, (_, fns) in cases(args.tokens, args.rank).items() for form in forms if form in fns}
     counts = {name: count for name, (count, _) in cases(args.tokens, args.rank).items()}
     times: dict[tuple[str, str], list[float]] = {key: [] for key in graphs}
     for key, graph in graphs.items():  # warm
@@ -132,10 +162,11 @@ def main() -> int:
     rows, totals = [], dict.fromkeys(forms, 0.0)
     for name, count in counts.items():
         base = median[(name, "base")]
-        rows.append([name, count] + [f"{median[(name, f)]:.1f}" + ("" if f == "base" else
-                                     f" ({median[(name, f)] - base:+.1f})") for f in forms])
+        rows.append([name, count] + [("—" if (name, f) not in median else f"{median[(name, f)]:.1f}" +
+                                      ("" if f == "base" else f" ({median[(name, f)] - base:+.1f})")) for f in forms])
         for form in forms:
-            totals[form] += count * LAYERS * (median[(name, form)] - median[(name, "base")]) / 1e3
+            if (name, form) in median:
+                totals[form] += count * LAYERS * (median[(name, form)] - base) / 1e3
     rows.append([f"excess over base, {LAYERS} layers (ms)", ""] + [f"{totals[f]:.2f}" for f in forms])
     table = markdown_table(["GEMM", "per layer"] + [f"{f} µs (− base)" for f in forms], rows)
     text = f"{environment_line()}\ntokens {args.tokens}, rank {args.rank}, {args.rounds} rounds\n\n{table}\n"
