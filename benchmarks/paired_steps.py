@@ -53,7 +53,8 @@ stacked (:mod:`slimtune.core.stacked_rows`: each member's frozen weight and A ap
 (o, down) apart: what stacking saves or costs a compiled step, in the same rounds (run 179: at seq 2048 the stacked
 GEMMs' widths, d + r, are no multiples of cuBLAS's tiles). ``wideone:lora`` (with ``--compile``): the chains of one
 stacked wide (:mod:`slimtune.core.wide_rows`) instead of as rows: no ``[N, d]`` product written and read back
-forward, and ``g`` from the ``dx`` GEMM backward.
+forward, and ``g`` from the ``dx`` GEMM backward; ``wideo:lora``: only o's (a chain of one whose input is no wider than
+its output).
 
 ``--compile``: each decoder layer through ``torch.compile`` (``slimtune.models.layers.compile_layers``, which turns
 the models' KV cache off), on both sides.
@@ -85,7 +86,7 @@ import torch
 import slimtune
 from slimtune.core.inject import detach, install_frozen_lean_layers
 from slimtune.core.siblings import watched_groups
-from slimtune.core.stacked_rows import MEMBERS, LayerStacks, unstack_member
+from slimtune.core.stacked_rows import MEMBERS, LayerStacks, stack, unstack_member
 from slimtune.core.wide_rows import WIDE_MEMBERS
 from slimtune.memory.chunked_loss import model_causal_lm_loss, plain_head
 from slimtune.memory.options import ProfileOptions
@@ -186,8 +187,8 @@ def compile_session(backend: str, model: Any) -> None:
     ``unstacked-one`` configurations' no chain of one."""
     layers = importlib.import_module("slimtune_before.models.layers") if backend == "before" else None
     (layers.compile_layers if layers is not None else compile_layers)(model)
-    if backend == "wideone":
-        widened = [wide_chains_of_one(stacks) for stacks in (getattr(m.__dict__.get("forward"), "stacks", None)
+    if backend in ("wideone", "wideo"):
+        widened = [wide_chains_of_one(stacks, backend == "wideo") for stacks in (getattr(m.__dict__.get("forward"), "stacks", None)
                                                              for m in model.modules()) if isinstance(stacks, LayerStacks)]
         print(f"{len(widened)} compiled layers stack their chains of one wide", flush=True)
     if backend in ("unstacked", "unstacked-one"):
@@ -198,9 +199,10 @@ def compile_session(backend: str, model: Any) -> None:
               flush=True)
 
 
-def wide_chains_of_one(stacks: LayerStacks) -> LayerStacks:
-    """Make a compiled layer's ``stacks`` stack its chains of one (o, down) wide (:mod:`slimtune.core.wide_rows`:
-    ``[s·h | x] [Bᵀ; Wᵀ]`` forward, ``g`` and ``dx`` from one GEMM backward) instead of as rows, each time it builds."""
+def wide_chains_of_one(stacks: LayerStacks, square_only: bool = False) -> LayerStacks:
+    """Make a compiled layer's ``stacks`` stack its chains of one (o, down; ``square_only``: those whose input is no
+    wider than their output, o) wide (:mod:`slimtune.core.wide_rows`: ``[s·h | x] [Bᵀ; Wᵀ]`` forward, ``g`` and
+    ``dx`` from one GEMM backward) instead of as rows, each time it builds."""
     build = stacks.build
 
     def widened_build() -> None:
@@ -209,6 +211,11 @@ def wide_chains_of_one(stacks: LayerStacks) -> LayerStacks:
             build()
         finally:
             WIDE_MEMBERS.discard(1)
+        for first in stacks.heads:
+            members = first.__dict__[MEMBERS].modules() or []
+            if square_only and len(members) == 1 and first.in_features > first.out_features:
+                unstack_member(first)
+                stack(members)  # as rows again
 
     stacks.build = widened_build
     return stacks
@@ -255,7 +262,7 @@ def session_for(backend: str, method: str, common: dict[str, Any], memory: str =
         session = session_for("slimtune", method, common, memory)
         print(f"{force_path(session.model, backend)} layers on the {backend} path", flush=True)
         return session
-    if backend in ("unstacked", "unstacked-one", "wideone"):  # set once compiled (compile_session)
+    if backend in ("unstacked", "unstacked-one", "wideone", "wideo"):  # set once compiled (compile_session)
         return session_for("slimtune", method, common, memory)
     if backend == "floor":
         session = session_for("slimtune", method, common, memory)

@@ -125,6 +125,28 @@ def forward_whole(tokens: int, d_in: int, widths: tuple[int, ...], rank: int) ->
     return {"stacked": rows_form, "base": lambda: [x @ w.t() for w in weights], "split": wide_form}
 
 
+def backward_one(tokens: int, d_in: int, width: int, rank: int) -> dict[str, Callable[[], object]]:
+    """A chain of one's ``g`` and ``dx``: ``stacked`` as on rows (``g = dy B`` reading dy again, then ``dx = [dy, g]
+    S`` with dy already in the ``[N, d + r]`` buffer), ``base`` the frozen layer's ``dy W``, ``split`` as wide rows
+    run it (``c = dy Tᵀ`` ``[N, r + d_in]`` gives ``dy B`` and ``dy W``, then ``dx = c[:, r:] + g A`` by addmm: the
+    ``[N, d_in]`` sum written and read)."""
+    cat, stacked = rand(tokens, width + rank), rand(width + rank, d_in)
+    t = rand(rank + d_in, width)
+    up, down, weight = rand(width, rank), stacked[width:], stacked[:width].contiguous()
+    dy = cat[:, :width]
+    dy_own = dy.contiguous()
+
+    def rows_form() -> object:
+        cat[:, width:] = dy @ up
+        return cat @ stacked
+
+    def wide_form() -> object:
+        c = dy_own @ t.t()
+        return torch.addmm(c[:, rank:], c[:, :rank] * 2.0, down)
+
+    return {"stacked": rows_form, "base": lambda: dy_own @ weight, "split": wide_form}
+
+
 def cases(tokens: int, rank: int) -> dict[str, tuple[int, dict[str, Callable[[], object]]]]:
     """Each GEMM of a layer, with how many times a layer runs it (0: a whole forward, outside the sums)."""
     return {
@@ -138,6 +160,8 @@ def cases(tokens: int, rank: int) -> dict[str, tuple[int, dict[str, Callable[[],
         "q/k/v forward whole (split: wide)": (0, forward_whole(tokens, HIDDEN, QKV, rank)),
         "o forward whole (split: wide)": (0, forward_whole(tokens, HIDDEN, (HIDDEN,), rank)),
         "down forward whole (split: wide)": (0, forward_whole(tokens, MLP, (HIDDEN,), rank)),
+        "o backward g, dx (split: wide)": (0, backward_one(tokens, HIDDEN, HIDDEN, rank)),
+        "down backward g, dx (split: wide)": (0, backward_one(tokens, MLP, HIDDEN, rank)),
     }
 
 
