@@ -1124,7 +1124,7 @@ PY
     # layer's large GEMMs (widths d + r: 3104, 5216) against the same products aligned or apart, then the paired
     # rounds with o and down stacked wide (wideone:lora) and o alone wide (wideo:lora) beside PEFT-bf16
     step stacked_gemm_shapes 60 python benchmarks/stacked_gemm_shapes.py
-    step paired_2048_compile_wide 420 python benchmarks/paired_steps.py --compile --seq 2048 --rounds 6 \
+    step paired_2048_compile_wide 400 python benchmarks/paired_steps.py --compile --seq 2048 --rounds 5 \
         --warmup 2 --steps-per-turn 3 --configs lora wideone:lora wideo:lora peft-bf16:lora \
         --out-name paired_2048_compile_wide
     ;;
