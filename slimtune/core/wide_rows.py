@@ -44,6 +44,7 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from .compute import add_product, cast
+from .tracing import compiling
 
 #: the class attribute (True, on the class itself: not inherited) of the layers whose chains may stack wide: LoRA's
 #: Linear (DoRA's Linear stacks as rows only: its Function reads the rows, :mod:`slimtune.methods.dora.stacked`)
@@ -179,12 +180,15 @@ class WideLowRankFunction(torch.autograd.Function):
         down, matrices = views(flat, layout)
         lead, x2 = x.shape[:-1], x.reshape(-1, d_in)
         first = _x_start(layout)
-        buf = x2.new_empty(x2.shape[0], sum(ranks) + d_in)
-        # x written into buf and h read from there: compiled, the kernel that makes x (a norm) writes it into buf
-        buf[:, first:first + d_in] = x2
-        h = buf[:, first:first + d_in] @ down.t()  # [N, R]
-        buf[:, :first] = h[:, :first] * scaling
-        buf[:, first + d_in:] = h[:, first:] * scaling
+        if compiling():  # buf as one cat: each part written into its columns, nothing else of buf rewritten
+            h = x2 @ down.t()  # [N, R]
+            buf = torch.cat([h[:, :first] * scaling, x2, h[:, first:] * scaling], dim=1)
+        else:  # x written into buf once and h read from there, each s·h_i then written into its own columns
+            buf = x2.new_empty(x2.shape[0], sum(ranks) + d_in)
+            buf[:, first:first + d_in] = x2
+            h = buf[:, first:first + d_in] @ down.t()
+            buf[:, :first] = h[:, :first] * scaling
+            buf[:, first + d_in:] = h[:, first:] * scaling
         outputs = []
         for i, (t, width) in enumerate(zip(matrices, widths)):
             start, stop = _columns(layout, i)
