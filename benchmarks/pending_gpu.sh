@@ -3,8 +3,10 @@
 # (≤ 10 min) and together the 30-minute device budget; run on 2026-12-05 as RESULTS.md runs 47 (part 1), 48 (part 3)
 # and 49 (part 2), and kept to repeat them. Run from the repository root on the lent machine:
 #
-# Still to run (as of 2026-12-07, twentieth session): part 91 (any GPU), where compiled LoRA's seq 2048 step (0.906x
-# PEFT-bf16, run 179) spends what the 0.9x bound needs; on an H200, parts 82 and 89.
+# Still to run (as of 2026-12-07, twenty-first session): part 93 (any GPU, carry .before = 70bfb35's package), which
+# measures gate/up's operand as one cat (commit 4430cdf) on compiled LoRA at seq 2048 (0.906-0.926x PEFT-bf16, runs
+# 179-182); on an H200, parts 82 and 89. Twenty-first session: part 92 ran as RESULTS.md run 180, part 91's profile
+# as run 181 (its paired rounds not run: run 182 ran unstacked configurations instead).
 # Twentieth session: parts 88 and 89 (issue 19's bounds on the code as it is, any card) ran twice each on one H100 as
 # RESULTS.md runs 175-178, part 90 (compiled seq 2048 for LoRA, LoHa, LoKr) as run 179.
 # Nineteenth session's list: on an H200, part 82 (compiled LoRA and DoRA against PEFT-bf16;
@@ -175,7 +177,7 @@
 # Outputs go to $OUT (each script's own files, plus one log per step); record them in benchmarks/RESULTS.md with
 # the GPU and versions the scripts print.
 set -uo pipefail
-part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|...|92"}
+part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|...|93"}
 out=${OUT:-/tmp/pending_gpu}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -1128,8 +1130,19 @@ PY
         --warmup 2 --steps-per-turn 3 --configs lora wideone:lora wideo:lora peft-bf16:lora \
         --out-name paired_2048_compile_wide
     ;;
+93)
+    # issue 19 (about 4 minutes, any GPU; carry .before = the code before, git archive 70bfb35 slimtune, renamed
+    # slimtune_before): gate/up's wide operand built as one cat when compiled (commit 4430cdf; run 181: the in-place
+    # writes of s·h cost two passes over all of buf, 1.84 ms a seq-2048 step) — the wide rows' CUDA tests, then
+    # compiled LoRA against the code before and PEFT-bf16 at seq 2048 and 512
+    step wide_cuda_tests 90 python -m pytest -q tests/core/test_wide_rows.py -k cuda
+    step paired_2048_compile_cat 160 python benchmarks/paired_steps.py --compile --seq 2048 --rounds 6 --warmup 2 \
+        --steps-per-turn 3 --before .before --configs lora before:lora peft-bf16:lora --out-name paired_2048_compile_cat
+    step paired_512_compile_cat 120 python benchmarks/paired_steps.py --compile --rounds 12 --steps-per-turn 3 \
+        --before .before --configs lora before:lora peft-bf16:lora --out-name paired_512_compile_cat
+    ;;
 *)
-    echo "unknown part $part (1 to 92)" >&2
+    echo "unknown part $part (1 to 93)" >&2
     exit 2
     ;;
 esac
