@@ -183,20 +183,24 @@ def register_layers_preset(name: str, layers: int, before: bool) -> str:
 
 def compile_session(backend: str, model: Any) -> None:
     """``compile_layers`` on a configuration's model: the earlier copy's own for ``before`` configurations (its
-    layers may learn or compile otherwise); ``unstacked`` configurations' layers then stack no chain, and
-    ``unstacked-one`` configurations' no chain of one."""
+    layers may learn or compile otherwise); ``unstacked`` configurations' layers then stack no chain,
+    ``unstacked-one`` configurations' no chain of one, and ``wideone`` / ``wideo`` ones stack chains of one wide."""
     layers = importlib.import_module("slimtune_before.models.layers") if backend == "before" else None
     (layers.compile_layers if layers is not None else compile_layers)(model)
     if backend in ("wideone", "wideo"):
-        widened = [wide_chains_of_one(stacks, backend == "wideo") for stacks in (getattr(m.__dict__.get("forward"), "stacks", None)
-                                                             for m in model.modules()) if isinstance(stacks, LayerStacks)]
+        widened = [wide_chains_of_one(stacks, backend == "wideo") for stacks in compiled_stacks(model)]
         print(f"{len(widened)} compiled layers stack their chains of one wide", flush=True)
     if backend in ("unstacked", "unstacked-one"):
         limited = [limit_stacks(stacks, longest_unstacked=0 if backend == "unstacked" else 1)
-                   for stacks in (getattr(m.__dict__.get("forward"), "stacks", None) for m in model.modules())
-                   if isinstance(stacks, LayerStacks)]
+                   for stacks in compiled_stacks(model)]
         print(f"{len(limited)} compiled layers stack no chain of {'any length' if backend == 'unstacked' else 'one'}",
               flush=True)
+
+
+def compiled_stacks(model: Any) -> list[LayerStacks]:
+    """The stacks of each layer of ``model`` that ``compile_layers`` compiled with sibling groups."""
+    stacks = (getattr(m.__dict__.get("forward"), "stacks", None) for m in model.modules())
+    return [s for s in stacks if isinstance(s, LayerStacks)]
 
 
 def wide_chains_of_one(stacks: LayerStacks, square_only: bool = False) -> LayerStacks:

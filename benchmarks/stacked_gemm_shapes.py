@@ -147,6 +147,44 @@ def backward_one(tokens: int, d_in: int, width: int, rank: int) -> dict[str, Cal
     return {"stacked": rows_form, "base": lambda: dy_own @ weight, "split": wide_form}
 
 
+def product_forms(tokens: int, widths: tuple[int, ...], rank: int) -> dict[str, Callable[[], object]]:
+    """A chain's forward product ``s·h Bᵀ`` ``[N, Σd]`` (K = R, the chain's ranks: 96 for q/k/v, 32 for o or down),
+    which the compiled rows write and the next kernel reads with the base output (run 181: a 64x32-tile cuBLAS kernel, about
+    147 µs a 3B layer at 8192 tokens for the three chains): as the layer runs it (``h @ blockᵀ``, the block diagonal
+    row-major), against the B's transposed contiguous, the product transposed (``(block @ hᵀ)ᵀ``), K padded to 128
+    with zero columns, and the write alone (``zero_`` of the output: the memory floor under any form)."""
+    n, total = len(widths), sum(widths)
+    h, block = rand(tokens, n * rank), torch.block_diag(*[rand(width, rank) for width in widths])
+    block_t = block.t().contiguous()
+    pad = up_to(n * rank, 128) - n * rank
+    h_pad, block_pad = torch.cat([h, h.new_zeros(tokens, pad)], 1), torch.cat([block, block.new_zeros(total, pad)], 1)
+    out = h.new_empty(tokens, total)
+    return {"as run: h @ blockᵀ": lambda: h @ block.t(), "h @ (blockᵀ contiguous)": lambda: h @ block_t,
+            "(block @ hᵀ)ᵀ": lambda: (block @ h.t()).t(), "K padded to 128": lambda: h_pad @ block_pad.t(),
+            "write alone (floor)": lambda: out.zero_()}
+
+
+#: the chains whose forward product the compiled rows write, with their widths
+PRODUCT_CHAINS = {"q/k/v": QKV, "o": (HIDDEN,), "down": (HIDDEN,)}
+
+
+def product_table(tokens: int, rank: int, rounds: int) -> str:
+    """The product forms of every chain (:func:`product_forms`), median µs of ``rounds`` interleaved rounds."""
+    forms = {(chain, name): captured(fn, CALLS) for chain, widths in PRODUCT_CHAINS.items()
+             for name, fn in product_forms(tokens, widths, rank).items()}
+    times: dict[tuple[str, str], list[float]] = {key: [] for key in forms}
+    for key, graph in forms.items():
+        timed(graph, CALLS)
+    for _ in range(rounds):
+        for key, graph in forms.items():
+            times[key].append(timed(graph, CALLS) * 1e3)
+    names = list(product_forms(8, (8,), 1))
+    rows = [[chain] + [f"{statistics.median(times[(chain, name)]):.1f}" for name in names] for chain in PRODUCT_CHAINS]
+    step_ms = {n: LAYERS * sum(statistics.median(times[(c, n)]) for c in PRODUCT_CHAINS) / 1e3 for n in names}
+    rows.append([f"sum, {LAYERS} layers (ms)"] + [f"{step_ms[n]:.2f}" for n in names])
+    return markdown_table(["product s·h Bᵀ (µs)"] + names, rows)
+
+
 def cases(tokens: int, rank: int) -> dict[str, tuple[int, dict[str, Callable[[], object]]]]:
     """Each GEMM of a layer, with how many times a layer runs it (0: a whole forward, outside the sums)."""
     return {
@@ -193,7 +231,9 @@ def main() -> int:
                 totals[form] += count * LAYERS * (median[(name, form)] - base) / 1e3
     rows.append([f"excess over base, {LAYERS} layers (ms)", ""] + [f"{totals[f]:.2f}" for f in forms])
     table = markdown_table(["GEMM", "per layer"] + [f"{f} µs (− base)" for f in forms], rows)
-    text = f"{environment_line()}\ntokens {args.tokens}, rank {args.rank}, {args.rounds} rounds\n\n{table}\n"
+    products = product_table(args.tokens, args.rank, args.rounds)
+    text = (f"{environment_line()}\ntokens {args.tokens}, rank {args.rank}, {args.rounds} rounds\n\n{table}\n\n"
+            f"{products}\n")
     print(text)
     write_out_text("stacked_gemm_shapes.md", text)
     return 0
