@@ -54,7 +54,8 @@ from .tracing import compiling
 #: the class attribute (True, on the class itself: not inherited) of the layers whose chains may stack wide: LoRA's
 #: Linear (DoRA's Linear stacks as rows only: its Function reads the rows, :mod:`slimtune.methods.dora.stacked`)
 STACKS_WIDE = "stacks_wide"
-#: chains of these many members are stacked wide (see the module docstring for why not three or one)
+#: chains of these many members are stacked wide (see the module docstring for why not three or one; RESULTS.md run
+#: 180: o and down, each a chain of one, stacked wide made a compiled 3B step 0.7-2.2% slower)
 WIDE_MEMBERS = {2}
 #: every width and rank a multiple of this, so that each run of columns and each matrix starts 16-byte aligned
 ALIGN = 8
