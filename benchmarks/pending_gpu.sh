@@ -1135,13 +1135,15 @@ PY
     # slimtune_before): gate/up's wide operand built as one cat when compiled (commit 4430cdf; run 181: the in-place
     # writes of s·h cost two passes over all of buf, 1.84 ms a seq-2048 step) — the wide rows' CUDA tests, then
     # compiled LoRA against the code before and PEFT-bf16 at seq 2048 and 512; then the GEMM shapes again, with the
-    # rows' forward products s·h Bᵀ against other layouts and the memory floor (run 181: about 4.1 ms a step)
+    # rows' forward products s·h Bᵀ against other layouts and the memory floor (run 181: about 4.1 ms a step), and
+    # a Triton kernel that writes base + s·h Bᵀ once (product_sum_kernel.py: an experiment outside the package)
     step wide_cuda_tests 90 python -m pytest -q tests/core/test_wide_rows.py -k cuda
     step paired_2048_compile_cat 160 python benchmarks/paired_steps.py --compile --seq 2048 --rounds 6 --warmup 2 \
         --steps-per-turn 3 --before .before --configs lora before:lora peft-bf16:lora --out-name paired_2048_compile_cat
     step paired_512_compile_cat 120 python benchmarks/paired_steps.py --compile --rounds 12 --steps-per-turn 3 \
         --before .before --configs lora before:lora peft-bf16:lora --out-name paired_512_compile_cat
     step stacked_gemm_shapes 60 python benchmarks/stacked_gemm_shapes.py
+    step product_sum_kernel 60 python benchmarks/product_sum_kernel.py
     ;;
 *)
     echo "unknown part $part (1 to 93)" >&2
