@@ -20,7 +20,6 @@ Usage: ``python benchmarks/product_sum_kernel.py [--rounds 7]`` (a GPU), or
 from __future__ import annotations
 
 import argparse
-import statistics
 
 import torch
 import triton
@@ -52,8 +51,8 @@ def _product_sum_kernel(base_ptr, h_ptr, bt_ptr, y_ptr, n, d, k, stride_base, st
 
 def product_sum(base: torch.Tensor, h: torch.Tensor, bt: torch.Tensor, scale: float,
                 block_m: int = 128, block_n: int = 128) -> torch.Tensor:
-    """``base + scale·h bt`` ``[N, d]`` (base ``[N, d]`` with unit column stride, h ``[N, K]``, bt ``[K, d]``, K ≤ 128),
-    written once."""
+    """``base + scale·h bt`` ``[N, d]`` (base ``[N, d]`` with unit column stride, h ``[N, K]``, bt ``[K, d]``,
+    K ≤ 128), written once."""
     n, d = base.shape
     k = h.shape[1]
     assert base.stride(1) == 1 and k <= 128
@@ -90,10 +89,10 @@ def main() -> int:
     args = parser.parse_args()
     if args.check:
         return check()
-    from skinny_gemm_forms import captured, timed
+    from skinny_gemm_forms import median_times
 
     torch.manual_seed(0)
-    forms: dict[tuple[str, str], torch.cuda.CUDAGraph] = {}
+    fns: dict[tuple[str, str], object] = {}
     errors = {}
     for name, k, d, wide in CHAINS:
         out = torch.randn(args.tokens, wide, device="cuda", dtype=torch.bfloat16)
@@ -103,20 +102,13 @@ def main() -> int:
         ref = base.double() + 2.0 * (h.double() @ bt.double())
         got = product_sum(base, h, bt, 2.0)
         errors[name] = ((got.double() - ref).norm() / ref.norm()).item()
-        fns = {"cuBLAS product": lambda h=h, bt=bt: h @ bt,
+        forms = {"cuBLAS product": lambda h=h, bt=bt: h @ bt,
                "cuBLAS product + read": lambda h=h, bt=bt, base=base: torch.add(base, h @ bt, alpha=2.0),
                "Triton product-sum": lambda h=h, bt=bt, base=base: product_sum(base, h, bt, 2.0),
                "read base, write y": lambda y=y, base=base: y.copy_(base)}
-        for form, fn in fns.items():
-            forms[(name, form)] = captured(fn, CALLS)
-    times: dict[tuple[str, str], list[float]] = {key: [] for key in forms}
-    for graph in forms.values():
-        timed(graph, CALLS)
-    for _ in range(args.rounds):
-        for key, graph in forms.items():
-            times[key].append(timed(graph, CALLS) * 1e3)
-    names = list(dict.fromkeys(form for _, form in forms))
-    median = {key: statistics.median(values) for key, values in times.items()}
+        fns.update({(name, form): fn for form, fn in forms.items()})
+    median = median_times(fns, args.rounds, CALLS)
+    names = list(dict.fromkeys(form for _, form in fns))
     rows = [[name, f"{errors[name]:.1e}"] + [f"{median[(name, f)]:.1f}" for f in names] for name, *_ in CHAINS]
     rows.append([f"sum, {LAYERS} layers (ms)", ""] +
                 [f"{LAYERS * sum(median[(c, f)] for c, *_ in CHAINS) / 1e3:.2f}" for f in names])

@@ -59,6 +59,19 @@ def timed(graph: torch.cuda.CUDAGraph, calls: int) -> float:
     return start.elapsed_time(end) / calls
 
 
+def median_times(fns: dict, rounds: int, calls: int = CALLS) -> dict:
+    """Each function of ``fns`` (any keys) captured ``calls`` times in one CUDA graph, the graphs replayed once to warm
+    up and then in ``rounds`` interleaved rounds: the median µs per call of each."""
+    graphs = {key: captured(fn, calls) for key, fn in fns.items()}
+    times: dict = {key: [] for key in graphs}
+    for graph in graphs.values():
+        timed(graph, calls)
+    for _ in range(rounds):
+        for key, graph in graphs.items():
+            times[key].append(timed(graph, calls) * 1e3)
+    return {key: statistics.median(values) for key, values in times.items()}
+
+
 def forms_for(tokens: int, d_in: int, outs: Sequence[int], rank: int) -> dict[str, dict[str, Callable]]:
     """Operation -> {form name: zero-argument function}; the first form of each is slimtune's. Every function
     returns the product (its operands and result bf16, so the bytes a GEMM must move are its operands' and its
@@ -106,16 +119,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for group, (d_in, outs) in GROUPS.items():
         for op, forms in forms_for(args.tokens, d_in, outs, args.rank).items():
             reference = next(iter(forms.values()))()
-            times: dict[str, list[float]] = {name: [] for name in forms}
-            graphs = {name: captured(fn, CALLS) for name, fn in forms.items()}
-            for graph in graphs.values():
-                timed(graph, CALLS)
-            for _ in range(args.rounds):
-                for name, graph in graphs.items():
-                    times[name].append(timed(graph, CALLS))
-            base = statistics.median(times[next(iter(forms))])
+            medians = {name: us / 1e3 for name, us in median_times(forms, args.rounds).items()}  # ms
+            base = medians[next(iter(forms))]
             for name, fn in forms.items():
-                median = statistics.median(times[name])
+                median = medians[name]
                 diff = ((fn().float() - reference.float()).abs().max() / reference.float().abs().max()).item()
                 rate = bytes_moved(args.tokens, d_in, outs, args.rank, op) / (median * 1e-3) / 1e9
                 rows.append([group, op, name, f"{median * 1000:.1f}", f"{median / base:.3f}", f"{rate:.0f}",

@@ -22,13 +22,12 @@ Usage: ``python benchmarks/stacked_gemm_shapes.py [--tokens 8192] [--rank 32] [-
 from __future__ import annotations
 
 import argparse
-import statistics
 from typing import Callable
 
 import torch
 
 from _common import environment_line, markdown_table, write_out_text
-from skinny_gemm_forms import captured, timed
+from skinny_gemm_forms import median_times
 
 #: calls of a GEMM in one captured graph
 CALLS = 10
@@ -149,9 +148,9 @@ def backward_one(tokens: int, d_in: int, width: int, rank: int) -> dict[str, Cal
 
 def product_forms(tokens: int, widths: tuple[int, ...], rank: int) -> dict[str, Callable[[], object]]:
     """A chain's forward product ``s·h Bᵀ`` ``[N, Σd]`` (K = R, the chain's ranks: 96 for q/k/v, 32 for o or down),
-    which the compiled rows write and the next kernel reads with the base output (run 181: a 64x32-tile cuBLAS kernel, about
-    147 µs a 3B layer at 8192 tokens for the three chains): as the layer runs it (``h @ blockᵀ``, the block diagonal
-    row-major), against the B's transposed contiguous, the product transposed (``(block @ hᵀ)ᵀ``), K padded to 128
+    which the compiled rows write and the next kernel reads with the base output (run 181: a 64x32-tile cuBLAS kernel,
+    about 147 µs a 3B layer at 8192 tokens for the three chains): as the layer runs it (``h @ blockᵀ``, the block
+    diagonal row-major), against the B's transposed contiguous, the product transposed (``(block @ hᵀ)ᵀ``), K padded to 128
     with zero columns, and the write alone (``zero_`` of the output: the memory floor under any form)."""
     n, total = len(widths), sum(widths)
     h, block = rand(tokens, n * rank), torch.block_diag(*[rand(width, rank) for width in widths])
@@ -170,17 +169,11 @@ PRODUCT_CHAINS = {"q/k/v": QKV, "o": (HIDDEN,), "down": (HIDDEN,)}
 
 def product_table(tokens: int, rank: int, rounds: int) -> str:
     """The product forms of every chain (:func:`product_forms`), median µs of ``rounds`` interleaved rounds."""
-    forms = {(chain, name): captured(fn, CALLS) for chain, widths in PRODUCT_CHAINS.items()
-             for name, fn in product_forms(tokens, widths, rank).items()}
-    times: dict[tuple[str, str], list[float]] = {key: [] for key in forms}
-    for key, graph in forms.items():
-        timed(graph, CALLS)
-    for _ in range(rounds):
-        for key, graph in forms.items():
-            times[key].append(timed(graph, CALLS) * 1e3)
+    median = median_times({(chain, name): fn for chain, widths in PRODUCT_CHAINS.items()
+                           for name, fn in product_forms(tokens, widths, rank).items()}, rounds, CALLS)
     names = list(product_forms(8, (8,), 1))
-    rows = [[chain] + [f"{statistics.median(times[(chain, name)]):.1f}" for name in names] for chain in PRODUCT_CHAINS]
-    step_ms = {n: LAYERS * sum(statistics.median(times[(c, n)]) for c in PRODUCT_CHAINS) / 1e3 for n in names}
+    rows = [[chain] + [f"{median[(chain, name)]:.1f}" for name in names] for chain in PRODUCT_CHAINS]
+    step_ms = {n: LAYERS * sum(median[(c, n)] for c in PRODUCT_CHAINS) / 1e3 for n in names}
     rows.append([f"sum, {LAYERS} layers (ms)"] + [f"{step_ms[n]:.2f}" for n in names])
     return markdown_table(["product s·h Bᵀ (µs)"] + names, rows)
 
@@ -211,16 +204,10 @@ def main() -> int:
     args = parser.parse_args()
     torch.manual_seed(0)
     forms = ("stacked", "base", "split", "pad128", "pad256")
-    graphs = {(name, form): captured(fns[form], CALLS)
-              for name, (_, fns) in cases(args.tokens, args.rank).items() for form in forms if form in fns}
-    counts = {name: count for name, (count, _) in cases(args.tokens, args.rank).items()}
-    times: dict[tuple[str, str], list[float]] = {key: [] for key in graphs}
-    for key, graph in graphs.items():  # warm
-        timed(graph, CALLS)
-    for _ in range(args.rounds):
-        for key, graph in graphs.items():
-            times[key].append(timed(graph, CALLS) * 1e3)
-    median = {key: statistics.median(values) for key, values in times.items()}
+    every = cases(args.tokens, args.rank)
+    timed_forms = {(name, form): fns[form] for name, (_, fns) in every.items() for form in forms if form in fns}
+    median = median_times(timed_forms, args.rounds, CALLS)
+    counts = {name: count for name, (count, _) in every.items()}
     rows, totals = [], dict.fromkeys(forms, 0.0)
     for name, count in counts.items():
         base = median[(name, "base")]
