@@ -150,8 +150,8 @@ def product_forms(tokens: int, widths: tuple[int, ...], rank: int) -> dict[str, 
     """A chain's forward product ``s·h Bᵀ`` ``[N, Σd]`` (K = R, the chain's ranks: 96 for q/k/v, 32 for o or down),
     which the compiled rows write and the next kernel reads with the base output (run 181: a 64x32-tile cuBLAS kernel,
     about 147 µs a 3B layer at 8192 tokens for the three chains): as the layer runs it (``h @ blockᵀ``, the block
-    diagonal row-major), against the B's transposed contiguous, the product transposed (``(block @ hᵀ)ᵀ``), K padded to 128
-    with zero columns, and the write alone (``zero_`` of the output: the memory floor under any form)."""
+    diagonal row-major), against the B's transposed contiguous, the product transposed (``(block @ hᵀ)ᵀ``), K padded
+    to 128 with zero columns, and the write alone (``zero_`` of the output: the memory floor under any form)."""
     n, total = len(widths), sum(widths)
     h, block = rand(tokens, n * rank), torch.block_diag(*[rand(width, rank) for width in widths])
     block_t = block.t().contiguous()
