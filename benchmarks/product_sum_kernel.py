@@ -64,8 +64,14 @@ def product_sum(base: torch.Tensor, h: torch.Tensor, bt: torch.Tensor, scale: fl
     return y
 
 
-def check() -> int:
-    """The kernel against PyTorch in float64 on small shapes (float32 and float16: the interpreter's bf16 is wrong)."""
+def product_sum_reference(base: torch.Tensor, h: torch.Tensor, bt: torch.Tensor, scale: float) -> torch.Tensor:
+    """:func:`product_sum` in plain PyTorch, in float64."""
+    return base.double() + scale * (h.double() @ bt.double())
+
+
+def check() -> float:
+    """The kernel against :func:`product_sum_reference` on small shapes (float32 and float16: the interpreter's bf16
+    is wrong); returns the largest relative error (``tests/test_benchmark_kernels.py`` runs it interpreted)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     worst = 0.0
     for dtype in (torch.float32, torch.float16):
@@ -73,12 +79,11 @@ def check() -> int:
             out = torch.randn(n, wide, device=device).to(dtype)
             h, bt = torch.randn(n, k, device=device).to(dtype), torch.randn(k, d, device=device).to(dtype)
             got = product_sum(out[:, :d], h, bt, 0.5, block_m=32, block_n=32)
-            ref = out[:, :d].double() + 0.5 * (h.double() @ bt.double())
+            ref = product_sum_reference(out[:, :d], h, bt, 0.5)
             err = ((got.double() - ref).norm() / ref.norm()).item()
             worst = max(worst, err)
             assert err < (1e-4 if dtype == torch.float32 else 1e-2), (dtype, n, k, d, err)
-    print(f"product_sum matches float64 (largest relative error {worst:.2e})")
-    return 0
+    return worst
 
 
 def main() -> int:
@@ -88,7 +93,8 @@ def main() -> int:
     parser.add_argument("--check", action="store_true", help="compare the kernel with float64 on small shapes")
     args = parser.parse_args()
     if args.check:
-        return check()
+        print(f"product_sum matches float64 (largest relative error {check():.2e})")
+        return 0
     from skinny_gemm_forms import median_times
 
     torch.manual_seed(0)
@@ -99,7 +105,7 @@ def main() -> int:
         base, h = out[:, :d], out[:, d:].contiguous()[:, :k].contiguous()
         bt = torch.randn(k, d, device="cuda", dtype=torch.bfloat16) * 0.05
         y = torch.empty(args.tokens, d, device="cuda", dtype=torch.bfloat16)
-        ref = base.double() + 2.0 * (h.double() @ bt.double())
+        ref = product_sum_reference(base, h, bt, 2.0)
         got = product_sum(base, h, bt, 2.0)
         errors[name] = ((got.double() - ref).norm() / ref.norm()).item()
         forms = {"cuBLAS product": lambda h=h, bt=bt: h @ bt,
