@@ -45,15 +45,29 @@ def rand(*shape: int) -> torch.Tensor:
     return torch.randn(*shape, device=DEVICE, dtype=torch.bfloat16) * 0.02
 
 
+def zero_padded(t: torch.Tensor, dim: int, multiple: int) -> torch.Tensor:
+    """``t`` with zeros appended along ``dim`` up to a multiple of ``multiple``."""
+    shape = list(t.shape)
+    shape[dim] = up_to(t.shape[dim], multiple) - t.shape[dim]
+    return torch.cat([t, t.new_zeros(shape)], dim)
+
+
+def padded_forms(product: Callable[[int], Callable[[], object]]) -> dict[str, Callable[[], object]]:
+    """The ``pad128`` and ``pad256`` forms: ``product(m)`` gives the GEMM with its odd width padded to a multiple of
+    m (its operands made now, once)."""
+    return {f"pad{m}": product(m) for m in (128, 256)}
+
+
 def forward_rows(tokens: int, d_in: int, width: int, rank: int) -> dict[str, Callable[[], object]]:
     """``x Sᵀ`` for S ``[width + rank, d_in]`` (q/k/v: width 5120, rank 96; o, down: width 3072, rank 32)."""
     x, stacked = rand(tokens, d_in), rand(width + rank, d_in)
     base, down = stacked[:width], stacked[width:]
-    padded = {m: torch.cat([stacked, stacked.new_zeros(up_to(width + rank, m) - width - rank, d_in)])
-              for m in (128, 256)}
+    def padded(m: int) -> Callable[[], object]:
+        rows = zero_padded(stacked, 0, m)
+        return lambda: x @ rows.t()
+
     return {"stacked": lambda: x @ stacked.t(), "base": lambda: x @ base.t(),
-            "split": lambda: (x @ base.t(), x @ down.t()),
-            "pad128": lambda: x @ padded[128].t(), "pad256": lambda: x @ padded[256].t()}
+            "split": lambda: (x @ base.t(), x @ down.t()), **padded_forms(padded)}
 
 
 def dx_rows(tokens: int, d_in: int, width: int, rank: int) -> dict[str, Callable[[], object]]:
@@ -61,14 +75,12 @@ def dx_rows(tokens: int, d_in: int, width: int, rank: int) -> dict[str, Callable
     cat, stacked = rand(tokens, width + rank), rand(width + rank, d_in)
     dy, g, base, down = cat[:, :width], cat[:, width:], stacked[:width], stacked[width:]
     dy_own = dy.contiguous()
-    padded = {}
-    for m in (128, 256):
-        k = up_to(width + rank, m)
-        padded[m] = (torch.cat([cat, cat.new_zeros(tokens, k - width - rank)], 1),
-                     torch.cat([stacked, stacked.new_zeros(k - width - rank, d_in)]))
+    def padded(m: int) -> Callable[[], object]:
+        left, right = zero_padded(cat, 1, m), zero_padded(stacked, 0, m)
+        return lambda: left @ right
+
     return {"stacked": lambda: cat @ stacked, "base": lambda: dy_own @ base,
-            "split": lambda: torch.addmm(dy_own @ base, g, down),
-            "pad128": lambda: padded[128][0] @ padded[128][1], "pad256": lambda: padded[256][0] @ padded[256][1]}
+            "split": lambda: torch.addmm(dy_own @ base, g, down), **padded_forms(padded)}
 
 
 def forward_wide(tokens: int, d_in: int, width: int, rank: int) -> dict[str, Callable[[], object]]:
@@ -78,13 +90,12 @@ def forward_wide(tokens: int, d_in: int, width: int, rank: int) -> dict[str, Cal
     a, x = buf[:, :rank + d_in], buf[:, rank:rank + d_in]
     x_own, w = x.contiguous(), t[rank:].t().contiguous().t()  # W's view in T: [d_in, width] rows
     h, b = buf[:, :rank].contiguous(), t[:rank]
-    padded = {}
-    for m in (128, 256):
-        k = up_to(rank + d_in, m)
-        padded[m] = (torch.cat([a, a.new_zeros(tokens, k - rank - d_in)], 1),
-                     torch.cat([t, t.new_zeros(k - rank - d_in, width)]))
+    def padded(m: int) -> Callable[[], object]:
+        left, right = zero_padded(a, 1, m), zero_padded(t, 0, m)
+        return lambda: left @ right
+
     return {"stacked": lambda: a @ t, "base": lambda: x_own @ w, "split": lambda: torch.addmm(x_own @ w, h, b),
-            "pad128": lambda: padded[128][0] @ padded[128][1], "pad256": lambda: padded[256][0] @ padded[256][1]}
+            **padded_forms(padded)}
 
 
 def backward_wide(tokens: int, d_in: int, width: int, rank: int) -> dict[str, Callable[[], object]]:
@@ -92,9 +103,12 @@ def backward_wide(tokens: int, d_in: int, width: int, rank: int) -> dict[str, Ca
     ``dy B`` apart)."""
     dy, t = rand(tokens, width), rand(rank + d_in, width)
     w, b = t[rank:].t().contiguous(), t[:rank].t().contiguous()  # [width, d_in], [width, rank]: as the layers hold them
-    padded = {m: torch.cat([t, t.new_zeros(up_to(rank + d_in, m) - rank - d_in, width)]) for m in (128, 256)}
+    def padded(m: int) -> Callable[[], object]:
+        rows = zero_padded(t, 0, m)
+        return lambda: dy @ rows.t()
+
     return {"stacked": lambda: dy @ t.t(), "base": lambda: dy @ w, "split": lambda: (dy @ w, dy @ b),
-            "pad128": lambda: dy @ padded[128].t(), "pad256": lambda: dy @ padded[256].t()}
+            **padded_forms(padded)}
 
 
 def forward_whole(tokens: int, d_in: int, widths: tuple[int, ...], rank: int) -> dict[str, Callable[[], object]]:
@@ -155,8 +169,7 @@ def product_forms(tokens: int, widths: tuple[int, ...], rank: int) -> dict[str, 
     n, total = len(widths), sum(widths)
     h, block = rand(tokens, n * rank), torch.block_diag(*[rand(width, rank) for width in widths])
     block_t = block.t().contiguous()
-    pad = up_to(n * rank, 128) - n * rank
-    h_pad, block_pad = torch.cat([h, h.new_zeros(tokens, pad)], 1), torch.cat([block, block.new_zeros(total, pad)], 1)
+    h_pad, block_pad = zero_padded(h, 1, 128), zero_padded(block, 1, 128)
     out = h.new_empty(tokens, total)
     return {"as run: h @ blockᵀ": lambda: h @ block.t(), "h @ (blockᵀ contiguous)": lambda: h @ block_t,
             "(block @ hᵀ)ᵀ": lambda: (block @ h.t()).t(), "K padded to 128": lambda: h_pad @ block_pad.t(),
