@@ -51,10 +51,10 @@ in which the chains are learnt; each eager call checks its stack, :func:`~slimtu
 ``unstacked:lora`` / ``unstacked-one:lora`` (with ``--compile``): slimtune's LoRA with no chain of a compiled layer
 stacked (:mod:`slimtune.core.stacked_rows`: each member's frozen weight and A apart), or with only the chains of one
 (o, down) apart: what stacking saves or costs a compiled step, in the same rounds (run 179: at seq 2048 the stacked
-GEMMs' widths, d + r, are no multiples of cuBLAS's tiles). ``wideone:lora`` (with ``--compile``): the chains of one
-stacked wide (:mod:`slimtune.core.wide_rows`) instead of as rows: no ``[N, d]`` product written and read back
-forward, and ``g`` from the ``dx`` GEMM backward; ``wideo:lora``: only o's (a chain of one whose input is no wider than
-its output).
+GEMMs' widths, d + r, are no multiples of cuBLAS's tiles). (The ``wideone`` / ``wideo`` configurations of run 180,
+chains of one stacked wide, were removed after it: slower.) ``tritonproduct:lora`` (with ``--compile``): compiled stacked rows' forward products ``s·h Bᵀ``
+from a Triton kernel (``product_sum_kernel.scaled_product_op``, a ``triton_op`` kept in the graph) instead of cuBLAS
+(run 181: a 64x32-tile kernel, about 40% of HBM's rate in the step).
 
 ``--compile``: each decoder layer through ``torch.compile`` (``slimtune.models.layers.compile_layers``, which turns
 the models' KV cache off), on both sides.
@@ -84,10 +84,10 @@ from _common import JsonlSink, environment_line, markdown_table, write_out_text
 import torch
 
 import slimtune
+from slimtune.core import stacked_rows
 from slimtune.core.inject import detach, install_frozen_lean_layers
 from slimtune.core.siblings import watched_groups
-from slimtune.core.stacked_rows import MEMBERS, LayerStacks, stack, unstack_member
-from slimtune.core.wide_rows import WIDE_MEMBERS
+from slimtune.core.stacked_rows import MEMBERS, LayerStacks, unstack_member
 from slimtune.memory.chunked_loss import model_causal_lm_loss, plain_head
 from slimtune.memory.options import ProfileOptions
 from slimtune.memory.profile import LR, TrainingSession
@@ -184,12 +184,12 @@ def register_layers_preset(name: str, layers: int, before: bool) -> str:
 def compile_session(backend: str, model: Any) -> None:
     """``compile_layers`` on a configuration's model: the earlier copy's own for ``before`` configurations (its
     layers may learn or compile otherwise); ``unstacked`` configurations' layers then stack no chain,
-    ``unstacked-one`` configurations' no chain of one, and ``wideone`` / ``wideo`` ones stack chains of one wide."""
+    ``unstacked-one`` configurations' no chain of one, and ``tritonproduct`` ones take their rows' forward products
+    from Triton."""
     layers = importlib.import_module("slimtune_before.models.layers") if backend == "before" else None
     (layers.compile_layers if layers is not None else compile_layers)(model)
-    if backend in ("wideone", "wideo"):
-        widened = [wide_chains_of_one(stacks, backend == "wideo") for stacks in compiled_stacks(model)]
-        print(f"{len(widened)} compiled layers stack their chains of one wide", flush=True)
+    if backend == "tritonproduct":
+        print(f"{triton_products(model)} compiled layers take their products from Triton", flush=True)
     if backend in ("unstacked", "unstacked-one"):
         limited = [limit_stacks(stacks, longest_unstacked=0 if backend == "unstacked" else 1)
                    for stacks in compiled_stacks(model)]
@@ -197,32 +197,32 @@ def compile_session(backend: str, model: Any) -> None:
               flush=True)
 
 
+def triton_products(model: Any) -> int:
+    """Make each compiled layer of ``model`` (one with sibling groups) trace its stacked rows' forward products
+    through ``product_sum_kernel.scaled_product_op``: ``stacked_rows.scaled_product`` is that op while the layer's
+    compiled forward runs (its graph is traced in its first call; Dynamo's guard on the name holds in later ones)."""
+    import product_sum_kernel
+
+    def triton_product(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
+        return product_sum_kernel.scaled_product_op(a, b, alpha)
+
+    wrappers = [f for f in (m.__dict__.get("forward") for m in model.modules())
+                if isinstance(getattr(f, "stacks", None), LayerStacks)]
+    for wrapper in wrappers:
+        def patched(*args: Any, compiled: Callable = wrapper.compiled, **kwargs: Any) -> Any:
+            kept, stacked_rows.scaled_product = stacked_rows.scaled_product, triton_product
+            try:
+                return compiled(*args, **kwargs)
+            finally:
+                stacked_rows.scaled_product = kept
+        wrapper.compiled = patched
+    return len(wrappers)
+
+
 def compiled_stacks(model: Any) -> list[LayerStacks]:
     """The stacks of each layer of ``model`` that ``compile_layers`` compiled with sibling groups."""
     stacks = (getattr(m.__dict__.get("forward"), "stacks", None) for m in model.modules())
     return [s for s in stacks if isinstance(s, LayerStacks)]
-
-
-def wide_chains_of_one(stacks: LayerStacks, square_only: bool = False) -> LayerStacks:
-    """Make a compiled layer's ``stacks`` stack its chains of one (o, down; ``square_only``: those whose input is no
-    wider than their output, o) wide (:mod:`slimtune.core.wide_rows`: ``[s·h | x] [Bᵀ; Wᵀ]`` forward, ``g`` and
-    ``dx`` from one GEMM backward) instead of as rows, each time it builds."""
-    build = stacks.build
-
-    def widened_build() -> None:
-        WIDE_MEMBERS.add(1)
-        try:
-            build()
-        finally:
-            WIDE_MEMBERS.discard(1)
-        for first in stacks.heads:
-            members = first.__dict__[MEMBERS].modules() or []
-            if square_only and len(members) == 1 and first.in_features > first.out_features:
-                unstack_member(first)
-                stack(members)  # as rows again
-
-    stacks.build = widened_build
-    return stacks
 
 
 def limit_stacks(stacks: LayerStacks, longest_unstacked: int) -> LayerStacks:
@@ -266,7 +266,8 @@ def session_for(backend: str, method: str, common: dict[str, Any], memory: str =
         session = session_for("slimtune", method, common, memory)
         print(f"{force_path(session.model, backend)} layers on the {backend} path", flush=True)
         return session
-    if backend in ("unstacked", "unstacked-one", "wideone", "wideo"):  # set once compiled (compile_session)
+    if backend in ("unstacked", "unstacked-one", "tritonproduct"):  # set once compiled
+        # (compile_session)
         return session_for("slimtune", method, common, memory)
     if backend == "floor":
         session = session_for("slimtune", method, common, memory)

@@ -177,7 +177,7 @@
 # Outputs go to $OUT (each script's own files, plus one log per step); record them in benchmarks/RESULTS.md with
 # the GPU and versions the scripts print.
 set -uo pipefail
-part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|...|93"}
+part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|...|95"}
 out=${OUT:-/tmp/pending_gpu}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -1124,7 +1124,8 @@ PY
 92)
     # issue 19 (about 7 minutes, any GPU): compiled LoRA at seq 2048 (0.906x PEFT-bf16, run 179) — the stacked
     # layer's large GEMMs (widths d + r: 3104, 5216) against the same products aligned or apart, then the paired
-    # rounds with o and down stacked wide (wideone:lora) and o alone wide (wideo:lora) beside PEFT-bf16
+    # rounds with o and down stacked wide (wideone:lora) and o alone wide (wideo:lora) beside PEFT-bf16 (ran as
+    # RESULTS.md run 180; paired_steps.py has these configurations up to commit 72345ba only)
     step stacked_gemm_shapes 60 python benchmarks/stacked_gemm_shapes.py
     step paired_2048_compile_wide 400 python benchmarks/paired_steps.py --compile --seq 2048 --rounds 5 \
         --warmup 2 --steps-per-turn 3 --configs lora wideone:lora wideo:lora peft-bf16:lora \
@@ -1145,8 +1146,26 @@ PY
     step stacked_gemm_shapes 60 python benchmarks/stacked_gemm_shapes.py
     step product_sum_kernel 60 python benchmarks/product_sum_kernel.py
     ;;
+94)
+    # issue 19 on the card it names (about 6 minutes; meant for an H200, runs on any card): compiled LoRA at seq 2048
+    # against PEFT-bf16 (H100: 0.906-0.926x, runs 179-183; the bound 0.9x), then part 82's compiled rounds at seq 512
+    nvidia-smi --query-gpu=name --format=csv,noheader
+    step paired_2048_compile_lora 200 python benchmarks/paired_steps.py --compile --seq 2048 --rounds 6 --warmup 2 \
+        --steps-per-turn 3 --configs lora peft-bf16:lora --out-name paired_2048_compile_lora
+    compiled_rounds_16
+    ;;
+95)
+    # issue 19 (about 5 minutes, any GPU): compiled rows' forward products s·h Bᵀ (run 181: cuBLAS's 64x32-tile
+    # kernel, 4.11 ms of a seq-2048 step, where run 183 times the same products at 2.4 ms back to back) — the Triton
+    # kernel's tiles against cuBLAS, back to back and after an L2 flush; then compiled LoRA with the products from
+    # Triton (tritonproduct:lora, a triton_op in the graph) beside LoRA and PEFT-bf16 at seq 2048
+    step product_sum_kernel 120 python benchmarks/product_sum_kernel.py
+    step paired_2048_compile_tritonproduct 300 python benchmarks/paired_steps.py --compile --seq 2048 --rounds 6 \
+        --warmup 2 --steps-per-turn 3 --configs lora tritonproduct:lora peft-bf16:lora \
+        --out-name paired_2048_compile_tritonproduct
+    ;;
 *)
-    echo "unknown part $part (1 to 93)" >&2
+    echo "unknown part $part (1 to 95)" >&2
     exit 2
     ;;
 esac

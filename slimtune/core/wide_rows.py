@@ -54,9 +54,9 @@ from .tracing import compiling
 #: the class attribute (True, on the class itself: not inherited) of the layers whose chains may stack wide: LoRA's
 #: Linear (DoRA's Linear stacks as rows only: its Function reads the rows, :mod:`slimtune.methods.dora.stacked`)
 STACKS_WIDE = "stacks_wide"
-#: chains of these many members are stacked wide (see the module docstring for why not three or one; RESULTS.md run
+#: chains of this many members are stacked wide (see the module docstring for why not three or one; RESULTS.md run
 #: 180: o and down, each a chain of one, stacked wide made a compiled 3B step 0.7-2.2% slower)
-WIDE_MEMBERS = {2}
+WIDE_MEMBERS = 2
 #: every width and rank a multiple of this, so that each run of columns and each matrix starts 16-byte aligned
 ALIGN = 8
 
@@ -141,7 +141,7 @@ def wide(chain: Sequence[Any]) -> bool:
     """Whether a stackable ``chain`` (:func:`.stacked_rows.stackable`) is stacked wide: two members of a class that
     stacks wide (:data:`STACKS_WIDE`), every width and rank a multiple of :data:`ALIGN`, each B a plain 2-D tensor of
     the weights' dtype and device, and no process group up (module docstring: DDP)."""
-    if (len(chain) not in WIDE_MEMBERS or not all(vars(type(m)).get(STACKS_WIDE) for m in chain)
+    if (len(chain) != WIDE_MEMBERS or not all(vars(type(m)).get(STACKS_WIDE) for m in chain)
             or (torch.distributed.is_available() and torch.distributed.is_initialized())):
         return False
     d_in, widths, ranks = layout_of(chain)
