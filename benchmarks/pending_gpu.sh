@@ -1155,14 +1155,17 @@ PY
     compiled_rounds_16
     ;;
 95)
-    # issue 19 (about 5 minutes, any GPU): compiled rows' forward products s·h Bᵀ (run 181: cuBLAS's 64x32-tile
+    # issue 19 (about 7 minutes, any GPU): compiled rows' forward products s·h Bᵀ (run 181: cuBLAS's 64x32-tile
     # kernel, 4.11 ms of a seq-2048 step, where run 183 times the same products at 2.4 ms back to back) — the Triton
     # kernel's tiles against cuBLAS, back to back and after an L2 flush; then compiled LoRA with the products from
-    # Triton (tritonproduct:lora, a triton_op in the graph) beside LoRA and PEFT-bf16 at seq 2048
-    step product_sum_kernel 120 python benchmarks/product_sum_kernel.py
-    step paired_2048_compile_tritonproduct 300 python benchmarks/paired_steps.py --compile --seq 2048 --rounds 6 \
+    # Triton (tritonproduct:lora, a triton_op in the graph) beside LoRA and PEFT-bf16 at seq 2048; then the three
+    # profiled, with where each one's GPU idles (run 181: about 13 ms of every wall step ran no kernel)
+    step product_sum_kernel 90 python benchmarks/product_sum_kernel.py
+    step paired_2048_compile_tritonproduct 260 python benchmarks/paired_steps.py --compile --seq 2048 --rounds 6 \
         --warmup 2 --steps-per-turn 3 --configs lora tritonproduct:lora peft-bf16:lora \
         --out-name paired_2048_compile_tritonproduct
+    step profile_2048_compile_gaps 220 python benchmarks/unet_step_profile.py --preset llama-3.2-3b --rank 32 \
+        --batch 4 --seq 2048 --compile --steps 3 --top 30 --configs lora tritonproduct:lora peft-bf16:lora
     ;;
 *)
     echo "unknown part $part (1 to 95)" >&2

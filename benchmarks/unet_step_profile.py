@@ -3,7 +3,8 @@ GPU's kernel time and count (torch.profiler), and the kernels whose total time d
 configuration and each other — so a step-time gap between slimtune and PEFT (issue 20) is split into host and GPU
 work, and the GPU's into kernels. The host's side too: the CUDA runtime calls one step makes (kernel launches,
 allocations, synchronizations), the ATen ops whose host (self) time differs most, and Python's garbage collector
-(collections per step and their time) — costs a CPU-only proxy cannot see. Diagnostic only: the claimed ratios come
+(collections per step and their time) — costs a CPU-only proxy cannot see; and where the GPU idles within the
+profiled step (the gaps between its kernels, by length, the longest with the kernels around them). Diagnostic only: the claimed ratios come
 from ``paired_steps.py``.
 
     python benchmarks/unet_step_profile.py --configs lora stripped:lora peft-bf16:lora
@@ -25,20 +26,43 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 
-def kernel_times(step) -> tuple[float, int, dict[str, tuple[float, int]]]:
-    """One step under torch.profiler: total kernel ms, kernel count, and per kernel name (ms, count)."""
+def kernel_times(step) -> tuple[float, int, dict[str, tuple[float, int]], list]:
+    """One step under torch.profiler: total kernel ms, kernel count, per kernel name (ms, count), and the GPU's idle
+    intervals between its first and last kernel (:func:`idle_gaps`)."""
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()
     per: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
-    for event in prof.events():
-        if str(getattr(event, "device_type", "")).endswith("CUDA"):
-            per[event.name[:70]][0] += event.device_time_total / 1000 if hasattr(event, "device_time_total") \
-                else event.cuda_time_total / 1000
-            per[event.name[:70]][1] += 1
+    device_events = [e for e in prof.events() if str(getattr(e, "device_type", "")).endswith("CUDA")]
+    for event in device_events:
+        per[event.name[:70]][0] += event.device_time_total / 1000 if hasattr(event, "device_time_total") \
+            else event.cuda_time_total / 1000
+        per[event.name[:70]][1] += 1
     total = sum(v[0] for v in per.values())
-    return total, sum(int(v[1]) for v in per.values()), {k: (v[0], int(v[1])) for k, v in per.items()}
+    return (total, sum(int(v[1]) for v in per.values()), {k: (v[0], int(v[1])) for k, v in per.items()},
+            idle_gaps(device_events))
+
+
+def idle_gaps(events: list) -> list[tuple[float, str, str]]:
+    """``(µs, kernel before, kernel after)`` for each interval in which no GPU work ran, between the first kernel's
+    start and the last one's end (events' ``time_range`` in µs), longest first."""
+    spans = sorted((e.time_range.start, e.time_range.end, e.name[:60]) for e in events)
+    gaps, reach, last = [], spans[0][1] if spans else 0.0, spans[0][2] if spans else ""
+    for start, end, name in spans[1:]:
+        if start > reach:
+            gaps.append((start - reach, last, name))
+        if end >= reach:
+            reach, last = end, name
+    return sorted(gaps, reverse=True)
+
+
+def gap_rows(gaps: list[tuple[float, str, str]], top: int) -> tuple[list, list]:
+    """The idle time by gap length (count, ms), and the ``top`` longest gaps with their neighbours."""
+    classes = (("under 5 µs", 0, 5), ("5-50 µs", 5, 50), ("50-500 µs", 50, 500), ("500 µs and over", 500, 1e12))
+    summary = [[label, sum(1 for g, *_ in gaps if lo <= g < hi), f"{sum(g for g, *_ in gaps if lo <= g < hi) / 1e3:.2f}"]
+               for label, lo, hi in classes]
+    return summary, [[f"{g:.0f}", before, after] for g, before, after in gaps[:top]]
 
 
 def host_calls(step) -> tuple[dict[str, tuple[float, int]], dict[str, tuple[float, int]]]:
@@ -96,6 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=5, help="timed steps, after 3 warm-up steps")
     parser.add_argument("--strip-lean", nargs="+", default=["conv", "norm-silu", "geglu"], choices=list(LEAN_KINDS))
     parser.add_argument("--top", type=int, default=12)
+    parser.add_argument("--top-gaps", type=int, default=10, help="the longest GPU idle gaps listed per configuration")
     parser.add_argument("--batch", type=int, default=None, help="default: the preset's")
     parser.add_argument("--seq", type=int, default=512, help="tokens per sequence (a language model's preset)")
     parser.add_argument("--compile", action="store_true",
@@ -107,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.before:
         sys.path.insert(0, args.before)
     common = dict(preset=args.preset, rank=args.rank, batch=args.batch, seq=args.seq, device="cuda", dtype="bfloat16")
-    rows, kernels, runtime, ops = [], {}, {}, {}
+    rows, kernels, runtime, ops, gaps = [], {}, {}, {}, {}
     for text in args.configs:
         backend, method = parse_config(text)
         session = session_for(backend, method, common, "fast", args.strip_lean)
@@ -125,15 +150,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                 torch.cuda.synchronize()
                 host.append(t1 - t0)
                 wall.append(time.perf_counter() - t0)
-        gpu_ms, count, kernels[text] = kernel_times(session.train_step)
+        gpu_ms, count, kernels[text], gaps[text] = kernel_times(session.train_step)
         runtime[text], ops[text] = host_calls(session.train_step)
         rows.append([text, f"{1000 * statistics.median(wall):.1f}", f"{1000 * statistics.median(host):.1f}",
-                     f"{gpu_ms:.1f}", count, f"{clock.count / args.steps:.1f}", f"{1000 * clock.seconds / args.steps:.2f}",
+                     f"{gpu_ms:.1f}", f"{sum(g for g, *_ in gaps[text]) / 1e3:.1f}", count, f"{clock.count / args.steps:.1f}", f"{1000 * clock.seconds / args.steps:.2f}",
                      sum(n for _, n in runtime[text].values())])
         del session
         torch.cuda.empty_cache()
-    text = markdown_table(["config", "wall ms", "host queues ms", "GPU kernel ms", "kernels",
+    text = markdown_table(["config", "wall ms", "host queues ms", "GPU kernel ms", "GPU idle ms", "kernels",
                            "GC collections per step", "GC ms per step", "CUDA runtime calls"], rows)
+    for config, config_gaps in gaps.items():
+        summary, longest = gap_rows(config_gaps, args.top_gaps)
+        text += (f"\n\nGPU idle in {config}'s profiled step, by gap length:\n\n"
+                 + markdown_table(["gaps", "count", "ms"], summary)
+                 + "\n\nLongest gaps:\n\n" + markdown_table(["µs", "kernel before", "kernel after"], longest))
     first = args.configs[0]
     for other in args.configs[1:]:
         for what, per in (("Kernels", kernels), ("CUDA runtime calls (host self time)", runtime),
