@@ -11,7 +11,7 @@ from .config import AdapterConfig
 from .module import AdapterModule
 
 # The PEFT release whose config schema the templates follow; written as "peft_version" like PEFT does.
-PEFT_SCHEMA_VERSION = "0.21.2"
+PEFT_SCHEMA_VERSION = "0.22.0"
 
 # Fields of PEFT's ``PeftConfig`` base class, as ``save_pretrained`` writes them.
 PEFT_COMMON_FIELDS: dict[str, Any] = {

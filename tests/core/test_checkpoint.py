@@ -288,6 +288,7 @@ BAD = {
     # a LoRA checkpoint that claims DoRA: the magnitude vectors are missing; a LoRA model is not a DoRA one
     "dora": (lambda p: _rewrite_json(p, use_dora=True), "missing 2 tensor.*lora_magnitude_vector", "use_dora"),
     "pissa": (lambda p: _rewrite_json(p, init_lora_weights="pissa"), "init_lora_weights", "init_lora_weights"),
+    "astra": (lambda p: _rewrite_json(p, init_lora_weights="astra"), "init_lora_weights", "init_lora_weights"),
     "modules_to_save": (lambda p: _rewrite_json(p, modules_to_save=["nothing"]), "modules_to_save", "modules_to_save"),
     "bad_rank": (lambda p: _rewrite_json(p, r=0), "positive integer", "positive integer"),
     "no_match": (lambda p: _rewrite_json(p, target_modules=["q_proj"]), "matched no module", None),
@@ -317,6 +318,18 @@ def test_bad_checkpoint_raises_and_leaves_model_unchanged(case, adapted, tmp_pat
         load_adapter(target, ckpt)
     assert_unchanged(target, before)
     assert n_adapters(target) == (2 if adapted else 0)
+
+
+@pytest.mark.parametrize("init", ["nora", "eva", "orthogonal"])
+def test_plain_lora_inits_load(init, tmp_path):
+    """PEFT inits that leave the base weight and the forward as plain LoRA's (NoRA, new in PEFT 0.22: A normalised at
+    initialisation only) load: the file's weights give the saved model's outputs."""
+    model = adapted_mlp()
+    x = torch.randn(3, 8)
+    save_adapter(model, tmp_path)
+    _rewrite_json(tmp_path, init_lora_weights=init)
+    loaded = load_adapter(mlp(), tmp_path)
+    assert rel_err(run(loaded, x), run(model, x)) < 1e-6
 
 
 def test_adapted_model_with_other_rank_or_alpha_is_refused(tmp_path):

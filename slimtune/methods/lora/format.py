@@ -16,6 +16,7 @@ _LORA_FIELDS: dict[str, Any] = {
     "alora_invocation_tokens": None,
     "alpha_pattern": {},
     "arrow_config": None,
+    "astra_config": None,
     "bias": "none",
     "corda_config": None,
     "ensure_weight_tying": False,
@@ -65,11 +66,12 @@ _LORA_UNSUPPORTED = {
     "use_qalora": "QA-LoRA",
 }
 
-# PEFT init_lora_weights values whose adapters are plain LoRA on an unchanged base weight. Others (PiSSA,
-# OLoRA, CorDA, LoftQ, LoRA-GA, MiCA) change the base weights or the forward, which slimtune does not redo.
+# PEFT init_lora_weights values whose adapters are plain LoRA on an unchanged base weight (NoRA: A's columns
+# normalised at initialisation only). Others (PiSSA, OLoRA, CorDA, ASTRA, LoftQ, LoRA-GA, MiCA) change the base
+# weights or the forward, which slimtune does not redo.
 _LORA_INITS_IN = {True: "default", False: "random", "gaussian": "gaussian", "orthogonal": "default",
-                  "eva": "default"}
-_LORA_INITS_OUT = {"default": True, "gaussian": "gaussian", "random": False}
+                  "eva": "default", "nora": "nora"}
+_LORA_INITS_OUT = {"default": True, "gaussian": "gaussian", "random": False, "nora": "nora"}
 
 
 def lora_to_peft(config: AdapterConfig, adapters: list[tuple[str, AdapterModule]]) -> dict[str, Any]:

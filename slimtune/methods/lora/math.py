@@ -11,7 +11,7 @@ from torch import nn
 from ...core.lowrank import lowrank_linear_reference
 from ...errors import ConfigError
 
-INITS = ("default", "gaussian", "random")
+INITS = ("default", "gaussian", "random", "nora")
 _CONV = {1: F.conv1d, 2: F.conv2d}
 
 #: ``x Wᵀ + b + s · (drop(x) Aᵀ) Bᵀ`` through PyTorch's autograd, under LoRA's name: the reference of
@@ -25,10 +25,17 @@ def lora_scaling(alpha: float, r: int, rslora: bool) -> float:
 
 def init_lora_(lora_a: torch.Tensor, lora_b: torch.Tensor, init: str) -> None:
     """``default``: A kaiming-uniform (a=√5, as nn.Linear), B zero; ``gaussian``: A ~ N(0, 1/r²), B zero;
-    ``random`` (PEFT's ``init_lora_weights=False``): A and B both kaiming-uniform, as nn.Linear initialises them."""
+    ``random`` (PEFT's ``init_lora_weights=False``): A and B both kaiming-uniform, as nn.Linear initialises them;
+    ``nora`` (NoRA, PEFT 0.22; Linear layers only, as there): A kaiming-uniform, then each of its ``d_in`` columns
+    ``[r]`` scaled to unit L2 norm, B zero."""
+    if init == "nora" and lora_a.dim() != 2:
+        raise ConfigError("init='nora' (NoRA) is for Linear layers only, as in PEFT; this layer's A is "
+                          f"{lora_a.dim()}-D (a convolution's)")
     with torch.no_grad():
-        if init in ("default", "random"):
+        if init in ("default", "random", "nora"):
             nn.init.kaiming_uniform_(lora_a, a=math.sqrt(5))
+            if init == "nora":
+                lora_a.div_(lora_a.norm(dim=0, keepdim=True).clamp_min(1e-6))
         elif init == "gaussian":
             nn.init.normal_(lora_a, std=1.0 / lora_a.shape[0])
         else:

@@ -86,6 +86,17 @@ def test_init_default_and_gaussian():
     assert lora_scaling(16, 4, True) == 8.0
 
 
+def test_init_nora_unit_columns_and_linear_only():
+    """NoRA (PEFT 0.22's ``init_lora_weights="nora"``): A's columns ``[r]`` at unit norm, B zero; a convolution's
+    LoRA refuses it by name, as PEFT supports it for Linear layers only."""
+    layer = nn.Linear(64, 32)
+    n = LoraLinear(layer, r=16, alpha=16, init="nora")
+    assert torch.count_nonzero(n.lora_B) == 0
+    assert torch.allclose(n.lora_A.norm(dim=0), torch.ones(64), atol=1e-5)
+    with pytest.raises(slimtune.ConfigError, match="nora"):
+        slimtune.adapt(nn.Sequential(nn.Conv2d(4, 4, 3)), slimtune.LoraConfig(r=2, target_modules=["0"], init="nora"))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_merge_unmerge_round_trip_is_bit_exact(dtype):
     m = _adapted(dtype)
