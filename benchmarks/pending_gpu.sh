@@ -177,7 +177,7 @@
 # Outputs go to $OUT (each script's own files, plus one log per step); record them in benchmarks/RESULTS.md with
 # the GPU and versions the scripts print.
 set -uo pipefail
-part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|...|95"}
+part=${1:?"usage: bash benchmarks/pending_gpu.sh 1|2|...|96"}
 out=${OUT:-/tmp/pending_gpu}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -1167,8 +1167,15 @@ PY
     step profile_2048_compile_gaps 220 python benchmarks/unet_step_profile.py --preset llama-3.2-3b --rank 32 \
         --batch 4 --seq 2048 --compile --steps 3 --top 30 --configs lora tritonproduct:lora peft-bf16:lora
     ;;
+96)
+    # issue 19 (about 3 minutes, any GPU): part 95 without its profile, for a session with little device time left
+    step product_sum_kernel 90 python benchmarks/product_sum_kernel.py
+    step paired_2048_compile_tritonproduct 200 python benchmarks/paired_steps.py --compile --seq 2048 --rounds 5 \
+        --warmup 2 --steps-per-turn 3 --configs lora tritonproduct:lora peft-bf16:lora \
+        --out-name paired_2048_compile_tritonproduct
+    ;;
 *)
-    echo "unknown part $part (1 to 95)" >&2
+    echo "unknown part $part (1 to 96)" >&2
     exit 2
     ;;
 esac
