@@ -3,9 +3,12 @@
 # (≤ 10 min) and together the 30-minute device budget; run on 2026-12-05 as RESULTS.md runs 47 (part 1), 48 (part 3)
 # and 49 (part 2), and kept to repeat them. Run from the repository root on the lent machine:
 #
-# Still to run (as of 2026-12-07, twenty-first session): part 93 (any GPU, carry .before = 70bfb35's package), which
-# measures gate/up's operand as one cat (commit 4430cdf) on compiled LoRA at seq 2048 (0.906-0.926x PEFT-bf16, runs
-# 179-182); on an H200, parts 82 and 89. Twenty-first session: part 92 ran as RESULTS.md run 180, part 91's profile
+# Still to run (as of 2026-12-07, twenty-second session): part 95 (any GPU; part 96 is the same without its profile,
+# about 3 minutes), which times compiled rows' forward products from a Triton kernel (a triton_op in the graph,
+# tritonproduct:lora) against cuBLAS's, in the step at seq 2048, and profiles where each step's GPU idles; on an
+# H200, parts 94 (or 82) and 89. Twenty-second session: part 93 ran as RESULTS.md run 183 (the one device call that
+# started: 13 tries).
+# Twenty-first session: part 92 ran as RESULTS.md run 180, part 91's profile
 # as run 181 (its paired rounds not run: run 182 ran unstacked configurations instead).
 # Twentieth session: parts 88 and 89 (issue 19's bounds on the code as it is, any card) ran twice each on one H100 as
 # RESULTS.md runs 175-178, part 90 (compiled seq 2048 for LoRA, LoHa, LoKr) as run 179.
