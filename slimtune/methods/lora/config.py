@@ -20,8 +20,9 @@ from .math import INITS
 class LoraConfig(AdapterConfig):
     """LoRA settings. ``alpha``/``dropout``/``rslora``/``init`` are PEFT's ``lora_alpha``/``lora_dropout``/
     ``use_rslora``/``init_lora_weights``, and take either name (``init``: ``"default"`` = PEFT's True, ``"random"`` =
-    PEFT's False: B random too, so the adapter changes the output from the start, ``"gaussian"``, ``"nora"``: NoRA,
-    A's columns at unit norm, Linear layers only).
+    PEFT's False: B random too, so the adapter changes the output from the start, ``"gaussian"``, ``"nora"`` (NoRA,
+    A's columns at unit norm) and ``"orthogonal"`` (even r; B A = 0 with neither zero), the last two for Linear layers
+    only).
 
     ``adapter_dtype``: dtype of the trainable A/B; ``None`` keeps the base weight's dtype (bf16 bases give
     bf16 adapters and optimizer state, as PEFT with ``autocast_adapter_dtype=False``); ``torch.float32``

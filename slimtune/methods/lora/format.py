@@ -69,9 +69,10 @@ _LORA_UNSUPPORTED = {
 # PEFT init_lora_weights values whose adapters are plain LoRA on an unchanged base weight (NoRA: A's columns
 # normalised at initialisation only). Others (PiSSA, OLoRA, CorDA, ASTRA, LoftQ, LoRA-GA, MiCA) change the base
 # weights or the forward, which slimtune does not redo.
-_LORA_INITS_IN = {True: "default", False: "random", "gaussian": "gaussian", "orthogonal": "default",
+_LORA_INITS_IN = {True: "default", False: "random", "gaussian": "gaussian", "orthogonal": "orthogonal",
                   "eva": "default", "nora": "nora"}
-_LORA_INITS_OUT = {"default": True, "gaussian": "gaussian", "random": False, "nora": "nora"}
+_LORA_INITS_OUT = {"default": True, "gaussian": "gaussian", "random": False, "nora": "nora",
+                   "orthogonal": "orthogonal"}
 
 
 def lora_to_peft(config: AdapterConfig, adapters: list[tuple[str, AdapterModule]]) -> dict[str, Any]:

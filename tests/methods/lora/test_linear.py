@@ -97,6 +97,20 @@ def test_init_nora_unit_columns_and_linear_only():
         slimtune.adapt(nn.Sequential(nn.Conv2d(4, 4, 3)), slimtune.LoraConfig(r=2, target_modules=["0"], init="nora"))
 
 
+def test_init_orthogonal_starts_at_the_base_with_both_factors_nonzero():
+    """PEFT's ``init_lora_weights="orthogonal"``: A and B from complementary halves of an orthogonal basis, so B A is
+    zero up to rounding while neither is; an odd rank is refused by name."""
+    layer = nn.Linear(64, 32).double()
+    o = LoraLinear(layer, r=16, alpha=16, init="orthogonal")
+    a, b = o.lora_A.detach(), o.lora_B.detach()
+    assert torch.count_nonzero(a) == a.numel() and torch.count_nonzero(b) == b.numel()
+    assert (b @ a).abs().max() < 1e-12 * b.norm() * a.norm()
+    x = torch.randn(5, 64, dtype=torch.float64)
+    assert rel_err(o(x), layer(x)) < 1e-12
+    with pytest.raises(slimtune.ConfigError, match="even rank"):
+        LoraLinear(nn.Linear(64, 32), r=3, alpha=3, init="orthogonal")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_merge_unmerge_round_trip_is_bit_exact(dtype):
     m = _adapted(dtype)
