@@ -52,9 +52,10 @@ in which the chains are learnt; each eager call checks its stack, :func:`~slimtu
 stacked (:mod:`slimtune.core.stacked_rows`: each member's frozen weight and A apart), or with only the chains of one
 (o, down) apart: what stacking saves or costs a compiled step, in the same rounds (run 179: at seq 2048 the stacked
 GEMMs' widths, d + r, are no multiples of cuBLAS's tiles). (The ``wideone`` / ``wideo`` configurations of run 180,
-chains of one stacked wide, were removed after it: slower.) ``tritonproduct:lora`` (with ``--compile``): compiled stacked rows' forward products ``s·h Bᵀ``
-from a Triton kernel (``product_sum_kernel.scaled_product_op``, a ``triton_op`` kept in the graph) instead of cuBLAS
-(run 181: a 64x32-tile kernel, about 40% of HBM's rate in the step).
+chains of one stacked wide, were removed after it: slower.) ``tritonproduct:lora`` (with ``--compile``): compiled
+stacked rows' forward products ``s·h Bᵀ`` from a Triton kernel (``product_sum_kernel.scaled_product_op``, a
+``triton_op`` kept in the graph) instead of cuBLAS (run 181: a 64x32-tile kernel, about 40% of HBM's rate in the
+step).
 
 ``--compile``: each decoder layer through ``torch.compile`` (``slimtune.models.layers.compile_layers``, which turns
 the models' KV cache off), on both sides.
@@ -206,8 +207,7 @@ def triton_products(model: Any) -> int:
     def triton_product(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
         return product_sum_kernel.scaled_product_op(a, b, alpha)
 
-    wrappers = [f for f in (m.__dict__.get("forward") for m in model.modules())
-                if isinstance(getattr(f, "stacks", None), LayerStacks)]
+    wrappers = compiled_forwards(model)
     for wrapper in wrappers:
         def patched(*args: Any, compiled: Callable = wrapper.compiled, **kwargs: Any) -> Any:
             kept, stacked_rows.scaled_product = stacked_rows.scaled_product, triton_product
@@ -219,10 +219,16 @@ def triton_products(model: Any) -> int:
     return len(wrappers)
 
 
+def compiled_forwards(model: Any) -> list[Any]:
+    """The forward of each layer of ``model`` that ``compile_layers`` compiled with sibling groups (each holds its
+    layer's ``stacks`` and ``compiled`` forward)."""
+    forwards = (m.__dict__.get("forward") for m in model.modules())
+    return [f for f in forwards if isinstance(getattr(f, "stacks", None), LayerStacks)]
+
+
 def compiled_stacks(model: Any) -> list[LayerStacks]:
     """The stacks of each layer of ``model`` that ``compile_layers`` compiled with sibling groups."""
-    stacks = (getattr(m.__dict__.get("forward"), "stacks", None) for m in model.modules())
-    return [s for s in stacks if isinstance(s, LayerStacks)]
+    return [f.stacks for f in compiled_forwards(model)]
 
 
 def limit_stacks(stacks: LayerStacks, longest_unstacked: int) -> LayerStacks:
@@ -266,8 +272,7 @@ def session_for(backend: str, method: str, common: dict[str, Any], memory: str =
         session = session_for("slimtune", method, common, memory)
         print(f"{force_path(session.model, backend)} layers on the {backend} path", flush=True)
         return session
-    if backend in ("unstacked", "unstacked-one", "tritonproduct"):  # set once compiled
-        # (compile_session)
+    if backend in ("unstacked", "unstacked-one", "tritonproduct"):  # set once compiled (compile_session)
         return session_for("slimtune", method, common, memory)
     if backend == "floor":
         session = session_for("slimtune", method, common, memory)

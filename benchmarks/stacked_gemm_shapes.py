@@ -184,7 +184,7 @@ def product_table(tokens: int, rank: int, rounds: int) -> str:
     """The product forms of every chain (:func:`product_forms`), median µs of ``rounds`` interleaved rounds."""
     median = median_times({(chain, name): fn for chain, widths in PRODUCT_CHAINS.items()
                            for name, fn in product_forms(tokens, widths, rank).items()}, rounds, CALLS)
-    names = list(product_forms(8, (8,), 1))
+    names = list(dict.fromkeys(name for _, name in median))
     rows = [[chain] + [f"{median[(chain, name)]:.1f}" for name in names] for chain in PRODUCT_CHAINS]
     step_ms = {n: LAYERS * sum(median[(c, n)] for c in PRODUCT_CHAINS) / 1e3 for n in names}
     rows.append([f"sum, {LAYERS} layers (ms)"] + [f"{step_ms[n]:.2f}" for n in names])

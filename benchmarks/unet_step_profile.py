@@ -4,8 +4,8 @@ configuration and each other — so a step-time gap between slimtune and PEFT (i
 work, and the GPU's into kernels. The host's side too: the CUDA runtime calls one step makes (kernel launches,
 allocations, synchronizations), the ATen ops whose host (self) time differs most, and Python's garbage collector
 (collections per step and their time) — costs a CPU-only proxy cannot see; and where the GPU idles within the
-profiled step (the gaps between its kernels, by length, the longest with the kernels around them). Diagnostic only: the claimed ratios come
-from ``paired_steps.py``.
+profiled step (the gaps between its kernels, by length, the longest with the kernels around them). Diagnostic only:
+the claimed ratios come from ``paired_steps.py``.
 
     python benchmarks/unet_step_profile.py --configs lora stripped:lora peft-bf16:lora
 """
@@ -60,8 +60,10 @@ def idle_gaps(events: list) -> list[tuple[float, str, str]]:
 def gap_rows(gaps: list[tuple[float, str, str]], top: int) -> tuple[list, list]:
     """The idle time by gap length (count, ms), and the ``top`` longest gaps with their neighbours."""
     classes = (("under 5 µs", 0, 5), ("5-50 µs", 5, 50), ("50-500 µs", 50, 500), ("500 µs and over", 500, 1e12))
-    summary = [[label, sum(1 for g, *_ in gaps if lo <= g < hi), f"{sum(g for g, *_ in gaps if lo <= g < hi) / 1e3:.2f}"]
-               for label, lo, hi in classes]
+    summary = []
+    for label, lo, hi in classes:
+        within = [g for g, *_ in gaps if lo <= g < hi]
+        summary.append([label, len(within), f"{sum(within) / 1e3:.2f}"])
     return summary, [[f"{g:.0f}", before, after] for g, before, after in gaps[:top]]
 
 
@@ -153,7 +155,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         gpu_ms, count, kernels[text], gaps[text] = kernel_times(session.train_step)
         runtime[text], ops[text] = host_calls(session.train_step)
         rows.append([text, f"{1000 * statistics.median(wall):.1f}", f"{1000 * statistics.median(host):.1f}",
-                     f"{gpu_ms:.1f}", f"{sum(g for g, *_ in gaps[text]) / 1e3:.1f}", count, f"{clock.count / args.steps:.1f}", f"{1000 * clock.seconds / args.steps:.2f}",
+                     f"{gpu_ms:.1f}", f"{sum(g for g, *_ in gaps[text]) / 1e3:.1f}", count,
+                     f"{clock.count / args.steps:.1f}", f"{1000 * clock.seconds / args.steps:.2f}",
                      sum(n for _, n in runtime[text].values())])
         del session
         torch.cuda.empty_cache()
