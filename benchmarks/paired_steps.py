@@ -55,7 +55,9 @@ GEMMs' widths, d + r, are no multiples of cuBLAS's tiles). (The ``wideone`` / ``
 chains of one stacked wide, were removed after it: slower.) ``tritonproduct:lora`` (with ``--compile``): compiled
 stacked rows' forward products ``s·h Bᵀ`` from a Triton kernel (``product_sum_kernel.scaled_product_op``, a
 ``triton_op`` kept in the graph) instead of cuBLAS (run 181: a 64x32-tile kernel, about 40% of HBM's rate in the
-step).
+step). ``wideqkv:lora`` (with ``--compile``): compiled layers' chains of three (q/k/v) stacked wide too
+(:mod:`slimtune.core.wide_rows`, which stacks chains of two only: its docstring estimates that for three the
+backward's extra ``[N, K]`` products cost about what the forward saves; never measured).
 
 ``--compile``: each decoder layer through ``torch.compile`` (``slimtune.models.layers.compile_layers``, which turns
 the models' KV cache off), on both sides.
@@ -85,10 +87,10 @@ from _common import JsonlSink, environment_line, markdown_table, write_out_text
 import torch
 
 import slimtune
-from slimtune.core import stacked_rows
+from slimtune.core import stacked_rows, wide_rows
 from slimtune.core.inject import detach, install_frozen_lean_layers
 from slimtune.core.siblings import watched_groups
-from slimtune.core.stacked_rows import MEMBERS, LayerStacks, unstack_member
+from slimtune.core.stacked_rows import MEMBERS, LayerStacks, stack, unstack_member
 from slimtune.memory.chunked_loss import model_causal_lm_loss, plain_head
 from slimtune.memory.options import ProfileOptions
 from slimtune.memory.profile import LR, TrainingSession
@@ -185,12 +187,15 @@ def register_layers_preset(name: str, layers: int, before: bool) -> str:
 def compile_session(backend: str, model: Any) -> None:
     """``compile_layers`` on a configuration's model: the earlier copy's own for ``before`` configurations (its
     layers may learn or compile otherwise); ``unstacked`` configurations' layers then stack no chain,
-    ``unstacked-one`` configurations' no chain of one, and ``tritonproduct`` ones take their rows' forward products
-    from Triton."""
+    ``unstacked-one`` configurations' no chain of one, ``tritonproduct`` ones take their rows' forward products
+    from Triton, and ``wideqkv`` ones stack their chains of three wide."""
     layers = importlib.import_module("slimtune_before.models.layers") if backend == "before" else None
     (layers.compile_layers if layers is not None else compile_layers)(model)
     if backend == "tritonproduct":
         print(f"{triton_products(model)} compiled layers take their products from Triton", flush=True)
+    if backend == "wideqkv":
+        print(f"{len([widen_triples(stacks) for stacks in compiled_stacks(model)])} compiled layers stack q/k/v wide",
+              flush=True)
     if backend in ("unstacked", "unstacked-one"):
         limited = [limit_stacks(stacks, longest_unstacked=0 if backend == "unstacked" else 1)
                    for stacks in compiled_stacks(model)]
@@ -255,6 +260,30 @@ def limit_stacks(stacks: LayerStacks, longest_unstacked: int) -> LayerStacks:
     return stacks
 
 
+def widen_triples(stacks: LayerStacks) -> LayerStacks:
+    """Make a compiled layer's ``stacks`` stack each chain of three members wide (``wide_rows.WIDE_MEMBERS`` is 3
+    while it restacks them), each time it builds; the other chains as the library stacks them."""
+    build = stacks.build
+
+    def widened_build() -> None:
+        build()
+        for first in stacks.heads:
+            members = first.__dict__[MEMBERS].modules() or []
+            if len(members) != 3:
+                continue
+            kept, wide_rows.WIDE_MEMBERS = wide_rows.WIDE_MEMBERS, 3
+            try:
+                for member in members:
+                    unstack_member(member)
+                if not stack(members) or stacked_rows.stacked_rows(first, 3).dim() != 1:
+                    raise SystemExit("wideqkv: a chain of three did not stack wide")
+            finally:
+                wide_rows.WIDE_MEMBERS = kept
+
+    stacks.build = widened_build
+    return stacks
+
+
 def session_for(backend: str, method: str, common: dict[str, Any], memory: str = "fast",
                 strip: Sequence[str] = ()) -> Any:
     """A prepared training session: this checkout's, or (``before``) the earlier copy's, or (``stripped``) this
@@ -272,7 +301,7 @@ def session_for(backend: str, method: str, common: dict[str, Any], memory: str =
         session = session_for("slimtune", method, common, memory)
         print(f"{force_path(session.model, backend)} layers on the {backend} path", flush=True)
         return session
-    if backend in ("unstacked", "unstacked-one", "tritonproduct"):  # set once compiled (compile_session)
+    if backend in ("unstacked", "unstacked-one", "tritonproduct", "wideqkv"):  # set once compiled (compile_session)
         return session_for("slimtune", method, common, memory)
     if backend == "floor":
         session = session_for("slimtune", method, common, memory)

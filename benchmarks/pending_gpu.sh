@@ -1177,8 +1177,16 @@ PY
         --warmup 2 --steps-per-turn 3 --configs lora tritonproduct:lora peft-bf16:lora \
         --out-name paired_2048_compile_tritonproduct
     ;;
+97)
+    # issue 19 (about 6 minutes, any GPU): part 96 with q/k/v stacked wide too (wideqkv:lora: compiled layers' chains
+    # of three on wide rows, never measured; wide_rows.py estimates a wash) in the same rounds
+    step product_sum_kernel 90 python benchmarks/product_sum_kernel.py
+    step paired_2048_compile_tritonproduct_wideqkv 300 python benchmarks/paired_steps.py --compile --seq 2048 \
+        --rounds 5 --warmup 2 --steps-per-turn 3 --configs lora tritonproduct:lora wideqkv:lora peft-bf16:lora \
+        --out-name paired_2048_compile_tritonproduct_wideqkv
+    ;;
 *)
-    echo "unknown part $part (1 to 96)" >&2
+    echo "unknown part $part (1 to 97)" >&2
     exit 2
     ;;
 esac
