@@ -1185,8 +1185,14 @@ PY
         --rounds 5 --warmup 2 --steps-per-turn 3 --configs lora tritonproduct:lora wideqkv:lora peft-bf16:lora \
         --out-name paired_2048_compile_tritonproduct_wideqkv
     ;;
+98)
+    # issue 19 (about 4 minutes, any GPU): part 97's paired rounds alone, four of them, for little device time left
+    step paired_2048_compile_tritonproduct_wideqkv 250 python benchmarks/paired_steps.py --compile --seq 2048 \
+        --rounds 4 --warmup 2 --steps-per-turn 3 --configs lora tritonproduct:lora wideqkv:lora peft-bf16:lora \
+        --out-name paired_2048_compile_tritonproduct_wideqkv
+    ;;
 *)
-    echo "unknown part $part (1 to 97)" >&2
+    echo "unknown part $part (1 to 98)" >&2
     exit 2
     ;;
 esac
