@@ -1,7 +1,7 @@
 """Inductor's output code for a compiled training step, and each graph's launches.
 
 Builds a preset (``--layers``: that many decoder layers), adapts it with ``--method`` (``peft-bf16:METHOD``: PEFT's
-with bf16 adapters), compiles every decoder layer (``compile_layers``, or the same ``torch.compile`` of each layer on
+with bf16 adapters; ``wideqkv:lora``: slimtune's with q/k/v stacked wide too, as ``paired_steps.py``'s), compiles every decoder layer (``compile_layers``, or the same ``torch.compile`` of each layer on
 PEFT's model), runs ``--steps`` training steps and writes Inductor's output code (``TORCH_LOGS=output_code``) to
 ``--out``; then prints, for each compiled graph, how many GEMMs (extern kernels) and generated kernels its ``call``
 launches, and the generated kernels' names in launch order. On CUDA the names are the Triton kernels a profile of
@@ -48,7 +48,7 @@ def run_step(args: argparse.Namespace) -> None:
     import torch
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from paired_steps import register_layers_preset
+    from paired_steps import compiled_stacks, register_layers_preset, widen_triples
 
     from slimtune.models.layers import compile_layers
     from slimtune.models.presets import build_model
@@ -69,6 +69,9 @@ def run_step(args: argparse.Namespace) -> None:
         import slimtune
         slimtune.adapt(model, make_adapter_config(method, args.rank, None, targets))
     compile_layers(model)  # regional, PEFT's model too
+    if args.method.startswith("wideqkv:"):
+        for stacks in compiled_stacks(model):
+            widen_triples(stacks)
     inputs = make_inputs(preset, model, args.batch, args.seq, device, dtype)
     for _ in range(args.steps):
         training_loss(preset, model, inputs).backward()
@@ -80,7 +83,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="tiny-llama")
     parser.add_argument("--layers", type=int, default=1, help="decoder layers (0: the preset's own)")
-    parser.add_argument("--method", default="dora", help="lora, dora, peft-bf16:lora or peft-bf16:dora")
+    parser.add_argument("--method", default="dora", help="lora, dora, peft-bf16:lora, peft-bf16:dora or wideqkv:lora")
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=512)

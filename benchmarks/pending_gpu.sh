@@ -3,10 +3,11 @@
 # (≤ 10 min) and together the 30-minute device budget; run on 2026-12-05 as RESULTS.md runs 47 (part 1), 48 (part 3)
 # and 49 (part 2), and kept to repeat them. Run from the repository root on the lent machine:
 #
-# Still to run (as of 2026-12-07, twenty-second session): part 95 (any GPU; part 96 is the same without its profile,
-# about 3 minutes), which times compiled rows' forward products from a Triton kernel (a triton_op in the graph,
-# tritonproduct:lora) against cuBLAS's, in the step at seq 2048, and profiles where each step's GPU idles; on an
-# H200, parts 94 (or 82) and 89. Twenty-second session: part 93 ran as RESULTS.md run 183 (the one device call that
+# Still to run (as of 2026-12-07, twenty-third session, which got no device time): part 97 (any GPU, about 6
+# minutes; part 98 is its paired rounds alone, about 4), which times compiled rows' forward products from a Triton
+# kernel (a triton_op in the graph, tritonproduct:lora) against cuBLAS's, and q/k/v stacked wide (wideqkv:lora), in
+# the step at seq 2048 beside LoRA and PEFT-bf16; then part 95's profile of where each step's GPU idles; on an H200,
+# parts 94 (or 82) and 89. Twenty-second session: part 93 ran as RESULTS.md run 183 (the one device call that
 # started: 13 tries).
 # Twenty-first session: part 92 ran as RESULTS.md run 180, part 91's profile
 # as run 181 (its paired rounds not run: run 182 ran unstacked configurations instead).
