@@ -1,10 +1,11 @@
 """Inductor's output code for a compiled training step, and each graph's launches.
 
 Builds a preset (``--layers``: that many decoder layers), adapts it with ``--method`` (``peft-bf16:METHOD``: PEFT's
-with bf16 adapters; ``wideqkv:lora``: slimtune's with q/k/v stacked wide too, as ``paired_steps.py``'s), compiles every decoder layer (``compile_layers``, or the same ``torch.compile`` of each layer on
-PEFT's model), runs ``--steps`` training steps and writes Inductor's output code (``TORCH_LOGS=output_code``) to
-``--out``; then prints, for each compiled graph, how many GEMMs (extern kernels) and generated kernels its ``call``
-launches, and the generated kernels' names in launch order. On CUDA the names are the Triton kernels a profile of
+with bf16 adapters; ``wideqkv:lora``: slimtune's with q/k/v stacked wide too, as ``paired_steps.py``'s), compiles
+every decoder layer (``compile_layers``, or the same ``torch.compile`` of each layer on PEFT's model), runs
+``--steps`` training steps and writes Inductor's output code (``TORCH_LOGS=output_code``) to ``--out``; then prints,
+for each compiled graph, how many GEMMs (extern kernels) and generated kernels its ``call`` launches, and the
+generated kernels' names in launch order. On CUDA the names are the Triton kernels a profile of
 the step lists (``unet_step_profile.py``), so a profiled kernel can be read in the code that made it.
 
     python benchmarks/output_code.py --preset llama-3.2-3b --layers 1 --method dora --seq 2048 --out dora.txt

@@ -90,7 +90,7 @@ import slimtune
 from slimtune.core import stacked_rows, wide_rows
 from slimtune.core.inject import detach, install_frozen_lean_layers
 from slimtune.core.siblings import watched_groups
-from slimtune.core.stacked_rows import MEMBERS, LayerStacks, stack, unstack_member
+from slimtune.core.stacked_rows import MEMBERS, LayerStacks, intact, stack, unstack_member
 from slimtune.memory.chunked_loss import model_causal_lm_loss, plain_head
 from slimtune.memory.options import ProfileOptions
 from slimtune.memory.profile import LR, TrainingSession
@@ -262,14 +262,14 @@ def limit_stacks(stacks: LayerStacks, longest_unstacked: int) -> LayerStacks:
 
 def widen_triples(stacks: LayerStacks) -> LayerStacks:
     """Make a compiled layer's ``stacks`` stack each chain of three members wide (``wide_rows.WIDE_MEMBERS`` is 3
-    while it restacks them), each time it builds; the other chains as the library stacks them."""
-    build = stacks.build
+    while it restacks them), each time it builds or restacks; the other chains as the library stacks them."""
+    build, keep = stacks.build, stacks.keep
 
-    def widened_build() -> None:
-        build()
+    def widen() -> None:
         for first in stacks.heads:
             members = first.__dict__[MEMBERS].modules() or []
-            if len(members) != 3:
+            rows = stacked_rows.stacked_rows(first, 3)
+            if len(members) != 3 or (rows is not None and rows.dim() == 1):
                 continue
             kept, wide_rows.WIDE_MEMBERS = wide_rows.WIDE_MEMBERS, 3
             try:
@@ -280,7 +280,9 @@ def widen_triples(stacks: LayerStacks) -> LayerStacks:
             finally:
                 wide_rows.WIDE_MEMBERS = kept
 
-    stacks.build = widened_build
+    stacks.build = lambda: (build(), widen())[0]
+    # keep() runs before every call: widen only where it restacked (its own check, as keep makes it first)
+    stacks.keep = lambda: None if all(intact(first) for first in stacks.heads) else (keep(), widen())[0]
     return stacks
 
 
