@@ -280,9 +280,16 @@ def widen_triples(stacks: LayerStacks) -> LayerStacks:
             finally:
                 wide_rows.WIDE_MEMBERS = kept
 
-    stacks.build = lambda: (build(), widen())[0]
-    # keep() runs before every call: widen only where it restacked (its own check, as keep makes it first)
-    stacks.keep = lambda: None if all(intact(first) for first in stacks.heads) else (keep(), widen())[0]
+    def widened_build() -> None:
+        build()
+        widen()
+
+    def widened_keep() -> None:  # runs before every call: widen only where keep restacks (its own first check)
+        if not all(intact(first) for first in stacks.heads):
+            keep()
+            widen()
+
+    stacks.build, stacks.keep = widened_build, widened_keep
     return stacks
 
 
